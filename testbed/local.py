@@ -157,6 +157,9 @@ def _sshd_config(d: Path, addr: str) -> str:
         "PubkeyAuthentication yes",
         "PermitRootLogin prohibit-password",
         "UsePAM no",
+        # the state dir may sit under a world-writable /tmp (tests); the key file's own
+        # folder is 0700 and ours, which is what StrictModes would protect
+        "StrictModes no",
         "X11Forwarding no",
         "AllowTcpForwarding no",
         "PrintMotd no",

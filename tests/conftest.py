@@ -1,0 +1,95 @@
+"""Shared fixtures: real local testbeds (namespaces, sshd, tc), each with a unique name and
+removed by the fixture that made it."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _why_no_testbed() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root: network namespaces, veth, tc and sshd"
+    for tool in ("ip", "tc", "ssh-keygen"):
+        if shutil.which(tool) is None:
+            return f"{tool} not installed (bash scripts/setup.sh installs it)"
+    if not (shutil.which("sshd") or os.path.exists("/usr/sbin/sshd")):
+        return "sshd not installed (bash scripts/setup.sh installs openssh-server)"
+    return None
+
+
+needs_testbed = pytest.mark.skipif(_why_no_testbed() is not None,
+                                   reason=_why_no_testbed() or "")
+
+
+def unique_name(prefix: str = "t") -> str:
+    return prefix + secrets.token_hex(3)[: 8 - len(prefix)]
+
+
+@pytest.fixture
+def state_dir(tmp_path, monkeypatch):
+    """Each test's testbeds keep their state in its own temp folder."""
+    d = tmp_path / "state"
+    d.mkdir()
+    monkeypatch.setenv("TESTBED_STATE_DIR", str(d))
+    return d
+
+
+@pytest.fixture
+def make_testbed(state_dir, tmp_path):
+    """Factory: ``make_testbed(devices=3, rate_kbit=8000)`` → (name, inventory path).
+    Every testbed made is torn down after the test, whatever happened."""
+    from testbed import local
+
+    made: list[str] = []
+
+    def make(devices: int = 3, rate_kbit: float = 8000.0, name: str | None = None):
+        name = name or unique_name()
+        made.append(name)
+        res = local.up(name, devices, rate_kbit, tmp_path / f"{name}.inventory.toml")
+        return name, Path(res["inventory"])
+
+    yield make
+    for name in made:
+        local.down(name)
+
+
+def run_cli(*args: str, timeout: float = 120, env: dict | None = None,
+            **kw) -> subprocess.CompletedProcess:
+    """Run the real ``testbed`` CLI in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "testbed", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, **(env or {})}, **kw)
+
+
+def leftovers(name: str) -> dict[str, list[str]]:
+    """Kernel objects and processes of testbed ``name`` that still exist."""
+    from testbed.local import Names
+
+    n = Names(name)
+    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True,
+                           text=True).stdout
+    out = {
+        "netns": [x.split()[0] for x in ns.splitlines() if x and n.is_our_netns(x.split()[0])],
+        "links": [ln.split(": ")[1].split("@")[0] for ln in links.splitlines()
+                  if n.is_our_link(ln.split(": ")[1].split("@")[0])],
+        "processes": [],
+    }
+    marker = f"/{name}/devices/"
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if marker in (p / "cmdline").read_bytes().decode(errors="replace"):
+                    out["processes"].append(p.name)
+            except OSError:
+                pass
+    return out
