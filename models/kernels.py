@@ -1,0 +1,439 @@
+"""Expert kernels: what a device runs, without ``transformers``.
+
+An expert shard (see :mod:`models.manifest`) holds ``w1`` [I, H], ``w2`` [H, I], ``w3`` [I, H];
+the expert computes ``y = w2 @ (silu(w1 @ x) * (w3 @ x))`` row by row (Mixtral's SwiGLU, also
+Qwen's ``down(silu(gate(x)) * up(x))``).
+
+:func:`load_expert` turns a shard file into an :class:`ExpertKernel`, a callable
+``forward(x: [n, H]) -> [n, H]`` that accepts a ``numpy.ndarray`` or a ``torch.Tensor`` and
+returns the same kind (numpy in -> numpy out, so a device agent can feed it decoded ZeroMQ
+frames directly). Variants:
+
+* ``runtime="torch"``: fp weights on CPU or CUDA (``device="cuda"`` when available).
+* ``runtime="torch", quant="int8"``: weight-only int8, symmetric per output channel.
+* ``runtime="torch", quant="int4"``: weight-only int4, symmetric per group of 32 inputs,
+  two values packed per byte.
+* ``runtime="onnx"``: the expert exported to ONNX (:func:`export_expert_onnx`, graph built with
+  ``onnx.helper``; no exporter dependency) and run with onnxruntime.
+
+Quantized shards can also be written ahead of time (:func:`quantize_expert_shard`); their
+tensors are ``{w}.qweight`` and ``{w}.scales`` with ``__metadata__`` ``quant``/``group_size``,
+and :func:`load_expert` recognises them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.errors import ModelError
+from models.safetensors_io import read_header
+
+Quant = Literal["int8", "int4"]
+INT4_GROUP_SIZE = 32
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def torch_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """``"float32"``/``"fp16"``/``"bf16"``/... or a ``torch.dtype`` -> ``torch.dtype``."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in _TORCH_DTYPES:
+        raise ModelError("dtype", f"unknown dtype {name!r}; use one of {sorted(_TORCH_DTYPES)}")
+    return _TORCH_DTYPES[name]
+
+
+@runtime_checkable
+class ExpertKernel(Protocol):
+    """One loaded expert. ``forward(x)`` maps [n, hidden_size] -> [n, hidden_size]."""
+
+    hidden_size: int
+    intermediate_size: int
+
+    def forward(self, x: Any) -> Any: ...
+
+    def __call__(self, x: Any) -> Any: ...
+
+
+class _KernelBase:
+    hidden_size: int
+    intermediate_size: int
+    uid: str | None = None
+
+    def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: Any) -> Any:
+        """Run the expert on rows ``x`` ([n, H] numpy array or torch tensor); same kind out."""
+        as_numpy = isinstance(x, np.ndarray)
+        t = torch.from_numpy(np.ascontiguousarray(x)) if as_numpy else x
+        if t.ndim != 2 or t.shape[1] != self.hidden_size:
+            raise ModelError(f"expert {self.uid or ''} input".strip(),
+                             f"shape {list(t.shape)} != [n, {self.hidden_size}]")
+        y = self._forward_torch(t)
+        return y.numpy() if as_numpy else y
+
+    __call__ = forward
+
+
+def read_expert_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load all tensors and the metadata of one expert shard file (CPU tensors)."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    _, meta = read_header(p)  # validates the file and gives a clear error
+    return load_file(str(p)), meta
+
+
+def _check_fp_shapes(t: dict[str, torch.Tensor], where: str) -> tuple[int, int]:
+    for name in ("w1", "w2", "w3"):
+        if name not in t:
+            raise ModelError(f"{where}: {name}", "tensor missing from expert shard")
+    inter, hidden = t["w1"].shape
+    for name, want in (("w3", (inter, hidden)), ("w2", (hidden, inter))):
+        if tuple(t[name].shape) != want:
+            raise ModelError(f"{where}: {name}", f"shape {list(t[name].shape)} != {list(want)}")
+    return hidden, inter
+
+
+class TorchExpert(_KernelBase):
+    """Full-precision SwiGLU expert in torch.
+
+    Parameters
+    ----------
+    w1, w2, w3
+        [I, H], [H, I], [I, H] weights.
+    device
+        ``"cpu"``, ``"cuda"``, ``"cuda:1"`` ...
+    dtype
+        Compute dtype (default: the weights' dtype; bf16/fp16 weights on CPU are usually better
+        run in float32).
+    """
+
+    def __init__(self, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, *,
+                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                 uid: str | None = None) -> None:
+        dtype = dtype or w1.dtype
+        self.uid = uid
+        self.intermediate_size, self.hidden_size = int(w1.shape[0]), int(w1.shape[1])
+        self.device = torch.device(device)
+        self.dtype = dtype
+        # w1 and w3 fused into one [2I, H] matrix: one GEMM for both projections.
+        self.w13 = torch.cat([w1, w3], 0).to(device=self.device, dtype=dtype).contiguous()
+        self.w2 = w2.to(device=self.device, dtype=dtype).contiguous()
+
+    @torch.no_grad()
+    def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x.to(device=self.device, dtype=self.dtype), self.w13)
+        g, u = h.split(self.intermediate_size, dim=-1)
+        y = F.linear(F.silu(g) * u, self.w2)
+        return y.to(device=x.device, dtype=x.dtype)
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.w13.numel() * self.w13.element_size() + self.w2.numel() * self.w2.element_size()
+
+
+# ---- quantization -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """Weight-only quantized matrix [out, in].
+
+    ``int8``: ``qweight`` int8 [out, in], ``scales`` float32 [out, 1].
+    ``int4``: ``qweight`` uint8 [out, in/2] (low nibble = even column, values stored +8),
+    ``scales`` float32 [out, in/group_size].
+    """
+
+    bits: int
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    in_features: int
+    group_size: int
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float matrix [out, in] this quantized weight represents."""
+        if self.bits == 8:
+            return self.qweight.to(dtype) * self.scales.to(dtype)
+        lo = (self.qweight & 0x0F).to(torch.int8) - 8
+        hi = (self.qweight >> 4).to(torch.int8) - 8
+        q = torch.stack([lo, hi], dim=-1).reshape(self.qweight.shape[0], -1)[:, : self.in_features]
+        out, g = q.shape[0], self.group_size
+        w = q.to(dtype).reshape(out, -1, g) * self.scales.to(dtype).unsqueeze(-1)
+        return w.reshape(out, -1)[:, : self.in_features]
+
+    @property
+    def nbytes(self) -> int:
+        return self.qweight.numel() * self.qweight.element_size() + self.scales.numel() * 4
+
+
+def quantize_weight(w: torch.Tensor, bits: int, group_size: int = INT4_GROUP_SIZE) -> QuantizedWeight:
+    """Symmetric weight-only quantization of ``w`` [out, in] (round to nearest).
+
+    8 bits: one scale per output row, values in [-127, 127]. 4 bits: one scale per row and
+    group of ``group_size`` inputs (the input dimension is zero-padded to a multiple of the
+    group size), values in [-8, 7], packed two per byte.
+    """
+    w = w.detach().to(torch.float32)
+    out_f, in_f = w.shape
+    if bits == 8:
+        scales = (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)
+        q = torch.round(w / scales).clamp(-127, 127).to(torch.int8)
+        return QuantizedWeight(8, q, scales, in_f, in_f)
+    if bits != 4:
+        raise ModelError("quant", f"unsupported bit width {bits}; use 8 or 4")
+    g = group_size
+    pad = (-in_f) % g
+    wp = F.pad(w, (0, pad)) if pad else w
+    wg = wp.reshape(out_f, -1, g)
+    scales = (wg.abs().amax(dim=-1) / 7.0).clamp(min=1e-12)
+    q = (torch.round(wg / scales.unsqueeze(-1)).clamp(-8, 7) + 8).to(torch.uint8).reshape(out_f, -1)
+    if q.shape[1] % 2:
+        q = F.pad(q, (0, 1), value=8)
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+    return QuantizedWeight(4, packed, scales, in_f, g)
+
+
+class QuantizedTorchExpert(_KernelBase):
+    """SwiGLU expert with int8 or int4 weight-only quantized matrices (float activations).
+
+    int8 runs ``linear(x, q) * scale`` (the integer matrix is cast to the compute dtype, the
+    per-row scale applied to the output); int4 dequantizes its packed weights per call.
+    """
+
+    def __init__(self, w1: QuantizedWeight, w2: QuantizedWeight, w3: QuantizedWeight, *,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 uid: str | None = None) -> None:
+        self.uid = uid
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.bits = w1.bits
+        self.intermediate_size, self.hidden_size = int(w1.scales.shape[0]), int(w1.in_features)
+
+        def mv(q: QuantizedWeight) -> QuantizedWeight:
+            return QuantizedWeight(q.bits, q.qweight.to(self.device), q.scales.to(self.device),
+                                   q.in_features, q.group_size)
+
+        self.w1, self.w2, self.w3 = mv(w1), mv(w2), mv(w3)
+
+    @classmethod
+    def from_float(cls, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, bits: int, **kw: Any
+                   ) -> QuantizedTorchExpert:
+        """Quantize full-precision weights."""
+        return cls(quantize_weight(w1, bits), quantize_weight(w2, bits), quantize_weight(w3, bits), **kw)
+
+    def _linear(self, x: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:
+        if q.bits == 8:
+            return F.linear(x, q.qweight.to(self.dtype)) * q.scales.to(self.dtype).reshape(1, -1)
+        return F.linear(x, q.dequantize(self.dtype))
+
+    @torch.no_grad()
+    def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        xx = x.to(device=self.device, dtype=self.dtype)
+        h = F.silu(self._linear(xx, self.w1)) * self._linear(xx, self.w3)
+        return self._linear(h, self.w2).to(device=x.device, dtype=x.dtype)
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.w1.nbytes + self.w2.nbytes + self.w3.nbytes
+
+
+# ---- ONNX ----------------------------------------------------------------------------------
+
+def build_expert_onnx(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, dtype: str = "float32") -> bytes:
+    """Serialized ONNX model of one SwiGLU expert: input ``x`` [n, H] -> output ``y`` [n, H].
+
+    Built node by node with ``onnx.helper`` (MatMul, Sigmoid, Mul; opset 17), weights as
+    initializers, dynamic row count.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    np_dtype = {"float32": np.float32, "float16": np.float16}[dtype]
+    elem = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}[dtype]
+    inter, hidden = w1.shape
+    w13t = torch.cat([w1, w3], 0).t().contiguous().to(torch.float32).numpy().astype(np_dtype)
+    w2t = w2.t().contiguous().to(torch.float32).numpy().astype(np_dtype)
+    inits = [numpy_helper.from_array(w13t, "w13t"), numpy_helper.from_array(w2t, "w2t"),
+             numpy_helper.from_array(np.array([inter, inter], dtype=np.int64), "split_sizes")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w13t"], ["h13"]),
+        helper.make_node("Split", ["h13", "split_sizes"], ["g", "u"], axis=1),
+        helper.make_node("Sigmoid", ["g"], ["sg"]),
+        helper.make_node("Mul", ["g", "sg"], ["silu_g"]),
+        helper.make_node("Mul", ["silu_g", "u"], ["h"]),
+        helper.make_node("MatMul", ["h", "w2t"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "swiglu_expert",
+        [helper.make_tensor_value_info("x", elem, ["n", int(hidden)])],
+        [helper.make_tensor_value_info("y", elem, ["n", int(hidden)])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="moe-edge-testbed")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def export_expert_onnx(shard_path: str | os.PathLike[str], onnx_path: str | os.PathLike[str],
+                       dtype: str = "float32") -> Path:
+    """Export the expert in ``shard_path`` to ``onnx_path`` (see :func:`build_expert_onnx`)."""
+    t, meta = read_expert_tensors(shard_path)
+    if meta.get("quant"):
+        raise ModelError(str(shard_path), "cannot export a quantized shard to ONNX; use the float shard")
+    _check_fp_shapes(t, str(shard_path))
+    out = Path(onnx_path)
+    out.write_bytes(build_expert_onnx(t["w1"], t["w2"], t["w3"], dtype))
+    return out
+
+
+class OnnxExpert(_KernelBase):
+    """An expert run by onnxruntime (CPU, or the CUDA provider when installed and asked for)."""
+
+    def __init__(self, model: bytes | str | os.PathLike[str], *, providers: list[str] | None = None,
+                 threads: int | None = None, uid: str | None = None) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        src = model if isinstance(model, bytes) else str(model)
+        self.session = ort.InferenceSession(src, sess_options=opts,
+                                            providers=providers or ["CPUExecutionProvider"])
+        inp = self.session.get_inputs()[0]
+        self.hidden_size = int(inp.shape[1])
+        self._np_dtype = np.float16 if "float16" in inp.type else np.float32
+        self.intermediate_size = int(self.session.get_outputs()[0].shape[1] and -1)
+        self.uid = uid
+
+    def forward(self, x: Any) -> Any:
+        as_numpy = isinstance(x, np.ndarray)
+        arr = x if as_numpy else x.detach().cpu().numpy()
+        if arr.ndim != 2 or arr.shape[1] != self.hidden_size:
+            raise ModelError(f"expert {self.uid or ''} input".strip(),
+                             f"shape {list(arr.shape)} != [n, {self.hidden_size}]")
+        y = self.session.run(["y"], {"x": np.ascontiguousarray(arr, dtype=self._np_dtype)})[0]
+        if as_numpy:
+            return y.astype(arr.dtype, copy=False)
+        return torch.from_numpy(y).to(device=x.device, dtype=x.dtype)
+
+    __call__ = forward
+
+
+# ---- quantized shard files ----------------------------------------------------------------
+
+def quantize_expert_shard(shard_path: str | os.PathLike[str], out_path: str | os.PathLike[str],
+                          quant: Quant = "int8") -> Path:
+    """Write a weight-only quantized copy of an expert shard (loadable by :func:`load_expert`)."""
+    from safetensors.torch import save_file
+
+    t, meta = read_expert_tensors(shard_path)
+    _check_fp_shapes(t, str(shard_path))
+    bits = {"int8": 8, "int4": 4}.get(quant)
+    if bits is None:
+        raise ModelError("quant", f"unknown quantization {quant!r}; use int8 or int4")
+    out: dict[str, torch.Tensor] = {}
+    for name in ("w1", "w2", "w3"):
+        q = quantize_weight(t[name], bits)
+        out[f"{name}.qweight"] = q.qweight.contiguous()
+        out[f"{name}.scales"] = q.scales.contiguous()
+        out[f"{name}.in_features"] = torch.tensor([q.in_features], dtype=torch.int64)
+    new_meta = dict(meta, quant=quant, group_size=str(INT4_GROUP_SIZE if bits == 4 else 0))
+    save_file(out, str(out_path), metadata=new_meta)
+    return Path(out_path)
+
+
+def _load_quantized(t: dict[str, torch.Tensor], meta: dict[str, str], where: str
+                    ) -> tuple[QuantizedWeight, QuantizedWeight, QuantizedWeight]:
+    bits = {"int8": 8, "int4": 4}.get(meta.get("quant", ""))
+    if bits is None:
+        raise ModelError(f"{where}: __metadata__.quant", f"unknown quantization {meta.get('quant')!r}")
+    ws = []
+    for name in ("w1", "w2", "w3"):
+        for part in ("qweight", "scales", "in_features"):
+            if f"{name}.{part}" not in t:
+                raise ModelError(f"{where}: {name}.{part}", "tensor missing from quantized expert shard")
+        in_f = int(t[f"{name}.in_features"][0])
+        g = int(meta.get("group_size", "0")) if bits == 4 else in_f
+        ws.append(QuantizedWeight(bits, t[f"{name}.qweight"], t[f"{name}.scales"], in_f, g))
+    return ws[0], ws[1], ws[2]
+
+
+def load_expert(path: str | os.PathLike[str], *, runtime: Literal["torch", "onnx"] = "torch",
+                quant: Quant | None = None, device: str = "cpu", dtype: str | torch.dtype | None = None,
+                onnx_path: str | os.PathLike[str] | None = None, threads: int | None = None,
+                uid: str | None = None) -> ExpertKernel:
+    """Load one expert shard as a kernel (the device-side entry point).
+
+    Parameters
+    ----------
+    path
+        Expert shard (``experts/L{l}.E{e}.safetensors``), float or pre-quantized.
+    runtime
+        ``"torch"`` or ``"onnx"`` (onnxruntime; the ONNX file is ``onnx_path`` if it exists,
+        else built in memory from the shard; written there if ``onnx_path`` is given).
+    quant
+        ``None``, ``"int8"`` or ``"int4"`` weight-only quantization (torch runtime). A
+        pre-quantized shard is used as stored.
+    device
+        torch device for the torch runtime (``"cuda"`` if available); the onnx runtime uses the
+        CUDA provider when ``device`` starts with ``"cuda"``.
+    dtype
+        Compute dtype (default float32 on CPU, the stored dtype on CUDA; ONNX: float32).
+
+    Raises
+    ------
+    ModelError
+        Naming the file or tensor at fault.
+    """
+    p = Path(path)
+    t, meta = read_expert_tensors(p)
+    uid = uid or meta.get("uid")
+    tdtype = torch_dtype(dtype)
+    if runtime == "onnx":
+        if quant or meta.get("quant"):
+            raise ModelError(str(p), "ONNX experts are float only; use runtime='torch' for int8/int4")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
+        if onnx_path is not None and Path(onnx_path).is_file():
+            return OnnxExpert(onnx_path, providers=providers, threads=threads, uid=uid)
+        _check_fp_shapes(t, str(p))
+        onnx_dtype = "float16" if tdtype == torch.float16 else "float32"
+        blob = build_expert_onnx(t["w1"], t["w2"], t["w3"], onnx_dtype)
+        if onnx_path is not None:
+            Path(onnx_path).write_bytes(blob)
+        return OnnxExpert(blob, providers=providers, threads=threads, uid=uid)
+    if runtime != "torch":
+        raise ModelError("runtime", f"unknown expert runtime {runtime!r}; use torch or onnx")
+    if meta.get("quant"):
+        w1, w2, w3 = _load_quantized(t, meta, str(p))
+        return QuantizedTorchExpert(w1, w2, w3, device=device, dtype=tdtype or torch.float32, uid=uid)
+    _check_fp_shapes(t, str(p))
+    if quant is not None:
+        bits = {"int8": 8, "int4": 4}.get(quant)
+        if bits is None:
+            raise ModelError("quant", f"unknown quantization {quant!r}; use int8 or int4")
+        return QuantizedTorchExpert.from_float(t["w1"], t["w2"], t["w3"], bits, device=device,
+                                               dtype=tdtype or torch.float32, uid=uid)
+    if tdtype is None and torch.device(device).type == "cpu":
+        tdtype = torch.float32
+    return TorchExpert(t["w1"], t["w2"], t["w3"], device=device, dtype=tdtype, uid=uid)
+
+
+def reference_expert(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Float64 reference ``w2 (silu(w1 x) * w3 x)`` for testing kernels."""
+    w1d, w2d, w3d, xd = (a.to(torch.float64) for a in (w1, w2, w3, x))
+    return F.linear(F.silu(F.linear(xd, w1d)) * F.linear(xd, w3d), w2d)
+
+
+def output_error(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
+    """Error of ``candidate`` vs ``reference``: ``max_abs`` and ``rel_rms`` (||d||_2 / ||ref||_2)."""
+    ref = reference.to(torch.float64)
+    d = candidate.to(torch.float64) - ref
+    return {"max_abs": float(d.abs().max()), "rel_rms": float(d.norm() / ref.norm().clamp(min=1e-300))}

@@ -1,0 +1,323 @@
+"""BS runtime: the base-station model built from a split directory.
+
+:class:`BaseStationModel` loads ``bs/`` of a split directory into the family's ``transformers``
+model class (built on the meta device, so no memory is spent on the routed experts), replaces
+every sparse-MoE module by a :class:`~models.moe_block.SplitMoEBlock`, and offers
+
+* :meth:`~BaseStationModel.forward` / :meth:`~BaseStationModel.logits`: one batched forward,
+* :meth:`~BaseStationModel.generate_greedy`: batched (left-padded) prefill then greedy decoding
+  with a KV cache (``transformers.DynamicCache``),
+* :meth:`~BaseStationModel.score_continuations`: log-likelihood of continuations (multiple choice),
+* per-layer per-step :class:`~models.moe_block.MoELayerRecord` collection
+  (:meth:`~BaseStationModel.start_recording`, :meth:`~BaseStationModel.pop_records`).
+
+The expert backend and the selection hook are attributes that may be swapped between calls.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.backend import ExpertBackend, LocalExpertBackend
+from models.errors import ModelError
+from models.families import FAMILIES
+from models.kernels import torch_dtype
+from models.manifest import Manifest, load_manifest
+from models.moe_block import MoEController, MoELayerRecord, SplitMoEBlock
+from models.routing import SelectionHook
+
+_BLOCK_ATTRS = ("block_sparse_moe", "mlp")
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """Output of :meth:`BaseStationModel.generate_greedy`.
+
+    ``tokens[i]``: new token ids of prompt i (stopping after EOS, which is included);
+    ``steps``: forward steps run (1 prefill + decode steps).
+    """
+
+    tokens: list[list[int]]
+    steps: int
+
+
+@dataclass(frozen=True)
+class ContinuationScore:
+    """Log-likelihood of one continuation: sum of log-probs (nats), token count, and whether
+    every continuation token is the greedy argmax."""
+
+    logprob: float
+    num_tokens: int
+    greedy: bool
+
+
+def _find_moe_attr(layer: nn.Module) -> str | None:
+    for attr in _BLOCK_ATTRS:
+        mod = getattr(layer, attr, None)
+        if mod is not None and hasattr(mod, "experts") and hasattr(mod, "gate"):
+            return attr
+    return None
+
+
+def _fix_meta_buffers(model: nn.Module) -> None:
+    """Recreate modules whose non-persistent buffers (rotary inv_freq) are still on meta."""
+    for name, mod in list(model.named_modules()):
+        if any(b.is_meta for b in mod.buffers(recurse=False)) and hasattr(mod, "config"):
+            fresh = type(mod)(config=mod.config)
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, fresh)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta:
+            raise ModelError(name, "not initialised after loading the BS part (missing from bs/model.safetensors?)")
+
+
+class BaseStationModel:
+    """A family's causal LM whose routed experts run through an expert backend.
+
+    Build it with :meth:`from_split_dir`. Attributes ``policy`` and ``backend`` may be replaced
+    at any time; ``model`` is the underlying ``transformers`` model (eval mode, no grad).
+    """
+
+    def __init__(self, model: nn.Module, manifest: Manifest, controller: MoEController) -> None:
+        self.model = model
+        self.manifest = manifest
+        self.controller = controller
+        self.config = model.config
+        self.device = next(model.parameters()).device
+
+    # ---- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_split_dir(cls, split_dir: str | os.PathLike[str], backend: ExpertBackend | None = None,
+                       policy: SelectionHook | None = None, *, device: str = "cpu",
+                       dtype: str | torch.dtype | None = None, attn_implementation: str = "sdpa",
+                       expert_runtime: str = "torch", quant: str | None = None) -> BaseStationModel:
+        """Load the BS part of ``split_dir``.
+
+        Parameters
+        ----------
+        split_dir
+            Output of ``testbed model split``.
+        backend
+            Expert backend; default: :class:`LocalExpertBackend` over the split's experts
+            (``expert_runtime``/``quant`` select the kernels).
+        policy
+            Selection hook; default: the family's top-k routing.
+        device, dtype
+            Where/in which dtype the BS part runs (default: stored dtype; float32 on CPU for
+            half-precision checkpoints).
+        attn_implementation
+            ``"sdpa"`` or ``"eager"``.
+        """
+        import transformers
+        from safetensors.torch import load_file
+
+        m = load_manifest(split_dir)
+        fam = FAMILIES.get(m.family)
+        if fam is None:
+            raise ModelError(f"{m.root / 'manifest.json'}: family", f"unknown family {m.family!r}")
+        config = transformers.AutoConfig.from_pretrained(str(m.bs_config_path.parent))
+        config._attn_implementation = attn_implementation
+        cls_ = getattr(transformers, fam.causal_lm_class)
+        with torch.device("meta"):
+            model = cls_(config)
+        controller = MoEController(backend=backend or LocalExpertBackend({}), policy=policy)
+        layers = model.model.layers
+        moe_attr_by_layer: dict[int, str] = {}
+        for li in m.moe_layers:
+            attr = _find_moe_attr(layers[li])
+            if attr is None:
+                raise ModelError(f"{m.bs_config_path}", f"layer {li} of {cls_.__name__} has no sparse-MoE block")
+            orig = getattr(layers[li], attr)
+            block = SplitMoEBlock(li, m.hidden_size, m.experts_per_layer[li], m.top_k, m.norm_topk_prob, controller,
+                                  shared_expert=getattr(orig, "shared_expert", None),
+                                  shared_expert_gate=getattr(orig, "shared_expert_gate", None))
+            setattr(layers[li], attr, block)
+            moe_attr_by_layer[li] = attr
+
+        state = load_file(str(m.bs_path))
+        renamed: dict[str, torch.Tensor] = {}
+        for k, v in state.items():
+            parts = k.split(".")
+            if len(parts) > 3 and parts[0] == "model" and parts[1] == "layers" and parts[3] == fam.block_prefix:
+                attr = moe_attr_by_layer.get(int(parts[2]))
+                if attr is not None:
+                    k = ".".join([*parts[:3], attr, *parts[4:]])
+            renamed[k] = v
+        expected = dict(model.state_dict(keep_vars=True))
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+        for k, v in renamed.items():
+            if k not in expected:
+                raise ModelError(f"{m.bs_path}: {k}", f"unexpected tensor for {cls_.__name__}")
+            if tuple(expected[k].shape) != tuple(v.shape):
+                raise ModelError(f"{m.bs_path}: {k}", f"shape {list(v.shape)} != model's {list(expected[k].shape)}")
+        missing = [k for k in expected if k not in renamed and not (tied and k == "lm_head.weight")]
+        if missing:
+            raise ModelError(f"{m.bs_path}: {missing[0]}", f"missing from the BS part ({len(missing)} tensors missing)")
+        model.load_state_dict(renamed, strict=False, assign=True)
+        if tied and "lm_head.weight" not in renamed:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        _fix_meta_buffers(model)
+        tdtype = torch_dtype(dtype)
+        if tdtype is None and torch.device(device).type == "cpu":
+            stored = next(iter(state.values())).dtype
+            tdtype = torch.float32 if stored in (torch.float16, torch.bfloat16) else None
+        model.to(device=device, dtype=tdtype) if tdtype is not None else model.to(device=device)
+        model.eval()
+        model.requires_grad_(False)
+        if backend is None:
+            controller.backend = LocalExpertBackend.from_split_dir(
+                m, runtime=expert_runtime, quant=quant, device=device,
+                dtype=tdtype if tdtype is not None else None)
+        return cls(model, m, controller)
+
+    # ---- policy / backend / records ------------------------------------------------------------
+    @property
+    def policy(self) -> SelectionHook:
+        return self.controller.policy
+
+    @policy.setter
+    def policy(self, hook: SelectionHook) -> None:
+        self.controller.policy = hook
+
+    @property
+    def backend(self) -> ExpertBackend:
+        return self.controller.backend
+
+    @backend.setter
+    def backend(self, backend: ExpertBackend) -> None:
+        self.controller.backend = backend
+
+    def start_recording(self) -> None:
+        """Collect a :class:`MoELayerRecord` per MoE layer per forward step from now on."""
+        self.controller.recording = True
+
+    def stop_recording(self) -> None:
+        self.controller.recording = False
+
+    def pop_records(self) -> list[MoELayerRecord]:
+        """Return and clear the records collected so far."""
+        out, self.controller.records = self.controller.records, []
+        return out
+
+    # ---- inference -------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                past_key_values: Any = None, position_ids: torch.Tensor | None = None,
+                step: int = -1, phase: str = "forward") -> tuple[torch.Tensor, Any]:
+        """One forward pass. Returns ``(logits [B, T, V] float32, cache)``.
+
+        ``position_ids`` default: ``cumsum(attention_mask) - 1`` (left padding aware) offset by
+        the cache length; ``step``/``phase`` label the records and the hooks' context.
+        """
+        input_ids = input_ids.to(self.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(self.device)
+        T = input_ids.shape[1]
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        c = self.controller
+        c.step, c.phase = step, phase
+        c.positions = position_ids
+        c.valid = attention_mask[:, -T:].bool()
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, use_cache=past_key_values is not None)
+        finally:
+            c.step, c.phase, c.positions, c.valid = -1, "forward", None, None
+        return out.logits.float(), out.past_key_values
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V] of a full forward without cache."""
+        return self.forward(input_ids, attention_mask)[0]
+
+    @staticmethod
+    def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-pad token lists to ``(input_ids, attention_mask)`` [B, T_max]."""
+        if not seqs or any(len(s) == 0 for s in seqs):
+            raise ModelError("prompts", "need at least one prompt and no empty prompt")
+        T = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), T), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, T - len(s):] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, T - len(s):] = 1
+        return ids, mask
+
+    @torch.no_grad()
+    def generate_greedy(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                        eos_token_id: int | None = None, pad_token_id: int | None = None) -> GenerationResult:
+        """Batched greedy decoding with a KV cache at the BS.
+
+        One prefill step over the left-padded prompts (step 0) then one step per new token;
+        sequences that produced ``eos_token_id`` keep running padded (their output stops at
+        EOS) until all are done or ``max_new_tokens`` is reached.
+        """
+        from transformers import DynamicCache
+
+        pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+        ids, mask = self.left_pad(prompts, pad)
+        cache = DynamicCache(config=self.model.config)
+        logits, cache = self.forward(ids, mask, past_key_values=cache, step=0, phase="prefill")
+        B = ids.shape[0]
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool)
+        next_tok = logits[:, -1].argmax(-1).cpu()
+        steps = 1
+        for t in range(max_new_tokens):
+            for i in range(B):
+                if not done[i]:
+                    out[i].append(int(next_tok[i]))
+                    if eos_token_id is not None and int(next_tok[i]) == eos_token_id:
+                        done[i] = True
+            if bool(done.all()) or t == max_new_tokens - 1:
+                break
+            feed = torch.where(done, torch.full_like(next_tok, pad), next_tok).unsqueeze(1)
+            mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype)], dim=1)
+            logits, cache = self.forward(feed, mask, past_key_values=cache, step=steps, phase="decode")
+            steps += 1
+            next_tok = logits[:, -1].argmax(-1).cpu()
+        return GenerationResult(out, steps)
+
+    @torch.no_grad()
+    def score_continuations(self, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
+                            batch_size: int = 16, pad_token_id: int = 0) -> list[ContinuationScore]:
+        """Log-likelihood of each ``continuations[i]`` after ``contexts[i]`` (teacher forcing)."""
+        if len(contexts) != len(continuations):
+            raise ModelError("continuations", "need exactly one continuation per context")
+        scores: list[ContinuationScore] = []
+        for b0 in range(0, len(contexts), batch_size):
+            seqs = [list(c) + list(x) for c, x in zip(contexts[b0:b0 + batch_size], continuations[b0:b0 + batch_size])]
+            ids, mask = self.left_pad(seqs, pad_token_id)
+            logp = torch.log_softmax(self.logits(ids, mask), dim=-1)
+            T = ids.shape[1]
+            for j, cont in enumerate(continuations[b0:b0 + batch_size]):
+                n = len(cont)
+                if n == 0:
+                    raise ModelError("continuations", f"item {b0 + j}: empty continuation")
+                tgt = ids[j, T - n:]
+                lp = logp[j, T - n - 1:T - 1].gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+                greedy = bool((logp[j, T - n - 1:T - 1].argmax(-1) == tgt).all())
+                scores.append(ContinuationScore(float(lp.sum()), n, greedy))
+        return scores
+
+
+def records_to_rows(records: Sequence[MoELayerRecord], include_padding: bool = False) -> list[dict[str, Any]]:
+    """Flatten records to one dict per (step, layer, token) for the results CSVs."""
+    rows: list[dict[str, Any]] = []
+    for r in records:
+        rows.extend(r.rows(include_padding))
+    return rows
+
+
+def load_split_model(split_dir: str | os.PathLike[str], **kwargs: Any) -> BaseStationModel:
+    """Shorthand for :meth:`BaseStationModel.from_split_dir`."""
+    return BaseStationModel.from_split_dir(Path(split_dir), **kwargs)
