@@ -339,7 +339,9 @@ def main() -> None:
     """Entry point: run the app, turn errors into one line each and an exit code."""
     signal.signal(signal.SIGTERM, _sigterm)
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # click returns typer.Exit's code here
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except TestbedError as exc:
         lines = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
         if _state["format"] == Format.json:
