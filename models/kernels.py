@@ -164,8 +164,8 @@ class QuantizedWeight:
             return self.qweight.to(dtype) * self.scales.to(dtype)
         lo = (self.qweight & 0x0F).to(torch.int8) - 8
         hi = (self.qweight >> 4).to(torch.int8) - 8
-        q = torch.stack([lo, hi], dim=-1).reshape(self.qweight.shape[0], -1)[:, : self.in_features]
-        out, g = q.shape[0], self.group_size
+        out, g = self.qweight.shape[0], self.group_size
+        q = torch.stack([lo, hi], dim=-1).reshape(out, -1)[:, : self.scales.shape[1] * g]
         w = q.to(dtype).reshape(out, -1, g) * self.scales.to(dtype).unsqueeze(-1)
         return w.reshape(out, -1)[:, : self.in_features]
 
@@ -179,7 +179,8 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int = INT4_GROUP_SIZ
 
     8 bits: one scale per output row, values in [-127, 127]. 4 bits: one scale per row and
     group of ``group_size`` inputs (the input dimension is zero-padded to a multiple of the
-    group size), values in [-8, 7], packed two per byte.
+    group size), values in [-8, 7], packed two per byte, the scale chosen per group among a
+    few clipping ratios to minimise the squared error.
     """
     w = w.detach().to(torch.float32)
     out_f, in_f = w.shape
@@ -193,7 +194,20 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int = INT4_GROUP_SIZ
     pad = (-in_f) % g
     wp = F.pad(w, (0, pad)) if pad else w
     wg = wp.reshape(out_f, -1, g)
-    scales = (wg.abs().amax(dim=-1) / 7.0).clamp(min=1e-12)
+    absmax = wg.abs().amax(dim=-1)
+    # round-to-nearest with a per-group clipping search: pick the scale (absmax * r / 7) that
+    # minimises the group's squared error; clipping a few outliers beats a coarse grid.
+    best_s = best_e = None
+    for r in (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7):
+        s_ = (absmax * r / 7.0).clamp(min=1e-12)
+        err = ((torch.round(wg / s_.unsqueeze(-1)).clamp(-8, 7) * s_.unsqueeze(-1) - wg) ** 2).sum(-1)
+        if best_s is None:
+            best_s, best_e = s_, err
+        else:
+            better = err < best_e
+            best_s = torch.where(better, s_, best_s)
+            best_e = torch.where(better, err, best_e)
+    scales = best_s
     q = (torch.round(wg / scales.unsqueeze(-1)).clamp(-8, 7) + 8).to(torch.uint8).reshape(out_f, -1)
     if q.shape[1] % 2:
         q = F.pad(q, (0, 1), value=8)

@@ -176,3 +176,35 @@ def write_jsonl(path: Path, examples: Sequence[TinyExample]) -> None:
         for ex in examples:
             f.write(json.dumps({"task": ex.task, "prompt_ids": list(ex.prompt),
                                 "target_ids": list(ex.target)}) + "\n")
+
+
+def make_mc_items(count: int, seed: int = 0, num_choices: int = 4) -> list[dict[str, object]]:
+    """Multiple-choice items from held-out examples (token-id form of the MC JSONL format).
+
+    The context is the prompt; the choices are the correct target and the targets that
+    ``num_choices - 1`` *other* tasks would give for the same input digits (distinct from the
+    correct one); ``label`` is the index of the correct choice (rotated deterministically).
+    """
+    rng = random.Random(f"mc:{seed}")
+    items: list[dict[str, object]] = []
+    for ex in generate("heldout", count * 3, seed=seed + 7):
+        if len(items) == count:
+            break
+        t = ex.prompt[1] - TASK_BASE_ID
+        digits = [i - DIGIT_BASE_ID for i in ex.prompt[2:-1]]
+        others = [o for o in range(len(TASKS)) if o != t]
+        rng.shuffle(others)
+        choices = [list(ex.target)]
+        for o in others:
+            cand = list(make_example(o, digits).target)
+            if cand not in choices:
+                choices.append(cand)
+            if len(choices) == num_choices:
+                break
+        if len(choices) < num_choices:
+            continue
+        label = len(items) % num_choices
+        choices[0], choices[label] = choices[label], choices[0]
+        items.append({"id": f"tiny-{len(items)}", "context_ids": list(ex.prompt), "choices_ids": choices,
+                      "label": label})
+    return items

@@ -1,0 +1,190 @@
+"""``testbed model ...``: split MoE checkpoints, build the tiny model, evaluate accuracy.
+
+Commands (each takes ``--format json|table``; json prints one JSON object on stdout):
+
+* ``split CHECKPOINT_DIR OUT_DIR``: BS part + one shard per expert + manifest.json.
+* ``build-tiny OUT_DIR``: train the tiny built-in Mixtral (HF format) deterministically.
+* ``eval MODEL_DIR [--policy NAME[,NAME..]] [--mc FILE.jsonl]``: tiny-task held-out accuracy
+  and/or multiple-choice accuracy; MODEL_DIR is a split dir or an HF checkpoint (split to a
+  temporary directory first).
+
+Bad input exits 2 with one line ``error: <file or key>: <problem>`` on stderr. Heavy imports
+(torch, transformers) happen inside the commands so mounting this app costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Any, NoReturn
+
+import typer
+
+app = typer.Typer(help="Split, build and evaluate MoE models.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+
+
+class OutFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
+FormatOpt = typer.Option(OutFormat.table, "--format", help="Output: table (human) or json.")
+
+
+def _fail(fmt: OutFormat, message: str) -> NoReturn:
+    line = " ".join(message.split())
+    if fmt == OutFormat.json:
+        sys.stdout.write(json.dumps({"error": {"type": "ModelError", "messages": [line], "exit_code": 2}}) + "\n")
+    sys.stderr.write(f"error: {line}\n")
+    raise typer.Exit(2)
+
+
+def _emit(fmt: OutFormat, data: dict[str, Any], title: str, rows: list[dict[str, Any]] | None = None) -> None:
+    if fmt == OutFormat.json:
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = rows if rows is not None else [{"key": k, "value": v} for k, v in data.items()]
+    t = Table(title=title)
+    cols = list(rows[0]) if rows else ["key", "value"]
+    for c in cols:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*[_cell(r.get(c)) for c in cols])
+    Console(width=160).print(t)
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return "-" if v is None else str(v)
+
+
+def _run(fmt: OutFormat, fn: Any) -> Any:
+    from models.errors import ModelError
+
+    try:
+        return fn()
+    except ModelError as e:
+        _fail(fmt, str(e))
+    except OSError as e:
+        _fail(fmt, f"{e.filename or 'I/O'}: {e.strerror or e}")
+
+
+@app.command()
+def split(checkpoint_dir: Path = typer.Argument(..., help="HF checkpoint dir: config.json + *.safetensors."),
+          out_dir: Path = typer.Argument(..., help="Output split directory (empty or a previous split)."),
+          fmt: OutFormat = FormatOpt) -> None:
+    """Split a MoE checkpoint into a BS part and one safetensors shard per expert uid."""
+
+    def go() -> dict[str, Any]:
+        from models.split import split_checkpoint
+
+        t0 = time.perf_counter()
+        m = split_checkpoint(checkpoint_dir, out_dir)
+        return {"out_dir": str(out_dir), "family": m["family"], "dtype": m["dtype"], "top_k": m["top_k"],
+                "moe_layers": len(m["moe_layers"]), "experts": len(m["experts"]),
+                "bs_bytes": m["bs"]["bytes"], "expert_bytes": sum(e["bytes"] for e in m["experts"].values()),
+                "largest_tensor_bytes": m["largest_tensor_bytes"], "wall_s": round(time.perf_counter() - t0, 3)}
+
+    res = _run(fmt, go)
+    _emit(fmt, res, "model split")
+
+
+@app.command("build-tiny")
+def build_tiny(out_dir: Path = typer.Argument(..., help="Output HF checkpoint directory."),
+               steps: int = typer.Option(3000, "--steps", min=1, help="Training steps."),
+               seed: int = typer.Option(0, "--seed", help="Seed (weights are a function of it)."),
+               threads: int = typer.Option(2, "--threads", min=1, help="torch threads (part of determinism)."),
+               quiet: bool = typer.Option(False, "--quiet", help="No progress lines on stderr."),
+               fmt: OutFormat = FormatOpt) -> None:
+    """Train the tiny built-in Mixtral on the project's own task and save it in HF format."""
+
+    def go() -> dict[str, Any]:
+        from dataclasses import asdict, replace
+
+        from models.tinytrain import TinyConfig, train_tiny
+
+        if out_dir.exists() and not out_dir.is_dir():
+            from models.errors import ModelError
+
+            raise ModelError(str(out_dir), "exists and is not a directory")
+        cfg = replace(TinyConfig(), steps=steps, seed=seed, threads=threads)
+        log = None if quiet else (lambda s: sys.stderr.write(s + "\n"))
+        return asdict(train_tiny(out_dir, cfg, log=log))
+
+    res = _run(fmt, go)
+    _emit(fmt, res, "model build-tiny")
+
+
+@app.command("eval")
+def eval_cmd(model_dir: Path = typer.Argument(..., help="Split dir (manifest.json) or HF checkpoint dir."),
+             policy: str = typer.Option("topk", "--policy",
+                                        help="Selection policy or comma list: topk, top<n>, random<n>."),
+             mc: Path | None = typer.Option(None, "--mc", help="Multiple-choice JSONL file (see models.evaluate)."),
+             n: int = typer.Option(512, "--n", min=1, help="Held-out tiny-task examples / max MC questions."),
+             batch_size: int = typer.Option(64, "--batch-size", min=1),
+             seed: int = typer.Option(0, "--seed", help="Seed of the held-out sample and random policies."),
+             expert_runtime: str = typer.Option("torch", "--expert-runtime", help="torch or onnx."),
+             quant: str | None = typer.Option(None, "--quant", help="int8 or int4 expert weights."),
+             threads: int = typer.Option(2, "--threads", min=1, help="torch threads."),
+             fmt: OutFormat = FormatOpt) -> None:
+    """Accuracy on the tiny task's held-out split and/or a multiple-choice JSONL file."""
+
+    def go() -> dict[str, Any]:
+        import torch
+
+        from models.errors import ModelError
+        from models.evaluate import eval_multiple_choice, eval_tiny, is_tiny_split, load_mc_jsonl, load_tokenizer
+        from models.routing import make_policy
+        from models.runtime import BaseStationModel
+        from models.split import split_checkpoint
+
+        torch.set_num_threads(threads)
+        names = [p.strip() for p in policy.split(",") if p.strip()]
+        if not names:
+            raise ModelError("--policy", "empty policy list")
+        policies = {name: make_policy(name, seed=seed) for name in names}
+        if quant not in (None, "int8", "int4"):
+            raise ModelError("--quant", f"unknown quantization {quant!r}; use int8 or int4")
+        if expert_runtime not in ("torch", "onnx"):
+            raise ModelError("--expert-runtime", f"unknown expert runtime {expert_runtime!r}; use torch or onnx")
+        if not model_dir.is_dir():
+            raise ModelError(str(model_dir), "not a directory")
+        with tempfile.TemporaryDirectory(prefix="moe-split-") as tmp:
+            split_dir = model_dir
+            if not (model_dir / "manifest.json").is_file():
+                split_checkpoint(model_dir, tmp)
+                split_dir = Path(tmp)
+            bs = BaseStationModel.from_split_dir(split_dir, expert_runtime=expert_runtime, quant=quant)
+            tiny = is_tiny_split(bs)
+            if not tiny and mc is None:
+                raise ModelError(str(model_dir), "not the tiny model (no tiny_task.json): pass --mc FILE.jsonl")
+            items = None
+            if mc is not None:
+                items = load_mc_jsonl(mc, tokenizer=load_tokenizer(bs), limit=n)
+            pad = bs.config.pad_token_id if bs.config.pad_token_id is not None else 0
+            results = []
+            for name, hook in policies.items():
+                bs.policy = hook
+                row: dict[str, Any] = {"policy": name}
+                t0 = time.perf_counter()
+                if tiny:
+                    row.update(eval_tiny(bs, n_examples=n, batch_size=batch_size, seed=seed))
+                if items is not None:
+                    r = eval_multiple_choice(bs, items, batch_size=max(1, batch_size // 4), pad_token_id=pad)
+                    row.update({"mc_acc": r["acc"], "mc_acc_norm": r["acc_norm"], "mc_n": r["n"]})
+                row["wall_s"] = round(time.perf_counter() - t0, 2)
+                results.append(row)
+        return {"model_dir": str(model_dir), "family": bs.manifest.family, "top_k": bs.manifest.top_k,
+                "expert_runtime": expert_runtime, "quant": quant, "results": results}
+
+    res = _run(fmt, go)
+    _emit(fmt, res, f"model eval {res['model_dir']} ({res['family']}, top-k {res['top_k']})", res["results"])
