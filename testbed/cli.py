@@ -302,7 +302,7 @@ def demo(
     from .linkcheck import verify
     _fmt(fmt)
     rate_kbit = _rate("--rate", rate)
-    local_tb.down(name, quiet=True)  # a previous demo killed halfway
+    local_tb.down(name)  # a previous demo killed halfway
     res = local_tb.up(name, devices, rate_kbit)
     try:
         inv = load_inventory(res["inventory"])

@@ -283,7 +283,7 @@ def up(name: str, devices: int, rate_kbit: float, inventory_out: Path | None = N
         st.data["rate_kbit"] = rate_kbit
         st.save()
     except BaseException:
-        down(name, quiet=True)
+        down(name)
         raise
     return {"name": name, "inventory": str(inv_path), "subnet": str(subnet),
             "bs": bs_addr, "devices": [{"name": d.name, "host": d.host, "netns":
@@ -351,7 +351,7 @@ def _is_zombie(pid: int) -> bool:
         return True
 
 
-def down(name: str, quiet: bool = False) -> dict[str, Any]:
+def down(name: str) -> dict[str, Any]:
     """Remove everything of testbed ``name``. Idempotent; works from the state file, from
     exact name patterns, and from the namespaces' own process lists."""
     check_name(name)
