@@ -1,0 +1,39 @@
+"""``python -m device_agent serve --bind tcp://HOST:PORT --workdir DIR [...]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from device_agent.server import DEFAULT_MAX_MESSAGE_BYTES, AgentServer, install_signal_handlers
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run the agent; returns the exit status."""
+    ap = argparse.ArgumentParser(prog="python -m device_agent", description="MoE expert device agent")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="serve experts over ZeroMQ until SIGTERM or a shutdown request")
+    s.add_argument("--bind", required=True, help="ROUTER endpoint, e.g. tcp://10.0.0.2:5555 (':*' = any port)")
+    s.add_argument("--workdir", required=True, help="directory expert shard paths are relative to")
+    s.add_argument("--pub", default=None, help="status PUB endpoint (e.g. tcp://10.0.0.2:*); off by default")
+    s.add_argument("--status-period-s", type=float, default=1.0, help="seconds between status messages")
+    s.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
+                   help="larger requests get error 7 (too large)")
+    s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present)")
+    s.add_argument("--threads", type=int, default=None, help="torch compute threads")
+    s.add_argument("--ready-file", default=None, help="JSON written once bound (endpoints, pid)")
+    s.add_argument("--log-level", default="INFO")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    server = AgentServer(a.bind, a.workdir, pub=a.pub, status_period_s=a.status_period_s,
+                         max_message_bytes=a.max_message_bytes, device=a.device, threads=a.threads,
+                         ready_file=a.ready_file)
+    install_signal_handlers(server)
+    server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

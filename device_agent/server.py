@@ -1,0 +1,482 @@
+"""The device agent: a ZeroMQ ROUTER server that runs routed experts for the base station.
+
+Single-threaded for compute, but queue-aware: every loop turn first drains all requests that
+have arrived (stamping their receipt time), then runs the oldest one, so the reply's
+``queue_ms`` (receipt -> compute start) shows how long work waited behind other work. A PUB
+socket (optional) publishes the agent's status every ``status_period_s``.
+
+See :mod:`device_agent.protocol` for the messages and error codes. This module must not
+import ``testbed`` (a device install stays small).
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+import zmq
+
+from device_agent import protocol as P
+from device_agent.protocol import ErrorCode, ProtocolError
+
+log = logging.getLogger("device_agent")
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 << 20
+
+
+class IdentityExpert:
+    """A built-in expert that returns its input unchanged (data-plane benchmarks, tests)."""
+
+    def __init__(self, hidden_size: int) -> None:
+        self.hidden_size = hidden_size
+        self.intermediate_size = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@dataclass
+class LoadedExpert:
+    """One expert the agent serves."""
+
+    uid: str
+    kernel: Any
+    hidden_size: int
+    io_dtype: str
+    source: str
+    runtime: str
+    quant: str | None
+    weight_bytes: int
+    calls: int = 0
+    rows: int = 0
+    compute_ms: float = 0.0
+
+
+def resolve_in_workdir(workdir: Path, rel: Any) -> Path:
+    """Resolve a shard path given relative to ``workdir``.
+
+    Raises
+    ------
+    ProtocolError
+        ``BAD_PATH`` for a non-string, empty or absolute path, one with ``..`` or a NUL byte, or
+        one that resolves (through symlinks) outside ``workdir``.
+    """
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise ProtocolError(ErrorCode.BAD_PATH, "path must be a non-empty string")
+    pp = PurePosixPath(rel)
+    if pp.is_absolute() or rel.startswith("~") or ".." in pp.parts:
+        raise ProtocolError(ErrorCode.BAD_PATH, f"path {rel!r} must be relative to the workdir, without '..'")
+    root = workdir.resolve()
+    full = (root / pp).resolve()
+    if root != full and root not in full.parents:
+        raise ProtocolError(ErrorCode.BAD_PATH, f"path {rel!r} leaves the workdir")
+    return full
+
+
+def _meminfo() -> dict[str, int]:
+    out: dict[str, int] = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            k, v = line.split(":", 1)
+            if k in ("MemTotal", "MemAvailable"):
+                out[k] = int(v.split()[0]) * 1024
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def _rss_bytes() -> int | None:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def read_power_w() -> float | None:
+    """Board power in watts when the kernel exposes it (hwmon ``power*_input``, e.g. Jetson
+    INA3221 rails summed), else ``None``."""
+    total_uw = 0
+    found = False
+    for p in glob.glob("/sys/class/hwmon/hwmon*/power*_input"):
+        try:
+            total_uw += int(Path(p).read_text().strip())
+            found = True
+        except (OSError, ValueError):
+            continue
+    return total_uw / 1e6 if found else None
+
+
+@dataclass
+class _Pending:
+    envelope: list[Any]
+    frames: list[zmq.Frame]
+    recv_ns: int
+    recv_perf: float
+    nbytes: int
+
+
+@dataclass
+class Counters:
+    requests: int = 0
+    errors: int = 0
+    forward_calls: int = 0
+    rows: int = 0
+    by_code: dict[int, int] = field(default_factory=dict)
+
+
+class AgentServer:
+    """The agent's server loop.
+
+    Parameters
+    ----------
+    bind
+        ZeroMQ endpoint of the ROUTER, e.g. ``tcp://10.77.0.11:5555`` (``:*`` picks a port).
+    workdir
+        Directory expert shard paths are relative to.
+    pub
+        Endpoint of the status PUB socket, or ``None`` for no status feed.
+    status_period_s
+        Seconds between published status messages.
+    max_message_bytes
+        Requests larger than this get ``TOO_LARGE``; ones over twice this are dropped by
+        ZeroMQ itself (the connection is reset, no reply).
+    device
+        ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA when present).
+    threads
+        ``torch.set_num_threads`` for the compute (``None``: torch's default).
+    ready_file
+        Written (JSON: endpoints, pid) once the sockets are bound; removed on exit.
+    max_queue
+        At most this many received requests wait in the agent's queue; more stay in ZeroMQ.
+    """
+
+    def __init__(self, bind: str, workdir: str | os.PathLike[str], *, pub: str | None = None,
+                 status_period_s: float = 1.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 device: str = "auto", threads: int | None = None,
+                 ready_file: str | os.PathLike[str] | None = None, max_queue: int = 256) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.max_message_bytes = int(max_message_bytes)
+        self.status_period_s = float(status_period_s)
+        self.max_queue = max_queue
+        self.experts: dict[str, LoadedExpert] = {}
+        self.counters = Counters()
+        self.queue: collections.deque[_Pending] = collections.deque()
+        self.started_ns = time.time_ns()
+        self._stop = False
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_message_bytes)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.sock.bind(bind)
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.pub_sock: zmq.Socket | None = None
+        self.pub_endpoint: str | None = None
+        if pub:
+            self.pub_sock = self.ctx.socket(zmq.PUB)
+            self.pub_sock.setsockopt(zmq.LINGER, 0)
+            self.pub_sock.setsockopt(zmq.SNDHWM, 16)
+            self.pub_sock.bind(pub)
+            self.pub_endpoint = self.pub_sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.ready_file = Path(ready_file) if ready_file else None
+        if self.ready_file:
+            tmp = self.ready_file.with_name(self.ready_file.name + ".part")
+            tmp.write_text(json.dumps({"endpoint": self.endpoint, "pub_endpoint": self.pub_endpoint,
+                                       "pid": os.getpid(), "device": self.device}))
+            os.replace(tmp, self.ready_file)
+        log.info("agent pid %d serving on %s (status feed %s), workdir %s, device %s",
+                 os.getpid(), self.endpoint, self.pub_endpoint, self.workdir, self.device)
+
+    # ---- status --------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """The agent's live state (loaded experts, memory, load, power, clock)."""
+        mem = _meminfo()
+        memory: dict[str, Any] = {"rss_bytes": _rss_bytes(), "total_bytes": mem.get("MemTotal"),
+                                  "available_bytes": mem.get("MemAvailable")}
+        if self.device.startswith("cuda"):
+            free_b, total_b = torch.cuda.mem_get_info()
+            memory.update(cuda_allocated_bytes=torch.cuda.memory_allocated(), cuda_free_bytes=free_b,
+                          cuda_total_bytes=total_b)
+        c = self.counters
+        return {
+            "agent": {"pid": os.getpid(), "hostname": socket.gethostname(), "endpoint": self.endpoint,
+                      "protocol": P.PROTOCOL_VERSION, "device": self.device,
+                      "threads": torch.get_num_threads(), "started_ns": self.started_ns,
+                      "uptime_s": (time.time_ns() - self.started_ns) / 1e9,
+                      "max_message_bytes": self.max_message_bytes},
+            "experts": {u: {"hidden_size": e.hidden_size, "io_dtype": e.io_dtype, "source": e.source,
+                            "runtime": e.runtime, "quant": e.quant, "weight_bytes": e.weight_bytes,
+                            "calls": e.calls, "rows": e.rows, "compute_ms": round(e.compute_ms, 3)}
+                        for u, e in self.experts.items()},
+            "memory": memory,
+            "load": {"loadavg_1m": os.getloadavg()[0], "queue_len": len(self.queue),
+                     "requests": c.requests, "errors": c.errors, "forward_calls": c.forward_calls,
+                     "rows": c.rows, "errors_by_code": {str(k): v for k, v in c.by_code.items()}},
+            "power_w": read_power_w(),
+            "clock_ns": time.time_ns(),
+        }
+
+    # ---- load / unload -------------------------------------------------------------------
+    def _load_one(self, spec: Any) -> LoadedExpert:
+        from models.uids import is_uid
+
+        if not isinstance(spec, dict):
+            raise ProtocolError(ErrorCode.BAD_HEADER, "expert spec must be a map")
+        uid = spec.get("uid")
+        if not is_uid(uid):
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"bad expert uid {uid!r}")
+        io_dtype = spec.get("io_dtype", "float32")
+        if io_dtype not in P.DTYPES:
+            raise ProtocolError(ErrorCode.DTYPE_MISMATCH, f"unknown io_dtype {io_dtype!r}")
+        if "builtin" in spec:
+            hidden = spec.get("hidden")
+            if spec["builtin"] != "identity" or not isinstance(hidden, int) or isinstance(hidden, bool) \
+                    or not 0 < hidden < 1 << 20:
+                raise ProtocolError(ErrorCode.BAD_HEADER, "builtin expert: use {builtin: 'identity', hidden: int}")
+            return LoadedExpert(uid, IdentityExpert(hidden), hidden, io_dtype, "builtin:identity",
+                                "builtin", None, 0)
+        path = resolve_in_workdir(self.workdir, spec.get("path"))
+        runtime = spec.get("runtime", "torch")
+        quant = spec.get("quant")
+        dtype = spec.get("dtype")
+        if runtime not in ("torch", "onnx") or quant not in (None, "int8", "int4") \
+                or dtype not in (None, "float32", "float16", "bfloat16"):
+            raise ProtocolError(ErrorCode.BAD_HEADER, "runtime must be torch|onnx, quant None|int8|int4, "
+                                "dtype None|float32|float16|bfloat16")
+        if not path.is_file():
+            raise ProtocolError(ErrorCode.LOAD_FAILED, f"no shard file {spec.get('path')!r} in the workdir")
+        from models.kernels import load_expert
+
+        try:
+            k = load_expert(path, runtime=runtime, quant=quant, device=self.device, dtype=dtype, uid=uid)
+        except Exception as e:  # a bad shard must not take the agent down
+            raise ProtocolError(ErrorCode.LOAD_FAILED, f"{type(e).__name__}: {e}") from None
+        return LoadedExpert(uid, k, int(k.hidden_size), io_dtype, str(spec.get("path")), runtime, quant,
+                            int(getattr(k, "weight_bytes", 0) or 0))
+
+    def _op_load(self, h: dict[str, Any]) -> dict[str, Any]:
+        specs = h.get("experts")
+        if not isinstance(specs, list):
+            raise ProtocolError(ErrorCode.BAD_HEADER, "load: 'experts' must be a list")
+        loaded, errors = [], {}
+        for i, spec in enumerate(specs):
+            key = spec.get("uid") if isinstance(spec, dict) and isinstance(spec.get("uid"), str) else f"#{i}"
+            try:
+                e = self._load_one(spec)
+            except ProtocolError as err:
+                errors[key] = [int(err.code), err.message]
+                continue
+            self.experts[e.uid] = e
+            loaded.append(e.uid)
+        return {"loaded": loaded, "errors": errors}
+
+    def _op_unload(self, h: dict[str, Any]) -> dict[str, Any]:
+        uids = h.get("uids")
+        if not isinstance(uids, list):
+            raise ProtocolError(ErrorCode.BAD_HEADER, "unload: 'uids' must be a list")
+        done, errors = [], {}
+        for u in uids:
+            if isinstance(u, str) and self.experts.pop(u, None) is not None:
+                done.append(u)
+            else:
+                errors[str(u)[:64]] = [int(ErrorCode.UNKNOWN_EXPERT), "not loaded"]
+        if done and self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        return {"unloaded": done, "errors": errors}
+
+    # ---- forward -------------------------------------------------------------------------
+    def _op_forward(self, h: dict[str, Any], frames: list[zmq.Frame], item: _Pending
+                    ) -> tuple[dict[str, Any], list[Any]]:
+        descs = h.get("t")
+        if not isinstance(descs, list):
+            raise ProtocolError(ErrorCode.BAD_HEADER, "forward: 't' must be a list")
+        if len(descs) != len(frames):
+            raise ProtocolError(ErrorCode.BAD_FRAMES, f"{len(descs)} tensors declared, {len(frames)} frames sent")
+        timeout_ms = h.get("timeout_ms")
+        if timeout_ms is not None and (isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float))):
+            raise ProtocolError(ErrorCode.BAD_HEADER, "forward: timeout_ms must be a number")
+        start = time.perf_counter()
+        queue_ms = (start - item.recv_perf) * 1e3
+        errors: dict[str, list[Any]] = {}
+        if timeout_ms is not None and queue_ms > timeout_ms:
+            raise ProtocolError(ErrorCode.EXPIRED, f"waited {queue_ms:.1f} ms in the queue > timeout {timeout_ms} ms")
+        out_desc: list[list[Any]] = []
+        out_bufs: list[Any] = []
+        uid_ms: dict[str, float] = {}
+        seen: set[str] = set()
+        for i, (desc, fr) in enumerate(zip(descs, frames)):
+            key = f"#{i}"
+            try:
+                uid, dt, shape = P.check_descriptor(desc)
+                key = uid
+                if uid in seen:
+                    raise ProtocolError(ErrorCode.BAD_HEADER, f"uid {uid} sent twice")
+                seen.add(uid)
+                e = self.experts.get(uid)
+                if e is None:
+                    raise ProtocolError(ErrorCode.UNKNOWN_EXPERT, f"expert {uid} is not loaded here")
+                if dt != e.io_dtype:
+                    raise ProtocolError(ErrorCode.DTYPE_MISMATCH, f"{uid}: got {dt}, expert takes {e.io_dtype}")
+                if shape[1] != e.hidden_size:
+                    raise ProtocolError(ErrorCode.SHAPE_MISMATCH,
+                                        f"{uid}: got {list(shape)}, expert takes [n, {e.hidden_size}]")
+                x = P.frame_tensor(fr.buffer, dt, shape)
+                t0 = time.perf_counter()
+                try:
+                    y = e.kernel(x) if shape[0] else x
+                except Exception as err:
+                    raise ProtocolError(ErrorCode.INTERNAL, f"{uid}: {type(err).__name__}: {err}") from None
+                if tuple(y.shape) != shape or y.dtype != x.dtype:
+                    raise ProtocolError(ErrorCode.INTERNAL, f"{uid}: expert returned {y.dtype}{list(y.shape)}")
+                ms = (time.perf_counter() - t0) * 1e3
+                e.calls += 1
+                e.rows += shape[0]
+                e.compute_ms += ms
+                uid_ms[uid] = ms
+                self.counters.rows += shape[0]
+                out_desc.append([uid, dt, list(shape)])
+                out_bufs.append(P.tensor_buffer(y))
+            except ProtocolError as err:
+                errors[key[:64]] = [int(err.code), err.message]
+                self._count_error(err.code)
+        self.counters.forward_calls += 1
+        compute_ms = (time.perf_counter() - start) * 1e3
+        return ({"t": out_desc, "errors": errors, "queue_ms": queue_ms, "compute_ms": compute_ms,
+                 "uid_ms": uid_ms}, out_bufs)
+
+    # ---- dispatch ------------------------------------------------------------------------
+    def _count_error(self, code: ErrorCode) -> None:
+        self.counters.errors += 1
+        self.counters.by_code[int(code)] = self.counters.by_code.get(int(code), 0) + 1
+
+    def _split(self, msg: list[zmq.Frame]) -> tuple[list[Any], list[zmq.Frame]]:
+        """Envelope (identity + optional empty delimiter) and the body frames."""
+        if len(msg) >= 2 and len(msg[1]) == 0:
+            return msg[:2], msg[2:]
+        return msg[:1], msg[1:]
+
+    def handle(self, item: _Pending) -> None:
+        """Process one queued request and send its reply."""
+        self.counters.requests += 1
+        env, body = item.envelope, item.frames
+        rid: Any = None
+        bufs: list[Any] = []
+        try:
+            if item.nbytes > self.max_message_bytes:
+                raise ProtocolError(ErrorCode.TOO_LARGE,
+                                    f"message of {item.nbytes} bytes > limit {self.max_message_bytes}")
+            if not body:
+                raise ProtocolError(ErrorCode.BAD_HEADER, "no header frame")
+            h = P.unpack(body[0].buffer)
+            rid = h.get("id")
+            op = h.get("op")
+            if op not in P.OPS:
+                raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op {str(op)[:40]!r}; use one of {list(P.OPS)}")
+            if op != "forward" and len(body) > 1:
+                raise ProtocolError(ErrorCode.BAD_FRAMES, f"op {op} takes no data frames")
+            if op == "ping":
+                fields: dict[str, Any] = {}
+            elif op == "status":
+                fields = {"status": self.status()}
+            elif op == "load":
+                fields = self._op_load(h)
+            elif op == "unload":
+                fields = self._op_unload(h)
+            elif op == "shutdown":
+                fields = {}
+                self._stop = True
+            else:
+                fields, bufs = self._op_forward(h, body[1:], item)
+            reply = P.reply_header(rid, ErrorCode.OK, None, t1_ns=item.recv_ns, **fields)
+        except ProtocolError as err:
+            self._count_error(err.code)
+            reply = P.reply_header(rid, err.code, err.message, t1_ns=item.recv_ns)
+            bufs = []
+        except Exception as err:  # never let one request kill the agent
+            log.exception("internal error")
+            self._count_error(ErrorCode.INTERNAL)
+            reply = P.reply_header(rid, ErrorCode.INTERNAL, f"{type(err).__name__}: {err}", t1_ns=item.recv_ns)
+            bufs = []
+        reply["t2_ns"] = time.time_ns()
+        try:
+            self.sock.send_multipart([*env, P.pack(reply), *bufs], copy=False)
+        except zmq.ZMQError as err:  # peer gone or envelope invalid: nothing to reply to
+            log.warning("reply not sent: %s", err)
+
+    def _drain(self) -> None:
+        while len(self.queue) < self.max_queue:
+            try:
+                msg = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            now_ns, now_perf = time.time_ns(), time.perf_counter()
+            env, body = self._split(msg)
+            self.queue.append(_Pending(env, body, now_ns, now_perf, sum(len(f) for f in body)))
+
+    def publish_status(self) -> None:
+        if self.pub_sock is not None:
+            try:
+                self.pub_sock.send_multipart([b"status", P.pack({"v": P.PROTOCOL_VERSION, "status": self.status()})],
+                                             flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+
+    def stop(self, *_: Any) -> None:
+        """Ask the loop to exit (signal-handler safe)."""
+        self._stop = True
+
+    def serve_forever(self, poll_ms: int = 100) -> None:
+        """Serve until ``shutdown``/:meth:`stop`/SIGTERM; then close cleanly."""
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        next_pub = time.monotonic()
+        try:
+            while not self._stop:
+                if not self.queue:
+                    wait_ms = poll_ms
+                    if self.pub_sock is not None:
+                        wait_ms = max(0, min(wait_ms, int((next_pub - time.monotonic()) * 1e3)))
+                    if poller.poll(wait_ms):
+                        self._drain()
+                else:
+                    self._drain()
+                if self.queue:
+                    self.handle(self.queue.popleft())
+                if self.pub_sock is not None and time.monotonic() >= next_pub:
+                    self.publish_status()
+                    next_pub = time.monotonic() + self.status_period_s
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.sock.close(0)
+        if self.pub_sock is not None:
+            self.pub_sock.close(0)
+        self.ctx.term()
+        if self.ready_file is not None:
+            try:
+                self.ready_file.unlink()
+            except OSError:
+                pass
+        log.info("agent pid %d: shut down cleanly (%d requests, %d errors)", os.getpid(),
+                 self.counters.requests, self.counters.errors)
+
+
+def install_signal_handlers(server: AgentServer) -> None:
+    """SIGTERM and SIGINT stop the loop after the current request."""
+    signal.signal(signal.SIGTERM, server.stop)
+    signal.signal(signal.SIGINT, server.stop)

@@ -1,0 +1,483 @@
+"""BS side of the data plane: an expert backend whose experts run on device agents.
+
+:class:`RemoteExpertBackend` implements ``models.backend.ExpertBackend``: per MoE layer it
+groups the layer's experts by the device holding each one, sends one ``forward`` request per
+device (a DEALER socket per device, all sent before any reply is awaited), then waits on all
+devices at once with a poller. Every request has a deadline; on a timeout, an error reply or an
+unreachable device the affected experts are re-routed to a replica when the placement has one,
+otherwise reported in ``LayerResult.failed`` (the split MoE block then drops them and
+renormalises). Nothing here is fatal to generation.
+
+``LayerResult.info["calls"]`` holds one row per (expert, attempt): uid, device, tokens, bytes,
+status, and the timing breakdown serialise / network (= round trip - device time) / device
+queue / device compute, plus one-way up/down estimates that use the clock offsets measured by
+:meth:`RemoteExpertBackend.estimate_clock_offsets` (NTP-style, best of several pings).
+
+:class:`StatusFeed` subscribes to the agents' status PUB sockets for a live cluster view.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from device_agent import protocol as P
+from device_agent.protocol import ErrorCode, ProtocolError
+
+from .errors import TestbedError
+
+try:  # the models package is needed for the backend protocol types only
+    from models.backend import LayerResult, LayerWork
+except ImportError:  # pragma: no cover - models always ships with the BS
+    LayerResult = LayerWork = None  # type: ignore[assignment,misc]
+
+
+class AgentError(TestbedError):
+    """A control request to an agent failed (timeout, or an error reply)."""
+
+    def __init__(self, device: str, message: str, code: int | None = None) -> None:
+        super().__init__(f"{device}: {message}")
+        self.device = device
+        self.code = code
+
+
+def round_robin_placement(uids: Iterable[str], devices: Sequence[str], replicas: int = 1
+                          ) -> dict[str, list[str]]:
+    """uid -> devices holding it: expert ``i`` on devices ``i, i+1, ...`` (``replicas`` of them).
+
+    The first device of each list is the primary; the rest are replicas tried in order.
+    """
+    if not devices or not 1 <= replicas <= len(devices):
+        raise ValueError(f"replicas must be 1..{len(devices)}")
+    return {u: [devices[(i + r) % len(devices)] for r in range(replicas)] for i, u in enumerate(uids)}
+
+
+@dataclass
+class ClockEstimate:
+    """NTP-style estimate from the ping with the smallest round trip.
+
+    ``offset_ns`` = device clock - BS clock; ``rtt_ms`` excludes the device's own time.
+    """
+
+    offset_ns: int
+    rtt_ms: float
+    samples: int
+
+
+@dataclass
+class _Agent:
+    name: str
+    endpoint: str
+    sock: zmq.Socket
+    clock: ClockEstimate | None = None
+    down_until: float = 0.0
+    failures: int = 0
+
+
+@dataclass
+class _Call:
+    rid: int
+    device: str
+    uids: list[str]
+    attempt: int
+    t0_ns: int
+    deadline: float
+    serialize_ms: float
+    bytes_out: dict[str, int] = field(default_factory=dict)
+
+
+class RemoteExpertBackend:
+    """Expert backend over ZeroMQ device agents.
+
+    Parameters
+    ----------
+    agents
+        device name -> agent ROUTER endpoint (``tcp://10.77.0.11:5555``).
+    placement
+        uid -> device names holding it, primary first (replicas after). Experts with no entry
+        are reported failed (``"not placed"``).
+    timeout_s
+        Deadline of every request, from its send.
+    down_backoff_s
+        After a timeout or a send failure the device is skipped (its experts re-routed or
+        failed at once) for this long, then tried again.
+    """
+
+    def __init__(self, agents: Mapping[str, str], placement: Mapping[str, Sequence[str]] | None = None,
+                 *, timeout_s: float = 5.0, down_backoff_s: float = 2.0) -> None:
+        self.ctx = zmq.Context()
+        self.timeout_s = float(timeout_s)
+        self.down_backoff_s = float(down_backoff_s)
+        self.placement: dict[str, list[str]] = {u: list(d) for u, d in (placement or {}).items()}
+        self.agents: dict[str, _Agent] = {}
+        self._ids = itertools.count(1)
+        self._poller = zmq.Poller()
+        self._by_sock: dict[zmq.Socket, _Agent] = {}
+        self.stale_replies = 0
+        for name, ep in agents.items():
+            self.add_agent(name, ep)
+
+    # ---- connections ---------------------------------------------------------------------
+    def add_agent(self, name: str, endpoint: str) -> None:
+        """Open a DEALER to ``endpoint`` (sends fail at once while it is not connected)."""
+        s = self.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.IMMEDIATE, 1)
+        s.setsockopt(zmq.RECONNECT_IVL, 100)
+        s.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        s.connect(endpoint)
+        a = _Agent(name, endpoint, s)
+        self.agents[name] = a
+        self._by_sock[s] = a
+        self._poller.register(s, zmq.POLLIN)
+
+    def close(self) -> None:
+        """Close every socket (pending requests are abandoned)."""
+        for a in self.agents.values():
+            a.sock.close(0)
+        self.agents.clear()
+        self.ctx.term()
+
+    def __enter__(self) -> RemoteExpertBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _agent(self, device: str) -> _Agent:
+        try:
+            return self.agents[device]
+        except KeyError:
+            raise AgentError(device, f"unknown device (have {sorted(self.agents)})") from None
+
+    @staticmethod
+    def _recv_body(sock: zmq.Socket) -> list[zmq.Frame]:
+        msg = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+        return msg[1:] if msg and len(msg[0]) == 0 else msg
+
+    # ---- control requests ----------------------------------------------------------------
+    def request(self, device: str, op: str, *, timeout_s: float | None = None, check: bool = True,
+                frames: Sequence[Any] = (), **fields: Any) -> tuple[dict[str, Any], list[zmq.Frame]]:
+        """Send one request to ``device`` and wait for its reply (synchronous).
+
+        Returns ``(header, data frames)``; replies to other, older requests are discarded.
+
+        Raises
+        ------
+        AgentError
+            On timeout, or (``check``) when the reply's ``code`` is not 0.
+        """
+        a = self._agent(device)
+        budget_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + budget_s
+        rid = next(self._ids)
+        hb = P.pack({"v": P.PROTOCOL_VERSION, "op": op, "id": rid, **fields})
+        if not a.sock.poll(max(0, int((deadline - time.monotonic()) * 1e3)), zmq.POLLOUT):
+            raise AgentError(device, f"{op}: not connected to {a.endpoint} within {budget_s:g} s")
+        a.sock.send_multipart([b"", hb, *frames], copy=False, flags=zmq.NOBLOCK)
+        while True:
+            left_ms = int(math.ceil((deadline - time.monotonic()) * 1e3))
+            if left_ms <= 0 or not a.sock.poll(left_ms, zmq.POLLIN):
+                raise AgentError(device, f"{op}: no reply from {a.endpoint} within {budget_s:g} s")
+            body = self._recv_body(a.sock)
+            try:
+                h = P.unpack(body[0].buffer)
+            except (ProtocolError, IndexError):
+                self.stale_replies += 1
+                continue
+            if h.get("id") != rid:
+                self.stale_replies += 1
+                continue
+            if check and h.get("code", 0) != 0:
+                raise AgentError(device, f"{op}: error {h.get('code')} ({h.get('error')})", h.get("code"))
+            return h, body[1:]
+
+    def ping(self, device: str, timeout_s: float | None = None) -> dict[str, Any]:
+        """One ping; returns ``t0_ns``/``t1_ns``/``t2_ns``/``t3_ns``, ``rtt_ms``, ``offset_ns``."""
+        t0 = time.time_ns()
+        h, _ = self.request(device, "ping", timeout_s=timeout_s)
+        t3 = time.time_ns()
+        t1, t2 = int(h["t1_ns"]), int(h["t2_ns"])
+        return {"t0_ns": t0, "t1_ns": t1, "t2_ns": t2, "t3_ns": t3,
+                "rtt_ms": ((t3 - t0) - (t2 - t1)) / 1e6, "offset_ns": ((t1 - t0) + (t2 - t3)) // 2}
+
+    def connect(self, timeout_s: float = 15.0, pings: int = 5) -> dict[str, ClockEstimate]:
+        """Wait until every agent answers a ping, then estimate their clock offsets."""
+        deadline = time.monotonic() + timeout_s
+        for name in self.agents:
+            while True:
+                try:
+                    self.ping(name, timeout_s=min(1.0, max(0.05, deadline - time.monotonic())))
+                    break
+                except AgentError:
+                    if time.monotonic() >= deadline:
+                        raise
+        return self.estimate_clock_offsets(pings)
+
+    def estimate_clock_offsets(self, pings: int = 5) -> dict[str, ClockEstimate]:
+        """NTP-style offsets, keeping the minimum-RTT sample of ``pings`` per agent."""
+        out: dict[str, ClockEstimate] = {}
+        for name, a in self.agents.items():
+            best: dict[str, Any] | None = None
+            for _ in range(pings):
+                p = self.ping(name)
+                if best is None or p["rtt_ms"] < best["rtt_ms"]:
+                    best = p
+            assert best is not None
+            a.clock = ClockEstimate(int(best["offset_ns"]), float(best["rtt_ms"]), pings)
+            out[name] = a.clock
+        return out
+
+    def status(self, device: str, timeout_s: float | None = None) -> dict[str, Any]:
+        """The agent's ``status`` map."""
+        return self.request(device, "status", timeout_s=timeout_s)[0]["status"]
+
+    def load_experts(self, device: str, specs: Sequence[Mapping[str, Any]], timeout_s: float = 120.0
+                     ) -> list[str]:
+        """Load experts on ``device`` (see the ``load`` op); raises if any failed."""
+        h, _ = self.request(device, "load", timeout_s=timeout_s, experts=[dict(s) for s in specs])
+        if h.get("errors"):
+            raise AgentError(device, f"load failed: {h['errors']}")
+        return list(h["loaded"])
+
+    def unload_experts(self, device: str, uids: Sequence[str]) -> list[str]:
+        return list(self.request(device, "unload", uids=list(uids))[0]["unloaded"])
+
+    def shutdown_agent(self, device: str, timeout_s: float = 5.0) -> None:
+        """Ask the agent to exit cleanly."""
+        self.request(device, "shutdown", timeout_s=timeout_s)
+
+    # ---- the data plane ------------------------------------------------------------------
+    def is_up(self, device: str) -> bool:
+        """False while ``device`` is in its back-off after a failure."""
+        return time.monotonic() >= self.agents[device].down_until
+
+    def _mark_down(self, device: str) -> None:
+        a = self.agents[device]
+        a.failures += 1
+        a.down_until = time.monotonic() + self.down_backoff_s
+
+    def run_layer(self, work: LayerWork) -> LayerResult:  # type: ignore[valid-type]
+        """Run all experts of one MoE layer on their devices, in parallel (see module doc)."""
+        t_start = time.perf_counter()
+        outputs: dict[str, Any] = {}
+        failed: dict[str, str] = {}
+        calls: list[dict[str, Any]] = []
+        served_by: dict[str, str] = {}
+        tried: dict[str, set[str]] = {u: set() for u in work.inputs}
+        pending: dict[int, _Call] = {}
+
+        def row(call: _Call | None, uid: str, device: str, attempt: int, status: str, **kw: Any) -> None:
+            r = {"layer": work.layer, "step": work.step, "uid": uid, "device": device, "attempt": attempt,
+                 "tokens": int(work.inputs[uid].shape[0]), "bytes_out": call.bytes_out.get(uid, 0) if call else 0,
+                 "bytes_in": 0, "status": status, "reason": "", "req_id": call.rid if call else None,
+                 "serialize_ms": call.serialize_ms if call else 0.0, "rtt_ms": None, "network_ms": None,
+                 "queue_ms": None, "compute_ms": None, "device_ms": None, "up_ms": None, "down_ms": None,
+                 "deserialize_ms": None}
+            r.update(kw)
+            calls.append(r)
+
+        def pick(uid: str) -> str | None:
+            for d in self.placement.get(uid, ()):
+                if d in self.agents and d not in tried[uid] and self.is_up(d):
+                    return d
+            return None
+
+        def dispatch(groups: dict[str, list[str]], attempt: int) -> None:
+            for dev, uids in groups.items():
+                a = self.agents[dev]
+                for u in uids:
+                    tried[u].add(dev)
+                t0 = time.perf_counter()
+                rid = next(self._ids)
+                descs, bufs, nbytes = [], [], {}
+                for u in uids:
+                    x = work.inputs[u]
+                    descs.append([u, P.dtype_name(x.dtype), [int(x.shape[0]), int(x.shape[1])]])
+                    b = P.tensor_buffer(x)
+                    bufs.append(b)
+                    nbytes[u] = b.nbytes
+                hb = P.pack({"v": P.PROTOCOL_VERSION, "op": "forward", "id": rid, "layer": work.layer,
+                             "step": work.step, "t": descs, "timeout_ms": self.timeout_s * 1e3})
+                ser_ms = (time.perf_counter() - t0) * 1e3
+                call = _Call(rid, dev, list(uids), attempt, time.time_ns(), time.monotonic() + self.timeout_s,
+                             ser_ms, nbytes)
+                try:
+                    a.sock.send_multipart([b"", hb, *bufs], copy=False, flags=zmq.NOBLOCK)
+                except zmq.ZMQError as e:  # zmq.Again: no live connection (IMMEDIATE)
+                    self._mark_down(dev)
+                    fail(call, list(uids), "unreachable", str(e) or "not connected")
+                    continue
+                pending[rid] = call
+
+        def fail(call: _Call, uids: list[str], status: str, reason: str, **kw: Any) -> None:
+            regroup: dict[str, list[str]] = {}
+            for u in uids:
+                row(call, u, call.device, call.attempt, status, reason=reason, **kw)
+                nd = pick(u)
+                if nd is not None:
+                    regroup.setdefault(nd, []).append(u)
+                else:
+                    failed[u] = f"{status} on {call.device}: {reason}"[:200]
+            if regroup:
+                dispatch(regroup, call.attempt + 1)
+
+        first: dict[str, list[str]] = {}
+        for u in work.inputs:
+            d = pick(u)
+            if d is None:
+                holders = self.placement.get(u)
+                failed[u] = "not placed" if not holders else f"all holders down ({', '.join(holders)})"
+                row(None, u, holders[0] if holders else "", 0, "skipped", reason=failed[u])
+            else:
+                first.setdefault(d, []).append(u)
+        dispatch(first, 0)
+
+        while pending:
+            now = time.monotonic()
+            wait_ms = max(0, int(math.ceil((min(c.deadline for c in pending.values()) - now) * 1e3)))
+            for sock, _ in self._poller.poll(wait_ms):
+                a = self._by_sock[sock]
+                while True:
+                    try:
+                        body = self._recv_body(sock)
+                    except zmq.Again:
+                        break
+                    self._on_reply(a, body, pending, outputs, served_by, work, row, fail)
+            now = time.monotonic()
+            for rid in [r for r, c in pending.items() if c.deadline <= now]:
+                call = pending.pop(rid)
+                self._mark_down(call.device)
+                fail(call, call.uids, "timeout", f"no reply within {self.timeout_s:g} s")
+
+        rerouted = {u: d for u, d in served_by.items() if self.placement.get(u, [d])[0] != d}
+        return LayerResult(outputs, failed, {"wall_s": time.perf_counter() - t_start, "calls": calls,
+                                             "served_by": served_by, "rerouted": rerouted})
+
+    def _on_reply(self, a: _Agent, body: list[zmq.Frame], pending: dict[int, _Call], outputs: dict[str, Any],
+                  served_by: dict[str, str], work: Any, row: Any, fail: Any) -> None:
+        t3 = time.time_ns()
+        try:
+            h = P.unpack(body[0].buffer)
+        except (ProtocolError, IndexError):
+            self.stale_replies += 1
+            return
+        call = pending.get(h.get("id"))  # type: ignore[arg-type]
+        if call is None or call.device != a.name:
+            self.stale_replies += 1  # a reply to a request we gave up on
+            return
+        del pending[call.rid]
+        t1, t2 = h.get("t1_ns"), h.get("t2_ns")
+        rtt_ms = (t3 - call.t0_ns) / 1e6
+        timing: dict[str, Any] = {"rtt_ms": rtt_ms}
+        if isinstance(t1, int) and isinstance(t2, int):
+            device_ms = (t2 - t1) / 1e6
+            timing.update(device_ms=device_ms, network_ms=rtt_ms - device_ms)
+            if a.clock is not None:
+                off = a.clock.offset_ns
+                timing.update(up_ms=(t1 - off - call.t0_ns) / 1e6, down_ms=(t3 - (t2 - off)) / 1e6)
+        code = h.get("code", ErrorCode.INTERNAL)
+        if code != 0:
+            fail(call, call.uids, f"error:{code}", str(h.get("error", ""))[:200], **timing)
+            return
+        timing["queue_ms"] = h.get("queue_ms")
+        uid_ms = h.get("uid_ms") or {}
+        t_de = time.perf_counter()
+        got: dict[str, Any] = {}
+        bytes_in: dict[str, int] = {}
+        descs = h.get("t") or []
+        bad: list[tuple[str, str]] = []
+        if len(descs) != len(body) - 1:
+            bad = [(u, "reply frames do not match its header") for u in call.uids]
+        else:
+            for desc, fr in zip(descs, body[1:]):
+                try:
+                    uid, dt, shape = P.check_descriptor(desc)
+                    x = work.inputs.get(uid)
+                    if uid not in call.uids or x is None or shape != tuple(x.shape) or dt != P.dtype_name(x.dtype):
+                        raise ProtocolError(ErrorCode.SHAPE_MISMATCH, f"unexpected output {desc!r}")
+                    got[uid] = P.frame_tensor(fr.buffer, dt, shape)
+                    bytes_in[uid] = len(fr)
+                except ProtocolError as e:
+                    bad.append((str(desc)[:40], e.message))
+        de_ms = (time.perf_counter() - t_de) * 1e3
+        errs = h.get("errors") or {}
+        retry: list[str] = []
+        for u in call.uids:
+            if u in got:
+                outputs[u] = got[u]
+                served_by[u] = a.name
+                row(call, u, a.name, call.attempt, "ok", bytes_in=bytes_in[u], compute_ms=uid_ms.get(u),
+                    deserialize_ms=de_ms, **timing)
+            else:
+                retry.append(u)
+        if retry:
+            first_err = next(iter(errs.values()), None) if errs else None
+            reason = "; ".join(f"{u}: {errs[u][1]}" for u in retry if u in errs and isinstance(errs[u], list)
+                               and len(errs[u]) == 2) or (bad[0][1] if bad else "missing from reply")
+            status = f"error:{first_err[0]}" if isinstance(first_err, list) and first_err else "error"
+            fail(call, retry, status, reason[:200], **timing)
+
+
+class StatusFeed:
+    """Live cluster view from the agents' status PUB sockets (one SUB per agent).
+
+    Parameters
+    ----------
+    endpoints
+        device name -> agent status endpoint (the agent's ``--pub``).
+    """
+
+    def __init__(self, endpoints: Mapping[str, str]) -> None:
+        self.ctx = zmq.Context()
+        self.poller = zmq.Poller()
+        self._names: dict[zmq.Socket, str] = {}
+        self.view: dict[str, dict[str, Any]] = {}
+        self.received: dict[str, float] = {}
+        for name, ep in endpoints.items():
+            s = self.ctx.socket(zmq.SUB)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SUBSCRIBE, b"status")
+            s.setsockopt(zmq.CONFLATE, 0)
+            s.connect(ep)
+            self.poller.register(s, zmq.POLLIN)
+            self._names[s] = name
+
+    def poll(self, timeout_s: float = 0.0) -> int:
+        """Take in the status messages that arrived (waiting up to ``timeout_s`` for the
+        first); returns how many were taken."""
+        n = 0
+        for sock, _ in self.poller.poll(int(timeout_s * 1e3)):
+            while True:
+                try:
+                    msg = sock.recv_multipart(flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if len(msg) != 2:
+                    continue
+                try:
+                    h = P.unpack(msg[1])
+                except ProtocolError:
+                    continue
+                if isinstance(h.get("status"), dict):
+                    name = self._names[sock]
+                    self.view[name] = h["status"]
+                    self.received[name] = time.monotonic()
+                    n += 1
+        return n
+
+    def age_s(self, device: str) -> float | None:
+        """Seconds since ``device`` last published, or ``None`` if never."""
+        t = self.received.get(device)
+        return None if t is None else time.monotonic() - t
+
+    def close(self) -> None:
+        for s in self._names:
+            s.close(0)
+        self.ctx.term()
