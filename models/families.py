@@ -21,6 +21,16 @@ from typing import Any
 from models.errors import ModelError
 
 NEUTRAL_PROJS = ("w1", "w2", "w3")
+_ALIASES = {"num_experts": "num_local_experts", "num_local_experts": "num_experts"}
+
+
+def config_get(config: Mapping[str, Any], key: str) -> Any:
+    """``config[key]``, falling back to its alias (transformers versions write
+    ``num_experts`` or ``num_local_experts`` for the same thing)."""
+    v = config.get(key)
+    if v is None and key in _ALIASES:
+        v = config.get(_ALIASES[key])
+    return v
 
 
 @dataclass(frozen=True)
@@ -105,7 +115,7 @@ class FamilyAdapter:
                           ("num_experts", self.num_experts_key),
                           ("expert_intermediate_size", self.intermediate_key),
                           ("top_k", self.top_k_key), ("vocab_size", "vocab_size")):
-            v = config.get(key)
+            v = config_get(config, key)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ModelError(f"config.json: {key}", f"expected a positive integer, got {v!r}")
             out[name] = v
@@ -179,7 +189,7 @@ def family_for_config(config: Mapping[str, Any], where: str = "config.json") -> 
     mt = config.get("model_type")
     for fam in FAMILIES.values():
         if mt in fam.model_types:
-            n = config.get(fam.num_experts_key)
+            n = config_get(config, fam.num_experts_key)
             if not n:
                 raise ModelError(f"{where}: {fam.num_experts_key}",
                                  f"is {n!r}: a dense (non-MoE) {mt} model has no routed experts to split")

@@ -164,9 +164,10 @@ def _check_bs_tensors(fam: FamilyAdapter, dims: Mapping[str, int], moe_layers: l
     H, E, V = dims["hidden_size"], dims["num_experts"], dims["vocab_size"]
     for layer in moe_layers:
         key = fam.router_key(layer)
-        if key not in bs:
+        alt = f"model.layers.{layer}.mlp.gate.weight"  # transformers>=5 in-memory naming
+        if key not in bs and alt not in bs:
             raise ModelError(key, "router weight missing from checkpoint")
-        _check_shape(bs[key], (E, H), "num_experts, hidden")
+        _check_shape(bs[key] if key in bs else bs[alt], (E, H), "num_experts, hidden")
     emb = bs.get("model.embed_tokens.weight")
     if emb is None:
         raise ModelError("model.embed_tokens.weight", "missing from checkpoint")
