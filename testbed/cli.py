@@ -38,6 +38,8 @@ links_app = typer.Typer(help="Shape, show, clear and verify the BS⇄device link
 app.add_typer(local_app, name="local")
 app.add_typer(inventory_app, name="inventory")
 app.add_typer(links_app, name="links")
+policies_app = typer.Typer(help="Policies: built-in and plug-in.", no_args_is_help=True)
+app.add_typer(policies_app, name="policies")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -288,6 +290,22 @@ def links_verify(
         t.add_row(g.device, g.direction, _n(g.configured_kbit), f"{g.measured_kbit:.0f}",
                   "-" if g.ratio is None else f"{g.ratio:.1%}")
     emit(fmt, [g.to_dict() for g in rows], t)
+
+
+# -- policies -----------------------------------------------------------------------
+@policies_app.command("list")
+def policies_list(fmt: Format = FormatOpt) -> None:
+    """List the registered policies (entry points) with their one-line docs."""
+    from .policy import ENTRY_POINT_GROUP, available_policies
+    _fmt(fmt)
+    rows = available_policies()
+    t = Table(title=f"policies (entry-point group {ENTRY_POINT_GROUP}; also "
+              "package.module:Class or path/file.py:Class)")
+    for c in ("name", "class", "what it does"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(r["name"], r["target"], r["doc"])
+    emit(fmt, rows, t)
 
 
 # -- demo ---------------------------------------------------------------------------
