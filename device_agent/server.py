@@ -279,6 +279,7 @@ class AgentServer:
                 e = self._load_one(spec)
             except ProtocolError as err:
                 errors[key] = [int(err.code), err.message]
+                self._count_error(err.code)
                 continue
             self.experts[e.uid] = e
             loaded.append(e.uid)
@@ -294,6 +295,7 @@ class AgentServer:
                 done.append(u)
             else:
                 errors[str(u)[:64]] = [int(ErrorCode.UNKNOWN_EXPERT), "not loaded"]
+                self._count_error(ErrorCode.UNKNOWN_EXPERT)
         if done and self.device.startswith("cuda"):
             torch.cuda.empty_cache()
         return {"unloaded": done, "errors": errors}

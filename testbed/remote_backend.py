@@ -137,6 +137,13 @@ class RemoteExpertBackend:
         self._by_sock[s] = a
         self._poller.register(s, zmq.POLLIN)
 
+    def remove_agent(self, name: str) -> None:
+        """Close the connection to ``name`` and forget it (its experts then fail or re-route)."""
+        a = self.agents.pop(name)
+        self._poller.unregister(a.sock)
+        del self._by_sock[a.sock]
+        a.sock.close(0)
+
     def close(self) -> None:
         """Close every socket (pending requests are abandoned)."""
         for a in self.agents.values():

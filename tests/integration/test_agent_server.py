@@ -1,0 +1,330 @@
+"""The device agent as a real process on loopback: ops, every error code, fuzzing, queueing,
+status feed, re-routing on the BS side, SIGTERM. No namespaces needed."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import torch
+import zmq
+from safetensors.torch import save_file
+
+from device_agent import protocol as P
+from device_agent.protocol import ErrorCode
+from models.backend import LayerWork
+from models.kernels import load_expert
+from testbed.agents_local import AgentProcess, start_agent, stop_agent
+from testbed.remote_backend import AgentError, RemoteExpertBackend, StatusFeed
+from testbed.runner import LocalRunner
+
+HIDDEN, INTER = 32, 48
+MAX_MSG = 1 << 20
+
+
+def _write_shard(path: Path, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    save_file({"w1": torch.randn(INTER, HIDDEN, generator=g) * 0.2,
+               "w2": torch.randn(HIDDEN, INTER, generator=g) * 0.2,
+               "w3": torch.randn(INTER, HIDDEN, generator=g) * 0.2}, str(path))
+
+
+@pytest.fixture
+def agents(tmp_path):
+    """Factory starting agents on loopback (own workdir each, a shard in it); all stopped after."""
+    started: list[AgentProcess] = []
+
+    def start(name: str = "a1", extra: tuple[str, ...] = ()) -> AgentProcess:
+        wd = tmp_path / name
+        (wd / "experts").mkdir(parents=True)
+        _write_shard(wd / "experts" / "L0.E0.safetensors", 0)
+        _write_shard(wd / "experts" / "L0.E1.safetensors", 1)
+        a = start_agent(LocalRunner(), device=name, host="127.0.0.1", workdir=str(wd),
+                        extra_args=["--max-message-bytes", str(MAX_MSG), *extra])
+        started.append(a)
+        return a
+
+    yield start
+    for a in started:
+        stop_agent(a)
+
+
+class RawClient:
+    """A bare DEALER speaking the wire protocol by hand (to send bad messages too)."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.ctx = zmq.Context()
+        self.s = self.ctx.socket(zmq.DEALER)
+        self.s.setsockopt(zmq.LINGER, 0)
+        self.s.connect(endpoint)
+
+    def send(self, frames: list) -> None:
+        self.s.send_multipart([b"", *frames], copy=False)
+
+    def recv(self, timeout_s: float = 5.0) -> tuple[dict, list[zmq.Frame]]:
+        assert self.s.poll(int(timeout_s * 1e3)), "no reply from the agent"
+        msg = self.s.recv_multipart(copy=False)
+        assert len(msg[0]) == 0
+        return msgpack.unpackb(msg[1].bytes, raw=False), msg[2:]
+
+    def call(self, header: dict, frames: list = ()) -> tuple[dict, list[zmq.Frame]]:
+        self.send([msgpack.packb(header), *frames])
+        return self.recv()
+
+    def close(self) -> None:
+        self.s.close(0)
+        self.ctx.term()
+
+
+def _hdr(op: str, rid: int = 1, **kw) -> dict:
+    return {"v": P.PROTOCOL_VERSION, "op": op, "id": rid, **kw}
+
+
+def _load_both(c: RawClient) -> None:
+    h, _ = c.call(_hdr("load", experts=[{"uid": "L0.E0", "path": "experts/L0.E0.safetensors"},
+                                        {"uid": "L0.E1", "path": "experts/L0.E1.safetensors"},
+                                        {"uid": "L0.E2", "builtin": "identity", "hidden": HIDDEN,
+                                         "io_dtype": "float16"}]))
+    assert h["code"] == 0 and h["loaded"] == ["L0.E0", "L0.E1", "L0.E2"], h
+
+
+def _check_forward(c: RawClient, a: AgentProcess, rid: int = 77) -> None:
+    x0, x1 = torch.randn(5, HIDDEN), torch.randn(3, HIDDEN)
+    h, frames = c.call(_hdr("forward", rid, t=[["L0.E0", "float32", [5, HIDDEN]],
+                                               ["L0.E1", "float32", [3, HIDDEN]]]),
+                       [P.tensor_buffer(x0), P.tensor_buffer(x1)])
+    assert h["code"] == 0 and h["id"] == rid and h["errors"] == {}
+    assert [d[0] for d in h["t"]] == ["L0.E0", "L0.E1"]
+    wd = Path(a.workdir) / "experts"
+    for (uid, dt, shape), fr, x in zip(h["t"], frames, (x0, x1)):
+        ref = load_expert(wd / f"{uid}.safetensors")(x)
+        got = P.frame_tensor(fr.buffer, dt, tuple(shape))
+        # same kernel code; only the thread count (agent: 1) may change fp32 summation order
+        assert (got - ref).abs().max() < 1e-5, uid
+    assert h["queue_ms"] >= 0 and h["compute_ms"] > 0 and h["t2_ns"] >= h["t1_ns"]
+
+
+def test_ops_and_exact_forward(agents):
+    a = agents()
+    c = RawClient(a.endpoint)
+    try:
+        h, _ = c.call(_hdr("ping", 5))
+        assert h["code"] == 0 and h["id"] == 5 and abs(h["t1_ns"] - time.time_ns()) < 5e9
+        _load_both(c)
+        _check_forward(c, a)
+        x = torch.randn(4, HIDDEN).half()
+        h, fr = c.call(_hdr("forward", 8, t=[["L0.E2", "float16", [4, HIDDEN]]]), [P.tensor_buffer(x)])
+        assert h["code"] == 0 and torch.equal(P.frame_tensor(fr[0].buffer, "float16", (4, HIDDEN)), x)
+        h, _ = c.call(_hdr("status", 9))
+        st = h["status"]
+        assert set(st["experts"]) == {"L0.E0", "L0.E1", "L0.E2"}
+        assert st["experts"]["L0.E0"]["calls"] == 1 and st["experts"]["L0.E0"]["rows"] == 5
+        assert st["memory"]["rss_bytes"] > 0 and st["memory"]["available_bytes"] > 0
+        assert st["agent"]["pid"] == a.pid and st["load"]["forward_calls"] == 2
+        assert abs(st["clock_ns"] - time.time_ns()) < 5e9
+        h, _ = c.call(_hdr("unload", 10, uids=["L0.E1", "L9.E9"]))
+        assert h["unloaded"] == ["L0.E1"] and h["errors"]["L9.E9"][0] == ErrorCode.UNKNOWN_EXPERT
+        h, _ = c.call(_hdr("forward", 11, t=[["L0.E1", "float32", [1, HIDDEN]]]), [bytes(4 * HIDDEN)])
+        assert h["errors"]["L0.E1"][0] == ErrorCode.UNKNOWN_EXPERT and h["t"] == []
+    finally:
+        c.close()
+
+
+def test_every_error_code_and_agent_keeps_serving(agents, tmp_path):
+    a = agents()
+    c = RawClient(a.endpoint)
+    (tmp_path / "outside.safetensors").write_bytes(b"x")
+    try:
+        _load_both(c)
+        row = bytes(4 * HIDDEN)
+
+        def code(frames: list) -> int:
+            c.send(frames)
+            return c.recv()[0]["code"]
+
+        def fwd_err(desc: list, frame: bytes) -> int:
+            h, _ = c.call(_hdr("forward", t=[desc]), [frame])
+            assert h["code"] == 0 and h["t"] == []
+            return next(iter(h["errors"].values()))[0]
+
+        assert code([b"\xc1not msgpack"]) == ErrorCode.BAD_HEADER
+        assert code([msgpack.packb([1, 2, 3])]) == ErrorCode.BAD_HEADER
+        assert code([msgpack.packb({"op": "ping", "id": 1})]) == ErrorCode.BAD_HEADER
+        assert code([msgpack.packb({"v": 99, "op": "ping", "id": 1})]) == ErrorCode.BAD_VERSION
+        assert code([msgpack.packb(_hdr("launch"))]) == ErrorCode.UNKNOWN_OP
+        assert code([msgpack.packb(_hdr("ping")), b"extra"]) == ErrorCode.BAD_FRAMES
+        assert code([msgpack.packb(_hdr("forward", t=[["L0.E0", "float32", [1, HIDDEN]]]))]) == ErrorCode.BAD_FRAMES
+        assert code([msgpack.packb(_hdr("ping")), bytes(MAX_MSG + 10)]) == ErrorCode.TOO_LARGE
+        assert code([msgpack.packb(_hdr("forward", t=[], timeout_ms=-1.0))]) == ErrorCode.EXPIRED
+        assert fwd_err(["L3.E3", "float32", [1, HIDDEN]], row) == ErrorCode.UNKNOWN_EXPERT
+        assert fwd_err(["L0.E0", "float16", [2, HIDDEN]], row) == ErrorCode.DTYPE_MISMATCH
+        assert fwd_err(["L0.E0", "int8", [1, HIDDEN]], row) == ErrorCode.DTYPE_MISMATCH
+        assert fwd_err(["L0.E0", "float32", [HIDDEN, 1]], row) == ErrorCode.SHAPE_MISMATCH
+        assert fwd_err(["L0.E0", "float32", [1, HIDDEN, 1]], row) == ErrorCode.SHAPE_MISMATCH
+        assert fwd_err(["L0.E0", "float32"], row) == ErrorCode.BAD_HEADER
+        assert fwd_err(["L0.E0", "float32", [2, HIDDEN]], row) == ErrorCode.BAD_FRAMES
+        for path, want in (("/etc/passwd", ErrorCode.BAD_PATH), ("../outside.safetensors", ErrorCode.BAD_PATH),
+                           ("experts/../../outside.safetensors", ErrorCode.BAD_PATH),
+                           ("experts/missing.safetensors", ErrorCode.LOAD_FAILED)):
+            h, _ = c.call(_hdr("load", experts=[{"uid": "L1.E0", "path": path}]))
+            assert h["code"] == 0 and h["loaded"] == [] and h["errors"]["L1.E0"][0] == want, path
+        (Path(a.workdir) / "experts" / "link.safetensors").symlink_to(tmp_path / "outside.safetensors")
+        h, _ = c.call(_hdr("load", experts=[{"uid": "L1.E0", "path": "experts/link.safetensors"}]))
+        assert h["errors"]["L1.E0"][0] == ErrorCode.BAD_PATH
+        (Path(a.workdir) / "experts" / "junk.safetensors").write_bytes(b"\0" * 64)
+        h, _ = c.call(_hdr("load", experts=[{"uid": "L1.E0", "path": "experts/junk.safetensors"}]))
+        assert h["errors"]["L1.E0"][0] == ErrorCode.LOAD_FAILED
+        _check_forward(c, a)
+        h, _ = c.call(_hdr("status"))
+        assert h["status"]["load"]["errors"] == 22
+    finally:
+        c.close()
+
+
+def _random_obj(rng: random.Random, depth: int = 0):
+    kinds = ["int", "str", "bytes", "float", "none", "bool"] + (["list", "map"] if depth < 3 else [])
+    k = rng.choice(kinds)
+    if k == "int":
+        return rng.choice([0, 1, -1, 2**31, -(2**63), 2**64 - 1, rng.randint(-1000, 1000)])
+    if k == "str":
+        return rng.choice(["", "L0.E0", "float32", "forward", "\u2603" * rng.randint(0, 5), "x" * rng.randint(0, 300)])
+    if k == "bytes":
+        return rng.randbytes(rng.randint(0, 64))
+    if k == "float":
+        return rng.choice([0.0, -1.5, float("nan"), float("inf"), 1e308])
+    if k == "none":
+        return None
+    if k == "bool":
+        return rng.random() < 0.5
+    if k == "list":
+        return [_random_obj(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    return {rng.choice(["v", "op", "id", "t", "experts", "uids", "timeout_ms", "zz"]): _random_obj(rng, depth + 1)
+            for _ in range(rng.randint(0, 5))}
+
+
+def _fuzz_message(rng: random.Random) -> list[bytes]:
+    """A random or mutated request (never over the agent's message limit)."""
+    good_fwd = [msgpack.packb(_hdr("forward", t=[["L0.E0", "float32", [2, HIDDEN]]])), bytes(8 * HIDDEN)]
+    r = rng.random()
+    if r < 0.25:  # pure garbage frames
+        return [rng.randbytes(rng.randint(0, 200)) for _ in range(rng.randint(1, 4))]
+    if r < 0.5:  # random msgpack structures, often with plausible fields
+        h = _random_obj(rng)
+        if isinstance(h, dict) and rng.random() < 0.7:
+            h["v"] = P.PROTOCOL_VERSION
+            h.setdefault("op", rng.choice(list(P.OPS[:-1]) + ["bogus"]))  # never "shutdown"
+            if h["op"] == "shutdown":
+                h["op"] = "ping"
+        return [msgpack.packb(h)] + [rng.randbytes(rng.randint(0, 300)) for _ in range(rng.randint(0, 3))]
+    # mutate a valid forward: flip bytes in the header, truncate it, change/add/drop frames
+    frames = list(good_fwd)
+    hb = bytearray(frames[0])
+    for _ in range(rng.randint(1, 4)):
+        op = rng.random()
+        if op < 0.5 and hb:
+            hb[rng.randrange(len(hb))] = rng.randrange(256)
+        elif op < 0.7 and hb:
+            del hb[rng.randrange(len(hb)):]
+        elif op < 0.85:
+            frames[1] = rng.randbytes(rng.choice([0, 1, 8 * HIDDEN - 1, 8 * HIDDEN + 4]))
+        else:
+            frames.append(rng.randbytes(rng.randint(0, 64)))
+    frames[0] = bytes(hb)
+    if b"shutdown" in frames[0]:
+        frames[0] = b"\xc1"
+    return frames
+
+
+def test_fuzz_thousands_of_messages_then_correct_forward(agents):
+    a = agents()
+    c = RawClient(a.endpoint)
+    rng = random.Random(1234)
+    n_msgs, batch = 3000, 100
+    codes: dict[int, int] = {}
+    try:
+        _load_both(c)
+        for _ in range(n_msgs // batch):
+            for _ in range(batch):
+                c.send(_fuzz_message(rng))
+            for _ in range(batch):  # exactly one reply per message, each with a known code
+                h, _ = c.recv()
+                assert isinstance(h["code"], int) and h["code"] in set(ErrorCode), h
+                codes[h["code"]] = codes.get(h["code"], 0) + 1
+        assert c.s.poll(200) == 0, "more replies than messages"
+        assert codes.get(ErrorCode.BAD_HEADER, 0) > 100 and len(codes) >= 4, codes
+        _check_forward(c, a, rid=4242)
+        h, _ = c.call(_hdr("status"))
+        assert h["status"]["agent"]["pid"] == a.pid and h["status"]["load"]["requests"] >= n_msgs
+    finally:
+        c.close()
+
+
+def test_queue_time_and_sigterm_clean_shutdown(agents):
+    a = agents()
+    c = RawClient(a.endpoint)
+    try:
+        h, _ = c.call(_hdr("load", experts=[{"uid": "L0.E0", "path": "experts/L0.E0.safetensors"}]))
+        assert h["loaded"] == ["L0.E0"]
+        x = torch.randn(8000, HIDDEN)  # ~1 MB (the limit) and a few ms of compute per request
+        for rid in range(1, 7):
+            c.send([msgpack.packb(_hdr("forward", rid, t=[["L0.E0", "float32", list(x.shape)]])),
+                    P.tensor_buffer(x)])
+        replies = sorted((c.recv()[0] for _ in range(6)), key=lambda h: h["id"])
+        assert all(h["code"] == 0 for h in replies)
+        # requests that arrived together wait for the ones before them: queue time grows
+        assert replies[-1]["queue_ms"] > replies[0]["queue_ms"] + replies[0]["compute_ms"], \
+            [(h["queue_ms"], h["compute_ms"]) for h in replies]
+    finally:
+        c.close()
+    assert stop_agent(a) == "terminated"
+    assert "shut down cleanly" in Path(a.log_path).read_text()
+    assert not Path(a.ready_path).exists()
+
+
+def test_status_feed_and_backend_reroute_and_unreachable(agents):
+    a1, a2 = agents("a1"), agents("a2")
+    # L0.E0 on a1 (which will not have it loaded) with a replica on a2; L0.E1 only on a dead port
+    with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as s:
+        port = s.bind_to_random_port("tcp://127.0.0.1")
+    be = RemoteExpertBackend({"a1": a1.endpoint, "a2": a2.endpoint, "dead": f"tcp://127.0.0.1:{port}"},
+                             {"L0.E0": ["a1", "a2"], "L0.E1": ["dead"]}, timeout_s=2.0)
+    feed = StatusFeed({"a1": a1.pub_endpoint, "a2": a2.pub_endpoint})
+    try:
+        with pytest.raises(AgentError):
+            be.ping("dead", timeout_s=0.3)
+        be.remove_agent("dead")  # connect() only for the live ones
+        clocks = be.connect()
+        assert set(clocks) == {"a1", "a2"} and all(abs(c.offset_ns) < 5e6 and c.rtt_ms > 0 for c in clocks.values())
+        be.add_agent("dead", f"tcp://127.0.0.1:{port}")
+        assert be.load_experts("a2", [{"uid": "L0.E0", "path": "experts/L0.E0.safetensors"}]) == ["L0.E0"]
+        x0, x1 = torch.randn(4, HIDDEN), torch.randn(2, HIDDEN)
+        t0 = time.monotonic()
+        res = be.run_layer(LayerWork(0, 3, {"L0.E0": x0, "L0.E1": x1}))
+        assert time.monotonic() - t0 < 1.0  # nothing waited for a timeout
+        ref = load_expert(Path(a2.workdir) / "experts" / "L0.E0.safetensors")(x0)
+        assert (res.outputs["L0.E0"] - ref).abs().max() < 1e-5
+        assert res.info["served_by"] == {"L0.E0": "a2"} and res.info["rerouted"] == {"L0.E0": "a2"}
+        assert set(res.failed) == {"L0.E1"} and "unreachable" in res.failed["L0.E1"]
+        rows = {(r["uid"], r["device"]): r for r in res.info["calls"]}
+        assert rows[("L0.E0", "a1")]["status"] == f"error:{int(ErrorCode.UNKNOWN_EXPERT)}"
+        ok = rows[("L0.E0", "a2")]
+        assert ok["status"] == "ok" and ok["attempt"] == 1 and ok["bytes_out"] == ok["bytes_in"] == x0.numel() * 4
+        assert ok["network_ms"] > 0 and ok["compute_ms"] > 0 and ok["queue_ms"] >= 0
+        assert abs(ok["rtt_ms"] - ok["network_ms"] - ok["device_ms"]) < 1e-6
+        assert rows[("L0.E1", "dead")]["status"] == "unreachable"
+        # the dead device is now in back-off: skipped without trying
+        res2 = be.run_layer(LayerWork(0, 4, {"L0.E1": x1}))
+        assert res2.info["calls"][0]["status"] == "skipped" and "L0.E1" in res2.failed
+        deadline = time.monotonic() + 5
+        while set(feed.view) != {"a1", "a2"} and time.monotonic() < deadline:
+            feed.poll(0.5)
+        assert set(feed.view) == {"a1", "a2"}
+        while "L0.E0" not in feed.view["a2"]["experts"] and time.monotonic() < deadline:
+            feed.poll(0.5)
+        assert feed.view["a2"]["experts"]["L0.E0"]["calls"] >= 1 and feed.age_s("a2") < 2
+    finally:
+        feed.close()
+        be.close()
