@@ -122,3 +122,30 @@ def test_bf16_checkpoint_keeps_dtype(tmp_path: Path) -> None:
     t = load_file(str(tmp_path / "s/experts/L0.E3.safetensors"))
     assert t["w1"].dtype == torch.bfloat16
     assert torch.equal(t["w2"], model.state_dict()["model.layers.0.mlp.experts.down_proj"][3])
+
+
+def _child_vmhwm_bytes(code: str) -> int:
+    import re
+    import subprocess
+    import sys
+
+    probe = "; import re as _r; print('HWM', _r.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))"
+    out = subprocess.run([sys.executable, "-c", code + probe], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2]).stdout
+    return int(re.search(r"HWM (\d+)", out).group(1)) * 1024
+
+
+def test_split_memory_is_bounded(tmp_path: Path) -> None:
+    """Peak RSS of a split child (its own VmHWM, minus the bare import) stays under
+    BS part + 2 x largest tensor on a ~60 MB checkpoint (bench/model_split_memory.py does 1 GB)."""
+    _, ckpt = make_random_checkpoint("mixtral", tmp_path / "big", vocab_size=8000, hidden_size=256,
+                                     intermediate_size=1024, num_local_experts=4, num_hidden_layers=3,
+                                     initializer_range=0.02, max_shard_size="20MB")
+    base = _child_vmhwm_bytes("import models.split")
+    peak = _child_vmhwm_bytes(f"from models.split import split_checkpoint; "
+                              f"split_checkpoint({str(ckpt)!r}, {str(tmp_path / 'out')!r})")
+    man = json.loads((tmp_path / "out/manifest.json").read_text())
+    assert man["source"]["bytes"] > 50e6
+    bound = man["bs"]["bytes"] + 2 * man["largest_tensor_bytes"]
+    assert peak - base <= bound, (peak, base, bound)
+    assert peak - base < man["source"]["bytes"] / 2  # really streaming, not loading the checkpoint
