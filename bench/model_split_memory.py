@@ -42,9 +42,18 @@ def make_checkpoint(d: Path) -> None:
     from models.testing import random_model
 
     torch.set_num_threads(2)
-    model = random_model("mixtral", seed=0, vocab_size=32000, hidden_size=512, intermediate_size=2048,
-                         num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, num_local_experts=8,
-                         initializer_range=0.02)
+    model = random_model(
+        "mixtral",
+        seed=0,
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        num_local_experts=8,
+        initializer_range=0.02,
+    )
     model.save_pretrained(str(d), safe_serialization=True, max_shard_size="200MB")
     del model
 
@@ -66,32 +75,48 @@ def main() -> None:
         subprocess.run([sys.executable, __file__, "--make-checkpoint", str(ckpt)], check=True)
     ckpt_bytes = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
     base_rss, _, _, _ = child_peak_rss_bytes("import models.split")
-    code = (f"from models.split import split_checkpoint; split_checkpoint({str(ckpt)!r}, {str(out)!r}); "
-            "import re; print('VmHWM_kB', re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))")
+    code = (
+        f"from models.split import split_checkpoint; split_checkpoint({str(ckpt)!r}, {str(out)!r}); "
+        "import re; print('VmHWM_kB', re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))"
+    )
     peak, wall_s, rc, child_out = child_peak_rss_bytes(code)
-    hwm = int(child_out.split("VmHWM_kB")[-1].split()[0]) * 1024  # the child's own view, cross-check
+    hwm = (
+        int(child_out.split("VmHWM_kB")[-1].split()[0]) * 1024
+    )  # the child's own view, cross-check
     if rc != 0:
         sys.exit(f"split child failed with exit status {rc}")
     man = json.loads((out / "manifest.json").read_text())
     bs_bytes = man["bs"]["bytes"]
     largest = man["largest_tensor_bytes"]
     bound = bs_bytes + 2 * largest
-    res = {"checkpoint_bytes": ckpt_bytes, "checkpoint_files": len(list(ckpt.glob("*.safetensors"))),
-           "experts": len(man["experts"]), "bs_part_bytes": bs_bytes, "largest_tensor_bytes": largest,
-           "bound_bytes": bound, "split_peak_rss_bytes": peak, "interpreter_baseline_rss_bytes": base_rss,
-           "split_vmhwm_bytes": hwm,
-           "peak_over_bound": round(peak / bound, 4), "split_wall_s": round(wall_s, 2)}
+    res = {
+        "checkpoint_bytes": ckpt_bytes,
+        "checkpoint_files": len(list(ckpt.glob("*.safetensors"))),
+        "experts": len(man["experts"]),
+        "bs_part_bytes": bs_bytes,
+        "largest_tensor_bytes": largest,
+        "bound_bytes": bound,
+        "split_peak_rss_bytes": peak,
+        "interpreter_baseline_rss_bytes": base_rss,
+        "split_vmhwm_bytes": hwm,
+        "peak_over_bound": round(peak / bound, 4),
+        "split_wall_s": round(wall_s, 2),
+    }
     if args.json:
         print(json.dumps(res))
     else:
         mib = 1024 * 1024
-        print(f"checkpoint            {ckpt_bytes / mib:9.1f} MiB in {res['checkpoint_files']} files, "
-              f"{res['experts']} experts")
+        print(
+            f"checkpoint            {ckpt_bytes / mib:9.1f} MiB in {res['checkpoint_files']} files, "
+            f"{res['experts']} experts"
+        )
         print(f"BS part               {bs_bytes / mib:9.1f} MiB")
         print(f"largest tensor        {largest / mib:9.1f} MiB")
         print(f"bound BS + 2*largest  {bound / mib:9.1f} MiB")
-        print(f"split peak RSS        {peak / mib:9.1f} MiB  (ratio to bound {peak / bound:.3f}; "
-              f"bare interpreter+import {base_rss / mib:.1f} MiB)")
+        print(
+            f"split peak RSS        {peak / mib:9.1f} MiB  (ratio to bound {peak / bound:.3f}; "
+            f"bare interpreter+import {base_rss / mib:.1f} MiB)"
+        )
         print(f"split wall time       {wall_s:9.2f} s")
     if args.keep is None:
         import shutil

@@ -89,8 +89,11 @@ class LocalExpertBackend:
         With a loader: the uids it can serve (others are reported failed, ``"unknown expert"``).
     """
 
-    def __init__(self, kernels: Mapping[str, ExpertKernel] | Callable[[str], ExpertKernel],
-                 uids: Iterable[str] | None = None) -> None:
+    def __init__(
+        self,
+        kernels: Mapping[str, ExpertKernel] | Callable[[str], ExpertKernel],
+        uids: Iterable[str] | None = None,
+    ) -> None:
         if callable(kernels) and not isinstance(kernels, Mapping):
             self._loader: Callable[[str], ExpertKernel] | None = kernels
             self._kernels: dict[str, ExpertKernel] = {}
@@ -101,9 +104,17 @@ class LocalExpertBackend:
             self._known = set(self._kernels)
 
     @classmethod
-    def from_split_dir(cls, split_dir: str | os.PathLike[str] | Manifest, *, runtime: str = "torch",
-                       quant: str | None = None, device: str = "cpu", dtype: str | torch.dtype | None = None,
-                       lazy: bool = False, uids: Iterable[str] | None = None) -> LocalExpertBackend:
+    def from_split_dir(
+        cls,
+        split_dir: str | os.PathLike[str] | Manifest,
+        *,
+        runtime: str = "torch",
+        quant: str | None = None,
+        device: str = "cpu",
+        dtype: str | torch.dtype | None = None,
+        lazy: bool = False,
+        uids: Iterable[str] | None = None,
+    ) -> LocalExpertBackend:
         """Kernels for the experts of a split directory (all, or ``uids``), see
         :func:`models.kernels.load_expert` for ``runtime``/``quant``/``device``/``dtype``."""
         m = split_dir if isinstance(split_dir, Manifest) else load_manifest(split_dir)
@@ -112,8 +123,14 @@ class LocalExpertBackend:
             m.expert_path(u)  # raises for unknown uids
 
         def load(uid: str) -> ExpertKernel:
-            return load_expert(m.expert_path(uid), runtime=runtime, quant=quant,  # type: ignore[arg-type]
-                               device=device, dtype=dtype, uid=uid)
+            return load_expert(
+                m.expert_path(uid),
+                runtime=runtime,
+                quant=quant,  # type: ignore[arg-type]
+                device=device,
+                dtype=dtype,
+                uid=uid,
+            )
 
         if lazy:
             return cls(load, uids=wanted)
@@ -161,8 +178,12 @@ class FaultInjectingBackend:
         The failure reason reported.
     """
 
-    def __init__(self, inner: ExpertBackend, fail: Iterable[str] | Callable[[str, int, int], bool],
-                 reason: str = "injected failure") -> None:
+    def __init__(
+        self,
+        inner: ExpertBackend,
+        fail: Iterable[str] | Callable[[str, int, int], bool],
+        reason: str = "injected failure",
+    ) -> None:
         self.inner = inner
         if callable(fail):
             self._pred = fail

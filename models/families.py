@@ -79,11 +79,21 @@ class FamilyAdapter:
 
     def __post_init__(self) -> None:
         projs = "|".join(re.escape(p) for p in self.proj_map)
-        object.__setattr__(self, "_expert_re", re.compile(
-            rf"model\.layers\.(\d+)\.{re.escape(self.block_prefix)}\.experts\.(\d+)\.({projs})\.weight"))
+        object.__setattr__(
+            self,
+            "_expert_re",
+            re.compile(
+                rf"model\.layers\.(\d+)\.{re.escape(self.block_prefix)}\.experts\.(\d+)\.({projs})\.weight"
+            ),
+        )
         # transformers>=5 in-memory layout (3D tensors), accepted too: experts.gate_up_proj/down_proj
-        object.__setattr__(self, "_fused_re", re.compile(
-            rf"model\.layers\.(\d+)\.(?:{re.escape(self.block_prefix)}|mlp)\.experts\.(gate_up_proj|down_proj)"))
+        object.__setattr__(
+            self,
+            "_fused_re",
+            re.compile(
+                rf"model\.layers\.(\d+)\.(?:{re.escape(self.block_prefix)}|mlp)\.experts\.(gate_up_proj|down_proj)"
+            ),
+        )
 
     # ---- key layout ------------------------------------------------------------------------
     def match_expert_key(self, key: str) -> tuple[int, int, str] | None:
@@ -101,7 +111,9 @@ class FamilyAdapter:
     def expert_key(self, layer: int, expert: int, neutral_proj: str) -> str:
         """The on-disk key of one expert projection (inverse of :meth:`match_expert_key`)."""
         inv = {v: k for k, v in self.proj_map.items()}
-        return f"model.layers.{layer}.{self.block_prefix}.experts.{expert}.{inv[neutral_proj]}.weight"
+        return (
+            f"model.layers.{layer}.{self.block_prefix}.experts.{expert}.{inv[neutral_proj]}.weight"
+        )
 
     def router_key(self, layer: int) -> str:
         """On-disk key of the router (gate) weight of MoE layer ``layer``."""
@@ -111,27 +123,37 @@ class FamilyAdapter:
     def dims(self, config: Mapping[str, Any]) -> dict[str, Any]:
         """Validated dimensions from a ``config.json`` dict (raises :class:`ModelError`)."""
         out: dict[str, Any] = {}
-        for name, key in (("hidden_size", "hidden_size"), ("num_layers", "num_hidden_layers"),
-                          ("num_experts", self.num_experts_key),
-                          ("expert_intermediate_size", self.intermediate_key),
-                          ("top_k", self.top_k_key), ("vocab_size", "vocab_size")):
+        for name, key in (
+            ("hidden_size", "hidden_size"),
+            ("num_layers", "num_hidden_layers"),
+            ("num_experts", self.num_experts_key),
+            ("expert_intermediate_size", self.intermediate_key),
+            ("top_k", self.top_k_key),
+            ("vocab_size", "vocab_size"),
+        ):
             v = config_get(config, key)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ModelError(f"config.json: {key}", f"expected a positive integer, got {v!r}")
             out[name] = v
         if out["top_k"] > out["num_experts"]:
-            raise ModelError(f"config.json: {self.top_k_key}",
-                             f"top-k {out['top_k']} exceeds {self.num_experts_key}={out['num_experts']}")
+            raise ModelError(
+                f"config.json: {self.top_k_key}",
+                f"top-k {out['top_k']} exceeds {self.num_experts_key}={out['num_experts']}",
+            )
         if self.shared_expert_key is not None:
             v = config.get(self.shared_expert_key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ModelError(f"config.json: {self.shared_expert_key}",
-                                 f"expected a non-negative integer, got {v!r}")
+                raise ModelError(
+                    f"config.json: {self.shared_expert_key}",
+                    f"expected a non-negative integer, got {v!r}",
+                )
             out["shared_expert_intermediate_size"] = v
         act = config.get(self.activation_key, "silu")
         if act not in ("silu", "swish"):
-            raise ModelError(f"config.json: {self.activation_key}",
-                             f"expert activation {act!r} not supported (only silu/SwiGLU experts)")
+            raise ModelError(
+                f"config.json: {self.activation_key}",
+                f"expert activation {act!r} not supported (only silu/SwiGLU experts)",
+            )
         return out
 
     def moe_layers(self, config: Mapping[str, Any]) -> list[int]:
@@ -159,18 +181,51 @@ _QWEN_PROJS = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 FAMILIES: dict[str, FamilyAdapter] = {
     f.name: f
     for f in (
-        FamilyAdapter("mixtral", ("mixtral",), "MixtralForCausalLM", "block_sparse_moe",
-                      {"w1": "w1", "w2": "w2", "w3": "w3"}, "num_local_experts", "intermediate_size"),
-        FamilyAdapter("qwen2_moe", ("qwen2_moe",), "Qwen2MoeForCausalLM", "mlp", _QWEN_PROJS,
-                      "num_experts", "moe_intermediate_size",
-                      shared_expert_key="shared_expert_intermediate_size",
-                      norm_topk_default=False, norm_topk_configurable=True, sparse_step_keys=True),
-        FamilyAdapter("qwen3_moe", ("qwen3_moe",), "Qwen3MoeForCausalLM", "mlp", _QWEN_PROJS,
-                      "num_experts", "moe_intermediate_size", norm_topk_default=False,
-                      norm_topk_configurable=True, sparse_step_keys=True),
-        FamilyAdapter("olmoe", ("olmoe",), "OlmoeForCausalLM", "mlp", _QWEN_PROJS,
-                      "num_experts", "intermediate_size", norm_topk_default=False,
-                      norm_topk_configurable=True),
+        FamilyAdapter(
+            "mixtral",
+            ("mixtral",),
+            "MixtralForCausalLM",
+            "block_sparse_moe",
+            {"w1": "w1", "w2": "w2", "w3": "w3"},
+            "num_local_experts",
+            "intermediate_size",
+        ),
+        FamilyAdapter(
+            "qwen2_moe",
+            ("qwen2_moe",),
+            "Qwen2MoeForCausalLM",
+            "mlp",
+            _QWEN_PROJS,
+            "num_experts",
+            "moe_intermediate_size",
+            shared_expert_key="shared_expert_intermediate_size",
+            norm_topk_default=False,
+            norm_topk_configurable=True,
+            sparse_step_keys=True,
+        ),
+        FamilyAdapter(
+            "qwen3_moe",
+            ("qwen3_moe",),
+            "Qwen3MoeForCausalLM",
+            "mlp",
+            _QWEN_PROJS,
+            "num_experts",
+            "moe_intermediate_size",
+            norm_topk_default=False,
+            norm_topk_configurable=True,
+            sparse_step_keys=True,
+        ),
+        FamilyAdapter(
+            "olmoe",
+            ("olmoe",),
+            "OlmoeForCausalLM",
+            "mlp",
+            _QWEN_PROJS,
+            "num_experts",
+            "intermediate_size",
+            norm_topk_default=False,
+            norm_topk_configurable=True,
+        ),
     )
 }
 """Registered families by name."""
@@ -191,11 +246,15 @@ def family_for_config(config: Mapping[str, Any], where: str = "config.json") -> 
         if mt in fam.model_types:
             n = config_get(config, fam.num_experts_key)
             if not n:
-                raise ModelError(f"{where}: {fam.num_experts_key}",
-                                 f"is {n!r}: a dense (non-MoE) {mt} model has no routed experts to split")
+                raise ModelError(
+                    f"{where}: {fam.num_experts_key}",
+                    f"is {n!r}: a dense (non-MoE) {mt} model has no routed experts to split",
+                )
             return fam
     known = ", ".join(sorted(FAMILIES))
     if not any(config.get(k) for k in _MOE_HINT_KEYS):
-        raise ModelError(f"{where}: model_type",
-                         f"{mt!r} is a dense (non-MoE) model (no routed experts); known MoE families: {known}")
+        raise ModelError(
+            f"{where}: model_type",
+            f"{mt!r} is a dense (non-MoE) model (no routed experts); known MoE families: {known}",
+        )
     raise ModelError(f"{where}: model_type", f"unknown MoE family {mt!r}; known: {known}")

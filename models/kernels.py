@@ -37,8 +37,14 @@ from models.safetensors_io import read_header
 
 Quant = Literal["int8", "int4"]
 INT4_GROUP_SIZE = 32
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                 "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
 
 
 def torch_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -75,15 +81,19 @@ class _KernelBase:
         as_numpy = isinstance(x, np.ndarray)
         t = torch.from_numpy(np.ascontiguousarray(x)) if as_numpy else x
         if t.ndim != 2 or t.shape[1] != self.hidden_size:
-            raise ModelError(f"expert {self.uid or ''} input".strip(),
-                             f"shape {list(t.shape)} != [n, {self.hidden_size}]")
+            raise ModelError(
+                f"expert {self.uid or ''} input".strip(),
+                f"shape {list(t.shape)} != [n, {self.hidden_size}]",
+            )
         y = self._forward_torch(t)
         return y.numpy() if as_numpy else y
 
     __call__ = forward
 
 
-def read_expert_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_expert_tensors(
+    path: str | os.PathLike[str],
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Load all tensors and the metadata of one expert shard file (CPU tensors)."""
     from safetensors.torch import load_file
 
@@ -117,9 +127,16 @@ class TorchExpert(_KernelBase):
         run in float32).
     """
 
-    def __init__(self, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, *,
-                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 uid: str | None = None) -> None:
+    def __init__(
+        self,
+        w1: torch.Tensor,
+        w2: torch.Tensor,
+        w3: torch.Tensor,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        uid: str | None = None,
+    ) -> None:
         dtype = dtype or w1.dtype
         self.uid = uid
         self.intermediate_size, self.hidden_size = int(w1.shape[0]), int(w1.shape[1])
@@ -142,6 +159,7 @@ class TorchExpert(_KernelBase):
 
 
 # ---- quantization -------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class QuantizedWeight:
@@ -174,7 +192,9 @@ class QuantizedWeight:
         return self.qweight.numel() * self.qweight.element_size() + self.scales.numel() * 4
 
 
-def quantize_weight(w: torch.Tensor, bits: int, group_size: int = INT4_GROUP_SIZE) -> QuantizedWeight:
+def quantize_weight(
+    w: torch.Tensor, bits: int, group_size: int = INT4_GROUP_SIZE
+) -> QuantizedWeight:
     """Symmetric weight-only quantization of ``w`` [out, in] (round to nearest).
 
     8 bits: one scale per output row, values in [-127, 127]. 4 bits: one scale per row and
@@ -200,7 +220,9 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int = INT4_GROUP_SIZ
     best_s = best_e = None
     for r in (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7):
         s_ = (absmax * r / 7.0).clamp(min=1e-12)
-        err = ((torch.round(wg / s_.unsqueeze(-1)).clamp(-8, 7) * s_.unsqueeze(-1) - wg) ** 2).sum(-1)
+        err = ((torch.round(wg / s_.unsqueeze(-1)).clamp(-8, 7) * s_.unsqueeze(-1) - wg) ** 2).sum(
+            -1
+        )
         if best_s is None:
             best_s, best_e = s_, err
         else:
@@ -222,9 +244,16 @@ class QuantizedTorchExpert(_KernelBase):
     per-row scale applied to the output); int4 dequantizes its packed weights per call.
     """
 
-    def __init__(self, w1: QuantizedWeight, w2: QuantizedWeight, w3: QuantizedWeight, *,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 uid: str | None = None) -> None:
+    def __init__(
+        self,
+        w1: QuantizedWeight,
+        w2: QuantizedWeight,
+        w3: QuantizedWeight,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        uid: str | None = None,
+    ) -> None:
         self.uid = uid
         self.device = torch.device(device)
         self.dtype = dtype
@@ -232,16 +261,24 @@ class QuantizedTorchExpert(_KernelBase):
         self.intermediate_size, self.hidden_size = int(w1.scales.shape[0]), int(w1.in_features)
 
         def mv(q: QuantizedWeight) -> QuantizedWeight:
-            return QuantizedWeight(q.bits, q.qweight.to(self.device), q.scales.to(self.device),
-                                   q.in_features, q.group_size)
+            return QuantizedWeight(
+                q.bits,
+                q.qweight.to(self.device),
+                q.scales.to(self.device),
+                q.in_features,
+                q.group_size,
+            )
 
         self.w1, self.w2, self.w3 = mv(w1), mv(w2), mv(w3)
 
     @classmethod
-    def from_float(cls, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, bits: int, **kw: Any
-                   ) -> QuantizedTorchExpert:
+    def from_float(
+        cls, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, bits: int, **kw: Any
+    ) -> QuantizedTorchExpert:
         """Quantize full-precision weights."""
-        return cls(quantize_weight(w1, bits), quantize_weight(w2, bits), quantize_weight(w3, bits), **kw)
+        return cls(
+            quantize_weight(w1, bits), quantize_weight(w2, bits), quantize_weight(w3, bits), **kw
+        )
 
     def _linear(self, x: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:
         if q.bits == 8:
@@ -261,7 +298,10 @@ class QuantizedTorchExpert(_KernelBase):
 
 # ---- ONNX ----------------------------------------------------------------------------------
 
-def build_expert_onnx(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, dtype: str = "float32") -> bytes:
+
+def build_expert_onnx(
+    w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, dtype: str = "float32"
+) -> bytes:
     """Serialized ONNX model of one SwiGLU expert: input ``x`` [n, H] -> output ``y`` [n, H].
 
     Built node by node with ``onnx.helper`` (MatMul, Sigmoid, Mul; opset 17), weights as
@@ -275,8 +315,11 @@ def build_expert_onnx(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, dtyp
     inter, hidden = w1.shape
     w13t = torch.cat([w1, w3], 0).t().contiguous().to(torch.float32).numpy().astype(np_dtype)
     w2t = w2.t().contiguous().to(torch.float32).numpy().astype(np_dtype)
-    inits = [numpy_helper.from_array(w13t, "w13t"), numpy_helper.from_array(w2t, "w2t"),
-             numpy_helper.from_array(np.array([inter, inter], dtype=np.int64), "split_sizes")]
+    inits = [
+        numpy_helper.from_array(w13t, "w13t"),
+        numpy_helper.from_array(w2t, "w2t"),
+        numpy_helper.from_array(np.array([inter, inter], dtype=np.int64), "split_sizes"),
+    ]
     nodes = [
         helper.make_node("MatMul", ["x", "w13t"], ["h13"]),
         helper.make_node("Split", ["h13", "split_sizes"], ["g", "u"], axis=1),
@@ -286,21 +329,29 @@ def build_expert_onnx(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, dtyp
         helper.make_node("MatMul", ["h", "w2t"], ["y"]),
     ]
     graph = helper.make_graph(
-        nodes, "swiglu_expert",
+        nodes,
+        "swiglu_expert",
         [helper.make_tensor_value_info("x", elem, ["n", int(hidden)])],
-        [helper.make_tensor_value_info("y", elem, ["n", int(hidden)])], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="moe-edge-testbed")
+        [helper.make_tensor_value_info("y", elem, ["n", int(hidden)])],
+        initializer=inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="moe-edge-testbed"
+    )
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model.SerializeToString()
 
 
-def export_expert_onnx(shard_path: str | os.PathLike[str], onnx_path: str | os.PathLike[str],
-                       dtype: str = "float32") -> Path:
+def export_expert_onnx(
+    shard_path: str | os.PathLike[str], onnx_path: str | os.PathLike[str], dtype: str = "float32"
+) -> Path:
     """Export the expert in ``shard_path`` to ``onnx_path`` (see :func:`build_expert_onnx`)."""
     t, meta = read_expert_tensors(shard_path)
     if meta.get("quant"):
-        raise ModelError(str(shard_path), "cannot export a quantized shard to ONNX; use the float shard")
+        raise ModelError(
+            str(shard_path), "cannot export a quantized shard to ONNX; use the float shard"
+        )
     _check_fp_shapes(t, str(shard_path))
     out = Path(onnx_path)
     out.write_bytes(build_expert_onnx(t["w1"], t["w2"], t["w3"], dtype))
@@ -310,8 +361,14 @@ def export_expert_onnx(shard_path: str | os.PathLike[str], onnx_path: str | os.P
 class OnnxExpert(_KernelBase):
     """An expert run by onnxruntime (CPU, or the CUDA provider when installed and asked for)."""
 
-    def __init__(self, model: bytes | str | os.PathLike[str], *, providers: list[str] | None = None,
-                 threads: int | None = None, uid: str | None = None) -> None:
+    def __init__(
+        self,
+        model: bytes | str | os.PathLike[str],
+        *,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+        uid: str | None = None,
+    ) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -319,8 +376,9 @@ class OnnxExpert(_KernelBase):
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
         src = model if isinstance(model, bytes) else str(model)
-        self.session = ort.InferenceSession(src, sess_options=opts,
-                                            providers=providers or ["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            src, sess_options=opts, providers=providers or ["CPUExecutionProvider"]
+        )
         inp = self.session.get_inputs()[0]
         self.hidden_size = int(inp.shape[1])
         self._np_dtype = np.float16 if "float16" in inp.type else np.float32
@@ -331,8 +389,10 @@ class OnnxExpert(_KernelBase):
         as_numpy = isinstance(x, np.ndarray)
         arr = x if as_numpy else x.detach().cpu().numpy()
         if arr.ndim != 2 or arr.shape[1] != self.hidden_size:
-            raise ModelError(f"expert {self.uid or ''} input".strip(),
-                             f"shape {list(arr.shape)} != [n, {self.hidden_size}]")
+            raise ModelError(
+                f"expert {self.uid or ''} input".strip(),
+                f"shape {list(arr.shape)} != [n, {self.hidden_size}]",
+            )
         y = self.session.run(["y"], {"x": np.ascontiguousarray(arr, dtype=self._np_dtype)})[0]
         if as_numpy:
             return y.astype(arr.dtype, copy=False)
@@ -343,8 +403,10 @@ class OnnxExpert(_KernelBase):
 
 # ---- quantized shard files ----------------------------------------------------------------
 
-def quantize_expert_shard(shard_path: str | os.PathLike[str], out_path: str | os.PathLike[str],
-                          quant: Quant = "int8") -> Path:
+
+def quantize_expert_shard(
+    shard_path: str | os.PathLike[str], out_path: str | os.PathLike[str], quant: Quant = "int8"
+) -> Path:
     """Write a weight-only quantized copy of an expert shard (loadable by :func:`load_expert`)."""
     from safetensors.torch import save_file
 
@@ -364,26 +426,38 @@ def quantize_expert_shard(shard_path: str | os.PathLike[str], out_path: str | os
     return Path(out_path)
 
 
-def _load_quantized(t: dict[str, torch.Tensor], meta: dict[str, str], where: str
-                    ) -> tuple[QuantizedWeight, QuantizedWeight, QuantizedWeight]:
+def _load_quantized(
+    t: dict[str, torch.Tensor], meta: dict[str, str], where: str
+) -> tuple[QuantizedWeight, QuantizedWeight, QuantizedWeight]:
     bits = {"int8": 8, "int4": 4}.get(meta.get("quant", ""))
     if bits is None:
-        raise ModelError(f"{where}: __metadata__.quant", f"unknown quantization {meta.get('quant')!r}")
+        raise ModelError(
+            f"{where}: __metadata__.quant", f"unknown quantization {meta.get('quant')!r}"
+        )
     ws = []
     for name in ("w1", "w2", "w3"):
         for part in ("qweight", "scales", "in_features"):
             if f"{name}.{part}" not in t:
-                raise ModelError(f"{where}: {name}.{part}", "tensor missing from quantized expert shard")
+                raise ModelError(
+                    f"{where}: {name}.{part}", "tensor missing from quantized expert shard"
+                )
         in_f = int(t[f"{name}.in_features"][0])
         g = int(meta.get("group_size", "0")) if bits == 4 else in_f
         ws.append(QuantizedWeight(bits, t[f"{name}.qweight"], t[f"{name}.scales"], in_f, g))
     return ws[0], ws[1], ws[2]
 
 
-def load_expert(path: str | os.PathLike[str], *, runtime: Literal["torch", "onnx"] = "torch",
-                quant: Quant | None = None, device: str = "cpu", dtype: str | torch.dtype | None = None,
-                onnx_path: str | os.PathLike[str] | None = None, threads: int | None = None,
-                uid: str | None = None) -> ExpertKernel:
+def load_expert(
+    path: str | os.PathLike[str],
+    *,
+    runtime: Literal["torch", "onnx"] = "torch",
+    quant: Quant | None = None,
+    device: str = "cpu",
+    dtype: str | torch.dtype | None = None,
+    onnx_path: str | os.PathLike[str] | None = None,
+    threads: int | None = None,
+    uid: str | None = None,
+) -> ExpertKernel:
     """Load one expert shard as a kernel (the device-side entry point).
 
     Parameters
@@ -413,8 +487,12 @@ def load_expert(path: str | os.PathLike[str], *, runtime: Literal["torch", "onnx
     tdtype = torch_dtype(dtype)
     if runtime == "onnx":
         if quant or meta.get("quant"):
-            raise ModelError(str(p), "ONNX experts are float only; use runtime='torch' for int8/int4")
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
+            raise ModelError(
+                str(p), "ONNX experts are float only; use runtime='torch' for int8/int4"
+            )
+        providers = (
+            ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
+        )
         if onnx_path is not None and Path(onnx_path).is_file():
             return OnnxExpert(onnx_path, providers=providers, threads=threads, uid=uid)
         _check_fp_shapes(t, str(p))
@@ -427,20 +505,25 @@ def load_expert(path: str | os.PathLike[str], *, runtime: Literal["torch", "onnx
         raise ModelError("runtime", f"unknown expert runtime {runtime!r}; use torch or onnx")
     if meta.get("quant"):
         w1, w2, w3 = _load_quantized(t, meta, str(p))
-        return QuantizedTorchExpert(w1, w2, w3, device=device, dtype=tdtype or torch.float32, uid=uid)
+        return QuantizedTorchExpert(
+            w1, w2, w3, device=device, dtype=tdtype or torch.float32, uid=uid
+        )
     _check_fp_shapes(t, str(p))
     if quant is not None:
         bits = {"int8": 8, "int4": 4}.get(quant)
         if bits is None:
             raise ModelError("quant", f"unknown quantization {quant!r}; use int8 or int4")
-        return QuantizedTorchExpert.from_float(t["w1"], t["w2"], t["w3"], bits, device=device,
-                                               dtype=tdtype or torch.float32, uid=uid)
+        return QuantizedTorchExpert.from_float(
+            t["w1"], t["w2"], t["w3"], bits, device=device, dtype=tdtype or torch.float32, uid=uid
+        )
     if tdtype is None and torch.device(device).type == "cpu":
         tdtype = torch.float32
     return TorchExpert(t["w1"], t["w2"], t["w3"], device=device, dtype=tdtype, uid=uid)
 
 
-def reference_expert(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def reference_expert(
+    w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, x: torch.Tensor
+) -> torch.Tensor:
     """Float64 reference ``w2 (silu(w1 x) * w3 x)`` for testing kernels."""
     w1d, w2d, w3d, xd = (a.to(torch.float64) for a in (w1, w2, w3, x))
     return F.linear(F.silu(F.linear(xd, w1d)) * F.linear(xd, w3d), w2d)
@@ -450,4 +533,7 @@ def output_error(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, 
     """Error of ``candidate`` vs ``reference``: ``max_abs`` and ``rel_rms`` (||d||_2 / ||ref||_2)."""
     ref = reference.to(torch.float64)
     d = candidate.to(torch.float64) - ref
-    return {"max_abs": float(d.abs().max()), "rel_rms": float(d.norm() / ref.norm().clamp(min=1e-300))}
+    return {
+        "max_abs": float(d.abs().max()),
+        "rel_rms": float(d.norm() / ref.norm().clamp(min=1e-300)),
+    }

@@ -122,10 +122,14 @@ def _req(d: Mapping[str, Any], key: str, typ: type | tuple[type, ...], where: st
 def _entry(d: Mapping[str, Any], where: str) -> ShardEntry:
     shapes = d.get("shapes", {})
     return ShardEntry(
-        path=_req(d, "path", str, where), bytes=_req(d, "bytes", int, where),
-        sha256=_req(d, "sha256", str, where), dtype=_req(d, "dtype", str, where),
+        path=_req(d, "path", str, where),
+        bytes=_req(d, "bytes", int, where),
+        sha256=_req(d, "sha256", str, where),
+        dtype=_req(d, "dtype", str, where),
         shapes={str(k): tuple(int(x) for x in v) for k, v in shapes.items()},
-        layer=d.get("layer"), expert=d.get("expert"))
+        layer=d.get("layer"),
+        expert=d.get("expert"),
+    )
 
 
 def load_manifest(split_dir: str | os.PathLike[str], *, check_files: bool = True) -> Manifest:
@@ -150,11 +154,16 @@ def load_manifest(split_dir: str | os.PathLike[str], *, check_files: bool = True
     try:
         raw = json.loads(mpath.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ModelError(where, "missing: not a split directory (run `testbed model split` first)") from None
+        raise ModelError(
+            where, "missing: not a split directory (run `testbed model split` first)"
+        ) from None
     except json.JSONDecodeError as e:
         raise ModelError(where, f"invalid JSON: {e}") from None
     if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT:
-        raise ModelError(f"{where}: format", f"expected {MANIFEST_FORMAT!r}, got {raw.get('format') if isinstance(raw, dict) else raw!r}")
+        raise ModelError(
+            f"{where}: format",
+            f"expected {MANIFEST_FORMAT!r}, got {raw.get('format') if isinstance(raw, dict) else raw!r}",
+        )
     experts_raw = _req(raw, "experts", dict, where)
     experts: dict[str, ShardEntry] = {}
     for uid, d in experts_raw.items():
@@ -163,17 +172,28 @@ def load_manifest(split_dir: str | os.PathLike[str], *, check_files: bool = True
         experts[uid] = _entry(d, f"{where}: experts.{uid}")
     bs_raw = _req(raw, "bs", dict, where)
     m = Manifest(
-        root=root, family=_req(raw, "family", str, where), model_type=_req(raw, "model_type", str, where),
-        dtype=_req(raw, "dtype", str, where), dims={k: int(v) for k, v in _req(raw, "dims", dict, where).items()},
-        top_k=_req(raw, "top_k", int, where), norm_topk_prob=bool(_req(raw, "norm_topk_prob", bool, where)),
+        root=root,
+        family=_req(raw, "family", str, where),
+        model_type=_req(raw, "model_type", str, where),
+        dtype=_req(raw, "dtype", str, where),
+        dims={k: int(v) for k, v in _req(raw, "dims", dict, where).items()},
+        top_k=_req(raw, "top_k", int, where),
+        norm_topk_prob=bool(_req(raw, "norm_topk_prob", bool, where)),
         moe_layers=tuple(int(x) for x in _req(raw, "moe_layers", list, where)),
-        experts_per_layer={int(k): int(v) for k, v in _req(raw, "experts_per_layer", dict, where).items()},
-        bs=_entry(bs_raw, f"{where}: bs"), bs_config=_req(bs_raw, "config", str, f"{where}: bs"),
-        experts=experts, raw=raw)
+        experts_per_layer={
+            int(k): int(v) for k, v in _req(raw, "experts_per_layer", dict, where).items()
+        },
+        bs=_entry(bs_raw, f"{where}: bs"),
+        bs_config=_req(bs_raw, "config", str, f"{where}: bs"),
+        experts=experts,
+        raw=raw,
+    )
     for layer in m.moe_layers:
         for e in range(m.experts_per_layer.get(layer, 0)):
             if format_uid(layer, e) not in experts:
-                raise ModelError(f"{where}: experts", f"missing entry for expert {format_uid(layer, e)}")
+                raise ModelError(
+                    f"{where}: experts", f"missing entry for expert {format_uid(layer, e)}"
+                )
     if check_files:
         for entry in [m.bs, *experts.values()]:
             p = root / entry.path

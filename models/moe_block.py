@@ -73,12 +73,22 @@ class MoELayerRecord:
                 continue
             ids = [int(e) for e in self.expert_ids[i] if e >= 0]
             ws = [float(w) for e, w in zip(self.expert_ids[i], self.weights[i]) if e >= 0]
-            out.append({"step": self.step, "phase": self.phase, "layer": self.layer,
-                        "seq": int(self.seq_index[i]), "pos": int(self.position[i]),
-                        "experts": ";".join(format_uid(self.layer, e) for e in ids),
-                        "weights": ";".join(f"{w:.6g}" for w in ws),
-                        "failed": ";".join(format_uid(self.layer, e) for e in ids
-                                           if format_uid(self.layer, e) in self.failed)})
+            out.append(
+                {
+                    "step": self.step,
+                    "phase": self.phase,
+                    "layer": self.layer,
+                    "seq": int(self.seq_index[i]),
+                    "pos": int(self.position[i]),
+                    "experts": ";".join(format_uid(self.layer, e) for e in ids),
+                    "weights": ";".join(f"{w:.6g}" for w in ws),
+                    "failed": ";".join(
+                        format_uid(self.layer, e)
+                        for e in ids
+                        if format_uid(self.layer, e) in self.failed
+                    ),
+                }
+            )
         return out
 
 
@@ -95,7 +105,7 @@ class MoEController:
         self.step = -1
         self.phase = "forward"
         self.positions: torch.Tensor | None = None  # [B, T] absolute positions
-        self.valid: torch.Tensor | None = None      # [B, T] non-padding
+        self.valid: torch.Tensor | None = None  # [B, T] non-padding
         self.recording = False
         self.records: list[MoELayerRecord] = []
         self.failures_total = 0
@@ -124,9 +134,17 @@ class SplitMoEBlock(nn.Module):
         Qwen2-MoE's shared expert MLP and its [1, H] gate (kept at the BS), or ``None``.
     """
 
-    def __init__(self, layer: int, hidden_size: int, num_experts: int, top_k: int, norm_topk_prob: bool,
-                 controller: MoEController, shared_expert: nn.Module | None = None,
-                 shared_expert_gate: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        layer: int,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        norm_topk_prob: bool,
+        controller: MoEController,
+        shared_expert: nn.Module | None = None,
+        shared_expert_gate: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.layer = layer
         self.hidden_size = hidden_size
@@ -147,12 +165,18 @@ class SplitMoEBlock(nn.Module):
         logits = F.linear(x, self.gate.weight)
         probs = torch.softmax(logits.float(), dim=-1)
         valid = c.valid.reshape(-1) if c.valid is not None and c.valid.numel() == n else None
-        ctx = RoutingContext(self.layer, c.step, logits, probs, self.top_k, self.norm_topk_prob, valid)
-        sel = validate_selection(c.policy(ctx), n, self.num_experts, where=f"policy at layer {self.layer}")
+        ctx = RoutingContext(
+            self.layer, c.step, logits, probs, self.top_k, self.norm_topk_prob, valid
+        )
+        sel = validate_selection(
+            c.policy(ctx), n, self.num_experts, where=f"policy at layer {self.layer}"
+        )
         ids, w = sel.expert_ids, sel.weights
 
         inputs: dict[str, torch.Tensor] = {}
-        rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # uid -> (token idx, weight per row)
+        rows: dict[
+            str, tuple[torch.Tensor, torch.Tensor]
+        ] = {}  # uid -> (token idx, weight per row)
         for e in torch.unique(ids[ids >= 0]).tolist():
             hit = ids == e
             tok = hit.any(dim=-1).nonzero().squeeze(1)
@@ -174,17 +198,26 @@ class SplitMoEBlock(nn.Module):
                 bad |= ids == parse_uid(uid).expert
             total = w.sum(dim=-1)
             remain = (w * ~bad).sum(dim=-1)
-            scale = torch.where(remain > 0, total / remain.clamp(min=1e-30), torch.zeros_like(total))
+            scale = torch.where(
+                remain > 0, total / remain.clamp(min=1e-30), torch.zeros_like(total)
+            )
             had = (ids >= 0).any(dim=-1)
             still = ((ids >= 0) & ~bad).any(dim=-1)
             dropped = int((had & ~still).sum())
-            rows = {u: (tok, wt * scale.index_select(0, tok)) for u, (tok, wt) in rows.items() if u not in failed}
+            rows = {
+                u: (tok, wt * scale.index_select(0, tok))
+                for u, (tok, wt) in rows.items()
+                if u not in failed
+            }
 
         out = torch.zeros_like(x)
         for uid, (tok, wt) in rows.items():
             y = result.outputs[uid]
             if tuple(y.shape) != (tok.shape[0], self.hidden_size):
-                raise ModelError(uid, f"backend returned shape {list(y.shape)} for {tok.shape[0]} rows at layer {self.layer}")
+                raise ModelError(
+                    uid,
+                    f"backend returned shape {list(y.shape)} for {tok.shape[0]} rows at layer {self.layer}",
+                )
             y = y.to(device=x.device, dtype=x.dtype)
             out.index_add_(0, tok, (y * wt.unsqueeze(1)).to(x.dtype))
 
@@ -193,13 +226,31 @@ class SplitMoEBlock(nn.Module):
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * shared
 
         if c.recording:
-            self._record(c, ids, w, failed, dropped, {u: int(t.shape[0]) for u, t in inputs.items()},
-                         result.info, n, valid)
+            self._record(
+                c,
+                ids,
+                w,
+                failed,
+                dropped,
+                {u: int(t.shape[0]) for u, t in inputs.items()},
+                result.info,
+                n,
+                valid,
+            )
         return out.reshape(shape)
 
-    def _record(self, c: MoEController, ids: torch.Tensor, w: torch.Tensor, failed: dict[str, str],
-                dropped: int, rows_per_uid: dict[str, int], info: dict[str, Any], n: int,
-                valid: torch.Tensor | None) -> None:
+    def _record(
+        self,
+        c: MoEController,
+        ids: torch.Tensor,
+        w: torch.Tensor,
+        failed: dict[str, str],
+        dropped: int,
+        rows_per_uid: dict[str, int],
+        info: dict[str, Any],
+        n: int,
+        valid: torch.Tensor | None,
+    ) -> None:
         if c.positions is not None and c.positions.numel() == n:
             b, t = c.positions.shape
             seq = np.repeat(np.arange(b), t)
@@ -207,9 +258,19 @@ class SplitMoEBlock(nn.Module):
         else:
             seq = np.zeros(n, dtype=np.int64)
             pos = np.arange(n)
-        c.records.append(MoELayerRecord(
-            step=c.step, phase=c.phase, layer=self.layer,
-            expert_ids=ids.to(torch.int32).cpu().numpy(), weights=w.cpu().numpy(),
-            seq_index=seq, position=pos,
-            token_valid=(valid.cpu().numpy() if valid is not None else np.ones(n, dtype=bool)),
-            failed=dict(failed), dropped_tokens=dropped, rows_per_uid=rows_per_uid, info=dict(info)))
+        c.records.append(
+            MoELayerRecord(
+                step=c.step,
+                phase=c.phase,
+                layer=self.layer,
+                expert_ids=ids.to(torch.int32).cpu().numpy(),
+                weights=w.cpu().numpy(),
+                seq_index=seq,
+                position=pos,
+                token_valid=(valid.cpu().numpy() if valid is not None else np.ones(n, dtype=bool)),
+                failed=dict(failed),
+                dropped_tokens=dropped,
+                rows_per_uid=rows_per_uid,
+                info=dict(info),
+            )
+        )

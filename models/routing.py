@@ -81,7 +81,9 @@ SelectionHook = Callable[[RoutingContext], Selection]
 """Signature of a policy: ``hook(ctx) -> Selection``."""
 
 
-def validate_selection(sel: Selection, num_tokens: int, num_experts: int, where: str = "selection") -> Selection:
+def validate_selection(
+    sel: Selection, num_tokens: int, num_experts: int, where: str = "selection"
+) -> Selection:
     """Check shapes/ranges of a hook's answer; return it with int64 ids and float32 weights,
     weights of empty slots zeroed.
 
@@ -94,11 +96,16 @@ def validate_selection(sel: Selection, num_tokens: int, num_experts: int, where:
     if not isinstance(ids, torch.Tensor) or not isinstance(w, torch.Tensor):
         raise ModelError(where, "expert_ids and weights must be torch tensors")
     if ids.ndim != 2 or ids.shape[0] != num_tokens or w.shape != ids.shape:
-        raise ModelError(where, f"expert_ids {list(ids.shape)} / weights {list(w.shape)} must both be [{num_tokens}, K]")
+        raise ModelError(
+            where,
+            f"expert_ids {list(ids.shape)} / weights {list(w.shape)} must both be [{num_tokens}, K]",
+        )
     ids = ids.to(torch.int64)
     if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= num_experts):
         raise ModelError(where, f"expert id outside [-1, {num_experts})")
-    w = torch.where(ids >= 0, w.to(torch.float32), torch.zeros((), dtype=torch.float32, device=w.device))
+    w = torch.where(
+        ids >= 0, w.to(torch.float32), torch.zeros((), dtype=torch.float32, device=w.device)
+    )
     return Selection(ids, w)
 
 
@@ -174,6 +181,9 @@ def make_policy(name: str, *, seed: int = 0) -> SelectionHook:
         return TopKSelection()
     m = _POLICY_RE.fullmatch(name or "")
     if m is None:
-        raise ModelError("policy", f"unknown policy {name!r}; use one of {', '.join(POLICY_NAMES)} (e.g. top1, random1)")
+        raise ModelError(
+            "policy",
+            f"unknown policy {name!r}; use one of {', '.join(POLICY_NAMES)} (e.g. top1, random1)",
+        )
     n = int(m.group(2))
     return TopKSelection(k=n) if m.group(1) == "top" else RandomSelection(n, seed=seed)

@@ -76,7 +76,10 @@ def _fix_meta_buffers(model: nn.Module) -> None:
             setattr(parent, attr, fresh)
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.is_meta:
-            raise ModelError(name, "not initialised after loading the BS part (missing from bs/model.safetensors?)")
+            raise ModelError(
+                name,
+                "not initialised after loading the BS part (missing from bs/model.safetensors?)",
+            )
 
 
 class BaseStationModel:
@@ -95,10 +98,18 @@ class BaseStationModel:
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
-    def from_split_dir(cls, split_dir: str | os.PathLike[str], backend: ExpertBackend | None = None,
-                       policy: SelectionHook | None = None, *, device: str = "cpu",
-                       dtype: str | torch.dtype | None = None, attn_implementation: str = "sdpa",
-                       expert_runtime: str = "torch", quant: str | None = None) -> BaseStationModel:
+    def from_split_dir(
+        cls,
+        split_dir: str | os.PathLike[str],
+        backend: ExpertBackend | None = None,
+        policy: SelectionHook | None = None,
+        *,
+        device: str = "cpu",
+        dtype: str | torch.dtype | None = None,
+        attn_implementation: str = "sdpa",
+        expert_runtime: str = "torch",
+        quant: str | None = None,
+    ) -> BaseStationModel:
         """Load the BS part of ``split_dir``.
 
         Parameters
@@ -134,11 +145,20 @@ class BaseStationModel:
         for li in m.moe_layers:
             attr = _find_moe_attr(layers[li])
             if attr is None:
-                raise ModelError(f"{m.bs_config_path}", f"layer {li} of {cls_.__name__} has no sparse-MoE block")
+                raise ModelError(
+                    f"{m.bs_config_path}", f"layer {li} of {cls_.__name__} has no sparse-MoE block"
+                )
             orig = getattr(layers[li], attr)
-            block = SplitMoEBlock(li, m.hidden_size, m.experts_per_layer[li], m.top_k, m.norm_topk_prob, controller,
-                                  shared_expert=getattr(orig, "shared_expert", None),
-                                  shared_expert_gate=getattr(orig, "shared_expert_gate", None))
+            block = SplitMoEBlock(
+                li,
+                m.hidden_size,
+                m.experts_per_layer[li],
+                m.top_k,
+                m.norm_topk_prob,
+                controller,
+                shared_expert=getattr(orig, "shared_expert", None),
+                shared_expert_gate=getattr(orig, "shared_expert_gate", None),
+            )
             setattr(layers[li], attr, block)
             moe_attr_by_layer[li] = attr
 
@@ -146,7 +166,12 @@ class BaseStationModel:
         renamed: dict[str, torch.Tensor] = {}
         for k, v in state.items():
             parts = k.split(".")
-            if len(parts) > 3 and parts[0] == "model" and parts[1] == "layers" and parts[3] == fam.block_prefix:
+            if (
+                len(parts) > 3
+                and parts[0] == "model"
+                and parts[1] == "layers"
+                and parts[3] == fam.block_prefix
+            ):
                 attr = moe_attr_by_layer.get(int(parts[2]))
                 if attr is not None:
                     k = ".".join([*parts[:3], attr, *parts[4:]])
@@ -157,10 +182,16 @@ class BaseStationModel:
             if k not in expected:
                 raise ModelError(f"{m.bs_path}: {k}", f"unexpected tensor for {cls_.__name__}")
             if tuple(expected[k].shape) != tuple(v.shape):
-                raise ModelError(f"{m.bs_path}: {k}", f"shape {list(v.shape)} != model's {list(expected[k].shape)}")
+                raise ModelError(
+                    f"{m.bs_path}: {k}",
+                    f"shape {list(v.shape)} != model's {list(expected[k].shape)}",
+                )
         missing = [k for k in expected if k not in renamed and not (tied and k == "lm_head.weight")]
         if missing:
-            raise ModelError(f"{m.bs_path}: {missing[0]}", f"missing from the BS part ({len(missing)} tensors missing)")
+            raise ModelError(
+                f"{m.bs_path}: {missing[0]}",
+                f"missing from the BS part ({len(missing)} tensors missing)",
+            )
         model.load_state_dict(renamed, strict=False, assign=True)
         if tied and "lm_head.weight" not in renamed:
             model.lm_head.weight = model.model.embed_tokens.weight
@@ -174,8 +205,12 @@ class BaseStationModel:
         model.requires_grad_(False)
         if backend is None:
             controller.backend = LocalExpertBackend.from_split_dir(
-                m, runtime=expert_runtime, quant=quant, device=device,
-                dtype=tdtype if tdtype is not None else None)
+                m,
+                runtime=expert_runtime,
+                quant=quant,
+                device=device,
+                dtype=tdtype if tdtype is not None else None,
+            )
         return cls(model, m, controller)
 
     # ---- policy / backend / records ------------------------------------------------------------
@@ -209,9 +244,16 @@ class BaseStationModel:
 
     # ---- inference -------------------------------------------------------------------------
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                past_key_values: Any = None, position_ids: torch.Tensor | None = None,
-                step: int = -1, phase: str = "forward") -> tuple[torch.Tensor, Any]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        past_key_values: Any = None,
+        position_ids: torch.Tensor | None = None,
+        step: int = -1,
+        phase: str = "forward",
+    ) -> tuple[torch.Tensor, Any]:
         """One forward pass. Returns ``(logits [B, T, V] float32, cache)``.
 
         ``position_ids`` default: ``cumsum(attention_mask) - 1`` (left padding aware) offset by
@@ -229,13 +271,20 @@ class BaseStationModel:
         c.positions = position_ids
         c.valid = attention_mask[:, -T:].bool()
         try:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, use_cache=past_key_values is not None)
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=past_key_values is not None,
+            )
         finally:
             c.step, c.phase, c.positions, c.valid = -1, "forward", None, None
         return out.logits.float(), out.past_key_values
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits [B, T, V] of a full forward without cache."""
         return self.forward(input_ids, attention_mask)[0]
 
@@ -248,13 +297,18 @@ class BaseStationModel:
         ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), T), dtype=torch.long)
         for i, s in enumerate(seqs):
-            ids[i, T - len(s):] = torch.tensor(list(s), dtype=torch.long)
-            mask[i, T - len(s):] = 1
+            ids[i, T - len(s) :] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, T - len(s) :] = 1
         return ids, mask
 
     @torch.no_grad()
-    def generate_greedy(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                        eos_token_id: int | None = None, pad_token_id: int | None = None) -> GenerationResult:
+    def generate_greedy(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+    ) -> GenerationResult:
         """Batched greedy decoding with a KV cache at the BS.
 
         One prefill step over the left-padded prompts (step 0) then one step per new token;
@@ -263,7 +317,11 @@ class BaseStationModel:
         """
         from transformers import DynamicCache
 
-        pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+        pad = (
+            pad_token_id
+            if pad_token_id is not None
+            else (eos_token_id if eos_token_id is not None else 0)
+        )
         ids, mask = self.left_pad(prompts, pad)
         cache = DynamicCache(config=self.model.config)
         logits, cache = self.forward(ids, mask, past_key_values=cache, step=0, phase="prefill")
@@ -282,35 +340,47 @@ class BaseStationModel:
                 break
             feed = torch.where(done, torch.full_like(next_tok, pad), next_tok).unsqueeze(1)
             mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype)], dim=1)
-            logits, cache = self.forward(feed, mask, past_key_values=cache, step=steps, phase="decode")
+            logits, cache = self.forward(
+                feed, mask, past_key_values=cache, step=steps, phase="decode"
+            )
             steps += 1
             next_tok = logits[:, -1].argmax(-1).cpu()
         return GenerationResult(out, steps)
 
     @torch.no_grad()
-    def score_continuations(self, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
-                            batch_size: int = 16, pad_token_id: int = 0) -> list[ContinuationScore]:
+    def score_continuations(
+        self,
+        contexts: Sequence[Sequence[int]],
+        continuations: Sequence[Sequence[int]],
+        batch_size: int = 16,
+        pad_token_id: int = 0,
+    ) -> list[ContinuationScore]:
         """Log-likelihood of each ``continuations[i]`` after ``contexts[i]`` (teacher forcing)."""
         if len(contexts) != len(continuations):
             raise ModelError("continuations", "need exactly one continuation per context")
         scores: list[ContinuationScore] = []
         for b0 in range(0, len(contexts), batch_size):
-            seqs = [list(c) + list(x) for c, x in zip(contexts[b0:b0 + batch_size], continuations[b0:b0 + batch_size])]
+            seqs = [
+                list(c) + list(x)
+                for c, x in zip(contexts[b0 : b0 + batch_size], continuations[b0 : b0 + batch_size])
+            ]
             ids, mask = self.left_pad(seqs, pad_token_id)
             logp = torch.log_softmax(self.logits(ids, mask), dim=-1)
             T = ids.shape[1]
-            for j, cont in enumerate(continuations[b0:b0 + batch_size]):
+            for j, cont in enumerate(continuations[b0 : b0 + batch_size]):
                 n = len(cont)
                 if n == 0:
                     raise ModelError("continuations", f"item {b0 + j}: empty continuation")
-                tgt = ids[j, T - n:]
-                lp = logp[j, T - n - 1:T - 1].gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-                greedy = bool((logp[j, T - n - 1:T - 1].argmax(-1) == tgt).all())
+                tgt = ids[j, T - n :]
+                lp = logp[j, T - n - 1 : T - 1].gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+                greedy = bool((logp[j, T - n - 1 : T - 1].argmax(-1) == tgt).all())
                 scores.append(ContinuationScore(float(lp.sum()), n, greedy))
         return scores
 
 
-def records_to_rows(records: Sequence[MoELayerRecord], include_padding: bool = False) -> list[dict[str, Any]]:
+def records_to_rows(
+    records: Sequence[MoELayerRecord], include_padding: bool = False
+) -> list[dict[str, Any]]:
     """Flatten records to one dict per (step, layer, token) for the results CSVs."""
     rows: list[dict[str, Any]] = []
     for r in records:

@@ -20,8 +20,21 @@ from pathlib import Path
 from models.errors import ModelError
 
 DTYPE_BYTES: dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
 }
 """Bytes per element of every safetensors dtype string."""
 
@@ -70,7 +83,10 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], di
                 raise ModelError(str(p), "not a safetensors file (shorter than 8 bytes)")
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise ModelError(str(p), f"not a safetensors file (header length {n} invalid for a {size}-byte file)")
+                raise ModelError(
+                    str(p),
+                    f"not a safetensors file (header length {n} invalid for a {size}-byte file)",
+                )
             raw = f.read(n)
     except FileNotFoundError:
         raise ModelError(str(p), "file not found") from None
@@ -92,13 +108,18 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], di
             shape = tuple(int(s) for s in h["shape"])
             b, e = (int(x) for x in h["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise ModelError(f"{p}: {name}", "malformed tensor entry in safetensors header") from None
+            raise ModelError(
+                f"{p}: {name}", "malformed tensor entry in safetensors header"
+            ) from None
         if dtype not in DTYPE_BYTES:
             raise ModelError(f"{p}: {name}", f"unsupported dtype {dtype!r}")
         info = TensorInfo(name, dtype, shape, p, data_start + b, e - b)
         if e < b or data_start + e > size or info.numel * DTYPE_BYTES[dtype] != e - b:
-            raise ModelError(f"{p}: {name}", f"data offsets [{b}, {e}) do not match shape {list(shape)} "
-                             f"{dtype} or the file size {size} (truncated file?)")
+            raise ModelError(
+                f"{p}: {name}",
+                f"data offsets [{b}, {e}) do not match shape {list(shape)} "
+                f"{dtype} or the file size {size} (truncated file?)",
+            )
         tensors[name] = info
     return tensors, {str(k): str(v) for k, v in meta.items()}
 
@@ -148,16 +169,23 @@ def _header_bytes(tensors: Sequence[OutTensor], metadata: Mapping[str, str] | No
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     off = 0
     for t in tensors:
-        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
+        header[t.name] = {
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "data_offsets": [off, off + t.nbytes],
+        }
         off += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_safetensors(path: str | os.PathLike[str], tensors: Iterable[OutTensor],
-                      metadata: Mapping[str, str] | None = None,
-                      chunk_bytes: int = COPY_CHUNK_BYTES) -> WrittenFile:
+def write_safetensors(
+    path: str | os.PathLike[str],
+    tensors: Iterable[OutTensor],
+    metadata: Mapping[str, str] | None = None,
+    chunk_bytes: int = COPY_CHUNK_BYTES,
+) -> WrittenFile:
     """Write a safetensors file, copying sources in chunks and hashing on the fly.
 
     Tensors are ordered by decreasing element size then name (keeps every tensor aligned to its
@@ -195,7 +223,9 @@ def write_safetensors(path: str | os.PathLike[str], tensors: Iterable[OutTensor]
                 while left:
                     buf = src.read(min(chunk_bytes, left))
                     if not buf:
-                        raise ModelError(str(t.source.path), f"truncated while reading {t.source.name}")
+                        raise ModelError(
+                            str(t.source.path), f"truncated while reading {t.source.name}"
+                        )
                     out.write(buf)
                     h.update(buf)
                     left -= len(buf)

@@ -64,14 +64,24 @@ def checkpoint_tensors(checkpoint_dir: Path) -> dict[str, TensorInfo]:
         for f in files:
             if not (checkpoint_dir / f).is_file():
                 n = sum(1 for v in weight_map.values() if v == f)
-                raise ModelError(str(checkpoint_dir / f), f"missing shard (listed in {INDEX_NAME} for {n} tensors)")
+                raise ModelError(
+                    str(checkpoint_dir / f),
+                    f"missing shard (listed in {INDEX_NAME} for {n} tensors)",
+                )
     else:
         weight_map = None
         files = sorted(p.name for p in checkpoint_dir.glob("*.safetensors"))
         if not files:
             has_bin = any(checkpoint_dir.glob("*.bin"))
-            raise ModelError(str(checkpoint_dir), "no *.safetensors files" +
-                             (" (only PyTorch .bin files: convert them to safetensors first)" if has_bin else ""))
+            raise ModelError(
+                str(checkpoint_dir),
+                "no *.safetensors files"
+                + (
+                    " (only PyTorch .bin files: convert them to safetensors first)"
+                    if has_bin
+                    else ""
+                ),
+            )
     tensors: dict[str, TensorInfo] = {}
     for f in files:
         infos, _ = read_header(checkpoint_dir / f)
@@ -84,18 +94,26 @@ def checkpoint_tensors(checkpoint_dir: Path) -> dict[str, TensorInfo]:
             if name not in tensors:
                 raise ModelError(name, f"listed in {INDEX_NAME} (file {f}) but not in that file")
             if tensors[name].path.name != f:
-                raise ModelError(name, f"{INDEX_NAME} says {f} but it is in {tensors[name].path.name}")
+                raise ModelError(
+                    name, f"{INDEX_NAME} says {f} but it is in {tensors[name].path.name}"
+                )
     return tensors
 
 
 def _check_shape(info: TensorInfo, want: tuple[int, ...], what: str) -> None:
     if info.shape != want:
-        raise ModelError(f"{info.name} ({info.path.name})",
-                         f"shape {list(info.shape)} != expected {list(want)} ({what})")
+        raise ModelError(
+            f"{info.name} ({info.path.name})",
+            f"shape {list(info.shape)} != expected {list(want)} ({what})",
+        )
 
 
-def plan_experts(fam: FamilyAdapter, dims: Mapping[str, int], moe_layers: list[int],
-                 tensors: Mapping[str, TensorInfo]) -> tuple[dict[str, ExpertSource], set[str]]:
+def plan_experts(
+    fam: FamilyAdapter,
+    dims: Mapping[str, int],
+    moe_layers: list[int],
+    tensors: Mapping[str, TensorInfo],
+) -> tuple[dict[str, ExpertSource], set[str]]:
     """Locate every routed expert's projections; return (uid -> source, checkpoint keys used).
 
     Raises
@@ -113,21 +131,27 @@ def plan_experts(fam: FamilyAdapter, dims: Mapping[str, int], moe_layers: list[i
         if m is not None:
             layer, e, proj = m
             if layer not in moe or e >= E:
-                raise ModelError(f"{name} ({info.path.name})",
-                                 f"unexpected expert tensor: config has {E} experts in MoE layers {moe_layers}")
+                raise ModelError(
+                    f"{name} ({info.path.name})",
+                    f"unexpected expert tensor: config has {E} experts in MoE layers {moe_layers}",
+                )
             per_key[(layer, e, proj)] = info
             used.add(name)
             continue
         f = fam.match_fused_key(name)
         if f is not None:
             if f[0] not in moe:
-                raise ModelError(f"{name} ({info.path.name})", f"fused expert tensor in non-MoE layer {f[0]}")
+                raise ModelError(
+                    f"{name} ({info.path.name})", f"fused expert tensor in non-MoE layer {f[0]}"
+                )
             fused[f] = info
             used.add(name)
     if not per_key and not fused:
-        raise ModelError(f"config.json: model_type={fam.name}",
-                         f"no routed-expert tensors found (expected keys like {fam.expert_key(moe_layers[0] if moe_layers else 0, 0, 'w1')}); "
-                         "dense checkpoint or wrong family?")
+        raise ModelError(
+            f"config.json: model_type={fam.name}",
+            f"no routed-expert tensors found (expected keys like {fam.expert_key(moe_layers[0] if moe_layers else 0, 0, 'w1')}); "
+            "dense checkpoint or wrong family?",
+        )
     out: dict[str, ExpertSource] = {}
     for layer in moe_layers:
         gu, dn = fused.get((layer, "gate_up_proj")), fused.get((layer, "down_proj"))
@@ -137,30 +161,46 @@ def plan_experts(fam: FamilyAdapter, dims: Mapping[str, int], moe_layers: list[i
             if gu is not None or dn is not None:
                 if gu is None or dn is None:
                     missing = "gate_up_proj" if gu is None else "down_proj"
-                    raise ModelError(f"model.layers.{layer}.mlp.experts.{missing}", "missing from checkpoint")
+                    raise ModelError(
+                        f"model.layers.{layer}.mlp.experts.{missing}", "missing from checkpoint"
+                    )
                 _check_shape(gu, (E, 2 * I, H), "experts, 2*intermediate, hidden")
                 _check_shape(dn, (E, H, I), "experts, hidden, intermediate")
                 esz = DTYPE_BYTES[gu.dtype]
                 parts["w1"] = OutTensor("w1", gu.dtype, (I, H), gu, offset=(e * 2 * I * H) * esz)
-                parts["w3"] = OutTensor("w3", gu.dtype, (I, H), gu, offset=(e * 2 * I * H + I * H) * esz)
-                parts["w2"] = OutTensor("w2", dn.dtype, (H, I), dn, offset=(e * H * I) * DTYPE_BYTES[dn.dtype])
+                parts["w3"] = OutTensor(
+                    "w3", gu.dtype, (I, H), gu, offset=(e * 2 * I * H + I * H) * esz
+                )
+                parts["w2"] = OutTensor(
+                    "w2", dn.dtype, (H, I), dn, offset=(e * H * I) * DTYPE_BYTES[dn.dtype]
+                )
             else:
                 for proj in NEUTRAL_PROJS:
                     info = per_key.get((layer, e, proj))
                     if info is None:
-                        raise ModelError(fam.expert_key(layer, e, proj), f"missing from checkpoint (expert {uid})")
+                        raise ModelError(
+                            fam.expert_key(layer, e, proj),
+                            f"missing from checkpoint (expert {uid})",
+                        )
                     want = (H, I) if proj == "w2" else (I, H)
-                    _check_shape(info, want, "hidden, intermediate" if proj == "w2" else "intermediate, hidden")
+                    _check_shape(
+                        info,
+                        want,
+                        "hidden, intermediate" if proj == "w2" else "intermediate, hidden",
+                    )
                     parts[proj] = OutTensor(proj, info.dtype, want, info)
             dtypes = {p.dtype for p in parts.values()}
             if len(dtypes) != 1:
-                raise ModelError(fam.expert_key(layer, e, "w1"), f"expert {uid} mixes dtypes {sorted(dtypes)}")
+                raise ModelError(
+                    fam.expert_key(layer, e, "w1"), f"expert {uid} mixes dtypes {sorted(dtypes)}"
+                )
             out[uid] = ExpertSource(layer, e, parts)
     return out, used
 
 
-def _check_bs_tensors(fam: FamilyAdapter, dims: Mapping[str, int], moe_layers: list[int],
-                      bs: Mapping[str, TensorInfo]) -> None:
+def _check_bs_tensors(
+    fam: FamilyAdapter, dims: Mapping[str, int], moe_layers: list[int], bs: Mapping[str, TensorInfo]
+) -> None:
     H, E, V = dims["hidden_size"], dims["num_experts"], dims["vocab_size"]
     for layer in moe_layers:
         key = fam.router_key(layer)
@@ -181,13 +221,18 @@ def _prepare_out_dir(out_dir: Path) -> None:
         if not out_dir.is_dir():
             raise ModelError(str(out_dir), "exists and is not a directory")
         if any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
-            raise ModelError(str(out_dir), "not empty and not a previous split (no manifest.json); refusing to write")
+            raise ModelError(
+                str(out_dir),
+                "not empty and not a previous split (no manifest.json); refusing to write",
+            )
         (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
     (out_dir / BS_DIR).mkdir(parents=True, exist_ok=True)
     (out_dir / EXPERTS_DIR).mkdir(parents=True, exist_ok=True)
 
 
-def split_checkpoint(checkpoint_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+def split_checkpoint(
+    checkpoint_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
+) -> dict[str, Any]:
     """Split ``checkpoint_dir`` into ``out_dir`` (BS part + one shard per expert + manifest).
 
     Parameters
@@ -225,9 +270,11 @@ def split_checkpoint(checkpoint_dir: str | os.PathLike[str], out_dir: str | os.P
     _prepare_out_dir(out)
 
     bs_dtypes = sorted({t.dtype for t in bs.values()})
-    bs_file = write_safetensors(out / BS_DIR / "model.safetensors",
-                                [OutTensor(k, v.dtype, v.shape, v) for k, v in bs.items()],
-                                metadata={"format": "pt", "family": fam.name})
+    bs_file = write_safetensors(
+        out / BS_DIR / "model.safetensors",
+        [OutTensor(k, v.dtype, v.shape, v) for k, v in bs.items()],
+        metadata={"format": "pt", "family": fam.name},
+    )
     extra: list[str] = []
     for p in sorted(src.iterdir()):
         if p.is_file() and p.suffix in _COPY_SUFFIXES and p.name != INDEX_NAME:
@@ -237,17 +284,32 @@ def split_checkpoint(checkpoint_dir: str | os.PathLike[str], out_dir: str | os.P
     expert_entries: dict[str, Any] = {}
     for uid, es in experts.items():
         rel = f"{EXPERTS_DIR}/{uid}.safetensors"
-        w = write_safetensors(out / rel, list(es.parts.values()),
-                              metadata={"format": EXPERT_SHARD_FORMAT, "uid": uid, "family": fam.name,
-                                        "activation": "silu"})
+        w = write_safetensors(
+            out / rel,
+            list(es.parts.values()),
+            metadata={
+                "format": EXPERT_SHARD_FORMAT,
+                "uid": uid,
+                "family": fam.name,
+                "activation": "silu",
+            },
+        )
         dtype = next(iter(es.parts.values())).dtype
-        expert_entries[uid] = {"path": rel, "layer": es.layer, "expert": es.expert, "bytes": w.nbytes,
-                               "sha256": w.sha256, "dtype": dtype,
-                               "shapes": {p: list(t.shape) for p, t in sorted(es.parts.items())}}
+        expert_entries[uid] = {
+            "path": rel,
+            "layer": es.layer,
+            "expert": es.expert,
+            "bytes": w.nbytes,
+            "sha256": w.sha256,
+            "dtype": dtype,
+            "shapes": {p: list(t.shape) for p, t in sorted(es.parts.items())},
+        }
 
     expert_dtypes = sorted({e["dtype"] for e in expert_entries.values()})
-    largest = max(max(t.nbytes for t in tensors.values()),
-                  max(p.nbytes for es in experts.values() for p in es.parts.values()))
+    largest = max(
+        max(t.nbytes for t in tensors.values()),
+        max(p.nbytes for es in experts.values() for p in es.parts.values()),
+    )
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
         "family": fam.name,
@@ -256,17 +318,27 @@ def split_checkpoint(checkpoint_dir: str | os.PathLike[str], out_dir: str | os.P
         "dims": dims,
         "top_k": dims["top_k"],
         "norm_topk_prob": fam.norm_topk_prob(config),
-        "shared_expert": fam.has_shared_expert and dims.get("shared_expert_intermediate_size", 0) > 0,
+        "shared_expert": fam.has_shared_expert
+        and dims.get("shared_expert_intermediate_size", 0) > 0,
         "activation": "silu",
         "moe_layers": moe_layers,
         "experts_per_layer": {str(layer): dims["num_experts"] for layer in moe_layers},
-        "bs": {"path": f"{BS_DIR}/model.safetensors", "bytes": bs_file.nbytes, "sha256": bs_file.sha256,
-               "dtype": bs_dtypes[0] if len(bs_dtypes) == 1 else ",".join(bs_dtypes),
-               "num_tensors": len(bs), "config": f"{BS_DIR}/config.json", "extra_files": extra},
+        "bs": {
+            "path": f"{BS_DIR}/model.safetensors",
+            "bytes": bs_file.nbytes,
+            "sha256": bs_file.sha256,
+            "dtype": bs_dtypes[0] if len(bs_dtypes) == 1 else ",".join(bs_dtypes),
+            "num_tensors": len(bs),
+            "config": f"{BS_DIR}/config.json",
+            "extra_files": extra,
+        },
         "experts": expert_entries,
         "largest_tensor_bytes": largest,
-        "source": {"dir": str(src.resolve()), "files": sorted({t.path.name for t in tensors.values()}),
-                   "bytes": sum(t.nbytes for t in tensors.values())},
+        "source": {
+            "dir": str(src.resolve()),
+            "files": sorted({t.path.name for t in tensors.values()}),
+            "bytes": sum(t.nbytes for t in tensors.values()),
+        },
     }
     tmp = out / (MANIFEST_NAME + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")

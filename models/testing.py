@@ -14,17 +14,29 @@ from typing import Any
 import torch
 
 _DEFAULTS: dict[str, dict[str, Any]] = {
-    "mixtral": dict(num_local_experts=4, intermediate_size=48),
-    "qwen2_moe": dict(num_experts=4, moe_intermediate_size=24, shared_expert_intermediate_size=40,
-                      intermediate_size=48, norm_topk_prob=False),
-    "qwen3_moe": dict(num_experts=4, moe_intermediate_size=24, intermediate_size=48, norm_topk_prob=True),
-    "olmoe": dict(num_experts=4, intermediate_size=24, norm_topk_prob=False),
+    "mixtral": {"num_local_experts": 4, "intermediate_size": 48},
+    "qwen2_moe": {
+        "num_experts": 4,
+        "moe_intermediate_size": 24,
+        "shared_expert_intermediate_size": 40,
+        "intermediate_size": 48,
+        "norm_topk_prob": False,
+    },
+    "qwen3_moe": {
+        "num_experts": 4,
+        "moe_intermediate_size": 24,
+        "intermediate_size": 48,
+        "norm_topk_prob": True,
+    },
+    "olmoe": {"num_experts": 4, "intermediate_size": 24, "norm_topk_prob": False},
 }
-_CLASSES = {"mixtral": ("MixtralConfig", "MixtralForCausalLM"),
-            "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
-            "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
-            "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"),
-            "llama": ("LlamaConfig", "LlamaForCausalLM")}
+_CLASSES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"),
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+}
 
 
 def random_model(family: str, seed: int = 0, **overrides: Any) -> Any:
@@ -36,9 +48,19 @@ def random_model(family: str, seed: int = 0, **overrides: Any) -> Any:
     import transformers
 
     cfg_name, model_name = _CLASSES[family]
-    kw: dict[str, Any] = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=2, initializer_range=0.15, max_position_embeddings=256,
-                              pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    kw: dict[str, Any] = {
+        "vocab_size": 128,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "initializer_range": 0.15,
+        "max_position_embeddings": 256,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "tie_word_embeddings": False,
+    }
     if family != "llama":
         kw["num_experts_per_tok"] = 2
     else:
@@ -52,8 +74,13 @@ def random_model(family: str, seed: int = 0, **overrides: Any) -> Any:
     return model.eval()
 
 
-def make_random_checkpoint(family: str, out_dir: str | os.PathLike[str], seed: int = 0,
-                           max_shard_size: str | int | None = None, **overrides: Any) -> tuple[Any, Path]:
+def make_random_checkpoint(
+    family: str,
+    out_dir: str | os.PathLike[str],
+    seed: int = 0,
+    max_shard_size: str | int | None = None,
+    **overrides: Any,
+) -> tuple[Any, Path]:
     """Save :func:`random_model` to ``out_dir``; returns ``(model, out_dir)``.
 
     ``max_shard_size`` (e.g. ``"20KB"``) makes ``save_pretrained`` write several safetensors

@@ -173,9 +173,13 @@ def task_card() -> dict[str, object]:
 def write_jsonl(path: Path, examples: Sequence[TinyExample]) -> None:
     """Write examples as JSONL ``{"task", "prompt_ids", "target_ids"}``."""
     with open(path, "w", encoding="utf-8") as f:
-        for ex in examples:
-            f.write(json.dumps({"task": ex.task, "prompt_ids": list(ex.prompt),
-                                "target_ids": list(ex.target)}) + "\n")
+        f.writelines(
+            json.dumps(
+                {"task": ex.task, "prompt_ids": list(ex.prompt), "target_ids": list(ex.target)}
+            )
+            + "\n"
+            for ex in examples
+        )
 
 
 def make_mc_items(count: int, seed: int = 0, num_choices: int = 4) -> list[dict[str, object]]:
@@ -205,6 +209,12 @@ def make_mc_items(count: int, seed: int = 0, num_choices: int = 4) -> list[dict[
             continue
         label = len(items) % num_choices
         choices[0], choices[label] = choices[label], choices[0]
-        items.append({"id": f"tiny-{len(items)}", "context_ids": list(ex.prompt), "choices_ids": choices,
-                      "label": label})
+        items.append(
+            {
+                "id": f"tiny-{len(items)}",
+                "context_ids": list(ex.prompt),
+                "choices_ids": choices,
+                "label": label,
+            }
+        )
     return items

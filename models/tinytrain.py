@@ -63,15 +63,29 @@ def mixtral_config(cfg: TinyConfig) -> Any:
     from transformers import MixtralConfig
 
     return MixtralConfig(
-        vocab_size=tt.VOCAB_SIZE, hidden_size=cfg.hidden_size, intermediate_size=cfg.expert_intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
-        num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.top_k, max_position_embeddings=64,
-        rope_theta=10000.0, output_router_logits=True, router_aux_loss_coef=cfg.router_aux_loss_coef,
-        bos_token_id=tt.BOS_ID, eos_token_id=tt.EOS_ID, pad_token_id=tt.PAD_ID, tie_word_embeddings=False,
-        sliding_window=None)
+        vocab_size=tt.VOCAB_SIZE,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.expert_intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        num_local_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.top_k,
+        max_position_embeddings=64,
+        rope_theta=10000.0,
+        output_router_logits=True,
+        router_aux_loss_coef=cfg.router_aux_loss_coef,
+        bos_token_id=tt.BOS_ID,
+        eos_token_id=tt.EOS_ID,
+        pad_token_id=tt.PAD_ID,
+        tie_word_embeddings=False,
+        sliding_window=None,
+    )
 
 
-def batch_tensors(examples: Sequence[tt.TinyExample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch_tensors(
+    examples: Sequence[tt.TinyExample],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ``(input_ids, attention_mask, labels)``; labels only on target tokens."""
     T = max(len(e.full) for e in examples)
     ids = torch.full((len(examples), T), tt.PAD_ID, dtype=torch.long)
@@ -81,7 +95,7 @@ def batch_tensors(examples: Sequence[tt.TinyExample]) -> tuple[torch.Tensor, tor
         f = e.full
         ids[i, : len(f)] = torch.tensor(f)
         mask[i, : len(f)] = 1
-        labels[i, len(e.prompt): len(f)] = torch.tensor(e.target)
+        labels[i, len(e.prompt) : len(f)] = torch.tensor(e.target)
     return ids, mask, labels
 
 
@@ -92,14 +106,29 @@ def write_tokenizer(out_dir: Path) -> None:
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(tt.VOCAB)}, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(out_dir / "tokenizer.json"))
-    (out_dir / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-        "pad_token": "<pad>", "unk_token": "<pad>", "model_max_length": tt.MAX_SEQ_LEN,
-        "add_bos_token": False}, indent=1) + "\n")
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "pad_token": "<pad>",
+                "unk_token": "<pad>",
+                "model_max_length": tt.MAX_SEQ_LEN,
+                "add_bos_token": False,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
 
 
-def train_tiny(out_dir: str | os.PathLike[str], cfg: TinyConfig = TinyConfig(),
-               log: Callable[[str], None] | None = None, log_every: int = 250) -> TinyTrainResult:
+def train_tiny(
+    out_dir: str | os.PathLike[str],
+    cfg: TinyConfig = TinyConfig(),
+    log: Callable[[str], None] | None = None,
+    log_every: int = 250,
+) -> TinyTrainResult:
     """Train the tiny model and save it to ``out_dir`` (created).
 
     Parameters
@@ -123,10 +152,16 @@ def train_tiny(out_dir: str | os.PathLike[str], cfg: TinyConfig = TinyConfig(),
         config._attn_implementation = "sdpa"
         model = MixtralForCausalLM(config)
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+        opt = torch.optim.AdamW(
+            model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98)
+        )
 
         def lr_factor(s: int) -> float:
-            return min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
+            return (
+                min(1.0, (s + 1) / cfg.warmup_steps)
+                * 0.5
+                * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
+            )
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
         batches = tt.iter_train_batches(cfg.batch_size, seed=cfg.seed + 1)
@@ -154,8 +189,15 @@ def train_tiny(out_dir: str | os.PathLike[str], cfg: TinyConfig = TinyConfig(),
     (out / "tiny_task.json").write_text(json.dumps(card, indent=1) + "\n")
     write_tokenizer(out)
     w = out / "model.safetensors"
-    return TinyTrainResult(str(out), cfg.steps, loss_val, train_s, sum(p.numel() for p in model.parameters()),
-                           sha256_file(w), w.stat().st_size)
+    return TinyTrainResult(
+        str(out),
+        cfg.steps,
+        loss_val,
+        train_s,
+        sum(p.numel() for p in model.parameters()),
+        sha256_file(w),
+        w.stat().st_size,
+    )
 
 
 TINY_DIR = Path(__file__).resolve().parent / "tiny"

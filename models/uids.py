@@ -49,7 +49,9 @@ def parse_uid(uid: str) -> ExpertUid:
         raise ValueError(f"expert uid: expected a string like 'L0.E3', got {uid!r}")
     m = _UID_RE.fullmatch(uid)
     if m is None:
-        raise ValueError(f"expert uid: {uid!r} is not of the form 'L<layer>.E<expert>' (e.g. 'L0.E3')")
+        raise ValueError(
+            f"expert uid: {uid!r} is not of the form 'L<layer>.E<expert>' (e.g. 'L0.E3')"
+        )
     return ExpertUid(int(m.group(1)), int(m.group(2)))
 
 

@@ -24,8 +24,11 @@ from typing import Any, NoReturn
 
 import typer
 
-app = typer.Typer(help="Split, build and evaluate MoE models.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Split, build and evaluate MoE models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 
 
 class OutFormat(str, Enum):
@@ -39,12 +42,16 @@ FormatOpt = typer.Option(OutFormat.table, "--format", help="Output: table (human
 def _fail(fmt: OutFormat, message: str) -> NoReturn:
     line = " ".join(message.split())
     if fmt == OutFormat.json:
-        sys.stdout.write(json.dumps({"error": {"type": "ModelError", "messages": [line], "exit_code": 2}}) + "\n")
+        sys.stdout.write(
+            json.dumps({"error": {"type": "ModelError", "messages": [line], "exit_code": 2}}) + "\n"
+        )
     sys.stderr.write(f"error: {line}\n")
     raise typer.Exit(2)
 
 
-def _emit(fmt: OutFormat, data: dict[str, Any], title: str, rows: list[dict[str, Any]] | None = None) -> None:
+def _emit(
+    fmt: OutFormat, data: dict[str, Any], title: str, rows: list[dict[str, Any]] | None = None
+) -> None:
     if fmt == OutFormat.json:
         sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
         return
@@ -79,9 +86,13 @@ def _run(fmt: OutFormat, fn: Any) -> Any:
 
 
 @app.command()
-def split(checkpoint_dir: Path = typer.Argument(..., help="HF checkpoint dir: config.json + *.safetensors."),
-          out_dir: Path = typer.Argument(..., help="Output split directory (empty or a previous split)."),
-          fmt: OutFormat = FormatOpt) -> None:
+def split(
+    checkpoint_dir: Path = typer.Argument(
+        ..., help="HF checkpoint dir: config.json + *.safetensors."
+    ),
+    out_dir: Path = typer.Argument(..., help="Output split directory (empty or a previous split)."),
+    fmt: OutFormat = FormatOpt,
+) -> None:
     """Split a MoE checkpoint into a BS part and one safetensors shard per expert uid."""
 
     def go() -> dict[str, Any]:
@@ -89,22 +100,32 @@ def split(checkpoint_dir: Path = typer.Argument(..., help="HF checkpoint dir: co
 
         t0 = time.perf_counter()
         m = split_checkpoint(checkpoint_dir, out_dir)
-        return {"out_dir": str(out_dir), "family": m["family"], "dtype": m["dtype"], "top_k": m["top_k"],
-                "moe_layers": len(m["moe_layers"]), "experts": len(m["experts"]),
-                "bs_bytes": m["bs"]["bytes"], "expert_bytes": sum(e["bytes"] for e in m["experts"].values()),
-                "largest_tensor_bytes": m["largest_tensor_bytes"], "wall_s": round(time.perf_counter() - t0, 3)}
+        return {
+            "out_dir": str(out_dir),
+            "family": m["family"],
+            "dtype": m["dtype"],
+            "top_k": m["top_k"],
+            "moe_layers": len(m["moe_layers"]),
+            "experts": len(m["experts"]),
+            "bs_bytes": m["bs"]["bytes"],
+            "expert_bytes": sum(e["bytes"] for e in m["experts"].values()),
+            "largest_tensor_bytes": m["largest_tensor_bytes"],
+            "wall_s": round(time.perf_counter() - t0, 3),
+        }
 
     res = _run(fmt, go)
     _emit(fmt, res, "model split")
 
 
 @app.command("build-tiny")
-def build_tiny(out_dir: Path = typer.Argument(..., help="Output HF checkpoint directory."),
-               steps: int = typer.Option(3000, "--steps", min=1, help="Training steps."),
-               seed: int = typer.Option(0, "--seed", help="Seed (weights are a function of it)."),
-               threads: int = typer.Option(2, "--threads", min=1, help="torch threads (part of determinism)."),
-               quiet: bool = typer.Option(False, "--quiet", help="No progress lines on stderr."),
-               fmt: OutFormat = FormatOpt) -> None:
+def build_tiny(
+    out_dir: Path = typer.Argument(..., help="Output HF checkpoint directory."),
+    steps: int = typer.Option(3000, "--steps", min=1, help="Training steps."),
+    seed: int = typer.Option(0, "--seed", help="Seed (weights are a function of it)."),
+    threads: int = typer.Option(2, "--threads", min=1, help="torch threads (part of determinism)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress lines on stderr."),
+    fmt: OutFormat = FormatOpt,
+) -> None:
     """Train the tiny built-in Mixtral on the project's own task and save it in HF format."""
 
     def go() -> dict[str, Any]:
@@ -125,24 +146,37 @@ def build_tiny(out_dir: Path = typer.Argument(..., help="Output HF checkpoint di
 
 
 @app.command("eval")
-def eval_cmd(model_dir: Path = typer.Argument(..., help="Split dir (manifest.json) or HF checkpoint dir."),
-             policy: str = typer.Option("topk", "--policy",
-                                        help="Selection policy or comma list: topk, top<n>, random<n>."),
-             mc: Path | None = typer.Option(None, "--mc", help="Multiple-choice JSONL file (see models.evaluate)."),
-             n: int = typer.Option(512, "--n", min=1, help="Held-out tiny-task examples / max MC questions."),
-             batch_size: int = typer.Option(64, "--batch-size", min=1),
-             seed: int = typer.Option(0, "--seed", help="Seed of the held-out sample and random policies."),
-             expert_runtime: str = typer.Option("torch", "--expert-runtime", help="torch or onnx."),
-             quant: str | None = typer.Option(None, "--quant", help="int8 or int4 expert weights."),
-             threads: int = typer.Option(2, "--threads", min=1, help="torch threads."),
-             fmt: OutFormat = FormatOpt) -> None:
+def eval_cmd(
+    model_dir: Path = typer.Argument(..., help="Split dir (manifest.json) or HF checkpoint dir."),
+    policy: str = typer.Option(
+        "topk", "--policy", help="Selection policy or comma list: topk, top<n>, random<n>."
+    ),
+    mc: Path | None = typer.Option(
+        None, "--mc", help="Multiple-choice JSONL file (see models.evaluate)."
+    ),
+    n: int = typer.Option(
+        512, "--n", min=1, help="Held-out tiny-task examples / max MC questions."
+    ),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    seed: int = typer.Option(0, "--seed", help="Seed of the held-out sample and random policies."),
+    expert_runtime: str = typer.Option("torch", "--expert-runtime", help="torch or onnx."),
+    quant: str | None = typer.Option(None, "--quant", help="int8 or int4 expert weights."),
+    threads: int = typer.Option(2, "--threads", min=1, help="torch threads."),
+    fmt: OutFormat = FormatOpt,
+) -> None:
     """Accuracy on the tiny task's held-out split and/or a multiple-choice JSONL file."""
 
     def go() -> dict[str, Any]:
         import torch
 
         from models.errors import ModelError
-        from models.evaluate import eval_multiple_choice, eval_tiny, is_tiny_split, load_mc_jsonl, load_tokenizer
+        from models.evaluate import (
+            eval_multiple_choice,
+            eval_tiny,
+            is_tiny_split,
+            load_mc_jsonl,
+            load_tokenizer,
+        )
         from models.routing import make_policy
         from models.runtime import BaseStationModel
         from models.split import split_checkpoint
@@ -155,7 +189,9 @@ def eval_cmd(model_dir: Path = typer.Argument(..., help="Split dir (manifest.jso
         if quant not in (None, "int8", "int4"):
             raise ModelError("--quant", f"unknown quantization {quant!r}; use int8 or int4")
         if expert_runtime not in ("torch", "onnx"):
-            raise ModelError("--expert-runtime", f"unknown expert runtime {expert_runtime!r}; use torch or onnx")
+            raise ModelError(
+                "--expert-runtime", f"unknown expert runtime {expert_runtime!r}; use torch or onnx"
+            )
         if not model_dir.is_dir():
             raise ModelError(str(model_dir), "not a directory")
         with tempfile.TemporaryDirectory(prefix="moe-split-") as tmp:
@@ -163,10 +199,14 @@ def eval_cmd(model_dir: Path = typer.Argument(..., help="Split dir (manifest.jso
             if not (model_dir / "manifest.json").is_file():
                 split_checkpoint(model_dir, tmp)
                 split_dir = Path(tmp)
-            bs = BaseStationModel.from_split_dir(split_dir, expert_runtime=expert_runtime, quant=quant)
+            bs = BaseStationModel.from_split_dir(
+                split_dir, expert_runtime=expert_runtime, quant=quant
+            )
             tiny = is_tiny_split(bs)
             if not tiny and mc is None:
-                raise ModelError(str(model_dir), "not the tiny model (no tiny_task.json): pass --mc FILE.jsonl")
+                raise ModelError(
+                    str(model_dir), "not the tiny model (no tiny_task.json): pass --mc FILE.jsonl"
+                )
             items = None
             if mc is not None:
                 items = load_mc_jsonl(mc, tokenizer=load_tokenizer(bs), limit=n)
@@ -179,12 +219,25 @@ def eval_cmd(model_dir: Path = typer.Argument(..., help="Split dir (manifest.jso
                 if tiny:
                     row.update(eval_tiny(bs, n_examples=n, batch_size=batch_size, seed=seed))
                 if items is not None:
-                    r = eval_multiple_choice(bs, items, batch_size=max(1, batch_size // 4), pad_token_id=pad)
+                    r = eval_multiple_choice(
+                        bs, items, batch_size=max(1, batch_size // 4), pad_token_id=pad
+                    )
                     row.update({"mc_acc": r["acc"], "mc_acc_norm": r["acc_norm"], "mc_n": r["n"]})
                 row["wall_s"] = round(time.perf_counter() - t0, 2)
                 results.append(row)
-        return {"model_dir": str(model_dir), "family": bs.manifest.family, "top_k": bs.manifest.top_k,
-                "expert_runtime": expert_runtime, "quant": quant, "results": results}
+        return {
+            "model_dir": str(model_dir),
+            "family": bs.manifest.family,
+            "top_k": bs.manifest.top_k,
+            "expert_runtime": expert_runtime,
+            "quant": quant,
+            "results": results,
+        }
 
     res = _run(fmt, go)
-    _emit(fmt, res, f"model eval {res['model_dir']} ({res['family']}, top-k {res['top_k']})", res["results"])
+    _emit(
+        fmt,
+        res,
+        f"model eval {res['model_dir']} ({res['family']}, top-k {res['top_k']})",
+        res["results"],
+    )

@@ -14,14 +14,26 @@ from models.testing import make_random_checkpoint
 torch.set_num_threads(2)
 
 CONFIGS = {
-    "mixtral-small": ("mixtral", dict()),
-    "mixtral-larger": ("mixtral", dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=8,
-                                       num_key_value_heads=4, num_local_experts=8, intermediate_size=96,
-                                       vocab_size=256)),
-    "qwen2_moe": ("qwen2_moe", dict(num_hidden_layers=3, mlp_only_layers=[1])),
-    "qwen2_moe-normtopk": ("qwen2_moe", dict(norm_topk_prob=True, num_experts=6, num_experts_per_tok=3)),
-    "qwen3_moe": ("qwen3_moe", dict()),
-    "olmoe": ("olmoe", dict()),
+    "mixtral-small": ("mixtral", {}),
+    "mixtral-larger": (
+        "mixtral",
+        {
+            "hidden_size": 64,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "num_local_experts": 8,
+            "intermediate_size": 96,
+            "vocab_size": 256,
+        },
+    ),
+    "qwen2_moe": ("qwen2_moe", {"num_hidden_layers": 3, "mlp_only_layers": [1]}),
+    "qwen2_moe-normtopk": (
+        "qwen2_moe",
+        {"norm_topk_prob": True, "num_experts": 6, "num_experts_per_tok": 3},
+    ),
+    "qwen3_moe": ("qwen3_moe", {}),
+    "olmoe": ("olmoe", {}),
 }
 
 
@@ -39,7 +51,9 @@ def splits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[torch.nn
     out = {}
     for name, (family, kw) in CONFIGS.items():
         d = tmp_path_factory.mktemp(name)
-        model, ckpt = make_random_checkpoint(family, d / "ckpt", seed=3, max_shard_size="40KB", **kw)
+        model, ckpt = make_random_checkpoint(
+            family, d / "ckpt", seed=3, max_shard_size="40KB", **kw
+        )
         split_checkpoint(ckpt, d / "split")
         out[name] = (model, d / "split")
     return out
@@ -71,8 +85,13 @@ def test_greedy_decode_batched_equals_transformers_generate(splits) -> None:
     assert res.steps == 6
     for p, got in zip(prompts, res.tokens):
         with torch.no_grad():
-            ref = model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, eos_token_id=None,
-                                 pad_token_id=0)[0, len(p):].tolist()
+            ref = model.generate(
+                torch.tensor([p]),
+                max_new_tokens=6,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )[0, len(p) :].tolist()
         assert got == ref
     # one record per MoE layer per step; prefill covers all left-padded positions
     assert len(records) == 6 * 3
@@ -88,7 +107,7 @@ def test_greedy_decode_batched_equals_transformers_generate(splits) -> None:
 
 
 def test_eos_stops_sequences(splits) -> None:
-    model, split = splits["mixtral-small"]
+    _model, split = splits["mixtral-small"]
     bs = BaseStationModel.from_split_dir(split)
     free = bs.generate_greedy([[5, 6, 7]], max_new_tokens=5).tokens[0]
     eos = free[1]
@@ -112,7 +131,14 @@ def test_backend_called_once_per_layer_per_step_with_all_rows(splits) -> None:
     bs = BaseStationModel.from_split_dir(split, backend=counting)
     bs.generate_greedy([[3, 4, 5], [6, 7]], max_new_tokens=3)
     # MoE layers 0 and 2 (layer 1 is dense); 3 steps; top-2 -> 2 rows per token
-    assert [(l, s) for l, s, _ in counting.calls] == [(0, 0), (2, 0), (0, 1), (2, 1), (0, 2), (2, 2)]
+    assert [(l, s) for l, s, _ in counting.calls] == [
+        (0, 0),
+        (2, 0),
+        (0, 1),
+        (2, 1),
+        (0, 2),
+        (2, 2),
+    ]
     assert counting.calls[0][2] == 2 * 2 * 3 and counting.calls[2][2] == 2 * 2
 
 
@@ -137,13 +163,17 @@ def test_failed_expert_is_dropped_and_weights_renormalised(splits) -> None:
     _, split = splits["mixtral-larger"]
     local = LocalExpertBackend.from_split_dir(split)
     ids, mask = _batch(256, seed=1)
-    failing = BaseStationModel.from_split_dir(split, backend=FaultInjectingBackend(local, {"L1.E3"}, "timeout"))
+    failing = BaseStationModel.from_split_dir(
+        split, backend=FaultInjectingBackend(local, {"L1.E3"}, "timeout")
+    )
     failing.start_recording()
     got = failing.logits(ids, mask)
-    rec = [r for r in failing.pop_records() if r.layer == 1][0]
+    rec = next(r for r in failing.pop_records() if r.layer == 1)
     assert rec.failed == {"L1.E3": "timeout"}
     assert rec.dropped_tokens == 0
-    expected = BaseStationModel.from_split_dir(split, backend=local, policy=_drop_expert_policy(1, 3)).logits(ids, mask)
+    expected = BaseStationModel.from_split_dir(
+        split, backend=local, policy=_drop_expert_policy(1, 3)
+    ).logits(ids, mask)
     normal = BaseStationModel.from_split_dir(split, backend=local).logits(ids, mask)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert (got - normal).abs().max() > 1e-3  # the failure had an effect
@@ -157,7 +187,7 @@ def test_all_experts_failed_gives_zero_moe_output(splits) -> None:
     bs = BaseStationModel.from_split_dir(split, backend=dead)
     bs.start_recording()
     got = bs.logits(ids, mask)
-    rec0 = [r for r in bs.pop_records() if r.layer == 0][0]
+    rec0 = next(r for r in bs.pop_records() if r.layer == 0)
     assert rec0.dropped_tokens == ids.numel() and set(rec0.failed.values()) == {"device down"}
 
     def none_at_layer0(ctx: RoutingContext) -> Selection:
@@ -166,13 +196,15 @@ def test_all_experts_failed_gives_zero_moe_output(splits) -> None:
             return Selection(torch.full_like(sel.expert_ids, -1), torch.zeros_like(sel.weights))
         return sel
 
-    expected = BaseStationModel.from_split_dir(split, backend=local, policy=none_at_layer0).logits(ids, mask)
+    expected = BaseStationModel.from_split_dir(split, backend=local, policy=none_at_layer0).logits(
+        ids, mask
+    )
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
 def test_variable_experts_per_token(splits) -> None:
     """Padded selections: token 0 uses 1 expert, others 2; equal to the explicit sum."""
-    model, split = splits["mixtral-small"]
+    _model, split = splits["mixtral-small"]
     bs = BaseStationModel.from_split_dir(split)
 
     def hook(ctx: RoutingContext) -> Selection:
@@ -193,11 +225,13 @@ def test_variable_experts_per_token(splits) -> None:
 
 @pytest.mark.parametrize("runtime,quant", [("onnx", None), ("torch", "int8")])
 def test_other_expert_kernels_in_the_model(splits, runtime: str, quant: str | None) -> None:
-    model, split = splits["mixtral-larger"]
+    _model, split = splits["mixtral-larger"]
     ids, mask = _batch(256, seed=4)
     valid = mask.bool()
     ref = BaseStationModel.from_split_dir(split).logits(ids, mask)[valid]
-    got = BaseStationModel.from_split_dir(split, expert_runtime=runtime, quant=quant).logits(ids, mask)[valid]
+    got = BaseStationModel.from_split_dir(split, expert_runtime=runtime, quant=quant).logits(
+        ids, mask
+    )[valid]
     if quant is None:
         assert (got - ref).abs().max().item() <= 1e-4
     else:

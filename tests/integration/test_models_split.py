@@ -19,7 +19,9 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def mixtral_ckpt(tmp_path_factory: pytest.TempPathFactory):
     d = tmp_path_factory.mktemp("mixtral")
-    model, path = make_random_checkpoint("mixtral", d, seed=1, max_shard_size="30KB", num_hidden_layers=3)
+    model, path = make_random_checkpoint(
+        "mixtral", d, seed=1, max_shard_size="30KB", num_hidden_layers=3
+    )
     return model, path
 
 
@@ -33,7 +35,7 @@ def test_split_sharded_mixtral(tmp_path: Path, mixtral_ckpt) -> None:
     assert sorted(man["experts"]) == sorted(f"L{l}.E{e}" for l in range(3) for e in range(4))
     on_disk = json.loads((out / "manifest.json").read_text())
     assert on_disk == man
-    for uid, ent in man["experts"].items():
+    for ent in man["experts"].values():
         p = out / ent["path"]
         assert p.stat().st_size == ent["bytes"]
         assert hashlib.sha256(p.read_bytes()).hexdigest() == ent["sha256"]
@@ -65,7 +67,9 @@ def test_resplit_is_identical_and_detects_corruption(tmp_path: Path, mixtral_ckp
     _, ckpt = mixtral_ckpt
     a = split_checkpoint(ckpt, tmp_path / "a")
     b = split_checkpoint(ckpt, tmp_path / "a")  # overwriting a previous split is allowed
-    assert {u: e["sha256"] for u, e in a["experts"].items()} == {u: e["sha256"] for u, e in b["experts"].items()}
+    assert {u: e["sha256"] for u, e in a["experts"].items()} == {
+        u: e["sha256"] for u, e in b["experts"].items()
+    }
     p = tmp_path / "a/experts/L1.E2.safetensors"
     data = bytearray(p.read_bytes())
     data[-1] ^= 0xFF
@@ -91,7 +95,9 @@ def test_fused_layout_checkpoint(tmp_path: Path, mixtral_ckpt) -> None:
     d = tmp_path / "fused"
     d.mkdir()
     (d / "config.json").write_text((ckpt / "config.json").read_text())
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors")
+    )
     a = split_checkpoint(ckpt, tmp_path / "a")
     b = split_checkpoint(d, tmp_path / "b")
     for uid in a["experts"]:
@@ -101,7 +107,9 @@ def test_fused_layout_checkpoint(tmp_path: Path, mixtral_ckpt) -> None:
 
 
 def test_qwen2_moe_split_keeps_shared_expert_and_dense_layers_at_bs(tmp_path: Path) -> None:
-    _, ckpt = make_random_checkpoint("qwen2_moe", tmp_path / "q", num_hidden_layers=3, mlp_only_layers=[1])
+    _, ckpt = make_random_checkpoint(
+        "qwen2_moe", tmp_path / "q", num_hidden_layers=3, mlp_only_layers=[1]
+    )
     man = split_checkpoint(ckpt, tmp_path / "s")
     assert man["family"] == "qwen2_moe" and man["moe_layers"] == [0, 2] and man["shared_expert"]
     assert man["norm_topk_prob"] is False
@@ -130,20 +138,35 @@ def _child_vmhwm_bytes(code: str) -> int:
     import sys
 
     probe = "; import re as _r; print('HWM', _r.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))"
-    out = subprocess.run([sys.executable, "-c", code + probe], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[2]).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code + probe],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    ).stdout
     return int(re.search(r"HWM (\d+)", out).group(1)) * 1024
 
 
 def test_split_memory_is_bounded(tmp_path: Path) -> None:
     """Peak RSS of a split child (its own VmHWM, minus the bare import) stays under
     BS part + 2 x largest tensor on a ~60 MB checkpoint (bench/model_split_memory.py does 1 GB)."""
-    _, ckpt = make_random_checkpoint("mixtral", tmp_path / "big", vocab_size=8000, hidden_size=256,
-                                     intermediate_size=1024, num_local_experts=4, num_hidden_layers=3,
-                                     initializer_range=0.02, max_shard_size="20MB")
+    _, ckpt = make_random_checkpoint(
+        "mixtral",
+        tmp_path / "big",
+        vocab_size=8000,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_local_experts=4,
+        num_hidden_layers=3,
+        initializer_range=0.02,
+        max_shard_size="20MB",
+    )
     base = _child_vmhwm_bytes("import models.split")
-    peak = _child_vmhwm_bytes(f"from models.split import split_checkpoint; "
-                              f"split_checkpoint({str(ckpt)!r}, {str(tmp_path / 'out')!r})")
+    peak = _child_vmhwm_bytes(
+        f"from models.split import split_checkpoint; "
+        f"split_checkpoint({str(ckpt)!r}, {str(tmp_path / 'out')!r})"
+    )
     man = json.loads((tmp_path / "out/manifest.json").read_text())
     assert man["source"]["bytes"] > 50e6
     bound = man["bs"]["bytes"] + 2 * man["largest_tensor_bytes"]

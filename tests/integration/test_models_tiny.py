@@ -28,8 +28,19 @@ def tiny_split(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_accuracy_table_from_cli(tiny_split: Path) -> None:
-    r = runner.invoke(app, ["eval", str(tiny_split), "--policy", "topk,top1,random1", "--n", "256",
-                            "--format", "json"])
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            str(tiny_split),
+            "--policy",
+            "topk,top1,random1",
+            "--n",
+            "256",
+            "--format",
+            "json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     res = {row["policy"]: row for row in json.loads(r.stdout)["results"]}
     top2, top1, rnd = res["topk"], res["top1"], res["random1"]
@@ -58,10 +69,17 @@ def test_multiple_choice_ids_and_text(tmp_path: Path, tiny_split: Path) -> None:
     # the same questions as text through the tiny model's tokenizer
     text = tmp_path / "mc_text.jsonl"
     with open(text, "w") as f:
-        for x in tt.make_mc_items(16, seed=2):
-            f.write(json.dumps({"context": tt.decode(x["context_ids"]),
-                                "choices": [" " + tt.decode(c) for c in x["choices_ids"]],
-                                "label": x["label"]}) + "\n")
+        f.writelines(
+            json.dumps(
+                {
+                    "context": tt.decode(x["context_ids"]),
+                    "choices": [" " + tt.decode(c) for c in x["choices_ids"]],
+                    "label": x["label"],
+                }
+            )
+            + "\n"
+            for x in tt.make_mc_items(16, seed=2)
+        )
     tok = load_tokenizer(bs)
     assert tok is not None
     t_items = load_mc_jsonl(text, tokenizer=tok)
@@ -72,7 +90,10 @@ def test_multiple_choice_ids_and_text(tmp_path: Path, tiny_split: Path) -> None:
 @pytest.mark.parametrize("runtime,quant", [("onnx", None), ("torch", "int8")])
 def test_device_kernels_keep_accuracy(tiny_split: Path, runtime: str, quant: str | None) -> None:
     ref = eval_tiny(BaseStationModel.from_split_dir(tiny_split), n_examples=64)
-    got = eval_tiny(BaseStationModel.from_split_dir(tiny_split, expert_runtime=runtime, quant=quant), n_examples=64)
+    got = eval_tiny(
+        BaseStationModel.from_split_dir(tiny_split, expert_runtime=runtime, quant=quant),
+        n_examples=64,
+    )
     if quant is None:
         assert got["exact_match"] == ref["exact_match"]
         assert abs(got["perplexity"] - ref["perplexity"]) < 1e-4
@@ -84,16 +105,32 @@ def test_device_kernels_keep_accuracy(tiny_split: Path, runtime: str, quant: str
 def test_build_tiny_is_deterministic(tmp_path: Path) -> None:
     outs = []
     for name in ("a", "b"):
-        r = runner.invoke(app, ["build-tiny", str(tmp_path / name), "--steps", "3", "--quiet", "--format", "json"])
+        r = runner.invoke(
+            app, ["build-tiny", str(tmp_path / name), "--steps", "3", "--quiet", "--format", "json"]
+        )
         assert r.exit_code == 0, r.output
         outs.append(json.loads(r.stdout))
     assert outs[0]["weights_sha256"] == outs[1]["weights_sha256"]
-    assert (tmp_path / "a/model.safetensors").read_bytes() == (tmp_path / "b/model.safetensors").read_bytes()
+    assert (tmp_path / "a/model.safetensors").read_bytes() == (
+        tmp_path / "b/model.safetensors"
+    ).read_bytes()
     cfg_a = json.loads((tmp_path / "a/config.json").read_text())
     cfg_tiny = json.loads((TINY_DIR / "config.json").read_text())
     cfg_a.pop("transformers_version", None)
     cfg_tiny.pop("transformers_version", None)
     assert cfg_a == cfg_tiny  # the committed weights come from this exact architecture
-    r = runner.invoke(app, ["build-tiny", str(tmp_path / "c"), "--steps", "3", "--seed", "1", "--quiet",
-                            "--format", "json"])
+    r = runner.invoke(
+        app,
+        [
+            "build-tiny",
+            str(tmp_path / "c"),
+            "--steps",
+            "3",
+            "--seed",
+            "1",
+            "--quiet",
+            "--format",
+            "json",
+        ],
+    )
     assert json.loads(r.stdout)["weights_sha256"] != outs[0]["weights_sha256"]

@@ -8,8 +8,17 @@ import torch
 from safetensors.torch import save_file
 
 from models.errors import ModelError
-from models.kernels import (OnnxExpert, QuantizedTorchExpert, TorchExpert, export_expert_onnx, load_expert,
-                            output_error, quantize_expert_shard, quantize_weight, reference_expert)
+from models.kernels import (
+    OnnxExpert,
+    QuantizedTorchExpert,
+    TorchExpert,
+    export_expert_onnx,
+    load_expert,
+    output_error,
+    quantize_expert_shard,
+    quantize_weight,
+    reference_expert,
+)
 
 H, I = 48, 80
 
@@ -17,8 +26,11 @@ H, I = 48, 80
 @pytest.fixture(scope="module")
 def weights() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return {"w1": torch.randn(I, H, generator=g) * 0.2, "w2": torch.randn(H, I, generator=g) * 0.2,
-            "w3": torch.randn(I, H, generator=g) * 0.2}
+    return {
+        "w1": torch.randn(I, H, generator=g) * 0.2,
+        "w2": torch.randn(H, I, generator=g) * 0.2,
+        "w3": torch.randn(I, H, generator=g) * 0.2,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +45,9 @@ def x() -> torch.Tensor:
     return torch.randn(37, H, generator=torch.Generator().manual_seed(1))
 
 
-def test_torch_kernel_matches_reference(shard: Path, weights: dict[str, torch.Tensor], x: torch.Tensor) -> None:
+def test_torch_kernel_matches_reference(
+    shard: Path, weights: dict[str, torch.Tensor], x: torch.Tensor
+) -> None:
     k = load_expert(shard)
     assert isinstance(k, TorchExpert) and k.uid == "L0.E1"
     ref = reference_expert(weights["w1"], weights["w2"], weights["w3"], x)
@@ -48,8 +62,9 @@ def test_torch_kernel_matches_reference(shard: Path, weights: dict[str, torch.Te
     assert k(torch.zeros(0, H)).shape == (0, H)
 
 
-def test_onnx_kernel_matches_reference(tmp_path: Path, shard: Path, weights: dict[str, torch.Tensor],
-                                       x: torch.Tensor) -> None:
+def test_onnx_kernel_matches_reference(
+    tmp_path: Path, shard: Path, weights: dict[str, torch.Tensor], x: torch.Tensor
+) -> None:
     onnx_file = export_expert_onnx(shard, tmp_path / "e.onnx")
     k = load_expert(shard, runtime="onnx", onnx_path=onnx_file, threads=1)
     assert isinstance(k, OnnxExpert)
@@ -64,8 +79,9 @@ def test_onnx_kernel_matches_reference(tmp_path: Path, shard: Path, weights: dic
 
 
 @pytest.mark.parametrize("quant,bound", [("int8", 0.02), ("int4", 0.15)])
-def test_quantized_error_is_measured_and_bounded(shard: Path, weights: dict[str, torch.Tensor], x: torch.Tensor,
-                                                 quant: str, bound: float) -> None:
+def test_quantized_error_is_measured_and_bounded(
+    shard: Path, weights: dict[str, torch.Tensor], x: torch.Tensor, quant: str, bound: float
+) -> None:
     ref = reference_expert(weights["w1"], weights["w2"], weights["w3"], x)
     k = load_expert(shard, quant=quant)  # type: ignore[arg-type]
     assert isinstance(k, QuantizedTorchExpert)
@@ -75,7 +91,9 @@ def test_quantized_error_is_measured_and_bounded(shard: Path, weights: dict[str,
     assert k.weight_bytes < fp_bytes / (3.5 if quant == "int8" else 4.5)
 
 
-def test_int4_is_worse_than_int8(shard: Path, weights: dict[str, torch.Tensor], x: torch.Tensor) -> None:
+def test_int4_is_worse_than_int8(
+    shard: Path, weights: dict[str, torch.Tensor], x: torch.Tensor
+) -> None:
     ref = reference_expert(weights["w1"], weights["w2"], weights["w3"], x)
     e8 = output_error(ref, load_expert(shard, quant="int8")(x))["rel_rms"]
     e4 = output_error(ref, load_expert(shard, quant="int4")(x))["rel_rms"]
@@ -92,7 +110,9 @@ def test_quantize_weight_roundtrip_odd_sizes() -> None:
         assert float((d - w).abs().max()) <= float(w.abs().max()) * tol / 2 + 1e-6
 
 
-def test_prequantized_shard_loads_same_numbers(tmp_path: Path, shard: Path, x: torch.Tensor) -> None:
+def test_prequantized_shard_loads_same_numbers(
+    tmp_path: Path, shard: Path, x: torch.Tensor
+) -> None:
     for quant in ("int8", "int4"):
         qp = quantize_expert_shard(shard, tmp_path / f"q{quant}.safetensors", quant)  # type: ignore[arg-type]
         assert qp.stat().st_size < shard.stat().st_size / (3 if quant == "int8" else 4)
@@ -106,7 +126,9 @@ def test_bad_shard_named(tmp_path: Path, weights: dict[str, torch.Tensor]) -> No
     save_file({"w1": weights["w1"], "w2": weights["w2"]}, str(p))
     with pytest.raises(ModelError, match=r"L1\.E0\.safetensors: w3: tensor missing"):
         load_expert(p)
-    save_file({"w1": weights["w1"], "w2": weights["w2"], "w3": weights["w3"][:, :-1].contiguous()}, str(p))
+    save_file(
+        {"w1": weights["w1"], "w2": weights["w2"], "w3": weights["w3"][:, :-1].contiguous()}, str(p)
+    )
     with pytest.raises(ModelError, match=r"L1\.E0\.safetensors: w3: shape"):
         load_expert(p)
 

@@ -4,8 +4,14 @@ import pytest
 import torch
 
 from models.errors import ModelError
-from models.routing import (RandomSelection, RoutingContext, Selection, TopKSelection, make_policy,
-                            validate_selection)
+from models.routing import (
+    RandomSelection,
+    RoutingContext,
+    Selection,
+    TopKSelection,
+    make_policy,
+    validate_selection,
+)
 
 
 def _ctx(n: int = 6, e: int = 8, k: int = 2, norm: bool = True, seed: int = 0) -> RoutingContext:

@@ -22,15 +22,24 @@ def test_write_then_load_with_library(tmp_path: Path) -> None:
     src = tmp_path / "src.safetensors"
     np_save_file({"a": a, "b": b, "c": c}, str(src))
     infos, _ = read_header(src)
-    assert {k: (v.dtype, v.shape) for k, v in infos.items()} == {"a": ("F32", (3, 5)), "b": ("I8", (7,)),
-                                                                 "c": ("F16", (2, 2, 2))}
+    assert {k: (v.dtype, v.shape) for k, v in infos.items()} == {
+        "a": ("F32", (3, 5)),
+        "b": ("I8", (7,)),
+        "c": ("F16", (2, 2, 2)),
+    }
     assert read_tensor_bytes(infos["a"]) == a.tobytes()
     out = tmp_path / "out.safetensors"
     # slice of 'a' (rows 1..2) from the middle of the source tensor + in-memory bytes
-    w = write_safetensors(out, [OutTensor("a_rows", "F32", (2, 5), infos["a"], offset=5 * 4),
-                                OutTensor("b", "I8", (7,), infos["b"]),
-                                OutTensor("mem", "F32", (2,), data=np.array([1.5, -2], np.float32).tobytes())],
-                          metadata={"uid": "L0.E1"}, chunk_bytes=8)
+    w = write_safetensors(
+        out,
+        [
+            OutTensor("a_rows", "F32", (2, 5), infos["a"], offset=5 * 4),
+            OutTensor("b", "I8", (7,), infos["b"]),
+            OutTensor("mem", "F32", (2,), data=np.array([1.5, -2], np.float32).tobytes()),
+        ],
+        metadata={"uid": "L0.E1"},
+        chunk_bytes=8,
+    )
     got = load_file(str(out))
     np.testing.assert_array_equal(got["a_rows"].numpy(), a[1:3])
     np.testing.assert_array_equal(got["b"].numpy(), b)
@@ -53,8 +62,9 @@ def test_truncated_file_names_file_and_tensor(tmp_path: Path) -> None:
         read_header(p)
 
 
-@pytest.mark.parametrize("content", [b"", b"\x01\x02", struct.pack("<Q", 10**12) + b"{}",
-                                     struct.pack("<Q", 4) + b"nope"])
+@pytest.mark.parametrize(
+    "content", [b"", b"\x01\x02", struct.pack("<Q", 10**12) + b"{}", struct.pack("<Q", 4) + b"nope"]
+)
 def test_garbage_rejected(tmp_path: Path, content: bytes) -> None:
     p = tmp_path / "bad.safetensors"
     p.write_bytes(content)

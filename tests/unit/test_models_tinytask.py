@@ -10,13 +10,22 @@ def test_deterministic_and_disjoint() -> None:
     held = tt.generate("heldout", 300, seed=0)
     train_inputs = {ex.prompt for ex in tt.generate("train", 5000, seed=0)}
     assert not train_inputs & {ex.prompt for ex in held}
-    assert all(tt.is_heldout(ex.prompt[1] - tt.TASK_BASE_ID, [i - tt.DIGIT_BASE_ID for i in ex.prompt[2:-1]])
-               for ex in held)
+    assert all(
+        tt.is_heldout(
+            ex.prompt[1] - tt.TASK_BASE_ID, [i - tt.DIGIT_BASE_ID for i in ex.prompt[2:-1]]
+        )
+        for ex in held
+    )
 
 
 def test_layout_and_transformations() -> None:
     ex = tt.make_example(1, [1, 2, 3])  # reverse
-    assert ex.prompt == (tt.BOS_ID, tt.TASK_BASE_ID + 1, *(tt.DIGIT_BASE_ID + d for d in (1, 2, 3)), tt.SEP_ID)
+    assert ex.prompt == (
+        tt.BOS_ID,
+        tt.TASK_BASE_ID + 1,
+        *(tt.DIGIT_BASE_ID + d for d in (1, 2, 3)),
+        tt.SEP_ID,
+    )
     assert ex.target == (*(tt.DIGIT_BASE_ID + d for d in (3, 2, 1)), tt.EOS_ID)
     assert tt.apply_task(2, [0, 11, 15]) == [5, 0, 4]  # add5 mod 16
     assert tt.decode(ex.full) == "<s> <reverse> 1 2 3 | 3 2 1 </s>"

@@ -16,8 +16,25 @@ def test_roundtrip(layer: int, expert: int) -> None:
     assert is_uid(uid)
 
 
-@pytest.mark.parametrize("bad", ["", "L0E1", "l0.e1", "L01.E1", "L0.E01", "L-1.E0", "L0.E-1", " L0.E1",
-                                 "L0.E1 ", "L0.E1.W1", "L.E1", "L1.E", "L0.E1\n", "L٣.E1"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "L0E1",
+        "l0.e1",
+        "L01.E1",
+        "L0.E01",
+        "L-1.E0",
+        "L0.E-1",
+        " L0.E1",
+        "L0.E1 ",
+        "L0.E1.W1",
+        "L.E1",
+        "L1.E",
+        "L0.E1\n",
+        "L٣.E1",
+    ],
+)
 def test_parse_rejects(bad: str) -> None:
     assert not is_uid(bad)
     with pytest.raises(ValueError, match="expert uid"):
