@@ -382,7 +382,7 @@ class OnnxExpert(_KernelBase):
         inp = self.session.get_inputs()[0]
         self.hidden_size = int(inp.shape[1])
         self._np_dtype = np.float16 if "float16" in inp.type else np.float32
-        self.intermediate_size = int(self.session.get_outputs()[0].shape[1] and -1)
+        self.intermediate_size = -1  # not recorded in the graph's signature
         self.uid = uid
 
     def forward(self, x: Any) -> Any:
