@@ -42,6 +42,8 @@ class MoELayerRecord:
         (before failure handling).
     seq_index, position, token_valid
         [N] batch row, absolute position and non-padding flag of every token.
+    token_ids
+        [N] input token id at that position (-1 when unknown, e.g. a bare module call).
     failed
         uid -> reason for the experts the backend reported failed at this step.
     dropped_tokens
@@ -64,9 +66,11 @@ class MoELayerRecord:
     dropped_tokens: int
     rows_per_uid: dict[str, int]
     info: dict[str, Any] = field(default_factory=dict)
+    token_ids: np.ndarray | None = None
 
     def rows(self, include_padding: bool = False) -> list[dict[str, Any]]:
-        """One dict per token: step, phase, layer, seq, pos, experts ("L0.E3;L0.E5"), weights."""
+        """One dict per token: step, phase, layer, seq, pos, token, experts ("L0.E3;L0.E5"),
+        weights, failed (the token's experts that failed)."""
         out = []
         for i in range(self.expert_ids.shape[0]):
             if not include_padding and not self.token_valid[i]:
@@ -80,6 +84,7 @@ class MoELayerRecord:
                     "layer": self.layer,
                     "seq": int(self.seq_index[i]),
                     "pos": int(self.position[i]),
+                    "token": int(self.token_ids[i]) if self.token_ids is not None else -1,
                     "experts": ";".join(format_uid(self.layer, e) for e in ids),
                     "weights": ";".join(f"{w:.6g}" for w in ws),
                     "failed": ";".join(
@@ -105,6 +110,7 @@ class MoEController:
         self.step = -1
         self.phase = "forward"
         self.positions: torch.Tensor | None = None  # [B, T] absolute positions
+        self.input_ids: torch.Tensor | None = None  # [B, T] token ids of this step
         self.valid: torch.Tensor | None = None  # [B, T] non-padding
         self.recording = False
         self.records: list[MoELayerRecord] = []
@@ -258,6 +264,10 @@ class SplitMoEBlock(nn.Module):
         else:
             seq = np.zeros(n, dtype=np.int64)
             pos = np.arange(n)
+        if c.input_ids is not None and c.input_ids.numel() == n:
+            tok = c.input_ids.reshape(-1).cpu().numpy()
+        else:
+            tok = np.full(n, -1, dtype=np.int64)
         c.records.append(
             MoELayerRecord(
                 step=c.step,
@@ -272,5 +282,6 @@ class SplitMoEBlock(nn.Module):
                 dropped_tokens=dropped,
                 rows_per_uid=rows_per_uid,
                 info=dict(info),
+                token_ids=tok,
             )
         )

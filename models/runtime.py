@@ -269,6 +269,7 @@ class BaseStationModel:
         c = self.controller
         c.step, c.phase = step, phase
         c.positions = position_ids
+        c.input_ids = input_ids
         c.valid = attention_mask[:, -T:].bool()
         try:
             out = self.model(
@@ -279,7 +280,7 @@ class BaseStationModel:
                 use_cache=past_key_values is not None,
             )
         finally:
-            c.step, c.phase, c.positions, c.valid = -1, "forward", None, None
+            c.step, c.phase, c.positions, c.valid, c.input_ids = -1, "forward", None, None, None
         return out.logits.float(), out.past_key_values
 
     def logits(

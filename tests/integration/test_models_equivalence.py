@@ -104,6 +104,12 @@ def test_greedy_decode_batched_equals_transformers_generate(splits) -> None:
     rows = records_to_rows(records)
     assert len(rows) == 3 * (sum(len(p) for p in prompts) + 3 * 5)
     assert rows[0]["experts"].count("L0.E") == 2
+    assert [
+        r["token"] for r in rows if r["step"] == 0 and r["layer"] == 0 and r["seq"] == 1
+    ] == prompts[1]
+    assert [r["token"] for r in rows if r["step"] == 1 and r["layer"] == 0] == [
+        t[0] for t in res.tokens
+    ]
 
 
 def test_eos_stops_sequences(splits) -> None:
