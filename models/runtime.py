@@ -313,8 +313,9 @@ class BaseStationModel:
         """Batched greedy decoding with a KV cache at the BS.
 
         One prefill step over the left-padded prompts (step 0) then one step per new token;
-        sequences that produced ``eos_token_id`` keep running padded (their output stops at
-        EOS) until all are done or ``max_new_tokens`` is reached.
+        sequences that produced ``eos_token_id`` are fed masked padding (their output stops at
+        EOS; their rows are marked invalid in the records) until all are done or
+        ``max_new_tokens`` is reached.
         """
         from transformers import DynamicCache
 
@@ -340,7 +341,8 @@ class BaseStationModel:
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
             feed = torch.where(done, torch.full_like(next_tok, pad), next_tok).unsqueeze(1)
-            mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype)], dim=1)
+            # finished rows are fed padding, masked out (not attended to, not valid in records)
+            mask = torch.cat([mask, (~done).to(mask.dtype).unsqueeze(1)], dim=1)
             logits, cache = self.forward(
                 feed, mask, past_key_values=cache, step=steps, phase="decode"
             )

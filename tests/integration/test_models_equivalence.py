@@ -245,3 +245,18 @@ def test_other_expert_kernels_in_the_model(splits, runtime: str, quant: str | No
         # tokens of this random, chaotic model), but a real change
         rel = ((got - ref).abs().mean() / ref.abs().mean()).item()
         assert 0 < rel < 0.05
+
+
+def test_finished_sequences_are_masked_in_records(splits) -> None:
+    _, split = splits["mixtral-small"]
+    bs = BaseStationModel.from_split_dir(split)
+    free = bs.generate_greedy([[5, 6, 7]], max_new_tokens=4).tokens[0]
+    bs.start_recording()
+    res = bs.generate_greedy([[5, 6, 7], [8, 9]], max_new_tokens=4, eos_token_id=free[0])
+    recs = bs.pop_records()
+    assert res.tokens[0] == [free[0]]
+    later = [r for r in recs if r.step >= 1]
+    assert later and all(not r.token_valid[0] and r.token_valid[1] for r in later)
+    # the other sequence is unaffected by its neighbour finishing
+    alone = bs.generate_greedy([[8, 9]], max_new_tokens=4, eos_token_id=free[0]).tokens[0]
+    assert res.tokens[1] == alone
