@@ -420,7 +420,8 @@ class AgentServer:
             log.warning("reply not sent: %s", err)
 
     def _drain(self) -> None:
-        while len(self.queue) < self.max_queue:
+        # EVENTS first: cheaper than provoking zmq.Again on the hot path
+        while len(self.queue) < self.max_queue and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             try:
                 msg = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:

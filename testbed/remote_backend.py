@@ -351,7 +351,7 @@ class RemoteExpertBackend:
             wait_ms = max(0, int(math.ceil((min(c.deadline for c in pending.values()) - now) * 1e3)))
             for sock, _ in self._poller.poll(wait_ms):
                 a = self._by_sock[sock]
-                while True:
+                while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     try:
                         body = self._recv_body(sock)
                     except zmq.Again:
