@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.kernels import load_expert, output_error, reference_expert  # noqa: E402
+from models.kernels import load_expert, output_error, reference_expert
 
 
 def main() -> None:
