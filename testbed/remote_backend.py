@@ -37,6 +37,14 @@ try:  # the models package is needed for the backend protocol types only
 except ImportError:  # pragma: no cover - models always ships with the BS
     LayerResult = LayerWork = None  # type: ignore[assignment,misc]
 
+# plain ints: zmq's enum members make every flag operation a Python-level enum call
+_NOBLOCK = int(zmq.NOBLOCK)
+_NB_MORE = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+#: tensor frames at least this large are sent zero-copy; smaller ones are cheaper to copy
+_ZEROCOPY_MIN = 1 << 16
+
 
 class AgentError(TestbedError):
     """A control request to an agent failed (timeout, or an error reply)."""
@@ -316,7 +324,13 @@ class RemoteExpertBackend:
                 call = _Call(rid, dev, list(uids), attempt, time.time_ns(), time.monotonic() + self.timeout_s,
                              ser_ms, nbytes)
                 try:
-                    a.sock.send_multipart([b"", hb, *bufs], copy=False, flags=zmq.NOBLOCK)
+                    send = a.sock.send
+                    # the first part fails at once (zmq.Again) when there is no live connection
+                    send(b"", _NB_MORE)
+                    send(hb, _NB_MORE)
+                    last = len(bufs) - 1
+                    for i, b in enumerate(bufs):
+                        send(b, _NOBLOCK if i == last else _NB_MORE, copy=b.nbytes < _ZEROCOPY_MIN)
                 except zmq.ZMQError as e:  # zmq.Again: no live connection (IMMEDIATE)
                     self._mark_down(dev)
                     fail(call, list(uids), "unreachable", str(e) or "not connected")
@@ -351,7 +365,7 @@ class RemoteExpertBackend:
             wait_ms = max(0, int(math.ceil((min(c.deadline for c in pending.values()) - now) * 1e3)))
             for sock, _ in self._poller.poll(wait_ms):
                 a = self._by_sock[sock]
-                while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                while sock.getsockopt(_EVENTS) & _POLLIN:
                     try:
                         body = self._recv_body(sock)
                     except zmq.Again:
