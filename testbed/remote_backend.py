@@ -42,8 +42,10 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _NB_MORE = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
-#: tensor frames at least this large are sent zero-copy; smaller ones are cheaper to copy
-_ZEROCOPY_MIN = 1 << 16
+#: tensor frames at least this large are sent zero-copy; smaller ones are copied: a zero-copy frame
+#: is released through pyzmq's garbage-collector thread (a wakeup + the GIL per frame), which on
+#: a busy host costs more than a memcpy of several MiB
+_ZEROCOPY_MIN = 16 << 20
 
 
 class AgentError(TestbedError):
