@@ -44,6 +44,7 @@ from enum import IntEnum
 from typing import Any
 
 import msgpack
+import numpy as np
 import torch
 
 PROTOCOL_VERSION = 1
@@ -54,6 +55,7 @@ OPS = ("ping", "status", "load", "unload", "forward", "shutdown")
 # Frames we decode are read-only ZeroMQ buffers; we never write to them, so torch's warning
 # about non-writable buffers is noise here (and costs time on every call).
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 
 class ErrorCode(IntEnum):
@@ -90,6 +92,8 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "bfloat16": (torch.bfloat16, 2),
 }
 _NAME_OF = {v[0]: k for k, v in DTYPES.items()}
+#: wire dtype name -> numpy dtype, where numpy has one (bfloat16 goes through torch.frombuffer)
+_NP_DTYPE = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
 
 #: limits applied while unpacking a header (a header is small; these bound a hostile one)
 MAX_HEADER_BYTES = 1 << 20
@@ -146,7 +150,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def tensor_buffer(t: torch.Tensor) -> memoryview:
     """A zero-copy byte view of a contiguous CPU tensor (copied first if not contiguous/CPU)."""
-    t = t.detach()
+    if t.requires_grad:
+        t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
     if not t.is_contiguous():
@@ -192,6 +197,9 @@ def frame_tensor(buf: memoryview | bytes, dtype: str, shape: tuple[int, int]) ->
                             f"frame of {len(buf)} bytes for {dtype}{list(shape)} (want {want})")
     if want == 0:
         return torch.empty(shape, dtype=tdtype)
+    npd = _NP_DTYPE.get(dtype)
+    if npd is not None:  # numpy's view + from_numpy: several times cheaper than frombuffer + view
+        return torch.from_numpy(np.frombuffer(buf, dtype=npd).reshape(shape))
     return torch.frombuffer(buf, dtype=tdtype).view(shape)
 
 

@@ -88,6 +88,7 @@ class _Agent:
     clock: ClockEstimate | None = None
     down_until: float = 0.0
     failures: int = 0
+    poller: zmq.Poller | None = None  #: this socket alone (the common one-device wait)
 
 
 @dataclass
@@ -143,6 +144,8 @@ class RemoteExpertBackend:
         s.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         s.connect(endpoint)
         a = _Agent(name, endpoint, s)
+        a.poller = zmq.Poller()
+        a.poller.register(s, zmq.POLLIN)
         self.agents[name] = a
         self._by_sock[s] = a
         self._poller.register(s, zmq.POLLIN)
@@ -364,8 +367,15 @@ class RemoteExpertBackend:
 
         while pending:
             now = time.monotonic()
-            wait_ms = max(0, int(math.ceil((min(c.deadline for c in pending.values()) - now) * 1e3)))
-            for sock, _ in self._poller.poll(wait_ms):
+            if len(pending) == 1:  # one request out: wait on its socket alone (prebuilt poller)
+                only = next(iter(pending.values()))
+                wait_ms = max(0, int(math.ceil((only.deadline - now) * 1e3)))
+                oa = self.agents.get(only.device)
+                ready = (oa.poller if oa is not None and oa.poller is not None else self._poller).poll(wait_ms)
+            else:
+                wait_ms = max(0, int(math.ceil((min(c.deadline for c in pending.values()) - now) * 1e3)))
+                ready = self._poller.poll(wait_ms)
+            for sock, _ in ready:
                 a = self._by_sock[sock]
                 while sock.getsockopt(_EVENTS) & _POLLIN:
                     try:
