@@ -18,6 +18,7 @@ lab's BS over SSH (with sudo).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -140,13 +141,10 @@ def build_clear_commands(iface: str, ifb: str) -> list[list[str]]:
             ["ip", "link", "del", ifb]]
 
 
-def build_change_commands(dev: str, index: int, spec: LinkSpec) -> list[list[str]]:
-    """In-place change of one device's class on ``dev`` (and its leaf when netem is
-    involved). The leaf comes first: if the kernel refuses it, nothing has changed."""
-    minor = class_minor(index)
-    return [leaf_qdisc_command(dev, minor, spec),
-            ["tc", "class", "change", "dev", dev, "parent", f"1:{ROOT_CLASS:x}",
-             "classid", f"1:{minor:x}", *_htb_params(spec.rate_kbit)]]
+def build_class_change_command(dev: str, index: int, spec: LinkSpec) -> list[str]:
+    """In-place ``tc class change`` of one device's class on ``dev`` (rate, ceil, burst)."""
+    return ["tc", "class", "change", "dev", dev, "parent", f"1:{ROOT_CLASS:x}",
+            "classid", f"1:{class_minor(index):x}", *_htb_params(spec.rate_kbit)]
 
 
 # -- parsing --------------------------------------------------------------------------
@@ -256,9 +254,7 @@ class TcShaper:
                 from None
 
     def is_installed(self) -> bool:
-        res = self._run(["tc", "-j", "qdisc", "show", "dev", self.iface])
-        import json
-        qdiscs = json.loads(res.stdout or "[]")
+        qdiscs = self._qdiscs(self.iface)
         has_root = any(q.get("root") and q.get("kind") == "htb" and q.get("handle") == "1:"
                        for q in qdiscs)
         has_ingress = any(q.get("kind") == "ingress" for q in qdiscs)
@@ -307,7 +303,7 @@ class TcShaper:
         # nothing
         leaves = [(d, leaf_qdisc_command(d, minor, spec)) for d in devs
                   if spec.needs_netem or kinds.get((d, minor)) == "netem"]
-        classes = [build_change_commands(d, i, spec)[1] for d in devs]
+        classes = [build_class_change_command(d, i, spec) for d in devs]
         done: list[str] = []
         try:
             for d, argv in leaves:
@@ -337,21 +333,16 @@ class TcShaper:
                 setattr(st, f"{direction}_kbit", c.rate_kbit)
                 setattr(st, f"{direction}_sent_bytes", c.sent_bytes)
                 st.handles[direction] = f"{d} {c.classid} leaf {c.leaf}"
-            q = self._run(["tc", "-j", "qdisc", "show", "dev", d], check=False)
-            if q.returncode == 0:
-                import json
-                for qd in json.loads(q.stdout or "[]"):
-                    for i, st in enumerate(states):
-                        if qd.get("parent") == f"1:{class_minor(i):x}":
-                            setattr(st, f"{direction}_leaf", _describe_leaf(qd))
+            for qd in self._qdiscs(d):
+                for i, st in enumerate(states):
+                    if qd.get("parent") == f"1:{class_minor(i):x}":
+                        setattr(st, f"{direction}_leaf", _describe_leaf(qd))
         return states
 
     def _leaf_kinds(self) -> dict[tuple[str, int], str]:
-        import json
         out: dict[tuple[str, int], str] = {}
         for d in (self.iface, self.ifb):
-            res = self._run(["tc", "-j", "qdisc", "show", "dev", d], check=False)
-            for qd in json.loads(res.stdout or "[]") if res.returncode == 0 else []:
+            for qd in self._qdiscs(d):
                 parent = qd.get("parent", "")
                 if parent.startswith("1:"):
                     out[(d, int(parent[2:], 16))] = qd.get("kind", "")
@@ -360,14 +351,13 @@ class TcShaper:
     def qdisc_handles(self) -> list[tuple[str, str, str]]:
         """(device, kind, handle) of every qdisc on our two interfaces — for checking that
         an in-place change re-created nothing."""
-        import json
-        out = []
-        for d in (self.iface, self.ifb):
-            res = self._run(["tc", "-j", "qdisc", "show", "dev", d], check=False)
-            if res.returncode == 0:
-                out += [(d, q.get("kind", ""), q.get("handle", ""))
-                        for q in json.loads(res.stdout or "[]")]
-        return out
+        return [(d, q.get("kind", ""), q.get("handle", ""))
+                for d in (self.iface, self.ifb) for q in self._qdiscs(d)]
+
+    def _qdiscs(self, dev: str) -> list[dict]:
+        """``tc -j qdisc show dev DEV`` parsed; empty when the device does not exist."""
+        res = self._run(["tc", "-j", "qdisc", "show", "dev", dev], check=False)
+        return json.loads(res.stdout or "[]") if res.returncode == 0 else []
 
 
 def _describe_leaf(qd: dict) -> str:

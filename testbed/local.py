@@ -395,10 +395,10 @@ def down(name: str) -> dict[str, Any]:
         removed["links"].append(names.bridge)
     # 3. files: the inventory we wrote (only if it is still ours), then the state dir
     inv = data.get("inventory")
-    if inv and Path(inv).exists():
+    if inv:
         try:
-            if Path(inv).read_text().startswith("# written by `testbed local up`") and \
-                    f'name = "{name}"' in Path(inv).read_text():
+            text = Path(inv).read_text()
+            if text.startswith("# written by `testbed local up`") and f'name = "{name}"' in text:
                 Path(inv).unlink()
                 removed["files"].append(inv)
         except OSError:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import time
@@ -159,7 +160,6 @@ class LocalRunner:
 
 
 def _kill_group(pid: int) -> None:
-    import signal
     try:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):

@@ -1,5 +1,6 @@
 """Inventory validation: every problem on its own line, naming the file and the field."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -93,7 +94,6 @@ def test_cli_bad_inventory_exit_2_one_line_each(tmp_path, key):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 5 and all(ln.startswith(f"error: {p}: ") for ln in lines), lines
     js = run_cli("inventory", "check", str(p), "--format", "json")
-    import json
     assert js.returncode == 2
     assert len(json.loads(js.stdout)["error"]["messages"]) == 5
 

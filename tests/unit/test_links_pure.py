@@ -3,7 +3,7 @@
 import pytest
 
 from testbed.links import (
-    LinkSpec, build_change_commands, build_clear_commands, build_setup_commands,
+    LinkSpec, build_class_change_command, build_clear_commands, build_setup_commands,
     burst_bytes, class_minor, leaf_qdisc_command, parse_htb_classes, parse_tc_rate_kbit,
 )
 
@@ -34,9 +34,10 @@ def test_setup_shapes_both_directions_per_device():
 
 
 def test_change_is_in_place_class_change():
-    leaf, cls = build_change_commands("br0", 2, LinkSpec(2000))
+    cls = build_class_change_command("br0", 2, LinkSpec(2000))
     assert cls[:3] == ["tc", "class", "change"]
     assert "1:102" in cls and "2000kbit" in cls
+    leaf = leaf_qdisc_command("br0", class_minor(2), LinkSpec(2000))
     assert leaf[:3] == ["tc", "qdisc", "replace"] and "pfifo" in leaf
 
 
