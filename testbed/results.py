@@ -1,0 +1,225 @@
+"""The results folder of a run: file names, CSV columns, and writers that flush every row.
+
+One folder per run (``results/<run-id>/``)::
+
+    manifest.json   run id, start/end, status (running/completed/failed/interrupted) and error,
+                    git commit, package versions, inventory (no secrets), resolved recipe,
+                    model id + hash, tc state of every link before and after, clock offsets, host
+    requests.csv    one row per request
+    layers.csv      one row per forward step per MoE layer
+    calls.csv       one row per expert call (one expert on one device at one step)
+    devices.csv     telemetry samples from the agents' status feed
+    summary.csv     one row per trial
+
+Column names carry their units (``_ms``, ``_j``, ``_w``, ``_kbit``, ``_mb``, ``bytes_``).
+Besides the fixed columns below, ``requests.csv``, ``layers.csv``, ``calls.csv`` and
+``summary.csv`` carry one ``sweep.<key>`` column per swept recipe key (e.g.
+``sweep.links.rate``), in the order of the recipe's sweep table; ``point`` repeats them as
+one label (``links.rate=2mbit policy.name=top1``).
+
+Empty cells mean "not known" (e.g. ``energy_j`` where no meter exists yet).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+REQUESTS = "requests.csv"
+LAYERS = "layers.csv"
+CALLS = "calls.csv"
+DEVICES = "devices.csv"
+SUMMARY = "summary.csv"
+
+KEY_COLUMNS = ("run_id", "trial", "point", "policy", "repeat")
+"""Columns that identify the trial a row belongs to (all CSVs but devices.csv start so)."""
+
+REQUEST_COLUMNS = KEY_COLUMNS + (
+    "request",          # index within the trial's repeat
+    "task",             # workload task name (tiny task: its transformation)
+    "prompt_tokens",
+    "output_tokens",
+    "ttft_ms",          # prompt in -> first output token (prefill step)
+    "tpot_ms",          # mean time per output token after the first
+    "total_ms",
+    "correct",          # 1/0: the whole output equals the reference answer
+    "score",            # fraction of reference tokens matched position by position
+    "experts_per_token",  # mean experts used per (token, MoE layer), after failures
+    "bytes_down",       # BS -> devices, tensor payload bytes of this request's expert calls
+    "bytes_up",         # devices -> BS
+    "calls",            # expert calls made for this request
+    "calls_failed",     # calls that ended in timeout/error/unreachable/skipped
+    "calls_rerouted",   # calls served by a replica
+    "energy_j",         # device energy over the request, summed over devices ('' if unknown)
+    "energy_source",    # measured / estimated / unavailable
+    "status",           # ok / degraded (some expert failed) / error
+    "error",
+)
+
+LAYER_COLUMNS = KEY_COLUMNS + (
+    "request",
+    "step",             # 0 = prefill, then one per decoded token
+    "phase",            # prefill / decode
+    "layer",
+    "tokens",           # valid tokens in this step
+    "experts_selected",  # (token, expert) pairs selected by the policy
+    "experts_used",     # distinct experts called
+    "devices_used",     # distinct devices called
+    "moe_ms",           # wall time of the layer's expert exchange at the BS (dispatch .. gather)
+    "bs_ms",            # BS time of this layer outside the expert exchange (attention, router, policy)
+    "critical_path_ms",  # the slowest device's round trip (serialise + network + queue + compute)
+    "critical_network_ms",  # network part of that round trip
+    "critical_compute_ms",  # device queue + compute part of that round trip
+    "critical_device",
+    "predicted_ms",     # from the policy's latency model ('' when the policy has none)
+    "bytes_down",
+    "bytes_up",
+    "failed_experts",
+    "rerouted_experts",
+)
+
+CALL_COLUMNS = KEY_COLUMNS + (
+    "request",
+    "step",
+    "layer",
+    "expert",           # uid L{layer}.E{expert}
+    "device",
+    "attempt",          # 0 = first try, 1.. = after a re-route
+    "tokens",
+    "status",           # ok / rerouted (ok, on a replica) / timeout / error / unreachable / skipped
+    "detail",           # error code and reason when not ok
+    "serialize_ms",
+    "network_ms",       # round trip minus the device's own time
+    "queue_ms",
+    "compute_ms",
+    "rtt_ms",
+    "bytes_down",
+    "bytes_up",
+)
+
+DEVICE_COLUMNS = (
+    "run_id",
+    "trial",
+    "time_s",           # seconds since the run started
+    "device",
+    "power_w",
+    "energy_j",         # cumulative, as the device's meter reports it
+    "energy_source",
+    "memory_used_mb",
+    "memory_free_mb",
+    "utilisation",      # load as the agent reports it (0..1 per core, or GPU busy)
+    "experts_loaded",
+    "rate_down_kbit",   # enforced link rates (tc) when the sample was taken
+    "rate_up_kbit",
+)
+
+SUMMARY_COLUMNS = KEY_COLUMNS + (
+    "requests",
+    "requests_ok",
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "ttft_p50_ms",
+    "tpot_p50_ms",
+    "accuracy",         # mean of requests.correct
+    "score",            # mean of requests.score
+    "energy_per_token_j",
+    "bytes_per_token",
+    "network_share",    # sum of critical_network_ms / sum of (critical_path_ms) over layers
+    "calls",
+    "calls_failed",
+    "calls_rerouted",
+)
+
+
+class CsvTable:
+    """Append-only CSV file that writes its header once and flushes (and fsyncs) every row.
+
+    ``extra`` columns (the ``sweep.*`` ones) are appended after the fixed ``columns``. Missing
+    keys are written as empty cells; unknown keys raise ``KeyError`` (a typo in a column
+    name must not silently drop data).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], columns: Sequence[str],
+                 extra: Sequence[str] = ()) -> None:
+        self.path = Path(path)
+        self.columns = list(columns) + [c for c in extra if c not in columns]
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        self._f = open(self.path, "a", newline="", encoding="utf-8")
+        self._w = csv.DictWriter(self._f, fieldnames=self.columns, extrasaction="raise",
+                                 restval="")
+        if new:
+            self._w.writeheader()
+            self._flush()
+
+    def _flush(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        self._w.writerow({k: _cell(v) for k, v in row.items()})
+        self._flush()
+
+    def write_many(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        for r in rows:
+            self._w.writerow({k: _cell(v) for k, v in r.items()})
+        self._flush()
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+    def __enter__(self) -> CsvTable:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _cell(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if v != v:  # NaN
+            return ""
+        return round(v, 6)
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, (list, tuple)):
+        return " ".join(str(x) for x in v)
+    return v
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as JSON through a temporary file + rename (never a half-written file)."""
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, p)
+
+
+def read_csv(path: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """All rows of a results CSV as dicts of strings (empty file -> [])."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    with open(p, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def num(v: str | None) -> float | None:
+    """A CSV cell as float, or None when empty/not a number."""
+    if v is None or v == "":
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        return None
