@@ -1,0 +1,339 @@
+"""Experiment recipes (TOML): model, policy + parameters, link profile, workload, repeats, seed,
+and a sweep grid over any of these.
+
+::
+
+    [recipe]
+    name = "compare"            # names the run folder
+    description = "top-k vs top-1 at two link rates"
+    seed = 0
+    repeats = 1                 # every sweep point is run this many times
+
+    [model]
+    path = "tiny"               # "tiny", a split directory or an HF checkpoint (relative to this file)
+
+    [policy]
+    name = "topk"               # entry-point name, package.module:Class or path/file.py:Class
+    [policy.params]             # the policy's constructor parameters
+    placement = "round-robin"
+
+    [links]                     # applied to every device's link (both directions unless split)
+    rate = "20mbit"             # or rate_down / rate_up
+    delay = "0ms"               # needs netem on the BS kernel (refused with the kernel's message)
+    loss = "0%"
+
+    [workload]
+    task = "tiny"               # "tiny": the built-in model's held-out task (answers known);
+                                # "synthetic": random prompts, scored against the model's own
+                                # single-process top-k output
+    requests = 20               # per trial and repeat
+    prompt_tokens = 16          # synthetic only (tiny prompts come from the task)
+    output_tokens = 8           # synthetic: tokens generated; tiny: up to the answer's length
+
+    [run]
+    timeout_s = 5.0             # per expert call
+    devices = 3                 # local testbed size when `testbed run` creates one
+    telemetry_period_s = 0.5    # agent status feed period (devices.csv)
+
+    [sweep]                     # cartesian grid; keys are dotted paths of the tables above
+    "links.rate" = ["2mbit", "20mbit"]
+    "policy.name" = ["topk", "top1"]
+
+Every problem (unknown table or key, wrong type, bad unit, empty sweep list) is collected and
+raised as one :class:`~testbed.errors.ConfigError`, each naming the file and the key.
+``--set key=value`` overrides go through the same checks.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .errors import ConfigError
+from .units import parse_percent, parse_rate_kbit, parse_time_ms
+
+TASKS = ("tiny", "synthetic")
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"must be a non-empty string, not {v!r}")
+    return v
+
+
+def _int(lo: int, hi: int | None = None) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+            rng = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+            raise ValueError(f"must be an integer {rng}, not {v!r}")
+        return v
+    return check
+
+
+def _float(lo: float) -> Callable[[Any], float]:
+    def check(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > lo:
+            raise ValueError(f"must be a number > {lo:g}, not {v!r}")
+        return float(v)
+    return check
+
+
+def _rate(v: Any) -> float:
+    if not isinstance(v, str):
+        raise ValueError(f"must be a rate string such as \"20mbit\", not {v!r}")
+    return parse_rate_kbit(v)
+
+
+def _time(v: Any) -> float:
+    if not isinstance(v, str):
+        raise ValueError(f"must be a time string such as \"5ms\", not {v!r}")
+    return parse_time_ms(v)
+
+
+def _pct(v: Any) -> float:
+    if not isinstance(v, str):
+        raise ValueError(f"must be a percentage string such as \"0.5%\", not {v!r}")
+    return parse_percent(v)
+
+
+def _task(v: Any) -> str:
+    if v not in TASKS:
+        raise ValueError(f"must be one of {', '.join(TASKS)}, not {v!r}")
+    return v
+
+
+def _params(v: Any) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise ValueError("must be a table")
+    return v
+
+
+SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
+    "recipe": {"name": (_str, "recipe"), "description": (lambda v: str(v), ""),
+               "seed": (_int(0), 0), "repeats": (_int(1, 1000), 1)},
+    "model": {"path": (_str, "tiny")},
+    "policy": {"name": (_str, "topk"), "params": (_params, {})},
+    "links": {"rate": (_rate, "20mbit"), "rate_down": (_rate, None), "rate_up": (_rate, None),
+              "delay": (_time, "0ms"), "loss": (_pct, "0%")},
+    "workload": {"task": (_task, "tiny"), "requests": (_int(1, 100000), 20),
+                 "prompt_tokens": (_int(1, 100000), 16), "output_tokens": (_int(1, 100000), 8)},
+    "run": {"timeout_s": (_float(0), 5.0), "devices": (_int(1, 32), 3),
+            "telemetry_period_s": (_float(0), 0.5)},
+}
+"""table -> key -> (validator, default). Validators raise ValueError with the message."""
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One sweep point: its index, the swept values, and the full resolved config."""
+
+    index: int
+    point: dict[str, Any]
+    config: dict[str, dict[str, Any]]
+
+    @property
+    def label(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.point.items()) or "-"
+
+    @property
+    def policy(self) -> str:
+        return str(self.config["policy"]["name"])
+
+    def link_kbit(self) -> tuple[float, float]:
+        """(down, up) rate in kbit/s."""
+        ln = self.config["links"]
+        base = _rate(ln["rate"])
+        down = _rate(ln["rate_down"]) if ln.get("rate_down") else base
+        up = _rate(ln["rate_up"]) if ln.get("rate_up") else base
+        return down, up
+
+    def link_delay_loss(self) -> tuple[float, float]:
+        ln = self.config["links"]
+        return _time(ln["delay"]), _pct(ln["loss"])
+
+
+@dataclass
+class Recipe:
+    """A checked recipe. ``config`` holds every table with defaults filled in (raw values, so
+    it can be written back to the manifest as the user wrote them)."""
+
+    path: Path
+    config: dict[str, dict[str, Any]]
+    sweep: dict[str, list[Any]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return str(self.config["recipe"]["name"])
+
+    @property
+    def seed(self) -> int:
+        return int(self.config["recipe"]["seed"])
+
+    @property
+    def repeats(self) -> int:
+        return int(self.config["recipe"]["repeats"])
+
+    def model_spec(self) -> str:
+        """``"tiny"`` or a path resolved against the recipe's folder."""
+        p = str(self.config["model"]["path"])
+        if p == "tiny":
+            return p
+        q = Path(p).expanduser()
+        return str(q if q.is_absolute() else (self.path.parent / q).resolve())
+
+    def policy_spec(self, name: str) -> str:
+        """A ``path/file.py:Class`` policy is resolved against the recipe's folder."""
+        if ".py:" in name and not Path(name.split(":", 1)[0]).is_absolute():
+            file, cls = name.rsplit(":", 1)
+            cand = (self.path.parent / file).resolve()
+            if cand.is_file():
+                return f"{cand}:{cls}"
+        return name
+
+    def trials(self) -> list[Trial]:
+        keys = list(self.sweep)
+        out = []
+        for i, values in enumerate(itertools.product(*(self.sweep[k] for k in keys))):
+            cfg = copy.deepcopy(self.config)
+            for k, v in zip(keys, values):
+                _set_path(cfg, k, v)
+            out.append(Trial(i, dict(zip(keys, values)), cfg))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), **copy.deepcopy(self.config), "sweep": dict(self.sweep)}
+
+
+def _set_path(cfg: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = cfg
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+def _check_value(where: str, dotted: str, value: Any, problems: list[str]) -> None:
+    parts = dotted.split(".")
+    table = SCHEMA.get(parts[0])
+    if table is None:
+        problems.append(f"{where}: {dotted}: unknown table {parts[0]!r} "
+                        f"(valid: {', '.join(SCHEMA)})")
+        return
+    if len(parts) >= 3 and parts[0] == "policy" and parts[1] == "params":
+        return  # checked by the policy itself (unknown parameters are named there)
+    if len(parts) != 2 or parts[1] not in table:
+        problems.append(f"{where}: {dotted}: unknown key (valid in [{parts[0]}]: "
+                        f"{', '.join(table)})")
+        return
+    if parts[0] == "policy" and parts[1] == "params":
+        if not isinstance(value, dict):
+            problems.append(f"{where}: {dotted}: must be a table")
+        return
+    check = table[parts[1]][0]
+    try:
+        check(value)
+    except (ValueError, ConfigError) as e:
+        msg = str(e)
+        if isinstance(e, ConfigError) and ": " in msg:
+            msg = msg.split(": ", 1)[1]
+        problems.append(f"{where}: {dotted}: {msg}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` from ``--set``; the value is read as a TOML value when it parses as one
+    (numbers, booleans, quoted strings, arrays), else taken as a bare string."""
+    if "=" not in text:
+        raise ConfigError(f"--set: {text!r}: expected key=value")
+    key, raw = (s.strip() for s in text.split("=", 1))
+    if not key:
+        raise ConfigError(f"--set: {text!r}: empty key")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read and check a recipe; ``overrides`` are ``key=value`` strings (``--set``).
+
+    Raises
+    ------
+    ConfigError
+        With every problem found, each naming the file (or ``--set``) and the key.
+    """
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such recipe file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    return recipe_from_dict(raw, p, overrides)
+
+
+def recipe_from_dict(raw: Mapping[str, Any], path: Path, overrides: Sequence[str] = ()) -> Recipe:
+    where = str(path)
+    problems: list[str] = []
+    config: dict[str, dict[str, Any]] = {t: {k: copy.deepcopy(d) for k, (_, d) in keys.items()}
+                                         for t, keys in SCHEMA.items()}
+    sweep: dict[str, list[Any]] = {}
+    for table, body in raw.items():
+        if table == "sweep":
+            if not isinstance(body, dict):
+                problems.append(f"{where}: sweep: must be a table of key = [values]")
+                continue
+            for key, values in body.items():
+                if not isinstance(values, list) or not values:
+                    problems.append(f"{where}: sweep.{key}: must be a non-empty list of values")
+                    continue
+                if key.startswith("sweep"):
+                    problems.append(f"{where}: sweep.{key}: cannot sweep the sweep")
+                    continue
+                for v in values:
+                    _check_value(f"{where}: sweep", key, v, problems)
+                sweep[key] = values
+            continue
+        if table not in SCHEMA:
+            problems.append(f"{where}: {table}: unknown table (valid: {', '.join(SCHEMA)}, sweep)")
+            continue
+        if not isinstance(body, dict):
+            problems.append(f"{where}: {table}: must be a table")
+            continue
+        for key, value in body.items():
+            _check_value(where, f"{table}.{key}", value, problems)
+            if key in SCHEMA[table]:
+                config[table][key] = value
+    for text in overrides:
+        try:
+            key, value = parse_override(text)
+        except ConfigError as e:
+            problems.append(str(e))
+            continue
+        if key.startswith("sweep."):
+            sk = key[len("sweep."):]
+            vals = value if isinstance(value, list) else [value]
+            for v in vals:
+                _check_value("--set", sk, v, problems)
+            sweep[sk] = vals
+            continue
+        before = len(problems)
+        _check_value("--set", key, value, problems)
+        if len(problems) == before:
+            _set_path(config, key, value)
+            sweep.pop(key, None)  # a fixed value replaces a sweep over the same key
+    if problems:
+        raise ConfigError(problems)
+    return Recipe(path, config, sweep)
