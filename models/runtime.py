@@ -17,7 +17,7 @@ The expert backend and the selection hook are attributes that may be swapped bet
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -309,8 +309,12 @@ class BaseStationModel:
         max_new_tokens: int,
         eos_token_id: int | None = None,
         pad_token_id: int | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> GenerationResult:
         """Batched greedy decoding with a KV cache at the BS.
+
+        ``on_step(step)`` is called right after each forward step's next tokens are known
+        (step 0 = prefill), e.g. to time the first token and each decoded one.
 
         One prefill step over the left-padded prompts (step 0) then one step per new token;
         sequences that produced ``eos_token_id`` are fed masked padding (their output stops at
@@ -331,6 +335,8 @@ class BaseStationModel:
         out: list[list[int]] = [[] for _ in range(B)]
         done = torch.zeros(B, dtype=torch.bool)
         next_tok = logits[:, -1].argmax(-1).cpu()
+        if on_step is not None:
+            on_step(0)
         steps = 1
         for t in range(max_new_tokens):
             for i in range(B):
@@ -346,8 +352,10 @@ class BaseStationModel:
             logits, cache = self.forward(
                 feed, mask, past_key_values=cache, step=steps, phase="decode"
             )
-            steps += 1
             next_tok = logits[:, -1].argmax(-1).cpu()
+            if on_step is not None:
+                on_step(steps)
+            steps += 1
         return GenerationResult(out, steps)
 
     @torch.no_grad()

@@ -308,36 +308,6 @@ def policies_list(fmt: Format = FormatOpt) -> None:
     emit(fmt, rows, t)
 
 
-# -- demo ---------------------------------------------------------------------------
-@app.command("demo")
-def demo(
-    devices: int = typer.Option(3, "--devices", "-n"),
-    rate: str = typer.Option("8mbit", "--rate"),
-    name: str = typer.Option("demo", "--name"),
-    fmt: Format = FormatOpt,
-) -> None:
-    """Local testbed up → verify every link → down."""
-    from .linkcheck import verify
-    _fmt(fmt)
-    rate_kbit = _rate("--rate", rate)
-    local_tb.down(name)  # a previous demo killed halfway
-    res = local_tb.up(name, devices, rate_kbit)
-    try:
-        inv = load_inventory(res["inventory"])
-        probe = probe_hosts(inv, 5.0)
-        rows = verify(inv, 2.0)
-    finally:
-        local_tb.down(name)
-    t = Table(title=f"demo: {devices} emulated devices, links at {rate} each way")
-    for c in ("device", "ssh", "direction", "measured kbit/s", "ratio"):
-        t.add_column(c)
-    ok = {p["name"]: p["ok"] for p in probe}
-    for g in rows:
-        t.add_row(g.device, "ok" if ok.get(g.device) else "FAILED", g.direction,
-                  f"{g.measured_kbit:.0f}", f"{g.ratio:.1%}" if g.ratio else "-")
-    emit(fmt, {"up": res, "ssh": probe, "goodput": [g.to_dict() for g in rows]}, t)
-
-
 def _mount_model_cli() -> None:
     try:
         from .cli_model import app as model_app
@@ -347,6 +317,10 @@ def _mount_model_cli() -> None:
 
 
 _mount_model_cli()
+
+from .cli_run import register as _register_run  # noqa: E402  (needs app and helpers above)
+
+_register_run(app)
 
 
 def _sigterm(_signum: int, _frame: Any) -> None:

@@ -1,0 +1,151 @@
+"""``testbed run`` and ``testbed demo``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+    TimeRemainingColumn
+from rich.table import Table
+
+from . import experiment
+from .cli import FormatOpt, Format, _fmt, emit, err_console
+from .recipe import load_recipe
+
+PACKAGED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+class RichProgress(experiment.Progress):
+    """Trials and requests bars with an ETA on stderr (quiet in json mode / without a tty)."""
+
+    def __init__(self, console: Console, enabled: bool) -> None:
+        self.enabled = enabled
+        self.console = console
+        self.bar: Progress | None = None
+        self.t_trials = self.t_reqs = None
+
+    def start(self, trials: int, requests_per_trial: int) -> None:
+        if not self.enabled:
+            return
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                            console=self.console, transient=False)
+        self.bar.start()
+        self.t_trials = self.bar.add_task("trials", total=trials)
+        self.t_reqs = self.bar.add_task("requests", total=trials * requests_per_trial)
+        self._first = True
+
+    def trial(self, index: int, label: str) -> None:
+        if self.bar is None:
+            return
+        if not self._first:
+            self.bar.advance(self.t_trials)
+        self._first = False
+        self.bar.update(self.t_trials, description=f"trial {index}: {label}")
+
+    def request(self) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.t_reqs)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self.console.print(f"[dim]{text}[/dim]")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.update(self.t_trials, completed=self.bar.tasks[0].total)
+            self.bar.stop()
+            self.bar = None
+
+
+def _summary_table(res: experiment.RunResult) -> Table:
+    t = Table(title=f"run {res.run_id}: {res.status}, {res.requests} requests ({res.run_dir})")
+    for c in ("trial", "policy", "point", "p50 ms", "p95 ms", "tpot ms", "accuracy", "net share",
+              "failed calls"):
+        t.add_column(c)
+
+    def f(v: Any, spec: str) -> str:
+        return "-" if v in (None, "") else format(float(v), spec)
+
+    for s in res.summary:
+        t.add_row(str(s["trial"]), s["policy"], s["point"], f(s.get("latency_p50_ms"), ".1f"),
+                  f(s.get("latency_p95_ms"), ".1f"), f(s.get("tpot_p50_ms"), ".2f"),
+                  f(s.get("accuracy"), ".3f"), f(s.get("network_share"), ".0%"),
+                  str(s.get("calls_failed", "")))
+    return t
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("run")
+    def run(
+        recipe: Path = typer.Argument(..., help="Recipe TOML file.", show_default=False),
+        inventory: Optional[Path] = typer.Option(
+            None, "--inventory", "-i", help="Inventory TOML (default: a local testbed is created "
+            "for the run and removed afterwards)."),
+        out: Path = typer.Option(Path("results"), "--out", help="Parent folder of the run folder."),
+        sets: list[str] = typer.Option([], "--set", help="Override a recipe key: key=value "
+                                       "(e.g. workload.requests=5, sweep.links.rate='[\"2mbit\"]')."),
+        fmt: Format = FormatOpt,
+    ) -> None:
+        """Run every trial of RECIPE; write results/<run-id>/ (manifest + CSVs)."""
+        _fmt(fmt)
+        rcp = load_recipe(recipe, sets)
+        prog = RichProgress(err_console, fmt == Format.table)
+        res = experiment.run_recipe(rcp, inventory, out, prog)
+        emit(fmt, res.to_dict(), _summary_table(res))
+
+    @app.command("demo")
+    def demo(
+        devices: int = typer.Option(4, "--devices", "-n", help="Emulated devices."),
+        recipe: Path = typer.Option(PACKAGED_RECIPES / "compare.toml", "--recipe",
+                                    help="Recipe to run (default: the packaged comparison)."),
+        out: Path = typer.Option(Path("results"), "--out", help="Where results and plots go."),
+        name: str = typer.Option("demo", "--name", help="Local testbed name."),
+        fmt: Format = FormatOpt,
+    ) -> None:
+        """Local testbed → provision → run the comparison recipe → report → tear down."""
+        from . import local as local_tb
+        from . import provision as prov
+        from .inventory import load_inventory
+
+        _fmt(fmt)
+        rcp = load_recipe(recipe)
+        say = (lambda m: err_console.print(f"[bold]{m}[/bold]")) if fmt == Format.table else (lambda m: None)
+        t_start = time.monotonic()
+        out_data: dict[str, Any] = {}
+        local_tb.down(name)  # a previous demo killed halfway
+        try:
+            say(f"1/4 local testbed '{name}' with {devices} devices")
+            up = local_tb.up(name, devices, 1_000_000.0)
+            inv_path = Path(up["inventory"])
+            say("2/4 provisioning agents over SSH")
+            t0 = time.monotonic()
+            from .modelstore import resolve_split
+
+            reports = prov.provision(load_inventory(inv_path), resolve_split(rcp.model_spec()))
+            out_data["provision_s"] = round(time.monotonic() - t0, 2)
+            bad = [r for r in reports if not r.ok]
+            if bad:
+                from .errors import TestbedError
+                raise TestbedError("; ".join(f"{r.device}: {r.error}" for r in bad))
+            say(f"3/4 running {recipe.name}: {len(rcp.trials())} trials")
+            res = experiment.run_recipe(rcp, inv_path, out, RichProgress(err_console, fmt == Format.table))
+            out_data["run"] = res.to_dict()
+        finally:
+            say(f"tearing down '{name}'")
+            local_tb.down(name)
+        say("4/4 report")
+        from .report import build_report, render_table, write_plots
+
+        rep = build_report([res.run_dir])
+        plots = write_plots(rep, res.run_dir / "plots")
+        out_data.update(report=rep.rows if hasattr(rep, "rows") else None,
+                        plots=[str(p) for p in plots], wall_s=round(time.monotonic() - t_start, 1))
+        if fmt == Format.table:
+            render_table(rep, err_console if False else None)
+        emit(fmt, out_data, f"\nresults: {res.run_dir}\nplots:   {res.run_dir / 'plots'} "
+             f"({len(plots)} PNG)\ndemo wall time {out_data['wall_s']} s")

@@ -1,0 +1,646 @@
+"""``testbed run``: run every trial of a recipe against the agents and write the results folder.
+
+For each sweep point (trial) and repeat the runner
+
+1. asks the policy for a placement, pushes the shards each device lacks (sha256-checked) and
+   loads/unloads experts on the agents so that each holds exactly its share;
+2. applies the trial's link profile with in-place ``tc class change`` on the BS and records
+   what tc reports as enforced;
+3. runs the workload request by request through the BS runtime (attention, router, policy at
+   the BS; experts on the agents over ZeroMQ), timing every step;
+4. writes one row per request, per MoE layer and step, per expert call, and telemetry samples
+   from the agents' status feed — each row flushed as it is produced — then the trial's
+   summary row.
+
+Whatever happens (an error, a policy that raises, Ctrl-C), the links are restored to what they
+were before the run, the manifest records the status (``completed`` / ``failed`` /
+``interrupted``) with the error and the tc state after, and rows already written stay.
+Without an inventory, a local testbed is created for the run and removed afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import random
+import secrets
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from . import results as R
+from .errors import ConfigError, TestbedError
+from .inventory import Inventory, bs_runner_for, load_inventory, ssh_runner_for
+from .linkcheck import shaper_for
+from .links import LinkSpec, TcShaper
+from .modelstore import resolve_split
+from .policy import ClusterState, DeviceInfo, ExpertInfo, Policy, load_policy
+from .recipe import Recipe, Trial
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class PolicyFailed(TestbedError):
+    """A policy raised or returned something invalid. Exit code 8."""
+
+    exit_code = 8
+
+
+class RunFailed(TestbedError):
+    """A run stopped on an error; the manifest in ``run_dir`` says why."""
+
+    def __init__(self, run_dir: Path, cause: BaseException):
+        self.run_dir = run_dir
+        self.cause = cause
+        self.exit_code = getattr(cause, "exit_code", 1)
+        super().__init__(f"{_one_line(cause)} (run folder: {run_dir})")
+
+
+def _one_line(exc: BaseException) -> str:
+    msg = " ".join(str(exc).split()) or type(exc).__name__
+    return msg if isinstance(exc, TestbedError) else f"{type(exc).__name__}: {msg}"
+
+
+# ---- provenance -------------------------------------------------------------------------------
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"],
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for p in ("moe-edge-testbed", "torch", "transformers", "pyzmq", "numpy", "safetensors",
+              "fabric", "paramiko", "onnxruntime", "msgpack"):
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def host_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"hostname": socket.gethostname(), "platform": platform.platform(),
+                            "machine": platform.machine(), "cpus": os.cpu_count()}
+    tegra = Path("/etc/nv_tegra_release")
+    if tegra.is_file():
+        info["l4t"] = tegra.read_text(errors="replace").splitlines()[0][:200]
+    return info
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---- workload -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Request:
+    index: int
+    task: str
+    prompt: tuple[int, ...]
+    reference: tuple[int, ...] | None  # expected output tokens (None: computed later)
+    max_new_tokens: int
+    eos_token_id: int | None
+    pad_token_id: int
+
+
+def make_workload(trial: Trial, manifest: Any, seed: int) -> list[Request]:
+    """The requests of one trial repeat (deterministic in ``seed``)."""
+    wl = trial.config["workload"]
+    n = int(wl["requests"])
+    if wl["task"] == "tiny":
+        from models import tinytask as tt
+
+        if not (Path(manifest.bs_config_path).parent / "tiny_task.json").is_file() and \
+                not (Path(manifest.root) / "tiny_task.json").is_file():
+            raise ConfigError(f"workload.task: 'tiny' needs the built-in tiny model, not "
+                              f"{manifest.root} (use task = \"synthetic\")")
+        exs = tt.generate("heldout", n, seed=seed)
+        return [Request(i, e.task, tuple(e.prompt), tuple(e.target), len(e.target), tt.EOS_ID,
+                        tt.PAD_ID) for i, e in enumerate(exs)]
+    rng = random.Random(seed)
+    vocab = int(manifest.dims.get("vocab_size", 0)) or 32000
+    T, out = int(wl["prompt_tokens"]), int(wl["output_tokens"])
+    return [Request(i, "synthetic", tuple(rng.randrange(1, vocab) for _ in range(T)), None, out,
+                    None, 0) for i in range(n)]
+
+
+# ---- timing wrapper around the expert backend --------------------------------------------
+class TimedBackend:
+    """Delegates to ``inner`` and stamps each layer's enter/exit time (perf_counter seconds)
+    into the result's ``info`` (``t_enter``, ``t_exit``)."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def run_layer(self, work: Any) -> Any:
+        t0 = time.perf_counter()
+        res = self.inner.run_layer(work)
+        res.info["t_enter"], res.info["t_exit"] = t0, time.perf_counter()
+        return res
+
+
+# ---- rows from records --------------------------------------------------------------------
+_FAIL = ("timeout", "unreachable", "skipped", "error")
+
+
+def _call_status(c: Mapping[str, Any], primary: str | None) -> tuple[str, str]:
+    st = str(c.get("status", ""))
+    if st == "ok":
+        return ("rerouted" if primary is not None and c.get("device") != primary else "ok"), ""
+    if st.startswith("error"):
+        return "error", f"{st} {c.get('reason', '')}".strip()
+    return st, str(c.get("reason", ""))
+
+
+def rows_for_request(records: Sequence[Any], key: Mapping[str, Any], step_start: Mapping[int, float],
+                     placement: Mapping[str, Sequence[str]]) -> tuple[list[dict], list[dict], dict]:
+    """(layer rows, call rows, request totals) from one request's MoE layer records."""
+    layer_rows: list[dict] = []
+    call_rows: list[dict] = []
+    tot = {"bytes_down": 0, "bytes_up": 0, "calls": 0, "calls_failed": 0, "calls_rerouted": 0,
+           "expert_slots": 0, "token_layers": 0, "failed_experts": 0}
+    prev_exit: dict[int, float] = {}
+    for r in records:
+        info = r.info or {}
+        valid = r.token_valid.astype(bool)
+        sel = r.expert_ids[valid]
+        failed = set(r.failed)
+        n_sel = int((sel >= 0).sum())
+        used = 0
+        for row in sel:
+            used += sum(1 for e in row if e >= 0 and f"L{r.layer}.E{int(e)}" not in failed)
+        tot["expert_slots"] += used
+        tot["token_layers"] += int(valid.sum())
+        calls = info.get("calls", [])
+        per_req: dict[Any, dict[str, Any]] = {}
+        b_down = b_up = 0
+        for c in calls:
+            primary = (placement.get(c["uid"]) or [None])[0]
+            status, detail = _call_status(c, primary)
+            bd, bu = int(c.get("bytes_out") or 0), int(c.get("bytes_in") or 0)
+            b_down += bd
+            b_up += bu
+            tot["calls"] += 1
+            tot["calls_failed"] += status in _FAIL
+            tot["calls_rerouted"] += status == "rerouted"
+            call_rows.append({**key, "step": r.step, "layer": r.layer, "expert": c["uid"],
+                              "device": c.get("device", ""), "attempt": c.get("attempt", 0),
+                              "tokens": c.get("tokens"), "status": status, "detail": detail,
+                              "serialize_ms": c.get("serialize_ms"), "network_ms": c.get("network_ms"),
+                              "queue_ms": c.get("queue_ms"), "compute_ms": c.get("compute_ms"),
+                              "rtt_ms": c.get("rtt_ms"), "bytes_down": bd, "bytes_up": bu})
+            if c.get("status") == "ok" and c.get("rtt_ms") is not None:
+                rid = (c.get("device"), c.get("req_id"))
+                total = float(c.get("serialize_ms") or 0) + float(c["rtt_ms"])
+                dev_ms = float(c.get("device_ms") or 0.0)
+                per_req[rid] = {"total": total, "network": float(c.get("network_ms") or 0.0),
+                                "compute": dev_ms, "device": c.get("device")}
+        tot["bytes_down"] += b_down
+        tot["bytes_up"] += b_up
+        tot["failed_experts"] += len(failed)
+        crit = max(per_req.values(), key=lambda d: d["total"], default=None)
+        t_enter, t_exit = info.get("t_enter"), info.get("t_exit")
+        start = prev_exit.get(r.step, step_start.get(r.step))
+        bs_ms = (t_enter - start) * 1e3 if t_enter is not None and start is not None else None
+        if t_exit is not None:
+            prev_exit[r.step] = t_exit
+        layer_rows.append({
+            **key, "step": r.step, "phase": r.phase, "layer": r.layer, "tokens": int(valid.sum()),
+            "experts_selected": n_sel, "experts_used": len(r.rows_per_uid),
+            "devices_used": len({c.get("device") for c in calls if c.get("status") == "ok"}),
+            "moe_ms": (t_exit - t_enter) * 1e3 if t_enter is not None and t_exit is not None else None,
+            "bs_ms": bs_ms,
+            "critical_path_ms": crit["total"] if crit else None,
+            "critical_network_ms": crit["network"] if crit else None,
+            "critical_compute_ms": crit["compute"] if crit else None,
+            "critical_device": crit["device"] if crit else "",
+            "predicted_ms": info.get("predicted_ms"),
+            "bytes_down": b_down, "bytes_up": b_up,
+            "failed_experts": " ".join(sorted(failed)),
+            "rerouted_experts": " ".join(sorted(info.get("rerouted", {}))),
+        })
+    return layer_rows, call_rows, tot
+
+
+# ---- the run ------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    run_dir: Path
+    run_id: str
+    status: str
+    trials: int
+    requests: int
+    error: str | None = None
+    summary: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_dir": str(self.run_dir), "run_id": self.run_id, "status": self.status,
+                "trials": self.trials, "requests": self.requests, "error": self.error,
+                "summary": self.summary}
+
+
+class Progress:
+    """What the runner reports while it works (the CLI draws a rich progress bar from it)."""
+
+    def start(self, trials: int, requests_per_trial: int) -> None: ...
+    def trial(self, index: int, label: str) -> None: ...
+    def request(self) -> None: ...
+    def message(self, text: str) -> None: ...
+    def close(self) -> None: ...
+
+
+class Runner:
+    """One run of a recipe (see the module docstring). Use :func:`run_recipe`."""
+
+    def __init__(self, recipe: Recipe, inventory: Path | None, out: Path,
+                 progress: Progress | None = None, local_name: str | None = None) -> None:
+        self.recipe = recipe
+        self.inventory_path = inventory
+        self.out = out
+        self.progress = progress or Progress()
+        self.local_name = local_name
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        self.run_id = f"{recipe.name}-{stamp}-{secrets.token_hex(2)}"
+        self.run_dir = out / self.run_id
+        self.t0 = time.monotonic()
+        self.manifest: dict[str, Any] = {}
+        self.requests_done = 0
+        self.summaries: list[dict[str, Any]] = []
+
+    # manifest ----------------------------------------------------------------------------
+    def _save_manifest(self) -> None:
+        R.write_json_atomic(self.run_dir / R.MANIFEST, self.manifest)
+
+    def run(self) -> RunResult:
+        trials = self.recipe.trials()
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=False)
+        except OSError as e:
+            raise ConfigError(f"--out: {self.out}: cannot create the run folder: {e}") from None
+        self.manifest = {
+            "run_id": self.run_id, "status": "running", "error": None,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "ended": None,
+            "git_commit": git_commit(), "versions": package_versions(), "host": host_info(),
+            "recipe": self.recipe.to_dict(), "trials": [], "inventory": None, "model": None,
+            "links_before": None, "links_after": None, "clock_offsets": None,
+        }
+        self._save_manifest()
+        status, err = "failed", None
+        try:
+            with contextlib.ExitStack() as stack:
+                self._run(trials, stack)
+            status = "completed"
+        except KeyboardInterrupt:
+            status, err = "interrupted", "interrupted (Ctrl-C or SIGTERM)"
+            raise
+        except BaseException as e:  # noqa: BLE001 — recorded, then re-raised
+            err = _one_line(e)
+            raise RunFailed(self.run_dir, e) from e
+        finally:
+            self.progress.close()
+            self.manifest.update(status=status, error=err,
+                                 ended=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                 requests_done=self.requests_done)
+            self._save_manifest()
+        return RunResult(self.run_dir, self.run_id, status, len(trials), self.requests_done, err,
+                         self.summaries)
+
+    # main body ---------------------------------------------------------------------------
+    def _run(self, trials: list[Trial], stack: contextlib.ExitStack) -> None:
+        from models.manifest import load_manifest
+        from models.runtime import BaseStationModel
+
+        from . import provision as prov
+        from .remote_backend import RemoteExpertBackend, StatusFeed
+
+        rec = self.recipe
+        inv_path = self.inventory_path
+        if inv_path is None:
+            inv_path = self._local_testbed(stack, int(rec.config["run"]["devices"]))
+        inv = load_inventory(inv_path)
+        self.inv = inv
+        self.manifest["inventory"] = {"path": str(inv_path), **inv.to_dict()}
+        split = resolve_split(rec.model_spec(), where=f"{rec.path}: model.path")
+        m = load_manifest(split)
+        self.split, self.mf = split, m
+        self.manifest["model"] = {"path": str(split), "family": m.family, "model_type": m.model_type,
+                                  "manifest_sha256": _sha256(split / "manifest.json"),
+                                  "moe_layers": list(m.moe_layers), "experts": len(m.uids())}
+        # check every trial's policy before touching anything
+        for t in trials:
+            load_policy(rec.policy_spec(t.policy), t.config["policy"]["params"],
+                        f"{rec.path}: policy.params")
+        self._save_manifest()
+
+        # links: remember, restore on the way out
+        bs = bs_runner_for(inv)
+        stack.callback(bs.close)
+        shaper = shaper_for(inv, bs)
+        before = shaper.show()
+        was_installed = shaper.is_installed()
+        self.manifest["links_before"] = {"installed": was_installed,
+                                         "links": [s.to_dict() for s in before]}
+        self._save_manifest()
+        stack.callback(self._restore_links, shaper, before, was_installed)
+        self.shaper = shaper
+
+        # agents
+        self.progress.message("provisioning agents")
+        reports = prov.provision(inv, split)
+        bad = [r for r in reports if not r.ok]
+        if bad:
+            raise TestbedError("; ".join(f"{r.device}: {r.error}" for r in bad))
+        eps = prov.agent_endpoints(inv)
+        backend = RemoteExpertBackend({d: e["endpoint"] for d, e in eps.items()}, {},
+                                      timeout_s=float(rec.config["run"]["timeout_s"]),
+                                      down_backoff_s=30.0)
+        stack.callback(backend.close)
+        clocks = backend.connect()
+        self.manifest["clock_offsets"] = {d: {"offset_ms": c.offset_ns / 1e6, "rtt_ms": c.rtt_ms}
+                                          for d, c in clocks.items()}
+        self.backend = backend
+        self.loaded: dict[str, set[str]] = {d: set() for d in eps}
+        self.pushed: dict[str, dict[str, str]] = {d: {} for d in eps}
+        self.runners = {d.name: ssh_runner_for(inv, d) for d in inv.devices}
+        for r in self.runners.values():
+            stack.callback(r.close)
+        pubs = {d: e["pub_endpoint"] for d, e in eps.items() if e.get("pub_endpoint")}
+        feed = StatusFeed(pubs)
+        stack.callback(feed.close)
+        self.feed = feed
+        self.last_sample = 0.0
+
+        bsm = BaseStationModel.from_split_dir(split, backend=TimedBackend(backend))
+        self.bsm = bsm
+        self.reference_model: Any = None
+
+        extra = [f"sweep.{k}" for k in rec.sweep]
+        self.tables = {
+            "requests": stack.enter_context(R.CsvTable(self.run_dir / R.REQUESTS, R.REQUEST_COLUMNS, extra)),
+            "layers": stack.enter_context(R.CsvTable(self.run_dir / R.LAYERS, R.LAYER_COLUMNS, extra)),
+            "calls": stack.enter_context(R.CsvTable(self.run_dir / R.CALLS, R.CALL_COLUMNS, extra)),
+            "devices": stack.enter_context(R.CsvTable(self.run_dir / R.DEVICES, R.DEVICE_COLUMNS)),
+            "summary": stack.enter_context(R.CsvTable(self.run_dir / R.SUMMARY, R.SUMMARY_COLUMNS, extra)),
+        }
+        per_trial = int(rec.config["workload"]["requests"]) * rec.repeats
+        self.progress.start(len(trials), per_trial)
+        for t in trials:
+            self.progress.trial(t.index, f"{t.policy} {t.label}")
+            for rep in range(rec.repeats):
+                self._trial(t, rep)
+
+    def _local_testbed(self, stack: contextlib.ExitStack, devices: int) -> Path:
+        from . import local
+
+        name = self.local_name or f"run{os.getpid() % 100000}"
+        self.progress.message(f"creating local testbed {name} with {devices} devices")
+        stack.callback(local.down, name)
+        info = local.up(name, devices, 1_000_000.0)
+        return Path(info["inventory"])
+
+    def _restore_links(self, shaper: TcShaper, before: Sequence[Any], was_installed: bool) -> None:
+        try:
+            if not was_installed:
+                shaper.clear()
+            else:
+                for s in before:
+                    for direction in ("down", "up"):
+                        kbit = getattr(s, f"{direction}_kbit")
+                        if kbit:
+                            shaper.change(s.device, LinkSpec(kbit), direction)
+        finally:
+            after = shaper.show()
+            self.manifest["links_after"] = {"installed": shaper.is_installed(),
+                                            "links": [s.to_dict() for s in after]}
+
+    # one trial ---------------------------------------------------------------------------
+    def _place(self, policy: Policy) -> dict[str, tuple[str, ...]]:
+        from models.uids import parse_uid
+
+        m = self.mf
+        experts = []
+        for u in m.uids():
+            layer, e = parse_uid(u)
+            experts.append(ExpertInfo(u, layer, e, int(m.experts[u].bytes)))
+        devices = [DeviceInfo(d.name, d.memory_budget_mb, d.hw_class) for d in self.inv.devices]
+        try:
+            placement = policy.place(experts, devices)
+        except Exception as e:  # noqa: BLE001
+            raise PolicyFailed(f"policy {policy.name}: place raised {_one_line(e)}") from e
+        names = {d.name for d in devices}
+        for u in m.uids():
+            ds = placement.get(u)
+            if not ds or any(d not in names for d in ds):
+                raise PolicyFailed(f"policy {policy.name}: place: expert {u} placed on "
+                                   f"{list(ds) if ds else 'no device'} (devices: {', '.join(sorted(names))})")
+        return {u: tuple(ds) for u, ds in placement.items()}
+
+    def _apply_placement(self, placement: Mapping[str, Sequence[str]]) -> None:
+        from . import provision as prov
+
+        for dev in self.inv.devices:
+            want = {u for u, ds in placement.items() if dev.name in ds}
+            have = self.loaded[dev.name]
+            missing = sorted(want - self.pushed[dev.name].keys())
+            if missing:
+                rel, _ = prov.sync_shards(self.runners[dev.name], dev, self.mf, missing)
+                self.pushed[dev.name].update(rel)
+            drop = sorted(have - want)
+            if drop:
+                self.backend.unload_experts(dev.name, drop)
+            add = sorted(want - have)
+            if add:
+                got = self.backend.load_experts(dev.name, [{"uid": u, "path": self.pushed[dev.name][u]}
+                                                           for u in add])
+                if sorted(got) != add:
+                    raise TestbedError(f"{dev.name}: agent loaded {len(got)} of {len(add)} experts")
+            self.loaded[dev.name] = want
+        self.backend.placement = {u: list(ds) for u, ds in placement.items()}
+
+    def _apply_links(self, t: Trial) -> list[dict[str, Any]]:
+        down, up = t.link_kbit()
+        delay, loss = t.link_delay_loss()
+        sh = self.shaper
+        if not sh.is_installed():
+            n = len(self.inv.devices)
+            sh.setup([LinkSpec(down, delay, loss)] * n, [LinkSpec(up, delay, loss)] * n)
+        else:
+            for d in self.inv.devices:
+                sh.change(d.name, LinkSpec(down, delay, loss), "down")
+                sh.change(d.name, LinkSpec(up, delay, loss), "up")
+        return [s.to_dict() for s in sh.show()]
+
+    def _cluster_state(self, placement: Mapping[str, Sequence[str]], rates: Sequence[Mapping]) -> ClusterState:
+        st = ClusterState(placement=dict(placement))
+        st.rate_down_kbit = {r["device"]: r["down_kbit"] for r in rates if r.get("down_kbit")}
+        st.rate_up_kbit = {r["device"]: r["up_kbit"] for r in rates if r.get("up_kbit")}
+        st.devices = dict(self.feed.view)
+        return st
+
+    def _hook(self, policy: Policy, cluster: ClusterState) -> Callable[[Any], Any]:
+        shaper = self.shaper
+
+        def hook(ctx: Any) -> Any:
+            cluster.devices = self.feed.view
+            try:
+                d = policy.select(ctx, cluster)
+                sel = d.selection
+            except Exception as e:  # noqa: BLE001
+                raise PolicyFailed(f"policy {policy.name}: select raised {_one_line(e)}") from e
+            bw = getattr(d, "bandwidth_kbit", None)
+            if bw:
+                for dev, kbit in bw.items():
+                    if cluster.rate_down_kbit.get(dev) != kbit:
+                        shaper.change(dev, LinkSpec(float(kbit)), "both")
+                        cluster.rate_down_kbit[dev] = cluster.rate_up_kbit[dev] = float(kbit)
+            return sel
+
+        return hook
+
+    def _sample_devices(self, trial: int, rates: Mapping[str, Mapping]) -> None:
+        self.feed.poll(0)
+        now = time.monotonic()
+        if now - self.last_sample < float(self.recipe.config["run"]["telemetry_period_s"]):
+            return
+        self.last_sample = now
+        rows = []
+        for dev, st in sorted(self.feed.view.items()):
+            mem = st.get("memory") or {}
+            load = st.get("load") or {}
+            power = st.get("power_w")
+            rows.append({"run_id": self.run_id, "trial": trial, "time_s": now - self.t0, "device": dev,
+                         "power_w": power if isinstance(power, (int, float)) else None,
+                         "energy_j": st.get("energy_j"),
+                         "energy_source": st.get("energy_source") or ("measured" if power else "unavailable"),
+                         "memory_used_mb": (mem.get("rss_bytes") or 0) / 2**20 if mem.get("rss_bytes") else None,
+                         "memory_free_mb": (mem.get("available_bytes") or 0) / 2**20 if mem.get("available_bytes") else None,
+                         "utilisation": load.get("loadavg_1m"),
+                         "experts_loaded": len(st.get("experts") or {}),
+                         "rate_down_kbit": rates.get(dev, {}).get("down_kbit"),
+                         "rate_up_kbit": rates.get(dev, {}).get("up_kbit")})
+        if rows:
+            self.tables["devices"].write_many(rows)
+
+    def _reference(self, req: Request) -> tuple[int, ...]:
+        """Single-process top-k output of the same model (synthetic workload's answer key)."""
+        from models.runtime import BaseStationModel
+
+        if self.reference_model is None:
+            self.reference_model = BaseStationModel.from_split_dir(self.split)
+        g = self.reference_model.generate_greedy([list(req.prompt)], req.max_new_tokens,
+                                                 req.eos_token_id, req.pad_token_id)
+        return tuple(g.tokens[0])
+
+    def _trial(self, t: Trial, rep: int) -> None:
+        from .report import summary_row
+
+        rec = self.recipe
+        policy = load_policy(rec.policy_spec(t.policy), t.config["policy"]["params"],
+                             f"{rec.path}: policy.params")
+        key = {"run_id": self.run_id, "trial": t.index, "point": t.label, "policy": policy.name,
+               "repeat": rep, **{f"sweep.{k}": v for k, v in t.point.items()}}
+        placement = self._place(policy)
+        self._apply_placement(placement)
+        links = self._apply_links(t)
+        rates = {r["device"]: r for r in links}
+        self.manifest["trials"].append({"trial": t.index, "repeat": rep, "point": t.point,
+                                        "policy": policy.describe(), "links_enforced": links,
+                                        "placement": {u: list(ds) for u, ds in placement.items()}})
+        self._save_manifest()
+        cluster = self._cluster_state(placement, links)
+        self.bsm.policy = self._hook(policy, cluster)
+        reqs = make_workload(t, self.mf, rec.seed + rep)
+        t_req_rows: list[dict] = []
+        t_layer_rows: list[dict] = []
+        t_call_rows: list[dict] = []
+        for q in reqs:
+            self._sample_devices(t.index, rates)
+            row, lrows, crows = self._request(q, key, placement)
+            self.tables["layers"].write_many(lrows)
+            self.tables["calls"].write_many(crows)
+            self.tables["requests"].write(row)
+            t_req_rows.append(row)
+            t_layer_rows.extend(lrows)
+            t_call_rows.extend(crows)
+            self.requests_done += 1
+            self.progress.request()
+        summ = {**key, **summary_row(t_req_rows, t_layer_rows, t_call_rows)}
+        self.tables["summary"].write(summ)
+        self.summaries.append(summ)
+
+    def _request(self, q: Request, key: Mapping[str, Any], placement: Mapping[str, Sequence[str]]
+                 ) -> tuple[dict, list[dict], list[dict]]:
+        bsm = self.bsm
+        step_end: dict[int, float] = {}
+        bsm.start_recording()
+        bsm.pop_records()
+        t0 = time.perf_counter()
+
+        def on_step(s: int) -> None:
+            step_end[s] = time.perf_counter()
+
+        status, error = "ok", ""
+        try:
+            gen = bsm.generate_greedy([list(q.prompt)], q.max_new_tokens, q.eos_token_id,
+                                      q.pad_token_id, on_step=on_step)
+            out = tuple(gen.tokens[0])
+        finally:
+            t_end = time.perf_counter()
+            records = bsm.pop_records()
+            bsm.stop_recording()
+        step_start = {0: t0, **{s + 1: v for s, v in step_end.items()}}
+        rkey = {**key, "request": q.index}
+        lrows, crows, tot = rows_for_request(records, rkey, step_start, placement)
+        ref = q.reference if q.reference is not None else self._reference(q)
+        matched = sum(1 for a, b in zip(out, ref) if a == b)
+        if tot["failed_experts"]:
+            status = "degraded"
+        n_out = len(out)
+        ttft = (step_end.get(0, t_end) - t0) * 1e3
+        total = (t_end - t0) * 1e3
+        row = {**rkey, "task": q.task, "prompt_tokens": len(q.prompt), "output_tokens": n_out,
+               "ttft_ms": ttft, "tpot_ms": (total - ttft) / (n_out - 1) if n_out > 1 else None,
+               "total_ms": total, "correct": int(out == ref), "score": matched / max(1, len(ref)),
+               "experts_per_token": tot["expert_slots"] / tot["token_layers"] if tot["token_layers"] else None,
+               "bytes_down": tot["bytes_down"], "bytes_up": tot["bytes_up"], "calls": tot["calls"],
+               "calls_failed": tot["calls_failed"], "calls_rerouted": tot["calls_rerouted"],
+               "energy_j": None, "energy_source": "unavailable", "status": status, "error": error}
+        return row, lrows, crows
+
+
+def run_recipe(recipe: Recipe, inventory: Path | None = None, out: Path = Path("results"),
+               progress: Progress | None = None, local_name: str | None = None) -> RunResult:
+    """Run ``recipe``; returns the run's folder and status.
+
+    Raises
+    ------
+    RunFailed
+        On any error (the run folder's manifest says ``failed`` and why; rows written stay).
+    KeyboardInterrupt
+        Re-raised after the manifest says ``interrupted`` and links are restored.
+    """
+    return Runner(recipe, inventory, out, progress, local_name).run()
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / R.MANIFEST).read_text())
