@@ -1,0 +1,116 @@
+"""Recipes (TOML → checked config + sweep grid) and the results writer."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from testbed import results as R
+from testbed.errors import ConfigError
+from testbed.recipe import load_recipe, parse_override
+
+ROOT = Path(__file__).resolve().parents[2]
+
+GOOD = """
+[recipe]
+name = "t"
+seed = 3
+repeats = 2
+[model]
+path = "tiny"
+[policy]
+name = "topk"
+[policy.params]
+placement = "random"
+[links]
+rate = "2mbit"
+rate_up = "1mbit"
+[workload]
+requests = 4
+[sweep]
+"links.rate" = ["2mbit", "20mbit"]
+"policy.name" = ["topk", "top1"]
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "r.toml"
+    p.write_text(text)
+    return p
+
+
+def test_good_recipe_grid_and_defaults(tmp_path):
+    r = load_recipe(_write(tmp_path, GOOD))
+    assert (r.name, r.seed, r.repeats) == ("t", 3, 2)
+    ts = r.trials()
+    assert [t.label for t in ts] == ["links.rate=2mbit policy.name=topk", "links.rate=2mbit policy.name=top1",
+                                     "links.rate=20mbit policy.name=topk", "links.rate=20mbit policy.name=top1"]
+    assert ts[2].link_kbit() == (20000.0, 1000.0)  # rate_up stays fixed, rate is swept
+    assert ts[1].policy == "top1" and ts[1].config["policy"]["params"] == {"placement": "random"}
+    assert ts[0].config["run"]["timeout_s"] == 5.0  # default filled in
+    assert ts[0].config["workload"]["task"] == "tiny"
+
+
+def test_every_problem_named_with_file_and_key(tmp_path):
+    p = _write(tmp_path, GOOD.replace('rate_up = "1mbit"', 'rate_up = "fast"\nburst = 3')
+               .replace("requests = 4", "requests = 0\ntask = \"chess\"") + '"nope.x" = [1]\n"links.loss" = []\n')
+    with pytest.raises(ConfigError) as ei:
+        load_recipe(p)
+    probs = ei.value.problems
+    assert len(probs) == 6, probs
+    assert all(x.startswith(str(p)) for x in probs)
+    joined = "\n".join(probs)
+    for needle in ("links.rate_up", "links.burst: unknown key", "workload.requests", "workload.task",
+                   "nope.x: unknown table", "sweep.links.loss: must be a non-empty list"):
+        assert needle in joined, needle
+
+
+def test_unknown_table_bad_toml_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"r.toml: trainer: unknown table"):
+        load_recipe(_write(tmp_path, "[trainer]\nx = 1\n"))
+    with pytest.raises(ConfigError, match=r"r.toml: not valid TOML"):
+        load_recipe(_write(tmp_path, "[recipe\n"))
+    with pytest.raises(ConfigError, match=r"no such recipe file"):
+        load_recipe(tmp_path / "missing.toml")
+
+
+def test_overrides(tmp_path):
+    p = _write(tmp_path, GOOD)
+    r = load_recipe(p, ["workload.requests=7", "links.rate=\"5mbit\"", "sweep.policy.name=[\"top1\"]"])
+    ts = r.trials()
+    assert len(ts) == 1 and ts[0].config["workload"]["requests"] == 7
+    assert ts[0].link_kbit()[0] == 5000.0 and ts[0].policy == "top1"
+    assert parse_override("links.rate=2mbit") == ("links.rate", "2mbit")
+    assert parse_override("workload.requests=3") == ("workload.requests", 3)
+    with pytest.raises(ConfigError, match=r"--set: workload.requests: must be an integer"):
+        load_recipe(p, ["workload.requests=-1"])
+    with pytest.raises(ConfigError, match=r"--set: 'oops': expected key=value"):
+        load_recipe(p, ["oops"])
+
+
+def test_packaged_compare_recipe_is_valid():
+    r = load_recipe(ROOT / "recipes" / "compare.toml")
+    pols = {t.policy for t in r.trials()}
+    rates = {t.link_kbit()[0] for t in r.trials()}
+    assert pols == {"topk", "top1"} and len(rates) == 2 and r.model_spec() == "tiny"
+
+
+def test_csv_table_flushes_each_row_and_rejects_unknown_columns(tmp_path):
+    path = tmp_path / "x.csv"
+    t = R.CsvTable(path, R.CALL_COLUMNS, ["sweep.links.rate"])
+    t.write({"run_id": "r", "trial": 0, "expert": "L0.E1", "network_ms": 1.23456789, "compute_ms": None,
+             "sweep.links.rate": "2mbit", "tokens": float("nan")})
+    # readable before close: the row is on disk
+    rows = list(csv.DictReader(open(path)))
+    assert rows[0]["expert"] == "L0.E1" and rows[0]["network_ms"] == "1.234568"
+    assert rows[0]["compute_ms"] == "" and rows[0]["tokens"] == ""
+    assert rows[0]["sweep.links.rate"] == "2mbit"
+    with pytest.raises(ValueError):
+        t.write({"no_such_column": 1})
+    t.close()
+    # re-opening appends without a second header
+    with R.CsvTable(path, R.CALL_COLUMNS, ["sweep.links.rate"]) as t2:
+        t2.write({"run_id": "r2"})
+    assert [r["run_id"] for r in R.read_csv(path)] == ["r", "r2"]
