@@ -111,6 +111,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _quiet_transformers() -> None:
+    """transformers' deprecation chatter (per forward step) would drown the progress bar."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 # ---- workload -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Request:
@@ -334,22 +347,22 @@ class Runner:
         from .remote_backend import RemoteExpertBackend, StatusFeed
 
         rec = self.recipe
+        # check what can be checked before touching anything: model and every trial's policy
+        split = resolve_split(rec.model_spec(), where=f"{rec.path}: model.path")
+        for t in trials:
+            load_policy(rec.policy_spec(t.policy), t.config["policy"]["params"],
+                        f"{rec.path}: policy.params")
         inv_path = self.inventory_path
         if inv_path is None:
             inv_path = self._local_testbed(stack, int(rec.config["run"]["devices"]))
         inv = load_inventory(inv_path)
         self.inv = inv
         self.manifest["inventory"] = {"path": str(inv_path), **inv.to_dict()}
-        split = resolve_split(rec.model_spec(), where=f"{rec.path}: model.path")
         m = load_manifest(split)
         self.split, self.mf = split, m
         self.manifest["model"] = {"path": str(split), "family": m.family, "model_type": m.model_type,
                                   "manifest_sha256": _sha256(split / "manifest.json"),
                                   "moe_layers": list(m.moe_layers), "experts": len(m.uids())}
-        # check every trial's policy before touching anything
-        for t in trials:
-            load_policy(rec.policy_spec(t.policy), t.config["policy"]["params"],
-                        f"{rec.path}: policy.params")
         self._save_manifest()
 
         # links: remember, restore on the way out
@@ -390,6 +403,7 @@ class Runner:
         self.feed = feed
         self.last_sample = 0.0
 
+        _quiet_transformers()
         bsm = BaseStationModel.from_split_dir(split, backend=TimedBackend(backend))
         self.bsm = bsm
         self.reference_model: Any = None
