@@ -512,6 +512,9 @@ class Runner:
         return st
 
     def _hook(self, policy: Policy, cluster: ClusterState) -> Callable[[Any], Any]:
+        from models.errors import ModelError
+        from models.routing import validate_selection
+
         shaper = self.shaper
 
         def hook(ctx: Any) -> Any:
@@ -521,6 +524,11 @@ class Runner:
                 sel = d.selection
             except Exception as e:  # noqa: BLE001
                 raise PolicyFailed(f"policy {policy.name}: select raised {_one_line(e)}") from e
+            try:
+                sel = validate_selection(sel, ctx.num_tokens, ctx.num_experts)
+            except (ModelError, AttributeError) as e:
+                raise PolicyFailed(f"policy {policy.name}: select returned a bad selection at layer "
+                                   f"{ctx.layer}: {e}") from e
             bw = getattr(d, "bandwidth_kbit", None)
             if bw:
                 for dev, kbit in bw.items():

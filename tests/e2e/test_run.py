@@ -1,0 +1,253 @@
+"""The experiment path through the real CLI: local testbed, provisioning over SSH, `testbed run`
+of a swept recipe against agents in namespaces over tc-shaped links, the results folder, faults.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from testbed import results as R
+from testbed.links import TcShaper
+from testbed.runner import LocalRunner
+from tests.conftest import leftovers, needs_testbed, run_cli, unique_name
+
+pytestmark = [needs_testbed, pytest.mark.root]
+
+RECIPE = """
+[recipe]
+name = "e2e"
+seed = 1
+[model]
+path = "tiny"
+[workload]
+task = "tiny"
+requests = {requests}
+[run]
+timeout_s = {timeout}
+[sweep]
+"links.rate" = ["1mbit", "100mbit"]
+"policy.name" = {policies}
+"""
+
+
+def _recipe(tmp_path: Path, requests: int = 5, timeout: float = 5.0,
+            policies: str = '["topk", "top1"]', name: str = "r.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(RECIPE.format(requests=requests, timeout=timeout, policies=policies))
+    return p
+
+
+def _cli(env, *args, timeout=300):
+    return run_cli(*args, env=env, timeout=timeout)
+
+
+def _up(env, tmp_path, devices=3):
+    name = unique_name("r")
+    inv = tmp_path / f"{name}.inventory.toml"
+    res = _cli(env, "local", "up", "--devices", str(devices), "--name", name, "--rate", "1gbit",
+               "--inventory-out", str(inv))
+    assert res.returncode == 0, res.stderr
+    return name, inv
+
+
+def _tc_rates(inv_path: Path) -> dict[str, tuple]:
+    from testbed.inventory import load_inventory
+
+    inv = load_inventory(inv_path)
+    sh = TcShaper(LocalRunner(host="bs"), inv.bs.interface, inv.bs.ifb, [d.host for d in inv.devices],
+                  [d.name for d in inv.devices])
+    return {s.device: (s.down_kbit, s.up_kbit) for s in sh.show()}
+
+
+def _only_run_dir(out: Path) -> Path:
+    dirs = [p for p in out.iterdir() if p.is_dir()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def test_provision_run_sweep_results_and_down(state_dir, tmp_path):
+    env = {"TESTBED_STATE_DIR": str(state_dir)}
+    name, inv = _up(env, tmp_path)
+    try:
+        first = _cli(env, "provision", str(inv), "--model", "tiny", "--format", "json")
+        assert first.returncode == 0, first.stderr
+        second = _cli(env, "provision", str(inv), "--model", "tiny", "--format", "json")
+        assert second.returncode == 0, second.stderr
+        rows2 = json.loads(second.stdout)
+        rows2 = rows2.get("devices", rows2) if isinstance(rows2, dict) else rows2
+        assert len(rows2) == 3 and all(r["ok"] and not r["changed"] for r in rows2), rows2
+        before = _tc_rates(inv)
+
+        out = tmp_path / "results"
+        res = _cli(env, "run", str(_recipe(tmp_path)), "--inventory", str(inv), "--out", str(out),
+                   "--format", "json")
+        assert res.returncode == 0, res.stderr
+        summary = json.loads(res.stdout)
+        run_dir = _only_run_dir(out)
+        assert summary["status"] == "completed" and Path(summary["run_dir"]) == run_dir
+
+        man = json.loads((run_dir / R.MANIFEST).read_text())
+        assert man["status"] == "completed" and man["error"] is None and man["git_commit"]
+        assert man["links_before"]["links"] and man["links_after"]["links"]
+        assert {t["links_enforced"][0]["down_kbit"] for t in man["trials"]} == {1000.0, 100000.0}
+        assert set(man["clock_offsets"]) == {"dev1", "dev2", "dev3"}
+        # links are restored to what they were before the run
+        assert _tc_rates(inv) == before
+
+        sweep = ["sweep.links.rate", "sweep.policy.name"]
+        files = {R.REQUESTS: R.REQUEST_COLUMNS, R.LAYERS: R.LAYER_COLUMNS, R.CALLS: R.CALL_COLUMNS,
+                 R.SUMMARY: R.SUMMARY_COLUMNS}
+        for fname, cols in files.items():
+            header = (run_dir / fname).read_text().splitlines()[0].split(",")
+            assert header == list(cols) + sweep, fname
+        assert (run_dir / R.DEVICES).read_text().splitlines()[0].split(",") == list(R.DEVICE_COLUMNS)
+
+        reqs = R.read_csv(run_dir / R.REQUESTS)
+        calls = R.read_csv(run_dir / R.CALLS)
+        layers = R.read_csv(run_dir / R.LAYERS)
+        assert len(reqs) == 4 * 5  # one row per request: 2 rates x 2 policies x 5 requests
+        assert {(r["policy"], r["sweep.links.rate"]) for r in reqs} == \
+            {(p, r) for p in ("topk", "top1") for r in ("1mbit", "100mbit")}
+        # one row per expert call, and they add up to the requests' counts
+        per_req: dict[tuple, int] = {}
+        for c in calls:
+            per_req[(c["trial"], c["request"])] = per_req.get((c["trial"], c["request"]), 0) + 1
+        assert all(per_req[(r["trial"], r["request"])] == int(r["calls"]) for r in reqs)
+        assert all(c["status"] == "ok" and float(c["network_ms"]) > 0 for c in calls)
+        assert {c["device"] for c in calls} == {"dev1", "dev2", "dev3"}
+        # the model really ran: top-k answers the tiny task, and top-1 uses one expert per token
+        topk = [r for r in reqs if r["policy"] == "topk"]
+        top1 = [r for r in reqs if r["policy"] == "top1"]
+        assert sum(int(r["correct"]) for r in topk) >= 4 * len(topk) // 5
+        assert all(float(r["experts_per_token"]) == 2.0 for r in topk)
+        assert all(float(r["experts_per_token"]) == 1.0 for r in top1)
+
+        def share(rate: str) -> float:
+            ls = [x for x in layers if x["sweep.links.rate"] == rate and x["critical_path_ms"]]
+            return sum(float(x["critical_network_ms"]) for x in ls) / sum(float(x["critical_path_ms"]) for x in ls)
+
+        slow, fast = share("1mbit"), share("100mbit")
+        assert slow > fast, (slow, fast)
+        summ = R.read_csv(run_dir / R.SUMMARY)
+        assert len(summ) == 4 and all(int(s["requests"]) == 5 for s in summ)
+
+        rep = _cli(env, "report", str(run_dir), "--format", "json")
+        assert rep.returncode == 0, rep.stderr
+        assert list((run_dir / "plots").glob("*.png")) or "png" in rep.stdout
+    finally:
+        down = _cli(env, "local", "down", "--name", name)
+    assert down.returncode == 0, down.stderr
+    assert leftovers(name) == {"netns": [], "links": [], "processes": []}
+
+
+BOOM = """
+from testbed.policy import Policy
+
+class Boom(Policy):
+    \"\"\"Raises on its third selection.\"\"\"
+    name = "boom"
+
+    def __init__(self, placement="round-robin", seed=0):
+        super().__init__(placement, seed)
+        self.n = 0
+
+    def select(self, ctx, cluster=None):
+        self.n += 1
+        if self.n == 3:
+            raise RuntimeError("boom at selection 3")
+        from models.routing import TopKSelection
+        from testbed.policy import Decision
+        return Decision(TopKSelection()(ctx))
+"""
+
+
+def test_bad_input_and_faults(state_dir, tmp_path):
+    env = {"TESTBED_STATE_DIR": str(state_dir)}
+    out = tmp_path / "results"
+    # malformed recipe: one line, exit 2, nothing created
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[workload]\nrequests = "many"\n')
+    res = _cli(env, "run", str(bad), "--out", str(out))
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [f"error: {bad}: workload.requests: must be an integer "
+                                               "in 1..100000, not 'many'"]
+    assert not out.exists()
+
+    name, inv = _up(env, tmp_path)
+    try:
+        # unknown policy name: lists the valid ones; the run folder's manifest says why it failed
+        res = _cli(env, "run", str(_recipe(tmp_path, policies='["topk", "nosuch"]')), "--inventory",
+                   str(inv), "--out", str(out / "a"))
+        assert res.returncode == 2, res.stderr
+        err = res.stderr.strip().splitlines()
+        assert len(err) == 1 and "nosuch" in err[0] and "topk" in err[0], err
+        man = json.loads((_only_run_dir(out / "a") / R.MANIFEST).read_text())
+        assert man["status"] == "failed" and "nosuch" in man["error"]
+
+        assert _cli(env, "provision", str(inv), "--model", "tiny").returncode == 0
+        before = _tc_rates(inv)
+        # a policy that raises mid-run: one line naming it, non-zero, rows so far kept, links restored
+        (tmp_path / "boom.py").write_text(BOOM)
+        res = _cli(env, "run", str(_recipe(tmp_path, policies='["boom.py:Boom"]')), "--inventory", str(inv),
+                   "--out", str(out / "b"))
+        assert res.returncode == 8, res.stderr
+        err = res.stderr.strip().splitlines()
+        assert len(err) == 1 and "policy boom: select raised RuntimeError: boom at selection 3" in err[0], err
+        run_dir = _only_run_dir(out / "b")
+        man = json.loads((run_dir / R.MANIFEST).read_text())
+        assert man["status"] == "failed" and "boom at selection 3" in man["error"]
+        assert man["links_after"] is not None
+        assert _tc_rates(inv) == before
+
+        # an agent killed mid-run: the run completes, its rows say which calls failed
+        st = _cli(env, "agents", "status", str(inv), "--format", "json")
+        assert st.returncode == 0, st.stderr
+        agents = json.loads(st.stdout)
+        agents = agents.get("devices", agents) if isinstance(agents, dict) else agents
+        victim = next(a for a in agents if a.get("device", a.get("name")) == "dev2")
+        pid = int(victim["pid"])
+        recipe = _recipe(tmp_path, requests=12, timeout=1.0, policies='["topk"]', name="kill.toml")
+        proc_out = out / "c"
+        killed = threading.Event()
+
+        def killer():
+            deadline = time.monotonic() + 200
+            while time.monotonic() < deadline:
+                rows = R.read_csv(next(iter(proc_out.glob("*/requests.csv")), proc_out / "none"))
+                if len(rows) >= 3:
+                    import os
+                    import signal
+
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+                    assert b"device_agent" in cmd
+                    os.kill(pid, signal.SIGKILL)
+                    killed.set()
+                    return
+                time.sleep(0.05)
+
+        th = threading.Thread(target=killer, daemon=True)
+        th.start()
+        res = _cli(env, "run", str(recipe), "--inventory", str(inv), "--out", str(proc_out),
+                   "--format", "json")
+        th.join(5)
+        assert killed.is_set()
+        assert res.returncode == 0, res.stderr
+        run_dir = _only_run_dir(proc_out)
+        reqs = R.read_csv(run_dir / R.REQUESTS)
+        calls = R.read_csv(run_dir / R.CALLS)
+        assert len(reqs) == 2 * 12
+        bad_calls = [c for c in calls if c["status"] not in ("ok", "rerouted")]
+        assert bad_calls and {c["device"] for c in bad_calls} == {"dev2"}
+        assert all(c["status"] == "ok" for c in calls if c["device"] != "dev2")
+        assert {c["status"] for c in bad_calls} <= {"timeout", "unreachable", "skipped", "error"}
+        assert any(r["status"] == "degraded" and int(r["calls_failed"]) > 0 for r in reqs)
+        assert all(r["status"] == "ok" for r in reqs[:3])
+    finally:
+        down = _cli(env, "local", "down", "--name", name)
+    assert down.returncode == 0, down.stderr
+    assert leftovers(name) == {"netns": [], "links": [], "processes": []}
