@@ -37,6 +37,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 << 20
 _SNDMORE = int(zmq.SNDMORE)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
+_RCVMORE = int(zmq.RCVMORE)
+_NOBLOCK = int(zmq.NOBLOCK)
+_RCVTIMEO = int(zmq.RCVTIMEO)
 #: frames at least this large are sent zero-copy; smaller ones are copied: a zero-copy frame is
 #: released through pyzmq's garbage-collector thread (a wakeup + the GIL per frame), which on a
 #: busy host costs more than a memcpy of several MiB
@@ -125,13 +128,18 @@ def read_power_w() -> float | None:
     return total_uw / 1e6 if found else None
 
 
-@dataclass
 class _Pending:
-    envelope: list[Any]
-    frames: list[zmq.Frame]
-    recv_ns: int
-    recv_perf: float
-    nbytes: int
+    """A received request waiting in the agent's queue (slots: built once per request)."""
+
+    __slots__ = ("envelope", "frames", "recv_ns", "recv_perf", "nbytes")
+
+    def __init__(self, envelope: list[Any], frames: list[Any], recv_ns: int, recv_perf: float,
+                 nbytes: int) -> None:
+        self.envelope = envelope
+        self.frames = frames  #: header (bytes) then the tensor frames (zmq.Frame)
+        self.recv_ns = recv_ns
+        self.recv_perf = recv_perf
+        self.nbytes = nbytes
 
 
 @dataclass
@@ -310,17 +318,20 @@ class AgentServer:
         return {"unloaded": done, "errors": errors}
 
     # ---- forward -------------------------------------------------------------------------
-    def _op_forward(self, h: dict[str, Any], frames: list[zmq.Frame], item: _Pending
+    def _op_forward(self, h: dict[str, Any], body: list[Any], item: _Pending
                     ) -> tuple[dict[str, Any], list[Any]]:
+        """Run the experts of one request; ``body`` is [header, tensor frames...]."""
         descs = h.get("t")
         if not isinstance(descs, list):
             raise ProtocolError(ErrorCode.BAD_HEADER, "forward: 't' must be a list")
-        if len(descs) != len(frames):
-            raise ProtocolError(ErrorCode.BAD_FRAMES, f"{len(descs)} tensors declared, {len(frames)} frames sent")
+        n = len(descs)
+        if n != len(body) - 1:
+            raise ProtocolError(ErrorCode.BAD_FRAMES, f"{n} tensors declared, {len(body) - 1} frames sent")
         timeout_ms = h.get("timeout_ms")
         if timeout_ms is not None and (isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float))):
             raise ProtocolError(ErrorCode.BAD_HEADER, "forward: timeout_ms must be a number")
-        start = time.perf_counter()
+        perf = time.perf_counter
+        start = perf()
         queue_ms = (start - item.recv_perf) * 1e3
         errors: dict[str, list[Any]] = {}
         if timeout_ms is not None and queue_ms > timeout_ms:
@@ -328,8 +339,11 @@ class AgentServer:
         out_desc: list[list[Any]] = []
         out_bufs: list[Any] = []
         uid_ms: dict[str, float] = {}
+        experts = self.experts
         seen: set[str] = set()
-        for i, (desc, fr) in enumerate(zip(descs, frames)):
+        for i in range(n):
+            desc = descs[i]
+            fr = body[i + 1]
             key = f"#{i}"
             try:
                 uid, dt, shape = P.check_descriptor(desc)
@@ -337,7 +351,7 @@ class AgentServer:
                 if uid in seen:
                     raise ProtocolError(ErrorCode.BAD_HEADER, f"uid {uid} sent twice")
                 seen.add(uid)
-                e = self.experts.get(uid)
+                e = experts.get(uid)
                 if e is None:
                     raise ProtocolError(ErrorCode.UNKNOWN_EXPERT, f"expert {uid} is not loaded here")
                 if dt != e.io_dtype:
@@ -346,26 +360,32 @@ class AgentServer:
                     raise ProtocolError(ErrorCode.SHAPE_MISMATCH,
                                         f"{uid}: got {list(shape)}, expert takes [n, {e.hidden_size}]")
                 x = P.frame_tensor(fr.buffer, dt, shape)
-                t0 = time.perf_counter()
+                t0 = perf()
                 try:
                     y = e.kernel(x) if shape[0] else x
                 except Exception as err:
                     raise ProtocolError(ErrorCode.INTERNAL, f"{uid}: {type(err).__name__}: {err}") from None
-                if tuple(y.shape) != shape or y.dtype != x.dtype:
+                ms = (perf() - t0) * 1e3
+                if y is not x and (tuple(y.shape) != shape or y.dtype != x.dtype):
                     raise ProtocolError(ErrorCode.INTERNAL, f"{uid}: expert returned {y.dtype}{list(y.shape)}")
-                ms = (time.perf_counter() - t0) * 1e3
                 e.calls += 1
                 e.rows += shape[0]
                 e.compute_ms += ms
                 uid_ms[uid] = ms
                 self.counters.rows += shape[0]
-                out_desc.append([uid, dt, list(shape)])
-                out_bufs.append(P.tensor_buffer(y))
+                out_desc.append(desc)  # == [uid, dt, [rows, cols]] (checked above)
+                # the input's own bytes (an expert that returned its input or a contiguous view of
+                # it): send the received frame back as it is, shared with libzmq, not copied
+                if y is x or (shape[0] and y.data_ptr() == x.data_ptr() and y.is_contiguous()
+                              and y.device.type == "cpu"):
+                    out_bufs.append(fr)
+                else:
+                    out_bufs.append(P.tensor_buffer(y))
             except ProtocolError as err:
                 errors[key[:64]] = [int(err.code), err.message]
                 self._count_error(err.code)
         self.counters.forward_calls += 1
-        compute_ms = (time.perf_counter() - start) * 1e3
+        compute_ms = (perf() - start) * 1e3
         return ({"t": out_desc, "errors": errors, "queue_ms": queue_ms, "compute_ms": compute_ms,
                  "uid_ms": uid_ms}, out_bufs)
 
@@ -374,16 +394,42 @@ class AgentServer:
         self.counters.errors += 1
         self.counters.by_code[int(code)] = self.counters.by_code.get(int(code), 0) + 1
 
-    def _split(self, msg: list[zmq.Frame]) -> tuple[list[Any], list[zmq.Frame]]:
-        """Envelope (identity + optional empty delimiter) and the body frames."""
-        if len(msg) >= 2 and len(msg[1]) == 0:
-            return msg[:2], msg[2:]
-        return msg[:1], msg[1:]
+    def _recv(self, flags: int) -> _Pending:
+        """Receive one whole request (raises ``zmq.Again`` when none came within ``flags`` /
+        ``RCVTIMEO``): envelope (identity + optional empty delimiter), then the body frames.
+
+        Frame by frame with ``Frame.more`` (recv_multipart asks the socket for ``RCVMORE`` per
+        part, a Python-level call each); the header is kept as ``bytes``, tensor frames as
+        ``zmq.Frame`` (their buffers are viewed, and sent back as they are when an expert
+        returns its input)."""
+        recv = self.sock.recv
+        fr = recv(flags, copy=False)
+        env: list[Any] = [fr.bytes]
+        body: list[Any] = []
+        nbytes = 0
+        if fr.more:
+            fr = recv(0, copy=False)
+            hb = fr.bytes
+            if not hb:  # the optional empty delimiter (a REQ-style peer)
+                env.append(hb)
+                if fr.more:
+                    fr = recv(0, copy=False)
+                    hb = fr.bytes
+                else:
+                    hb = None
+            if hb is not None:
+                body.append(hb)
+                nbytes = len(hb)
+                while fr.more:
+                    fr = recv(0, copy=False)
+                    body.append(fr)
+                    nbytes += len(fr)
+        return _Pending(env, body, time.time_ns(), time.perf_counter(), nbytes)
 
     def handle(self, item: _Pending) -> None:
         """Process one queued request and send its reply."""
         self.counters.requests += 1
-        env, body = item.envelope, item.frames
+        body = item.frames
         rid: Any = None
         bufs: list[Any] = []
         try:
@@ -392,27 +438,30 @@ class AgentServer:
                                     f"message of {item.nbytes} bytes > limit {self.max_message_bytes}")
             if not body:
                 raise ProtocolError(ErrorCode.BAD_HEADER, "no header frame")
-            h = P.unpack(body[0].buffer)
+            h = P.unpack(body[0])
             rid = h.get("id")
             op = h.get("op")
-            if op not in P.OPS:
-                raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op {str(op)[:40]!r}; use one of {list(P.OPS)}")
-            if op != "forward" and len(body) > 1:
-                raise ProtocolError(ErrorCode.BAD_FRAMES, f"op {op} takes no data frames")
-            if op == "ping":
-                fields: dict[str, Any] = {}
-            elif op == "status":
-                fields = {"status": self.status()}
-            elif op == "load":
-                fields = self._op_load(h)
-            elif op == "unload":
-                fields = self._op_unload(h)
-            elif op == "shutdown":
-                fields = {}
-                self._stop = True
+            if op == "forward":
+                fields, bufs = self._op_forward(h, body, item)
             else:
-                fields, bufs = self._op_forward(h, body[1:], item)
-            reply = P.reply_header(rid, ErrorCode.OK, None, t1_ns=item.recv_ns, **fields)
+                if op not in P.OPS:
+                    raise ProtocolError(ErrorCode.UNKNOWN_OP,
+                                        f"unknown op {str(op)[:40]!r}; use one of {list(P.OPS)}")
+                if len(body) > 1:
+                    raise ProtocolError(ErrorCode.BAD_FRAMES, f"op {op} takes no data frames")
+                if op == "ping":
+                    fields = {}
+                elif op == "status":
+                    fields = {"status": self.status()}
+                elif op == "load":
+                    fields = self._op_load(h)
+                elif op == "unload":
+                    fields = self._op_unload(h)
+                else:  # shutdown
+                    fields = {}
+                    self._stop = True
+            # rid is an int or None here (unpack checked it)
+            reply = {"v": P.PROTOCOL_VERSION, "id": rid, "code": 0, "t1_ns": item.recv_ns, **fields}
         except ProtocolError as err:
             self._count_error(err.code)
             reply = P.reply_header(rid, err.code, err.message, t1_ns=item.recv_ns)
@@ -425,31 +474,31 @@ class AgentServer:
         reply["t2_ns"] = time.time_ns()
         try:
             # frame by frame with plain int flags (send_multipart's enum arithmetic costs more than
-            # the send); small frames copied, only large ones zero-copy (a Frame costs more)
+            # the send); small frames copied, large ones zero-copy; a received frame sent back as
+            # it is (an expert that returned its input) is shared with libzmq, never copied
             send = self.sock.send
-            for f in env:
+            for f in item.envelope:
                 send(f, _SNDMORE)
-            hb = P.pack(reply)
             if not bufs:
-                send(hb, 0)
+                send(P.pack(reply), 0)
             else:
-                send(hb, _SNDMORE)
+                send(P.pack(reply), _SNDMORE)
                 last = len(bufs) - 1
                 for i, b in enumerate(bufs):
-                    send(b, 0 if i == last else _SNDMORE, copy=len(b) < _ZEROCOPY_MIN)
+                    send(b, 0 if i == last else _SNDMORE,
+                         copy=not (b.__class__ is zmq.Frame or len(b) >= _ZEROCOPY_MIN))
         except zmq.ZMQError as err:  # peer gone or envelope invalid: nothing to reply to
             log.warning("reply not sent: %s", err)
 
     def _drain(self) -> None:
+        """Queue every request that has already arrived (no waiting)."""
         # EVENTS first: cheaper than provoking zmq.Again on the hot path
-        while len(self.queue) < self.max_queue and self.sock.getsockopt(_EVENTS) & _POLLIN:
+        queue, sock = self.queue, self.sock
+        while len(queue) < self.max_queue and sock.getsockopt(_EVENTS) & _POLLIN:
             try:
-                msg = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                queue.append(self._recv(_NOBLOCK))
             except zmq.Again:
                 return
-            now_ns, now_perf = time.time_ns(), time.perf_counter()
-            env, body = self._split(msg)
-            self.queue.append(_Pending(env, body, now_ns, now_perf, sum(len(f) for f in body)))
 
     def publish_status(self) -> None:
         if self.pub_sock is not None:
@@ -464,22 +513,33 @@ class AgentServer:
         self._stop = True
 
     def serve_forever(self, poll_ms: int = 100) -> None:
-        """Serve until ``shutdown``/:meth:`stop`/SIGTERM; then close cleanly."""
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
+        """Serve until ``shutdown``/:meth:`stop`/SIGTERM; then close cleanly.
+
+        With an empty queue the loop blocks in the socket's own receive (``RCVTIMEO`` bounds
+        the wait: no poller, no extra readiness check per request); after each receipt it
+        queues whatever else has arrived, then handles the oldest request."""
+        sock, queue = self.sock, self.queue
+        timeo = -2
         next_pub = time.monotonic()
         try:
             while not self._stop:
-                if not self.queue:
+                if not queue:
                     wait_ms = poll_ms
                     if self.pub_sock is not None:
                         wait_ms = max(0, min(wait_ms, int((next_pub - time.monotonic()) * 1e3)))
-                    if poller.poll(wait_ms):
+                    if wait_ms != timeo:
+                        sock.setsockopt(_RCVTIMEO, wait_ms)
+                        timeo = wait_ms
+                    try:
+                        queue.append(self._recv(0))
+                    except zmq.Again:  # nothing within wait_ms (or a signal): loop
+                        pass
+                    if queue:
                         self._drain()
                 else:
                     self._drain()
-                if self.queue:
-                    self.handle(self.queue.popleft())
+                if queue:
+                    self.handle(queue.popleft())
                 if self.pub_sock is not None and time.monotonic() >= next_pub:
                     self.publish_status()
                     next_pub = time.monotonic() + self.status_period_s
@@ -487,7 +547,8 @@ class AgentServer:
             self.close()
 
     def close(self) -> None:
-        self.sock.close(0)
+        # a short linger: the last replies (the shutdown's own) still leave; LINGER 0 could drop them
+        self.sock.close(linger=1000)
         if self.pub_sock is not None:
             self.pub_sock.close(0)
         self.ctx.term()

@@ -42,6 +42,7 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _NB_MORE = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
+_RCVTIMEO = int(zmq.RCVTIMEO)
 #: tensor frames at least this large are sent zero-copy; smaller ones are copied: a zero-copy frame
 #: is released through pyzmq's garbage-collector thread (a wakeup + the GIL per frame), which on
 #: a busy host costs more than a memcpy of several MiB
@@ -88,7 +89,7 @@ class _Agent:
     clock: ClockEstimate | None = None
     down_until: float = 0.0
     failures: int = 0
-    poller: zmq.Poller | None = None  #: this socket alone (the common one-device wait)
+    rcvtimeo: int = -1  #: the socket's RCVTIMEO as last set (the one-device wait blocks in recv)
 
 
 @dataclass
@@ -144,8 +145,6 @@ class RemoteExpertBackend:
         s.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         s.connect(endpoint)
         a = _Agent(name, endpoint, s)
-        a.poller = zmq.Poller()
-        a.poller.register(s, zmq.POLLIN)
         self.agents[name] = a
         self._by_sock[s] = a
         self._poller.register(s, zmq.POLLIN)
@@ -290,12 +289,13 @@ class RemoteExpertBackend:
         failed: dict[str, str] = {}
         calls: list[dict[str, Any]] = []
         served_by: dict[str, str] = {}
-        tried: dict[str, set[str]] = {u: set() for u in work.inputs}
+        inputs = work.inputs
+        tried: dict[str, set[str]] = {u: set() for u in inputs}
         pending: dict[int, _Call] = {}
 
         def row(call: _Call | None, uid: str, device: str, attempt: int, status: str, **kw: Any) -> None:
             r = {"layer": work.layer, "step": work.step, "uid": uid, "device": device, "attempt": attempt,
-                 "tokens": int(work.inputs[uid].shape[0]), "bytes_out": call.bytes_out.get(uid, 0) if call else 0,
+                 "tokens": int(inputs[uid].shape[0]), "bytes_out": call.bytes_out.get(uid, 0) if call else 0,
                  "bytes_in": 0, "status": status, "reason": "", "req_id": call.rid if call else None,
                  "serialize_ms": call.serialize_ms if call else 0.0, "rtt_ms": None, "network_ms": None,
                  "queue_ms": None, "compute_ms": None, "device_ms": None, "up_ms": None, "down_ms": None,
@@ -310,28 +310,30 @@ class RemoteExpertBackend:
             return None
 
         def dispatch(groups: dict[str, list[str]], attempt: int) -> None:
+            perf = time.perf_counter
             for dev, uids in groups.items():
                 a = self.agents[dev]
                 for u in uids:
                     tried[u].add(dev)
-                t0 = time.perf_counter()
+                t0 = perf()
                 rid = next(self._ids)
                 descs, bufs, nbytes = [], [], {}
                 for u in uids:
-                    x = work.inputs[u]
-                    descs.append([u, P.dtype_name(x.dtype), [int(x.shape[0]), int(x.shape[1])]])
+                    x = inputs[u]
+                    shape = x.shape
+                    descs.append([u, P.dtype_name(x.dtype), [shape[0], shape[1]]])
                     b = P.tensor_buffer(x)
                     bufs.append(b)
                     nbytes[u] = b.nbytes
                 hb = P.pack({"v": P.PROTOCOL_VERSION, "op": "forward", "id": rid, "layer": work.layer,
                              "step": work.step, "t": descs, "timeout_ms": self.timeout_s * 1e3})
-                ser_ms = (time.perf_counter() - t0) * 1e3
+                ser_ms = (perf() - t0) * 1e3
                 call = _Call(rid, dev, list(uids), attempt, time.time_ns(), time.monotonic() + self.timeout_s,
                              ser_ms, nbytes)
                 try:
                     send = a.sock.send
+                    # no empty delimiter (the agent's ROUTER takes [header, frames...] from a DEALER);
                     # the first part fails at once (zmq.Again) when there is no live connection
-                    send(b"", _NB_MORE)
                     send(hb, _NB_MORE)
                     last = len(bufs) - 1
                     for i, b in enumerate(bufs):
@@ -355,7 +357,7 @@ class RemoteExpertBackend:
                 dispatch(regroup, call.attempt + 1)
 
         first: dict[str, list[str]] = {}
-        for u in work.inputs:
+        for u in inputs:
             d = pick(u)
             if d is None:
                 holders = self.placement.get(u)
@@ -365,40 +367,69 @@ class RemoteExpertBackend:
                 first.setdefault(d, []).append(u)
         dispatch(first, 0)
 
+        recv_reply = self._recv_reply
         while pending:
             now = time.monotonic()
-            if len(pending) == 1:  # one request out: wait on its socket alone (prebuilt poller)
+            if len(pending) == 1:
+                # one request out: block in its socket's own receive (RCVTIMEO = time left), no
+                # poller and no readiness check per reply
                 only = next(iter(pending.values()))
-                wait_ms = max(0, int(math.ceil((only.deadline - now) * 1e3)))
                 oa = self.agents.get(only.device)
-                ready = (oa.poller if oa is not None and oa.poller is not None else self._poller).poll(wait_ms)
+                if oa is not None:
+                    wait_ms = max(0, int(math.ceil((only.deadline - now) * 1e3)))
+                    if oa.rcvtimeo != wait_ms:
+                        oa.sock.setsockopt(_RCVTIMEO, wait_ms)
+                        oa.rcvtimeo = wait_ms
+                    try:
+                        body = recv_reply(oa.sock, 0)
+                    except zmq.Again:
+                        pass
+                    else:
+                        self._on_reply(oa, body, pending, outputs, served_by, work, calls, fail)
             else:
                 wait_ms = max(0, int(math.ceil((min(c.deadline for c in pending.values()) - now) * 1e3)))
-                ready = self._poller.poll(wait_ms)
-            for sock, _ in ready:
-                a = self._by_sock[sock]
-                while sock.getsockopt(_EVENTS) & _POLLIN:
+                # one message per ready socket and turn: the poller returns at once while more wait
+                for sock, _ in self._poller.poll(wait_ms):
                     try:
-                        body = self._recv_body(sock)
+                        body = recv_reply(sock, _NOBLOCK)
                     except zmq.Again:
-                        break
-                    self._on_reply(a, body, pending, outputs, served_by, work, row, fail)
-            now = time.monotonic()
-            for rid in [r for r, c in pending.items() if c.deadline <= now]:
-                call = pending.pop(rid)
-                self._mark_down(call.device)
-                fail(call, call.uids, "timeout", f"no reply within {self.timeout_s:g} s")
+                        continue
+                    self._on_reply(self._by_sock[sock], body, pending, outputs, served_by, work, calls, fail)
+            if pending:
+                now = time.monotonic()
+                for rid in [r for r, c in pending.items() if c.deadline <= now]:
+                    call = pending.pop(rid)
+                    self._mark_down(call.device)
+                    fail(call, call.uids, "timeout", f"no reply within {self.timeout_s:g} s")
 
         rerouted = {u: d for u, d in served_by.items() if self.placement.get(u, [d])[0] != d}
         return LayerResult(outputs, failed, {"wall_s": time.perf_counter() - t_start, "calls": calls,
                                              "served_by": served_by, "rerouted": rerouted})
 
-    def _on_reply(self, a: _Agent, body: list[zmq.Frame], pending: dict[int, _Call], outputs: dict[str, Any],
-                  served_by: dict[str, str], work: Any, row: Any, fail: Any) -> None:
+    @staticmethod
+    def _recv_reply(sock: zmq.Socket, flags: int) -> list[Any]:
+        """One whole reply: [header bytes, data frames...] (a leading empty delimiter dropped).
+
+        Frame by frame with ``Frame.more`` (recv_multipart asks the socket for ``RCVMORE`` per
+        part, a Python-level call each). Raises ``zmq.Again`` when none came in time."""
+        recv = sock.recv
+        fr = recv(flags, copy=False)
+        hb = fr.bytes
+        if not hb and fr.more:  # a delimiter (replies to requests sent with one)
+            fr = recv(0, copy=False)
+            hb = fr.bytes
+        body: list[Any] = [hb]
+        while fr.more:
+            fr = recv(0, copy=False)
+            body.append(fr)
+        return body
+
+    def _on_reply(self, a: _Agent, body: list[Any], pending: dict[int, _Call], outputs: dict[str, Any],
+                  served_by: dict[str, str], work: Any, calls: list[dict[str, Any]], fail: Any) -> None:
         t3 = time.time_ns()
         try:
-            h = P.unpack(body[0].buffer)
-        except (ProtocolError, IndexError):
+            h = P.unpack(body[0])
+        except ProtocolError:
             self.stale_replies += 1
             return
         call = pending.get(h.get("id"))  # type: ignore[arg-type]
@@ -408,53 +439,70 @@ class RemoteExpertBackend:
         del pending[call.rid]
         t1, t2 = h.get("t1_ns"), h.get("t2_ns")
         rtt_ms = (t3 - call.t0_ns) / 1e6
-        timing: dict[str, Any] = {"rtt_ms": rtt_ms}
+        device_ms = network_ms = up_ms = down_ms = None
         if isinstance(t1, int) and isinstance(t2, int):
             device_ms = (t2 - t1) / 1e6
-            timing.update(device_ms=device_ms, network_ms=rtt_ms - device_ms)
+            network_ms = rtt_ms - device_ms
             if a.clock is not None:
                 off = a.clock.offset_ns
-                timing.update(up_ms=(t1 - off - call.t0_ns) / 1e6, down_ms=(t3 - (t2 - off)) / 1e6)
+                up_ms = (t1 - off - call.t0_ns) / 1e6
+                down_ms = (t3 - (t2 - off)) / 1e6
         code = h.get("code", ErrorCode.INTERNAL)
         if code != 0:
-            fail(call, call.uids, f"error:{code}", str(h.get("error", ""))[:200], **timing)
+            fail(call, call.uids, f"error:{code}", str(h.get("error", ""))[:200], rtt_ms=rtt_ms,
+                 device_ms=device_ms, network_ms=network_ms, up_ms=up_ms, down_ms=down_ms)
             return
-        timing["queue_ms"] = h.get("queue_ms")
+        queue_ms = h.get("queue_ms")
         uid_ms = h.get("uid_ms") or {}
         t_de = time.perf_counter()
         got: dict[str, Any] = {}
         bytes_in: dict[str, int] = {}
         descs = h.get("t") or []
         bad: list[tuple[str, str]] = []
-        if len(descs) != len(body) - 1:
+        inputs = work.inputs
+        if not isinstance(descs, list) or len(descs) != len(body) - 1:
             bad = [(u, "reply frames do not match its header") for u in call.uids]
         else:
-            for desc, fr in zip(descs, body[1:]):
+            for i, desc in enumerate(descs):
                 try:
                     uid, dt, shape = P.check_descriptor(desc)
-                    x = work.inputs.get(uid)
+                    x = inputs.get(uid)
                     if uid not in call.uids or x is None or shape != tuple(x.shape) or dt != P.dtype_name(x.dtype):
                         raise ProtocolError(ErrorCode.SHAPE_MISMATCH, f"unexpected output {desc!r}")
+                    fr = body[i + 1]
                     got[uid] = P.frame_tensor(fr.buffer, dt, shape)
                     bytes_in[uid] = len(fr)
                 except ProtocolError as e:
                     bad.append((str(desc)[:40], e.message))
         de_ms = (time.perf_counter() - t_de) * 1e3
-        errs = h.get("errors") or {}
         retry: list[str] = []
+        name = a.name
+        layer, step, attempt, rid, ser_ms, bytes_out = work.layer, work.step, call.attempt, call.rid, \
+            call.serialize_ms, call.bytes_out
         for u in call.uids:
-            if u in got:
-                outputs[u] = got[u]
-                served_by[u] = a.name
-                row(call, u, a.name, call.attempt, "ok", bytes_in=bytes_in[u], compute_ms=uid_ms.get(u),
-                    deserialize_ms=de_ms, **timing)
+            y = got.get(u)
+            if y is not None:
+                outputs[u] = y
+                served_by[u] = name
+                calls.append({"layer": layer, "step": step, "uid": u, "device": name, "attempt": attempt,
+                              "tokens": y.shape[0], "bytes_out": bytes_out.get(u, 0), "bytes_in": bytes_in[u],
+                              "status": "ok", "reason": "", "req_id": rid, "serialize_ms": ser_ms,
+                              "rtt_ms": rtt_ms, "network_ms": network_ms, "queue_ms": queue_ms,
+                              "compute_ms": uid_ms.get(u), "device_ms": device_ms, "up_ms": up_ms,
+                              "down_ms": down_ms, "deserialize_ms": de_ms})
             else:
                 retry.append(u)
         if retry:
+            errs = h.get("errors") or {}
             first_err = next(iter(errs.values()), None) if errs else None
             reason = "; ".join(f"{u}: {errs[u][1]}" for u in retry if u in errs and isinstance(errs[u], list)
                                and len(errs[u]) == 2) or (bad[0][1] if bad else "missing from reply")
             status = f"error:{first_err[0]}" if isinstance(first_err, list) and first_err else "error"
+            timing = {"rtt_ms": rtt_ms, "queue_ms": queue_ms}
+            if device_ms is not None:
+                timing.update(device_ms=device_ms, network_ms=network_ms)
+            if up_ms is not None:
+                timing.update(up_ms=up_ms, down_ms=down_ms)
             fail(call, retry, status, reason[:200], **timing)
 
 
