@@ -247,6 +247,31 @@ def test_bad_input_and_faults(state_dir, tmp_path):
         assert {c["status"] for c in bad_calls} <= {"timeout", "unreachable", "skipped", "error"}
         assert any(r["status"] == "degraded" and int(r["calls_failed"]) > 0 for r in reqs)
         assert all(r["status"] == "ok" for r in reqs[:3])
+
+        # Ctrl-C mid-run: exit 130, manifest "interrupted", rows kept, links restored
+        import os
+        import signal
+        import subprocess
+        import sys
+
+        before = _tc_rates(inv)
+        int_out = out / "d"
+        p = subprocess.Popen([sys.executable, "-m", "testbed", "run", str(recipe), "--inventory", str(inv),
+                              "--out", str(int_out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env={**os.environ, **env})
+        deadline = time.monotonic() + 200
+        while time.monotonic() < deadline and p.poll() is None:
+            if len(R.read_csv(next(iter(int_out.glob("*/requests.csv")), int_out / "none"))) >= 2:
+                break
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        _, stderr = p.communicate(timeout=60)
+        assert p.returncode == 130, stderr
+        run_dir = _only_run_dir(int_out)
+        man = json.loads((run_dir / R.MANIFEST).read_text())
+        assert man["status"] == "interrupted" and man["links_after"] is not None
+        assert 2 <= len(R.read_csv(run_dir / R.REQUESTS)) < 24
+        assert _tc_rates(inv) == before
     finally:
         down = _cli(env, "local", "down", "--name", name)
     assert down.returncode == 0, down.stderr
