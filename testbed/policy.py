@@ -74,12 +74,22 @@ class ClusterState:
         Enforced link rates per device (from tc).
     devices:
         Per-device status from the agents' feed (memory, load, power...), free-form.
+    compute_profile:
+        Per-device expert compute time model ``c(N) = a_ms + b_ms * N`` for N token-rows,
+        as ``(a_ms, b_ms)``, fitted by the runner's profiling step on the real agents.
+    bytes_per_token:
+        Payload bytes per token per direction (hidden size x bytes per element).
+    step:
+        Forward-step index of the current decision (0 = prefill).
     """
 
     placement: Placement = field(default_factory=dict)
     rate_down_kbit: dict[str, float] = field(default_factory=dict)
     rate_up_kbit: dict[str, float] = field(default_factory=dict)
     devices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    compute_profile: dict[str, tuple[float, float]] = field(default_factory=dict)
+    bytes_per_token: int = 0
+    step: int = -1
 
 
 @dataclass(frozen=True)
