@@ -99,6 +99,9 @@ _NP_DTYPE = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
 MAX_HEADER_BYTES = 1 << 20
 _UNPACK_LIMITS = dict(max_str_len=1 << 16, max_bin_len=1 << 16, max_array_len=1 << 14,
                       max_map_len=1 << 12, max_ext_len=0)
+#: a header shorter than this cannot break the limits above (an array needs >= 1 byte per item, a
+#: map >= 2 per entry), so those need not be passed (msgpack's keyword parsing costs on every call)
+_SMALL_HEADER = 4096
 
 
 def _no_ext(code: int, data: bytes) -> Any:
@@ -119,10 +122,14 @@ def unpack(data: bytes | memoryview) -> dict[str, Any]:
         ``BAD_HEADER`` if it is not a msgpack map with an integer-or-absent ``id``;
         ``BAD_VERSION`` if ``v`` is not :data:`PROTOCOL_VERSION`.
     """
-    if len(data) > MAX_HEADER_BYTES:
-        raise ProtocolError(ErrorCode.BAD_HEADER, f"header of {len(data)} bytes > {MAX_HEADER_BYTES}")
+    n = len(data)
+    if n > MAX_HEADER_BYTES:
+        raise ProtocolError(ErrorCode.BAD_HEADER, f"header of {n} bytes > {MAX_HEADER_BYTES}")
     try:
-        h = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_no_ext, **_UNPACK_LIMITS)
+        if n < _SMALL_HEADER:  # (the hot path) too short to exceed any limit but the ext one
+            h = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_no_ext, max_ext_len=0)
+        else:
+            h = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_no_ext, **_UNPACK_LIMITS)
     except ProtocolError:
         raise
     except Exception as e:  # msgpack raises several unrelated exception types

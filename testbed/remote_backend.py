@@ -102,6 +102,7 @@ class _Call:
     deadline: float
     serialize_ms: float
     bytes_out: dict[str, int] = field(default_factory=dict)
+    descs: list[list[Any]] = field(default_factory=list)  #: the request's ``t`` (a full reply echoes it)
 
 
 class RemoteExpertBackend:
@@ -329,7 +330,7 @@ class RemoteExpertBackend:
                              "step": work.step, "t": descs, "timeout_ms": self.timeout_s * 1e3})
                 ser_ms = (perf() - t0) * 1e3
                 call = _Call(rid, dev, list(uids), attempt, time.time_ns(), time.monotonic() + self.timeout_s,
-                             ser_ms, nbytes)
+                             ser_ms, nbytes, descs)
                 try:
                     send = a.sock.send
                     # no empty delimiter (the agent's ROUTER takes [header, frames...] from a DEALER);
@@ -462,6 +463,14 @@ class RemoteExpertBackend:
         inputs = work.inputs
         if not isinstance(descs, list) or len(descs) != len(body) - 1:
             bad = [(u, "reply frames do not match its header") for u in call.uids]
+        elif descs == call.descs:  # every expert answered: exactly the tensors that were sent
+            for i, (uid, dt, shape) in enumerate(descs):
+                fr = body[i + 1]
+                try:
+                    got[uid] = P.frame_tensor(fr.buffer, dt, (shape[0], shape[1]))
+                    bytes_in[uid] = len(fr)
+                except ProtocolError as e:
+                    bad.append((uid, e.message))
         else:
             for i, desc in enumerate(descs):
                 try:
