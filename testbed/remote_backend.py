@@ -43,10 +43,7 @@ _NB_MORE = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _RCVTIMEO = int(zmq.RCVTIMEO)
-#: tensor frames at least this large are sent zero-copy; smaller ones are copied: a zero-copy frame
-#: is released through pyzmq's garbage-collector thread (a wakeup + the GIL per frame), which on
-#: a busy host costs more than a memcpy of several MiB
-_ZEROCOPY_MIN = 16 << 20
+_POLL_ITEM = int(zmq.POLLIN)
 
 
 class AgentError(TestbedError):
@@ -338,7 +335,10 @@ class RemoteExpertBackend:
                     send(hb, _NB_MORE)
                     last = len(bufs) - 1
                     for i, b in enumerate(bufs):
-                        send(b, _NOBLOCK if i == last else _NB_MORE, copy=b.nbytes < _ZEROCOPY_MIN)
+                        # pyzmq's own policy, as the raw echo baseline's: copied below
+                        # zmq.COPY_THRESHOLD (64 KiB), zero-copy above (a fresh 1 MiB+ buffer to
+                        # copy into page-faults, which costs more than the release notification)
+                        send(b, _NOBLOCK if i == last else _NB_MORE, copy=False)
                 except zmq.ZMQError as e:  # zmq.Again: no live connection (IMMEDIATE)
                     self._mark_down(dev)
                     fail(call, list(uids), "unreachable", str(e) or "not connected")
@@ -387,10 +387,18 @@ class RemoteExpertBackend:
                         pass
                     else:
                         self._on_reply(oa, body, pending, outputs, served_by, work, calls, fail)
+                else:  # its agent was removed: nothing can come; wait for the deadline
+                    time.sleep(max(0.0, only.deadline - now))
             else:
                 wait_ms = max(0, int(math.ceil((min(c.deadline for c in pending.values()) - now) * 1e3)))
-                # one message per ready socket and turn: the poller returns at once while more wait
-                for sock, _ in self._poller.poll(wait_ms):
+                # only the sockets with a request out (zmq_poll itself, not a Poller of every agent);
+                # one message per ready socket and turn: the poll returns at once while more wait
+                agents = self.agents
+                items = list({agents[c.device].sock: _POLL_ITEM for c in pending.values()
+                              if c.device in agents}.items())
+                if not items:  # their agents were removed: nothing can come; wait for the deadline
+                    time.sleep(wait_ms / 1e3)
+                for sock, _ in zmq.zmq_poll(items, wait_ms) if items else ():
                     try:
                         body = recv_reply(sock, _NOBLOCK)
                     except zmq.Again:
