@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import zmq
 
 from device_agent import protocol as P
@@ -44,6 +45,8 @@ _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _RCVTIMEO = int(zmq.RCVTIMEO)
 _POLL_ITEM = int(zmq.POLLIN)
+#: dtypes whose CPU tensors numpy views directly (bfloat16 goes through P.tensor_buffer)
+_NP_VIEWABLE = frozenset((torch.float32, torch.float16))
 
 
 class AgentError(TestbedError):
@@ -89,7 +92,7 @@ class _Agent:
     rcvtimeo: int = -1  #: the socket's RCVTIMEO as last set (the one-device wait blocks in recv)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Call:
     rid: int
     device: str
@@ -319,8 +322,12 @@ class RemoteExpertBackend:
                 for u in uids:
                     x = inputs[u]
                     shape = x.shape
-                    descs.append([u, P.dtype_name(x.dtype), [shape[0], shape[1]]])
-                    b = P.tensor_buffer(x)
+                    dt = x.dtype
+                    descs.append([u, P.dtype_name(dt), [shape[0], shape[1]]])
+                    if dt in _NP_VIEWABLE and x.is_contiguous() and x.device.type == "cpu" and not x.requires_grad:
+                        b = x.numpy()  # the hot path of P.tensor_buffer: a plain view, no memoryview cast
+                    else:
+                        b = P.tensor_buffer(x)
                     bufs.append(b)
                     nbytes[u] = b.nbytes
                 hb = P.pack({"v": P.PROTOCOL_VERSION, "op": "forward", "id": rid, "layer": work.layer,
