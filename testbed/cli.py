@@ -322,6 +322,10 @@ from .cli_run import register as _register_run  # noqa: E402  (needs app and hel
 
 _register_run(app)
 
+from .cli_report import register as _register_report  # noqa: E402
+
+_register_report(app)
+
 
 def _sigterm(_signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt

@@ -1,0 +1,42 @@
+"""``testbed report``: the table and the PNG plots of one or more results folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .cli import Format, FormatOpt, _fmt, console, emit
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("report")
+    def report(
+        run_dirs: list[Path] = typer.Argument(..., help="Results folders (results/<run-id>/).",
+                                              metavar="RUN_DIR...", show_default=False),
+        out: Optional[Path] = typer.Option(None, "--out", help="Where the PNG plots go "
+                                           "(default: <first RUN_DIR>/plots)."),
+        fmt: Format = FormatOpt,
+    ) -> None:
+        """Table per run x policy x sweep point (from requests/layers/calls.csv), then PNG
+        plots: latency CDF, accuracy vs latency, per-layer critical path (network vs compute).
+
+        JSON output: an object with runs (folder, status, error), rows (one per run x policy x
+        point) and plots (the PNG paths).
+        """
+        from .report import build_report, render_table, write_plots
+
+        _fmt(fmt)
+        rep = build_report(run_dirs)
+        if fmt == Format.table:
+            render_table(rep, console)
+        plots = write_plots(rep, out)
+        if fmt == Format.json:
+            emit(fmt, {"runs": [r.describe() for r in rep.runs], "rows": rep.rows,
+                       "plots": [str(p) for p in plots]})
+        else:  # one unwrapped line per path, so that they can be copied
+            console.print(f"plots: {plots[0].parent}/", soft_wrap=True, highlight=False,
+                          markup=False)
+            for p in plots:
+                console.print(f"  {p.name}", soft_wrap=True, highlight=False, markup=False)
