@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
     @app.command("report")
     def report(
         run_dirs: list[Path] = typer.Argument(..., help="Results folders (results/<run-id>/).",
-                                              metavar="RUN_DIR...", show_default=False),
+                                              metavar="RUN_DIR", show_default=False),
         out: Optional[Path] = typer.Option(None, "--out", help="Where the PNG plots go "
                                            "(default: <first RUN_DIR>/plots)."),
         fmt: Format = FormatOpt,
@@ -22,8 +22,7 @@ def register(app: typer.Typer) -> None:
         """Table per run x policy x sweep point (from requests/layers/calls.csv), then PNG
         plots: latency CDF, accuracy vs latency, per-layer critical path (network vs compute).
 
-        JSON output: an object with runs (folder, status, error), rows (one per run x policy x
-        point) and plots (the PNG paths).
+        JSON: an object with runs, rows (one per run x policy x point) and plots (PNG paths).
         """
         from .report import build_report, render_table, write_plots
 

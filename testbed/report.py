@@ -273,28 +273,44 @@ def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None or v == "" else format(v, spec)
 
 
+def _point_label(row: Mapping[str, Any]) -> str:
+    """The point without its ``policy.name=<policy>`` part (the policy column says it)."""
+    parts = [x for x in str(row["point"]).split() if x != f"policy.name={row['policy']}"]
+    return " ".join(parts) or "-"
+
+
 def table(rep: Report):
     """The report as a rich Table (one row per run x policy x point)."""
+    from rich import box
     from rich.table import Table
 
     runs = ", ".join(f"{r.run_id} ({r.status})" for r in rep.runs)
-    t = Table(title=f"report: {runs}")
-    cols = ["run"] if rep.many_runs or any(r.failed for r in rep.runs) else []
-    cols += ["policy", "point", "requests ok/all", "p50 ms", "p95 ms", "ttft p50 ms",
-             "tpot p50 ms", "accuracy", "J/token", "B/token", "net share", "failed calls"]
-    for c in cols:
-        t.add_column(c, justify="left" if c in ("run", "policy", "point") else "right")
+    t = Table(title=f"report: {runs}", box=box.SIMPLE_HEAD)
+    with_run = rep.many_runs or any(r.failed for r in rep.runs)
+    head = (["run"] if with_run else []) + [
+        "policy", "point", "requests\nok/all", "latency\np50 ms", "latency\np95 ms",
+        "ttft\np50 ms", "tpot\np50 ms", "accuracy", "energy\nJ/tok", "bytes\n/tok",
+        "network\nshare", "failed\ncalls"]
+    body = []
     for row in rep.rows:
-        cells = []
-        if cols[0] == "run":
-            cells.append(row["run"] + (" [red](failed)[/red]" if row["run_failed"] else ""))
-        cells += [row["policy"], row["point"], f"{row['requests_ok']}/{row['requests']}",
+        cells = [row["run"] + (" (failed)" if row["run_failed"] else "")] if with_run else []
+        cells += [row["policy"], _point_label(row), f"{row['requests_ok']}/{row['requests']}",
                   _fmt(row["latency_p50_ms"], ".1f"), _fmt(row["latency_p95_ms"], ".1f"),
                   _fmt(row["ttft_p50_ms"], ".1f"), _fmt(row["tpot_p50_ms"], ".2f"),
-                  _fmt(row["accuracy"], ".3f"), _fmt(row["energy_per_token_j"], ".4g"),
+                  _fmt(row["accuracy"], ".3f"), _fmt(row["energy_per_token_j"], ".3g"),
                   _fmt(row["bytes_per_token"], ".0f"), _fmt(row["network_share"], ".1%"),
                   f"{row['calls_failed']}/{row['calls']}"]
-        t.add_row(*cells)
+        body.append(cells)
+    text_cols = 3 if with_run else 2
+    for i, h in enumerate(head):
+        if i < text_cols:
+            w = max([len(h)] + [len(c[i]) for c in body])
+            t.add_column(h, overflow="fold", min_width=min(w, 12))
+        else:  # numbers are never cut: the text columns fold instead
+            w = max([len(x) for x in h.split("\n")] + [len(c[i]) for c in body])
+            t.add_column(h, justify="right", no_wrap=True, min_width=w)
+    for cells in body:
+        t.add_row(*cells, style="red" if with_run and cells[0].endswith("(failed)") else None)
     notes = [f"{r.run_id}: {r.status}" + (f": {r.error}" if r.error else "")
              for r in rep.runs if r.status != "completed"]
     if not rep.rows:
@@ -306,10 +322,17 @@ def table(rep: Report):
 
 def render_table(rep: Report, console: Any = None) -> None:
     """Print the table on ``console`` (default: a rich Console on stdout)."""
+    from rich.measure import Measurement
+
     if console is None:
         from rich.console import Console
         console = Console()
-    console.print(table(rep))
+    t = table(rep)
+    # never cut columns off on a narrow terminal: at least the table's minimum width
+    need = Measurement.get(console, console.options.update_width(10_000), t).minimum
+    if need > console.width:
+        t.width = need
+    console.print(t, crop=False)
 
 
 # -- plots ----------------------------------------------------------------------------
