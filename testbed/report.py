@@ -215,8 +215,10 @@ class Group:
     calls: list[dict] = field(default_factory=list)
 
     def label(self, with_run: bool = False) -> str:
-        lab = self.policy if not self.point or self.point == self.policy else \
-            f"{self.policy} | {self.point}"
+        """``policy | point`` (the point without its ``policy.name=`` part), run id first when
+        several runs are plotted together."""
+        point = _point_label({"policy": self.policy, "point": self.point})
+        lab = self.policy if point == "-" else f"{self.policy} | {point}"
         return f"{self.run.run_id}: {lab}" if with_run else lab
 
 
@@ -346,18 +348,24 @@ def _figure(**kw: Any):
 
 def _no_data(ax: Any, what: str) -> None:
     ax.text(0.5, 0.5, what, ha="center", va="center", transform=ax.transAxes, color="grey")
+    ax.set_xticks([])
+    ax.set_yticks([])
 
 
 def _plot_cdf(rep: Report, path: Path) -> None:
     fig = _figure(figsize=(8, 5), layout="constrained")
     ax = fig.add_subplot()
     n = 0
+    styles = ("-", "--", ":", "-.")
+    policies = list(dict.fromkeys(g.policy for g in rep.groups))
     for g in rep.groups:
         xs = np.sort(np.asarray(_vals(g.requests, "total_ms"), dtype=float))
         if xs.size == 0:
             continue
         ys = np.arange(1, xs.size + 1) / xs.size
+        # empirical CDF as a step function; line style per policy so that equal curves show
         ax.step(np.concatenate([[xs[0]], xs]), np.concatenate([[0.0], ys]), where="post",
+                linestyle=styles[policies.index(g.policy) % len(styles)], linewidth=1.8,
                 label=g.label(rep.many_runs))
         n += 1
     if n:
@@ -381,16 +389,20 @@ def _plot_acc_lat(rep: Report, path: Path) -> None:
         x, y = row["latency_p50_ms"], row["accuracy"]
         if x is None or y is None:
             continue
-        lab = g.label(rep.many_runs)
+        # a short number next to the marker, the full label in the legend (long labels of
+        # nearby points would overlap)
+        lab = f"{i + 1}: {g.label(rep.many_runs)}" + (" (failed run)" if g.run.failed else "")
         ax.scatter([x], [y], marker=markers[i % len(markers)], s=60, label=lab, zorder=3)
-        ax.annotate(lab, (x, y), textcoords="offset points", xytext=(6, 6), fontsize="small")
+        ax.annotate(str(i + 1), (x, y), textcoords="offset points", xytext=(5, 5),
+                    fontsize="small")
         n += 1
     if n:
-        ax.legend(fontsize="small", title="policy | point", loc="best")
+        fig.legend(fontsize="small", title="policy | point", loc="outside lower center",
+                   ncols=2 if n > 3 else 1)
         ax.margins(0.15)
     else:
         _no_data(ax, "no requests with total_ms and correct")
-    ax.set_title("Accuracy vs latency (one marker per policy × sweep point)")
+    fig.suptitle("Accuracy vs latency (one marker per policy × sweep point)")
     ax.set_xlabel("p50 request latency (ms)")
     ax.set_ylabel("accuracy (fraction of requests correct)")
     ax.grid(True, alpha=0.3)
@@ -419,7 +431,8 @@ def _plot_layers(rep: Report, path: Path) -> None:
     k = max(1, len(rep.groups))
     ncols = min(3, k)
     nrows = math.ceil(k / ncols)
-    fig = _figure(figsize=(4.2 * ncols + 0.5, 3.4 * nrows + 0.8), layout="constrained")
+    fig = _figure(figsize=(max(7.5, 4.2 * ncols + 0.5), 3.4 * nrows + 0.8),
+                  layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
     handles = None
     for i, ax in enumerate(axes.flat):
@@ -431,7 +444,8 @@ def _plot_layers(rep: Report, path: Path) -> None:
             continue
         g = rep.groups[i]
         split = layer_split(g.layers)
-        ax.set_title(g.label(rep.many_runs), fontsize="medium")
+        ax.set_title(g.label(rep.many_runs) + (" (failed run)" if g.run.failed else ""),
+                     fontsize="medium")
         ax.set_xlabel("MoE layer")
         ax.grid(True, axis="y", alpha=0.3)
         if i % ncols == 0:

@@ -106,7 +106,7 @@ def test_empty_trial():
 SWEEP = ["sweep.links.rate", "sweep.policy.name"]
 RATES = {"1mbit": 4.0, "100mbit": 1.0}          # latency factor
 NET_MS = {"1mbit": 8.0, "100mbit": 2.0}         # of a 10 ms critical path per layer step
-POLICIES = ("topk", "top1")
+POLICIES = {"topk": 1.0, "top1": 0.75}          # latency factor
 TOTALS = (10.0, 20.0, 30.0, 40.0)               # x factor: p50 25, p95 38.5
 
 
@@ -120,16 +120,17 @@ def _write_run(d, run_id="r1", status="completed", failed_call_in=("top1", "1mbi
             R.CsvTable(d / R.LAYERS, R.LAYER_COLUMNS, SWEEP) as ly, \
             R.CsvTable(d / R.CALLS, R.CALL_COLUMNS, SWEEP) as cl:
         for rate, factor in RATES.items():
-            for pol in POLICIES:
+            for pol, pf in POLICIES.items():
                 key = {"run_id": run_id, "trial": trial, "point": f"links.rate={rate} "
                        f"policy.name={pol}", "policy": pol, "repeat": 0,
                        "sweep.links.rate": rate, "sweep.policy.name": pol}
                 trial += 1
                 for i in range(requests_per_point):
                     correct = int(pol == "topk" or i % 2 == 0)  # topk 1.0, top1 0.5
+                    total = TOTALS[i] * factor * pf
                     rq.write({**key, "request": i, "task": "copy", "prompt_tokens": 8,
-                              "output_tokens": 5, "ttft_ms": TOTALS[i] * factor / 5,
-                              "tpot_ms": TOTALS[i] * factor / 10, "total_ms": TOTALS[i] * factor,
+                              "output_tokens": 5, "ttft_ms": total / 5, "tpot_ms": total / 10,
+                              "total_ms": total,
                               "correct": correct, "score": 0.5 + 0.5 * correct,
                               "experts_per_token": 2.0 if pol == "topk" else 1.0,
                               "bytes_down": 1000, "bytes_up": 500, "calls": 2,
@@ -169,9 +170,10 @@ def _check_rows(rows):
     assert [(r["policy"], r["point"].split()[0]) for r in rows] == [
         ("topk", "links.rate=1mbit"), ("top1", "links.rate=1mbit"),
         ("topk", "links.rate=100mbit"), ("top1", "links.rate=100mbit")]
-    for rate, factor in RATES.items():
-        for pol in POLICIES:
+    for rate, rf in RATES.items():
+        for pol, pf in POLICIES.items():
             r = _by(rows, pol, rate)
+            factor = rf * pf
             assert r["requests"] == 4 and r["requests_ok"] == 4
             assert r["latency_p50_ms"] == pytest.approx(25.0 * factor)
             assert r["latency_p95_ms"] == pytest.approx(38.5 * factor)
@@ -298,3 +300,13 @@ def test_cli_missing_folder_exit_2_one_line(run_dir, tmp_path):
     res = run_cli("report", str(run_dir), str(missing), timeout=60)
     assert res.returncode == 2, (res.stdout, res.stderr)
     assert res.stderr.strip().splitlines() == [f"error: {missing}: no such results folder"]
+
+
+def test_run_with_no_rows_and_no_manifest(tmp_path):
+    d = tmp_path / "crashed"
+    d.mkdir()
+    R.CsvTable(d / R.REQUESTS, R.REQUEST_COLUMNS).close()  # header only, nothing else
+    rep = build_report([d])
+    assert rep.rows == [] and rep.runs[0].status == "unknown"
+    assert rep.runs[0].run_id == "crashed" and "manifest" in rep.runs[0].error
+    assert all(_png_size(p)[0] > 5_000 for p in write_plots(rep))
