@@ -596,6 +596,7 @@ class NvmlMeter(Meter):
             raise MeterUnavailable(f"NVML: {type(e).__name__}: {e}") from None
         self._inited = True
         self.sampler: PowerSampler | None = None
+        self._e0_mj: list[int] | None = None
         try:
             n = pynvml.nvmlDeviceGetCount()
             idx = list(range(n)) if indices is None else list(indices)
