@@ -1,0 +1,452 @@
+"""WDMoE: expert selection by weight-to-latency ratio, with min–max bandwidth allocation.
+
+Read this file as the model of a policy that allocates bandwidth. WDMoE (arXiv 2405.03131,
+conference; arXiv 2411.06681, journal) runs attention and the gate at the base station and the
+experts on devices behind a shared wireless channel; it trades gate weight against device latency.
+What is from the papers and what is a reconstruction (POLICIES.md tags):
+
+* [V] the architecture, the goal (low latency at kept accuracy), joint selection + bandwidth;
+* [S] the weight-to-latency ratio (WLR) of an expert = its gate weight / latency of its device,
+  a training-free threshold that turns top-2 into a dynamic top-k;
+* [R] everything numeric below: the latency model (:mod:`testbed.latency_model`), the channel
+  (:mod:`testbed.channel`), the journal's alternating procedure, the cosine pruning schedule,
+  the WLR of a whole selection, and every default.
+
+The policies here (entry points in ``pyproject.toml``):
+
+``wdmoe`` (:class:`WDMoE`, journal [R])
+    Alternate (at most ``max_rounds`` rounds): (1) X = top-K for every token; (2) min–max
+    bandwidth for X; (3) for a threshold theta from ``alpha`` in steps of ``theta_step`` up to
+    ``theta_max``: every token whose gate vector has cosine <= theta with the per-expert latency
+    vector, and that still uses more than one expert, drops its lowest-weight expert; bandwidth
+    and WLR are recomputed; the first theta whose WLR reaches ``gamma`` x the round's starting
+    WLR is accepted and starts the next round. A round without such a theta ends the search.
+``wdmoe-conf`` (:class:`WDMoEConference`, conference [S/R])
+    Per token: (e1, e2) = top-2 by gate weight, ``w_i = g_ei / t_device(ei)``; drop e2 if
+    ``w2/w1 < theta`` (``variant="share"``: ``w2/(w1+w2) < theta``); renormalise.
+``wdmoe-sel`` (:class:`WDMoESelectionOnly`): the journal's selection with an equal bandwidth split.
+``wdmoe-bw`` (:class:`WDMoEBandwidthOnly`): top-K selection with min–max bandwidth.
+
+How a decision is computed, for one MoE layer and forward step (one :meth:`select` call = one
+channel epoch: fresh Rayleigh fading from the policy's own :class:`~testbed.channel.ChannelModel`,
+seeded by ``seed``):
+
+* the device of expert ``e`` is the first device of ``cluster.placement["L{layer}.E{e}"]``;
+* the device latency is ``t_k = N_k S / r_down(B_k) + a_k + b_k N_k + N_k S / r_up(B_k)`` with
+  ``(a_k, b_k) = cluster.compute_profile[k]`` (``compute_a_ms``/``compute_b_ms`` where missing),
+  ``S = cluster.bytes_per_token`` (``bytes_per_token`` where 0) and the predicted layer time is
+  ``T_l = bs_ms + max_k t_k``;
+* the WLR of a selection [R] is the mean over (valid) tokens of the kept gate probability mass,
+  divided by ``T_l`` (ms): capability per unit of latency;
+* padding tokens (``ctx.token_valid`` False) get no expert: they would only load the links.
+
+The returned :class:`~testbed.policy.Decision` carries ``bandwidth_kbit``: per device that gets
+bandwidth, the harmonic mean of its Shannon down- and uplink rates, so that shaping *both*
+directions at that one rate gives the down + up transfer time the model predicted. The
+per-direction rates are in :meth:`last_stats`. Devices given no bandwidth are left out.
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.routing import RoutingContext, Selection
+from testbed.channel import ChannelModel, shannon_rate_bps
+from testbed.errors import ConfigError
+from testbed.latency_model import device_latency_ms, min_max_bandwidth
+from testbed.policy import ClusterState, Decision, Policy
+
+_NO_PLACEMENT: dict[str, tuple[str, ...]] = {}
+_CHANNEL_KEYS = tuple(p for p in inspect.signature(ChannelModel.__init__).parameters
+                      if p not in ("self", "devices", "seed"))
+
+
+@dataclass
+class _Step:
+    """Everything one decision needs, as numpy arrays (built once per :meth:`select`)."""
+
+    probs: np.ndarray        # [N, E] router probabilities (float64)
+    valid: np.ndarray        # [N] bool
+    ids: np.ndarray          # [N, K] top-K expert ids, by descending probability
+    gate: np.ndarray         # [N, K] their probabilities
+    slot_dev: np.ndarray     # [N, K] device index of each top-K slot
+    expert_dev: np.ndarray   # [E] device index of each expert
+    devices: tuple[str, ...]
+    snr_down: np.ndarray     # [D] P g / N0 (Hz)
+    snr_up: np.ndarray
+    a_ms: np.ndarray         # [D]
+    b_ms: np.ndarray
+    bytes_per_token: float
+    total_hz: float
+    n_valid: int
+
+
+@dataclass(frozen=True)
+class _Alloc:
+    bandwidth_hz: np.ndarray   # [D]
+    device_ms: np.ndarray      # [D]
+    layer_ms: float            # T_l, bs_ms included
+
+
+class _WDMoEBase(Policy):
+    """Shared machinery of the WDMoE variants: channel, latency model, bookkeeping.
+
+    Parameters
+    ----------
+    bandwidth_mhz:
+        Total bandwidth of the cell shared by all devices (MHz).
+    bs_ms:
+        ``t_bs``: the BS's own time per layer, added to the predicted ``T_l``.
+    compute_a_ms, compute_b_ms:
+        Compute profile ``c(N) = a + b N`` for devices missing from ``cluster.compute_profile``.
+    bytes_per_token:
+        Payload per token per direction when ``cluster.bytes_per_token`` is 0
+        (Mixtral: 4096 x 2 B).
+    renormalize:
+        Renormalise the kept weights of a token to sum 1; ``None`` = the family's default
+        (``ctx.norm_topk_prob``, Mixtral: yes), as the model's own top-k does.
+    default_devices:
+        Without a placement (no cluster), expert ``e`` is taken to sit on ``dev{e mod n}``.
+    channel:
+        Keyword arguments of :class:`testbed.channel.ChannelModel` (``cell_radius_m``,
+        ``shadowing_db``, ``bs_power_dbm``, ...); its defaults are POLICIES.md's.
+    history:
+        How many per-decision stats records :attr:`stats` keeps.
+    placement, seed:
+        As :class:`testbed.policy.Policy`; ``seed`` also seeds the channel.
+    """
+
+    allocation = "equal"   # or "min-max": class attribute of a variant, not a parameter
+    prune = False
+
+    def __init__(self, bandwidth_mhz: float = 20.0, bs_ms: float = 0.0,
+                 compute_a_ms: float = 1.0, compute_b_ms: float = 0.2,
+                 bytes_per_token: int = 8192, renormalize: bool | None = None,
+                 default_devices: int = 8, channel: Mapping[str, Any] | None = None,
+                 history: int = 1000, placement: str = "round-robin", seed: int = 0):
+        super().__init__(placement, seed)
+        if not bandwidth_mhz > 0:
+            raise ConfigError(f"bandwidth_mhz: must be > 0, got {bandwidth_mhz}")
+        if compute_a_ms < 0 or compute_b_ms < 0:
+            raise ConfigError("compute_a_ms, compute_b_ms: must be >= 0")
+        if bytes_per_token <= 0 or default_devices < 1 or history < 1:
+            raise ConfigError("bytes_per_token, default_devices, history: must be >= 1")
+        channel = dict(channel or {})
+        unknown = sorted(set(channel) - set(_CHANNEL_KEYS))
+        if unknown:
+            raise ConfigError([f"channel.{k}: unknown channel parameter (allowed: "
+                               f"{', '.join(_CHANNEL_KEYS)})" for k in unknown])
+        ChannelModel(1, seed, **channel)   # reject bad values now, not at the first step
+        self.bandwidth_mhz = float(bandwidth_mhz)
+        self.bs_ms = float(bs_ms)
+        self.compute_a_ms = float(compute_a_ms)
+        self.compute_b_ms = float(compute_b_ms)
+        self.bytes_per_token = int(bytes_per_token)
+        self.renormalize = renormalize
+        self.default_devices = int(default_devices)
+        self.channel = channel
+        self.history = int(history)
+        self.stats: collections.deque[dict[str, Any]] = collections.deque(maxlen=self.history)
+        self.epoch = 0
+        self._channel_model: ChannelModel | None = None
+        self._map_key: Any = None
+        self._map: dict[tuple[int, int], tuple[tuple[str, ...], np.ndarray]] = {}
+
+    # -- hooks -----------------------------------------------------------------------------
+    def select(self, ctx: RoutingContext, cluster: ClusterState | None = None) -> Decision:
+        st = self._prepare(ctx, cluster)
+        keep, alloc, extra = self._decide(st)
+        sel = self._selection(ctx, st, keep)
+        rates = self._rates(st, alloc)
+        self._record(ctx, st, keep, alloc, rates, extra)
+        self.epoch += 1
+        return Decision(sel, {d: kd for d, (kd, _, _) in rates.items()})
+
+    def last_stats(self) -> dict[str, Any]:
+        """The last decision's record: ``layer``, ``step``, ``epoch``, ``tokens``,
+        ``tokens_pruned`` (valid tokens left with fewer than K experts), ``experts_dropped``,
+        ``wlr``, ``wlr_topk``, ``predicted_ms`` (T_l), ``predicted_topk_ms``, ``loads``,
+        ``bandwidth_hz``, ``rate_down_kbit``, ``rate_up_kbit`` (per device), and the variant's
+        own fields (``rounds``, ``theta``). Empty before the first decision."""
+        return self.stats[-1] if self.stats else {}
+
+    def _decide(self, st: _Step) -> tuple[np.ndarray, _Alloc, dict[str, Any]]:
+        raise NotImplementedError
+
+    # -- building blocks (usable by subclasses) --------------------------------------------
+    def _prepare(self, ctx: RoutingContext, cluster: ClusterState | None) -> _Step:
+        probs = ctx.router_probs.detach().to("cpu", torch.float64).numpy()
+        n, e = probs.shape
+        k = min(ctx.top_k, e)
+        if ctx.token_valid is None:
+            valid = np.ones(n, dtype=bool)
+        else:
+            valid = ctx.token_valid.detach().to("cpu").numpy().astype(bool)
+        ids = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        gate = np.take_along_axis(probs, ids, axis=1)
+        devices, expert_dev = self._expert_devices(cluster, ctx.layer, e)
+        ch = self._channel_for(devices)
+        prof = cluster.compute_profile if cluster is not None else {}
+        a = np.array([prof.get(d, (self.compute_a_ms, self.compute_b_ms))[0] for d in devices],
+                     dtype=np.float64)
+        b = np.array([prof.get(d, (self.compute_a_ms, self.compute_b_ms))[1] for d in devices],
+                     dtype=np.float64)
+        s = (cluster.bytes_per_token if cluster is not None else 0) or self.bytes_per_token
+        return _Step(probs, valid, ids, gate, expert_dev[ids], expert_dev, devices,
+                     ch.snr_per_hz(self.epoch, "down"), ch.snr_per_hz(self.epoch, "up"), a, b,
+                     float(s), self.bandwidth_mhz * 1e6, int(valid.sum()))
+
+    def _expert_devices(self, cluster: ClusterState | None, layer: int, n_experts: int
+                        ) -> tuple[tuple[str, ...], np.ndarray]:
+        placement = cluster.placement if cluster is not None else _NO_PLACEMENT
+        if self._map_key is not placement:
+            self._map_key, self._map = placement, {}
+        hit = self._map.get((layer, n_experts))
+        if hit is not None:
+            return hit
+        if placement:
+            devices = tuple(sorted({ds[0] for ds in placement.values() if ds}))
+        else:
+            devices = tuple(f"dev{i}" for i in range(self.default_devices))
+        index = {d: i for i, d in enumerate(devices)}
+        where = []
+        for ex in range(n_experts):
+            ds = placement.get(f"L{layer}.E{ex}")
+            where.append(index[ds[0]] if ds else ex % len(devices))
+        hit = (devices, np.array(where, dtype=np.int64))
+        self._map[(layer, n_experts)] = hit
+        return hit
+
+    def _channel_for(self, devices: tuple[str, ...]) -> ChannelModel:
+        if self._channel_model is None or self._channel_model.devices != devices:
+            self._channel_model = ChannelModel(devices, self.seed, **self.channel)
+        return self._channel_model
+
+    @staticmethod
+    def _loads(st: _Step, keep: np.ndarray) -> np.ndarray:
+        return np.bincount(st.slot_dev[keep], minlength=len(st.devices))
+
+    def _allocate(self, st: _Step, loads: np.ndarray, how: str | None = None) -> _Alloc:
+        """Bandwidth for fixed loads: ``"equal"`` (B_total / D to every device) or
+        ``"min-max"`` (:func:`testbed.latency_model.min_max_bandwidth`)."""
+        if (how or self.allocation) == "min-max":
+            al = min_max_bandwidth(loads, st.total_hz, st.snr_down, st.snr_up,
+                                   st.bytes_per_token, st.a_ms, st.b_ms)
+            bw, dev = al.bandwidth_hz, al.device_ms
+        else:
+            bw = np.full(len(st.devices), st.total_hz / len(st.devices))
+            dev = device_latency_ms(loads, bw, st.snr_down, st.snr_up, st.bytes_per_token,
+                                    st.a_ms, st.b_ms)
+        return _Alloc(bw, dev, self.bs_ms + float(dev.max()))
+
+    @staticmethod
+    def _wlr(st: _Step, keep: np.ndarray, layer_ms: float) -> float:
+        """Mean kept gate mass per valid token, per ms of predicted layer time [R]."""
+        if st.n_valid == 0 or layer_ms <= 0:
+            return 0.0
+        return float((st.gate * keep).sum()) / st.n_valid / layer_ms
+
+    def _selection(self, ctx: RoutingContext, st: _Step, keep: np.ndarray) -> Selection:
+        ids = np.where(keep, st.ids, -1)
+        w = np.where(keep, st.gate, 0.0)
+        renorm = ctx.norm_topk_prob if self.renormalize is None else self.renormalize
+        if renorm:
+            tot = w.sum(axis=1, keepdims=True)
+            w = np.divide(w, tot, out=np.zeros_like(w), where=tot > 0)
+        dev = ctx.router_probs.device
+        return Selection(torch.from_numpy(ids).to(dev), torch.from_numpy(w.astype(np.float32)).to(dev))
+
+    @staticmethod
+    def _rates(st: _Step, alloc: _Alloc) -> dict[str, tuple[float, float, float]]:
+        """Per device with bandwidth: (harmonic-mean kbit/s, down kbit/s, up kbit/s)."""
+        on = alloc.bandwidth_hz > 0
+        bw = alloc.bandwidth_hz[on]
+        down = np.asarray(shannon_rate_bps(bw, st.snr_down[on])) / 1e3
+        up = np.asarray(shannon_rate_bps(bw, st.snr_up[on])) / 1e3
+        both = 2.0 / (1.0 / down + 1.0 / up)
+        names = [d for d, o in zip(st.devices, on) if o]
+        return {d: (float(both[i]), float(down[i]), float(up[i])) for i, d in enumerate(names)}
+
+    def _record(self, ctx: RoutingContext, st: _Step, keep: np.ndarray, alloc: _Alloc,
+                rates: Mapping[str, tuple[float, float, float]], extra: Mapping[str, Any]) -> None:
+        k = st.ids.shape[1]
+        kept = keep.sum(axis=1)
+        loads = self._loads(st, keep)
+        self.stats.append({
+            "layer": ctx.layer, "step": ctx.step, "epoch": self.epoch, "tokens": st.n_valid,
+            "tokens_pruned": int(((kept < k) & st.valid).sum()),
+            "experts_dropped": int(st.n_valid * k - kept.sum()),
+            "predicted_ms": alloc.layer_ms,
+            "loads": {d: int(n) for d, n in zip(st.devices, loads) if n},
+            "bandwidth_hz": {d: float(b) for d, b in zip(st.devices, alloc.bandwidth_hz) if b > 0},
+            "rate_down_kbit": {d: r[1] for d, r in rates.items()},
+            "rate_up_kbit": {d: r[2] for d, r in rates.items()},
+            **extra,
+        })
+
+
+class WDMoE(_WDMoEBase):
+    """WDMoE (journal) [R]: alternate top-K, min–max bandwidth and cosine-threshold pruning.
+
+    Parameters
+    ----------
+    alpha, theta_step, theta_max:
+        Cosine thresholds tried in a round: ``alpha, alpha + theta_step, ... <= theta_max``.
+    gamma:
+        A threshold is accepted once the WLR reaches ``gamma`` x the round's starting WLR
+        (round 1 starts from top-K).
+    max_rounds:
+        Most rounds of the alternation (each round may drop one more expert per token).
+
+    The per-expert latency vector of the cosine test is [R]: latency of one token on the
+    expert's device at the device's current bandwidth (an equal share where it has none).
+    Tokens never drop below one expert. Other parameters: see :class:`_WDMoEBase` (module doc).
+    """
+
+    name = "wdmoe"
+    allocation = "min-max"
+    prune = True
+
+    def __init__(self, alpha: float = 0.8, theta_step: float = 0.05, theta_max: float = 1.0,
+                 gamma: float = 1.05, max_rounds: int = 3, **kw: Any):
+        super().__init__(**kw)
+        if not (theta_step > 0 and alpha <= theta_max):
+            raise ConfigError(f"alpha ({alpha}) <= theta_max ({theta_max}) and theta_step "
+                              f"({theta_step}) > 0 required")
+        if max_rounds < 0:
+            raise ConfigError(f"max_rounds: must be >= 0, got {max_rounds}")
+        self.alpha = float(alpha)
+        self.theta_step = float(theta_step)
+        self.theta_max = float(theta_max)
+        self.gamma = float(gamma)
+        self.max_rounds = int(max_rounds)
+        n = int(np.floor((self.theta_max - self.alpha) / self.theta_step + 1e-9)) + 1
+        self._thetas = self.alpha + self.theta_step * np.arange(n)
+
+    def _decide(self, st: _Step) -> tuple[np.ndarray, _Alloc, dict[str, Any]]:
+        n, k = st.ids.shape
+        keep = np.repeat(st.valid[:, None], k, axis=1)
+        cache: dict[bytes, _Alloc] = {}
+
+        def alloc_for(kp: np.ndarray) -> _Alloc:
+            loads = self._loads(st, kp)
+            key = loads.tobytes()
+            if key not in cache:
+                cache[key] = self._allocate(st, loads)
+            return cache[key]
+
+        alloc = alloc_for(keep)
+        wlr = wlr0 = self._wlr(st, keep, alloc.layer_ms)
+        t0 = alloc.layer_ms
+        rounds, thetas = 0, []
+        if self.prune and n and st.n_valid:
+            norm_p = np.linalg.norm(st.probs, axis=1)
+            rows = np.arange(n)
+            for _ in range(self.max_rounds):
+                count = keep.sum(axis=1)
+                can = count > 1
+                if not can.any():
+                    break
+                # per-expert latency of one token at the device's current bandwidth
+                bw = np.where(alloc.bandwidth_hz > 0, alloc.bandwidth_hz,
+                              st.total_hz / len(st.devices))
+                t_dev = device_latency_ms(1.0, bw, st.snr_down, st.snr_up, st.bytes_per_token,
+                                          st.a_ms, st.b_ms)
+                t_exp = t_dev[st.expert_dev]
+                cos = (st.probs @ t_exp) / (norm_p * float(np.linalg.norm(t_exp)) + 1e-300)
+                accepted = None
+                last = None
+                for theta in self._thetas:
+                    prune = can & (cos <= theta + 1e-12)
+                    if not prune.any() or (last is not None and np.array_equal(prune, last)):
+                        continue
+                    last = prune
+                    kp = keep.copy()
+                    kp[rows[prune], count[prune] - 1] = False
+                    al = alloc_for(kp)
+                    w = self._wlr(st, kp, al.layer_ms)
+                    if w >= self.gamma * wlr:
+                        accepted = (kp, al, w, float(theta))
+                        break
+                if accepted is None:
+                    break
+                keep, alloc, wlr, theta_acc = accepted
+                thetas.append(theta_acc)
+                rounds += 1
+        return keep, alloc, {"wlr": wlr, "wlr_topk": wlr0, "predicted_topk_ms": t0,
+                             "rounds": rounds, "theta": thetas}
+
+
+class WDMoESelectionOnly(WDMoE):
+    """WDMoE ablation [R]: the journal's pruning, bandwidth split equally over the devices."""
+
+    name = "wdmoe-sel"
+    allocation = "equal"
+    prune = True
+
+
+class WDMoEBandwidthOnly(WDMoE):
+    """WDMoE ablation [R]: the model's top-K selection, min–max bandwidth allocation."""
+
+    name = "wdmoe-bw"
+    allocation = "min-max"
+    prune = False
+
+
+class WDMoEConference(_WDMoEBase):
+    """WDMoE (conference) [S/R]: per token, drop the 2nd expert when its weight-to-latency
+    ratio is too small against the 1st's.
+
+    ``w_i = g_ei / t_device(ei)``, with ``t_device`` the device latency under the top-K loads
+    of the step and the bandwidth of ``allocation``. ``variant="ratio"``: drop e2 if
+    ``w2/w1 < theta``; ``variant="share"`` (variant B): drop e2 if ``w2/(w1+w2) < theta``.
+    With K > 2 every slot j >= 2 is tested against slot 1 the same way [R]. The kept weights
+    are renormalised (as the family's top-k is). After the selection, bandwidth is allocated
+    again for the final loads.
+
+    Parameters
+    ----------
+    theta:
+        The threshold.
+    variant:
+        ``"ratio"`` or ``"share"``.
+    allocation:
+        ``"equal"`` (default: the conference rule alone) or ``"min-max"``.
+    """
+
+    name = "wdmoe-conf"
+
+    def __init__(self, theta: float = 0.5, variant: str = "ratio", allocation: str = "equal",
+                 **kw: Any):
+        super().__init__(**kw)
+        if variant not in ("ratio", "share"):
+            raise ConfigError(f"variant: must be 'ratio' or 'share', got {variant!r}")
+        if allocation not in ("equal", "min-max"):
+            raise ConfigError(f"allocation: must be 'equal' or 'min-max', got {allocation!r}")
+        self.theta = float(theta)
+        self.variant = variant
+        self.allocation = allocation
+
+    def _decide(self, st: _Step) -> tuple[np.ndarray, _Alloc, dict[str, Any]]:
+        n, k = st.ids.shape
+        keep = np.repeat(st.valid[:, None], k, axis=1)
+        alloc0 = self._allocate(st, self._loads(st, keep))
+        wlr0 = self._wlr(st, keep, alloc0.layer_ms)
+        if k > 1 and n:
+            with np.errstate(divide="ignore", invalid="ignore"):   # padding rows: 0/0
+                w = st.gate / alloc0.device_ms[st.slot_dev]
+                w1, wj = w[:, :1], w[:, 1:]
+                score = wj / w1 if self.variant == "ratio" else wj / (w1 + wj)
+            keep[:, 1:] &= ~(score < self.theta)
+            alloc = self._allocate(st, self._loads(st, keep))
+        else:
+            alloc = alloc0
+        return keep, alloc, {"wlr": self._wlr(st, keep, alloc.layer_ms), "wlr_topk": wlr0,
+                             "predicted_topk_ms": alloc0.layer_ms}
