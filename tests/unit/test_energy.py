@@ -20,6 +20,8 @@ from device_agent.energy import (
     MeterUnavailable,
     PowerSampler,
     Reading,
+    SampledMeter,
+    TegrastatsMeter,
     choose_rails,
     detect_meter,
     energy_between,
@@ -225,6 +227,7 @@ def test_tegrastats_meter_from_a_running_process(tmp_path):
     fake.chmod(0o755)
     with detect_meter(tmp_path, {"only": ["ina3221", "tegrastats"],
                                  "tegrastats_argv": [str(fake)]}) as m:
+        assert isinstance(m, TegrastatsMeter)
         assert m.source == "tegrastats:VDD_IN" and m.rails == ["VDD_IN"]
         assert "ina3221" in m.skipped
         deadline = time.monotonic() + 5
@@ -268,6 +271,7 @@ def test_hwmon_agx_orin_sums_connected_rails(tmp_path, jetpack):
 def test_hwmon_meter_integrates_changing_power(tmp_path):
     hw = orin_nx(tmp_path, 5, vdd_in_ma=1000)  # 5.08 W
     with detect_meter(tmp_path, {**NO_HOST, "sample_period_s": 0.02}) as m:
+        assert isinstance(m, SampledMeter)
         a = m.read()
         time.sleep(0.2)
         (hw / "curr1_input").write_text("2000\n")  # 10.16 W from now on
@@ -378,8 +382,8 @@ def test_cpu_time_estimate_hand_computed():
 
 def test_empty_tree_falls_back_to_estimate_with_reasons(tmp_path):
     with detect_meter(tmp_path, {**NO_HOST, "cpu_core_w": 3.0}) as m:
-        assert m.source == "estimated:cpu-time" and m.estimated
-        assert m.core_w == 3.0
+        assert isinstance(m, CpuTimeEstimate) and m.estimated
+        assert m.source == "estimated:cpu-time" and m.core_w == 3.0
         assert set(m.skipped) == {"ina3221", "rapl"}
         assert all(m.skipped.values())
 
