@@ -206,20 +206,24 @@ def _agents(specs: list[tuple[str, Any, str, str]]) -> Iterator[Any]:
 
 
 def _table(path_rows: list[dict[str, Any]], fan_rows: list[dict[str, Any]]) -> str:
-    out = [f"raw = pyzmq REQ->REP echo of the same bytes (one frame), same path; framework = "
-           f"RemoteExpertBackend.run_layer, 1 expert, agent runs the identity expert; medians, blocks "
-           f"interleaved. Host: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}.", "",
-           "| path | tokens x 4096 fp16 | bytes | raw pyzmq echo (ms) | framework call (ms) | ratio | target | "
-           "agent time in call (ms) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    host = f"Host: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}."
+    out = [("raw = pyzmq REQ->REP echo of one frame of the same bytes to an echo server at the agent's "
+            "address (same path), sent with pyzmq's default copy policy; framework = "
+            "RemoteExpertBackend.run_layer on one expert that the agent serves with the identity expert "
+            "(nothing subtracted: its time at the agent, receipt to reply, is the last column); ratio = "
+            f"framework / raw; medians of alternating blocks, same run. {host}"), "",
+           ("| path | tokens x 4096 fp16 | bytes | raw pyzmq echo (ms) | framework call (ms) | ratio | target | "
+            "agent time in call (ms) |"), "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in path_rows:
         tgt = f"<= {r['target']:.2f}" if r["target"] else "-"
         ok = "" if not r["target"] else (" ok" if r["ratio"] <= r["target"] else " MISS")
         out.append(f"| {r['path']} | {r['tokens']} | {r['bytes']} | {r['raw_ms']:.3f} | {r['framework_ms']:.3f} | "
                    f"{r['ratio']:.2f} | {tgt}{ok} | {r['device_ms']:.3f} |")
-    out += ["", f"fan-out = one run_layer over k agents, one {FANOUT_TOKENS}-token expert each, against the "
-            "slowest of the k single-agent calls (blocks interleaved).", "",
-            f"| path | agents | fan-out, {FANOUT_TOKENS} tokens each (ms) | slowest single call (ms) | ratio | "
-            "target |", "|---|---:|---:|---:|---:|---:|"]
+    out += ["", (f"fan-out = one run_layer over k agents (one {FANOUT_TOKENS}-token identity expert each) against the "
+                 "slowest of the k single-agent run_layer calls, blocks alternating in the same run; the k agents "
+                 f"and this process share the host's {os.cpu_count()} CPUs."), "",
+            (f"| path | agents | fan-out, {FANOUT_TOKENS} tokens each (ms) | slowest single call (ms) | ratio | "
+             "target |"), "|---|---:|---:|---:|---:|---:|"]
     for r in fan_rows:
         ok = " ok" if r["ratio"] <= r["target"] else " MISS"
         out.append(f"| {r['path']} | {r['agents']} | {r['fanout_ms']:.3f} | {r['slowest_single_ms']:.3f} | "

@@ -131,7 +131,7 @@ def read_power_w() -> float | None:
 class _Pending:
     """A received request waiting in the agent's queue (slots: built once per request)."""
 
-    __slots__ = ("envelope", "frames", "recv_ns", "recv_perf", "nbytes")
+    __slots__ = ("envelope", "frames", "nbytes", "recv_ns", "recv_perf")
 
     def __init__(self, envelope: list[Any], frames: list[Any], recv_ns: int, recv_perf: float,
                  nbytes: int) -> None:

@@ -3,9 +3,9 @@
 :class:`RemoteExpertBackend` implements ``models.backend.ExpertBackend``: per MoE layer it
 groups the layer's experts by the device holding each one, sends one ``forward`` request per
 device (a DEALER socket per device, all sent before any reply is awaited), then waits on all
-devices at once with a poller. Every request has a deadline; on a timeout, an error reply or an
-unreachable device the affected experts are re-routed to a replica when the placement has one,
-otherwise reported in ``LayerResult.failed`` (the split MoE block then drops them and
+devices at once (zmq_poll on their sockets; one device: a blocking receive). Every request has
+a deadline; on a timeout, an error reply or an unreachable device the affected experts are
+re-routed to a replica when the placement has one, otherwise reported in ``LayerResult.failed`` (the split MoE block then drops them and
 renormalises). Nothing here is fatal to generation.
 
 ``LayerResult.info["calls"]`` holds one row per (expert, attempt): uid, device, tokens, bytes,
@@ -130,7 +130,6 @@ class RemoteExpertBackend:
         self.placement: dict[str, list[str]] = {u: list(d) for u, d in (placement or {}).items()}
         self.agents: dict[str, _Agent] = {}
         self._ids = itertools.count(1)
-        self._poller = zmq.Poller()
         self._by_sock: dict[zmq.Socket, _Agent] = {}
         self.stale_replies = 0
         for name, ep in agents.items():
@@ -148,12 +147,10 @@ class RemoteExpertBackend:
         a = _Agent(name, endpoint, s)
         self.agents[name] = a
         self._by_sock[s] = a
-        self._poller.register(s, zmq.POLLIN)
 
     def remove_agent(self, name: str) -> None:
         """Close the connection to ``name`` and forget it (its experts then fail or re-route)."""
         a = self.agents.pop(name)
-        self._poller.unregister(a.sock)
         del self._by_sock[a.sock]
         a.sock.close(0)
 

@@ -3,6 +3,7 @@ status feed, re-routing on the BS side, SIGTERM. No namespaces needed."""
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from pathlib import Path
@@ -277,7 +278,7 @@ def test_queue_time_and_sigterm_clean_shutdown(agents):
         # a request taken in while an earlier one computed waits for it: its queue time covers at
         # least that compute (which requests are taken in together depends on when their bytes
         # arrive, so not which one; replies sorted by id = the agent's FIFO order)
-        assert any(r["queue_ms"] >= 0.9 * prev["compute_ms"] for prev, r in zip(replies, replies[1:])), \
+        assert any(r["queue_ms"] >= 0.9 * prev["compute_ms"] for prev, r in itertools.pairwise(replies)), \
             [(h["queue_ms"], h["compute_ms"]) for h in replies]
     finally:
         c.close()
