@@ -26,6 +26,14 @@
     python = "/usr/bin/python3"
     hw_class = "orin-agx"
     memory_budget_mb = 24000
+    reuse_packages = ["torch"]       # optional: use the device python's own copies (JetPack torch)
+    agent_port = 0                   # optional: the agent's ZeroMQ port (0 = any free port)
+
+``reuse_packages`` names distributions (``torch``, ``numpy``, ``pyzmq``, ``msgpack``,
+``safetensors``, ...) that ``testbed provision`` does not install: the agent's virtual
+environment sees the copies the device's ``python`` already imports (see
+:mod:`testbed.provision`). ``agent_port`` fixes the port the agent binds on the device's
+address; with 0 the agent picks one and reports it in its ready file.
 
 Loading collects *every* problem, each naming the file and the field, and raises one
 :class:`~testbed.errors.ConfigError` with all of them.
@@ -70,6 +78,8 @@ class Device:
     ssh_port: int = 22
     ssh_key: str | None = None
     interface: str = "eth0"
+    reuse_packages: tuple[str, ...] = ()
+    agent_port: int = 0
 
 
 @dataclass(frozen=True)
@@ -116,7 +126,8 @@ _BS_REQUIRED = {"name", "host", "interface"}
 _BS_OPTIONAL = {"ifb", "local", "sudo", "cell_rate", "ssh_port", "ssh_user", "ssh_key"}
 _DEV_REQUIRED = {"name", "host", "ssh_user", "workdir", "python", "hw_class",
                  "memory_budget_mb"}
-_DEV_OPTIONAL = {"ssh_port", "ssh_key", "interface"}
+_DEV_OPTIONAL = {"ssh_port", "ssh_key", "interface", "reuse_packages", "agent_port"}
+_PKG_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,98}[A-Za-z0-9])?")
 
 
 class _Checker:
@@ -320,9 +331,32 @@ def _parse_devices(c: _Checker, devs: Any) -> list[Device]:
         if "interface" in d:
             v["interface"] = c.string(f"{w}.interface", d["interface"], _IFNAME_RE,
                                       "interface name (<= 15 chars)")
+        if "reuse_packages" in d:
+            v["reuse_packages"] = _packages(c, f"{w}.reuse_packages", d["reuse_packages"])
+        if "agent_port" in d:
+            port = d["agent_port"]
+            v["agent_port"] = port if port == 0 and not isinstance(port, bool) else \
+                c.port(f"{w}.agent_port", port)
         if len(c.problems) == before:
             out.append(Device(**v))
     return out
+
+
+def _packages(c: _Checker, where: str, value: Any) -> tuple[str, ...] | None:
+    """A list of distinct package (distribution) names."""
+    if not isinstance(value, list):
+        c.bad(where, f"must be a list of package names, got {value!r}")
+        return None
+    names: list[str] = []
+    for i, x in enumerate(value):
+        if not isinstance(x, str) or not _PKG_RE.fullmatch(x):
+            c.bad(f"{where}[{i}]", f"not a package name: {x!r}")
+            return None
+        if x.lower() in (n.lower() for n in names):
+            c.bad(f"{where}[{i}]", f"{x!r} listed twice")
+            return None
+        names.append(x)
+    return tuple(names)
 
 
 def render_inventory(inv_name: str, known_hosts: str, bs: BaseStation,
@@ -346,6 +380,10 @@ def render_inventory(inv_name: str, known_hosts: str, bs: BaseStation,
         lines += [f"interface = {q(d.interface)}", f"workdir = {q(d.workdir)}",
                   f"python = {q(d.python)}", f"hw_class = {q(d.hw_class)}",
                   f"memory_budget_mb = {d.memory_budget_mb}"]
+        if d.reuse_packages:
+            lines.append(f"reuse_packages = [{', '.join(q(p) for p in d.reuse_packages)}]")
+        if d.agent_port:
+            lines.append(f"agent_port = {d.agent_port}")
     return "\n".join(lines) + "\n"
 
 

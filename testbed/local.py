@@ -22,6 +22,7 @@ import re
 import shutil
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from typing import Any
 from .errors import ConfigError, NeedsRoot, TestbedError
 from .inventory import BaseStation, Device, render_inventory
 from .links import LinkSpec, TcShaper
+from .provision import AGENT_PACKAGES
 from .runner import LocalRunner
 
 NAME_RE = re.compile(r"[a-z][a-z0-9]{0,7}")
@@ -262,7 +264,8 @@ def up(name: str, devices: int, rate_kbit: float, inventory_out: Path | None = N
             devs.append(Device(name=f"dev{i}", host=addr, ssh_user="root",
                                ssh_key=str(key), workdir=str(d / "work"),
                                python=_device_python(), hw_class="netns",
-                               memory_budget_mb=memory_budget_mb, interface="eth0"))
+                               memory_budget_mb=memory_budget_mb, interface="eth0",
+                               reuse_packages=AGENT_PACKAGES))
         for dv in devs:
             if not _wait_port(dv.host, 22, 10):
                 log = (st.dir / "devices" / dv.name / "sshd.log")
@@ -292,11 +295,10 @@ def up(name: str, devices: int, rate_kbit: float, inventory_out: Path | None = N
 
 
 def _device_python() -> str:
-    """The Python a namespace device uses (devices share this host's filesystem)."""
-    for p in ("/usr/bin/python3", shutil.which("python3")):
-        if p and os.path.exists(p):
-            return p
-    return "/usr/bin/python3"
+    """The Python a namespace device uses: the controller's own interpreter (devices share
+    this host's filesystem), so provisioning reuses its packages (``AGENT_PACKAGES``) and
+    installs only the project wheel, offline."""
+    return sys.executable or "/usr/bin/python3"
 
 
 def _netns_list() -> list[str]:
