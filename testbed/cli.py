@@ -317,6 +317,8 @@ def _mount_model_cli() -> None:
 
 
 _mount_model_cli()
+from .cli_agents import register as _register_agents  # noqa: E402  (needs app and helpers above)
+_register_agents(app)
 
 from .cli_run import register as _register_run  # noqa: E402  (needs app and helpers above)
 
