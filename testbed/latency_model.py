@@ -263,7 +263,7 @@ def min_max_bandwidth(loads: Sequence[float] | np.ndarray, total_hz: float,
 
     * ``"bisection"``: literally that — bisection on ``T``, each ``B_k(T)`` by an inner
       bisection (the reference reading of POLICIES.md);
-    * ``"newton"`` (default, ~100x faster): the same fixed point by monotone Newton steps —
+    * ``"newton"`` (default; ~90x faster in bench/policies.py): the same fixed point by monotone Newton steps —
       on ``T`` from the feasible equal split downwards (``sum_k B_k(T)`` is convex, decreasing),
       and for each ``B_k(T)`` on the concave ``1/f_k`` from the left, warm-started.
 
