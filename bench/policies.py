@@ -26,13 +26,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.routing import RoutingContext  # noqa: E402
-from recipes.wdmoe import (  # noqa: E402
-    WDMoE, WDMoEBandwidthOnly, WDMoEConference, WDMoESelectionOnly,
+from models.routing import RoutingContext
+from recipes.wdmoe import (
+    WDMoE,
+    WDMoEBandwidthOnly,
+    WDMoEConference,
+    WDMoESelectionOnly,
 )
-from testbed.channel import ChannelModel  # noqa: E402
-from testbed.latency_model import min_max_bandwidth  # noqa: E402
-from testbed.policy import ClusterState  # noqa: E402
+from testbed.channel import ChannelModel
+from testbed.latency_model import min_max_bandwidth
+from testbed.policy import ClusterState
 
 EXPERTS, DEVICES, TOP_K = 8, 8, 2
 TARGET_MS = {1: 1.0, 128: 20.0}
@@ -76,7 +79,7 @@ def main() -> None:
         for n in (1, 128):
             pol = cls()
             ctxs = _contexts(n, 64)
-            med = _median_ms(lambda c: pol.select(c, cluster), ctxs, args.repeats)
+            med = _median_ms(lambda c, p=pol: p.select(c, cluster), ctxs, args.repeats)
             inst = f"{EXPERTS} experts x {DEVICES} devices x {n} token(s), top-{TOP_K}"
             ratio = med / TARGET_MS[n]
             rows.append({"policy": cls.name, "tokens": n, "experts": EXPERTS,
@@ -86,7 +89,7 @@ def main() -> None:
     ch = ChannelModel(DEVICES, seed=0)
     loads = np.full(DEVICES, 128 * TOP_K // DEVICES)
     sd, su = ch.snr_per_hz(0, "down"), ch.snr_per_hz(0, "up")
-    solve = {m: _median_ms(lambda _: min_max_bandwidth(loads, 20e6, sd, su, 8192, 1.0, 0.2,
+    solve = {m: _median_ms(lambda _, m=m: min_max_bandwidth(loads, 20e6, sd, su, 8192, 1.0, 0.2,
                                                        method=m), [None],
                            args.repeats if m == "newton" else max(10, args.repeats // 20))
              for m in ("newton", "bisection")}

@@ -188,7 +188,7 @@ def trace_rows(model: ChannelModel, epochs: int, bandwidth_hz: float | Mapping[s
     device (devices missing from the mapping get none).
     """
     b = _split(model, bandwidth_hz)
-    rows = []
+    rows: list[TraceRow] = []
     for k in range(epochs):
         ep = first_epoch + k
         down = model.rates_bps(b, "down", ep) / 1e3

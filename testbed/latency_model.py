@@ -235,7 +235,7 @@ def _solve_bisection(loads: np.ndarray, total_hz: float, sd: np.ndarray, su: np.
     eq = total_hz / len(n)
     t_hi = float(np.max(c + transfer_ms(n, eq, s_d, s_u, bytes_per_token)))
     t_lo = float(np.max(c + kb * LN2 * (1 / s_d + 1 / s_u)))  # latency with infinite bandwidth
-    inner = max(30, int(math.ceil(math.log2(1.0 / rtol))) + 10)
+    inner = max(30, math.ceil(math.log2(1.0 / rtol)) + 10)
     bw = np.full(len(n), eq)
     it = 0
     while t_hi - t_lo > rtol * t_hi and it < 200:

@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 
 from testbed.channel import (
-    ChannelModel, dbm_to_w, read_trace, shannon_rate_bps, trace_rows, write_trace,
+    ChannelModel,
+    dbm_to_w,
+    read_trace,
+    shannon_rate_bps,
+    trace_rows,
+    write_trace,
 )
 from testbed.errors import ConfigError
 

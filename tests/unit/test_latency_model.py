@@ -10,7 +10,11 @@ import pytest
 
 from testbed.channel import ChannelModel
 from testbed.latency_model import (
-    device_latency_ms, device_loads, fit_compute_profile, layer_latency_ms, min_max_bandwidth,
+    device_latency_ms,
+    device_loads,
+    fit_compute_profile,
+    layer_latency_ms,
+    min_max_bandwidth,
     transfer_ms,
 )
 
