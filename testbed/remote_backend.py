@@ -308,11 +308,12 @@ class RemoteExpertBackend:
             return None
 
         def dispatch(groups: dict[str, list[str]], attempt: int) -> None:
+            # every request goes out first (serialise + send, device after device); the bookkeeping
+            # follows, while the requests are on their way
             perf = time.perf_counter
+            sent: list[tuple[Any, ...]] = []
             for dev, uids in groups.items():
                 a = self.agents[dev]
-                for u in uids:
-                    tried[u].add(dev)
                 t0 = perf()
                 rid = next(self._ids)
                 descs, bufs, nbytes = [], [], {}
@@ -330,8 +331,8 @@ class RemoteExpertBackend:
                 hb = P.pack({"v": P.PROTOCOL_VERSION, "op": "forward", "id": rid, "layer": work.layer,
                              "step": work.step, "t": descs, "timeout_ms": self.timeout_s * 1e3})
                 ser_ms = (perf() - t0) * 1e3
-                call = _Call(rid, dev, list(uids), attempt, time.time_ns(), time.monotonic() + self.timeout_s,
-                             ser_ms, nbytes, descs)
+                t0_ns = time.time_ns()
+                err: zmq.ZMQError | None = None
                 try:
                     send = a.sock.send
                     # no empty delimiter (the agent's ROUTER takes [header, frames...] from a DEALER);
@@ -344,8 +345,16 @@ class RemoteExpertBackend:
                         # copy into page-faults, which costs more than the release notification)
                         send(b, _NOBLOCK if i == last else _NB_MORE, copy=False)
                 except zmq.ZMQError as e:  # zmq.Again: no live connection (IMMEDIATE)
+                    err = e
+                sent.append((dev, uids, rid, t0_ns, ser_ms, nbytes, descs, err))
+            deadline = time.monotonic() + self.timeout_s
+            for dev, uids, rid, t0_ns, ser_ms, nbytes, descs, err in sent:
+                for u in uids:
+                    tried[u].add(dev)
+                call = _Call(rid, dev, list(uids), attempt, t0_ns, deadline, ser_ms, nbytes, descs)
+                if err is not None:
                     self._mark_down(dev)
-                    fail(call, list(uids), "unreachable", str(e) or "not connected")
+                    fail(call, list(uids), "unreachable", str(err) or "not connected")
                     continue
                 pending[rid] = call
 
