@@ -77,6 +77,8 @@ ARCHITECTURES = ("x86_64", "aarch64")
 HEADROOM_BYTES = 64 << 20
 PROJECT_DIST = "moe_edge_testbed"
 PROJECT_PACKAGES = ("testbed", "device_agent", "models", "recipes")
+#: the packages the agent runs: a device is reinstalled only when one of these changed
+AGENT_SOURCES = ("device_agent", "models")
 REUSE_PTH = "moe_testbed_reuse.pth"
 HASH_CACHE = ".sha256.json"
 STATUS_PERIOD_S = 0.5
@@ -405,10 +407,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def source_files(root: Path) -> list[Path]:
+def _root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def source_files(root: Path, packages: Sequence[str] = PROJECT_PACKAGES) -> list[Path]:
     """The files the project wheel is built from (relative to ``root``), sorted."""
     out = [Path(n) for n in ("pyproject.toml", "README.md") if (root / n).is_file()]
-    for pkg in PROJECT_PACKAGES:
+    for pkg in packages:
         for p in sorted((root / pkg).rglob("*")):
             rel = p.relative_to(root)
             if p.is_file() and "__pycache__" not in rel.parts and p.suffix != ".pyc" \
@@ -417,13 +423,23 @@ def source_files(root: Path) -> list[Path]:
     return out
 
 
+def agent_source_key(root: Path | None = None) -> str:
+    """Hash of what the device runs (``pyproject.toml`` + :data:`AGENT_SOURCES`): the
+    install on a device is current while this is unchanged, whatever else was edited."""
+    root = root or _root()
+    h = hashlib.sha256()
+    for rel in source_files(root, AGENT_SOURCES):
+        h.update(str(rel).encode() + b"\0" + hashlib.sha256((root / rel).read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
 def project_wheel(root: Path | None = None, cache: Path | None = None) -> tuple[Path, str]:
     """The project's wheel and the hash of its sources; built only when a source changed.
 
     Built from a copy of the sources in a temporary folder (nothing is written into the
     checkout), with ``pip wheel --no-deps --no-build-isolation --no-index`` (offline).
     """
-    root = root or Path(__file__).resolve().parents[1]
+    root = root or _root()
     files = source_files(root)
     h = hashlib.sha256()
     blobs = {}
@@ -728,6 +744,8 @@ class DeviceReport:
     pid: int | None = None
     endpoint: str | None = None
     shards: int = 0
+    #: seconds per step (check, install, shards, agent)
+    steps: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -752,11 +770,20 @@ class _Plan:
             self.shards = shards_per_device(
                 place_experts(self.manifest, inv.devices, placement, seed),
                 [d.name for d in inv.devices])
-        self.project, self.project_key = project_wheel()
+        self.agent_key = agent_source_key()
+        self._project: tuple[Path, str] | None = None
         self.pip = pip_wheel(wheelhouse)
         self.deps = _DepWheels(wheelhouse)
         self._sha: dict[Path, str] = {}
         self._lock = threading.Lock()
+
+    def project(self) -> tuple[Path, str]:
+        """The project wheel and its source hash, built (or found in the cache) on first use:
+        only when some device needs an install."""
+        with self._lock:
+            if self._project is None:
+                self._project = project_wheel()
+            return self._project
 
     def sha(self, p: Path) -> str:
         with self._lock:
@@ -783,6 +810,7 @@ def _facts(runner: Runner, device: Device) -> DeviceFacts:
 def _install(runner: Runner, device: Device, facts: DeviceFacts, lay: Layout, plan: _Plan,
              wheels: Mapping[str, tuple[Path, str]], dep_names: Sequence[str], key: str,
              reuse_dirs: Sequence[str], changed: list[str]) -> None:
+    project, source_hash = plan.project()
     pushed = push_files(runner, device.python, lay.wheels, wheels)
     if pushed:
         changed.append(f"pushed {len(pushed)} wheel{'s' * (len(pushed) != 1)}")
@@ -803,14 +831,15 @@ def _install(runner: Runner, device: Device, facts: DeviceFacts, lay: Layout, pl
            "--disable-pip-version-check", "--no-input", "-q", "--no-warn-script-location"]
     if dep_names:
         runner.run([*pip, "--find-links", lay.wheels, *dep_names], timeout_s=1800)
-    runner.run([*pip, "--no-deps", "--force-reinstall", f"{lay.wheels}/{plan.project.name}"],
+    runner.run([*pip, "--no-deps", "--force-reinstall", f"{lay.wheels}/{project.name}"],
                timeout_s=600)
-    state = {"key": key, "project": plan.project.name, "source_hash": plan.project_key,
+    state = {"key": key, "project": project.name, "agent_sources": plan.agent_key,
+             "source_hash": source_hash,
              "python": facts.executable, "deps": sorted(dep_names),
              "wheels": sorted(wheels), "reuse": dict(zip(device.reuse_packages, reuse_dirs)),
              "installed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     _put_text(runner, lay.installed, json.dumps(state, indent=1))
-    changed.append(f"installed {plan.project.name}"
+    changed.append(f"installed {project.name}"
                    + (f" + {len(dep_names)} packages" if dep_names else ""))
 
 
@@ -827,6 +856,14 @@ def provision_device(runner: Runner, device: Device, plan: _Plan) -> DeviceRepor
     """Check, install, push shards, (re)start the agent on one device. Raises on failure."""
     t0 = time.monotonic()
     rep = DeviceReport(device.name, ok=False)
+
+    def step(name: str) -> None:
+        nonlocal t0
+        now = time.monotonic()
+        rep.steps[name] = round(now - t0, 3)
+        t0 = now
+
+    t_start = t0
     facts = _facts(runner, device)
     problems = check_facts(facts, device)
     if problems:
@@ -840,13 +877,15 @@ def provision_device(runner: Runner, device: Device, plan: _Plan) -> DeviceRepor
     dep_names = [p for p in AGENT_PACKAGES
                  if p.lower() not in {r.lower() for r in device.reuse_packages}]
     deps = plan.deps.get(facts, dep_names)
-    wheels = {p.name: (p, plan.sha(p)) for p in [plan.project, plan.pip, *deps]}
-    key = install_key(plan.project_key, sorted(wheels),
+    key = install_key(plan.agent_key, sorted(p.name for p in [plan.pip, *deps]),
                       dict(zip(device.reuse_packages, (facts.reuse[p] for p in
                                                          device.reuse_packages))),
                       facts.executable)
     need = HEADROOM_BYTES
-    if (facts.installed or {}).get("key") != key:
+    wheels: dict[str, tuple[Path, str]] = {}
+    install = (facts.installed or {}).get("key") != key or not facts.venv_python
+    if install:
+        wheels = {p.name: (p, plan.sha(p)) for p in [plan.project()[0], plan.pip, *deps]}
         need += sum(p.stat().st_size for p, _ in wheels.values())
     if plan.manifest is not None:
         need += sum(plan.manifest.experts[u].bytes for u in plan.shards[device.name])
@@ -854,22 +893,23 @@ def provision_device(runner: Runner, device: Device, plan: _Plan) -> DeviceRepor
     if problems:
         raise ProvisionError("; ".join(problems))
     changed = rep.changed
-    installed_now = False
-    if (facts.installed or {}).get("key") != key or not facts.venv_python:
+    step("check")
+    if install:
         _install(runner, device, facts, lay, plan, wheels, dep_names, key, reuse_dirs, changed)
-        installed_now = True
+        step("install")
     if plan.manifest is not None and plan.shards[device.name]:
         _, n = sync_shards(runner, device, plan.manifest, plan.shards[device.name],
                            workdir=lay.workdir)
         rep.shards = len(plan.shards[device.name])
         if n:
             changed.append(f"pushed {n} of {rep.shards} shards")
+        step("shards")
     argv = agent_argv(device, lay)
     st = facts.agent_state or {}
     running = facts.pid is not None and agent_is_ours(facts.cmdline, lay)
     ready = facts.ready or {}
     endpoint = connect_endpoint(ready.get("endpoint"), device.host)
-    keep = (running and not installed_now and st.get("argv") == argv and st.get("key") == key
+    keep = (running and not install and st.get("argv") == argv and st.get("key") == key
             and st.get("pid") == facts.pid and ready.get("pid") == facts.pid
             and endpoint is not None and _ping(endpoint, 3.0) is not None)
     if keep:
@@ -882,8 +922,9 @@ def provision_device(runner: Runner, device: Device, plan: _Plan) -> DeviceRepor
         rep.pid, rep.endpoint = int(info["pid"]), info["endpoint"]
         _put_text(runner, lay.agent_state, json.dumps({"pid": rep.pid, "argv": argv, "key": key}))
         changed.append(f"started agent pid {rep.pid} at {rep.endpoint}")
+    step("agent")
     rep.ok = True
-    rep.seconds = round(time.monotonic() - t0, 3)
+    rep.seconds = round(time.monotonic() - t_start, 3)
     return rep
 
 
