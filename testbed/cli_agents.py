@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.table import Table
 
 from .cli import Format, FormatOpt, InvArg, _fmt, console, emit, err_console
+from .errors import HostUnreachable
 from .inventory import load_inventory
 
 
@@ -20,15 +21,16 @@ class Placement(str, Enum):
 
 
 def _fail(rows: list[dict[str, Any]]) -> None:
-    """One line per failed device on stderr, then exit with the most specific code (5 when
-    every failure is an unreachable host)."""
+    """One line per failed device on stderr, then exit non-zero: 5 (HostUnreachable) when
+    any host could not be reached, else the exit code of the first failure."""
     failed = [r for r in rows if not r["ok"]]
     if not failed:
         return
     for r in failed:
         err_console.print(f"error: {r['device']}: {r['error']}", highlight=False, markup=False)
-    codes = {int(r.get("exit_code") or 1) for r in failed}
-    raise typer.Exit(codes.pop() if len(codes) == 1 else 1)
+    codes = [int(r.get("exit_code") or 1) for r in failed]
+    raise typer.Exit(HostUnreachable.exit_code if HostUnreachable.exit_code in codes
+                     else codes[0])
 
 
 def register(app: typer.Typer) -> None:
@@ -39,13 +41,13 @@ def register(app: typer.Typer) -> None:
     @app.command("provision")
     def provision_cmd(
         inventory: Path = InvArg,
-        model: Optional[str] = typer.Option(
+        model: str | None = typer.Option(
             None, "--model", help="Split model dir, 'tiny', or an HF MoE checkpoint: its expert "
             "shards are placed over the devices and pushed."),
         placement: Placement = typer.Option(Placement.round_robin, "--placement",
                                             help="How shards are spread over the devices."),
         seed: int = typer.Option(0, "--seed", help="Seed of the random placement."),
-        wheelhouse: Optional[Path] = typer.Option(
+        wheelhouse: Path | None = typer.Option(
             None, "--wheelhouse", help="Folder of wheels for the agent's dependencies "
             "(offline; default: pip download for each device's platform, cached)."),
         timeout: float = typer.Option(10.0, "--timeout", help="Per-device SSH connect "

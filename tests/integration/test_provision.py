@@ -93,19 +93,25 @@ def test_provision_idempotent_status_logs_stop_unreachable(make_testbed, state_d
     unused = inv.bs.host.rsplit(".", 1)[0] + ".222"  # in the testbed's subnet, nobody there
     ghost = ("[[devices]]" + text.split("[[devices]]")[1]).replace(
         'name = "dev1"', 'name = "ghost"').replace(f'"{inv.devices[0].host}"', f'"{unused}"')
+    badpy = ("[[devices]]" + text.split("[[devices]]")[2]).replace(
+        'name = "dev2"', 'name = "badpy"').replace(f'"{inv.devices[1].python}"',
+                                                   '"/nonexistent/python3"')
     ghost_inv = tmp_path / "ghost.inventory.toml"
-    ghost_inv.write_text(text.rstrip("\n") + "\n\n" + ghost)
+    ghost_inv.write_text(text.rstrip("\n") + "\n\n" + ghost.rstrip("\n") + "\n\n" + badpy)
     res, out = _cli_json(env, "provision", str(ghost_inv), "--model", "tiny", "--timeout", "3")
     assert res.returncode == 5, (res.returncode, res.stderr)
     rows = {r["device"]: r for r in out["devices"]}
-    assert [r["device"] for r in out["devices"]] == ["dev1", "dev2", "dev3", "ghost"]
+    assert [r["device"] for r in out["devices"]] == ["dev1", "dev2", "dev3", "ghost", "badpy"]
     assert not rows["ghost"]["ok"] and rows["ghost"]["error_type"] == "HostUnreachable"
-    # (4 devices in the placement now: the others get more shards, their agents stay)
+    assert not rows["badpy"]["ok"] and rows["badpy"]["error"] == \
+        "python /nonexistent/python3 not found on the device"
+    # (5 devices in the placement now: the others get more shards, their agents stay)
     assert all(rows[d]["ok"] and rows[d]["pid"] == pids[d] and
                all(c.startswith("pushed ") and c.endswith(" shards") for c in rows[d]["changed"])
                for d in pids), rows
     err = res.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ghost: "), err
+    assert len(err) == 2 and err[0].startswith("error: ghost: ") and \
+        err[1].startswith("error: badpy: python /nonexistent/python3"), err
 
     # stop: by PID, the agents are gone; status then says stopped; a second stop is a no-op
     res, rows = _cli_json(env, "agents", "stop", str(inv_path))
@@ -126,7 +132,7 @@ def test_provision_idempotent_status_logs_stop_unreachable(make_testbed, state_d
 def test_changed_install_reinstalls_and_restarts(make_testbed):
     """A device whose install is not the current one (here: its record edited) is reinstalled
     and its agent restarted with a new PID; the other device is left alone."""
-    name, inv_path = make_testbed(devices=2)
+    _, inv_path = make_testbed(devices=2)
     inv = load_inventory(inv_path)
     first = {r.device: r for r in provision(inv)}
     assert all(r.ok for r in first.values()), first

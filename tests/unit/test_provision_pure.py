@@ -37,10 +37,11 @@ DEV = Device(name="orin1", host="192.168.50.11", ssh_user="nvidia", workdir="/ho
 
 
 def facts(**kw) -> DeviceFacts:
-    base = dict(system="Linux", machine="aarch64", python=(3, 10, 12), implementation="CPython",
-                libc=("glibc", "2.35"), executable="/usr/bin/python3", workdir="/home/nvidia/tb",
-                free_bytes=10 << 30, writable=True,
-                reuse={"torch": {"path": "/usr/lib/python3/dist-packages", "version": "2.3.0"}})
+    base = {"system": "Linux", "machine": "aarch64", "python": (3, 10, 12),
+            "implementation": "CPython", "libc": ("glibc", "2.35"),
+            "executable": "/usr/bin/python3", "workdir": "/home/nvidia/tb",
+            "free_bytes": 10 << 30, "writable": True,
+            "reuse": {"torch": {"path": "/usr/lib/python3/dist-packages", "version": "2.3.0"}}}
     base.update(kw)
     return DeviceFacts(**base)
 
@@ -92,8 +93,8 @@ def test_facts_script_runs_on_this_python_and_parses(tmp_path):
     ({"implementation": "PyPy"}, 0, ["is PyPy, need CPython"]),
     ({"writable": False}, 0, ["workdir /home/nvidia/tb is not writable by nvidia"]),
     ({"reuse": {"torch": None}}, 0, ["reuse_packages: torch not importable by /usr/bin/python3"]),
-    ({"free_bytes": 50_000_000}, 200_000_000, ["disk full: 50 MB free at /home/nvidia/tb, "
-                                               "need 200 MB"]),
+    ({"free_bytes": 50_000_000}, 200_000_000,
+     ["disk full: 50 MB free at /home/nvidia/tb, need 200 MB"]),
     ({"free_bytes": 500_000_000}, 200_000_000, []),
 ])
 def test_check_facts(change, need, expect):
