@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +12,6 @@ from rich.table import Table
 from .cli import Format, FormatOpt, InvArg, _fmt, console, emit, err_console
 from .errors import HostUnreachable
 from .inventory import load_inventory
-
-
-class Placement(str, Enum):
-    round_robin = "round-robin"
-    random = "random"
 
 
 def _fail(rows: list[dict[str, Any]]) -> None:
@@ -44,8 +38,9 @@ def register(app: typer.Typer) -> None:
         model: str | None = typer.Option(
             None, "--model", help="Split model dir, 'tiny', or an HF MoE checkpoint: its expert "
             "shards are placed over the devices and pushed."),
-        placement: Placement = typer.Option(Placement.round_robin, "--placement",
-                                            help="How shards are spread over the devices."),
+        placement: str = typer.Option("round-robin", "--placement",
+                                      help="How shards are spread over the devices: "
+                                      "round-robin or random."),
         seed: int = typer.Option(0, "--seed", help="Seed of the random placement."),
         wheelhouse: Path | None = typer.Option(
             None, "--wheelhouse", help="Folder of wheels for the agent's dependencies "
@@ -63,7 +58,7 @@ def register(app: typer.Typer) -> None:
         _fmt(fmt)
         inv = load_inventory(inventory)
         t0 = time.monotonic()
-        reports = provision(inv, model, placement.value, seed=seed, wheelhouse=wheelhouse,
+        reports = provision(inv, model, placement, seed=seed, wheelhouse=wheelhouse,
                             connect_timeout_s=timeout)
         rows = [r.to_dict() for r in reports]
         wall = time.monotonic() - t0

@@ -993,6 +993,11 @@ def provision(inv: Inventory, model_dir: str | os.PathLike[str] | None = None,
     ConfigError
         Bad model directory, placement or wheelhouse (before any device is touched).
     """
+    from .policy import PLACEMENTS
+
+    if placement not in PLACEMENTS:
+        raise ConfigError(f"--placement: unknown placement {placement!r} "
+                          f"(one of: {', '.join(PLACEMENTS)})")
     split = None
     if model_dir is not None:
         from .modelstore import resolve_split
