@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,9 @@ def _fail(rows: list[dict[str, Any]]) -> None:
 
 
 def register(app: typer.Typer) -> None:
+    # paramiko logs a failed handshake's traceback from its transport thread; the reason is
+    # already in the per-device error line
+    logging.getLogger("paramiko").addHandler(logging.NullHandler())
     agents_app = typer.Typer(help="Device agents started by `testbed provision`: status, stop, "
                              "logs.", no_args_is_help=True)
     app.add_typer(agents_app, name="agents")
