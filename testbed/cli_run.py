@@ -23,7 +23,8 @@ class RichProgress(experiment.Progress):
     """Trials and requests bars with an ETA on stderr (quiet in json mode / without a tty)."""
 
     def __init__(self, console: Console, enabled: bool) -> None:
-        self.enabled = enabled
+        # a bar on a pipe or a log file would only bury the one-line error
+        self.enabled = enabled and console.is_terminal
         self.console = console
         self.bar: Progress | None = None
         self.t_trials = self.t_reqs = None
