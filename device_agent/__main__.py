@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from device_agent.energy import METER_KINDS, MeterOptions, MeterUnavailable
 from device_agent.server import DEFAULT_MAX_MESSAGE_BYTES, AgentServer, install_signal_handlers
 
 
@@ -23,13 +24,26 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present)")
     s.add_argument("--threads", type=int, default=None, help="torch compute threads")
     s.add_argument("--ready-file", default=None, help="JSON written once bound (endpoints, pid)")
+    s.add_argument("--meter", default="auto", choices=("auto", *METER_KINDS),
+                   help="energy meter: auto (the first that works, in this order: "
+                   f"{', '.join(METER_KINDS)}) or one kind (the agent exits if it does not work)")
+    s.add_argument("--cpu-core-w", type=float, default=5.0,
+                   help="watts per busy core of the 'estimated' meter (CPU time x this)")
     s.add_argument("--log-level", default="INFO")
     a = ap.parse_args(argv)
+    if not a.cpu_core_w > 0:
+        ap.error(f"--cpu-core-w must be positive, got {a.cpu_core_w}")
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    server = AgentServer(a.bind, a.workdir, pub=a.pub, status_period_s=a.status_period_s,
-                         max_message_bytes=a.max_message_bytes, device=a.device, threads=a.threads,
-                         ready_file=a.ready_file)
+    meter = MeterOptions(only=None if a.meter == "auto" else (a.meter,), cpu_core_w=a.cpu_core_w,
+                         rapl_poll_s=0.1)
+    try:
+        server = AgentServer(a.bind, a.workdir, pub=a.pub, status_period_s=a.status_period_s,
+                             max_message_bytes=a.max_message_bytes, device=a.device,
+                             threads=a.threads, ready_file=a.ready_file, meter=meter)
+    except MeterUnavailable as e:
+        print(f"error: --meter {a.meter}: {e}", file=sys.stderr)
+        return 3
     install_signal_handlers(server)
     server.serve_forever()
     return 0

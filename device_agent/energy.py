@@ -36,7 +36,11 @@ so the agent reads them directly; nvidia-ml-py (BSD, pure ctypes) is the only op
 dependency, imported only when the NVML meter is tried.
 
 Times are ``time.monotonic_ns()`` (immune to clock steps); use :func:`energy_between` on two
-readings of the same meter for a window's joules. ``python -m device_agent.energy --seconds 2``
+readings of the same meter for a window's joules. :meth:`Meter.read` asks the source (a sysfs
+read, an NVML call); :meth:`Meter.now_j` does not (the latest sample's joules, extended at its
+power; the CPU-time estimate reads the process clock), which is what the agent stamps on every
+forward reply. :attr:`Meter.energy_source` is the label results carry
+(``measured:nvml:gpu0``, ``estimated:cpu-time(5 W/core)``). ``python -m device_agent.energy --seconds 2``
 prints the chosen meter and its readings as JSON lines.
 
 This module uses the standard library only and never imports ``testbed``.
@@ -362,6 +366,8 @@ class PowerSampler:
         self._lock = threading.Lock()
         self._last: tuple[int, float] | None = None
         self._energy_j = 0.0
+        #: the last sample's reading, replaced whole (one attribute read needs no lock)
+        self.latest = Reading(0, 0.0, None)
         self.samples = 0
         self.errors = 0
         self.last_error: str | None = None
@@ -378,7 +384,8 @@ class PowerSampler:
                 self._energy_j += (p0 + power_w) * 0.5 * (t_ns - t0) / 1e9
             self._last = (t_ns, power_w)
             self.samples += 1
-            return Reading(t_ns, self._energy_j, power_w)
+            r = self.latest = Reading(t_ns, self._energy_j, power_w)
+            return r
 
     def sample(self) -> Reading:
         """Read the power now and integrate it; on a failed read, the last reading."""
@@ -439,6 +446,19 @@ class PowerSampler:
 
 # ---- meters -------------------------------------------------------------------------------
 
+#: :meth:`Meter.now_j` holds a sample's power for at most this long (a stalled source must not
+#: make energy grow without bound)
+MAX_EXTRAPOLATION_S = 1.0
+
+
+def extrapolate_j(r: Reading, now_ns: int, max_s: float = MAX_EXTRAPOLATION_S) -> float:
+    """Joules at ``now_ns`` from reading ``r``: its energy plus its power held for the time
+    since (at most ``max_s``; none before ``r`` or without a power)."""
+    if r.power_w is None or now_ns <= r.t_ns:
+        return r.energy_j
+    return r.energy_j + r.power_w * min((now_ns - r.t_ns) / 1e9, max_s)
+
+
 _M = TypeVar("_M", bound="Meter")
 
 
@@ -469,6 +489,25 @@ class Meter:
     def read(self) -> Reading:
         raise NotImplementedError
 
+    def now_j(self) -> float:
+        """Cumulative joules now, without touching the source (no file, process or driver
+        call): cheap enough for the agent's per-call path. Sampled meters extend their latest
+        sample at its power (:func:`extrapolate_j`); the CPU-time estimate reads the process
+        clock. Never ahead of the source by more than :data:`MAX_EXTRAPOLATION_S` of power;
+        two calls may differ from a later :meth:`read` by the difference between the held
+        and the true power over that stretch, so compare ``now_j`` with ``now_j`` and
+        ``read`` with ``read``."""
+        return self.read().energy_j
+
+    @property
+    def energy_source(self) -> str:
+        """What results record: ``measured:`` or ``estimated:``, the kind and the rails that
+        make it up, e.g. ``measured:ina3221-hwmon:VDD_IN``, ``measured:nvml:gpu0``,
+        ``estimated:cpu-time(5 W/core)``."""
+        src = self.source if ":" in self.source or not self.rails \
+            else f"{self.source}:{'+'.join(self.rails)}"
+        return f"{'estimated' if self.estimated else 'measured'}:{src}"
+
     def close(self) -> None:
         """Release threads, processes and handles (idempotent)."""
 
@@ -476,7 +515,7 @@ class Meter:
         """The meter as a JSON-ready map (for the agent's status and run manifests)."""
         return {"source": self.source, "rails": list(self.rails),
                 "energy_source": "estimated" if self.estimated else "measured",
-                "skipped": dict(self.skipped)}
+                "label": self.energy_source, "skipped": dict(self.skipped)}
 
     def __enter__(self: _M) -> _M:  # noqa: PYI019 - typing.Self needs Python 3.11
         return self
@@ -499,6 +538,9 @@ class SampledMeter(Meter):
 
     def read(self) -> Reading:
         return self.sampler.sample()
+
+    def now_j(self) -> float:
+        return extrapolate_j(self.sampler.latest, time.monotonic_ns())
 
     def close(self) -> None:
         self.sampler.stop()
@@ -566,6 +608,9 @@ class TegrastatsMeter(Meter):
     def read(self) -> Reading:
         return self.sampler.reading()
 
+    def now_j(self) -> float:
+        return extrapolate_j(self.sampler.latest, time.monotonic_ns())
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -581,10 +626,16 @@ class TegrastatsMeter(Meter):
 
 class NvmlMeter(Meter):
     """NVML through nvidia-ml-py: the total-energy counter (mJ) of each GPU, summed; where a GPU
-    lacks the counter, power sampling of all of them (source ``nvml-power``)."""
+    lacks the counter, power sampling of all of them (source ``nvml-power``).
+
+    With the counter, a background thread reads it every ``period_s`` too, so that
+    :meth:`now_j` has a recent reading to extend without a driver call."""
 
     def __init__(self, indices: Sequence[int] | None = None, period_s: float = 0.05) -> None:
         super().__init__()
+        self._latest = Reading(0, 0.0, None)
+        self._poll_stop = threading.Event()
+        self._poll: threading.Thread | None = None
         try:
             import pynvml  # nvidia-ml-py
         except ImportError as e:
@@ -608,6 +659,10 @@ class NvmlMeter(Meter):
                 self._e0_mj = [int(pynvml.nvmlDeviceGetTotalEnergyConsumption(h))
                                for h in self._handles]
                 self.source = "nvml"
+                self.read()
+                self._poll = threading.Thread(target=self._poll_counter, args=(period_s,),
+                                              name="nvml-poll", daemon=True)
+                self._poll.start()
             except pynvml.NVMLError:  # NotSupported on GPUs older than Volta
                 self._e0_mj = None
                 self._power_w()
@@ -623,6 +678,11 @@ class NvmlMeter(Meter):
     def _power_w(self) -> float:
         return sum(self._nv.nvmlDeviceGetPowerUsage(h) for h in self._handles) / 1e3
 
+    def _poll_counter(self, period_s: float) -> None:
+        while not self._poll_stop.wait(period_s):
+            with contextlib.suppress(self._nv.NVMLError):
+                self.read()
+
     def read(self) -> Reading:
         if self.sampler is not None:
             return self.sampler.sample()
@@ -633,9 +693,21 @@ class NvmlMeter(Meter):
             p: float | None = self._power_w()
         except self._nv.NVMLError:
             p = None
-        return Reading(t_ns, sum(m - m0 for m, m0 in zip(mj, self._e0_mj)) / 1e3, p)
+        r = Reading(t_ns, sum(m - m0 for m, m0 in zip(mj, self._e0_mj)) / 1e3, p)
+        if r.t_ns >= self._latest.t_ns:  # the poll thread and a caller may race
+            self._latest = r
+        return r
+
+    def now_j(self) -> float:
+        if self.sampler is not None:
+            return extrapolate_j(self.sampler.latest, time.monotonic_ns())
+        return extrapolate_j(self._latest, time.monotonic_ns())
 
     def close(self) -> None:
+        self._poll_stop.set()
+        if self._poll is not None:
+            self._poll.join(2.0)
+            self._poll = None
         if self.sampler is not None:
             self.sampler.stop()
         if getattr(self, "_inited", False):
@@ -657,6 +729,7 @@ class RaplMeter(Meter):
         self._prev = [self._raw(z) for z in self.zones]
         self._uj = 0
         self._last: tuple[int, int] | None = None  # (t_ns, uj) of the previous read
+        self._latest = Reading(time.monotonic_ns(), 0.0, None)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, args=(poll_s,), name="rapl-poll",
                                         daemon=True)
@@ -684,7 +757,11 @@ class RaplMeter(Meter):
             if self._last is not None and t_ns > self._last[0]:
                 p_w = (self._uj - self._last[1]) / 1e6 / ((t_ns - self._last[0]) / 1e9)
             self._last = (t_ns, self._uj)
-            return Reading(t_ns, self._uj / 1e6, p_w)
+            r = self._latest = Reading(t_ns, self._uj / 1e6, p_w)
+            return r
+
+    def now_j(self) -> float:
+        return extrapolate_j(self._latest, time.monotonic_ns())
 
     def close(self) -> None:
         self._stop.set()
@@ -718,6 +795,13 @@ class CpuTimeEstimate(Meter):
                 p = (e - self._last[1]) / ((t_ns - self._last[0]) / 1e9)
             self._last = (t_ns, e)
             return Reading(t_ns, e, p)
+
+    def now_j(self) -> float:
+        return (self._cpu() - self._c0) * self.core_w
+
+    @property
+    def energy_source(self) -> str:
+        return f"{self.source}({self.core_w:g} W/core)"
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()

@@ -12,7 +12,6 @@ import ``testbed`` (a device install stays small).
 from __future__ import annotations
 
 import collections
-import glob
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ import torch
 import zmq
 
 from device_agent import protocol as P
+from device_agent.energy import Meter, MeterOptions, detect_meter
 from device_agent.protocol import ErrorCode, ProtocolError
 
 log = logging.getLogger("device_agent")
@@ -114,20 +114,6 @@ def _rss_bytes() -> int | None:
         return None
 
 
-def read_power_w() -> float | None:
-    """Board power in watts when the kernel exposes it (hwmon ``power*_input``, e.g. Jetson
-    INA3221 rails summed), else ``None``."""
-    total_uw = 0
-    found = False
-    for p in glob.glob("/sys/class/hwmon/hwmon*/power*_input"):
-        try:
-            total_uw += int(Path(p).read_text().strip())
-            found = True
-        except (OSError, ValueError):
-            continue
-    return total_uw / 1e6 if found else None
-
-
 class _Pending:
     """A received request waiting in the agent's queue (slots: built once per request)."""
 
@@ -175,12 +161,39 @@ class AgentServer:
         Written (JSON: endpoints, pid) once the sockets are bound; removed on exit.
     max_queue
         At most this many received requests wait in the agent's queue; more stay in ZeroMQ.
+    meter
+        Options of the energy meter opened with :func:`device_agent.energy.detect_meter`
+        (``None``: every kind, in the standard order; the CPU-time estimate is the last
+        resort), or an open :class:`~device_agent.energy.Meter` (closed with the server).
+
+    Energy. The status (reply and feed) carries ``energy_j`` (joules since the agent started,
+    :meth:`Meter.read`), ``power_w`` and ``energy_source`` (:attr:`Meter.energy_source`);
+    ``energy_meter`` describes the meter (and why others were skipped). ``ping`` replies carry
+    ``energy_j`` too (a cheap exchange for the BS to read the counter at a request's ends).
+    ``forward`` replies carry ``energy_j = [at compute start, at compute end]`` from
+    :meth:`Meter.now_j` (no I/O on the call path; the end is never below the start).
     """
 
     def __init__(self, bind: str, workdir: str | os.PathLike[str], *, pub: str | None = None,
                  status_period_s: float = 1.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  device: str = "auto", threads: int | None = None,
-                 ready_file: str | os.PathLike[str] | None = None, max_queue: int = 256) -> None:
+                 ready_file: str | os.PathLike[str] | None = None, max_queue: int = 256,
+                 meter: MeterOptions | Meter | None = None) -> None:
+        self.meter: Meter = meter if isinstance(meter, Meter) else detect_meter("/", meter)
+        first = self.meter.read()
+        #: (t_ns, energy_j) the status's average power is taken from (see :meth:`_energy`)
+        self._power_ref = (first.t_ns, first.energy_j)
+        self._now_j = self.meter.now_j  # bound once: the forward path calls it twice
+        try:
+            self._setup(bind, workdir, pub, status_period_s, max_message_bytes, device, threads,
+                        ready_file, max_queue)
+        except BaseException:
+            self.meter.close()
+            raise
+
+    def _setup(self, bind: str, workdir: str | os.PathLike[str], pub: str | None,
+               status_period_s: float, max_message_bytes: int, device: str, threads: int | None,
+               ready_file: str | os.PathLike[str] | None, max_queue: int) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -213,10 +226,29 @@ class AgentServer:
         if self.ready_file:
             tmp = self.ready_file.with_name(self.ready_file.name + ".part")
             tmp.write_text(json.dumps({"endpoint": self.endpoint, "pub_endpoint": self.pub_endpoint,
-                                       "pid": os.getpid(), "device": self.device}))
+                                       "pid": os.getpid(), "device": self.device,
+                                       "energy_source": self.meter.energy_source}))
             os.replace(tmp, self.ready_file)
-        log.info("agent pid %d serving on %s (status feed %s), workdir %s, device %s",
-                 os.getpid(), self.endpoint, self.pub_endpoint, self.workdir, self.device)
+        log.info("agent pid %d serving on %s (status feed %s), workdir %s, device %s, energy %s",
+                 os.getpid(), self.endpoint, self.pub_endpoint, self.workdir, self.device,
+                 self.meter.energy_source)
+
+    # ---- energy --------------------------------------------------------------------------
+    def _energy(self) -> dict[str, Any]:
+        """``energy_j``, ``power_w``, ``energy_source`` for the status.
+
+        ``power_w`` is the meter's own instant value where it has one; for the CPU-time
+        estimate (and a meter without a power figure) it is the average since a reference
+        reading renewed once it is older than the status period, so that back-to-back status
+        reads do not report the power of the status code itself."""
+        r = self.meter.read()
+        p = r.power_w
+        if p is None or self.meter.estimated:
+            t0, e0 = self._power_ref
+            p = (r.energy_j - e0) / ((r.t_ns - t0) / 1e9) if r.t_ns > t0 else None
+            if r.t_ns - t0 >= self.status_period_s * 1e9:
+                self._power_ref = (r.t_ns, r.energy_j)
+        return {"energy_j": r.energy_j, "power_w": p, "energy_source": self.meter.energy_source}
 
     # ---- status --------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -243,7 +275,8 @@ class AgentServer:
             "load": {"loadavg_1m": os.getloadavg()[0], "queue_len": len(self.queue),
                      "requests": c.requests, "errors": c.errors, "forward_calls": c.forward_calls,
                      "rows": c.rows, "errors_by_code": {str(k): v for k, v in c.by_code.items()}},
-            "power_w": read_power_w(),
+            **self._energy(),
+            "energy_meter": self.meter.describe(),
             "clock_ns": time.time_ns(),
         }
 
@@ -332,6 +365,7 @@ class AgentServer:
             raise ProtocolError(ErrorCode.BAD_HEADER, "forward: timeout_ms must be a number")
         perf = time.perf_counter
         start = perf()
+        e_start = self._now_j()
         queue_ms = (start - item.recv_perf) * 1e3
         errors: dict[str, list[Any]] = {}
         if timeout_ms is not None and queue_ms > timeout_ms:
@@ -385,9 +419,11 @@ class AgentServer:
                 errors[key[:64]] = [int(err.code), err.message]
                 self._count_error(err.code)
         self.counters.forward_calls += 1
+        e_end = self._now_j()
         compute_ms = (perf() - start) * 1e3
         return ({"t": out_desc, "errors": errors, "queue_ms": queue_ms, "compute_ms": compute_ms,
-                 "uid_ms": uid_ms}, out_bufs)
+                 "uid_ms": uid_ms, "energy_j": [e_start, max(e_start, e_end)]},
+                out_bufs)
 
     # ---- dispatch ------------------------------------------------------------------------
     def _count_error(self, code: ErrorCode) -> None:
@@ -450,7 +486,7 @@ class AgentServer:
                 if len(body) > 1:
                     raise ProtocolError(ErrorCode.BAD_FRAMES, f"op {op} takes no data frames")
                 if op == "ping":
-                    fields = {}
+                    fields = {"energy_j": self.meter.read().energy_j}
                 elif op == "status":
                     fields = {"status": self.status()}
                 elif op == "load":
@@ -552,6 +588,7 @@ class AgentServer:
         if self.pub_sock is not None:
             self.pub_sock.close(0)
         self.ctx.term()
+        self.meter.close()
         if self.ready_file is not None:
             try:
                 self.ready_file.unlink()

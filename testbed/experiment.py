@@ -12,6 +12,16 @@ For each sweep point (trial) and repeat the runner
    from the agents' status feed — each row flushed as it is produced — then the trial's
    summary row.
 
+Energy of a request (:func:`testbed.energy_attr.request_energy`): just before the request and
+just after it, the runner pings every agent that is up; each ping reply carries that agent's
+cumulative meter reading, so ``energy_devices_j`` is the sum of the devices' counter deltas
+over windows that enclose the request (idle power and network handling included, the two
+pings' own cost too: a few dozen bytes each). ``energy_bs_j`` is the BS's own meter (the
+CPU-time estimate of this process when the devices are namespaces on this host) over the
+request; ``energy_j`` is their sum, ``energy_source`` says ``measured``/``estimated``/``mixed``
+and names any device that could not be read. Per call, ``calls.csv`` has the device meter's
+joules over the reply's compute window (see :mod:`testbed.remote_backend`).
+
 Whatever happens (an error, a policy that raises, Ctrl-C), the links are restored to what they
 were before the run, the manifest records the status (``completed`` / ``failed`` /
 ``interrupted``) with the error and the tc state after, and rows already written stay.
@@ -37,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from . import results as R
+from .energy_attr import request_energy
 from .errors import ConfigError, TestbedError
 from .inventory import Inventory, bs_runner_for, load_inventory, ssh_runner_for
 from .linkcheck import shaper_for
@@ -221,7 +232,8 @@ def rows_for_request(records: Sequence[Any], key: Mapping[str, Any], step_start:
                               "tokens": c.get("tokens"), "status": status, "detail": detail,
                               "serialize_ms": c.get("serialize_ms"), "network_ms": c.get("network_ms"),
                               "queue_ms": c.get("queue_ms"), "compute_ms": c.get("compute_ms"),
-                              "rtt_ms": c.get("rtt_ms"), "bytes_down": bd, "bytes_up": bu})
+                              "rtt_ms": c.get("rtt_ms"), "bytes_down": bd, "bytes_up": bu,
+                              "energy_j": c.get("energy_j"), "energy_source": c.get("energy_source")})
             if c.get("status") == "ok" and c.get("rtt_ms") is not None:
                 rid = (c.get("device"), c.get("req_id"))
                 total = float(c.get("serialize_ms") or 0) + float(c["rtt_ms"])
@@ -392,6 +404,7 @@ class Runner:
         self.manifest["clock_offsets"] = {d: {"offset_ms": c.offset_ns / 1e6, "rtt_ms": c.rtt_ms}
                                           for d, c in clocks.items()}
         self.backend = backend
+        self._open_bs_meter(stack)
         self.loaded: dict[str, set[str]] = {d: set() for d in eps}
         self.pushed: dict[str, dict[str, str]] = {d: {} for d in eps}
         self.runners = {d.name: ssh_runner_for(inv, d) for d in inv.devices}
@@ -539,6 +552,41 @@ class Runner:
 
         return hook
 
+    # energy --------------------------------------------------------------------------------
+    def _open_bs_meter(self, stack: contextlib.ExitStack) -> None:
+        """The BS's own meter (:func:`device_agent.energy.detect_meter`, closed on exit). When
+        every device is a namespace on this host, only the CPU-time estimate of this process:
+        a host-wide meter (RAPL) would count the agents' work too."""
+        from device_agent.energy import MeterOptions, detect_meter
+
+        only = ("estimated",) if all(d.hw_class == "netns" for d in self.inv.devices) else None
+        self.bs_meter = detect_meter("/", MeterOptions(only=only))
+        stack.callback(self.bs_meter.close)
+        self.manifest["energy"] = {
+            "bs": self.bs_meter.describe(),
+            "devices": {d: a.energy_source for d, a in self.backend.agents.items()},
+            "request_window": "each device's cumulative counter read by a ping just before and "
+                              "just after the request; the BS meter over the request itself"}
+        self._save_manifest()
+
+    def _energy_counters(self) -> dict[str, float | None]:
+        """device -> the cumulative joules of its meter now: one ``ping`` each (its reply
+        carries the agent meter's reading; a few dozen bytes, unlike a status). Devices the
+        backend holds down, or that do not answer within 0.5 s, are ``None``."""
+        out: dict[str, float | None] = {}
+        be = self.backend
+        budget = min(0.5, be.timeout_s)
+        for d in be.agents:
+            e = None
+            if be.is_up(d):
+                try:
+                    h, _ = be.request(d, "ping", timeout_s=budget)
+                    e = h.get("energy_j")
+                except TestbedError:
+                    e = None
+            out[d] = float(e) if isinstance(e, (int, float)) and not isinstance(e, bool) else None
+        return out
+
     def _sample_devices(self, trial: int, rates: Mapping[str, Mapping]) -> None:
         self.feed.poll(0)
         now = time.monotonic()
@@ -616,6 +664,7 @@ class Runner:
         step_end: dict[int, float] = {}
         bsm.start_recording()
         bsm.pop_records()
+        e_before, bs_before = self._energy_counters(), self.bs_meter.read().energy_j
         t0 = time.perf_counter()
 
         def on_step(s: int) -> None:
@@ -628,8 +677,12 @@ class Runner:
             out = tuple(gen.tokens[0])
         finally:
             t_end = time.perf_counter()
+            bs_after = self.bs_meter.read().energy_j
             records = bsm.pop_records()
             bsm.stop_recording()
+        energy = request_energy(e_before, self._energy_counters(),
+                                {d: a.energy_source or "" for d, a in self.backend.agents.items()},
+                                bs_before, bs_after, self.bs_meter.energy_source)
         step_start = {0: t0, **{s + 1: v for s, v in step_end.items()}}
         rkey = {**key, "request": q.index}
         lrows, crows, tot = rows_for_request(records, rkey, step_start, placement)
@@ -646,7 +699,7 @@ class Runner:
                "experts_per_token": tot["expert_slots"] / tot["token_layers"] if tot["token_layers"] else None,
                "bytes_down": tot["bytes_down"], "bytes_up": tot["bytes_up"], "calls": tot["calls"],
                "calls_failed": tot["calls_failed"], "calls_rerouted": tot["calls_rerouted"],
-               "energy_j": None, "energy_source": "unavailable", "status": status, "error": error}
+               **energy, "status": status, "error": error}
         return row, lrows, crows
 
 

@@ -11,7 +11,11 @@ renormalises). Nothing here is fatal to generation.
 ``LayerResult.info["calls"]`` holds one row per (expert, attempt): uid, device, tokens, bytes,
 status, and the timing breakdown serialise / network (= round trip - device time) / device
 queue / device compute, plus one-way up/down estimates that use the clock offsets measured by
-:meth:`RemoteExpertBackend.estimate_clock_offsets` (NTP-style, best of several pings).
+:meth:`RemoteExpertBackend.estimate_clock_offsets` (NTP-style, best of several pings). A served
+call's row also has ``energy_j``: the device meter's joules over the reply's compute window
+(the agent's ``energy_j = [start, end]`` stamps), shared among the reply's experts by compute
+time (:func:`testbed.energy_attr.split_call_energy`), and ``energy_source``, the agent's meter
+label as its status said at :meth:`RemoteExpertBackend.connect`.
 
 :class:`StatusFeed` subscribes to the agents' status PUB sockets for a live cluster view.
 """
@@ -31,6 +35,7 @@ import zmq
 from device_agent import protocol as P
 from device_agent.protocol import ErrorCode, ProtocolError
 
+from .energy_attr import call_energy_j, split_call_energy
 from .errors import TestbedError
 
 try:  # the models package is needed for the backend protocol types only
@@ -90,6 +95,7 @@ class _Agent:
     down_until: float = 0.0
     failures: int = 0
     rcvtimeo: int = -1  #: the socket's RCVTIMEO as last set (the one-device wait blocks in recv)
+    energy_source: str | None = None  #: the agent's meter label (its status), set by connect()
 
 
 @dataclass(slots=True)
@@ -235,7 +241,16 @@ class RemoteExpertBackend:
                 except AgentError:
                     if time.monotonic() >= deadline:
                         raise
+        self.fetch_energy_sources()
         return self.estimate_clock_offsets(pings)
+
+    def fetch_energy_sources(self) -> dict[str, str | None]:
+        """Ask every agent for its meter's label (``energy_source`` of its status; call rows
+        carry it). An agent that does not say keeps ``None``."""
+        for name, a in self.agents.items():
+            src = self.status(name).get("energy_source")
+            a.energy_source = src if isinstance(src, str) else None
+        return {n: a.energy_source for n, a in self.agents.items()}
 
     def estimate_clock_offsets(self, pings: int = 5) -> dict[str, ClockEstimate]:
         """NTP-style offsets, keeping the minimum-RTT sample of ``pings`` per agent."""
@@ -505,6 +520,15 @@ class RemoteExpertBackend:
                 except ProtocolError as e:
                     bad.append((str(desc)[:40], e.message))
         de_ms = (time.perf_counter() - t_de) * 1e3
+        # the device's meter over the compute window, shared by the experts served
+        e_call = call_energy_j(h.get("energy_j"))
+        if e_call is None or not got:
+            e_uid: dict[str, float] = {}
+        elif len(got) == 1:
+            e_uid = dict.fromkeys(got, e_call)
+        else:
+            e_uid = split_call_energy(e_call, list(got), uid_ms)
+        e_src = a.energy_source
         retry: list[str] = []
         name = a.name
         layer, step, attempt, rid, ser_ms, bytes_out = work.layer, work.step, call.attempt, call.rid, \
@@ -519,7 +543,8 @@ class RemoteExpertBackend:
                               "status": "ok", "reason": "", "req_id": rid, "serialize_ms": ser_ms,
                               "rtt_ms": rtt_ms, "network_ms": network_ms, "queue_ms": queue_ms,
                               "compute_ms": uid_ms.get(u), "device_ms": device_ms, "up_ms": up_ms,
-                              "down_ms": down_ms, "deserialize_ms": de_ms})
+                              "down_ms": down_ms, "deserialize_ms": de_ms, "energy_j": e_uid.get(u),
+                              "energy_source": e_src})
             else:
                 retry.append(u)
         if retry:

@@ -36,7 +36,8 @@ CALL_OK = ("ok", "rerouted")
 """Call statuses that are not failures; every other status (timeout, error, unreachable,
 skipped, ...) counts in ``calls_failed``."""
 
-PLOT_FILES = ("latency_cdf.png", "accuracy_vs_latency.png", "layer_critical_path.png")
+PLOT_FILES = ("latency_cdf.png", "accuracy_vs_latency.png", "layer_critical_path.png",
+              "energy_per_token.png")
 
 
 # -- one trial ------------------------------------------------------------------------
@@ -89,7 +90,8 @@ def summary_row(requests: list[dict], layers: list[dict], calls: list[dict]) -> 
       (numpy's linear-interpolation percentile over the requests with a value).
     * ``accuracy`` = mean ``correct``; ``score`` = mean ``score``.
     * ``energy_per_token_j`` = sum ``energy_j`` / sum ``output_tokens``, both over the requests
-      whose ``energy_j`` is known (``''`` when none is).
+      whose ``energy_j`` is known (``''`` when none is); ``energy_j`` is the request's devices'
+      plus BS's joules (``energy_devices_j + energy_bs_j``, see :mod:`testbed.energy_attr`).
     * ``bytes_per_token`` = sum (``bytes_down`` + ``bytes_up``) / sum ``output_tokens``.
     * ``network_share`` = sum ``critical_network_ms`` / sum ``critical_path_ms`` over the layer
       rows that have both.
@@ -467,12 +469,96 @@ def _plot_layers(rep: Report, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+@dataclass
+class EnergyBar:
+    """One bar of the energy plot: a (run, policy, point) group's joules per output token."""
+
+    label: str
+    policy: str
+    per_token_j: float | None    # sum energy_j / sum output_tokens (requests with energy_j)
+    devices_per_token_j: float | None  # the same for energy_devices_j (None: column absent)
+    bs_per_token_j: float | None
+    source: str                  # measured / estimated / mixed / unavailable (of the requests)
+
+
+def energy_bars(rep: Report) -> list[EnergyBar]:
+    """The energy plot's bars, one per group, in the report's order. Only requests whose
+    ``energy_j`` is known count (as in :func:`summary_row`); the device/BS split is given when
+    every counted request has both parts. ``source`` is the class of the requests'
+    ``energy_source`` (its part before any ``;``), ``mixed`` when they differ."""
+    out = []
+    for g, row in zip(rep.groups, rep.rows):
+        tokens = e_dev = e_bs = 0.0
+        split = True
+        kinds: set[str] = set()
+        for r in g.requests:
+            if _f(r.get("energy_j")) is None:
+                continue
+            tokens += _f(r.get("output_tokens")) or 0.0
+            d, b = _f(r.get("energy_devices_j")), _f(r.get("energy_bs_j"))
+            if d is None or b is None:
+                split = False
+            else:
+                e_dev += d
+                e_bs += b
+            kinds.add(str(r.get("energy_source") or "").split(";")[0].strip() or "unknown")
+        per = row.get("energy_per_token_j")
+        both = split and tokens > 0 and per is not None
+        src = "unavailable" if not kinds else kinds.pop() if len(kinds) == 1 else "mixed"
+        out.append(EnergyBar(g.label(rep.many_runs), g.policy, per,
+                             e_dev / tokens if both else None, e_bs / tokens if both else None,
+                             src))
+    return out
+
+
+def _plot_energy(rep: Report, path: Path) -> None:
+    bars = energy_bars(rep)
+    fig = _figure(figsize=(max(8.0, 1.1 * len(bars) + 4.5), 5.2), layout="constrained")
+    ax = fig.add_subplot()
+    shown = [b for b in bars if b.per_token_j is not None]
+    if shown:
+        xs = np.arange(len(shown))
+        policies = list(dict.fromkeys(b.policy for b in shown))
+        colors = [f"C{policies.index(b.policy) % 10}" for b in shown]
+        hatch = ["//" if b.source != "measured" else "" for b in shown]
+        dev = [b.devices_per_token_j if b.devices_per_token_j is not None else b.per_token_j
+               for b in shown]
+        bs = [b.bs_per_token_j or 0.0 for b in shown]
+        ax.bar(xs, dev, color=colors, hatch=hatch, edgecolor="black", linewidth=0.6)
+        ax.bar(xs, bs, bottom=dev, color=colors, alpha=0.45, hatch=hatch, edgecolor="black",
+               linewidth=0.6)
+        for x, b in zip(xs, shown):
+            ax.annotate(f"{b.per_token_j:.3g} J\n{b.source}", (x, b.per_token_j),
+                        textcoords="offset points", xytext=(0, 3), ha="center",
+                        fontsize="x-small")
+        ax.set_xticks(xs, [b.label for b in shown], rotation=20, ha="right", fontsize="small")
+        ax.margins(y=0.18)
+        from matplotlib.patches import Patch
+
+        handles = [Patch(facecolor=f"C{i % 10}", edgecolor="black", label=p)
+                   for i, p in enumerate(policies)]
+        handles += [Patch(facecolor="white", edgecolor="black", label="devices (solid)"),
+                    Patch(facecolor="lightgrey", edgecolor="black", alpha=0.45,
+                          label="BS (light, on top)"),
+                    Patch(facecolor="white", edgecolor="black", hatch="//",
+                          label="estimated (not measured)")]
+        fig.legend(handles=handles, fontsize="small", loc="outside right upper")
+    else:
+        _no_data(ax, "no requests with energy_j")
+    ax.set_title("Energy per output token by policy × sweep point (devices + BS)")
+    ax.set_ylabel("joules per output token")
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.savefig(path, dpi=110)
+
+
 def write_plots(rep: Report, out_dir: str | Path | None = None) -> list[Path]:
     """Write the PNG plots to ``out_dir`` (default ``<first run dir>/plots``) and return their
     paths: ``latency_cdf.png`` (CDF of total_ms, one line per policy x point),
     ``accuracy_vs_latency.png`` (p50 latency vs accuracy, one labelled marker per policy x
     point) and ``layer_critical_path.png`` (per MoE layer, mean critical_network_ms stacked
-    under mean critical_compute_ms, one panel per policy x point)."""
+    under mean critical_compute_ms, one panel per policy x point) and ``energy_per_token.png``
+    (joules per output token, one bar per policy x point, devices' part under the BS's,
+    hatched where the energy is estimated: :func:`energy_bars`)."""
     if out_dir is None:
         if not rep.runs:
             raise ConfigError("report: no run folders given")
@@ -483,6 +569,6 @@ def write_plots(rep: Report, out_dir: str | Path | None = None) -> list[Path]:
     except OSError as exc:
         raise ConfigError(f"{out}: cannot create the plots folder: {exc.strerror or exc}") from None
     paths = [out / name for name in PLOT_FILES]
-    for draw, p in zip((_plot_cdf, _plot_acc_lat, _plot_layers), paths):
+    for draw, p in zip((_plot_cdf, _plot_acc_lat, _plot_layers, _plot_energy), paths):
         draw(rep, p)
     return paths

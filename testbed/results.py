@@ -17,7 +17,9 @@ Besides the fixed columns below, ``requests.csv``, ``layers.csv``, ``calls.csv``
 ``sweep.links.rate``), in the order of the recipe's sweep table; ``point`` repeats them as
 one label (``links.rate=2mbit policy.name=top1``).
 
-Empty cells mean "not known" (e.g. ``energy_j`` where no meter exists yet).
+Empty cells mean "not known" (e.g. ``energy_j`` of a request during which a device could not be
+read; ``energy_source`` then says which). Energy is always marked ``measured`` or
+``estimated`` (the CPU-time estimate where no meter exists).
 """
 
 from __future__ import annotations
@@ -55,8 +57,10 @@ REQUEST_COLUMNS = KEY_COLUMNS + (
     "calls",            # expert calls made for this request
     "calls_failed",     # calls that ended in timeout/error/unreachable/skipped
     "calls_rerouted",   # calls served by a replica
-    "energy_j",         # device energy over the request, summed over devices ('' if unknown)
-    "energy_source",    # measured / estimated / unavailable
+    "energy_devices_j",  # sum over devices of each one's meter delta around the request
+    "energy_bs_j",      # the BS's own meter delta over the request
+    "energy_j",         # energy_devices_j + energy_bs_j ('' if either is unknown)
+    "energy_source",    # measured / estimated / mixed [; missing DEVICES] (testbed.energy_attr)
     "status",           # ok / degraded (some expert failed) / error
     "error",
 )
@@ -100,6 +104,8 @@ CALL_COLUMNS = KEY_COLUMNS + (
     "rtt_ms",
     "bytes_down",
     "bytes_up",
+    "energy_j",         # device meter over the reply's compute window, shared by compute time
+    "energy_source",    # the device meter's label, e.g. measured:nvml:gpu0
 )
 
 DEVICE_COLUMNS = (
@@ -108,8 +114,8 @@ DEVICE_COLUMNS = (
     "time_s",           # seconds since the run started
     "device",
     "power_w",
-    "energy_j",         # cumulative, as the device's meter reports it
-    "energy_source",
+    "energy_j",         # cumulative since the agent started, as the device's meter reports it
+    "energy_source",    # the meter's label: measured:ina3221-hwmon:VDD_IN, estimated:cpu-time(5 W/core)
     "memory_used_mb",
     "memory_free_mb",
     "utilisation",      # load as the agent reports it (0..1 per core, or GPU busy)

@@ -331,3 +331,60 @@ def test_status_feed_and_backend_reroute_and_unreachable(agents):
     finally:
         feed.close()
         be.close()
+
+
+def test_energy_in_status_ping_forward_and_backend_rows(agents, tmp_path):
+    a = agents("a1", ("--meter", "estimated", "--cpu-core-w", "10"))
+    label = "estimated:cpu-time(10 W/core)"
+    be = RemoteExpertBackend({"a1": a.endpoint}, {"L0.E0": ["a1"], "L0.E1": ["a1"]}, timeout_s=5.0)
+    feed = StatusFeed({"a1": a.pub_endpoint})
+    try:
+        be.connect()
+        assert be.agents["a1"].energy_source == label
+        st = be.status("a1")
+        assert st["energy_source"] == label and st["energy_meter"]["energy_source"] == "estimated"
+        assert "nvml" in st["energy_meter"]["skipped"] or st["energy_meter"]["skipped"] == {}
+        p0 = be.request("a1", "ping")[0]["energy_j"]
+        be.load_experts("a1", [{"uid": u, "path": f"experts/{u}.safetensors"} for u in ("L0.E0", "L0.E1")])
+        # enough rows that the compute window takes measurable CPU time
+        x0, x1 = torch.randn(6000, HIDDEN), torch.randn(1500, HIDDEN)  # < MAX_MSG
+        res = be.run_layer(LayerWork(0, 0, {"L0.E0": x0, "L0.E1": x1}))
+        rows = {r["uid"]: r for r in res.info["calls"]}
+        assert all(r["status"] == "ok" and r["energy_source"] == label for r in rows.values())
+        e0, e1 = rows["L0.E0"]["energy_j"], rows["L0.E1"]["energy_j"]
+        assert e0 > 0 and e1 > 0
+        # shared by compute time, as the agent reported it
+        ms0, ms1 = rows["L0.E0"]["compute_ms"], rows["L0.E1"]["compute_ms"]
+        assert e0 / (e0 + e1) == pytest.approx(ms0 / (ms0 + ms1), rel=1e-6)
+        # the compute window's CPU time x 10 W cannot exceed 10 W x its wall time (one thread)
+        assert e0 + e1 <= 10.0 * rows["L0.E0"]["device_ms"] / 1e3 * 1.05 + 1e-3
+        p1 = be.request("a1", "ping")[0]["energy_j"]
+        assert p1 - p0 >= e0 + e1 > 0  # the ping window encloses the call
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not (feed.view.get("a1") or {}).get("power_w"):
+            feed.poll(0.5)
+        fs = feed.view["a1"]
+        assert fs["energy_source"] == label and fs["energy_j"] >= p1 - 1e-9 and fs["power_w"] > 0
+    finally:
+        feed.close()
+        be.close()
+
+
+def test_asked_for_meter_missing_one_line_error(tmp_path):
+    import subprocess
+    import sys
+
+    from device_agent.energy import MeterUnavailable, detect_meter
+
+    try:
+        detect_meter("/", {"only": ["tegrastats"]}).close()
+        pytest.skip("this host has tegrastats: the meter asked for exists")
+    except MeterUnavailable:
+        pass
+    res = subprocess.run([sys.executable, "-m", "device_agent", "serve", "--bind", "tcp://127.0.0.1:*",
+                          "--workdir", str(tmp_path), "--meter", "tegrastats"],
+                         check=False, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 3
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --meter tegrastats: ") \
+        and "tegrastats not found on PATH" in lines[0], lines

@@ -12,7 +12,14 @@ import pytest
 from testbed import results as R
 from testbed.errors import ConfigError
 from testbed.report import (
-    METRIC_COLUMNS, PLOT_FILES, build_report, layer_split, load_runs, render_table, summary_row,
+    METRIC_COLUMNS,
+    PLOT_FILES,
+    build_report,
+    energy_bars,
+    layer_split,
+    load_runs,
+    render_table,
+    summary_row,
     write_plots,
 )
 from tests.conftest import ROOT, run_cli
@@ -134,6 +141,8 @@ def _write_run(d, run_id="r1", status="completed", failed_call_in=("top1", "1mbi
                               "correct": correct, "score": 0.5 + 0.5 * correct,
                               "experts_per_token": 2.0 if pol == "topk" else 1.0,
                               "bytes_down": 1000, "bytes_up": 500, "calls": 2,
+                              "energy_devices_j": 1.5 if energy else None,
+                              "energy_bs_j": 0.5 if energy else None,
                               "energy_j": 2.0 if energy else None,
                               "energy_source": "estimated" if energy else "unavailable",
                               "status": "ok"})
@@ -213,6 +222,22 @@ def test_layer_split_means_per_layer(run_dir):
     assert layer_split(g.layers) == [(0, 8.0, 2.0), (1, 9.0, 2.0)]
 
 
+def test_energy_bars_per_group_split_and_source(tmp_path, run_dir):
+    bars = energy_bars(build_report([run_dir]))
+    assert [(b.policy, b.label.split(" | ")[1]) for b in bars] == [
+        ("topk", "links.rate=1mbit"), ("top1", "links.rate=1mbit"),
+        ("topk", "links.rate=100mbit"), ("top1", "links.rate=100mbit")]
+    for b in bars:  # 2.0 J = 1.5 devices + 0.5 BS per request of 5 output tokens
+        assert b.per_token_j == pytest.approx(0.4)
+        assert b.devices_per_token_j == pytest.approx(0.3) and b.bs_per_token_j == pytest.approx(0.1)
+        assert b.source == "estimated"
+    bad = _write_run(tmp_path / "results" / "r2", run_id="r2", energy=False, requests_per_point=1)
+    none = energy_bars(build_report([bad]))
+    assert all(b.per_token_j is None and b.source == "unavailable" for b in none)
+    # the plot is drawn for either (a "no data" panel for the second)
+    assert write_plots(build_report([bad]), tmp_path / "p")[-1].name == "energy_per_token.png"
+
+
 def _png_size(path):
     data = path.read_bytes()
     assert data[:8] == PNG_SIGNATURE, path
@@ -229,7 +254,7 @@ def test_plots_default_folder_and_out(run_dir, tmp_path):
         size, w, h = _png_size(p)
         assert size > 10_000 and w >= 400 and h >= 300, (p, size, w, h)
     other = write_plots(rep, tmp_path / "elsewhere" / "plots")
-    assert [p.parent for p in other] == [tmp_path / "elsewhere" / "plots"] * 3
+    assert [p.parent for p in other] == [tmp_path / "elsewhere" / "plots"] * len(PLOT_FILES)
     assert all(p.stat().st_size > 10_000 for p in other)
 
 
