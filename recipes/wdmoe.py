@@ -86,6 +86,8 @@ class _Step:
     bytes_per_token: float
     total_hz: float
     n_valid: int
+    fixed_bps: tuple[np.ndarray, np.ndarray] | None = None  # [D] down, up: links not ours to set
+    idle_share: bool = False  # the allocation covers a whole epoch of several layers
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,20 @@ class _WDMoEBase(Policy):
         gate = np.take_along_axis(probs, ids, axis=1)
         devices, expert_dev = self._expert_devices(cluster, ctx.layer, e)
         ch = self._channel_for(devices)
+        epoch = self.epoch
+        total_hz = self.bandwidth_mhz * 1e6
+        fixed, idle_share = None, False
+        if cluster is not None:   # the runner's channel, budget and epoch win over the params
+            if cluster.channel is not None:
+                ch = cluster.channel
+            if cluster.epoch >= 0:
+                epoch = cluster.epoch
+            total_hz = cluster.bandwidth_hz or total_hz
+            idle_share = cluster.epoch_scope != "layer"
+            if cluster.links_fixed:   # mid-epoch: predict with the rates tc enforces now
+                fixed = tuple(np.array([1e3 * (r.get(d) or 0.0) for d in devices])
+                              for r in (cluster.rate_down_kbit, cluster.rate_up_kbit))
+        order = [ch.index[d] for d in devices]
         prof = cluster.compute_profile if cluster is not None else {}
         a = np.array([prof.get(d, (self.compute_a_ms, self.compute_b_ms))[0] for d in devices],
                      dtype=np.float64)
@@ -200,8 +216,8 @@ class _WDMoEBase(Policy):
                      dtype=np.float64)
         s = (cluster.bytes_per_token if cluster is not None else 0) or self.bytes_per_token
         return _Step(probs, valid, ids, gate, expert_dev[ids], expert_dev, devices,
-                     ch.snr_per_hz(self.epoch, "down"), ch.snr_per_hz(self.epoch, "up"), a, b,
-                     float(s), self.bandwidth_mhz * 1e6, int(valid.sum()))
+                     ch.snr_per_hz(epoch, "down")[order], ch.snr_per_hz(epoch, "up")[order], a, b,
+                     float(s), total_hz, int(valid.sum()), fixed, idle_share)
 
     def _expert_devices(self, cluster: ClusterState | None, layer: int, n_experts: int
                         ) -> tuple[tuple[str, ...], np.ndarray]:
@@ -235,16 +251,48 @@ class _WDMoEBase(Policy):
 
     def _allocate(self, st: _Step, loads: np.ndarray, how: str | None = None) -> _Alloc:
         """Bandwidth for fixed loads: ``"equal"`` (B_total / D to every device) or
-        ``"min-max"`` (:func:`testbed.latency_model.min_max_bandwidth`)."""
+        ``"min-max"`` (:func:`testbed.latency_model.min_max_bandwidth`).
+
+        When the links are fixed (mid-epoch) nothing is allocated: the device latencies are
+        those at the enforced rates. When the allocation covers an epoch of several layers, it
+        is made for this layer's loads plus one more layer's worth of token-rows spread as the
+        placement spreads the experts [R]: the later layers of the epoch are not known yet,
+        and a device idle now must keep a share of the budget for them."""
+        if st.fixed_bps is not None:
+            dev = self._fixed_ms(st, loads)
+            return _Alloc(np.zeros(len(st.devices)), dev, self.bs_ms + float(dev.max()))
         if (how or self.allocation) == "min-max":
-            al = min_max_bandwidth(loads, st.total_hz, st.snr_down, st.snr_up,
-                                   st.bytes_per_token, st.a_ms, st.b_ms)
-            bw, dev = al.bandwidth_hz, al.device_ms
+            want = loads
+            if st.idle_share:
+                held = np.bincount(st.expert_dev, minlength=len(st.devices))
+                want = loads + st.n_valid * st.ids.shape[1] * held / len(st.expert_dev)
+            bw = min_max_bandwidth(want, st.total_hz, st.snr_down, st.snr_up,
+                                   st.bytes_per_token, st.a_ms, st.b_ms).bandwidth_hz
         else:
             bw = np.full(len(st.devices), st.total_hz / len(st.devices))
-            dev = device_latency_ms(loads, bw, st.snr_down, st.snr_up, st.bytes_per_token,
-                                    st.a_ms, st.b_ms)
+        dev = device_latency_ms(loads, bw, st.snr_down, st.snr_up, st.bytes_per_token,
+                                st.a_ms, st.b_ms)
         return _Alloc(bw, dev, self.bs_ms + float(dev.max()))
+
+    @staticmethod
+    def _fixed_ms(st: _Step, loads: np.ndarray) -> np.ndarray:
+        """``t_k`` at the enforced rates ``st.fixed_bps`` (the latency model without Shannon)."""
+        assert st.fixed_bps is not None
+        down, up = st.fixed_bps
+        n = np.asarray(loads, dtype=np.float64)
+        bits = 8.0 * st.bytes_per_token * n
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = 1e3 * (bits / down + bits / up)
+        return np.where(n > 0, t + st.a_ms + st.b_ms * n, 0.0)
+
+    def _unit_ms(self, st: _Step, alloc: _Alloc) -> np.ndarray:
+        """Latency of one token on each device under ``alloc`` (an equal share where it has
+        no bandwidth; the enforced rates when the links are fixed)."""
+        if st.fixed_bps is not None:
+            return self._fixed_ms(st, np.ones(len(st.devices)))
+        bw = np.where(alloc.bandwidth_hz > 0, alloc.bandwidth_hz, st.total_hz / len(st.devices))
+        return device_latency_ms(1.0, bw, st.snr_down, st.snr_up, st.bytes_per_token,
+                                 st.a_ms, st.b_ms)
 
     @staticmethod
     def _wlr(st: _Step, keep: np.ndarray, layer_ms: float) -> float:
@@ -355,11 +403,7 @@ class WDMoE(_WDMoEBase):
                 if not can.any():
                     break
                 # per-expert latency of one token at the device's current bandwidth
-                bw = np.where(alloc.bandwidth_hz > 0, alloc.bandwidth_hz,
-                              st.total_hz / len(st.devices))
-                t_dev = device_latency_ms(1.0, bw, st.snr_down, st.snr_up, st.bytes_per_token,
-                                          st.a_ms, st.b_ms)
-                t_exp = t_dev[st.expert_dev]
+                t_exp = self._unit_ms(st, alloc)[st.expert_dev]
                 cos = (st.probs @ t_exp) / (norm_p * float(np.linalg.norm(t_exp)) + 1e-300)
                 accepted = None
                 last = None

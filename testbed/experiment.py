@@ -47,13 +47,16 @@ from pathlib import Path
 from typing import Any
 
 from . import results as R
+from .channel import ChannelModel, read_trace
 from .energy_attr import request_energy
+from .enforcement import EpochLinks, Epochs, LinkRecorder, TraceReplay
 from .errors import ConfigError, TestbedError
 from .inventory import Inventory, bs_runner_for, load_inventory, ssh_runner_for
 from .linkcheck import shaper_for
 from .links import LinkSpec, TcShaper
 from .modelstore import resolve_split
 from .policy import ClusterState, DeviceInfo, ExpertInfo, Policy, load_policy
+from .profiling import bytes_per_token, fit_profiles, profile_device
 from .recipe import Recipe, Trial
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,15 +174,20 @@ def make_workload(trial: Trial, manifest: Any, seed: int) -> list[Request]:
 # ---- timing wrapper around the expert backend --------------------------------------------
 class TimedBackend:
     """Delegates to ``inner`` and stamps each layer's enter/exit time (perf_counter seconds)
-    into the result's ``info`` (``t_enter``, ``t_exit``)."""
+    into the result's ``info`` (``t_enter``, ``t_exit``), with ``pending`` (what the selection
+    hook noted for this layer, e.g. ``predicted_ms``) merged in and cleared."""
 
     def __init__(self, inner: Any):
         self.inner = inner
+        self.pending: dict[str, Any] = {}
 
     def run_layer(self, work: Any) -> Any:
         t0 = time.perf_counter()
         res = self.inner.run_layer(work)
         res.info["t_enter"], res.info["t_exit"] = t0, time.perf_counter()
+        if self.pending:
+            res.info.update(self.pending)
+            self.pending = {}
         return res
 
 
@@ -364,11 +372,17 @@ class Runner:
         for t in trials:
             load_policy(rec.policy_spec(t.policy), t.config["policy"]["params"],
                         f"{rec.path}: policy.params")
+        self.traces = {t.index: self._trace(t) for t in trials}
         inv_path = self.inventory_path
+        wanted = [t.config["run"]["devices"] for t in trials]
         if inv_path is None:
-            inv_path = self._local_testbed(stack, int(rec.config["run"]["devices"]))
+            inv_path = self._local_testbed(stack, max((int(n) for n in wanted if n), default=3))
         inv = load_inventory(inv_path)
         self.inv = inv
+        too_many = sorted({int(n) for n in wanted if n and int(n) > len(inv.devices)})
+        if too_many:
+            raise ConfigError(f"{rec.path}: run.devices: {too_many[-1]} > the {len(inv.devices)} "
+                              f"devices of {inv_path}")
         self.manifest["inventory"] = {"path": str(inv_path), **inv.to_dict()}
         m = load_manifest(split)
         self.split, self.mf = split, m
@@ -417,8 +431,17 @@ class Runner:
         self.last_sample = 0.0
 
         _quiet_transformers()
-        bsm = BaseStationModel.from_split_dir(split, backend=TimedBackend(backend))
+        if rec.config["run"].get("bs_threads"):
+            import torch
+
+            torch.set_num_threads(int(rec.config["run"]["bs_threads"]))
+        self.timed = TimedBackend(backend)
+        bsm = BaseStationModel.from_split_dir(split, backend=self.timed)
         self.bsm = bsm
+        self.profiles: dict[str, tuple[float, float]] = {}
+        self.manifest["compute_profile"] = {}
+        self.bytes_per_token = bytes_per_token(m.hidden_size,
+                                               next(bsm.model.parameters()).element_size())
         self.reference_model: Any = None
 
         extra = [f"sweep.{k}" for k in rec.sweep]
@@ -428,6 +451,8 @@ class Runner:
             "calls": stack.enter_context(R.CsvTable(self.run_dir / R.CALLS, R.CALL_COLUMNS, extra)),
             "devices": stack.enter_context(R.CsvTable(self.run_dir / R.DEVICES, R.DEVICE_COLUMNS)),
             "summary": stack.enter_context(R.CsvTable(self.run_dir / R.SUMMARY, R.SUMMARY_COLUMNS, extra)),
+            "profile": stack.enter_context(R.CsvTable(self.run_dir / R.PROFILE, R.PROFILE_COLUMNS)),
+            "links": stack.enter_context(R.CsvTable(self.run_dir / R.LINKS, R.LINK_COLUMNS, extra)),
         }
         per_trial = int(rec.config["workload"]["requests"]) * rec.repeats
         self.progress.start(len(trials), per_trial)
@@ -461,7 +486,34 @@ class Runner:
                                             "links": [s.to_dict() for s in after]}
 
     # one trial ---------------------------------------------------------------------------
-    def _place(self, policy: Policy) -> dict[str, tuple[str, ...]]:
+    def _trace(self, t: Trial) -> list[Any] | None:
+        path = self.recipe.trace_path(t)
+        return read_trace(path) if path is not None else None
+
+    def _devices(self, t: Trial) -> list[Any]:
+        """The trial's devices: the first ``run.devices`` of the inventory (default: all)."""
+        n = t.config["run"]["devices"]
+        return list(self.inv.devices[:int(n)] if n else self.inv.devices)
+
+    def _profile(self, t: Trial, devices: Sequence[Any], placement: Mapping[str, Sequence[str]]
+                 ) -> None:
+        """Profile the compute of each device not profiled yet, on one of its loaded experts."""
+        dtype = next(self.bsm.model.parameters()).dtype
+        for d in devices:
+            if d.name in self.profiles:
+                continue
+            uid = next(u for u, ds in sorted(placement.items()) if ds and ds[0] == d.name)
+            self.progress.message(f"profiling {d.name} ({uid})")
+            samples = profile_device(self.backend, d.name, uid, self.mf.hidden_size, dtype,
+                                     seed=self.recipe.seed)
+            self.tables["profile"].write_many([{"run_id": self.run_id, "trial": t.index, **s}
+                                               for s in samples])
+            fit = fit_profiles(samples)[d.name]
+            self.manifest["compute_profile"][d.name] = {"expert": uid, **fit}
+            self.profiles[d.name] = (fit["a_ms"], fit["b_ms"])
+
+    def _place(self, policy: Policy, devices: Sequence[Any] | None = None
+               ) -> dict[str, tuple[str, ...]]:
         from models.uids import parse_uid
 
         m = self.mf
@@ -469,7 +521,8 @@ class Runner:
         for u in m.uids():
             layer, e = parse_uid(u)
             experts.append(ExpertInfo(u, layer, e, int(m.experts[u].bytes)))
-        devices = [DeviceInfo(d.name, d.memory_budget_mb, d.hw_class) for d in self.inv.devices]
+        devices = [DeviceInfo(d.name, d.memory_budget_mb, d.hw_class)
+                   for d in (self.inv.devices if devices is None else devices)]
         try:
             placement = policy.place(experts, devices)
         except Exception as e:  # noqa: BLE001
@@ -524,14 +577,17 @@ class Runner:
         st.devices = dict(self.feed.view)
         return st
 
-    def _hook(self, policy: Policy, cluster: ClusterState) -> Callable[[Any], Any]:
+    def _hook(self, policy: Policy, cluster: ClusterState, links: EpochLinks
+              ) -> Callable[[Any], Any]:
         from models.errors import ModelError
         from models.routing import validate_selection
 
-        shaper = self.shaper
+        timed = self.timed
 
         def hook(ctx: Any) -> Any:
             cluster.devices = self.feed.view
+            cluster.step = ctx.step
+            start = links.begin(self.request_index, ctx.step, ctx.layer)
             try:
                 d = policy.select(ctx, cluster)
                 sel = d.selection
@@ -542,12 +598,12 @@ class Runner:
             except (ModelError, AttributeError) as e:
                 raise PolicyFailed(f"policy {policy.name}: select returned a bad selection at layer "
                                    f"{ctx.layer}: {e}") from e
+            predicted = (policy.last_stats() or {}).get("predicted_ms")
+            if predicted is not None:
+                timed.pending["predicted_ms"] = float(predicted)
             bw = getattr(d, "bandwidth_kbit", None)
-            if bw:
-                for dev, kbit in bw.items():
-                    if cluster.rate_down_kbit.get(dev) != kbit:
-                        shaper.change(dev, LinkSpec(float(kbit)), "both")
-                        cluster.rate_down_kbit[dev] = cluster.rate_up_kbit[dev] = float(kbit)
+            if bw and start:   # mid-epoch decisions keep the links (cluster.links_fixed)
+                links.apply_policy(bw)
             return sel
 
         return hook
@@ -629,22 +685,39 @@ class Runner:
                              f"{rec.path}: policy.params")
         key = {"run_id": self.run_id, "trial": t.index, "point": t.label, "policy": policy.name,
                "repeat": rep, **{f"sweep.{k}": v for k, v in t.point.items()}}
-        placement = self._place(policy)
+        devices = self._devices(t)
+        names = [d.name for d in devices]
+        placement = self._place(policy, devices)
         self._apply_placement(placement)
+        self._profile(t, devices, placement)
         links = self._apply_links(t)
         rates = {r["device"]: r for r in links}
         self.manifest["trials"].append({"trial": t.index, "repeat": rep, "point": t.point,
-                                        "policy": policy.describe(), "links_enforced": links,
+                                        "policy": policy.describe(), "devices": names,
+                                        "links_enforced": links,
                                         "placement": {u: list(ds) for u, ds in placement.items()}})
         self._save_manifest()
         cluster = self._cluster_state(placement, links)
-        self.bsm.policy = self._hook(policy, cluster)
+        cluster.compute_profile = {n: self.profiles[n] for n in names}
+        cluster.bytes_per_token = self.bytes_per_token
+        cluster.epoch_scope = str(t.config["policy"]["epoch"])
+        mhz = t.config["links"].get("bandwidth_mhz")
+        if mhz:   # the channel of this trial point and repeat, shared by every policy
+            cluster.channel, cluster.bandwidth_hz = ChannelModel(names, rec.seed + rep), mhz * 1e6
+        trace = self.traces[t.index]
+        plan = EpochLinks(Epochs(cluster.epoch_scope),
+                          LinkRecorder(self.shaper, self.tables["links"], self.t0), cluster,
+                          names, key, cluster.channel, cluster.bandwidth_hz,
+                          TraceReplay(trace, names, str(self.recipe.trace_path(t)))
+                          if trace else None)
+        self.bsm.policy = self._hook(policy, cluster, plan)
         reqs = make_workload(t, self.mf, rec.seed + rep)
         t_req_rows: list[dict] = []
         t_layer_rows: list[dict] = []
         t_call_rows: list[dict] = []
         for q in reqs:
             self._sample_devices(t.index, rates)
+            self.request_index = q.index
             row, lrows, crows = self._request(q, key, placement)
             self.tables["layers"].write_many(lrows)
             self.tables["calls"].write_many(crows)
@@ -654,6 +727,8 @@ class Runner:
             t_call_rows.extend(crows)
             self.requests_done += 1
             self.progress.request()
+        self.manifest["trials"][-1]["link_epochs"] = plan.close()
+        self._save_manifest()
         summ = {**key, **summary_row(t_req_rows, t_layer_rows, t_call_rows)}
         self.tables["summary"].write(summ)
         self.summaries.append(summ)

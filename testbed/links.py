@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+import shlex
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from .errors import CommandFailed, ConfigError, Unsupported
@@ -317,6 +318,36 @@ class TcShaper:
             raise
         for argv in classes:
             self._run(argv)
+
+    def set_rates(self, rates: Mapping[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        """Change the rate of several links at once and read back what tc enforces.
+
+        ``rates`` maps a device to its (down, up) kbit/s. One ``tc -batch`` process runs every
+        in-place ``tc class change`` and then ``tc class show`` of both interfaces, so a whole
+        decision epoch costs one process (not two per device and direction); leaves (pfifo, or
+        netem with its delay/loss) are not touched. The tree must be installed
+        (:meth:`is_installed`). Returns device -> (down, up) kbit/s as tc reports them.
+        """
+        lines = []
+        for dev, (down, up) in rates.items():
+            i = self.index(dev)
+            for d, kbit in ((self.iface, down), (self.ifb, up)):
+                lines.append(shlex.join(build_class_change_command(d, i, LinkSpec(kbit))[1:]))
+        # the ifb's root qdisc line separates the two listings (class lines never start so)
+        lines += [f"class show dev {self.iface}", f"qdisc show dev {self.ifb} root",
+                  f"class show dev {self.ifb}"]
+        script = "tc -batch - <<'EOF'\n" + "\n".join(lines) + "\nEOF\n"
+        res = self._run(["sh", "-c", script])
+        parts = re.split(r"(?m)^qdisc .*$", res.stdout, maxsplit=1) + [""]
+        out: dict[str, tuple[float, float]] = {}
+        by_dir = [{c.classid: c.rate_kbit for c in parse_htb_classes(t)} for t in parts[:2]]
+        for dev in rates:
+            cid = f"1:{class_minor(self.index(dev)):x}"
+            if cid not in by_dir[0] or cid not in by_dir[1]:
+                raise CommandFailed(self.runner.host, ["tc", "-batch", "-"], res.returncode,
+                                    res.stdout, f"class {cid} of {dev} missing from tc's listing")
+            out[dev] = (by_dir[0][cid], by_dir[1][cid])
+        return out
 
     def show(self) -> list[LinkState]:
         """Parse what tc reports now, per device and direction."""

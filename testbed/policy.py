@@ -81,6 +81,16 @@ class ClusterState:
         Payload bytes per token per direction (hidden size x bytes per element).
     step:
         Forward-step index of the current decision (0 = prefill).
+    epoch, epoch_scope:
+        Index of the current decision epoch within the trial (-1: unknown) and what one epoch
+        spans (recipe ``policy.epoch``: ``layer``, ``step`` or ``request``). Link rates change
+        only at an epoch's first decision.
+    links_fixed:
+        True when this decision's ``bandwidth_kbit`` will not be enforced (not the epoch's first
+        decision): the links stay at ``rate_down_kbit``/``rate_up_kbit``.
+    channel, bandwidth_hz:
+        The runner's :class:`testbed.channel.ChannelModel` over the trial's devices and the
+        cell's total bandwidth (recipe ``links.bandwidth_mhz``); ``None``/0 when not set.
     """
 
     placement: Placement = field(default_factory=dict)
@@ -90,6 +100,11 @@ class ClusterState:
     compute_profile: dict[str, tuple[float, float]] = field(default_factory=dict)
     bytes_per_token: int = 0
     step: int = -1
+    epoch: int = -1
+    epoch_scope: str = "layer"
+    links_fixed: bool = False
+    channel: Any = None
+    bandwidth_hz: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -149,6 +164,11 @@ class Policy(ABC):
     def update(self, cluster: ClusterState, stats: Mapping[str, Any]) -> Placement | None:
         """Return a new placement to migrate to, or ``None`` to keep the current one."""
         return None
+
+    def last_stats(self) -> Mapping[str, Any]:
+        """What the policy says about its last decision; the runner writes ``predicted_ms``
+        (the layer latency the policy's model predicts) into ``layers.csv``. Default: nothing."""
+        return {}
 
     def describe(self) -> dict[str, Any]:
         """Name and parameters, as recorded in a run's manifest."""

@@ -14,6 +14,10 @@ and a sweep grid over any of these.
 
     [policy]
     name = "topk"               # entry-point name, package.module:Class or path/file.py:Class
+    epoch = "step"              # decision epoch: link rates (a policy's bandwidth, a channel
+                                # or a trace) change once per forward "step", per "layer" (every
+                                # MoE layer of every step) or per "request"; the decisions
+                                # inside an epoch see ClusterState.links_fixed = True
     [policy.params]             # the policy's constructor parameters
     placement = "round-robin"
 
@@ -21,6 +25,15 @@ and a sweep grid over any of these.
     rate = "20mbit"             # or rate_down / rate_up
     delay = "0ms"               # needs netem on the BS kernel (refused with the kernel's message)
     loss = "0%"
+    bandwidth_mhz = 0.2         # optional: the cell's total bandwidth under the channel model
+                                # (testbed.channel, defaults, seeded by recipe.seed, devices by
+                                # name): each epoch a policy that allocates bandwidth splits it
+                                # (ClusterState.channel/bandwidth_hz), any other policy gets the
+                                # equal split's Shannon rates (same fading) - equal link budget
+    trace = "trace.csv"         # optional: a channel trace (testbed links trace; relative to
+                                # this file) replayed on the links, its k-th time block at the
+                                # k-th decision epoch (cycling), for policies that allocate no
+                                # bandwidth; time_s only orders the blocks
 
     [workload]
     task = "tiny"               # "tiny": the built-in model's held-out task (answers known);
@@ -32,8 +45,13 @@ and a sweep grid over any of these.
 
     [run]
     timeout_s = 5.0             # per expert call
-    devices = 3                 # local testbed size when `testbed run` creates one
+    devices = 3                 # devices a trial uses: the first N of the inventory (placement
+                                # over those only); default: all of it, or 3 when `testbed run`
+                                # creates the local testbed (sized for the largest N swept)
     telemetry_period_s = 0.5    # agent status feed period (devices.csv)
+    bs_threads = 1              # optional: torch threads of the BS runtime (default: torch's);
+                                # 1 where the agents share the BS's few cores (local testbed):
+                                # idle worker threads spinning against the agents cost ms per op
 
     [sweep]                     # cartesian grid; keys are dotted paths of the tables above
     "links.rate" = ["2mbit", "20mbit"]
@@ -112,6 +130,15 @@ def _task(v: Any) -> str:
     return v
 
 
+EPOCHS = ("step", "layer", "request")
+
+
+def _epoch(v: Any) -> str:
+    if v not in EPOCHS:
+        raise ValueError(f"must be one of {', '.join(EPOCHS)}, not {v!r}")
+    return v
+
+
 def _params(v: Any) -> dict[str, Any]:
     if not isinstance(v, dict):
         raise ValueError("must be a table")
@@ -122,13 +149,14 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "recipe": {"name": (_str, "recipe"), "description": (lambda v: str(v), ""),
                "seed": (_int(0), 0), "repeats": (_int(1, 1000), 1)},
     "model": {"path": (_str, "tiny")},
-    "policy": {"name": (_str, "topk"), "params": (_params, {})},
+    "policy": {"name": (_str, "topk"), "params": (_params, {}), "epoch": (_epoch, "step")},
     "links": {"rate": (_rate, "20mbit"), "rate_down": (_rate, None), "rate_up": (_rate, None),
-              "delay": (_time, "0ms"), "loss": (_pct, "0%")},
+              "delay": (_time, "0ms"), "loss": (_pct, "0%"), "bandwidth_mhz": (_float(0), None),
+              "trace": (_str, None)},
     "workload": {"task": (_task, "tiny"), "requests": (_int(1, 100000), 20),
                  "prompt_tokens": (_int(1, 100000), 16), "output_tokens": (_int(1, 100000), 8)},
-    "run": {"timeout_s": (_float(0), 5.0), "devices": (_int(1, 32), 3),
-            "telemetry_period_s": (_float(0), 0.5)},
+    "run": {"timeout_s": (_float(0), 5.0), "devices": (_int(1, 32), None),
+            "telemetry_period_s": (_float(0), 0.5), "bs_threads": (_int(1, 1024), None)},
 }
 """table -> key -> (validator, default). Validators raise ValueError with the message."""
 
@@ -182,6 +210,14 @@ class Recipe:
     @property
     def repeats(self) -> int:
         return int(self.config["recipe"]["repeats"])
+
+    def trace_path(self, trial: Trial) -> Path | None:
+        """The trial's ``links.trace``, resolved against the recipe's folder (None: no trace)."""
+        p = trial.config["links"].get("trace")
+        if not p:
+            return None
+        q = Path(str(p)).expanduser()
+        return q if q.is_absolute() else (self.path.parent / q).resolve()
 
     def model_spec(self) -> str:
         """``"tiny"`` or a path resolved against the recipe's folder."""

@@ -10,6 +10,10 @@ One folder per run (``results/<run-id>/``)::
     calls.csv       one row per expert call (one expert on one device at one step)
     devices.csv     telemetry samples from the agents' status feed
     summary.csv     one row per trial
+    profile.csv     compute-profiling samples: device compute time per token count (the fit
+                    c(N) = a + b N per device is in the manifest's ``compute_profile``)
+    links.csv       one row per device per link change a policy's bandwidth or a channel
+                    trace caused: asked and enforced (tc) rates, how long tc took
 
 Column names carry their units (``_ms``, ``_j``, ``_w``, ``_kbit``, ``_mb``, ``bytes_``).
 Besides the fixed columns below, ``requests.csv``, ``layers.csv``, ``calls.csv`` and
@@ -37,6 +41,8 @@ LAYERS = "layers.csv"
 CALLS = "calls.csv"
 DEVICES = "devices.csv"
 SUMMARY = "summary.csv"
+PROFILE = "profile.csv"
+LINKS = "links.csv"
 
 KEY_COLUMNS = ("run_id", "trial", "point", "policy", "repeat")
 """Columns that identify the trial a row belongs to (all CSVs but devices.csv start so)."""
@@ -139,6 +145,36 @@ SUMMARY_COLUMNS = KEY_COLUMNS + (
     "calls",
     "calls_failed",
     "calls_rerouted",
+)
+
+
+PROFILE_COLUMNS = (
+    "run_id",
+    "trial",            # the trial whose placement was profiled (devices are profiled once)
+    "device",
+    "expert",           # the loaded expert timed
+    "tokens",           # token-rows sent in one forward request
+    "repeat",
+    "compute_ms",       # the agent's own compute time for the request
+    "device_ms",        # agent receipt -> reply (compute + queue + framing)
+    "rtt_ms",           # BS round trip
+)
+
+LINK_COLUMNS = KEY_COLUMNS + (
+    "time_s",           # seconds since the run started, when the change began
+    "epoch",            # decision epoch within the trial (recipe policy.epoch)
+    "request",
+    "step",
+    "layer",            # the layer whose decision set the rates
+    "source",           # policy (Decision.bandwidth_kbit), channel (links.bandwidth_mhz) or trace
+    "device",
+    "asked_down_kbit",
+    "asked_up_kbit",
+    "enforced_down_kbit",  # what tc reports after the change
+    "enforced_up_kbit",
+    "change_ms",        # wall time of the epoch's tc batch (every device's change, plus read-back)
+    "epoch_ms",         # how long the rates then stayed (until the next epoch's change)
+    "tc_slower",        # 1: the change took longer than the epoch it governed
 )
 
 

@@ -1,0 +1,218 @@
+"""Link rates that change during a trial: decision epochs, their sources, and ``links.csv``.
+
+A trial's decisions are grouped into epochs (recipe ``policy.epoch``): ``layer`` (every MoE
+layer of every forward step), ``step`` (default: one forward step, all its layers) or
+``request``. Rates change only at an epoch's first decision, from one source:
+
+* ``policy`` — the decision's ``bandwidth_kbit`` (both directions at that rate);
+* ``trace`` — recipe ``links.trace``: the trace's k-th time block at the k-th epoch (cycling);
+* ``channel`` — recipe ``links.bandwidth_mhz``: the equal split of the cell's bandwidth under
+  the channel model, in that epoch's fading (what a policy that allocates the same budget
+  would start from).
+
+A policy's bandwidth overrides the trace or channel: once a policy has asked for bandwidth, the
+trace/channel is no longer applied in that trial. Every epoch's change is one ``tc -batch``
+(:meth:`testbed.links.TcShaper.set_rates`), timed, its rates read back from tc; one
+``links.csv`` row per device, written when the epoch ends (so that it carries how long the
+rates stayed: ``epoch_ms``; a crash loses the rows of the epoch in flight). The change runs
+in-line, before the layer's experts are called, so its time is part of the layer's ``bs_ms``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .channel import ChannelModel, TraceRow
+from .errors import ConfigError
+
+#: tc cannot shape at 0: rates below this (a trace's outage) are asked at this rate
+MIN_KBIT = 8.0
+
+
+class Epochs:
+    """Tells the first decision of every epoch; ``index`` counts epochs from 0 (-1 before)."""
+
+    def __init__(self, scope: str):
+        if scope not in ("layer", "step", "request"):
+            raise ConfigError(f"policy.epoch: must be layer, step or request, not {scope!r}")
+        self.scope = scope
+        self.index = -1
+        self._last: tuple[int, ...] | None = None
+
+    def advance(self, request: int, step: int, layer: int) -> bool:
+        """Note a decision; True when it starts a new epoch."""
+        key = {"layer": (request, step, layer), "step": (request, step),
+               "request": (request,)}[self.scope]
+        if self.scope != "layer" and key == self._last:
+            return False
+        self._last = key
+        self.index += 1
+        return True
+
+
+def equal_split_kbit(channel: ChannelModel, bandwidth_hz: float, epoch: int,
+                     devices: Sequence[str]) -> dict[str, tuple[float, float]]:
+    """(down, up) kbit/s of each device with ``bandwidth_hz / len(devices)`` in ``epoch``."""
+    idx = [channel.index[d] for d in devices]
+    b = bandwidth_hz / len(devices)
+    down = channel.rates_bps(b, "down", epoch)[idx] / 1e3
+    up = channel.rates_bps(b, "up", epoch)[idx] / 1e3
+    return {d: (float(down[i]), float(up[i])) for i, d in enumerate(devices)}
+
+
+class TraceReplay:
+    """A channel trace as blocks of rates (one per distinct ``time_s``), for ``devices``.
+
+    Devices of the trace that the trial does not use are ignored; a trial device missing from
+    a block keeps its rate in that epoch.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``where`` when no block mentions any of the trial's devices.
+    """
+
+    def __init__(self, rows: Sequence[TraceRow], devices: Sequence[str], where: str):
+        blocks: dict[float, dict[str, tuple[float, float]]] = {}
+        for r in rows:
+            if r.device in devices:
+                blocks.setdefault(r.time_s, {})[r.device] = (r.rate_down_kbit, r.rate_up_kbit)
+        if not blocks:
+            raise ConfigError(f"{where}: the trace has no rows for the trial's devices "
+                              f"({', '.join(devices)})")
+        self.blocks = [blocks[t] for t in sorted(blocks)]
+
+    def rates(self, epoch: int) -> dict[str, tuple[float, float]]:
+        return self.blocks[epoch % len(self.blocks)]
+
+
+class LinkRecorder:
+    """Applies an epoch's rates (one tc batch) and writes its ``links.csv`` rows when the
+    epoch ends.
+
+    Parameters
+    ----------
+    shaper:
+        A :class:`testbed.links.TcShaper` whose tree is installed.
+    table:
+        The ``links.csv`` :class:`testbed.results.CsvTable`.
+    t0:
+        ``time.monotonic()`` at the start of the run (``time_s`` is relative to it).
+    """
+
+    def __init__(self, shaper: Any, table: Any, t0: float):
+        self.shaper = shaper
+        self.table = table
+        self.t0 = t0
+        self._pending: list[dict[str, Any]] = []
+        self._since = 0.0
+        self.change_ms: list[float] = []
+        self.epoch_ms: list[float] = []
+
+    def apply(self, rates: Mapping[str, tuple[float, float]], key: Mapping[str, Any],
+              where: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
+        """Enforce ``rates`` (device -> (down, up) kbit/s); returns what tc reports."""
+        self.end_epoch()
+        asked = {d: (max(MIN_KBIT, dn), max(MIN_KBIT, up)) for d, (dn, up) in rates.items()}
+        start = time.monotonic()
+        enforced = self.shaper.set_rates(asked)
+        end = time.monotonic()
+        ms = (end - start) * 1e3
+        self.change_ms.append(ms)
+        self._since = end
+        self._pending = [{**key, **where, "time_s": start - self.t0, "device": d,
+                          "asked_down_kbit": rates[d][0], "asked_up_kbit": rates[d][1],
+                          "enforced_down_kbit": enforced[d][0], "enforced_up_kbit": enforced[d][1],
+                          "change_ms": ms} for d in sorted(rates)]
+        return enforced
+
+    def end_epoch(self) -> None:
+        """Write the rows of the epoch in flight (call at the trial's end too)."""
+        if not self._pending:
+            return
+        ms = (time.monotonic() - self._since) * 1e3
+        self.epoch_ms.append(ms)
+        slower = self._pending[0]["change_ms"] > ms
+        self.table.write_many([{**r, "epoch_ms": ms, "tc_slower": slower} for r in self._pending])
+        self._pending = []
+
+    def summary(self, scope: str) -> dict[str, Any]:
+        """For the manifest: how long tc took per epoch against how long epochs lasted."""
+        if not self.change_ms:
+            return {"epoch": scope, "changes": 0}
+        ch, ep = np.asarray(self.change_ms), np.asarray(self.epoch_ms[:len(self.change_ms)])
+        slower = int((ch[:len(ep)] > ep).sum())
+        out = {"epoch": scope, "changes": len(ch), "change_ms_p50": float(np.median(ch)),
+               "change_ms_max": float(ch.max()),
+               "epoch_ms_p50": float(np.median(ep)) if len(ep) else None,
+               "epochs_shorter_than_change": slower}
+        if slower:
+            out["note"] = (f"{slower} of {len(ep)} epochs ({scope}) lasted less than the tc change "
+                           "that started them: the links cannot follow decisions this often (the "
+                           "change runs in-line and adds to bs_ms); use a longer policy.epoch")
+        return out
+
+
+class EpochLinks:
+    """One trial's link changes: epochs, their source, the cluster state the policy sees.
+
+    Parameters
+    ----------
+    epochs, recorder:
+        The trial's :class:`Epochs` and :class:`LinkRecorder`.
+    cluster:
+        The :class:`testbed.policy.ClusterState` handed to the policy: its ``epoch``,
+        ``links_fixed`` and enforced rates are kept up to date here.
+    devices:
+        The trial's device names.
+    key:
+        The trial's key columns (``run_id``, ``trial``, ...) for ``links.csv``.
+    channel, bandwidth_hz, trace:
+        The channel (with the cell's bandwidth) or the :class:`TraceReplay` that sets the rates
+        of policies that allocate no bandwidth; ``None`` for neither (links stay as set).
+    """
+
+    def __init__(self, epochs: Epochs, recorder: LinkRecorder, cluster: Any,
+                 devices: Sequence[str], key: Mapping[str, Any],
+                 channel: ChannelModel | None = None, bandwidth_hz: float = 0.0,
+                 trace: TraceReplay | None = None):
+        self.epochs, self.recorder, self.cluster = epochs, recorder, cluster
+        self.devices, self.key = list(devices), dict(key)
+        self.channel, self.bandwidth_hz, self.trace = channel, bandwidth_hz, trace
+        self.policy_allocates = False
+        self._where: dict[str, Any] = {}
+
+    def begin(self, request: int, step: int, layer: int) -> bool:
+        """Before a decision: True when it starts an epoch (the trace or channel, if any, is
+        then applied; the policy's bandwidth may follow through :meth:`apply_policy`)."""
+        start = self.epochs.advance(request, step, layer)
+        c = self.cluster
+        c.epoch, c.links_fixed = self.epochs.index, not start
+        if start:
+            self._where = {"epoch": self.epochs.index, "request": request, "step": step,
+                           "layer": layer}
+            if not self.policy_allocates and self.trace is not None:
+                self._apply(self.trace.rates(self.epochs.index), "trace")
+            elif not self.policy_allocates and self.channel is not None:
+                self._apply(equal_split_kbit(self.channel, self.bandwidth_hz, self.epochs.index,
+                                             self.devices), "channel")
+        return start
+
+    def apply_policy(self, bandwidth_kbit: Mapping[str, float]) -> None:
+        """Enforce a decision's bandwidth (both directions at the given rate)."""
+        self.policy_allocates = True
+        self._apply({d: (float(k), float(k)) for d, k in bandwidth_kbit.items()}, "policy")
+
+    def _apply(self, rates: Mapping[str, tuple[float, float]], source: str) -> None:
+        enforced = self.recorder.apply(rates, self.key, {**self._where, "source": source})
+        for d, (down, up) in enforced.items():
+            self.cluster.rate_down_kbit[d], self.cluster.rate_up_kbit[d] = down, up
+
+    def close(self) -> dict[str, Any]:
+        """End the last epoch; the manifest's summary of the trial's link changes."""
+        self.recorder.end_epoch()
+        return self.recorder.summary(self.epochs.scope)

@@ -1,0 +1,84 @@
+"""Compute profiling on the real agents: ``c_k(N) = a_k + b_k N`` per device.
+
+Before a device serves its first trial, the runner times forward requests of one of its loaded
+experts at several token counts (:data:`TOKENS`, :data:`REPEATS` times each, after one warm-up
+request) and fits the line through the agent's own ``compute_ms`` by non-negative least squares
+(:func:`testbed.latency_model.fit_compute_profile`). The samples go to ``profile.csv``, the fit
+to the manifest's ``compute_profile`` and to ``ClusterState.compute_profile``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from .errors import TestbedError
+from .latency_model import fit_compute_profile
+
+TOKENS = (1, 2, 4, 8, 16, 32)
+REPEATS = 3
+
+
+def bytes_per_token(hidden_size: int, element_bytes: int) -> int:
+    """Payload of one token per direction: hidden size x bytes per element of the wire dtype."""
+    if hidden_size < 1 or element_bytes < 1:
+        raise ValueError(f"hidden_size ({hidden_size}) and element_bytes ({element_bytes}) "
+                         "must be >= 1")
+    return int(hidden_size) * int(element_bytes)
+
+
+def fit_profiles(samples: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per device, the fit of ``compute_ms`` against ``tokens`` over its samples (pure).
+
+    Returns device -> ``{"a_ms", "b_ms", "rmse_ms", "samples", "tokens"}`` (``tokens``: the
+    distinct token counts timed). Samples without a ``compute_ms`` are skipped.
+    """
+    by_dev: dict[str, list[tuple[float, float]]] = {}
+    for s in samples:
+        ms = s.get("compute_ms")
+        if ms is None or not math.isfinite(float(ms)):
+            continue
+        by_dev.setdefault(str(s["device"]), []).append((float(s["tokens"]), float(ms)))
+    out: dict[str, dict[str, Any]] = {}
+    for dev, pts in sorted(by_dev.items()):
+        a, b = fit_compute_profile(pts)
+        rmse = math.sqrt(sum((a + b * n - y) ** 2 for n, y in pts) / len(pts))
+        out[dev] = {"a_ms": a, "b_ms": b, "rmse_ms": rmse, "samples": len(pts),
+                    "tokens": sorted({int(n) for n, _ in pts})}
+    return out
+
+
+def profile_device(backend: Any, device: str, uid: str, hidden_size: int, dtype: Any,
+                   tokens: Sequence[int] = TOKENS, repeats: int = REPEATS,
+                   seed: int = 0) -> list[dict[str, Any]]:
+    """Time ``forward`` requests of expert ``uid`` on ``device`` (a
+    :class:`~testbed.remote_backend.RemoteExpertBackend`) at each token count.
+
+    Returns one sample per request: ``device``, ``expert``, ``tokens``, ``repeat``,
+    ``compute_ms`` (the agent's), ``device_ms`` (agent receipt -> reply), ``rtt_ms``.
+    """
+    import torch
+
+    from device_agent import protocol as P
+
+    gen = torch.Generator().manual_seed(seed)
+    name = P.dtype_name(dtype)
+    out: list[dict[str, Any]] = []
+    for rep, n in [(-1, tokens[0])] + [(r, n) for n in tokens for r in range(repeats)]:
+        x = torch.randn(n, hidden_size, generator=gen).to(dtype)
+        t0 = time.perf_counter()
+        h, _ = backend.request(device, "forward", frames=[P.tensor_buffer(x)],
+                               t=[[uid, name, [n, hidden_size]]])
+        rtt = (time.perf_counter() - t0) * 1e3
+        if h.get("errors"):
+            raise TestbedError(f"{device}: profiling {uid}: {h['errors']}")
+        if rep < 0:
+            continue  # warm-up
+        t1, t2 = h.get("t1_ns"), h.get("t2_ns")
+        out.append({"device": device, "expert": uid, "tokens": n, "repeat": rep,
+                    "compute_ms": float(h["compute_ms"]),
+                    "device_ms": (t2 - t1) / 1e6 if isinstance(t1, int) and isinstance(t2, int)
+                    else None, "rtt_ms": rtt})
+    return out
