@@ -271,6 +271,46 @@ def links_clear(inventory: Path = InvArg, fmt: Format = FormatOpt) -> None:
          f"cleared shaping on {inv.bs.interface} and removed {inv.bs.ifb}")
 
 
+@links_app.command("trace")
+def links_trace(
+    out: Path = typer.Argument(..., help="CSV to write (time_s,device,rate_down_kbit,"
+                               "rate_up_kbit).", show_default=False),
+    devices: int = typer.Option(3, "--devices", "-n", help="Devices, named dev1..devN as on "
+                                "the local testbed (the channel is seeded per name)."),
+    epochs: int = typer.Option(100, "--epochs", help="Epochs (time blocks) to write."),
+    bandwidth_mhz: float = typer.Option(0.2, "--bandwidth-mhz", help="Cell bandwidth, split "
+                                        "equally over the devices."),
+    epoch_s: float = typer.Option(1.0, "--epoch-s", help="time_s step between blocks."),
+    seed: int = typer.Option(0, "--seed", help="Channel seed (a recipe's recipe.seed gives "
+                             "the same channel as links.bandwidth_mhz)."),
+    fmt: Format = FormatOpt,
+) -> None:
+    """Write a channel trace from the channel model (testbed.channel): per epoch and device
+    the Shannon rates of an equal bandwidth split, in that epoch's Rayleigh fading. Replay it
+    with a recipe's links.trace."""
+    from .channel import ChannelModel, write_trace
+
+    _fmt(fmt)
+    problems = [m for bad, m in ((devices < 1, "--devices: must be >= 1"),
+                                 (epochs < 1, "--epochs: must be >= 1"),
+                                 (not bandwidth_mhz > 0, "--bandwidth-mhz: must be > 0"),
+                                 (not epoch_s > 0, "--epoch-s: must be > 0")) if bad]
+    if problems:
+        raise ConfigError(problems)
+    model = ChannelModel([f"dev{i}" for i in range(1, devices + 1)], seed)
+    try:
+        rows = write_trace(out, model, epochs, bandwidth_mhz * 1e6, epoch_s)
+    except OSError as exc:
+        raise ConfigError(f"{out}: cannot write the trace: {exc.strerror or exc}") from None
+    down = [r.rate_down_kbit for r in rows]
+    up = [r.rate_up_kbit for r in rows]
+    emit(fmt, {"path": str(out), "rows": len(rows), "devices": devices, "epochs": epochs,
+               "down_kbit_min": min(down), "down_kbit_max": max(down),
+               "up_kbit_min": min(up), "up_kbit_max": max(up)},
+         f"{out}: {len(rows)} rows ({devices} devices x {epochs} epochs); down "
+         f"{min(down):.0f}-{max(down):.0f} kbit/s, up {min(up):.0f}-{max(up):.0f} kbit/s")
+
+
 @links_app.command("verify")
 def links_verify(
     inventory: Path = InvArg,

@@ -19,21 +19,28 @@ def register(app: typer.Typer) -> None:
                                            "(default: <first RUN_DIR>/plots)."),
         fmt: Format = FormatOpt,
     ) -> None:
-        """Table per run x policy x sweep point (from requests/layers/calls.csv), then PNG
-        plots: latency CDF, accuracy vs latency, per-layer critical path (network vs compute).
+        """Table per run x policy x sweep point (from requests/layers/calls.csv); each policy
+        against topk at equal link budget (per-token latency change, accuracy change, the
+        predicted/measured per-layer latency ratio of policies that predict); then PNG plots:
+        latency CDF, accuracy vs latency, per-layer critical path (network vs compute).
 
-        JSON: an object with runs, rows (one per run x policy x point) and plots (PNG paths).
+        JSON: an object with runs, rows (one per run x policy x point), versus_topk (see
+        testbed.comparison) and plots (PNG paths).
         """
+        from . import comparison
         from .report import build_report, render_table, write_plots
 
         _fmt(fmt)
         rep = build_report(run_dirs)
+        versus = comparison.versus_baseline(rep.groups)
         if fmt == Format.table:
             render_table(rep, console)
+            if versus:
+                console.print(comparison.table(versus), crop=False)
         plots = write_plots(rep, out)
         if fmt == Format.json:
             emit(fmt, {"runs": [r.describe() for r in rep.runs], "rows": rep.rows,
-                       "plots": [str(p) for p in plots]})
+                       "versus_topk": versus, "plots": [str(p) for p in plots]})
         else:  # one unwrapped line per path, so that they can be copied
             console.print(f"plots: {plots[0].parent}/", soft_wrap=True, highlight=False,
                           markup=False)

@@ -93,8 +93,30 @@ def test_overrides(tmp_path):
 def test_packaged_compare_recipe_is_valid():
     r = load_recipe(ROOT / "recipes" / "compare.toml")
     pols = {t.policy for t in r.trials()}
-    rates = {t.link_kbit()[0] for t in r.trials()}
-    assert pols == {"topk", "top1"} and len(rates) == 2 and r.model_spec() == "tiny"
+    cells = {t.config["links"]["bandwidth_mhz"] for t in r.trials()}
+    assert pols == {"topk", "top1", "wdmoe"} and len(cells) == 2 and r.model_spec() == "tiny"
+
+
+def test_packaged_wdmoe_recipe_sweeps_bandwidth_devices_and_policies():
+    r = load_recipe(ROOT / "recipes" / "wdmoe.toml")
+    ts = r.trials()
+    assert {t.policy for t in ts} >= {"topk", "top1", "wdmoe", "wdmoe-sel", "wdmoe-bw"}
+    assert len({t.config["links"]["bandwidth_mhz"] for t in ts}) >= 2
+    assert len({t.config["run"]["devices"] for t in ts}) >= 2
+    assert all(t.config["policy"]["epoch"] == "step" for t in ts)
+
+
+def test_epoch_trace_bandwidth_keys_checked_and_trace_resolved(tmp_path):
+    p = tmp_path / "r.toml"
+    p.write_text('[policy]\nepoch = "token"\n[links]\nbandwidth_mhz = 0\n')
+    with pytest.raises(ConfigError) as e:
+        load_recipe(p)
+    assert any("policy.epoch: must be one of step, layer, request" in m for m in e.value.problems)
+    assert any("links.bandwidth_mhz: must be a number > 0" in m for m in e.value.problems)
+    p.write_text('[links]\ntrace = "tr.csv"\n')
+    r = load_recipe(p)
+    assert r.trace_path(r.trials()[0]) == (tmp_path / "tr.csv").resolve()
+    assert r.trials()[0].config["run"]["devices"] is None   # default: the whole inventory
 
 
 def test_csv_table_flushes_each_row_and_rejects_unknown_columns(tmp_path):

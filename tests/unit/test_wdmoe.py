@@ -176,3 +176,50 @@ def test_parameters_and_entry_points() -> None:
         WDMoEConference(variant="b")
     with pytest.raises(ConfigError, match="bandwidth_mhz"):
         WDMoE(bandwidth_mhz=0)
+
+
+def test_runner_state_wins_channel_budget_epoch_and_fixed_links() -> None:
+    """With the runner's channel, budget and epoch in the cluster state the policy allocates
+    exactly that budget in that epoch's fading; mid-epoch (links_fixed) it allocates nothing
+    and predicts with the enforced rates."""
+    from testbed.channel import ChannelModel
+    from testbed.latency_model import device_latency_ms
+
+    ctx = _random_ctx(6)
+    cl = _cluster(a_ms=(0.5, 0.5, 0.5, 0.5), bytes_per_token=256, experts=8)
+    cl.channel, cl.bandwidth_hz, cl.epoch = ChannelModel(list(DEVS), 3), 2e5, 7
+    pol = WDMoEBandwidthOnly(bandwidth_mhz=50.0)          # its own budget must not be used
+    d = pol.select(ctx, cl)
+    st = pol.last_stats()
+    assert sum(st["bandwidth_hz"].values()) == pytest.approx(2e5, rel=1e-6)
+    loads = np.array([st["loads"].get(x, 0) for x in DEVS])
+    bw = np.array([st["bandwidth_hz"].get(x, 0.0) for x in DEVS])
+    dev = device_latency_ms(loads, bw, cl.channel.snr_per_hz(7, "down"),
+                            cl.channel.snr_per_hz(7, "up"), 256, 0.5, 0.0)
+    assert st["predicted_ms"] == pytest.approx(dev.max(), rel=1e-6)
+    assert set(d.bandwidth_kbit) == {x for x in DEVS if loads[DEVS.index(x)]}
+
+    cl.links_fixed = True
+    cl.rate_down_kbit = dict.fromkeys(DEVS, 1000.0)
+    cl.rate_up_kbit = dict.fromkeys(DEVS, 500.0)
+    d = pol.select(ctx, cl)
+    st = pol.last_stats()
+    assert not d.bandwidth_kbit and not st["bandwidth_hz"]
+    n_max = max(st["loads"].values())
+    bits = 8 * 256 * n_max
+    assert st["predicted_ms"] == pytest.approx(bits / 1000.0 + bits / 500.0 + 0.5, rel=1e-9)
+
+
+def test_epoch_allocation_keeps_a_share_for_idle_devices() -> None:
+    """An allocation that covers an epoch of several layers leaves no device without bandwidth
+    (the later layers may need it); a per-layer one gives idle devices none."""
+    ctx = _ctx([[0.6, 0.4, 0.0, 0.0]])                      # one token: experts 0, 1 only
+    cl = _cluster(bytes_per_token=256)
+    pol = WDMoEBandwidthOnly(bandwidth_mhz=0.2)
+    pol.select(ctx, cl)
+    assert set(pol.last_stats()["bandwidth_hz"]) == {"d0", "d1"}
+    cl.epoch_scope = "step"
+    pol.select(ctx, cl)
+    bw = pol.last_stats()["bandwidth_hz"]
+    assert set(bw) == set(DEVS) and bw["d0"] > bw["d2"] and sum(bw.values()) == \
+        pytest.approx(2e5, rel=1e-6)
