@@ -40,6 +40,13 @@ seeded by ``seed``):
   divided by ``T_l`` (ms): capability per unit of latency;
 * padding tokens (``ctx.token_valid`` False) get no expert: they would only load the links.
 
+Under the runner (``testbed run``), the cluster state wins over the parameters: its channel
+(``links.bandwidth_mhz``: ``cluster.channel``, ``cluster.bandwidth_hz``) and decision epoch
+(``cluster.epoch``: the fading of that epoch), the profiled ``compute_profile`` and the model's
+``bytes_per_token``. Rates change only at an epoch's first decision (``policy.epoch``); the
+others see ``cluster.links_fixed`` and decide, and predict, at the rates tc enforces
+(``cluster.rate_down_kbit``/``rate_up_kbit``), asking for no bandwidth.
+
 The returned :class:`~testbed.policy.Decision` carries ``bandwidth_kbit``: per device that gets
 bandwidth, the harmonic mean of its Shannon down- and uplink rates, so that shaping *both*
 directions at that one rate gives the down + up transfer time the model predicted. The

@@ -1,0 +1,118 @@
+"""WDMoE on the real links: one tc batch per epoch reads back what it set, a run's links.csv
+holds the rates tc enforced for the policy's bandwidth and for a replayed channel trace, the
+layers carry the policy's predicted latency, profiling covers exactly the trial's devices."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from testbed import results as R
+from testbed.channel import read_trace
+from testbed.inventory import load_inventory
+from testbed.linkcheck import shaper_for
+from testbed.runner import LocalRunner
+from tests.conftest import needs_testbed, run_cli
+
+pytestmark = [needs_testbed, pytest.mark.root]
+
+RECIPE = """
+[recipe]
+name = "wd"
+seed = 1
+[model]
+path = "tiny"
+[policy]
+epoch = "step"
+[links]
+bandwidth_mhz = 0.5
+trace = "tr.csv"
+[workload]
+task = "tiny"
+requests = 2
+[run]
+devices = 2
+bs_threads = 1
+[sweep]
+"policy.name" = ["wdmoe", "topk"]
+"""
+
+
+def _close(enforced: float, asked: float) -> bool:
+    """tc keeps a rate in bytes/s and prints it in whole kbit (or Mbit with decimals)."""
+    return abs(enforced - asked) <= 1.0 + 0.002 * asked
+
+
+def test_wdmoe_run_enforces_and_records(make_testbed, state_dir, tmp_path: Path) -> None:
+    _, inv_path = make_testbed(devices=3, rate_kbit=20000)
+    inv = load_inventory(inv_path)
+    shaper = shaper_for(inv, LocalRunner())
+
+    # one batch: both directions of two devices changed in place, read back as tc shows them
+    handles = shaper.qdisc_handles()
+    got = shaper.set_rates({"dev1": (1234.0, 567.0), "dev2": (8000.0, 9000.0)})
+    shown = {s.device: (s.down_kbit, s.up_kbit) for s in shaper.show()}
+    assert got == {d: shown[d] for d in ("dev1", "dev2")}
+    assert got["dev1"] == (1234.0, 567.0) and got["dev2"] == (8000.0, 9000.0)
+    assert shown["dev3"] == (20000.0, 20000.0) and shaper.qdisc_handles() == handles
+    shaper.set_rates({"dev1": (20000.0, 20000.0), "dev2": (20000.0, 20000.0)})
+    before = {s.device: (s.down_kbit, s.up_kbit) for s in shaper.show()}
+
+    env = {"TESTBED_STATE_DIR": str(state_dir)}
+    tr = run_cli("links", "trace", str(tmp_path / "tr.csv"), "--devices", "3", "--epochs", "6",
+                 "--bandwidth-mhz", "0.5", "--seed", "1", env=env)
+    assert tr.returncode == 0, tr.stderr
+    (tmp_path / "wd.toml").write_text(RECIPE)
+    out = tmp_path / "results"
+    res = run_cli("run", str(tmp_path / "wd.toml"), "--inventory", str(inv_path), "--out",
+                  str(out), "--format", "json", env=env, timeout=240)
+    assert res.returncode == 0, res.stderr
+    run_dir = Path(json.loads(res.stdout)["run_dir"])
+    assert {s.device: (s.down_kbit, s.up_kbit) for s in shaper.show()} == before  # restored
+
+    links = R.read_csv(run_dir / R.LINKS)
+    pol = [r for r in links if r["policy"] == "wdmoe" and r["source"] == "policy"]
+    trace = [r for r in links if r["policy"] == "topk"]
+    assert pol and trace and all(r["source"] == "trace" for r in trace)
+    for r in links:   # enforced = what tc reported after the change, = what was asked
+        assert _close(float(r["enforced_down_kbit"]), float(r["asked_down_kbit"])), r
+        assert _close(float(r["enforced_up_kbit"]), float(r["asked_up_kbit"])), r
+        assert float(r["change_ms"]) > 0 and float(r["epoch_ms"]) >= 0 and r["device"] in \
+            ("dev1", "dev2")
+    assert all(r["asked_down_kbit"] == r["asked_up_kbit"] for r in pol)  # one rate, both ways
+    # the trace's k-th block at the k-th epoch (6 blocks, cycling)
+    blocks = {}
+    for row in read_trace(tmp_path / "tr.csv"):
+        blocks.setdefault(row.time_s, {})[row.device] = row
+    order = [blocks[t] for t in sorted(blocks)]
+    for r in trace:
+        want = order[int(r["epoch"]) % 6][r["device"]]
+        assert float(r["asked_down_kbit"]) == pytest.approx(want.rate_down_kbit, abs=1e-5)
+        assert float(r["asked_up_kbit"]) == pytest.approx(want.rate_up_kbit, abs=1e-5)
+    # epochs are forward steps: one change per (request, step), at layer 0
+    steps = {(r["request"], r["step"]) for r in trace}
+    assert len({r["epoch"] for r in trace}) == len(steps) and {r["layer"] for r in trace} == {"0"}
+
+    layers = R.read_csv(run_dir / R.LAYERS)
+    wd = [r for r in layers if r["policy"] == "wdmoe"]
+    assert wd and all(float(r["predicted_ms"]) > 0 for r in wd)
+    assert all(r["predicted_ms"] == "" for r in layers if r["policy"] == "topk")
+    calls = R.read_csv(run_dir / R.CALLS)
+    assert {c["device"] for c in calls} == {"dev1", "dev2"}   # run.devices = 2 of 3
+
+    man = json.loads((run_dir / R.MANIFEST).read_text())
+    assert set(man["compute_profile"]) == {"dev1", "dev2"}
+    assert all(p["a_ms"] >= 0 and p["b_ms"] >= 0 and p["samples"] == 18
+               for p in man["compute_profile"].values())
+    assert all(t["devices"] == ["dev1", "dev2"] and t["link_epochs"]["changes"] > 0
+               for t in man["trials"])
+    prof = R.read_csv(run_dir / R.PROFILE)
+    assert len(prof) == 36 and all(float(p["compute_ms"]) > 0 for p in prof)
+
+    rep = run_cli("report", str(run_dir), "--format", "json", env=env)
+    assert rep.returncode == 0, rep.stderr
+    vs = json.loads(rep.stdout)["versus_topk"]
+    assert [v["policy"] for v in vs] == ["wdmoe"] and vs[0]["latency_change_pct"] is not None
+    assert vs[0]["prediction_ratio"]["n"] == len(wd)
