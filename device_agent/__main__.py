@@ -7,6 +7,8 @@ import logging
 import sys
 
 from device_agent.energy import METER_KINDS, MeterOptions, MeterUnavailable
+from device_agent.memtune import keep_large_buffers
+from device_agent.security import CurveKeyError
 from device_agent.server import DEFAULT_MAX_MESSAGE_BYTES, AgentServer, install_signal_handlers
 
 
@@ -29,21 +31,52 @@ def main(argv: list[str] | None = None) -> int:
                    f"{', '.join(METER_KINDS)}) or one kind (the agent exits if it does not work)")
     s.add_argument("--cpu-core-w", type=float, default=5.0,
                    help="watts per busy core of the 'estimated' meter (CPU time x this)")
+    s.add_argument("--nvml-gpus", default=None,
+                   help="NVML GPU indices the 'nvml' meter sums, e.g. 0 or 0,1 (default: all)")
+    s.add_argument("--hello-s", type=float, default=None,
+                   help="perception: look at the status every this many seconds (e.g. 2) and "
+                   "publish it only when a value moved by more than --hello-delta (replaces "
+                   "--status-period-s); off by default")
+    s.add_argument("--hello-delta", type=float, default=0.1,
+                   help="relative change that makes a hello go out (default 0.1)")
+    s.add_argument("--hello-keepalive-s", type=float, default=10.0,
+                   help="a hello goes out at least this often (0: only on a change)")
+    s.add_argument("--curve-dir", default=None,
+                   help="CURVE keys: DIR/agent.key_secret (mode 0600) and DIR/authorized/*.key "
+                   "(the clients allowed); without it the agent authenticates no one")
     s.add_argument("--log-level", default="INFO")
     a = ap.parse_args(argv)
     if not a.cpu_core_w > 0:
         ap.error(f"--cpu-core-w must be positive, got {a.cpu_core_w}")
+    if a.hello_s is not None and not a.hello_s > 0:
+        ap.error(f"--hello-s must be positive, got {a.hello_s}")
+    if a.hello_delta < 0 or a.hello_keepalive_s < 0:
+        ap.error("--hello-delta and --hello-keepalive-s must be >= 0")
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    meter = MeterOptions(only=None if a.meter == "auto" else (a.meter,), cpu_core_w=a.cpu_core_w,
-                         rapl_poll_s=0.1)
     try:
-        server = AgentServer(a.bind, a.workdir, pub=a.pub, status_period_s=a.status_period_s,
+        gpus = None if a.nvml_gpus is None else [int(x) for x in a.nvml_gpus.split(",")]
+    except ValueError:
+        ap.error(f"--nvml-gpus must be comma-separated integers, got {a.nvml_gpus!r}")
+    meter = MeterOptions(only=None if a.meter == "auto" else (a.meter,), cpu_core_w=a.cpu_core_w,
+                         rapl_poll_s=0.1, nvml_indices=gpus)
+    keep_large_buffers()  # tensor frames of 1 MiB+ stay in the heap (see device_agent.memtune)
+    try:
+        server = AgentServer(a.bind, a.workdir, pub=a.pub,
+                             status_period_s=a.hello_s or a.status_period_s,
                              max_message_bytes=a.max_message_bytes, device=a.device,
-                             threads=a.threads, ready_file=a.ready_file, meter=meter)
+                             threads=a.threads, ready_file=a.ready_file, meter=meter,
+                             curve_dir=a.curve_dir)
     except MeterUnavailable as e:
         print(f"error: --meter {a.meter}: {e}", file=sys.stderr)
         return 3
+    except CurveKeyError as e:
+        print(f"error: --curve-dir: {e}", file=sys.stderr)
+        return 2
+    if a.hello_s is not None:
+        from device_agent.hello import HelloGate
+
+        server.hello = HelloGate(a.hello_delta, a.hello_keepalive_s)
     install_signal_handlers(server)
     server.serve_forever()
     return 0

@@ -28,6 +28,7 @@ import zmq
 from device_agent import protocol as P
 from device_agent.energy import Meter, MeterOptions, detect_meter
 from device_agent.protocol import ErrorCode, ProtocolError
+from device_agent.security import CurveServer, ServerKeys
 
 log = logging.getLogger("device_agent")
 
@@ -165,6 +166,10 @@ class AgentServer:
         Options of the energy meter opened with :func:`device_agent.energy.detect_meter`
         (``None``: every kind, in the standard order; the CPU-time estimate is the last
         resort), or an open :class:`~device_agent.energy.Meter` (closed with the server).
+    curve_dir
+        Folder with the agent's CURVE keypair and the authorized client keys
+        (:mod:`device_agent.security`): both sockets become CURVE servers that accept only
+        those clients. ``None``: no authentication (benchmarks, tests on loopback).
 
     Energy. The status (reply and feed) carries ``energy_j`` (joules since the agent started,
     :meth:`Meter.read`), ``power_w`` and ``energy_source`` (:attr:`Meter.energy_source`);
@@ -178,7 +183,10 @@ class AgentServer:
                  status_period_s: float = 1.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  device: str = "auto", threads: int | None = None,
                  ready_file: str | os.PathLike[str] | None = None, max_queue: int = 256,
-                 meter: MeterOptions | Meter | None = None) -> None:
+                 meter: MeterOptions | Meter | None = None,
+                 curve_dir: str | os.PathLike[str] | None = None) -> None:
+        # keys first: a bad key file fails before any socket or meter exists
+        self.curve_keys = ServerKeys.from_dir(curve_dir) if curve_dir is not None else None
         self.meter: Meter = meter if isinstance(meter, Meter) else detect_meter("/", meter)
         first = self.meter.read()
         #: (t_ns, energy_j) the status's average power is taken from (see :meth:`_energy`)
@@ -188,6 +196,8 @@ class AgentServer:
             self._setup(bind, workdir, pub, status_period_s, max_message_bytes, device, threads,
                         ready_file, max_queue)
         except BaseException:
+            if getattr(self, "curve", None) is not None:
+                self.curve.stop()
             self.meter.close()
             raise
 
@@ -208,7 +218,10 @@ class AgentServer:
         self.started_ns = time.time_ns()
         self._stop = False
         self.ctx = zmq.Context()
+        self.curve = CurveServer(self.ctx, self.curve_keys) if self.curve_keys else None
         self.sock = self.ctx.socket(zmq.ROUTER)
+        if self.curve is not None:
+            self.curve.secure(self.sock)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_message_bytes)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
@@ -218,6 +231,8 @@ class AgentServer:
         self.pub_endpoint: str | None = None
         if pub:
             self.pub_sock = self.ctx.socket(zmq.PUB)
+            if self.curve is not None:
+                self.curve.secure(self.pub_sock)
             self.pub_sock.setsockopt(zmq.LINGER, 0)
             self.pub_sock.setsockopt(zmq.SNDHWM, 16)
             self.pub_sock.bind(pub)
@@ -227,11 +242,15 @@ class AgentServer:
             tmp = self.ready_file.with_name(self.ready_file.name + ".part")
             tmp.write_text(json.dumps({"endpoint": self.endpoint, "pub_endpoint": self.pub_endpoint,
                                        "pid": os.getpid(), "device": self.device,
-                                       "energy_source": self.meter.energy_source}))
+                                       "energy_source": self.meter.energy_source,
+                                       "curve_public": (self.curve_keys.public.decode()
+                                                        if self.curve_keys else None)}))
             os.replace(tmp, self.ready_file)
-        log.info("agent pid %d serving on %s (status feed %s), workdir %s, device %s, energy %s",
-                 os.getpid(), self.endpoint, self.pub_endpoint, self.workdir, self.device,
-                 self.meter.energy_source)
+        log.info("agent pid %d serving on %s (status feed %s), workdir %s, device %s, energy %s, "
+                 "%s", os.getpid(), self.endpoint, self.pub_endpoint, self.workdir, self.device,
+                 self.meter.energy_source,
+                 f"CURVE (clients: the keys in {self.curve_keys.authorized_dir})"
+                 if self.curve_keys else "no CURVE (any client on the network is served)")
 
     # ---- energy --------------------------------------------------------------------------
     def _energy(self) -> dict[str, Any]:
@@ -536,10 +555,20 @@ class AgentServer:
             except zmq.Again:
                 return
 
+    #: a :class:`device_agent.hello.HelloGate` (``serve --hello-s``): publish only when the
+    #: status moved by more than its delta (or its keep-alive is due); None: every period
+    hello: Any = None
+
     def publish_status(self) -> None:
         if self.pub_sock is not None:
+            st = self.status()
+            if self.hello is not None:
+                from device_agent.hello import hello_values
+
+                if not self.hello.should_send(hello_values(st), time.monotonic()):
+                    return
             try:
-                self.pub_sock.send_multipart([b"status", P.pack({"v": P.PROTOCOL_VERSION, "status": self.status()})],
+                self.pub_sock.send_multipart([b"status", P.pack({"v": P.PROTOCOL_VERSION, "status": st})],
                                              flags=zmq.NOBLOCK)
             except zmq.Again:
                 pass
@@ -587,6 +616,8 @@ class AgentServer:
         self.sock.close(linger=1000)
         if self.pub_sock is not None:
             self.pub_sock.close(0)
+        if self.curve is not None:
+            self.curve.stop()
         self.ctx.term()
         self.meter.close()
         if self.ready_file is not None:

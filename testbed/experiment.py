@@ -52,6 +52,7 @@ from .energy_attr import request_energy
 from .enforcement import EpochLinks, Epochs, LinkRecorder, TraceReplay
 from .errors import ConfigError, TestbedError
 from .inventory import Inventory, bs_runner_for, load_inventory, ssh_runner_for
+from .keys import client_keys
 from .linkcheck import shaper_for
 from .links import LinkSpec, TcShaper
 from .modelstore import resolve_split
@@ -114,6 +115,10 @@ def host_info() -> dict[str, Any]:
     tegra = Path("/etc/nv_tegra_release")
     if tegra.is_file():
         info["l4t"] = tegra.read_text(errors="replace").splitlines()[0][:200]
+    from .jetson import query_power
+    from .runner import LocalRunner
+
+    info["power"] = query_power(LocalRunner())  # nvpmodel / jetson_clocks, where they exist
     return info
 
 
@@ -391,6 +396,19 @@ class Runner:
                                   "moe_layers": list(m.moe_layers), "experts": len(m.uids())}
         self._save_manifest()
 
+        # Jetson power modes (devices.power_mode): every device checked before anything changes,
+        # each one's own mode restored on the way out
+        from .jetson import PowerModeControl
+
+        self.power = PowerModeControl.open({d.name: ssh_runner_for(inv, d) for d in inv.devices}
+                                           if any(t.config["devices"]["power_mode"] is not None
+                                                  for t in trials) else {},
+                                           [t.config["devices"]["power_mode"] for t in trials],
+                                           f"{rec.path}: devices.power_mode")
+        if self.power is not None:
+            self.manifest["power_modes_before"] = {d: i.get("nvpmodel") for d, i in self.power.infos.items()}
+            stack.callback(lambda: self.manifest.update(power_modes_restored=self.power.restore()))
+
         # links: remember, restore on the way out
         bs = bs_runner_for(inv)
         stack.callback(bs.close)
@@ -409,10 +427,13 @@ class Runner:
         bad = [r for r in reports if not r.ok]
         if bad:
             raise TestbedError("; ".join(f"{r.device}: {r.error}" for r in bad))
+        self.manifest["devices"] = {r.device: {"power": r.power} for r in reports}
         eps = prov.agent_endpoints(inv)
+        curve = client_keys(inv)  # None when the inventory says security = "none"
+        self.manifest["security"] = inv.security
         backend = RemoteExpertBackend({d: e["endpoint"] for d, e in eps.items()}, {},
                                       timeout_s=float(rec.config["run"]["timeout_s"]),
-                                      down_backoff_s=30.0)
+                                      down_backoff_s=30.0, curve=curve)
         stack.callback(backend.close)
         clocks = backend.connect()
         self.manifest["clock_offsets"] = {d: {"offset_ms": c.offset_ns / 1e6, "rtt_ms": c.rtt_ms}
@@ -425,7 +446,7 @@ class Runner:
         for r in self.runners.values():
             stack.callback(r.close)
         pubs = {d: e["pub_endpoint"] for d, e in eps.items() if e.get("pub_endpoint")}
-        feed = StatusFeed(pubs)
+        feed = StatusFeed(pubs, curve=curve)
         stack.callback(feed.close)
         self.feed = feed
         self.last_sample = 0.0
@@ -687,6 +708,8 @@ class Runner:
                "repeat": rep, **{f"sweep.{k}": v for k, v in t.point.items()}}
         devices = self._devices(t)
         names = [d.name for d in devices]
+        # before placement and compute profiling: both depend on the power mode
+        power_mode = self.power.apply(t.config["devices"]["power_mode"]) if self.power else None
         placement = self._place(policy, devices)
         self._apply_placement(placement)
         self._profile(t, devices, placement)
@@ -694,7 +717,7 @@ class Runner:
         rates = {r["device"]: r for r in links}
         self.manifest["trials"].append({"trial": t.index, "repeat": rep, "point": t.point,
                                         "policy": policy.describe(), "devices": names,
-                                        "links_enforced": links,
+                                        "links_enforced": links, "power_mode": power_mode,
                                         "placement": {u: list(ds) for u, ds in placement.items()}})
         self._save_manifest()
         cluster = self._cluster_state(placement, links)

@@ -106,6 +106,14 @@ class Inventory:
     name: str = "testbed"
     known_hosts: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: data-plane security: ``curve`` (agents accept only the BS's CURVE key) or ``none``
+    security: str = "curve"
+    #: where the controller keeps the CURVE keys (default: ``<inventory stem>.keys`` beside it)
+    keys_dir: str | None = None
+
+    def curve_dir(self) -> Path:
+        """The controller's CURVE key folder for this testbed."""
+        return Path(self.keys_dir) if self.keys_dir else self.path.parent / f"{self.path.stem}.keys"
 
     def device(self, name: str) -> Device:
         for d in self.devices:
@@ -117,11 +125,13 @@ class Inventory:
     def to_dict(self) -> dict[str, Any]:
         """Plain data (no secrets are ever held here: keys are paths)."""
         return {"path": str(self.path), "name": self.name, "known_hosts": self.known_hosts,
+                "security": self.security, "keys_dir": str(self.curve_dir()),
                 "bs": asdict(self.bs), "devices": [asdict(d) for d in self.devices]}
 
 
 _TOP_KEYS = {"testbed", "bs", "devices"}
-_TESTBED_KEYS = {"name", "known_hosts"}
+_TESTBED_KEYS = {"name", "known_hosts", "security", "keys_dir"}
+SECURITY = ("curve", "none")
 _BS_REQUIRED = {"name", "host", "interface"}
 _BS_OPTIONAL = {"ifb", "local", "sudo", "cell_rate", "ssh_port", "ssh_user", "ssh_key"}
 _DEV_REQUIRED = {"name", "host", "ssh_user", "workdir", "python", "hw_class",
@@ -223,6 +233,7 @@ def parse_inventory(data: dict[str, Any], path: Path) -> Inventory:
 
     tb = data.get("testbed", {})
     name, known_hosts = "testbed", None
+    security, keys_dir = "curve", None
     if not isinstance(tb, dict):
         c.bad("testbed", "must be a table")
     else:
@@ -231,6 +242,13 @@ def parse_inventory(data: dict[str, Any], path: Path) -> Inventory:
             name = c.string("testbed.name", tb["name"], _NAME_RE, "name") or name
         if "known_hosts" in tb:
             known_hosts = c.readable_file("testbed.known_hosts", tb["known_hosts"])
+        if "security" in tb and tb["security"] not in SECURITY:
+            c.bad("testbed.security", f"must be one of {', '.join(SECURITY)}, got {tb['security']!r}")
+        else:
+            security = tb.get("security", "curve")
+        if "keys_dir" in tb and c.string("testbed.keys_dir", tb["keys_dir"]) is not None:
+            kd = Path(os.path.expanduser(tb["keys_dir"]))
+            keys_dir = str(kd if kd.is_absolute() else path.parent / kd)
 
     bs = _parse_bs(c, data.get("bs"))
     devices = _parse_devices(c, data.get("devices"))
@@ -238,7 +256,7 @@ def parse_inventory(data: dict[str, Any], path: Path) -> Inventory:
         raise ConfigError(c.problems)
     assert bs is not None
     return Inventory(path=path, bs=bs, devices=tuple(devices), name=name,
-                     known_hosts=known_hosts)
+                     known_hosts=known_hosts, security=security, keys_dir=keys_dir)
 
 
 def _parse_bs(c: _Checker, bs: Any) -> BaseStation | None:
@@ -360,14 +378,16 @@ def _packages(c: _Checker, where: str, value: Any) -> tuple[str, ...] | None:
 
 
 def render_inventory(inv_name: str, known_hosts: str, bs: BaseStation,
-                     devices: list[Device]) -> str:
+                     devices: list[Device], keys_dir: str | None = None) -> str:
     """Write an inventory back as TOML (used by ``testbed local up``)."""
 
     def q(s: str) -> str:
         return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
     lines = ["# written by `testbed local up`", "[testbed]", f"name = {q(inv_name)}",
-             f"known_hosts = {q(known_hosts)}", "", "[bs]", f"name = {q(bs.name)}",
+             f"known_hosts = {q(known_hosts)}",
+             *([f"keys_dir = {q(keys_dir)}"] if keys_dir else []),
+             "", "[bs]", f"name = {q(bs.name)}",
              f"host = {q(bs.host)}", f"interface = {q(bs.interface)}", f"ifb = {q(bs.ifb)}",
              f"local = {str(bs.local).lower()}", f"sudo = {str(bs.sudo).lower()}"]
     if bs.cell_rate_kbit:

@@ -281,7 +281,8 @@ def up(name: str, devices: int, rate_kbit: float, inventory_out: Path | None = N
                  [d.name for d in devs]).setup([LinkSpec(rate_kbit)] * devices,
                                                [LinkSpec(rate_kbit)] * devices)
         inv_path.parent.mkdir(parents=True, exist_ok=True)
-        inv_path.write_text(render_inventory(name, str(kh), bs, devs))
+        # the CURVE keys `provision` makes go to the state dir: `down` removes them with it
+        inv_path.write_text(render_inventory(name, str(kh), bs, devs, str(st.dir / "curve")))
         st.data["status"] = "up"
         st.data["rate_kbit"] = rate_kbit
         st.save()

@@ -5,7 +5,9 @@ one SSH runner per device) and returns one :class:`DeviceReport` per device; a d
 fails (unreachable, wrong Python, full disk, ...) is reported and never stops the others.
 Per device, pyinfra-style: read the state (one remote Python snippet, :data:`FACTS_PY`),
 compare it with what is wanted, change only what differs. A second run changes nothing: no
-file is rewritten and the agent keeps its PID.
+file is rewritten and the agent keeps its PID. The check also reads the Jetson power state
+(``nvpmodel -q``/``-p --verbose``, ``jetson_clocks --show``; :mod:`testbed.jetson`) into
+:attr:`DeviceReport.power`, tools a device lacks recorded as not available.
 
 What lives in the device's ``workdir``::
 
@@ -63,8 +65,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from device_agent.security import AGENT_SECRET, AUTHORIZED, CurveClient
+
 from .errors import CommandFailed, ConfigError, HostUnreachable, TestbedError
 from .inventory import Device, Inventory, ssh_runner_for
+from .jetson import query_power
+from .keys import BS_NAME, client_keys, ensure_keys
 from .runner import Runner
 
 #: what the agent imports besides the standard library (distribution names)
@@ -135,6 +141,10 @@ class Layout:
     @property
     def agent_state(self) -> str:
         return self._p("agent.json")
+
+    @property
+    def curve(self) -> str:
+        return self._p("curve")
 
     def site_packages(self, python: Sequence[int]) -> str:
         return self._p("venv", "lib", f"python{python[0]}.{python[1]}", "site-packages")
@@ -370,16 +380,21 @@ def connect_endpoint(endpoint: str | None, host: str) -> str | None:
     return endpoint
 
 
-def agent_argv(device: Device, lay: Layout) -> list[str]:
-    """How the agent is started on ``device`` (the venv's python). Pure."""
+def agent_argv(device: Device, lay: Layout, curve: bool = True) -> list[str]:
+    """How the agent is started on ``device`` (the venv's python); ``curve``: with its CURVE
+    keys in ``lay.curve`` (:mod:`device_agent.security`). Pure."""
     addr = bind_address(device.host)
     port = str(device.agent_port) if device.agent_port else "*"
     argv = [lay.venv_python, "-m", "device_agent", "serve", "--bind", f"tcp://{addr}:{port}",
             "--workdir", lay.workdir, "--ready-file", lay.ready, "--pub", f"tcp://{addr}:*",
             "--status-period-s", f"{STATUS_PERIOD_S:g}"]
+    if curve:
+        argv += ["--curve-dir", lay.curve]
     if device.hw_class == "netns":
-        # namespace devices share this host's cores: one compute thread each
-        argv += ["--threads", "1"]
+        # namespace devices share this host's cores: one compute thread each; and its meters: a
+        # host-wide one (RAPL, a GPU) would count every device's and the BS's work, so each
+        # agent estimates its own from its CPU time
+        argv += ["--threads", "1", "--meter", "estimated"]
     return argv
 
 
@@ -599,13 +614,13 @@ def remote_hashes(runner: Runner, python: str, directory: str,
 
 
 def push_files(runner: Runner, python: str, directory: str,
-               files: Mapping[str, tuple[Path, str]]) -> list[str]:
-    """Copy ``name -> (local path, sha256)`` into ``directory`` where the device's copy differs;
-    verify the pushed ones on the device. Returns the names pushed."""
+               files: Mapping[str, tuple[Path, str]], mode: int = 0o644) -> list[str]:
+    """Copy ``name -> (local path, sha256)`` into ``directory`` where the device's copy differs
+    (file mode ``mode``); verify the pushed ones on the device. Returns the names pushed."""
     have = remote_hashes(runner, python, directory, files)
     todo = sorted(n for n, (_, sha) in files.items() if have.get(n) != sha)
     for n in todo:
-        runner.put(files[n][0], f"{directory}/{n}")
+        runner.put(files[n][0], f"{directory}/{n}", mode=mode)
     if todo:
         got = remote_hashes(runner, python, directory, todo)
         bad = [n for n in todo if got.get(n) != files[n][1]]
@@ -657,21 +672,23 @@ def sync_shards(runner: Runner, device: Device, manifest: Any, uids: Iterable[st
 
 
 # -- agents ---------------------------------------------------------------------------------
-def _ping(endpoint: str, timeout_s: float) -> float | None:
+def _ping(endpoint: str, timeout_s: float, device: str = "a",
+          curve: CurveClient | None = None) -> float | None:
     """RTT in ms of one ZeroMQ ping, or None if no answer within ``timeout_s``."""
     from .remote_backend import AgentError, RemoteExpertBackend
 
-    with RemoteExpertBackend({"a": endpoint}, timeout_s=timeout_s) as b:
+    with RemoteExpertBackend({device: endpoint}, timeout_s=timeout_s, curve=curve) as b:
         try:
-            return float(b.ping("a", timeout_s=timeout_s)["rtt_ms"])
+            return float(b.ping(device, timeout_s=timeout_s)["rtt_ms"])
         except AgentError:
             return None
 
 
-def _wait_ping(endpoint: str, timeout_s: float) -> float | None:
+def _wait_ping(endpoint: str, timeout_s: float, device: str = "a",
+               curve: CurveClient | None = None) -> float | None:
     deadline = time.monotonic() + timeout_s
     while True:
-        rtt = _ping(endpoint, max(0.2, min(1.0, deadline - time.monotonic())))
+        rtt = _ping(endpoint, max(0.2, min(1.0, deadline - time.monotonic())), device, curve)
         if rtt is not None or time.monotonic() >= deadline:
             return rtt
 
@@ -699,7 +716,7 @@ def stop_pid(runner: Runner, lay: Layout, pid: int, grace_s: float = 5.0) -> str
 
 
 def start_agent(runner: Runner, device: Device, lay: Layout, argv: Sequence[str],
-                ready_timeout_s: float = 60.0) -> dict[str, Any]:
+                ready_timeout_s: float = 60.0, curve: CurveClient | None = None) -> dict[str, Any]:
     """Spawn the agent detached, wait for its ready file (with its PID) and a ping answer.
     Returns the ready file's content (endpoint made connectable)."""
     runner.run(["rm", "-f", lay.ready], timeout_s=30)
@@ -723,7 +740,8 @@ def start_agent(runner: Runner, device: Device, lay: Layout, argv: Sequence[str]
         delay_s = min(0.5, delay_s * 1.5)
     info["endpoint"] = connect_endpoint(info.get("endpoint"), device.host)
     info["pub_endpoint"] = connect_endpoint(info.get("pub_endpoint"), device.host)
-    if _wait_ping(info["endpoint"], max(2.0, deadline - time.monotonic())) is None:
+    if _wait_ping(info["endpoint"], max(2.0, deadline - time.monotonic()), device.name,
+                  curve) is None:
         stop_pid(runner, lay, pid)
         raise ProvisionError(f"agent (pid {pid}) does not answer a ping at {info['endpoint']}")
     return info
@@ -746,6 +764,9 @@ class DeviceReport:
     shards: int = 0
     #: seconds per step (check, install, shards, agent)
     steps: dict[str, float] = field(default_factory=dict)
+    #: Jetson power state (:func:`testbed.jetson.query_power`): nvpmodel mode and modes,
+    #: jetson_clocks; tools the device lacks are ``{"available": false}``
+    power: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -771,6 +792,12 @@ class _Plan:
                 place_experts(self.manifest, inv.devices, placement, seed),
                 [d.name for d in inv.devices])
         self.agent_key = agent_source_key()
+        #: CURVE: the controller's key files (name -> (public, secret)) and the BS's client side
+        self.keys: dict[str, tuple[Path, Path]] = {}
+        self.curve: CurveClient | None = None
+        if inv.security == "curve":
+            self.keys = ensure_keys(inv)
+            self.curve = client_keys(inv)
         self._project: tuple[Path, str] | None = None
         self.pip = pip_wheel(wheelhouse)
         self.deps = _DepWheels(wheelhouse)
@@ -843,6 +870,22 @@ def _install(runner: Runner, device: Device, facts: DeviceFacts, lay: Layout, pl
                    + (f" + {len(dep_names)} packages" if dep_names else ""))
 
 
+def _push_keys(runner: Runner, device: Device, lay: Layout, plan: _Plan) -> bool:
+    """The device's own CURVE secret key (mode 0600, folder 0700) and the BS's public key, where
+    the device's copies differ; True if anything was pushed."""
+    if plan.curve is None:
+        return False
+    _, secret = plan.keys[device.name]
+    bs_public, _ = plan.keys[BS_NAME]
+    pushed = push_files(runner, device.python, lay.curve,
+                        {AGENT_SECRET: (secret, plan.sha(secret))}, mode=0o600)
+    pushed += push_files(runner, device.python, f"{lay.curve}/{AUTHORIZED}",
+                         {f"{BS_NAME}.key": (bs_public, plan.sha(bs_public))})
+    if pushed:
+        runner.run(["chmod", "700", lay.curve], timeout_s=30)
+    return bool(pushed)
+
+
 def _put_text(runner: Runner, remote: str, text: str) -> None:
     with tempfile.NamedTemporaryFile("w", delete=False) as f:
         f.write(text)
@@ -893,6 +936,7 @@ def provision_device(runner: Runner, device: Device, plan: _Plan) -> DeviceRepor
     if problems:
         raise ProvisionError("; ".join(problems))
     changed = rep.changed
+    rep.power = query_power(runner)
     step("check")
     if install:
         _install(runner, device, facts, lay, plan, wheels, dep_names, key, reuse_dirs, changed)
@@ -904,21 +948,26 @@ def provision_device(runner: Runner, device: Device, plan: _Plan) -> DeviceRepor
         if n:
             changed.append(f"pushed {n} of {rep.shards} shards")
         step("shards")
-    argv = agent_argv(device, lay)
+    keys_pushed = _push_keys(runner, device, lay, plan)
+    if keys_pushed:
+        changed.append("pushed CURVE keys")
+        step("keys")
+    argv = agent_argv(device, lay, curve=plan.curve is not None)
     st = facts.agent_state or {}
     running = facts.pid is not None and agent_is_ours(facts.cmdline, lay)
     ready = facts.ready or {}
     endpoint = connect_endpoint(ready.get("endpoint"), device.host)
-    keep = (running and not install and st.get("argv") == argv and st.get("key") == key
-            and st.get("pid") == facts.pid and ready.get("pid") == facts.pid
-            and endpoint is not None and _ping(endpoint, 3.0) is not None)
+    keep = (running and not install and not keys_pushed and st.get("argv") == argv
+            and st.get("key") == key and st.get("pid") == facts.pid
+            and ready.get("pid") == facts.pid and endpoint is not None
+            and _ping(endpoint, 3.0, device.name, plan.curve) is not None)
     if keep:
         rep.pid, rep.endpoint = facts.pid, endpoint
     else:
         if running and facts.pid is not None:
             how = stop_pid(runner, lay, facts.pid)
             changed.append(f"stopped agent pid {facts.pid} ({how})")
-        info = start_agent(runner, device, lay, argv)
+        info = start_agent(runner, device, lay, argv, curve=plan.curve)
         rep.pid, rep.endpoint = int(info["pid"]), info["endpoint"]
         _put_text(runner, lay.agent_state, json.dumps({"pid": rep.pid, "argv": argv, "key": key}))
         changed.append(f"started agent pid {rep.pid} at {rep.endpoint}")
@@ -1050,6 +1099,11 @@ def agents_status(inv: Inventory, connect_timeout_s: float = 10.0,
                   ping_timeout_s: float = 2.0) -> list[dict[str, Any]]:
     """Per device: ``state`` (running / not answering / stopped / unreachable), pid, endpoint,
     ping RTT, loaded experts, installed project wheel."""
+    try:
+        curve = client_keys(inv)
+    except ConfigError:  # never provisioned: no agent can be answering
+        curve = None
+
     def one(r: Runner, d: Device) -> dict[str, Any]:
         lay, facts = _agent_view(r, d)
         ready = facts.ready or {}
@@ -1064,8 +1118,8 @@ def agents_status(inv: Inventory, connect_timeout_s: float = 10.0,
             if row["endpoint"] and ready.get("pid") == facts.pid:
                 from .remote_backend import AgentError, RemoteExpertBackend
 
-                with RemoteExpertBackend({d.name: row["endpoint"]},
-                                         timeout_s=ping_timeout_s) as b:
+                with RemoteExpertBackend({d.name: row["endpoint"]}, timeout_s=ping_timeout_s,
+                                         curve=curve) as b:
                     try:
                         row["rtt_ms"] = round(float(b.ping(d.name)["rtt_ms"]), 3)
                         row["experts"] = len(b.status(d.name).get("experts", {}))

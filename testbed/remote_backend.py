@@ -33,7 +33,9 @@ import torch
 import zmq
 
 from device_agent import protocol as P
+from device_agent.memtune import keep_large_buffers
 from device_agent.protocol import ErrorCode, ProtocolError
+from device_agent.security import CurveClient, CurveKeyError
 
 from .energy_attr import call_energy_j, split_call_energy
 from .errors import TestbedError
@@ -52,6 +54,7 @@ _RCVTIMEO = int(zmq.RCVTIMEO)
 _POLL_ITEM = int(zmq.POLLIN)
 #: dtypes whose CPU tensors numpy views directly (bfloat16 goes through P.tensor_buffer)
 _NP_VIEWABLE = frozenset((torch.float32, torch.float16))
+_NO_ENERGY: dict[str, float] = {}  #: shared, never written: a reply without energy stamps
 
 
 class AgentError(TestbedError):
@@ -126,10 +129,17 @@ class RemoteExpertBackend:
     down_backoff_s
         After a timeout or a send failure the device is skipped (its experts re-routed or
         failed at once) for this long, then tried again.
+    curve
+        The BS's CURVE keypair and every agent's public key
+        (:class:`device_agent.security.CurveClient`); ``None`` for agents started without
+        ``--curve-dir``.
     """
 
     def __init__(self, agents: Mapping[str, str], placement: Mapping[str, Sequence[str]] | None = None,
-                 *, timeout_s: float = 5.0, down_backoff_s: float = 2.0) -> None:
+                 *, timeout_s: float = 5.0, down_backoff_s: float = 2.0,
+                 curve: CurveClient | None = None) -> None:
+        self.curve = curve
+        keep_large_buffers()  # reply frames of 1 MiB+ would page-fault fresh mmap pages per call
         self.ctx = zmq.Context()
         self.timeout_s = float(timeout_s)
         self.down_backoff_s = float(down_backoff_s)
@@ -145,6 +155,12 @@ class RemoteExpertBackend:
     def add_agent(self, name: str, endpoint: str) -> None:
         """Open a DEALER to ``endpoint`` (sends fail at once while it is not connected)."""
         s = self.ctx.socket(zmq.DEALER)
+        if self.curve is not None:
+            try:
+                self.curve.secure(s, name)
+            except CurveKeyError as e:
+                s.close(0)
+                raise TestbedError(str(e)) from None
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.IMMEDIATE, 1)
         s.setsockopt(zmq.RECONNECT_IVL, 100)
@@ -521,13 +537,18 @@ class RemoteExpertBackend:
                     bad.append((str(desc)[:40], e.message))
         de_ms = (time.perf_counter() - t_de) * 1e3
         # the device's meter over the compute window, shared by the experts served
-        e_call = call_energy_j(h.get("energy_j"))
-        if e_call is None or not got:
-            e_uid: dict[str, float] = {}
-        elif len(got) == 1:
-            e_uid = dict.fromkeys(got, e_call)
-        else:
-            e_uid = split_call_energy(e_call, list(got), uid_ms)
+        e_uid: dict[str, float] = _NO_ENERGY
+        ej = h.get("energy_j")
+        if got and ej is not None:
+            # the usual reply (two floats, not decreasing) without a function call
+            if ej.__class__ is list and len(ej) == 2 and ej[0].__class__ is float \
+                    and ej[1].__class__ is float and ej[1] >= ej[0]:
+                e_call: float | None = ej[1] - ej[0]
+            else:
+                e_call = call_energy_j(ej)
+            if e_call is not None:
+                e_uid = dict.fromkeys(got, e_call) if len(got) == 1 else \
+                    split_call_energy(e_call, list(got), uid_ms)
         e_src = a.energy_source
         retry: list[str] = []
         name = a.name
@@ -568,16 +589,28 @@ class StatusFeed:
     ----------
     endpoints
         device name -> agent status endpoint (the agent's ``--pub``).
+    curve
+        As for :class:`RemoteExpertBackend` (the PUB sockets are CURVE servers too).
     """
 
-    def __init__(self, endpoints: Mapping[str, str]) -> None:
+    def __init__(self, endpoints: Mapping[str, str], curve: CurveClient | None = None) -> None:
         self.ctx = zmq.Context()
         self.poller = zmq.Poller()
         self._names: dict[zmq.Socket, str] = {}
         self.view: dict[str, dict[str, Any]] = {}
         self.received: dict[str, float] = {}
+        #: signalling counters per device: status messages and their bytes (topic + body)
+        self.messages: dict[str, int] = {}
+        self.bytes_received: dict[str, int] = {}
         for name, ep in endpoints.items():
             s = self.ctx.socket(zmq.SUB)
+            if curve is not None:
+                try:
+                    curve.secure(s, name)
+                except CurveKeyError as e:
+                    s.close(0)
+                    self.close()
+                    raise TestbedError(str(e)) from None
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.SUBSCRIBE, b"status")
             s.setsockopt(zmq.CONFLATE, 0)
@@ -595,6 +628,10 @@ class StatusFeed:
                     msg = sock.recv_multipart(flags=zmq.NOBLOCK)
                 except zmq.Again:
                     break
+                name = self._names[sock]
+                self.messages[name] = self.messages.get(name, 0) + 1
+                self.bytes_received[name] = self.bytes_received.get(name, 0) + \
+                    sum(len(f) for f in msg)
                 if len(msg) != 2:
                     continue
                 try:
@@ -602,7 +639,6 @@ class StatusFeed:
                 except ProtocolError:
                     continue
                 if isinstance(h.get("status"), dict):
-                    name = self._names[sock]
                     self.view[name] = h["status"]
                     self.received[name] = time.monotonic()
                     n += 1

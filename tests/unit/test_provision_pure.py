@@ -150,12 +150,14 @@ def test_agent_argv_binds_the_device_address_and_is_recognised_as_ours():
     assert argv[:4] == ["/w/venv/bin/python", "-m", "device_agent", "serve"]
     assert argv[argv.index("--bind") + 1] == "tcp://192.168.50.11:*"
     assert argv[argv.index("--ready-file") + 1] == "/w/agent.ready.json"
-    assert "--threads" not in argv
+    assert "--threads" not in argv and "--meter" not in argv  # a real device: auto-detected
+    assert argv[argv.index("--curve-dir") + 1] == "/w/curve"  # CURVE unless told otherwise
+    assert "--curve-dir" not in agent_argv(DEV, lay, curve=False)
     assert agent_is_ours(argv, lay) and not agent_is_ours(argv, Layout("/other"))
     assert not agent_is_ours(None, lay) and not agent_is_ours(["sleep", "/w/agent.ready.json"], lay)
     ns = agent_argv(replace(DEV, hw_class="netns", agent_port=5555), lay)
     assert ns[ns.index("--bind") + 1] == "tcp://192.168.50.11:5555"
-    assert ns[ns.index("--threads") + 1] == "1"
+    assert ns[ns.index("--threads") + 1] == "1" and ns[ns.index("--meter") + 1] == "estimated"
     named = agent_argv(replace(DEV, host="orin1.lab"), lay)
     assert named[named.index("--bind") + 1] == "tcp://0.0.0.0:*"
     assert connect_endpoint("tcp://0.0.0.0:4000", "orin1.lab") == "tcp://orin1.lab:4000"
