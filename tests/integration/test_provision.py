@@ -14,7 +14,8 @@ from testbed import local
 from testbed.inventory import load_inventory
 from testbed.modelstore import resolve_split
 from testbed.provision import agent_endpoints, place_experts, provision, shards_per_device
-from testbed.remote_backend import RemoteExpertBackend
+from testbed.keys import client_keys
+from testbed.remote_backend import AgentError, RemoteExpertBackend
 from tests.conftest import leftovers, needs_testbed, run_cli
 
 pytestmark = [needs_testbed, pytest.mark.root]
@@ -54,7 +55,16 @@ def test_provision_idempotent_status_logs_stop_unreachable(make_testbed, state_d
     # agents answer a ZeroMQ ping on every device, at the endpoints in their ready files
     eps = agent_endpoints(inv)
     assert set(eps) == {"dev1", "dev2", "dev3"}
-    with RemoteExpertBackend({d: e["endpoint"] for d, e in eps.items()}, timeout_s=5) as b:
+    # ... with the BS's CURVE key only: a client without it is refused (not answered)
+    with RemoteExpertBackend({"dev1": eps["dev1"]["endpoint"]}, timeout_s=1) as stranger:
+        with pytest.raises(AgentError):
+            stranger.ping("dev1")
+    keys_dir = inv.curve_dir()
+    assert (keys_dir.stat().st_mode & 0o777) == 0o700
+    assert all((keys_dir / f"{n}.key_secret").stat().st_mode & 0o077 == 0
+               for n in ("bs", "dev1", "dev2", "dev3"))
+    with RemoteExpertBackend({d: e["endpoint"] for d, e in eps.items()}, timeout_s=5,
+                             curve=client_keys(inv)) as b:
         for d, e in eps.items():
             assert b.ping(d)["rtt_ms"] > 0
             assert e["endpoint"].startswith(f"tcp://{inv.device(d).host}:")
@@ -68,6 +78,10 @@ def test_provision_idempotent_status_logs_stop_unreachable(make_testbed, state_d
             assert hashlib.sha256(data).hexdigest() == mf.experts[u].sha256
         # the agent runs from the venv, with the installed wheel (not the checkout)
         assert (Path(dev.workdir) / "venv" / "bin" / "python").exists()
+        # its own CURVE secret, owner-only, and the BS's public key as the one authorized client
+        assert (Path(dev.workdir) / "curve" / "agent.key_secret").stat().st_mode & 0o777 == 0o600
+        assert (Path(dev.workdir) / "curve" / "authorized" / "bs.key").read_bytes() == \
+            (inv.curve_dir() / "bs.key").read_bytes()
     pids = {d: e["pid"] for d, e in eps.items()}
     before = {d.name: _files(Path(d.workdir)) for d in inv.devices}
 
