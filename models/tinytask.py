@@ -116,19 +116,22 @@ def make_example(task_index: int, digits: Sequence[int]) -> TinyExample:
 
 
 def generate(split: str, count: int, seed: int = 0) -> list[TinyExample]:
-    """Deterministically generate ``count`` examples of ``split`` ("train" or "heldout").
+    """Deterministically generate ``count`` examples of ``split`` ("train", "heldout" or
+    "calibration").
 
     Parameters
     ----------
     split
         ``"train"`` or ``"heldout"``; the two never share a (task, input) pair.
+        ``"calibration"``: inputs from the non-held-out pool (never a held-out test example),
+        drawn from their own stream (for statistics such as expert popularity).
     count
         Number of examples.
     seed
         Generator seed; the same ``(split, count, seed)`` always gives the same list.
     """
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split: must be 'train' or 'heldout', got {split!r}")
+    if split not in ("train", "heldout", "calibration"):
+        raise ValueError(f"split: must be 'train', 'heldout' or 'calibration', got {split!r}")
     want_heldout = split == "heldout"
     rng = random.Random(f"{seed}:{split}")
     out: list[TinyExample] = []
