@@ -51,6 +51,7 @@ from .channel import ChannelModel, read_trace
 from .energy_attr import request_energy
 from .enforcement import EpochLinks, Epochs, LinkRecorder, TraceReplay
 from .errors import ConfigError, TestbedError
+from .faults import Effects, FaultInjector, check_devices, parse_faults
 from .inventory import Inventory, bs_runner_for, load_inventory, ssh_runner_for
 from .keys import client_keys
 from .linkcheck import shaper_for
@@ -433,7 +434,8 @@ class Runner:
         self.manifest["security"] = inv.security
         backend = RemoteExpertBackend({d: e["endpoint"] for d, e in eps.items()}, {},
                                       timeout_s=float(rec.config["run"]["timeout_s"]),
-                                      down_backoff_s=30.0, curve=curve)
+                                      down_backoff_s=float(rec.config["run"]["down_backoff_s"]),
+                                      curve=curve)
         stack.callback(backend.close)
         clocks = backend.connect()
         self.manifest["clock_offsets"] = {d: {"offset_ms": c.offset_ns / 1e6, "rtt_ms": c.rtt_ms}
@@ -449,6 +451,7 @@ class Runner:
         feed = StatusFeed(pubs, curve=curve)
         stack.callback(feed.close)
         self.feed = feed
+        self.injector: FaultInjector | None = None
         self.last_sample = 0.0
 
         _quiet_transformers()
@@ -474,7 +477,13 @@ class Runner:
             "summary": stack.enter_context(R.CsvTable(self.run_dir / R.SUMMARY, R.SUMMARY_COLUMNS, extra)),
             "profile": stack.enter_context(R.CsvTable(self.run_dir / R.PROFILE, R.PROFILE_COLUMNS)),
             "links": stack.enter_context(R.CsvTable(self.run_dir / R.LINKS, R.LINK_COLUMNS, extra)),
+            "faults": stack.enter_context(R.CsvTable(self.run_dir / R.FAULTS, R.FAULT_COLUMNS, extra)),
+            "migrations": stack.enter_context(R.CsvTable(self.run_dir / R.MIGRATIONS,
+                                                         R.MIGRATION_COLUMNS, extra)),
         }
+        # before the tables close: a stopped agent is resumed, a cut link restored, a killed
+        # agent restarted, each recorded
+        stack.callback(self._finish_faults)
         per_trial = int(rec.config["workload"]["requests"]) * rec.repeats
         self.progress.start(len(trials), per_trial)
         for t in trials:
@@ -542,8 +551,10 @@ class Runner:
         for u in m.uids():
             layer, e = parse_uid(u)
             experts.append(ExpertInfo(u, layer, e, int(m.experts[u].bytes)))
-        devices = [DeviceInfo(d.name, d.memory_budget_mb, d.hw_class)
+        budget = self.recipe.config["run"].get("memory_budget_mb")   # overrides the inventory's
+        devices = [DeviceInfo(d.name, budget or d.memory_budget_mb, d.hw_class)
                    for d in (self.inv.devices if devices is None else devices)]
+        policy.model_path = str(self.split)
         try:
             placement = policy.place(experts, devices)
         except Exception as e:  # noqa: BLE001
@@ -556,11 +567,23 @@ class Runner:
                                    f"{list(ds) if ds else 'no device'} (devices: {', '.join(sorted(names))})")
         return {u: tuple(ds) for u, ds in placement.items()}
 
-    def _apply_placement(self, placement: Mapping[str, Sequence[str]]) -> None:
+    def _apply_placement(self, placement: Mapping[str, Sequence[str]],
+                         options: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None
+                         ) -> None:
+        """Push, load and unload so each device holds its share; ``options``: device -> uid ->
+        extra load fields (:meth:`Policy.load_options`); an expert whose fields changed is
+        reloaded."""
         from . import provision as prov
 
+        opts_now = getattr(self, "load_opts", {})
         for dev in self.inv.devices:
             want = {u for u, ds in placement.items() if dev.name in ds}
+            opts = dict((options or {}).get(dev.name, {}))
+            reload = {u for u in want & self.loaded[dev.name]
+                      if dict(opts.get(u, {})) != dict(opts_now.get((dev.name, u), {}))}
+            if reload:
+                self.backend.unload_experts(dev.name, sorted(reload))
+                self.loaded[dev.name] = self.loaded[dev.name] - reload
             have = self.loaded[dev.name]
             missing = sorted(want - self.pushed[dev.name].keys())
             if missing:
@@ -571,11 +594,13 @@ class Runner:
                 self.backend.unload_experts(dev.name, drop)
             add = sorted(want - have)
             if add:
-                got = self.backend.load_experts(dev.name, [{"uid": u, "path": self.pushed[dev.name][u]}
-                                                           for u in add])
+                got = self.backend.load_experts(dev.name, [{"uid": u, "path": self.pushed[dev.name][u],
+                                                            **opts.get(u, {})} for u in add])
                 if sorted(got) != add:
                     raise TestbedError(f"{dev.name}: agent loaded {len(got)} of {len(add)} experts")
             self.loaded[dev.name] = want
+            opts_now.update({(dev.name, u): dict(opts.get(u, {})) for u in want})
+        self.load_opts = opts_now
         self.backend.placement = {u: list(ds) for u, ds in placement.items()}
 
     def _apply_links(self, t: Trial) -> list[dict[str, Any]]:
@@ -711,7 +736,8 @@ class Runner:
         # before placement and compute profiling: both depend on the power mode
         power_mode = self.power.apply(t.config["devices"]["power_mode"]) if self.power else None
         placement = self._place(policy, devices)
-        self._apply_placement(placement)
+        self._apply_placement(placement, policy.load_options())
+        self.bsm.backend = policy.wrap_backend(self.timed)
         self._profile(t, devices, placement)
         links = self._apply_links(t)
         rates = {r["device"]: r for r in links}
@@ -738,10 +764,28 @@ class Runner:
         t_req_rows: list[dict] = []
         t_layer_rows: list[dict] = []
         t_call_rows: list[dict] = []
+        from . import migration as mig
+
+        every = int(t.config["run"].get("update_every") or 0)
+        feed0 = dict(self.feed.bytes_received), dict(self.feed.messages)
+        events: list[dict] = []
+        win = 0
         for q in reqs:
+            events += mig.apply_events(self, t, q.index, cluster, rates, str(rec.path))
+            if every and q.index and q.index % every == 0:
+                lo = q.index - win   # the requests since the last update
+                stats = mig.window_stats([c for c in t_call_rows if c["request"] >= lo],
+                                         [r for r in t_layer_rows if r["request"] >= lo],
+                                         win, q.index)
+                new = mig.run_update(self, policy, cluster, placement, stats, key, q.index)
+                if new is not None:
+                    placement = new
+                win = 0
             self._sample_devices(t.index, rates)
             self.request_index = q.index
+            faults_at_start = self._faults_before(t, key, names, placement, q.index)
             row, lrows, crows = self._request(q, key, placement)
+            self._faults_mark(faults_at_start, row, crows)
             self.tables["layers"].write_many(lrows)
             self.tables["calls"].write_many(crows)
             self.tables["requests"].write(row)
@@ -749,12 +793,92 @@ class Runner:
             t_layer_rows.extend(lrows)
             t_call_rows.extend(crows)
             self.requests_done += 1
+            win = win + 1 if every else 0
             self.progress.request()
+        self.feed.poll(0)
+        self.manifest["trials"][-1].update(
+            events=events, placement_final={u: list(ds) for u, ds in placement.items()},
+            memory=mig.memory_report(self, names), policy_final=policy.describe(),
+            signalling={d: {"bytes": self.feed.bytes_received.get(d, 0) - feed0[0].get(d, 0),
+                            "messages": self.feed.messages.get(d, 0) - feed0[1].get(d, 0)}
+                        for d in names})
+        self._finish_faults()
         self.manifest["trials"][-1]["link_epochs"] = plan.close()
         self._save_manifest()
         summ = {**key, **summary_row(t_req_rows, t_layer_rows, t_call_rows)}
         self.tables["summary"].write(summ)
         self.summaries.append(summ)
+
+    # faults (testbed.faults) -----------------------------------------------------------------
+    def _faults_before(self, t: Trial, key: Mapping[str, Any], names: Sequence[str],
+                       placement: Mapping[str, Sequence[str]], index: int) -> set[str]:
+        """Start the trial's fault injector at its first request; fire what is due; the ids
+        active as the request starts."""
+        events = t.config["faults"]["events"]
+        if not events:
+            return set()
+        if index == 0 or self.injector is None:
+            faults = parse_faults(events)
+            bad = check_devices(faults, names, str(self.recipe.path))
+            if bad:
+                raise ConfigError(bad)
+            table = self.tables["faults"]
+            self.fault_placement = placement
+            self.injector = FaultInjector(
+                faults, Effects(self._signal_agent, lambda d, kbit: self._fault_rate(t, d, kbit),
+                                self._restart_agent),
+                lambda row: table.write({**key, **row}))
+            self.injector.start()
+        self.injector.before_request(index)
+        return set(self.injector.active().split())
+
+    def _faults_mark(self, at_start: set[str], row: dict[str, Any], calls: list[dict]) -> None:
+        """A request (and its calls) carries every fault active at its start or its end."""
+        if self.injector is None:
+            return
+        ids = " ".join(sorted(at_start | set(self.injector.active().split())))
+        row["faults"] = ids
+        for c in calls:
+            c["faults"] = ids
+
+    def _finish_faults(self) -> None:
+        inj, self.injector = self.injector, None
+        if inj is not None:
+            inj.finish()
+
+    def _signal_agent(self, device: str, sig: str) -> str:
+        from . import provision as prov
+
+        runner = self.runners[device]
+        lay, facts = prov._agent_view(runner, self.inv.device(device))
+        if facts.pid is None or not prov._running(facts, lay):
+            raise TestbedError(f"{device}: no agent of ours is running")
+        runner.run(["kill", f"-{sig}", str(facts.pid)], timeout_s=30)
+        return f"SIG{sig} to agent pid {facts.pid}"
+
+    def _fault_rate(self, t: Trial, device: str, kbit: float | None) -> str:
+        down, up = t.link_kbit() if kbit is None else (kbit, kbit)
+        self.shaper.change(device, LinkSpec(down), "down")
+        self.shaper.change(device, LinkSpec(up), "up")
+        return f"link {down:g}/{up:g} kbit/s down/up" + (" (the trial's rate)" if kbit is None else "")
+
+    def _restart_agent(self, device: str) -> str:
+        """Stop (if it still runs) and start ``device``'s agent through provisioning, reconnect
+        the backend and load its experts again."""
+        from . import provision as prov
+
+        runner = self.runners[device]
+        lay, facts = prov._agent_view(runner, self.inv.device(device))
+        if facts.pid is not None and prov._running(facts, lay):
+            prov.stop_pid(runner, lay, facts.pid)
+        rep = prov.provision(self.inv, None, devices=[device])[0]
+        if not rep.ok or not rep.endpoint:
+            raise TestbedError(f"{device}: restart failed: {rep.error}")
+        self.backend.remove_agent(device)
+        self.backend.add_agent(device, rep.endpoint)
+        self.loaded[device] = set()
+        self._apply_placement(self.fault_placement)
+        return f"agent pid {rep.pid} at {rep.endpoint}, {len(self.loaded[device])} experts loaded"
 
     def _request(self, q: Request, key: Mapping[str, Any], placement: Mapping[str, Sequence[str]]
                  ) -> tuple[dict, list[dict], list[dict]]:

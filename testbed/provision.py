@@ -1014,7 +1014,8 @@ def _each_device(inv: Inventory, work: Callable[[Runner, Device], DeviceReport |
 def provision(inv: Inventory, model_dir: str | os.PathLike[str] | None = None,
               placement: str = "round-robin", *, seed: int = 0,
               wheelhouse: str | os.PathLike[str] | None = None,
-              connect_timeout_s: float = 10.0) -> list[DeviceReport]:
+              connect_timeout_s: float = 10.0,
+              devices: Sequence[str] | None = None) -> list[DeviceReport]:
     """Install and start the agent on every device and push the placed expert shards.
 
     Parameters
@@ -1031,6 +1032,8 @@ def provision(inv: Inventory, model_dir: str | os.PathLike[str] | None = None,
         ``pip download``.
     connect_timeout_s
         SSH connect budget per device.
+    devices
+        Only these devices (default: all); the others are not touched.
 
     Returns
     -------
@@ -1056,7 +1059,8 @@ def provision(inv: Inventory, model_dir: str | os.PathLike[str] | None = None,
     if wh is not None and not wh.is_dir():
         raise ConfigError(f"--wheelhouse: {wh}: no such directory")
     plan = _Plan(inv, split, placement, seed, wh)
-    return _each_device(inv, lambda r, d: provision_device(r, d, plan), connect_timeout_s)
+    return _each_device(inv, lambda r, d: provision_device(r, d, plan), connect_timeout_s,
+                        devices)
 
 
 # -- agents: endpoints, status, stop, logs ---------------------------------------------------

@@ -45,6 +45,8 @@ and a sweep grid over any of these.
 
     [run]
     timeout_s = 5.0             # per expert call
+    down_backoff_s = 30.0       # after a timeout, a device's calls are skipped (re-routed or
+                                # dropped at once) for this long before it is tried again
     devices = 3                 # devices a trial uses: the first N of the inventory (placement
                                 # over those only); default: all of it, or 3 when `testbed run`
                                 # creates the local testbed (sized for the largest N swept)
@@ -52,6 +54,32 @@ and a sweep grid over any of these.
     bs_threads = 1              # optional: torch threads of the BS runtime (default: torch's);
                                 # 1 where the agents share the BS's few cores (local testbed):
                                 # idle worker threads spinning against the agents cost ms per op
+    memory_budget_mb = 0.09     # optional: every device's memory budget for the policy (MB,
+                                # fractions allowed), instead of the inventory's
+    update_every = 5            # optional: call policy.update() every N requests (0: never);
+                                # a placement it returns is applied, moves in migrations.csv
+    [[run.events]]              # optional: a link change just before request `at_request`
+    at_request = 10             # (of every trial and repeat)
+    device = "dev2"
+    rate = "1mbit"
+    direction = "both"          # down, up or both
+
+    [devices]
+    power_mode = "MAXN"         # optional: Jetson nvpmodel mode for the trial, by name (as
+                                # `nvpmodel -p --verbose` lists it on each device; ids differ
+                                # per module) or by id; set over SSH with `sudo -n nvpmodel -m
+                                # ID` before a trial that changes it, every device restored to
+                                # its own mode when the run ends (errors and Ctrl-C included);
+                                # a device without nvpmodel or without that mode fails the run
+                                # with one line naming it, before anything is changed
+
+    [faults]                    # optional fault injection, replayed in every trial and repeat
+    events = [                  # (testbed.faults: every action, key and default)
+      { at_request = 4, device = "dev2", action = "kill" },
+      { at_s = 2.0, device = "dev1", action = "stop", for_s = 1.5 },
+      { at_request = 6, device = "dev3", action = "link", rate = "8kbit", for_requests = 2 },
+      { at_request = 9, device = "dev2", action = "restart" },
+    ]
 
     [sweep]                     # cartesian grid; keys are dotted paths of the tables above
     "links.rate" = ["2mbit", "20mbit"]
@@ -78,6 +106,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .errors import ConfigError
+from .faults import parse_faults
 from .units import parse_percent, parse_rate_kbit, parse_time_ms
 
 TASKS = ("tiny", "synthetic")
@@ -139,6 +168,45 @@ def _epoch(v: Any) -> str:
     return v
 
 
+def _power_mode(v: Any) -> str | int:
+    if isinstance(v, bool) or not (isinstance(v, int) and v >= 0 or isinstance(v, str) and v.strip()):
+        raise ValueError(f"must be an nvpmodel mode name (e.g. \"MAXN\") or id >= 0, not {v!r}")
+    return v.strip() if isinstance(v, str) else v
+
+
+EVENT_KEYS = ("at_request", "device", "rate", "direction")
+
+
+def _direction(v: Any) -> str:
+    if v not in ("down", "up", "both"):
+        raise ValueError(f"must be down, up or both, not {v!r}")
+    return v
+
+
+def _events(v: Any) -> list[dict[str, Any]]:
+    is_list = isinstance(v, list)
+    if not is_list:
+        raise ValueError("must be an array of tables ([[run.events]])")
+    for i, ev in enumerate(v):
+        is_table = isinstance(ev, dict)
+        if not is_table:
+            raise ValueError(f"[{i}]: must be a table")
+        unknown = sorted(set(ev) - set(EVENT_KEYS))
+        if unknown:
+            raise ValueError(f"[{i}].{unknown[0]}: unknown key (valid: {', '.join(EVENT_KEYS)})")
+        for k in ("at_request", "device", "rate"):
+            if k not in ev:
+                raise ValueError(f"[{i}].{k}: missing")
+        checks = (("at_request", _int(0)), ("device", _str), ("rate", _rate),
+                  ("direction", _direction))
+        for k, check in checks:
+            try:
+                check(ev.get(k, "both"))
+            except (ValueError, ConfigError) as e:
+                raise ValueError(f"[{i}].{k}: {e}") from None
+    return v
+
+
 def _params(v: Any) -> dict[str, Any]:
     if not isinstance(v, dict):
         raise ValueError("must be a table")
@@ -156,7 +224,11 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "workload": {"task": (_task, "tiny"), "requests": (_int(1, 100000), 20),
                  "prompt_tokens": (_int(1, 100000), 16), "output_tokens": (_int(1, 100000), 8)},
     "run": {"timeout_s": (_float(0), 5.0), "devices": (_int(1, 32), None),
-            "telemetry_period_s": (_float(0), 0.5), "bs_threads": (_int(1, 1024), None)},
+            "telemetry_period_s": (_float(0), 0.5), "bs_threads": (_int(1, 1024), None),
+            "memory_budget_mb": (_float(0), None), "update_every": (_int(0), 0),
+            "events": (_events, []), "down_backoff_s": (_float(0), 30.0)},
+    "devices": {"power_mode": (_power_mode, None)},
+    "faults": {"events": (parse_faults, [])},
 }
 """table -> key -> (validator, default). Validators raise ValueError with the message."""
 

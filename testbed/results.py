@@ -14,6 +14,8 @@ One folder per run (``results/<run-id>/``)::
                     c(N) = a + b N per device is in the manifest's ``compute_profile``)
     links.csv       one row per device per link change a policy's bandwidth or a channel
                     trace caused: asked and enforced (tc) rates, how long tc took
+    migrations.csv  one row per expert moved by a policy's update (run.update_every): from,
+                    to, bytes pushed, seconds (testbed.migration)
 
 Column names carry their units (``_ms``, ``_j``, ``_w``, ``_kbit``, ``_mb``, ``bytes_``).
 Besides the fixed columns below, ``requests.csv``, ``layers.csv``, ``calls.csv`` and
@@ -43,6 +45,8 @@ DEVICES = "devices.csv"
 SUMMARY = "summary.csv"
 PROFILE = "profile.csv"
 LINKS = "links.csv"
+MIGRATIONS = "migrations.csv"
+FAULTS = "faults.csv"
 
 KEY_COLUMNS = ("run_id", "trial", "point", "policy", "repeat")
 """Columns that identify the trial a row belongs to (all CSVs but devices.csv start so)."""
@@ -69,6 +73,7 @@ REQUEST_COLUMNS = KEY_COLUMNS + (
     "energy_source",    # measured / estimated / mixed [; missing DEVICES] (testbed.energy_attr)
     "status",           # ok / degraded (some expert failed) / error
     "error",
+    "faults",           # ids of the injected faults active during the request (faults.csv)
 )
 
 LAYER_COLUMNS = KEY_COLUMNS + (
@@ -112,6 +117,7 @@ CALL_COLUMNS = KEY_COLUMNS + (
     "bytes_up",
     "energy_j",         # device meter over the reply's compute window, shared by compute time
     "energy_source",    # the device meter's label, e.g. measured:nvml:gpu0
+    "faults",           # ids of the injected faults active during the call's request
 )
 
 DEVICE_COLUMNS = (
@@ -160,6 +166,17 @@ PROFILE_COLUMNS = (
     "rtt_ms",           # BS round trip
 )
 
+FAULT_COLUMNS = KEY_COLUMNS + (
+    "time_s",           # seconds since the trial's first request
+    "request",          # the request about to start (at_request) or running (at_s)
+    "fault",            # id: f{index}-{action}-{device}
+    "device",
+    "action",           # kill / stop / link / restart
+    "event",            # injected / cleared
+    "ok",               # 1: done; 0: it could not be applied (detail says why)
+    "detail",
+)
+
 LINK_COLUMNS = KEY_COLUMNS + (
     "time_s",           # seconds since the run started, when the change began
     "epoch",            # decision epoch within the trial (recipe policy.epoch)
@@ -175,6 +192,17 @@ LINK_COLUMNS = KEY_COLUMNS + (
     "change_ms",        # wall time of the epoch's tc batch (every device's change, plus read-back)
     "epoch_ms",         # how long the rates then stayed (until the next epoch's change)
     "tc_slower",        # 1: the change took longer than the epoch it governed
+)
+
+
+MIGRATION_COLUMNS = KEY_COLUMNS + (
+    "request",          # the update ran just before this request (recipe run.update_every)
+    "expert",           # uid that gained a device
+    "from_device",      # its device(s) before ('+'-joined; empty: it had none)
+    "to_device",
+    "bytes",            # shard bytes pushed to to_device (0: the device still had the file)
+    "seconds",          # wall time of the whole re-deployment this move was part of
+    "time_s",           # seconds since the run started, when it ended
 )
 
 
