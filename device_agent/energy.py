@@ -489,6 +489,12 @@ class Meter:
     def read(self) -> Reading:
         raise NotImplementedError
 
+    def latest(self) -> Reading:
+        """The most recent reading without asking the source where the meter keeps one (a
+        sampler or poller thread: INA3221, tegrastats, NVML, RAPL), at most a sampling period
+        old; a fresh :meth:`read` for the others (the CPU-time estimate)."""
+        return self.read()
+
     def now_j(self) -> float:
         """Cumulative joules now, without touching the source (no file, process or driver
         call): cheap enough for the agent's per-call path. Sampled meters extend their latest
@@ -538,6 +544,9 @@ class SampledMeter(Meter):
 
     def read(self) -> Reading:
         return self.sampler.sample()
+
+    def latest(self) -> Reading:
+        return self.sampler.latest
 
     def now_j(self) -> float:
         return extrapolate_j(self.sampler.latest, time.monotonic_ns())
@@ -607,6 +616,9 @@ class TegrastatsMeter(Meter):
 
     def read(self) -> Reading:
         return self.sampler.reading()
+
+    def latest(self) -> Reading:
+        return self.sampler.latest
 
     def now_j(self) -> float:
         return extrapolate_j(self.sampler.latest, time.monotonic_ns())
@@ -698,10 +710,11 @@ class NvmlMeter(Meter):
             self._latest = r
         return r
 
+    def latest(self) -> Reading:
+        return self.sampler.latest if self.sampler is not None else self._latest
+
     def now_j(self) -> float:
-        if self.sampler is not None:
-            return extrapolate_j(self.sampler.latest, time.monotonic_ns())
-        return extrapolate_j(self._latest, time.monotonic_ns())
+        return extrapolate_j(self.latest(), time.monotonic_ns())
 
     def close(self) -> None:
         self._poll_stop.set()
@@ -759,6 +772,9 @@ class RaplMeter(Meter):
             self._last = (t_ns, self._uj)
             r = self._latest = Reading(t_ns, self._uj / 1e6, p_w)
             return r
+
+    def latest(self) -> Reading:
+        return self._latest
 
     def now_j(self) -> float:
         return extrapolate_j(self._latest, time.monotonic_ns())

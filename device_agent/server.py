@@ -172,9 +172,10 @@ class AgentServer:
         those clients. ``None``: no authentication (benchmarks, tests on loopback).
 
     Energy. The status (reply and feed) carries ``energy_j`` (joules since the agent started,
-    :meth:`Meter.read`), ``power_w`` and ``energy_source`` (:attr:`Meter.energy_source`);
-    ``energy_meter`` describes the meter (and why others were skipped). ``ping`` replies carry
-    ``energy_j`` too (a cheap exchange for the BS to read the counter at a request's ends).
+    :meth:`Meter.latest`: at most a sampling period old), ``power_w`` and ``energy_source``
+    (:attr:`Meter.energy_source`); ``energy_meter`` describes the meter (and why others were
+    skipped). ``ping`` replies carry ``energy_j`` from :meth:`Meter.read`, exact at that moment
+    (a small exchange for the BS to read the counter at a request's ends).
     ``forward`` replies carry ``energy_j = [at compute start, at compute end]`` from
     :meth:`Meter.now_j` (no I/O on the call path; the end is never below the start).
     """
@@ -256,11 +257,13 @@ class AgentServer:
     def _energy(self) -> dict[str, Any]:
         """``energy_j``, ``power_w``, ``energy_source`` for the status.
 
-        ``power_w`` is the meter's own instant value where it has one; for the CPU-time
-        estimate (and a meter without a power figure) it is the average since a reference
-        reading renewed once it is older than the status period, so that back-to-back status
-        reads do not report the power of the status code itself."""
-        r = self.meter.read()
+        From :meth:`Meter.latest` (no driver or file access where the meter samples in the
+        background: an NVML energy query took 4 ms on a virtualised H200, too long for the
+        serving loop every status period). ``power_w`` is the meter's own instant value where
+        it has one; for the CPU-time estimate (and a meter without a power figure) it is the
+        average since a reference reading renewed once it is older than the status period, so
+        that back-to-back status reads do not report the power of the status code itself."""
+        r = self.meter.latest()
         p = r.power_w
         if p is None or self.meter.estimated:
             t0, e0 = self._power_ref

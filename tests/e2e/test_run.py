@@ -136,6 +136,29 @@ def test_provision_run_sweep_results_and_down(state_dir, tmp_path):
         summ = R.read_csv(run_dir / R.SUMMARY)
         assert len(summ) == 4 and all(int(s["requests"]) == 5 for s in summ)
 
+        # energy: namespace devices and this BS have no meter of their own, so every figure is
+        # the CPU-time estimate, positive and marked so, never blank
+        est = "estimated:cpu-time(5 W/core)"
+        for r in reqs:
+            dev_j, bs_j, tot_j = (float(r[k]) for k in ("energy_devices_j", "energy_bs_j", "energy_j"))
+            assert dev_j > 0 and bs_j > 0 and tot_j == pytest.approx(dev_j + bs_j, abs=2e-6), r
+            assert r["energy_source"] == "estimated", r
+        assert all(float(c["energy_j"]) >= 0 and c["energy_source"] == est for c in calls)
+        assert sum(float(c["energy_j"]) for c in calls) > 0
+        # a device's compute windows lie inside the request's window around them
+        per_req_dev: dict[tuple, float] = {}
+        for c in calls:
+            k = (c["trial"], c["request"])
+            per_req_dev[k] = per_req_dev.get(k, 0.0) + float(c["energy_j"])
+        assert all(per_req_dev[(r["trial"], r["request"])] <= float(r["energy_devices_j"]) + 1e-6
+                   for r in reqs)
+        devs = R.read_csv(run_dir / R.DEVICES)
+        assert devs and {d["device"] for d in devs} == {"dev1", "dev2", "dev3"}
+        assert all(float(d["energy_j"]) > 0 and float(d["power_w"]) >= 0 and d["energy_source"] == est
+                   for d in devs), devs[:3]
+        assert all(float(s["energy_per_token_j"]) > 0 for s in summ)
+        assert man["energy"]["bs"]["label"] == est and set(man["energy"]["devices"].values()) == {est}
+
         rep = _cli(env, "report", str(run_dir), "--format", "json")
         assert rep.returncode == 0, rep.stderr
         assert list((run_dir / "plots").glob("*.png")) or "png" in rep.stdout
@@ -188,6 +211,23 @@ def test_bad_input_and_faults(state_dir, tmp_path):
         assert len(err) == 1 and "nosuch" in err[0] and "topk" in err[0], err
         man = json.loads((_only_run_dir(out / "a") / R.MANIFEST).read_text())
         assert man["status"] == "failed" and "nosuch" in man["error"]
+
+        # a power mode on devices without nvpmodel: one line naming the key and every device,
+        # exit 2, before any link or agent is touched
+        tc_before = _tc_rates(inv)
+        pm = _recipe(tmp_path, policies='["topk"]', name="pm.toml")
+        pm.write_text(pm.read_text().replace("[sweep]", '[devices]\npower_mode = "MAXN"\n[sweep]'))
+        res = _cli(env, "run", str(pm), "--inventory", str(inv), "--out", str(out / "pm"))
+        assert res.returncode == 2, res.stderr
+        err = res.stderr.strip().splitlines()
+        assert len(err) == 1 and f"{pm}: devices.power_mode: dev1: has no nvpmodel" in err[0], err
+        assert all(f"{d}: has no nvpmodel (not installed)" in err[0] for d in ("dev2", "dev3")), err
+        assert _tc_rates(inv) == tc_before
+        st = _cli(env, "agents", "status", str(inv), "--format", "json")
+        assert st.returncode == 0, st.stderr
+        rows = json.loads(st.stdout)
+        rows = rows.get("devices", rows) if isinstance(rows, dict) else rows
+        assert [r["state"] for r in rows] == ["stopped"] * 3, rows  # nothing provisioned
 
         assert _cli(env, "provision", str(inv), "--model", "tiny").returncode == 0
         before = _tc_rates(inv)

@@ -2,7 +2,11 @@
 own process during the same window and integrated over time. Needs an NVIDIA GPU with NVML,
 CUDA through torch, and nvidia-smi; skips naming what is missing (CI has no GPU).
 
-Window: 3 s idle, 10 s of bf16 matrix products, 3 s idle. The idle tail is there because
+The second test does the same through the agent: a real ``python -m device_agent serve``
+process on CUDA with ``--meter nvml``, forward calls from a client, the agent's cumulative
+``energy_j`` read by ``status`` at the window's ends.
+
+Window: 3 s idle, 10 s of load (bf16 matrix products / forward calls), 3 s idle. The idle tail is there because
 power.draw is a 1-second average on Ampere and newer GPUs: the whole load bump lies inside the
 window for both figures, so the average's lag cannot move joules across its ends.
 """
@@ -137,3 +141,97 @@ def test_nvml_meter_matches_nvidia_smi_power_integral():
     assert abs(ratio - 1) <= 0.10, report
     assert abs(sampled_j / smi_j - 1) <= 0.10, report
 
+
+
+AGENT_HIDDEN, AGENT_INTER, AGENT_TOKENS = 4096, 14336, 4096
+
+
+def test_agent_nvml_energy_over_forward_calls_matches_nvidia_smi(tmp_path):
+    """A real ``python -m device_agent serve --device cuda --meter nvml`` runs one expert
+    (4096 x 14336, stored fp16, computed in fp32 so that the GPU, not the loopback copy of the
+    activations, is the bottleneck) for LOAD_S of forward calls from a RemoteExpertBackend; the
+    agent's cumulative energy read by ``status`` before and after must agree within 10% with
+    nvidia-smi's power.draw integrated over the same window (the status exchanges' midpoints)."""
+    _, torch = _require_gpu()
+    from safetensors.torch import save_file
+
+    from models.backend import LayerWork
+    from testbed.agents_local import start_agent, stop_agent
+    from testbed.remote_backend import RemoteExpertBackend
+    from testbed.runner import LocalRunner
+
+    wd = tmp_path / "gpu-agent"
+    (wd / "experts").mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    h, f = AGENT_HIDDEN, AGENT_INTER
+    save_file({"w1": (torch.randn(f, h, generator=g) * h ** -0.5).half(),
+               "w2": (torch.randn(h, f, generator=g) * f ** -0.5).half(),
+               "w3": (torch.randn(f, h, generator=g) * h ** -0.5).half()},
+              str(wd / "experts" / "L0.E0.safetensors"))
+    agent = start_agent(LocalRunner(), device="gpu", host="127.0.0.1", workdir=str(wd), pub=False,
+                        extra_args=["--device", "cuda", "--meter", "nvml", "--nvml-gpus", "0"])
+    be = RemoteExpertBackend({"gpu": agent.endpoint}, {"L0.E0": ["gpu"]}, timeout_s=60.0)
+    smi = None
+    try:
+        be.connect()
+        assert be.agents["gpu"].energy_source in ("measured:nvml:gpu0", "measured:nvml-power:gpu0")
+        be.load_experts("gpu", [{"uid": "L0.E0", "path": "experts/L0.E0.safetensors",
+                                 "dtype": "float32", "io_dtype": "float16"}])
+        x = torch.randn(AGENT_TOKENS, h).half()
+        work = LayerWork(0, 0, {"L0.E0": x})
+        assert not be.run_layer(work).failed  # warm-up: CUDA context, kernels
+        smi = SmiSampler(0)
+        time.sleep(1.0)  # nvidia-smi's first lines
+
+        def status_energy() -> tuple[int, float]:
+            t0 = time.monotonic_ns()
+            st = be.status("gpu")
+            return (t0 + time.monotonic_ns()) // 2, float(st["energy_j"])
+
+        def ping_energy() -> float:  # what the runner reads at a request's ends (Meter.read)
+            return float(be.request("gpu", "ping")[0]["energy_j"])
+
+        pa = ping_energy()
+        ta, ea = status_energy()
+        time.sleep(LEAD_S - 1.0)
+        calls: list[dict[str, Any]] = []
+        end = time.monotonic() + LOAD_S
+        while time.monotonic() < end:
+            res = be.run_layer(work)
+            assert not res.failed, res.failed
+            calls += res.info["calls"]
+        time.sleep(TAIL_S)
+        tb, eb = status_energy()
+        pb = ping_energy()
+        time.sleep(0.5)  # nvidia-smi samples past the window's end
+    finally:
+        if smi is not None:
+            smi.stop()
+        be.close()
+        stop_agent(agent)
+    agent_j = eb - ea
+    pts = sorted(smi.samples)
+    assert len(pts) >= 10 * (LEAD_S + LOAD_S + TAIL_S) * 0.5, (len(pts), smi.bad_lines[:5])
+    smi_j = trapezoid(pts, ta, tb)
+    window_s = (tb - ta) / 1e9
+    calls_j = sum(c["energy_j"] for c in calls)
+    compute_s = sum(c["compute_ms"] for c in calls) / 1e3
+    ratio = agent_j / smi_j
+    ping_j = pb - pa
+    report = {"agent_energy_source": calls[0]["energy_source"], "agent_status_j": round(agent_j, 2),
+              "agent_ping_j": round(ping_j, 2),
+              "nvidia_smi_power_draw_j": round(smi_j, 2), "ratio": round(ratio, 4),
+              "window_s": round(window_s, 3), "forward_calls": len(calls),
+              "calls_energy_j": round(calls_j, 2), "calls_compute_s": round(compute_s, 3),
+              "idle_w_first_smi_sample": pts[0][1], "mean_w": round(agent_j / window_s, 1)}
+    print("AGENT-ENERGY-CHECK " + json.dumps(report))
+    if os.environ.get("ENERGY_GPU_AGENT_REPORT"):
+        with open(os.environ["ENERGY_GPU_AGENT_REPORT"], "w") as fh:
+            json.dump(report, fh, indent=1)
+    assert len(calls) >= 20 and all(c["status"] == "ok" for c in calls), report
+    # the load showed up (or agreement would be trivial), the compute windows hold part of it
+    assert agent_j / window_s > 1.2 * pts[0][1], report
+    assert 0 < calls_j < agent_j, report
+    assert abs(ratio - 1) <= 0.10, report
+    # the ping window encloses the status one by two loopback exchanges
+    assert agent_j <= ping_j <= agent_j * 1.02 + 2.0, report

@@ -78,3 +78,26 @@ def test_cpu_estimate_now_j_and_label():
     assert m.read().energy_j == pytest.approx(3.0)
     assert m.energy_source == "estimated:cpu-time(7.5 W/core)"
     assert m.describe()["label"] == m.energy_source
+
+
+def test_sampled_meter_latest_and_now_j_do_not_touch_the_source():
+    from device_agent.energy import SampledMeter
+
+    calls = [0]
+
+    def read_w() -> float:
+        calls[0] += 1
+        return 2.0
+
+    m = SampledMeter("test:rail", ["rail"], read_w, period_s=0.1)
+    try:
+        m.sampler.stop()  # no background samples: count only what latest/now_j would cause
+        n = calls[0]
+        r = m.latest()
+        assert r == m.sampler.latest and r.power_w == 2.0
+        assert m.now_j() >= r.energy_j
+        assert calls[0] == n
+        assert m.read().t_ns >= r.t_ns and calls[0] == n + 1  # read() asks the source
+        assert m.energy_source == "measured:test:rail"
+    finally:
+        m.close()

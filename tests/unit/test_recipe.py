@@ -119,6 +119,27 @@ def test_epoch_trace_bandwidth_keys_checked_and_trace_resolved(tmp_path):
     assert r.trials()[0].config["run"]["devices"] is None   # default: the whole inventory
 
 
+def test_devices_power_mode_by_name_or_id_swept_and_checked(tmp_path):
+    p = tmp_path / "r.toml"
+    p.write_text('[devices]\npower_mode = "MAXN"\n')
+    assert load_recipe(p).trials()[0].config["devices"]["power_mode"] == "MAXN"
+    assert load_recipe(tmp_path / "r.toml", ["devices.power_mode=2"]).trials()[0] \
+        .config["devices"]["power_mode"] == 2
+    p.write_text('[sweep]\n"devices.power_mode" = ["MAXN", "MODE_15W", 3]\n')
+    assert [t.config["devices"]["power_mode"] for t in load_recipe(p).trials()] == \
+        ["MAXN", "MODE_15W", 3]
+    p.write_text('[recipe]\nname = "x"\n')
+    assert load_recipe(p).trials()[0].config["devices"]["power_mode"] is None  # left as it is
+    p.write_text('[devices]\npower_mode = -1\nfan = "max"\n[sweep]\n"devices.power_mode" = [true]\n')
+    with pytest.raises(ConfigError) as e:
+        load_recipe(p)
+    probs = e.value.problems
+    assert len(probs) == 3 and all(x.startswith(str(p)) for x in probs), probs
+    assert any("devices.power_mode: must be an nvpmodel mode name" in x and "-1" in x for x in probs)
+    assert any("devices.fan: unknown key (valid in [devices]: power_mode)" in x for x in probs)
+    assert any("sweep: devices.power_mode: must be an nvpmodel mode name" in x for x in probs)
+
+
 def test_csv_table_flushes_each_row_and_rejects_unknown_columns(tmp_path):
     path = tmp_path / "x.csv"
     t = R.CsvTable(path, R.CALL_COLUMNS, ["sweep.links.rate"])
