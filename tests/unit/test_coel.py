@@ -416,3 +416,39 @@ def test_accuracy_vs_bits_pruning_fusion(tiny: str) -> None:
     tight = evaluate_tiny(tiny, requests=n, sigma=0.95)
     assert loose["fusion_rows_sent"] < tight["fusion_rows_sent"] < tight["fusion_rows_in"]
     assert loose["score"] < tight["score"] and tight["accuracy"] >= 0.95
+
+
+# ---- runner hooks (testbed.migration) and recipe keys --------------------------------------
+def test_migration_rows_and_window_stats() -> None:
+    from testbed.migration import due_events, migrations, window_stats
+
+    old = {"L0.E0": ("a",), "L0.E1": ("b",), "L0.E2": ("a", "b")}
+    new = {"L0.E0": ("c",), "L0.E1": ("b",), "L0.E2": ("a", "c")}
+    assert migrations(old, new) == [("L0.E0", "a", "c"), ("L0.E2", "a+b", "c")]
+    calls = [{"expert": "L0.E0", "tokens": 3, "status": "ok"},
+             {"expert": "L0.E0", "tokens": 2, "status": "rerouted"},
+             {"expert": "L0.E1", "tokens": 5, "status": "timeout"}]
+    st = window_stats(calls, [{"tokens": 4}, {"tokens": 6}], 2, 10)
+    assert st == {"requests": 2, "request": 10, "expert_tokens": {"L0.E0": 5}, "layer_tokens": 10}
+    evs = [{"at_request": 3, "device": "d", "rate": "1mbit"}, {"at_request": 5, "device": "d",
+                                                               "rate": "2mbit"}]
+    assert due_events(evs, 5) == [evs[1]] and due_events(evs, 4) == []
+
+
+def test_recipe_run_events_and_budget_are_checked(tmp_path) -> None:
+    from testbed.recipe import load_recipe
+
+    good = tmp_path / "ok.toml"
+    good.write_text('[run]\nmemory_budget_mb = 0.09\nupdate_every = 4\n'
+                    '[[run.events]]\nat_request = 8\ndevice = "dev3"\nrate = "100kbit"\n')
+    r = load_recipe(good)
+    assert r.config["run"]["events"] == [{"at_request": 8, "device": "dev3", "rate": "100kbit"}]
+    assert r.config["run"]["memory_budget_mb"] == 0.09 and r.config["run"]["update_every"] == 4
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[run.events]]\nat_request = 8\ndevice = "dev3"\nrate = "fast"\n'
+                   'direction = "sideways"\n')
+    with pytest.raises(ConfigError, match=r"bad.toml: run.events: \[0\].rate: not a rate"):
+        load_recipe(bad)
+    bad.write_text('[run]\nmemory_budget_mb = -1\n')
+    with pytest.raises(ConfigError, match="bad.toml: run.memory_budget_mb"):
+        load_recipe(bad)
