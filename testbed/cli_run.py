@@ -83,20 +83,35 @@ def _summary_table(res: experiment.RunResult) -> Table:
 def register(app: typer.Typer) -> None:
     @app.command("run")
     def run(
-        recipe: Path = typer.Argument(..., help="Recipe TOML file.", show_default=False),
+        recipe: Optional[Path] = typer.Argument(None, help="Recipe TOML file (not with --resume).",
+                                                show_default=False),
         inventory: Optional[Path] = typer.Option(
             None, "--inventory", "-i", help="Inventory TOML (default: a local testbed is created "
             "for the run and removed afterwards)."),
         out: Path = typer.Option(Path("results"), "--out", help="Parent folder of the run folder."),
         sets: list[str] = typer.Option([], "--set", help="Override a recipe key: key=value "
                                        "(e.g. workload.requests=5, sweep.links.rate='[\"2mbit\"]')."),
+        resume: Optional[Path] = typer.Option(
+            None, "--resume", help="Continue RUN_DIR (a run that stopped: controller crash, "
+            "Ctrl-C, error) after its last complete trial, with its own recipe; rows of the "
+            "unfinished trial are dropped first, so nothing is duplicated.", metavar="RUN_DIR"),
         fmt: Format = FormatOpt,
     ) -> None:
         """Run every trial of RECIPE; write results/<run-id>/ (manifest + CSVs)."""
+        from .errors import ConfigError
+
         _fmt(fmt)
-        rcp = load_recipe(recipe, sets)
+        if resume is not None:
+            if recipe is not None or sets:
+                raise ConfigError("--resume: takes no RECIPE or --set (the run's own recipe is used)")
+            rcp, inv_default = experiment.resume_plan(resume)
+            inventory = inventory or inv_default
+        elif recipe is None:
+            raise ConfigError("RECIPE: missing (or give --resume RUN_DIR)")
+        else:
+            rcp = load_recipe(recipe, sets)
         prog = RichProgress(err_console, fmt == Format.table)
-        res = experiment.run_recipe(rcp, inventory, out, prog)
+        res = experiment.run_recipe(rcp, inventory, out, prog, resume=resume)
         emit(fmt, res.to_dict(), _summary_table(res))
 
     @app.command("demo")

@@ -312,8 +312,12 @@ class Runner:
     """One run of a recipe (see the module docstring). Use :func:`run_recipe`."""
 
     def __init__(self, recipe: Recipe, inventory: Path | None, out: Path,
-                 progress: Progress | None = None, local_name: str | None = None) -> None:
+                 progress: Progress | None = None, local_name: str | None = None,
+                 resume: Path | None = None) -> None:
         self.recipe = recipe
+        self.resume = resume
+        #: (trial, repeat) pairs whose rows are all written (the manifest's ``completed``)
+        self.completed: set[tuple[int, int]] = set()
         self.inventory_path = inventory
         self.out = out
         self.progress = progress or Progress()
@@ -321,6 +325,8 @@ class Runner:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         self.run_id = f"{recipe.name}-{stamp}-{secrets.token_hex(2)}"
         self.run_dir = out / self.run_id
+        if resume is not None:
+            self.run_dir, self.out = resume, resume.parent
         self.t0 = time.monotonic()
         self.manifest: dict[str, Any] = {}
         self.requests_done = 0
@@ -332,17 +338,21 @@ class Runner:
 
     def run(self) -> RunResult:
         trials = self.recipe.trials()
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=False)
-        except OSError as e:
-            raise ConfigError(f"--out: {self.out}: cannot create the run folder: {e}") from None
-        self.manifest = {
-            "run_id": self.run_id, "status": "running", "error": None,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "ended": None,
-            "git_commit": git_commit(), "versions": package_versions(), "host": host_info(),
-            "recipe": self.recipe.to_dict(), "trials": [], "inventory": None, "model": None,
-            "links_before": None, "links_after": None, "clock_offsets": None,
-        }
+        if self.resume is not None:
+            self._prepare_resume()
+        else:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=False)
+            except OSError as e:
+                raise ConfigError(f"--out: {self.out}: cannot create the run folder: {e}") from None
+            self.manifest = {
+                "run_id": self.run_id, "status": "running", "error": None,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "ended": None,
+                "git_commit": git_commit(), "versions": package_versions(), "host": host_info(),
+                "recipe": self.recipe.to_dict(), "trials": [], "completed": [],
+                "local_testbed": self.inventory_path is None, "inventory": None, "model": None,
+                "links_before": None, "links_after": None, "clock_offsets": None,
+            }
         self._save_manifest()
         status, err = "failed", None
         try:
@@ -363,6 +373,35 @@ class Runner:
             self._save_manifest()
         return RunResult(self.run_dir, self.run_id, status, len(trials), self.requests_done, err,
                          self.summaries)
+
+    def _prepare_resume(self) -> None:
+        """Continue a run that stopped (controller crash, Ctrl-C, error): keep the rows of the
+        trials (and repeats) it completed, drop the rest, run what is left."""
+        self.manifest = read_manifest(self.run_dir)
+        self.run_id = str(self.manifest["run_id"])
+        self.completed = {(int(t), int(r)) for t, r in self.manifest.get("completed", [])}
+        reps = self.recipe.repeats
+        whole = {t for t, _ in self.completed
+                 if all((t, r) in self.completed for r in range(reps))}
+
+        def keep(row: Mapping[str, str]) -> bool:
+            if "trial" not in row:
+                return True
+            if "repeat" in row:
+                return (int(row["trial"]), int(row["repeat"])) in self.completed
+            return int(row["trial"]) in whole
+
+        dropped = {p.name: R.prune_rows(p, keep) for p in sorted(self.run_dir.glob("*.csv"))}
+        self.requests_done = len(R.read_csv(self.run_dir / R.REQUESTS))
+        self.summaries = R.read_csv(self.run_dir / R.SUMMARY)
+        self.manifest["trials"] = [t for t in self.manifest.get("trials", [])
+                                   if (t["trial"], t["repeat"]) in self.completed]
+        self.manifest.setdefault("resumed", []).append({
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "status_before": self.manifest.get("status"), "error_before": self.manifest.get("error"),
+            "completed": sorted(self.completed), "rows_dropped": dropped,
+            "git_commit": git_commit()})
+        self.manifest.update(status="running", error=None, ended=None)
 
     # main body ---------------------------------------------------------------------------
     def _run(self, trials: list[Trial], stack: contextlib.ExitStack) -> None:
@@ -489,7 +528,8 @@ class Runner:
         for t in trials:
             self.progress.trial(t.index, f"{t.policy} {t.label}")
             for rep in range(rec.repeats):
-                self._trial(t, rep)
+                if (t.index, rep) not in self.completed:
+                    self._trial(t, rep)
 
     def _local_testbed(self, stack: contextlib.ExitStack, devices: int) -> Path:
         from . import local
@@ -808,6 +848,10 @@ class Runner:
         summ = {**key, **summary_row(t_req_rows, t_layer_rows, t_call_rows)}
         self.tables["summary"].write(summ)
         self.summaries.append(summ)
+        # every row of this trial repeat is on disk: a resumed run keeps them
+        self.completed.add((t.index, rep))
+        self.manifest.setdefault("completed", []).append([t.index, rep])
+        self._save_manifest()
 
     # faults (testbed.faults) -----------------------------------------------------------------
     def _faults_before(self, t: Trial, key: Mapping[str, Any], names: Sequence[str],
@@ -926,7 +970,8 @@ class Runner:
 
 
 def run_recipe(recipe: Recipe, inventory: Path | None = None, out: Path = Path("results"),
-               progress: Progress | None = None, local_name: str | None = None) -> RunResult:
+               progress: Progress | None = None, local_name: str | None = None,
+               resume: Path | None = None) -> RunResult:
     """Run ``recipe``; returns the run's folder and status.
 
     Raises
@@ -936,8 +981,35 @@ def run_recipe(recipe: Recipe, inventory: Path | None = None, out: Path = Path("
     KeyboardInterrupt
         Re-raised after the manifest says ``interrupted`` and links are restored.
     """
-    return Runner(recipe, inventory, out, progress, local_name).run()
+    return Runner(recipe, inventory, out, progress, local_name, resume).run()
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / R.MANIFEST).read_text())
+
+
+def resume_plan(run_dir: Path) -> tuple[Recipe, Path | None]:
+    """The recipe (as the run resolved it) and inventory to continue ``run_dir`` with.
+
+    Raises
+    ------
+    ConfigError
+        When ``run_dir`` holds no manifest, or the run completed.
+    """
+    from .recipe import recipe_from_dict
+
+    try:
+        man = read_manifest(run_dir)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--resume: {run_dir}: no readable {R.MANIFEST} ({e})") from None
+    if man.get("status") == "completed":
+        raise ConfigError(f"--resume: {run_dir}: the run completed; nothing to resume")
+    rd = dict(man["recipe"])
+    path = Path(rd.pop("path"))
+    # the resolved recipe holds every default; unset optional keys are None there
+    raw = {t: ({k: v for k, v in body.items() if v is not None} if t != "sweep" else body)
+           for t, body in rd.items() if isinstance(body, dict)}
+    recipe = recipe_from_dict(raw, path)
+    inv = None if man.get("local_testbed") or not man.get("inventory") else \
+        Path(man["inventory"]["path"])
+    return recipe, inv

@@ -276,6 +276,26 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     os.replace(tmp, p)
 
 
+def prune_rows(path: str | os.PathLike[str], keep: Any) -> int:
+    """Rewrite a results CSV with only the rows ``keep(row)`` accepts (atomically: temp file +
+    rename); a row cut short by a crash is dropped too. Returns the number of rows dropped."""
+    p = Path(path)
+    with open(p, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        rows = list(reader)
+    kept = [r for r in rows if None not in r.values() and None not in r and keep(r)]
+    tmp = p.with_name(p.name + ".part")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=header)
+        w.writeheader()
+        w.writerows(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, p)
+    return len(rows) - len(kept)
+
+
 def read_csv(path: str | os.PathLike[str]) -> list[dict[str, str]]:
     """All rows of a results CSV as dicts of strings (empty file -> [])."""
     p = Path(path)
