@@ -9,7 +9,13 @@ import sys
 from device_agent.energy import METER_KINDS, MeterOptions, MeterUnavailable
 from device_agent.memtune import keep_large_buffers
 from device_agent.security import CurveKeyError
-from device_agent.server import DEFAULT_MAX_MESSAGE_BYTES, AgentServer, install_signal_handlers
+from device_agent.server import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_ROWS,
+    DEFAULT_MAX_TENSORS,
+    AgentServer,
+    install_signal_handlers,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="relative change that makes a hello go out (default 0.1)")
     s.add_argument("--hello-keepalive-s", type=float, default=10.0,
                    help="a hello goes out at least this often (0: only on a change)")
+    s.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS,
+                   help="most token rows in one tensor (more: error 7, too large)")
+    s.add_argument("--max-tensors", type=int, default=DEFAULT_MAX_TENSORS,
+                   help="most tensors (experts) in one forward request (more: error 7)")
     s.add_argument("--curve-dir", default=None,
                    help="CURVE keys: DIR/agent.key_secret (mode 0600) and DIR/authorized/*.key "
                    "(the clients allowed); without it the agent authenticates no one")
@@ -48,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if not a.cpu_core_w > 0:
         ap.error(f"--cpu-core-w must be positive, got {a.cpu_core_w}")
+    for flag in ("max_rows", "max_tensors", "max_message_bytes"):
+        if getattr(a, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
     if a.hello_s is not None and not a.hello_s > 0:
         ap.error(f"--hello-s must be positive, got {a.hello_s}")
     if a.hello_delta < 0 or a.hello_keepalive_s < 0:
@@ -66,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                              status_period_s=a.hello_s or a.status_period_s,
                              max_message_bytes=a.max_message_bytes, device=a.device,
                              threads=a.threads, ready_file=a.ready_file, meter=meter,
-                             curve_dir=a.curve_dir)
+                             curve_dir=a.curve_dir, max_rows=a.max_rows,
+                             max_tensors=a.max_tensors)
     except MeterUnavailable as e:
         print(f"error: --meter {a.meter}: {e}", file=sys.stderr)
         return 3

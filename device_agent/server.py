@@ -33,6 +33,9 @@ from device_agent.security import CurveServer, ServerKeys
 log = logging.getLogger("device_agent")
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 << 20
+#: most token rows in one tensor, and tensors (experts) in one forward request
+DEFAULT_MAX_ROWS = 1 << 16
+DEFAULT_MAX_TENSORS = 1024
 
 # plain ints: zmq's enum members make every flag operation a Python-level enum call
 _SNDMORE = int(zmq.SNDMORE)
@@ -162,6 +165,8 @@ class AgentServer:
         Written (JSON: endpoints, pid) once the sockets are bound; removed on exit.
     max_queue
         At most this many received requests wait in the agent's queue; more stay in ZeroMQ.
+    max_rows, max_tensors
+        A forward request with more tensors, or a tensor with more rows, gets ``TOO_LARGE``.
     meter
         Options of the energy meter opened with :func:`device_agent.energy.detect_meter`
         (``None``: every kind, in the standard order; the CPU-time estimate is the last
@@ -185,7 +190,10 @@ class AgentServer:
                  device: str = "auto", threads: int | None = None,
                  ready_file: str | os.PathLike[str] | None = None, max_queue: int = 256,
                  meter: MeterOptions | Meter | None = None,
-                 curve_dir: str | os.PathLike[str] | None = None) -> None:
+                 curve_dir: str | os.PathLike[str] | None = None,
+                 max_rows: int = DEFAULT_MAX_ROWS, max_tensors: int = DEFAULT_MAX_TENSORS) -> None:
+        self.max_rows = int(max_rows)
+        self.max_tensors = int(max_tensors)
         # keys first: a bad key file fails before any socket or meter exists
         self.curve_keys = ServerKeys.from_dir(curve_dir) if curve_dir is not None else None
         self.meter: Meter = meter if isinstance(meter, Meter) else detect_meter("/", meter)
@@ -380,6 +388,8 @@ class AgentServer:
         if not isinstance(descs, list):
             raise ProtocolError(ErrorCode.BAD_HEADER, "forward: 't' must be a list")
         n = len(descs)
+        if n > self.max_tensors:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"{n} tensors in one request > limit {self.max_tensors}")
         if n != len(body) - 1:
             raise ProtocolError(ErrorCode.BAD_FRAMES, f"{n} tensors declared, {len(body) - 1} frames sent")
         timeout_ms = h.get("timeout_ms")
@@ -412,6 +422,8 @@ class AgentServer:
                     raise ProtocolError(ErrorCode.UNKNOWN_EXPERT, f"expert {uid} is not loaded here")
                 if dt != e.io_dtype:
                     raise ProtocolError(ErrorCode.DTYPE_MISMATCH, f"{uid}: got {dt}, expert takes {e.io_dtype}")
+                if shape[0] > self.max_rows:
+                    raise ProtocolError(ErrorCode.TOO_LARGE, f"{uid}: {shape[0]} rows > limit {self.max_rows}")
                 if shape[1] != e.hidden_size:
                     raise ProtocolError(ErrorCode.SHAPE_MISMATCH,
                                         f"{uid}: got {list(shape)}, expert takes [n, {e.hidden_size}]")

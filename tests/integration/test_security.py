@@ -146,3 +146,64 @@ def test_open_secret_key_and_missing_authorized_keys_are_refused(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
         f"error: --curve-dir: {cdir / AUTHORIZED}: no authorized public key (*.key)"]
+
+
+def test_batch_and_tensor_bounds_and_path_confinement(tmp_path):
+    """Bounds from the command line: too many tensors or rows, a message over the byte limit,
+    paths out of the workdir (absolute, '..', a symlink out) — each refused with its code; the
+    agent then still serves an exact forward."""
+    from device_agent.protocol import ErrorCode
+
+    wd = tmp_path / "wd"
+    (wd / "experts").mkdir(parents=True)
+    (tmp_path / "outside.safetensors").write_bytes(b"x")
+    (wd / "experts" / "link.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    a = start_agent(LocalRunner(), device="d1", host="127.0.0.1", workdir=str(wd),
+                    extra_args=["--max-rows", "8", "--max-tensors", "2",
+                                "--max-message-bytes", "65536"])
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(a.endpoint)
+    rid = iter(range(1, 1000))
+
+    def ask(h: dict, frames: list[bytes] = ()) -> dict:
+        s.send_multipart([P.pack({"v": P.PROTOCOL_VERSION, "id": next(rid), **h}), *frames])
+        assert s.poll(10_000), "no reply"
+        return P.unpack(s.recv_multipart()[0])
+
+    try:
+        for u in ("L0.E0", "L0.E1", "L0.E2"):
+            r = ask({"op": "load", "experts": [{"uid": u, "builtin": "identity", "hidden": 4,
+                                                "io_dtype": "float32"}]})
+            assert r["code"] == 0, r
+
+        def fwd(rows: int, uids: list[str]) -> dict:
+            x = torch.zeros(rows, 4).numpy().tobytes()
+            return ask({"op": "forward", "layer": 0, "step": 0,
+                        "t": [[u, "float32", [rows, 4]] for u in uids]}, [x] * len(uids))
+
+        assert fwd(8, ["L0.E0", "L0.E1"])["code"] == 0
+        r = fwd(9, ["L0.E0"])  # per tensor: the reply names the expert and the code
+        assert r["code"] == 0 and r["t"] == [], r
+        assert r["errors"]["L0.E0"][0] == ErrorCode.TOO_LARGE and "9 rows > limit 8" in \
+            r["errors"]["L0.E0"][1], r
+        r = fwd(1, ["L0.E0", "L0.E1", "L0.E2"])
+        assert r["code"] == ErrorCode.TOO_LARGE and "3 tensors" in r["error"], r
+        big = ask({"op": "forward", "layer": 0, "step": 0, "t": [["L0.E0", "float32", [8, 4]]]},
+                  [b"\0" * 70_000])
+        assert big["code"] == ErrorCode.TOO_LARGE, big
+        for path in ("/etc/passwd", "../outside.safetensors", "experts/link.safetensors"):
+            r = ask({"op": "load", "experts": [{"uid": "L1.E0", "path": path}]})
+            assert r["loaded"] == [] and r["errors"]["L1.E0"][0] == ErrorCode.BAD_PATH, (path, r)
+        x = torch.arange(8.0).reshape(2, 4)
+        s.send_multipart([P.pack({"v": P.PROTOCOL_VERSION, "id": 999, "op": "forward", "layer": 0,
+                                  "step": 0, "t": [["L0.E1", "float32", [2, 4]]]}),
+                          x.numpy().tobytes()])
+        assert s.poll(10_000)
+        h, out = s.recv_multipart()
+        assert P.unpack(h)["code"] == 0 and out == x.numpy().tobytes()
+    finally:
+        s.close(0)
+        ctx.term()
+        stop_agent(a)
