@@ -5,6 +5,15 @@ error codes are in :mod:`device_agent.protocol`, the BS-side client is
 ``testbed.remote_backend``. This package never imports ``testbed``.
 """
 
-from device_agent.protocol import PROTOCOL_VERSION, ErrorCode
+from typing import Any
 
 __all__ = ["PROTOCOL_VERSION", "ErrorCode"]
+
+
+def __getattr__(name: str) -> Any:
+    # lazily: importing a light submodule (security, energy) must not pull in torch
+    if name in __all__:
+        from device_agent import protocol
+
+        return getattr(protocol, name)
+    raise AttributeError(f"module 'device_agent' has no attribute {name!r}")
