@@ -30,15 +30,16 @@ requests = {requests}
 [run]
 timeout_s = {timeout}
 [sweep]
-"links.rate" = ["1mbit", "100mbit"]
+"links.rate" = {rates}
 "policy.name" = {policies}
 """
 
 
 def _recipe(tmp_path: Path, requests: int = 5, timeout: float = 5.0,
-            policies: str = '["topk", "top1"]', name: str = "r.toml") -> Path:
+            policies: str = '["topk", "top1"]', name: str = "r.toml",
+            rates: str = '["1mbit", "100mbit"]') -> Path:
     p = tmp_path / name
-    p.write_text(RECIPE.format(requests=requests, timeout=timeout, policies=policies))
+    p.write_text(RECIPE.format(requests=requests, timeout=timeout, policies=policies, rates=rates))
     return p
 
 
@@ -84,7 +85,11 @@ def test_provision_run_sweep_results_and_down(state_dir, tmp_path):
         before = _tc_rates(inv)
 
         out = tmp_path / "results"
-        res = _cli(env, "run", str(_recipe(tmp_path)), "--inventory", str(inv), "--out", str(out),
+        # the tiny model's messages (256 B a token) fit in the tc bucket (2 ms of the rate, at
+        # least 2 frames = 3 kB) at 1 Mbit/s and pass at line speed while it refills in time;
+        # at 300 kbit/s the bucket runs dry within a step and the link's rate shows
+        res = _cli(env, "run", str(_recipe(tmp_path, rates='["300kbit", "100mbit"]')), "--inventory",
+                   str(inv), "--out", str(out),
                    "--format", "json")
         assert res.returncode == 0, res.stderr
         summary = json.loads(res.stdout)
@@ -94,7 +99,7 @@ def test_provision_run_sweep_results_and_down(state_dir, tmp_path):
         man = json.loads((run_dir / R.MANIFEST).read_text())
         assert man["status"] == "completed" and man["error"] is None and man["git_commit"]
         assert man["links_before"]["links"] and man["links_after"]["links"]
-        assert {t["links_enforced"][0]["down_kbit"] for t in man["trials"]} == {1000.0, 100000.0}
+        assert {t["links_enforced"][0]["down_kbit"] for t in man["trials"]} == {300.0, 100000.0}
         assert set(man["clock_offsets"]) == {"dev1", "dev2", "dev3"}
         # links are restored to what they were before the run
         assert _tc_rates(inv) == before
@@ -112,7 +117,7 @@ def test_provision_run_sweep_results_and_down(state_dir, tmp_path):
         layers = R.read_csv(run_dir / R.LAYERS)
         assert len(reqs) == 4 * 5  # one row per request: 2 rates x 2 policies x 5 requests
         assert {(r["policy"], r["sweep.links.rate"]) for r in reqs} == \
-            {(p, r) for p in ("topk", "top1") for r in ("1mbit", "100mbit")}
+            {(p, r) for p in ("topk", "top1") for r in ("300kbit", "100mbit")}
         # one row per expert call, and they add up to the requests' counts
         per_req: dict[tuple, int] = {}
         for c in calls:
@@ -131,7 +136,7 @@ def test_provision_run_sweep_results_and_down(state_dir, tmp_path):
             ls = [x for x in layers if x["sweep.links.rate"] == rate and x["critical_path_ms"]]
             return sum(float(x["critical_network_ms"]) for x in ls) / sum(float(x["critical_path_ms"]) for x in ls)
 
-        slow, fast = share("1mbit"), share("100mbit")
+        slow, fast = share("300kbit"), share("100mbit")
         assert slow > fast, (slow, fast)
         summ = R.read_csv(run_dir / R.SUMMARY)
         assert len(summ) == 4 and all(int(s["requests"]) == 5 for s in summ)
