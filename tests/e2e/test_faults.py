@@ -28,10 +28,10 @@ name = "topk"
 rate = "20mbit"
 [workload]
 task = "tiny"
-requests = 14
+requests = 30
 [run]
 timeout_s = 1.0
-down_backoff_s = 0.3
+down_backoff_s = 0.2
 [faults]
 events = [
   { at_request = 2, device = "dev2", action = "kill" },
@@ -60,7 +60,7 @@ def test_faults_are_survived_and_recorded(state_dir, tmp_path):
         assert res.returncode == 0, res.stderr
         run_dir = Path(json.loads(res.stdout)["run_dir"])
         man = json.loads((run_dir / R.MANIFEST).read_text())
-        assert man["status"] == "completed" and man["requests_done"] == 14
+        assert man["status"] == "completed" and man["requests_done"] == 30
 
         faults = R.read_csv(run_dir / R.FAULTS)
         assert [(f["fault"], f["event"], int(f["request"]), f["ok"]) for f in faults] == [
@@ -76,7 +76,7 @@ def test_faults_are_survived_and_recorded(state_dir, tmp_path):
         assert "2/2 kbit/s" in faults[5]["detail"] and "trial's rate" in faults[6]["detail"]
 
         reqs = {int(r["request"]): r for r in R.read_csv(run_dir / R.REQUESTS)}
-        assert sorted(reqs) == list(range(14))
+        assert sorted(reqs) == list(range(30))
         calls = R.read_csv(run_dir / R.CALLS)
 
         def on(dev: str, request: int) -> list[dict]:
@@ -98,10 +98,13 @@ def test_faults_are_survived_and_recorded(state_dir, tmp_path):
         # the cut link: dev3's calls cannot make it in time
         assert "f3-link-dev3" in reqs[9]["faults"]
         assert any(c["status"] in FAILED for r in (9, 10) for c in on("dev3", r))
-        # and at the end all three devices serve every call again
-        last = [c for c in calls if int(c["request"]) == 13]
+        # and at the end all three devices serve every call again (after the cut, packets queued
+        # in tc and TCP's retransmission back-off can still time out a call or two, and the
+        # device then sits out run.down_backoff_s: the last requests are well past that)
+        last = [c for c in calls if int(c["request"]) >= 27]
         assert {c["device"] for c in last} == {"dev1", "dev2", "dev3"}
-        assert all(c["status"] == "ok" for c in last) and reqs[13]["faults"] == ""
+        assert all(c["status"] == "ok" for c in last), [c for c in last if c["status"] != "ok"]
+        assert all(reqs[i]["faults"] == "" and reqs[i]["status"] == "ok" for i in (27, 28, 29))
         # links back to the trial's rate after the cut, as tc reports it
         rates = [{(s["device"], s["down_kbit"], s["up_kbit"]) for s in man[k]["links"]}
                  for k in ("links_before", "links_after")]
