@@ -281,6 +281,20 @@ def rows_for_request(records: Sequence[Any], key: Mapping[str, Any], step_start:
     return layer_rows, call_rows, tot
 
 
+def _layer_total(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+    """One request's layer rows summed as :func:`testbed.report.summary_row` sums them (the
+    critical path and its network part, over the layers that have both)."""
+    path = net = 0.0
+    seen = False
+    for r in rows:
+        p, n = r.get("critical_path_ms"), r.get("critical_network_ms")
+        if p is not None and n is not None and p != "" and n != "":
+            path += float(p)
+            net += float(n)
+            seen = True
+    return {"critical_path_ms": path if seen else None, "critical_network_ms": net if seen else None}
+
+
 # ---- the run ------------------------------------------------------------------------------
 @dataclass
 class RunResult:
@@ -801,9 +815,15 @@ class Runner:
                           if trace else None)
         self.bsm.policy = self._hook(policy, cluster, plan)
         reqs = make_workload(t, self.mf, rec.seed + rep)
+        # what the trial's summary needs, kept small (a long trial has ~10^5 call rows, all on
+        # disk already): request rows, one layer total per request, one shared dict per call
+        # status; and the full rows of the requests since the last update() (migration stats)
         t_req_rows: list[dict] = []
         t_layer_rows: list[dict] = []
         t_call_rows: list[dict] = []
+        status_rows: dict[str, dict] = {}
+        win_layers: list[dict] = []
+        win_calls: list[dict] = []
         from . import migration as mig
 
         every = int(t.config["run"].get("update_every") or 0)
@@ -814,9 +834,11 @@ class Runner:
             events += mig.apply_events(self, t, q.index, cluster, rates, str(rec.path))
             if every and q.index and q.index % every == 0:
                 lo = q.index - win   # the requests since the last update
-                stats = mig.window_stats([c for c in t_call_rows if c["request"] >= lo],
-                                         [r for r in t_layer_rows if r["request"] >= lo],
+                stats = mig.window_stats([c for c in win_calls if c["request"] >= lo],
+                                         [r for r in win_layers if r["request"] >= lo],
                                          win, q.index)
+                win_calls.clear()
+                win_layers.clear()
                 new = mig.run_update(self, policy, cluster, placement, stats, key, q.index)
                 if new is not None:
                     placement = new
@@ -830,8 +852,12 @@ class Runner:
             self.tables["calls"].write_many(crows)
             self.tables["requests"].write(row)
             t_req_rows.append(row)
-            t_layer_rows.extend(lrows)
-            t_call_rows.extend(crows)
+            t_layer_rows.append(_layer_total(lrows))
+            t_call_rows.extend(status_rows.setdefault(str(c["status"]), {"status": c["status"]})
+                               for c in crows)
+            if every:
+                win_layers.extend(lrows)
+                win_calls.extend(crows)
             self.requests_done += 1
             win = win + 1 if every else 0
             self.progress.request()

@@ -88,6 +88,11 @@ AGENT_SOURCES = ("device_agent", "models")
 REUSE_PTH = "moe_testbed_reuse.pth"
 HASH_CACHE = ".sha256.json"
 STATUS_PERIOD_S = 0.5
+#: perception (CoEL's hello, device_agent.hello): the agent looks at its status every
+#: STATUS_PERIOD_S and publishes it only when a value moved by more than HELLO_DELTA, or when
+#: HELLO_KEEPALIVE_S (T_hello) passed without a message
+HELLO_DELTA = 0.1
+HELLO_KEEPALIVE_S = 2.0
 
 
 class ProvisionError(TestbedError):
@@ -387,7 +392,8 @@ def agent_argv(device: Device, lay: Layout, curve: bool = True) -> list[str]:
     port = str(device.agent_port) if device.agent_port else "*"
     argv = [lay.venv_python, "-m", "device_agent", "serve", "--bind", f"tcp://{addr}:{port}",
             "--workdir", lay.workdir, "--ready-file", lay.ready, "--pub", f"tcp://{addr}:*",
-            "--status-period-s", f"{STATUS_PERIOD_S:g}"]
+            "--hello-s", f"{STATUS_PERIOD_S:g}", "--hello-delta", f"{HELLO_DELTA:g}",
+            "--hello-keepalive-s", f"{HELLO_KEEPALIVE_S:g}"]
     if curve:
         argv += ["--curve-dir", lay.curve]
     if device.hw_class == "netns":

@@ -153,6 +153,9 @@ def test_agent_argv_binds_the_device_address_and_is_recognised_as_ours():
     assert "--threads" not in argv and "--meter" not in argv  # a real device: auto-detected
     assert argv[argv.index("--curve-dir") + 1] == "/w/curve"  # CURVE unless told otherwise
     assert "--curve-dir" not in agent_argv(DEV, lay, curve=False)
+    # perception: status published on a >10% move, at least every 2 s (CoEL's hello)
+    assert argv[argv.index("--hello-s") + 1] == "0.5" and argv[argv.index("--hello-delta") + 1] == "0.1"
+    assert argv[argv.index("--hello-keepalive-s") + 1] == "2"
     assert agent_is_ours(argv, lay) and not agent_is_ours(argv, Layout("/other"))
     assert not agent_is_ours(None, lay) and not agent_is_ours(["sleep", "/w/agent.ready.json"], lay)
     ns = agent_argv(replace(DEV, hw_class="netns", agent_port=5555), lay)
