@@ -44,6 +44,30 @@ def state_dir(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def cli_testbed(state_dir, tmp_path):
+    """Factory for end-to-end tests: ``cli_testbed(devices=3, prefix="t")`` runs ``testbed
+    local up`` through the CLI and returns (env, name, inventory path); after the test each one
+    is taken down through ``testbed local down``, which must succeed and leave nothing behind."""
+    made: list[tuple[dict, str]] = []
+
+    def make(devices: int = 3, prefix: str = "t"):
+        env = {"TESTBED_STATE_DIR": str(state_dir)}
+        name = unique_name(prefix)
+        inv = tmp_path / f"{name}.inventory.toml"
+        made.append((env, name))
+        up = run_cli("local", "up", "--devices", str(devices), "--name", name,
+                     "--inventory-out", str(inv), env=env, timeout=120)
+        assert up.returncode == 0, up.stderr
+        return env, name, inv
+
+    yield make
+    for env, name in made:
+        down = run_cli("local", "down", "--name", name, env=env, timeout=120)
+        assert down.returncode == 0, down.stderr
+        assert leftovers(name) == {"netns": [], "links": [], "processes": []}
+
+
+@pytest.fixture
 def make_testbed(state_dir, tmp_path):
     """Factory: ``make_testbed(devices=3, rate_kbit=8000)`` → (name, inventory path).
     Every testbed made is torn down after the test, whatever happened."""

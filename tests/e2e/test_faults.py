@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from testbed import results as R
-from tests.conftest import leftovers, needs_testbed, run_cli, unique_name
+from tests.conftest import needs_testbed, run_cli
 
 pytestmark = [needs_testbed, pytest.mark.root]
 
@@ -44,79 +44,69 @@ events = [
 FAILED = {"timeout", "unreachable", "skipped", "error"}
 
 
-def test_faults_are_survived_and_recorded(state_dir, tmp_path):
-    env = {"TESTBED_STATE_DIR": str(state_dir)}
-    name = unique_name("f")
-    inv = tmp_path / f"{name}.inventory.toml"
-    up = run_cli("local", "up", "--devices", "3", "--name", name, "--inventory-out", str(inv),
-                 env=env, timeout=120)
-    assert up.returncode == 0, up.stderr
-    try:
-        recipe = tmp_path / "faults.toml"
-        recipe.write_text(RECIPE)
-        out = tmp_path / "results"
-        res = run_cli("run", str(recipe), "--inventory", str(inv), "--out", str(out),
-                      "--format", "json", env=env, timeout=600)
-        assert res.returncode == 0, res.stderr
-        run_dir = Path(json.loads(res.stdout)["run_dir"])
-        man = json.loads((run_dir / R.MANIFEST).read_text())
-        assert man["status"] == "completed" and man["requests_done"] == 30
+def test_faults_are_survived_and_recorded(cli_testbed, tmp_path):
+    env, _, inv = cli_testbed(3, "f")
+    recipe = tmp_path / "faults.toml"
+    recipe.write_text(RECIPE)
+    out = tmp_path / "results"
+    res = run_cli("run", str(recipe), "--inventory", str(inv), "--out", str(out),
+                  "--format", "json", env=env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    run_dir = Path(json.loads(res.stdout)["run_dir"])
+    man = json.loads((run_dir / R.MANIFEST).read_text())
+    assert man["status"] == "completed" and man["requests_done"] == 30
 
-        faults = R.read_csv(run_dir / R.FAULTS)
-        assert [(f["fault"], f["event"], int(f["request"]), f["ok"]) for f in faults] == [
-            ("f0-kill-dev2", "injected", 2, "1"),
-            ("f1-restart-dev2", "injected", 5, "1"),
-            ("f0-kill-dev2", "cleared", 5, "1"),
-            ("f2-stop-dev1", "injected", 6, "1"),
-            ("f2-stop-dev1", "cleared", 8, "1"),
-            ("f3-link-dev3", "injected", 9, "1"),
-            ("f3-link-dev3", "cleared", 11, "1"),
-        ], faults
-        assert "SIGKILL" in faults[0]["detail"] and "SIGSTOP" in faults[3]["detail"]
-        assert "2/2 kbit/s" in faults[5]["detail"] and "trial's rate" in faults[6]["detail"]
+    faults = R.read_csv(run_dir / R.FAULTS)
+    assert [(f["fault"], f["event"], int(f["request"]), f["ok"]) for f in faults] == [
+        ("f0-kill-dev2", "injected", 2, "1"),
+        ("f1-restart-dev2", "injected", 5, "1"),
+        ("f0-kill-dev2", "cleared", 5, "1"),
+        ("f2-stop-dev1", "injected", 6, "1"),
+        ("f2-stop-dev1", "cleared", 8, "1"),
+        ("f3-link-dev3", "injected", 9, "1"),
+        ("f3-link-dev3", "cleared", 11, "1"),
+    ], faults
+    assert "SIGKILL" in faults[0]["detail"] and "SIGSTOP" in faults[3]["detail"]
+    assert "2/2 kbit/s" in faults[5]["detail"] and "trial's rate" in faults[6]["detail"]
 
-        reqs = {int(r["request"]): r for r in R.read_csv(run_dir / R.REQUESTS)}
-        assert sorted(reqs) == list(range(30))
-        calls = R.read_csv(run_dir / R.CALLS)
+    reqs = {int(r["request"]): r for r in R.read_csv(run_dir / R.REQUESTS)}
+    assert sorted(reqs) == list(range(30))
+    calls = R.read_csv(run_dir / R.CALLS)
 
-        def on(dev: str, request: int) -> list[dict]:
-            return [c for c in calls if c["device"] == dev and int(c["request"]) == request]
+    def on(dev: str, request: int) -> list[dict]:
+        return [c for c in calls if c["device"] == dev and int(c["request"]) == request]
 
-        # before any fault: everything served
-        assert all(c["status"] == "ok" for c in calls if int(c["request"]) < 2)
-        assert reqs[0]["faults"] == "" and reqs[0]["status"] == "ok"
-        # the kill: dev2's calls fail (dropped and renormalised: the request is degraded)
-        assert "f0-kill-dev2" in reqs[2]["faults"] and reqs[2]["status"] == "degraded"
-        dead = [c for r in (2, 3, 4) for c in on("dev2", r)]
-        assert dead and {c["status"] for c in dead} <= FAILED, dead
-        assert all(c["faults"] == reqs[int(c["request"])]["faults"] for c in dead)
-        # restarted before request 5: dev2 serves again, with its experts reloaded
-        assert on("dev2", 5) and all(c["status"] == "ok" for c in on("dev2", 5))
-        # the stop: dev1's calls time out while it is stopped
-        assert "f2-stop-dev1" in reqs[6]["faults"]
-        assert any(c["status"] == "timeout" for r in (6, 7) for c in on("dev1", r))
-        # the cut link: dev3's calls cannot make it in time
-        assert "f3-link-dev3" in reqs[9]["faults"]
-        assert any(c["status"] in FAILED for r in (9, 10) for c in on("dev3", r))
-        # and at the end all three devices serve every call again (after the cut, packets queued
-        # in tc and TCP's retransmission back-off can still time out a call or two, and the
-        # device then sits out run.down_backoff_s: the last requests are well past that)
-        last = [c for c in calls if int(c["request"]) >= 27]
-        assert {c["device"] for c in last} == {"dev1", "dev2", "dev3"}
-        assert all(c["status"] == "ok" for c in last), [c for c in last if c["status"] != "ok"]
-        assert all(reqs[i]["faults"] == "" and reqs[i]["status"] == "ok" for i in (27, 28, 29))
-        # links back to the trial's rate after the cut, as tc reports it
-        rates = [{(s["device"], s["down_kbit"], s["up_kbit"]) for s in man[k]["links"]}
-                 for k in ("links_before", "links_after")]
-        assert rates[0] == rates[1] and len(rates[0]) == 3
+    # before any fault: everything served
+    assert all(c["status"] == "ok" for c in calls if int(c["request"]) < 2)
+    assert reqs[0]["faults"] == "" and reqs[0]["status"] == "ok"
+    # the kill: dev2's calls fail (dropped and renormalised: the request is degraded)
+    assert "f0-kill-dev2" in reqs[2]["faults"] and reqs[2]["status"] == "degraded"
+    dead = [c for r in (2, 3, 4) for c in on("dev2", r)]
+    assert dead and {c["status"] for c in dead} <= FAILED, dead
+    assert all(c["faults"] == reqs[int(c["request"])]["faults"] for c in dead)
+    # restarted before request 5: dev2 serves again, with its experts reloaded
+    assert on("dev2", 5) and all(c["status"] == "ok" for c in on("dev2", 5))
+    # the stop: dev1's calls time out while it is stopped
+    assert "f2-stop-dev1" in reqs[6]["faults"]
+    assert any(c["status"] == "timeout" for r in (6, 7) for c in on("dev1", r))
+    # the cut link: dev3's calls cannot make it in time
+    assert "f3-link-dev3" in reqs[9]["faults"]
+    assert any(c["status"] in FAILED for r in (9, 10) for c in on("dev3", r))
+    # and at the end all three devices serve every call again (after the cut, packets queued
+    # in tc and TCP's retransmission back-off can still time out a call or two, and the
+    # device then sits out run.down_backoff_s: the last requests are well past that)
+    last = [c for c in calls if int(c["request"]) >= 27]
+    assert {c["device"] for c in last} == {"dev1", "dev2", "dev3"}
+    assert all(c["status"] == "ok" for c in last), [c for c in last if c["status"] != "ok"]
+    assert all(reqs[i]["faults"] == "" and reqs[i]["status"] == "ok" for i in (27, 28, 29))
+    # links back to the trial's rate after the cut, as tc reports it
+    rates = [{(s["device"], s["down_kbit"], s["up_kbit"]) for s in man[k]["links"]}
+             for k in ("links_before", "links_after")]
+    assert rates[0] == rates[1] and len(rates[0]) == 3
 
-        rep = run_cli("report", str(run_dir), "--format", "json", env=env, timeout=120)
-        assert rep.returncode == 0, rep.stderr
-        fr = json.loads(rep.stdout)["faults"]
-        kill = next(f for f in fr if f["fault"] == "f0-kill-dev2")
-        assert kill["requests_during"] == 3 and kill["calls_failed_during"] >= len(dead)
-        assert kill["accuracy_after"] is not None and kill["latency_p50_during_ms"] > 0
-    finally:
-        down = run_cli("local", "down", "--name", name, env=env, timeout=120)
-        assert down.returncode == 0, down.stderr
-    assert leftovers(name) == {"netns": [], "links": [], "processes": []}
+    rep = run_cli("report", str(run_dir), "--format", "json", env=env, timeout=120)
+    assert rep.returncode == 0, rep.stderr
+    fr = json.loads(rep.stdout)["faults"]
+    kill = next(f for f in fr if f["fault"] == "f0-kill-dev2")
+    assert kill["requests_during"] == 3 and kill["calls_failed_during"] >= len(dead)
+    assert kill["accuracy_after"] is not None and kill["latency_p50_during_ms"] > 0

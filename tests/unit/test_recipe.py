@@ -94,7 +94,8 @@ def test_packaged_compare_recipe_is_valid():
     r = load_recipe(ROOT / "recipes" / "compare.toml")
     pols = {t.policy for t in r.trials()}
     cells = {t.config["links"]["bandwidth_mhz"] for t in r.trials()}
-    assert pols == {"topk", "top1", "wdmoe"} and len(cells) == 2 and r.model_spec() == "tiny"
+    assert pols == {"topk", "top1", "wdmoe", "coel"} and len(cells) == 2 and r.model_spec() == "tiny"
+    assert r.config["run"]["memory_budget_mb"] == 0.15  # CoEL must spread and compress the experts
 
 
 def test_packaged_wdmoe_recipe_sweeps_bandwidth_devices_and_policies():
