@@ -5,6 +5,8 @@
     [testbed]
     name = "lab"
     known_hosts = "lab.known_hosts"   # relative paths resolve against this file's folder
+    security = "curve"                # data plane: CURVE, only the BS's key accepted ("none": off)
+    keys_dir = "lab.keys"             # the controller's CURVE keys (default <inventory stem>.keys)
 
     [bs]                      # the base station: runs the gating side, shapes every link
     name = "bs"
