@@ -56,6 +56,11 @@ def test_good_inventory_loads(tmp_path, key):
     assert inv.devices[1].ssh_port == 2222 and inv.devices[1].ssh_key is None
     assert inv.devices[0].ssh_key == str(key)
     assert inv.bs.local and inv.bs.ifb == "ifb-tb0"
+    # CURVE by default, keys beside the inventory; a relative keys_dir resolves against it
+    assert inv.security == "curve" and inv.curve_dir() == tmp_path / "inv.keys"
+    other = load_inventory(write(tmp_path, GOOD.replace('name = "lab"', 'name = "lab"\n'
+                                                        'security = "none"\nkeys_dir = "k"'), key))
+    assert other.security == "none" and other.curve_dir() == tmp_path / "k"
     # round trip through the renderer used by `local up`
     again = tmp_path / "again.toml"
     again.write_text(render_inventory("lab", str(key), inv.bs, list(inv.devices)))
@@ -108,6 +113,8 @@ def test_cli_bad_inventory_exit_2_one_line_each(tmp_path, key):
                          '"/usr/bin/python3"\nhw_class = "orin-nx"'), "devices[1].workdir"),
     (lambda s: s + "\n[extra]\nx = 1\n", "extra"),
     (lambda s: s.replace("[bs]", "[bs]\nlocal = false"), "bs.ssh_user"),
+    (lambda s: s.replace('name = "lab"', 'name = "lab"\nsecurity = "tls"'), "testbed.security"),
+    (lambda s: s.replace('name = "lab"', 'name = "lab"\nkeys_dir = 3'), "testbed.keys_dir"),
 ])
 def test_single_problems(tmp_path, key, mutate, field):
     p = write(tmp_path, mutate(GOOD), key)
