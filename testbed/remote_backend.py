@@ -50,6 +50,7 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _NB_MORE = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
+_POLLOUT = int(zmq.POLLOUT)
 _RCVTIMEO = int(zmq.RCVTIMEO)
 _POLL_ITEM = int(zmq.POLLIN)
 #: dtypes whose CPU tensors numpy views directly (bfloat16 goes through P.tensor_buffer)
@@ -99,6 +100,7 @@ class _Agent:
     failures: int = 0
     rcvtimeo: int = -1  #: the socket's RCVTIMEO as last set (the one-device wait blocks in recv)
     energy_source: str | None = None  #: the agent's meter label (its status), set by connect()
+    renewed: bool = False  #: the connection was renewed (reconnect) and has carried no call yet
 
 
 @dataclass(slots=True)
@@ -148,6 +150,10 @@ class RemoteExpertBackend:
         self._ids = itertools.count(1)
         self._by_sock: dict[zmq.Socket, _Agent] = {}
         self.stale_replies = 0
+        #: device -> connections renewed after a timeout (:meth:`reconnect`)
+        self.reconnects: dict[str, int] = {}
+        #: how long the first call on a renewed connection waits for its handshake
+        self._renew_wait_ms = int(min(self.timeout_s, 0.5) * 1e3)
         for name, ep in agents.items():
             self.add_agent(name, ep)
 
@@ -169,6 +175,21 @@ class RemoteExpertBackend:
         a = _Agent(name, endpoint, s)
         self.agents[name] = a
         self._by_sock[s] = a
+
+    def reconnect(self, name: str) -> None:
+        """Replace the connection to ``name`` by a fresh one, keeping what is known of the agent
+        (the Lazy Pirate pattern). After a timeout the old TCP connection may sit in its
+        retransmission back-off for many seconds (seen here after a link was cut to 2 kbit/s:
+        calls kept timing out for 20 s once the rate was back), and whatever it still queues
+        is stale; a new connection starts with a fresh back-off."""
+        old = self.agents[name]
+        self.remove_agent(name)
+        self.add_agent(name, old.endpoint)
+        new = self.agents[name]
+        new.clock, new.down_until, new.failures = old.clock, old.down_until, old.failures
+        new.energy_source = old.energy_source
+        new.renewed = True  # its first call waits a little for the handshake (not for a dead peer)
+        self.reconnects[name] = self.reconnects.get(name, 0) + 1
 
     def remove_agent(self, name: str) -> None:
         """Close the connection to ``name`` and forget it (its experts then fail or re-route)."""
@@ -368,7 +389,15 @@ class RemoteExpertBackend:
                     send = a.sock.send
                     # no empty delimiter (the agent's ROUTER takes [header, frames...] from a DEALER);
                     # the first part fails at once (zmq.Again) when there is no live connection
-                    send(hb, _NB_MORE)
+                    try:
+                        send(hb, _NB_MORE)
+                    except zmq.Again:
+                        # a connection renewed after a timeout may still be in its handshake
+                        if not (a.renewed and a.sock.poll(self._renew_wait_ms, _POLLOUT)):
+                            raise
+                        send(hb, _NB_MORE)
+                    if a.renewed:
+                        a.renewed = False
                     last = len(bufs) - 1
                     for i, b in enumerate(bufs):
                         # pyzmq's own policy, as the raw echo baseline's: copied below
@@ -453,7 +482,11 @@ class RemoteExpertBackend:
                 for rid in [r for r, c in pending.items() if c.deadline <= now]:
                     call = pending.pop(rid)
                     self._mark_down(call.device)
-                    fail(call, call.uids, "timeout", f"no reply within {self.timeout_s:g} s")
+                    if call.device in self.agents and not any(
+                            c.device == call.device for c in pending.values()):
+                        self.reconnect(call.device)
+                    fail(call, call.uids, "timeout", f"no reply within {self.timeout_s:g} s "
+                         "(connection renewed)")
 
         rerouted = {u: d for u, d in served_by.items() if self.placement.get(u, [d])[0] != d}
         return LayerResult(outputs, failed, {"wall_s": time.perf_counter() - t_start, "calls": calls,

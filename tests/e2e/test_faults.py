@@ -37,7 +37,7 @@ events = [
   { at_request = 2, device = "dev2", action = "kill" },
   { at_request = 5, device = "dev2", action = "restart" },
   { at_request = 6, device = "dev1", action = "stop", until_request = 8 },
-  { at_request = 9, device = "dev3", action = "link", rate = "2kbit", for_requests = 2 },
+  { at_request = 9, device = "dev3", action = "link", rate = "24kbit", for_requests = 2 },
 ]
 """
 
@@ -67,7 +67,7 @@ def test_faults_are_survived_and_recorded(cli_testbed, tmp_path):
         ("f3-link-dev3", "cleared", 11, "1"),
     ], faults
     assert "SIGKILL" in faults[0]["detail"] and "SIGSTOP" in faults[3]["detail"]
-    assert "2/2 kbit/s" in faults[5]["detail"] and "trial's rate" in faults[6]["detail"]
+    assert "24/24 kbit/s" in faults[5]["detail"] and "trial's rate" in faults[6]["detail"]
 
     reqs = {int(r["request"]): r for r in R.read_csv(run_dir / R.REQUESTS)}
     assert sorted(reqs) == list(range(30))

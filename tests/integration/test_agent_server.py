@@ -393,3 +393,35 @@ def test_asked_for_meter_missing_one_line_error(tmp_path):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --meter tegrastats: ") \
         and "tegrastats not found on PATH" in lines[0], lines
+
+
+def test_timeout_renews_the_connection_and_the_agent_serves_after(agents):
+    """A stopped agent (SIGSTOP): the call times out, the backend replaces its connection (Lazy
+    Pirate) keeping the clock estimate; resumed (SIGCONT), the agent answers on the new one and
+    the old request's late reply never surfaces."""
+    import os
+    import signal
+
+    a = agents()
+    be = RemoteExpertBackend({"a1": a.endpoint}, {"L0.E2": ["a1"]}, timeout_s=0.5,
+                             down_backoff_s=0.0)
+    try:
+        be.connect()
+        be.load_experts("a1", [{"uid": "L0.E2", "builtin": "identity", "hidden": HIDDEN,
+                                "io_dtype": "float16"}])
+        clock, sock = be.agents["a1"].clock, be.agents["a1"].sock
+        x = torch.randn(4, HIDDEN).half()
+        os.kill(a.pid, signal.SIGSTOP)
+        try:
+            res = be.run_layer(LayerWork(0, 0, {"L0.E2": x}))
+        finally:
+            os.kill(a.pid, signal.SIGCONT)
+        assert "L0.E2" in res.failed and res.info["calls"][0]["status"] == "timeout"
+        assert "connection renewed" in res.info["calls"][0]["reason"]
+        assert be.reconnects == {"a1": 1} and be.agents["a1"].sock is not sock
+        assert be.agents["a1"].clock is clock
+        res = be.run_layer(LayerWork(0, 1, {"L0.E2": x}))
+        assert not res.failed and torch.equal(res.outputs["L0.E2"], x)
+        assert be.stale_replies == 0  # the stopped request's reply went to the closed socket
+    finally:
+        be.close()
