@@ -282,16 +282,11 @@ def rows_for_request(records: Sequence[Any], key: Mapping[str, Any], step_start:
 
 
 def _layer_total(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
-    """One request's layer rows summed as :func:`testbed.report.summary_row` sums them (the
-    critical path and its network part, over the layers that have both)."""
-    path = net = 0.0
-    seen = False
-    for r in rows:
-        p, n = r.get("critical_path_ms"), r.get("critical_network_ms")
-        if p is not None and n is not None and p != "" and n != "":
-            path += float(p)
-            net += float(n)
-            seen = True
+    """One request's layer rows as one row that :func:`testbed.report.summary_row` sums the
+    same (the critical path and its network part, over the layers that have both)."""
+    from .report import critical_sums
+
+    path, net, seen = critical_sums(rows)
     return {"critical_path_ms": path if seen else None, "critical_network_ms": net if seen else None}
 
 
@@ -887,7 +882,7 @@ class Runner:
         events = t.config["faults"]["events"]
         if not events:
             return set()
-        if index == 0 or self.injector is None:
+        if self.injector is None:  # the trial's first request (finished at every trial's end)
             faults = parse_faults(events)
             bad = check_devices(faults, names, str(self.recipe.path))
             if bad:

@@ -59,6 +59,18 @@ class Fault:
     rate_kbit: float = 8.0
 
 
+def _check_number(ev: Mapping[str, Any], key: str, where: str, *, integer: bool, least: float,
+                  strict: bool = False) -> None:
+    """``ev[key]``, when present, is an int (or any number) >= ``least`` (> when ``strict``)."""
+    v = ev.get(key)
+    if v is None:
+        return
+    kinds = int if integer else (int, float)
+    if isinstance(v, bool) or not isinstance(v, kinds) or v < least or (strict and v == least):
+        what = "an integer" if integer else "a number"
+        raise ValueError(f"{where}.{key}: must be {what} {'>' if strict else '>='} {least:g}, got {v!r}")
+
+
 def parse_faults(value: Any) -> list[Fault]:
     """Check ``[faults].events``; raises ValueError naming the entry and key. Pure."""
     if not isinstance(value, list):
@@ -81,19 +93,12 @@ def parse_faults(value: Any) -> list[Fault]:
         at_r, at_s = ev.get("at_request"), ev.get("at_s")
         if (at_r is None) == (at_s is None):
             raise ValueError(f"{where}: give exactly one of at_request, at_s")
-        if at_r is not None and (isinstance(at_r, bool) or not isinstance(at_r, int) or at_r < 0):
-            raise ValueError(f"{where}.at_request: must be an integer >= 0, got {at_r!r}")
-        if at_s is not None and (isinstance(at_s, bool) or not isinstance(at_s, (int, float))
-                                 or at_s < 0):
-            raise ValueError(f"{where}.at_s: must be a number >= 0, got {at_s!r}")
-        for k in ("for_requests", "until_request"):
-            v = ev.get(k)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{where}.{k}: must be an integer >= 1, got {v!r}")
+        _check_number(ev, "at_request", where, integer=True, least=0)
+        _check_number(ev, "at_s", where, integer=False, least=0)
+        _check_number(ev, "for_requests", where, integer=True, least=1)
+        _check_number(ev, "until_request", where, integer=True, least=1)
+        _check_number(ev, "for_s", where, integer=False, least=0, strict=True)
         for_s = ev.get("for_s")
-        if for_s is not None and (isinstance(for_s, bool) or not isinstance(for_s, (int, float))
-                                  or for_s <= 0):
-            raise ValueError(f"{where}.for_s: must be a number > 0, got {for_s!r}")
         if action == "restart" and at_r is None:
             raise ValueError(f"{where}: restart takes at_request (it reconnects the BS to the new "
                              "agent, which happens between requests)")
@@ -155,7 +160,6 @@ class FaultInjector:
         self.record = record
         self._lock = threading.Lock()
         self._active: dict[str, Fault] = {}
-        self._killed: set[str] = set()
         self._timers: list[threading.Timer] = []
         self._ends_at_request: dict[str, int] = {}
         self.t0 = time.monotonic()
@@ -213,10 +217,8 @@ class FaultInjector:
             if self._do(f, "injected", lambda: self.fx.signal(f.device, "KILL")):
                 with self._lock:
                     self._active[f.id] = f
-                self._killed.add(f.device)
         elif f.action == "restart":
             if self._do(f, "injected", lambda: self.fx.restart(f.device)):
-                self._killed.discard(f.device)
                 with self._lock:
                     for fid in [k for k, v in self._active.items()
                                 if v.device == f.device and v.action == "kill"]:
@@ -263,6 +265,5 @@ class FaultInjector:
             if f.action == "kill":
                 restarted.append(f.device)
             self._clear(f)
-        self._killed.clear()
         self._ends_at_request.clear()
         return restarted

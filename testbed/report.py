@@ -78,6 +78,20 @@ def _ratio(num: float, den: float) -> float | str:
     return num / den if den > 0 else ""
 
 
+def critical_sums(layers: Iterable[Mapping[str, Any]]) -> tuple[float, float, bool]:
+    """(critical path ms, its network part ms, whether any layer had both), summed over the
+    layer rows that have both."""
+    net = path = 0.0
+    seen = False
+    for lr in layers:
+        p, n = _f(lr.get("critical_path_ms")), _f(lr.get("critical_network_ms"))
+        if p is not None and n is not None:
+            path += p
+            net += n
+            seen = True
+    return path, net, seen
+
+
 def summary_row(requests: list[dict], layers: list[dict], calls: list[dict]) -> dict:
     """The metric columns of ``SUMMARY_COLUMNS`` (all but the key columns) for one trial.
 
@@ -114,12 +128,7 @@ def summary_row(requests: list[dict], layers: list[dict], calls: list[dict]) -> 
             e_tokens += tok
         ok += str(r.get("status", "")).strip() == "ok"
 
-    net = path = 0.0
-    for lr in layers:
-        p, n = _f(lr.get("critical_path_ms")), _f(lr.get("critical_network_ms"))
-        if p is not None and n is not None:
-            path += p
-            net += n
+    path, net, _ = critical_sums(layers)
 
     failed = rerouted = 0
     for c in calls:
