@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import zmq
 
 HIDDEN = 4096
@@ -42,144 +43,259 @@ FANOUT = (1, 2, 4, 8)
 FANOUT_TOKENS = 8
 
 
+def _bind_ready(sock: zmq.Socket, bind: str, ready_file: str) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 100)  # a blocking receive, as the agent's loop (no poll per message)
+    sock.bind(bind)
+    tmp = ready_file + ".part"
+    Path(tmp).write_text(json.dumps({"endpoint": sock.getsockopt_string(zmq.LAST_ENDPOINT), "pid": os.getpid()}))
+    os.replace(tmp, ready_file)
+
+
 def echo_server(bind: str, ready_file: str) -> None:
-    """A raw REP echo server (the baseline): writes its endpoint to ``ready_file``."""
+    """The raw baseline: a bare REP that sends every received frame back as it is (zero-copy)."""
+    from device_agent.memtune import keep_large_buffers
+
+    keep_large_buffers()  # the same malloc settings as the agent and the BS
     ctx = zmq.Context()
     s = ctx.socket(zmq.REP)
-    s.setsockopt(zmq.LINGER, 0)
-    s.bind(bind)
-    tmp = ready_file + ".part"
-    Path(tmp).write_text(json.dumps({"endpoint": s.getsockopt_string(zmq.LAST_ENDPOINT), "pid": os.getpid()}))
-    os.replace(tmp, ready_file)
+    _bind_ready(s, bind, ready_file)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     while not stop:
-        if s.poll(100):
-            s.send(s.recv(copy=False), copy=False)
+        try:
+            fr = s.recv(copy=False)
+        except zmq.Again:
+            continue
+        s.send(fr, copy=False)
     s.close(0)
     ctx.term()
 
 
-def _median_ms(fn: Callable[[], Any], iters: int, warmup: int = 20) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
+def min_server(bind: str, ready_file: str) -> None:
+    """The floor of any Python data plane with a header and a tensor frame (not the agent): a
+    ROUTER that decodes the msgpack header, views the frame as a torch tensor, and sends a
+    msgpack reply header with the request id plus the same frame back. No checks, no timing,
+    no error handling."""
+    import numpy as np
+    import torch
+
+    from device_agent.memtune import keep_large_buffers
+
+    keep_large_buffers()
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.ROUTER)
+    _bind_ready(s, bind, ready_file)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    f16 = np.dtype(np.float16)
+    while not stop:
+        try:
+            env, hf, df = s.recv_multipart(copy=False)
+        except zmq.Again:
+            continue
+        h = msgpack.unpackb(hf.bytes)
+        rows, cols = h["t"][0][2]
+        y = torch.from_numpy(np.frombuffer(df.buffer, dtype=f16).reshape(rows, cols))  # the "expert": identity
+        del y  # an identity expert: its output is the received frame, sent back as it is
+        s.send_multipart([env, msgpack.packb({"v": 1, "id": h["id"], "t": h["t"]}), df], copy=False)
+    s.close(0)
+    ctx.term()
 
 
-def _iters(tokens: int, quick: bool) -> int:
-    n = {1: 2000, 8: 1500, 128: 500, 512: 150}[tokens]
-    return max(20, n // 10) if quick else n
+def _interleaved(fns: dict[str, Callable[[], Any]], calls: int, block: int, warmup: int = 30) -> dict[str, float]:
+    """Median ms of each function's calls, taken in alternating blocks of ``block`` calls (every
+    kind sees the same drift of the host); ``calls`` per kind."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    pc = time.perf_counter
+    while len(next(iter(samples.values()))) < calls:
+        for k, f in fns.items():
+            out = samples[k]
+            for _ in range(block):
+                t0 = pc()
+                f()
+                out.append(pc() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+
+
+def _calls(tokens: int, quick: bool) -> int:
+    n = {1: 3000, 8: 2000, 128: 800, 512: 240}[tokens]
+    return max(60, n // 10) if quick else n
 
 
 @contextlib.contextmanager
-def _echo(runner: Any, host: str, workdir: str) -> Iterator[str]:
-    ready = f"{workdir}/echo.ready.json"
+def _server(runner: Any, host: str, workdir: str, kind: str) -> Iterator[str]:
+    """Start this script's ``echo-server`` or ``min-server`` where the agent runs; yields its
+    endpoint."""
+    ready = f"{workdir}/{kind}.ready.json"
     runner.run(["rm", "-f", ready], timeout_s=30)
-    pid = runner.spawn([sys.executable, os.path.abspath(__file__), "echo-server", "--bind", f"tcp://{host}:*",
-                        "--ready-file", ready], log_path=f"{workdir}/echo.log", pid_path=f"{workdir}/echo.pid")
+    pid = runner.spawn([sys.executable, os.path.abspath(__file__), kind, "--bind", f"tcp://{host}:*",
+                        "--ready-file", ready], log_path=f"{workdir}/{kind}.log", pid_path=f"{workdir}/{kind}.pid")
     try:
-        for _ in range(200):
+        for _ in range(400):
             res = runner.run(["cat", ready], timeout_s=30, check=False)
             if res.ok and res.stdout.strip():
                 yield json.loads(res.stdout)["endpoint"]
                 break
             time.sleep(0.05)
         else:
-            raise RuntimeError("echo server did not start")
+            raise RuntimeError(f"{kind} did not start on {host}")
     finally:
         runner.run(["kill", "-TERM", str(pid)], timeout_s=30, check=False)
 
 
-def measure_path(label: str, echo_ep: str, backend: Any, device: str, quick: bool) -> list[dict[str, Any]]:
-    """Raw vs framework medians for every payload size on one path."""
+def _raw_client(ctx: zmq.Context, ep: str) -> zmq.Socket:
+    s = ctx.socket(zmq.REQ)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(ep)
+    return s
+
+
+def _min_client(ctx: zmq.Context, ep: str, x: Any) -> Callable[[], Any]:
+    """One call of the minimal exchange (the client half of :func:`min_server`)."""
+    import numpy as np
+    import torch
+
+    d = ctx.socket(zmq.DEALER)
+    d.setsockopt(zmq.LINGER, 0)
+    d.connect(ep)
+    buf = x.numpy()
+    rows, cols = x.shape
+    rid = [0]
+    f16 = np.dtype(np.float16)
+
+    def call() -> Any:
+        rid[0] += 1
+        d.send(msgpack.packb({"v": 1, "op": "forward", "id": rid[0], "t": [["e", "float16", [rows, cols]]]}),
+               zmq.SNDMORE)
+        d.send(buf, copy=False)
+        hf, df = d.recv_multipart(copy=False)
+        h = msgpack.unpackb(hf.bytes)
+        if h["id"] != rid[0]:
+            raise RuntimeError("minimal exchange: reply out of order")
+        r, c = h["t"][0][2]
+        return torch.from_numpy(np.frombuffer(df.buffer, dtype=f16).reshape(r, c))
+
+    call.sock = d  # type: ignore[attr-defined]
+    return call
+
+
+def measure_path(label: str, echo_ep: str, min_ep: str, backend: Any, device: str, quick: bool
+                 ) -> list[dict[str, Any]]:
+    """Raw, minimal and framework medians for every payload size on one path."""
     import torch
 
     from models.backend import LayerWork
 
     ctx = zmq.Context.instance()
-    req = ctx.socket(zmq.REQ)
-    req.setsockopt(zmq.LINGER, 0)
-    req.connect(echo_ep)
+    req = _raw_client(ctx, echo_ep)
     uid = backend.test_uids[device]
     rows = []
+    socks = [req]
     try:
         for n in TOKENS:
             x = torch.randn(n, HIDDEN).half()
             buf = memoryview(x.numpy()).cast("B")
 
-            def raw() -> None:
+            def raw(buf: memoryview = buf) -> None:
                 req.send(buf, copy=False)
                 req.recv(copy=False)
 
             work = LayerWork(0, -1, {uid: x})
 
-            def fw() -> None:
+            def fw(work: Any = work) -> None:
                 r = backend.run_layer(work)
                 assert uid in r.outputs, r.failed
 
-            it = _iters(n, quick)
-            # interleave blocks so slow drift (other users of the machine) hits both alike
-            raw_ms, fw_ms = [], []
-            for _ in range(3):
-                raw_ms.append(_median_ms(raw, it // 3))
-                fw_ms.append(_median_ms(fw, it // 3))
-            r_ms, f_ms = statistics.median(raw_ms), statistics.median(fw_ms)
+            minimal = _min_client(ctx, min_ep, x)
+            socks.append(minimal.sock)  # type: ignore[attr-defined]
+            assert torch.equal(minimal(), x)
+            med = _interleaved({"raw": raw, "min": minimal, "fw": fw}, _calls(n, quick), 10 if n >= 128 else 25)
             res = backend.run_layer(work)
             assert torch.equal(res.outputs[uid], x)
             # the framework's own breakdown: medians over 50 more calls' timing rows
             calls = [backend.run_layer(work).info["calls"][0] for _ in range(50)]
 
-            def med(key: str, calls: list[dict[str, Any]] = calls) -> float:
+            def cmed(key: str, calls: list[dict[str, Any]] = calls) -> float:
                 return statistics.median(c[key] for c in calls)
 
-            rows.append({"path": label, "tokens": n, "bytes": x.numel() * 2, "raw_ms": r_ms, "framework_ms": f_ms,
-                         "ratio": f_ms / r_ms, "target": 1.25 if n == 1 else (1.10 if n >= 128 else None),
-                         "device_ms": med("device_ms"), "queue_ms": med("queue_ms"),
-                         "compute_ms": med("compute_ms"), "serialize_ms": med("serialize_ms"),
-                         "deserialize_ms": med("deserialize_ms"), "rtt_ms": med("rtt_ms")})
+            rows.append({"path": label, "tokens": n, "bytes": x.numel() * 2, "raw_ms": med["raw"],
+                         "min_ms": med["min"], "framework_ms": med["fw"], "ratio": med["fw"] / med["raw"],
+                         "min_ratio": med["min"] / med["raw"], "fw_over_min": med["fw"] / med["min"],
+                         "target": 1.25 if n == 1 else (1.10 if n >= 128 else None),
+                         "device_ms": cmed("device_ms"), "queue_ms": cmed("queue_ms"),
+                         "compute_ms": cmed("compute_ms"), "serialize_ms": cmed("serialize_ms"),
+                         "deserialize_ms": cmed("deserialize_ms"), "rtt_ms": cmed("rtt_ms")})
     finally:
-        req.close(0)
+        for s in socks:
+            s.close(0)
     return rows
 
 
-def measure_fanout(label: str, backend: Any, devices: list[str], quick: bool) -> list[dict[str, Any]]:
-    """Fan-out to k agents vs the slowest single call among them, interleaved: every block of
-    k-agent calls alternates with blocks of single calls to each of those agents, so drift on
-    the host hits both alike; medians of all blocks."""
+def measure_fanout(label: str, backend: Any, devices: list[str], echo_eps: list[str], quick: bool
+                   ) -> list[dict[str, Any]]:
+    """Fan-out to k agents vs the slowest single call among them, and the same for raw pyzmq
+    echoes (k REQ sockets: all sent, then a poller) as the host's own floor; every kind in
+    alternating blocks of the same run."""
     import torch
 
     from models.backend import LayerWork
 
     x = torch.randn(FANOUT_TOKENS, HIDDEN).half()
-    it = 300 if quick else 1500
+    buf = memoryview(x.numpy()).cast("B")
+    calls = 300 if quick else 1500
     singles = {d: LayerWork(0, -1, {backend.test_uids[d]: x}) for d in devices}
+    ctx = zmq.Context.instance()
+    reqs = [_raw_client(ctx, ep) for ep in echo_eps]
     rows = []
-    for k in FANOUT:
-        if k > len(devices):
-            break
-        sub = devices[:k]
-        w = LayerWork(0, -1, {backend.test_uids[d]: x for d in sub})
+    try:
+        for k in FANOUT:
+            if k > len(devices):
+                break
+            sub = devices[:k]
+            w = LayerWork(0, -1, {backend.test_uids[d]: x for d in sub})
+            fns: dict[str, Callable[[], Any]] = {}
 
-        def fan() -> None:
-            r = backend.run_layer(w)
-            assert not r.failed, r.failed
+            def fan(w: Any = w) -> None:
+                r = backend.run_layer(w)
+                assert not r.failed, r.failed
 
-        fan_ms: list[float] = []
-        single_ms: dict[str, list[float]] = {d: [] for d in sub}
-        for _ in range(3):
+            fns["fan"] = fan
             for d in sub:
-                single_ms[d].append(_median_ms(lambda w1=singles[d]: backend.run_layer(w1), it // 6))
-            fan_ms.append(_median_ms(fan, it // 6))
-        f_ms = statistics.median(fan_ms)
-        slowest = max(statistics.median(v) for v in single_ms.values())
-        rows.append({"path": label, "agents": k, "tokens_per_agent": FANOUT_TOKENS, "fanout_ms": f_ms,
-                     "slowest_single_ms": slowest, "ratio": f_ms / slowest, "target": 1.2,
-                     "cpus": os.cpu_count()})
+                fns[f"fw:{d}"] = lambda w1=singles[d]: backend.run_layer(w1)
+            sub_reqs = reqs[:k]
+            poller = zmq.Poller()
+            for r in sub_reqs:
+                poller.register(r, zmq.POLLIN)
+
+            def raw_fan(sub_reqs: list[zmq.Socket] = sub_reqs, poller: zmq.Poller = poller) -> None:
+                for r in sub_reqs:
+                    r.send(buf, copy=False)
+                left = len(sub_reqs)
+                while left:
+                    for s, _ in poller.poll():
+                        s.recv(copy=False)
+                        left -= 1
+
+            fns["rawfan"] = raw_fan
+            for i, r in enumerate(sub_reqs):
+                def raw1(r: zmq.Socket = r) -> None:
+                    r.send(buf, copy=False)
+                    r.recv(copy=False)
+                fns[f"raw:{i}"] = raw1
+            med = _interleaved(fns, calls // 3, 10)
+            slowest = max(v for key, v in med.items() if key.startswith("fw:"))
+            raw_slowest = max(v for key, v in med.items() if key.startswith("raw:"))
+            rows.append({"path": label, "agents": k, "tokens_per_agent": FANOUT_TOKENS, "fanout_ms": med["fan"],
+                         "slowest_single_ms": slowest, "ratio": med["fan"] / slowest, "target": 1.2,
+                         "raw_fanout_ms": med["rawfan"], "raw_slowest_single_ms": raw_slowest,
+                         "raw_ratio": med["rawfan"] / raw_slowest, "cpus": os.cpu_count()})
+    finally:
+        for r in reqs:
+            r.close(0)
     return rows
 
 
@@ -213,43 +329,85 @@ def _agents(specs: list[tuple[str, Any, str, str]]) -> Iterator[Any]:
 
 def _table(path_rows: list[dict[str, Any]], fan_rows: list[dict[str, Any]]) -> str:
     host = f"Host: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}."
-    out = [("raw = pyzmq REQ->REP echo of one frame of the same bytes to an echo server at the agent's "
-            "address (same path), sent with pyzmq's default copy policy; framework = "
-            "RemoteExpertBackend.run_layer on one expert that the agent serves with the identity expert "
-            "(nothing subtracted: its time at the agent, receipt to reply, median of 50 calls, is the last column); ratio = "
-            f"framework / raw; medians of alternating blocks, same run. {host}"), "",
-           ("| path | tokens x 4096 fp16 | bytes | raw pyzmq echo (ms) | framework call (ms) | ratio | target | "
-            "agent time in call (ms) |"), "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    out = [("raw = pyzmq REQ->REP echo of one frame of the same bytes (the REP sends the received frame back); "
+            "minimal = the least any Python data plane with a header and a tensor frame does (DEALER->ROUTER, "
+            "msgpack header with a request id both ways, a torch view of the frame at both ends, no checks, no "
+            "timing); framework = RemoteExpertBackend.run_layer on one expert that the agent serves with the "
+            "identity expert (nothing subtracted; the agent's own time in the call, receipt to reply, is the "
+            "last column). All three servers run at the agent's address (same path) with the same malloc "
+            f"settings; medians of all calls, taken in alternating blocks of the same run. {host}"), "",
+           ("| path | tokens x 4096 fp16 | bytes | raw echo (ms) | minimal (ms) | framework (ms) | "
+            "framework / raw | target | minimal / raw | framework / minimal | agent time in call (ms) |"),
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in path_rows:
         tgt = f"<= {r['target']:.2f}" if r["target"] else "-"
         ok = "" if not r["target"] else (" ok" if r["ratio"] <= r["target"] else " MISS")
-        out.append(f"| {r['path']} | {r['tokens']} | {r['bytes']} | {r['raw_ms']:.3f} | {r['framework_ms']:.3f} | "
-                   f"{r['ratio']:.2f} | {tgt}{ok} | {r['device_ms']:.3f} |")
+        out.append(f"| {r['path']} | {r['tokens']} | {r['bytes']} | {r['raw_ms']:.3f} | {r['min_ms']:.3f} | "
+                   f"{r['framework_ms']:.3f} | {r['ratio']:.2f} | {tgt}{ok} | {r['min_ratio']:.2f} | "
+                   f"{r['fw_over_min']:.2f} | {r['device_ms']:.3f} |")
     out += ["", (f"fan-out = one run_layer over k agents (one {FANOUT_TOKENS}-token identity expert each) against the "
-                 "slowest of the k single-agent run_layer calls, blocks alternating in the same run; the k agents "
-                 f"and this process share the host's {os.cpu_count()} CPUs."), "",
+                 "slowest of the k single-agent run_layer calls; raw = the same with k raw echo servers (all k "
+                 "requests sent, then a poller) against the slowest single raw echo: the host's own floor. "
+                 f"Alternating blocks, same run; the k agents and this process share the host's {os.cpu_count()} "
+                 "CPUs."), "",
             (f"| path | agents | fan-out, {FANOUT_TOKENS} tokens each (ms) | slowest single call (ms) | ratio | "
-             "target |"), "|---|---:|---:|---:|---:|---:|"]
+             "target | raw fan-out / slowest raw |"), "|---|---:|---:|---:|---:|---:|---:|"]
     for r in fan_rows:
         ok = " ok" if r["ratio"] <= r["target"] else " MISS"
         out.append(f"| {r['path']} | {r['agents']} | {r['fanout_ms']:.3f} | {r['slowest_single_ms']:.3f} | "
-                   f"{r['ratio']:.2f} | <= {r['target']:.1f}{ok} |")
+                   f"{r['ratio']:.2f} | <= {r['target']:.1f}{ok} | {r['raw_ratio']:.2f} |")
     return "\n".join(out)
+
+
+@contextlib.contextmanager
+def _servers(specs: list[tuple[str, Any, str, str]], kind: str) -> Iterator[list[str]]:
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(_server(runner, host, wd, kind)) for _, runner, host, wd in specs]
+
+
+@contextlib.contextmanager
+def _testbed(tmp: str, devices: int, rate_kbit: float) -> Iterator[list[tuple[str, Any, str, str]]]:
+    """A local namespace testbed of ``devices`` at ``rate_kbit``; yields agent specs (SSH runners)."""
+    from testbed import local
+    from testbed.inventory import load_inventory, ssh_runner_for
+
+    name = "dpb" + os.urandom(2).hex()
+    os.environ.setdefault("TESTBED_STATE_DIR", f"{tmp}/state")
+    res = local.up(name, devices, rate_kbit, Path(tmp) / f"{name}.toml")
+    runners: dict[str, Any] = {}
+    try:
+        inv = load_inventory(res["inventory"])
+        runners = {d.name: ssh_runner_for(inv, d) for d in inv.devices}
+        yield [(d.name, runners[d.name], d.host, d.workdir) for d in inv.devices]
+    finally:
+        for r in runners.values():
+            r.close()
+        local.down(name)
+
+
+def _rate_label(kbit: float) -> str:
+    return f"{kbit / 1e6:g} Gbit/s" if kbit >= 1e6 else f"{kbit / 1e3:g} Mbit/s"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd")
-    e = sub.add_parser("echo-server")
-    e.add_argument("--bind", required=True)
-    e.add_argument("--ready-file", required=True)
+    for kind in ("echo-server", "min-server"):
+        e = sub.add_parser(kind)
+        e.add_argument("--bind", required=True)
+        e.add_argument("--ready-file", required=True)
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     ap.add_argument("--quick", action="store_true", help="10x fewer iterations (smoke run)")
     ap.add_argument("--no-veth", action="store_true", help="loopback only (no root needed)")
-    ap.add_argument("--rate-kbit", type=float, default=10_000_000, help="tc rate of the testbed links")
+    ap.add_argument("--rate-kbit", type=float, default=10_000_000, help="tc rate of the unshaped-class links")
+    ap.add_argument("--fanout-rate-kbit", type=float, default=100_000,
+                    help="tc rate of every device link in the shaped fan-out section (0: skip it)")
     a = ap.parse_args(argv)
     if a.cmd == "echo-server":
         echo_server(a.bind, a.ready_file)
+        return 0
+    if a.cmd == "min-server":
+        min_server(a.bind, a.ready_file)
         return 0
 
     import tempfile
@@ -258,32 +416,24 @@ def main(argv: list[str] | None = None) -> int:
 
     path_rows: list[dict[str, Any]] = []
     fan_rows: list[dict[str, Any]] = []
+    k = max(FANOUT)
     with tempfile.TemporaryDirectory(prefix="dpbench-") as tmp:
         lo = LocalRunner()
-        specs = [(f"lo{i}", lo, "127.0.0.1", f"{tmp}/lo{i}") for i in range(max(FANOUT))]
-        with _agents(specs) as be, _echo(lo, "127.0.0.1", tmp) as ep:
-            path_rows += measure_path("loopback", ep, be, "lo0", a.quick)
-            fan_rows += measure_fanout("loopback", be, [s[0] for s in specs], a.quick)
+        specs = [(f"lo{i}", lo, "127.0.0.1", f"{tmp}/lo{i}") for i in range(k)]
+        with _agents(specs) as be, _servers(specs, "echo-server") as eps, _servers(specs[:1], "min-server") as mins:
+            path_rows += measure_path("loopback", eps[0], mins[0], be, "lo0", a.quick)
+            fan_rows += measure_fanout("loopback", be, [s[0] for s in specs], eps, a.quick)
         if not a.no_veth:
-            from testbed import local
-            from testbed.inventory import load_inventory, ssh_runner_for
-
-            name = "dpb" + os.urandom(2).hex()
-            os.environ.setdefault("TESTBED_STATE_DIR", f"{tmp}/state")
-            res = local.up(name, max(FANOUT), a.rate_kbit, Path(tmp) / "inv.toml")
-            try:
-                inv = load_inventory(res["inventory"])
-                runners = {d.name: ssh_runner_for(inv, d) for d in inv.devices}
-                specs = [(d.name, runners[d.name], d.host, d.workdir) for d in inv.devices]
-                d1 = inv.devices[0]
-                with _agents(specs) as be, _echo(runners[d1.name], d1.host, d1.workdir) as ep:
-                    label = f"veth ({a.rate_kbit / 1e6:g} Gbit/s tc)"
-                    path_rows += measure_path(label, ep, be, d1.name, a.quick)
-                    fan_rows += measure_fanout(label, be, [s[0] for s in specs], a.quick)
-                for r in runners.values():
-                    r.close()
-            finally:
-                local.down(name)
+            label = f"veth ({_rate_label(a.rate_kbit)} tc)"
+            with _testbed(tmp, k, a.rate_kbit) as specs, _agents(specs) as be, \
+                    _servers(specs, "echo-server") as eps, _servers(specs[:1], "min-server") as mins:
+                path_rows += measure_path(label, eps[0], mins[0], be, specs[0][0], a.quick)
+                fan_rows += measure_fanout(label, be, [s[0] for s in specs], eps, a.quick)
+            if a.fanout_rate_kbit > 0:
+                label = f"veth ({_rate_label(a.fanout_rate_kbit)} tc per device)"
+                with _testbed(tmp, k, a.fanout_rate_kbit) as specs, _agents(specs) as be, \
+                        _servers(specs, "echo-server") as eps:
+                    fan_rows += measure_fanout(label, be, [s[0] for s in specs], eps, a.quick)
     print(_table(path_rows, fan_rows))
     if a.json:
         Path(a.json).write_text(json.dumps({"paths": path_rows, "fanout": fan_rows}, indent=1))
