@@ -5,19 +5,30 @@ What is compared (DESIGN.md, "Data-plane overhead" and "Fan-out"), in one run, o
 * ``raw``: a bare pyzmq REQ -> REP echo of one frame holding exactly the payload's bytes (the
   echo server runs where the agent runs: same host / namespace, same address; pyzmq's default
   send: copied below 64 KiB, zero-copy above; the REP sends the received frame back as it is).
+* ``minimal``: the least any Python data plane with a versioned header and a raw tensor frame
+  does (DEALER -> ROUTER, msgpack header with a request id both ways, a torch view of the frame
+  at both ends; no checks, no timing, no error handling). Not something to deploy: the floor
+  that shows how much of the framework's overhead is Python's own, on this host.
 * ``framework``: ``RemoteExpertBackend.run_layer`` with one expert whose agent serves the
   built-in *identity* expert (device compute ~0; its measured compute is printed, not
   subtracted). It counts everything the framework adds: msgpack header, request id, dtype/shape
   checks on both sides, the agent's queue and timing stamps, the reply header, decoding the
   output tensor and building the per-call timing row.
-* Each payload is 1, 8, 128 and 512 tokens x 4096 fp16; blocks of raw and framework calls
-  alternate (3 + 3 blocks), each block gives a median; the table gives the median of those.
+* Each payload is 1, 8, 128 and 512 tokens x 4096 fp16. The three kinds run in alternating
+  blocks of 25 calls (10 at >= 128 tokens), so drift on the host hits all alike; the table
+  gives the median of every call of each kind. The three servers get the agent's malloc
+  settings (:mod:`device_agent.memtune`) and the same blocking receive.
 * ``fan-out``: one ``run_layer`` with one 8-token expert on each of k agents (k = 1, 2, 4, 8),
-  against the slowest of the k single-agent calls, blocks alternating in the same run.
+  against the slowest of the k single-agent calls; next to it the same ratio for raw pyzmq
+  (k REQ sockets to k echo servers, all sent, then a poller): the host's own floor. Measured on
+  loopback, across unshaped veths, and across veths shaped to ``--fanout-rate-kbit`` per
+  device (the testbed's case: every device behind its own link).
   Note: k agent processes + the BS share this host's CPUs (printed): with fewer cores than
   k + 1, the agents' and the BS's work cannot all run at once.
 
-Run: ``.venv/bin/python bench/dataplane.py [--json out.json] [--quick] [--no-veth]``.
+Run: ``.venv/bin/python bench/dataplane.py [--json out.json] [--quick] [--no-veth]
+[--fanout-rate-kbit 100000] [--io-threads 1]`` (the veth sections need root: they create a
+local testbed and remove it).
 """
 
 from __future__ import annotations
@@ -248,7 +259,7 @@ def measure_fanout(label: str, backend: Any, devices: list[str], echo_eps: list[
     buf = memoryview(x.numpy()).cast("B")
     calls = 300 if quick else 1500
     singles = {d: LayerWork(0, -1, {backend.test_uids[d]: x}) for d in devices}
-    ctx = zmq.Context.instance()
+    ctx = zmq.Context(io_threads=backend.io_threads)  # the raw floor gets the backend's I/O threads
     reqs = [_raw_client(ctx, ep) for ep in echo_eps]
     rows = []
     try:
@@ -292,15 +303,17 @@ def measure_fanout(label: str, backend: Any, devices: list[str], echo_eps: list[
             rows.append({"path": label, "agents": k, "tokens_per_agent": FANOUT_TOKENS, "fanout_ms": med["fan"],
                          "slowest_single_ms": slowest, "ratio": med["fan"] / slowest, "target": 1.2,
                          "raw_fanout_ms": med["rawfan"], "raw_slowest_single_ms": raw_slowest,
-                         "raw_ratio": med["rawfan"] / raw_slowest, "cpus": os.cpu_count()})
+                         "raw_ratio": med["rawfan"] / raw_slowest, "cpus": os.cpu_count(),
+                         "io_threads": backend.io_threads})
     finally:
         for r in reqs:
             r.close(0)
+        ctx.term()
     return rows
 
 
 @contextlib.contextmanager
-def _agents(specs: list[tuple[str, Any, str, str]]) -> Iterator[Any]:
+def _agents(specs: list[tuple[str, Any, str, str]], io_threads: int = 1) -> Iterator[Any]:
     """Start one agent per (name, runner, host, workdir) with an identity expert each; yields a
     connected backend with ``test_uids`` (device -> uid)."""
     from testbed.agents_local import start_agent, stop_agent
@@ -314,7 +327,8 @@ def _agents(specs: list[tuple[str, Any, str, str]]) -> Iterator[Any]:
                                        pub=False, threads=1))
         uids = {a.device: f"L0.E{i}" for i, a in enumerate(started)}
         backend = RemoteExpertBackend({a.device: a.endpoint for a in started},
-                                      {u: [d] for d, u in uids.items()}, timeout_s=10.0)
+                                      {u: [d] for d, u in uids.items()}, timeout_s=10.0,
+                                      io_threads=io_threads)
         backend.connect()
         for d, u in uids.items():
             backend.load_experts(d, [{"uid": u, "builtin": "identity", "hidden": HIDDEN, "io_dtype": "float16"}])
@@ -345,11 +359,12 @@ def _table(path_rows: list[dict[str, Any]], fan_rows: list[dict[str, Any]]) -> s
         out.append(f"| {r['path']} | {r['tokens']} | {r['bytes']} | {r['raw_ms']:.3f} | {r['min_ms']:.3f} | "
                    f"{r['framework_ms']:.3f} | {r['ratio']:.2f} | {tgt}{ok} | {r['min_ratio']:.2f} | "
                    f"{r['fw_over_min']:.2f} | {r['device_ms']:.3f} |")
+    bs_io = fan_rows[0]["io_threads"] if fan_rows else "?"
     out += ["", (f"fan-out = one run_layer over k agents (one {FANOUT_TOKENS}-token identity expert each) against the "
                  "slowest of the k single-agent run_layer calls; raw = the same with k raw echo servers (all k "
                  "requests sent, then a poller) against the slowest single raw echo: the host's own floor. "
                  f"Alternating blocks, same run; the k agents and this process share the host's {os.cpu_count()} "
-                 "CPUs."), "",
+                 f"CPUs; the BS side (framework and raw) has {bs_io} ZeroMQ I/O thread(s)."), "",
             (f"| path | agents | fan-out, {FANOUT_TOKENS} tokens each (ms) | slowest single call (ms) | ratio | "
              "target | raw fan-out / slowest raw |"), "|---|---:|---:|---:|---:|---:|---:|"]
     for r in fan_rows:
@@ -400,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="10x fewer iterations (smoke run)")
     ap.add_argument("--no-veth", action="store_true", help="loopback only (no root needed)")
     ap.add_argument("--rate-kbit", type=float, default=10_000_000, help="tc rate of the unshaped-class links")
+    ap.add_argument("--io-threads", type=int, default=1, help="ZeroMQ I/O threads of the BS backend")
     ap.add_argument("--fanout-rate-kbit", type=float, default=100_000,
                     help="tc rate of every device link in the shaped fan-out section (0: skip it)")
     a = ap.parse_args(argv)
@@ -420,18 +436,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="dpbench-") as tmp:
         lo = LocalRunner()
         specs = [(f"lo{i}", lo, "127.0.0.1", f"{tmp}/lo{i}") for i in range(k)]
-        with _agents(specs) as be, _servers(specs, "echo-server") as eps, _servers(specs[:1], "min-server") as mins:
+        with _agents(specs, a.io_threads) as be, _servers(specs, "echo-server") as eps, _servers(specs[:1], "min-server") as mins:
             path_rows += measure_path("loopback", eps[0], mins[0], be, "lo0", a.quick)
             fan_rows += measure_fanout("loopback", be, [s[0] for s in specs], eps, a.quick)
         if not a.no_veth:
             label = f"veth ({_rate_label(a.rate_kbit)} tc)"
-            with _testbed(tmp, k, a.rate_kbit) as specs, _agents(specs) as be, \
+            with _testbed(tmp, k, a.rate_kbit) as specs, _agents(specs, a.io_threads) as be, \
                     _servers(specs, "echo-server") as eps, _servers(specs[:1], "min-server") as mins:
                 path_rows += measure_path(label, eps[0], mins[0], be, specs[0][0], a.quick)
                 fan_rows += measure_fanout(label, be, [s[0] for s in specs], eps, a.quick)
             if a.fanout_rate_kbit > 0:
                 label = f"veth ({_rate_label(a.fanout_rate_kbit)} tc per device)"
-                with _testbed(tmp, k, a.fanout_rate_kbit) as specs, _agents(specs) as be, \
+                with _testbed(tmp, k, a.fanout_rate_kbit) as specs, _agents(specs, a.io_threads) as be, \
                         _servers(specs, "echo-server") as eps:
                     fan_rows += measure_fanout(label, be, [s[0] for s in specs], eps, a.quick)
     print(_table(path_rows, fan_rows))
