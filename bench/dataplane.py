@@ -54,33 +54,40 @@ FANOUT = (1, 2, 4, 8)
 FANOUT_TOKENS = 8
 
 
-def _bind_ready(sock: zmq.Socket, bind: str, ready_file: str) -> None:
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, 100)  # a blocking receive, as the agent's loop (no poll per message)
-    sock.bind(bind)
+@contextlib.contextmanager
+def _serving(sock_type: int, bind: str, ready_file: str) -> Iterator[tuple[zmq.Socket, list[int]]]:
+    """A baseline server's socket, bound, its endpoint in ``ready_file``; yields the socket and a
+    list that SIGTERM appends to (stop when non-empty). The agent's malloc settings; a blocking
+    receive with a timeout, as the agent's loop (no poll per message)."""
+    from device_agent.memtune import keep_large_buffers
+
+    keep_large_buffers()
+    ctx = zmq.Context()
+    s = ctx.socket(sock_type)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVTIMEO, 100)
+    s.bind(bind)
     tmp = ready_file + ".part"
-    Path(tmp).write_text(json.dumps({"endpoint": sock.getsockopt_string(zmq.LAST_ENDPOINT), "pid": os.getpid()}))
+    Path(tmp).write_text(json.dumps({"endpoint": s.getsockopt_string(zmq.LAST_ENDPOINT), "pid": os.getpid()}))
     os.replace(tmp, ready_file)
+    stop: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        yield s, stop
+    finally:
+        s.close(0)
+        ctx.term()
 
 
 def echo_server(bind: str, ready_file: str) -> None:
     """The raw baseline: a bare REP that sends every received frame back as it is (zero-copy)."""
-    from device_agent.memtune import keep_large_buffers
-
-    keep_large_buffers()  # the same malloc settings as the agent and the BS
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.REP)
-    _bind_ready(s, bind, ready_file)
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    while not stop:
-        try:
-            fr = s.recv(copy=False)
-        except zmq.Again:
-            continue
-        s.send(fr, copy=False)
-    s.close(0)
-    ctx.term()
+    with _serving(zmq.REP, bind, ready_file) as (s, stop):
+        while not stop:
+            try:
+                fr = s.recv(copy=False)
+            except zmq.Again:
+                continue
+            s.send(fr, copy=False)
 
 
 def min_server(bind: str, ready_file: str) -> None:
@@ -91,27 +98,18 @@ def min_server(bind: str, ready_file: str) -> None:
     import numpy as np
     import torch
 
-    from device_agent.memtune import keep_large_buffers
-
-    keep_large_buffers()
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.ROUTER)
-    _bind_ready(s, bind, ready_file)
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     f16 = np.dtype(np.float16)
-    while not stop:
-        try:
-            env, hf, df = s.recv_multipart(copy=False)
-        except zmq.Again:
-            continue
-        h = msgpack.unpackb(hf.bytes)
-        rows, cols = h["t"][0][2]
-        y = torch.from_numpy(np.frombuffer(df.buffer, dtype=f16).reshape(rows, cols))  # the "expert": identity
-        del y  # an identity expert: its output is the received frame, sent back as it is
-        s.send_multipart([env, msgpack.packb({"v": 1, "id": h["id"], "t": h["t"]}), df], copy=False)
-    s.close(0)
-    ctx.term()
+    with _serving(zmq.ROUTER, bind, ready_file) as (s, stop):
+        while not stop:
+            try:
+                env, hf, df = s.recv_multipart(copy=False)
+            except zmq.Again:
+                continue
+            h = msgpack.unpackb(hf.bytes)
+            rows, cols = h["t"][0][2]
+            # the "expert" is the identity: the view is made, and the received frame goes back as it is
+            torch.from_numpy(np.frombuffer(df.buffer, dtype=f16).reshape(rows, cols))
+            s.send_multipart([env, msgpack.packb({"v": 1, "id": h["id"], "t": h["t"]}), df], copy=False)
 
 
 def _interleaved(fns: dict[str, Callable[[], Any]], calls: int, block: int, warmup: int = 30) -> dict[str, float]:
@@ -165,6 +163,14 @@ def _raw_client(ctx: zmq.Context, ep: str) -> zmq.Socket:
     return s
 
 
+def _raw_call(req: zmq.Socket, buf: memoryview) -> Callable[[], None]:
+    """One raw echo round trip of ``buf`` on ``req``."""
+    def call() -> None:
+        req.send(buf, copy=False)
+        req.recv(copy=False)
+    return call
+
+
 def _min_client(ctx: zmq.Context, ep: str, x: Any) -> Callable[[], Any]:
     """One call of the minimal exchange (the client half of :func:`min_server`)."""
     import numpy as np
@@ -211,10 +217,7 @@ def measure_path(label: str, echo_ep: str, min_ep: str, backend: Any, device: st
             x = torch.randn(n, HIDDEN).half()
             buf = memoryview(x.numpy()).cast("B")
 
-            def raw(buf: memoryview = buf) -> None:
-                req.send(buf, copy=False)
-                req.recv(copy=False)
-
+            raw = _raw_call(req, buf)
             work = LayerWork(0, -1, {uid: x})
 
             def fw(work: Any = work) -> None:
@@ -293,10 +296,7 @@ def measure_fanout(label: str, backend: Any, devices: list[str], echo_eps: list[
 
             fns["rawfan"] = raw_fan
             for i, r in enumerate(sub_reqs):
-                def raw1(r: zmq.Socket = r) -> None:
-                    r.send(buf, copy=False)
-                    r.recv(copy=False)
-                fns[f"raw:{i}"] = raw1
+                fns[f"raw:{i}"] = _raw_call(r, buf)
             med = _interleaved(fns, calls // 3, 10)
             slowest = max(v for key, v in med.items() if key.startswith("fw:"))
             raw_slowest = max(v for key, v in med.items() if key.startswith("raw:"))

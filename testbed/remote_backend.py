@@ -146,11 +146,10 @@ class RemoteExpertBackend:
     def __init__(self, agents: Mapping[str, str], placement: Mapping[str, Sequence[str]] | None = None,
                  *, timeout_s: float = 5.0, down_backoff_s: float = 2.0,
                  curve: CurveClient | None = None, io_threads: int = 1) -> None:
-        self.curve = curve
-        keep_large_buffers()  # reply frames of 1 MiB+ would page-fault fresh mmap pages per call
         if isinstance(io_threads, bool) or not isinstance(io_threads, int) or io_threads < 1:
             raise ValueError(f"io_threads must be a positive integer, got {io_threads!r}")
-        self.io_threads = io_threads
+        self.curve = curve
+        keep_large_buffers()  # reply frames of 1 MiB+ would page-fault fresh mmap pages per call
         self.ctx = zmq.Context(io_threads=io_threads)
         self.timeout_s = float(timeout_s)
         self.down_backoff_s = float(down_backoff_s)
@@ -165,6 +164,11 @@ class RemoteExpertBackend:
         self._renew_wait_ms = int(min(self.timeout_s, 0.5) * 1e3)
         for name, ep in agents.items():
             self.add_agent(name, ep)
+
+    @property
+    def io_threads(self) -> int:
+        """The ZeroMQ I/O threads of the backend's context."""
+        return int(self.ctx.get(zmq.IO_THREADS))
 
     # ---- connections ---------------------------------------------------------------------
     def add_agent(self, name: str, endpoint: str) -> None:
