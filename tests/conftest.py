@@ -66,8 +66,9 @@ def pytest_sessionfinish(session, exitstatus):
     bad = disallowed_skips(_skips) if _require_all() else []
     if bad:
         tr = session.config.pluginmanager.get_plugin("terminalreporter")
-        lines = [f"TESTBED_REQUIRE_ALL=1: {len(bad)} test(s) skipped for a reason this machine "
-                 "should not have:"] + [f"  {node}: {why}" for node, why in bad]
+        head = (f"TESTBED_REQUIRE_ALL=1: {len(bad)} test(s) skipped for a reason this machine "
+                "should not have:")
+        lines = [head] + [f"  {node}: {why}" for node, why in bad]
         if tr:
             tr.ensure_newline()
         for ln in lines:
