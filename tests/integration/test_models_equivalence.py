@@ -112,6 +112,44 @@ def test_greedy_decode_batched_equals_transformers_generate(splits) -> None:
     ]
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_every_decode_step_logits_equal_transformers_full_forward(splits, name: str) -> None:
+    """The KV-cache path of ``generate_greedy`` (left-padded batched prefill, then one-token
+    decode steps) gives, at every step, the logits of transformers' plain forward over each
+    unpadded sequence up to that step (one forward per sequence suffices: it is causal)."""
+    model, split = splits[name]
+    bs = BaseStationModel.from_split_dir(split)
+    steps: list[tuple[str, torch.Tensor]] = []
+    inner = bs.forward
+
+    def capture(*args, **kwargs):  # record what generate_greedy's own forward calls return
+        logits, cache = inner(*args, **kwargs)
+        steps.append((kwargs.get("phase", "?"), logits))
+        return logits, cache
+
+    bs.forward = capture
+    prompts = [[5, 17, 33, 101, 7], [9, 20], [44, 45, 46, 47, 48, 49, 50, 51]]
+    n = 5
+    res = bs.generate_greedy(prompts, max_new_tokens=n)
+    assert res.steps == n and len(steps) == n
+    assert [p for p, _ in steps] == ["prefill"] + ["decode"] * (n - 1)
+    assert all(lg.shape[:2] == (len(prompts), 1) for _, lg in steps[1:])  # really incremental
+    # measured max |diff| over all steps (torch 2.13 CPU, transformers 5.24): 3.6e-6 for
+    # mixtral-larger, <= 1.5e-6 for the others (logits are O(1-4)); 1e-5 as for the prefill
+    worst = 0.0
+    for i, (p, toks) in enumerate(zip(prompts, res.tokens)):
+        with torch.no_grad():
+            ref = model(input_ids=torch.tensor([p + toks[:-1]])).logits[0]
+        L = len(p)
+        worst = max(worst, (steps[0][1][i, -L:] - ref[:L]).abs().max().item())
+        for s in range(1, n):
+            d = (steps[s][1][i, -1] - ref[L + s - 1]).abs().max().item()
+            assert d <= 1e-5, f"{name}: sequence {i}, decode step {s}: max |diff| {d:.3g}"
+            worst = max(worst, d)
+        assert toks == ref[L - 1 :].argmax(-1).tolist()
+    assert worst <= 1e-5, f"{name}: prefill max |diff| {worst:.3g}"
+
+
 def test_eos_stops_sequences(splits) -> None:
     _model, split = splits["mixtral-small"]
     bs = BaseStationModel.from_split_dir(split)
