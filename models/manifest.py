@@ -27,8 +27,18 @@ Layout of a split directory::
       "experts": {"L0.E0": {"path": "experts/L0.E0.safetensors", "layer": 0, "expert": 0,
                              "bytes", "sha256", "dtype",
                              "shapes": {"w1": [I, H], "w2": [H, I], "w3": [I, H]}}, ...},
-      "largest_tensor_bytes": int, "source": {"dir": str, "files": [...], "bytes": int}
+      "largest_tensor_bytes": int, "source": {"dir": str, "files": [...], "bytes": int},
+      "lift": {...}                    # only in a widened split (models.widen), see below
     }
+
+A widened split (``testbed model widen``) re-expresses a trained model's experts in a wider
+basis: ``dims.hidden_size`` is the experts' (and the wire's) width W, the BS model keeps its own
+width H, and ``lift`` names the orthonormal matrix Q [W, H] (QᵀQ = I) the BS applies at the MoE
+boundary (rows x -> x Qᵀ before dispatch, y -> y Q after)::
+
+      "lift": {"path": "bs/lift.safetensors", "bytes", "sha256", "dtype": "F32",
+               "tensor": "lift", "model_hidden_size": H, "hidden_size": W, "seed": int,
+               "intermediate_size": I, "source": {"dir": str, "manifest_sha256": str}}
 
 ``bytes``/``sha256`` are of the whole file, so provisioning can skip unchanged shards.
 """
@@ -81,10 +91,26 @@ class Manifest:
     bs_config: str
     experts: Mapping[str, ShardEntry]
     raw: Mapping[str, Any]
+    lift: ShardEntry | None = None
+    lift_info: Mapping[str, Any] | None = None
 
     @property
     def hidden_size(self) -> int:
+        """Width of the experts' input/output rows (what travels on the wire)."""
         return int(self.dims["hidden_size"])
+
+    @property
+    def model_hidden_size(self) -> int:
+        """Width of the BS model's hidden states (differs from :attr:`hidden_size` only in a
+        widened split)."""
+        if self.lift_info is not None:
+            return int(self.lift_info["model_hidden_size"])
+        return self.hidden_size
+
+    @property
+    def lift_path(self) -> Path | None:
+        """Absolute path of the lift matrix file of a widened split (``None`` otherwise)."""
+        return None if self.lift is None else self.root / self.lift.path
 
     @property
     def num_experts(self) -> int:
@@ -171,6 +197,17 @@ def load_manifest(split_dir: str | os.PathLike[str], *, check_files: bool = True
             raise ModelError(f"{where}: experts", f"bad expert uid {uid!r}")
         experts[uid] = _entry(d, f"{where}: experts.{uid}")
     bs_raw = _req(raw, "bs", dict, where)
+    lift_raw = raw.get("lift")
+    lift = None
+    if lift_raw is not None:
+        if not isinstance(lift_raw, dict):
+            raise ModelError(f"{where}: lift", "expected an object")
+        lift = _entry(lift_raw, f"{where}: lift")
+        for k in ("model_hidden_size", "hidden_size"):
+            _req(lift_raw, k, int, f"{where}: lift")
+        if int(lift_raw["hidden_size"]) != int(raw.get("dims", {}).get("hidden_size", -1)):
+            raise ModelError(f"{where}: lift.hidden_size",
+                             f"{lift_raw['hidden_size']} != dims.hidden_size")
     m = Manifest(
         root=root,
         family=_req(raw, "family", str, where),
@@ -187,6 +224,8 @@ def load_manifest(split_dir: str | os.PathLike[str], *, check_files: bool = True
         bs_config=_req(bs_raw, "config", str, f"{where}: bs"),
         experts=experts,
         raw=raw,
+        lift=lift,
+        lift_info=lift_raw,
     )
     for layer in m.moe_layers:
         for e in range(m.experts_per_layer.get(layer, 0)):
@@ -195,7 +234,7 @@ def load_manifest(split_dir: str | os.PathLike[str], *, check_files: bool = True
                     f"{where}: experts", f"missing entry for expert {format_uid(layer, e)}"
                 )
     if check_files:
-        for entry in [m.bs, *experts.values()]:
+        for entry in [m.bs, *experts.values(), *([lift] if lift is not None else [])]:
             p = root / entry.path
             if not p.is_file():
                 raise ModelError(str(p), "missing shard file listed in manifest.json")
@@ -210,7 +249,7 @@ def load_manifest(split_dir: str | os.PathLike[str], *, check_files: bool = True
 def verify_split(split_dir: str | os.PathLike[str]) -> Manifest:
     """:func:`load_manifest` plus a sha256 check of every shard (reads every byte)."""
     m = load_manifest(split_dir)
-    for entry in [m.bs, *m.experts.values()]:
+    for entry in [m.bs, *m.experts.values(), *([m.lift] if m.lift is not None else [])]:
         p = m.root / entry.path
         if sha256_file(p) != entry.sha256:
             raise ModelError(str(p), "sha256 differs from manifest.json (corrupt or stale shard)")

@@ -10,6 +10,13 @@
    original weight total; tokens left with no expert get zero routed output),
 5. sums weighted outputs (plus the shared expert with its sigmoid gate for Qwen2-MoE),
 6. appends a :class:`MoELayerRecord` to the controller's records when recording.
+
+Two controller settings change what crosses the MoE boundary, not the model:
+
+* ``lift`` (a widened split, :mod:`models.widen`): Q [W, H] with QᵀQ = I; rows go out as
+  ``x Qᵀ`` (W wide) and the weighted sum of the experts' W-wide outputs comes back as ``y Q``;
+* ``wire_dtype``: the dtype of the rows handed to the backend (e.g. bfloat16: half the bytes on
+  the wire); the experts' outputs are cast back to the model's dtype before they are combined.
 """
 
 from __future__ import annotations
@@ -115,6 +122,8 @@ class MoEController:
         self.recording = False
         self.records: list[MoELayerRecord] = []
         self.failures_total = 0
+        self.lift: torch.Tensor | None = None  # [W, H] orthonormal columns (widened split)
+        self.wire_dtype: torch.dtype | None = None  # rows to the backend in this dtype
 
 
 class Router(nn.Module):
@@ -179,6 +188,11 @@ class SplitMoEBlock(nn.Module):
         )
         ids, w = sel.expert_ids, sel.weights
 
+        lift = c.lift
+        xe = x if lift is None else F.linear(x, lift.to(device=x.device, dtype=x.dtype))
+        if c.wire_dtype is not None:
+            xe = xe.to(c.wire_dtype)
+        width = int(xe.shape[1])
         inputs: dict[str, torch.Tensor] = {}
         rows: dict[
             str, tuple[torch.Tensor, torch.Tensor]
@@ -187,7 +201,7 @@ class SplitMoEBlock(nn.Module):
             hit = ids == e
             tok = hit.any(dim=-1).nonzero().squeeze(1)
             uid = format_uid(self.layer, int(e))
-            inputs[uid] = x.index_select(0, tok)
+            inputs[uid] = xe.index_select(0, tok)
             rows[uid] = (tok, (w * hit).sum(dim=-1).index_select(0, tok))
 
         result = c.backend.run_layer(LayerWork(self.layer, c.step, inputs))
@@ -216,16 +230,18 @@ class SplitMoEBlock(nn.Module):
                 if u not in failed
             }
 
-        out = torch.zeros_like(x)
+        out = x.new_zeros((n, width))
         for uid, (tok, wt) in rows.items():
             y = result.outputs[uid]
-            if tuple(y.shape) != (tok.shape[0], self.hidden_size):
+            if tuple(y.shape) != (tok.shape[0], width):
                 raise ModelError(
                     uid,
                     f"backend returned shape {list(y.shape)} for {tok.shape[0]} rows at layer {self.layer}",
                 )
             y = y.to(device=x.device, dtype=x.dtype)
             out.index_add_(0, tok, (y * wt.unsqueeze(1)).to(x.dtype))
+        if lift is not None:  # back to the model's basis: rows y -> y Q
+            out = out @ lift.to(device=x.device, dtype=x.dtype)
 
         if getattr(self, "shared_expert", None) is not None:
             shared = self.shared_expert(x)

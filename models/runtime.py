@@ -109,6 +109,7 @@ class BaseStationModel:
         attn_implementation: str = "sdpa",
         expert_runtime: str = "torch",
         quant: str | None = None,
+        wire_dtype: str | torch.dtype | None = None,
     ) -> BaseStationModel:
         """Load the BS part of ``split_dir``.
 
@@ -126,6 +127,14 @@ class BaseStationModel:
             half-precision checkpoints).
         attn_implementation
             ``"sdpa"`` or ``"eager"``.
+        wire_dtype
+            dtype of the hidden-state rows handed to the expert backend (``float32``,
+            ``bfloat16``/``bf16``, ``float16``/``fp16``); default: the BS model's dtype. The
+            default local backend's experts then take and return rows in that dtype (computing
+            in their own dtype), as a device agent with ``io_dtype`` does.
+
+        A widened split (a ``lift`` entry in the manifest, :mod:`models.widen`) loads its lift
+        Q into the controller: the MoE blocks send ``x Qᵀ`` and map the replies back with Q.
         """
         import transformers
         from safetensors.torch import load_file
@@ -151,7 +160,7 @@ class BaseStationModel:
             orig = getattr(layers[li], attr)
             block = SplitMoEBlock(
                 li,
-                m.hidden_size,
+                m.model_hidden_size,
                 m.experts_per_layer[li],
                 m.top_k,
                 m.norm_topk_prob,
@@ -203,6 +212,16 @@ class BaseStationModel:
         model.to(device=device, dtype=tdtype) if tdtype is not None else model.to(device=device)
         model.eval()
         model.requires_grad_(False)
+        if m.lift_path is not None:
+            lift = load_file(str(m.lift_path)).get(str((m.lift_info or {}).get("tensor", "lift")))
+            want = (m.hidden_size, m.model_hidden_size)
+            if lift is None or tuple(lift.shape) != want:
+                raise ModelError(
+                    str(m.lift_path),
+                    f"lift tensor missing or not of shape {list(want)} (hidden, model hidden)",
+                )
+            controller.lift = lift.to(device=device, dtype=next(model.parameters()).dtype)
+        controller.wire_dtype = torch_dtype(wire_dtype)
         if backend is None:
             controller.backend = LocalExpertBackend.from_split_dir(
                 m,

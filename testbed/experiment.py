@@ -442,7 +442,10 @@ class Runner:
         self.split, self.mf = split, m
         self.manifest["model"] = {"path": str(split), "family": m.family, "model_type": m.model_type,
                                   "manifest_sha256": _sha256(split / "manifest.json"),
-                                  "moe_layers": list(m.moe_layers), "experts": len(m.uids())}
+                                  "moe_layers": list(m.moe_layers), "experts": len(m.uids()),
+                                  "hidden_size": m.model_hidden_size,
+                                  "expert_hidden_size": m.hidden_size,
+                                  "lift": dict(m.lift_info) if m.lift_info else None}
         self._save_manifest()
 
         # Jetson power modes (devices.power_mode): every device checked before anything changes,
@@ -508,12 +511,15 @@ class Runner:
 
             torch.set_num_threads(int(rec.config["run"]["bs_threads"]))
         self.timed = TimedBackend(backend)
-        bsm = BaseStationModel.from_split_dir(split, backend=self.timed)
+        bsm = BaseStationModel.from_split_dir(split, backend=self.timed, wire_dtype=rec.wire_dtype)
         self.bsm = bsm
+        # the dtype of the rows on the wire (model.wire_dtype, default the BS model's): the
+        # agents load experts with it as io dtype, profiling and bytes_per_token use it
+        self.wire_dtype = bsm.controller.wire_dtype or next(bsm.model.parameters()).dtype
+        self.manifest["model"]["wire_dtype"] = str(self.wire_dtype).removeprefix("torch.")
         self.profiles: dict[str, tuple[float, float]] = {}
         self.manifest["compute_profile"] = {}
-        self.bytes_per_token = bytes_per_token(m.hidden_size,
-                                               next(bsm.model.parameters()).element_size())
+        self.bytes_per_token = bytes_per_token(m.hidden_size, self.wire_dtype.itemsize)
         self.reference_model: Any = None
 
         extra = [f"sweep.{k}" for k in rec.sweep]
@@ -577,7 +583,7 @@ class Runner:
     def _profile(self, t: Trial, devices: Sequence[Any], placement: Mapping[str, Sequence[str]]
                  ) -> None:
         """Profile the compute of each device not profiled yet, on one of its loaded experts."""
-        dtype = next(self.bsm.model.parameters()).dtype
+        dtype = self.wire_dtype
         for d in devices:
             if d.name in self.profiles:
                 continue
@@ -643,8 +649,10 @@ class Runner:
                 self.backend.unload_experts(dev.name, drop)
             add = sorted(want - have)
             if add:
+                io = self.manifest["model"]["wire_dtype"]
                 got = self.backend.load_experts(dev.name, [{"uid": u, "path": self.pushed[dev.name][u],
-                                                            **opts.get(u, {})} for u in add])
+                                                            "io_dtype": io, **opts.get(u, {})}
+                                                           for u in add])
                 if sorted(got) != add:
                     raise TestbedError(f"{dev.name}: agent loaded {len(got)} of {len(add)} experts")
             self.loaded[dev.name] = want

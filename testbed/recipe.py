@@ -10,7 +10,11 @@ and a sweep grid over any of these.
     repeats = 1                 # every sweep point is run this many times
 
     [model]
-    path = "tiny"               # "tiny", a split directory or an HF checkpoint (relative to this file)
+    path = "tiny"               # "tiny", "tiny-4096" (the tiny model widened to 4096: experts and
+                                # payloads of Mixtral-8x7B's width, the tiny model's accuracy),
+                                # a split directory or an HF checkpoint (relative to this file)
+    wire_dtype = "bf16"         # optional: hidden states on the wire (and the agents' io dtype)
+                                # fp32, bf16 or fp16; default: the BS model's dtype
 
     [policy]
     name = "topk"               # entry-point name, package.module:Class or path/file.py:Class
@@ -159,6 +163,17 @@ def _task(v: Any) -> str:
     return v
 
 
+#: wire dtypes a recipe may name -> the agents' dtype names
+WIRE_DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16",
+               "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16"}
+
+
+def _wire_dtype(v: Any) -> str:
+    if v not in WIRE_DTYPES:
+        raise ValueError(f"must be one of fp32, bf16, fp16, not {v!r}")
+    return v
+
+
 EPOCHS = ("step", "layer", "request")
 
 
@@ -216,7 +231,7 @@ def _params(v: Any) -> dict[str, Any]:
 SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "recipe": {"name": (_str, "recipe"), "description": (lambda v: str(v), ""),
                "seed": (_int(0), 0), "repeats": (_int(1, 1000), 1)},
-    "model": {"path": (_str, "tiny")},
+    "model": {"path": (_str, "tiny"), "wire_dtype": (_wire_dtype, None)},
     "policy": {"name": (_str, "topk"), "params": (_params, {}), "epoch": (_epoch, "step")},
     "links": {"rate": (_rate, "20mbit"), "rate_down": (_rate, None), "rate_up": (_rate, None),
               "delay": (_time, "0ms"), "loss": (_pct, "0%"), "bandwidth_mhz": (_float(0), None),
@@ -292,12 +307,22 @@ class Recipe:
         return q if q.is_absolute() else (self.path.parent / q).resolve()
 
     def model_spec(self) -> str:
-        """``"tiny"`` or a path resolved against the recipe's folder."""
+        """A built-in name (``"tiny"``, ``"tiny-4096"``) or a path resolved against the recipe's
+        folder."""
+        from .modelstore import is_short_name
+
         p = str(self.config["model"]["path"])
-        if p == "tiny":
+        if is_short_name(p):
             return p
         q = Path(p).expanduser()
         return str(q if q.is_absolute() else (self.path.parent / q).resolve())
+
+    @property
+    def wire_dtype(self) -> str | None:
+        """The agents' name of ``model.wire_dtype`` (``float32``/``bfloat16``/``float16``) or
+        ``None`` (the BS model's dtype)."""
+        v = self.config["model"].get("wire_dtype")
+        return WIRE_DTYPES[v] if v is not None else None
 
     def policy_spec(self, name: str) -> str:
         """A ``path/file.py:Class`` policy is resolved against the recipe's folder."""
