@@ -1,0 +1,599 @@
+"""Rate changes over rtnetlink: HTB class and TBF qdisc ``change`` without starting ``tc``.
+
+A decision epoch changes the rate of every device's HTB class and TBF leaf, in both
+directions. Through ``tc -batch`` that costs a process start (milliseconds); here the whole
+epoch is one ``send`` of prebuilt ``RTM_NEWTCLASS``/``RTM_NEWQDISC`` messages on a kept
+``NETLINK_ROUTE`` socket, then one read of the acks (tens of microseconds).
+
+What the kernel needs (``net/sched/sch_htb.c`` ``htb_change_class``, ``sch_tbf.c``
+``tbf_change``): ``TCA_HTB_PARMS`` / ``TCA_TBF_PARMS`` only. The rate tables
+(``TCA_HTB_RTAB``/``CTAB``, ``TCA_TBF_RTAB``) are read solely to guess the link layer when a
+rate spec says ``TC_LINKLAYER_UNAWARE``; our specs say ``ETHERNET`` (as ``tc`` does), so the
+tables are left out by default (``tables=True`` adds them, byte for byte as ``tc`` would).
+Rates of 2^32 bytes/s and more go in ``TCA_*_RATE64``/``CEIL64``; TBF's bucket size in bytes
+goes in ``TCA_TBF_BURST`` (the kernel then derives the bucket's time from its own rate). The
+``PARMS`` structures are filled exactly as iproute2's ``tc`` fills them (same cell_log, times
+in psched ticks truncated the same way), so a message here equals ``tc``'s minus the tables.
+
+The builders are pure (``bytes`` out) and :func:`decode_tc` reads both our messages and the
+kernel's dumps back. :class:`TcNetlink` owns the socket (optionally in a named network
+namespace), sends a batch, maps every ack back to the interface and handle it was about, and
+dumps qdiscs/classes for the read-back. netem is not handled here (its options are a
+structure followed by attributes, and this kernel has no netem to test against): netem stays
+with the ``tc`` CLI.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as errno_mod
+import os
+import socket
+import struct
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+
+from .errors import TestbedError
+
+# -- netlink / rtnetlink constants (linux/netlink.h, rtnetlink.h, pkt_sched.h) ---------------
+NETLINK_ROUTE = 0
+SOL_NETLINK = 270
+NETLINK_CAP_ACK = 10
+NETLINK_EXT_ACK = 11
+
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLM_F_REQUEST = 0x1
+NLM_F_MULTI = 0x2
+NLM_F_ACK = 0x4
+NLM_F_DUMP = 0x300
+NLM_F_CAPPED = 0x100      # on an ack: the request was not echoed back
+NLM_F_ACK_TLVS = 0x200    # on an ack: extended-ack attributes follow
+NLMSGERR_ATTR_MSG = 1
+
+RTM_NEWQDISC = 36
+RTM_GETQDISC = 38
+RTM_NEWTCLASS = 40
+RTM_GETTCLASS = 42
+
+TCA_KIND = 1
+TCA_OPTIONS = 2
+TCA_STATS2 = 7
+TCA_STATS_BASIC = 1
+TCA_STATS_QUEUE = 3
+
+TCA_HTB_PARMS = 1
+TCA_HTB_CTAB = 3
+TCA_HTB_RTAB = 4
+TCA_HTB_RATE64 = 6
+TCA_HTB_CEIL64 = 7
+
+TCA_TBF_PARMS = 1
+TCA_TBF_RTAB = 2
+TCA_TBF_RATE64 = 4
+TCA_TBF_BURST = 6
+
+TC_H_ROOT = 0xFFFFFFFF
+TC_LINKLAYER_ETHERNET = 1
+NLA_TYPE_MASK = 0x3FFF
+U32_MAX = 0xFFFFFFFF
+#: cell_log tc puts in a rate spec for the default MTUs (1600 for HTB, 2047 for TBF): 3
+CELL_LOG = 3
+
+_NLMSGHDR = struct.Struct("=IHHII")     # len, type, flags, seq, pid
+_TCMSG = struct.Struct("=BBHiIII")      # family, pad, pad, ifindex, handle, parent, info
+_NLA = struct.Struct("=HH")             # len, type
+_RATESPEC = struct.Struct("=BBHhHI")    # cell_log, linklayer, overhead, cell_align, mpu, rate
+_HTB_OPT = struct.Struct("=12s12sIIIII")  # rate, ceil, buffer, cbuffer, quantum, level, prio
+_TBF_QOPT = struct.Struct("=12s12sIII")   # rate, peakrate, limit, buffer, mtu
+_U32 = struct.Struct("=I")
+_U64 = struct.Struct("=Q")
+_I32 = struct.Struct("=i")
+
+
+class TcNetlinkError(TestbedError):
+    """The kernel refused one or more messages of a batch (or the socket failed).
+
+    ``failures`` holds (what, errno, kernel message) per refused message; ``what`` names
+    the interface, object and handle. Exit code 3 (like a failed ``tc``).
+    """
+
+    exit_code = 3
+
+    def __init__(self, host: str, failures: Sequence[tuple[str, int, str]]):
+        self.host = host
+        self.failures = list(failures)
+        parts = [f"{what}: {_errno_text(err)}" + (f" ({msg})" if msg else "")
+                 for what, err, msg in self.failures]
+        super().__init__(f"{host}: netlink refused " + "; ".join(parts))
+
+
+def _errno_text(err: int) -> str:
+    name = errno_mod.errorcode.get(err, f"errno {err}")
+    return f"{name} {os.strerror(err)}"
+
+
+# -- handles and tc's arithmetic --------------------------------------------------------------
+def parse_handle(text: str) -> int:
+    """tc's handle syntax ("1:100", "100:", "root", "none") → the 32-bit kernel handle."""
+    t = text.strip().lower()
+    if t == "root":
+        return TC_H_ROOT
+    if t == "none":
+        return 0
+    major, sep, minor = t.partition(":")
+    if not sep:
+        raise ValueError(f"not a tc handle: {text!r}")
+    maj = int(major, 16) if major else 0
+    mnr = int(minor, 16) if minor else 0
+    if not (0 <= maj <= 0xFFFF and 0 <= mnr <= 0xFFFF):
+        raise ValueError(f"tc handle out of range: {text!r}")
+    return (maj << 16) | mnr
+
+
+def format_handle(handle: int) -> str:
+    """The kernel handle as tc prints it ("1:100", "100:", "root")."""
+    if handle == TC_H_ROOT:
+        return "root"
+    maj, mnr = handle >> 16, handle & 0xFFFF
+    return f"{maj:x}:" + (f"{mnr:x}" if mnr else "")
+
+
+def rate_bytes(rate_kbit: float) -> int:
+    """Bytes/s the kernel keeps for tc's ``<N>kbit`` with ``N = round(rate_kbit)`` (tc's
+    ``get_rate64``: bits/s divided by 8, truncated)."""
+    return round(rate_kbit) * 1000 // 8
+
+
+@lru_cache(maxsize=1)
+def tick_in_usec() -> float:
+    """psched ticks per microsecond, from ``/proc/net/psched`` as tc reads it (15.625 on
+    every kernel since 2.6.31: 64 ns ticks)."""
+    try:
+        with open("/proc/net/psched") as f:
+            t2us, us2t, clock_res = (int(x, 16) for x in f.read().split()[:3])
+    except (OSError, ValueError):
+        return 15.625
+    if clock_res == 1_000_000_000:
+        t2us = us2t
+    return t2us / us2t * (clock_res / 1_000_000)
+
+
+def xmittime(rate_bps: int, size: int) -> int:
+    """Ticks to send ``size`` bytes at ``rate_bps`` bytes/s, truncated twice like tc's
+    ``tc_calc_xmittime`` (microseconds to an unsigned, then ticks to an unsigned)."""
+    usec = int(1_000_000 * (size / rate_bps))
+    return min(int(usec * tick_in_usec()), U32_MAX)
+
+
+def tbf_limit(rate_bps: int, burst: int, latency_us: int) -> int:
+    """TBF queue limit in bytes for ``latency`` as tc computes it (rate × latency + burst),
+    held to 32 bits."""
+    return min(int(rate_bps * latency_us / 1_000_000 + burst), U32_MAX)
+
+
+def ratespec(rate_bps: int) -> bytes:
+    """``struct tc_ratespec`` as tc fills it (ethernet, cell_log 3, cell_align -1); rates of
+    2^32 bytes/s and more are capped here and sent in full as a 64-bit attribute."""
+    return _RATESPEC.pack(CELL_LOG, TC_LINKLAYER_ETHERNET, 0, -1, 0, min(rate_bps, U32_MAX))
+
+
+@lru_cache(maxsize=256)
+def rate_table(rate_bps: int) -> bytes:
+    """The 256-entry rate table tc sends (ticks per 8-byte cell multiple). Only needed by a
+    kernel for a ``TC_LINKLAYER_UNAWARE`` rate spec; kept for byte-exact comparison."""
+    r = min(rate_bps, U32_MAX)
+    return struct.pack("=256I", *(xmittime(r, (i + 1) << CELL_LOG) for i in range(256)))
+
+
+# -- what to change ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HtbClass:
+    """In-place change of an HTB class (``tc class change ... htb``). Rates in bytes/s,
+    bursts in bytes (as ``burst``/``cburst`` on tc's command line)."""
+
+    dev: str
+    classid: int
+    parent: int
+    rate: int
+    ceil: int
+    burst: int
+    cburst: int
+    quantum: int = 0
+    prio: int = 0
+
+    def describe(self) -> str:
+        return f"{self.dev} class htb {format_handle(self.classid)}"
+
+
+@dataclass(frozen=True)
+class TbfQdisc:
+    """In-place change of a TBF qdisc (``tc qdisc change ... tbf``). ``limit`` is the queue
+    in bytes (:func:`tbf_limit` for tc's ``latency``)."""
+
+    dev: str
+    handle: int
+    parent: int
+    rate: int
+    burst: int
+    limit: int
+
+    def describe(self) -> str:
+        return f"{self.dev} qdisc tbf {format_handle(self.handle)}"
+
+
+Change = HtbClass | TbfQdisc
+
+
+# -- encoding ---------------------------------------------------------------------------------
+def _attr(kind: int, payload: bytes) -> bytes:
+    n = 4 + len(payload)
+    return _NLA.pack(n, kind) + payload + b"\0" * (-n & 3)
+
+
+def _message(msg_type: int, flags: int, seq: int, ifindex: int, handle: int, parent: int,
+             body: bytes) -> bytes:
+    head = _TCMSG.pack(socket.AF_UNSPEC, 0, 0, ifindex, handle, parent, 0)
+    return _NLMSGHDR.pack(16 + len(head) + len(body), msg_type, flags, seq, 0) + head + body
+
+
+_KIND_HTB = _attr(TCA_KIND, b"htb\0")
+_KIND_TBF = _attr(TCA_KIND, b"tbf\0")
+
+
+def encode_htb_class(c: HtbClass, ifindex: int, seq: int = 0, *, tables: bool = False,
+                     flags: int = NLM_F_REQUEST | NLM_F_ACK) -> bytes:
+    """``RTM_NEWTCLASS`` that changes HTB class ``c`` in place (no ``NLM_F_CREATE``: a class
+    that does not exist is an error, never created)."""
+    parms = _HTB_OPT.pack(ratespec(c.rate), ratespec(c.ceil), xmittime(c.rate, c.burst),
+                          xmittime(c.ceil, c.cburst), c.quantum, 0, c.prio)
+    opts = b""
+    if c.rate > U32_MAX:
+        opts += _attr(TCA_HTB_RATE64, _U64.pack(c.rate))
+    if c.ceil > U32_MAX:
+        opts += _attr(TCA_HTB_CEIL64, _U64.pack(c.ceil))
+    opts += _attr(TCA_HTB_PARMS, parms)
+    if tables:
+        opts += _attr(TCA_HTB_RTAB, rate_table(c.rate)) + _attr(TCA_HTB_CTAB, rate_table(c.ceil))
+    return _message(RTM_NEWTCLASS, flags, seq, ifindex, c.classid, c.parent,
+                    _KIND_HTB + _attr(TCA_OPTIONS, opts))
+
+
+def encode_tbf_qdisc(q: TbfQdisc, ifindex: int, seq: int = 0, *, tables: bool = False,
+                     flags: int = NLM_F_REQUEST | NLM_F_ACK) -> bytes:
+    """``RTM_NEWQDISC`` that changes TBF qdisc ``q`` in place (no create/replace flags)."""
+    parms = _TBF_QOPT.pack(ratespec(q.rate), bytes(12), q.limit, xmittime(q.rate, q.burst), 0)
+    opts = _attr(TCA_TBF_PARMS, parms) + _attr(TCA_TBF_BURST, _U32.pack(q.burst))
+    if q.rate > U32_MAX:
+        opts += _attr(TCA_TBF_RATE64, _U64.pack(q.rate))
+    if tables:
+        opts += _attr(TCA_TBF_RTAB, rate_table(q.rate))
+    return _message(RTM_NEWQDISC, flags, seq, ifindex, q.handle, q.parent,
+                    _KIND_TBF + _attr(TCA_OPTIONS, opts))
+
+
+def encode_change(c: Change, ifindex: int, seq: int = 0, *, tables: bool = False) -> bytes:
+    if isinstance(c, HtbClass):
+        return encode_htb_class(c, ifindex, seq, tables=tables)
+    if isinstance(c, TbfQdisc):
+        return encode_tbf_qdisc(c, ifindex, seq, tables=tables)
+    raise TypeError(f"not a tc change: {c!r}")
+
+
+def encode_dump(msg_type: int, ifindex: int, seq: int = 0) -> bytes:
+    """Dump request (``RTM_GETQDISC``/``RTM_GETTCLASS``) for one interface."""
+    return _message(msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, ifindex, 0, 0, b"")
+
+
+# -- decoding ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NlMsg:
+    type: int
+    flags: int
+    seq: int
+    pid: int
+    payload: bytes
+
+
+def split_messages(buf: bytes) -> Iterator[NlMsg]:
+    """The netlink messages in a buffer (as sent or as received)."""
+    off = 0
+    while off + 16 <= len(buf):
+        length, kind, flags, seq, pid = _NLMSGHDR.unpack_from(buf, off)
+        if length < 16 or off + length > len(buf):
+            raise ValueError(f"truncated netlink message at offset {off}")
+        yield NlMsg(kind, flags, seq, pid, buf[off + 16: off + length])
+        off += (length + 3) & ~3
+
+
+def parse_attrs(buf: bytes) -> dict[int, bytes]:
+    """Attributes (type → payload; the nested/byte-order flag bits dropped)."""
+    out: dict[int, bytes] = {}
+    off = 0
+    while off + 4 <= len(buf):
+        length, kind = _NLA.unpack_from(buf, off)
+        if length < 4 or off + length > len(buf):
+            raise ValueError(f"truncated attribute at offset {off}")
+        out[kind & NLA_TYPE_MASK] = buf[off + 4: off + length]
+        off += (length + 3) & ~3
+    return out
+
+
+def parse_ratespec(b: bytes) -> dict[str, int]:
+    cell_log, linklayer, overhead, cell_align, mpu, rate = _RATESPEC.unpack(b[:12])
+    return {"cell_log": cell_log, "linklayer": linklayer, "overhead": overhead,
+            "cell_align": cell_align, "mpu": mpu, "rate": rate}
+
+
+@dataclass
+class TcObject:
+    """A qdisc or class as a message carries it. Rates in bytes/s (64-bit attributes
+    applied), bucket times in psched ticks, ``burst``/``cburst`` in bytes as tc computes
+    them back from the times."""
+
+    msg_type: int
+    kind: str
+    ifindex: int
+    handle: int
+    parent: int
+    rate: int | None = None
+    ceil: int | None = None
+    buffer: int | None = None
+    cbuffer: int | None = None
+    quantum: int | None = None
+    level: int | None = None
+    prio: int | None = None
+    limit: int | None = None
+    burst_bytes: int | None = None      # TCA_TBF_BURST, when sent
+    ratespecs: tuple[dict[str, int], ...] = ()
+    tables: tuple[int, ...] = ()        # attribute types of rate tables present
+    sent_bytes: int = 0
+    sent_packets: int = 0
+    drops: int = 0
+    overlimits: int = 0
+
+    @property
+    def rate_kbit(self) -> float | None:
+        return None if self.rate is None else self.rate * 8 / 1000
+
+    @property
+    def ceil_kbit(self) -> float | None:
+        return None if self.ceil is None else self.ceil * 8 / 1000
+
+    @property
+    def burst(self) -> float | None:
+        """Bucket in bytes from its time (what ``tc`` prints as ``burst``)."""
+        if self.rate is None or self.buffer is None:
+            return None
+        return self.rate * (self.buffer / tick_in_usec()) / 1e6
+
+    @property
+    def cburst(self) -> float | None:
+        if self.ceil is None or self.cbuffer is None:
+            return None
+        return self.ceil * (self.cbuffer / tick_in_usec()) / 1e6
+
+
+def decode_tc(msg: NlMsg) -> TcObject:
+    """A qdisc/class message (``RTM_NEW*``, sent or dumped) → :class:`TcObject`."""
+    _, _, _, ifindex, handle, parent, _ = _TCMSG.unpack_from(msg.payload)
+    attrs = parse_attrs(msg.payload[_TCMSG.size:])
+    kind = attrs.get(TCA_KIND, b"").split(b"\0", 1)[0].decode()
+    obj = TcObject(msg.type, kind, ifindex, handle, parent)
+    opts = parse_attrs(attrs[TCA_OPTIONS]) if TCA_OPTIONS in attrs else {}
+    if kind == "htb" and TCA_HTB_PARMS in opts:
+        rate, ceil, obj.buffer, obj.cbuffer, obj.quantum, obj.level, obj.prio = \
+            _HTB_OPT.unpack(opts[TCA_HTB_PARMS][:_HTB_OPT.size])
+        specs = (parse_ratespec(rate), parse_ratespec(ceil))
+        obj.ratespecs = specs
+        obj.rate = _U64.unpack(opts[TCA_HTB_RATE64])[0] if TCA_HTB_RATE64 in opts \
+            else specs[0]["rate"]
+        obj.ceil = _U64.unpack(opts[TCA_HTB_CEIL64])[0] if TCA_HTB_CEIL64 in opts \
+            else specs[1]["rate"]
+        obj.tables = tuple(t for t in (TCA_HTB_RTAB, TCA_HTB_CTAB) if t in opts)
+    elif kind == "tbf" and TCA_TBF_PARMS in opts:
+        rate, peak, obj.limit, obj.buffer, _mtu = _TBF_QOPT.unpack(
+            opts[TCA_TBF_PARMS][:_TBF_QOPT.size])
+        specs = (parse_ratespec(rate), parse_ratespec(peak))
+        obj.ratespecs = specs
+        obj.rate = _U64.unpack(opts[TCA_TBF_RATE64])[0] if TCA_TBF_RATE64 in opts \
+            else specs[0]["rate"]
+        if TCA_TBF_BURST in opts:
+            obj.burst_bytes = _U32.unpack(opts[TCA_TBF_BURST])[0]
+        obj.tables = tuple(t for t in (TCA_TBF_RTAB,) if t in opts)
+    if TCA_STATS2 in attrs:
+        stats = parse_attrs(attrs[TCA_STATS2])
+        if TCA_STATS_BASIC in stats:
+            obj.sent_bytes, obj.sent_packets = struct.unpack_from("=QI", stats[TCA_STATS_BASIC])
+        if TCA_STATS_QUEUE in stats:  # qlen, backlog, drops, requeues, overlimits
+            _, _, obj.drops, _, obj.overlimits = struct.unpack_from("=5I",
+                                                                    stats[TCA_STATS_QUEUE])
+    return obj
+
+
+def decode_ack(msg: NlMsg) -> tuple[int, str]:
+    """An ``NLMSG_ERROR`` → (errno, kernel's extended-ack message or ""); errno 0 is an ack."""
+    err = -_I32.unpack_from(msg.payload)[0]
+    text = ""
+    if msg.flags & NLM_F_ACK_TLVS:
+        orig_len = _NLMSGHDR.unpack_from(msg.payload, 4)[0]
+        off = 4 + (16 if msg.flags & NLM_F_CAPPED else (orig_len + 3) & ~3)
+        tlvs = parse_attrs(msg.payload[off:])
+        if NLMSGERR_ATTR_MSG in tlvs:
+            text = tlvs[NLMSGERR_ATTR_MSG].split(b"\0", 1)[0].decode(errors="replace")
+    return err, text
+
+
+# -- network namespaces -----------------------------------------------------------------------
+_CLONE_NEWNET = 0x40000000
+_libc = None
+
+
+def _setns(fd: int) -> None:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"setns: {os.strerror(e)}")
+
+
+@contextmanager
+def in_netns(name: str | None) -> Iterator[None]:
+    """Run the block in network namespace ``name`` (``ip netns`` name; None: stay). Only
+    this thread moves, and it moves back. Sockets made inside stay in that namespace."""
+    if name is None:
+        yield
+        return
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(f"/run/netns/{name}", os.O_RDONLY)
+        try:
+            _setns(target)
+        finally:
+            os.close(target)
+        try:
+            yield
+        finally:
+            _setns(own)
+    finally:
+        os.close(own)
+
+
+# -- the client -------------------------------------------------------------------------------
+class TcNetlink:
+    """A ``NETLINK_ROUTE`` socket for in-place tc changes and read-backs.
+
+    Parameters
+    ----------
+    netns:
+        ``ip netns`` name to work in (None: this process's namespace).
+    tables:
+        Also send rate tables (not needed by the kernel; see the module docstring).
+    timeout_s:
+        Longest wait for the kernel's answers.
+    """
+
+    def __init__(self, netns: str | None = None, *, tables: bool = False,
+                 timeout_s: float = 5.0, host: str | None = None):
+        self.netns = netns
+        self.tables = tables
+        self.host = host or (f"netns:{netns}" if netns else "local")
+        self.warnings: list[str] = []
+        self._ifindex: dict[str, int] = {}
+        self._seq = 0
+        with in_netns(netns):
+            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+        try:
+            self.sock.bind((0, 0))
+            for opt in (NETLINK_EXT_ACK, NETLINK_CAP_ACK):
+                try:
+                    self.sock.setsockopt(SOL_NETLINK, opt, 1)
+                except OSError:
+                    pass  # older kernels: plain acks, no kernel message
+            self.sock.settimeout(timeout_s)
+        except BaseException:
+            self.sock.close()
+            raise
+        self._buf = bytearray(1 << 16)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def ifindex(self, dev: str) -> int:
+        idx = self._ifindex.get(dev)
+        if idx is None:
+            try:
+                with in_netns(self.netns):
+                    idx = socket.if_nametoindex(dev)
+            except OSError:
+                raise TcNetlinkError(self.host, [(f"{dev}: no such interface",
+                                                  errno_mod.ENODEV, "")]) from None
+            self._ifindex[dev] = idx
+        return idx
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) & 0x7FFFFFFF or 1
+        return self._seq
+
+    # -- changes
+    def encode(self, changes: Sequence[Change]) -> tuple[bytes, dict[int, str]]:
+        """One buffer with every change, and seq → what it changes (for the acks)."""
+        parts, labels = [], {}
+        for c in changes:
+            seq = self._next_seq()
+            parts.append(encode_change(c, self.ifindex(c.dev), seq, tables=self.tables))
+            labels[seq] = c.describe()
+        return b"".join(parts), labels
+
+    def change(self, changes: Sequence[Change]) -> None:
+        """Apply ``changes`` in one send and wait for every ack. The kernel handles the
+        messages in order and keeps going past a refused one; every refusal is raised
+        together (:class:`TcNetlinkError`) once all answers are in."""
+        if changes:
+            self.send_batch(*self.encode(changes))
+
+    def send_batch(self, batch: bytes, labels: dict[int, str]) -> None:
+        try:
+            self.sock.send(batch)
+        except OSError as exc:
+            raise TcNetlinkError(self.host, [("send", exc.errno or 0, str(exc))]) from None
+        pending = set(labels)
+        failures: list[tuple[str, int, str]] = []
+        while pending:
+            for msg in self._recv():
+                if msg.type != NLMSG_ERROR or msg.seq not in pending:
+                    continue
+                pending.discard(msg.seq)
+                err, text = decode_ack(msg)
+                if err:
+                    failures.append((labels[msg.seq], err, text))
+                elif text:
+                    self.warnings.append(f"{labels[msg.seq]}: {text}")
+        if failures:
+            raise TcNetlinkError(self.host, failures)
+
+    def _recv(self) -> list[NlMsg]:
+        try:
+            n = self.sock.recv_into(self._buf)
+        except TimeoutError:
+            raise TcNetlinkError(self.host, [("waiting for the kernel's answer",
+                                              errno_mod.ETIMEDOUT, "")]) from None
+        return list(split_messages(bytes(self._buf[:n])))
+
+    # -- read-back
+    def dump(self, msg_type: int, dev: str) -> list[TcObject]:
+        """Every qdisc (``RTM_GETQDISC``) or class (``RTM_GETTCLASS``) of ``dev``."""
+        idx = self.ifindex(dev)
+        seq = self._next_seq()
+        self.sock.send(encode_dump(msg_type, idx, seq))
+        out: list[TcObject] = []
+        while True:
+            for msg in self._recv():
+                if msg.seq != seq:
+                    continue
+                if msg.type == NLMSG_DONE:
+                    return out
+                if msg.type == NLMSG_ERROR:
+                    err, text = decode_ack(msg)
+                    if not err:
+                        continue
+                    what = "qdiscs" if msg_type == RTM_GETQDISC else "classes"
+                    raise TcNetlinkError(self.host, [(f"{dev} dump {what}", err, text)])
+                obj = decode_tc(msg)
+                if obj.ifindex == idx:  # qdisc dumps may cover every interface
+                    out.append(obj)
+
+    def qdiscs(self, dev: str) -> list[TcObject]:
+        return self.dump(RTM_GETQDISC, dev)
+
+    def classes(self, dev: str) -> list[TcObject]:
+        return self.dump(RTM_GETTCLASS, dev)
