@@ -105,7 +105,7 @@ class TcNetlinkError(TestbedError):
     def __init__(self, host: str, failures: Sequence[tuple[str, int, str]]):
         self.host = host
         self.failures = list(failures)
-        parts = [f"{what}: {_errno_text(err)}" + (f" ({msg})" if msg else "")
+        parts = [f"{what} -> {_errno_text(err)}" + (f" ({msg})" if msg else "")
                  for what, err, msg in self.failures]
         super().__init__(f"{host}: netlink refused " + "; ".join(parts))
 
@@ -557,7 +557,7 @@ class TcNetlink:
                 if err:
                     failures.append((labels[msg.seq], err, text))
                 elif text:
-                    self.warnings.append(f"{labels[msg.seq]}: {text}")
+                    self.warnings.append(f"{labels[msg.seq]} -> {text}")
         if failures:
             raise TcNetlinkError(self.host, failures)
 
