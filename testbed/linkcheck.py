@@ -1,4 +1,5 @@
-"""``testbed links verify``: goodput per device and direction, counted by the receiver.
+"""``testbed links verify``: goodput per device and direction, counted by the receiver;
+with ``--airtime``, what the link charges lone messages.
 
 The probe (:mod:`testbed.netprobe`, standard library only) is pushed to the device's
 workdir over SSH and run with the device's own Python; the BS end runs through the BS
@@ -39,6 +40,63 @@ class Goodput:
         d = asdict(self)
         d["ratio"] = None if self.ratio is None else round(self.ratio, 4)
         return d
+
+
+@dataclass
+class Airtime:
+    """One lone message: delivery time minus the 1-byte round trip, against its airtime
+    (``bytes * 8 / rate``)."""
+
+    device: str
+    direction: str
+    configured_kbit: float | None
+    bytes: int
+    repeat: int
+    rtt_ms: float
+    delivery_ms: float
+    shaping: str | None = None
+
+    @property
+    def charged_ms(self) -> float:
+        return self.delivery_ms - self.rtt_ms
+
+    @property
+    def airtime_ms(self) -> float | None:
+        return self.bytes * 8 / self.configured_kbit if self.configured_kbit else None
+
+    @property
+    def ratio(self) -> float | None:
+        a = self.airtime_ms
+        return self.charged_ms / a if a else None
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["charged_ms"] = round(self.charged_ms, 4)
+        d["airtime_ms"] = None if self.airtime_ms is None else round(self.airtime_ms, 4)
+        d["ratio"] = None if self.ratio is None else round(self.ratio, 4)
+        return d
+
+
+#: lone message sizes of ``links verify --airtime``: about one frame, 8 KiB, 64 KiB
+AIRTIME_SIZES = (1536, 8192, 65536)
+
+
+def summarize_airtime(rows: list[Airtime]) -> list[dict[str, object]]:
+    """Per device, direction and size: the ratios of every repeat, their min/median/max."""
+    groups: dict[tuple[str, str, int], list[Airtime]] = {}
+    for r in rows:
+        groups.setdefault((r.device, r.direction, r.bytes), []).append(r)
+    out = []
+    for (dev, direction, size), rs in groups.items():
+        ratios = sorted(r.ratio for r in rs if r.ratio is not None)
+        out.append({"device": dev, "direction": direction, "bytes": size,
+                    "configured_kbit": rs[0].configured_kbit, "shaping": rs[0].shaping,
+                    "repeats": len(rs), "ratios": [round(x, 4) for x in ratios],
+                    "ratio_min": round(ratios[0], 4) if ratios else None,
+                    "ratio_median": round(ratios[len(ratios) // 2], 4) if ratios else None,
+                    "ratio_max": round(ratios[-1], 4) if ratios else None,
+                    "rtt_ms_median": sorted(r.rtt_ms for r in rs)[len(rs) // 2]})
+    return out
 
 
 def shaper_for(inv: Inventory, bs: Runner) -> TcShaper:
@@ -88,6 +146,44 @@ def measure(inv: Inventory, dev: Device, direction: str, seconds: float,
     m = json.loads(rx_res.stdout.strip().splitlines()[-1])
     return Goodput(dev.name, direction, configured_kbit, float(m["goodput_kbit"]),
                    float(m["window_s"]), int(m["window_bytes"]))
+
+
+def measure_airtime(inv: Inventory, dev: Device, direction: str, sizes: tuple[int, ...],
+                    repeats: int, idle_s: float, bs: Runner, remote: Runner,
+                    bs_probe: tuple[str, str], dev_probe: str, configured_kbit: float | None,
+                    shaping: str | None = None) -> list[Airtime]:
+    """Lone messages in ``direction``, timed by their sender (the BS for ``down``)."""
+    port = random.randint(20000, 59999)
+    if direction == "down":
+        srv_runner, srv = remote, [dev.python, dev_probe, "echo", "--bind", dev.host]
+        tx_runner, tx = bs, [*bs_probe, "airtime", "--to", dev.host]
+    else:
+        srv_runner, srv = bs, [*bs_probe, "echo", "--bind", inv.bs.host]
+        tx_runner, tx = remote, [dev.python, dev_probe, "airtime", "--to", inv.bs.host]
+    budget = repeats * len(sizes) * (idle_s + 5 + max(sizes) * 8 / (configured_kbit or 1e3)
+                                     / 1e3) + 30
+    out: dict[str, object] = {}
+
+    def serve() -> None:
+        try:
+            out["srv"] = srv_runner.run([*srv, "--port", str(port)], timeout_s=budget + 10)
+        except TestbedError as exc:
+            out["err"] = exc
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    try:
+        res = tx_runner.run([*tx, "--port", str(port), "--sizes", ",".join(map(str, sizes)),
+                             "--repeats", str(repeats), "--idle", f"{idle_s:g}"],
+                            timeout_s=budget)
+    finally:
+        th.join(budget + 15)
+    if "err" in out:
+        raise out["err"]  # type: ignore[misc]
+    m = json.loads(res.stdout.strip().splitlines()[-1])
+    return [Airtime(dev.name, direction, configured_kbit, int(r["bytes"]), int(r["repeat"]),
+                    float(r["rtt_ms"]), float(r["delivery_ms"]), shaping)
+            for r in m["messages"]]
 
 
 def verify(inv: Inventory, seconds: float = 3.0, devices: list[str] | None = None,
