@@ -1,0 +1,322 @@
+"""Rate changes over rtnetlink on a real HTB+TBF tree, in scratch network namespaces.
+
+Two namespaces per test: ``bs`` holds a veth (downlink tree on its egress) and an ifb (uplink
+tree, fed by an ingress mirred redirect), shaped as the testbed shapes the BS: HTB class
+``1:(100+i)`` per device with a TBF leaf ``(100+i):``; ``peer`` holds the other end of the veth
+with one address per device. Both namespaces (and so every link and qdisc in them) are deleted
+after each test, whatever happened. The host's own namespace is never touched.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from testbed import links
+from testbed import netlink_tc as N
+from tests.conftest import needs_testbed, unique_name
+
+pytestmark = needs_testbed
+
+NET = "10.231.0"
+BS_ADDR = f"{NET}.1"
+START_KBIT = 8000.0
+TBF_BURST = 1514
+TBF_LATENCY_US = 1_000_000
+
+
+def _addr(i: int) -> str:
+    return f"{NET}.{11 + i}"
+
+
+def sh(*argv: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    full = (["ip", "netns", "exec", ns] if ns else []) + list(argv)
+    res = subprocess.run(full, check=False, capture_output=True, text=True, timeout=30)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(full)}: {res.stderr.strip()}")
+    return res
+
+
+def tree_commands(dev: str, n: int, kbit: float, match: str) -> list[list[str]]:
+    """The testbed's per-device tree: HTB class 1:(100+i) with links' parameters and a TBF
+    leaf (100+i): holding one MTU, selected by a u32 filter on the device's address."""
+    cmds = [["tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default",
+             "ffff", "direct_qlen", "1000"],
+            ["tc", "class", "add", "dev", dev, "parent", "1:", "classid", "1:1",
+             *links._htb_params(links.UNLIMITED_KBIT)]]
+    for i in range(n):
+        m = links.class_minor(i)
+        cmds += [["tc", "class", "add", "dev", dev, "parent", "1:1", "classid", f"1:{m:x}",
+                  *links._htb_params(kbit)],
+                 ["tc", "qdisc", "add", "dev", dev, "parent", f"1:{m:x}", "handle", f"{m:x}:",
+                  "tbf", "rate", links.format_rate(kbit), "burst", str(TBF_BURST),
+                  "latency", "1s"],
+                 ["tc", "filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio",
+                  "1", "u32", "match", "ip", match, f"{_addr(i)}/32", "flowid", f"1:{m:x}"]]
+    return cmds
+
+
+@pytest.fixture
+def scratch():
+    """(bs namespace, peer namespace, n devices) with the shaping tree on v0 and ifb0."""
+    bs, peer = unique_name("nb"), unique_name("np")
+    n = 3
+    try:
+        sh("ip", "netns", "add", bs)
+        sh("ip", "netns", "add", peer)
+        sh("ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1", "netns", peer, ns=bs)
+        sh("ip", "link", "add", "ifb0", "type", "ifb", ns=bs)
+        sh("ip", "addr", "add", f"{BS_ADDR}/24", "dev", "v0", ns=bs)
+        for i in range(n):
+            sh("ip", "addr", "add", f"{_addr(i)}/24", "dev", "v1", ns=peer)
+        for ns, dev in ((bs, "v0"), (bs, "ifb0"), (bs, "lo"), (peer, "v1"), (peer, "lo")):
+            sh("ip", "link", "set", dev, "up", ns=ns)
+        for argv in (tree_commands("v0", n, START_KBIT, "dst")
+                     + tree_commands("ifb0", n, START_KBIT, "src")
+                     + [["tc", "qdisc", "add", "dev", "v0", "handle", "ffff:", "ingress"],
+                        ["tc", "filter", "add", "dev", "v0", "parent", "ffff:", "protocol", "ip",
+                         "prio", "1", "u32", "match", "u32", "0", "0", "action", "mirred",
+                         "egress", "redirect", "dev", "ifb0"]]):
+            sh(*argv, ns=bs)
+        yield bs, peer, n
+    finally:
+        for ns in (bs, peer):
+            sh("ip", "netns", "del", ns, check=False)
+        left = sh("ip", "netns", "list").stdout
+        assert bs not in left and peer not in left
+
+
+def epoch(n: int, rates: dict[int, tuple[float, float]]) -> list[N.Change]:
+    """One epoch's messages: HTB class (links' rate/ceil/burst/cburst/quantum) and TBF leaf
+    of every device, both directions."""
+    out: list[N.Change] = []
+    for i, (down, up) in rates.items():
+        m = links.class_minor(i)
+        for dev, kbit in (("v0", down), ("ifb0", up)):
+            r, b = N.rate_bytes(kbit), links.burst_bytes(kbit)
+            out.append(N.HtbClass(dev, 0x10000 | m, 0x10001, r, r, b, b, links.QUANTUM_BYTES))
+            out.append(N.TbfQdisc(dev, m << 16, 0x10000 | m, r, TBF_BURST,
+                                  N.tbf_limit(r, TBF_BURST, TBF_LATENCY_US)))
+    return out
+
+
+# -- what tc says ----------------------------------------------------------------------------
+def tc_qdiscs(ns: str, dev: str) -> list[dict]:
+    return json.loads(sh("tc", "-s", "-j", "qdisc", "show", "dev", dev, ns=ns).stdout)
+
+
+def tc_classes(ns: str, dev: str) -> dict[str, links.TcClass]:
+    text = sh("tc", "-s", "class", "show", "dev", dev, ns=ns).stdout
+    return {c.classid: c for c in links.parse_htb_classes(text) if c.classid.startswith("1:")}
+
+
+def tc_burst_bytes(ns: str, dev: str) -> dict[str, tuple[int, int]]:
+    """classid -> (burst, cburst) in bytes as ``tc -d class show`` prints them."""
+    text = sh("tc", "-d", "class", "show", "dev", dev, ns=ns).stdout
+    return {m[1]: (int(m[2]), int(m[3])) for m in re.finditer(
+        r"class htb (\S+) .*? burst (\d+)b/\d+ .*? cburst (\d+)b/\d+", text)}
+
+
+def handles(ns: str) -> list[tuple[str, str, str, str]]:
+    return [(d, q["kind"], q["handle"], q.get("parent", "root"))
+            for d in ("v0", "ifb0") for q in tc_qdiscs(ns, d)]
+
+
+def leaf_sent(ns: str) -> dict[tuple[str, str], int]:
+    return {(d, q["handle"]): q["bytes"] for d in ("v0", "ifb0") for q in tc_qdiscs(ns, d)
+            if q["kind"] == "tbf"}
+
+
+def class_sent(ns: str) -> dict[tuple[str, str], int]:
+    return {(d, cid): c.sent_bytes for d in ("v0", "ifb0")
+            for cid, c in tc_classes(ns, d).items()}
+
+
+# -- traffic ----------------------------------------------------------------------------------
+def goodput_kbit(src_ns: str, src: str, dst_ns: str, dst: str, kbit: float,
+                 seconds: float) -> float:
+    """UDP payload kbit/s received over ``seconds`` (from the first datagram), the sender
+    offering twice ``kbit``."""
+    with N.in_netns(dst_ns):
+        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with N.in_netns(src_ns):
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    stop = threading.Event()
+    try:
+        rx.bind((dst, 0))
+        rx.settimeout(2.0)
+        tx.bind((src, 0))
+        port = rx.getsockname()[1]
+        payload = b"x" * 1000
+        per_ms = max(1, int(2 * kbit * 1000 / 8 / 1000 / len(payload)))
+
+        def send() -> None:
+            while not stop.is_set():
+                for _ in range(per_ms):
+                    try:
+                        tx.sendto(payload, (dst, port))
+                    except OSError:
+                        pass
+                time.sleep(0.001)
+
+        t = threading.Thread(target=send, daemon=True)
+        t.start()
+        got = len(rx.recv(65536))
+        t0 = time.monotonic()
+        while (left := t0 + seconds - time.monotonic()) > 0:
+            rx.settimeout(left)
+            try:
+                got += len(rx.recv(65536))
+            except TimeoutError:
+                break
+        return got * 8 / 1000 / seconds
+    finally:
+        stop.set()
+        tx.close()
+        rx.close()
+
+
+def traffic(bs: str, peer: str, n: int, seconds: float = 0.3) -> None:
+    """A little traffic both ways through every device's classes."""
+    for i in range(n):
+        goodput_kbit(bs, BS_ADDR, peer, _addr(i), 2000, seconds)
+        goodput_kbit(peer, _addr(i), bs, BS_ADDR, 2000, seconds)
+
+
+# -- tests ------------------------------------------------------------------------------------
+def test_epoch_changes_rates_in_place(scratch):
+    bs, peer, n = scratch
+    traffic(bs, peer, n)
+    before_handles = handles(bs)
+    before_leaf, before_class = leaf_sent(bs), class_sent(bs)
+    assert all(before_leaf.values()) and all(v for (_, c), v in before_class.items() if c != "1:1")
+
+    rates = {0: (1234.0, 567.0), 1: (20000.0, 3000.0), 2: (8.0, 100000.0)}
+    with N.TcNetlink(bs) as nl:
+        nl.change(epoch(n, rates))
+        ours_classes = {d: {c.handle: c for c in nl.classes(d)} for d in ("v0", "ifb0")}
+        ours_qdiscs = {d: {q.handle: q for q in nl.qdiscs(d)} for d in ("v0", "ifb0")}
+
+    # nothing re-created: same qdiscs (kind, handle, parent), counters not reset
+    assert handles(bs) == before_handles
+    after_leaf, after_class = leaf_sent(bs), class_sent(bs)
+    assert all(after_leaf[k] >= v for k, v in before_leaf.items())
+    assert all(after_class[k] >= v for k, v in before_class.items())
+
+    for i, (down, up) in rates.items():
+        m = links.class_minor(i)
+        for dev, kbit in (("v0", down), ("ifb0", up)):
+            cls = tc_classes(bs, dev)[f"1:{m:x}"]
+            assert (cls.rate_kbit, cls.ceil_kbit) == (kbit, kbit), (dev, i)
+            assert cls.leaf == f"{m:x}:"
+            burst, cburst = tc_burst_bytes(bs, dev)[f"1:{m:x}"]
+            want = links.burst_bytes(kbit)
+            assert want - 2 <= burst <= want and want - 2 <= cburst <= want, (dev, i, burst)
+            leaf = next(q for q in tc_qdiscs(bs, dev) if q["handle"] == f"{m:x}:")
+            assert leaf["kind"] == "tbf" and leaf["parent"] == f"1:{m:x}"
+            assert leaf["options"]["rate"] == N.rate_bytes(kbit)  # tc -j: bytes/s
+            assert TBF_BURST - 2 <= leaf["options"]["burst"] <= TBF_BURST
+            assert leaf["options"]["lat"] == pytest.approx(TBF_LATENCY_US, rel=1e-3)
+            # our read-back says the same as tc
+            ours = ours_classes[dev][0x10000 | m]
+            assert (ours.rate_kbit, ours.ceil_kbit, ours.quantum) == \
+                (kbit, kbit, links.QUANTUM_BYTES)
+            assert ours_qdiscs[dev][m << 16].rate == N.rate_bytes(kbit)
+            assert ours_qdiscs[dev][m << 16].limit == N.tbf_limit(N.rate_bytes(kbit),
+                                                                  TBF_BURST, TBF_LATENCY_US)
+
+    traffic(bs, peer, n)
+    final_leaf = leaf_sent(bs)
+    assert all(final_leaf[k] > v for k, v in after_leaf.items()), "counters keep running"
+
+
+def test_new_rates_are_what_the_link_carries(scratch):
+    bs, peer, n = scratch
+    with N.TcNetlink(bs) as nl:
+        nl.change(epoch(n, {0: (2000.0, 3000.0), 1: (500.0, 500.0)}))
+    down = goodput_kbit(bs, BS_ADDR, peer, _addr(0), 2000, 1.0)
+    up = goodput_kbit(peer, _addr(0), bs, BS_ADDR, 3000, 1.0)
+    # payload only: 1000 of every 1042 bytes on the wire
+    print(f"goodput down {down:.0f} up {up:.0f} kbit/s")
+    assert 0.85 * 2000 <= down <= 1.02 * 2000, down
+    assert 0.85 * 3000 <= up <= 1.02 * 3000, up
+
+
+def test_bad_handle_is_a_clear_error_and_the_rest_applies(scratch):
+    bs, _, n = scratch
+    r = N.rate_bytes(4000)
+    good = epoch(n, {1: (4000.0, 4000.0)})
+    bad = [N.HtbClass("v0", 0x101FF, 0x10001, r, r, 3200, 3200, 3028),
+           N.TbfQdisc("ifb0", 0x1FF0000, 0x101FF, r, TBF_BURST, 9999)]
+    with N.TcNetlink(bs) as nl, pytest.raises(N.TcNetlinkError) as ei:
+        nl.change([bad[0], *good, bad[1]])
+    msg = str(ei.value)
+    assert "v0 class htb 1:1ff -> ENOENT" in msg
+    assert "ifb0 qdisc tbf 1ff: -> ENOENT" in msg
+    assert [f[1] for f in ei.value.failures] == [errno.ENOENT, errno.ENOENT]
+    m = f"1:{links.class_minor(1):x}"
+    assert tc_classes(bs, "v0")[m].rate_kbit == 4000 and tc_classes(bs, "ifb0")[m].rate_kbit == 4000
+    # a kind that is not the qdisc's: refused, not replaced
+    with N.TcNetlink(bs) as nl, pytest.raises(N.TcNetlinkError, match="EINVAL"):
+        nl.change([N.TbfQdisc("v0", 0x10000, N.TC_H_ROOT, r, TBF_BURST, 9999)])
+    assert [q["kind"] for q in tc_qdiscs(bs, "v0") if q.get("root")] == ["htb"]
+    with N.TcNetlink(bs) as nl, \
+            pytest.raises(N.TcNetlinkError, match="nosuch0: no such interface"):
+        nl.change([N.HtbClass("nosuch0", 0x10100, 0x10001, r, r, 3200, 3200, 3028)])
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace not installed")
+def test_messages_equal_what_tc_sends_and_tableless_ones_act_the_same(scratch):
+    """tc's own message (captured with strace) equals ours with tables; the kernel's state
+    after ours without tables equals its state after tc's."""
+    bs, _, _ = scratch
+    kbit = 7777.0
+    r, b = N.rate_bytes(kbit), links.burst_bytes(kbit)
+    htb = N.HtbClass("v0", 0x10101, 0x10001, r, r, b, b, links.QUANTUM_BYTES)
+    tbf = N.TbfQdisc("v0", 0x1010000, 0x10101, r, TBF_BURST,
+                     N.tbf_limit(r, TBF_BURST, TBF_LATENCY_US))
+    argvs = (["tc", "class", "change", "dev", "v0", "parent", "1:1", "classid", "1:101",
+              *links._htb_params(kbit)],
+             ["tc", "qdisc", "change", "dev", "v0", "parent", "1:101", "handle", "101:", "tbf",
+              "rate", links.format_rate(kbit), "burst", str(TBF_BURST), "latency", "1s"])
+    with N.TcNetlink(bs) as nl:
+        idx = nl.ifindex("v0")
+        for change, argv in zip((htb, tbf), argvs):
+            sent = strace_sendmsg(bs, argv)
+            theirs = list(N.split_messages(sent))[-1]
+            ours = N.encode_change(change, idx, theirs.seq, tables=True)
+            assert ours == sent[-len(ours):], argv
+        after_tc = state(nl)
+        nl.change(epoch(3, {1: (1.0, 1.0)}))
+        assert state(nl) != after_tc
+        nl.change([htb, tbf])  # no tables
+        assert state(nl) == after_tc
+
+
+def state(nl: N.TcNetlink) -> list[tuple]:
+    objs = nl.classes("v0") + nl.qdiscs("v0")
+    return sorted((o.kind, o.handle, o.rate, o.ceil, o.buffer, o.cbuffer, o.quantum, o.limit,
+                   tuple(tuple(sorted(s.items())) for s in o.ratespecs)) for o in objs)
+
+
+def strace_sendmsg(ns: str, argv: list[str]) -> bytes:
+    """The bytes of the last sendmsg ``argv`` made on its netlink socket (fd 3)."""
+    res = sh("strace", "-e", "trace=sendmsg", "-e", "write=3", "-o", "/dev/stderr", *argv,
+             ns=ns)
+    chunks: list[bytearray] = []
+    for line in res.stderr.splitlines():
+        if line.startswith("sendmsg("):
+            chunks.append(bytearray())
+        m = re.match(r"\s*\|\s*[0-9a-f]{5}\s+((?:[0-9a-f]{2}\s+)+)", line)
+        if m and chunks:
+            chunks[-1] += bytes.fromhex(m.group(1).replace(" ", ""))
+    assert chunks, res.stderr
+    return bytes(chunks[-1])
