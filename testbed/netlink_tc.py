@@ -34,6 +34,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 from .errors import TestbedError
 
@@ -48,6 +49,7 @@ NLMSG_DONE = 3
 NLM_F_REQUEST = 0x1
 NLM_F_MULTI = 0x2
 NLM_F_ACK = 0x4
+NLM_F_ECHO = 0x8
 NLM_F_DUMP = 0x300
 NLM_F_CAPPED = 0x100      # on an ack: the request was not echoed back
 NLM_F_ACK_TLVS = 0x200    # on an ack: extended-ack attributes follow
@@ -79,6 +81,8 @@ TC_H_ROOT = 0xFFFFFFFF
 TC_LINKLAYER_ETHERNET = 1
 NLA_TYPE_MASK = 0x3FFF
 U32_MAX = 0xFFFFFFFF
+_SO_RCVBUFFORCE = 33  # root may go past net.core.rmem_max
+RCVBUF_BYTES = 4 << 20
 #: cell_log tc puts in a rate spec for the default MTUs (1600 for HTB, 2047 for TBF): 3
 CELL_LOG = 3
 
@@ -147,8 +151,7 @@ def rate_bytes(rate_kbit: float) -> int:
     return round(rate_kbit) * 1000 // 8
 
 
-@lru_cache(maxsize=1)
-def tick_in_usec() -> float:
+def _read_tick_in_usec() -> float:
     """psched ticks per microsecond, from ``/proc/net/psched`` as tc reads it (15.625 on
     every kernel since 2.6.31: 64 ns ticks)."""
     try:
@@ -161,11 +164,15 @@ def tick_in_usec() -> float:
     return t2us / us2t * (clock_res / 1_000_000)
 
 
+#: psched ticks per microsecond (read once; the same in every network namespace)
+TICK_IN_USEC = _read_tick_in_usec()
+
+
 def xmittime(rate_bps: int, size: int) -> int:
     """Ticks to send ``size`` bytes at ``rate_bps`` bytes/s, truncated twice like tc's
     ``tc_calc_xmittime`` (microseconds to an unsigned, then ticks to an unsigned)."""
-    usec = int(1_000_000 * (size / rate_bps))
-    return min(int(usec * tick_in_usec()), U32_MAX)
+    ticks = int(int(1_000_000 * (size / rate_bps)) * TICK_IN_USEC)
+    return min(ticks, U32_MAX)
 
 
 def tbf_limit(rate_bps: int, burst: int, latency_us: int) -> int:
@@ -189,8 +196,7 @@ def rate_table(rate_bps: int) -> bytes:
 
 
 # -- what to change ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class HtbClass:
+class HtbClass(NamedTuple):
     """In-place change of an HTB class (``tc class change ... htb``). Rates in bytes/s,
     bursts in bytes (as ``burst``/``cburst`` on tc's command line)."""
 
@@ -208,8 +214,7 @@ class HtbClass:
         return f"{self.dev} class htb {format_handle(self.classid)}"
 
 
-@dataclass(frozen=True)
-class TbfQdisc:
+class TbfQdisc(NamedTuple):
     """In-place change of a TBF qdisc (``tc qdisc change ... tbf``). ``limit`` is the queue
     in bytes (:func:`tbf_limit` for tc's ``latency``)."""
 
@@ -241,12 +246,30 @@ def _message(msg_type: int, flags: int, seq: int, ifindex: int, handle: int, par
 
 _KIND_HTB = _attr(TCA_KIND, b"htb\0")
 _KIND_TBF = _attr(TCA_KIND, b"tbf\0")
+ACK = NLM_F_REQUEST | NLM_F_ACK
+
+# The common case (rates under 2^32 bytes/s, no tables) as one fixed layout each, packed in one
+# call: header, tcmsg, TCA_KIND, TCA_OPTIONS { PARMS [, TBF_BURST] }. Same bytes as the general
+# path below (the unit tests hold them equal).
+_HTB_FAST = struct.Struct("=IHHII BBHiIII 8s HH HH BBHhHI BBHhHI IIIII".replace(" ", ""))
+_HTB_FAST_LEN = _HTB_FAST.size
+_TBF_FAST = struct.Struct("=IHHII BBHiIII 8s HH HH BBHhHI 12s III HHI".replace(" ", ""))
+_TBF_FAST_LEN = _TBF_FAST.size
+_NO_PEAK = bytes(12)
 
 
 def encode_htb_class(c: HtbClass, ifindex: int, seq: int = 0, *, tables: bool = False,
-                     flags: int = NLM_F_REQUEST | NLM_F_ACK) -> bytes:
+                     flags: int = ACK) -> bytes:
     """``RTM_NEWTCLASS`` that changes HTB class ``c`` in place (no ``NLM_F_CREATE``: a class
     that does not exist is an error, never created)."""
+    if not tables and c.rate <= U32_MAX and c.ceil <= U32_MAX:
+        return _HTB_FAST.pack(
+            _HTB_FAST_LEN, RTM_NEWTCLASS, flags, seq, 0,
+            socket.AF_UNSPEC, 0, 0, ifindex, c.classid, c.parent, 0, _KIND_HTB,
+            _HTB_FAST_LEN - 44, TCA_OPTIONS, 48, TCA_HTB_PARMS,
+            CELL_LOG, TC_LINKLAYER_ETHERNET, 0, -1, 0, c.rate,
+            CELL_LOG, TC_LINKLAYER_ETHERNET, 0, -1, 0, c.ceil,
+            xmittime(c.rate, c.burst), xmittime(c.ceil, c.cburst), c.quantum, 0, c.prio)
     parms = _HTB_OPT.pack(ratespec(c.rate), ratespec(c.ceil), xmittime(c.rate, c.burst),
                           xmittime(c.ceil, c.cburst), c.quantum, 0, c.prio)
     opts = b""
@@ -262,9 +285,16 @@ def encode_htb_class(c: HtbClass, ifindex: int, seq: int = 0, *, tables: bool = 
 
 
 def encode_tbf_qdisc(q: TbfQdisc, ifindex: int, seq: int = 0, *, tables: bool = False,
-                     flags: int = NLM_F_REQUEST | NLM_F_ACK) -> bytes:
+                     flags: int = ACK) -> bytes:
     """``RTM_NEWQDISC`` that changes TBF qdisc ``q`` in place (no create/replace flags)."""
-    parms = _TBF_QOPT.pack(ratespec(q.rate), bytes(12), q.limit, xmittime(q.rate, q.burst), 0)
+    if not tables and q.rate <= U32_MAX:
+        return _TBF_FAST.pack(
+            _TBF_FAST_LEN, RTM_NEWQDISC, flags, seq, 0,
+            socket.AF_UNSPEC, 0, 0, ifindex, q.handle, q.parent, 0, _KIND_TBF,
+            _TBF_FAST_LEN - 44, TCA_OPTIONS, 40, TCA_TBF_PARMS,
+            CELL_LOG, TC_LINKLAYER_ETHERNET, 0, -1, 0, q.rate, _NO_PEAK,
+            q.limit, xmittime(q.rate, q.burst), 0, 8, TCA_TBF_BURST, q.burst)
+    parms = _TBF_QOPT.pack(ratespec(q.rate), _NO_PEAK, q.limit, xmittime(q.rate, q.burst), 0)
     opts = _attr(TCA_TBF_PARMS, parms) + _attr(TCA_TBF_BURST, _U32.pack(q.burst))
     if q.rate > U32_MAX:
         opts += _attr(TCA_TBF_RATE64, _U64.pack(q.rate))
@@ -274,12 +304,15 @@ def encode_tbf_qdisc(q: TbfQdisc, ifindex: int, seq: int = 0, *, tables: bool = 
                     _KIND_TBF + _attr(TCA_OPTIONS, opts))
 
 
-def encode_change(c: Change, ifindex: int, seq: int = 0, *, tables: bool = False) -> bytes:
-    if isinstance(c, HtbClass):
-        return encode_htb_class(c, ifindex, seq, tables=tables)
-    if isinstance(c, TbfQdisc):
-        return encode_tbf_qdisc(c, ifindex, seq, tables=tables)
-    raise TypeError(f"not a tc change: {c!r}")
+def encode_change(c: Change, ifindex: int, seq: int = 0, *, tables: bool = False,
+                  flags: int = ACK) -> bytes:
+    enc = _ENCODERS.get(type(c))
+    if enc is None:
+        raise TypeError(f"not a tc change: {c!r}")
+    return enc(c, ifindex, seq, tables=tables, flags=flags)
+
+
+_ENCODERS = {HtbClass: encode_htb_class, TbfQdisc: encode_tbf_qdisc}
 
 
 def encode_dump(msg_type: int, ifindex: int, seq: int = 0) -> bytes:
@@ -347,12 +380,17 @@ class TcObject:
     prio: int | None = None
     limit: int | None = None
     burst_bytes: int | None = None      # TCA_TBF_BURST, when sent
-    ratespecs: tuple[dict[str, int], ...] = ()
+    specs: bytes = b""                  # the PARMS' two tc_ratespec, raw
     tables: tuple[int, ...] = ()        # attribute types of rate tables present
     sent_bytes: int = 0
     sent_packets: int = 0
     drops: int = 0
     overlimits: int = 0
+
+    @property
+    def ratespecs(self) -> tuple[dict[str, int], ...]:
+        """(rate, ceil) for HTB, (rate, peakrate) for TBF, as tc_ratespec fields."""
+        return tuple(parse_ratespec(self.specs[k:k + 12]) for k in range(0, len(self.specs), 12))
 
     @property
     def rate_kbit(self) -> float | None:
@@ -367,49 +405,58 @@ class TcObject:
         """Bucket in bytes from its time (what ``tc`` prints as ``burst``)."""
         if self.rate is None or self.buffer is None:
             return None
-        return self.rate * (self.buffer / tick_in_usec()) / 1e6
+        return self.rate * (self.buffer / TICK_IN_USEC) / 1e6
 
     @property
     def cburst(self) -> float | None:
         if self.ceil is None or self.cbuffer is None:
             return None
-        return self.ceil * (self.cbuffer / tick_in_usec()) / 1e6
+        return self.ceil * (self.cbuffer / TICK_IN_USEC) / 1e6
+
+
+# PARMS with the rate specs' fields flat: rate is field 5, ceil/peakrate field 11
+_HTB_OPT_FLAT = struct.Struct("=BBHhHI BBHhHI IIIII".replace(" ", ""))
+_TBF_QOPT_FLAT = struct.Struct("=BBHhHI BBHhHI III".replace(" ", ""))
+_BASIC = struct.Struct("=QI")
+_QUEUE = struct.Struct("=5I")
 
 
 def decode_tc(msg: NlMsg) -> TcObject:
     """A qdisc/class message (``RTM_NEW*``, sent or dumped) → :class:`TcObject`."""
-    _, _, _, ifindex, handle, parent, _ = _TCMSG.unpack_from(msg.payload)
-    attrs = parse_attrs(msg.payload[_TCMSG.size:])
+    payload = msg.payload
+    _, _, _, ifindex, handle, parent, _ = _TCMSG.unpack_from(payload)
+    attrs = parse_attrs(payload[_TCMSG.size:])
     kind = attrs.get(TCA_KIND, b"").split(b"\0", 1)[0].decode()
     obj = TcObject(msg.type, kind, ifindex, handle, parent)
     opts = parse_attrs(attrs[TCA_OPTIONS]) if TCA_OPTIONS in attrs else {}
     if kind == "htb" and TCA_HTB_PARMS in opts:
-        rate, ceil, obj.buffer, obj.cbuffer, obj.quantum, obj.level, obj.prio = \
-            _HTB_OPT.unpack(opts[TCA_HTB_PARMS][:_HTB_OPT.size])
-        specs = (parse_ratespec(rate), parse_ratespec(ceil))
-        obj.ratespecs = specs
-        obj.rate = _U64.unpack(opts[TCA_HTB_RATE64])[0] if TCA_HTB_RATE64 in opts \
-            else specs[0]["rate"]
-        obj.ceil = _U64.unpack(opts[TCA_HTB_CEIL64])[0] if TCA_HTB_CEIL64 in opts \
-            else specs[1]["rate"]
-        obj.tables = tuple(t for t in (TCA_HTB_RTAB, TCA_HTB_CTAB) if t in opts)
+        p = opts[TCA_HTB_PARMS]
+        f = _HTB_OPT_FLAT.unpack_from(p)
+        obj.specs = p[:24]
+        obj.buffer, obj.cbuffer, obj.quantum, obj.level, obj.prio = f[12:]
+        r64, c64 = opts.get(TCA_HTB_RATE64), opts.get(TCA_HTB_CEIL64)
+        obj.rate = _U64.unpack(r64)[0] if r64 else f[5]
+        obj.ceil = _U64.unpack(c64)[0] if c64 else f[11]
+        if TCA_HTB_RTAB in opts or TCA_HTB_CTAB in opts:
+            obj.tables = tuple(t for t in (TCA_HTB_RTAB, TCA_HTB_CTAB) if t in opts)
     elif kind == "tbf" and TCA_TBF_PARMS in opts:
-        rate, peak, obj.limit, obj.buffer, _mtu = _TBF_QOPT.unpack(
-            opts[TCA_TBF_PARMS][:_TBF_QOPT.size])
-        specs = (parse_ratespec(rate), parse_ratespec(peak))
-        obj.ratespecs = specs
-        obj.rate = _U64.unpack(opts[TCA_TBF_RATE64])[0] if TCA_TBF_RATE64 in opts \
-            else specs[0]["rate"]
-        if TCA_TBF_BURST in opts:
-            obj.burst_bytes = _U32.unpack(opts[TCA_TBF_BURST])[0]
-        obj.tables = tuple(t for t in (TCA_TBF_RTAB,) if t in opts)
-    if TCA_STATS2 in attrs:
-        stats = parse_attrs(attrs[TCA_STATS2])
-        if TCA_STATS_BASIC in stats:
-            obj.sent_bytes, obj.sent_packets = struct.unpack_from("=QI", stats[TCA_STATS_BASIC])
-        if TCA_STATS_QUEUE in stats:  # qlen, backlog, drops, requeues, overlimits
-            _, _, obj.drops, _, obj.overlimits = struct.unpack_from("=5I",
-                                                                    stats[TCA_STATS_QUEUE])
+        p = opts[TCA_TBF_PARMS]
+        f = _TBF_QOPT_FLAT.unpack_from(p)
+        obj.specs = p[:24]
+        obj.limit, obj.buffer = f[12], f[13]
+        r64, burst = opts.get(TCA_TBF_RATE64), opts.get(TCA_TBF_BURST)
+        obj.rate = _U64.unpack(r64)[0] if r64 else f[5]
+        if burst:
+            obj.burst_bytes = _U32.unpack(burst)[0]
+        if TCA_TBF_RTAB in opts:
+            obj.tables = (TCA_TBF_RTAB,)
+    stats = attrs.get(TCA_STATS2)
+    if stats:
+        st = parse_attrs(stats)
+        if TCA_STATS_BASIC in st:
+            obj.sent_bytes, obj.sent_packets = _BASIC.unpack_from(st[TCA_STATS_BASIC])
+        if TCA_STATS_QUEUE in st:  # qlen, backlog, drops, requeues, overlimits
+            _, _, obj.drops, _, obj.overlimits = _QUEUE.unpack_from(st[TCA_STATS_QUEUE])
     return obj
 
 
@@ -488,6 +535,13 @@ class TcNetlink:
             self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
         try:
             self.sock.bind((0, 0))
+            # echoed objects arrive one buffer each (~4-8 KiB of receive memory apiece)
+            for opt in (_SO_RCVBUFFORCE, socket.SO_RCVBUF):
+                try:
+                    self.sock.setsockopt(socket.SOL_SOCKET, opt, RCVBUF_BYTES)
+                    break
+                except OSError:
+                    pass
             for opt in (NETLINK_EXT_ACK, NETLINK_CAP_ACK):
                 try:
                     self.sock.setsockopt(SOL_NETLINK, opt, 1)
@@ -525,41 +579,60 @@ class TcNetlink:
         return self._seq
 
     # -- changes
-    def encode(self, changes: Sequence[Change]) -> tuple[bytes, dict[int, str]]:
-        """One buffer with every change, and seq → what it changes (for the acks)."""
+    def encode(self, changes: Sequence[Change], *, echo: bool = False
+               ) -> tuple[bytes, dict[int, Change]]:
+        """One buffer with every change, and seq → its change (to name it in errors).
+
+        Only the last message asks for an ack: the kernel handles a buffer's messages in
+        order and answers every refused one anyway, so the last ack means all are done.
+        ``echo`` asks for each object's new state back (``NLM_F_ECHO``)."""
         parts, labels = [], {}
-        for c in changes:
+        last = len(changes) - 1
+        flags = NLM_F_REQUEST | (NLM_F_ECHO if echo else 0)
+        ifindex, tables = self._ifindex, self.tables
+        for k, c in enumerate(changes):
             seq = self._next_seq()
-            parts.append(encode_change(c, self.ifindex(c.dev), seq, tables=self.tables))
-            labels[seq] = c.describe()
+            idx = ifindex.get(c.dev) or self.ifindex(c.dev)
+            parts.append(encode_change(c, idx, seq, tables=tables,
+                                       flags=(flags | NLM_F_ACK) if k == last else flags))
+            labels[seq] = c
         return b"".join(parts), labels
 
-    def change(self, changes: Sequence[Change]) -> None:
-        """Apply ``changes`` in one send and wait for every ack. The kernel handles the
-        messages in order and keeps going past a refused one; every refusal is raised
-        together (:class:`TcNetlinkError`) once all answers are in."""
-        if changes:
-            self.send_batch(*self.encode(changes))
+    def change(self, changes: Sequence[Change], *, echo: bool = False) -> list[TcObject]:
+        """Apply ``changes`` in one send and read the kernel's answers. The kernel keeps going
+        past a refused message; every refusal is raised together (:class:`TcNetlinkError`)
+        once the last message is acknowledged. With ``echo``, returns each changed object as
+        the kernel reports it right after its change (the read-back, in ``changes`` order)."""
+        if not changes:
+            return []
+        return self.send_batch(*self.encode(changes, echo=echo))
 
-    def send_batch(self, batch: bytes, labels: dict[int, str]) -> None:
+    def send_batch(self, batch: bytes, labels: dict[int, Change]) -> list[TcObject]:
+        """Send an :meth:`encode`'d buffer; wait for the ack of its last message."""
         try:
             self.sock.send(batch)
         except OSError as exc:
             raise TcNetlinkError(self.host, [("send", exc.errno or 0, str(exc))]) from None
-        pending = set(labels)
+        last = next(reversed(labels))
         failures: list[tuple[str, int, str]] = []
-        while pending:
+        echoed: dict[int, TcObject] = {}
+        done = False
+        while not done:
             for msg in self._recv():
-                if msg.type != NLMSG_ERROR or msg.seq not in pending:
+                if msg.seq not in labels:
                     continue
-                pending.discard(msg.seq)
-                err, text = decode_ack(msg)
-                if err:
-                    failures.append((labels[msg.seq], err, text))
-                elif text:
-                    self.warnings.append(f"{labels[msg.seq]} -> {text}")
+                if msg.type == NLMSG_ERROR:
+                    err, text = decode_ack(msg)
+                    if err:
+                        failures.append((labels[msg.seq].describe(), err, text))
+                    elif text:
+                        self.warnings.append(f"{labels[msg.seq].describe()} -> {text}")
+                    done = done or msg.seq == last
+                elif msg.type in (RTM_NEWTCLASS, RTM_NEWQDISC):
+                    echoed[msg.seq] = decode_tc(msg)
         if failures:
             raise TcNetlinkError(self.host, failures)
+        return [echoed[s] for s in labels if s in echoed]
 
     def _recv(self) -> list[NlMsg]:
         try:
@@ -567,12 +640,16 @@ class TcNetlink:
         except TimeoutError:
             raise TcNetlinkError(self.host, [("waiting for the kernel's answer",
                                               errno_mod.ETIMEDOUT, "")]) from None
+        except OSError as exc:  # ENOBUFS: answers were dropped, the batch's outcome is unknown
+            raise TcNetlinkError(self.host, [("reading the kernel's answers", exc.errno or 0,
+                                              "receive buffer overrun")]) from None
         return list(split_messages(bytes(self._buf[:n])))
 
     # -- read-back
-    def dump(self, msg_type: int, dev: str) -> list[TcObject]:
-        """Every qdisc (``RTM_GETQDISC``) or class (``RTM_GETTCLASS``) of ``dev``."""
-        idx = self.ifindex(dev)
+    def dump(self, msg_type: int, dev: str | None) -> list[TcObject]:
+        """Every qdisc (``RTM_GETQDISC``) or class (``RTM_GETTCLASS``) of ``dev``; qdiscs of
+        every interface when ``dev`` is None (classes are dumped one interface at a time)."""
+        idx = 0 if dev is None else self.ifindex(dev)
         seq = self._next_seq()
         self.sock.send(encode_dump(msg_type, idx, seq))
         out: list[TcObject] = []
@@ -587,13 +664,22 @@ class TcNetlink:
                     if not err:
                         continue
                     what = "qdiscs" if msg_type == RTM_GETQDISC else "classes"
-                    raise TcNetlinkError(self.host, [(f"{dev} dump {what}", err, text)])
-                obj = decode_tc(msg)
-                if obj.ifindex == idx:  # qdisc dumps may cover every interface
-                    out.append(obj)
+                    raise TcNetlinkError(self.host, [(f"{dev or 'all'} dump {what}", err, text)])
+                # qdisc dumps cover every interface: skip the others before decoding
+                if not idx or _TCMSG.unpack_from(msg.payload)[3] == idx:
+                    out.append(decode_tc(msg))
 
     def qdiscs(self, dev: str) -> list[TcObject]:
         return self.dump(RTM_GETQDISC, dev)
 
     def classes(self, dev: str) -> list[TcObject]:
         return self.dump(RTM_GETTCLASS, dev)
+
+    def qdiscs_of(self, devs: Sequence[str]) -> dict[str, list[TcObject]]:
+        """The qdiscs of several interfaces from one dump."""
+        by_index = {self.ifindex(d): d for d in devs}
+        out: dict[str, list[TcObject]] = {d: [] for d in devs}
+        for q in self.dump(RTM_GETQDISC, None):
+            if q.ifindex in by_index:
+                out[by_index[q.ifindex]].append(q)
+        return out

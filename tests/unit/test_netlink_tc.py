@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import struct
-from dataclasses import replace
 
 import pytest
 
@@ -96,14 +95,14 @@ R1234 = N.rate_bytes(1234)
 
 def _htb(rate_kbit: float = 1234, **kw) -> N.HtbClass:
     r = N.rate_bytes(rate_kbit)
-    return replace(N.HtbClass("v0", 0x10100, 0x10001, rate=r, ceil=r, burst=3200, cburst=3200,
-                              quantum=3028), **kw)
+    return N.HtbClass("v0", 0x10100, 0x10001, rate=r, ceil=r, burst=3200, cburst=3200,
+                      quantum=3028)._replace(**kw)
 
 
 def _tbf(rate_kbit: float = 1234, **kw) -> N.TbfQdisc:
     r = N.rate_bytes(rate_kbit)
-    return replace(N.TbfQdisc("v0", 0x1000000, 0x10100, rate=r, burst=1514,
-                              limit=N.tbf_limit(r, 1514, 1_000_000)), **kw)
+    return N.TbfQdisc("v0", 0x1000000, 0x10100, rate=r, burst=1514,
+                      limit=N.tbf_limit(r, 1514, 1_000_000))._replace(**kw)
 
 
 def _one(buf: bytes) -> N.NlMsg:
@@ -116,7 +115,7 @@ def _one(buf: bytes) -> N.NlMsg:
 def _ticks(monkeypatch):
     """Every kernel since 2.6.31 has 64 ns psched ticks; pin it so the tests do not depend
     on /proc of the machine running them."""
-    monkeypatch.setattr(N, "tick_in_usec", lambda: 15.625)
+    monkeypatch.setattr(N, "TICK_IN_USEC", 15.625)
 
 
 # -- handles and arithmetic -------------------------------------------------------------------
@@ -265,23 +264,37 @@ def test_decode_ack():
         (errno.ENOENT, "Specified class not found")
 
 
-class ScriptedSocket:
-    """Stands in for the netlink socket: records what is sent, answers with given chunks."""
+class FakeKernel:
+    """Stands in for the netlink socket and answers as rtnetlink does: for each message in
+    order, its new state if it asked for an echo and was applied, then an ack if it asked for
+    one or was refused. ``verdict(i, obj)`` gives (errno, kernel message) per message; each
+    answer is a separate read unless ``merge``."""
 
-    def __init__(self, answer):
-        self.answer = answer
+    def __init__(self, verdict=lambda i, obj: (0, ""), merge: bool = False):
+        self.verdict = verdict
+        self.merge = merge
         self.sent: list[bytes] = []
         self.chunks: list[bytes] = []
 
     def send(self, data: bytes) -> int:
         self.sent.append(bytes(data))
-        self.chunks.extend(self.answer([m.seq for m in N.split_messages(data)]))
+        out = []
+        for i, m in enumerate(N.split_messages(data)):
+            err, text = self.verdict(i, N.decode_tc(m))
+            if not err and m.flags & N.NLM_F_ECHO:
+                out.append(N._NLMSGHDR.pack(16 + len(m.payload), m.type, 0, m.seq, 77)
+                           + m.payload)
+            if m.flags & N.NLM_F_ACK or err:
+                out.append(_ack(m.seq, err, text))
+        self.chunks.extend([b"".join(out)] if self.merge else out)
         return len(data)
 
     def recv_into(self, buf: bytearray) -> int:
         if not self.chunks:
             raise TimeoutError
         c = self.chunks.pop(0)
+        if isinstance(c, OSError):
+            raise c
         buf[:len(c)] = c
         return len(c)
 
@@ -289,37 +302,49 @@ class ScriptedSocket:
         pass
 
 
-def _client(answer) -> tuple[N.TcNetlink, ScriptedSocket]:
+def _client(kernel: FakeKernel) -> N.TcNetlink:
     nl = N.TcNetlink.__new__(N.TcNetlink)
     nl.netns, nl.tables, nl.host, nl.warnings = None, False, "bs", []
     nl._ifindex, nl._seq, nl._buf = {"v0": 3, "ifb0": 4}, 0, bytearray(1 << 16)
-    nl.sock = ScriptedSocket(answer)
-    return nl, nl.sock
+    nl.sock = kernel
+    return nl
 
 
-def test_batch_one_send_all_acks_read_even_out_of_order_and_split():
-    # acks reversed, in two reads, with a kernel warning on one
-    def answer(seqs):
-        acks = [_ack(s, 0, "quantum is big" if i == 1 else "") for i, s in enumerate(seqs)]
-        acks.reverse()
-        return [b"".join(acks[:2]), b"".join(acks[2:])]
+EPOCH = [_htb(), _tbf(), _htb(dev="ifb0", rate=999), _tbf(dev="ifb0", rate=999)]
 
-    nl, sock = _client(answer)
-    nl.change([_htb(), _tbf(), _htb(dev="ifb0"), _tbf(dev="ifb0")])
-    assert len(sock.sent) == 1 and len(list(N.split_messages(sock.sent[0]))) == 4
-    assert [N.decode_tc(m).ifindex for m in N.split_messages(sock.sent[0])] == [3, 3, 4, 4]
-    assert nl.warnings == ["v0 qdisc tbf 100: -> quantum is big"]
-    assert sock.chunks == []
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_batch_is_one_send_and_only_the_last_message_asks_for_an_ack(merge):
+    kernel = FakeKernel(lambda i, o: (0, "quantum is big" if i == 3 else ""), merge=merge)
+    nl = _client(kernel)
+    assert nl.change(EPOCH) == []
+    assert len(kernel.sent) == 1
+    msgs = list(N.split_messages(kernel.sent[0]))
+    assert [m.flags for m in msgs] == [N.NLM_F_REQUEST] * 3 + [N.NLM_F_REQUEST | N.NLM_F_ACK]
+    assert len({m.seq for m in msgs}) == 4
+    assert [N.decode_tc(m).ifindex for m in msgs] == [3, 3, 4, 4]
+    assert nl.warnings == ["ifb0 qdisc tbf 100: -> quantum is big"]
+    assert kernel.chunks == []
+
+
+def test_echo_returns_each_object_as_the_kernel_reports_it():
+    kernel = FakeKernel()
+    nl = _client(kernel)
+    got = nl.change(EPOCH, echo=True)
+    assert all(m.flags & N.NLM_F_ECHO for m in N.split_messages(kernel.sent[0]))
+    assert [(o.kind, o.ifindex, o.rate) for o in got] == \
+        [("htb", 3, R1234), ("tbf", 3, R1234), ("htb", 4, 999), ("tbf", 4, 999)]
 
 
 def test_refusals_name_interface_handle_and_errno():
-    def answer(seqs):
-        return [b"".join([_ack(seqs[0]), _ack(seqs[1], errno.ENOENT, "Specified class not found"),
-                          _ack(seqs[2], errno.EINVAL)])]
+    def verdict(i, obj):
+        return {1: (errno.ENOENT, "Specified class not found"), 2: (errno.EINVAL, "")}.get(
+            i, (0, ""))
 
-    nl, _ = _client(answer)
+    nl = _client(FakeKernel(verdict))
     with pytest.raises(N.TcNetlinkError) as ei:
-        nl.change([_htb(), _tbf(parent=0x10177), _htb(dev="ifb0", classid=0x10105)])
+        nl.change([_htb(), _tbf(parent=0x10177), _htb(dev="ifb0", classid=0x10105), _tbf()],
+                  echo=True)
     msg = str(ei.value)
     assert "bs: netlink refused" in msg
     assert "v0 qdisc tbf 100: -> ENOENT No such file or directory (Specified class not found)" \
@@ -329,14 +354,51 @@ def test_refusals_name_interface_handle_and_errno():
     assert ei.value.exit_code == 3
 
 
+def test_refused_last_message_still_ends_the_batch():
+    nl = _client(FakeKernel(lambda i, o: (errno.ENOENT, "") if i == 3 else (0, "")))
+    with pytest.raises(N.TcNetlinkError, match="ifb0 qdisc tbf 100: -> ENOENT"):
+        nl.change(EPOCH)
+
+
 def test_missing_ack_times_out_with_an_error():
-    nl, _ = _client(lambda seqs: [_ack(seqs[0])])
+    kernel = FakeKernel()
+    nl = _client(kernel)
+    kernel.send = lambda data: len(data)  # the kernel never answers
     with pytest.raises(N.TcNetlinkError, match="ETIMEDOUT"):
-        nl.change([_htb(), _tbf()])
+        nl.change(EPOCH)
+
+
+def test_receive_overrun_is_an_error():
+    kernel = FakeKernel()
+    nl = _client(kernel)
+    kernel.send = lambda data: kernel.chunks.append(OSError(errno.ENOBUFS, "overrun")) or 0
+    with pytest.raises(N.TcNetlinkError, match="ENOBUFS .*receive buffer overrun"):
+        nl.change(EPOCH)
 
 
 def test_unknown_interface_is_named():
-    nl, _ = _client(lambda seqs: [])
+    nl = _client(FakeKernel())
     nl._ifindex = {}
     with pytest.raises(N.TcNetlinkError, match="nosuchdev0: no such interface"):
         nl.change([_htb(dev="nosuchdev0")])
+
+
+def test_fast_path_equals_general_path():
+    """The one-struct encodings (the common case) equal the attribute-by-attribute ones."""
+    for c in (_htb(), _htb(8), _htb(10_000_000, quantum=0, prio=7), _htb(1234, ceil=99)):
+        fast = N.encode_htb_class(c, 9, 5, flags=N.NLM_F_REQUEST)
+        parms = N._HTB_OPT.pack(N.ratespec(c.rate), N.ratespec(c.ceil),
+                                N.xmittime(c.rate, c.burst), N.xmittime(c.ceil, c.cburst),
+                                c.quantum, 0, c.prio)
+        slow = N._message(N.RTM_NEWTCLASS, N.NLM_F_REQUEST, 5, 9, c.classid, c.parent,
+                          N._KIND_HTB + N._attr(N.TCA_OPTIONS, N._attr(N.TCA_HTB_PARMS, parms)))
+        assert fast == slow
+    for q in (_tbf(), _tbf(8), _tbf(10_000_000, limit=1, burst=99999)):
+        fast = N.encode_tbf_qdisc(q, 9, 5)
+        parms = N._TBF_QOPT.pack(N.ratespec(q.rate), bytes(12), q.limit,
+                                 N.xmittime(q.rate, q.burst), 0)
+        opts = N._attr(N.TCA_TBF_PARMS, parms) + N._attr(N.TCA_TBF_BURST,
+                                                         struct.pack("=I", q.burst))
+        slow = N._message(N.RTM_NEWQDISC, N.ACK, 5, 9, q.handle, q.parent,
+                          N._KIND_TBF + N._attr(N.TCA_OPTIONS, opts))
+        assert fast == slow
