@@ -200,10 +200,22 @@ def test_epoch_changes_rates_in_place(scratch):
     assert all(before_leaf.values()) and all(v for (_, c), v in before_class.items() if c != "1:1")
 
     rates = {0: (1234.0, 567.0), 1: (20000.0, 3000.0), 2: (8.0, 100000.0)}
+    changes = epoch(n, rates)
     with N.TcNetlink(bs) as nl:
-        nl.change(epoch(n, rates))
+        echoed = nl.change(changes, echo=True)
         ours_classes = {d: {c.handle: c for c in nl.classes(d)} for d in ("v0", "ifb0")}
         ours_qdiscs = {d: {q.handle: q for q in nl.qdiscs(d)} for d in ("v0", "ifb0")}
+        assert {d: {q.handle: q.rate for q in qs} for d, qs in
+                nl.qdiscs_of(["v0", "ifb0"]).items()} == \
+            {d: {h: q.rate for h, q in qs.items()} for d, qs in ours_qdiscs.items()}
+    # the echo is each object's state right after its change, as a dump shows it
+    assert len(echoed) == len(changes)
+    for c, e in zip(changes, echoed):
+        key = c.classid if isinstance(c, N.HtbClass) else c.handle
+        dumped = (ours_classes if isinstance(c, N.HtbClass) else ours_qdiscs)[c.dev][key]
+        assert (e.kind, e.handle, e.parent, e.rate, e.ceil, e.buffer, e.limit) == \
+            (dumped.kind, dumped.handle, dumped.parent, dumped.rate, dumped.ceil,
+             dumped.buffer, dumped.limit)
 
     # nothing re-created: same qdiscs (kind, handle, parent), counters not reset
     assert handles(bs) == before_handles
@@ -257,13 +269,19 @@ def test_bad_handle_is_a_clear_error_and_the_rest_applies(scratch):
     bad = [N.HtbClass("v0", 0x101FF, 0x10001, r, r, 3200, 3200, 3028),
            N.TbfQdisc("ifb0", 0x1FF0000, 0x101FF, r, TBF_BURST, 9999)]
     with N.TcNetlink(bs) as nl, pytest.raises(N.TcNetlinkError) as ei:
-        nl.change([bad[0], *good, bad[1]])
+        nl.change([bad[0], *good, bad[1]])  # the refused one is the last: its ack says so
     msg = str(ei.value)
     assert "v0 class htb 1:1ff -> ENOENT" in msg
     assert "ifb0 qdisc tbf 1ff: -> ENOENT" in msg
     assert [f[1] for f in ei.value.failures] == [errno.ENOENT, errno.ENOENT]
     m = f"1:{links.class_minor(1):x}"
     assert tc_classes(bs, "v0")[m].rate_kbit == 4000 and tc_classes(bs, "ifb0")[m].rate_kbit == 4000
+    # refused in the middle, the last one applied (only it asks for an ack)
+    with N.TcNetlink(bs) as nl, pytest.raises(N.TcNetlinkError) as ei:
+        nl.change([*epoch(n, {0: (111.0, 111.0)}), bad[1], *epoch(n, {2: (222.0, 222.0)})])
+    assert [f[0] for f in ei.value.failures] == ["ifb0 qdisc tbf 1ff:"]
+    for i, kbit in ((0, 111), (2, 222)):
+        assert tc_classes(bs, "ifb0")[f"1:{links.class_minor(i):x}"].rate_kbit == kbit
     # a kind that is not the qdisc's: refused, not replaced
     with N.TcNetlink(bs) as nl, pytest.raises(N.TcNetlinkError, match="EINVAL"):
         nl.change([N.TbfQdisc("v0", 0x10000, N.TC_H_ROOT, r, TBF_BURST, 9999)])
