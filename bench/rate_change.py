@@ -144,9 +144,10 @@ def netlink_readback(nl: N.TcNetlink, n: int) -> dict[int, tuple[float, float]]:
     """Class dumps of both interfaces and one qdisc dump (all interfaces): every class and
     its TBF leaf must agree."""
     got: list[dict[int, float]] = []
-    qdiscs = nl.qdiscs_of([IFACE, IFB])
+    qdiscs = nl.qdiscs_of([IFACE, IFB], stats=False)
     for dev in (IFACE, IFB):
-        rates = {c.handle & 0xFFFF: c.rate_kbit for c in nl.classes(dev) if c.kind == "htb"}
+        rates = {c.handle & 0xFFFF: c.rate_kbit for c in nl.classes(dev, stats=False)
+                 if c.kind == "htb"}
         leaves = {q.parent & 0xFFFF: q.rate_kbit for q in qdiscs[dev] if q.kind == "tbf"}
         for i in range(n):
             m = links.class_minor(i)

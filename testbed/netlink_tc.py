@@ -30,7 +30,7 @@ import errno as errno_mod
 import os
 import socket
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -341,15 +341,19 @@ def split_messages(buf: bytes) -> Iterator[NlMsg]:
         off += (length + 3) & ~3
 
 
-def parse_attrs(buf: bytes) -> dict[int, bytes]:
-    """Attributes (type → payload; the nested/byte-order flag bits dropped)."""
+def parse_attrs(buf: bytes, want: frozenset[int] | None = None) -> dict[int, bytes]:
+    """Attributes (type → payload; the nested/byte-order flag bits dropped); only the types
+    in ``want`` when given (the others are skipped without a copy)."""
     out: dict[int, bytes] = {}
-    off = 0
-    while off + 4 <= len(buf):
-        length, kind = _NLA.unpack_from(buf, off)
-        if length < 4 or off + length > len(buf):
+    off, end = 0, len(buf)
+    unpack = _NLA.unpack_from
+    while off + 4 <= end:
+        length, kind = unpack(buf, off)
+        if length < 4 or off + length > end:
             raise ValueError(f"truncated attribute at offset {off}")
-        out[kind & NLA_TYPE_MASK] = buf[off + 4: off + length]
+        kind &= NLA_TYPE_MASK
+        if want is None or kind in want:
+            out[kind] = buf[off + 4: off + length]
         off += (length + 3) & ~3
     return out
 
@@ -421,11 +425,16 @@ _BASIC = struct.Struct("=QI")
 _QUEUE = struct.Struct("=5I")
 
 
-def decode_tc(msg: NlMsg) -> TcObject:
-    """A qdisc/class message (``RTM_NEW*``, sent or dumped) → :class:`TcObject`."""
+_TOP = frozenset((TCA_KIND, TCA_OPTIONS, TCA_STATS2))
+_TOP_NO_STATS = frozenset((TCA_KIND, TCA_OPTIONS))
+
+
+def decode_tc(msg: NlMsg, stats: bool = True) -> TcObject:
+    """A qdisc/class message (``RTM_NEW*``, sent or dumped) → :class:`TcObject` (without
+    the counters unless ``stats``)."""
     payload = msg.payload
     _, _, _, ifindex, handle, parent, _ = _TCMSG.unpack_from(payload)
-    attrs = parse_attrs(payload[_TCMSG.size:])
+    attrs = parse_attrs(payload[_TCMSG.size:], _TOP if stats else _TOP_NO_STATS)
     kind = attrs.get(TCA_KIND, b"").split(b"\0", 1)[0].decode()
     obj = TcObject(msg.type, kind, ifindex, handle, parent)
     opts = parse_attrs(attrs[TCA_OPTIONS]) if TCA_OPTIONS in attrs else {}
@@ -646,10 +655,13 @@ class TcNetlink:
         return list(split_messages(bytes(self._buf[:n])))
 
     # -- read-back
-    def dump(self, msg_type: int, dev: str | None) -> list[TcObject]:
+    def dump(self, msg_type: int, dev: str | None, *, stats: bool = True,
+             ifindexes: Collection[int] | None = None) -> list[TcObject]:
         """Every qdisc (``RTM_GETQDISC``) or class (``RTM_GETTCLASS``) of ``dev``; qdiscs of
-        every interface when ``dev`` is None (classes are dumped one interface at a time)."""
+        every interface when ``dev`` is None (or of those in ``ifindexes``; classes are dumped
+        one interface at a time). Counters are read when ``stats``."""
         idx = 0 if dev is None else self.ifindex(dev)
+        keep = {idx} if idx else ifindexes
         seq = self._next_seq()
         self.sock.send(encode_dump(msg_type, idx, seq))
         out: list[TcObject] = []
@@ -666,20 +678,20 @@ class TcNetlink:
                     what = "qdiscs" if msg_type == RTM_GETQDISC else "classes"
                     raise TcNetlinkError(self.host, [(f"{dev or 'all'} dump {what}", err, text)])
                 # qdisc dumps cover every interface: skip the others before decoding
-                if not idx or _TCMSG.unpack_from(msg.payload)[3] == idx:
-                    out.append(decode_tc(msg))
+                if keep is None or _TCMSG.unpack_from(msg.payload)[3] in keep:
+                    out.append(decode_tc(msg, stats))
 
-    def qdiscs(self, dev: str) -> list[TcObject]:
-        return self.dump(RTM_GETQDISC, dev)
+    def qdiscs(self, dev: str, *, stats: bool = True) -> list[TcObject]:
+        return self.dump(RTM_GETQDISC, dev, stats=stats)
 
-    def classes(self, dev: str) -> list[TcObject]:
-        return self.dump(RTM_GETTCLASS, dev)
+    def classes(self, dev: str, *, stats: bool = True) -> list[TcObject]:
+        return self.dump(RTM_GETTCLASS, dev, stats=stats)
 
-    def qdiscs_of(self, devs: Sequence[str]) -> dict[str, list[TcObject]]:
+    def qdiscs_of(self, devs: Sequence[str], *, stats: bool = True
+                  ) -> dict[str, list[TcObject]]:
         """The qdiscs of several interfaces from one dump."""
         by_index = {self.ifindex(d): d for d in devs}
         out: dict[str, list[TcObject]] = {d: [] for d in devs}
-        for q in self.dump(RTM_GETQDISC, None):
-            if q.ifindex in by_index:
-                out[by_index[q.ifindex]].append(q)
+        for q in self.dump(RTM_GETQDISC, None, stats=stats, ifindexes=by_index):
+            out[by_index[q.ifindex]].append(q)
         return out

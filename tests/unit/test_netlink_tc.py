@@ -402,3 +402,17 @@ def test_fast_path_equals_general_path():
         slow = N._message(N.RTM_NEWQDISC, N.ACK, 5, 9, q.handle, q.parent,
                           N._KIND_TBF + N._attr(N.TCA_OPTIONS, opts))
         assert fast == slow
+
+
+def test_dumped_counters_read_only_when_asked():
+    """A dump carries TCA_STATS2 {basic: bytes, packets; queue: ..., drops, ..., overlimits}."""
+    sent = _one(N.encode_tbf_qdisc(_tbf(), 3, 8))
+    stats = N._attr(N.TCA_STATS2, N._attr(N.TCA_STATS_BASIC, struct.pack("=QI4x", 123456, 78))
+                    + N._attr(N.TCA_STATS_QUEUE, struct.pack("=5I", 0, 0, 9, 0, 11)))
+    dumped = N.NlMsg(N.RTM_NEWQDISC, N.NLM_F_MULTI, 8, 0, sent.payload + stats)
+    o = N.decode_tc(dumped)
+    assert (o.sent_bytes, o.sent_packets, o.drops, o.overlimits) == (123456, 78, 9, 11)
+    assert o.rate == R1234
+    lean = N.decode_tc(dumped, stats=False)
+    assert (lean.sent_bytes, lean.rate, lean.limit) == (0, R1234, o.limit)
+    assert set(N.parse_attrs(dumped.payload[20:], frozenset({N.TCA_KIND}))) == {N.TCA_KIND}
