@@ -31,6 +31,11 @@ Requests (``op``) and their extra header fields:
 ``shutdown``
     (none). The agent replies, then exits cleanly.
 
+Every field is type-checked before use: a field of the wrong type (a list where a string
+belongs, a bool where an integer does...) gets :attr:`ErrorCode.BAD_HEADER` (``BAD_PATH`` for a
+load ``path``, ``SHAPE_MISMATCH`` for a tensor shape), for the request or, inside ``experts``,
+``uids`` or ``t``, for that entry; never :attr:`ErrorCode.INTERNAL`.
+
 Every reply has ``v``, ``id``, ``code`` (:class:`ErrorCode`, 0 = OK) and, when ``code`` != 0,
 ``error`` (a human message). A request that cannot be parsed at all still gets a reply (``id``
 ``None`` if unknown).
@@ -97,8 +102,8 @@ _NP_DTYPE = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
 
 #: limits applied while unpacking a header (a header is small; these bound a hostile one)
 MAX_HEADER_BYTES = 1 << 20
-_UNPACK_LIMITS = dict(max_str_len=1 << 16, max_bin_len=1 << 16, max_array_len=1 << 14,
-                      max_map_len=1 << 12, max_ext_len=0)
+_UNPACK_LIMITS = {"max_str_len": 1 << 16, "max_bin_len": 1 << 16, "max_array_len": 1 << 14,
+                  "max_map_len": 1 << 12, "max_ext_len": 0}
 #: a header shorter than this cannot break the limits above (an array needs >= 1 byte per item, a
 #: map >= 2 per entry), so those need not be passed (msgpack's keyword parsing costs on every call)
 _SMALL_HEADER = 4096
@@ -132,7 +137,7 @@ def unpack(data: bytes | memoryview) -> dict[str, Any]:
             h = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_no_ext, **_UNPACK_LIMITS)
     except ProtocolError:
         raise
-    except Exception as e:  # msgpack raises several unrelated exception types
+    except Exception as e:  # noqa: BLE001 - msgpack raises several unrelated exception types
         raise ProtocolError(ErrorCode.BAD_HEADER, f"header is not valid msgpack: {type(e).__name__}") from None
     if not isinstance(h, dict):
         raise ProtocolError(ErrorCode.BAD_HEADER, f"header is a {type(h).__name__}, not a map")
@@ -141,10 +146,22 @@ def unpack(data: bytes | memoryview) -> dict[str, Any]:
         raise ProtocolError(ErrorCode.BAD_HEADER, "id must be an integer")
     if "v" not in h:
         raise ProtocolError(ErrorCode.BAD_HEADER, "missing protocol version 'v'")
-    if h["v"] != PROTOCOL_VERSION or isinstance(h["v"], bool):
+    v = h["v"]
+    if not is_int(v) or v != PROTOCOL_VERSION:  # (not 1.0 nor True, though both == 1)
         raise ProtocolError(ErrorCode.BAD_VERSION,
-                            f"protocol version {h['v']!r} not supported (agent speaks {PROTOCOL_VERSION})")
+                            f"protocol version {brief(v)} not supported (agent speaks {PROTOCOL_VERSION})")
     return h
+
+
+def is_int(x: Any) -> bool:
+    """True for an integer that is not a bool (msgpack decodes ``true`` as a bool, an int subclass)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def brief(x: Any, limit: int = 60) -> str:
+    """``repr(x)`` cut to ``limit`` characters: a hostile value quoted in a reply stays short."""
+    r = repr(x)
+    return r if len(r) <= limit else r[:limit - 3] + "..."
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -179,13 +196,14 @@ def check_descriptor(desc: Any) -> tuple[str, str, tuple[int, int]]:
     if not isinstance(desc, (list, tuple)) or len(desc) != 3:
         raise ProtocolError(ErrorCode.BAD_HEADER, "tensor entry must be [uid, dtype, shape]")
     uid, dt, shape = desc
-    if not isinstance(uid, str) or not isinstance(dt, str):
+    if not isinstance(uid, str) or not isinstance(dt, str):  # (before any dict lookup: a list is unhashable)
         raise ProtocolError(ErrorCode.BAD_HEADER, "tensor entry: uid and dtype must be strings")
     if dt not in DTYPES:
-        raise ProtocolError(ErrorCode.DTYPE_MISMATCH, f"unknown dtype {dt!r}; use one of {sorted(DTYPES)}")
+        raise ProtocolError(ErrorCode.DTYPE_MISMATCH, f"unknown dtype {brief(dt)}; use one of {sorted(DTYPES)}")
     if (not isinstance(shape, (list, tuple)) or len(shape) != 2
             or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 1 << 31 for s in shape)):
-        raise ProtocolError(ErrorCode.SHAPE_MISMATCH, f"shape must be [rows, cols] of non-negative ints, got {shape!r}")
+        raise ProtocolError(ErrorCode.SHAPE_MISMATCH,
+                            f"shape must be [rows, cols] of non-negative ints, got {brief(shape)}")
     return uid, dt, (int(shape[0]), int(shape[1]))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -84,18 +85,22 @@ def resolve_in_workdir(workdir: Path, rel: Any) -> Path:
     Raises
     ------
     ProtocolError
-        ``BAD_PATH`` for a non-string, empty or absolute path, one with ``..`` or a NUL byte, or
-        one that resolves (through symlinks) outside ``workdir``.
+        ``BAD_PATH`` for a non-string, empty or absolute path, one with ``..`` or a NUL byte, one
+        that resolves (through symlinks) outside ``workdir``, or one the OS cannot resolve (a
+        symlink loop).
     """
     if not isinstance(rel, str) or not rel or "\x00" in rel:
         raise ProtocolError(ErrorCode.BAD_PATH, "path must be a non-empty string")
     pp = PurePosixPath(rel)
     if pp.is_absolute() or rel.startswith("~") or ".." in pp.parts:
-        raise ProtocolError(ErrorCode.BAD_PATH, f"path {rel!r} must be relative to the workdir, without '..'")
+        raise ProtocolError(ErrorCode.BAD_PATH, f"path {P.brief(rel)} must be relative to the workdir, without '..'")
     root = workdir.resolve()
-    full = (root / pp).resolve()
+    try:
+        full = (root / pp).resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise ProtocolError(ErrorCode.BAD_PATH, f"path {P.brief(rel)} cannot be resolved: {type(e).__name__}") from None
     if root != full and root not in full.parents:
-        raise ProtocolError(ErrorCode.BAD_PATH, f"path {rel!r} leaves the workdir")
+        raise ProtocolError(ErrorCode.BAD_PATH, f"path {P.brief(rel)} leaves the workdir")
     return full
 
 
@@ -314,17 +319,21 @@ class AgentServer:
     def _load_one(self, spec: Any) -> LoadedExpert:
         from models.uids import is_uid
 
+        # every field's type is checked before the field is used (a list or map is unhashable:
+        # a dict lookup or set test with one raises; a bool passes isinstance(x, int))
         if not isinstance(spec, dict):
             raise ProtocolError(ErrorCode.BAD_HEADER, "expert spec must be a map")
         uid = spec.get("uid")
         if not is_uid(uid):
-            raise ProtocolError(ErrorCode.BAD_HEADER, f"bad expert uid {uid!r}")
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"bad expert uid {P.brief(uid)}")
         io_dtype = spec.get("io_dtype", "float32")
+        if not isinstance(io_dtype, str):
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"io_dtype must be a string, got {P.brief(io_dtype)}")
         if io_dtype not in P.DTYPES:
-            raise ProtocolError(ErrorCode.DTYPE_MISMATCH, f"unknown io_dtype {io_dtype!r}")
+            raise ProtocolError(ErrorCode.DTYPE_MISMATCH, f"unknown io_dtype {P.brief(io_dtype)}")
         if "builtin" in spec:
-            hidden = spec.get("hidden")
-            if spec["builtin"] != "identity" or not isinstance(hidden, int) or isinstance(hidden, bool) \
+            builtin, hidden = spec["builtin"], spec.get("hidden")
+            if not isinstance(builtin, str) or builtin != "identity" or not P.is_int(hidden) \
                     or not 0 < hidden < 1 << 20:
                 raise ProtocolError(ErrorCode.BAD_HEADER, "builtin expert: use {builtin: 'identity', hidden: int}")
             return LoadedExpert(uid, IdentityExpert(hidden), hidden, io_dtype, "builtin:identity",
@@ -333,17 +342,23 @@ class AgentServer:
         runtime = spec.get("runtime", "torch")
         quant = spec.get("quant")
         dtype = spec.get("dtype")
-        if runtime not in ("torch", "onnx") or quant not in (None, "int8", "int4") \
+        if not isinstance(runtime, str) or not (quant is None or isinstance(quant, str)) \
+                or not (dtype is None or isinstance(dtype, str)) \
+                or runtime not in ("torch", "onnx") or quant not in (None, "int8", "int4") \
                 or dtype not in (None, "float32", "float16", "bfloat16"):
             raise ProtocolError(ErrorCode.BAD_HEADER, "runtime must be torch|onnx, quant None|int8|int4, "
                                 "dtype None|float32|float16|bfloat16")
-        if not path.is_file():
-            raise ProtocolError(ErrorCode.LOAD_FAILED, f"no shard file {spec.get('path')!r} in the workdir")
+        try:
+            is_file = path.is_file()
+        except OSError as e:  # e.g. a name too long for the file system
+            raise ProtocolError(ErrorCode.BAD_PATH, f"path {P.brief(spec['path'])}: {e.strerror}") from None
+        if not is_file:
+            raise ProtocolError(ErrorCode.LOAD_FAILED, f"no shard file {P.brief(spec['path'])} in the workdir")
         from models.kernels import load_expert
 
         try:
             k = load_expert(path, runtime=runtime, quant=quant, device=self.device, dtype=dtype, uid=uid)
-        except Exception as e:  # a bad shard must not take the agent down
+        except Exception as e:  # noqa: BLE001 - a bad shard must not take the agent down
             raise ProtocolError(ErrorCode.LOAD_FAILED, f"{type(e).__name__}: {e}") from None
         return LoadedExpert(uid, k, int(k.hidden_size), io_dtype, str(spec.get("path")), runtime, quant,
                             int(getattr(k, "weight_bytes", 0) or 0))
@@ -358,7 +373,7 @@ class AgentServer:
             try:
                 e = self._load_one(spec)
             except ProtocolError as err:
-                errors[key] = [int(err.code), err.message]
+                errors[key[:64]] = [int(err.code), err.message]
                 self._count_error(err.code)
                 continue
             self.experts[e.uid] = e
@@ -371,10 +386,13 @@ class AgentServer:
             raise ProtocolError(ErrorCode.BAD_HEADER, "unload: 'uids' must be a list")
         done, errors = [], {}
         for u in uids:
-            if isinstance(u, str) and self.experts.pop(u, None) is not None:
+            if not isinstance(u, str):
+                errors[P.brief(u, 64)] = [int(ErrorCode.BAD_HEADER), "uid must be a string"]
+                self._count_error(ErrorCode.BAD_HEADER)
+            elif self.experts.pop(u, None) is not None:
                 done.append(u)
             else:
-                errors[str(u)[:64]] = [int(ErrorCode.UNKNOWN_EXPERT), "not loaded"]
+                errors[u[:64]] = [int(ErrorCode.UNKNOWN_EXPERT), "not loaded"]
                 self._count_error(ErrorCode.UNKNOWN_EXPERT)
         if done and self.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -393,7 +411,9 @@ class AgentServer:
         if n != len(body) - 1:
             raise ProtocolError(ErrorCode.BAD_FRAMES, f"{n} tensors declared, {len(body) - 1} frames sent")
         timeout_ms = h.get("timeout_ms")
-        if timeout_ms is not None and (isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float))):
+        if timeout_ms is not None and (isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float))
+                                       or (isinstance(timeout_ms, float) and math.isnan(timeout_ms))):
+            # (a NaN timeout would never expire)
             raise ProtocolError(ErrorCode.BAD_HEADER, "forward: timeout_ms must be a number")
         perf = time.perf_counter
         start = perf()
@@ -431,7 +451,7 @@ class AgentServer:
                 t0 = perf()
                 try:
                     y = e.kernel(x) if shape[0] else x
-                except Exception as err:
+                except Exception as err:  # noqa: BLE001 - a faulty expert is reported, the agent serves on
                     raise ProtocolError(ErrorCode.INTERNAL, f"{uid}: {type(err).__name__}: {err}") from None
                 ms = (perf() - t0) * 1e3
                 if y is not x and (tuple(y.shape) != shape or y.dtype != x.dtype):
@@ -511,12 +531,15 @@ class AgentServer:
             h = P.unpack(body[0])
             rid = h.get("id")
             op = h.get("op")
+            if not isinstance(op, str):
+                raise ProtocolError(ErrorCode.BAD_HEADER,
+                                    "missing op" if op is None else f"op must be a string, got {P.brief(op)}")
             if op == "forward":
                 fields, bufs = self._op_forward(h, body, item)
             else:
                 if op not in P.OPS:
                     raise ProtocolError(ErrorCode.UNKNOWN_OP,
-                                        f"unknown op {str(op)[:40]!r}; use one of {list(P.OPS)}")
+                                        f"unknown op {P.brief(op, 40)}; use one of {list(P.OPS)}")
                 if len(body) > 1:
                     raise ProtocolError(ErrorCode.BAD_FRAMES, f"op {op} takes no data frames")
                 if op == "ping":

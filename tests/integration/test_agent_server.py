@@ -3,6 +3,7 @@ status feed, re-routing on the BS side, SIGTERM. No namespaces needed."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import random
 import time
@@ -33,18 +34,38 @@ def _write_shard(path: Path, seed: int) -> None:
                "w3": torch.randn(INTER, HIDDEN, generator=g) * 0.2}, str(path))
 
 
+def _start_in(wd: Path, name: str, extra: tuple[str, ...] = ()) -> AgentProcess:
+    """An agent on loopback with workdir ``wd`` holding the shards of L0.E0 and L0.E1."""
+    (wd / "experts").mkdir(parents=True)
+    _write_shard(wd / "experts" / "L0.E0.safetensors", 0)
+    _write_shard(wd / "experts" / "L0.E1.safetensors", 1)
+    return start_agent(LocalRunner(), device=name, host="127.0.0.1", workdir=str(wd),
+                       extra_args=["--max-message-bytes", str(MAX_MSG), *extra])
+
+
+def _log_size(a: AgentProcess) -> int:
+    return Path(a.log_path).stat().st_size
+
+
+def _assert_clean_log(a: AgentProcess, since: int = 0) -> None:
+    """The agent logged no internal error (after byte ``since`` of its log): every bad input
+    was refused by a check, not by an exception caught in the server's last-resort handler
+    (which logs a traceback)."""
+    with open(a.log_path, "rb") as f:
+        f.seek(since)
+        text = f.read().decode(errors="replace")
+    for mark in ("internal error", "Traceback"):
+        i = text.find(mark)
+        assert i < 0, f"agent log has {mark!r}:\n{text[max(0, i - 200):i + 1500]}"
+
+
 @pytest.fixture
 def agents(tmp_path):
     """Factory starting agents on loopback (own workdir each, a shard in it); all stopped after."""
     started: list[AgentProcess] = []
 
     def start(name: str = "a1", extra: tuple[str, ...] = ()) -> AgentProcess:
-        wd = tmp_path / name
-        (wd / "experts").mkdir(parents=True)
-        _write_shard(wd / "experts" / "L0.E0.safetensors", 0)
-        _write_shard(wd / "experts" / "L0.E1.safetensors", 1)
-        a = start_agent(LocalRunner(), device=name, host="127.0.0.1", workdir=str(wd),
-                        extra_args=["--max-message-bytes", str(MAX_MSG), *extra])
+        a = _start_in(tmp_path / name, name, extra)
         started.append(a)
         return a
 
@@ -169,7 +190,8 @@ def test_every_error_code_and_agent_keeps_serving(agents, tmp_path):
         assert fwd_err(["L0.E0", "float32", [2, HIDDEN]], row) == ErrorCode.BAD_FRAMES
         for path, want in (("/etc/passwd", ErrorCode.BAD_PATH), ("../outside.safetensors", ErrorCode.BAD_PATH),
                            ("experts/../../outside.safetensors", ErrorCode.BAD_PATH),
-                           ("experts/missing.safetensors", ErrorCode.LOAD_FAILED)):
+                           ("experts/missing.safetensors", ErrorCode.LOAD_FAILED),
+                           ("experts/" + "x" * 300, ErrorCode.BAD_PATH)):  # a name too long for the OS
             h, _ = c.call(_hdr("load", experts=[{"uid": "L1.E0", "path": path}]))
             assert h["code"] == 0 and h["loaded"] == [] and h["errors"]["L1.E0"][0] == want, path
         (Path(a.workdir) / "experts" / "link.safetensors").symlink_to(tmp_path / "outside.safetensors")
@@ -180,7 +202,7 @@ def test_every_error_code_and_agent_keeps_serving(agents, tmp_path):
         assert h["errors"]["L1.E0"][0] == ErrorCode.LOAD_FAILED
         _check_forward(c, a)
         h, _ = c.call(_hdr("status"))
-        assert h["status"]["load"]["errors"] == 22
+        assert h["status"]["load"]["errors"] == 23
     finally:
         c.close()
 
@@ -190,8 +212,8 @@ def _random_obj(rng: random.Random, depth: int = 0):
     k = rng.choice(kinds)
     if k == "int":
         return rng.choice([0, 1, -1, 2**31, -(2**63), 2**64 - 1, rng.randint(-1000, 1000)])
-    if k == "str":
-        return rng.choice(["", "L0.E0", "float32", "forward", "\u2603" * rng.randint(0, 5), "x" * rng.randint(0, 300)])
+    if k == "str":  # (a well-formed uid, but none that is loaded: a random unload changes nothing)
+        return rng.choice(["", "L7.E7", "float32", "forward", "\u2603" * rng.randint(0, 5), "x" * rng.randint(0, 300)])
     if k == "bytes":
         return rng.randbytes(rng.randint(0, 64))
     if k == "float":
@@ -206,13 +228,61 @@ def _random_obj(rng: random.Random, depth: int = 0):
             for _ in range(rng.randint(0, 5))}
 
 
+#: what a mutated header field becomes: every msgpack type, edge numbers, strings (none of them
+#: "shutdown" or the uid of an expert the fuzz test relies on)
+_FUZZ_VALUES = (None, True, False, 0, -1, 7, 2**31, 2**64 - 1, -(2**63), 1.0, 1.5, -0.0, float("nan"),
+                float("inf"), "", "x" * 300, "\u2603", "float16", "float64", "L01.E0", "L7.E7", "identity",
+                b"", b"\x00\xff", [], [1, "x"], [[None]], ["L7.E7"], {}, {"a": 1}, {"uid": 1})
+
+
+def _valid_requests() -> list[tuple[dict, list[bytes]]]:
+    """Well-formed load, unload and forward requests (fresh objects: the fuzz mutates them).
+    None of them touches L0.E0/E1/E2, which the test checks after the fuzz."""
+    return [
+        (_hdr("forward", 3, t=[["L0.E0", "float32", [2, HIDDEN]], ["L0.E2", "float16", [1, HIDDEN]]],
+              timeout_ms=5000), [bytes(8 * HIDDEN), bytes(2 * HIDDEN)]),
+        (_hdr("load", 4, experts=[{"uid": "L0.E3", "builtin": "identity", "hidden": HIDDEN, "io_dtype": "float16"},
+                                  {"uid": "L0.E4", "path": "experts/L0.E1.safetensors", "runtime": "torch",
+                                   "quant": None, "dtype": "float32", "io_dtype": "float32"}]), []),
+        (_hdr("unload", 5, uids=["L0.E3", "L7.E7"]), []),
+    ]
+
+
+def _slots(obj, out: list) -> list:
+    """Every (container, key) of a header, nested ones included."""
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+    for k, v in items:
+        out.append((obj, k))
+        if isinstance(v, (dict, list)):
+            _slots(v, out)
+    return out
+
+
+def _mutate_fields(rng: random.Random) -> list[bytes]:
+    """A valid load/unload/forward request with 1-3 header fields (top-level or nested: a
+    spec's dtype, a descriptor's shape...) given a value of another type, or dropped; its
+    frames kept valid most of the time, so the request reaches the deep checks."""
+    h, frames = rng.choice(_valid_requests())
+    for _ in range(rng.randint(1, 3)):
+        obj, k = rng.choice(_slots(h, []))
+        if isinstance(obj, dict) and rng.random() < 0.1:
+            del obj[k]
+        else:
+            obj[k] = copy.deepcopy(rng.choice(_FUZZ_VALUES))
+    if rng.random() < 0.1:
+        frames = frames[:-1] if frames and rng.random() < 0.5 else [*frames, rng.randbytes(8)]
+    return [msgpack.packb(h), *frames]
+
+
 def _fuzz_message(rng: random.Random) -> list[bytes]:
     """A random or mutated request (never over the agent's message limit)."""
     good_fwd = [msgpack.packb(_hdr("forward", t=[["L0.E0", "float32", [2, HIDDEN]]])), bytes(8 * HIDDEN)]
     r = rng.random()
-    if r < 0.25:  # pure garbage frames
+    if r < 0.4:  # valid requests with header fields of the wrong type
+        return _mutate_fields(rng)
+    if r < 0.6:  # pure garbage frames
         return [rng.randbytes(rng.randint(0, 200)) for _ in range(rng.randint(1, 4))]
-    if r < 0.5:  # random msgpack structures, often with plausible fields
+    if r < 0.8:  # random msgpack structures, often with plausible fields
         h = _random_obj(rng)
         if isinstance(h, dict) and rng.random() < 0.7:
             h["v"] = P.PROTOCOL_VERSION
@@ -240,11 +310,15 @@ def _fuzz_message(rng: random.Random) -> list[bytes]:
 
 
 def test_fuzz_thousands_of_messages_then_correct_forward(agents):
+    """3000 malformed requests: one reply each, never INTERNAL (for the request or any uid in
+    it) and nothing in the agent's log from its last-resort handler: bad input is refused by
+    the checks, with the code that names what is wrong."""
     a = agents()
     c = RawClient(a.endpoint)
     rng = random.Random(1234)
     n_msgs, batch = 3000, 100
     codes: dict[int, int] = {}
+    uid_codes: dict[int, int] = {}
     try:
         _load_both(c)
         for _ in range(n_msgs // batch):
@@ -253,14 +327,107 @@ def test_fuzz_thousands_of_messages_then_correct_forward(agents):
             for _ in range(batch):  # exactly one reply per message, each with a known code
                 h, _ = c.recv()
                 assert isinstance(h["code"], int) and h["code"] in set(ErrorCode), h
+                assert h["code"] != ErrorCode.INTERNAL, h
                 codes[h["code"]] = codes.get(h["code"], 0) + 1
+                for code, _msg in (h.get("errors") or {}).values():  # per-uid codes (load, unload, forward)
+                    assert code != ErrorCode.INTERNAL, h
+                    uid_codes[code] = uid_codes.get(code, 0) + 1
         assert c.s.poll(200) == 0, "more replies than messages"
         assert codes.get(ErrorCode.BAD_HEADER, 0) > 100 and len(codes) >= 4, codes
+        # the field mutations reached the per-uid checks of load, unload and forward
+        assert {ErrorCode.BAD_HEADER, ErrorCode.DTYPE_MISMATCH, ErrorCode.SHAPE_MISMATCH, ErrorCode.BAD_PATH,
+                ErrorCode.UNKNOWN_EXPERT, ErrorCode.BAD_FRAMES} <= set(uid_codes), uid_codes
         _check_forward(c, a, rid=4242)
         h, _ = c.call(_hdr("status"))
         assert h["status"]["agent"]["pid"] == a.pid and h["status"]["load"]["requests"] >= n_msgs
+        assert str(int(ErrorCode.INTERNAL)) not in h["status"]["load"]["errors_by_code"], h["status"]["load"]
     finally:
         c.close()
+    _assert_clean_log(a)
+
+
+# ---- every header field with a value of the wrong type: the exact bad-input code ----------
+
+#: one value of each msgpack type (and a few edge values) a header field can wrongly carry
+_WRONG = {"nil": None, "bool": True, "int": 7, "huge": 2**64 - 1, "float": 1.5, "nan": float("nan"),
+          "str": "x", "bin": b"x", "list": [1, "x"], "map": {"a": 1}}
+_ROW = bytes(4 * HIDDEN)  # one float32 row of L0.E0
+
+
+def _fwd(**kw) -> tuple[dict, list[bytes]]:
+    return _hdr("forward", 21, **kw), [_ROW]
+
+
+def _load(spec: dict) -> tuple[dict, list[bytes]]:
+    return _hdr("load", 22, experts=[spec]), []
+
+
+_FILE_SPEC = {"uid": "L0.E5", "path": "experts/L0.E0.safetensors"}
+_BUILTIN_SPEC = {"uid": "L0.E5", "builtin": "identity", "hidden": HIDDEN}
+
+#: field -> (request with that field set to v, types the field may have, where the code is:
+#: "reply" (the request is refused) or "uid" (the only entry of the reply's per-uid errors), code)
+_FIELDS = {
+    "id": (lambda v: (_hdr("ping", v), []), {"nil", "int", "huge"}, "reply", ErrorCode.BAD_HEADER),
+    "op": (lambda v: ({"v": P.PROTOCOL_VERSION, "op": v, "id": 20}, []), {"str"}, "reply",
+           ErrorCode.BAD_HEADER),
+    "t": (lambda v: _fwd(t=v), {"list"}, "reply", ErrorCode.BAD_HEADER),
+    "timeout_ms": (lambda v: _fwd(t=[["L0.E0", "float32", [1, HIDDEN]]], timeout_ms=v),
+                   {"nil", "int", "huge", "float"}, "reply", ErrorCode.BAD_HEADER),
+    "t[0]": (lambda v: _fwd(t=[v]), {"list"}, "uid", ErrorCode.BAD_HEADER),
+    "t[0].uid": (lambda v: _fwd(t=[[v, "float32", [1, HIDDEN]]]), {"str"}, "uid", ErrorCode.BAD_HEADER),
+    "t[0].dtype": (lambda v: _fwd(t=[["L0.E0", v, [1, HIDDEN]]]), {"str"}, "uid", ErrorCode.BAD_HEADER),
+    "t[0].shape": (lambda v: _fwd(t=[["L0.E0", "float32", v]]), set(), "uid", ErrorCode.SHAPE_MISMATCH),
+    "t[0].rows": (lambda v: _fwd(t=[["L0.E0", "float32", [v, HIDDEN]]]), {"int"}, "uid",
+                  ErrorCode.SHAPE_MISMATCH),
+    "experts": (lambda v: (_hdr("load", 22, experts=v), []), {"list"}, "reply", ErrorCode.BAD_HEADER),
+    "experts[0]": (lambda v: _load(v), {"map"}, "uid", ErrorCode.BAD_HEADER),
+    "uid": (lambda v: _load({**_BUILTIN_SPEC, "uid": v}), {"str"}, "uid", ErrorCode.BAD_HEADER),
+    "io_dtype(builtin)": (lambda v: _load({**_BUILTIN_SPEC, "io_dtype": v}), {"str"}, "uid",
+                          ErrorCode.BAD_HEADER),
+    "io_dtype": (lambda v: _load({**_FILE_SPEC, "io_dtype": v}), {"str"}, "uid", ErrorCode.BAD_HEADER),
+    "dtype": (lambda v: _load({**_FILE_SPEC, "dtype": v}), {"str", "nil"}, "uid", ErrorCode.BAD_HEADER),
+    "runtime": (lambda v: _load({**_FILE_SPEC, "runtime": v}), {"str"}, "uid", ErrorCode.BAD_HEADER),
+    "quant": (lambda v: _load({**_FILE_SPEC, "quant": v}), {"str", "nil"}, "uid", ErrorCode.BAD_HEADER),
+    "path": (lambda v: _load({**_FILE_SPEC, "path": v}), {"str"}, "uid", ErrorCode.BAD_PATH),
+    "hidden": (lambda v: _load({**_BUILTIN_SPEC, "hidden": v}), {"int"}, "uid", ErrorCode.BAD_HEADER),
+    "builtin": (lambda v: _load({**_BUILTIN_SPEC, "builtin": v}), {"str"}, "uid", ErrorCode.BAD_HEADER),
+    "uids": (lambda v: (_hdr("unload", 23, uids=v), []), {"list"}, "reply", ErrorCode.BAD_HEADER),
+    "uids[0]": (lambda v: (_hdr("unload", 23, uids=[v]), []), {"str"}, "uid", ErrorCode.BAD_HEADER),
+}
+_WRONG_TYPE_CASES = [pytest.param(f, kind, id=f"{f}={kind}")
+                     for f, (_, ok, _, _) in _FIELDS.items() for kind in _WRONG if kind not in ok]
+
+
+@pytest.fixture(scope="module")
+def typed_agent(tmp_path_factory):
+    """One agent (L0.E0/E1/E2 loaded) and a raw client for all the wrong-type cases."""
+    a = _start_in(tmp_path_factory.mktemp("typed"), "typed")
+    c = RawClient(a.endpoint)
+    try:
+        _load_both(c)
+        yield a, c
+    finally:
+        c.close()
+        stop_agent(a)
+
+
+@pytest.mark.parametrize("field, kind", _WRONG_TYPE_CASES)
+def test_header_field_of_the_wrong_type_gets_the_bad_input_code(typed_agent, field, kind):
+    a, c = typed_agent
+    build, _, where, want = _FIELDS[field]
+    header, frames = build(_WRONG[kind])
+    log_at = _log_size(a)
+    h, out = c.call(header, frames)
+    if where == "reply":
+        assert (h["code"], out) == (want, []), h
+    else:  # the request is served; the one expert / uid in it is refused
+        assert h["code"] == ErrorCode.OK and [e[0] for e in h["errors"].values()] == [want], h
+        assert h.get("loaded", []) == [] and h.get("unloaded", []) == [] and h.get("t", []) == [], h
+    _assert_clean_log(a, log_at)
+    # nothing loaded or unloaded by the refused request
+    h, _ = c.call(_hdr("status", 24))
+    assert set(h["status"]["experts"]) == {"L0.E0", "L0.E1", "L0.E2"}, h["status"]["experts"]
 
 
 def test_queue_time_and_sigterm_clean_shutdown(agents):
@@ -343,7 +510,10 @@ def test_energy_in_status_ping_forward_and_backend_rows(agents, tmp_path):
         assert be.agents["a1"].energy_source == label
         st = be.status("a1")
         assert st["energy_source"] == label and st["energy_meter"]["energy_source"] == "estimated"
-        assert "nvml" in st["energy_meter"]["skipped"] or st["energy_meter"]["skipped"] == {}
+        # only the estimate was asked for (--meter estimated): no other kind was tried, so none
+        # was skipped (an agent that ignored --meter and fell through auto-detection to the
+        # estimate would list the kinds it tried here)
+        assert st["energy_meter"]["skipped"] == {}, st["energy_meter"]
         p0 = be.request("a1", "ping")[0]["energy_j"]
         be.load_experts("a1", [{"uid": u, "path": f"experts/{u}.safetensors"} for u in ("L0.E0", "L0.E1")])
         # enough rows that the compute window takes measurable CPU time
