@@ -230,8 +230,12 @@ def links_set(
     shaper.change(device, spec, direction)
     dt = time.monotonic() - t0
     st = {s.device: s for s in shaper.show()}[device]
+    info = shaper.shaping_info()
+    if info["warning"]:
+        err_console.print(f"warning: {info['warning']}", highlight=False, markup=False,
+                          soft_wrap=True)
     emit(fmt, {"device": device, "direction": direction, "requested": spec.__dict__,
-               "enforced": st.to_dict(), "seconds": round(dt, 4)},
+               "enforced": st.to_dict(), "seconds": round(dt, 4), "shaping": info},
          f"{device}: down {st.down_kbit} kbit/s, up {st.up_kbit} kbit/s "
          f"(applied in {dt * 1000:.1f} ms)")
 
@@ -316,12 +320,38 @@ def links_verify(
     inventory: Path = InvArg,
     seconds: float = typer.Option(3.0, "--seconds", help="Transfer time per direction."),
     device: Optional[list[str]] = typer.Option(None, "--device", help="Only these devices."),
+    airtime: bool = typer.Option(False, "--airtime", help="Instead of goodput: lone messages "
+                                 "(1.5, 8 and 64 KiB) after an idle gap, each as the share of "
+                                 "its airtime (bytes*8/rate) the link charged it."),
+    repeats: int = typer.Option(3, "--repeats", help="--airtime: messages per size."),
+    idle: float = typer.Option(1.0, "--idle", help="--airtime: idle seconds before each "
+                               "message."),
     fmt: Format = FormatOpt,
 ) -> None:
-    """Measure goodput per device and direction on the receiving side."""
-    from .linkcheck import verify
+    """Measure goodput per device and direction on the receiving side (--airtime: what lone
+    messages are charged, timed by their sender)."""
+    from .linkcheck import summarize_airtime, verify, verify_airtime
     _fmt(fmt)
     inv = load_inventory(inventory)
+    if airtime:
+        if repeats < 1 or not idle >= 0:
+            raise ConfigError("--repeats must be >= 1 and --idle >= 0")
+        info, msgs = verify_airtime(inv, repeats=repeats, idle_s=idle, devices=device)
+        summary = summarize_airtime(msgs)
+        t = Table(title=f"lone messages after {idle:g} s idle: (delivery - 1-byte RTT) / "
+                  f"airtime; shaping {info['mode']} (bucket {info['bucket_bytes']} B, "
+                  f"offloads {info['offloads_summary']})")
+        for c in ("device", "direction", "kbit/s", "bytes", "ratio per repeat", "median",
+                  "RTT ms"):
+            t.add_column(c)
+        for r in summary:
+            t.add_row(str(r["device"]), str(r["direction"]), _n(r["configured_kbit"]),
+                      str(r["bytes"]), " ".join(f"{x:.2f}" for x in r["ratios"]),
+                      "-" if r["ratio_median"] is None else f"{r['ratio_median']:.2f}",
+                      f"{r['rtt_ms_median']:.3f}")
+        emit(fmt, {"shaping": info, "summary": summary,
+                   "messages": [m.to_dict() for m in msgs]}, t)
+        return
     rows = verify(inv, seconds, device)
     t = Table(title=f"receiver-measured goodput ({seconds:g} s per direction)")
     for c in ("device", "direction", "configured kbit/s", "measured kbit/s", "ratio"):

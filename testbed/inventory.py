@@ -16,6 +16,8 @@
     local = true              # the controller runs on the BS; else give ssh_user/ssh_key
     sudo = false              # prefix ip/tc with `sudo -n`
     cell_rate = "100mbit"     # optional: total bandwidth shared by all links
+    shaping = "auto"          # what charges each packet: auto (netem if the kernel has it,
+                              # else tbf), tbf, netem, or htb (the class alone; see links.py)
 
     [[devices]]
     name = "orin1"
@@ -98,6 +100,8 @@ class BaseStation:
     ssh_port: int = 22
     ssh_user: str | None = None
     ssh_key: str | None = None
+    #: ``bs.shaping``: the leaf under each device's HTB class (see :mod:`testbed.links`)
+    shaping: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -135,7 +139,10 @@ _TOP_KEYS = {"testbed", "bs", "devices"}
 _TESTBED_KEYS = {"name", "known_hosts", "security", "keys_dir"}
 SECURITY = ("curve", "none")
 _BS_REQUIRED = {"name", "host", "interface"}
-_BS_OPTIONAL = {"ifb", "local", "sudo", "cell_rate", "ssh_port", "ssh_user", "ssh_key"}
+_BS_OPTIONAL = {"ifb", "local", "sudo", "cell_rate", "ssh_port", "ssh_user", "ssh_key",
+                "shaping"}
+#: ``bs.shaping`` values (testbed.links.SHAPING_MODES)
+SHAPING = ("auto", "tbf", "netem", "htb")
 _DEV_REQUIRED = {"name", "host", "ssh_user", "workdir", "python", "hw_class",
                  "memory_budget_mb"}
 _DEV_OPTIONAL = {"ssh_port", "ssh_key", "interface", "reuse_packages", "agent_port"}
@@ -287,6 +294,10 @@ def _parse_bs(c: _Checker, bs: Any) -> BaseStation | None:
         except ValueError as exc:
             c.bad("bs.cell_rate", str(exc))
             v["cell_rate_kbit"] = None
+    if "shaping" in bs:
+        if bs["shaping"] not in SHAPING:
+            c.bad("bs.shaping", f"must be one of {', '.join(SHAPING)}, got {bs['shaping']!r}")
+        v["shaping"] = bs["shaping"]
     if "ssh_port" in bs:
         v["ssh_port"] = c.port("bs.ssh_port", bs["ssh_port"])
     if "ssh_user" in bs:
@@ -394,6 +405,8 @@ def render_inventory(inv_name: str, known_hosts: str, bs: BaseStation,
              f"local = {str(bs.local).lower()}", f"sudo = {str(bs.sudo).lower()}"]
     if bs.cell_rate_kbit:
         lines.append(f"cell_rate = \"{int(bs.cell_rate_kbit)}kbit\"")
+    if bs.shaping != "auto":
+        lines.append(f"shaping = {q(bs.shaping)}")
     for d in devices:
         lines += ["", "[[devices]]", f"name = {q(d.name)}", f"host = {q(d.host)}",
                   f"ssh_port = {d.ssh_port}", f"ssh_user = {q(d.ssh_user)}"]

@@ -101,7 +101,8 @@ def summarize_airtime(rows: list[Airtime]) -> list[dict[str, object]]:
 
 def shaper_for(inv: Inventory, bs: Runner) -> TcShaper:
     return TcShaper(bs, inv.bs.interface, inv.bs.ifb, [d.host for d in inv.devices],
-                    [d.name for d in inv.devices], inv.bs.cell_rate_kbit, inv.bs.sudo)
+                    [d.name for d in inv.devices], inv.bs.cell_rate_kbit, inv.bs.sudo,
+                    inv.bs.shaping)
 
 
 def _bs_probe(inv: Inventory, bs: Runner) -> tuple[str, str]:
@@ -205,3 +206,39 @@ def verify(inv: Inventory, seconds: float = 3.0, devices: list[str] | None = Non
                     out.append(measure(inv, dev, direction, seconds, bs, remote, bs_probe,
                                        dev_probe, rate))
     return out
+
+
+def verify_airtime(inv: Inventory, sizes: tuple[int, ...] = AIRTIME_SIZES, repeats: int = 3,
+                   idle_s: float = 1.0, devices: list[str] | None = None,
+                   directions: tuple[str, ...] = ("down", "up")
+                   ) -> tuple[dict[str, object], list[Airtime]]:
+    """Lone messages of each size per (selected) device and direction, ``repeats`` rounds,
+    each after ``idle_s`` of silence; with the shaper's :meth:`~TcShaper.shaping_info`."""
+    targets = [inv.device(n) for n in devices] if devices else list(inv.devices)
+    out: list[Airtime] = []
+    with bs_runner_for(inv) as bs:
+        shaper = shaper_for(inv, bs)
+        info = shaper.shaping_info()
+        configured = {s.device: s for s in shaper.show()}
+        bs_probe = _bs_probe(inv, bs)
+        for dev in targets:
+            with ssh_runner_for(inv, dev) as remote:
+                dev_probe = f"{dev.workdir}/.testbed/netprobe.py"
+                remote.put(PROBE_SRC, dev_probe)
+                for direction in directions:
+                    st = configured.get(dev.name)
+                    rate = getattr(st, f"{direction}_kbit") if st else None
+                    out += measure_airtime(inv, dev, direction, tuple(sizes), repeats, idle_s,
+                                           bs, remote, bs_probe, dev_probe, rate,
+                                           info.get("mode"))  # type: ignore[arg-type]
+    return info, out
+
+
+def airtime_record(inv: Inventory, **kw: object) -> dict[str, object]:
+    """:func:`verify_airtime` as plain data for a run's manifest (``links_airtime``): the
+    shaping, the per-size summary and every message. Runs do not call it on their own
+    (they do not verify links today); a runner that wants the figures calls it after the
+    links are set."""
+    info, rows = verify_airtime(inv, **kw)  # type: ignore[arg-type]
+    return {"shaping": info, "summary": summarize_airtime(rows),
+            "messages": [r.to_dict() for r in rows]}

@@ -31,7 +31,7 @@ from typing import Any
 
 from .errors import ConfigError, NeedsRoot, TestbedError
 from .inventory import BaseStation, Device, render_inventory
-from .links import LinkSpec, TcShaper
+from .links import LinkSpec, TcShaper, turn_offloads_off
 from .provision import AGENT_PACKAGES
 from .runner import LocalRunner
 
@@ -247,6 +247,12 @@ def up(name: str, devices: int, rate_kbit: float, inventory_out: Path | None = N
             _ip(["ip", "link", "set", veth, "up"])
             _ip(["ip", "addr", "add", f"{addr}/{subnet.prefixlen}", "dev", "eth0"], netns=ns)
             _ip(["ip", "link", "set", "eth0", "up"], netns=ns)
+            # no super-packets on either end (TSO/GSO on the sender's side, GRO on the
+            # receiver's): the BS's qdiscs then see, and charge, every frame
+            st.data["devices"][-1]["offloads"] = {
+                "veth": turn_offloads_off(LocalRunner(), veth),
+                "eth0": turn_offloads_off(LocalRunner(netns=ns), "eth0")}
+            st.save()
             (d / "work").mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o700)
             _ip(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{ns}-host",
@@ -362,7 +368,8 @@ def down(name: str) -> dict[str, Any]:
     names = Names(name)
     st = State(name)
     data = st.load()
-    removed: dict[str, list[Any]] = {"processes": [], "netns": [], "links": [], "files": []}
+    removed: dict[str, list[Any]] = {"processes": [], "netns": [], "links": [], "files": [],
+                                     "offloads_restored": []}
     namespaces = [ns for ns in _netns_list() if names.is_our_netns(ns)]
     # 1. processes: everything inside our namespaces, plus recorded PIDs still ours
     pids: set[int] = set()
@@ -383,7 +390,9 @@ def down(name: str) -> dict[str, Any]:
     pids.discard(os.getpid())
     _stop_pids(sorted(pids))
     removed["processes"] = sorted(pids)
-    # 2. shaping, links, namespaces
+    # 2. shaping (the bridge's offloads first, from the record on the ifb), links, namespaces
+    removed["offloads_restored"] = TcShaper(LocalRunner(host="bs"), names.bridge, names.ifb,
+                                            [], []).restore_offloads()
     for argv in (["tc", "qdisc", "del", "dev", names.bridge, "root"],
                  ["tc", "qdisc", "del", "dev", names.bridge, "ingress"]):
         _ip(argv, check=False)
