@@ -232,6 +232,117 @@ class TbfQdisc(NamedTuple):
 Change = HtbClass | TbfQdisc
 
 
+# -- from tc's own words ----------------------------------------------------------------------
+# The subset of tc's syntax the shaper's command builders produce: a change built from their
+# argv carries exactly the values ``tc`` would send, so both paths stay one definition.
+_RATE_SCALE = {"bit": 1, "kbit": 1000, "mbit": 1000**2, "gbit": 1000**3, "tbit": 1000**4,
+               "bps": 8, "kbps": 8000, "mbps": 8 * 1000**2, "gbps": 8 * 1000**3,
+               "tbps": 8 * 1000**4}
+_SIZE_SCALE = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2,
+               "g": 1024**3, "gb": 1024**3}
+_TIME_SCALE_US = {"": 1, "us": 1, "usec": 1, "ms": 1000, "msec": 1000, "s": 1_000_000,
+                  "sec": 1_000_000}
+
+
+class NotExpressible(ValueError):
+    """tc words this module does not translate (the caller keeps the ``tc`` CLI for them)."""
+
+
+def _split_number(text: str) -> tuple[float, str]:
+    t = text.strip().lower()
+    k = len(t)
+    while k and not (t[k - 1].isdigit() or t[k - 1] == "."):
+        k -= 1
+    try:
+        return float(t[:k]), t[k:]
+    except ValueError:
+        raise NotExpressible(f"not a number: {text!r}") from None
+
+
+def tc_rate_bytes(text: str) -> int:
+    """tc's rate words ("1234kbit", "10gbit", "500kbps") → bytes/s as tc computes them
+    (``get_rate64``: bits/s divided by 8, truncated)."""
+    value, unit = _split_number(text)
+    if unit not in _RATE_SCALE:
+        raise NotExpressible(f"rate unit not handled: {text!r}")
+    return int(value * _RATE_SCALE[unit] / 8.0)
+
+
+def tc_size_bytes(text: str) -> int:
+    """tc's size words ("1514", "3200b", "12kb") → bytes (``get_size``)."""
+    value, unit = _split_number(text)
+    if unit not in _SIZE_SCALE:
+        raise NotExpressible(f"size unit not handled: {text!r}")
+    return int(value * _SIZE_SCALE[unit])
+
+
+def tc_time_us(text: str) -> int:
+    value, unit = _split_number(text)
+    if unit not in _TIME_SCALE_US:
+        raise NotExpressible(f"time unit not handled: {text!r}")
+    return int(value * _TIME_SCALE_US[unit])
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise NotExpressible(f"not a count: {text!r}")
+    return int(text)
+
+
+def _pairs(words: Sequence[str], what: str) -> dict[str, str]:
+    if len(words) % 2:
+        raise NotExpressible(f"{what}: odd option list {list(words)}")
+    out = dict(zip(words[::2], words[1::2]))
+    if len(out) != len(words) // 2:
+        raise NotExpressible(f"{what}: repeated option in {list(words)}")
+    return out
+
+
+def change_from_tc_argv(argv: Sequence[str]) -> Change:
+    """``tc class change dev D parent P classid C htb rate R [ceil C] burst B cburst CB
+    [quantum Q] [prio N]`` or ``tc qdisc change dev D [parent P] handle H tbf rate R burst B
+    (limit L | latency T)`` → the same change as a netlink message carries it. Anything else
+    raises :class:`NotExpressible`."""
+    words = list(argv[1:] if argv and argv[0] == "tc" else argv)
+    if len(words) < 3 or words[0] not in ("class", "qdisc") or words[1] != "change":
+        raise NotExpressible(f"not an in-place class/qdisc change: {list(argv)}")
+    obj, rest = words[0], words[2:]
+    kinds = ("htb",) if obj == "class" else ("tbf",)
+    k = next((j for j, w in enumerate(rest) if w in kinds), None)
+    if k is None:
+        raise NotExpressible(f"kind not handled in {list(argv)} (netlink does {kinds[0]})")
+    head, opts = _pairs(rest[:k], "selector"), _pairs(rest[k + 1:], rest[k])
+    dev = head.pop("dev", None)
+    parent = parse_handle(head.pop("parent", "none"))
+    handle = parse_handle(head.pop("classid" if obj == "class" else "handle", "none"))
+    if dev is None or not handle or head:
+        raise NotExpressible(f"selector not handled in {list(argv)}")
+    if "rate" not in opts:
+        raise NotExpressible(f"rate must be given: {list(argv)}")
+    if obj == "class":
+        rate = tc_rate_bytes(opts.pop("rate"))
+        ceil = tc_rate_bytes(opts.pop("ceil")) if "ceil" in opts else rate
+        if "burst" not in opts or "cburst" not in opts:
+            raise NotExpressible(f"burst and cburst must be given: {list(argv)}")
+        out: Change = HtbClass(dev, handle, parent, rate, ceil,
+                               tc_size_bytes(opts.pop("burst")),
+                               tc_size_bytes(opts.pop("cburst")),
+                               _count(opts.pop("quantum", "0")), _count(opts.pop("prio", "0")))
+    else:
+        if "burst" not in opts:
+            raise NotExpressible(f"burst must be given: {list(argv)}")
+        rate = tc_rate_bytes(opts.pop("rate"))
+        burst = tc_size_bytes(opts.pop("burst"))
+        if ("limit" in opts) == ("latency" in opts):
+            raise NotExpressible(f"one of limit/latency must be given: {list(argv)}")
+        limit = tc_size_bytes(opts.pop("limit")) if "limit" in opts else \
+            tbf_limit(rate, burst, tc_time_us(opts.pop("latency")))
+        out = TbfQdisc(dev, handle, parent, rate, burst, limit)
+    if opts:
+        raise NotExpressible(f"options not handled: {sorted(opts)} in {list(argv)}")
+    return out
+
+
 # -- encoding ---------------------------------------------------------------------------------
 def _attr(kind: int, payload: bytes) -> bytes:
     n = 4 + len(payload)

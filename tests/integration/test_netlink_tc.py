@@ -293,35 +293,41 @@ def test_bad_handle_is_a_clear_error_and_the_rest_applies(scratch):
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace not installed")
 def test_messages_equal_what_tc_sends_and_tableless_ones_act_the_same(scratch):
-    """tc's own message (captured with strace) equals ours with tables; the kernel's state
-    after ours without tables equals its state after tc's."""
+    """For each tc command line: tc's own message (captured with strace) equals ours built
+    from the same words, with tables; the kernel's state after ours without tables equals its
+    state after tc's."""
     bs, _, _ = scratch
-    kbit = 7777.0
-    r, b = N.rate_bytes(kbit), links.burst_bytes(kbit)
-    htb = N.HtbClass("v0", 0x10101, 0x10001, r, r, b, b, links.QUANTUM_BYTES)
-    tbf = N.TbfQdisc("v0", 0x1010000, 0x10101, r, TBF_BURST,
-                     N.tbf_limit(r, TBF_BURST, TBF_LATENCY_US))
-    argvs = (["tc", "class", "change", "dev", "v0", "parent", "1:1", "classid", "1:101",
+    kbit, share = 7777.0, 3333.0
+    argvs = [["tc", "class", "change", "dev", "v0", "parent", "1:1", "classid", "1:101",
               *links._htb_params(kbit)],
+             ["tc", "class", "change", "dev", "ifb0", "parent", "1:1", "classid", "1:102",
+              "htb", "rate", links.format_rate(share), "ceil", links.format_rate(kbit),
+              "burst", str(links.burst_bytes(share)), "cburst", str(links.burst_bytes(kbit)),
+              "quantum", str(links.QUANTUM_BYTES)],
              ["tc", "qdisc", "change", "dev", "v0", "parent", "1:101", "handle", "101:", "tbf",
-              "rate", links.format_rate(kbit), "burst", str(TBF_BURST), "latency", "1s"])
+              "rate", links.format_rate(kbit), "burst", str(TBF_BURST), "latency", "1s"],
+             ["tc", "qdisc", "change", "dev", "ifb0", "parent", "1:102", "handle", "102:",
+              "tbf", "rate", links.format_rate(kbit), "burst", str(TBF_BURST),
+              "limit", str(1000 * TBF_BURST)]]
+    changes = [N.change_from_tc_argv(a) for a in argvs]
     with N.TcNetlink(bs) as nl:
-        idx = nl.ifindex("v0")
-        for change, argv in zip((htb, tbf), argvs):
+        for change, argv in zip(changes, argvs):
             sent = strace_sendmsg(bs, argv)
             theirs = list(N.split_messages(sent))[-1]
-            ours = N.encode_change(change, idx, theirs.seq, tables=True)
+            ours = N.encode_change(change, nl.ifindex(change.dev), theirs.seq, tables=True,
+                                   flags=theirs.flags)
             assert ours == sent[-len(ours):], argv
         after_tc = state(nl)
-        nl.change(epoch(3, {1: (1.0, 1.0)}))
+        nl.change([c._replace(rate=125, ceil=125) if isinstance(c, N.HtbClass)
+                   else c._replace(rate=125) for c in changes])
         assert state(nl) != after_tc
-        nl.change([htb, tbf])  # no tables
+        nl.change(changes)  # no tables
         assert state(nl) == after_tc
 
 
 def state(nl: N.TcNetlink) -> list[tuple]:
-    objs = nl.classes("v0") + nl.qdiscs("v0")
-    return sorted((o.kind, o.handle, o.rate, o.ceil, o.buffer, o.cbuffer, o.quantum, o.limit,
+    objs = [o for d in ("v0", "ifb0") for o in nl.classes(d) + nl.qdiscs(d)]
+    return sorted((o.ifindex, o.kind, o.handle, o.rate, o.ceil, o.buffer, o.cbuffer, o.quantum, o.limit,
                    tuple(tuple(sorted(s.items())) for s in o.ratespecs)) for o in objs)
 
 

@@ -416,3 +416,53 @@ def test_dumped_counters_read_only_when_asked():
     lean = N.decode_tc(dumped, stats=False)
     assert (lean.sent_bytes, lean.rate, lean.limit) == (0, R1234, o.limit)
     assert set(N.parse_attrs(dumped.payload[20:], frozenset({N.TCA_KIND}))) == {N.TCA_KIND}
+
+
+# -- from tc's words --------------------------------------------------------------------------
+def test_units_as_tc_reads_them():
+    assert N.tc_rate_bytes("1234kbit") == 154250 == N.tc_rate_bytes("1234Kbit")
+    assert N.tc_rate_bytes("10gbit") == 1_250_000_000
+    assert N.tc_rate_bytes("1.5mbit") == 187500 and N.tc_rate_bytes("100kbps") == 100_000
+    assert N.tc_rate_bytes("999bit") == 124  # truncated, like tc
+    assert N.tc_size_bytes("1514") == 1514 == N.tc_size_bytes("1514b")
+    assert N.tc_size_bytes("12kb") == 12288 and N.tc_size_bytes("2m") == 2 << 20
+    assert N.tc_time_us("1s") == 1_000_000 and N.tc_time_us("50ms") == 50_000
+    for bad in ("12kibit", "fast", "10%"):
+        with pytest.raises(N.NotExpressible):
+            N.tc_rate_bytes(bad)
+
+
+def test_htb_class_change_from_tc_argv():
+    argv = ["tc", "class", "change", "dev", "v0", "parent", "1:1", "classid", "1:100", "htb",
+            "rate", "1234kbit", "ceil", "1234kbit", "burst", "3200", "cburst", "3200",
+            "quantum", "3028"]
+    assert N.change_from_tc_argv(argv) == _htb()
+    shared = N.change_from_tc_argv(argv[:11] + ["617kbit"] + argv[12:])
+    assert (shared.rate, shared.ceil) == (N.rate_bytes(617), R1234)
+    no_ceil = N.change_from_tc_argv(argv[1:12] + argv[14:])  # without "tc" and "ceil"
+    assert no_ceil.ceil == no_ceil.rate == R1234
+
+
+def test_tbf_qdisc_change_from_tc_argv():
+    base = ["tc", "qdisc", "change", "dev", "v0", "parent", "1:100", "handle", "100:", "tbf",
+            "rate", "1234kbit", "burst", "1514"]
+    assert N.change_from_tc_argv(base + ["latency", "1s"]) == _tbf()
+    assert N.change_from_tc_argv(base + ["limit", "1514000"]) == _tbf(limit=1514000)
+
+
+@pytest.mark.parametrize("argv", [
+    # what netlink here does not do: the CLI keeps them
+    "tc qdisc change dev v0 parent 1:100 handle 4100: netem limit 1000 rate 1234kbit",
+    "tc qdisc replace dev v0 parent 1:100 handle 100: tbf rate 1kbit burst 1514 limit 9",
+    "tc class change dev v0 parent 1:1 classid 1:100 htb rate 1kbit ceil 2kbit",
+    "tc class change dev v0 parent 1:1 classid 1:100 htb rate 1kbit burst 9 cburst 9 mtu 9",
+    "tc qdisc change dev v0 parent 1:100 handle 100: tbf rate 1kbit burst 1514",
+    "tc qdisc change dev v0 parent 1:100 handle 100: tbf rate 1kbit burst 1514 limit 9 latency 1",
+    "tc qdisc change dev v0 parent 1:100 handle 100: tbf burst 1514 limit 9",
+    "tc class change dev v0 parent 1:1 classid 1:100 htb rate 1kbit burst 9 cburst 9 quantum x",
+    "tc class change parent 1:1 classid 1:100 htb rate 1kbit burst 9 cburst 9",
+    "tc class change dev v0 parent 1:1 classid 1:100 htb rate 1kbit burst 9 cburst 9 rate 2",
+])
+def test_words_not_handled_are_refused(argv):
+    with pytest.raises(N.NotExpressible):
+        N.change_from_tc_argv(argv.split())
