@@ -4,9 +4,11 @@ Commands (each takes ``--format json|table``; json prints one JSON object on std
 
 * ``split CHECKPOINT_DIR OUT_DIR``: BS part + one shard per expert + manifest.json.
 * ``build-tiny OUT_DIR``: train the tiny built-in Mixtral (HF format) deterministically.
-* ``eval MODEL_DIR [--policy NAME[,NAME..]] [--mc FILE.jsonl]``: tiny-task held-out accuracy
-  and/or multiple-choice accuracy; MODEL_DIR is a split dir or an HF checkpoint (split to a
-  temporary directory first).
+* ``widen MODEL OUT_DIR --hidden 4096``: the same trained model with W-wide experts and payloads
+  (an orthonormal lift at the MoE boundary, :mod:`models.widen`).
+* ``eval MODEL_DIR [--policy NAME[,NAME..]] [--mc FILE.jsonl] [--wire-dtype bf16]``: tiny-task
+  held-out accuracy and/or multiple-choice accuracy; MODEL_DIR is a split dir, an HF checkpoint
+  (split to a temporary directory first) or a built-in name (``tiny``, ``tiny-4096``).
 
 Bad input exits 2 with one line ``error: <file or key>: <problem>`` on stderr. Heavy imports
 (torch, transformers) happen inside the commands so mounting this app costs nothing.
@@ -145,9 +147,62 @@ def build_tiny(
     _emit(fmt, res, "model build-tiny")
 
 
+@app.command()
+def widen(
+    model: str = typer.Argument(
+        ..., help="Split dir, HF checkpoint dir or built-in name (tiny) to widen."
+    ),
+    out_dir: Path = typer.Argument(..., help="Output split directory (empty or a previous split)."),
+    hidden: int = typer.Option(4096, "--hidden", min=1, help="Experts' (and the wire's) width."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the orthonormal lift."),
+    intermediate: int | None = typer.Option(
+        None, "--intermediate", min=1, help="Experts' intermediate size, zero-padded (default: as trained)."
+    ),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="Stored expert dtype: float32, bfloat16 or float16 (default: as stored)."
+    ),
+    fmt: OutFormat = FormatOpt,
+) -> None:
+    """Re-express a trained model's experts in a wider basis: same routing and outputs, experts
+    and payloads of a HIDDEN-wide model."""
+
+    def go() -> dict[str, Any]:
+        from models.errors import ModelError
+        from models.widen import widen_split
+        from testbed.errors import ConfigError
+        from testbed.modelstore import resolve_split
+
+        t0 = time.perf_counter()
+        try:
+            src = resolve_split(model, where="MODEL")
+        except ConfigError as e:
+            raise ModelError("MODEL", str(e)) from None
+        m = widen_split(src, out_dir, hidden=hidden, seed=seed, intermediate=intermediate,
+                        dtype=dtype)
+        e0 = next(iter(m["experts"].values()))
+        return {
+            "out_dir": str(out_dir),
+            "source": str(src),
+            "hidden_size": m["dims"]["hidden_size"],
+            "model_hidden_size": m["lift"]["model_hidden_size"],
+            "intermediate_size": m["dims"]["expert_intermediate_size"],
+            "seed": seed,
+            "experts": len(m["experts"]),
+            "expert_shapes": e0["shapes"],
+            "dtype": m["dtype"],
+            "expert_bytes": sum(e["bytes"] for e in m["experts"].values()),
+            "wall_s": round(time.perf_counter() - t0, 3),
+        }
+
+    res = _run(fmt, go)
+    _emit(fmt, res, "model widen")
+
+
 @app.command("eval")
 def eval_cmd(
-    model_dir: Path = typer.Argument(..., help="Split dir (manifest.json) or HF checkpoint dir."),
+    model_dir: Path = typer.Argument(
+        ..., help="Split dir (manifest.json), HF checkpoint dir or built-in name (tiny, tiny-4096)."
+    ),
     policy: str = typer.Option(
         "topk", "--policy", help="Selection policy or comma list: topk, top<n>, random<n>."
     ),
@@ -162,6 +217,10 @@ def eval_cmd(
     expert_runtime: str = typer.Option("torch", "--expert-runtime", help="torch or onnx."),
     quant: str | None = typer.Option(None, "--quant", help="int8 or int4 expert weights."),
     threads: int = typer.Option(2, "--threads", min=1, help="torch threads."),
+    wire_dtype: str | None = typer.Option(
+        None, "--wire-dtype", help="Hidden states to/from the experts in fp32, bf16 or fp16 "
+        "(default: the model's dtype), as on a testbed's wire."
+    ),
     fmt: OutFormat = FormatOpt,
 ) -> None:
     """Accuracy on the tiny task's held-out split and/or a multiple-choice JSONL file."""
@@ -180,6 +239,8 @@ def eval_cmd(
         from models.routing import make_policy
         from models.runtime import BaseStationModel
         from models.split import split_checkpoint
+        from testbed.errors import ConfigError
+        from testbed.modelstore import is_short_name, resolve_split
 
         torch.set_num_threads(threads)
         names = [p.strip() for p in policy.split(",") if p.strip()]
@@ -192,15 +253,23 @@ def eval_cmd(
             raise ModelError(
                 "--expert-runtime", f"unknown expert runtime {expert_runtime!r}; use torch or onnx"
             )
-        if not model_dir.is_dir():
+        if wire_dtype not in (None, "fp32", "bf16", "fp16", "float32", "bfloat16", "float16"):
+            raise ModelError("--wire-dtype", f"unknown wire dtype {wire_dtype!r}; use fp32, bf16 or fp16")
+        builtin = not model_dir.is_dir() and is_short_name(str(model_dir))
+        if not model_dir.is_dir() and not builtin:
             raise ModelError(str(model_dir), "not a directory")
         with tempfile.TemporaryDirectory(prefix="moe-split-") as tmp:
             split_dir = model_dir
-            if not (model_dir / "manifest.json").is_file():
+            if builtin:
+                try:
+                    split_dir = resolve_split(str(model_dir), where="MODEL_DIR")
+                except ConfigError as e:
+                    raise ModelError("MODEL_DIR", str(e)) from None
+            elif not (model_dir / "manifest.json").is_file():
                 split_checkpoint(model_dir, tmp)
                 split_dir = Path(tmp)
             bs = BaseStationModel.from_split_dir(
-                split_dir, expert_runtime=expert_runtime, quant=quant
+                split_dir, expert_runtime=expert_runtime, quant=quant, wire_dtype=wire_dtype
             )
             tiny = is_tiny_split(bs)
             if not tiny and mc is None:
@@ -231,6 +300,9 @@ def eval_cmd(
             "top_k": bs.manifest.top_k,
             "expert_runtime": expert_runtime,
             "quant": quant,
+            "hidden_size": bs.manifest.model_hidden_size,
+            "expert_hidden_size": bs.manifest.hidden_size,
+            "wire_dtype": str(bs.controller.wire_dtype or next(bs.model.parameters()).dtype).removeprefix("torch."),
             "results": results,
         }
 
