@@ -39,7 +39,7 @@ def test_shards_are_4096_wide(splits: tuple[Path, Path]) -> None:
     assert m.hidden_size == WIDTH and m.model_hidden_size == 64 and len(m.uids()) == 32
     for u in m.uids():
         with safe_open(str(m.expert_path(u)), "pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
         assert shapes == {"w1": (32, WIDTH), "w2": (WIDTH, 32), "w3": (32, WIDTH)}, u
 
 
