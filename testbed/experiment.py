@@ -671,6 +671,11 @@ class Runner:
             for d in self.inv.devices:
                 sh.change(d.name, LinkSpec(down, delay, loss), "down")
                 sh.change(d.name, LinkSpec(up, delay, loss), "up")
+        # how the links charge messages (mode, free bucket, offloads): manifest and links.csv
+        info = sh.shaping_info()
+        self.manifest["shaping"] = info
+        self.link_shaping = {"shaping": info["mode"], "bucket_bytes": info["bucket_bytes"],
+                             "offloads": info["offloads_summary"]}
         return [s.to_dict() for s in sh.show()]
 
     def _cluster_state(self, placement: Mapping[str, Sequence[str]], rates: Sequence[Mapping]) -> ClusterState:
@@ -813,7 +818,8 @@ class Runner:
         trace = self.traces[t.index]
         plan = EpochLinks(Epochs(cluster.epoch_scope),
                           LinkRecorder(self.shaper, self.tables["links"], self.t0), cluster,
-                          names, key, cluster.channel, cluster.bandwidth_hz,
+                          names, {**key, **self.link_shaping}, cluster.channel,
+                          cluster.bandwidth_hz,
                           TraceReplay(trace, names, str(self.recipe.trace_path(t)))
                           if trace else None)
         self.bsm.policy = self._hook(policy, cluster, plan)

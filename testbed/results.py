@@ -192,6 +192,9 @@ LINK_COLUMNS = KEY_COLUMNS + (
     "change_ms",        # wall time of the epoch's tc batch (every device's change, plus read-back)
     "epoch_ms",         # how long the rates then stayed (until the next epoch's change)
     "tc_slower",        # 1: the change took longer than the epoch it governed
+    "shaping",          # what charges packets under the HTB class: tbf / netem / htb (links.py)
+    "bucket_bytes",     # bytes a link passes free after an idle spell (tbf: one frame)
+    "offloads",         # GSO/TSO/GRO on the shaped BS interfaces: off, or which are still on
 )
 
 
