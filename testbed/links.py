@@ -28,7 +28,10 @@ turned off are recorded in the ifb's alias (``ip link set ifb alias``), so any l
 (``links set``, ``links clear``, a run) reads them back from the kernel.
 
 Changing a rate is in place: ``tc class change`` of the HTB class and ``tc qdisc change`` of
-a rate-carrying leaf (no qdisc re-created, no loss burst, counters keep running).
+a rate-carrying leaf (no qdisc re-created, no loss burst, counters keep running). A decision
+epoch's changes (:meth:`TcShaper.set_rates`) go straight to the kernel over rtnetlink
+(:mod:`testbed.netlink_tc`) where the BS is this machine and we are root; elsewhere (a lab BS
+over SSH), and for netem leaves, through one ``tc -batch`` process.
 
 The command builders here are pure (they return argv lists); :class:`TcShaper` applies them
 through a :class:`~testbed.runner.Runner`, so the same code shapes the local testbed and a
@@ -37,15 +40,18 @@ lab's BS over SSH (with sudo).
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from . import netlink_tc
 from .errors import CommandFailed, ConfigError, Unsupported
-from .runner import Runner
+from .runner import LocalRunner, Runner
 from .units import format_rate
 
 #: rate given to classes that are not limited (and to the cell when no cell rate is set)
@@ -595,6 +601,9 @@ class TcShaper:
         self.shaping = shaping
         self._cfg: ShapingConfig | None = None
         self._leaf_cache: dict[tuple[str, int], Leaf] | None = None
+        #: set_rates over rtnetlink where it can (False, or TESTBED_TC_NETLINK=0: tc CLI)
+        self.netlink = os.environ.get("TESTBED_TC_NETLINK", "1") != "0"
+        self._nl: netlink_tc.TcNetlink | None = None
 
     def _run(self, argv: list[str], check: bool = True):
         return self.runner.run(argv, timeout_s=15, check=check, sudo=self.sudo)
@@ -807,30 +816,36 @@ class TcShaper:
         self._leaf_cache = leaves
 
     def set_rates(self, rates: Mapping[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
-        """Change the rate of several links at once and read back what tc enforces.
+        """Change the rate of several links at once and read back what the kernel enforces.
 
-        ``rates`` maps a device to its (down, up) kbit/s. One ``tc -j -batch`` process runs
-        every in-place ``tc class change`` and ``tc qdisc change`` of the rate-carrying leaves
-        (TBF, netem with a rate: its delay/loss kept), then lists classes and qdiscs of both
-        interfaces, so a whole decision epoch costs one process (not two per device and
-        direction); pfifo leaves and htb mode's netem are not touched. The tree must be
-        installed (:meth:`is_installed`). Returns device -> (down, up) kbit/s as tc reports
-        them (the class's rate, or the leaf's where lower).
+        ``rates`` maps a device to its (down, up) kbit/s. Every in-place ``tc class change``
+        and ``tc qdisc change`` of the rate-carrying leaves (TBF, netem with a rate: its
+        delay/loss kept) goes out at once, then classes and qdiscs of both interfaces are read
+        back; pfifo leaves and htb mode's netem are not touched. Where the BS is this machine
+        and we are root, the changes are rtnetlink messages in one send (tens to hundreds of
+        microseconds, :mod:`testbed.netlink_tc`) and the read-back is the kernel's dumps;
+        otherwise (a BS over SSH or sudo, a netem leaf to change, ``self.netlink`` off) one
+        ``tc -j -batch`` process does both (milliseconds). The tree must be installed
+        (:meth:`is_installed`). Returns device -> (down, up) kbit/s as the kernel reports them
+        (the class's rate, or the leaf's where lower).
         """
         cfg = self._config()
         leaves = self._leaf_cache if self._leaf_cache is not None else self._leaves()
-        lines = []
+        commands: list[list[str]] = []
         share = cell_share_kbit(self.cell_rate_kbit, len(self.addrs))
         for dev, (down, up) in rates.items():
             i = self.index(dev)
             minor = class_minor(i)
             for d, kbit in ((self.iface, down), (self.ifb, up)):
-                lines.append(shlex.join(build_class_change_command(d, i, LinkSpec(kbit), share)[1:]))
+                commands.append(build_class_change_command(d, i, LinkSpec(kbit), share))
                 lf = leaves.get((d, minor))
                 if lf is not None and lf.rate_kbit is not None and lf.kind in ("tbf", "netem"):
-                    lines.append(shlex.join(leaf_command("change", d, minor, lf.kind,
-                                                         lf.spec(kbit), cfg.bucket_bytes,
-                                                         True)[1:]))
+                    commands.append(leaf_command("change", d, minor, lf.kind, lf.spec(kbit),
+                                                 cfg.bucket_bytes, True))
+        changes = self._netlink_changes(commands)
+        if changes is not None:
+            return self._set_rates_netlink(rates, changes)
+        lines = [shlex.join(argv[1:]) for argv in commands]
         # under -j the class listings stay text and each qdisc listing is one JSON line
         lines += [f"class show dev {self.iface}", f"qdisc show dev {self.iface}",
                   f"class show dev {self.ifb}", f"qdisc show dev {self.ifb}"]
@@ -857,6 +872,74 @@ class TcShaper:
                                         res.returncode, res.stdout,
                                         f"class {cid} of {dev} missing from tc's listing")
                 got.append(enforced_kbit(classes[cid], lv.get(minor)))
+            out[dev] = (got[0], got[1])
+        self._leaf_cache = cache
+        return out
+
+    def _netlink_client(self) -> netlink_tc.TcNetlink | None:
+        """The rtnetlink client, where the BS is this machine (or one of its network
+        namespaces) and we are root; None elsewhere (the tc CLI then)."""
+        if not self.netlink:
+            return None
+        if self._nl is None:
+            if not isinstance(self.runner, LocalRunner) or os.geteuid() != 0:
+                self.netlink = False
+                return None
+            try:
+                self._nl = netlink_tc.TcNetlink(self.runner.netns, host=self.runner.host)
+            except OSError:
+                self.netlink = False
+                return None
+        return self._nl
+
+    def _netlink_changes(self, commands: Sequence[Sequence[str]]
+                         ) -> list[netlink_tc.Change] | None:
+        """The epoch's tc command lines as netlink changes (the very values tc would send);
+        None where netlink is not used or a line is beyond it (a netem leaf)."""
+        if self._netlink_client() is None:
+            return None
+        try:
+            return [netlink_tc.change_from_tc_argv(argv) for argv in commands]
+        except netlink_tc.NotExpressible:
+            return None
+
+    def _set_rates_netlink(self, rates: Mapping[str, tuple[float, float]],
+                           changes: Sequence[netlink_tc.Change]) -> dict[str, tuple[float, float]]:
+        """:meth:`set_rates` over rtnetlink: one send, the acks, then class dumps of both
+        interfaces and one qdisc dump, read like tc's listings."""
+        nl = self._nl
+        assert nl is not None
+        nl.forget_interfaces()  # a re-made ifb has a new index
+        nl.change(changes)
+        devs = (self.iface, self.ifb)
+        qdiscs = nl.qdiscs_of(devs, stats=False)
+        by_dir = []
+        cache: dict[tuple[str, int], Leaf] | None = {}
+        for d in devs:
+            lv: dict[int, Leaf] = {}
+            for q in qdiscs[d]:
+                if q.parent >> 16 == 1 and q.parent & 0xFFFF:
+                    lf = _leaf_from_netlink(q)
+                    if lf is None:       # a leaf only tc reads fully (netem): re-read next time
+                        cache = None
+                    else:
+                        lv[q.parent & 0xFFFF] = lf
+            if cache is not None:
+                cache.update({(d, m): lf for m, lf in lv.items()})
+            classes = {c.handle: c.ceil_kbit for c in nl.classes(d, stats=False)
+                       if c.kind == "htb"}
+            by_dir.append((classes, lv))
+        out: dict[str, tuple[float, float]] = {}
+        for dev in rates:
+            minor = class_minor(self.index(dev))
+            got = []
+            for d, (classes, lv) in zip(devs, by_dir):
+                kbit = classes.get(netlink_tc.parse_handle(f"1:{minor:x}"))
+                if kbit is None:
+                    raise netlink_tc.TcNetlinkError(self.runner.host, [(
+                        f"{d} class htb 1:{minor:x} of {dev}", errno.ENOENT,
+                        "missing from the kernel's listing")])
+                got.append(enforced_kbit(kbit, lv.get(minor)))
             out[dev] = (got[0], got[1])
         self._leaf_cache = cache
         return out
@@ -953,6 +1036,18 @@ class TcShaper:
         """``tc -j qdisc show dev DEV`` parsed; empty when the device does not exist."""
         res = self._run(["tc", "-j", "qdisc", "show", "dev", dev], check=False)
         return json.loads(res.stdout or "[]") if res.returncode == 0 else []
+
+
+def _leaf_from_netlink(q: netlink_tc.TcObject) -> Leaf | None:
+    """A leaf from the kernel's qdisc dump, as :func:`parse_leaf` reads it from ``tc -j``;
+    None for kinds whose options are not decoded here (netem)."""
+    handle = netlink_tc.format_handle(q.handle)
+    if q.kind == "tbf":
+        burst = q.burst
+        return Leaf("tbf", handle, q.rate_kbit, burst_bytes=None if burst is None else int(burst))
+    if q.kind == "netem":
+        return None
+    return Leaf(q.kind, handle)
 
 
 def _describe_leaf(qd: dict) -> str:

@@ -517,16 +517,17 @@ class TcObject:
 
     @property
     def burst(self) -> float | None:
-        """Bucket in bytes from its time (what ``tc`` prints as ``burst``)."""
+        """Bucket in bytes from its time, as ``tc`` prints ``burst`` (``tc_calc_xmitsize``:
+        the time truncated to whole microseconds first)."""
         if self.rate is None or self.buffer is None:
             return None
-        return self.rate * (self.buffer / TICK_IN_USEC) / 1e6
+        return self.rate * int(self.buffer / TICK_IN_USEC) / 1e6
 
     @property
     def cburst(self) -> float | None:
         if self.ceil is None or self.cbuffer is None:
             return None
-        return self.ceil * (self.cbuffer / TICK_IN_USEC) / 1e6
+        return self.ceil * int(self.cbuffer / TICK_IN_USEC) / 1e6
 
 
 # PARMS with the rate specs' fields flat: rate is field 5, ceil/peakrate field 11
@@ -693,6 +694,11 @@ class TcNetlink:
                                                   errno_mod.ENODEV, "")]) from None
             self._ifindex[dev] = idx
         return idx
+
+    def forget_interfaces(self) -> None:
+        """Drop the cached interface indexes (an interface deleted and made again, like the
+        ifb at a new set-up, has a new one)."""
+        self._ifindex.clear()
 
     def _next_seq(self) -> int:
         self._seq = (self._seq + 1) & 0x7FFFFFFF or 1

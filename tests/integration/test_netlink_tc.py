@@ -22,6 +22,7 @@ import pytest
 
 from testbed import links
 from testbed import netlink_tc as N
+from testbed.runner import LocalRunner
 from tests.conftest import needs_testbed, unique_name
 
 pytestmark = needs_testbed
@@ -344,3 +345,101 @@ def strace_sendmsg(ns: str, argv: list[str]) -> bytes:
             chunks[-1] += bytes.fromhex(m.group(1).replace(" ", ""))
     assert chunks, res.stderr
     return bytes(chunks[-1])
+
+
+# -- TcShaper.set_rates over netlink ----------------------------------------------------------
+class CountingRunner(LocalRunner):
+    """A LocalRunner that counts the commands it runs."""
+
+    def __init__(self, netns: str):
+        super().__init__(netns=netns, host="bs")
+        self.calls: list[list[str]] = []
+
+    def run(self, argv, **kw):
+        self.calls.append(list(argv))
+        return super().run(argv, **kw)
+
+
+@pytest.fixture
+def shaped():
+    """A bs namespace with a veth and the shaper's own tree (tbf mode) for 3 devices;
+    (shaper over netlink, shaper over the tc CLI) on it."""
+    bs, peer = unique_name("nb"), unique_name("np")
+    try:
+        sh("ip", "netns", "add", bs)
+        sh("ip", "netns", "add", peer)
+        sh("ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1", "netns", peer, ns=bs)
+        sh("ip", "link", "set", "v0", "up", ns=bs)
+        names, addrs = ["dev1", "dev2", "dev3"], [_addr(i) for i in range(3)]
+
+        def shaper(netlink: bool) -> links.TcShaper:
+            s = links.TcShaper(CountingRunner(bs), "v0", "ifb0", addrs, names, shaping="tbf")
+            s.netlink = netlink
+            return s
+
+        first = shaper(True)
+        first.setup([links.LinkSpec(8000)] * 3, [links.LinkSpec(8000)] * 3)
+        yield bs, shaper(True), shaper(False)
+    finally:
+        for ns in (bs, peer):
+            sh("ip", "netns", "del", ns, check=False)
+        left = sh("ip", "netns", "list").stdout
+        assert bs not in left and peer not in left
+
+
+def test_set_rates_over_netlink_equals_the_cli_path(shaped):
+    bs, nl_shaper, cli_shaper = shaped
+    assert [q[1] for q in nl_shaper.qdisc_handles() if q[1] == "tbf"] == ["tbf"] * 6
+    handles = nl_shaper.qdisc_handles()
+    rates = {"dev1": (1234.0, 567.0), "dev2": (20000.0, 3000.0)}
+    got = nl_shaper.set_rates(rates)
+    assert nl_shaper._nl is not None, "netlink was not used"
+    assert got == rates
+    shown = {s.device: (s.down_kbit, s.up_kbit) for s in nl_shaper.show()}
+    assert shown == {**rates, "dev3": (8000.0, 8000.0)}
+    leaves = {(d, q["handle"]): q["options"]["rate"] for d in ("v0", "ifb0")
+              for q in tc_qdiscs(bs, d) if q["kind"] == "tbf"}
+    assert leaves[("v0", "100:")] == N.rate_bytes(1234) and \
+        leaves[("ifb0", "101:")] == N.rate_bytes(3000)
+    assert nl_shaper.qdisc_handles() == handles
+    # once the leaves are known, an epoch runs no command at all
+    nl_shaper.runner.calls.clear()
+    assert nl_shaper.set_rates({"dev3": (999.0, 998.0)}) == {"dev3": (999.0, 998.0)}
+    assert nl_shaper.runner.calls == []
+    # the CLI path (one tc -batch) reports the same and leaves the kernel in the same state
+    cli_shaper.runner.calls.clear()
+    assert cli_shaper.set_rates(rates) == got
+    assert sum(c[:2] == ["sh", "-c"] for c in cli_shaper.runner.calls) == 1
+    assert cli_shaper._nl is None
+    nl_shaper.set_rates(rates)  # what each path keeps of the leaves, as tc -j reads them
+    assert nl_shaper._leaf_cache == cli_shaper._leaf_cache
+    assert nl_shaper._leaf_cache == nl_shaper._leaves()
+    assert {s.device: (s.down_kbit, s.up_kbit) for s in cli_shaper.show()} == \
+        {**rates, "dev3": (999.0, 998.0)}
+
+
+def test_set_rates_netlink_refusal_and_rebuilt_ifb(shaped):
+    _, nl_shaper, _ = shaped
+    nl_shaper.set_rates({"dev1": (1000.0, 1000.0)})
+    # a class the tree does not have: the kernel's refusal, named
+    nl_shaper.addrs.append(_addr(3))
+    nl_shaper.names.append("dev4")
+    with pytest.raises(N.TcNetlinkError, match=r"v0 class htb 1:103 -> ENOENT"):
+        nl_shaper.set_rates({"dev4": (1000.0, 1000.0)})
+    nl_shaper.addrs.pop()
+    nl_shaper.names.pop()
+    # the ifb deleted and made again (a new set-up) gets a new index: still found
+    nl_shaper.setup([links.LinkSpec(4000)] * 3, [links.LinkSpec(4000)] * 3)
+    assert nl_shaper.set_rates({"dev2": (3000.0, 2000.0)}) == {"dev2": (3000.0, 2000.0)}
+
+
+def test_set_rates_keeps_the_cli_for_what_netlink_does_not_do(shaped):
+    _, nl_shaper, cli_shaper = shaped
+    netem = links.leaf_command("change", "v0", 0x100, "netem", links.LinkSpec(1000), 1514, True)
+    tbf = links.leaf_command("change", "v0", 0x100, "tbf", links.LinkSpec(1000), 1514, True)
+    assert nl_shaper._netlink_changes([tbf]) == [N.change_from_tc_argv(tbf)]
+    assert nl_shaper._netlink_changes([tbf, netem]) is None
+    assert cli_shaper._netlink_changes([tbf]) is None
+    from testbed.runner import SshRunner
+    remote = links.TcShaper(SshRunner("192.0.2.1"), "eth0", "ifb0", [], [], shaping="tbf")
+    assert remote._netlink_client() is None and remote.netlink is False
