@@ -1,27 +1,30 @@
 """Rate-change benchmark (issue 15, item 2): one decision epoch's rate change, ``tc`` CLI vs
 rtnetlink.
 
-A scratch network namespace gets a tree like the testbed's BS: a veth (downlink) and an ifb
-(uplink, fed by an ingress mirred redirect), each with HTB class ``1:(100+i)`` per device
-(links' rate/ceil/burst/cburst/quantum) and a TBF leaf ``(100+i):`` holding one MTU. Every
-epoch gives all devices new random (down, up) rates; per epoch it times:
+A scratch network namespace gets the testbed's BS tree, built by ``testbed.links`` itself in
+``tbf`` mode: a veth (downlink) and an ifb (uplink, fed by an ingress mirred redirect), each
+with HTB class ``1:(100+i)`` per device and a one-frame TBF leaf ``(100+i):``. Every epoch
+gives all devices new random (down, up) rates; per epoch it times:
 
-* ``tc -batch, HTB only + show`` — what ``TcShaper.set_rates`` ran before netlink: one
-  ``sh -c 'tc -batch -'`` process changing every HTB class, then listing the classes of both
-  interfaces, parsed for the read-back;
-* ``tc -batch, HTB+TBF`` — one ``tc -batch`` process changing every class and every TBF leaf
-  (what the CLI costs for the new tree), no read-back;
-* ``netlink change`` — the same 4 messages per device (HTB class + TBF leaf, both
-  directions) built and sent in one ``send``, every ack read;
-* ``netlink read-back`` — class dumps of both interfaces and one qdisc dump, parsed, every
+* ``tc -batch HTB + show (old set_rates)`` — what ``TcShaper.set_rates`` ran before the TBF
+  leaves and netlink: one ``sh -c 'tc -batch -'`` changing every HTB class, then listing the
+  classes of both interfaces, parsed;
+* ``tc -batch HTB+TBF, no listing`` — one ``tc -batch`` process changing every class and TBF
+  leaf: the CLI's floor for this tree;
+* ``set_rates, tc CLI path`` — ``TcShaper.set_rates`` with netlink off (one ``tc -j -batch``
+  with the changes and the listings, parsed);
+* ``netlink change`` — the 4 messages per device (HTB class + TBF leaf, both directions) built
+  and sent in one ``send``, the kernel's answer read;
+* ``netlink read-back`` — class dumps of both interfaces and one qdisc dump, decoded, every
   class checked against its leaf;
-* ``netlink change + read-back`` — the two together (what ``set_rates`` does over netlink);
-* ``TcShaper.set_rates`` — the shaper's own call, whatever path it takes in this checkout.
+* ``netlink change + read-back`` — the two together;
+* ``set_rates, netlink path`` — ``TcShaper.set_rates`` as the testbed calls it here (local BS,
+  root): the same as the line above plus building the tc words and translating them.
 
 Methods run interleaved, one epoch each in turn. Target: netlink change <= 0.5 ms per epoch.
 The namespace is deleted on exit, on an error and on Ctrl-C/SIGTERM.
 
-Run (root): ``.venv/bin/python bench/rate_change.py [--devices 8] [--epochs 200] [--json f]``.
+Run (root): ``.venv/bin/python bench/rate_change.py [--devices 8] [--epochs 300] [--json f]``.
 """
 
 from __future__ import annotations
@@ -48,8 +51,7 @@ from testbed import netlink_tc as N
 from testbed.runner import LocalRunner
 
 TARGET_MS = 0.5
-TBF_BURST = 1514
-TBF_LATENCY_US = 1_000_000
+BUCKET = links.DEFAULT_BUCKET_BYTES
 IFACE, IFB = "v0", "ifb0"
 
 
@@ -64,40 +66,21 @@ def _run(argv: list[str], ns: str | None = None, check: bool = True) -> None:
         raise RuntimeError(f"{' '.join(full)}: {res.stderr.strip()}")
 
 
-def _tree(dev: str, n: int, kbit: float, match: str) -> list[list[str]]:
-    cmds = [["tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default",
-             "ffff", "direct_qlen", "1000"],
-            ["tc", "class", "add", "dev", dev, "parent", "1:", "classid", "1:1",
-             *links._htb_params(links.UNLIMITED_KBIT)]]
-    for i in range(n):
-        m = links.class_minor(i)
-        cmds += [["tc", "class", "add", "dev", dev, "parent", "1:1", "classid", f"1:{m:x}",
-                  *links._htb_params(kbit)],
-                 ["tc", "qdisc", "add", "dev", dev, "parent", f"1:{m:x}", "handle", f"{m:x}:",
-                  "tbf", "rate", links.format_rate(kbit), "burst", str(TBF_BURST),
-                  "latency", "1s"],
-                 ["tc", "filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio",
-                  "1", "u32", "match", "ip", match, f"{_addr(i)}/32", "flowid", f"1:{m:x}"]]
-    return cmds
-
-
 def make_namespace(ns: str, n: int) -> None:
+    """veth + ifb and the testbed's tree (tbf mode, 20 Mbit/s everywhere) in ``ns``."""
     _run(["ip", "netns", "add", ns])
     _run(["ip", "link", "add", IFACE, "type", "veth", "peer", "name", "v1"], ns)
-    _run(["ip", "link", "add", IFB, "type", "ifb"], ns)
-    for dev in (IFACE, "v1", IFB, "lo"):
+    for dev in (IFACE, "v1", "lo"):
         _run(["ip", "link", "set", dev, "up"], ns)
-    for argv in (_tree(IFACE, n, 20000, "dst") + _tree(IFB, n, 20000, "src")
-                 + [["tc", "qdisc", "add", "dev", IFACE, "handle", "ffff:", "ingress"],
-                    ["tc", "filter", "add", "dev", IFACE, "parent", "ffff:", "protocol", "ip",
-                     "prio", "1", "u32", "match", "u32", "0", "0", "action", "mirred",
-                     "egress", "redirect", "dev", IFB]]):
+    specs = [links.LinkSpec(20000)] * n
+    for argv in links.build_setup_commands(IFACE, IFB, [_addr(i) for i in range(n)], specs,
+                                           specs, None, "tbf", BUCKET):
         _run(argv, ns)
 
 
 # -- the methods ------------------------------------------------------------------------------
-def cli_set_rates_before(shaper: links.TcShaper, rates: dict[str, tuple[float, float]]) -> None:
-    """TcShaper.set_rates as it was before netlink: HTB changes + class listings, one
+def cli_old_set_rates(shaper: links.TcShaper, rates: dict[str, tuple[float, float]]) -> None:
+    """TcShaper.set_rates before TBF leaves and netlink: HTB changes + class listings, one
     ``sh -c 'tc -batch -'``, parsed."""
     lines = []
     for dev, (down, up) in rates.items():
@@ -115,28 +98,33 @@ def cli_set_rates_before(shaper: links.TcShaper, rates: dict[str, tuple[float, f
         assert cid in got[0] and cid in got[1], f"{cid} missing from tc's listing"
 
 
-def cli_htb_tbf(n: int, rates: dict[int, tuple[float, float]]) -> None:
+def _leaf_argv(dev: str, i: int, kbit: float) -> list[str]:
+    return links.leaf_command("change", dev, links.class_minor(i), "tbf", links.LinkSpec(kbit),
+                              BUCKET, True)
+
+
+def cli_htb_tbf(rates: dict[int, tuple[float, float]]) -> None:
     lines = []
     for i, (down, up) in rates.items():
-        m = links.class_minor(i)
         for d, kbit in ((IFACE, down), (IFB, up)):
             lines.append(shlex.join(
                 links.build_class_change_command(d, i, links.LinkSpec(kbit))[1:]))
-            lines.append(f"qdisc change dev {d} parent 1:{m:x} handle {m:x}: tbf rate "
-                         f"{links.format_rate(kbit)} burst {TBF_BURST} latency 1s")
+            lines.append(shlex.join(_leaf_argv(d, i, kbit)[1:]))
     subprocess.run(["tc", "-batch", "-"], input="\n".join(lines) + "\n", text=True,
                    check=True, capture_output=True)
 
 
 def netlink_changes(rates: dict[int, tuple[float, float]]) -> list[N.Change]:
+    """The epoch as netlink changes, straight from the rates (links' class parameters, the
+    tree's TBF bucket and limit)."""
     out: list[N.Change] = []
+    limit = links.tbf_limit_bytes(BUCKET)
     for i, (down, up) in rates.items():
         m = links.class_minor(i)
         for dev, kbit in ((IFACE, down), (IFB, up)):
             r, b = N.rate_bytes(kbit), links.burst_bytes(kbit)
             out.append(N.HtbClass(dev, 0x10000 | m, 0x10001, r, r, b, b, links.QUANTUM_BYTES))
-            out.append(N.TbfQdisc(dev, m << 16, 0x10000 | m, r, TBF_BURST,
-                                  N.tbf_limit(r, TBF_BURST, TBF_LATENCY_US)))
+            out.append(N.TbfQdisc(dev, m << 16, 0x10000 | m, r, BUCKET, limit))
     return out
 
 
@@ -165,41 +153,55 @@ def _stats(ms: list[float]) -> dict[str, float]:
             "min_ms": s[0], "max_ms": s[-1], "n": len(s)}
 
 
+OLD = "tc -batch HTB + show (old set_rates)"
+CLI_FLOOR = "tc -batch HTB+TBF, no listing"
+CLI_PATH = "set_rates, tc CLI path"
+NL_CHANGE = "netlink change"
+NL_READ = "netlink read-back (3 dumps)"
+NL_BOTH = "netlink change + read-back"
+NL_PATH = "set_rates, netlink path"
+
+
 def bench(ns: str, n: int, epochs: int, seed: int) -> dict[str, dict[str, float]]:
     rng = random.Random(seed)
     names = [f"dev{i + 1}" for i in range(n)]
+    addrs = [_addr(i) for i in range(n)]
     times: dict[str, list[float]] = {}
     with N.in_netns(ns):  # this thread (and the processes it starts) work in the namespace
-        shaper = links.TcShaper(LocalRunner(host="bs"), IFACE, IFB,
-                                [_addr(i) for i in range(n)], names)
+        def shaper(netlink: bool) -> links.TcShaper:
+            s = links.TcShaper(LocalRunner(host="bs"), IFACE, IFB, addrs, names,
+                               shaping="tbf")
+            s.netlink = netlink
+            return s
+
+        nl_shaper, cli_shaper = shaper(True), shaper(False)
         nl = N.TcNetlink()
-        last: dict[int, tuple[float, float]] = {}
 
         def new_rates() -> dict[int, tuple[float, float]]:
-            last.clear()
-            last.update({i: (float(rng.randrange(100, 50000)), float(rng.randrange(100, 50000)))
-                         for i in range(n)})
-            return dict(last)
+            return {i: (float(rng.randrange(100, 50000)), float(rng.randrange(100, 50000)))
+                    for i in range(n)}
 
         def by_name(r):
             return {names[i]: v for i, v in r.items()}
 
         def nl_both(r):
             nl.change(netlink_changes(r))
-            got = netlink_readback(nl, n)
-            assert got == r, (got, r)
+            assert netlink_readback(nl, n) == r
+
+        def via_shaper(s: links.TcShaper, r) -> None:
+            assert s.set_rates(by_name(r)) == by_name(r)
 
         methods: dict[str, Callable[[dict[int, tuple[float, float]]], object]] = {
-            "tc -batch, HTB only + show (set_rates before)":
-                lambda r: cli_set_rates_before(shaper, by_name(r)),
-            "tc -batch, HTB+TBF": lambda r: cli_htb_tbf(n, r),
-            "netlink change (HTB+TBF, acks)": lambda r: nl.change(netlink_changes(r)),
-            "netlink read-back (3 dumps)": lambda r: netlink_readback(nl, n),
-            "netlink change + read-back": nl_both,
-            "TcShaper.set_rates (this checkout)": lambda r: shaper.set_rates(by_name(r)),
+            OLD: lambda r: cli_old_set_rates(cli_shaper, by_name(r)),
+            CLI_FLOOR: cli_htb_tbf,
+            CLI_PATH: lambda r: via_shaper(cli_shaper, r),
+            NL_CHANGE: lambda r: nl.change(netlink_changes(r)),
+            NL_READ: lambda r: netlink_readback(nl, n),
+            NL_BOTH: nl_both,
+            NL_PATH: lambda r: via_shaper(nl_shaper, r),
         }
         try:
-            for _ in range(3):  # warm-up (page cache for tc, socket, caches)
+            for _ in range(3):  # warm-up (page cache for tc, socket, leaf caches)
                 for fn in methods.values():
                     fn(new_rates())
             for _ in range(epochs):
@@ -208,11 +210,10 @@ def bench(ns: str, n: int, epochs: int, seed: int) -> dict[str, dict[str, float]
                     t0 = time.perf_counter()
                     fn(r)
                     times.setdefault(name, []).append((time.perf_counter() - t0) * 1e3)
-            # what is enforced at the end is the last epoch's rates
+            assert nl_shaper._nl is not None and cli_shaper._nl is None
             final = new_rates()
-            nl.change(netlink_changes(final))
-            assert netlink_readback(nl, n) == final
-            shown = {s.device: (s.down_kbit, s.up_kbit) for s in shaper.show()}
+            nl_shaper.set_rates(by_name(final))
+            shown = {s.device: (s.down_kbit, s.up_kbit) for s in nl_shaper.show()}
             assert shown == by_name(final), (shown, final)
         finally:
             nl.close()
@@ -222,7 +223,7 @@ def bench(ns: str, n: int, epochs: int, seed: int) -> dict[str, dict[str, float]
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--devices", type=int, default=8)
-    ap.add_argument("--epochs", type=int, default=200)
+    ap.add_argument("--epochs", type=int, default=300)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -243,22 +244,21 @@ def main() -> int:
         return 130
     finally:
         _run(["ip", "netns", "del", ns], check=False)
-    msgs = 4 * args.devices
-    print(f"{args.devices} devices x 2 directions, {args.epochs} epochs per method "
-          f"({msgs} messages per netlink epoch: HTB class + TBF leaf per device and direction)")
-    print(f"{'method':50s} {'median ms':>10s} {'p90 ms':>8s} {'min ms':>8s}")
+    print(f"{args.devices} devices x 2 directions, {args.epochs} epochs per method, "
+          f"{4 * args.devices} netlink messages per epoch (HTB class + TBF leaf per device and "
+          f"direction); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"{'method':40s} {'median ms':>10s} {'p90 ms':>8s} {'min ms':>8s}")
     for name, s in res.items():
-        print(f"{name:50s} {s['median_ms']:10.3f} {s['p90_ms']:8.3f} {s['min_ms']:8.3f}")
-    cli = res["tc -batch, HTB+TBF"]["median_ms"]
-    nlc = res["netlink change (HTB+TBF, acks)"]["median_ms"]
-    old = res["tc -batch, HTB only + show (set_rates before)"]["median_ms"]
-    both = res["netlink change + read-back"]["median_ms"]
-    print(f"ratio tc -batch HTB+TBF / netlink change: {cli / nlc:.0f}x")
-    print(f"ratio set_rates before / netlink change + read-back: {old / both:.0f}x")
-    print(f"netlink change median {nlc:.3f} ms vs target {TARGET_MS} ms: "
-          f"{'met' if nlc <= TARGET_MS else 'MISSED'}")
+        print(f"{name:40s} {s['median_ms']:10.3f} {s['p90_ms']:8.3f} {s['min_ms']:8.3f}")
+    med = {k: v["median_ms"] for k, v in res.items()}
+    print(f"ratio {CLI_FLOOR} / {NL_CHANGE}: {med[CLI_FLOOR] / med[NL_CHANGE]:.0f}x")
+    print(f"ratio {CLI_PATH} / {NL_PATH}: {med[CLI_PATH] / med[NL_PATH]:.0f}x")
+    print(f"ratio {OLD} / {NL_PATH}: {med[OLD] / med[NL_PATH]:.0f}x")
+    print(f"{NL_CHANGE} median {med[NL_CHANGE]:.3f} ms, p90 {res[NL_CHANGE]['p90_ms']:.3f} ms "
+          f"vs target {TARGET_MS} ms: {'met' if med[NL_CHANGE] <= TARGET_MS else 'MISSED'}")
     if args.json:
         args.json.write_text(json.dumps({"devices": args.devices, "epochs": args.epochs,
+                                         "load_average": os.getloadavg()[0],
                                          "methods": res, "target_ms": TARGET_MS}, indent=2))
     return 0
 

@@ -912,21 +912,21 @@ class TcShaper:
         nl.forget_interfaces()  # a re-made ifb has a new index
         nl.change(changes)
         devs = (self.iface, self.ifb)
-        qdiscs = nl.qdiscs_of(devs, stats=False)
+        qdiscs = nl.qdiscs_of(devs, stats=False, where=_under_root)
         by_dir = []
         cache: dict[tuple[str, int], Leaf] | None = {}
         for d in devs:
             lv: dict[int, Leaf] = {}
             for q in qdiscs[d]:
-                if q.parent >> 16 == 1 and q.parent & 0xFFFF:
-                    lf = _leaf_from_netlink(q)
-                    if lf is None:       # a leaf only tc reads fully (netem): re-read next time
-                        cache = None
-                    else:
-                        lv[q.parent & 0xFFFF] = lf
+                lf = _leaf_from_netlink(q)
+                if lf is None:       # a leaf only tc reads fully (netem): re-read next time
+                    cache = None
+                else:
+                    lv[q.parent & 0xFFFF] = lf
             if cache is not None:
                 cache.update({(d, m): lf for m, lf in lv.items()})
-            classes = {c.handle: c.ceil_kbit for c in nl.classes(d, stats=False)
+            classes = {c.handle: c.ceil_kbit for c in nl.classes(d, stats=False,
+                                                                 where=_of_root)
                        if c.kind == "htb"}
             by_dir.append((classes, lv))
         out: dict[str, tuple[float, float]] = {}
@@ -1036,6 +1036,16 @@ class TcShaper:
         """``tc -j qdisc show dev DEV`` parsed; empty when the device does not exist."""
         res = self._run(["tc", "-j", "qdisc", "show", "dev", dev], check=False)
         return json.loads(res.stdout or "[]") if res.returncode == 0 else []
+
+
+def _under_root(handle: int, parent: int) -> bool:
+    """A qdisc whose parent is a class of our root HTB (``1:N``): a device class's leaf."""
+    return parent >> 16 == 1 and parent & 0xFFFF != 0
+
+
+def _of_root(handle: int, parent: int) -> bool:
+    """A class of our root HTB (``1:N``)."""
+    return handle >> 16 == 1
 
 
 def _leaf_from_netlink(q: netlink_tc.TcObject) -> Leaf | None:

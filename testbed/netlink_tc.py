@@ -28,9 +28,10 @@ from __future__ import annotations
 import ctypes
 import errno as errno_mod
 import os
+import re
 import socket
 import struct
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -120,6 +121,7 @@ def _errno_text(err: int) -> str:
 
 
 # -- handles and tc's arithmetic --------------------------------------------------------------
+@lru_cache(maxsize=4096)
 def parse_handle(text: str) -> int:
     """tc's handle syntax ("1:100", "100:", "root", "none") → the 32-bit kernel handle."""
     t = text.strip().lower()
@@ -248,17 +250,17 @@ class NotExpressible(ValueError):
     """tc words this module does not translate (the caller keeps the ``tc`` CLI for them)."""
 
 
+_NUMBER_UNIT = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)([a-z]*)\s*")
+
+
 def _split_number(text: str) -> tuple[float, str]:
-    t = text.strip().lower()
-    k = len(t)
-    while k and not (t[k - 1].isdigit() or t[k - 1] == "."):
-        k -= 1
-    try:
-        return float(t[:k]), t[k:]
-    except ValueError:
-        raise NotExpressible(f"not a number: {text!r}") from None
+    m = _NUMBER_UNIT.fullmatch(text.lower())
+    if m is None:
+        raise NotExpressible(f"not a number: {text!r}")
+    return float(m.group(1)), m.group(2)
 
 
+@lru_cache(maxsize=4096)
 def tc_rate_bytes(text: str) -> int:
     """tc's rate words ("1234kbit", "10gbit", "500kbps") → bytes/s as tc computes them
     (``get_rate64``: bits/s divided by 8, truncated)."""
@@ -268,6 +270,7 @@ def tc_rate_bytes(text: str) -> int:
     return int(value * _RATE_SCALE[unit] / 8.0)
 
 
+@lru_cache(maxsize=4096)
 def tc_size_bytes(text: str) -> int:
     """tc's size words ("1514", "3200b", "12kb") → bytes (``get_size``)."""
     value, unit = _split_number(text)
@@ -276,6 +279,7 @@ def tc_size_bytes(text: str) -> int:
     return int(value * _SIZE_SCALE[unit])
 
 
+@lru_cache(maxsize=4096)
 def tc_time_us(text: str) -> int:
     value, unit = _split_number(text)
     if unit not in _TIME_SCALE_US:
@@ -299,19 +303,30 @@ def _pairs(words: Sequence[str], what: str) -> dict[str, str]:
 
 
 def change_from_tc_argv(argv: Sequence[str]) -> Change:
+    """The netlink change for a tc command line (see :func:`_change_from_words`; the last
+    thousand are remembered: an epoch's lines repeat across epochs and devices)."""
+    return _change_from_words(tuple(argv))
+
+
+_KIND = {"class": "htb", "qdisc": "tbf"}
+
+
+@lru_cache(maxsize=1024)
+def _change_from_words(argv: tuple[str, ...]) -> Change:
     """``tc class change dev D parent P classid C htb rate R [ceil C] burst B cburst CB
     [quantum Q] [prio N]`` or ``tc qdisc change dev D [parent P] handle H tbf rate R burst B
     (limit L | latency T)`` → the same change as a netlink message carries it. Anything else
     raises :class:`NotExpressible`."""
-    words = list(argv[1:] if argv and argv[0] == "tc" else argv)
-    if len(words) < 3 or words[0] not in ("class", "qdisc") or words[1] != "change":
+    start = 1 if argv and argv[0] == "tc" else 0
+    obj = argv[start] if len(argv) > start + 2 else ""
+    if obj not in _KIND or argv[start + 1] != "change":
         raise NotExpressible(f"not an in-place class/qdisc change: {list(argv)}")
-    obj, rest = words[0], words[2:]
-    kinds = ("htb",) if obj == "class" else ("tbf",)
-    k = next((j for j, w in enumerate(rest) if w in kinds), None)
-    if k is None:
-        raise NotExpressible(f"kind not handled in {list(argv)} (netlink does {kinds[0]})")
-    head, opts = _pairs(rest[:k], "selector"), _pairs(rest[k + 1:], rest[k])
+    kind = _KIND[obj]
+    try:
+        k = argv.index(kind, start + 2)
+    except ValueError:
+        raise NotExpressible(f"kind not handled in {list(argv)} (netlink does {kind})") from None
+    head, opts = _pairs(argv[start + 2:k], "selector"), _pairs(argv[k + 1:], kind)
     dev = head.pop("dev", None)
     parent = parse_handle(head.pop("parent", "none"))
     handle = parse_handle(head.pop("classid" if obj == "class" else "handle", "none"))
@@ -773,15 +788,18 @@ class TcNetlink:
 
     # -- read-back
     def dump(self, msg_type: int, dev: str | None, *, stats: bool = True,
-             ifindexes: Collection[int] | None = None) -> list[TcObject]:
+             ifindexes: Collection[int] | None = None,
+             where: Callable[[int, int], bool] | None = None) -> list[TcObject]:
         """Every qdisc (``RTM_GETQDISC``) or class (``RTM_GETTCLASS``) of ``dev``; qdiscs of
         every interface when ``dev`` is None (or of those in ``ifindexes``; classes are dumped
-        one interface at a time). Counters are read when ``stats``."""
+        one interface at a time). Counters are read when ``stats``; ``where(handle, parent)``
+        picks the objects to decode."""
         idx = 0 if dev is None else self.ifindex(dev)
         keep = {idx} if idx else ifindexes
         seq = self._next_seq()
         self.sock.send(encode_dump(msg_type, idx, seq))
         out: list[TcObject] = []
+        unpack = _TCMSG.unpack_from
         while True:
             for msg in self._recv():
                 if msg.seq != seq:
@@ -794,21 +812,25 @@ class TcNetlink:
                         continue
                     what = "qdiscs" if msg_type == RTM_GETQDISC else "classes"
                     raise TcNetlinkError(self.host, [(f"{dev or 'all'} dump {what}", err, text)])
-                # qdisc dumps cover every interface: skip the others before decoding
-                if keep is None or _TCMSG.unpack_from(msg.payload)[3] in keep:
+                # qdisc dumps cover every interface: skip what is not asked before decoding
+                _, _, _, ifindex, handle, parent, _ = unpack(msg.payload)
+                if (keep is None or ifindex in keep) and (where is None or where(handle, parent)):
                     out.append(decode_tc(msg, stats))
 
-    def qdiscs(self, dev: str, *, stats: bool = True) -> list[TcObject]:
-        return self.dump(RTM_GETQDISC, dev, stats=stats)
+    def qdiscs(self, dev: str, *, stats: bool = True,
+               where: Callable[[int, int], bool] | None = None) -> list[TcObject]:
+        return self.dump(RTM_GETQDISC, dev, stats=stats, where=where)
 
-    def classes(self, dev: str, *, stats: bool = True) -> list[TcObject]:
-        return self.dump(RTM_GETTCLASS, dev, stats=stats)
+    def classes(self, dev: str, *, stats: bool = True,
+                where: Callable[[int, int], bool] | None = None) -> list[TcObject]:
+        return self.dump(RTM_GETTCLASS, dev, stats=stats, where=where)
 
-    def qdiscs_of(self, devs: Sequence[str], *, stats: bool = True
+    def qdiscs_of(self, devs: Sequence[str], *, stats: bool = True,
+                  where: Callable[[int, int], bool] | None = None
                   ) -> dict[str, list[TcObject]]:
         """The qdiscs of several interfaces from one dump."""
         by_index = {self.ifindex(d): d for d in devs}
         out: dict[str, list[TcObject]] = {d: [] for d in devs}
-        for q in self.dump(RTM_GETQDISC, None, stats=stats, ifindexes=by_index):
+        for q in self.dump(RTM_GETQDISC, None, stats=stats, ifindexes=by_index, where=where):
             out[by_index[q.ifindex]].append(q)
         return out
