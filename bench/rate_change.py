@@ -15,8 +15,9 @@ gives all devices new random (down, up) rates; per epoch it times:
   with the changes and the listings, parsed);
 * ``netlink change`` — the 4 messages per device (HTB class + TBF leaf, both directions) built
   and sent in one ``send``, the kernel's answer read;
-* ``netlink read-back`` — class dumps of both interfaces and one qdisc dump, decoded, every
-  class checked against its leaf;
+* ``netlink read-back`` — class dumps of both interfaces and one qdisc dump, decoding only
+  the device classes and their leaves (as ``set_rates`` does), every class checked against
+  its leaf;
 * ``netlink change + read-back`` — the two together;
 * ``set_rates, netlink path`` — ``TcShaper.set_rates`` as the testbed calls it here (local BS,
   root): the same as the line above plus building the tc words and translating them.
@@ -132,10 +133,10 @@ def netlink_readback(nl: N.TcNetlink, n: int) -> dict[int, tuple[float, float]]:
     """Class dumps of both interfaces and one qdisc dump (all interfaces): every class and
     its TBF leaf must agree."""
     got: list[dict[int, float]] = []
-    qdiscs = nl.qdiscs_of([IFACE, IFB], stats=False)
+    qdiscs = nl.qdiscs_of([IFACE, IFB], stats=False, where=links._under_root)
     for dev in (IFACE, IFB):
-        rates = {c.handle & 0xFFFF: c.rate_kbit for c in nl.classes(dev, stats=False)
-                 if c.kind == "htb"}
+        rates = {c.handle & 0xFFFF: c.rate_kbit
+                 for c in nl.classes(dev, stats=False, where=links._of_root) if c.kind == "htb"}
         leaves = {q.parent & 0xFFFF: q.rate_kbit for q in qdiscs[dev] if q.kind == "tbf"}
         for i in range(n):
             m = links.class_minor(i)
