@@ -2,8 +2,10 @@
 
 A decision epoch changes the rate of every device's HTB class and TBF leaf, in both
 directions. Through ``tc -batch`` that costs a process start (milliseconds); here the whole
-epoch is one ``send`` of prebuilt ``RTM_NEWTCLASS``/``RTM_NEWQDISC`` messages on a kept
-``NETLINK_ROUTE`` socket, then one read of the acks (tens of microseconds).
+epoch is one ``send`` of ``RTM_NEWTCLASS``/``RTM_NEWQDISC`` messages (packed with ``struct``)
+on a kept ``NETLINK_ROUTE`` socket, then one read of the kernel's answer: only the last message
+asks for an ack, the kernel handles a buffer's messages in order and answers every refused one
+anyway (tens to hundreds of microseconds for 32 messages).
 
 What the kernel needs (``net/sched/sch_htb.c`` ``htb_change_class``, ``sch_tbf.c``
 ``tbf_change``): ``TCA_HTB_PARMS`` / ``TCA_TBF_PARMS`` only. The rate tables
@@ -16,11 +18,13 @@ goes in ``TCA_TBF_BURST`` (the kernel then derives the bucket's time from its ow
 in psched ticks truncated the same way), so a message here equals ``tc``'s minus the tables.
 
 The builders are pure (``bytes`` out) and :func:`decode_tc` reads both our messages and the
-kernel's dumps back. :class:`TcNetlink` owns the socket (optionally in a named network
-namespace), sends a batch, maps every ack back to the interface and handle it was about, and
-dumps qdiscs/classes for the read-back. netem is not handled here (its options are a
-structure followed by attributes, and this kernel has no netem to test against): netem stays
-with the ``tc`` CLI.
+kernel's dumps back; :func:`change_from_tc_argv` turns a ``tc class/qdisc change`` command line
+into the change it describes, so a caller keeps one definition of the values for both paths.
+:class:`TcNetlink` owns the socket (optionally in a named network namespace), sends a batch,
+maps every refusal back to the interface and handle it was about (with the kernel's own
+message), and dumps qdiscs/classes for the read-back (or echoes each changed object). netem is
+not handled here (its options are a structure followed by attributes, and this kernel has no
+netem to test against): netem stays with the ``tc`` CLI.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ import os
 import re
 import socket
 import struct
+import threading
+from collections import deque
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -112,7 +118,7 @@ class TcNetlinkError(TestbedError):
         self.failures = list(failures)
         parts = [f"{what} -> {_errno_text(err)}" + (f" ({msg})" if msg else "")
                  for what, err, msg in self.failures]
-        super().__init__(f"{host}: netlink refused " + "; ".join(parts))
+        super().__init__(f"{host}: tc over netlink failed: " + "; ".join(parts))
 
 
 def _errno_text(err: int) -> str:
@@ -586,9 +592,9 @@ def decode_tc(msg: NlMsg, stats: bool = True) -> TcObject:
             obj.burst_bytes = _U32.unpack(burst)[0]
         if TCA_TBF_RTAB in opts:
             obj.tables = (TCA_TBF_RTAB,)
-    stats = attrs.get(TCA_STATS2)
-    if stats:
-        st = parse_attrs(stats)
+    counters = attrs.get(TCA_STATS2)
+    if counters:
+        st = parse_attrs(counters)
         if TCA_STATS_BASIC in st:
             obj.sent_bytes, obj.sent_packets = _BASIC.unpack_from(st[TCA_STATS_BASIC])
         if TCA_STATS_QUEUE in st:  # qlen, backlog, drops, requeues, overlimits
@@ -664,8 +670,10 @@ class TcNetlink:
         self.netns = netns
         self.tables = tables
         self.host = host or (f"netns:{netns}" if netns else "local")
-        self.warnings: list[str] = []
+        #: the kernel's warnings on accepted messages (the latest hundred)
+        self.warnings: deque[str] = deque(maxlen=100)
         self._ifindex: dict[str, int] = {}
+        self._lock = threading.Lock()  # one batch or dump at a time on the socket
         self._seq = 0
         with in_netns(netns):
             self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
@@ -746,10 +754,15 @@ class TcNetlink:
         the kernel reports it right after its change (the read-back, in ``changes`` order)."""
         if not changes:
             return []
-        return self.send_batch(*self.encode(changes, echo=echo))
+        with self._lock:
+            return self._send_batch(*self.encode(changes, echo=echo))
 
     def send_batch(self, batch: bytes, labels: dict[int, Change]) -> list[TcObject]:
         """Send an :meth:`encode`'d buffer; wait for the ack of its last message."""
+        with self._lock:
+            return self._send_batch(batch, labels)
+
+    def _send_batch(self, batch: bytes, labels: dict[int, Change]) -> list[TcObject]:
         try:
             self.sock.send(batch)
         except OSError as exc:
@@ -795,7 +808,12 @@ class TcNetlink:
         one interface at a time). Counters are read when ``stats``; ``where(handle, parent)``
         picks the objects to decode."""
         idx = 0 if dev is None else self.ifindex(dev)
-        keep = {idx} if idx else ifindexes
+        with self._lock:
+            return self._dump(msg_type, dev, idx, stats, {idx} if idx else ifindexes, where)
+
+    def _dump(self, msg_type: int, dev: str | None, idx: int, stats: bool,
+              keep: Collection[int] | None, where: Callable[[int, int], bool] | None
+              ) -> list[TcObject]:
         seq = self._next_seq()
         self.sock.send(encode_dump(msg_type, idx, seq))
         out: list[TcObject] = []

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import struct
+import threading
+from collections import deque
 
 import pytest
 
@@ -304,7 +306,8 @@ class FakeKernel:
 
 def _client(kernel: FakeKernel) -> N.TcNetlink:
     nl = N.TcNetlink.__new__(N.TcNetlink)
-    nl.netns, nl.tables, nl.host, nl.warnings = None, False, "bs", []
+    nl.netns, nl.tables, nl.host, nl.warnings = None, False, "bs", deque(maxlen=100)
+    nl._lock = threading.Lock()
     nl._ifindex, nl._seq, nl._buf = {"v0": 3, "ifb0": 4}, 0, bytearray(1 << 16)
     nl.sock = kernel
     return nl
@@ -323,7 +326,7 @@ def test_batch_is_one_send_and_only_the_last_message_asks_for_an_ack(merge):
     assert [m.flags for m in msgs] == [N.NLM_F_REQUEST] * 3 + [N.NLM_F_REQUEST | N.NLM_F_ACK]
     assert len({m.seq for m in msgs}) == 4
     assert [N.decode_tc(m).ifindex for m in msgs] == [3, 3, 4, 4]
-    assert nl.warnings == ["ifb0 qdisc tbf 100: -> quantum is big"]
+    assert list(nl.warnings) == ["ifb0 qdisc tbf 100: -> quantum is big"]
     assert kernel.chunks == []
 
 
@@ -346,7 +349,7 @@ def test_refusals_name_interface_handle_and_errno():
         nl.change([_htb(), _tbf(parent=0x10177), _htb(dev="ifb0", classid=0x10105), _tbf()],
                   echo=True)
     msg = str(ei.value)
-    assert "bs: netlink refused" in msg
+    assert msg.startswith("bs: tc over netlink failed: ")
     assert "v0 qdisc tbf 100: -> ENOENT No such file or directory (Specified class not found)" \
         in msg
     assert "ifb0 class htb 1:105 -> EINVAL Invalid argument" in msg
