@@ -675,6 +675,7 @@ class Runner:
         info = sh.shaping_info()
         self.manifest["shaping"] = info
         self.link_shaping = {"shaping": info["mode"], "bucket_bytes": info["bucket_bytes"],
+                             "bucket_slack_us": info["bucket_slack_us"],
                              "offloads": info["offloads_summary"]}
         return [s.to_dict() for s in sh.show()]
 

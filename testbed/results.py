@@ -193,7 +193,8 @@ LINK_COLUMNS = KEY_COLUMNS + (
     "epoch_ms",         # how long the rates then stayed (until the next epoch's change)
     "tc_slower",        # 1: the change took longer than the epoch it governed
     "shaping",          # what charges packets under the HTB class: tbf / netem / htb (links.py)
-    "bucket_bytes",     # bytes a link passes free after an idle spell (tbf: one frame)
+    "bucket_bytes",     # bytes a link passes free after an idle spell (tbf: one frame) ...
+    "bucket_slack_us",  # ... plus this many microseconds of the rate (tbf's timer slack)
     "offloads",         # GSO/TSO/GRO on the shaped BS interfaces: off, or which are still on
 )
 

@@ -38,6 +38,7 @@ from testbed.links import (
     render_record,
     resolve_mode,
     split_batch_listing,
+    tbf_burst_bytes,
 )
 from testbed.runner import Result
 
@@ -60,15 +61,18 @@ def test_leaf_kind_needs_a_resolved_mode():
         leaf_kind("auto", LinkSpec(1000))
 
 
-def test_bucket_is_one_frame_of_the_interface():
+def test_bucket_is_one_frame_of_the_interface_plus_timer_slack():
     assert leaf_bucket_bytes(1500) == 1514
     assert leaf_bucket_bytes(9000) == 9014
+    # + 50 us of the rate: 12.5 bytes at 2 Mbit/s, 312.5 at 50 Mbit/s, rounded up
+    assert [tbf_burst_bytes(1514, k) for k in (2000, 10000, 50000, 1e7)] == \
+        [1527, 1577, 1827, 1514 + 62500]
 
 
 def test_tbf_leaf_command():
     argv = leaf_qdisc_command("br0", class_minor(0), LinkSpec(2000), "tbf", 1514)
     assert " ".join(argv) == ("tc qdisc replace dev br0 parent 1:100 handle 100: tbf rate "
-                              "2000kbit burst 1514 limit 1514000")
+                              "2000kbit burst 1527 limit 1514000")
     assert leaf_handle(0x100, "tbf") == 0x100 and leaf_handle(0x100, "netem") == 0x4100
 
 
@@ -86,7 +90,7 @@ def test_netem_leaf_carries_the_rate_outside_htb_mode():
 def test_in_place_leaf_change_only_where_the_leaf_carries_the_rate():
     tbf = build_leaf_change_command("br0", 2, LinkSpec(3000), "tbf", 1514)
     assert tbf is not None and " ".join(tbf) == (
-        "tc qdisc change dev br0 parent 1:102 handle 102: tbf rate 3000kbit burst 1514 "
+        "tc qdisc change dev br0 parent 1:102 handle 102: tbf rate 3000kbit burst 1533 "
         "limit 1514000")
     net = build_leaf_change_command("br0", 2, LinkSpec(3000, delay_ms=2), "netem")
     assert net is not None and net[:3] == ["tc", "qdisc", "change"] and "4102:" in net
@@ -102,10 +106,10 @@ def test_setup_in_tbf_mode_puts_a_tbf_under_every_device_class():
     assert cmds[:2] == ["ip link add ifb0 type ifb", "ip link set ifb0 up"]
     leaves = [c for c in cmds if c.startswith("tc qdisc replace") and "parent 1:1" in c]
     assert leaves == [
-        "tc qdisc replace dev br0 parent 1:100 handle 100: tbf rate 8000kbit burst 1514 limit 1514000",
-        "tc qdisc replace dev br0 parent 1:101 handle 101: tbf rate 2000kbit burst 1514 limit 1514000",
-        "tc qdisc replace dev ifb0 parent 1:100 handle 100: tbf rate 4000kbit burst 1514 limit 1514000",
-        "tc qdisc replace dev ifb0 parent 1:101 handle 101: tbf rate 1000kbit burst 1514 limit 1514000"]
+        "tc qdisc replace dev br0 parent 1:100 handle 100: tbf rate 8000kbit burst 1564 limit 1514000",
+        "tc qdisc replace dev br0 parent 1:101 handle 101: tbf rate 2000kbit burst 1527 limit 1514000",
+        "tc qdisc replace dev ifb0 parent 1:100 handle 100: tbf rate 4000kbit burst 1539 limit 1514000",
+        "tc qdisc replace dev ifb0 parent 1:101 handle 101: tbf rate 1000kbit burst 1521 limit 1514000"]
     # the HTB class over each leaf keeps the same rate (classification, cell sharing)
     assert any("classid 1:101 htb rate 2000kbit ceil 2000kbit" in c for c in cmds)
     assert cmds[-1].endswith("action mirred egress redirect dev ifb0")
@@ -433,7 +437,7 @@ def test_auto_without_netem_builds_tbf_leaves_and_records_before_offloads_change
     sh = _setup(bs)
     kinds = {k: q["kind"] for k, q in bs.leaves.items()}
     assert set(kinds.values()) == {"tbf"} and len(kinds) == 4
-    assert bs.leaves[("br0", 0x100)]["options"]["burst"] == 1514
+    assert bs.leaves[("br0", 0x100)]["options"]["burst"] == 1514 + 50   # + 50 us of 8 Mbit/s
     # the probe ran on the ifb; the record was written before any offload changed
     alias_at = next(i for i, c in enumerate(bs.log) if " alias " in c)
     first_ethtool = next(i for i, c in enumerate(bs.log) if c.startswith("ethtool -K"))
@@ -441,7 +445,7 @@ def test_auto_without_netem_builds_tbf_leaves_and_records_before_offloads_change
                     if c.startswith("tc qdisc add dev ifb0 root handle 1: netem"))
     assert bs.log.index("ip link add ifb0 type ifb") < probe_at < alias_at < first_ethtool
     assert parse_record(bs.links["ifb0"]["alias"]) == {
-        "shaping": "tbf", "bucket": "1514", "netem": "no", "iface": "br0",
+        "shaping": "tbf", "bucket": "1514", "slack_us": "50", "netem": "no", "iface": "br0",
         "restore": "tso,gso,gro"}
     assert not any(on for on, _ in bs.feat["br0"].values())
     assert not any(on for on, _ in bs.feat["ifb0"].values())
@@ -451,7 +455,7 @@ def test_auto_without_netem_builds_tbf_leaves_and_records_before_offloads_change
     assert info["offloads_summary"] == "off" and info["warning"] is None
     st = {s.device: s for s in sh.show()}
     assert (st["dev1"].down_kbit, st["dev1"].up_kbit) == (8000, 4000)
-    assert st["dev1"].down_leaf == "tbf rate 8000kbit burst 1514b"
+    assert st["dev1"].down_leaf == "tbf rate 8000kbit burst 1564b"
 
 
 def test_auto_with_netem_builds_netem_leaves_with_the_rate():
@@ -519,7 +523,7 @@ def test_set_rates_changes_class_and_leaf_in_place_in_one_batch():
     assert bs.log[:2] == [
         ("tc class change dev br0 parent 1:1 classid 1:100 htb rate 1234kbit ceil 1234kbit "
         "burst 3200 cburst 3200 quantum 3028"),
-        ("tc qdisc change dev br0 parent 1:100 handle 100: tbf rate 1234kbit burst 1514 "
+        ("tc qdisc change dev br0 parent 1:100 handle 100: tbf rate 1234kbit burst 1522 "
         "limit 1514000")]
     assert len(bs.log) == 8 and not any("replace" in c for c in bs.log)
     # the read-back is the leaf's rate where it charges less than the class
