@@ -586,3 +586,29 @@ def test_refused_up_puts_the_down_leaf_back_as_it_was():
     with pytest.raises(Unsupported):
         sh.change("dev1", LinkSpec(5000, loss_pct=1), "both")
     assert {k: json.dumps(v) for k, v in bs.leaves.items()} == before
+
+
+# -- the inventory's bs.shaping ---------------------------------------------------------
+def _inventory(**bs):
+    from pathlib import Path
+
+    from testbed.inventory import parse_inventory
+
+    return parse_inventory(
+        {"bs": {"name": "bs", "host": "10.0.0.1", "interface": "eth0", **bs},
+         "devices": [{"name": "d1", "host": "10.0.0.11", "ssh_user": "u", "workdir": "/w",
+                      "python": "/usr/bin/python3", "hw_class": "netns",
+                      "memory_budget_mb": 100}]}, Path("lab.toml"))
+
+
+def test_inventory_shaping_option():
+    from testbed.inventory import render_inventory
+    from testbed.linkcheck import shaper_for
+
+    assert _inventory().bs.shaping == "auto"
+    inv = _inventory(shaping="tbf")
+    assert inv.bs.shaping == "tbf" and shaper_for(inv, FakeBS()).shaping == "tbf"
+    assert 'shaping = "tbf"' in render_inventory("x", "kh", inv.bs, list(inv.devices))
+    assert "shaping" not in render_inventory("x", "kh", _inventory().bs, [])
+    with pytest.raises(ConfigError, match=r"bs\.shaping: must be one of auto, tbf, netem, htb"):
+        _inventory(shaping="fq")
