@@ -116,11 +116,15 @@ class LinkRecorder:
     def apply(self, rates: Mapping[str, tuple[float, float]], key: Mapping[str, Any],
               where: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
         """Enforce ``rates`` (device -> (down, up) kbit/s); returns what tc reports."""
-        self.end_epoch()
         asked = {d: (max(MIN_KBIT, dn), max(MIN_KBIT, up)) for d, (dn, up) in rates.items()}
         start = time.monotonic()
-        enforced = self.shaper.set_rates(asked)
-        end = time.monotonic()
+        try:
+            enforced = self.shaper.set_rates(asked)
+            end = time.monotonic()
+        finally:
+            # the last epoch's rates stayed until this change began; its rows are written
+            # (flushed and fsynced) only now, so that the write is no gap between two epochs
+            self.end_epoch(start)
         ms = (end - start) * 1e3
         self.change_ms.append(ms)
         self._since = end
@@ -130,11 +134,12 @@ class LinkRecorder:
                           "change_ms": ms} for d in sorted(rates)]
         return enforced
 
-    def end_epoch(self) -> None:
-        """Write the rows of the epoch in flight (call at the trial's end too)."""
+    def end_epoch(self, at: float | None = None) -> None:
+        """Write the rows of the epoch in flight, which ended at ``time.monotonic()`` ``at``
+        (default: now; call at the trial's end too)."""
         if not self._pending:
             return
-        ms = (time.monotonic() - self._since) * 1e3
+        ms = ((time.monotonic() if at is None else at) - self._since) * 1e3
         self.epoch_ms.append(ms)
         slower = self._pending[0]["change_ms"] > ms
         self.table.write_many([{**r, "epoch_ms": ms, "tc_slower": slower} for r in self._pending])

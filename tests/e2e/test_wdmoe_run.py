@@ -5,6 +5,7 @@ layers carry the policy's predicted latency, profiling covers exactly the trial'
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,48 @@ def _close(enforced: float, asked: float) -> bool:
     return abs(enforced - asked) <= 1.0 + 0.002 * asked
 
 
+def _check_epochs_follow_each_other(links: list[dict]) -> None:
+    """Within a trial an epoch's rates stay from the end of its tc change (``time_s`` +
+    ``change_ms``) for ``epoch_ms``, until the next change starts: the three add up to the next
+    epoch's ``time_s`` (to the CSV's rounding)."""
+    by_trial: dict[str, dict[float, dict]] = {}
+    for r in links:   # one change per time_s (its devices' rows share the timings)
+        by_trial.setdefault(r["trial"], {})[float(r["time_s"])] = r
+    pairs = 0
+    for changes in by_trial.values():
+        order = [changes[t] for t in sorted(changes)]
+        for r, nxt in pairwise(order):
+            ends_ms = float(r["time_s"]) * 1e3 + float(r["change_ms"]) + float(r["epoch_ms"])
+            assert ends_ms == pytest.approx(float(nxt["time_s"]) * 1e3, abs=0.01), (r, nxt)
+            pairs += 1
+    assert pairs >= 4
+
+
+def _check_profile_fit(profile: dict, samples: list[dict]) -> None:
+    """Each device's ``c(N) = a + b N`` is the one fitted to its own samples in profile.csv: its
+    recorded rmse is that of those samples, and no candidate line with ``a, b >= 0`` fits them
+    better: the best constant, the best line through 0, the free least-squares line (closed
+    form, here) where its coefficients are both >= 0."""
+    def rmse(pts: list[tuple[float, float]], a: float, b: float) -> float:
+        return (sum((a + b * n - y) ** 2 for n, y in pts) / len(pts)) ** 0.5
+
+    for dev, p in profile.items():
+        pts = [(float(s["tokens"]), float(s["compute_ms"])) for s in samples
+               if s["device"] == dev]
+        assert len(pts) == p["samples"] and p["a_ms"] >= 0 and p["b_ms"] >= 0, (dev, p)
+        assert p["rmse_ms"] == pytest.approx(rmse(pts, p["a_ms"], p["b_ms"]), rel=1e-6, abs=1e-5)
+        mean_n = sum(n for n, _ in pts) / len(pts)
+        mean = sum(y for _, y in pts) / len(pts)
+        slope0 = sum(n * y for n, y in pts) / sum(n * n for n, _ in pts)
+        cands = [(mean, 0.0), (0.0, slope0)]
+        b = (sum((n - mean_n) * (y - mean) for n, y in pts)
+             / sum((n - mean_n) ** 2 for n, _ in pts))
+        if mean - b * mean_n >= 0 and b >= 0:
+            cands.append((mean - b * mean_n, b))
+        best = min(rmse(pts, a_, b_) for a_, b_ in cands)
+        assert p["rmse_ms"] <= best + 1e-5, (dev, p, cands)
+
+
 def test_wdmoe_run_enforces_and_records(make_testbed, state_dir, tmp_path: Path) -> None:
     _, inv_path = make_testbed(devices=3, rate_kbit=20000)
     inv = load_inventory(inv_path)
@@ -79,8 +122,9 @@ def test_wdmoe_run_enforces_and_records(make_testbed, state_dir, tmp_path: Path)
     for r in links:   # enforced = what tc reported after the change, = what was asked
         assert _close(float(r["enforced_down_kbit"]), float(r["asked_down_kbit"])), r
         assert _close(float(r["enforced_up_kbit"]), float(r["asked_up_kbit"])), r
-        assert float(r["change_ms"]) > 0 and float(r["epoch_ms"]) >= 0 and r["device"] in \
+        assert float(r["change_ms"]) > 0 and float(r["epoch_ms"]) > 0 and r["device"] in \
             ("dev1", "dev2")
+    _check_epochs_follow_each_other(links)
     assert all(r["asked_down_kbit"] == r["asked_up_kbit"] for r in pol)  # one rate, both ways
     # the trace's k-th block at the k-th epoch (6 blocks, cycling)
     blocks = {}
@@ -104,12 +148,13 @@ def test_wdmoe_run_enforces_and_records(make_testbed, state_dir, tmp_path: Path)
 
     man = json.loads((run_dir / R.MANIFEST).read_text())
     assert set(man["compute_profile"]) == {"dev1", "dev2"}
-    assert all(p["a_ms"] >= 0 and p["b_ms"] >= 0 and p["samples"] == 18
+    assert all(p["samples"] == 18 and p["tokens"] == [1, 2, 4, 8, 16, 32]
                for p in man["compute_profile"].values())
     assert all(t["devices"] == ["dev1", "dev2"] and t["link_epochs"]["changes"] > 0
                for t in man["trials"])
     prof = R.read_csv(run_dir / R.PROFILE)
     assert len(prof) == 36 and all(float(p["compute_ms"]) > 0 for p in prof)
+    _check_profile_fit(man["compute_profile"], prof)
 
     rep = run_cli("report", str(run_dir), "--format", "json", env=env)
     assert rep.returncode == 0, rep.stderr
