@@ -190,4 +190,27 @@ def test_agent_killed_mid_generation(make_testbed, mixtral_split):
         assert all(not r.failed for r in recs[:wrap.killed_at])
         assert all(c["status"] == "ok" for c in calls if c["device"] == "dev1")
         assert all(c["status"] == "ok" for c in calls if c["call_index"] < wrap.killed_at)
-        assert json.dumps(calls)  # rows are plain data, ready for calls.csv
+        _check_plain_rows(calls)
+        lost = [c for c in calls if c["status"] != "ok"]
+        assert lost and all(c["device"] == "dev3" and c["reason"] for c in lost)
+
+
+PLAIN = (str, int, float, bool, type(None))
+#: what the runner reads from each row to write calls.csv (testbed/experiment.py)
+ROW_KEYS = {"layer", "step", "uid", "device", "attempt", "tokens", "status", "reason", "req_id",
+            "serialize_ms", "network_ms", "queue_ms", "compute_ms", "rtt_ms", "device_ms",
+            "bytes_out", "bytes_in"}
+
+
+def _check_plain_rows(calls: list[dict]) -> None:
+    """Rows are plain data, ready for calls.csv and JSON: every field the runner reads, each a
+    built-in scalar (no tensor, torch.Size or numpy value), unchanged by a JSON round trip."""
+    for c in calls:
+        assert ROW_KEYS <= set(c), (sorted(ROW_KEYS - set(c)), c)
+        bad = {k: type(v).__name__ for k, v in c.items() if type(v) not in PLAIN}
+        assert not bad, (bad, c)
+        assert isinstance(c["tokens"], int) and c["tokens"] > 0, c
+        if c["status"] == "ok":
+            assert {"energy_j", "energy_source"} <= set(c), c
+            assert all(isinstance(c[k], float) for k in ("rtt_ms", "network_ms", "compute_ms")), c
+    assert json.loads(json.dumps(calls)) == calls

@@ -27,6 +27,12 @@ import pytest
 from device_agent.energy import PowerSampler, detect_meter, energy_between, trapezoid
 
 LEAD_S, LOAD_S, TAIL_S = 3.0, 10.0, 3.0
+# Largest relative difference allowed from nvidia-smi's joules. Measured on an H200: the meter
+# read directly 1.0009 to 1.0103 (5 runs), its power sampled at 20 Hz 0.9985 to 1.0067 (4 runs),
+# the agent 0.9951 to 1.0007 (4 runs; README: within 0.5%). About 3-4x the worst seen: a meter
+# counting 4% high fails both tests (checked by mutation on an H200), the old 10% passed it.
+METER_TOLERANCE = 0.03
+AGENT_TOLERANCE = 0.02
 
 
 def _require_gpu() -> tuple[Any, Any]:
@@ -138,8 +144,8 @@ def test_nvml_meter_matches_nvidia_smi_power_integral():
             json.dump(report, f, indent=1)
     # the load must have shown up at all, or agreement would be trivial
     assert meter_j / window_s > 1.2 * (pts[0][1] if pts else 0.0), report
-    assert abs(ratio - 1) <= 0.10, report
-    assert abs(sampled_j / smi_j - 1) <= 0.10, report
+    assert abs(ratio - 1) <= METER_TOLERANCE, report
+    assert abs(sampled_j / smi_j - 1) <= METER_TOLERANCE, report
 
 
 
@@ -150,7 +156,7 @@ def test_agent_nvml_energy_over_forward_calls_matches_nvidia_smi(tmp_path):
     """A real ``python -m device_agent serve --device cuda --meter nvml`` runs one expert
     (4096 x 14336, stored fp16, computed in fp32 so that the GPU, not the loopback copy of the
     activations, is the bottleneck) for LOAD_S of forward calls from a RemoteExpertBackend; the
-    agent's cumulative energy read by ``status`` before and after must agree within 10% with
+    agent's cumulative energy read by ``status`` before and after must agree within 2% with
     nvidia-smi's power.draw integrated over the same window (the status exchanges' midpoints)."""
     _, torch = _require_gpu()
     from safetensors.torch import save_file
@@ -232,6 +238,6 @@ def test_agent_nvml_energy_over_forward_calls_matches_nvidia_smi(tmp_path):
     # the load showed up (or agreement would be trivial), the compute windows hold part of it
     assert agent_j / window_s > 1.2 * pts[0][1], report
     assert 0 < calls_j < agent_j, report
-    assert abs(ratio - 1) <= 0.10, report
+    assert abs(ratio - 1) <= AGENT_TOLERANCE, report
     # the ping window encloses the status one by two loopback exchanges
     assert agent_j <= ping_j <= agent_j * 1.02 + 2.0, report

@@ -269,19 +269,30 @@ def test_hwmon_agx_orin_sums_connected_rails(tmp_path, jetpack):
 
 
 def test_hwmon_meter_integrates_changing_power(tmp_path):
+    """0.1 s at 5.08 W, then 0.5 s at 10.16 W: the step is off the window's middle, so the
+    sampled integral (5.588 J for those times) is far from what the end readings alone give
+    (their mean power x time: 4.572 J; the last power x time: 6.096 J)."""
     hw = orin_nx(tmp_path, 5, vdd_in_ma=1000)  # 5.08 W
+    tmp = hw / "curr1_input.new"
     with detect_meter(tmp_path, {**NO_HOST, "sample_period_s": 0.02}) as m:
         assert isinstance(m, SampledMeter)
         a = m.read()
-        time.sleep(0.2)
-        (hw / "curr1_input").write_text("2000\n")  # 10.16 W from now on
-        time.sleep(0.2)
+        time.sleep(0.1)
+        tmp.write_text("2000\n")
+        t0 = time.monotonic_ns()
+        tmp.replace(hw / "curr1_input")  # atomic: no sample reads a half-written file
+        t1 = time.monotonic_ns()         # 10.16 W from now on
+        time.sleep(0.5)
         b = m.read()
-        assert m.sampler.samples >= 8  # the thread samples, not just read()
+        assert m.sampler.samples >= 15  # the thread samples, not just read()
+        assert m.sampler.errors == 0
     e = energy_between(a, b)
-    dt_s = (b.t_ns - a.t_ns) / S
+    t_step = (t0 + t1) // 2
+    want = (5.08 * (t_step - a.t_ns) + 10.16 * (b.t_ns - t_step)) / S
     assert b.power_w == pytest.approx(10.16)
-    assert 5.08 * dt_s < e < 10.16 * dt_s
+    # the trapezoid smears the step over the gap between the samples around it: 2.54 W x gap
+    # at most; 0.25 J allows a 100 ms gap (5 periods) and still excludes 4.572 J and 6.096 J
+    assert e == pytest.approx(want, abs=0.25)
 
 
 def test_iio_jetpack4_tree(tmp_path):

@@ -83,16 +83,32 @@ def test_journal_rejects_pruning_that_does_not_shorten_the_critical_path() -> No
     assert pol.last_stats()["rounds"] == 0
 
 
-def test_journal_accepts_only_with_gamma_improvement() -> None:
+@pytest.mark.parametrize("gamma, theta, ratio, pruned", [
+    (1.05, 0.80, 1.394, 123),   # the first threshold already reaches 1.05x
+    (1.40, 0.85, 1.411, 128),   # 0.80 gives 1.394x < 1.40x: rejected, 0.85 accepted
+    (1.50, None, 1.0, 0),       # no threshold reaches 1.5x: no round, nothing pruned
+])
+def test_journal_accepts_only_with_gamma_improvement(gamma, theta, ratio, pruned) -> None:
+    """Pruned at theta 0.80, this context reaches 1.394x the top-K WLR; at 0.85 (every token
+    pruned) 1.411x, the most any threshold gives: gamma decides which one, if any, is taken."""
     ctx = _random_ctx(128, seed=3)
-    for gamma in (1.05, 1.3):
-        pol = WDMoE(gamma=gamma, max_rounds=1)
-        pol.select(ctx, _cluster(b_ms=0.5, bytes_per_token=8192, experts=8))
-        st = pol.last_stats()
-        if st["rounds"]:
-            assert st["wlr"] >= gamma * st["wlr_topk"] and st["tokens_pruned"] > 0
-        else:
-            assert st["wlr"] == st["wlr_topk"] and st["tokens_pruned"] == 0
+    pol = WDMoE(gamma=gamma, max_rounds=1)
+    sel = pol.select(ctx, _cluster(b_ms=0.5, bytes_per_token=8192, experts=8)).selection
+    st = pol.last_stats()
+    assert st["wlr"] / st["wlr_topk"] == pytest.approx(ratio, abs=1e-3)
+    assert st["tokens_pruned"] == pruned and st["experts_dropped"] == pruned
+    if theta is None:
+        assert st["rounds"] == 0 and st["theta"] == [] and st["wlr"] == st["wlr_topk"]
+        assert torch.equal(sel.expert_ids, TopKSelection()(ctx).expert_ids)
+        assert st["predicted_ms"] == st["predicted_topk_ms"]
+    else:
+        assert st["rounds"] == 1 and st["theta"] == [pytest.approx(theta)]
+        assert st["wlr"] >= gamma * st["wlr_topk"]
+        assert int((sel.expert_ids == -1).sum()) == pruned
+
+
+def test_journal_accepts_anything_with_gamma_zero() -> None:
+    ctx = _random_ctx(128, seed=3)
     # accept anything, threshold 1.0 (every cosine passes): each round drops one expert per
     # token down to one
     pol = WDMoE(alpha=1.0, gamma=0.0, max_rounds=3)
