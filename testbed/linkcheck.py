@@ -55,6 +55,7 @@ class Airtime:
     rtt_ms: float
     delivery_ms: float
     shaping: str | None = None
+    pings_ms: tuple[float, ...] = ()    # every ping-pong before the message (rtt: the fastest)
 
     @property
     def charged_ms(self) -> float:
@@ -183,7 +184,8 @@ def measure_airtime(inv: Inventory, dev: Device, direction: str, sizes: tuple[in
         raise out["err"]  # type: ignore[misc]
     m = json.loads(res.stdout.strip().splitlines()[-1])
     return [Airtime(dev.name, direction, configured_kbit, int(r["bytes"]), int(r["repeat"]),
-                    float(r["rtt_ms"]), float(r["delivery_ms"]), shaping)
+                    float(r["rtt_ms"]), float(r["delivery_ms"]), shaping,
+                    tuple(float(x) for x in r.get("pings_ms", ())))
             for r in m["messages"]]
 
 

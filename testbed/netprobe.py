@@ -14,7 +14,8 @@ set-up and the first burst do not count.
 
 ``echo``/``airtime``: lone messages, timed by the sender. For every message the sender opens
 a fresh connection (Nagle off on both ends), leaves the link idle for ``--idle`` seconds,
-measures the 1-byte round trip on that connection (``--pings`` ping-pongs, median), then
+measures the 1-byte round trip on that connection (``--pings`` ping-pongs, the fastest: a
+ping the scheduler delayed must not shorten the message's charge), then
 sends the message in one write; the receiver answers one byte once the whole message has
 arrived. Delivery time = send -> that answer; minus the round trip, it is what the link
 charged the message. The sender prints one JSON line with every message.
@@ -174,8 +175,7 @@ def airtime(to: str, port: int, sizes: list[int], repeats: int, idle_s: float, p
                     if sock.recv(1) != b"p":
                         raise ConnectionError("echo: bad ping answer")
                     rtts.append((time.perf_counter_ns() - t0) / 1e6)
-                rtts.sort()
-                rtt = rtts[len(rtts) // 2]
+                rtt = min(rtts)
                 msg = _HEADER.pack(b"m", size) + b"\0" * size
                 t0 = time.perf_counter_ns()
                 sock.sendall(msg)
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--sizes", default="1536,8192,65536")
     t.add_argument("--repeats", type=int, default=3)
     t.add_argument("--idle", type=float, default=1.0)
-    t.add_argument("--pings", type=int, default=3)
+    t.add_argument("--pings", type=int, default=5)
     t.add_argument("--connect-timeout", type=float, default=10.0)
     a = ap.parse_args(argv)
     if a.mode == "recv":

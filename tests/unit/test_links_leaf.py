@@ -612,3 +612,42 @@ def test_inventory_shaping_option():
     assert "shaping" not in render_inventory("x", "kh", _inventory().bs, [])
     with pytest.raises(ConfigError, match=r"bs\.shaping: must be one of auto, tbf, netem, htb"):
         _inventory(shaping="fq")
+
+
+# -- the airtime probe (netprobe echo/airtime) on loopback --------------------------------
+def test_airtime_probe_times_lone_messages_on_loopback():
+    import socket
+    import threading
+
+    from testbed import netprobe
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    served: dict = {}
+    th = threading.Thread(target=lambda: served.update(netprobe.echo("127.0.0.1", port, 10)))
+    th.start()
+    out = netprobe.airtime("127.0.0.1", port, [100, 300_000], repeats=2, idle_s=0.0, pings=5,
+                           connect_timeout_s=5)
+    th.join(10)
+    assert served == {"messages": 4}
+    assert [(m["repeat"], m["bytes"]) for m in out["messages"]] == \
+        [(0, 100), (0, 300_000), (1, 100), (1, 300_000)]
+    for m in out["messages"]:
+        assert len(m["pings_ms"]) == 5 and m["rtt_ms"] == min(m["pings_ms"])
+        assert m["delivery_ms"] > 0 and m["charged_ms"] == pytest.approx(
+            m["delivery_ms"] - m["rtt_ms"], abs=1e-3)
+
+
+def test_airtime_ratio_and_summary():
+    from testbed.linkcheck import Airtime, summarize_airtime
+
+    rows = [Airtime("d1", "down", 2000, 8192, r, 0.1, 0.1 + ms, "tbf")
+            for r, ms in enumerate((30.0, 29.0, 31.0))]
+    assert rows[0].airtime_ms == pytest.approx(32.768)
+    assert rows[0].ratio == pytest.approx(30 / 32.768)
+    (s,) = summarize_airtime(rows)
+    assert (s["repeats"], s["shaping"], s["bytes"]) == (3, "tbf", 8192)
+    assert s["ratio_min"] == round(29 / 32.768, 4) and s["ratio_max"] == round(31 / 32.768, 4)
+    assert s["ratio_median"] == round(30 / 32.768, 4)
+    assert Airtime("d1", "up", None, 10, 0, 0.1, 1.0).ratio is None
