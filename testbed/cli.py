@@ -339,8 +339,10 @@ def links_verify(
         info, msgs = verify_airtime(inv, repeats=repeats, idle_s=idle, devices=device)
         summary = summarize_airtime(msgs)
         t = Table(title=f"lone messages after {idle:g} s idle: (delivery - 1-byte RTT) / "
-                  f"airtime; shaping {info['mode']} (bucket {info['bucket_bytes']} B, "
-                  f"offloads {info['offloads_summary']})")
+                  f"airtime; shaping {info['mode']} (bucket {info['bucket_bytes']} B"
+                  + (f" + {info['bucket_slack_us']} us of the rate"
+                     if info.get("bucket_slack_us") else "")
+                  + f", offloads {info['offloads_summary']})")
         for c in ("device", "direction", "kbit/s", "bytes", "ratio per repeat", "median",
                   "RTT ms"):
             t.add_column(c)

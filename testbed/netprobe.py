@@ -13,12 +13,13 @@ over the window from ``warmup`` seconds after the first byte to the last byte, s
 set-up and the first burst do not count.
 
 ``echo``/``airtime``: lone messages, timed by the sender. For every message the sender opens
-a fresh connection (Nagle off on both ends), leaves the link idle for ``--idle`` seconds,
-measures the 1-byte round trip on that connection (``--pings`` ping-pongs, the fastest: a
-ping the scheduler delayed must not shorten the message's charge), then
-sends the message in one write; the receiver answers one byte once the whole message has
-arrived. Delivery time = send -> that answer; minus the round trip, it is what the link
-charged the message. The sender prints one JSON line with every message.
+a fresh connection (Nagle off on both ends), measures the 1-byte round trip on it
+(``--pings`` ping-pongs, the fastest: a ping the scheduler delayed must not shorten the
+message's charge), leaves the link idle for ``--idle`` seconds (so neither the handshake nor
+the pings have used any of the link's bucket), then sends the message in one write; the
+receiver answers one byte once the whole message has arrived. Delivery time = send -> that
+answer; minus the round trip, it is what the link charged the message. The sender prints one
+JSON line with every message.
 """
 
 from __future__ import annotations
@@ -167,7 +168,6 @@ def airtime(to: str, port: int, sizes: list[int], repeats: int, idle_s: float, p
             sock = _connect(to, port, connect_timeout_s)
             with sock:
                 sock.settimeout(connect_timeout_s + 30)
-                time.sleep(idle_s)
                 rtts = []
                 for _ in range(max(1, pings)):
                     t0 = time.perf_counter_ns()
@@ -177,6 +177,8 @@ def airtime(to: str, port: int, sizes: list[int], repeats: int, idle_s: float, p
                     rtts.append((time.perf_counter_ns() - t0) / 1e6)
                 rtt = min(rtts)
                 msg = _HEADER.pack(b"m", size) + b"\0" * size
+                # the pings are scaffolding: the link is idle for idle_s before the message
+                time.sleep(idle_s)
                 t0 = time.perf_counter_ns()
                 sock.sendall(msg)
                 if sock.recv(1) != b"a":
