@@ -165,3 +165,19 @@ def test_short_name_built_once_and_reused(tmp_path: Path, monkeypatch: pytest.Mo
     assert not list(p.parent.glob("*.tmp*"))
     with pytest.raises(ConfigError, match="width must be"):
         resolve_split("tiny-32")
+
+
+def test_recipe_wire_dtype_and_short_name(tmp_path: Path) -> None:
+    from testbed.errors import ConfigError
+    from testbed.recipe import load_recipe
+
+    p = tmp_path / "r.toml"
+    p.write_text('[model]\npath = "tiny-4096"\nwire_dtype = "bf16"\n')
+    r = load_recipe(p)
+    assert r.model_spec() == "tiny-4096" and r.wire_dtype == "bfloat16"
+    p.write_text('[model]\npath = "tiny"\n')
+    assert load_recipe(p).wire_dtype is None
+    p.write_text('[model]\nwire_dtype = "int8"\n')
+    with pytest.raises(ConfigError) as e:
+        load_recipe(p)
+    assert any("model.wire_dtype: must be one of fp32, bf16, fp16" in m for m in e.value.problems)
