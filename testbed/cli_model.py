@@ -176,7 +176,7 @@ def widen(
         try:
             src = resolve_split(model, where="MODEL")
         except ConfigError as e:
-            raise ModelError("MODEL", str(e)) from None
+            raise ModelError(*str(e).partition(": ")[::2]) from None
         m = widen_split(src, out_dir, hidden=hidden, seed=seed, intermediate=intermediate,
                         dtype=dtype)
         e0 = next(iter(m["experts"].values()))
@@ -264,7 +264,7 @@ def eval_cmd(
                 try:
                     split_dir = resolve_split(str(model_dir), where="MODEL_DIR")
                 except ConfigError as e:
-                    raise ModelError("MODEL_DIR", str(e)) from None
+                    raise ModelError(*str(e).partition(": ")[::2]) from None
             elif not (model_dir / "manifest.json").is_file():
                 split_checkpoint(model_dir, tmp)
                 split_dir = Path(tmp)
