@@ -770,9 +770,13 @@ class CoEL(Policy):
         Replicas of hot experts in memory left at full precision.
     calib_requests, calib_seed
         Calibration prompts (tiny task's ``calibration`` split).
-    plan_tokens, plan_rate_kbit, plan_a_ms, plan_b_ms, bytes_per_row
+    plan_tokens, plan_rate_kbit, plan_a_ms, plan_b_ms
         Cost-model defaults where the cluster state says nothing (before the first update:
         ``place()`` sees no rates or compute profile).
+    bytes_per_row
+        Bytes of one token row per direction in the transfer model; default: what the run
+        sends (:attr:`Policy.bytes_per_token`, e.g. 8192 for a 4096-wide model in bf16),
+        256 outside a run.
     delta
         Relative change of a link rate that triggers re-deployment.
     drift
@@ -790,7 +794,7 @@ class CoEL(Policy):
                  coact_weight: float = 0.01, replicate: bool = True, max_replicas: int = 2,
                  calib_requests: int = 32, calib_seed: int = 1, plan_tokens: float = 8.0,
                  plan_rate_kbit: float = 20000.0, plan_a_ms: float = 0.5, plan_b_ms: float = 0.02,
-                 bytes_per_row: int = 256, delta: float = 0.1, drift: float = 0.2,
+                 bytes_per_row: int | None = None, delta: float = 0.1, drift: float = 0.2,
                  redeploy_every: int = 0, horizon_steps: float = 200.0,
                  placement: str = "round-robin", seed: int = 0):
         super().__init__(placement, seed)
@@ -808,7 +812,8 @@ class CoEL(Policy):
         self.coact_weight, self.replicate, self.max_replicas = float(coact_weight), bool(replicate), int(max_replicas)
         self.calib_requests, self.calib_seed = int(calib_requests), int(calib_seed)
         self.plan_tokens, self.plan_rate_kbit = float(plan_tokens), float(plan_rate_kbit)
-        self.plan_a_ms, self.plan_b_ms, self.bytes_per_row = float(plan_a_ms), float(plan_b_ms), int(bytes_per_row)
+        self.plan_a_ms, self.plan_b_ms = float(plan_a_ms), float(plan_b_ms)
+        self._bytes_per_row = None if bytes_per_row is None else int(bytes_per_row)
         self.delta, self.drift, self.redeploy_every = float(delta), float(drift), int(redeploy_every)
         self.horizon_steps = float(horizon_steps)
         self._select = TopKSelection()
@@ -825,6 +830,11 @@ class CoEL(Policy):
         self.pruned_slots = 0
         self.last_moves: list[Move] = []
         self.log: list[dict[str, Any]] = []
+
+    @property
+    def bytes_per_row(self) -> int:
+        """The transfer model's bytes per token row: the parameter, else the run's."""
+        return self._bytes_per_row or self.bytes_per_token or 256
 
     # sizes ------------------------------------------------------------------------------------
     def size_at(self, uid: str, bits: int) -> float:

@@ -610,6 +610,7 @@ class Runner:
         devices = [DeviceInfo(d.name, budget or d.memory_budget_mb, d.hw_class)
                    for d in (self.inv.devices if devices is None else devices)]
         policy.model_path = str(self.split)
+        policy.bytes_per_token = self.bytes_per_token
         try:
             placement = policy.place(experts, devices)
         except Exception as e:  # noqa: BLE001

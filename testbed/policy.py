@@ -132,6 +132,9 @@ class Policy(ABC):
     #: the split model directory, set by the runner before :meth:`place` (e.g. for a
     #: calibration run of the model in-process); None outside a run
     model_path: str | None = None
+    #: bytes of one token's hidden state on the wire, per direction (expert width × wire
+    #: dtype), set by the runner with :attr:`model_path`; None outside a run
+    bytes_per_token: int | None = None
 
     def __init__(self, placement: str = "round-robin", seed: int = 0):
         if placement not in PLACEMENTS:
