@@ -28,14 +28,21 @@ The policies here (entry points in ``pyproject.toml``):
 ``wdmoe-bw`` (:class:`WDMoEBandwidthOnly`): top-K selection with min–max bandwidth.
 
 How a decision is computed, for one MoE layer and forward step (one :meth:`select` call = one
-channel epoch: fresh Rayleigh fading from the policy's own :class:`~testbed.channel.ChannelModel`,
+channel epoch: fresh fading from the policy's own :class:`~testbed.channel.ChannelModel`,
 seeded by ``seed``):
 
 * the device of expert ``e`` is the first device of ``cluster.placement["L{layer}.E{e}"]``;
 * the device latency is ``t_k = N_k S / r_down(B_k) + a_k + b_k N_k + N_k S / r_up(B_k)`` with
   ``(a_k, b_k) = cluster.compute_profile[k]`` (``compute_a_ms``/``compute_b_ms`` where missing),
   ``S = cluster.bytes_per_token`` (``bytes_per_token`` where 0) and the predicted layer time is
-  ``T_l = bs_ms + max_k t_k``;
+  ``T_l = bs_ms + max_k t_k``; ``r_down``, ``r_up`` are the channel's rates per direction
+  (:meth:`~testbed.channel.ChannelModel.rates_bps`: the BS's power shared in proportion to
+  bandwidth on the downlink, the device's own power on the uplink, the spectral-efficiency
+  cap), in a cell of the whole budget;
+* min–max bandwidth is :func:`testbed.latency_model.min_max_bandwidth`'s problem solved at
+  those rates (:meth:`~testbed.channel.ChannelModel.min_max_bandwidth`): the latency model's
+  solver assumes the paper's ``B log2(1 + s/B)`` with a fixed power per device, while the
+  split downlink's rate is linear in ``B`` and capped;
 * the WLR of a selection [R] is the mean over (valid) tokens of the kept gate probability mass,
   divided by ``T_l`` (ms): capability per unit of latency;
 * padding tokens (``ctx.token_valid`` False) get no expert: they would only load the links.
@@ -48,7 +55,7 @@ others see ``cluster.links_fixed`` and decide, and predict, at the rates tc enfo
 (``cluster.rate_down_kbit``/``rate_up_kbit``), asking for no bandwidth.
 
 The returned :class:`~testbed.policy.Decision` carries ``bandwidth_kbit``: per device that gets
-bandwidth, the harmonic mean of its Shannon down- and uplink rates, so that shaping *both*
+bandwidth, the harmonic mean of its channel down- and uplink rates, so that shaping *both*
 directions at that one rate gives the down + up transfer time the model predicted. The
 per-direction rates are in :meth:`last_stats`. Devices given no bandwidth are left out.
 """
@@ -65,9 +72,8 @@ import numpy as np
 import torch
 
 from models.routing import RoutingContext, Selection
-from testbed.channel import ChannelModel, shannon_rate_bps
+from testbed.channel import ChannelModel
 from testbed.errors import ConfigError
-from testbed.latency_model import device_latency_ms, min_max_bandwidth
 from testbed.policy import ClusterState, Decision, Policy
 
 _NO_PLACEMENT: dict[str, tuple[str, ...]] = {}
@@ -86,8 +92,6 @@ class _Step:
     slot_dev: np.ndarray     # [N, K] device index of each top-K slot
     expert_dev: np.ndarray   # [E] device index of each expert
     devices: tuple[str, ...]
-    snr_down: np.ndarray     # [D] P g / N0 (Hz)
-    snr_up: np.ndarray
     a_ms: np.ndarray         # [D]
     b_ms: np.ndarray
     bytes_per_token: float
@@ -95,6 +99,9 @@ class _Step:
     n_valid: int
     fixed_bps: tuple[np.ndarray, np.ndarray] | None = None  # [D] down, up: links not ours to set
     idle_share: bool = False  # the allocation covers a whole epoch of several layers
+    channel: ChannelModel | None = None   # whose rates the devices get, in epoch ``epoch``,
+    epoch: int = 0                        # ``order``: the devices' indices in it
+    order: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -215,7 +222,7 @@ class _WDMoEBase(Policy):
             if cluster.links_fixed:   # mid-epoch: predict with the rates tc enforces now
                 fixed = tuple(np.array([1e3 * (r.get(d) or 0.0) for d in devices])
                               for r in (cluster.rate_down_kbit, cluster.rate_up_kbit))
-        order = [ch.index[d] for d in devices]
+        order = np.array([ch.index[d] for d in devices], dtype=np.int64)
         prof = cluster.compute_profile if cluster is not None else {}
         a = np.array([prof.get(d, (self.compute_a_ms, self.compute_b_ms))[0] for d in devices],
                      dtype=np.float64)
@@ -223,8 +230,8 @@ class _WDMoEBase(Policy):
                      dtype=np.float64)
         s = (cluster.bytes_per_token if cluster is not None else 0) or self.bytes_per_token
         return _Step(probs, valid, ids, gate, expert_dev[ids], expert_dev, devices,
-                     ch.snr_per_hz(epoch, "down")[order], ch.snr_per_hz(epoch, "up")[order], a, b,
-                     float(s), total_hz, int(valid.sum()), fixed, idle_share)
+                     a, b, float(s), total_hz, int(valid.sum()), fixed, idle_share, ch, epoch,
+                     order)
 
     def _expert_devices(self, cluster: ClusterState | None, layer: int, n_experts: int
                         ) -> tuple[tuple[str, ...], np.ndarray]:
@@ -258,7 +265,7 @@ class _WDMoEBase(Policy):
 
     def _allocate(self, st: _Step, loads: np.ndarray, how: str | None = None) -> _Alloc:
         """Bandwidth for fixed loads: ``"equal"`` (B_total / D to every device) or
-        ``"min-max"`` (:func:`testbed.latency_model.min_max_bandwidth`).
+        ``"min-max"`` (:meth:`_min_max`).
 
         When the links are fixed (mid-epoch) nothing is allocated: the device latencies are
         those at the enforced rates. When the allocation covers an epoch of several layers, it
@@ -273,19 +280,45 @@ class _WDMoEBase(Policy):
             if st.idle_share:
                 held = np.bincount(st.expert_dev, minlength=len(st.devices))
                 want = loads + st.n_valid * st.ids.shape[1] * held / len(st.expert_dev)
-            bw = min_max_bandwidth(want, st.total_hz, st.snr_down, st.snr_up,
-                                   st.bytes_per_token, st.a_ms, st.b_ms).bandwidth_hz
+            bw = self._min_max(st, want)
         else:
             bw = np.full(len(st.devices), st.total_hz / len(st.devices))
-        dev = device_latency_ms(loads, bw, st.snr_down, st.snr_up, st.bytes_per_token,
-                                st.a_ms, st.b_ms)
+        dev = self._ms_at(st, loads, *self._link_bps(st, bw))
         return _Alloc(bw, dev, self.bs_ms + float(dev.max()))
 
     @staticmethod
-    def _fixed_ms(st: _Step, loads: np.ndarray) -> np.ndarray:
-        """``t_k`` at the enforced rates ``st.fixed_bps`` (the latency model without Shannon)."""
+    def _min_max(st: _Step, want: np.ndarray) -> np.ndarray:
+        """Min–max bandwidth for the token-rows ``want`` at the channel's rates
+        (:meth:`testbed.channel.ChannelModel.min_max_bandwidth`)."""
+        ch, idx = st.channel, st.order
+        assert ch is not None and idx is not None
+        bits = np.zeros(len(ch.devices))
+        bits[idx] = 8.0 * st.bytes_per_token * np.asarray(want, dtype=np.float64)
+        fixed = np.zeros(len(ch.devices))
+        fixed[idx] = st.a_ms + st.b_ms * want
+        return ch.min_max_bandwidth(bits, bits, fixed, st.epoch, st.total_hz)[idx]
+
+    @staticmethod
+    def _link_bps(st: _Step, bandwidth_hz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The channel's (down, up) rates (bit/s) of the devices for ``bandwidth_hz``, in the
+        cell of ``st.total_hz`` (the BS's power spread over it)."""
+        ch, idx = st.channel, st.order
+        assert ch is not None and idx is not None
+        full = np.zeros(len(ch.devices))
+        full[idx] = bandwidth_hz
+        return (ch.rates_bps(full, "down", st.epoch, total_hz=st.total_hz)[idx],
+                ch.rates_bps(full, "up", st.epoch, total_hz=st.total_hz)[idx])
+
+    @classmethod
+    def _fixed_ms(cls, st: _Step, loads: np.ndarray) -> np.ndarray:
+        """``t_k`` at the enforced rates ``st.fixed_bps``."""
         assert st.fixed_bps is not None
-        down, up = st.fixed_bps
+        return cls._ms_at(st, loads, *st.fixed_bps)
+
+    @staticmethod
+    def _ms_at(st: _Step, loads: np.ndarray, down: np.ndarray, up: np.ndarray) -> np.ndarray:
+        """``t_k`` (ms) at the rates ``down``, ``up`` (bit/s): the latency model at given
+        rates (``inf`` where tokens meet no rate, 0 where there are no tokens)."""
         n = np.asarray(loads, dtype=np.float64)
         bits = 8.0 * st.bytes_per_token * n
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -298,8 +331,7 @@ class _WDMoEBase(Policy):
         if st.fixed_bps is not None:
             return self._fixed_ms(st, np.ones(len(st.devices)))
         bw = np.where(alloc.bandwidth_hz > 0, alloc.bandwidth_hz, st.total_hz / len(st.devices))
-        return device_latency_ms(1.0, bw, st.snr_down, st.snr_up, st.bytes_per_token,
-                                 st.a_ms, st.b_ms)
+        return self._ms_at(st, np.ones(len(st.devices)), *self._link_bps(st, bw))
 
     @staticmethod
     def _wlr(st: _Step, keep: np.ndarray, layer_ms: float) -> float:
@@ -318,14 +350,15 @@ class _WDMoEBase(Policy):
         dev = ctx.router_probs.device
         return Selection(torch.from_numpy(ids).to(dev), torch.from_numpy(w.astype(np.float32)).to(dev))
 
-    @staticmethod
-    def _rates(st: _Step, alloc: _Alloc) -> dict[str, tuple[float, float, float]]:
+    @classmethod
+    def _rates(cls, st: _Step, alloc: _Alloc) -> dict[str, tuple[float, float, float]]:
         """Per device with bandwidth: (harmonic-mean kbit/s, down kbit/s, up kbit/s)."""
         on = alloc.bandwidth_hz > 0
-        bw = alloc.bandwidth_hz[on]
-        down = np.asarray(shannon_rate_bps(bw, st.snr_down[on])) / 1e3
-        up = np.asarray(shannon_rate_bps(bw, st.snr_up[on])) / 1e3
-        both = 2.0 / (1.0 / down + 1.0 / up)
+        if not on.any():
+            return {}
+        down, up = (r[on] / 1e3 for r in cls._link_bps(st, alloc.bandwidth_hz))
+        with np.errstate(divide="ignore"):
+            both = np.where((down > 0) & (up > 0), 2.0 / (1.0 / down + 1.0 / up), 0.0)
         names = [d for d, o in zip(st.devices, on) if o]
         return {d: (float(both[i]), float(down[i]), float(up[i])) for i, d in enumerate(names)}
 

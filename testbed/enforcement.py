@@ -56,11 +56,13 @@ class Epochs:
 
 def equal_split_kbit(channel: ChannelModel, bandwidth_hz: float, epoch: int,
                      devices: Sequence[str]) -> dict[str, tuple[float, float]]:
-    """(down, up) kbit/s of each device with ``bandwidth_hz / len(devices)`` in ``epoch``."""
+    """(down, up) kbit/s of each device with ``bandwidth_hz / len(devices)`` in ``epoch``, the
+    channel's rates each way (the BS's power spread over the cell's ``bandwidth_hz`` down, the
+    device's own power up)."""
     idx = [channel.index[d] for d in devices]
     b = bandwidth_hz / len(devices)
-    down = channel.rates_bps(b, "down", epoch)[idx] / 1e3
-    up = channel.rates_bps(b, "up", epoch)[idx] / 1e3
+    down = channel.rates_bps(b, "down", epoch, total_hz=bandwidth_hz)[idx] / 1e3
+    up = channel.rates_bps(b, "up", epoch, total_hz=bandwidth_hz)[idx] / 1e3
     return {d: (float(down[i]), float(up[i])) for i, d in enumerate(devices)}
 
 

@@ -816,7 +816,9 @@ class Runner:
         cluster.epoch_scope = str(t.config["policy"]["epoch"])
         mhz = t.config["links"].get("bandwidth_mhz")
         if mhz:   # the channel of this trial point and repeat, shared by every policy
-            cluster.channel, cluster.bandwidth_hz = ChannelModel(names, rec.seed + rep), mhz * 1e6
+            cluster.channel = ChannelModel(names, rec.seed + rep,
+                                           **(t.config["links"].get("channel") or {}))
+            cluster.bandwidth_hz = mhz * 1e6
         trace = self.traces[t.index]
         plan = EpochLinks(Epochs(cluster.epoch_scope),
                           LinkRecorder(self.shaper, self.tables["links"], self.t0), cluster,

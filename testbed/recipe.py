@@ -29,15 +29,21 @@ and a sweep grid over any of these.
     rate = "20mbit"             # or rate_down / rate_up
     delay = "0ms"               # needs netem on the BS kernel (refused with the kernel's message)
     loss = "0%"
-    bandwidth_mhz = 0.2         # optional: the cell's total bandwidth under the channel model
-                                # (testbed.channel, defaults, seeded by recipe.seed, devices by
-                                # name): each epoch a policy that allocates bandwidth splits it
-                                # (ClusterState.channel/bandwidth_hz), any other policy gets the
-                                # equal split's Shannon rates (same fading) - equal link budget
+    bandwidth_mhz = 20.0        # optional: the cell's total bandwidth under the channel model
+                                # (testbed.channel, seeded by recipe.seed, devices by name;
+                                # wireless papers use 10-100 MHz): each epoch a policy that
+                                # allocates bandwidth splits it (ClusterState.channel/
+                                # bandwidth_hz), any other policy gets the equal split's rates
+                                # each way (same fading) - equal link budget
     trace = "trace.csv"         # optional: a channel trace (testbed links trace; relative to
                                 # this file) replayed on the links, its k-th time block at the
                                 # k-th decision epoch (cycling), for policies that allocate no
                                 # bandwidth; time_s only orders the blocks
+    [links.channel]             # optional: the channel model's constants (testbed.channel's
+    bs_power_dbm = 46.0         # docstring lists every key, its default and its source; e.g.
+    device_power_dbm = 23.0     # shadowing_db, fading, se_model, cqi_table, power_split), the
+    se_model = "capped"         # rest at their defaults; all recorded in the manifest; swept
+                                # as "links.channel.<key>"
 
     [workload]
     task = "tiny"               # "tiny": the built-in model's held-out task (answers known);
@@ -109,6 +115,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from .channel import CHANNEL_DEFAULTS, check_channel_params
 from .errors import ConfigError
 from .faults import parse_faults
 from .units import parse_percent, parse_rate_kbit, parse_time_ms
@@ -228,6 +235,14 @@ def _params(v: Any) -> dict[str, Any]:
     return v
 
 
+def _with_channel_defaults(links: dict[str, Any]) -> None:
+    """Fill ``links.channel``'s missing keys with the model's defaults (so that the manifest
+    records the whole channel)."""
+    ch = links.get("channel")
+    if isinstance(ch, dict):
+        links["channel"] = {**CHANNEL_DEFAULTS, **ch}
+
+
 SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "recipe": {"name": (_str, "recipe"), "description": (lambda v: str(v), ""),
                "seed": (_int(0), 0), "repeats": (_int(1, 1000), 1)},
@@ -235,7 +250,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "policy": {"name": (_str, "topk"), "params": (_params, {}), "epoch": (_epoch, "step")},
     "links": {"rate": (_rate, "20mbit"), "rate_down": (_rate, None), "rate_up": (_rate, None),
               "delay": (_time, "0ms"), "loss": (_pct, "0%"), "bandwidth_mhz": (_float(0), None),
-              "trace": (_str, None)},
+              "trace": (_str, None), "channel": (_params, dict(CHANNEL_DEFAULTS))},
     "workload": {"task": (_task, "tiny"), "requests": (_int(1, 100000), 20),
                  "prompt_tokens": (_int(1, 100000), 16), "output_tokens": (_int(1, 100000), 8)},
     "run": {"timeout_s": (_float(0), 5.0), "devices": (_int(1, 32), None),
@@ -245,7 +260,9 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "devices": {"power_mode": (_power_mode, None)},
     "faults": {"events": (parse_faults, [])},
 }
-"""table -> key -> (validator, default). Validators raise ValueError with the message."""
+"""table -> key -> (validator, default). Validators raise ValueError with the message.
+``links.channel`` (a table of :class:`testbed.channel.ChannelModel` parameters) is checked key by
+key in :func:`_check_value`, and its keys against each other at every sweep point."""
 
 
 @dataclass(frozen=True)
@@ -340,6 +357,7 @@ class Recipe:
             cfg = copy.deepcopy(self.config)
             for k, v in zip(keys, values):
                 _set_path(cfg, k, v)
+            _with_channel_defaults(cfg["links"])
             out.append(Trial(i, dict(zip(keys, values)), cfg))
         return out
 
@@ -364,6 +382,17 @@ def _check_value(where: str, dotted: str, value: Any, problems: list[str]) -> No
         return
     if len(parts) >= 3 and parts[0] == "policy" and parts[1] == "params":
         return  # checked by the policy itself (unknown parameters are named there)
+    if len(parts) >= 2 and parts[:2] == ["links", "channel"]:
+        if len(parts) == 2 and isinstance(value, dict):   # a table: every bad key named
+            found = check_channel_params(value, complete=False)
+        elif len(parts) == 2:
+            found = [("", "must be a table of channel parameters (testbed.channel)")]
+        elif len(parts) == 3:
+            found = check_channel_params({parts[2]: value}, complete=False)
+        else:
+            found = [(".".join(parts[2:]), "unknown channel parameter")]
+        problems.extend(f"{where}: links.channel{'.' if k else ''}{k}: {m}" for k, m in found)
+        return
     if len(parts) != 2 or parts[1] not in table:
         problems.append(f"{where}: {dotted}: unknown key (valid in [{parts[0]}]: "
                         f"{', '.join(table)})")
@@ -467,6 +496,15 @@ def recipe_from_dict(raw: Mapping[str, Any], path: Path, overrides: Sequence[str
         if len(problems) == before:
             _set_path(config, key, value)
             sweep.pop(key, None)  # a fixed value replaces a sweep over the same key
+    _with_channel_defaults(config["links"])
+    recipe = Recipe(path, config, sweep)
+    if not problems:   # the channel's keys against each other, at every sweep point
+        for trial in recipe.trials():
+            for key, msg in check_channel_params(trial.config["links"]["channel"]):
+                at = f" (sweep point {trial.label})" if trial.point else ""
+                line = f"{where}: links.channel.{key}: {msg}{at}"
+                if line not in problems:
+                    problems.append(line)
     if problems:
         raise ConfigError(problems)
-    return Recipe(path, config, sweep)
+    return recipe

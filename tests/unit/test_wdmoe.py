@@ -10,7 +10,6 @@ import torch
 from models.routing import RoutingContext, TopKSelection, validate_selection
 from recipes.wdmoe import WDMoE, WDMoEBandwidthOnly, WDMoEConference, WDMoESelectionOnly
 from testbed.errors import ConfigError
-from testbed.latency_model import min_max_bandwidth
 from testbed.policy import ClusterState, load_policy, load_policy_class
 
 DEVS = ("d0", "d1", "d2", "d3")
@@ -84,13 +83,14 @@ def test_journal_rejects_pruning_that_does_not_shorten_the_critical_path() -> No
 
 
 @pytest.mark.parametrize("gamma, theta, ratio, pruned", [
-    (1.05, 0.80, 1.394, 123),   # the first threshold already reaches 1.05x
-    (1.40, 0.85, 1.411, 128),   # 0.80 gives 1.394x < 1.40x: rejected, 0.85 accepted
+    (1.05, 0.80, 1.4028, 124),  # the first threshold already reaches 1.05x
+    (1.41, 0.90, 1.4265, 128),  # 0.80 (1.403x) and 0.85 (1.390x) < 1.41x: rejected, 0.90 taken
     (1.50, None, 1.0, 0),       # no threshold reaches 1.5x: no round, nothing pruned
 ])
 def test_journal_accepts_only_with_gamma_improvement(gamma, theta, ratio, pruned) -> None:
-    """Pruned at theta 0.80, this context reaches 1.394x the top-K WLR; at 0.85 (every token
-    pruned) 1.411x, the most any threshold gives: gamma decides which one, if any, is taken."""
+    """Pruned at theta 0.80, this context reaches 1.403x the top-K WLR, at 0.85 1.390x; at
+    0.90 (every token pruned) 1.4265x, the most any threshold gives: gamma decides which one,
+    if any, is taken."""
     ctx = _random_ctx(128, seed=3)
     pol = WDMoE(gamma=gamma, max_rounds=1)
     sel = pol.select(ctx, _cluster(b_ms=0.5, bytes_per_token=8192, experts=8)).selection
@@ -125,11 +125,22 @@ def test_bandwidth_only_is_topk_with_min_max_bandwidth() -> None:
     assert torch.equal(d.selection.expert_ids, TopKSelection()(ctx).expert_ids)
     st = pol.last_stats()
     ch = pol._channel_model
+    assert ch.devices == DEVS
     loads = np.array([st["loads"].get(x, 0) for x in DEVS])
-    al = min_max_bandwidth(loads, 40e6, ch.snr_per_hz(0, "down"), ch.snr_per_hz(0, "up"), 8192,
-                           np.array([1.0, 1.0, 4.0, 1.0]), 0.3)
-    assert st["predicted_ms"] == pytest.approx(al.latency_ms, rel=1e-9)
+    bw = np.array([st["bandwidth_hz"].get(x, 0.0) for x in DEVS])
+    # min-max at the channel's rates (the BS's power spread over the 40 MHz cell): every
+    # loaded device finishes together, at the predicted time
+    down, up = (ch.rates_bps(bw, d, 0, total_hz=40e6) for d in ("down", "up"))
+    bits, on = 8 * 8192 * loads, loads > 0
+    t = 1e3 * (bits[on] / down[on] + bits[on] / up[on]) + np.array([1.0, 1.0, 4.0, 1.0])[on] \
+        + 0.3 * loads[on]
+    assert st["predicted_ms"] == pytest.approx(t.max(), rel=1e-9)
+    np.testing.assert_allclose(t, t.max(), rtol=1e-6)
     assert sum(st["bandwidth_hz"].values()) == pytest.approx(40e6, rel=1e-6)
+    for i, dev in enumerate(DEVS):
+        if on[i]:
+            assert st["rate_down_kbit"][dev] == pytest.approx(down[i] / 1e3)
+            assert st["rate_up_kbit"][dev] == pytest.approx(up[i] / 1e3)
     assert set(d.bandwidth_kbit) == {x for x in DEVS if st["loads"].get(x)}
     for dev, kbit in d.bandwidth_kbit.items():   # one rate for both directions: harmonic mean
         down, up = st["rate_down_kbit"][dev], st["rate_up_kbit"][dev]
@@ -199,7 +210,6 @@ def test_runner_state_wins_channel_budget_epoch_and_fixed_links() -> None:
     exactly that budget in that epoch's fading; mid-epoch (links_fixed) it allocates nothing
     and predicts with the enforced rates."""
     from testbed.channel import ChannelModel
-    from testbed.latency_model import device_latency_ms
 
     ctx = _random_ctx(6)
     cl = _cluster(a_ms=(0.5, 0.5, 0.5, 0.5), bytes_per_token=256, experts=8)
@@ -210,8 +220,9 @@ def test_runner_state_wins_channel_budget_epoch_and_fixed_links() -> None:
     assert sum(st["bandwidth_hz"].values()) == pytest.approx(2e5, rel=1e-6)
     loads = np.array([st["loads"].get(x, 0) for x in DEVS])
     bw = np.array([st["bandwidth_hz"].get(x, 0.0) for x in DEVS])
-    dev = device_latency_ms(loads, bw, cl.channel.snr_per_hz(7, "down"),
-                            cl.channel.snr_per_hz(7, "up"), 256, 0.5, 0.0)
+    down, up = (cl.channel.rates_bps(bw, d, 7, total_hz=2e5) for d in ("down", "up"))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dev = np.where(loads > 0, 1e3 * 8 * 256 * loads * (1 / down + 1 / up) + 0.5, 0.0)
     assert st["predicted_ms"] == pytest.approx(dev.max(), rel=1e-6)
     assert set(d.bandwidth_kbit) == {x for x in DEVS if loads[DEVS.index(x)]}
 
