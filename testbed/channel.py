@@ -60,9 +60,9 @@ key                        default       source / meaning
 ``power_split``            bandwidth     ``bandwidth`` (flat PSD) or ``none`` (full power each)
 ``se_model``               capped        ``capped``, ``cqi`` or ``shannon`` (above)
 ``cqi_table``              1             TS 38.214 Table 5.2.2.1-2 (1: up to 64QAM, top
-                                         efficiency 5.5547 bit/s/Hz; the table in use unless
-                                         256QAM is configured) or 5.2.2.1-3 (2: up to 256QAM,
-                                         top 7.4063)
+                                         efficiency 5.5547 bit/s/Hz; the choice here: no
+                                         256QAM, which not every device has on the uplink) or
+                                         Table 5.2.2.1-3 (2: up to 256QAM, top 7.4063)
 ``snr_gap_db``             0 dB          SNR gap of the achievable rate, ``log2(1 + SNR/gap)``
                                          (0 dB: the Shannon bound up to the cap)
 =========================  ============  ======================================================
