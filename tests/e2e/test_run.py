@@ -13,6 +13,7 @@ import pytest
 
 from testbed import results as R
 from testbed.links import TcShaper
+from testbed.report import PLOT_FILES
 from testbed.runner import LocalRunner
 from tests.conftest import leftovers, needs_testbed, run_cli, unique_name
 
@@ -63,6 +64,24 @@ def _tc_rates(inv_path: Path) -> dict[str, tuple]:
     sh = TcShaper(LocalRunner(host="bs"), inv.bs.interface, inv.bs.ifb, [d.host for d in inv.devices],
                   [d.name for d in inv.devices])
     return {s.device: (s.down_kbit, s.up_kbit) for s in sh.show()}
+
+
+def _check_png(path: Path) -> None:
+    """A real plot: a PNG that decodes, of figure size, with drawn data (coloured pixels, not
+    only the black-and-white of empty axes and their labels)."""
+    import numpy as np
+    from PIL import Image
+
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", path
+    assert len(data) > 10_000, (path, len(data))
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.width >= 400 and im.height >= 300, (path, im.size)
+        rgb = np.asarray(im.convert("RGB")).astype(int)
+    coloured = int(((rgb.max(axis=-1) - rgb.min(axis=-1)) > 60).sum())
+    assert coloured >= 50, (path, coloured)
 
 
 def _only_run_dir(out: Path) -> Path:
@@ -128,7 +147,9 @@ def test_provision_run_sweep_results_and_down(state_dir, tmp_path):
         # the model really ran: top-k answers the tiny task, and top-1 uses one expert per token
         topk = [r for r in reqs if r["policy"] == "topk"]
         top1 = [r for r in reqs if r["policy"] == "top1"]
-        assert sum(int(r["correct"]) for r in topk) >= 4 * len(topk) // 5
+        # (top-k scores 1.000 exact match on the tiny task: every answer right, every token)
+        assert [(r["correct"], float(r["score"])) for r in topk] == [("1", 1.0)] * len(topk), \
+            [(r["sweep.links.rate"], r["request"], r["correct"], r["score"]) for r in topk]
         assert all(float(r["experts_per_token"]) == 2.0 for r in topk)
         assert all(float(r["experts_per_token"]) == 1.0 for r in top1)
 
@@ -166,7 +187,11 @@ def test_provision_run_sweep_results_and_down(state_dir, tmp_path):
 
         rep = _cli(env, "report", str(run_dir), "--format", "json")
         assert rep.returncode == 0, rep.stderr
-        assert list((run_dir / "plots").glob("*.png")) or "png" in rep.stdout
+        plots = [Path(p) for p in json.loads(rep.stdout)["plots"]]
+        assert sorted(p.name for p in plots) == sorted(PLOT_FILES), plots
+        assert all(p.parent == run_dir / "plots" for p in plots), plots
+        for p in plots:
+            _check_png(p)
     finally:
         down = _cli(env, "local", "down", "--name", name)
     assert down.returncode == 0, down.stderr
@@ -202,8 +227,8 @@ def test_bad_input_and_faults(state_dir, tmp_path):
     bad.write_text('[workload]\nrequests = "many"\n')
     res = _cli(env, "run", str(bad), "--out", str(out))
     assert res.returncode == 2
-    assert res.stderr.strip().splitlines() == [f"error: {bad}: workload.requests: must be an integer "
-                                               "in 1..100000, not 'many'"]
+    assert res.stderr.strip().splitlines() == [(f"error: {bad}: workload.requests: must be an "
+                                                "integer in 1..100000, not 'many'")]
     assert not out.exists()
 
     name, inv = _up(env, tmp_path)

@@ -1,6 +1,7 @@
 """Provisioning for real: a local testbed (namespaces, sshd), agents installed into venvs over
-SSH, shards pushed, agents answering ZeroMQ pings; idempotent second run; status, logs, stop;
-an unreachable device failing alone; nothing left after `local down`."""
+SSH, shards pushed, agents answering ZeroMQ pings; each device given exactly its own CURVE
+secret and the BS's public key (another device's keys are refused); idempotent second run;
+status, logs, stop; an unreachable device failing alone; nothing left after `local down`."""
 
 from __future__ import annotations
 
@@ -9,14 +10,23 @@ import json
 from pathlib import Path
 
 import pytest
+import zmq
 
+from device_agent.security import load_public, load_secret
 from testbed import local
 from testbed.inventory import load_inventory
-from testbed.modelstore import resolve_split
-from testbed.provision import agent_endpoints, place_experts, provision, shards_per_device
 from testbed.keys import client_keys
+from testbed.modelstore import resolve_split
+from testbed.provision import (
+    HASH_CACHE,
+    agent_endpoints,
+    place_experts,
+    provision,
+    shards_per_device,
+)
 from testbed.remote_backend import AgentError, RemoteExpertBackend
 from tests.conftest import leftovers, needs_testbed, run_cli
+from tests.integration.test_security import _handshake
 
 pytestmark = [needs_testbed, pytest.mark.root]
 
@@ -56,13 +66,48 @@ def test_provision_idempotent_status_logs_stop_unreachable(make_testbed, state_d
     eps = agent_endpoints(inv)
     assert set(eps) == {"dev1", "dev2", "dev3"}
     # ... with the BS's CURVE key only: a client without it is refused (not answered)
-    with RemoteExpertBackend({"dev1": eps["dev1"]["endpoint"]}, timeout_s=1) as stranger:
-        with pytest.raises(AgentError):
-            stranger.ping("dev1")
+    with RemoteExpertBackend({"dev1": eps["dev1"]["endpoint"]}, timeout_s=1) as stranger, \
+            pytest.raises(AgentError):
+        stranger.ping("dev1")
     keys_dir = inv.curve_dir()
     assert (keys_dir.stat().st_mode & 0o777) == 0o700
     assert all((keys_dir / f"{n}.key_secret").stat().st_mode & 0o077 == 0
                for n in ("bs", "dev1", "dev2", "dev3"))
+    # each device's key folder holds exactly its own secret (0600, folder 0700) and the BS's
+    # public key as the one authorized client: no other device's keys, not the BS's secret
+    # (beside them, the provisioning's hash caches name just those files)
+    secrets = {n: load_secret(keys_dir / f"{n}.key_secret")[1].decode()
+               for n in ("bs", "dev1", "dev2", "dev3")}
+    for dev in inv.devices:
+        cdir = Path(dev.workdir) / "curve"
+        held = sorted(str(p.relative_to(cdir)) for p in cdir.rglob("*")
+                      if not p.is_dir() and p.name != HASH_CACHE)
+        assert held == ["agent.key_secret", "authorized/bs.key"], (dev.name, held)
+        for cache, names in ((cdir / HASH_CACHE, ["agent.key_secret"]),
+                             (cdir / "authorized" / HASH_CACHE, ["bs.key"])):
+            assert not cache.exists() or sorted(json.loads(cache.read_text())) == names, \
+                (cache, cache.read_text())
+        assert (cdir.stat().st_mode & 0o777) == 0o700
+        assert (cdir / "agent.key_secret").stat().st_mode & 0o777 == 0o600
+        assert (cdir / "agent.key_secret").read_bytes() == \
+            (keys_dir / f"{dev.name}.key_secret").read_bytes()
+        assert (cdir / "authorized" / "bs.key").read_bytes() == (keys_dir / "bs.key").read_bytes()
+        # and no one else's secret anywhere in its workdir (outside the venv and the wheels)
+        for p in Path(dev.workdir).rglob("*"):
+            if p.is_file() and not {"venv", "wheels"} & set(p.relative_to(dev.workdir).parts):
+                text = p.read_bytes().decode(errors="replace")
+                assert not [n for n, sec in secrets.items() if n != dev.name and sec in text], p
+    # a CURVE client with another device's keys (each agent's next neighbour's) is refused by
+    # the agent's ZAP handler (status 400), nothing answered; the BS's keys are served
+    names = [d.name for d in inv.devices]
+    bs_keys = load_secret(keys_dir / "bs.key_secret")
+    for target, other in zip(names, names[1:] + names[:1]):
+        server = load_public(keys_dir / f"{target}.key")
+        got, ev = _handshake(eps[target]["endpoint"], load_secret(keys_dir / f"{other}.key_secret"),
+                             server)
+        assert not got and (int(zmq.EVENT_HANDSHAKE_FAILED_AUTH), 400) in ev, (target, other, ev)
+        got, ev = _handshake(eps[target]["endpoint"], bs_keys, server)
+        assert got and (int(zmq.EVENT_HANDSHAKE_SUCCEEDED), 0) in ev, (target, ev)
     with RemoteExpertBackend({d: e["endpoint"] for d, e in eps.items()}, timeout_s=5,
                              curve=client_keys(inv)) as b:
         for d, e in eps.items():
@@ -78,10 +123,6 @@ def test_provision_idempotent_status_logs_stop_unreachable(make_testbed, state_d
             assert hashlib.sha256(data).hexdigest() == mf.experts[u].sha256
         # the agent runs from the venv, with the installed wheel (not the checkout)
         assert (Path(dev.workdir) / "venv" / "bin" / "python").exists()
-        # its own CURVE secret, owner-only, and the BS's public key as the one authorized client
-        assert (Path(dev.workdir) / "curve" / "agent.key_secret").stat().st_mode & 0o777 == 0o600
-        assert (Path(dev.workdir) / "curve" / "authorized" / "bs.key").read_bytes() == \
-            (inv.curve_dir() / "bs.key").read_bytes()
     pids = {d: e["pid"] for d, e in eps.items()}
     before = {d.name: _files(Path(d.workdir)) for d in inv.devices}
 

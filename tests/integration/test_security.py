@@ -134,13 +134,14 @@ def test_open_secret_key_and_missing_authorized_keys_are_refused(tmp_path):
     def serve() -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "device_agent", "serve", "--bind",
                                "tcp://127.0.0.1:*", "--workdir", str(tmp_path / "wd"),
-                               "--curve-dir", str(cdir)], capture_output=True, text=True, timeout=60)
+                               "--curve-dir", str(cdir)], check=False, capture_output=True,
+                              text=True, timeout=60)
 
     res = serve()
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
-        f"error: --curve-dir: {cdir / AGENT_SECRET}: permissions 0644 are too open "
-        "(the secret key must be readable by its owner only: chmod 600)"]
+        (f"error: --curve-dir: {cdir / AGENT_SECRET}: permissions 0644 are too open "
+         "(the secret key must be readable by its owner only: chmod 600)")]
     (cdir / AGENT_SECRET).chmod(0o600)
     res = serve()
     assert res.returncode == 2
