@@ -1,23 +1,49 @@
-"""The shared latency model of one MoE layer, and the min–max bandwidth allocation (pure).
+"""Latency models of one MoE layer (pure): the paper's, for WDMoE's optimisation, and the
+calibrated one that predicts what the testbed measures.
 
-Model [R] (POLICIES.md, "Shared latency model"): device ``k`` serves ``N_k`` token-rows of the
-step; with bandwidth ``B_k`` its latency is::
+**The paper's model** [R] (POLICIES.md, "Shared latency model"): device ``k`` serves ``N_k``
+token-rows of the step; with bandwidth ``B_k`` its latency is::
 
     t_k = N_k S / r_down(B_k) + c_k(N_k) + N_k S / r_up(B_k),     c_k(N) = a_k + b_k N
 
 with ``S`` bytes per token per direction, ``r(B) = B log2(1 + s/B)`` the Shannon rate (``s`` the
 device's SNR per Hz in that direction, see :mod:`testbed.channel`) and ``c_k`` the profiled
-compute time. The layer takes ``T_l = t_bs + max_{k: N_k > 0} t_k``.
+compute time. The layer takes ``T_l = t_bs + max_{k: N_k > 0} t_k``. WDMoE optimises over it
+(:func:`min_max_bandwidth`).
 
-Units: bandwidth in Hz, rates in bit/s, payload in bytes, times in ms. Arrays are indexed by
-device (the caller's device order); ``N_k = 0`` devices cost nothing and get no bandwidth.
+**The calibrated model** (:class:`LayerCostParams`, :func:`predict_layer_ms`): what one layer's
+expert exchange costs on the testbed -- the quantity ``layers.csv`` calls ``moe_ms`` (the BS's
+``run_layer``, first request out to last reply in). Per device ``k`` that serves ``E_k`` experts
+with ``N_k`` token-rows in one call::
+
+    t_k = call_ms_k + air(m_down, r_down) + dev_ms_k + air(m_up, r_up)
+    dev_ms_k = device_call_ms_k + a_k E_k + b_k N_k
+    m_dir = header_dir + header_dir_per_expert E_k + N_k S       (bytes of the message)
+    layer = bs_ms + bs_per_device_ms D + max_k t_k               (D: devices called)
+
+``air`` is the time the link's leaf needs to let the message's frames through
+(:func:`airtime_ms`): the message split into TCP segments of ``mtu - 52`` bytes, each charged
+with its TCP/IP (52 B: 20 IP + 32 TCP with timestamps) and Ethernet (14 B) headers, as tc counts
+frames; a TBF leaf lets its bucket (one frame plus ``bucket_slack_us`` of the rate) through free
+when full, so a message costs ``max(0, wire - bucket)``; netem charges every frame, the first
+too; the HTB-only tree lets its class bucket through. ``call_ms`` is the fixed cost of a call
+(zmq, TCP, Python on both ends: round trip - airtime - device time), ``bs_ms`` the BS's own time
+in the exchange (serialise, send, poll, deserialise); both are fitted per trial from profiling
+samples (:func:`fit_layer_costs`). ``decision_ms`` and ``rate_change_ms`` are the policy's
+decision and a decision epoch's tc change, which run in-line before the exchange: on the
+layer's critical path but outside ``moe_ms`` (:func:`predict_critical_ms` adds them).
+
+Units: bandwidth in Hz, rates in bit/s (kbit/s where named so), payload in bytes, times in ms.
+Arrays are indexed by device (the caller's device order); ``N_k = 0`` devices cost nothing and
+get no bandwidth.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 import numpy as np
 
@@ -290,3 +316,396 @@ def min_max_bandwidth(loads: Sequence[float] | np.ndarray, total_hz: float,
                          f"got {method!r}")
     dev = device_latency_ms(loads, bw, sd, su, bytes_per_token, a, b)
     return Allocation(bw, float(np.max(dev)), dev, it)
+
+
+# == the calibrated model ==================================================================
+#: TCP/IP headers of every segment: IPv4 20 + TCP 20 + the timestamp option 12 (Linux's default)
+TCPIP_BYTES = 52
+#: Ethernet header: tc charges the frame from the destination MAC on (no FCS, no preamble)
+ETH_BYTES = 14
+#: leaves the model knows (``links.shaping_info()["mode"]``); ``none``: no shaping (airtime 0)
+SHAPING_MODES = ("tbf", "netem", "htb", "none")
+#: HTB class bucket: 2 ms of the rate, at least this (``links.burst_bytes``)
+HTB_MIN_BUCKET = 3200
+HTB_BUCKET_MS = 2.0
+
+# What a ``forward`` call carries besides the hidden states, per direction, on the local testbed
+# (CURVE on): the msgpack header frame, each frame's ZMTP header and CURVE's MESSAGE box (a
+# 17-byte command header + 8-byte nonce + 16-byte MAC + 1 flags byte). A call with E experts
+# sends a header of HEADER_* + HEADER_*_PER_EXPERT * E bytes and E tensor frames (each frame's
+# own ZMTP + CURVE overhead is in the per-expert figure). Measured with tc's byte counters
+# (see bench/wire_bytes.py); a run refits nothing here: the bytes do not depend on the host.
+HEADER_DOWN_BYTES = 75.0 + 42.0
+HEADER_DOWN_PER_EXPERT_BYTES = 21.0 + 42.0
+HEADER_UP_BYTES = 164.0 + 42.0
+HEADER_UP_PER_EXPERT_BYTES = 36.0 + 42.0
+
+
+def wire_frames(message_bytes: float, mtu: int = 1500) -> tuple[int, float]:
+    """(frames, bytes on the wire) of one message over TCP: ``ceil(m / mss)`` segments of at
+    most ``mss = mtu - 52`` payload bytes, each with :data:`TCPIP_BYTES` + :data:`ETH_BYTES`."""
+    m = max(0.0, float(message_bytes))
+    if m == 0:
+        return 0, 0.0
+    mss = int(mtu) - TCPIP_BYTES
+    n = math.ceil(m / mss)
+    return n, m + n * (TCPIP_BYTES + ETH_BYTES)
+
+
+def free_bytes(rate_kbit: float, shaping: str = "tbf", bucket_bytes: float = 1514.0,
+               bucket_slack_us: float = 50.0) -> float:
+    """Bytes a leaf lets through at once after an idle spell (its bucket when full).
+
+    * ``tbf``: ``bucket_bytes + ceil(rate * bucket_slack_us)`` (as ``links.tbf_burst_bytes``
+      sets ``burst``: one frame plus the timer slack);
+    * ``netem``: 0 (every frame, the first too, waits for its transmission time);
+    * ``htb``: the HTB class's bucket, ``max(3200, 2 ms of the rate)`` unless ``bucket_bytes``
+      says otherwise (``shaping_info`` reads it back from tc);
+    * ``none``: infinite.
+    """
+    if shaping == "tbf":
+        return float(bucket_bytes) + math.ceil(float(rate_kbit) * float(bucket_slack_us) / 8000.0)
+    if shaping == "netem":
+        return 0.0
+    if shaping == "htb":
+        return float(bucket_bytes) if bucket_bytes else \
+            max(HTB_MIN_BUCKET, float(rate_kbit) * HTB_BUCKET_MS / 8.0)
+    if shaping == "none":
+        return math.inf
+    raise ValueError(f"shaping must be one of {', '.join(SHAPING_MODES)}, got {shaping!r}")
+
+
+def airtime_ms(message_bytes: float, rate_kbit: float, shaping: str = "tbf",
+               bucket_bytes: float = 1514.0, bucket_slack_us: float = 50.0, mtu: int = 1500,
+               tokens_bytes: float | None = None) -> float:
+    """Time (ms) from a message of ``message_bytes`` entering the leaf to its last frame
+    leaving it, at ``rate_kbit`` (kbit/s, as tc counts: frames with their Ethernet header).
+
+    A token bucket holding ``tau`` bytes sends frame ``j`` once ``sum_{i<=j} p_i - tau`` bytes
+    of the rate have passed, so the last frame leaves after ``max(0, wire - tau) / rate``:
+    ``tau`` = :func:`free_bytes` when the bucket is full (``tokens_bytes`` None), or what it
+    holds (``tokens_bytes``, capped at full: a bucket still refilling after the previous
+    message). netem charges every frame (``tau = 0``). 0 for an empty message; ``inf`` at rate 0.
+    """
+    _, wire = wire_frames(message_bytes, mtu)
+    if wire == 0 or shaping == "none":
+        return 0.0
+    if not rate_kbit or rate_kbit <= 0:
+        return math.inf
+    tau = free_bytes(rate_kbit, shaping, bucket_bytes, bucket_slack_us)
+    if tokens_bytes is not None:
+        tau = min(tau, max(0.0, float(tokens_bytes)))
+    return max(0.0, wire - tau) * 8.0 / float(rate_kbit)
+
+
+@dataclass(frozen=True)
+class DeviceCosts:
+    """A device's fitted costs (ms), see :class:`LayerCostParams`.
+
+    Attributes
+    ----------
+    call_ms:
+        Fixed cost of one call besides airtime and the device's time: zmq, TCP and Python on
+        both ends (round trip - modelled airtime - device time).
+    device_call_ms:
+        The device's time per call besides its experts (receive, unpack, reply).
+    compute_a_ms, compute_b_ms:
+        An expert's compute: ``a + b n`` for ``n`` token-rows (experts of one call run one
+        after another).
+    """
+
+    call_ms: float = 0.0
+    device_call_ms: float = 0.0
+    compute_a_ms: float = 0.0
+    compute_b_ms: float = 0.0
+
+    def device_ms(self, experts: float, rows: float) -> float:
+        """The device's time for a call of ``experts`` experts and ``rows`` token-rows."""
+        return self.device_call_ms + self.compute_a_ms * experts + self.compute_b_ms * rows
+
+
+@dataclass(frozen=True)
+class LayerCostParams:
+    """Parameters of the calibrated layer model (module doc; :func:`predict_layer_ms`).
+
+    Attributes
+    ----------
+    bytes_per_token:
+        Payload per token-row per direction (expert width x wire dtype bytes).
+    devices:
+        :class:`DeviceCosts` per device, in the order of the arrays passed to
+        :func:`predict_layer_ms` (``device_names`` names them; :meth:`for_devices` reorders).
+        Devices beyond the tuple get ``default_device``.
+    shaping, bucket_bytes, bucket_slack_us, mtu:
+        The leaf that charges frames (``links.shaping_info()``: ``mode``, ``bucket_bytes``,
+        ``bucket_slack_us``) and the interface MTU.
+    header_down_bytes, header_down_per_expert_bytes, header_up_bytes,
+    header_up_per_expert_bytes:
+        Bytes a call carries besides the hidden states, per call and per expert, each way.
+    bs_ms, bs_per_device_ms:
+        The BS's own time in the exchange: fixed, and per device called.
+    decision_ms, rate_change_ms:
+        The policy's decision and an epoch's rate change (in-line before the exchange).
+    """
+
+    bytes_per_token: float
+    devices: tuple[DeviceCosts, ...] = ()
+    device_names: tuple[str, ...] = ()
+    default_device: DeviceCosts = DeviceCosts()
+    shaping: str = "tbf"
+    bucket_bytes: float = 1514.0
+    bucket_slack_us: float = 50.0
+    mtu: int = 1500
+    header_down_bytes: float = HEADER_DOWN_BYTES
+    header_down_per_expert_bytes: float = HEADER_DOWN_PER_EXPERT_BYTES
+    header_up_bytes: float = HEADER_UP_BYTES
+    header_up_per_expert_bytes: float = HEADER_UP_PER_EXPERT_BYTES
+    bs_ms: float = 0.0
+    bs_per_device_ms: float = 0.0
+    decision_ms: float = 0.0
+    rate_change_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.shaping not in SHAPING_MODES:
+            raise ValueError(f"shaping must be one of {', '.join(SHAPING_MODES)}, "
+                             f"got {self.shaping!r}")
+        if self.device_names and self.devices and len(self.device_names) != len(self.devices):
+            raise ValueError("device_names and devices must have the same length (or no "
+                             "devices: every one gets default_device)")
+
+    def device(self, k: int) -> DeviceCosts:
+        return self.devices[k] if k < len(self.devices) else self.default_device
+
+    def for_devices(self, names: Sequence[str]) -> LayerCostParams:
+        """The same parameters with ``devices`` in the order of ``names`` (unknown names get
+        ``default_device``)."""
+        by = dict(zip(self.device_names, self.devices or
+                      (self.default_device,) * len(self.device_names)))
+        return replace(self, devices=tuple(by.get(n, self.default_device) for n in names),
+                       device_names=tuple(names))
+
+    def message_bytes(self, direction: str, experts: float, rows: float) -> float:
+        """Bytes of one call's message ``direction`` (``down``/``up``) before TCP."""
+        if direction == "down":
+            h, he = self.header_down_bytes, self.header_down_per_expert_bytes
+        elif direction == "up":
+            h, he = self.header_up_bytes, self.header_up_per_expert_bytes
+        else:
+            raise ValueError(f"direction must be 'down' or 'up', got {direction!r}")
+        return h + he * experts + self.bytes_per_token * rows
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (the manifest's ``latency_model``)."""
+        d = asdict(self)
+        d["devices"] = {n: asdict(c) for n, c in zip(self.device_names, self.devices)} \
+            if self.device_names else [asdict(c) for c in self.devices]
+        d.pop("device_names")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LayerCostParams:
+        d = dict(d)
+        devs = d.pop("devices", ())
+        names: tuple[str, ...] = ()
+        if isinstance(devs, Mapping):
+            names, devs = tuple(devs), tuple(devs.values())
+        d["default_device"] = DeviceCosts(**d.get("default_device", {}))
+        return cls(devices=tuple(DeviceCosts(**c) for c in devs), device_names=names, **{
+            k: v for k, v in d.items() if k in {f.name for f in fields(cls)}
+            and k not in ("devices", "device_names")})
+
+
+def layer_terms(loads: Sequence[float] | np.ndarray, down_kbit: Sequence[float] | np.ndarray,
+                up_kbit: Sequence[float] | np.ndarray, params: LayerCostParams, *,
+                experts: Sequence[float] | np.ndarray | None = None,
+                tokens_down: Sequence[float | None] | None = None,
+                tokens_up: Sequence[float | None] | None = None) -> dict[str, np.ndarray]:
+    """The model's terms per device (ms, 0 for idle devices): ``air_down``, ``air_up``,
+    ``device`` (the device's time), ``call`` (fixed per call) and ``total`` (their sum: the
+    call's round trip), plus ``bytes_down``/``bytes_up`` (messages before TCP). Arguments as
+    :func:`predict_layer_ms`."""
+    n = np.asarray(loads, dtype=np.float64)
+    d = len(n)
+    e = (n > 0).astype(np.float64) if experts is None else np.asarray(experts, dtype=np.float64)
+    down = np.broadcast_to(np.asarray(down_kbit, dtype=np.float64), (d,))
+    up = np.broadcast_to(np.asarray(up_kbit, dtype=np.float64), (d,))
+    out = {k: np.zeros(d) for k in ("air_down", "air_up", "device", "call", "total",
+                                    "bytes_down", "bytes_up")}
+    p = params
+    for k in range(d):
+        if n[k] <= 0 and e[k] <= 0:
+            continue
+        ek = max(e[k], 1.0)
+        c = p.device(k)
+        md, mu = p.message_bytes("down", ek, n[k]), p.message_bytes("up", ek, n[k])
+        td = tokens_down[k] if tokens_down is not None else None
+        tu = tokens_up[k] if tokens_up is not None else None
+        out["bytes_down"][k], out["bytes_up"][k] = md, mu
+        out["air_down"][k] = airtime_ms(md, down[k], p.shaping, p.bucket_bytes,
+                                        p.bucket_slack_us, p.mtu, td)
+        out["air_up"][k] = airtime_ms(mu, up[k], p.shaping, p.bucket_bytes, p.bucket_slack_us,
+                                      p.mtu, tu)
+        out["device"][k] = c.device_ms(ek, n[k])
+        out["call"][k] = c.call_ms
+    out["total"] = out["call"] + out["air_down"] + out["device"] + out["air_up"]
+    return out
+
+
+def predict_layer_ms(loads: Sequence[float] | np.ndarray, down_kbit: Sequence[float] | np.ndarray,
+                     up_kbit: Sequence[float] | np.ndarray, params: LayerCostParams, *,
+                     experts: Sequence[float] | np.ndarray | None = None,
+                     tokens_down: Sequence[float | None] | None = None,
+                     tokens_up: Sequence[float | None] | None = None
+                     ) -> tuple[float, np.ndarray]:
+    """The calibrated model's time of one layer's expert exchange (what ``moe_ms`` measures).
+
+    Parameters
+    ----------
+    loads:
+        Token-rows per device (``N_k``; all experts of the device together).
+    down_kbit, up_kbit:
+        The enforced link rates per device, each direction its own (kbit/s, as tc reads them
+        back; a scalar applies to every device).
+    params:
+        :class:`LayerCostParams`, its ``devices`` in the same order.
+    experts:
+        Experts per device in the call (``E_k``); default one per loaded device.
+    tokens_down, tokens_up:
+        Bytes the leaf's bucket holds when the message starts, per device (``None`` entries,
+        or no list: full -- the link was idle long enough to refill it).
+
+    Returns
+    -------
+    (layer_ms, per_device_ms):
+        ``bs_ms + bs_per_device_ms D + max_k t_k`` (0 when no device is called) and the
+        devices' ``t_k`` (0 for idle devices).
+    """
+    t = layer_terms(loads, down_kbit, up_kbit, params, experts=experts, tokens_down=tokens_down,
+                    tokens_up=tokens_up)
+    dev = t["total"]
+    used = int(np.count_nonzero(dev))
+    if not used:
+        return 0.0, dev
+    return float(params.bs_ms + params.bs_per_device_ms * used + dev.max()), dev
+
+
+def predict_critical_ms(layer_ms: float, params: LayerCostParams, epoch_start: bool) -> float:
+    """A layer's exchange plus what runs in-line before it: the policy's decision, and the
+    rate change when the decision starts an epoch (``moe_ms`` leaves both out; ``layers.csv``
+    has them as ``decision_ms`` and ``change_ms``)."""
+    return float(layer_ms) + params.decision_ms + (params.rate_change_ms if epoch_start else 0.0)
+
+
+# -- fitting the calibrated model from profiling samples -------------------------------------
+def nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares ``x @ c ~ y`` with ``c >= 0`` for a few columns: the best feasible
+    unconstrained fit over every subset of free columns (the others 0)."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    m = x.shape[1]
+    best, best_err = np.zeros(m), float(y @ y)
+    for mask in range(1, 1 << m):
+        cols = [j for j in range(m) if mask >> j & 1]
+        sub = x[:, cols]
+        if np.linalg.matrix_rank(sub) < len(cols):
+            continue
+        c, *_ = np.linalg.lstsq(sub, y, rcond=None)
+        if np.any(c < 0):
+            continue
+        err = float(np.sum((sub @ c - y) ** 2))
+        if err < best_err - 1e-15:
+            best_err = err
+            best = np.zeros(m)
+            best[cols] = c
+    return best
+
+
+def _stats(res: Sequence[float]) -> dict[str, float | int]:
+    a = np.asarray(res, dtype=np.float64)
+    if not len(a):
+        return {"n": 0}
+    return {"n": len(a), "rmse_ms": float(np.sqrt(np.mean(a * a))),
+            "median_ms": float(np.median(a)), "p10_ms": float(np.percentile(a, 10)),
+            "p90_ms": float(np.percentile(a, 90)), "max_abs_ms": float(np.max(np.abs(a)))}
+
+
+def fit_layer_costs(samples: Iterable[Mapping[str, Any]], base: LayerCostParams
+                    ) -> tuple[LayerCostParams, dict[str, Any]]:
+    """Fit the per-device costs and the BS's time from profiling samples (pure).
+
+    Each sample is one call timed through the BS's exchange (``run_layer``) with keys
+    ``device``, ``tokens`` (rows), ``experts`` (default 1), ``rtt_ms`` (the call's round trip
+    from its send), ``device_ms`` (agent receipt to reply), ``rate_down_kbit``,
+    ``rate_up_kbit`` (enforced while it ran) and optionally ``layer`` (an id shared by the calls
+    of one exchange) and ``layer_ms`` (that exchange's wall time). Per device:
+
+    * ``device_call_ms, compute_a_ms, compute_b_ms``: non-negative least squares of
+      ``device_ms`` on ``1, E, N``;
+    * ``call_ms``: the median of ``rtt - airtime_down - airtime_up - device_ms`` (airtime as
+      ``base`` models it);
+
+    then ``bs_ms, bs_per_device_ms``: non-negative least squares of ``layer_ms - max over the
+    exchange's calls of (modelled round trip)`` on ``1, D``.
+
+    Returns the parameters (``base`` with those replaced) and the residuals: per device the
+    round trip's (``rtt_ms`` - model) and the device time's, and the exchange's
+    (``layer_ms`` - model), each as n, rmse, median, p10, p90, max |.| (ms).
+    """
+    rows = [dict(s) for s in samples]
+    names = list(base.device_names) or sorted({str(r["device"]) for r in rows})
+    costs: dict[str, DeviceCosts] = {}
+    resid: dict[str, Any] = {"devices": {}}
+    for name in names:
+        rs = [r for r in rows if str(r["device"]) == name and r.get("rtt_ms") is not None]
+        if not rs:
+            costs[name] = base.for_devices([name]).devices[0]
+            continue
+        e = np.array([float(r.get("experts") or 1) for r in rs])
+        n = np.array([float(r["tokens"]) for r in rs])
+        dms = np.array([float(r.get("device_ms") or 0.0) for r in rs])
+        cols = [np.ones(len(rs)), e, n]
+        if np.ptp(e) == 0:       # one expert per call throughout: a and the call's part merge
+            cols[0] = np.zeros(len(rs))
+        c0, ca, cb = nnls(np.column_stack(cols), dms)
+        dev = DeviceCosts(0.0, float(c0), float(ca), float(cb))
+        air = np.array([airtime_ms(base.message_bytes("down", ei, ni), r["rate_down_kbit"],
+                                   base.shaping, base.bucket_bytes, base.bucket_slack_us, base.mtu)
+                        + airtime_ms(base.message_bytes("up", ei, ni), r["rate_up_kbit"],
+                                     base.shaping, base.bucket_bytes, base.bucket_slack_us,
+                                     base.mtu)
+                        for r, ei, ni in zip(rs, e, n)])
+        rtt = np.array([float(r["rtt_ms"]) for r in rs])
+        call = float(np.median(rtt - air - dms))
+        costs[name] = replace(dev, call_ms=max(0.0, call))
+        model_dev = np.array([costs[name].device_ms(ei, ni) for ei, ni in zip(e, n)])
+        resid["devices"][name] = {"rtt": _stats(rtt - (air + model_dev + costs[name].call_ms)),
+                                  "device": _stats(dms - model_dev)}
+    p = replace(base, devices=tuple(costs[n] for n in names), device_names=tuple(names))
+    # the BS's own time: per exchange, its wall time beyond the slowest modelled call
+    by_layer: dict[Any, list[dict]] = {}
+    for r in rows:
+        if r.get("layer") is not None and r.get("layer_ms") is not None:
+            by_layer.setdefault(r["layer"], []).append(r)
+    xs, ys = [], []
+    idx = {nm: i for i, nm in enumerate(names)}
+    for calls in by_layer.values():
+        loads, ex = np.zeros(len(names)), np.zeros(len(names))
+        down, up = np.zeros(len(names)), np.zeros(len(names))
+        for r in calls:
+            k = idx[str(r["device"])]
+            loads[k] += float(r["tokens"])
+            ex[k] += float(r.get("experts") or 1)
+            down[k], up[k] = float(r["rate_down_kbit"]), float(r["rate_up_kbit"])
+        _, dev_ms = predict_layer_ms(loads, down, up, replace(p, bs_ms=0.0, bs_per_device_ms=0.0),
+                                     experts=ex)
+        xs.append([1.0, float(np.count_nonzero(dev_ms))])
+        ys.append(float(calls[0]["layer_ms"]) - float(dev_ms.max()))
+    if xs:
+        x, y = np.asarray(xs), np.asarray(ys)
+        if np.ptp(x[:, 1]) == 0:
+            bs0, bs1 = float(max(0.0, np.median(y))), 0.0
+        else:
+            bs0, bs1 = (float(v) for v in nnls(x, y))
+        p = replace(p, bs_ms=bs0, bs_per_device_ms=bs1)
+        resid["layer"] = _stats(y - (bs0 + bs1 * x[:, 1]))
+    return p, resid
