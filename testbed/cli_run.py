@@ -1,4 +1,4 @@
-"""``testbed run`` and ``testbed demo``."""
+"""``testbed run``, ``testbed simulate`` (the analytic twin) and ``testbed demo``."""
 
 from __future__ import annotations
 
@@ -63,8 +63,9 @@ class RichProgress(experiment.Progress):
             self.bar = None
 
 
-def _summary_table(res: experiment.RunResult) -> Table:
-    t = Table(title=f"run {res.run_id}: {res.status}, {res.requests} requests ({res.run_dir})")
+def _summary_table(res: experiment.RunResult, mode: str = "") -> Table:
+    t = Table(title=f"{mode + ' ' if mode else ''}run {res.run_id}: {res.status}, "
+              f"{res.requests} requests ({res.run_dir})")
     for c in ("trial", "policy", "point", "p50 ms", "p95 ms", "tpot ms", "accuracy", "net share",
               "failed calls"):
         t.add_column(c)
@@ -113,6 +114,31 @@ def register(app: typer.Typer) -> None:
         prog = RichProgress(err_console, fmt == Format.table)
         res = experiment.run_recipe(rcp, inventory, out, prog, resume=resume)
         emit(fmt, res.to_dict(), _summary_table(res))
+
+    @app.command("simulate")
+    def simulate(
+        recipe: Path = typer.Argument(..., help="Recipe TOML file.", show_default=False),
+        devices: Optional[int] = typer.Option(
+            None, "--devices", "-n", min=1, help="Devices of every trial (replaces the "
+            "recipe's run.devices and its sweep; 1000+ is fine). Default: run.devices, else 3."),
+        calibrate: Optional[Path] = typer.Option(
+            None, "--calibrate", help="A measured run's results folder to calibrate the latency "
+            "model from (default: the documented defaults, testbed.twin.DEFAULTS).",
+            metavar="RUN_DIR"),
+        out: Path = typer.Option(Path("results"), "--out", help="Parent folder of the run folder."),
+        sets: list[str] = typer.Option([], "--set", help="Override a recipe key: key=value."),
+        fmt: Format = FormatOpt,
+    ) -> None:
+        """The analytic twin: replay RECIPE's policies (the same objects, routing from the model
+        run here) against the calibrated latency model instead of agents, over N devices; writes
+        results/<run-id>/ like `run`, its manifest marked "mode": "simulated"."""
+        from .twin import simulate_recipe
+
+        _fmt(fmt)
+        rcp = load_recipe(recipe, sets)
+        prog = RichProgress(err_console, fmt == Format.table)
+        res = simulate_recipe(rcp, devices, calibrate, out, prog)
+        emit(fmt, {**res.to_dict(), "mode": "simulated"}, _summary_table(res, "simulated"))
 
     @app.command("demo")
     def demo(

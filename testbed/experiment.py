@@ -281,13 +281,125 @@ def rows_for_request(records: Sequence[Any], key: Mapping[str, Any], step_start:
     return layer_rows, call_rows, tot
 
 
-def _layer_total(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+def layer_total(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
     """One request's layer rows as one row that :func:`testbed.report.summary_row` sums the
     same (the critical path and its network part, over the layers that have both)."""
     from .report import critical_sums
 
     path, net, seen = critical_sums(rows)
     return {"critical_path_ms": path if seen else None, "critical_network_ms": net if seen else None}
+
+
+def request_row(q: Request, rkey: Mapping[str, Any], out: Sequence[int], ref: Sequence[int],
+                tot: Mapping[str, Any], t0: float, ttft_end: float, t_end: float,
+                energy: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``requests.csv`` row of request ``q`` (key ``rkey``) that produced ``out`` against
+    the answer ``ref``, from :func:`rows_for_request`'s totals ``tot``, its start ``t0``, the end
+    of its first step ``ttft_end`` and its end ``t_end`` (seconds on one clock), and its energy
+    columns."""
+    matched = sum(1 for a, b in zip(out, ref) if a == b)
+    status = "degraded" if tot["failed_experts"] else "ok"
+    n_out = len(out)
+    ttft = (ttft_end - t0) * 1e3
+    total = (t_end - t0) * 1e3
+    return {**rkey, "task": q.task, "prompt_tokens": len(q.prompt), "output_tokens": n_out,
+            "ttft_ms": ttft, "tpot_ms": (total - ttft) / (n_out - 1) if n_out > 1 else None,
+            "total_ms": total, "correct": int(tuple(out) == tuple(ref)),
+            "score": matched / max(1, len(ref)),
+            "experts_per_token": tot["expert_slots"] / tot["token_layers"] if tot["token_layers"] else None,
+            "bytes_down": tot["bytes_down"], "bytes_up": tot["bytes_up"], "calls": tot["calls"],
+            "calls_failed": tot["calls_failed"], "calls_rerouted": tot["calls_rerouted"],
+            **energy, "status": status, "error": ""}
+
+
+# ---- pieces of a trial that the analytic twin (testbed.twin) shares -------------------------
+def place_experts(policy: Policy, manifest: Any, devices: Sequence[DeviceInfo], model_path: str,
+                  bytes_per_token: int) -> dict[str, tuple[str, ...]]:
+    """Ask ``policy`` to place every expert of ``manifest`` (a :class:`models.manifest.Manifest`)
+    on ``devices``; checked: every expert on at least one of them.
+
+    Raises
+    ------
+    PolicyFailed
+        When ``place`` raises or leaves an expert unplaced or on an unknown device.
+    """
+    from models.uids import parse_uid
+
+    experts = []
+    for u in manifest.uids():
+        layer, e = parse_uid(u)
+        experts.append(ExpertInfo(u, layer, e, int(manifest.experts[u].bytes)))
+    policy.model_path = model_path
+    policy.bytes_per_token = bytes_per_token
+    try:
+        placement = policy.place(experts, devices)
+    except Exception as e:  # noqa: BLE001
+        raise PolicyFailed(f"policy {policy.name}: place raised {_one_line(e)}") from e
+    names = {d.name for d in devices}
+    for u in manifest.uids():
+        ds = placement.get(u)
+        if not ds or any(d not in names for d in ds):
+            raise PolicyFailed(f"policy {policy.name}: place: expert {u} placed on "
+                               f"{list(ds) if ds else 'no device'} (devices: {', '.join(sorted(names))})")
+    return {u: tuple(ds) for u, ds in placement.items()}
+
+
+def trial_cluster(t: Trial, seed: int, placement: Mapping[str, Sequence[str]],
+                  rates: Sequence[Mapping[str, Any]], names: Sequence[str],
+                  profiles: Mapping[str, tuple[float, float]], bytes_per_token: int
+                  ) -> ClusterState:
+    """The :class:`ClusterState` a trial's policy decides on: placement, the enforced ``rates``
+    (rows with ``device``, ``down_kbit``, ``up_kbit``), the devices' compute profiles, bytes per
+    token, the decision epoch's scope, and under ``links.bandwidth_mhz`` the channel of the
+    trial's devices ``names`` seeded by ``seed`` (the recipe's seed + the repeat)."""
+    st = ClusterState(placement=dict(placement))
+    st.rate_down_kbit = {r["device"]: r["down_kbit"] for r in rates if r.get("down_kbit")}
+    st.rate_up_kbit = {r["device"]: r["up_kbit"] for r in rates if r.get("up_kbit")}
+    st.compute_profile = {n: profiles[n] for n in names}
+    st.bytes_per_token = bytes_per_token
+    st.epoch_scope = str(t.config["policy"]["epoch"])
+    mhz = t.config["links"].get("bandwidth_mhz")
+    if mhz:   # the channel of this trial point and repeat, shared by every policy
+        st.channel = ChannelModel(names, seed, **(t.config["links"].get("channel") or {}))
+        st.bandwidth_hz = mhz * 1e6
+    return st
+
+
+def policy_hook(policy: Policy, cluster: ClusterState, links: Any, timed: Any,
+                request_index: Callable[[], int],
+                devices_view: Callable[[], dict[str, dict[str, Any]]]) -> Callable[[Any], Any]:
+    """The BS runtime's selection hook for ``policy``: per MoE layer and step, start the link
+    epoch (``links``: an :class:`~testbed.enforcement.EpochLinks`), ask the policy, check its
+    selection, note its ``predicted_ms`` in ``timed.pending`` (the timing backend's, e.g.
+    :class:`TimedBackend`, which merges it into the layer's record) and enforce the
+    bandwidth it asks for at an epoch's start. ``request_index()`` and ``devices_view()`` give
+    the request being run and the devices' status view."""
+    from models.errors import ModelError
+    from models.routing import validate_selection
+
+    def hook(ctx: Any) -> Any:
+        cluster.devices = devices_view()
+        cluster.step = ctx.step
+        start = links.begin(request_index(), ctx.step, ctx.layer)
+        try:
+            d = policy.select(ctx, cluster)
+            sel = d.selection
+        except Exception as e:  # noqa: BLE001
+            raise PolicyFailed(f"policy {policy.name}: select raised {_one_line(e)}") from e
+        try:
+            sel = validate_selection(sel, ctx.num_tokens, ctx.num_experts)
+        except (ModelError, AttributeError) as e:
+            raise PolicyFailed(f"policy {policy.name}: select returned a bad selection at layer "
+                               f"{ctx.layer}: {e}") from e
+        predicted = (policy.last_stats() or {}).get("predicted_ms")
+        if predicted is not None:
+            timed.pending["predicted_ms"] = float(predicted)
+        bw = getattr(d, "bandwidth_kbit", None)
+        if bw and start:   # mid-epoch decisions keep the links (cluster.links_fixed)
+            links.apply_policy(bw)
+        return sel
+
+    return hook
 
 
 # ---- the run ------------------------------------------------------------------------------
@@ -599,29 +711,10 @@ class Runner:
 
     def _place(self, policy: Policy, devices: Sequence[Any] | None = None
                ) -> dict[str, tuple[str, ...]]:
-        from models.uids import parse_uid
-
-        m = self.mf
-        experts = []
-        for u in m.uids():
-            layer, e = parse_uid(u)
-            experts.append(ExpertInfo(u, layer, e, int(m.experts[u].bytes)))
         budget = self.recipe.config["run"].get("memory_budget_mb")   # overrides the inventory's
-        devices = [DeviceInfo(d.name, budget or d.memory_budget_mb, d.hw_class)
-                   for d in (self.inv.devices if devices is None else devices)]
-        policy.model_path = str(self.split)
-        policy.bytes_per_token = self.bytes_per_token
-        try:
-            placement = policy.place(experts, devices)
-        except Exception as e:  # noqa: BLE001
-            raise PolicyFailed(f"policy {policy.name}: place raised {_one_line(e)}") from e
-        names = {d.name for d in devices}
-        for u in m.uids():
-            ds = placement.get(u)
-            if not ds or any(d not in names for d in ds):
-                raise PolicyFailed(f"policy {policy.name}: place: expert {u} placed on "
-                                   f"{list(ds) if ds else 'no device'} (devices: {', '.join(sorted(names))})")
-        return {u: tuple(ds) for u, ds in placement.items()}
+        infos = [DeviceInfo(d.name, budget or d.memory_budget_mb, d.hw_class)
+                 for d in (self.inv.devices if devices is None else devices)]
+        return place_experts(policy, self.mf, infos, str(self.split), self.bytes_per_token)
 
     def _apply_placement(self, placement: Mapping[str, Sequence[str]],
                          options: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None
@@ -680,43 +773,10 @@ class Runner:
                              "offloads": info["offloads_summary"]}
         return [s.to_dict() for s in sh.show()]
 
-    def _cluster_state(self, placement: Mapping[str, Sequence[str]], rates: Sequence[Mapping]) -> ClusterState:
-        st = ClusterState(placement=dict(placement))
-        st.rate_down_kbit = {r["device"]: r["down_kbit"] for r in rates if r.get("down_kbit")}
-        st.rate_up_kbit = {r["device"]: r["up_kbit"] for r in rates if r.get("up_kbit")}
-        st.devices = dict(self.feed.view)
-        return st
-
     def _hook(self, policy: Policy, cluster: ClusterState, links: EpochLinks
               ) -> Callable[[Any], Any]:
-        from models.errors import ModelError
-        from models.routing import validate_selection
-
-        timed = self.timed
-
-        def hook(ctx: Any) -> Any:
-            cluster.devices = self.feed.view
-            cluster.step = ctx.step
-            start = links.begin(self.request_index, ctx.step, ctx.layer)
-            try:
-                d = policy.select(ctx, cluster)
-                sel = d.selection
-            except Exception as e:  # noqa: BLE001
-                raise PolicyFailed(f"policy {policy.name}: select raised {_one_line(e)}") from e
-            try:
-                sel = validate_selection(sel, ctx.num_tokens, ctx.num_experts)
-            except (ModelError, AttributeError) as e:
-                raise PolicyFailed(f"policy {policy.name}: select returned a bad selection at layer "
-                                   f"{ctx.layer}: {e}") from e
-            predicted = (policy.last_stats() or {}).get("predicted_ms")
-            if predicted is not None:
-                timed.pending["predicted_ms"] = float(predicted)
-            bw = getattr(d, "bandwidth_kbit", None)
-            if bw and start:   # mid-epoch decisions keep the links (cluster.links_fixed)
-                links.apply_policy(bw)
-            return sel
-
-        return hook
+        return policy_hook(policy, cluster, links, self.timed,
+                           lambda: self.request_index, lambda: self.feed.view)
 
     # energy --------------------------------------------------------------------------------
     def _open_bs_meter(self, stack: contextlib.ExitStack) -> None:
@@ -810,15 +870,9 @@ class Runner:
                                         "links_enforced": links, "power_mode": power_mode,
                                         "placement": {u: list(ds) for u, ds in placement.items()}})
         self._save_manifest()
-        cluster = self._cluster_state(placement, links)
-        cluster.compute_profile = {n: self.profiles[n] for n in names}
-        cluster.bytes_per_token = self.bytes_per_token
-        cluster.epoch_scope = str(t.config["policy"]["epoch"])
-        mhz = t.config["links"].get("bandwidth_mhz")
-        if mhz:   # the channel of this trial point and repeat, shared by every policy
-            cluster.channel = ChannelModel(names, rec.seed + rep,
-                                           **(t.config["links"].get("channel") or {}))
-            cluster.bandwidth_hz = mhz * 1e6
+        cluster = trial_cluster(t, rec.seed + rep, placement, links, names, self.profiles,
+                                self.bytes_per_token)
+        cluster.devices = dict(self.feed.view)
         trace = self.traces[t.index]
         plan = EpochLinks(Epochs(cluster.epoch_scope),
                           LinkRecorder(self.shaper, self.tables["links"], self.t0), cluster,
@@ -865,7 +919,7 @@ class Runner:
             self.tables["calls"].write_many(crows)
             self.tables["requests"].write(row)
             t_req_rows.append(row)
-            t_layer_rows.append(_layer_total(lrows))
+            t_layer_rows.append(layer_total(lrows))
             t_call_rows.extend(status_rows.setdefault(str(c["status"]), {"status": c["status"]})
                                for c in crows)
             if every:
@@ -975,7 +1029,6 @@ class Runner:
         def on_step(s: int) -> None:
             step_end[s] = time.perf_counter()
 
-        status, error = "ok", ""
         try:
             gen = bsm.generate_greedy([list(q.prompt)], q.max_new_tokens, q.eos_token_id,
                                       q.pad_token_id, on_step=on_step)
@@ -992,19 +1045,7 @@ class Runner:
         rkey = {**key, "request": q.index}
         lrows, crows, tot = rows_for_request(records, rkey, step_start, placement)
         ref = q.reference if q.reference is not None else self._reference(q)
-        matched = sum(1 for a, b in zip(out, ref) if a == b)
-        if tot["failed_experts"]:
-            status = "degraded"
-        n_out = len(out)
-        ttft = (step_end.get(0, t_end) - t0) * 1e3
-        total = (t_end - t0) * 1e3
-        row = {**rkey, "task": q.task, "prompt_tokens": len(q.prompt), "output_tokens": n_out,
-               "ttft_ms": ttft, "tpot_ms": (total - ttft) / (n_out - 1) if n_out > 1 else None,
-               "total_ms": total, "correct": int(out == ref), "score": matched / max(1, len(ref)),
-               "experts_per_token": tot["expert_slots"] / tot["token_layers"] if tot["token_layers"] else None,
-               "bytes_down": tot["bytes_down"], "bytes_up": tot["bytes_up"], "calls": tot["calls"],
-               "calls_failed": tot["calls_failed"], "calls_rerouted": tot["calls_rerouted"],
-               **energy, "status": status, "error": error}
+        row = request_row(q, rkey, out, ref, tot, t0, step_end.get(0, t_end), t_end, energy)
         return row, lrows, crows
 
 

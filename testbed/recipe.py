@@ -59,7 +59,8 @@ and a sweep grid over any of these.
                                 # dropped at once) for this long before it is tried again
     devices = 3                 # devices a trial uses: the first N of the inventory (placement
                                 # over those only); default: all of it, or 3 when `testbed run`
-                                # creates the local testbed (sized for the largest N swept)
+                                # creates the local testbed (sized for the largest N swept);
+                                # up to 100000 (`testbed simulate` runs 1000+ devices)
     telemetry_period_s = 0.5    # agent status feed period (devices.csv)
     bs_threads = 1              # optional: torch threads of the BS runtime (default: torch's);
                                 # 1 where the agents share the BS's few cores (local testbed):
@@ -253,7 +254,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
               "trace": (_str, None), "channel": (_params, dict(CHANNEL_DEFAULTS))},
     "workload": {"task": (_task, "tiny"), "requests": (_int(1, 100000), 20),
                  "prompt_tokens": (_int(1, 100000), 16), "output_tokens": (_int(1, 100000), 8)},
-    "run": {"timeout_s": (_float(0), 5.0), "devices": (_int(1, 32), None),
+    "run": {"timeout_s": (_float(0), 5.0), "devices": (_int(1, 100000), None),
             "telemetry_period_s": (_float(0), 0.5), "bs_threads": (_int(1, 1024), None),
             "memory_budget_mb": (_float(0), None), "update_every": (_int(0), 0),
             "events": (_events, []), "down_backoff_s": (_float(0), 30.0)},

@@ -172,8 +172,15 @@ class Run:
     def failed(self) -> bool:
         return self.status == "failed"
 
+    @property
+    def mode(self) -> str:
+        """``measured`` (a run on the testbed) or ``simulated`` (the analytic twin,
+        :mod:`testbed.twin`), as the manifest says."""
+        return str(self.manifest.get("mode") or "measured")
+
     def describe(self) -> dict[str, Any]:
         return {"run": self.run_id, "path": str(self.path), "status": self.status,
+                "mode": self.mode,
                 "failed": self.failed, "error": self.error, "requests": len(self.requests),
                 "layers": len(self.layers), "calls": len(self.calls)}
 
@@ -297,7 +304,8 @@ def table(rep: Report):
     from rich import box
     from rich.table import Table
 
-    runs = ", ".join(f"{r.run_id} ({r.status})" for r in rep.runs)
+    runs = ", ".join(f"{r.run_id} ({r.status}" + (", SIMULATED" if r.mode == "simulated" else "")
+                     + ")" for r in rep.runs)
     t = Table(title=f"report: {runs}", box=box.SIMPLE_HEAD)
     with_run = rep.many_runs or any(r.failed for r in rep.runs)
     head = (["run"] if with_run else []) + [
