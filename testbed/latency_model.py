@@ -329,26 +329,33 @@ SHAPING_MODES = ("tbf", "netem", "htb", "none")
 HTB_MIN_BUCKET = 3200
 HTB_BUCKET_MS = 2.0
 
-# What a ``forward`` call carries besides the hidden states, per direction, on the local testbed
-# (CURVE on): the msgpack header frame, each frame's ZMTP header and CURVE's MESSAGE box (a
-# 17-byte command header + 8-byte nonce + 16-byte MAC + 1 flags byte). A call with E experts
-# sends a header of HEADER_* + HEADER_*_PER_EXPERT * E bytes and E tensor frames (each frame's
-# own ZMTP + CURVE overhead is in the per-expert figure). Measured with tc's byte counters
-# (see bench/wire_bytes.py); a run refits nothing here: the bytes do not depend on the host.
-HEADER_DOWN_BYTES = 75.0 + 42.0
-HEADER_DOWN_PER_EXPERT_BYTES = 21.0 + 42.0
-HEADER_UP_BYTES = 164.0 + 42.0
-HEADER_UP_PER_EXPERT_BYTES = 36.0 + 42.0
+# What a ``forward`` call carries besides the hidden states, per direction (local testbed, CURVE
+# on), from tc's byte and packet counters and a capture on the BS's interfaces
+# (bench/layer_costs.py): the msgpack header, every frame's ZMTP header and CURVE's MESSAGE box
+# (command header, nonce, MAC, flags) -- 153 B down and 242 B up for a call of one expert, 63 B
+# and ~80 B more per further expert (its descriptor, its timing, its frame's box).
+HEADER_DOWN_BYTES = 90.0
+HEADER_DOWN_PER_EXPERT_BYTES = 63.0
+HEADER_UP_BYTES = 162.0
+HEADER_UP_PER_EXPERT_BYTES = 80.0
+#: segments a message takes beyond ``ceil(bytes / mss)``: zmq writes the tensor bytes and the
+#: rest (header, boxes) in separate writes, and with Nagle off each write ends in a short
+#: segment (captured: 8 KiB + 153 B down = 5 x 1448 + 952 + 153, seven frames, not six)
+EXTRA_SEGMENTS = 1
+#: zmq's output batch: a message no longer than this goes out in one write
+ZMQ_BATCH_BYTES = 8192
 
 
-def wire_frames(message_bytes: float, mtu: int = 1500) -> tuple[int, float]:
-    """(frames, bytes on the wire) of one message over TCP: ``ceil(m / mss)`` segments of at
-    most ``mss = mtu - 52`` payload bytes, each with :data:`TCPIP_BYTES` + :data:`ETH_BYTES`."""
+def wire_frames(message_bytes: float, mtu: int = 1500,
+                extra_segments: int = EXTRA_SEGMENTS) -> tuple[int, float]:
+    """(frames, bytes on the wire) of one message over TCP: ``ceil(m / mss) + extra_segments``
+    segments (at most ``mss = mtu - 52`` payload bytes each; :data:`EXTRA_SEGMENTS` short ones
+    where zmq's writes end, for messages over one :data:`ZMQ_BATCH_BYTES` write), each with :data:`TCPIP_BYTES` + :data:`ETH_BYTES`."""
     m = max(0.0, float(message_bytes))
     if m == 0:
         return 0, 0.0
     mss = int(mtu) - TCPIP_BYTES
-    n = math.ceil(m / mss)
+    n = math.ceil(m / mss) + (int(extra_segments) if m > ZMQ_BATCH_BYTES else 0)
     return n, m + n * (TCPIP_BYTES + ETH_BYTES)
 
 
@@ -407,6 +414,10 @@ class DeviceCosts:
     call_ms:
         Fixed cost of one call besides airtime and the device's time: zmq, TCP and Python on
         both ends (round trip - modelled airtime - device time).
+    call_per_kb_ms:
+        Cost per KiB of the call's messages (both ways) that the airtime does not hide: the
+        sender encrypts (CURVE) and hands a message over before its first frame leaves, the
+        receiver decrypts and copies it after its last frame arrived.
     device_call_ms:
         The device's time per call besides its experts (receive, unpack, reply).
     compute_a_ms, compute_b_ms:
@@ -418,6 +429,11 @@ class DeviceCosts:
     device_call_ms: float = 0.0
     compute_a_ms: float = 0.0
     compute_b_ms: float = 0.0
+    call_per_kb_ms: float = 0.0
+
+    def fixed_ms(self, message_bytes: float) -> float:
+        """The call's cost besides airtime and device time, for ``message_bytes`` both ways."""
+        return self.call_ms + self.call_per_kb_ms * message_bytes / 1024.0
 
     def device_ms(self, experts: float, rows: float) -> float:
         """The device's time for a call of ``experts`` experts and ``rows`` token-rows."""
@@ -546,7 +562,7 @@ def layer_terms(loads: Sequence[float] | np.ndarray, down_kbit: Sequence[float] 
         out["air_up"][k] = airtime_ms(mu, up[k], p.shaping, p.bucket_bytes, p.bucket_slack_us,
                                       p.mtu, tu)
         out["device"][k] = c.device_ms(ek, n[k])
-        out["call"][k] = c.call_ms
+        out["call"][k] = c.fixed_ms(md + mu)
     out["total"] = out["call"] + out["air_down"] + out["device"] + out["air_up"]
     return out
 
@@ -634,78 +650,109 @@ def fit_layer_costs(samples: Iterable[Mapping[str, Any]], base: LayerCostParams
     """Fit the per-device costs and the BS's time from profiling samples (pure).
 
     Each sample is one call timed through the BS's exchange (``run_layer``) with keys
-    ``device``, ``tokens`` (rows), ``experts`` (default 1), ``rtt_ms`` (the call's round trip
-    from its send), ``device_ms`` (agent receipt to reply), ``rate_down_kbit``,
-    ``rate_up_kbit`` (enforced while it ran) and optionally ``layer`` (an id shared by the calls
-    of one exchange) and ``layer_ms`` (that exchange's wall time). Per device:
+    ``device``, ``rows`` (the call's token-rows; default ``tokens``), ``experts`` (default 1),
+    ``rtt_ms`` (the call's round trip from its send), ``device_ms`` (agent receipt to reply),
+    ``rate_down_kbit``, ``rate_up_kbit`` (enforced while it ran) and optionally ``layer`` (an
+    id shared by the calls of one exchange), ``devices`` (how many devices that exchange
+    called) and ``layer_ms`` (its wall time). Per device, robust to the odd slow sample (other
+    work on the host): samples are grouped by (experts, rows) and each group's median taken,
 
-    * ``device_call_ms, compute_a_ms, compute_b_ms``: non-negative least squares of
-      ``device_ms`` on ``1, E, N``;
-    * ``call_ms``: the median of ``rtt - airtime_down - airtime_up - device_ms`` (airtime as
-      ``base`` models it);
+    * ``device_call_ms, compute_a_ms, compute_b_ms``: non-negative least squares of the
+      groups' median ``device_ms`` on ``1, E, N`` (``device_call_ms`` = 0 when every call had
+      one expert: it cannot be told from ``a``);
+    * ``call_ms, call_per_kb_ms``: non-negative least squares of the groups' median
+      ``rtt - airtime_down - airtime_up - device_ms`` (airtime as ``base`` models it) on
+      ``1, KiB`` of the messages, from exchanges that called this device alone where there are
+      any;
 
-    then ``bs_ms, bs_per_device_ms``: non-negative least squares of ``layer_ms - max over the
-    exchange's calls of (modelled round trip)`` on ``1, D``.
+    then ``bs_ms, bs_per_device_ms``: non-negative least squares of the median, per number of
+    devices called ``D``, of ``layer_ms - max over the exchange's calls of the modelled round
+    trip`` on ``1, D``.
 
-    Returns the parameters (``base`` with those replaced) and the residuals: per device the
-    round trip's (``rtt_ms`` - model) and the device time's, and the exchange's
-    (``layer_ms`` - model), each as n, rmse, median, p10, p90, max |.| (ms).
+    Returns the parameters (``base`` with those replaced) and the residuals of every sample:
+    per device the round trip's (``rtt_ms`` - model) and the device time's, and the
+    exchange's (``layer_ms`` - model), each as n, rmse, median, p10, p90, max |.| (ms).
     """
     rows = [dict(s) for s in samples]
     names = list(base.device_names) or sorted({str(r["device"]) for r in rows})
     costs: dict[str, DeviceCosts] = {}
     resid: dict[str, Any] = {"devices": {}}
+
+    def groups(rs: list[dict], value: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        by: dict[tuple[float, float], list[float]] = {}
+        for r in rs:
+            by.setdefault((float(r.get("experts") or 1), float(r.get("rows", r["tokens"]))),
+                          []).append(value(r))
+        keys = sorted(by)
+        return (np.array([k[0] for k in keys]), np.array([k[1] for k in keys]),
+                np.array([float(np.median(by[k])) for k in keys]))
+
+    def air(r: Mapping[str, Any]) -> float:
+        e, n = float(r.get("experts") or 1), float(r.get("rows", r["tokens"]))
+        return (airtime_ms(base.message_bytes("down", e, n), r["rate_down_kbit"], base.shaping,
+                           base.bucket_bytes, base.bucket_slack_us, base.mtu)
+                + airtime_ms(base.message_bytes("up", e, n), r["rate_up_kbit"], base.shaping,
+                             base.bucket_bytes, base.bucket_slack_us, base.mtu))
+
+    def kib(e: np.ndarray, n: np.ndarray) -> np.ndarray:
+        return np.array([(base.message_bytes("down", a, b) + base.message_bytes("up", a, b))
+                         / 1024.0 for a, b in zip(e, n)])
+
     for name in names:
-        rs = [r for r in rows if str(r["device"]) == name and r.get("rtt_ms") is not None]
+        rs = [r for r in rows if str(r["device"]) == name and r.get("rtt_ms") is not None
+              and r.get("device_ms") is not None]
         if not rs:
             costs[name] = base.for_devices([name]).devices[0]
             continue
-        e = np.array([float(r.get("experts") or 1) for r in rs])
-        n = np.array([float(r["tokens"]) for r in rs])
-        dms = np.array([float(r.get("device_ms") or 0.0) for r in rs])
-        cols = [np.ones(len(rs)), e, n]
+        e, n, dms = groups(rs, lambda r: float(r["device_ms"]))
+        cols = [np.ones(len(e)), e, n]
         if np.ptp(e) == 0:       # one expert per call throughout: a and the call's part merge
-            cols[0] = np.zeros(len(rs))
+            cols[0] = np.zeros(len(e))
         c0, ca, cb = nnls(np.column_stack(cols), dms)
         dev = DeviceCosts(0.0, float(c0), float(ca), float(cb))
-        air = np.array([airtime_ms(base.message_bytes("down", ei, ni), r["rate_down_kbit"],
-                                   base.shaping, base.bucket_bytes, base.bucket_slack_us, base.mtu)
-                        + airtime_ms(base.message_bytes("up", ei, ni), r["rate_up_kbit"],
-                                     base.shaping, base.bucket_bytes, base.bucket_slack_us,
-                                     base.mtu)
-                        for r, ei, ni in zip(rs, e, n)])
-        rtt = np.array([float(r["rtt_ms"]) for r in rs])
-        call = float(np.median(rtt - air - dms))
-        costs[name] = replace(dev, call_ms=max(0.0, call))
-        model_dev = np.array([costs[name].device_ms(ei, ni) for ei, ni in zip(e, n)])
-        resid["devices"][name] = {"rtt": _stats(rtt - (air + model_dev + costs[name].call_ms)),
-                                  "device": _stats(dms - model_dev)}
+        alone = [r for r in rs if int(r.get("devices") or 1) == 1] or rs
+        e, n, fixed = groups(alone, lambda r: float(r["rtt_ms"]) - air(r) - float(r["device_ms"]))
+        x = np.column_stack([np.ones(len(e)), kib(e, n)])
+        k0, k1 = nnls(x, fixed) if len(e) > 1 else (max(0.0, float(fixed[0])), 0.0)
+        costs[name] = replace(dev, call_ms=float(k0), call_per_kb_ms=float(k1))
+        c = costs[name]
+        ea = np.array([float(r.get("experts") or 1) for r in rs])
+        na = np.array([float(r.get("rows", r["tokens"])) for r in rs])
+        model_dev = np.array([c.device_ms(a, b) for a, b in zip(ea, na)])
+        model_rtt = np.array([air(r) + c.fixed_ms(1024.0 * k) for r, k in zip(rs, kib(ea, na))]) \
+            + model_dev
+        resid["devices"][name] = {
+            "rtt": _stats(np.array([float(r["rtt_ms"]) for r in rs]) - model_rtt),
+            "device": _stats(np.array([float(r["device_ms"]) for r in rs]) - model_dev)}
     p = replace(base, devices=tuple(costs[n] for n in names), device_names=tuple(names))
     # the BS's own time: per exchange, its wall time beyond the slowest modelled call
     by_layer: dict[Any, list[dict]] = {}
     for r in rows:
         if r.get("layer") is not None and r.get("layer_ms") is not None:
             by_layer.setdefault(r["layer"], []).append(r)
-    xs, ys = [], []
+    ds, ys = [], []
     idx = {nm: i for i, nm in enumerate(names)}
+    bare = replace(p, bs_ms=0.0, bs_per_device_ms=0.0)
     for calls in by_layer.values():
         loads, ex = np.zeros(len(names)), np.zeros(len(names))
-        down, up = np.zeros(len(names)), np.zeros(len(names))
+        down, up = np.ones(len(names)), np.ones(len(names))
         for r in calls:
             k = idx[str(r["device"])]
-            loads[k] += float(r["tokens"])
+            loads[k] += float(r.get("rows", r["tokens"]))
             ex[k] += float(r.get("experts") or 1)
             down[k], up[k] = float(r["rate_down_kbit"]), float(r["rate_up_kbit"])
-        _, dev_ms = predict_layer_ms(loads, down, up, replace(p, bs_ms=0.0, bs_per_device_ms=0.0),
-                                     experts=ex)
-        xs.append([1.0, float(np.count_nonzero(dev_ms))])
+        _, dev_ms = predict_layer_ms(loads, down, up, bare, experts=ex)
+        ds.append(float(np.count_nonzero(dev_ms)))
         ys.append(float(calls[0]["layer_ms"]) - float(dev_ms.max()))
-    if xs:
-        x, y = np.asarray(xs), np.asarray(ys)
-        if np.ptp(x[:, 1]) == 0:
-            bs0, bs1 = float(max(0.0, np.median(y))), 0.0
+    if ds:
+        d, y = np.asarray(ds), np.asarray(ys)
+        levels = sorted(set(ds))
+        med = np.array([float(np.median(y[d == v])) for v in levels])
+        if len(levels) == 1:
+            bs0, bs1 = max(0.0, float(med[0])), 0.0
         else:
-            bs0, bs1 = (float(v) for v in nnls(x, y))
+            bs0, bs1 = (float(v) for v in nnls(np.column_stack([np.ones(len(levels)), levels]),
+                                               med))
         p = replace(p, bs_ms=bs0, bs_per_device_ms=bs1)
-        resid["layer"] = _stats(y - (bs0 + bs1 * x[:, 1]))
+        resid["layer"] = _stats(y - (bs0 + bs1 * d))
     return p, resid

@@ -82,3 +82,76 @@ def profile_device(backend: Any, device: str, uid: str, hidden_size: int, dtype:
                     "device_ms": (t2 - t1) / 1e6 if isinstance(t1, int) and isinstance(t2, int)
                     else None, "rtt_ms": rtt})
     return out
+
+
+#: profiling through the BS's exchange: experts per call timed, and whether every device is
+#: also timed at once (the devices share the host's cores on a local testbed)
+LAYER_EXPERTS = (1, 2)
+
+
+def profile_exchanges(backend: Any, experts_by_device: Mapping[str, Sequence[str]],
+                      hidden_size: int, dtype: Any, tokens: Sequence[int] = TOKENS,
+                      repeats: int = REPEATS, experts: Sequence[int] = LAYER_EXPERTS,
+                      together: bool = True, gap_s: float = 0.0, seed: int = 0,
+                      start_id: int = 0) -> list[dict[str, Any]]:
+    """Time expert exchanges through ``backend.run_layer`` -- the path a run's layers take,
+    what ``layers.csv``'s ``moe_ms`` measures -- for the calibrated latency model
+    (:func:`testbed.latency_model.fit_layer_costs`).
+
+    For each token count and repeat (one warm-up exchange first): each device alone with
+    ``e`` of its experts for every ``e`` in ``experts`` (as many as it holds), and with
+    ``together`` every device at once with one expert each. ``backend.placement`` must map the
+    uids to their devices. ``gap_s``: a pause before each exchange (lets a shaped link's bucket
+    refill).
+
+    Returns one sample per call: ``device``, ``expert`` (the uids, space-separated),
+    ``experts``, ``tokens`` (rows per expert), ``rows`` (the call's rows), ``repeat``,
+    ``layer`` (exchange id, from ``start_id``), ``devices`` (called in that exchange),
+    ``compute_ms`` (the agent's, all experts), ``device_ms`` (agent receipt -> reply),
+    ``rtt_ms`` (send -> reply, at the BS), ``serialize_ms`` and ``layer_ms`` (the exchange's
+    wall time).
+    """
+    import torch
+
+    from models.backend import LayerWork
+
+    gen = torch.Generator().manual_seed(seed)
+    plans: list[dict[str, list[str]]] = []
+    for e in experts:
+        for d, uids in experts_by_device.items():
+            if len(uids) >= e:
+                plans.append({d: list(uids[:e])})
+    if together and len(experts_by_device) > 1:
+        plans.append({d: list(uids[:1]) for d, uids in experts_by_device.items() if uids})
+    out: list[dict[str, Any]] = []
+    lid = start_id
+    for rep, n in [(-1, tokens[0])] + [(r, n) for n in tokens for r in range(repeats)]:
+        for plan in plans:
+            inputs = {u: torch.randn(n, hidden_size, generator=gen).to(dtype)
+                      for uids in plan.values() for u in uids}
+            if gap_s:
+                time.sleep(gap_s)
+            t0 = time.perf_counter()
+            res = backend.run_layer(LayerWork(-1, lid, inputs))
+            layer_ms = (time.perf_counter() - t0) * 1e3
+            if res.failed:
+                raise TestbedError(f"profiling exchange failed: {res.failed}")
+            lid += 1
+            if rep < 0:
+                continue  # warm-up
+            calls: dict[Any, dict[str, Any]] = {}
+            for c in res.info["calls"]:
+                k = c.get("req_id")
+                row = calls.setdefault(k, {
+                    "device": c["device"], "expert": [], "experts": 0, "tokens": n, "rows": 0,
+                    "repeat": rep, "layer": lid - 1, "devices": len(plan),
+                    "compute_ms": 0.0, "device_ms": c.get("device_ms"), "rtt_ms": c.get("rtt_ms"),
+                    "serialize_ms": c.get("serialize_ms"), "layer_ms": layer_ms})
+                row["expert"].append(c["uid"])
+                row["experts"] += 1
+                row["rows"] += int(c["tokens"])
+                row["compute_ms"] += float(c.get("compute_ms") or 0.0)
+            for row in calls.values():
+                row["expert"] = " ".join(row["expert"])
+                out.append(row)
+    return out

@@ -30,9 +30,13 @@ def test_wire_frames_counts_tcp_ip_and_ethernet_per_segment():
     assert wire_frames(1) == (1, 1 + 66)
     assert wire_frames(1448) == (1, 1514)           # one full frame at MTU 1500
     assert wire_frames(1449) == (2, 1449 + 2 * 66)
-    n, w = wire_frames(8192)                        # 8 KiB: 6 frames (the README's 8593 B)
+    n, w = wire_frames(8192)                        # 8 KiB in one write: 6 frames
     assert (n, w) == (6, 8192 + 6 * 66) and w == 8588
-    assert wire_frames(8948, mtu=9000) == (1, 8948 + 66)
+    # beyond one zmq batch (8 KiB) the tensor and the rest go in separate writes: one short
+    # segment more (captured: 8192 + 153 B as 5 x 1448 + 952 + 153)
+    assert wire_frames(8192 + 153) == (7, 8192 + 153 + 7 * 66)
+    assert wire_frames(8192 + 153, extra_segments=0) == (6, 8192 + 153 + 6 * 66)
+    assert wire_frames(8000, mtu=9000) == (1, 8000 + 66)
 
 
 def test_tbf_lets_one_frame_plus_slack_through_free_netem_charges_every_frame():
@@ -53,7 +57,7 @@ def test_tbf_lets_one_frame_plus_slack_through_free_netem_charges_every_frame():
     # the HTB-only tree: its class bucket, max(3200 B, 2 ms of the rate)
     assert airtime_ms(3000, 2000, "htb", bucket_bytes=0) == 0.0
     assert airtime_ms(65536, 50_000, "htb", bucket_bytes=0) == pytest.approx(
-        (65536 + 46 * 66 - 12_500) * 8 / 50_000)
+        (65536 + 47 * 66 - 12_500) * 8 / 50_000)
     assert airtime_ms(8192, 0, "tbf") == math.inf
     assert airtime_ms(8192, 5, "none") == 0.0
     with pytest.raises(ValueError):
