@@ -827,11 +827,16 @@ def simulate_recipe(recipe: Recipe, devices: int | None = None, calibrate: Path 
         On any error during the run (the folder's manifest says ``failed`` and why).
     """
     if devices is not None:
-        device_names(devices)   # checks it
-        recipe = Recipe(recipe.path, {**recipe.config, "run": {**recipe.config["run"],
-                                                               "devices": int(devices)}},
-                        {k: v for k, v in recipe.sweep.items() if k != "run.devices"})
+        recipe = with_devices(recipe, devices)
     return Simulator(recipe, out, devices, calibrate, progress).run()
+
+
+def with_devices(recipe: Recipe, devices: int) -> Recipe:
+    """``recipe`` with ``run.devices = devices`` in every trial (a sweep over it dropped)."""
+    device_names(devices)   # checks it
+    return Recipe(recipe.path, {**recipe.config, "run": {**recipe.config["run"],
+                                                         "devices": int(devices)}},
+                  {k: v for k, v in recipe.sweep.items() if k != "run.devices"})
 
 
 def per_policy_token_ms(run_dir: str | Path) -> dict[tuple[str, str], float]:
