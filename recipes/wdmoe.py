@@ -54,10 +54,11 @@ Under the runner (``testbed run``), the cluster state wins over the parameters: 
 others see ``cluster.links_fixed`` and decide, and predict, at the rates tc enforces
 (``cluster.rate_down_kbit``/``rate_up_kbit``), asking for no bandwidth.
 
-The returned :class:`~testbed.policy.Decision` carries ``bandwidth_kbit``: per device that gets
-bandwidth, the harmonic mean of its channel down- and uplink rates, so that shaping *both*
-directions at that one rate gives the down + up transfer time the model predicted. The
-per-direction rates are in :meth:`last_stats`. Devices given no bandwidth are left out.
+The returned :class:`~testbed.policy.Decision` carries ``rate_down_kbit`` and ``rate_up_kbit``:
+per device that gets bandwidth, its channel rate each way, which the runner enforces each on its
+own direction (:meth:`testbed.enforcement.EpochLinks.apply_policy`). Devices given no
+bandwidth are left out. (The runner's ``predicted_ms`` is the calibrated model's, for every
+policy; the prediction of this module's model is ``policy_predicted_ms`` in ``layers.csv``.)
 """
 
 from __future__ import annotations
@@ -183,7 +184,8 @@ class _WDMoEBase(Policy):
         rates = self._rates(st, alloc)
         self._record(ctx, st, keep, alloc, rates, extra)
         self.epoch += 1
-        return Decision(sel, {d: kd for d, (kd, _, _) in rates.items()})
+        return Decision(sel, rate_down_kbit={d: r[1] for d, r in rates.items()},
+                        rate_up_kbit={d: r[2] for d, r in rates.items()})
 
     def last_stats(self) -> dict[str, Any]:
         """The last decision's record: ``layer``, ``step``, ``epoch``, ``tokens``,
@@ -352,7 +354,8 @@ class _WDMoEBase(Policy):
 
     @classmethod
     def _rates(cls, st: _Step, alloc: _Alloc) -> dict[str, tuple[float, float, float]]:
-        """Per device with bandwidth: (harmonic-mean kbit/s, down kbit/s, up kbit/s)."""
+        """Per device with bandwidth: (harmonic-mean kbit/s, down kbit/s, up kbit/s) (the
+        harmonic mean: the one rate both ways giving the same down + up time)."""
         on = alloc.bandwidth_hz > 0
         if not on.any():
             return {}

@@ -4,7 +4,8 @@ A trial's decisions are grouped into epochs (recipe ``policy.epoch``): ``layer``
 layer of every forward step), ``step`` (default: one forward step, all its layers) or
 ``request``. Rates change only at an epoch's first decision, from one source:
 
-* ``policy`` — the decision's ``bandwidth_kbit`` (both directions at that rate);
+* ``policy`` — the decision's ``rate_down_kbit``/``rate_up_kbit`` (each direction its own),
+  or its ``bandwidth_kbit`` (both directions at that rate) where it gives no rate for one;
 * ``trace`` — recipe ``links.trace``: the trace's k-th time block at the k-th epoch (cycling);
 * ``channel`` — recipe ``links.bandwidth_mhz``: the equal split of the cell's bandwidth under
   the channel model, in that epoch's fading (what a policy that allocates the same budget
@@ -14,7 +15,8 @@ A policy's bandwidth overrides the trace or channel: once a policy has asked for
 trace/channel is no longer applied in that trial. Every epoch's change is one ``tc -batch``
 (:meth:`testbed.links.TcShaper.set_rates`), timed, its rates read back from tc; one
 ``links.csv`` row per device, written when the epoch ends (so that it carries how long the
-rates stayed: ``epoch_ms``; a crash loses the rows of the epoch in flight). The change runs
+rates stayed: ``epoch_ms``; a crash loses the rows of the epoch in flight), with the epoch's
+scope in force (``epoch_scope``). The change runs
 in-line, before the layer's experts are called, so its time is part of the layer's ``bs_ms``.
 """
 
@@ -200,8 +202,8 @@ class EpochLinks:
         c = self.cluster
         c.epoch, c.links_fixed = self.epochs.index, not start
         if start:
-            self._where = {"epoch": self.epochs.index, "request": request, "step": step,
-                           "layer": layer}
+            self._where = {"epoch": self.epochs.index, "epoch_scope": self.epochs.scope,
+                           "request": request, "step": step, "layer": layer}
             if not self.policy_allocates and self.trace is not None:
                 self._apply(self.trace.rates(self.epochs.index), "trace")
             elif not self.policy_allocates and self.channel is not None:
@@ -209,10 +211,20 @@ class EpochLinks:
                                              self.devices), "channel")
         return start
 
-    def apply_policy(self, bandwidth_kbit: Mapping[str, float]) -> None:
-        """Enforce a decision's bandwidth (both directions at the given rate)."""
+    def apply_policy(self, bandwidth_kbit: Mapping[str, float] | None,
+                     down_kbit: Mapping[str, float] | None = None,
+                     up_kbit: Mapping[str, float] | None = None) -> None:
+        """Enforce a decision's rates: per device ``down_kbit``/``up_kbit`` each way, a
+        direction missing there at ``bandwidth_kbit`` (both directions at one rate)."""
         self.policy_allocates = True
-        self._apply({d: (float(k), float(k)) for d, k in bandwidth_kbit.items()}, "policy")
+        bw, dn, up = dict(bandwidth_kbit or {}), dict(down_kbit or {}), dict(up_kbit or {})
+        rates = {}
+        for d in sorted(set(bw) | set(dn) | set(up)):
+            r_d, r_u = dn.get(d, bw.get(d)), up.get(d, bw.get(d))
+            if r_d is None or r_u is None:
+                raise ValueError(f"policy rates for {d}: down {r_d}, up {r_u} (both needed)")
+            rates[d] = (float(r_d), float(r_u))
+        self._apply(rates, "policy")
 
     def _apply(self, rates: Mapping[str, tuple[float, float]], source: str) -> None:
         enforced = self.recorder.apply(rates, self.key, {**self._where, "source": source})

@@ -58,10 +58,13 @@ from .linkcheck import shaper_for
 from .links import LinkSpec, TcShaper
 from .modelstore import resolve_split
 from .policy import ClusterState, DeviceInfo, ExpertInfo, Policy, load_policy
-from .profiling import bytes_per_token, fit_profiles, profile_device
+from .profiling import bytes_per_token, fit_profiles, profile_exchanges
 from .recipe import Recipe, Trial
 
 ROOT = Path(__file__).resolve().parents[1]
+#: the links' rate, both ways, while a trial's devices are profiled (fast enough to take a
+#: second or two, slow enough that a transfer's time is the link's, not the host's)
+PROFILE_KBIT = 100_000.0
 
 
 class PolicyFailed(TestbedError):
@@ -181,20 +184,82 @@ def make_workload(trial: Trial, manifest: Any, seed: int) -> list[Request]:
 class TimedBackend:
     """Delegates to ``inner`` and stamps each layer's enter/exit time (perf_counter seconds)
     into the result's ``info`` (``t_enter``, ``t_exit``), with ``pending`` (what the selection
-    hook noted for this layer, e.g. ``predicted_ms``) merged in and cleared."""
+    hook noted for this layer: the policy's own ``policy_predicted_ms``, ``decision_ms``,
+    ``change_ms``, ``epoch_start``) merged in and cleared. With a ``predictor`` (an
+    :class:`ExchangePredictor`), the exchange is first predicted from the rows actually handed
+    over (``predicted_ms``, ``predicted_critical_ms``), before its clock starts."""
 
     def __init__(self, inner: Any):
         self.inner = inner
         self.pending: dict[str, Any] = {}
+        self.predictor: ExchangePredictor | None = None
 
     def run_layer(self, work: Any) -> Any:
+        pred = self.predictor(work, self.pending) if self.predictor is not None else None
         t0 = time.perf_counter()
         res = self.inner.run_layer(work)
         res.info["t_enter"], res.info["t_exit"] = t0, time.perf_counter()
+        if pred:
+            res.info.update(pred)
         if self.pending:
+            self.pending.pop("epoch_start", None)
             res.info.update(self.pending)
             self.pending = {}
         return res
+
+
+class ExchangePredictor:
+    """The calibrated latency model's prediction of one layer's exchange, for every policy
+    (:func:`testbed.latency_model.predict_layer_ms`): from the rows the BS hands to the backend
+    (after any wrapper such as CoEL's fusion) grouped by the device holding each expert
+    (``placement()``, the backend's), the rates in force in ``cluster`` (down and up, as tc
+    read them back) and the trial's fitted ``params``. ``predicted_critical_ms`` adds the
+    decision's and, at an epoch's start, the rate change's predicted time: the medians of
+    this trial's earlier ones (the first: 0)."""
+
+    def __init__(self, params: Any, names: Sequence[str],
+                 placement: Callable[[], Mapping[str, Sequence[str]]], cluster: ClusterState):
+        self.params = params.for_devices(names)
+        self.names = list(names)
+        self.index = {n: i for i, n in enumerate(names)}
+        self.placement = placement
+        self.cluster = cluster
+        self.decisions: list[float] = []
+        self.changes: list[float] = []
+
+    def loads(self, work: Any) -> tuple[Any, Any]:
+        """(token-rows, experts) per device of an exchange's ``work``."""
+        import numpy as np
+
+        rows, experts = np.zeros(len(self.names)), np.zeros(len(self.names))
+        where = self.placement()
+        for uid, x in work.inputs.items():
+            ds = where.get(uid) or ()
+            k = self.index.get(ds[0]) if ds else None
+            if k is not None and int(x.shape[0]):
+                rows[k] += int(x.shape[0])
+                experts[k] += 1
+        return rows, experts
+
+    def __call__(self, work: Any, pending: Mapping[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        from .latency_model import predict_layer_ms
+
+        rows, experts = self.loads(work)
+        c = self.cluster
+        down = np.array([c.rate_down_kbit.get(n) or 0.0 for n in self.names])
+        up = np.array([c.rate_up_kbit.get(n) or 0.0 for n in self.names])
+        layer_ms, _ = predict_layer_ms(rows, down, up, self.params, experts=experts)
+        start = bool(pending.get("epoch_start"))
+        crit = layer_ms + (float(np.median(self.decisions)) if self.decisions else 0.0) + \
+            (float(np.median(self.changes)) if start and self.changes else 0.0)
+        dec, chg = pending.get("decision_ms"), pending.get("change_ms")
+        if dec is not None:
+            self.decisions.append(float(dec))
+        if start and chg:
+            self.changes.append(float(chg))
+        return {"predicted_ms": layer_ms, "predicted_critical_ms": crit}
 
 
 # ---- rows from records --------------------------------------------------------------------
@@ -274,6 +339,9 @@ def rows_for_request(records: Sequence[Any], key: Mapping[str, Any], step_start:
             "critical_compute_ms": crit["compute"] if crit else None,
             "critical_device": crit["device"] if crit else "",
             "predicted_ms": info.get("predicted_ms"),
+            "policy_predicted_ms": info.get("policy_predicted_ms"),
+            "decision_ms": info.get("decision_ms"), "change_ms": info.get("change_ms"),
+            "predicted_critical_ms": info.get("predicted_critical_ms"),
             "bytes_down": b_down, "bytes_up": b_up,
             "failed_experts": " ".join(sorted(failed)),
             "rerouted_experts": " ".join(sorted(info.get("rerouted", {}))),
@@ -370,17 +438,23 @@ def policy_hook(policy: Policy, cluster: ClusterState, links: Any, timed: Any,
                 devices_view: Callable[[], dict[str, dict[str, Any]]]) -> Callable[[Any], Any]:
     """The BS runtime's selection hook for ``policy``: per MoE layer and step, start the link
     epoch (``links``: an :class:`~testbed.enforcement.EpochLinks`), ask the policy, check its
-    selection, note its ``predicted_ms`` in ``timed.pending`` (the timing backend's, e.g.
-    :class:`TimedBackend`, which merges it into the layer's record) and enforce the
-    bandwidth it asks for at an epoch's start. ``request_index()`` and ``devices_view()`` give
-    the request being run and the devices' status view."""
+    selection, and enforce the rates it asks for at an epoch's start (down and up each its
+    own: ``Decision.rate_down_kbit``/``rate_up_kbit``, else ``bandwidth_kbit`` both ways).
+    Notes in ``timed.pending`` (the timing backend's, e.g. :class:`TimedBackend`, which merges
+    it into the layer's record): the policy's own ``policy_predicted_ms``, ``decision_ms``
+    (the policy's ``select`` and the selection's check), ``change_ms`` (the epoch's rate
+    changes: the trace's or channel's at its start, then the policy's; 0 mid-epoch) and
+    ``epoch_start``. ``request_index()`` and ``devices_view()`` give the request being run and
+    the devices' status view."""
     from models.errors import ModelError
     from models.routing import validate_selection
 
     def hook(ctx: Any) -> Any:
         cluster.devices = devices_view()
         cluster.step = ctx.step
+        t0 = time.perf_counter()
         start = links.begin(request_index(), ctx.step, ctx.layer)
+        t1 = time.perf_counter()
         try:
             d = policy.select(ctx, cluster)
             sel = d.selection
@@ -391,12 +465,18 @@ def policy_hook(policy: Policy, cluster: ClusterState, links: Any, timed: Any,
         except (ModelError, AttributeError) as e:
             raise PolicyFailed(f"policy {policy.name}: select returned a bad selection at layer "
                                f"{ctx.layer}: {e}") from e
+        t2 = time.perf_counter()
         predicted = (policy.last_stats() or {}).get("predicted_ms")
         if predicted is not None:
-            timed.pending["predicted_ms"] = float(predicted)
+            timed.pending["policy_predicted_ms"] = float(predicted)
         bw = getattr(d, "bandwidth_kbit", None)
-        if bw and start:   # mid-epoch decisions keep the links (cluster.links_fixed)
-            links.apply_policy(bw)
+        down, up = getattr(d, "rate_down_kbit", None), getattr(d, "rate_up_kbit", None)
+        if (bw or down or up) and start:   # mid-epoch decisions keep the links
+            links.apply_policy(bw or {}, down, up)
+        t3 = time.perf_counter()
+        timed.pending.update(decision_ms=(t2 - t1) * 1e3,
+                             change_ms=((t1 - t0) + (t3 - t2)) * 1e3 if start else 0.0,
+                             epoch_start=bool(start))
         return sel
 
     return hook
@@ -631,6 +711,7 @@ class Runner:
         self.manifest["model"]["wire_dtype"] = str(self.wire_dtype).removeprefix("torch.")
         self.profiles: dict[str, tuple[float, float]] = {}
         self.manifest["compute_profile"] = {}
+        self.profile_exchanges = 0
         self.bytes_per_token = bytes_per_token(m.hidden_size, self.wire_dtype.itemsize)
         self.reference_model: Any = None
 
@@ -693,21 +774,64 @@ class Runner:
         return list(self.inv.devices[:int(n)] if n else self.inv.devices)
 
     def _profile(self, t: Trial, devices: Sequence[Any], placement: Mapping[str, Sequence[str]]
-                 ) -> None:
-        """Profile the compute of each device not profiled yet, on one of its loaded experts."""
-        dtype = self.wire_dtype
-        for d in devices:
-            if d.name in self.profiles:
-                continue
-            uid = next(u for u, ds in sorted(placement.items()) if ds and ds[0] == d.name)
-            self.progress.message(f"profiling {d.name} ({uid})")
-            samples = profile_device(self.backend, d.name, uid, self.mf.hidden_size, dtype,
-                                     seed=self.recipe.seed)
-            self.tables["profile"].write_many([{"run_id": self.run_id, "trial": t.index, **s}
-                                               for s in samples])
-            fit = fit_profiles(samples)[d.name]
-            self.manifest["compute_profile"][d.name] = {"expert": uid, **fit}
-            self.profiles[d.name] = (fit["a_ms"], fit["b_ms"])
+                 ) -> Any:
+        """Profile the trial's devices through the BS's exchange, links at
+        :data:`PROFILE_KBIT` both ways (:func:`testbed.profiling.profile_exchanges`: calls of
+        1..32 tokens, of one and two of each device's experts, each device alone and all at
+        once); the samples go to ``profile.csv``. Fits each device's compute profile (its
+        alone, one-expert calls; the first trial's is the manifest's ``compute_profile``) and
+        the calibrated latency model (:func:`testbed.latency_model.fit_layer_costs`): returns
+        its parameters, which the trial's manifest entry records with the residuals."""
+        from .latency_model import LayerCostParams, fit_layer_costs
+
+        names = [d.name for d in devices]
+        sh = self.shaper
+        if not sh.is_installed():
+            n = len(self.inv.devices)
+            sh.setup([LinkSpec(PROFILE_KBIT)] * n, [LinkSpec(PROFILE_KBIT)] * n)
+        else:
+            for d in names:
+                for direction in ("down", "up"):
+                    sh.change(d, LinkSpec(PROFILE_KBIT), direction)
+        info = sh.shaping_info()
+        rates = {s.device: s for s in sh.show()}
+        mine = {n: [u for u, ds in sorted(placement.items()) if ds and ds[0] == n][:2]
+                for n in names}
+        mine = {n: us for n, us in mine.items() if us}
+        self.progress.message(f"profiling {', '.join(mine)}")
+        start = self.profile_exchanges
+        samples = profile_exchanges(self.backend, mine, self.mf.hidden_size, self.wire_dtype,
+                                    seed=self.recipe.seed, start_id=start)
+        self.profile_exchanges = start + len({s["layer"] for s in samples}) + 1
+        for s in samples:
+            s["rate_down_kbit"] = rates[s["device"]].down_kbit
+            s["rate_up_kbit"] = rates[s["device"]].up_kbit
+        self.tables["profile"].write_many([
+            {"run_id": self.run_id, "trial": t.index,
+             **{k: v for k, v in s.items() if k != "layer"}, "exchange": s["layer"]}
+            for s in samples])
+        single = [s for s in samples if s["experts"] == 1 and s["devices"] == 1]
+        fits = fit_profiles(single)
+        trial_profile = {}
+        for d, fit in fits.items():
+            uid = mine[d][0]
+            self.manifest["compute_profile"].setdefault(d, {"expert": uid, "trial": t.index,
+                                                            **fit})
+            self.profiles[d] = (fit["a_ms"], fit["b_ms"])
+            trial_profile[d] = {"expert": uid, **fit}
+        mode = info.get("mode") or "none"
+        base = LayerCostParams(
+            bytes_per_token=self.bytes_per_token, device_names=tuple(names), shaping=mode,
+            bucket_bytes=float(info.get("bucket_bytes") or 0) if mode != "htb" else 0.0,
+            bucket_slack_us=float(info.get("bucket_slack_us") or 0),
+            mtu=int(info["bucket_bytes"]) - 14 if mode == "tbf" and info.get("bucket_bytes")
+            else 1500)
+        params, resid = fit_layer_costs(samples, base)
+        self.latency_fit = {"params": params.to_dict(), "residuals": resid,
+                            "profile_kbit": PROFILE_KBIT, "samples": len(samples),
+                            "compute_profile": trial_profile}
+        self.manifest["latency_model"] = params.to_dict()
+        return params
 
     def _place(self, policy: Policy, devices: Sequence[Any] | None = None
                ) -> dict[str, tuple[str, ...]]:
@@ -862,13 +986,14 @@ class Runner:
         placement = self._place(policy, devices)
         self._apply_placement(placement, policy.load_options())
         self.bsm.backend = policy.wrap_backend(self.timed)
-        self._profile(t, devices, placement)
+        params = self._profile(t, devices, placement)
         links = self._apply_links(t)
         rates = {r["device"]: r for r in links}
         self.manifest["trials"].append({"trial": t.index, "repeat": rep, "point": t.point,
                                         "policy": policy.describe(), "devices": names,
                                         "links_enforced": links, "power_mode": power_mode,
-                                        "placement": {u: list(ds) for u, ds in placement.items()}})
+                                        "placement": {u: list(ds) for u, ds in placement.items()},
+                                        "latency_model": self.latency_fit})
         self._save_manifest()
         cluster = trial_cluster(t, rec.seed + rep, placement, links, names, self.profiles,
                                 self.bytes_per_token)
@@ -881,6 +1006,8 @@ class Runner:
                           TraceReplay(trace, names, str(self.recipe.trace_path(t)))
                           if trace else None)
         self.bsm.policy = self._hook(policy, cluster, plan)
+        self.timed.predictor = ExchangePredictor(params, names, lambda: self.backend.placement,
+                                                 cluster)
         reqs = make_workload(t, self.mf, rec.seed + rep)
         # what the trial's summary needs, kept small (a long trial has ~10^5 call rows, all on
         # disk already): request rows, one layer total per request, one shared dict per call
@@ -936,6 +1063,7 @@ class Runner:
                             "messages": self.feed.messages.get(d, 0) - feed0[1].get(d, 0)}
                         for d in names})
         self._finish_faults()
+        self.timed.predictor = None
         self.manifest["trials"][-1]["link_epochs"] = plan.close()
         self._save_manifest()
         summ = {**key, **summary_row(t_req_rows, t_layer_rows, t_call_rows)}

@@ -111,10 +111,14 @@ class ClusterState:
 @dataclass(frozen=True)
 class Decision:
     """What :meth:`Policy.select` returns: a :class:`models.routing.Selection` and, when the
-    policy allocates bandwidth, a share per device in kbit/s."""
+    policy allocates bandwidth, the link rates per device in kbit/s: ``rate_down_kbit`` and
+    ``rate_up_kbit`` each way, or ``bandwidth_kbit`` for both directions at one rate (a
+    direction given its own rate takes that one)."""
 
     selection: Any
     bandwidth_kbit: Mapping[str, float] | None = None
+    rate_down_kbit: Mapping[str, float] | None = None
+    rate_up_kbit: Mapping[str, float] | None = None
 
 
 class Policy(ABC):

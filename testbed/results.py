@@ -10,8 +10,10 @@ One folder per run (``results/<run-id>/``)::
     calls.csv       one row per expert call (one expert on one device at one step)
     devices.csv     telemetry samples from the agents' status feed
     summary.csv     one row per trial
-    profile.csv     compute-profiling samples: device compute time per token count (the fit
-                    c(N) = a + b N per device is in the manifest's ``compute_profile``)
+    profile.csv     profiling samples, each trial: expert calls of 1..32 tokens per device
+                    timed through the BS's exchange (the fit c(N) = a + b N per device is
+                    the manifest's ``compute_profile``, the calibrated latency model each
+                    trial's ``latency_model``)
     links.csv       one row per device per link change a policy's bandwidth or a channel
                     trace caused: asked and enforced (tc) rates, how long tc took
     migrations.csv  one row per expert moved by a policy's update (run.update_every): from,
@@ -91,11 +93,15 @@ LAYER_COLUMNS = KEY_COLUMNS + (
     "critical_network_ms",  # network part of that round trip
     "critical_compute_ms",  # device queue + compute part of that round trip
     "critical_device",
-    "predicted_ms",     # from the policy's latency model ('' when the policy has none)
+    "predicted_ms",     # moe_ms as the calibrated latency model predicts it (every policy)
     "bytes_down",
     "bytes_up",
     "failed_experts",
     "rerouted_experts",
+    "policy_predicted_ms",  # the layer time the policy's own model predicted ('' if none)
+    "decision_ms",      # the policy's decision (in bs_ms, before the exchange)
+    "change_ms",        # the rate change this layer's decision started (0 mid-epoch; in bs_ms)
+    "predicted_critical_ms",  # predicted_ms + the decision's and the change's predicted time
 )
 
 CALL_COLUMNS = KEY_COLUMNS + (
@@ -156,14 +162,22 @@ SUMMARY_COLUMNS = KEY_COLUMNS + (
 
 PROFILE_COLUMNS = (
     "run_id",
-    "trial",            # the trial whose placement was profiled (devices are profiled once)
+    "trial",            # the trial profiled (at its start, links at PROFILE_KBIT)
     "device",
     "expert",           # the loaded expert timed
     "tokens",           # token-rows sent in one forward request
     "repeat",
     "compute_ms",       # the agent's own compute time for the request
     "device_ms",        # agent receipt -> reply (compute + queue + framing)
-    "rtt_ms",           # BS round trip
+    "rtt_ms",           # BS round trip (send -> reply)
+    "experts",          # experts in the call (their uids space-separated in expert)
+    "rows",             # token-rows of the call (tokens x experts)
+    "exchange",         # id of the timed exchange (run_layer) the call was part of
+    "devices",          # devices that exchange called
+    "serialize_ms",
+    "layer_ms",         # the exchange's wall time (what layers.csv's moe_ms measures)
+    "rate_down_kbit",   # enforced while profiling
+    "rate_up_kbit",
 )
 
 FAULT_COLUMNS = KEY_COLUMNS + (
@@ -196,6 +210,7 @@ LINK_COLUMNS = KEY_COLUMNS + (
     "bucket_bytes",     # bytes a link passes free after an idle spell (tbf: one frame) ...
     "bucket_slack_us",  # ... plus this many microseconds of the rate (tbf's timer slack)
     "offloads",         # GSO/TSO/GRO on the shaped BS interfaces: off, or which are still on
+    "epoch_scope",      # what one epoch spans (recipe policy.epoch): layer, step or request
 )
 
 

@@ -141,17 +141,18 @@ def test_bandwidth_only_is_topk_with_min_max_bandwidth() -> None:
         if on[i]:
             assert st["rate_down_kbit"][dev] == pytest.approx(down[i] / 1e3)
             assert st["rate_up_kbit"][dev] == pytest.approx(up[i] / 1e3)
-    assert set(d.bandwidth_kbit) == {x for x in DEVS if st["loads"].get(x)}
-    for dev, kbit in d.bandwidth_kbit.items():   # one rate for both directions: harmonic mean
-        down, up = st["rate_down_kbit"][dev], st["rate_up_kbit"][dev]
-        assert kbit == pytest.approx(2 / (1 / down + 1 / up)) and min(down, up) <= kbit
+    # each direction its own rate (the channel's), for the runner to enforce separately
+    assert d.bandwidth_kbit is None
+    assert set(d.rate_down_kbit) == set(d.rate_up_kbit) == {x for x in DEVS if st["loads"].get(x)}
+    assert d.rate_down_kbit == st["rate_down_kbit"] and d.rate_up_kbit == st["rate_up_kbit"]
+    assert any(d.rate_down_kbit[x] != d.rate_up_kbit[x] for x in d.rate_down_kbit)
 
 
 def test_selection_only_splits_bandwidth_equally() -> None:
     pol = WDMoESelectionOnly(bandwidth_mhz=20.0)
     d = pol.select(_random_ctx(64), _cluster(b_ms=0.5, bytes_per_token=8192, experts=8))
     assert pol.last_stats()["bandwidth_hz"] == {x: 5e6 for x in DEVS}
-    assert set(d.bandwidth_kbit) == set(DEVS)
+    assert set(d.rate_down_kbit) == set(d.rate_up_kbit) == set(DEVS)
 
 
 @pytest.mark.parametrize("cls", [WDMoE, WDMoEConference, WDMoESelectionOnly, WDMoEBandwidthOnly])
@@ -169,7 +170,7 @@ def test_deterministic_valid_and_padding_gets_no_expert(cls) -> None:
             kept = sel.expert_ids[:10] >= 0
             assert bool(kept.any(1).all())                       # every valid token keeps one
             torch.testing.assert_close(sel.weights[:10].sum(1), torch.ones(10))
-            out.append((sel.expert_ids.tolist(), dict(d.bandwidth_kbit)))
+            out.append((sel.expert_ids.tolist(), dict(d.rate_down_kbit), dict(d.rate_up_kbit)))
         assert [s["epoch"] for s in pol.stats] == [0, 1, 2, 3]
         return out
 
@@ -183,7 +184,7 @@ def test_without_cluster_experts_spread_over_default_devices() -> None:
     pol = WDMoE(default_devices=3)
     d = pol.select(_random_ctx(5))
     validate_selection(d.selection, 5, 8)
-    assert set(d.bandwidth_kbit) <= {"dev0", "dev1", "dev2"}
+    assert set(d.rate_down_kbit) <= {"dev0", "dev1", "dev2"}
 
 
 def test_parameters_and_entry_points() -> None:
@@ -224,14 +225,14 @@ def test_runner_state_wins_channel_budget_epoch_and_fixed_links() -> None:
     with np.errstate(divide="ignore", invalid="ignore"):
         dev = np.where(loads > 0, 1e3 * 8 * 256 * loads * (1 / down + 1 / up) + 0.5, 0.0)
     assert st["predicted_ms"] == pytest.approx(dev.max(), rel=1e-6)
-    assert set(d.bandwidth_kbit) == {x for x in DEVS if loads[DEVS.index(x)]}
+    assert set(d.rate_down_kbit) == {x for x in DEVS if loads[DEVS.index(x)]}
 
     cl.links_fixed = True
     cl.rate_down_kbit = dict.fromkeys(DEVS, 1000.0)
     cl.rate_up_kbit = dict.fromkeys(DEVS, 500.0)
     d = pol.select(ctx, cl)
     st = pol.last_stats()
-    assert not d.bandwidth_kbit and not st["bandwidth_hz"]
+    assert not d.rate_down_kbit and not d.rate_up_kbit and not st["bandwidth_hz"]
     n_max = max(st["loads"].values())
     bits = 8 * 256 * n_max
     assert st["predicted_ms"] == pytest.approx(bits / 1000.0 + bits / 500.0 + 0.5, rel=1e-9)
