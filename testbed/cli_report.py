@@ -30,8 +30,12 @@ def register(app: typer.Typer) -> None:
         Deployment (testbed.deploy_report): memory per device against the budget, bytes per
         token, latency, accuracy, status-feed bytes, migrations and latency before/after.
 
-        JSON: an object with runs, rows (one per run x policy x point), versus_topk (see
-        testbed.comparison), faults and plots (PNG paths).
+        Latency model: per policy and point, the calibrated model's predicted / measured
+        per-layer exchange time (and critical path, and the policy's own model's), median and
+        p10-p90 (testbed.comparison.prediction_rows).
+
+        JSON: an object with runs, rows (one per run x policy x point), versus_topk and
+        prediction (see testbed.comparison), faults and plots (PNG paths).
         """
         from . import comparison, deploy_report, fault_report
         from .report import build_report, render_table, write_plots
@@ -39,12 +43,15 @@ def register(app: typer.Typer) -> None:
         _fmt(fmt)
         rep = build_report(run_dirs)
         versus = comparison.versus_baseline(rep.groups)
+        prediction = comparison.prediction_rows(rep.groups)
         faults = fault_report.fault_summary(rep.runs)
         deployment = deploy_report.deployment_summary(rep.runs)
         if fmt == Format.table:
             render_table(rep, console)
             if versus:
                 console.print(comparison.table(versus), crop=False)
+            if prediction:
+                console.print(comparison.prediction_table(prediction), crop=False)
             if faults:
                 console.print(fault_report.table(faults), crop=False)
             if deployment:
@@ -52,7 +59,7 @@ def register(app: typer.Typer) -> None:
         plots = write_plots(rep, out)
         if fmt == Format.json:
             emit(fmt, {"runs": [r.describe() for r in rep.runs], "rows": rep.rows,
-                       "versus_topk": versus, "faults": faults, "deployment": deployment,
+                       "versus_topk": versus, "prediction": prediction, "faults": faults, "deployment": deployment,
                        "plots": [str(p) for p in plots]})
         else:  # one unwrapped line per path, so that they can be copied
             console.print(f"plots: {plots[0].parent}/", soft_wrap=True, highlight=False,

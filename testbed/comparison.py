@@ -6,8 +6,15 @@ latency model predicted the layers it decided (pure; from the report's groups).
 * Per-token latency of a request = ``total_ms / output_tokens``; a group's figure is the mean
   over its requests. ``latency_change_pct`` = 100 x (policy - baseline) / baseline (negative:
   faster); ``accuracy_change`` = policy accuracy - baseline accuracy.
-* Prediction ratio = ``predicted_ms / moe_ms`` per layer row that has both (``moe_ms``: the
-  layer's expert exchange measured at the BS); median, p10 and p90 over the rows.
+* Prediction ratio = ``predicted_ms / moe_ms`` per layer row that has both; median, p10 and
+  p90 over the rows. ``predicted_ms`` is the calibrated latency model's
+  (:func:`testbed.latency_model.predict_layer_ms`, every policy) and predicts exactly what
+  ``moe_ms`` measures: the layer's expert exchange at the BS (``run_layer``, first request
+  out to last reply handled). The policy's decision and an epoch's rate change run in-line
+  before it (in ``bs_ms``, not in ``moe_ms``); :func:`prediction_rows` also compares
+  ``predicted_critical_ms`` with ``decision_ms + change_ms + moe_ms`` (the layer's critical
+  path from the decision on), and a policy's own model (``policy_predicted_ms``, e.g.
+  WDMoE's paper formula) with ``moe_ms``.
 """
 
 from __future__ import annotations
@@ -35,18 +42,60 @@ def accuracy(requests: Iterable[Mapping[str, Any]]) -> float | None:
     return float(np.mean(xs)) if xs else None
 
 
-def prediction_ratio(layers: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
-    """``predicted_ms / moe_ms`` over the layer rows with both: n, median, p10, p90."""
+def prediction_ratio(layers: Iterable[Mapping[str, Any]], predicted: str = "predicted_ms",
+                     measured: Sequence[str] = ("moe_ms",)) -> dict[str, Any] | None:
+    """``predicted / sum(measured)`` over the layer rows with all of them: n, median, p10,
+    p90 (default ``predicted_ms / moe_ms``)."""
     xs = []
     for r in layers:
-        p, m = _f(r.get("predicted_ms")), _f(r.get("moe_ms"))
-        if p is not None and m:
-            xs.append(p / m)
+        p = _f(r.get(predicted))
+        ms = [_f(r.get(k)) for k in measured]
+        if p is not None and all(m is not None for m in ms) and sum(ms):  # type: ignore[arg-type]
+            xs.append(p / sum(ms))  # type: ignore[arg-type]
     if not xs:
         return None
     a = np.asarray(xs)
     return {"n": len(xs), "median": float(np.median(a)), "p10": float(np.percentile(a, 10)),
             "p90": float(np.percentile(a, 90))}
+
+
+def prediction_rows(groups: Sequence[Any]) -> list[dict[str, Any]]:
+    """One row per group (a :class:`testbed.report.Group`, every policy, the baseline too)
+    with layer rows: ``exchange`` = ``predicted_ms / moe_ms``, ``critical`` =
+    ``predicted_critical_ms / (decision_ms + change_ms + moe_ms)`` and ``policy_model`` =
+    ``policy_predicted_ms / moe_ms`` (``None`` where the rows lack them)."""
+    out = []
+    for g in groups:
+        ex = prediction_ratio(g.layers)
+        if ex is None:
+            continue
+        out.append({"run": g.run.run_id, "policy": g.policy,
+                    "point": _point_label({"policy": g.policy, "point": g.point}),
+                    "exchange": ex,
+                    "critical": prediction_ratio(g.layers, "predicted_critical_ms",
+                                                 ("decision_ms", "change_ms", "moe_ms")),
+                    "policy_model": prediction_ratio(g.layers, "policy_predicted_ms")})
+    return out
+
+
+def prediction_table(rows: Sequence[Mapping[str, Any]]) -> Any:
+    """:func:`prediction_rows` as a rich Table."""
+    from rich import box
+    from rich.table import Table
+
+    def f(pr: Mapping[str, Any] | None) -> str:
+        return f"{pr['median']:.2f} [{pr['p10']:.2f}-{pr['p90']:.2f}] n={pr['n']}" if pr \
+            else "-"
+
+    t = Table(title="latency model: predicted / measured per layer, median [p10-p90]",
+              box=box.SIMPLE_HEAD)
+    for h in ("policy", "point", "exchange\n(predicted_ms / moe_ms)",
+              "critical path\n(+ decision, rate change)", "policy's own model\n(/ moe_ms)"):
+        t.add_column(h, justify="left" if h in ("policy", "point") else "right")
+    for r in rows:
+        t.add_row(r["policy"], r["point"], f(r["exchange"]), f(r["critical"]),
+                  f(r["policy_model"]))
+    return t
 
 
 def versus_baseline(groups: Sequence[Any], baseline: str = "topk") -> list[dict[str, Any]]:

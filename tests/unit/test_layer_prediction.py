@@ -1,0 +1,137 @@
+"""The runner's side of the calibrated latency model (pure, with fakes): EpochLinks enforces a
+policy's down and up rates each on its own direction and records the epoch scope in force in
+links.csv (per layer or per step), the exchange predictor reads the rows actually handed to the
+backend, the placement and the enforced rates of each direction, and the report compares
+predicted with measured for every policy, the baseline too."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from testbed.comparison import prediction_rows
+from testbed.enforcement import EpochLinks, Epochs, LinkRecorder
+from testbed.experiment import ExchangePredictor, TimedBackend
+from testbed.latency_model import DeviceCosts, LayerCostParams, predict_layer_ms
+from testbed.policy import ClusterState
+from testbed.report import Group, Run
+
+
+class FakeShaper:
+    def __init__(self):
+        self.calls = []
+
+    def set_rates(self, rates):
+        self.calls.append(dict(rates))
+        return {d: (round(dn), round(up)) for d, (dn, up) in rates.items()}
+
+
+class FakeTable:
+    def __init__(self):
+        self.rows = []
+
+    def write_many(self, rows):
+        self.rows.extend(rows)
+
+
+def _links(scope: str) -> tuple[EpochLinks, FakeShaper, FakeTable, ClusterState]:
+    sh, tab, cl = FakeShaper(), FakeTable(), ClusterState()
+    return EpochLinks(Epochs(scope), LinkRecorder(sh, tab, 0.0), cl, ["d1", "d2"],
+                      {"trial": 0}), sh, tab, cl
+
+
+def test_policy_rates_are_enforced_each_direction_and_links_rows_carry_the_epoch_scope():
+    links, sh, tab, cl = _links("layer")
+    for layer in range(2):   # per layer: every decision starts an epoch
+        assert links.begin(0, 0, layer)
+        links.apply_policy(None, {"d1": 9000.4, "d2": 3000.0}, {"d1": 2000.0, "d2": 700.0})
+    assert sh.calls[0] == {"d1": (9000.4, 2000.0), "d2": (3000.0, 700.0)}
+    assert cl.rate_down_kbit == {"d1": 9000, "d2": 3000}
+    assert cl.rate_up_kbit == {"d1": 2000, "d2": 700}
+    links.close()
+    assert [r["layer"] for r in tab.rows] == [0, 0, 1, 1]
+    assert {r["epoch_scope"] for r in tab.rows} == {"layer"}
+    assert [(r["asked_down_kbit"], r["asked_up_kbit"]) for r in tab.rows[:2]] == \
+        [(9000.4, 2000.0), (3000.0, 700.0)]
+    # one rate both ways where the decision gives only bandwidth_kbit; a direction's own
+    # rate wins
+    links.begin(0, 0, 2)
+    links.apply_policy({"d1": 500.0, "d2": 600.0}, {"d2": 800.0})
+    assert sh.calls[-1] == {"d1": (500.0, 500.0), "d2": (800.0, 600.0)}
+    with pytest.raises(ValueError, match="both needed"):
+        links.apply_policy(None, {"d1": 1.0})
+
+    links, sh, tab, cl = _links("step")   # per step: layer 0 starts it, layer 1 keeps it
+    assert links.begin(0, 0, 0)
+    links.apply_policy(None, {"d1": 1.0, "d2": 1.0}, {"d1": 1.0, "d2": 1.0})
+    assert not links.begin(0, 0, 1) and links.begin(0, 1, 0)
+    links.close()
+    assert [(r["step"], r["layer"], r["epoch_scope"]) for r in tab.rows] == [(0, 0, "step")] * 2
+
+
+def _params() -> LayerCostParams:
+    return LayerCostParams(8192, (DeviceCosts(0.5, 0.2, 0.3, 0.02), DeviceCosts(0.4)),
+                           ("d1", "d2"), bs_ms=0.2, bs_per_device_ms=0.3)
+
+
+def test_predictor_uses_the_rows_handed_over_the_placement_and_each_directions_rate():
+    cl = ClusterState(rate_down_kbit={"d1": 20_000.0, "d2": 50_000.0},
+                      rate_up_kbit={"d1": 4000.0, "d2": 30_000.0})
+    place = {"L0.E0": ("d1",), "L0.E1": ("d2",), "L0.E2": ("d1", "d2"), "L0.E3": ("d2",)}
+    pr = ExchangePredictor(_params(), ["d2", "d1"], lambda: place, cl)   # order: any
+    work = SimpleNamespace(inputs={"L0.E0": torch.zeros(3, 4), "L0.E2": torch.zeros(2, 4),
+                                   "L0.E1": torch.zeros(1, 4), "L0.E3": torch.zeros(0, 4)})
+    rows, experts = pr.loads(work)
+    assert rows.tolist() == [1, 5] and experts.tolist() == [1, 2]      # d2, d1
+    got = pr(work, {"decision_ms": 2.0, "change_ms": 1.0, "epoch_start": True})
+    want, _ = predict_layer_ms([5, 1], [20_000, 50_000], [4000, 30_000], _params(),
+                               experts=[2, 1])
+    assert got["predicted_ms"] == pytest.approx(want)
+    assert got["predicted_critical_ms"] == pytest.approx(want)      # nothing seen yet
+    got = pr(work, {"decision_ms": 4.0, "change_ms": 0.0, "epoch_start": False})
+    assert got["predicted_critical_ms"] == pytest.approx(want + 2.0)   # + median decision
+    got = pr(work, {"decision_ms": 4.0, "change_ms": 3.0, "epoch_start": True})
+    assert got["predicted_critical_ms"] == pytest.approx(want + 3.0 + 1.0)
+    # the up rate matters on its own: a slower uplink, a longer prediction
+    cl.rate_up_kbit["d1"] = 2000.0
+    assert pr(work, {})["predicted_ms"] > want
+
+
+def test_timed_backend_predicts_before_the_clock_and_merges_the_hooks_notes():
+    seen = {}
+
+    class Inner:
+        def run_layer(self, work):
+            seen["t"] = True
+            return SimpleNamespace(info={})
+
+    tb = TimedBackend(Inner())
+    tb.predictor = lambda work, pending: {"predicted_ms": 7.0, "predicted_critical_ms": 9.0}
+    tb.pending = {"policy_predicted_ms": 3.0, "decision_ms": 1.5, "change_ms": 0.5,
+                  "epoch_start": True}
+    info = tb.run_layer(SimpleNamespace(inputs={})).info
+    assert info["predicted_ms"] == 7.0 and info["policy_predicted_ms"] == 3.0
+    assert info["decision_ms"] == 1.5 and "epoch_start" not in info and tb.pending == {}
+    assert info["t_exit"] >= info["t_enter"]
+
+
+def test_prediction_rows_for_every_policy_the_baseline_too():
+    run = Run.__new__(Run)
+    run.run_id = "r"
+    rows = [{"predicted_ms": 10 * k, "moe_ms": 10.0, "decision_ms": 1.0, "change_ms": 0.0,
+             "predicted_critical_ms": 10 * k + 1, "policy_predicted_ms": ""}
+            for k in (0.9, 1.0, 1.1)]
+    g = [Group(run, "topk", "x=1 policy.name=topk", layers=rows),
+         Group(run, "wdmoe", "x=1 policy.name=wdmoe",
+               layers=[{**r, "policy_predicted_ms": 20.0} for r in rows]),
+         Group(run, "top1", "x=1 policy.name=top1", layers=[{"moe_ms": 3.0}])]
+    out = prediction_rows(g)
+    assert [r["policy"] for r in out] == ["topk", "wdmoe"]
+    assert out[0]["exchange"]["median"] == pytest.approx(1.0)
+    assert out[0]["exchange"]["n"] == 3 and out[0]["policy_model"] is None
+    assert out[0]["critical"]["median"] == pytest.approx(11 / 11)
+    assert out[1]["policy_model"]["median"] == pytest.approx(2.0)
+    assert np.isclose(out[0]["exchange"]["p10"], 0.92)
