@@ -62,7 +62,7 @@ import secrets
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +277,8 @@ def bs_layer_times(layers: Sequence[Mapping[str, Any]], links: Sequence[Mapping[
         p = (_tk(r), _pos(r))
         change[p] = change.get(p, 0.0) + ms
     has_decision = any(r.get("decision_ms") not in (None, "") for r in layers)
+    if any(r.get("change_ms") not in (None, "") for r in layers):
+        change = {}   # the layer's own record of its rate change wins
     rows = list(layers) if has_decision else \
         [r for r in layers if r.get("predicted_ms") in (None, "")] or list(layers)
     moe_layers = sorted({int(r["layer"]) for r in rows})
@@ -286,7 +288,8 @@ def bs_layer_times(layers: Sequence[Mapping[str, Any]], links: Sequence[Mapping[
         bs = _f(r.get("bs_ms"))
         if bs is None:
             continue
-        bs -= change.get((_tk(r), _pos(r)), 0.0) + (_f(r.get("decision_ms")) or 0.0)
+        bs -= change.get((_tk(r), _pos(r)), _f(r.get("change_ms")) or 0.0) + \
+            (_f(r.get("decision_ms")) or 0.0)
         phase = "prefill" if int(r["step"]) == 0 else "decode"
         by.setdefault((phase, pos[int(r["layer"])]), []).append(max(0.0, bs))
     out: dict[str, tuple[float, ...]] = {}
@@ -321,14 +324,31 @@ def step_tail_ms(requests: Sequence[Mapping[str, Any]], layers: Sequence[Mapping
     return statistics.median(xs) if xs else None
 
 
-def rate_change_fit(links: Sequence[Mapping[str, Any]]) -> dict[str, tuple[float, float]]:
+def rate_change_fit(links: Sequence[Mapping[str, Any]],
+                    layers: Sequence[Mapping[str, Any]] = ()) -> dict[str, tuple[float, float]]:
     """Source -> ``(a, b)`` of ``change_ms = a + b * devices changed`` (non-negative least
-    squares, :func:`~testbed.latency_model.fit_compute_profile`), and ``""`` over all (pure)."""
+    squares, :func:`~testbed.latency_model.fit_compute_profile`), and ``""`` over all (pure).
+
+    An epoch's time is the ``change_ms`` of the layer that started it where ``layers.csv``
+    records it (the whole in-line change: tc, read-back, the last epoch's rows written), else
+    ``links.csv``'s (the tc batch); its devices and source are ``links.csv``'s rows there."""
     epochs: dict[tuple, dict[str, Any]] = {}
     for r in links:
         k = (_tk(r), str(r.get("time_s")))
         e = epochs.setdefault(k, {"n": 0, "ms": _f(r.get("change_ms")), "src": r.get("source")})
         e["n"] += 1
+    if any(r.get("change_ms") not in (None, "") for r in layers):
+        at: dict[tuple, dict[str, Any]] = {}
+        for r in links:   # every change that epoch (a channel's, then a policy's)
+            e = at.setdefault((_tk(r), _pos(r)), {"n": 0, "src": ""})
+            e["n"] += 1
+            e["src"] = r.get("source")
+        epochs = {}
+        for r in layers:
+            ms = _f(r.get("change_ms"))
+            e = at.get((_tk(r), _pos(r)))
+            if ms and e:
+                epochs[(_tk(r), _pos(r))] = {"n": e["n"], "ms": ms, "src": e["src"]}
     pts: dict[str, list[tuple[float, float]]] = {"": []}
     for e in epochs.values():
         if e["ms"] is None:
@@ -367,20 +387,22 @@ def calibrate_from_run(run_dir: str | Path) -> Calibration:
                    shaping=mode, bucket_bytes=float(sh.get("bucket_bytes") or 1514.0),
                    bucket_slack_us=float(sh.get("bucket_slack_us") or 50.0))
     fit: dict[str, Any] = {}
-    if isinstance(man.get("latency_model"), Mapping):
-        params = LayerCostParams.from_dict(man["latency_model"])
-        fit["latency_model"] = "the run's manifest"
+    fitted = [LayerCostParams.from_dict(t["latency_model"]["params"])
+              for t in man.get("trials") or []
+              if isinstance((t.get("latency_model") or {}).get("params"), Mapping)]
+    if not fitted and isinstance(man.get("latency_model"), Mapping):
+        fitted = [LayerCostParams.from_dict(man["latency_model"])]
+    if fitted:   # the runner's own fit (profiling exchanges): each trial's, combined
+        params = combine_params(fitted)
+        fit["latency_model"] = f"the run's profiling fit ({len(fitted)} trials)"
     else:
         samples = exchange_samples(calls, layers, RatesInForce(links, man.get("trials") or []))
         if not samples:
             raise ConfigError(f"--calibrate: {p}: no complete expert exchange to fit")
         params, resid = fit_layer_costs(samples, base)
         fit.update(latency_model=f"fit_layer_costs on {len(samples)} calls", residuals=resid)
-    devs = list(params.devices)
-    if devs:   # devices the run did not have: the median of those it had
-        params = replace(params, default_device=DeviceCosts(
-            *(statistics.median(getattr(c, f) for c in devs)
-              for f in ("call_ms", "device_call_ms", "compute_a_ms", "compute_b_ms"))))
+    if params.devices:   # devices the run did not have: the median of those it had
+        params = replace(params, default_device=median_costs(params.devices))
     prof = {str(k): (float(v["a_ms"]), float(v["b_ms"]))
             for k, v in (man.get("compute_profile") or {}).items()}
     default_prof = (statistics.median(a for a, _ in prof.values()),
@@ -388,11 +410,36 @@ def calibrate_from_run(run_dir: str | Path) -> Calibration:
         d.default_profile
     bs = bs_layer_times(layers, links) or d.bs_layer_ms
     tail = step_tail_ms(reqs, layers)
-    change = rate_change_fit(links) or d.rate_change
+    change = rate_change_fit(links, layers) or d.rate_change
     fit.update(samples=len(calls), layers=len(layers), requests=len(reqs),
                tail_from_run=tail is not None)
     return Calibration(params, prof, default_prof, bs, d.tail_ms if tail is None else tail,
                        change, str(p), fit)
+
+
+def median_costs(costs: Sequence[DeviceCosts]) -> DeviceCosts:
+    """Each field's median over ``costs`` (a device the calibration did not see)."""
+    return DeviceCosts(**{f.name: statistics.median(getattr(c, f.name) for c in costs)
+                          for f in fields(DeviceCosts)})
+
+
+def combine_params(fitted: Sequence[LayerCostParams]) -> LayerCostParams:
+    """One :class:`LayerCostParams` from several trials' fits (pure): per device the median of
+    its fits' fields, the numeric scalars' medians, the rest (shaping, ...) the last fit's."""
+    per: dict[str, list[DeviceCosts]] = {}
+    for p in fitted:
+        for name, c in zip(p.device_names, p.devices):
+            per.setdefault(name, []).append(c)
+    last = fitted[-1]
+    skip = {"devices", "device_names", "default_device"}
+    scal = {f.name: statistics.median(getattr(p, f.name) for p in fitted)
+            for f in fields(LayerCostParams) if f.name not in skip
+            and all(isinstance(getattr(p, f.name), (int, float)) for p in fitted)
+            and not isinstance(getattr(last, f.name), bool)}
+    scal = {k: type(getattr(last, k))(v) for k, v in scal.items()}
+    names = tuple(sorted(per))
+    return replace(last, **scal, device_names=names,
+                   devices=tuple(median_costs(per[n]) for n in names))
 
 
 # -- the virtual clock, links and expert exchange ----------------------------------------------
@@ -416,6 +463,12 @@ class SimLinkRecorder(LinkRecorder):
         super().__init__(None, table, 0.0)
         self.clock = clock
         self.cost = cost
+        self.charged_ms = 0.0   # changes charged since the last take()
+
+    def take(self) -> float:
+        """The change time charged since the last call (the layer's ``change_ms``)."""
+        ms, self.charged_ms = self.charged_ms, 0.0
+        return ms
 
     def apply(self, rates: Mapping[str, tuple[float, float]], key: Mapping[str, Any],
               where: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
@@ -424,6 +477,7 @@ class SimLinkRecorder(LinkRecorder):
         ms = self.cost(str(where.get("source", "")), len(asked))
         self.end_epoch(start)
         self.clock.advance_ms(ms)
+        self.charged_ms += ms
         self.change_ms.append(ms)
         self._since = self.clock.now
         self._pending = [{**key, **where, "time_s": start, "device": d,
@@ -474,6 +528,9 @@ class SimBackend:
         self.pending: dict[str, Any] = {}
         self._for: dict[tuple[str, ...], LayerCostParams] = {}
         self.layers = 0
+        #: what charged the layer's decision and rate change (``take()`` -> ms), if any
+        self.decision: Any = None
+        self.change: Any = None
 
     def _params(self, names: tuple[str, ...]) -> LayerCostParams:
         p = self._for.get(names)
@@ -516,9 +573,19 @@ class SimBackend:
         self.clock.advance_ms(moe_ms)
         res.info.update(calls=calls, served_by={u: d for d, us in by_dev.items() for u in us},
                         rerouted={}, t_enter=t_enter, t_exit=self.clock.now)
-        if self.pending:
-            res.info.update(self.pending)
-            self.pending = {}
+        pend, self.pending = self.pending, {}
+        start = bool(pend.pop("epoch_start", False))
+        res.info.update(pend)
+        # the layer's decision and rate change as charged to the clock (the hook's own wall
+        # times would be the twin's bookkeeping)
+        if self.decision is not None:
+            res.info["decision_ms"] = self.decision.take()
+        if self.change is not None:
+            res.info["change_ms"] = self.change.take()
+        if "policy_predicted_ms" in R.LAYER_COLUMNS:   # predicted_ms: the calibrated model's
+            res.info["predicted_ms"] = moe_ms
+            res.info["predicted_critical_ms"] = moe_ms + float(res.info.get("decision_ms") or 0) + \
+                (float(res.info.get("change_ms") or 0) if start else 0.0)
         self.layers += 1
         return res
 
@@ -531,12 +598,19 @@ class _TimedSelect:
         self._policy = policy
         self._clock = clock
         self.decisions_ms: list[float] = []
+        self.charged_ms = 0.0
+
+    def take(self) -> float:
+        """The decision time charged since the last call (the layer's ``decision_ms``)."""
+        ms, self.charged_ms = self.charged_ms, 0.0
+        return ms
 
     def select(self, ctx: Any, cluster: Any = None) -> Any:
         t0 = time.perf_counter()
         d = self._policy.select(ctx, cluster)
         ms = (time.perf_counter() - t0) * 1e3
         self.decisions_ms.append(ms)
+        self.charged_ms += ms
         self._clock.advance_ms(ms)
         return d
 
@@ -728,6 +802,7 @@ class Simulator:
         sim.cluster = cluster
         trace_path = rec.trace_path(t)
         recorder = SimLinkRecorder(self.tables["links"], self.clock, cal.change_ms)
+        sim.decision, sim.change = policy, recorder
         plan = EpochLinks(Epochs(cluster.epoch_scope), recorder, cluster, names,
                           {**key, **self.link_shaping}, cluster.channel, cluster.bandwidth_hz,
                           TraceReplay(read_trace(trace_path), names, str(trace_path))

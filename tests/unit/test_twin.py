@@ -26,6 +26,7 @@ from testbed.twin import (
     _TimedSelect,
     bs_layer_times,
     calibrate_from_run,
+    combine_params,
     default_calibration,
     device_names,
     exchange_samples,
@@ -128,6 +129,25 @@ def test_rate_change_fit_per_source_and_overall():
     assert set(fit) == {"", "channel", "policy"}
     for a, b in fit.values():
         assert (a, b) == pytest.approx((0.5, 0.25))
+
+
+def test_rate_change_from_the_layers_own_record_where_there_is_one():
+    links = [_link(0, s, 0, f"dev{d}", 1, 1, float(s), change_ms=0.1, source="channel")
+             for s, n in ((0, 2), (1, 4)) for d in range(1, n + 1)]
+    layers = [{**_layer(0, 0, 0, 1), "change_ms": "1.0"}, {**_layer(0, 1, 0, 1), "change_ms": "2.0"},
+              {**_layer(0, 1, 1, 1), "change_ms": "0"}]
+    assert rate_change_fit(links, layers)["channel"] == pytest.approx((0.0, 0.5))
+    assert rate_change_fit(links)["channel"] == pytest.approx((0.1, 0.0))
+
+
+def test_combine_params_takes_each_devices_median_over_the_trials():
+    a = LayerCostParams(100.0, (DeviceCosts(1.0, 0, 0, 0.1),), ("dev1",), bs_ms=0.2, shaping="tbf")
+    b = LayerCostParams(100.0, (DeviceCosts(3.0, 0, 0, 0.3), DeviceCosts(5.0)), ("dev1", "dev2"),
+                        bs_ms=0.4, shaping="tbf")
+    c = combine_params([a, b])
+    assert c.device_names == ("dev1", "dev2") and c.bs_ms == pytest.approx(0.3)
+    assert c.devices[0] == DeviceCosts(2.0, 0, 0, 0.2) and c.devices[1] == DeviceCosts(5.0)
+    assert c.shaping == "tbf" and c.mtu == 1500 and isinstance(c.mtu, int)
 
 
 def _params() -> LayerCostParams:
@@ -277,7 +297,17 @@ def test_sim_backend_times_the_exchange_with_the_latency_model():
     sim.placement = {"L0.E0": ("dev1",), "L0.E1": ("dev2", "dev1"), "L0.E2": ("dev1",)}
     sim.cluster = ClusterState(rate_down_kbit={"dev1": 1000.0, "dev2": 300.0},
                                rate_up_kbit={"dev1": 800.0, "dev2": 200.0})
-    sim.pending["predicted_ms"] = 7.0
+    sim.pending.update(policy_predicted_ms=7.0, epoch_start=True)
+
+    class Charged:
+        def __init__(self, ms):
+            self.ms = ms
+
+        def take(self):
+            ms, self.ms = self.ms, 0.0
+            return ms
+
+    sim.decision, sim.change = Charged(0.5), Charged(1.5)
     work = LayerWork(0, 2, {"L0.E0": torch.ones(3, 4), "L0.E1": torch.ones(1, 4),
                             "L0.E2": torch.ones(2, 4)})
     res = sim.run_layer(work)
@@ -287,7 +317,14 @@ def test_sim_backend_times_the_exchange_with_the_latency_model():
     want, dev = predict_layer_ms([5, 1], [1000, 300], [800, 200], p, experts=[2, 1])
     assert res.info["t_enter"] == pytest.approx(0.003)
     assert (res.info["t_exit"] - res.info["t_enter"]) * 1e3 == pytest.approx(want)
-    assert clock.now == res.info["t_exit"] and res.info["predicted_ms"] == 7.0 and not sim.pending
+    assert clock.now == res.info["t_exit"] and res.info["policy_predicted_ms"] == 7.0
+    assert not sim.pending and "epoch_start" not in res.info
+    # the layer's decision and change as charged to the clock
+    assert res.info["decision_ms"] == 0.5 and res.info["change_ms"] == 1.5
+    if "policy_predicted_ms" in R.LAYER_COLUMNS:   # predicted_ms: the calibrated model's
+        assert res.info["predicted_ms"] == pytest.approx(want)
+        assert res.info["predicted_critical_ms"] == pytest.approx(want + 2.0)
+    assert sim.run_layer(work).info["change_ms"] == 0.0   # taken once
     calls = {c["uid"]: c for c in res.info["calls"]}
     assert calls["L0.E0"]["device"] == calls["L0.E2"]["device"] == "dev1"
     assert calls["L0.E0"]["req_id"] == calls["L0.E2"]["req_id"] != calls["L0.E1"]["req_id"]
