@@ -201,6 +201,9 @@ class TimedBackend:
         res.info["t_enter"], res.info["t_exit"] = t0, time.perf_counter()
         if pred:
             res.info.update(pred)
+            observe = getattr(self.predictor, "observe", None)
+            if observe is not None:
+                observe(res)
         if self.pending:
             self.pending.pop("epoch_start", None)
             res.info.update(self.pending)
@@ -213,9 +216,15 @@ class ExchangePredictor:
     (:func:`testbed.latency_model.predict_layer_ms`): from the rows the BS hands to the backend
     (after any wrapper such as CoEL's fusion) grouped by the device holding each expert
     (``placement()``, the backend's), the rates in force in ``cluster`` (down and up, as tc
-    read them back) and the trial's fitted ``params``. ``predicted_critical_ms`` adds the
-    decision's and, at an epoch's start, the rate change's predicted time: the medians of
-    this trial's earlier ones (the first: 0)."""
+    read them back) and the trial's fitted ``params``.
+
+    Each link's bucket is followed from message to message (:meth:`observe`): a message that
+    passed free spent part of it, one that was held back emptied it, and it refills at the
+    link's rate until the next message (whose start is predicted: the request now, the reply
+    after the request's airtime and the device's time) -- a slow link is still refilling when
+    the next layer's message comes. ``predicted_critical_ms`` adds the decision's and, at an
+    epoch's start, the rate change's predicted time: the medians of this trial's earlier ones
+    (the first: 0)."""
 
     def __init__(self, params: Any, names: Sequence[str],
                  placement: Callable[[], Mapping[str, Sequence[str]]], cluster: ClusterState):
@@ -226,6 +235,10 @@ class ExchangePredictor:
         self.cluster = cluster
         self.decisions: list[float] = []
         self.changes: list[float] = []
+        #: device -> direction -> (perf_counter s when its last message left the leaf, bytes
+        #: the bucket held then)
+        self.links: dict[str, dict[str, tuple[float, float]]] = {}
+        self._last: dict[str, Any] | None = None
 
     def loads(self, work: Any) -> tuple[Any, Any]:
         """(token-rows, experts) per device of an exchange's ``work``."""
@@ -241,16 +254,35 @@ class ExchangePredictor:
                 experts[k] += 1
         return rows, experts
 
+    def _tokens(self, device: str, direction: str, at: float, rate: float,
+                later_ms: float = 0.0) -> float | None:
+        from .latency_model import bucket_refilled
+
+        seen = self.links.get(device, {}).get(direction)
+        if seen is None or not rate:
+            return None
+        t, tok = seen
+        return bucket_refilled(tok, (at - t) * 1e3 + later_ms, rate, self.params)
+
     def __call__(self, work: Any, pending: Mapping[str, Any]) -> dict[str, Any]:
         import numpy as np
 
-        from .latency_model import predict_layer_ms
+        from .latency_model import layer_terms, predict_layer_ms
 
+        now = time.perf_counter()
         rows, experts = self.loads(work)
         c = self.cluster
         down = np.array([c.rate_down_kbit.get(n) or 0.0 for n in self.names])
         up = np.array([c.rate_up_kbit.get(n) or 0.0 for n in self.names])
-        layer_ms, _ = predict_layer_ms(rows, down, up, self.params, experts=experts)
+        tok_d = [self._tokens(n, "down", now, down[k]) for k, n in enumerate(self.names)]
+        first = layer_terms(rows, down, up, self.params, experts=experts, tokens_down=tok_d)
+        tok_u = [self._tokens(n, "up", now, up[k], first["air_down"][k] + first["device"][k])
+                 for k, n in enumerate(self.names)]
+        layer_ms, _ = predict_layer_ms(rows, down, up, self.params, experts=experts,
+                                       tokens_down=tok_d, tokens_up=tok_u)
+        terms = layer_terms(rows, down, up, self.params, experts=experts, tokens_down=tok_d,
+                            tokens_up=tok_u)
+        self._last = {"down": down, "up": up, "tok_d": tok_d, "tok_u": tok_u, "terms": terms}
         start = bool(pending.get("epoch_start"))
         crit = layer_ms + (float(np.median(self.decisions)) if self.decisions else 0.0) + \
             (float(np.median(self.changes)) if start and self.changes else 0.0)
@@ -260,6 +292,33 @@ class ExchangePredictor:
         if start and chg:
             self.changes.append(float(chg))
         return {"predicted_ms": layer_ms, "predicted_critical_ms": crit}
+
+    def observe(self, res: Any) -> None:
+        """After the exchange: where each called device's buckets stand (the request left its
+        leaf its airtime after the send; the reply, when it arrived)."""
+        from .latency_model import bucket_after
+
+        last, self._last = self._last, None
+        t_enter = res.info.get("t_enter")
+        if last is None or t_enter is None:
+            return
+        seen: set[str] = set()
+        for call in res.info.get("calls", ()):
+            dev = call.get("device")
+            k = self.index.get(dev)
+            if k is None or dev in seen or call.get("status") != "ok" or \
+                    call.get("rtt_ms") is None:
+                continue
+            seen.add(dev)
+            tm = last["terms"]
+            sent = t_enter + float(call.get("serialize_ms") or 0.0) / 1e3
+            links = self.links.setdefault(dev, {})
+            links["down"] = (sent + tm["air_down"][k] / 1e3,
+                             bucket_after(last["tok_d"][k], tm["bytes_down"][k], last["down"][k],
+                                          self.params))
+            links["up"] = (sent + float(call["rtt_ms"]) / 1e3,
+                           bucket_after(last["tok_u"][k], tm["bytes_up"][k], last["up"][k],
+                                        self.params))
 
 
 # ---- rows from records --------------------------------------------------------------------

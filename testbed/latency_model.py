@@ -19,7 +19,7 @@ with ``N_k`` token-rows in one call::
     t_k = call_ms_k + air(m_down, r_down) + dev_ms_k + air(m_up, r_up)
     dev_ms_k = device_call_ms_k + a_k E_k + b_k N_k
     m_dir = header_dir + header_dir_per_expert E_k + N_k S       (bytes of the message)
-    layer = bs_ms + bs_per_device_ms D + max_k t_k               (D: devices called)
+    layer = bs_ms + bs_per_device_ms (D - 1) + max_k t_k         (D: devices called)
 
 ``air`` is the time the link's leaf needs to let the message's frames through
 (:func:`airtime_ms`): the message split into TCP segments of ``mtu - 52`` bytes, each charged
@@ -459,7 +459,9 @@ class LayerCostParams:
     header_up_per_expert_bytes:
         Bytes a call carries besides the hidden states, per call and per expert, each way.
     bs_ms, bs_per_device_ms:
-        The BS's own time in the exchange: fixed, and per device called.
+        The BS's own time in the exchange with one device called, and what each further
+        device called adds (the BS handles the replies one by one; on a local testbed the
+        devices also share the host's cores).
     decision_ms, rate_change_ms:
         The policy's decision and an epoch's rate change (in-line before the exchange).
     """
@@ -593,7 +595,7 @@ def predict_layer_ms(loads: Sequence[float] | np.ndarray, down_kbit: Sequence[fl
     Returns
     -------
     (layer_ms, per_device_ms):
-        ``bs_ms + bs_per_device_ms D + max_k t_k`` (0 when no device is called) and the
+        ``bs_ms + bs_per_device_ms (D - 1) + max_k t_k`` (0 when no device is called) and the
         devices' ``t_k`` (0 for idle devices).
     """
     t = layer_terms(loads, down_kbit, up_kbit, params, experts=experts, tokens_down=tokens_down,
@@ -602,7 +604,29 @@ def predict_layer_ms(loads: Sequence[float] | np.ndarray, down_kbit: Sequence[fl
     used = int(np.count_nonzero(dev))
     if not used:
         return 0.0, dev
-    return float(params.bs_ms + params.bs_per_device_ms * used + dev.max()), dev
+    return float(params.bs_ms + params.bs_per_device_ms * (used - 1) + dev.max()), dev
+
+
+def bucket_after(tokens_bytes: float | None, message_bytes: float, rate_kbit: float,
+                 params: LayerCostParams) -> float:
+    """Bytes a leaf's bucket holds right after a message of ``message_bytes`` left it, having
+    started with ``tokens_bytes`` (``None``: full): what the bucket lets through free is
+    spent; a message it had to hold back left it empty."""
+    full = free_bytes(rate_kbit, params.shaping, params.bucket_bytes, params.bucket_slack_us)
+    if not math.isfinite(full):
+        return full
+    tau = full if tokens_bytes is None else min(full, max(0.0, tokens_bytes))
+    _, wire = wire_frames(message_bytes, params.mtu)
+    return max(0.0, tau - wire)
+
+
+def bucket_refilled(tokens_bytes: float, idle_ms: float, rate_kbit: float,
+                    params: LayerCostParams) -> float | None:
+    """What a bucket holding ``tokens_bytes`` holds after ``idle_ms`` without traffic at
+    ``rate_kbit`` (``None`` once full again: :func:`airtime_ms`'s default)."""
+    full = free_bytes(rate_kbit, params.shaping, params.bucket_bytes, params.bucket_slack_us)
+    t = float(tokens_bytes) + max(0.0, float(idle_ms)) * float(rate_kbit) / 8.0
+    return None if t >= full else t
 
 
 def predict_critical_ms(layer_ms: float, params: LayerCostParams, epoch_start: bool) -> float:
@@ -667,7 +691,7 @@ def fit_layer_costs(samples: Iterable[Mapping[str, Any]], base: LayerCostParams
 
     then ``bs_ms, bs_per_device_ms``: non-negative least squares of the median, per number of
     devices called ``D``, of ``layer_ms - max over the exchange's calls of the modelled round
-    trip`` on ``1, D``.
+    trip`` on ``1, D - 1``.
 
     Returns the parameters (``base`` with those replaced) and the residuals of every sample:
     per device the round trip's (``rtt_ms`` - model) and the device time's, and the
@@ -742,7 +766,7 @@ def fit_layer_costs(samples: Iterable[Mapping[str, Any]], base: LayerCostParams
             ex[k] += float(r.get("experts") or 1)
             down[k], up[k] = float(r["rate_down_kbit"]), float(r["rate_up_kbit"])
         _, dev_ms = predict_layer_ms(loads, down, up, bare, experts=ex)
-        ds.append(float(np.count_nonzero(dev_ms)))
+        ds.append(float(np.count_nonzero(dev_ms)) - 1.0)
         ys.append(float(calls[0]["layer_ms"]) - float(dev_ms.max()))
     if ds:
         d, y = np.asarray(ds), np.asarray(ys)

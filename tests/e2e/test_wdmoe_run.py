@@ -1,6 +1,7 @@
 """WDMoE on the real links: one tc batch per epoch reads back what it set, a run's links.csv
-holds the rates tc enforced for the policy's bandwidth and for a replayed channel trace, the
-layers carry the policy's predicted latency, profiling covers exactly the trial's devices."""
+holds the rates tc enforced for the policy's bandwidth (down and up each its own) and for a
+replayed channel trace, the layers carry the calibrated model's prediction and the policy's
+own, profiling covers exactly the trial's devices."""
 
 from __future__ import annotations
 
@@ -125,7 +126,9 @@ def test_wdmoe_run_enforces_and_records(make_testbed, state_dir, tmp_path: Path)
         assert float(r["change_ms"]) > 0 and float(r["epoch_ms"]) > 0 and r["device"] in \
             ("dev1", "dev2")
     _check_epochs_follow_each_other(links)
-    assert all(r["asked_down_kbit"] == r["asked_up_kbit"] for r in pol)  # one rate, both ways
+    # each direction at the channel's own rate (the uplink's differs from the downlink's)
+    assert any(abs(float(r["asked_down_kbit"]) - float(r["asked_up_kbit"])) > 1 for r in pol)
+    assert {r["epoch_scope"] for r in links} == {"step"}
     # the trace's k-th block at the k-th epoch (6 blocks, cycling)
     blocks = {}
     for row in read_trace(tmp_path / "tr.csv"):
@@ -141,8 +144,10 @@ def test_wdmoe_run_enforces_and_records(make_testbed, state_dir, tmp_path: Path)
 
     layers = R.read_csv(run_dir / R.LAYERS)
     wd = [r for r in layers if r["policy"] == "wdmoe"]
-    assert wd and all(float(r["predicted_ms"]) > 0 for r in wd)
-    assert all(r["predicted_ms"] == "" for r in layers if r["policy"] == "topk")
+    # the calibrated model predicts every policy's layers; WDMoE's own model is beside it
+    assert wd and all(float(r["predicted_ms"]) > 0 for r in layers)
+    assert all(float(r["policy_predicted_ms"]) > 0 for r in wd)
+    assert all(r["policy_predicted_ms"] == "" for r in layers if r["policy"] == "topk")
     calls = R.read_csv(run_dir / R.CALLS)
     assert {c["device"] for c in calls} == {"dev1", "dev2"}   # run.devices = 2 of 3
 
@@ -153,8 +158,13 @@ def test_wdmoe_run_enforces_and_records(make_testbed, state_dir, tmp_path: Path)
     assert all(t["devices"] == ["dev1", "dev2"] and t["link_epochs"]["changes"] > 0
                for t in man["trials"])
     prof = R.read_csv(run_dir / R.PROFILE)
-    assert len(prof) == 36 and all(float(p["compute_ms"]) > 0 for p in prof)
-    _check_profile_fit(man["compute_profile"], prof)
+    # every trial profiles its two devices: alone with 1 and 2 experts, and both at once
+    # (6 token counts x 3 repeats each)
+    assert len(prof) == 2 * 2 * (18 + 18 + 18) and all(float(p["compute_ms"]) > 0 for p in prof)
+    assert {p["device"] for p in prof} == {"dev1", "dev2"}
+    # the compute profile: the first trial's lone one-expert calls
+    _check_profile_fit(man["compute_profile"], [p for p in prof if p["trial"] == "0"
+                                                and p["experts"] == "1" and p["devices"] == "1"])
 
     rep = run_cli("report", str(run_dir), "--format", "json", env=env)
     assert rep.returncode == 0, rep.stderr

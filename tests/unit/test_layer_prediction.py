@@ -135,3 +135,26 @@ def test_prediction_rows_for_every_policy_the_baseline_too():
     assert out[0]["critical"]["median"] == pytest.approx(11 / 11)
     assert out[1]["policy_model"]["median"] == pytest.approx(2.0)
     assert np.isclose(out[0]["exchange"]["p10"], 0.92)
+
+
+def test_predictor_follows_each_links_bucket_from_message_to_message():
+    """A slow link still refilling its TBF bucket when the next message comes lets less of it
+    through free: right after a message, the same exchange is predicted longer; after an idle
+    spell long enough to refill, as from a full bucket."""
+    p = LayerCostParams(256, (DeviceCosts(0.3),), ("d1",), bs_ms=0.1)
+    cl = ClusterState(rate_down_kbit={"d1": 300.0}, rate_up_kbit={"d1": 200.0})
+    pr = ExchangePredictor(p, ["d1"], lambda: {"L0.E0": ("d1",)}, cl)
+    work = SimpleNamespace(inputs={"L0.E0": torch.zeros(2, 64)})   # 512 B + headers: 1 frame
+    full = pr(work, {})["predicted_ms"]
+    assert full == pytest.approx(predict_layer_ms([2], 300, 200, p)[0])
+    import time as _t
+    t0 = _t.perf_counter()
+    pr.observe(SimpleNamespace(info={"t_enter": t0, "calls": [
+        {"device": "d1", "status": "ok", "rtt_ms": 1.0, "serialize_ms": 0.0}]}))
+    # the request (665 + 66 B) and the reply (754 + 66 B) passed free, spending that much of
+    # their 1516 B buckets, which refill at 37.5 / 25 B per ms: the next request still passes
+    # free, the next reply waits for ~124 B (less what the request's time refilled)
+    soon = pr(work, {})["predicted_ms"]
+    assert soon == pytest.approx(full + (820 - 696) * 8 / 200, abs=0.3)
+    pr.links["d1"] = {d: (t - 1.0, tok) for d, (t, tok) in pr.links["d1"].items()}  # 1 s ago
+    assert pr(work, {})["predicted_ms"] == pytest.approx(full)
