@@ -84,26 +84,28 @@ from .latency_model import (
 from .policy import DeviceInfo, load_policy
 from .recipe import Recipe, Trial
 
-#: The twin's calibration without ``--calibrate``: fitted by :func:`calibrate_from_run` on a
-#: measured run (``recipes/wdmoe.toml`` with ``model.path = "tiny-4096"``, ``wire_dtype =
-#: "bf16"``, ``links.bandwidth_mhz = 5``, 4 namespace devices, topk/top1/wdmoe, 6 requests each,
-#: on a 2-core host shared with other work), rounded.
+#: The twin's calibration without ``--calibrate``: what :func:`calibrate_from_run` gave on a
+#: measured run of ``tests/e2e/test_simulate.py``'s recipe (``tiny-4096`` with bf16 on the wire,
+#: ``links.bandwidth_mhz = 5``, 2 and 4 namespace devices, topk/top1/wdmoe, on a 2-core host
+#: shared with other work; the exchange from the runner's profiling fit), rounded; devices as the
+#: median of that run's four.
 DEFAULTS: dict[str, Any] = {
-    # the exchange: per call, the device's fixed time and a + b N compute, fixed per-call cost
-    # besides airtime; the BS's time in the exchange (fixed and per device called)
-    "device": {"call_ms": 1.9, "device_call_ms": 0.45, "compute_a_ms": 0.0,
-               "compute_b_ms": 0.03},
-    "bs_ms": 0.3, "bs_per_device_ms": 0.1,
+    # the exchange, per call: fixed cost besides airtime (and per KiB of its messages), the
+    # device's fixed time and a + b N compute per expert; the BS's time in the exchange (fixed
+    # and per device called)
+    "device": {"call_ms": 0.55, "call_per_kb_ms": 0.0016, "device_call_ms": 0.30,
+               "compute_a_ms": 0.30, "compute_b_ms": 0.026},
+    "bs_ms": 0.0, "bs_per_device_ms": 1.0,
     # the leaf that charges frames (links.py: tbf with one frame + 50 us of the rate)
     "shaping": {"mode": "tbf", "bucket_bytes": 1514.0, "bucket_slack_us": 50.0},
     # what policies see as the compute profile c(N) = a + b N (profiling.py's fit)
-    "compute_profile": (0.4, 0.03),
-    # the BS's own time per layer outside the exchange, by phase (layer 0 carries the step's
-    # start: embedding; the rest attention + router)
-    "bs_layer_ms": {"prefill": (6.0, 2.8, 2.8, 2.9), "decode": (4.5, 2.0, 2.0, 2.2)},
-    "tail_ms": 1.1,
-    # a decision epoch's rate change: a + b * devices changed
-    "rate_change": (0.8, 0.05),
+    "compute_profile": (0.39, 0.032),
+    # the BS's own time per MoE layer outside the exchange (attention, router; layer 0 also
+    # the step's start), by phase; then per step after the last layer (norm, LM head)
+    "bs_layer_ms": {"prefill": (3.3, 3.1, 2.9, 3.4), "decode": (2.1, 2.1, 2.0, 2.2)},
+    "tail_ms": 1.2,
+    # a decision epoch's rate change in-line (tc batch, read-back, links.csv rows): a + b * devices
+    "rate_change": (1.9, 0.14),
 }
 
 
