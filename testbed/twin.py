@@ -11,7 +11,8 @@ most of them idle). What would take time on the testbed is charged to a virtual 
 
 * each MoE layer's expert exchange (``moe_ms``): the calibrated latency model's prediction for
   that layer's per-device loads (token-rows, experts) at the link rates the links would have
-  then (:func:`testbed.latency_model.predict_layer_ms`, per-device terms from
+  then, each link's bucket as the previous messages left it
+  (:func:`testbed.latency_model.predict_layer_ms`, per-device terms from
   :func:`~testbed.latency_model.layer_terms` for ``calls.csv``);
 * the BS's time outside the exchange (``bs_ms``): the calibrated time of that layer of the
   model (attention, router) per phase, plus the policy's decision as it ran here (its
@@ -76,6 +77,8 @@ from .errors import ConfigError
 from .latency_model import (
     DeviceCosts,
     LayerCostParams,
+    bucket_after,
+    bucket_refilled,
     fit_compute_profile,
     fit_layer_costs,
     layer_terms,
@@ -499,13 +502,18 @@ class SimLinkRecorder(LinkRecorder):
 
 
 def predict_exchange(loads: np.ndarray, experts: np.ndarray, down_kbit: np.ndarray,
-                     up_kbit: np.ndarray, params: LayerCostParams
+                     up_kbit: np.ndarray, params: LayerCostParams,
+                     tokens_down: Sequence[float | None] | None = None,
+                     tokens_up: Sequence[float | None] | None = None
                      ) -> tuple[float, dict[str, np.ndarray]]:
     """One layer's exchange under the calibrated latency model -- the one place the twin
     calls it: ``(moe_ms, per-device terms)`` for the called devices (``params.devices`` in
-    their order); terms as :func:`~testbed.latency_model.layer_terms`."""
-    layer_ms, _ = predict_layer_ms(loads, down_kbit, up_kbit, params, experts=experts)
-    return layer_ms, layer_terms(loads, down_kbit, up_kbit, params, experts=experts)
+    their order; ``tokens_*``: what each link's bucket holds as its message starts, ``None``
+    full); terms as :func:`~testbed.latency_model.layer_terms`."""
+    layer_ms, _ = predict_layer_ms(loads, down_kbit, up_kbit, params, experts=experts,
+                                   tokens_down=tokens_down, tokens_up=tokens_up)
+    return layer_ms, layer_terms(loads, down_kbit, up_kbit, params, experts=experts,
+                                 tokens_down=tokens_down, tokens_up=tokens_up)
 
 
 class SimBackend:
@@ -516,7 +524,11 @@ class SimBackend:
     device one call with its experts' rows, at the rates ``cluster`` holds for it; the
     result's ``info`` has the call rows the remote backend would give (``calls``), and
     ``t_enter``/``t_exit`` on the twin's clock with ``pending`` merged in, as
-    :class:`testbed.experiment.TimedBackend` stamps them."""
+    :class:`testbed.experiment.TimedBackend` stamps them. Each link's bucket is followed from
+    message to message on the twin's clock, as the runner's
+    :class:`~testbed.experiment.ExchangePredictor` follows it on the wall clock: a message
+    starts with what the bucket refilled since the last one left
+    (:func:`~testbed.latency_model.bucket_refilled`, :func:`~testbed.latency_model.bucket_after`)."""
 
     def __init__(self, inner: Any, clock: SimClock, calibration: Calibration,
                  bytes_per_token: int) -> None:
@@ -533,6 +545,19 @@ class SimBackend:
         #: what charged the layer's decision and rate change (``take()`` -> ms), if any
         self.decision: Any = None
         self.change: Any = None
+        #: (device, direction) -> (clock s when its last message left the leaf, bytes its
+        #: bucket held then)
+        self.buckets: dict[tuple[str, str], tuple[float, float]] = {}
+
+    def _tokens(self, device: str, direction: str, at: float, rate: float,
+                later_ms: float) -> float | None:
+        """What ``device``'s bucket in ``direction`` holds ``later_ms`` after ``at`` (``None``:
+        full, or never used): refilled at the link's rate since its last message left."""
+        seen = self.buckets.get((device, direction))
+        if seen is None or not rate:
+            return None
+        t, tok = seen
+        return bucket_refilled(tok, (at - t) * 1e3 + later_ms, rate, self.params)
 
     def _params(self, names: tuple[str, ...]) -> LayerCostParams:
         p = self._for.get(names)
@@ -556,7 +581,21 @@ class SimBackend:
         down = np.array([c.rate_down_kbit.get(d, 0.0) for d in names], dtype=np.float64)
         up = np.array([c.rate_up_kbit.get(d, 0.0) for d in names], dtype=np.float64)
         params = self._params(names)
-        moe_ms, terms = predict_exchange(loads, ex, down, up, params) if names else (0.0, {})
+        now = self.clock.now
+        tok_d = [self._tokens(d, "down", now, down[k], 0.0) for k, d in enumerate(names)]
+        first = layer_terms(loads, down, up, params, experts=ex, tokens_down=tok_d) \
+            if names else {}
+        tok_u = [self._tokens(d, "up", now, up[k], first["air_down"][k] + first["device"][k])
+                 for k, d in enumerate(names)]
+        moe_ms, terms = predict_exchange(loads, ex, down, up, params, tok_d, tok_u) \
+            if names else (0.0, {})
+        for k, d in enumerate(names):   # where each link's bucket stands after its message
+            self.buckets[(d, "down")] = (
+                now + terms["air_down"][k] / 1e3,
+                bucket_after(tok_d[k], terms["bytes_down"][k], down[k], params))
+            self.buckets[(d, "up")] = (
+                now + terms["total"][k] / 1e3,
+                bucket_after(tok_u[k], terms["bytes_up"][k], up[k], params))
         calls = []
         for k, d in enumerate(names):
             dc = params.device(k)

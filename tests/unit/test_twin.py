@@ -365,3 +365,25 @@ def test_run_devices_up_to_1000_and_more_and_the_twin_override(tmp_path):
     assert device_names(3) == ["dev1", "dev2", "dev3"]
     with pytest.raises(ConfigError, match="--devices"):
         with_devices(r, 0)
+
+
+def test_sim_backend_follows_each_links_bucket_from_message_to_message():
+    """A message right after another on a slow link finds the bucket still refilling and pays
+    for its first frame too; after a long idle spell the bucket is full again."""
+    clock = SimClock()
+    cal = Calibration(_params(), {}, (0, 0), {"prefill": (1.0,), "decode": (1.0,)}, 0.0, {})
+    sim = SimBackend(_Inner(), clock, cal, 512)
+    sim.placement = {"L0.E0": ("dev1",)}
+    sim.cluster = ClusterState(rate_down_kbit={"dev1": 100.0}, rate_up_kbit={"dev1": 100.0})
+    work = LayerWork(0, 1, {"L0.E0": torch.ones(4, 4)})   # 2 KiB: more than a bucket
+
+    def moe() -> float:
+        r = sim.run_layer(work).info
+        return (r["t_exit"] - r["t_enter"]) * 1e3
+
+    full = moe()
+    again = moe()   # at once: both buckets were spent by the first call
+    # the whole bucket (1515 B) more each way at 100 kbit/s, less what refilled meanwhile
+    assert again > full + 2 * 1515 * 8 / 100.0 * 0.9
+    clock.advance_ms(10_000.0)
+    assert moe() == pytest.approx(full)
