@@ -3,10 +3,13 @@
 :class:`RemoteExpertBackend` implements ``models.backend.ExpertBackend``: per MoE layer it
 groups the layer's experts by the device holding each one, sends one ``forward`` request per
 device (a DEALER socket per device, all sent before any reply is awaited), then waits on all
-devices at once (zmq_poll on their sockets; one device: a blocking receive). Every request has
+devices at once (zmq_poll on their sockets; one device: a blocking receive; a wait longer than
+50 ms wakes every 50 ms to look after the connections). Every request has
 a deadline; on a timeout, an error reply or an unreachable device the affected experts are
 re-routed to a replica when the placement has one, otherwise reported in ``LayerResult.failed`` (the split MoE block then drops them and
-renormalises). Nothing here is fatal to generation.
+renormalises). Nothing here is fatal to generation. A connection that stalls (a request
+unacknowledged for ``tcp_user_timeout_s``: the kernel drops it) is replaced, and the requests
+waiting on it are sent again on the fresh one (see :meth:`RemoteExpertBackend.reconnect`).
 
 ``LayerResult.info["calls"]`` holds one row per (expert, attempt): uid, device, tokens, bytes,
 status, and the timing breakdown serialise / network (= round trip - device time) / device
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import struct
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +57,10 @@ _POLLIN = int(zmq.POLLIN)
 _POLLOUT = int(zmq.POLLOUT)
 _RCVTIMEO = int(zmq.RCVTIMEO)
 _POLL_ITEM = int(zmq.POLLIN)
+_EV_DISCONNECTED = int(zmq.EVENT_DISCONNECTED)
+#: while requests are out, the wait wakes this often to look after lost connections (a reply
+#: ends the wait at once; only calls slower than this see the wake-ups)
+_TEND_MS = 50
 #: dtypes whose CPU tensors numpy views directly (bfloat16 goes through P.tensor_buffer)
 _NP_VIEWABLE = frozenset((torch.float32, torch.float16))
 _NO_ENERGY: dict[str, float] = {}  #: shared, never written: a reply without energy stamps
@@ -78,6 +86,18 @@ def round_robin_placement(uids: Iterable[str], devices: Sequence[str], replicas:
     return {u: [devices[(i + r) % len(devices)] for r in range(replicas)] for i, u in enumerate(uids)}
 
 
+def _option_ms(name: str, value: object, zero: bool = True) -> int:
+    """A duration option in seconds as whole milliseconds for a socket option (0 allowed
+    when ``zero``); raises ValueError naming the option."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and (value >= 0 if zero else value > 0) and value <= 3600
+    if not ok:
+        least = "0 or more" if zero else "more than 0"
+        raise ValueError(f"{name} must be a number of seconds, {least} and at most 3600, "
+                         f"got {value!r}")
+    return max(1, round(value * 1e3)) if value else 0  # type: ignore[operator]
+
+
 @dataclass
 class ClockEstimate:
     """NTP-style estimate from the ping with the smallest round trip.
@@ -101,6 +121,7 @@ class _Agent:
     rcvtimeo: int = -1  #: the socket's RCVTIMEO as last set (the one-device wait blocks in recv)
     energy_source: str | None = None  #: the agent's meter label (its status), set by connect()
     renewed: bool = False  #: the connection was renewed (reconnect) and has carried no call yet
+    mon: zmq.Socket | None = None  #: PAIR receiving the socket's EVENT_DISCONNECTED notices
 
 
 @dataclass(slots=True)
@@ -114,6 +135,8 @@ class _Call:
     serialize_ms: float
     bytes_out: dict[str, int] = field(default_factory=dict)
     descs: list[list[Any]] = field(default_factory=list)  #: the request's ``t`` (a full reply echoes it)
+    sock: Any = None  #: the socket the request went out on
+    frames: tuple[Any, ...] = ()  #: (header, buffers): re-sent as they are on a fresh connection
 
 
 class RemoteExpertBackend:
@@ -141,13 +164,37 @@ class RemoteExpertBackend:
         are spread over them. Measured on a 16-core host (``bench/dataplane.py --io-threads``,
         loopback, 8 agents): 4 threads gave no faster fan-out and slower single calls, so 1
         stays the default; more may pay off for many devices on fast links.
+    tcp_user_timeout_s
+        A connection whose sent data (a request) stays unacknowledged this long is dropped by
+        the kernel (``TCP_USER_TIMEOUT``, set through ``ZMQ_TCP_MAXRT``); the backend then
+        opens a fresh one and re-sends the requests still waiting, with their own deadlines.
+        After a cut link comes back, the old connection would otherwise wait out its
+        retransmission back-off (0.2 s doubling: seconds after a cut of seconds). A working
+        link, however slow, acknowledges within a packet's time, so this only ends stalls.
+        ``0`` turns it off.
+    connect_timeout_s
+        A renewed connection's TCP handshake (SYN-SENT) is given up after this long and a fresh
+        one started ``reconnect_ivl_s`` later (``ZMQ_CONNECT_TIMEOUT``), instead of waiting
+        for the kernel's SYN retransmissions 1 s, 3 s, 7 s after the first. Raised to 4x the
+        agent's measured round trip when that is longer. First connections have none (their
+        round trip is unknown). ``0``: the kernel's own retries.
+    reconnect_ivl_s
+        Pause between connection attempts (``ZMQ_RECONNECT_IVL``, plus up to as much again at
+        random); it does not grow, so the first attempt after a link comes back is at most
+        ``connect_timeout_s + 2 * reconnect_ivl_s`` away.
     """
 
     def __init__(self, agents: Mapping[str, str], placement: Mapping[str, Sequence[str]] | None = None,
                  *, timeout_s: float = 5.0, down_backoff_s: float = 2.0,
-                 curve: CurveClient | None = None, io_threads: int = 1) -> None:
+                 curve: CurveClient | None = None, io_threads: int = 1,
+                 tcp_user_timeout_s: float = 1.0, connect_timeout_s: float = 0.2,
+                 reconnect_ivl_s: float = 0.05) -> None:
         if isinstance(io_threads, bool) or not isinstance(io_threads, int) or io_threads < 1:
             raise ValueError(f"io_threads must be a positive integer, got {io_threads!r}")
+        #: socket option values in ms (0: not set)
+        self._user_timeout_ms = _option_ms("tcp_user_timeout_s", tcp_user_timeout_s)
+        self._connect_timeout_ms = _option_ms("connect_timeout_s", connect_timeout_s)
+        self._reconnect_ivl_ms = _option_ms("reconnect_ivl_s", reconnect_ivl_s, zero=False)
         self.curve = curve
         keep_large_buffers()  # reply frames of 1 MiB+ would page-fault fresh mmap pages per call
         self.ctx = zmq.Context(io_threads=io_threads)
@@ -158,8 +205,11 @@ class RemoteExpertBackend:
         self._ids = itertools.count(1)
         self._by_sock: dict[zmq.Socket, _Agent] = {}
         self.stale_replies = 0
-        #: device -> connections renewed after a timeout (:meth:`reconnect`)
+        #: device -> connections renewed after a timeout or a lost connection (:meth:`reconnect`)
         self.reconnects: dict[str, int] = {}
+        #: device -> requests re-sent on a fresh connection after theirs was lost
+        self.resent: dict[str, int] = {}
+        self._monitors = itertools.count(1)
         #: how long the first call on a renewed connection waits for its handshake
         self._renew_wait_ms = int(min(self.timeout_s, 0.5) * 1e3)
         for name, ep in agents.items():
@@ -171,7 +221,7 @@ class RemoteExpertBackend:
         return int(self.ctx.get(zmq.IO_THREADS))
 
     # ---- connections ---------------------------------------------------------------------
-    def add_agent(self, name: str, endpoint: str) -> None:
+    def add_agent(self, name: str, endpoint: str, connect_timeout_ms: int = 0) -> None:
         """Open a DEALER to ``endpoint`` (sends fail at once while it is not connected)."""
         s = self.ctx.socket(zmq.DEALER)
         if self.curve is not None:
@@ -182,22 +232,41 @@ class RemoteExpertBackend:
                 raise TestbedError(str(e)) from None
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.IMMEDIATE, 1)
-        s.setsockopt(zmq.RECONNECT_IVL, 100)
-        s.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        s.connect(endpoint)
-        a = _Agent(name, endpoint, s)
+        s.setsockopt(zmq.RECONNECT_IVL, self._reconnect_ivl_ms)
+        s.setsockopt(zmq.RECONNECT_IVL_MAX, 0)  # no doubling
+        if connect_timeout_ms:
+            s.setsockopt(zmq.CONNECT_TIMEOUT, connect_timeout_ms)
+        if self._user_timeout_ms:
+            s.setsockopt(zmq.TCP_MAXRT, self._user_timeout_ms)  # TCP_USER_TIMEOUT on Linux
+        # a lost connection (the user timeout, a reset) is reported here: its requests are
+        # re-sent on a fresh one instead of waiting for their deadlines
+        mon = s.get_monitor_socket(_EV_DISCONNECTED,
+                                   f"inproc://remote-backend-{id(self):x}-{next(self._monitors)}")
+        a = _Agent(name, endpoint, s, mon=mon)
+        try:
+            s.connect(endpoint)
+        except zmq.ZMQError:
+            self._close_agent(a)
+            raise
         self.agents[name] = a
         self._by_sock[s] = a
 
     def reconnect(self, name: str) -> None:
         """Replace the connection to ``name`` by a fresh one, keeping what is known of the agent
-        (the Lazy Pirate pattern). After a timeout the old TCP connection may sit in its
-        retransmission back-off for many seconds (seen here after a link was cut to 2 kbit/s:
-        calls kept timing out for 20 s once the rate was back), and whatever it still queues
-        is stale; a new connection starts with a fresh back-off."""
+        (the Lazy Pirate pattern): after a call's timeout, or when the kernel dropped the
+        connection (``tcp_user_timeout_s``). The old TCP connection may sit in its
+        retransmission back-off for seconds after a cut link comes back (0.2 s doubling), and
+        whatever it still queues is stale; a new connection starts with a fresh back-off. Its
+        handshake gets ``connect_timeout_s`` (at least 4x the agent's measured round trip)
+        before a fresh attempt replaces it: a SYN lost in the cut is not waited for (the
+        kernel would retry after 1 s, then 3 s, 7 s), and a handshake without retried SYNs
+        does not start the connection with the 3 s fallback RTO."""
         old = self.agents[name]
         self.remove_agent(name)
-        self.add_agent(name, old.endpoint)
+        ct_ms = self._connect_timeout_ms
+        if ct_ms and old.clock is not None:
+            ct_ms = max(ct_ms, int(4 * old.clock.rtt_ms))
+        self.add_agent(name, old.endpoint, connect_timeout_ms=ct_ms)
         new = self.agents[name]
         new.clock, new.down_until, new.failures = old.clock, old.down_until, old.failures
         new.energy_source = old.energy_source
@@ -208,12 +277,19 @@ class RemoteExpertBackend:
         """Close the connection to ``name`` and forget it (its experts then fail or re-route)."""
         a = self.agents.pop(name)
         del self._by_sock[a.sock]
+        self._close_agent(a)
+
+    @staticmethod
+    def _close_agent(a: _Agent) -> None:
+        if a.mon is not None:
+            a.sock.disable_monitor()
+            a.mon.close(0)
         a.sock.close(0)
 
     def close(self) -> None:
         """Close every socket (pending requests are abandoned)."""
         for a in self.agents.values():
-            a.sock.close(0)
+            self._close_agent(a)
         self.agents.clear()
         self.ctx.term()
 
@@ -228,6 +304,16 @@ class RemoteExpertBackend:
             return self.agents[device]
         except KeyError:
             raise AgentError(device, f"unknown device (have {sorted(self.agents)})") from None
+
+    def _lost(self, a: _Agent) -> bool:
+        """Whether ``a``'s connection dropped since last asked (reads its monitor's notices)."""
+        mon = a.mon
+        lost = False
+        while mon is not None and mon.get(_EVENTS) & _POLLIN:
+            ev = mon.recv_multipart()  # [event id (uint16) + value (uint32), endpoint]
+            lost = lost or (len(ev[0]) >= 2
+                            and struct.unpack_from("<H", ev[0])[0] == _EV_DISCONNECTED)
+        return lost
 
     @staticmethod
     def _recv_body(sock: zmq.Socket) -> list[zmq.Frame]:
@@ -247,6 +333,9 @@ class RemoteExpertBackend:
             On timeout, or (``check``) when the reply's ``code`` is not 0.
         """
         a = self._agent(device)
+        if self._lost(a):
+            self.reconnect(device)
+            a = self.agents[device]
         budget_s = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + budget_s
         rid = next(self._ids)
@@ -405,6 +494,10 @@ class RemoteExpertBackend:
                     try:
                         send(hb, _NB_MORE)
                     except zmq.Again:
+                        if self._lost(a):  # dropped since its last call: a fresh connection
+                            self.reconnect(dev)
+                            a = self.agents[dev]
+                            send = a.sock.send
                         # a connection renewed after a timeout may still be in its handshake
                         if not (a.renewed and a.sock.poll(self._renew_wait_ms, _POLLOUT)):
                             raise
@@ -419,12 +512,13 @@ class RemoteExpertBackend:
                         send(b, _NOBLOCK if i == last else _NB_MORE, copy=False)
                 except zmq.ZMQError as e:  # zmq.Again: no live connection (IMMEDIATE)
                     err = e
-                sent.append((dev, uids, rid, t0_ns, ser_ms, nbytes, descs, err))
+                sent.append((dev, uids, rid, t0_ns, ser_ms, nbytes, descs, err, a.sock, (hb, bufs)))
             deadline = time.monotonic() + self.timeout_s
-            for dev, uids, rid, t0_ns, ser_ms, nbytes, descs, err in sent:
+            for dev, uids, rid, t0_ns, ser_ms, nbytes, descs, err, sock, frames in sent:
                 for u in uids:
                     tried[u].add(dev)
-                call = _Call(rid, dev, list(uids), attempt, t0_ns, deadline, ser_ms, nbytes, descs)
+                call = _Call(rid, dev, list(uids), attempt, t0_ns, deadline, ser_ms, nbytes, descs,
+                             sock, frames)
                 if err is not None:
                     self._mark_down(dev)
                     fail(call, list(uids), "unreachable", str(err) or "not connected")
@@ -455,15 +549,20 @@ class RemoteExpertBackend:
         dispatch(first, 0)
 
         recv_reply = self._recv_reply
+        tend_at = time.monotonic() + _TEND_MS / 1e3
         while pending:
             now = time.monotonic()
+            if now >= tend_at:
+                self._tend(pending)
+                now = time.monotonic()
+                tend_at = now + _TEND_MS / 1e3
             if len(pending) == 1:
                 # one request out: block in its socket's own receive (RCVTIMEO = time left), no
                 # poller and no readiness check per reply
                 only = next(iter(pending.values()))
                 oa = self.agents.get(only.device)
                 if oa is not None:
-                    wait_ms = max(0, int(math.ceil((only.deadline - now) * 1e3)))
+                    wait_ms = max(0, min(_TEND_MS, int(math.ceil((only.deadline - now) * 1e3))))
                     if oa.rcvtimeo != wait_ms:
                         oa.sock.setsockopt(_RCVTIMEO, wait_ms)
                         oa.rcvtimeo = wait_ms
@@ -476,7 +575,8 @@ class RemoteExpertBackend:
                 else:  # its agent was removed: nothing can come; wait for the deadline
                     time.sleep(max(0.0, only.deadline - now))
             else:
-                wait_ms = max(0, int(math.ceil((min(c.deadline for c in pending.values()) - now) * 1e3)))
+                wait_ms = max(0, min(_TEND_MS, int(math.ceil(
+                    (min(c.deadline for c in pending.values()) - now) * 1e3))))
                 # only the sockets with a request out (zmq_poll itself, not a Poller of every agent);
                 # one message per ready socket and turn: the poll returns at once while more wait
                 agents = self.agents
@@ -504,6 +604,34 @@ class RemoteExpertBackend:
         rerouted = {u: d for u, d in served_by.items() if self.placement.get(u, [d])[0] != d}
         return LayerResult(outputs, failed, {"wall_s": time.perf_counter() - t_start, "calls": calls,
                                              "served_by": served_by, "rerouted": rerouted})
+
+    def _tend(self, pending: dict[int, _Call]) -> None:
+        """Look after the connections that requests wait on: one that dropped (the kernel's
+        user timeout, a reset) is renewed, and once a fresh connection is up, the requests that
+        went out on an older one are sent again on it (same id, same deadline)."""
+        for dev in {c.device for c in pending.values()}:
+            a = self.agents.get(dev)
+            if a is None:
+                continue
+            if self._lost(a):
+                self.reconnect(dev)
+                a = self.agents[dev]
+            stale = [c for c in pending.values() if c.device == dev and c.sock is not a.sock]
+            if not stale or not a.sock.get(_EVENTS) & _POLLOUT:  # none, or not connected yet
+                continue
+            send = a.sock.send
+            for c in stale:
+                hb, bufs = c.frames
+                try:
+                    send(hb, _NB_MORE)
+                except zmq.Again:
+                    break
+                last = len(bufs) - 1
+                for i, b in enumerate(bufs):
+                    send(b, _NOBLOCK if i == last else _NB_MORE, copy=False)
+                c.sock = a.sock
+                a.renewed = False
+                self.resent[dev] = self.resent.get(dev, 0) + 1
 
     @staticmethod
     def _recv_reply(sock: zmq.Socket, flags: int) -> list[Any]:
