@@ -87,12 +87,14 @@ def profile_device(backend: Any, device: str, uid: str, hidden_size: int, dtype:
 #: profiling through the BS's exchange: experts per call timed, and whether every device is
 #: also timed at once (the devices share the host's cores on a local testbed)
 LAYER_EXPERTS = (1, 2)
+#: idle time before each profiled exchange (a run's layers are apart by the BS's own work)
+GAP_S = 0.005
 
 
 def profile_exchanges(backend: Any, experts_by_device: Mapping[str, Sequence[str]],
                       hidden_size: int, dtype: Any, tokens: Sequence[int] = TOKENS,
                       repeats: int = REPEATS, experts: Sequence[int] = LAYER_EXPERTS,
-                      together: bool = True, gap_s: float = 0.0, seed: int = 0,
+                      together: bool = True, gap_s: float = GAP_S, seed: int = 0,
                       start_id: int = 0) -> list[dict[str, Any]]:
     """Time expert exchanges through ``backend.run_layer`` -- the path a run's layers take,
     what ``layers.csv``'s ``moe_ms`` measures -- for the calibrated latency model
@@ -100,9 +102,12 @@ def profile_exchanges(backend: Any, experts_by_device: Mapping[str, Sequence[str
 
     For each token count and repeat (one warm-up exchange first): each device alone with
     ``e`` of its experts for every ``e`` in ``experts`` (as many as it holds), and with
-    ``together`` every device at once with one expert each. ``backend.placement`` must map the
-    uids to their devices. ``gap_s``: a pause before each exchange (lets a shaped link's bucket
-    refill).
+    ``together`` neighbouring devices two at a time (with more than two devices) and every
+    device at once, one expert each. ``backend.placement`` must map the uids to their devices.
+    ``gap_s``: a pause before each exchange, as a run's layers have between them (the BS's own
+    work): the agents and the BS wait idle for the next call, which costs more than calls back
+    to back (measured here: 0.15-0.3 ms per call after 3-10 ms idle), and a shaped link's
+    bucket refills.
 
     Returns one sample per call: ``device``, ``expert`` (the uids, space-separated),
     ``experts``, ``tokens`` (rows per expert), ``rows`` (the call's rows), ``repeat``,
@@ -122,7 +127,11 @@ def profile_exchanges(backend: Any, experts_by_device: Mapping[str, Sequence[str
             if len(uids) >= e:
                 plans.append({d: list(uids[:e])})
     if together and len(experts_by_device) > 1:
-        plans.append({d: list(uids[:1]) for d, uids in experts_by_device.items() if uids})
+        devs = [d for d, uids in experts_by_device.items() if uids]
+        if len(devs) > 2:   # neighbours two at a time: the usual decode step's exchange
+            plans += [{d: list(experts_by_device[d][:1]) for d in devs[i:i + 2]}
+                      for i in range(len(devs) - 1)]
+        plans.append({d: list(experts_by_device[d][:1]) for d in devs})
     out: list[dict[str, Any]] = []
     lid = start_id
     for rep, n in [(-1, tokens[0])] + [(r, n) for n in tokens for r in range(repeats)]:

@@ -76,7 +76,8 @@ def test_latency_model_predicts_every_policys_layers(make_testbed, state_dir,
         assert all(d["rtt"]["n"] > 0 for d in lm["residuals"]["devices"].values())
     prof = R.read_csv(run_dir / R.PROFILE)
     assert {p["trial"] for p in prof} == {"0", "1"}   # every trial profiles its devices
-    assert {p["experts"] for p in prof} == {"1", "2"} and {p["devices"] for p in prof} == {"1", "3"}
+    assert {p["experts"] for p in prof} == {"1", "2"}
+    assert {p["devices"] for p in prof} == {"1", "2", "3"}   # alone, two at a time, all
 
     # epochs per layer: one change per decision, each recorded with its scope
     links = R.read_csv(run_dir / R.LINKS)
