@@ -133,6 +133,19 @@ def cell_share_kbit(cell_rate_kbit: float | None, devices: int) -> float | None:
     return cell_rate_kbit / devices if cell_rate_kbit and devices else None
 
 
+def class_ceil_kbit(mode: str, rate_kbit: float, cell_rate_kbit: float | None) -> float:
+    """The ceiling of a device's HTB class: its link rate in htb mode, where the class is the
+    shaper; where a leaf charges the rate (tbf, netem), the cell's rate (or unlimited), so
+    that the class only classifies and shares the cell and a rate change touches the leaf
+    alone. A class that carried the link's rate would, after a cut to a few kbit/s, stay in
+    debt for seconds once the rate is back (HTB charges each frame it let through at the
+    cut rate and ``tc class change`` keeps the debt: measured -5.8 to -6.0 s of tokens after
+    a 2 s cut to 2 kbit/s), while a TBF leaf's bucket refills when it is changed."""
+    if mode == "htb":
+        return rate_kbit
+    return cell_rate_kbit or UNLIMITED_KBIT
+
+
 def leaf_bucket_bytes(mtu: int) -> int:
     """The TBF bucket's fixed part: one full frame on an interface of this MTU (the IP packet
     plus the Ethernet header), so no packet is too big for it."""
@@ -244,7 +257,9 @@ def build_tree_commands(dev: str, addrs: Sequence[str], specs: Sequence[LinkSpec
     for i, (addr, spec) in enumerate(zip(addrs, specs)):
         minor = class_minor(i)
         cmds.append(["tc", "class", "replace", "dev", dev, "parent", f"1:{ROOT_CLASS:x}",
-                     "classid", f"1:{minor:x}", *_htb_params(spec.rate_kbit, share)])
+                     "classid", f"1:{minor:x}",
+                     *_htb_params(class_ceil_kbit(mode, spec.rate_kbit, cell_rate_kbit),
+                                  share)])
         cmds.append(leaf_qdisc_command(dev, minor, spec, mode, bucket_bytes))
         cmds.append(["tc", "filter", "add", "dev", dev, "parent", "1:", "protocol", "ip",
                      "prio", "1", "u32", "match", "ip", match, f"{addr}/32",
@@ -426,9 +441,10 @@ def infer_mode(leaves: Sequence[Leaf]) -> str:
 
 
 def enforced_kbit(class_kbit: float, leaf: Leaf | None) -> float:
-    """What a link gets: the class's rate, or the leaf's where that charges less."""
+    """A link's rate: its leaf's where the leaf carries one (tbf, netem modes: the class's
+    ceiling is then the cell's, a cap shared with the other devices), else its class's."""
     if leaf is not None and leaf.rate_kbit:
-        return min(class_kbit, leaf.rate_kbit)
+        return leaf.rate_kbit
     return class_kbit
 
 
@@ -806,7 +822,9 @@ class TcShaper:
             steps.append((d, leaf_command(op, d, minor, kind, spec, cfg.bucket_bytes,
                                           netem_rate), cur))
         share = cell_share_kbit(self.cell_rate_kbit, len(self.addrs))
-        classes = [build_class_change_command(d, i, spec, share) for d in devs]
+        # the class carries the rate in htb mode only (class_ceil_kbit)
+        classes = [build_class_change_command(d, i, spec, share) for d in devs] \
+            if cfg.mode == "htb" else []
         done: list[tuple[str, Leaf | None]] = []
         try:
             for d, argv, cur in steps:
@@ -834,9 +852,9 @@ class TcShaper:
     def set_rates(self, rates: Mapping[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
         """Change the rate of several links at once and read back what the kernel enforces.
 
-        ``rates`` maps a device to its (down, up) kbit/s. Every in-place ``tc class change``
-        and ``tc qdisc change`` of the rate-carrying leaves (TBF, netem with a rate: its
-        delay/loss kept) goes out at once, then classes and qdiscs of both interfaces are read
+        ``rates`` maps a device to its (down, up) kbit/s. Every in-place ``tc qdisc change``
+        of the rate-carrying leaves (TBF, netem with a rate: its delay/loss kept), or in htb
+        mode every ``tc class change``, goes out at once, then classes and qdiscs of both interfaces are read
         back; pfifo leaves and htb mode's netem are not touched. Where the BS is this machine
         and we are root, the changes are rtnetlink messages in one send (tens to hundreds of
         microseconds, :mod:`testbed.netlink_tc`) and the read-back is the kernel's dumps;
@@ -853,8 +871,16 @@ class TcShaper:
             i = self.index(dev)
             minor = class_minor(i)
             for d, kbit in ((self.iface, down), (self.ifb, up)):
-                commands.append(build_class_change_command(d, i, LinkSpec(kbit), share))
+                if cfg.mode == "htb":   # elsewhere the leaf alone carries the rate
+                    commands.append(build_class_change_command(d, i, LinkSpec(kbit), share))
                 lf = leaves.get((d, minor))
+                if cfg.mode != "htb" and (lf is None or lf.rate_kbit is None):
+                    leaves = self._leaves()   # a stale cache, or no leaf to change at all
+                    lf = leaves.get((d, minor))
+                    if lf is None or lf.rate_kbit is None:
+                        raise CommandFailed(self.runner.host, ["tc", "qdisc", "show", "dev", d],
+                                            1, "", f"no rate-carrying leaf under class "
+                                            f"1:{minor:x} of {dev} in {cfg.mode} mode")
                 if lf is not None and lf.rate_kbit is not None and lf.kind in ("tbf", "netem"):
                     commands.append(leaf_command("change", d, minor, lf.kind, lf.spec(kbit),
                                                  cfg.bucket_bytes, True))

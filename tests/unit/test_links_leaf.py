@@ -110,8 +110,19 @@ def test_setup_in_tbf_mode_puts_a_tbf_under_every_device_class():
         "tc qdisc replace dev br0 parent 1:101 handle 101: tbf rate 2000kbit burst 1527 limit 1514000",
         "tc qdisc replace dev ifb0 parent 1:100 handle 100: tbf rate 4000kbit burst 1539 limit 1514000",
         "tc qdisc replace dev ifb0 parent 1:101 handle 101: tbf rate 1000kbit burst 1521 limit 1514000"]
-    # the HTB class over each leaf keeps the same rate (classification, cell sharing)
-    assert any("classid 1:101 htb rate 2000kbit ceil 2000kbit" in c for c in cmds)
+    # the HTB class over each leaf only classifies (and shares a cell): it is never the
+    # bottleneck, so a cut link leaves it no debt (links.class_ceil_kbit)
+    assert any("classid 1:101 htb rate 10000000kbit ceil 10000000kbit" in c for c in cmds), cmds
+    assert not any("htb rate 2000kbit" in c or "ceil 2000kbit" in c for c in cmds)
+    cell = [" ".join(c) for c in build_setup_commands(
+        "br0", "ifb0", ["10.0.0.11", "10.0.0.12"], [LinkSpec(8000), LinkSpec(2000)],
+        [LinkSpec(4000), LinkSpec(1000)], 6000, "tbf", 1514)]
+    assert any("classid 1:101 htb rate 3000kbit ceil 6000kbit" in c for c in cell), cell
+    # in htb mode the class is the shaper and carries the link's rate
+    htb = [" ".join(c) for c in build_setup_commands(
+        "br0", "ifb0", ["10.0.0.11", "10.0.0.12"], [LinkSpec(8000), LinkSpec(2000)],
+        [LinkSpec(4000), LinkSpec(1000)], None, "htb", 1514)]
+    assert any("classid 1:101 htb rate 2000kbit ceil 2000kbit" in c for c in htb), htb
     assert cmds[-1].endswith("action mirred egress redirect dev ifb0")
 
 
@@ -153,7 +164,8 @@ def test_infer_mode_and_enforced_rate():
     assert infer_mode([Leaf("netem", "4100:", 2000)]) == "netem"
     assert infer_mode([Leaf("pfifo", "100:"), Leaf("netem", "4101:", None, 5)]) == "htb"
     assert enforced_kbit(8000, Leaf("tbf", "100:", 2000)) == 2000
-    assert enforced_kbit(2000, Leaf("tbf", "100:", 1e7)) == 2000
+    # a rate-carrying leaf is the link's rate even under a lower class ceiling (the cell's)
+    assert enforced_kbit(2000, Leaf("tbf", "100:", 50000)) == 50000
     assert enforced_kbit(2000, Leaf("pfifo", "100:")) == enforced_kbit(2000, None) == 2000
 
 
@@ -511,7 +523,7 @@ def test_offloads_that_cannot_change_give_a_one_line_warning():
     assert {q["kind"] for q in bs.leaves.values()} == {"tbf"}   # the shaping went in anyway
 
 
-def test_set_rates_changes_class_and_leaf_in_place_in_one_batch():
+def test_set_rates_changes_the_leaves_in_place_in_one_batch():
     bs = FakeBS()
     _setup(bs)
     sh = _shaper(bs)
@@ -520,12 +532,11 @@ def test_set_rates_changes_class_and_leaf_in_place_in_one_batch():
     assert sh.set_rates({"dev1": (1234, 777), "dev2": (50000, 10000)}) == \
         {"dev1": (1234, 777), "dev2": (50000, 10000)}
     assert sh.qdisc_handles() == handles
-    assert bs.log[:2] == [
-        ("tc class change dev br0 parent 1:1 classid 1:100 htb rate 1234kbit ceil 1234kbit "
-        "burst 3200 cburst 3200 quantum 3028"),
+    # the leaves alone carry the rate: 2 devices x 2 directions
+    assert bs.log[:1] == [
         ("tc qdisc change dev br0 parent 1:100 handle 100: tbf rate 1234kbit burst 1522 "
         "limit 1514000")]
-    assert len(bs.log) == 8 and not any("replace" in c for c in bs.log)
+    assert len(bs.log) == 4 and all(c.startswith("tc qdisc change") for c in bs.log), bs.log
     # the read-back is the leaf's rate where it charges less than the class
     bs.leaves[("ifb0", 0x101)]["options"]["rate"] = 500 * 1000 / 8
     assert sh.set_rates({"dev1": (100, 100)}) == {"dev1": (100, 100)}
@@ -550,8 +561,7 @@ def test_change_in_tbf_mode_is_in_place_and_refusals_change_nothing():
     handles = sh.qdisc_handles()
     bs.log.clear()
     sh.change("dev2", LinkSpec(3000), "both")
-    assert [c.split(" dev ")[0] for c in bs.log] == ["tc qdisc change"] * 2 + \
-        ["tc class change"] * 2
+    assert [c.split(" dev ")[0] for c in bs.log] == ["tc qdisc change"] * 2
     assert sh.qdisc_handles() == handles
     assert {(s.down_kbit, s.up_kbit) for s in sh.show() if s.device == "dev2"} == {(3000, 3000)}
     before = dict(bs.leaves), dict(bs.rates)
