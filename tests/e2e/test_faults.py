@@ -95,7 +95,7 @@ class TcSampler(threading.Thread):
                                     capture_output=True, text=True)
                 leaves = leaves_by_class(json.loads(qd.stdout or "[]"))
                 per_dir.append({c.classid: enforced_kbit(c.ceil_kbit,
-                                                         leaves.get(int(c.classid[2:], 16)))
+                                                         leaves.get(int(c.classid.partition(":")[2], 16)))
                                 for c in parse_htb_classes(res.stdout)})
             after = self._rows()
             if all(cid in d for d in per_dir for cid in self.classes):
