@@ -62,9 +62,12 @@ from .profiling import bytes_per_token, fit_profiles, profile_exchanges
 from .recipe import Recipe, Trial
 
 ROOT = Path(__file__).resolve().parents[1]
-#: the links' rate, both ways, while a trial's devices are profiled (fast enough to take a
-#: second or two, slow enough that a transfer's time is the link's, not the host's)
-PROFILE_KBIT = 100_000.0
+#: the links' rate, both ways, while a trial's devices are profiled (fast enough that the
+#: calls' fixed costs are not small differences of long airtimes, slow enough that a transfer's
+#: time is the link's, not the host's: ~700 Mbit/s is the most one flow got here)
+PROFILE_KBIT = 300_000.0
+#: repeats of each profiled exchange (its median per call shape is fitted)
+PROFILE_REPEATS = 5
 
 
 class PolicyFailed(TestbedError):
@@ -860,7 +863,8 @@ class Runner:
         self.progress.message(f"profiling {', '.join(mine)}")
         start = self.profile_exchanges
         samples = profile_exchanges(self.backend, mine, self.mf.hidden_size, self.wire_dtype,
-                                    seed=self.recipe.seed, start_id=start)
+                                    seed=self.recipe.seed, start_id=start,
+                                    repeats=PROFILE_REPEATS)
         self.profile_exchanges = start + len({s["layer"] for s in samples}) + 1
         for s in samples:
             s["rate_down_kbit"] = rates[s["device"]].down_kbit

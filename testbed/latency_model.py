@@ -19,7 +19,11 @@ with ``N_k`` token-rows in one call::
     t_k = call_ms_k + air(m_down, r_down) + dev_ms_k + air(m_up, r_up)
     dev_ms_k = device_call_ms_k + a_k E_k + b_k N_k
     m_dir = header_dir + header_dir_per_expert E_k + N_k S       (bytes of the message)
-    layer = bs_ms + bs_per_device_ms (D - 1) + max_k t_k         (D: devices called)
+    layer = bs_ms + Q(t, bs_per_device_ms)                       (the replies' queue at the BS)
+
+``Q`` is when the BS has handled the last reply: it handles them one at a time, in order of
+arrival ``t_k``, each for ``bs_per_device_ms`` (:func:`reply_queue_ms`) -- replies that arrive
+together wait for each other, replies far apart do not.
 
 ``air`` is the time the link's leaf needs to let the message's frames through
 (:func:`airtime_ms`): the message split into TCP segments of ``mtu - 52`` bytes, each charged
@@ -459,9 +463,10 @@ class LayerCostParams:
     header_up_per_expert_bytes:
         Bytes a call carries besides the hidden states, per call and per expert, each way.
     bs_ms, bs_per_device_ms:
-        The BS's own time in the exchange with one device called, and what each further
-        device called adds (the BS handles the replies one by one; on a local testbed the
-        devices also share the host's cores).
+        The BS's own time in the exchange besides the replies, and its time per reply: it
+        handles the replies one at a time as they arrive (:func:`reply_queue_ms`; on a local
+        testbed the time also holds the devices' contention for the host's cores when their
+        calls run together).
     decision_ms, rate_change_ms:
         The policy's decision and an epoch's rate change (in-line before the exchange).
     """
@@ -595,16 +600,24 @@ def predict_layer_ms(loads: Sequence[float] | np.ndarray, down_kbit: Sequence[fl
     Returns
     -------
     (layer_ms, per_device_ms):
-        ``bs_ms + bs_per_device_ms (D - 1) + max_k t_k`` (0 when no device is called) and the
-        devices' ``t_k`` (0 for idle devices).
+        ``bs_ms + reply_queue_ms(t, bs_per_device_ms)`` (0 when no device is called) and
+        the devices' ``t_k`` (0 for idle devices).
     """
     t = layer_terms(loads, down_kbit, up_kbit, params, experts=experts, tokens_down=tokens_down,
                     tokens_up=tokens_up)
     dev = t["total"]
-    used = int(np.count_nonzero(dev))
-    if not used:
+    if not np.count_nonzero(dev):
         return 0.0, dev
-    return float(params.bs_ms + params.bs_per_device_ms * (used - 1) + dev.max()), dev
+    return float(params.bs_ms + reply_queue_ms(dev, params.bs_per_device_ms)), dev
+
+
+def reply_queue_ms(arrivals_ms: Sequence[float] | np.ndarray, per_reply_ms: float) -> float:
+    """When the BS has handled the last of the replies arriving at ``arrivals_ms`` (those
+    > 0), handling them one at a time in order of arrival, each for ``per_reply_ms``."""
+    done = 0.0
+    for a in sorted(float(x) for x in np.asarray(arrivals_ms).ravel() if x > 0):
+        done = max(done, a) + per_reply_ms
+    return done
 
 
 def bucket_after(tokens_bytes: float | None, message_bytes: float, rate_kbit: float,
@@ -684,14 +697,14 @@ def fit_layer_costs(samples: Iterable[Mapping[str, Any]], base: LayerCostParams
     * ``device_call_ms, compute_a_ms, compute_b_ms``: non-negative least squares of the
       groups' median ``device_ms`` on ``1, E, N`` (``device_call_ms`` = 0 when every call had
       one expert: it cannot be told from ``a``);
-    * ``call_ms, call_per_kb_ms``: non-negative least squares of the groups' median
-      ``rtt - airtime_down - airtime_up - device_ms`` (airtime as ``base`` models it) on
-      ``1, KiB`` of the messages, from exchanges that called this device alone where there are
-      any;
+    * ``call_per_kb_ms``: the slope of a non-negative least squares line through the groups'
+      median ``rtt - airtime_down - airtime_up - device_ms`` (airtime as ``base`` models it)
+      against the KiB of the messages, and ``call_ms`` the median over every sample of what
+      is left -- from exchanges that called this device alone where there are any;
 
-    then ``bs_ms, bs_per_device_ms``: non-negative least squares of the median, per number of
-    devices called ``D``, of ``layer_ms - max over the exchange's calls of the modelled round
-    trip`` on ``1, D - 1``.
+    then ``bs_ms, bs_per_device_ms``: the BS's time per reply ``h`` (0 to 5 ms by 0.01) that
+    makes the median of ``layer_ms - reply_queue_ms(modelled round trips, h)`` the same for
+    every number of devices called, and ``bs_ms`` that median (at least 0).
 
     Returns the parameters (``base`` with those replaced) and the residuals of every sample:
     per device the round trip's (``rtt_ms`` - model) and the device time's, and the
@@ -735,10 +748,20 @@ def fit_layer_costs(samples: Iterable[Mapping[str, Any]], base: LayerCostParams
         c0, ca, cb = nnls(np.column_stack(cols), dms)
         dev = DeviceCosts(0.0, float(c0), float(ca), float(cb))
         alone = [r for r in rs if int(r.get("devices") or 1) == 1] or rs
-        e, n, fixed = groups(alone, lambda r: float(r["rtt_ms"]) - air(r) - float(r["device_ms"]))
+
+        def fixed_of(r: Mapping[str, Any]) -> float:
+            return float(r["rtt_ms"]) - air(r) - float(r["device_ms"])
+
+        e, n, fixed = groups(alone, fixed_of)
         x = np.column_stack([np.ones(len(e)), kib(e, n)])
-        k0, k1 = nnls(x, fixed) if len(e) > 1 else (max(0.0, float(fixed[0])), 0.0)
-        costs[name] = replace(dev, call_ms=float(k0), call_per_kb_ms=float(k1))
+        k1 = float(nnls(x, fixed)[1]) if len(e) > 1 else 0.0
+        # the fixed part: the median over every sample (not the line's intercept through a few
+        # medians, which one disturbed group moves)
+        k0 = max(0.0, float(np.median([
+            fixed_of(r) - k1 * kib(np.array([float(r.get("experts") or 1)]),
+                                   np.array([float(r.get("rows", r["tokens"]))]))[0]
+            for r in alone])))
+        costs[name] = replace(dev, call_ms=k0, call_per_kb_ms=k1)
         c = costs[name]
         ea = np.array([float(r.get("experts") or 1) for r in rs])
         na = np.array([float(r.get("rows", r["tokens"])) for r in rs])
@@ -754,9 +777,9 @@ def fit_layer_costs(samples: Iterable[Mapping[str, Any]], base: LayerCostParams
     for r in rows:
         if r.get("layer") is not None and r.get("layer_ms") is not None:
             by_layer.setdefault(r["layer"], []).append(r)
-    ds, ys = [], []
     idx = {nm: i for i, nm in enumerate(names)}
     bare = replace(p, bs_ms=0.0, bs_per_device_ms=0.0)
+    arrivals, walls = [], []
     for calls in by_layer.values():
         loads, ex = np.zeros(len(names)), np.zeros(len(names))
         down, up = np.ones(len(names)), np.ones(len(names))
@@ -766,17 +789,24 @@ def fit_layer_costs(samples: Iterable[Mapping[str, Any]], base: LayerCostParams
             ex[k] += float(r.get("experts") or 1)
             down[k], up[k] = float(r["rate_down_kbit"]), float(r["rate_up_kbit"])
         _, dev_ms = predict_layer_ms(loads, down, up, bare, experts=ex)
-        ds.append(float(np.count_nonzero(dev_ms)) - 1.0)
-        ys.append(float(calls[0]["layer_ms"]) - float(dev_ms.max()))
-    if ds:
-        d, y = np.asarray(ds), np.asarray(ys)
-        levels = sorted(set(ds))
-        med = np.array([float(np.median(y[d == v])) for v in levels])
-        if len(levels) == 1:
-            bs0, bs1 = max(0.0, float(med[0])), 0.0
+        arrivals.append(dev_ms[dev_ms > 0])
+        walls.append(float(calls[0]["layer_ms"]))
+    if walls:
+        d = np.array([len(a) for a in arrivals])
+        y = np.asarray(walls)
+        levels = sorted(set(d.tolist()))
+
+        def at(h: float) -> tuple[float, float, np.ndarray]:
+            r = y - np.array([reply_queue_ms(a, h) for a in arrivals])
+            med = np.array([float(np.median(r[d == v])) for v in levels])
+            b = max(0.0, float(np.mean(med)))
+            return float(np.sum((med - b) ** 2)), b, r
+
+        if len(levels) == 1:   # one device at a time: the reply's handling and bs_ms merge
+            h = 0.0
         else:
-            bs0, bs1 = (float(v) for v in nnls(np.column_stack([np.ones(len(levels)), levels]),
-                                               med))
-        p = replace(p, bs_ms=bs0, bs_per_device_ms=bs1)
-        resid["layer"] = _stats(y - (bs0 + bs1 * d))
+            h = min((float(x) for x in np.arange(0.0, 5.0001, 0.01)), key=lambda x: at(x)[0])
+        _, bs0, r = at(h)
+        p = replace(p, bs_ms=bs0, bs_per_device_ms=h)
+        resid["layer"] = _stats(r - bs0)
     return p, resid
