@@ -4,7 +4,13 @@ and how the run reacted (failed calls dropped and renormalised, calls re-routed 
 Works from the CSVs alone: ``faults.csv`` says which faults were injected (and cleared), and
 each request and call row carries the ids of the faults active while it ran (``faults``).
 "During" is every request whose ``faults`` names the fault; "after" is every later request of
-the same trial and repeat that ran with no fault at all.
+the same trial and repeat that ran with no fault at all. ``recovery_requests`` counts the
+degraded requests of "after" before the first one served in full (status ``ok``: no call
+failed or skipped) — a device marked down by a timeout is skipped until its back-off ends,
+whether or not its link is back. ``accuracy_after`` includes such requests (this fault's tail,
+and a later fault's, which carries no fault id either); ``accuracy_recovered`` is over the
+requests of "after" served in full: whether the model answers as before once every expert is
+reachable again (an agent restarted with a wrong shard would not).
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ def fault_rows(run: Run) -> list[dict[str, Any]]:
         last = max((int(r["request"]) for r in during), default=None)
         after = [r for r in reqs if last is not None and int(r["request"]) > last
                  and not str(r.get("faults", "")).strip()]
+        first_ok = next((i for i, r in enumerate(after) if r.get("status") == "ok"), None)
+        recovered = [r for r in after if r.get("status") == "ok"]
         calls = [c for c in run.calls if _key(c) == k and fid in str(c.get("faults", "")).split()]
         failed = sum(c.get("status") in _FAILED for c in calls)
         rerouted = sum(c.get("status") == "rerouted" for c in calls)
@@ -52,6 +60,8 @@ def fault_rows(run: Run) -> list[dict[str, Any]]:
             "latency_p50_after_ms": _num(_pct(_vals(after, "total_ms"), 50)),
             "accuracy_during": _num(_mean(_vals(during, "correct"))),
             "accuracy_after": _num(_mean(_vals(after, "correct"))),
+            "recovery_requests": first_ok,
+            "accuracy_recovered": _num(_mean(_vals(recovered, "correct"))),
             "calls_during": len(calls), "calls_failed_during": failed,
             "calls_rerouted_during": rerouted,
             "reaction": (f"{failed} calls failed (their experts dropped, weights renormalised), "
@@ -71,7 +81,8 @@ def table(rows: Sequence[Mapping[str, Any]]):
 
     t = Table(title="faults: latency and accuracy during and after", title_justify="left")
     for c in ("trial", "fault", "requests\nduring", "p50 ms\nduring", "p50 ms\nafter",
-              "accuracy\nduring", "accuracy\nafter", "calls failed /\nre-routed"):
+              "accuracy\nduring", "accuracy\nafter", "recovery\nrequests",
+              "accuracy\nrecovered", "calls failed /\nre-routed"):
         t.add_column(c, justify="left" if c in ("fault",) else "right")
 
     def f(v: Any, spec: str) -> str:
@@ -81,6 +92,7 @@ def table(rows: Sequence[Mapping[str, Any]]):
         t.add_row(str(r["trial"]), r["fault"] + ("" if r["applied"] else " (not applied)"),
                   str(r["requests_during"]), f(r["latency_p50_during_ms"], ".1f"),
                   f(r["latency_p50_after_ms"], ".1f"), f(r["accuracy_during"], ".2f"),
-                  f(r["accuracy_after"], ".2f"),
+                  f(r["accuracy_after"], ".2f"), f(r["recovery_requests"], "d"),
+                  f(r["accuracy_recovered"], ".2f"),
                   f"{r['calls_failed_during']} / {r['calls_rerouted_during']}")
     return t
