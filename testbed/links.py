@@ -21,15 +21,16 @@ The leaf depends on the shaping mode (``bs.shaping`` in the inventory, default `
   through almost free;
 * ``auto``: ``netem`` where the kernel has it (probed on the ifb), else ``tbf``.
 
-The HTB class keeps classifying and sharing the cell at the same rate as the leaf. Segmentation
+Where a leaf carries the rate, the HTB class only classifies and shares the cell
+(:func:`class_ceil_kbit`); in htb mode it is the shaper. Segmentation
 and receive offloads (GSO/TSO/GRO, ...) hand a qdisc super-packets of up to 64 KiB; they are
 turned off on the BS interface and the ifb while shaping is installed, and the BS interface's
 previous state is put back by :meth:`TcShaper.clear`. The mode, the bucket and the offloads
 turned off are recorded in the ifb's alias (``ip link set ifb alias``), so any later process
 (``links set``, ``links clear``, a run) reads them back from the kernel.
 
-Changing a rate is in place: ``tc class change`` of the HTB class and ``tc qdisc change`` of
-a rate-carrying leaf (no qdisc re-created, no loss burst, counters keep running). A decision
+Changing a rate is in place: ``tc qdisc change`` of a rate-carrying leaf, or ``tc class
+change`` of the class in htb mode (no qdisc re-created, no loss burst, counters keep running). A decision
 epoch's changes (:meth:`TcShaper.set_rates`) go straight to the kernel over rtnetlink
 (:mod:`testbed.netlink_tc`) where the BS is this machine and we are root; elsewhere (a lab BS
 over SSH), and for netem leaves, through one ``tc -batch`` process.
