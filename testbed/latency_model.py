@@ -19,11 +19,12 @@ with ``N_k`` token-rows in one call::
     t_k = call_ms_k + air(m_down, r_down) + dev_ms_k + air(m_up, r_up)
     dev_ms_k = device_call_ms_k + a_k E_k + b_k N_k
     m_dir = header_dir + header_dir_per_expert E_k + N_k S       (bytes of the message)
-    layer = bs_ms + Q(t, bs_per_device_ms)                       (the replies' queue at the BS)
+    layer = bs_ms + t_max + bs_per_device_ms sum_{k != max} t_k / t_max
 
-``Q`` is when the BS has handled the last reply: it handles them one at a time, in order of
-arrival ``t_k``, each for ``bs_per_device_ms`` (:func:`reply_queue_ms`) -- replies that arrive
-together wait for each other, replies far apart do not.
+The last term is what calls running at the same time cost each other (:func:`overlap_ms`): the
+BS handles their replies one by one, and on a local testbed the devices and the BS share the
+host's cores -- each further call adds ``bs_per_device_ms`` in proportion to how much of the
+slowest call it overlaps (all start together: ``t_k / t_max``).
 
 ``air`` is the time the link's leaf needs to let the message's frames through
 (:func:`airtime_ms`): the message split into TCP segments of ``mtu - 52`` bytes, each charged
@@ -463,10 +464,10 @@ class LayerCostParams:
     header_up_per_expert_bytes:
         Bytes a call carries besides the hidden states, per call and per expert, each way.
     bs_ms, bs_per_device_ms:
-        The BS's own time in the exchange besides the replies, and its time per reply: it
-        handles the replies one at a time as they arrive (:func:`reply_queue_ms`; on a local
-        testbed the time also holds the devices' contention for the host's cores when their
-        calls run together).
+        The BS's own time in an exchange with one device, and what each further device called
+        at the same time adds, in proportion to its overlap with the slowest call
+        (:func:`overlap_ms`: replies handled one by one; on a local testbed the devices'
+        contention for the host's cores).
     decision_ms, rate_change_ms:
         The policy's decision and an epoch's rate change (in-line before the exchange).
     """
@@ -600,24 +601,26 @@ def predict_layer_ms(loads: Sequence[float] | np.ndarray, down_kbit: Sequence[fl
     Returns
     -------
     (layer_ms, per_device_ms):
-        ``bs_ms + reply_queue_ms(t, bs_per_device_ms)`` (0 when no device is called) and
-        the devices' ``t_k`` (0 for idle devices).
+        ``bs_ms + max_k t_k + overlap_ms(t, bs_per_device_ms)`` (0 when no device is
+        called) and the devices' ``t_k`` (0 for idle devices).
     """
     t = layer_terms(loads, down_kbit, up_kbit, params, experts=experts, tokens_down=tokens_down,
                     tokens_up=tokens_up)
     dev = t["total"]
     if not np.count_nonzero(dev):
         return 0.0, dev
-    return float(params.bs_ms + reply_queue_ms(dev, params.bs_per_device_ms)), dev
+    return float(params.bs_ms + dev.max() + overlap_ms(dev, params.bs_per_device_ms)), dev
 
 
-def reply_queue_ms(arrivals_ms: Sequence[float] | np.ndarray, per_reply_ms: float) -> float:
-    """When the BS has handled the last of the replies arriving at ``arrivals_ms`` (those
-    > 0), handling them one at a time in order of arrival, each for ``per_reply_ms``."""
-    done = 0.0
-    for a in sorted(float(x) for x in np.asarray(arrivals_ms).ravel() if x > 0):
-        done = max(done, a) + per_reply_ms
-    return done
+def overlap_ms(device_ms: Sequence[float] | np.ndarray, per_device_ms: float) -> float:
+    """What calls running together add to the slowest one: ``per_device_ms`` for each other
+    call, in proportion to the share of the slowest call it overlaps (they start together:
+    ``t_k / t_max``)."""
+    t = np.asarray(device_ms, dtype=np.float64).ravel()
+    t = t[t > 0]
+    if len(t) < 2:
+        return 0.0
+    return float(per_device_ms) * float((t.sum() - t.max()) / t.max())
 
 
 def bucket_after(tokens_bytes: float | None, message_bytes: float, rate_kbit: float,
@@ -702,9 +705,10 @@ def fit_layer_costs(samples: Iterable[Mapping[str, Any]], base: LayerCostParams
       against the KiB of the messages, and ``call_ms`` the median over every sample of what
       is left -- from exchanges that called this device alone where there are any;
 
-    then ``bs_ms, bs_per_device_ms``: the BS's time per reply ``h`` (0 to 5 ms by 0.01) that
-    makes the median of ``layer_ms - reply_queue_ms(modelled round trips, h)`` the same for
-    every number of devices called, and ``bs_ms`` that median (at least 0).
+    then, with ``y = layer_ms - max_k t_k`` (the modelled round trips), ``bs_ms`` the median
+    ``y`` of exchanges that called one device (at least 0), and ``bs_per_device_ms`` the
+    least-squares slope (at least 0), over the medians per number of devices called, of
+    ``y - bs_ms`` against the overlap ``sum_{k != max} t_k / t_max``.
 
     Returns the parameters (``base`` with those replaced) and the residuals of every sample:
     per device the round trip's (``rtt_ms`` - model) and the device time's, and the
@@ -792,21 +796,18 @@ def fit_layer_costs(samples: Iterable[Mapping[str, Any]], base: LayerCostParams
         arrivals.append(dev_ms[dev_ms > 0])
         walls.append(float(calls[0]["layer_ms"]))
     if walls:
+        y = np.asarray(walls) - np.array([a.max() for a in arrivals])
+        x = np.array([(a.sum() - a.max()) / a.max() for a in arrivals])
         d = np.array([len(a) for a in arrivals])
-        y = np.asarray(walls)
-        levels = sorted(set(d.tolist()))
-
-        def at(h: float) -> tuple[float, float, np.ndarray]:
-            r = y - np.array([reply_queue_ms(a, h) for a in arrivals])
-            med = np.array([float(np.median(r[d == v])) for v in levels])
-            b = max(0.0, float(np.mean(med)))
-            return float(np.sum((med - b) ** 2)), b, r
-
-        if len(levels) == 1:   # one device at a time: the reply's handling and bs_ms merge
-            h = 0.0
+        one = d == 1
+        bs0 = max(0.0, float(np.median(y[one]))) if one.any() else 0.0
+        more = sorted(set(d[~one].tolist()))
+        if more:   # per number of devices called, medians of the excess and of the overlap
+            xm = np.array([float(np.median(x[d == v])) for v in more])
+            ym = np.array([float(np.median(y[d == v])) for v in more]) - bs0
+            h = max(0.0, float(xm @ ym) / float(xm @ xm)) if float(xm @ xm) > 0 else 0.0
         else:
-            h = min((float(x) for x in np.arange(0.0, 5.0001, 0.01)), key=lambda x: at(x)[0])
-        _, bs0, r = at(h)
+            h = 0.0
         p = replace(p, bs_ms=bs0, bs_per_device_ms=h)
-        resid["layer"] = _stats(r - bs0)
+        resid["layer"] = _stats(y - bs0 - h * x)
     return p, resid

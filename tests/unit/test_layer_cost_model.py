@@ -21,7 +21,7 @@ from testbed.latency_model import (
     nnls,
     predict_critical_ms,
     predict_layer_ms,
-    reply_queue_ms,
+    overlap_ms,
     wire_frames,
 )
 
@@ -87,8 +87,7 @@ def test_predict_layer_is_bs_time_plus_the_slowest_call():
     layer, per = predict_layer_ms([4, 1], [20_000, 20_000], [5000, 5000], p, experts=[2, 1])
     t = layer_terms([4, 1], [20_000, 20_000], [5000, 5000], p, experts=[2, 1])
     assert per[0] == pytest.approx(0.3 + 0.1 + 0.4 + 0.2 + t["air_down"][0] + t["air_up"][0])
-    assert layer == pytest.approx(0.4 + reply_queue_ms(per, 0.1))
-    assert reply_queue_ms(per, 0.1) == pytest.approx(per.max() + 0.1)     # far apart
+    assert layer == pytest.approx(0.4 + per.max() + 0.1 * per.min() / per.max())
     assert predict_layer_ms([0, 0], [1, 1], [1, 1], p) == (0.0, pytest.approx(np.zeros(2)))
     assert predict_critical_ms(layer, p, True) == pytest.approx(layer + 1.5)
     assert predict_critical_ms(layer, p, False) == pytest.approx(layer + 1.0)
@@ -98,12 +97,10 @@ def test_predict_layer_is_bs_time_plus_the_slowest_call():
     assert LayerCostParams.from_dict(p.to_dict()) == p
 
 
-def test_the_bs_handles_replies_one_at_a_time_in_order_of_arrival():
-    assert reply_queue_ms([5.0, 0.0, 5.0, 5.0], 0.5) == pytest.approx(6.5)   # together: queue
-    assert reply_queue_ms([1.0, 9.0, 5.0], 0.5) == pytest.approx(9.5)        # apart: none
-    assert reply_queue_ms([4.0, 4.2, 9.0], 0.5) == pytest.approx(9.5)
-    assert reply_queue_ms([4.0, 4.2, 4.6], 0.5) == pytest.approx(5.5)
-    assert reply_queue_ms([0.0], 0.5) == 0.0
+def test_calls_running_together_cost_in_proportion_to_their_overlap():
+    assert overlap_ms([5.0, 0.0, 5.0, 5.0], 0.5) == pytest.approx(1.0)   # two more, all along
+    assert overlap_ms([1.0, 10.0], 0.5) == pytest.approx(0.05)           # a tenth of the time
+    assert overlap_ms([7.0], 0.5) == 0.0 and overlap_ms([0.0, 0.0], 0.5) == 0.0
 
 
 def test_nnls_clips_negative_coefficients():
@@ -141,8 +138,7 @@ def test_fit_recovers_costs_from_samples_and_reports_residuals():
         assert got.device_call_ms == pytest.approx(want.device_call_ms, abs=0.01)
         assert got.compute_a_ms == pytest.approx(want.compute_a_ms, abs=0.01)
         assert got.compute_b_ms == pytest.approx(want.compute_b_ms, abs=0.001)
-    # the replies here arrive further apart than the BS handles one: only bs_ms + one reply's
-    # handling shows (and is what predictions need)
-    assert p.bs_ms + p.bs_per_device_ms == pytest.approx(0.3 + 0.12, abs=0.02)
+    assert p.bs_ms == pytest.approx(0.3, abs=0.02)
+    assert p.bs_per_device_ms == pytest.approx(0.12, abs=0.03)
     assert res["devices"]["d1"]["rtt"]["rmse_ms"] < 0.02
     assert res["layer"]["n"] == lid and res["layer"]["rmse_ms"] < 0.03
