@@ -19,9 +19,9 @@ from testbed.latency_model import (
     free_bytes,
     layer_terms,
     nnls,
+    overlap_ms,
     predict_critical_ms,
     predict_layer_ms,
-    overlap_ms,
     wire_frames,
 )
 
