@@ -89,12 +89,16 @@ def profile_device(backend: Any, device: str, uid: str, hidden_size: int, dtype:
 LAYER_EXPERTS = (1, 2)
 #: idle time before each profiled exchange (a run's layers are apart by the BS's own work)
 GAP_S = 0.005
+#: token counts at which devices are also profiled together (a decode step's few rows per
+#: expert and a short prompt's)
+TOGETHER_TOKENS = (1, 2, 4, 8)
 
 
 def profile_exchanges(backend: Any, experts_by_device: Mapping[str, Sequence[str]],
                       hidden_size: int, dtype: Any, tokens: Sequence[int] = TOKENS,
                       repeats: int = REPEATS, experts: Sequence[int] = LAYER_EXPERTS,
                       together: bool = True, gap_s: float = GAP_S, seed: int = 0,
+                      together_tokens: Sequence[int] = TOGETHER_TOKENS,
                       start_id: int = 0) -> list[dict[str, Any]]:
     """Time expert exchanges through ``backend.run_layer`` -- the path a run's layers take,
     what ``layers.csv``'s ``moe_ms`` measures -- for the calibrated latency model
@@ -102,8 +106,8 @@ def profile_exchanges(backend: Any, experts_by_device: Mapping[str, Sequence[str
 
     For each token count and repeat (one warm-up exchange first): each device alone with
     ``e`` of its experts for every ``e`` in ``experts`` (as many as it holds), and with
-    ``together`` neighbouring devices two at a time (with more than two devices) and every
-    device at once, one expert each. ``backend.placement`` must map the uids to their devices.
+    ``together`` (at the ``together_tokens`` counts) neighbouring devices two at a time (with
+    more than two devices) and every device at once, one expert each. ``backend.placement`` must map the uids to their devices.
     ``gap_s``: a pause before each exchange, as a run's layers have between them (the BS's own
     work): the agents and the BS wait idle for the next call, which costs more than calls back
     to back (measured here: 0.15-0.3 ms per call after 3-10 ms idle), and a shaped link's
@@ -122,6 +126,7 @@ def profile_exchanges(backend: Any, experts_by_device: Mapping[str, Sequence[str
 
     gen = torch.Generator().manual_seed(seed)
     plans: list[dict[str, list[str]]] = []
+    shared: list[dict[str, list[str]]] = []   # the plans with several devices
     for e in experts:
         for d, uids in experts_by_device.items():
             if len(uids) >= e:
@@ -129,13 +134,13 @@ def profile_exchanges(backend: Any, experts_by_device: Mapping[str, Sequence[str
     if together and len(experts_by_device) > 1:
         devs = [d for d, uids in experts_by_device.items() if uids]
         if len(devs) > 2:   # neighbours two at a time: the usual decode step's exchange
-            plans += [{d: list(experts_by_device[d][:1]) for d in devs[i:i + 2]}
-                      for i in range(len(devs) - 1)]
-        plans.append({d: list(experts_by_device[d][:1]) for d in devs})
+            shared += [{d: list(experts_by_device[d][:1]) for d in devs[i:i + 2]}
+                       for i in range(len(devs) - 1)]
+        shared.append({d: list(experts_by_device[d][:1]) for d in devs})
     out: list[dict[str, Any]] = []
     lid = start_id
     for rep, n in [(-1, tokens[0])] + [(r, n) for n in tokens for r in range(repeats)]:
-        for plan in plans:
+        for plan in plans + (shared if n in together_tokens else []):
             inputs = {u: torch.randn(n, hidden_size, generator=gen).to(dtype)
                       for uids in plan.values() for u in uids}
             if gap_s:

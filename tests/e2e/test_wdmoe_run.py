@@ -158,9 +158,10 @@ def test_wdmoe_run_enforces_and_records(make_testbed, state_dir, tmp_path: Path)
     assert all(t["devices"] == ["dev1", "dev2"] and t["link_epochs"]["changes"] > 0
                for t in man["trials"])
     prof = R.read_csv(run_dir / R.PROFILE)
-    # every trial profiles its two devices: alone with 1 and 2 experts, and both at once
-    # (6 token counts x 5 repeats each)
-    assert len(prof) == 2 * 2 * (30 + 30 + 30) and all(float(p["compute_ms"]) > 0 for p in prof)
+    # every trial profiles its two devices: alone with 1 and 2 experts (6 token counts x 5
+    # repeats each), and both at once (1, 2, 4 and 8 tokens)
+    assert len(prof) == 2 * (2 * 30 + 2 * 30 + 2 * 20)
+    assert all(float(p["compute_ms"]) > 0 for p in prof)
     assert {p["device"] for p in prof} == {"dev1", "dev2"}
     # the compute profile: the first trial's lone one-expert calls
     _check_profile_fit(man["compute_profile"], [p for p in prof if p["trial"] == "0"
