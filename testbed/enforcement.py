@@ -194,6 +194,10 @@ class EpochLinks:
         self.channel, self.bandwidth_hz, self.trace = channel, bandwidth_hz, trace
         self.policy_allocates = False
         self._where: dict[str, Any] = {}
+        #: rate changes made so far, and the devices the latest one changed (a TBF leaf's
+        #: bucket is full again after a change: the kernel's tbf_change refills it)
+        self.changes = 0
+        self.last_changed: tuple[str, ...] = ()
 
     def begin(self, request: int, step: int, layer: int) -> bool:
         """Before a decision: True when it starts an epoch (the trace or channel, if any, is
@@ -228,6 +232,8 @@ class EpochLinks:
 
     def _apply(self, rates: Mapping[str, tuple[float, float]], source: str) -> None:
         enforced = self.recorder.apply(rates, self.key, {**self._where, "source": source})
+        self.changes += 1
+        self.last_changed = tuple(sorted(rates))
         for d, (down, up) in enforced.items():
             self.cluster.rate_down_kbit[d], self.cluster.rate_up_kbit[d] = down, up
 

@@ -211,6 +211,7 @@ class TimedBackend:
                 observe(res)
         if self.pending:
             self.pending.pop("epoch_start", None)
+            self.pending.pop("links_changed", None)
             res.info.update(self.pending)
             self.pending = {}
         return res
@@ -227,7 +228,9 @@ class ExchangePredictor:
     passed free spent part of it, one that was held back emptied it, and it refills at the
     link's rate until the next message (whose start is predicted: the request now, the reply
     after the request's airtime and the device's time) -- a slow link is still refilling when
-    the next layer's message comes. ``predicted_critical_ms`` adds the decision's and, at an
+    the next layer's message comes. A rate change fills the bucket of every link it changed
+    (the kernel's ``tbf_change`` sets the tokens to the full bucket): at an epoch's start the
+    links changed (``pending["links_changed"]``) start full. ``predicted_critical_ms`` adds the decision's and, at an
     epoch's start, the rate change's predicted time: the medians of this trial's earlier ones
     (the first: 0)."""
 
@@ -275,6 +278,8 @@ class ExchangePredictor:
         from .latency_model import layer_terms, predict_layer_ms
 
         now = time.perf_counter()
+        for dev in pending.get("links_changed") or ():
+            self.links.pop(dev, None)     # full again
         rows, experts = self.loads(work)
         c = self.cluster
         down = np.array([c.rate_down_kbit.get(n) or 0.0 for n in self.names])
@@ -508,8 +513,8 @@ def policy_hook(policy: Policy, cluster: ClusterState, links: Any, timed: Any,
     it into the layer's record): the policy's own ``policy_predicted_ms``, ``decision_ms``
     (the policy's ``select`` and the selection's check), ``change_ms`` (the epoch's rate
     changes: the trace's or channel's at its start, then the policy's; 0 mid-epoch) and
-    ``epoch_start``. ``request_index()`` and ``devices_view()`` give the request being run and
-    the devices' status view."""
+    ``epoch_start`` and ``links_changed`` (the devices whose rates were changed). ``request_index()``
+    and ``devices_view()`` give the request being run and the devices' status view."""
     from models.errors import ModelError
     from models.routing import validate_selection
 
@@ -517,6 +522,7 @@ def policy_hook(policy: Policy, cluster: ClusterState, links: Any, timed: Any,
         cluster.devices = devices_view()
         cluster.step = ctx.step
         t0 = time.perf_counter()
+        n0 = getattr(links, "changes", 0)
         start = links.begin(request_index(), ctx.step, ctx.layer)
         t1 = time.perf_counter()
         try:
@@ -540,7 +546,9 @@ def policy_hook(policy: Policy, cluster: ClusterState, links: Any, timed: Any,
         t3 = time.perf_counter()
         timed.pending.update(decision_ms=(t2 - t1) * 1e3,
                              change_ms=((t1 - t0) + (t3 - t2)) * 1e3 if start else 0.0,
-                             epoch_start=bool(start))
+                             epoch_start=bool(start),
+                             links_changed=tuple(getattr(links, "last_changed", ()))
+                             if getattr(links, "changes", 0) > n0 else ())
         return sel
 
     return hook

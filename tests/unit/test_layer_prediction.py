@@ -59,8 +59,10 @@ def test_policy_rates_are_enforced_each_direction_and_links_rows_carry_the_epoch
     # one rate both ways where the decision gives only bandwidth_kbit; a direction's own
     # rate wins
     links.begin(0, 0, 2)
+    n = links.changes
     links.apply_policy({"d1": 500.0, "d2": 600.0}, {"d2": 800.0})
     assert sh.calls[-1] == {"d1": (500.0, 500.0), "d2": (800.0, 600.0)}
+    assert links.changes == n + 1 and links.last_changed == ("d1", "d2")
     with pytest.raises(ValueError, match="both needed"):
         links.apply_policy(None, {"d1": 1.0})
 
@@ -158,3 +160,7 @@ def test_predictor_follows_each_links_bucket_from_message_to_message():
     assert soon == pytest.approx(full + (820 - 696) * 8 / 200, abs=0.3)
     pr.links["d1"] = {d: (t - 1.0, tok) for d, (t, tok) in pr.links["d1"].items()}  # 1 s ago
     assert pr(work, {})["predicted_ms"] == pytest.approx(full)
+    # a rate change refills the bucket (tbf_change): right after a message, yet full
+    pr.observe(SimpleNamespace(info={"t_enter": _t.perf_counter(), "calls": [
+        {"device": "d1", "status": "ok", "rtt_ms": 1.0, "serialize_ms": 0.0}]}))
+    assert pr(work, {"links_changed": ("d1",)})["predicted_ms"] == pytest.approx(full)
