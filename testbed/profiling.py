@@ -87,8 +87,10 @@ def profile_device(backend: Any, device: str, uid: str, hidden_size: int, dtype:
 #: profiling through the BS's exchange: experts per call timed, and whether every device is
 #: also timed at once (the devices share the host's cores on a local testbed)
 LAYER_EXPERTS = (1, 2)
-#: idle time before each profiled exchange (a run's layers are apart by the BS's own work)
-GAP_S = 0.005
+#: idle time before each profiled exchange: a run's layers are apart by the BS's own work, 1-3.5 ms
+#: in the demo and wdmoe.toml (a 1-token tiny-model exchange took 1.3 ms after 5 ms idle, 0.9 in
+#: the run)
+GAP_S = 0.002
 #: token counts at which devices are also profiled together (a decode step's few rows per
 #: expert and a short prompt's)
 TOGETHER_TOKENS = (1, 2, 4, 8)
