@@ -91,6 +91,20 @@ LAYER_EXPERTS = (1, 2)
 #: in the demo and wdmoe.toml (a 1-token tiny-model exchange took 1.3 ms after 5 ms idle, 0.9 in
 #: the run)
 GAP_S = 0.002
+#: a profiled exchange that failed (a device's connection renewed, or in its back-off) is
+#: tried again this many times, after its devices are up again (at most RETRY_WAIT_S each)
+RETRIES = 3
+RETRY_WAIT_S = 30.0
+
+
+def _wait_up(backend: Any, plan: Mapping[str, Any], budget_s: float) -> None:
+    end = time.monotonic() + budget_s
+    is_up = getattr(backend, "is_up", None)
+    while is_up is not None and time.monotonic() < end and \
+            not all(is_up(d) for d in plan):
+        time.sleep(0.05)
+
+
 #: token counts at which devices are also profiled together (a decode step's few rows per
 #: expert and a short prompt's)
 TOGETHER_TOKENS = (1, 2, 4, 8)
@@ -147,11 +161,18 @@ def profile_exchanges(backend: Any, experts_by_device: Mapping[str, Sequence[str
                       for uids in plan.values() for u in uids}
             if gap_s:
                 time.sleep(gap_s)
-            t0 = time.perf_counter()
-            res = backend.run_layer(LayerWork(-1, lid, inputs))
-            layer_ms = (time.perf_counter() - t0) * 1e3
-            if res.failed:
-                raise TestbedError(f"profiling exchange failed: {res.failed}")
+            for attempt in range(RETRIES + 1):
+                t0 = time.perf_counter()
+                res = backend.run_layer(LayerWork(-1, lid, inputs))
+                layer_ms = (time.perf_counter() - t0) * 1e3
+                if not res.failed:
+                    break
+                if attempt == RETRIES:
+                    raise TestbedError(f"profiling exchange failed {RETRIES + 1} times: "
+                                       f"{res.failed}")
+                # a connection renewed after the last trial's slow links, or a device in its
+                # back-off: wait until every device of the plan is up again, then retry
+                _wait_up(backend, plan, RETRY_WAIT_S)
             lid += 1
             if rep < 0:
                 continue  # warm-up
