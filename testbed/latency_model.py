@@ -16,7 +16,7 @@ expert exchange costs on the testbed -- the quantity ``layers.csv`` calls ``moe_
 ``run_layer``, first request out to last reply in). Per device ``k`` that serves ``E_k`` experts
 with ``N_k`` token-rows in one call::
 
-    t_k = call_ms_k + air(m_down, r_down) + dev_ms_k + air(m_up, r_up)
+    t_k = call_ms_k + call_per_kb_ms_k KiB_k + air(m_down, r_down) + dev_ms_k + air(m_up, r_up)
     dev_ms_k = device_call_ms_k + a_k E_k + b_k N_k
     m_dir = header_dir + header_dir_per_expert E_k + N_k S       (bytes of the message)
     layer = bs_ms + t_max + bs_per_device_ms sum_{k != max} t_k / t_max
@@ -31,7 +31,10 @@ slowest call it overlaps (all start together: ``t_k / t_max``).
 with its TCP/IP (52 B: 20 IP + 32 TCP with timestamps) and Ethernet (14 B) headers, as tc counts
 frames; a TBF leaf lets its bucket (one frame plus ``bucket_slack_us`` of the rate) through free
 when full, so a message costs ``max(0, wire - bucket)``; netem charges every frame, the first
-too; the HTB-only tree lets its class bucket through. ``call_ms`` is the fixed cost of a call
+too; the HTB-only tree lets its class bucket through. A bucket still refilling after the previous
+messages lets through only what it holds (``tokens_down``/``tokens_up``; :func:`bucket_after`,
+:func:`bucket_refilled` follow it; a rate change fills it: the kernel's ``tbf_change``).
+``call_ms`` is the fixed cost of a call
 (zmq, TCP, Python on both ends: round trip - airtime - device time), ``bs_ms`` the BS's own time
 in the exchange (serialise, send, poll, deserialise); both are fitted per trial from profiling
 samples (:func:`fit_layer_costs`). ``decision_ms`` and ``rate_change_ms`` are the policy's
