@@ -115,6 +115,31 @@ def _bs_probe(inv: Inventory, bs: Runner) -> tuple[str, str]:
     return "python3", path
 
 
+def _server_and_client(srv_runner: Runner, srv: list[str], cli_runner: Runner, cli: list[str],
+                       timeout_s: float) -> tuple[Result | None, Result]:
+    """Run the probe's server side in a thread and its client side here (the server gets 10 s
+    more, and is waited for 15 s more); the server's error, if any, is raised; its result is
+    None if it has not finished by then."""
+    out: dict[str, object] = {}
+
+    def serve() -> None:
+        try:
+            out["srv"] = srv_runner.run(srv, timeout_s=timeout_s + 10)
+        except TestbedError as exc:
+            out["err"] = exc
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    try:
+        cli_res = cli_runner.run(cli, timeout_s=timeout_s)
+    finally:
+        th.join(timeout_s + 15)
+    if "err" in out:
+        raise out["err"]  # type: ignore[misc]
+    srv_res = out.get("srv")
+    return (srv_res if isinstance(srv_res, Result) else None), cli_res
+
+
 def measure(inv: Inventory, dev: Device, direction: str, seconds: float,
             bs: Runner, remote: Runner, bs_probe: tuple[str, str], dev_probe: str,
             configured_kbit: float | None) -> Goodput:
@@ -126,25 +151,12 @@ def measure(inv: Inventory, dev: Device, direction: str, seconds: float,
     else:
         rx_runner, rx = bs, [*bs_probe, "recv", "--bind", inv.bs.host]
         tx_runner, tx = remote, [dev.python, dev_probe, "send", "--to", inv.bs.host]
-    out: dict[str, object] = {}
-
-    def receive() -> None:
-        try:
-            out["rx"] = rx_runner.run([*rx, "--port", str(port)], timeout_s=seconds + 40)
-        except TestbedError as exc:
-            out["err"] = exc
-
-    th = threading.Thread(target=receive, daemon=True)
-    th.start()
-    try:
-        tx_runner.run([*tx, "--port", str(port), "--seconds", f"{seconds:g}"],
-                      timeout_s=seconds + 40)
-    finally:
-        th.join(seconds + 45)
-    if "err" in out:
-        raise out["err"]  # type: ignore[misc]
-    rx_res = out["rx"]
-    assert isinstance(rx_res, Result)
+    rx_res, _ = _server_and_client(rx_runner, [*rx, "--port", str(port)],
+                                   tx_runner, [*tx, "--port", str(port), "--seconds",
+                                               f"{seconds:g}"], seconds + 40)
+    if rx_res is None:
+        raise TestbedError(f"{dev.name}: the goodput probe's receiver ({direction}) did not "
+                           "finish")
     m = json.loads(rx_res.stdout.strip().splitlines()[-1])
     return Goodput(dev.name, direction, configured_kbit, float(m["goodput_kbit"]),
                    float(m["window_s"]), int(m["window_bytes"]))
@@ -164,24 +176,9 @@ def measure_airtime(inv: Inventory, dev: Device, direction: str, sizes: tuple[in
         tx_runner, tx = remote, [dev.python, dev_probe, "airtime", "--to", inv.bs.host]
     budget = repeats * len(sizes) * (idle_s + 5 + max(sizes) * 8 / (configured_kbit or 1e3)
                                      / 1e3) + 30
-    out: dict[str, object] = {}
-
-    def serve() -> None:
-        try:
-            out["srv"] = srv_runner.run([*srv, "--port", str(port)], timeout_s=budget + 10)
-        except TestbedError as exc:
-            out["err"] = exc
-
-    th = threading.Thread(target=serve, daemon=True)
-    th.start()
-    try:
-        res = tx_runner.run([*tx, "--port", str(port), "--sizes", ",".join(map(str, sizes)),
-                             "--repeats", str(repeats), "--idle", f"{idle_s:g}"],
-                            timeout_s=budget)
-    finally:
-        th.join(budget + 15)
-    if "err" in out:
-        raise out["err"]  # type: ignore[misc]
+    _, res = _server_and_client(srv_runner, [*srv, "--port", str(port)], tx_runner,
+                                [*tx, "--port", str(port), "--sizes", ",".join(map(str, sizes)),
+                                 "--repeats", str(repeats), "--idle", f"{idle_s:g}"], budget)
     m = json.loads(res.stdout.strip().splitlines()[-1])
     return [Airtime(dev.name, direction, configured_kbit, int(r["bytes"]), int(r["repeat"]),
                     float(r["rtt_ms"]), float(r["delivery_ms"]), shaping,
