@@ -32,10 +32,12 @@ def register(app: typer.Typer) -> None:
 
         Latency model: per policy and point, the calibrated model's predicted / measured
         per-layer exchange time (and critical path, and the policy's own model's), median and
-        p10-p90 (testbed.comparison.prediction_rows).
+        p10-p90 (testbed.comparison.prediction_rows), and where a MoE layer's time goes:
+        airtime, device compute, fixed call cost, the rest of the exchange, decision, rate
+        change and the BS's own model, as shares (testbed.comparison.time_shares).
 
-        JSON: an object with runs, rows (one per run x policy x point), versus_topk and
-        prediction (see testbed.comparison), faults and plots (PNG paths).
+        JSON: an object with runs, rows (one per run x policy x point), versus_topk,
+        prediction and time_shares (see testbed.comparison), faults and plots (PNG paths).
         """
         from . import comparison, deploy_report, fault_report
         from .report import build_report, render_table, write_plots
@@ -44,6 +46,7 @@ def register(app: typer.Typer) -> None:
         rep = build_report(run_dirs)
         versus = comparison.versus_baseline(rep.groups)
         prediction = comparison.prediction_rows(rep.groups)
+        shares = comparison.shares_rows(rep.groups)
         faults = fault_report.fault_summary(rep.runs)
         deployment = deploy_report.deployment_summary(rep.runs)
         if fmt == Format.table:
@@ -52,6 +55,8 @@ def register(app: typer.Typer) -> None:
                 console.print(comparison.table(versus), crop=False)
             if prediction:
                 console.print(comparison.prediction_table(prediction), crop=False)
+            if shares:
+                console.print(comparison.shares_table(shares), crop=False)
             if faults:
                 console.print(fault_report.table(faults), crop=False)
             if deployment:
@@ -59,7 +64,7 @@ def register(app: typer.Typer) -> None:
         plots = write_plots(rep, out)
         if fmt == Format.json:
             emit(fmt, {"runs": [r.describe() for r in rep.runs], "rows": rep.rows,
-                       "versus_topk": versus, "prediction": prediction, "faults": faults, "deployment": deployment,
+                       "versus_topk": versus, "prediction": prediction, "time_shares": shares, "faults": faults, "deployment": deployment,
                        "plots": [str(p) for p in plots]})
         else:  # one unwrapped line per path, so that they can be copied
             console.print(f"plots: {plots[0].parent}/", soft_wrap=True, highlight=False,

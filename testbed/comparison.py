@@ -98,6 +98,78 @@ def prediction_table(rows: Sequence[Mapping[str, Any]]) -> Any:
     return t
 
 
+#: :func:`time_shares`' parts, in the order they are shown
+SHARES = ("airtime", "device", "call", "exchange_rest", "decision", "rate_change", "bs_model")
+
+
+def time_shares(layers: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Where the layers' time goes, from the calibrated model's terms for each layer's slowest
+    device (``predicted_air_ms``, ``predicted_device_ms``, ``predicted_call_ms``) and the
+    measured rest, summed over the rows that have them, as shares of ``sum(bs_ms + moe_ms)``
+    (the time a forward step spends in its MoE layers):
+
+    * ``airtime``: the slowest device's airtime, down + up (model);
+    * ``device``: its device time, compute and the agent's per-call cost (model);
+    * ``call``: its fixed per-call cost besides both: zmq, TCP, Python, CURVE (model);
+    * ``exchange_rest``: ``moe_ms`` less those three -- the BS's own time in the exchange,
+      the other calls' overlap, and what the model missed (measured - model);
+    * ``decision``, ``rate_change``: ``decision_ms``, ``change_ms`` (measured, in ``bs_ms``);
+    * ``bs_model``: the rest of ``bs_ms``: attention, router, norms at the BS (measured).
+
+    Returns ``{"n", "layer_ms"`` (the mean of ``bs_ms + moe_ms``), each share``}``, or
+    ``None`` without such rows."""
+    tot = dict.fromkeys(SHARES, 0.0)
+    whole, n = 0.0, 0
+    for r in layers:
+        v = {k: _f(r.get(k)) for k in ("bs_ms", "moe_ms", "predicted_air_ms",
+                                       "predicted_device_ms", "predicted_call_ms")}
+        if any(x is None for x in v.values()):
+            continue
+        dec, chg = _f(r.get("decision_ms")) or 0.0, _f(r.get("change_ms")) or 0.0
+        model = v["predicted_air_ms"] + v["predicted_device_ms"] + v["predicted_call_ms"]
+        tot["airtime"] += v["predicted_air_ms"]
+        tot["device"] += v["predicted_device_ms"]
+        tot["call"] += v["predicted_call_ms"]
+        tot["exchange_rest"] += v["moe_ms"] - model
+        tot["decision"] += dec
+        tot["rate_change"] += chg
+        tot["bs_model"] += v["bs_ms"] - dec - chg
+        whole += v["bs_ms"] + v["moe_ms"]
+        n += 1
+    if not n or whole <= 0:
+        return None
+    return {"n": n, "layer_ms": whole / n, **{k: x / whole for k, x in tot.items()}}
+
+
+def shares_rows(groups: Sequence[Any]) -> list[dict[str, Any]]:
+    """:func:`time_shares` per group (a :class:`testbed.report.Group`) that has the terms."""
+    out = []
+    for g in groups:
+        sh = time_shares(g.layers)
+        if sh is not None:
+            out.append({"run": g.run.run_id, "policy": g.policy,
+                        "point": _point_label({"policy": g.policy, "point": g.point}), **sh})
+    return out
+
+
+def shares_table(rows: Sequence[Mapping[str, Any]]) -> Any:
+    """:func:`shares_rows` as a rich Table."""
+    from rich import box
+    from rich.table import Table
+
+    t = Table(title="where a MoE layer's time goes (bs_ms + moe_ms): the model's terms for the "
+              "slowest device, the rest measured", box=box.SIMPLE_HEAD)
+    heads = {"airtime": "airtime", "device": "device\ncompute", "call": "call\nfixed",
+             "exchange_rest": "exchange\nrest", "decision": "decision",
+             "rate_change": "rate\nchange", "bs_model": "BS\nmodel"}
+    for h in ("policy", "point", "ms/layer", *heads.values()):
+        t.add_column(h, justify="left" if h in ("policy", "point") else "right")
+    for r in rows:
+        t.add_row(r["policy"], r["point"], f"{r['layer_ms']:.2f}",
+                  *(f"{100 * r[k]:.0f}%" for k in heads))
+    return t
+
+
 def versus_baseline(groups: Sequence[Any], baseline: str = "topk") -> list[dict[str, Any]]:
     """One row per group (a :class:`testbed.report.Group`) that is not the baseline: its
     latency and accuracy against the baseline's group of the same run and point (``None``

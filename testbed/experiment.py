@@ -217,6 +217,23 @@ class TimedBackend:
         return res
 
 
+#: layers.csv's columns with the predicted slowest device's terms (:func:`critical_terms`)
+TERM_COLUMNS = ("predicted_air_ms", "predicted_device_ms", "predicted_call_ms")
+
+
+def critical_terms(terms: Mapping[str, Any]) -> dict[str, float | None]:
+    """The terms of the device with the largest predicted round trip (``terms`` as
+    :func:`testbed.latency_model.layer_terms` gives them): its airtime both ways, its device
+    time and its fixed per-call cost; ``None`` each when no device is called."""
+    tot = terms.get("total") if terms else None
+    if tot is None or not len(tot) or not max(tot):
+        return dict.fromkeys(TERM_COLUMNS)
+    k = max(range(len(tot)), key=lambda i: tot[i])
+    return {"predicted_air_ms": float(terms["air_down"][k] + terms["air_up"][k]),
+            "predicted_device_ms": float(terms["device"][k]),
+            "predicted_call_ms": float(terms["call"][k])}
+
+
 class ExchangePredictor:
     """The calibrated latency model's prediction of one layer's exchange, for every policy
     (:func:`testbed.latency_model.predict_layer_ms`): from the rows the BS hands to the backend
@@ -301,7 +318,7 @@ class ExchangePredictor:
             self.decisions.append(float(dec))
         if start and chg:
             self.changes.append(float(chg))
-        return {"predicted_ms": layer_ms, "predicted_critical_ms": crit}
+        return {"predicted_ms": layer_ms, "predicted_critical_ms": crit, **critical_terms(terms)}
 
     def observe(self, res: Any) -> None:
         """After the exchange: where each called device's buckets stand (the request left its
@@ -411,6 +428,7 @@ def rows_for_request(records: Sequence[Any], key: Mapping[str, Any], step_start:
             "policy_predicted_ms": info.get("policy_predicted_ms"),
             "decision_ms": info.get("decision_ms"), "change_ms": info.get("change_ms"),
             "predicted_critical_ms": info.get("predicted_critical_ms"),
+            **{c: info.get(c) for c in TERM_COLUMNS},
             "bytes_down": b_down, "bytes_up": b_up,
             "failed_experts": " ".join(sorted(failed)),
             "rerouted_experts": " ".join(sorted(info.get("rerouted", {}))),

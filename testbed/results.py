@@ -102,6 +102,11 @@ LAYER_COLUMNS = KEY_COLUMNS + (
     "decision_ms",      # the policy's decision (in bs_ms, before the exchange)
     "change_ms",        # the rate change this layer's decision started (0 mid-epoch; in bs_ms)
     "predicted_critical_ms",  # predicted_ms + the decision's and the change's predicted time
+    # predicted_ms's terms for the device the model predicts slowest (the rest of predicted_ms
+    # is the BS's own time in the exchange and the calls' overlap)
+    "predicted_air_ms",     # its airtime, down + up
+    "predicted_device_ms",  # its device time (per-call cost + a E + b N)
+    "predicted_call_ms",    # its fixed per-call cost (zmq, TCP, Python; per KiB of messages)
 )
 
 CALL_COLUMNS = KEY_COLUMNS + (

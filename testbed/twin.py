@@ -569,6 +569,9 @@ class SimBackend:
 
     def run_layer(self, work: Any) -> Any:
         res = self.inner.run_layer(work)
+        for d in self.pending.get("links_changed") or ():   # tbf_change fills the bucket
+            self.buckets.pop((d, "down"), None)
+            self.buckets.pop((d, "up"), None)
         by_dev: dict[str, list[str]] = {}
         for uid in work.inputs:
             ds = self.placement.get(uid) or ("",)
@@ -616,6 +619,7 @@ class SimBackend:
                         rerouted={}, t_enter=t_enter, t_exit=self.clock.now)
         pend, self.pending = self.pending, {}
         start = bool(pend.pop("epoch_start", False))
+        pend.pop("links_changed", None)
         res.info.update(pend)
         # the layer's decision and rate change as charged to the clock (the hook's own wall
         # times would be the twin's bookkeeping)
@@ -627,6 +631,7 @@ class SimBackend:
             res.info["predicted_ms"] = moe_ms
             res.info["predicted_critical_ms"] = moe_ms + float(res.info.get("decision_ms") or 0) + \
                 (float(res.info.get("change_ms") or 0) if start else 0.0)
+            res.info.update(X.critical_terms(terms))
         self.layers += 1
         return res
 

@@ -12,10 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from testbed.comparison import prediction_rows
+from testbed.comparison import SHARES, prediction_rows, shares_rows, time_shares
 from testbed.enforcement import EpochLinks, Epochs, LinkRecorder
-from testbed.experiment import ExchangePredictor, TimedBackend
-from testbed.latency_model import DeviceCosts, LayerCostParams, predict_layer_ms
+from testbed.experiment import TERM_COLUMNS, ExchangePredictor, TimedBackend, critical_terms
+from testbed.latency_model import (
+    DeviceCosts,
+    LayerCostParams,
+    layer_terms,
+    overlap_ms,
+    predict_layer_ms,
+)
+from testbed.results import LAYER_COLUMNS
 from testbed.policy import ClusterState
 from testbed.report import Group, Run
 
@@ -164,3 +171,47 @@ def test_predictor_follows_each_links_bucket_from_message_to_message():
     pr.observe(SimpleNamespace(info={"t_enter": _t.perf_counter(), "calls": [
         {"device": "d1", "status": "ok", "rtt_ms": 1.0, "serialize_ms": 0.0}]}))
     assert pr(work, {"links_changed": ("d1",)})["predicted_ms"] == pytest.approx(full)
+
+
+def test_the_predicted_slowest_devices_terms_go_with_the_prediction():
+    """predicted_air_ms/_device_ms/_call_ms are the terms of the device with the largest
+    predicted round trip, and add up with the BS's part to predicted_ms."""
+    p = LayerCostParams(512, (DeviceCosts(0.3, 0.2, 0.1, 0.01), DeviceCosts(0.5, 0.4, 0.2, 0.02)),
+                        ("d1", "d2"), bs_ms=0.7)
+    cl = ClusterState(rate_down_kbit={"d1": 5000.0, "d2": 400.0},
+                      rate_up_kbit={"d1": 5000.0, "d2": 300.0})
+    pr = ExchangePredictor(p, ["d1", "d2"], lambda: {"L0.E0": ("d1",), "L0.E1": ("d2",)}, cl)
+    out = pr(SimpleNamespace(inputs={"L0.E0": torch.zeros(8, 128), "L0.E1": torch.zeros(4, 128)}),
+             {})
+    t = layer_terms([8, 4], [5000, 400], [5000, 300], p, experts=[1, 1])
+    assert t["total"][1] > t["total"][0]          # the slow link, though it has fewer rows
+    assert out["predicted_air_ms"] == pytest.approx(t["air_down"][1] + t["air_up"][1])
+    assert out["predicted_device_ms"] == pytest.approx(t["device"][1])
+    assert out["predicted_call_ms"] == pytest.approx(t["call"][1])
+    assert out["predicted_ms"] == pytest.approx(
+        0.7 + out["predicted_air_ms"] + out["predicted_device_ms"] + out["predicted_call_ms"]
+        + overlap_ms(t["total"], 0.0))
+    assert critical_terms({}) == dict.fromkeys(TERM_COLUMNS)
+    assert set(TERM_COLUMNS) <= set(LAYER_COLUMNS)
+
+
+def test_time_shares_split_the_layers_time_and_add_up_to_one():
+    run = Run.__new__(Run)
+    run.run_id = "r"
+    rows = [{"bs_ms": 4.0, "moe_ms": 16.0, "predicted_air_ms": 10.0, "predicted_device_ms": 2.0,
+             "predicted_call_ms": 1.0, "decision_ms": 1.0, "change_ms": 0.5},
+            {"bs_ms": 2.0, "moe_ms": 8.0, "predicted_air_ms": 4.0, "predicted_device_ms": 2.0,
+             "predicted_call_ms": 1.0, "decision_ms": 0.5, "change_ms": 0.0},
+            {"bs_ms": 2.0, "moe_ms": 8.0}]            # no terms: left out
+    sh = time_shares(rows)
+    assert sh["n"] == 2 and sh["layer_ms"] == pytest.approx(15.0)
+    assert sh["airtime"] == pytest.approx(14 / 30) and sh["device"] == pytest.approx(4 / 30)
+    assert sh["call"] == pytest.approx(2 / 30) and sh["exchange_rest"] == pytest.approx(4 / 30)
+    assert sh["decision"] == pytest.approx(1.5 / 30)
+    assert sh["rate_change"] == pytest.approx(0.5 / 30)
+    assert sh["bs_model"] == pytest.approx(4 / 30)
+    assert sum(sh[k] for k in SHARES) == pytest.approx(1.0)
+    assert time_shares(rows[2:]) is None
+    out = shares_rows([Group(run, "topk", "x=1 policy.name=topk", layers=rows),
+                       Group(run, "top1", "x=1 policy.name=top1", layers=rows[2:])])
+    assert [r["policy"] for r in out] == ["topk"] and out[0]["airtime"] == sh["airtime"]

@@ -389,3 +389,24 @@ def test_sim_backend_follows_each_links_bucket_from_message_to_message():
     assert 40.0 < again - full < 2 * 1515 * 8 / 100.0
     clock.advance_ms(10_000.0)
     assert moe() == pytest.approx(full)
+
+
+def test_sim_backend_refills_the_buckets_of_links_a_rate_change_touched():
+    """As the kernel's tbf_change does (and the runner's predictor follows): right after a
+    message, a link whose rate was changed starts full again; one that was not, does not."""
+    clock = SimClock()
+    cal = Calibration(_params(), {}, (0, 0), {"prefill": (1.0,), "decode": (1.0,)}, 0.0, {})
+    sim = SimBackend(_Inner(), clock, cal, 512)
+    sim.placement = {"L0.E0": ("dev1",)}
+    sim.cluster = ClusterState(rate_down_kbit={"dev1": 100.0}, rate_up_kbit={"dev1": 100.0})
+    work = LayerWork(0, 1, {"L0.E0": torch.ones(4, 4)})
+
+    def moe(**pending) -> float:
+        sim.pending.update(pending)
+        r = sim.run_layer(work).info
+        assert "links_changed" not in r
+        return (r["t_exit"] - r["t_enter"]) * 1e3
+
+    full = moe()
+    assert moe(links_changed=("dev2",)) > full + 40.0     # another link's change: still spent
+    assert moe(links_changed=("dev1",)) == pytest.approx(full)
