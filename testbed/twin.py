@@ -88,27 +88,28 @@ from .policy import DeviceInfo, load_policy
 from .recipe import Recipe, Trial
 
 #: The twin's calibration without ``--calibrate``: what :func:`calibrate_from_run` gave on a
-#: measured run of ``tests/e2e/test_simulate.py``'s recipe (``tiny-4096`` with bf16 on the wire,
-#: ``links.bandwidth_mhz = 5``, 2 and 4 namespace devices, topk/top1/wdmoe, on a 2-core host
-#: shared with other work; the exchange from the runner's profiling fit), rounded; devices as the
-#: median of that run's four.
+#: measured run of ``recipes/wdmoe.toml`` (``tiny-4096`` with bf16 on the wire, 10 and 100 MHz
+#: cells, 2 and 8 namespace devices, per-layer epochs, its six policies: 24 trials of 16
+#: requests, the exchange from the runner's profiling fits) on a 2-core host, rounded; devices
+#: as the median of that run's eight.
 DEFAULTS: dict[str, Any] = {
     # the exchange, per call: fixed cost besides airtime (and per KiB of its messages), the
     # device's fixed time and a + b N compute per expert; the BS's time in the exchange (fixed
     # and per device called)
-    "device": {"call_ms": 0.55, "call_per_kb_ms": 0.0016, "device_call_ms": 0.30,
-               "compute_a_ms": 0.30, "compute_b_ms": 0.026},
-    "bs_ms": 0.0, "bs_per_device_ms": 1.0,
+    "device": {"call_ms": 0.48, "call_per_kb_ms": 0.0022, "device_call_ms": 0.36,
+               "compute_a_ms": 0.40, "compute_b_ms": 0.021},
+    "bs_ms": 0.47, "bs_per_device_ms": 0.67,
     # the leaf that charges frames (links.py: tbf with one frame + 50 us of the rate)
     "shaping": {"mode": "tbf", "bucket_bytes": 1514.0, "bucket_slack_us": 50.0},
     # what policies see as the compute profile c(N) = a + b N (profiling.py's fit)
-    "compute_profile": (0.39, 0.032),
+    "compute_profile": (0.64, 0.018),
     # the BS's own time per MoE layer outside the exchange (attention, router; layer 0 also
     # the step's start), by phase; then per step after the last layer (norm, LM head)
-    "bs_layer_ms": {"prefill": (3.3, 3.1, 2.9, 3.4), "decode": (2.1, 2.1, 2.0, 2.2)},
-    "tail_ms": 1.2,
-    # a decision epoch's rate change in-line (tc batch, read-back, links.csv rows): a + b * devices
-    "rate_change": (1.9, 0.14),
+    "bs_layer_ms": {"prefill": (3.7, 3.5, 3.6, 3.6), "decode": (2.5, 2.6, 2.5, 2.5)},
+    "tail_ms": 1.3,
+    # a decision epoch's rate change in-line (netlink batch, read-back, links.csv rows):
+    # a + b * devices
+    "rate_change": (1.7, 0.10),
 }
 
 
