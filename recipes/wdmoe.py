@@ -47,6 +47,12 @@ seeded by ``seed``):
   divided by ``T_l`` (ms): capability per unit of latency;
 * padding tokens (``ctx.token_valid`` False) get no expert: they would only load the links.
 
+The rates and the min–max split of a decision come from one
+:class:`~testbed.channel.CellEpoch` (the channel's numbers for these devices in this epoch, as
+plain floats: the same results as ``rates_bps`` and ``min_max_bandwidth``, without numpy's
+per-call cost on a handful of devices); the per-device quantities (loads, bandwidths, rates,
+latencies) are lists, the per-token ones numpy arrays.
+
 Under the runner (``testbed run``), the cluster state wins over the parameters: its channel
 (``links.bandwidth_mhz``: ``cluster.channel``, ``cluster.bandwidth_hz``) and decision epoch
 (``cluster.epoch``: the fading of that epoch), the profiled ``compute_profile`` and the model's
@@ -63,8 +69,10 @@ policy; the prediction of this module's model is ``policy_predicted_ms`` in ``la
 
 from __future__ import annotations
 
+import bisect
 import collections
 import inspect
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -73,7 +81,7 @@ import numpy as np
 import torch
 
 from models.routing import RoutingContext, Selection
-from testbed.channel import ChannelModel
+from testbed.channel import CellEpoch, ChannelModel
 from testbed.errors import ConfigError
 from testbed.policy import ClusterState, Decision, Policy
 
@@ -84,7 +92,9 @@ _CHANNEL_KEYS = tuple(p for p in inspect.signature(ChannelModel.__init__).parame
 
 @dataclass
 class _Step:
-    """Everything one decision needs, as numpy arrays (built once per :meth:`select`)."""
+    """Everything one decision needs (built once per :meth:`_WDMoEBase.select`): the tokens'
+    arrays in numpy, the devices' values as lists (a handful of devices: plain floats cost
+    less than numpy's calls), and what is computed more than once (the equal split's rates)."""
 
     probs: np.ndarray        # [N, E] router probabilities (float64)
     valid: np.ndarray        # [N] bool
@@ -93,23 +103,33 @@ class _Step:
     slot_dev: np.ndarray     # [N, K] device index of each top-K slot
     expert_dev: np.ndarray   # [E] device index of each expert
     devices: tuple[str, ...]
-    a_ms: np.ndarray         # [D]
-    b_ms: np.ndarray
+    a_ms: list[float]        # [D]
+    b_ms: list[float]
     bytes_per_token: float
     total_hz: float
     n_valid: int
-    fixed_bps: tuple[np.ndarray, np.ndarray] | None = None  # [D] down, up: links not ours to set
+    fixed_bps: tuple[list[float], list[float]] | None = None  # [D] down, up: links not ours
     idle_share: bool = False  # the allocation covers a whole epoch of several layers
-    channel: ChannelModel | None = None   # whose rates the devices get, in epoch ``epoch``,
-    epoch: int = 0                        # ``order``: the devices' indices in it
-    order: np.ndarray | None = None
+    cell: CellEpoch | None = None   # the devices' channel in this epoch (None: links fixed)
+    equal_bps: tuple[list[float], list[float]] | None = None  # rates at B_total / D, once made
 
 
 @dataclass(frozen=True)
 class _Alloc:
-    bandwidth_hz: np.ndarray   # [D]
-    device_ms: np.ndarray      # [D]
+    """A bandwidth allocation, the device latencies and ``T_l`` under it, and the channel's
+    rates at its bandwidths (``None`` when the links are fixed); lists over the devices."""
+
+    loads: list[int]           # the token-rows it is for
+    bandwidth_hz: list[float]
+    device_ms: list[float]
     layer_ms: float            # T_l, bs_ms included
+    down_bps: list[float] | None = None
+    up_bps: list[float] | None = None
+
+
+def _max(xs: list[float]) -> float:
+    """``max(xs)``, ``nan`` if any is (as numpy's)."""
+    return math.nan if any(map(math.isnan, xs)) else max(xs)
 
 
 class _WDMoEBase(Policy):
@@ -175,6 +195,8 @@ class _WDMoEBase(Policy):
         self._channel_model: ChannelModel | None = None
         self._map_key: Any = None
         self._map: dict[tuple[int, int], tuple[tuple[str, ...], np.ndarray]] = {}
+        self._index_key: tuple[ChannelModel, tuple[str, ...]] | None = None
+        self._index: list[int] = []
 
     # -- hooks -----------------------------------------------------------------------------
     def select(self, ctx: RoutingContext, cluster: ClusterState | None = None) -> Decision:
@@ -200,15 +222,20 @@ class _WDMoEBase(Policy):
 
     # -- building blocks (usable by subclasses) --------------------------------------------
     def _prepare(self, ctx: RoutingContext, cluster: ClusterState | None) -> _Step:
-        probs = ctx.router_probs.detach().to("cpu", torch.float64).numpy()
+        rp = ctx.router_probs.detach()
+        if rp.dtype == torch.float32 and rp.device.type == "cpu":
+            probs = rp.numpy().astype(np.float64)      # exact, as torch's own conversion
+        else:
+            probs = rp.to("cpu", torch.float64).numpy()
         n, e = probs.shape
         k = min(ctx.top_k, e)
         if ctx.token_valid is None:
-            valid = np.ones(n, dtype=bool)
+            valid, n_valid = np.ones(n, dtype=bool), n
         else:
             valid = ctx.token_valid.detach().to("cpu").numpy().astype(bool)
+            n_valid = int(valid.sum())
         ids = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        gate = np.take_along_axis(probs, ids, axis=1)
+        gate = probs[np.arange(n)[:, None], ids]
         devices, expert_dev = self._expert_devices(cluster, ctx.layer, e)
         ch = self._channel_for(devices)
         epoch = self.epoch
@@ -219,21 +246,27 @@ class _WDMoEBase(Policy):
                 ch = cluster.channel
             if cluster.epoch >= 0:
                 epoch = cluster.epoch
-            total_hz = cluster.bandwidth_hz or total_hz
+            total_hz = float(cluster.bandwidth_hz or total_hz)
             idle_share = cluster.epoch_scope != "layer"
             if cluster.links_fixed:   # mid-epoch: predict with the rates tc enforces now
-                fixed = tuple(np.array([1e3 * (r.get(d) or 0.0) for d in devices])
+                fixed = tuple([float(1e3 * (r.get(d) or 0.0)) for d in devices]
                               for r in (cluster.rate_down_kbit, cluster.rate_up_kbit))
-        order = np.array([ch.index[d] for d in devices], dtype=np.int64)
         prof = cluster.compute_profile if cluster is not None else {}
-        a = np.array([prof.get(d, (self.compute_a_ms, self.compute_b_ms))[0] for d in devices],
-                     dtype=np.float64)
-        b = np.array([prof.get(d, (self.compute_a_ms, self.compute_b_ms))[1] for d in devices],
-                     dtype=np.float64)
+        default = (self.compute_a_ms, self.compute_b_ms)
+        ab = [prof.get(d, default) for d in devices]
         s = (cluster.bytes_per_token if cluster is not None else 0) or self.bytes_per_token
+        index = self._index_in(ch, devices)
+        cell = None if fixed is not None else ch.cell_epoch(epoch, total_hz, index)
         return _Step(probs, valid, ids, gate, expert_dev[ids], expert_dev, devices,
-                     a, b, float(s), total_hz, int(valid.sum()), fixed, idle_share, ch, epoch,
-                     order)
+                     [float(x[0]) for x in ab], [float(x[1]) for x in ab], float(s), total_hz,
+                     n_valid, fixed, idle_share, cell)
+
+    def _index_in(self, ch: ChannelModel, devices: tuple[str, ...]) -> list[int]:
+        """The devices' indices in ``ch`` (kept for the last channel and devices)."""
+        key = self._index_key
+        if key is None or key[0] is not ch or key[1] != devices:
+            self._index_key, self._index = (ch, devices), [ch.index[d] for d in devices]
+        return self._index
 
     def _expert_devices(self, cluster: ClusterState | None, layer: int, n_experts: int
                         ) -> tuple[tuple[str, ...], np.ndarray]:
@@ -262,10 +295,10 @@ class _WDMoEBase(Policy):
         return self._channel_model
 
     @staticmethod
-    def _loads(st: _Step, keep: np.ndarray) -> np.ndarray:
-        return np.bincount(st.slot_dev[keep], minlength=len(st.devices))
+    def _loads(st: _Step, keep: np.ndarray) -> list[int]:
+        return np.bincount(st.slot_dev[keep], minlength=len(st.devices)).tolist()
 
-    def _allocate(self, st: _Step, loads: np.ndarray, how: str | None = None) -> _Alloc:
+    def _allocate(self, st: _Step, loads: list[int], how: str | None = None) -> _Alloc:
         """Bandwidth for fixed loads: ``"equal"`` (B_total / D to every device) or
         ``"min-max"`` (:meth:`_min_max`).
 
@@ -276,64 +309,76 @@ class _WDMoEBase(Policy):
         and a device idle now must keep a share of the budget for them."""
         if st.fixed_bps is not None:
             dev = self._fixed_ms(st, loads)
-            return _Alloc(np.zeros(len(st.devices)), dev, self.bs_ms + float(dev.max()))
+            return _Alloc(loads, [0.0] * len(st.devices), dev, self.bs_ms + _max(dev))
+        assert st.cell is not None
         if (how or self.allocation) == "min-max":
-            want = loads
+            want: list[float] | list[int] = loads
             if st.idle_share:
-                held = np.bincount(st.expert_dev, minlength=len(st.devices))
-                want = loads + st.n_valid * st.ids.shape[1] * held / len(st.expert_dev)
+                held = np.bincount(st.expert_dev, minlength=len(st.devices)).tolist()
+                rows, n_exp = st.n_valid * st.ids.shape[1], len(st.expert_dev)
+                want = [n + rows * h / n_exp for n, h in zip(loads, held)]
             bw = self._min_max(st, want)
+            down, up = st.cell.rates(bw)
         else:
-            bw = np.full(len(st.devices), st.total_hz / len(st.devices))
-        dev = self._ms_at(st, loads, *self._link_bps(st, bw))
-        return _Alloc(bw, dev, self.bs_ms + float(dev.max()))
+            bw = [st.total_hz / len(st.devices)] * len(st.devices)
+            down, up = self._equal_bps(st)
+        dev = self._ms_at(st, loads, down, up)
+        return _Alloc(loads, bw, dev, self.bs_ms + _max(dev), down, up)
 
     @staticmethod
-    def _min_max(st: _Step, want: np.ndarray) -> np.ndarray:
+    def _min_max(st: _Step, want: list[float] | list[int]) -> list[float]:
         """Min–max bandwidth for the token-rows ``want`` at the channel's rates
-        (:meth:`testbed.channel.ChannelModel.min_max_bandwidth`)."""
-        ch, idx = st.channel, st.order
-        assert ch is not None and idx is not None
-        bits = np.zeros(len(ch.devices))
-        bits[idx] = 8.0 * st.bytes_per_token * np.asarray(want, dtype=np.float64)
-        fixed = np.zeros(len(ch.devices))
-        fixed[idx] = st.a_ms + st.b_ms * want
-        return ch.min_max_bandwidth(bits, bits, fixed, st.epoch, st.total_hz)[idx]
+        (:meth:`testbed.channel.ChannelModel.min_max_bandwidth`, through
+        :meth:`testbed.channel.CellEpoch.min_max`)."""
+        assert st.cell is not None
+        bits = [8.0 * st.bytes_per_token * w for w in want]
+        fixed = [a + b * w for a, b, w in zip(st.a_ms, st.b_ms, want)]
+        return st.cell.min_max(bits, bits, fixed)
 
     @staticmethod
-    def _link_bps(st: _Step, bandwidth_hz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The channel's (down, up) rates (bit/s) of the devices for ``bandwidth_hz``, in the
-        cell of ``st.total_hz`` (the BS's power spread over it)."""
-        ch, idx = st.channel, st.order
-        assert ch is not None and idx is not None
-        full = np.zeros(len(ch.devices))
-        full[idx] = bandwidth_hz
-        return (ch.rates_bps(full, "down", st.epoch, total_hz=st.total_hz)[idx],
-                ch.rates_bps(full, "up", st.epoch, total_hz=st.total_hz)[idx])
+    def _equal_bps(st: _Step) -> tuple[list[float], list[float]]:
+        """The channel's (down, up) rates (bit/s) of the equal split ``B_total / D``, in the
+        cell of ``st.total_hz`` (made once per decision)."""
+        if st.equal_bps is None:
+            assert st.cell is not None
+            st.equal_bps = st.cell.rates([st.total_hz / len(st.devices)] * len(st.devices))
+        return st.equal_bps
 
     @classmethod
-    def _fixed_ms(cls, st: _Step, loads: np.ndarray) -> np.ndarray:
+    def _fixed_ms(cls, st: _Step, loads: list[int]) -> list[float]:
         """``t_k`` at the enforced rates ``st.fixed_bps``."""
         assert st.fixed_bps is not None
         return cls._ms_at(st, loads, *st.fixed_bps)
 
     @staticmethod
-    def _ms_at(st: _Step, loads: np.ndarray, down: np.ndarray, up: np.ndarray) -> np.ndarray:
+    def _ms_at(st: _Step, loads: list[int], down: list[float], up: list[float]) -> list[float]:
         """``t_k`` (ms) at the rates ``down``, ``up`` (bit/s): the latency model at given
         rates (``inf`` where tokens meet no rate, 0 where there are no tokens)."""
-        n = np.asarray(loads, dtype=np.float64)
-        bits = 8.0 * st.bytes_per_token * n
-        with np.errstate(divide="ignore", invalid="ignore"):
-            t = 1e3 * (bits / down + bits / up)
-        return np.where(n > 0, t + st.a_ms + st.b_ms * n, 0.0)
+        s8 = 8.0 * st.bytes_per_token
+        out = []
+        for n, r_d, r_u, a, b in zip(loads, down, up, st.a_ms, st.b_ms):
+            if n > 0:
+                bits = s8 * n
+                out.append(1e3 * ((bits / r_d if r_d != 0 else math.inf)
+                                  + (bits / r_u if r_u != 0 else math.inf)) + a + b * n)
+            else:
+                out.append(0.0)
+        return out
 
-    def _unit_ms(self, st: _Step, alloc: _Alloc) -> np.ndarray:
+    def _unit_ms(self, st: _Step, alloc: _Alloc) -> list[float]:
         """Latency of one token on each device under ``alloc`` (an equal share where it has
         no bandwidth; the enforced rates when the links are fixed)."""
+        ones = [1] * len(st.devices)
         if st.fixed_bps is not None:
-            return self._fixed_ms(st, np.ones(len(st.devices)))
-        bw = np.where(alloc.bandwidth_hz > 0, alloc.bandwidth_hz, st.total_hz / len(st.devices))
-        return self._ms_at(st, np.ones(len(st.devices)), *self._link_bps(st, bw))
+            return self._fixed_ms(st, ones)
+        # a device's rates depend on its own bandwidth alone: those of the allocation where it
+        # gives some, of the equal split elsewhere
+        assert alloc.down_bps is not None and alloc.up_bps is not None
+        eq_down, eq_up = self._equal_bps(st)
+        on = [b > 0 for b in alloc.bandwidth_hz]
+        down = [r if o else e for o, r, e in zip(on, alloc.down_bps, eq_down)]
+        up = [r if o else e for o, r, e in zip(on, alloc.up_bps, eq_up)]
+        return self._ms_at(st, ones, down, up)
 
     @staticmethod
     def _wlr(st: _Step, keep: np.ndarray, layer_ms: float) -> float:
@@ -348,35 +393,39 @@ class _WDMoEBase(Policy):
         renorm = ctx.norm_topk_prob if self.renormalize is None else self.renormalize
         if renorm:
             tot = w.sum(axis=1, keepdims=True)
-            w = np.divide(w, tot, out=np.zeros_like(w), where=tot > 0)
+            some = tot > 0
+            w = w / tot if some.all() else np.divide(w, tot, out=np.zeros_like(w), where=some)
         dev = ctx.router_probs.device
         return Selection(torch.from_numpy(ids).to(dev), torch.from_numpy(w.astype(np.float32)).to(dev))
 
-    @classmethod
-    def _rates(cls, st: _Step, alloc: _Alloc) -> dict[str, tuple[float, float, float]]:
+    @staticmethod
+    def _rates(st: _Step, alloc: _Alloc) -> dict[str, tuple[float, float, float]]:
         """Per device with bandwidth: (harmonic-mean kbit/s, down kbit/s, up kbit/s) (the
         harmonic mean: the one rate both ways giving the same down + up time)."""
-        on = alloc.bandwidth_hz > 0
-        if not on.any():
+        if alloc.down_bps is None or alloc.up_bps is None:
             return {}
-        down, up = (r[on] / 1e3 for r in cls._link_bps(st, alloc.bandwidth_hz))
-        with np.errstate(divide="ignore"):
-            both = np.where((down > 0) & (up > 0), 2.0 / (1.0 / down + 1.0 / up), 0.0)
-        names = [d for d, o in zip(st.devices, on) if o]
-        return {d: (float(both[i]), float(down[i]), float(up[i])) for i, d in enumerate(names)}
+        out = {}
+        for d, b, r_d, r_u in zip(st.devices, alloc.bandwidth_hz, alloc.down_bps, alloc.up_bps):
+            if b > 0:
+                down, up = r_d / 1e3, r_u / 1e3
+                both = 2.0 / (1.0 / down + 1.0 / up) if down > 0 and up > 0 else 0.0
+                out[d] = (both, down, up)
+        return out
 
     def _record(self, ctx: RoutingContext, st: _Step, keep: np.ndarray, alloc: _Alloc,
                 rates: Mapping[str, tuple[float, float, float]], extra: Mapping[str, Any]) -> None:
+        """Append the decision's record to :attr:`stats` (:meth:`last_stats`); ``alloc`` is
+        the allocation for ``keep``."""
         k = st.ids.shape[1]
         kept = keep.sum(axis=1)
-        loads = self._loads(st, keep)
+        loads = alloc.loads           # the allocation is the selection's
         self.stats.append({
             "layer": ctx.layer, "step": ctx.step, "epoch": self.epoch, "tokens": st.n_valid,
             "tokens_pruned": int(((kept < k) & st.valid).sum()),
             "experts_dropped": int(st.n_valid * k - kept.sum()),
             "predicted_ms": alloc.layer_ms,
-            "loads": {d: int(n) for d, n in zip(st.devices, loads) if n},
-            "bandwidth_hz": {d: float(b) for d, b in zip(st.devices, alloc.bandwidth_hz) if b > 0},
+            "loads": {d: n for d, n in zip(st.devices, loads) if n},
+            "bandwidth_hz": {d: b for d, b in zip(st.devices, alloc.bandwidth_hz) if b > 0},
             "rate_down_kbit": {d: r[1] for d, r in rates.items()},
             "rate_up_kbit": {d: r[2] for d, r in rates.items()},
             **extra,
@@ -420,15 +469,18 @@ class WDMoE(_WDMoEBase):
         self.max_rounds = int(max_rounds)
         n = int(np.floor((self.theta_max - self.alpha) / self.theta_step + 1e-9)) + 1
         self._thetas = self.alpha + self.theta_step * np.arange(n)
+        self._bounds = self._thetas + 1e-12   # a token is pruned at theta if cos <= this
 
     def _decide(self, st: _Step) -> tuple[np.ndarray, _Alloc, dict[str, Any]]:
         n, k = st.ids.shape
+        if n * k < self._SMALL:
+            return self._decide_small(st)
         keep = np.repeat(st.valid[:, None], k, axis=1)
-        cache: dict[bytes, _Alloc] = {}
+        cache: dict[tuple[int, ...], _Alloc] = {}
 
         def alloc_for(kp: np.ndarray) -> _Alloc:
             loads = self._loads(st, kp)
-            key = loads.tobytes()
+            key = tuple(loads)
             if key not in cache:
                 cache[key] = self._allocate(st, loads)
             return cache[key]
@@ -438,23 +490,26 @@ class WDMoE(_WDMoEBase):
         t0 = alloc.layer_ms
         rounds, thetas = 0, []
         if self.prune and n and st.n_valid:
-            norm_p = np.linalg.norm(st.probs, axis=1)
+            norm_p = np.sqrt((st.probs * st.probs).sum(axis=1))   # np.linalg.norm's, per row
             rows = np.arange(n)
+            n_theta = len(self._thetas)
             for _ in range(self.max_rounds):
                 count = keep.sum(axis=1)
                 can = count > 1
                 if not can.any():
                     break
                 # per-expert latency of one token at the device's current bandwidth
-                t_exp = self._unit_ms(st, alloc)[st.expert_dev]
-                cos = (st.probs @ t_exp) / (norm_p * float(np.linalg.norm(t_exp)) + 1e-300)
+                t_exp = np.array(self._unit_ms(st, alloc))[st.expert_dev]
+                norm_t = math.sqrt(float(t_exp.dot(t_exp)))              # np.linalg.norm's
+                cos = (st.probs @ t_exp) / (norm_p * norm_t + 1e-300)
+                # the thresholds grow, so a token is pruned from the first one its cosine
+                # reaches on: the distinct non-empty sets to try come at those first indices
+                first = np.searchsorted(self._bounds, cos, side="left")
+                firsts = first[can]
                 accepted = None
-                last = None
-                for theta in self._thetas:
-                    prune = can & (cos <= theta + 1e-12)
-                    if not prune.any() or (last is not None and np.array_equal(prune, last)):
-                        continue
-                    last = prune
+                for j in sorted(set(firsts[firsts < n_theta].tolist())):
+                    prune = can & (first <= j)
+                    theta = self._thetas[j]
                     kp = keep.copy()
                     kp[rows[prune], count[prune] - 1] = False
                     al = alloc_for(kp)
@@ -469,6 +524,78 @@ class WDMoE(_WDMoEBase):
                 rounds += 1
         return keep, alloc, {"wlr": wlr, "wlr_topk": wlr0, "predicted_topk_ms": t0,
                              "rounds": rounds, "theta": thetas}
+
+    #: below this many token slots (N x K) :meth:`_decide` keeps its books on lists
+    #: (:meth:`_decide_small`): numpy's per-call cost dominates there
+    _SMALL = 8
+
+    def _decide_small(self, st: _Step) -> tuple[np.ndarray, _Alloc, dict[str, Any]]:
+        """:meth:`_decide` for fewer than 8 token slots, on lists: the same steps and numbers
+        (numpy sums fewer than 8 terms in order, as the loops here do; the cosines are
+        numpy's)."""
+        n, k = st.ids.shape
+        gate, slots = st.gate.tolist(), st.slot_dev.tolist()
+        keep = [[v] * k for v in st.valid.tolist()]
+        n_dev = len(st.devices)
+        cache: dict[tuple[int, ...], _Alloc] = {}
+
+        def alloc_for(kp: list[list[bool]]) -> _Alloc:
+            loads = [0] * n_dev
+            for row, kept in zip(slots, kp):
+                for d, kk in zip(row, kept):
+                    if kk:
+                        loads[d] += 1
+            key = tuple(loads)
+            if key not in cache:
+                cache[key] = self._allocate(st, loads)
+            return cache[key]
+
+        def wlr_of(kp: list[list[bool]], layer_ms: float) -> float:
+            if st.n_valid == 0 or layer_ms <= 0:
+                return 0.0
+            mass = 0.0
+            for row, kept in zip(gate, kp):
+                for g, kk in zip(row, kept):
+                    mass += g * kk
+            return mass / st.n_valid / layer_ms
+
+        alloc = alloc_for(keep)
+        wlr = wlr0 = wlr_of(keep, alloc.layer_ms)
+        t0 = alloc.layer_ms
+        rounds, thetas = 0, []
+        if self.prune and n and st.n_valid:
+            norm_p = np.sqrt((st.probs * st.probs).sum(axis=1))
+            bounds, n_theta = self._bounds.tolist(), len(self._thetas)
+            for _ in range(self.max_rounds):
+                count = [sum(kept) for kept in keep]
+                can = [c > 1 for c in count]
+                if not any(can):
+                    break
+                t_exp = np.array(self._unit_ms(st, alloc))[st.expert_dev]
+                norm_t = math.sqrt(float(t_exp.dot(t_exp)))
+                cos = ((st.probs @ t_exp) / (norm_p * norm_t + 1e-300)).tolist()
+                # np.searchsorted(bounds, cos, "left"), where nan sorts last
+                first = [n_theta if math.isnan(c) else bisect.bisect_left(bounds, c)
+                         for c in cos]
+                accepted = None
+                for j in sorted({f for f, c in zip(first, can) if c and f < n_theta}):
+                    kp = [list(kept) for kept in keep]
+                    for i in range(n):
+                        if can[i] and first[i] <= j:
+                            kp[i][count[i] - 1] = False
+                    al = alloc_for(kp)
+                    w = wlr_of(kp, al.layer_ms)
+                    if w >= self.gamma * wlr:
+                        accepted = (kp, al, w, float(self._thetas[j]))
+                        break
+                if accepted is None:
+                    break
+                keep, alloc, wlr, theta_acc = accepted
+                thetas.append(theta_acc)
+                rounds += 1
+        return (np.array(keep, dtype=bool).reshape(n, k), alloc,
+                {"wlr": wlr, "wlr_topk": wlr0, "predicted_topk_ms": t0, "rounds": rounds,
+                 "theta": thetas})
 
 
 class WDMoESelectionOnly(WDMoE):
@@ -528,7 +655,7 @@ class WDMoEConference(_WDMoEBase):
         wlr0 = self._wlr(st, keep, alloc0.layer_ms)
         if k > 1 and n:
             with np.errstate(divide="ignore", invalid="ignore"):   # padding rows: 0/0
-                w = st.gate / alloc0.device_ms[st.slot_dev]
+                w = st.gate / np.array(alloc0.device_ms)[st.slot_dev]
                 w1, wj = w[:, :1], w[:, 1:]
                 score = wj / w1 if self.variant == "ratio" else wj / (w1 + wj)
             keep[:, 1:] &= ~(score < self.theta)

@@ -82,7 +82,10 @@ isolated cell.
 
 Everything random is drawn from ``numpy.random.default_rng`` seeded by ``seed`` and the device
 name (position, shadowing) or ``seed`` and the epoch (fading): ``gains(epoch)`` is random-access
-and adding a device does not move the others.
+and adding a device does not move the others. The model keeps the last epoch's gains and what
+is derived from them (SNRs, efficiencies, rate forms); :class:`CellEpoch` (``cell_epoch``)
+gives the rates and the min-max split of some devices in one epoch as plain floats, the same
+numbers at less cost, for deciders that price many allocations per epoch.
 
 A channel trace is a CSV ``time_s,device,rate_down_kbit,rate_up_kbit`` (one row per epoch and
 device) written by :func:`write_trace` and read back, checked, by :func:`read_trace`.
@@ -90,6 +93,7 @@ device) written by :func:`write_trace` and read back, checked, by :func:`read_tr
 
 from __future__ import annotations
 
+import bisect
 import csv
 import inspect
 import math
@@ -123,6 +127,8 @@ CQI_TABLES: dict[int, tuple[tuple[int, int, float], ...]] = {
         (8, 797, 6.2266), (8, 885, 6.9141), (8, 948, 7.4063)),
 }
 _CQI_EFF = {t: np.array([e for _, _, e in rows]) for t, rows in CQI_TABLES.items()}
+_CQI_LISTS = {t: a.tolist() for t, a in _CQI_EFF.items()}
+_log2 = np.log2
 
 #: The testbed's earlier channel (POLICIES.md's defaults): a 100 m cell from 10 m, the macro
 #: path loss without penetration loss, 30 dBm at the BS given whole to every device, one 9 dB
@@ -299,8 +305,13 @@ class ChannelModel:
         self.power_split = power_split
         self.se_model, self.cqi_table, self.snr_gap_db = se_model, int(cqi_table), snr_gap_db
         self._k_lin = 10.0 ** (rician_k_db / 10.0)
+        # spectral_efficiency's constants, for _se_scalar
+        self._gap, self._top = 10.0 ** (snr_gap_db / 10.0), _CQI_LISTS[self.cqi_table][-1]
         self._cache_epoch = -1
         self._cache_gain = self.large_scale_gain
+        # what is derived from the gains of epoch ``_cache_epoch`` (SNRs, efficiencies, rate
+        # forms), by key; emptied when the epoch changes
+        self._memo: dict[tuple[Any, ...], Any] = {}
 
     # -- gains -----------------------------------------------------------------------------
     def fading_gain(self, epoch: int) -> np.ndarray:
@@ -324,7 +335,32 @@ class ChannelModel:
         if epoch != self._cache_epoch:
             self._cache_gain = self.large_scale_gain * self.fading_gain(epoch)
             self._cache_epoch = epoch
+            self._memo = {}
         return self._cache_gain
+
+    def _derived(self, epoch: int, key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
+        """``make()``, computed once per epoch and ``key`` (kept until the epoch changes; not
+        to be modified by the caller)."""
+        if epoch != self._cache_epoch:
+            self.gains(epoch)
+        memo = self._memo
+        value = memo.get(key)
+        if value is None:
+            if len(memo) > 64:          # many cells' budgets in one epoch: start over
+                memo.clear()
+            memo[key] = value = make()
+        return value
+
+    def _snr_hz(self, epoch: int, direction: str) -> np.ndarray:
+        """:meth:`snr_per_hz` of ``epoch``, shared (per-epoch cache): read only."""
+        return self._derived(epoch, ("snr", direction), lambda: (
+            self.power_w[direction] * self.gains(epoch) / self.noise_w_hz[direction]))
+
+    def _se_split(self, epoch: int, total_hz: float) -> np.ndarray:
+        """Spectral efficiency of each device on the split downlink of a cell of ``total_hz``
+        (> 0) in ``epoch``: the same whatever its bandwidth (per-epoch cache: read only)."""
+        return self._derived(epoch, ("se-split", total_hz), lambda: self.spectral_efficiency(
+            self._snr_hz(epoch, "down") / total_hz))
 
     # -- power, SNR, rate ------------------------------------------------------------------
     @staticmethod
@@ -345,7 +381,7 @@ class ChannelModel:
         return b, float(b.sum()) if total_hz is None else float(total_hz)
 
     def _snr(self, b: np.ndarray, total_hz: float, direction: str, epoch: int) -> np.ndarray:
-        s_hz = self.snr_per_hz(epoch, direction)
+        s_hz = self._snr_hz(epoch, direction)
         if direction == "down" and self.power_split == "bandwidth":
             return np.where(b > 0, s_hz / total_hz, 0.0) if total_hz > 0 else np.zeros(len(b))
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -382,6 +418,18 @@ class ChannelModel:
         ``snr_gap_db`` (:func:`spectral_efficiency`)."""
         return spectral_efficiency(snr, self.se_model, self.cqi_table, self.snr_gap_db)
 
+    def _se_scalar(self, snr: float) -> float:
+        """:meth:`spectral_efficiency` of one SNR (a float): the same operations, as floats
+        but for numpy's ``log2`` (whose result on a scalar is its result on an array)."""
+        x = float(_log2(1.0 + snr / self._gap))
+        if self.se_model == "capped":
+            return min(x, self._top)                     # as np.minimum, nan included
+        if self.se_model == "shannon":
+            return x
+        eff = _CQI_LISTS[self.cqi_table]
+        i = bisect.bisect_right(eff, x)                  # entries the link reaches
+        return eff[i - 1] if i > 0 else 0.0
+
     def rates_bps(self, bandwidth_hz: np.ndarray | float, direction: str = "down",
                   epoch: int = 0, *, total_hz: float | None = None) -> np.ndarray:
         """Rate per device (bit/s): ``B_k se(SNR_k)`` in ``direction`` and ``epoch``, for the
@@ -390,7 +438,18 @@ class ChannelModel:
         """
         self._check_direction(direction)
         b, total = self._bandwidths(bandwidth_hz, total_hz)
-        se = self.spectral_efficiency(self._snr(b, total, direction, epoch))
+        if direction == "down" and self.power_split == "bandwidth":
+            if total > 0:                # the SNR (and so the efficiency) is the cell's
+                return np.where(b > 0, b * self._se_split(epoch, total), 0.0)
+            se = self.spectral_efficiency(self._snr(b, total, direction, epoch))
+        else:
+            return self._tied_rates(self._snr_hz(epoch, direction), b)
+        return np.where(b > 0, b * se, 0.0)
+
+    def _tied_rates(self, s_hz: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Rates (bit/s) at bandwidths ``b`` of transmitters whose power goes whole onto their
+        bandwidth, ``s_hz`` their :meth:`snr_per_hz`: SNR ``s / B``; 0 without bandwidth."""
+        se = self.spectral_efficiency(s_hz / np.where(b > 0, b, math.inf))
         return np.where(b > 0, b * se, 0.0)
 
     def rate_bps(self, device: str, bandwidth_hz: float, direction: str = "down",
@@ -410,7 +469,7 @@ class ChannelModel:
         for ``power_split = "none"`` (or the uplink) with ``se_model = "shannon"`` and no gap.
         :meth:`rate_form` gives this model's rate in closed form."""
         self._check_direction(direction)
-        return self.power_w[direction] * self.gains(epoch) / self.noise_w_hz[direction]
+        return self._snr_hz(epoch, direction).copy()
 
     def rate_form(self, direction: str = "down", epoch: int = 0, *, total_hz: float
                   ) -> tuple[np.ndarray, np.ndarray]:
@@ -424,12 +483,26 @@ class ChannelModel:
         ``"shannon"`` and for the split downlink; under ``"cqi"`` the power-tied rate is its
         upper envelope (the table's steps are not in this form)."""
         self._check_direction(direction)
+        x, cap = self._rate_form(direction, epoch, total_hz)
+        return x.copy(), cap.copy()
+
+    def _rate_form(self, direction: str, epoch: int, total_hz: float
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`rate_form`, shared (per-epoch cache): read only."""
+        return self._derived(epoch, ("form", direction, total_hz),
+                             lambda: self._make_rate_form(direction, epoch, total_hz))
+
+    def _make_rate_form(self, direction: str, epoch: int, total_hz: float
+                        ) -> tuple[np.ndarray, np.ndarray]:
         n = len(self.devices)
         if direction == "down" and self.power_split == "bandwidth":
-            se = self.spectral_efficiency(self.snr(total_hz / n, "down", epoch,
-                                                   total_hz=total_hz))
+            if total_hz > 0 and total_hz / n > 0:
+                se = self._se_split(epoch, total_hz)
+            else:
+                se = self.spectral_efficiency(self.snr(total_hz / n, "down", epoch,
+                                                       total_hz=total_hz))
             return np.full(n, math.inf), np.asarray(se, dtype=np.float64)
-        x = self.snr_per_hz(epoch, direction) / 10.0 ** (self.snr_gap_db / 10.0)
+        x = self._snr_hz(epoch, direction) / 10.0 ** (self.snr_gap_db / 10.0)
         cap = math.inf if self.se_model == "shannon" else float(_CQI_EFF[self.cqi_table][-1])
         return x, np.full(n, cap)
 
@@ -450,134 +523,300 @@ class ChannelModel:
         ``sum_k B_k(T)`` with a bisection bracket. ``rtol``: relative tolerance on ``T`` and on
         the bandwidth sum."""
         n = len(self.devices)
-        kd = 1e3 * np.broadcast_to(np.asarray(bits_down, dtype=np.float64), (n,))
-        ku = 1e3 * np.broadcast_to(np.asarray(bits_up, dtype=np.float64), (n,))
-        fixed = np.broadcast_to(np.asarray(fixed_ms, dtype=np.float64), (n,))
+        kd = (1e3 * _per_device(bits_down, n)).tolist()
+        ku = (1e3 * _per_device(bits_up, n)).tolist()
+        fixed = _per_device(fixed_ms, n).tolist()
         if not total_hz > 0:
             raise ValueError(f"min_max_bandwidth: total_hz must be > 0, got {total_hz}")
         out = np.zeros(n)
-        idx = [int(i) for i in np.flatnonzero((kd > 0) | (ku > 0))]
+        idx = [i for i in range(n) if kd[i] > 0 or ku[i] > 0]
         if not idx:
             return out
-        xd, cd = self.rate_form("down", epoch, total_hz=total_hz)
-        xu, cu = self.rate_form("up", epoch, total_hz=total_hz)
-        dev = [_Transfer(float(kd[i]), float(ku[i]), float(xd[i]), float(cd[i]), float(xu[i]),
-                         float(cu[i])) for i in idx]
-        c = [float(fixed[i]) for i in idx]
-        eq = total_hz / len(dev)
-        # the equal split is feasible (T right of the optimum); no bandwidth is fast enough
-        # to beat T_lo (every device's transfer time as B -> inf)
-        hi = max(cj + d.time_ms(eq)[0] for cj, d in zip(c, dev))
-        lo = max(cj + d.floor_ms for cj, d in zip(c, dev))
-        if lo == math.inf:          # a device no bandwidth gets through: nothing to optimise
-            out[idx] = eq
-            return out
-        t, bw = hi, [eq] * len(dev)
-        best = list(bw)
-        for _ in range(200):
-            new, slope = [], 0.0
-            for cj, d, b0 in zip(c, dev, bw):
-                b, df = d.least_bandwidth(t - cj, b0, rtol)
-                if b == math.inf:
-                    break
-                new.append(b)
-                slope += 1.0 / df                    # dB/dT = 1 / t'(B) < 0
-            else:
-                bw = new
-                phi = sum(bw) - total_hz
-                if phi <= 0.0:
-                    hi, best = t, list(bw)
+        xd, cd, xu, cu = self._form_lists(epoch, total_hz)
+        dev = [_transfer(kd[i], xd[i], cd[i], ku[i], xu[i], cu[i]) for i in idx]
+        out[idx] = _min_max_solve(dev, [fixed[i] for i in idx], total_hz, rtol)
+        return out
+
+    def _form_lists(self, epoch: int, total_hz: float) -> tuple[list[float], ...]:
+        """``(xd, cd, xu, cu)``: :meth:`rate_form` both ways as lists (per-epoch cache)."""
+        return self._derived(epoch, ("form-lists", total_hz), lambda: tuple(
+            a.tolist() for d in DIRECTIONS for a in self._rate_form(d, epoch, total_hz)))
+
+    def cell_epoch(self, epoch: int, total_hz: float, index: Sequence[int] | None = None
+                   ) -> CellEpoch:
+        """The devices ``index`` (indices into :attr:`devices`; default: all) in ``epoch`` and
+        a cell of ``total_hz``, for pricing many allocations (:class:`CellEpoch`)."""
+        return CellEpoch(self, epoch, total_hz, range(len(self.devices)) if index is None
+                         else index)
+
+
+class CellEpoch:
+    """Some devices of a :class:`ChannelModel` in one epoch and a cell of ``total_hz``, in
+    plain floats: for a decider that prices many allocations in one epoch (the WDMoE
+    policies), without numpy's per-call cost on a handful of devices.
+
+    :meth:`rates` is :meth:`ChannelModel.rates_bps` both ways and :meth:`min_max` is
+    :meth:`ChannelModel.min_max_bandwidth`, for these devices, with the same floating-point
+    operations in the same order: the same results.
+
+    Parameters
+    ----------
+    model:
+        The channel.
+    epoch:
+        The decision epoch (its fading).
+    total_hz:
+        The cell's bandwidth (the BS's power is spread over it).
+    index:
+        The devices, as indices into ``model.devices``, in any order: the lists that the
+        methods take and return follow it.
+    """
+
+    def __init__(self, model: ChannelModel, epoch: int, total_hz: float, index: Sequence[int]):
+        self.model, self.epoch, self.total_hz = model, epoch, total_hz
+        self.index = list(index)
+        # the common case, in floats here; else the model's own methods
+        self._plain = total_hz > 0 and total_hz / len(model.devices) > 0
+        self._links: tuple[list[float], ...] | None = None
+
+    def _floats(self) -> tuple[list[float], ...]:
+        """The devices' ``(xd, cd, xu, cu)`` (:meth:`ChannelModel.rate_form`) and SNRs per Hz
+        ``(s_down, s_up)`` (:meth:`ChannelModel.snr_per_hz`), made once: the model's formulas,
+        element by element."""
+        if self._links is None:
+            m = self.model
+            g = m.gains(self.epoch).tolist()
+            gain = [g[i] for i in self.index]
+            snr = [[m.power_w[d] * x / m.noise_w_hz[d] for x in gain] for d in DIRECTIONS]
+            gap = 10.0 ** (m.snr_gap_db / 10.0)
+            cap = math.inf if m.se_model == "shannon" else float(_CQI_EFF[m.cqi_table][-1])
+            form = []
+            for d, s_hz in zip(DIRECTIONS, snr):
+                if d == "down" and m.power_split == "bandwidth":   # the split downlink
+                    form += [[math.inf] * len(s_hz),
+                             [m._se_scalar(s / self.total_hz) for s in s_hz]]
                 else:
-                    lo = t
-                if abs(phi) <= rtol * total_hz:
-                    break
-                nt = t - phi / slope
-                if not lo < nt < hi:
-                    nt = 0.5 * (lo + hi)
-                if abs(nt - t) <= rtol * t:
-                    break
-                t = nt
-                continue
-            lo = t                                   # some device cannot reach T at all
-            t = 0.5 * (lo + hi)
-        if sum(bw) > total_hz:                       # a hair left of T*: shrink to the budget
-            scale = total_hz / sum(bw)
-            bw = [b * scale for b in bw] if scale > 1.0 - 1e-6 else best
-        out[idx] = bw
+                    form += [[s / gap for s in s_hz], [cap] * len(s_hz)]
+            self._links = (*form, *snr)
+        return self._links
+
+    def rates(self, bandwidth_hz: Sequence[float]) -> tuple[list[float], list[float]]:
+        """``(down, up)`` rates (bit/s) of the devices at ``bandwidth_hz`` (one per device):
+        :meth:`ChannelModel.rates_bps` of each direction (the spectral efficiency one device
+        at a time: numpy's ``log2`` of a scalar is its ``log2`` of an array's element)."""
+        m = self.model
+        if not self._plain:
+            full = np.zeros(len(m.devices))
+            full[self.index] = bandwidth_hz
+            return tuple(m.rates_bps(full, d, self.epoch, total_hz=self.total_hz)[self.index]
+                         .tolist() for d in DIRECTIONS)  # type: ignore[return-value]
+        _, se_split, _, _, *snr = self._floats()
+        out = []
+        for d, s_hz in zip(DIRECTIONS, snr):
+            if d == "down" and m.power_split == "bandwidth":   # the cell's SNR and efficiency
+                out.append([b * se if b > 0 else 0.0 for b, se in zip(bandwidth_hz, se_split)])
+            else:                                              # SNR s / B_k
+                se_of = m._se_scalar
+                out.append([b * se_of(s / b) if b > 0 else 0.0
+                            for b, s in zip(bandwidth_hz, s_hz)])
+        return out[0], out[1]
+
+    def min_max(self, bits_down: Sequence[float], bits_up: Sequence[float],
+                fixed_ms: Sequence[float], rtol: float = 1e-9) -> list[float]:
+        """:meth:`ChannelModel.min_max_bandwidth` for these devices (the others carry
+        nothing): the bandwidth of each (Hz) minimising the largest
+        ``fixed_ms + bits_down / r_down + bits_up / r_up``; 0 for a device with no bits."""
+        if not self._plain:
+            m, full = self.model, []
+            for a in (bits_down, bits_up, fixed_ms):
+                full.append(np.zeros(len(m.devices)))
+                full[-1][self.index] = a
+            return m.min_max_bandwidth(*full, self.epoch, self.total_hz, rtol=rtol
+                                       )[self.index].tolist()
+        xd, cd, xu, cu, _, _ = self._floats()
+        dev, c, at = [], [], []
+        # the solver meets the loaded devices in the model's order (its sums run in it)
+        for j in sorted(range(len(self.index)), key=self.index.__getitem__):
+            k_d, k_u = 1e3 * bits_down[j], 1e3 * bits_up[j]
+            if k_d > 0 or k_u > 0:
+                dev.append(_transfer(k_d, xd[j], cd[j], k_u, xu[j], cu[j]))
+                c.append(float(fixed_ms[j]))
+                at.append(j)
+        out = [0.0] * len(self.index)
+        if dev:
+            for j, b in zip(at, _min_max_solve(dev, c, self.total_hz, rtol)):
+                out[j] = b
         return out
 
 
 LN2 = math.log(2.0)
 
 
-@dataclass(frozen=True)
-class _Transfer:
-    """One device's transfer time ``kd / r_d(B) + ku / r_u(B)`` (ms; ``k`` in bit x 1000),
-    ``r(B) = B min(log2(1 + x/B), cap)`` each way (:meth:`ChannelModel.rate_form`)."""
+def _per_device(x: np.ndarray | float, n: int) -> np.ndarray:
+    """``x`` as a float64 array of ``n`` (a scalar repeated; broadcast as numpy does)."""
+    a = np.asarray(x, dtype=np.float64)
+    if a.shape == (n,):
+        return a
+    return np.full(n, float(a)) if a.ndim == 0 else np.broadcast_to(a, (n,))
 
-    kd: float
-    ku: float
-    xd: float
-    cd: float
-    xu: float
-    cu: float
 
-    @staticmethod
-    def _rate(b: float, x: float, cap: float) -> tuple[float, float]:
-        """``r(B)`` and ``r'(B)``."""
-        if x == math.inf:
-            return cap * b, cap
-        q = x / b
-        lg = math.log1p(q) / LN2
-        if lg >= cap:
-            return cap * b, cap
-        return b * lg, lg - q / ((1.0 + q) * LN2)
+# One device's transfer time ``f(B) = kd / r_d(B) + ku / r_u(B)`` (ms; ``k`` in bit x 1000),
+# ``r(B) = B min(log2(1 + x/B), cap)`` each way (:meth:`ChannelModel.rate_form`), is given to
+# the functions below as the tuple ``(kd, xd, cd, ku, xu, cu, floor)`` (:func:`_transfer`).
+# Plain floats and inlined rates: the solver runs in the policies' decisions.
 
-    def time_ms(self, b: float) -> tuple[float, float]:
-        """Transfer time at bandwidth ``b`` and its derivative."""
+def _transfer(kd: float, xd: float, cd: float, ku: float, xu: float, cu: float
+              ) -> tuple[float, ...]:
+    """The transfer tuple, with ``floor`` the time as ``B -> inf``: ``k ln2 / x`` each way
+    (0 for a rate that grows without bound; ``inf`` for one that stays 0)."""
+    floor = 0.0
+    for k, x, cap in ((kd, xd, cd), (ku, xu, cu)):
+        if k > 0:
+            floor += math.inf if cap <= 0.0 or x <= 0.0 else k * LN2 / x
+    return (kd, xd, cd, ku, xu, cu, floor)
+
+
+def _transfer_ms(b: float, kd: float, xd: float, cd: float, ku: float, xu: float, cu: float
+                 ) -> tuple[float, float]:
+    """``f(b)`` and ``f'(b)`` (``(inf, -inf)`` where a needed rate is 0)."""
+    f = df = 0.0
+    if kd > 0:
+        if xd == math.inf:
+            r, dr = cd * b, cd
+        else:
+            q = xd / b
+            lg = math.log1p(q) / LN2
+            if lg >= cd:
+                r, dr = cd * b, cd
+            else:
+                r, dr = b * lg, lg - q / ((1.0 + q) * LN2)
+        if r <= 0.0:
+            return math.inf, -math.inf
+        f += kd / r
+        df -= kd * dr / (r * r)
+    if ku > 0:
+        if xu == math.inf:
+            r, dr = cu * b, cu
+        else:
+            q = xu / b
+            lg = math.log1p(q) / LN2
+            if lg >= cu:
+                r, dr = cu * b, cu
+            else:
+                r, dr = b * lg, lg - q / ((1.0 + q) * LN2)
+        if r <= 0.0:
+            return math.inf, -math.inf
+        f += ku / r
+        df -= ku * dr / (r * r)
+    return f, df
+
+
+def _least_bandwidth(tau: float, b: float, rtol: float, kd: float, xd: float, cd: float,
+                     ku: float, xu: float, cu: float, floor: float) -> tuple[float, float]:
+    """Least ``B`` with ``f(B) <= tau`` and ``f'`` there (``inf`` when no bandwidth is
+    enough), from ``b``. Newton on the concave ``h = 1 / f``: from any point its tangent
+    lies above it, so the steps land left of the root and then climb. (:func:`_transfer_ms`
+    inlined: the same operations, without a call per step.)"""
+    if tau <= floor * (1.0 + 1e-12):
+        return math.inf, 0.0
+    inf, log1p = math.inf, math.log1p
+    target = 1.0 / tau
+    stop = tau * (1.0 + rtol)
+    done = False
+    steps = 0
+    while True:
+        # f, df = _transfer_ms(b, kd, xd, cd, ku, xu, cu)
         f = df = 0.0
-        for k, x, cap in ((self.kd, self.xd, self.cd), (self.ku, self.xu, self.cu)):
-            if k > 0:
-                r, dr = self._rate(b, x, cap)
-                if r <= 0.0:
-                    return math.inf, -math.inf
-                f += k / r
-                df -= k * dr / (r * r)
-        return f, df
+        if kd > 0:
+            if xd == inf:
+                r, dr = cd * b, cd
+            else:
+                q = xd / b
+                lg = log1p(q) / LN2
+                if lg >= cd:
+                    r, dr = cd * b, cd
+                else:
+                    r, dr = b * lg, lg - q / ((1.0 + q) * LN2)
+            if r <= 0.0:
+                f = inf
+            else:
+                f += kd / r
+                df -= kd * dr / (r * r)
+        if ku > 0 and f != inf:
+            if xu == inf:
+                r, dr = cu * b, cu
+            else:
+                q = xu / b
+                lg = log1p(q) / LN2
+                if lg >= cu:
+                    r, dr = cu * b, cu
+                else:
+                    r, dr = b * lg, lg - q / ((1.0 + q) * LN2)
+            if r <= 0.0:
+                f = inf
+            else:
+                f += ku / r
+                df -= ku * dr / (r * r)
+        if f == inf:
+            df = -inf
+        if (done and f <= stop) or steps == 200:
+            return b, df
+        steps += 1
+        if f == inf:                                 # no rate at all here: try wider
+            b *= 2.0
+            done = False
+            continue
+        nb = b + (target - 1.0 / f) * f * f / -df
+        if nb <= 0.0:
+            nb = 0.5 * b
+        done = abs(nb - b) <= rtol * nb
+        b = nb
 
-    @property
-    def floor_ms(self) -> float:
-        """The transfer time as ``B -> inf``: ``k ln2 / x`` each way (0 for a rate that grows
-        without bound; ``inf`` for one that stays 0)."""
-        out = 0.0
-        for k, x, cap in ((self.kd, self.xd, self.cd), (self.ku, self.xu, self.cu)):
-            if k > 0:
-                out += math.inf if cap <= 0.0 or x <= 0.0 else k * LN2 / x
-        return out
 
-    def least_bandwidth(self, tau: float, b0: float, rtol: float) -> tuple[float, float]:
-        """Least ``B`` with transfer time ``<= tau`` and the derivative there (``inf`` when
-        no bandwidth is enough). Newton on the concave ``h = 1 / f``: from any point its
-        tangent lies above it, so the steps land left of the root and then climb."""
-        if tau <= self.floor_ms * (1.0 + 1e-12):
-            return math.inf, 0.0
-        target = 1.0 / tau
-        b = b0
-        f, df = self.time_ms(b)
-        for _ in range(200):
-            if f == math.inf:                        # no rate at all here: try wider
-                b *= 2.0
-                f, df = self.time_ms(b)
-                continue
-            nb = b + (target - 1.0 / f) * f * f / -df
-            if nb <= 0.0:
-                nb = 0.5 * b
-            done = abs(nb - b) <= rtol * nb
-            b = nb
-            f, df = self.time_ms(b)
-            if done and f <= tau * (1.0 + rtol):
+def _min_max_solve(dev: list[tuple[float, ...]], c: list[float], total_hz: float,
+                   rtol: float) -> list[float]:
+    """The bandwidths of :meth:`ChannelModel.min_max_bandwidth` for the loaded devices
+    ``dev`` (transfer tuples, above) with fixed times ``c`` (ms): the least ``T`` with
+    ``sum_k B_k(T) <= total_hz`` by Newton on ``T`` inside a bisection bracket."""
+    eq = total_hz / len(dev)
+    # the equal split is feasible (T right of the optimum); no bandwidth is fast enough
+    # to beat T_lo (every device's transfer time as B -> inf)
+    hi = max(cj + _transfer_ms(eq, *d[:6])[0] for cj, d in zip(c, dev))
+    lo = max(cj + d[6] for cj, d in zip(c, dev))
+    if lo == math.inf:          # a device no bandwidth gets through: nothing to optimise
+        return [eq] * len(dev)
+    t, bw = hi, [eq] * len(dev)
+    best = list(bw)
+    for _ in range(200):
+        new, slope = [], 0.0
+        for cj, d, b0 in zip(c, dev, bw):
+            b, df = _least_bandwidth(t - cj, b0, rtol, *d)
+            if b == math.inf:
                 break
-        return b, df
+            new.append(b)
+            slope += 1.0 / df                        # dB/dT = 1 / t'(B) < 0
+        else:
+            bw = new
+            phi = sum(bw) - total_hz
+            if phi <= 0.0:
+                hi, best = t, list(bw)
+            else:
+                lo = t
+            if abs(phi) <= rtol * total_hz:
+                break
+            nt = t - phi / slope
+            if not lo < nt < hi:
+                nt = 0.5 * (lo + hi)
+            if abs(nt - t) <= rtol * t:
+                break
+            t = nt
+            continue
+        lo = t                                       # some device cannot reach T at all
+        t = 0.5 * (lo + hi)
+    if sum(bw) > total_hz:                           # a hair left of T*: shrink to the budget
+        scale = total_hz / sum(bw)
+        bw = [b * scale for b in bw] if scale > 1.0 - 1e-6 else best
+    return bw
 
 
 #: every :class:`ChannelModel` parameter with its default (the recipe's ``links.channel``)
