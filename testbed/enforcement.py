@@ -112,7 +112,9 @@ class LinkRecorder:
         self.shaper = shaper
         self.table = table
         self.t0 = t0
+        #: the epoch in flight: its rows per device, and the cells they share
         self._pending: list[dict[str, Any]] = []
+        self._common: dict[str, Any] = {}
         self._since = 0.0
         self.change_ms: list[float] = []
         self.epoch_ms: list[float] = []
@@ -132,10 +134,10 @@ class LinkRecorder:
         ms = (end - start) * 1e3
         self.change_ms.append(ms)
         self._since = end
-        self._pending = [{**key, **where, "time_s": start - self.t0, "device": d,
-                          "asked_down_kbit": rates[d][0], "asked_up_kbit": rates[d][1],
-                          "enforced_down_kbit": enforced[d][0], "enforced_up_kbit": enforced[d][1],
-                          "change_ms": ms} for d in sorted(rates)]
+        self._common = {**key, **where, "time_s": start - self.t0, "change_ms": ms}
+        self._pending = [{"device": d, "asked_down_kbit": rates[d][0],
+                          "asked_up_kbit": rates[d][1], "enforced_down_kbit": enforced[d][0],
+                          "enforced_up_kbit": enforced[d][1]} for d in sorted(rates)]
         return enforced
 
     def end_epoch(self, at: float | None = None) -> None:
@@ -145,8 +147,8 @@ class LinkRecorder:
             return
         ms = ((time.monotonic() if at is None else at) - self._since) * 1e3
         self.epoch_ms.append(ms)
-        slower = self._pending[0]["change_ms"] > ms
-        self.table.write_many([{**r, "epoch_ms": ms, "tc_slower": slower} for r in self._pending])
+        self.table.write_many(self._pending, {**self._common, "epoch_ms": ms,
+                                              "tc_slower": self._common["change_ms"] > ms})
         self._pending = []
 
     def summary(self, scope: str) -> dict[str, Any]:

@@ -234,7 +234,7 @@ class CsvTable:
     """Append-only CSV file that writes its header once and flushes (and fsyncs) every row.
 
     ``extra`` columns (the ``sweep.*`` ones) are appended after the fixed ``columns``. Missing
-    keys are written as empty cells; unknown keys raise ``KeyError`` (a typo in a column
+    keys are written as empty cells; unknown keys raise ``ValueError`` (a typo in a column
     name must not silently drop data).
     """
 
@@ -242,25 +242,59 @@ class CsvTable:
                  extra: Sequence[str] = ()) -> None:
         self.path = Path(path)
         self.columns = list(columns) + [c for c in extra if c not in columns]
+        self._known = frozenset(self.columns)
+        self._pos = {c: i for i, c in enumerate(self.columns)}
         new = not self.path.exists() or self.path.stat().st_size == 0
         self._f = open(self.path, "a", newline="", encoding="utf-8")
-        self._w = csv.DictWriter(self._f, fieldnames=self.columns, extrasaction="raise",
-                                 restval="")
+        self._w = csv.writer(self._f)
         if new:
-            self._w.writeheader()
+            self._w.writerow(self.columns)
             self._flush()
 
     def _flush(self) -> None:
         self._f.flush()
         os.fsync(self._f.fileno())
 
+    def _cells(self, row: Mapping[str, Any]) -> list[Any]:
+        if not self._known.issuperset(row):
+            unknown = ", ".join(repr(k) for k in row if k not in self._known)
+            raise ValueError(f"{self.path.name}: dict contains fields not in fieldnames: "
+                             f"{unknown}")
+        out: list[Any] = []
+        add, get = out.append, row.get
+        for c in self.columns:   # _cell, its common cases inline (a twin writes millions)
+            v = get(c)
+            t = type(v)
+            if t is float:
+                add(round(v, 6) if v == v else "")
+            elif t is str or t is int:
+                add(v)
+            else:
+                add(_cell(v))
+        return out
+
     def write(self, row: Mapping[str, Any]) -> None:
-        self._w.writerow({k: _cell(v) for k, v in row.items()})
+        self._w.writerow(self._cells(row))
         self._flush()
 
-    def write_many(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        for r in rows:
-            self._w.writerow({k: _cell(v) for k, v in r.items()})
+    def write_many(self, rows: Sequence[Mapping[str, Any]],
+                   common: Mapping[str, Any] | None = None) -> None:
+        """Write ``rows`` (each as :meth:`write` would) and flush once; with ``common``, each
+        row is ``{**common, **row}`` (the shared cells formatted once: a link epoch's rows
+        differ only in the device and its rates)."""
+        if common is None:
+            lines = [self._cells(r) for r in rows]
+        else:
+            base, pos, known = self._cells(common), self._pos, self._known
+            lines = []
+            for r in rows:
+                if not known.issuperset(r):
+                    self._cells(r)   # raises, naming the unknown keys
+                line = base.copy()
+                for c, v in r.items():
+                    line[pos[c]] = _cell(v)
+                lines.append(line)
+        self._w.writerows(lines)
         self._flush()
 
     def close(self) -> None:
@@ -275,6 +309,11 @@ class CsvTable:
 
 
 def _cell(v: Any) -> Any:
+    """A value as its CSV cell: ``None`` and NaN empty, floats to 6 decimals, booleans 0/1,
+    lists and tuples space-joined."""
+    t = type(v)
+    if t is str or t is int:
+        return v
     if v is None:
         return ""
     if isinstance(v, float):

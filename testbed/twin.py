@@ -486,10 +486,10 @@ class SimLinkRecorder(LinkRecorder):
         self.charged_ms += ms
         self.change_ms.append(ms)
         self._since = self.clock.now
-        self._pending = [{**key, **where, "time_s": start, "device": d,
-                          "asked_down_kbit": rates[d][0], "asked_up_kbit": rates[d][1],
-                          "enforced_down_kbit": asked[d][0], "enforced_up_kbit": asked[d][1],
-                          "change_ms": ms} for d in sorted(rates)]
+        self._common = {**key, **where, "time_s": start, "change_ms": ms}
+        self._pending = [{"device": d, "asked_down_kbit": rates[d][0],
+                          "asked_up_kbit": rates[d][1], "enforced_down_kbit": asked[d][0],
+                          "enforced_up_kbit": asked[d][1]} for d in sorted(rates)]
         return asked
 
     def end_epoch(self, at: float | None = None) -> None:
@@ -497,8 +497,8 @@ class SimLinkRecorder(LinkRecorder):
             return
         ms = ((self.clock.now if at is None else at) - self._since) * 1e3
         self.epoch_ms.append(ms)
-        slower = self._pending[0]["change_ms"] > ms
-        self.table.write_many([{**r, "epoch_ms": ms, "tc_slower": slower} for r in self._pending])
+        self.table.write_many(self._pending, {**self._common, "epoch_ms": ms,
+                                              "tc_slower": self._common["change_ms"] > ms})
         self._pending = []
 
 

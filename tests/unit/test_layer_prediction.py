@@ -40,8 +40,8 @@ class FakeTable:
     def __init__(self):
         self.rows = []
 
-    def write_many(self, rows):
-        self.rows.extend(rows)
+    def write_many(self, rows, common=None):   # as CsvTable: each row {**common, **row}
+        self.rows.extend({**(common or {}), **r} for r in rows)
 
 
 def _links(scope: str) -> tuple[EpochLinks, FakeShaper, FakeTable, ClusterState]:

@@ -166,3 +166,22 @@ def test_csv_table_flushes_each_row_and_rejects_unknown_columns(tmp_path):
     with R.CsvTable(path, R.CALL_COLUMNS, ["sweep.links.rate"]) as t2:
         t2.write({"run_id": "r2"})
     assert [r["run_id"] for r in R.read_csv(path)] == ["r", "r2"]
+
+
+def test_csv_table_write_many_with_shared_cells_writes_what_whole_rows_would(tmp_path):
+    """A link epoch's rows share every cell but the device's: formatted once, same file."""
+    common = {"run_id": "r", "trial": 3, "time_s": 1.23456789, "change_ms": float("nan"),
+              "tc_slower": True, "epoch_scope": None}
+    rows = [{"device": f"dev{i}", "asked_down_kbit": 1000.0 / (i + 1), "enforced_up_kbit": i}
+            for i in range(5)]
+    with R.CsvTable(tmp_path / "a.csv", R.LINK_COLUMNS, ["sweep.x"]) as a:
+        a.write_many([{**common, **r} for r in rows])
+    with R.CsvTable(tmp_path / "b.csv", R.LINK_COLUMNS, ["sweep.x"]) as b:
+        b.write_many(rows, common)
+        with pytest.raises(ValueError, match="no_such"):
+            b.write_many([{"device": "x", "no_such": 1}], common)
+    assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
+    got = R.read_csv(tmp_path / "b.csv")
+    assert [r["device"] for r in got] == [f"dev{i}" for i in range(5)]
+    assert got[1]["asked_down_kbit"] == "500.0" and got[0]["time_s"] == "1.234568"
+    assert got[0]["tc_slower"] == "1" and got[0]["change_ms"] == "" == got[0]["epoch_scope"]

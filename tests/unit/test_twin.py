@@ -258,8 +258,8 @@ class _Table:
     def __init__(self):
         self.rows = []
 
-    def write_many(self, rows):
-        self.rows.extend(rows)
+    def write_many(self, rows, common=None):   # as CsvTable: each row {**common, **row}
+        self.rows.extend({**(common or {}), **r} for r in rows)
 
 
 def test_sim_link_recorder_charges_the_change_to_the_clock_and_writes_epochs():
