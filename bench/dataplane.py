@@ -68,7 +68,9 @@ def _serving(sock_type: int, bind: str, ready_file: str) -> Iterator[tuple[zmq.S
     s.setsockopt(zmq.RCVTIMEO, 100)
     s.bind(bind)
     tmp = ready_file + ".part"
-    Path(tmp).write_text(json.dumps({"endpoint": s.getsockopt_string(zmq.LAST_ENDPOINT), "pid": os.getpid()}))
+    Path(tmp).write_text(
+        json.dumps({"endpoint": s.getsockopt_string(zmq.LAST_ENDPOINT), "pid": os.getpid()})
+    )
     os.replace(tmp, ready_file)
     stop: list[int] = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
@@ -109,10 +111,14 @@ def min_server(bind: str, ready_file: str) -> None:
             rows, cols = h["t"][0][2]
             # the "expert" is the identity: the view is made, and the received frame goes back as it is
             torch.from_numpy(np.frombuffer(df.buffer, dtype=f16).reshape(rows, cols))
-            s.send_multipart([env, msgpack.packb({"v": 1, "id": h["id"], "t": h["t"]}), df], copy=False)
+            s.send_multipart(
+                [env, msgpack.packb({"v": 1, "id": h["id"], "t": h["t"]}), df], copy=False
+            )
 
 
-def _interleaved(fns: dict[str, Callable[[], Any]], calls: int, block: int, warmup: int = 30) -> dict[str, float]:
+def _interleaved(
+    fns: dict[str, Callable[[], Any]], calls: int, block: int, warmup: int = 30
+) -> dict[str, float]:
     """Median ms of each function's calls, taken in alternating blocks of ``block`` calls (every
     kind sees the same drift of the host); ``calls`` per kind."""
     for f in fns.values():
@@ -141,8 +147,19 @@ def _server(runner: Any, host: str, workdir: str, kind: str) -> Iterator[str]:
     endpoint."""
     ready = f"{workdir}/{kind}.ready.json"
     runner.run(["rm", "-f", ready], timeout_s=30)
-    pid = runner.spawn([sys.executable, os.path.abspath(__file__), kind, "--bind", f"tcp://{host}:*",
-                        "--ready-file", ready], log_path=f"{workdir}/{kind}.log", pid_path=f"{workdir}/{kind}.pid")
+    pid = runner.spawn(
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            kind,
+            "--bind",
+            f"tcp://{host}:*",
+            "--ready-file",
+            ready,
+        ],
+        log_path=f"{workdir}/{kind}.log",
+        pid_path=f"{workdir}/{kind}.pid",
+    )
     try:
         for _ in range(400):
             res = runner.run(["cat", ready], timeout_s=30, check=False)
@@ -165,9 +182,11 @@ def _raw_client(ctx: zmq.Context, ep: str) -> zmq.Socket:
 
 def _raw_call(req: zmq.Socket, buf: memoryview) -> Callable[[], None]:
     """One raw echo round trip of ``buf`` on ``req``."""
+
     def call() -> None:
         req.send(buf, copy=False)
         req.recv(copy=False)
+
     return call
 
 
@@ -186,8 +205,12 @@ def _min_client(ctx: zmq.Context, ep: str, x: Any) -> Callable[[], Any]:
 
     def call() -> Any:
         rid[0] += 1
-        d.send(msgpack.packb({"v": 1, "op": "forward", "id": rid[0], "t": [["e", "float16", [rows, cols]]]}),
-               zmq.SNDMORE)
+        d.send(
+            msgpack.packb(
+                {"v": 1, "op": "forward", "id": rid[0], "t": [["e", "float16", [rows, cols]]]}
+            ),
+            zmq.SNDMORE,
+        )
         d.send(buf, copy=False)
         hf, df = d.recv_multipart(copy=False)
         h = msgpack.unpackb(hf.bytes)
@@ -200,8 +223,9 @@ def _min_client(ctx: zmq.Context, ep: str, x: Any) -> Callable[[], Any]:
     return call
 
 
-def measure_path(label: str, echo_ep: str, min_ep: str, backend: Any, device: str, quick: bool
-                 ) -> list[dict[str, Any]]:
+def measure_path(
+    label: str, echo_ep: str, min_ep: str, backend: Any, device: str, quick: bool
+) -> list[dict[str, Any]]:
     """Raw, minimal and framework medians for every payload size on one path."""
     import torch
 
@@ -227,7 +251,9 @@ def measure_path(label: str, echo_ep: str, min_ep: str, backend: Any, device: st
             minimal = _min_client(ctx, min_ep, x)
             socks.append(minimal.sock)  # type: ignore[attr-defined]
             assert torch.equal(minimal(), x)
-            med = _interleaved({"raw": raw, "min": minimal, "fw": fw}, _calls(n, quick), 10 if n >= 128 else 25)
+            med = _interleaved(
+                {"raw": raw, "min": minimal, "fw": fw}, _calls(n, quick), 10 if n >= 128 else 25
+            )
             res = backend.run_layer(work)
             assert torch.equal(res.outputs[uid], x)
             # the framework's own breakdown: medians over 50 more calls' timing rows
@@ -236,21 +262,35 @@ def measure_path(label: str, echo_ep: str, min_ep: str, backend: Any, device: st
             def cmed(key: str, calls: list[dict[str, Any]] = calls) -> float:
                 return statistics.median(c[key] for c in calls)
 
-            rows.append({"path": label, "tokens": n, "bytes": x.numel() * 2, "raw_ms": med["raw"],
-                         "min_ms": med["min"], "framework_ms": med["fw"], "ratio": med["fw"] / med["raw"],
-                         "min_ratio": med["min"] / med["raw"], "fw_over_min": med["fw"] / med["min"],
-                         "target": 1.25 if n == 1 else (1.10 if n >= 128 else None),
-                         "device_ms": cmed("device_ms"), "queue_ms": cmed("queue_ms"),
-                         "compute_ms": cmed("compute_ms"), "serialize_ms": cmed("serialize_ms"),
-                         "deserialize_ms": cmed("deserialize_ms"), "rtt_ms": cmed("rtt_ms")})
+            rows.append(
+                {
+                    "path": label,
+                    "tokens": n,
+                    "bytes": x.numel() * 2,
+                    "raw_ms": med["raw"],
+                    "min_ms": med["min"],
+                    "framework_ms": med["fw"],
+                    "ratio": med["fw"] / med["raw"],
+                    "min_ratio": med["min"] / med["raw"],
+                    "fw_over_min": med["fw"] / med["min"],
+                    "target": 1.25 if n == 1 else (1.10 if n >= 128 else None),
+                    "device_ms": cmed("device_ms"),
+                    "queue_ms": cmed("queue_ms"),
+                    "compute_ms": cmed("compute_ms"),
+                    "serialize_ms": cmed("serialize_ms"),
+                    "deserialize_ms": cmed("deserialize_ms"),
+                    "rtt_ms": cmed("rtt_ms"),
+                }
+            )
     finally:
         for s in socks:
             s.close(0)
     return rows
 
 
-def measure_fanout(label: str, backend: Any, devices: list[str], echo_eps: list[str], quick: bool
-                   ) -> list[dict[str, Any]]:
+def measure_fanout(
+    label: str, backend: Any, devices: list[str], echo_eps: list[str], quick: bool
+) -> list[dict[str, Any]]:
     """Fan-out to k agents vs the slowest single call among them, and the same for raw pyzmq
     echoes (k REQ sockets: all sent, then a poller) as the host's own floor; every kind in
     alternating blocks of the same run."""
@@ -300,11 +340,22 @@ def measure_fanout(label: str, backend: Any, devices: list[str], echo_eps: list[
             med = _interleaved(fns, calls // 3, 10)
             slowest = max(v for key, v in med.items() if key.startswith("fw:"))
             raw_slowest = max(v for key, v in med.items() if key.startswith("raw:"))
-            rows.append({"path": label, "agents": k, "tokens_per_agent": FANOUT_TOKENS, "fanout_ms": med["fan"],
-                         "slowest_single_ms": slowest, "ratio": med["fan"] / slowest, "target": 1.2,
-                         "raw_fanout_ms": med["rawfan"], "raw_slowest_single_ms": raw_slowest,
-                         "raw_ratio": med["rawfan"] / raw_slowest, "cpus": os.cpu_count(),
-                         "io_threads": backend.io_threads})
+            rows.append(
+                {
+                    "path": label,
+                    "agents": k,
+                    "tokens_per_agent": FANOUT_TOKENS,
+                    "fanout_ms": med["fan"],
+                    "slowest_single_ms": slowest,
+                    "ratio": med["fan"] / slowest,
+                    "target": 1.2,
+                    "raw_fanout_ms": med["rawfan"],
+                    "raw_slowest_single_ms": raw_slowest,
+                    "raw_ratio": med["rawfan"] / raw_slowest,
+                    "cpus": os.cpu_count(),
+                    "io_threads": backend.io_threads,
+                }
+            )
     finally:
         for r in reqs:
             r.close(0)
@@ -323,15 +374,29 @@ def _agents(specs: list[tuple[str, Any, str, str]], io_threads: int = 1) -> Iter
     backend = None
     try:
         for name, runner, host, wd in specs:
-            started.append(start_agent(runner, device=name, host=host, workdir=wd, tag="bench-agent",
-                                       pub=False, threads=1))
+            started.append(
+                start_agent(
+                    runner,
+                    device=name,
+                    host=host,
+                    workdir=wd,
+                    tag="bench-agent",
+                    pub=False,
+                    threads=1,
+                )
+            )
         uids = {a.device: f"L0.E{i}" for i, a in enumerate(started)}
-        backend = RemoteExpertBackend({a.device: a.endpoint for a in started},
-                                      {u: [d] for d, u in uids.items()}, timeout_s=10.0,
-                                      io_threads=io_threads)
+        backend = RemoteExpertBackend(
+            {a.device: a.endpoint for a in started},
+            {u: [d] for d, u in uids.items()},
+            timeout_s=10.0,
+            io_threads=io_threads,
+        )
         backend.connect()
         for d, u in uids.items():
-            backend.load_experts(d, [{"uid": u, "builtin": "identity", "hidden": HIDDEN, "io_dtype": "float16"}])
+            backend.load_experts(
+                d, [{"uid": u, "builtin": "identity", "hidden": HIDDEN, "io_dtype": "float16"}]
+            )
         backend.test_uids = uids  # type: ignore[attr-defined]
         yield backend
     finally:
@@ -343,41 +408,63 @@ def _agents(specs: list[tuple[str, Any, str, str]], io_threads: int = 1) -> Iter
 
 def _table(path_rows: list[dict[str, Any]], fan_rows: list[dict[str, Any]]) -> str:
     host = f"Host: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}."
-    out = [("raw = pyzmq REQ->REP echo of one frame of the same bytes (the REP sends the received frame back); "
+    out = [
+        (
+            "raw = pyzmq REQ->REP echo of one frame of the same bytes (the REP sends the received frame back); "
             "minimal = the least any Python data plane with a header and a tensor frame does (DEALER->ROUTER, "
             "msgpack header with a request id both ways, a torch view of the frame at both ends, no checks, no "
             "timing); framework = RemoteExpertBackend.run_layer on one expert that the agent serves with the "
             "identity expert (nothing subtracted; the agent's own time in the call, receipt to reply, is the "
             "last column). All three servers run at the agent's address (same path) with the same malloc "
-            f"settings; medians of all calls, taken in alternating blocks of the same run. {host}"), "",
-           ("| path | tokens x 4096 fp16 | bytes | raw echo (ms) | minimal (ms) | framework (ms) | "
-            "framework / raw | target | minimal / raw | framework / minimal | agent time in call (ms) |"),
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            f"settings; medians of all calls, taken in alternating blocks of the same run. {host}"
+        ),
+        "",
+        (
+            "| path | tokens x 4096 fp16 | bytes | raw echo (ms) | minimal (ms) | framework (ms) | "
+            "framework / raw | target | minimal / raw | framework / minimal | agent time in call (ms) |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in path_rows:
         tgt = f"<= {r['target']:.2f}" if r["target"] else "-"
         ok = "" if not r["target"] else (" ok" if r["ratio"] <= r["target"] else " MISS")
-        out.append(f"| {r['path']} | {r['tokens']} | {r['bytes']} | {r['raw_ms']:.3f} | {r['min_ms']:.3f} | "
-                   f"{r['framework_ms']:.3f} | {r['ratio']:.2f} | {tgt}{ok} | {r['min_ratio']:.2f} | "
-                   f"{r['fw_over_min']:.2f} | {r['device_ms']:.3f} |")
+        out.append(
+            f"| {r['path']} | {r['tokens']} | {r['bytes']} | {r['raw_ms']:.3f} | {r['min_ms']:.3f} | "
+            f"{r['framework_ms']:.3f} | {r['ratio']:.2f} | {tgt}{ok} | {r['min_ratio']:.2f} | "
+            f"{r['fw_over_min']:.2f} | {r['device_ms']:.3f} |"
+        )
     bs_io = fan_rows[0]["io_threads"] if fan_rows else "?"
-    out += ["", (f"fan-out = one run_layer over k agents (one {FANOUT_TOKENS}-token identity expert each) against the "
-                 "slowest of the k single-agent run_layer calls; raw = the same with k raw echo servers (all k "
-                 "requests sent, then a poller) against the slowest single raw echo: the host's own floor. "
-                 f"Alternating blocks, same run; the k agents and this process share the host's {os.cpu_count()} "
-                 f"CPUs; the BS side (framework and raw) has {bs_io} ZeroMQ I/O thread(s)."), "",
-            (f"| path | agents | fan-out, {FANOUT_TOKENS} tokens each (ms) | slowest single call (ms) | ratio | "
-             "target | raw fan-out / slowest raw |"), "|---|---:|---:|---:|---:|---:|---:|"]
+    out += [
+        "",
+        (
+            f"fan-out = one run_layer over k agents (one {FANOUT_TOKENS}-token identity expert each) against the "
+            "slowest of the k single-agent run_layer calls; raw = the same with k raw echo servers (all k "
+            "requests sent, then a poller) against the slowest single raw echo: the host's own floor. "
+            f"Alternating blocks, same run; the k agents and this process share the host's {os.cpu_count()} "
+            f"CPUs; the BS side (framework and raw) has {bs_io} ZeroMQ I/O thread(s)."
+        ),
+        "",
+        (
+            f"| path | agents | fan-out, {FANOUT_TOKENS} tokens each (ms) | slowest single call (ms) | ratio | "
+            "target | raw fan-out / slowest raw |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in fan_rows:
         ok = " ok" if r["ratio"] <= r["target"] else " MISS"
-        out.append(f"| {r['path']} | {r['agents']} | {r['fanout_ms']:.3f} | {r['slowest_single_ms']:.3f} | "
-                   f"{r['ratio']:.2f} | <= {r['target']:.1f}{ok} | {r['raw_ratio']:.2f} |")
+        out.append(
+            f"| {r['path']} | {r['agents']} | {r['fanout_ms']:.3f} | {r['slowest_single_ms']:.3f} | "
+            f"{r['ratio']:.2f} | <= {r['target']:.1f}{ok} | {r['raw_ratio']:.2f} |"
+        )
     return "\n".join(out)
 
 
 @contextlib.contextmanager
 def _servers(specs: list[tuple[str, Any, str, str]], kind: str) -> Iterator[list[str]]:
     with contextlib.ExitStack() as stack:
-        yield [stack.enter_context(_server(runner, host, wd, kind)) for _, runner, host, wd in specs]
+        yield [
+            stack.enter_context(_server(runner, host, wd, kind)) for _, runner, host, wd in specs
+        ]
 
 
 @contextlib.contextmanager
@@ -405,7 +492,9 @@ def _rate_label(kbit: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="cmd")
     for kind in ("echo-server", "min-server"):
         e = sub.add_parser(kind)
@@ -414,10 +503,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     ap.add_argument("--quick", action="store_true", help="10x fewer iterations (smoke run)")
     ap.add_argument("--no-veth", action="store_true", help="loopback only (no root needed)")
-    ap.add_argument("--rate-kbit", type=float, default=10_000_000, help="tc rate of the unshaped-class links")
-    ap.add_argument("--io-threads", type=int, default=1, help="ZeroMQ I/O threads of the BS backend")
-    ap.add_argument("--fanout-rate-kbit", type=float, default=100_000,
-                    help="tc rate of every device link in the shaped fan-out section (0: skip it)")
+    ap.add_argument(
+        "--rate-kbit", type=float, default=10_000_000, help="tc rate of the unshaped-class links"
+    )
+    ap.add_argument(
+        "--io-threads", type=int, default=1, help="ZeroMQ I/O threads of the BS backend"
+    )
+    ap.add_argument(
+        "--fanout-rate-kbit",
+        type=float,
+        default=100_000,
+        help="tc rate of every device link in the shaped fan-out section (0: skip it)",
+    )
     a = ap.parse_args(argv)
     if a.cmd == "echo-server":
         echo_server(a.bind, a.ready_file)
@@ -436,19 +533,30 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="dpbench-") as tmp:
         lo = LocalRunner()
         specs = [(f"lo{i}", lo, "127.0.0.1", f"{tmp}/lo{i}") for i in range(k)]
-        with _agents(specs, a.io_threads) as be, _servers(specs, "echo-server") as eps, _servers(specs[:1], "min-server") as mins:
+        with (
+            _agents(specs, a.io_threads) as be,
+            _servers(specs, "echo-server") as eps,
+            _servers(specs[:1], "min-server") as mins,
+        ):
             path_rows += measure_path("loopback", eps[0], mins[0], be, "lo0", a.quick)
             fan_rows += measure_fanout("loopback", be, [s[0] for s in specs], eps, a.quick)
         if not a.no_veth:
             label = f"veth ({_rate_label(a.rate_kbit)} tc)"
-            with _testbed(tmp, k, a.rate_kbit) as specs, _agents(specs, a.io_threads) as be, \
-                    _servers(specs, "echo-server") as eps, _servers(specs[:1], "min-server") as mins:
+            with (
+                _testbed(tmp, k, a.rate_kbit) as specs,
+                _agents(specs, a.io_threads) as be,
+                _servers(specs, "echo-server") as eps,
+                _servers(specs[:1], "min-server") as mins,
+            ):
                 path_rows += measure_path(label, eps[0], mins[0], be, specs[0][0], a.quick)
                 fan_rows += measure_fanout(label, be, [s[0] for s in specs], eps, a.quick)
             if a.fanout_rate_kbit > 0:
                 label = f"veth ({_rate_label(a.fanout_rate_kbit)} tc per device)"
-                with _testbed(tmp, k, a.fanout_rate_kbit) as specs, _agents(specs, a.io_threads) as be, \
-                        _servers(specs, "echo-server") as eps:
+                with (
+                    _testbed(tmp, k, a.fanout_rate_kbit) as specs,
+                    _agents(specs, a.io_threads) as be,
+                    _servers(specs, "echo-server") as eps,
+                ):
                     fan_rows += measure_fanout(label, be, [s[0] for s in specs], eps, a.quick)
     print(_table(path_rows, fan_rows))
     if a.json:

@@ -72,8 +72,9 @@ def cluster(args):
         if bad:
             raise SystemExit(f"provisioning failed: {bad}")
         eps = prov.agent_endpoints(inv)
-        backend = RemoteExpertBackend({d: e["endpoint"] for d, e in eps.items()}, {},
-                                      timeout_s=30.0, curve=client_keys(inv))
+        backend = RemoteExpertBackend(
+            {d: e["endpoint"] for d, e in eps.items()}, {}, timeout_s=30.0, curve=client_keys(inv)
+        )
         backend.connect()
         names = [d.name for d in inv.devices]
         placement = {u: [names[i % len(names)]] for i, u in enumerate(mf.uids())}
@@ -83,8 +84,9 @@ def cluster(args):
         for d in inv.devices:
             mine = [u for u, ds in placement.items() if ds[0] == d.name][:3]
             rel, _ = prov.sync_shards(ssh_runner_for(inv, d), d, mf, mine)
-            backend.load_experts(d.name, [{"uid": u, "path": rel[u], "io_dtype": args.wire}
-                                          for u in mine])
+            backend.load_experts(
+                d.name, [{"uid": u, "path": rel[u], "io_dtype": args.wire} for u in mine]
+            )
         backend.placement = {u: ds for u, ds in placement.items()}
         shaper = shaper_for(inv, bs_runner_for(inv))
         if not shaper.is_installed():
@@ -113,7 +115,7 @@ def wire_bytes(backend, shaper, mf, names, placement, dtype, width):
                 inputs = {u: torch.randn(n, width).to(dtype) for u in mine[:e]}
                 res = backend.run_layer(LayerWork(-1, 0, inputs))
                 assert not res.failed
-                time.sleep(0.25)   # delayed ACKs go out
+                time.sleep(0.25)  # delayed ACKs go out
                 (bd1, pd1), (bu1, pu1) = class_counters(shaper, dev)
                 got.append((bd1 - bd0, pd1 - pd0, bu1 - bu0, pu1 - pu0))
             bd, pd, bu, pu = (min(g[i] for g in got) for i in range(4))
@@ -121,12 +123,21 @@ def wire_bytes(backend, shaper, mf, names, placement, dtype, width):
             p = LM.LayerCostParams(width * dtype.itemsize)
             md = p.message_bytes("down", e, n * e)
             mu = p.message_bytes("up", e, n * e)
-            rows.append({"experts": e, "rows": n * e, "payload": payload,
-                         "down_bytes": bd, "down_pkts": pd, "up_bytes": bu, "up_pkts": pu,
-                         "model_down_wire": LM.wire_frames(md)[1],
-                         "model_down_frames": LM.wire_frames(md)[0],
-                         "model_up_wire": LM.wire_frames(mu)[1],
-                         "model_up_frames": LM.wire_frames(mu)[0]})
+            rows.append(
+                {
+                    "experts": e,
+                    "rows": n * e,
+                    "payload": payload,
+                    "down_bytes": bd,
+                    "down_pkts": pd,
+                    "up_bytes": bu,
+                    "up_pkts": pu,
+                    "model_down_wire": LM.wire_frames(md)[1],
+                    "model_down_frames": LM.wire_frames(md)[0],
+                    "model_up_wire": LM.wire_frames(mu)[1],
+                    "model_up_frames": LM.wire_frames(mu)[0],
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -137,8 +148,9 @@ def timing(backend, shaper, names, placement, dtype, width, rates, tokens):
     for down, up in rates:
         shaper.set_rates({d: (down, up) for d in names})
         st = {s.device: s for s in shaper.show()}
-        samples = profile_exchanges(backend, mine, width, dtype, tokens=tokens, repeats=3,
-                                    gap_s=0.02)
+        samples = profile_exchanges(
+            backend, mine, width, dtype, tokens=tokens, repeats=3, gap_s=0.02
+        )
         for s in samples:
             s["rate_down_kbit"] = st[s["device"]].down_kbit
             s["rate_up_kbit"] = st[s["device"]].up_kbit
@@ -170,9 +182,11 @@ def evaluate(timing_rows, bpt, base_kw):
             ratios.setdefault(kind, []).append(pred / calls[0]["layer_ms"])
         print(f"rates {tr['down']}/{tr['up']}:")
         for kind, rs in sorted(ratios.items()):
-            print(f"  devices={kind[0]} experts={kind[1]} tokens={kind[2]}: "
-                  f"pred/meas median {statistics.median(rs):.2f} "
-                  f"[{min(rs):.2f}-{max(rs):.2f}]")
+            print(
+                f"  devices={kind[0]} experts={kind[1]} tokens={kind[2]}: "
+                f"pred/meas median {statistics.median(rs):.2f} "
+                f"[{min(rs):.2f}-{max(rs):.2f}]"
+            )
 
 
 def main() -> None:
@@ -196,8 +210,7 @@ def main() -> None:
         if "timing" in args.what:
             rates = [tuple(float(x) for x in r.split("/")) for r in args.rates.split(",")]
             toks = [int(t) for t in args.tokens.split(",")]
-            result["timing"] = timing(backend, shaper, names, placement, dtype, width, rates,
-                                      toks)
+            result["timing"] = timing(backend, shaper, names, placement, dtype, width, rates, toks)
             evaluate(result["timing"], width * dtype.itemsize, {})
     if args.json:
         Path(args.json).write_text(json.dumps(result, default=str))

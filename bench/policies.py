@@ -52,7 +52,7 @@ def _contexts(n_tokens: int, count: int) -> list[RoutingContext]:
 
 def _median_ms(fn, args: list, repeats: int) -> float:
     for a in args[:5]:
-        fn(a)                                   # warm-up
+        fn(a)  # warm-up
     times = []
     for i in range(repeats):
         a = args[i % len(args)]
@@ -68,11 +68,15 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    cluster = ClusterState(placement={f"L0.E{e}": (f"dev{e % DEVICES}",) for e in range(EXPERTS)},
-                           compute_profile={f"dev{k}": (1.0, 0.2) for k in range(DEVICES)},
-                           bytes_per_token=8192)
-    print(f"host: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; torch threads 1; "
-          f"median of {args.repeats} decisions")
+    cluster = ClusterState(
+        placement={f"L0.E{e}": (f"dev{e % DEVICES}",) for e in range(EXPERTS)},
+        compute_profile={f"dev{k}": (1.0, 0.2) for k in range(DEVICES)},
+        bytes_per_token=8192,
+    )
+    print(
+        f"host: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; torch threads 1; "
+        f"median of {args.repeats} decisions"
+    )
     print(f"{'policy':<12}{'instance':<44}{'median_ms':>10}{'target_ms':>10}{'ratio':>8}")
     rows = []
     for cls in (WDMoE, WDMoEConference, WDMoESelectionOnly, WDMoEBandwidthOnly):
@@ -82,20 +86,34 @@ def main() -> None:
             med = _median_ms(lambda c, p=pol: p.select(c, cluster), ctxs, args.repeats)
             inst = f"{EXPERTS} experts x {DEVICES} devices x {n} token(s), top-{TOP_K}"
             ratio = med / TARGET_MS[n]
-            rows.append({"policy": cls.name, "tokens": n, "experts": EXPERTS,
-                         "devices": DEVICES, "median_ms": med, "target_ms": TARGET_MS[n],
-                         "ratio": ratio})
+            rows.append(
+                {
+                    "policy": cls.name,
+                    "tokens": n,
+                    "experts": EXPERTS,
+                    "devices": DEVICES,
+                    "median_ms": med,
+                    "target_ms": TARGET_MS[n],
+                    "ratio": ratio,
+                }
+            )
             print(f"{cls.name:<12}{inst:<44}{med:>10.3f}{TARGET_MS[n]:>10.1f}{ratio:>8.3f}")
     ch = ChannelModel(DEVICES, seed=0)
     loads = np.full(DEVICES, 128 * TOP_K // DEVICES)
     sd, su = ch.snr_per_hz(0, "down"), ch.snr_per_hz(0, "up")
-    solve = {m: _median_ms(lambda _, m=m: min_max_bandwidth(loads, 20e6, sd, su, 8192, 1.0, 0.2,
-                                                       method=m), [None],
-                           args.repeats if m == "newton" else max(10, args.repeats // 20))
-             for m in ("newton", "bisection")}
-    print(f"min-max solver alone, {DEVICES} loaded devices x {loads[0]} rows: newton "
-          f"{solve['newton']:.3f} ms, nested bisection {solve['bisection']:.3f} ms "
-          f"(bisection / newton = {solve['bisection'] / solve['newton']:.0f}x)")
+    solve = {
+        m: _median_ms(
+            lambda _, m=m: min_max_bandwidth(loads, 20e6, sd, su, 8192, 1.0, 0.2, method=m),
+            [None],
+            args.repeats if m == "newton" else max(10, args.repeats // 20),
+        )
+        for m in ("newton", "bisection")
+    }
+    print(
+        f"min-max solver alone, {DEVICES} loaded devices x {loads[0]} rows: newton "
+        f"{solve['newton']:.3f} ms, nested bisection {solve['bisection']:.3f} ms "
+        f"(bisection / newton = {solve['bisection'] / solve['newton']:.0f}x)"
+    )
     if args.json:
         args.json.write_text(json.dumps({"decisions": rows, "solver_ms": solve}, indent=1))
 

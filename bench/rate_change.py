@@ -74,8 +74,9 @@ def make_namespace(ns: str, n: int) -> None:
     for dev in (IFACE, "v1", "lo"):
         _run(["ip", "link", "set", dev, "up"], ns)
     specs = [links.LinkSpec(20000)] * n
-    for argv in links.build_setup_commands(IFACE, IFB, [_addr(i) for i in range(n)], specs,
-                                           specs, None, "tbf", BUCKET):
+    for argv in links.build_setup_commands(
+        IFACE, IFB, [_addr(i) for i in range(n)], specs, specs, None, "tbf", BUCKET
+    ):
         _run(argv, ns)
 
 
@@ -87,8 +88,9 @@ def cli_old_set_rates(shaper: links.TcShaper, rates: dict[str, tuple[float, floa
     for dev, (down, up) in rates.items():
         i = shaper.index(dev)
         for d, kbit in ((IFACE, down), (IFB, up)):
-            lines.append(shlex.join(
-                links.build_class_change_command(d, i, links.LinkSpec(kbit))[1:]))
+            lines.append(
+                shlex.join(links.build_class_change_command(d, i, links.LinkSpec(kbit))[1:])
+            )
     lines += [f"class show dev {IFACE}", f"qdisc show dev {IFB} root", f"class show dev {IFB}"]
     script = "tc -batch - <<'EOF'\n" + "\n".join(lines) + "\nEOF\n"
     res = shaper.runner.run(["sh", "-c", script], timeout_s=15)
@@ -100,19 +102,26 @@ def cli_old_set_rates(shaper: links.TcShaper, rates: dict[str, tuple[float, floa
 
 
 def _leaf_argv(dev: str, i: int, kbit: float) -> list[str]:
-    return links.leaf_command("change", dev, links.class_minor(i), "tbf", links.LinkSpec(kbit),
-                              BUCKET, True)
+    return links.leaf_command(
+        "change", dev, links.class_minor(i), "tbf", links.LinkSpec(kbit), BUCKET, True
+    )
 
 
 def cli_htb_tbf(rates: dict[int, tuple[float, float]]) -> None:
     lines = []
     for i, (down, up) in rates.items():
         for d, kbit in ((IFACE, down), (IFB, up)):
-            lines.append(shlex.join(
-                links.build_class_change_command(d, i, links.LinkSpec(kbit))[1:]))
+            lines.append(
+                shlex.join(links.build_class_change_command(d, i, links.LinkSpec(kbit))[1:])
+            )
             lines.append(shlex.join(_leaf_argv(d, i, kbit)[1:]))
-    subprocess.run(["tc", "-batch", "-"], input="\n".join(lines) + "\n", text=True,
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["tc", "-batch", "-"],
+        input="\n".join(lines) + "\n",
+        text=True,
+        check=True,
+        capture_output=True,
+    )
 
 
 def netlink_changes(rates: dict[int, tuple[float, float]]) -> list[N.Change]:
@@ -135,14 +144,18 @@ def netlink_readback(nl: N.TcNetlink, n: int) -> dict[int, tuple[float, float]]:
     got: list[dict[int, float]] = []
     qdiscs = nl.qdiscs_of([IFACE, IFB], stats=False, where=links._under_root)
     for dev in (IFACE, IFB):
-        rates = {c.handle & 0xFFFF: c.rate_kbit
-                 for c in nl.classes(dev, stats=False, where=links._of_root) if c.kind == "htb"}
+        rates = {
+            c.handle & 0xFFFF: c.rate_kbit
+            for c in nl.classes(dev, stats=False, where=links._of_root)
+            if c.kind == "htb"
+        }
         leaves = {q.parent & 0xFFFF: q.rate_kbit for q in qdiscs[dev] if q.kind == "tbf"}
         for i in range(n):
             m = links.class_minor(i)
             if rates.get(m) != leaves.get(m):
-                raise AssertionError(f"{dev} 1:{m:x}: class {rates.get(m)} vs leaf "
-                                     f"{leaves.get(m)} kbit/s")
+                raise AssertionError(
+                    f"{dev} 1:{m:x}: class {rates.get(m)} vs leaf {leaves.get(m)} kbit/s"
+                )
         got.append(rates)
     return {i: (got[0][links.class_minor(i)], got[1][links.class_minor(i)]) for i in range(n)}
 
@@ -150,8 +163,13 @@ def netlink_readback(nl: N.TcNetlink, n: int) -> dict[int, tuple[float, float]]:
 # -- the run ----------------------------------------------------------------------------------
 def _stats(ms: list[float]) -> dict[str, float]:
     s = sorted(ms)
-    return {"median_ms": statistics.median(s), "p90_ms": s[min(len(s) - 1, int(0.9 * len(s)))],
-            "min_ms": s[0], "max_ms": s[-1], "n": len(s)}
+    return {
+        "median_ms": statistics.median(s),
+        "p90_ms": s[min(len(s) - 1, int(0.9 * len(s)))],
+        "min_ms": s[0],
+        "max_ms": s[-1],
+        "n": len(s),
+    }
 
 
 OLD = "tc -batch HTB + show (old set_rates)"
@@ -169,9 +187,9 @@ def bench(ns: str, n: int, epochs: int, seed: int) -> dict[str, dict[str, float]
     addrs = [_addr(i) for i in range(n)]
     times: dict[str, list[float]] = {}
     with N.in_netns(ns):  # this thread (and the processes it starts) work in the namespace
+
         def shaper(netlink: bool) -> links.TcShaper:
-            s = links.TcShaper(LocalRunner(host="bs"), IFACE, IFB, addrs, names,
-                               shaping="tbf")
+            s = links.TcShaper(LocalRunner(host="bs"), IFACE, IFB, addrs, names, shaping="tbf")
             s.netlink = netlink
             return s
 
@@ -179,8 +197,10 @@ def bench(ns: str, n: int, epochs: int, seed: int) -> dict[str, dict[str, float]
         nl = N.TcNetlink()
 
         def new_rates() -> dict[int, tuple[float, float]]:
-            return {i: (float(rng.randrange(100, 50000)), float(rng.randrange(100, 50000)))
-                    for i in range(n)}
+            return {
+                i: (float(rng.randrange(100, 50000)), float(rng.randrange(100, 50000)))
+                for i in range(n)
+            }
 
         def by_name(r):
             return {names[i]: v for i, v in r.items()}
@@ -245,9 +265,11 @@ def main() -> int:
         return 130
     finally:
         _run(["ip", "netns", "del", ns], check=False)
-    print(f"{args.devices} devices x 2 directions, {args.epochs} epochs per method, "
-          f"{4 * args.devices} netlink messages per epoch (HTB class + TBF leaf per device and "
-          f"direction); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(
+        f"{args.devices} devices x 2 directions, {args.epochs} epochs per method, "
+        f"{4 * args.devices} netlink messages per epoch (HTB class + TBF leaf per device and "
+        f"direction); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
     print(f"{'method':40s} {'median ms':>10s} {'p90 ms':>8s} {'min ms':>8s}")
     for name, s in res.items():
         print(f"{name:40s} {s['median_ms']:10.3f} {s['p90_ms']:8.3f} {s['min_ms']:8.3f}")
@@ -255,12 +277,23 @@ def main() -> int:
     print(f"ratio {CLI_FLOOR} / {NL_CHANGE}: {med[CLI_FLOOR] / med[NL_CHANGE]:.0f}x")
     print(f"ratio {CLI_PATH} / {NL_PATH}: {med[CLI_PATH] / med[NL_PATH]:.0f}x")
     print(f"ratio {OLD} / {NL_PATH}: {med[OLD] / med[NL_PATH]:.0f}x")
-    print(f"{NL_CHANGE} median {med[NL_CHANGE]:.3f} ms, p90 {res[NL_CHANGE]['p90_ms']:.3f} ms "
-          f"vs target {TARGET_MS} ms: {'met' if med[NL_CHANGE] <= TARGET_MS else 'MISSED'}")
+    print(
+        f"{NL_CHANGE} median {med[NL_CHANGE]:.3f} ms, p90 {res[NL_CHANGE]['p90_ms']:.3f} ms "
+        f"vs target {TARGET_MS} ms: {'met' if med[NL_CHANGE] <= TARGET_MS else 'MISSED'}"
+    )
     if args.json:
-        args.json.write_text(json.dumps({"devices": args.devices, "epochs": args.epochs,
-                                         "load_average": os.getloadavg()[0],
-                                         "methods": res, "target_ms": TARGET_MS}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "devices": args.devices,
+                    "epochs": args.epochs,
+                    "load_average": os.getloadavg()[0],
+                    "methods": res,
+                    "target_ms": TARGET_MS,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

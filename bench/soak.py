@@ -86,18 +86,37 @@ def _mutations(rng: random.Random, valid: list[bytes]) -> list[bytes]:
         h = {"v": rng.choice([0, 2, 99, "1"]), "op": "ping", "id": rng.randrange(1 << 30)}
         return [msgpack.packb(h)]
     if kind == 3:
-        h = {"v": 1, "op": "forward", "id": rng.randrange(1 << 30), "layer": 0, "step": 0,
-             "t": [[f"L{rng.randrange(9)}.E{rng.randrange(9)}", rng.choice(["float32", "int8", "x"]),
-                    [rng.randrange(-2, 5), rng.randrange(0, 128)]]]}
+        h = {
+            "v": 1,
+            "op": "forward",
+            "id": rng.randrange(1 << 30),
+            "layer": 0,
+            "step": 0,
+            "t": [
+                [
+                    f"L{rng.randrange(9)}.E{rng.randrange(9)}",
+                    rng.choice(["float32", "int8", "x"]),
+                    [rng.randrange(-2, 5), rng.randrange(0, 128)],
+                ]
+            ],
+        }
         return [msgpack.packb(h), os.urandom(rng.randrange(0, 2048))]
     if kind == 4:
         h = {"v": 1, "op": rng.choice(["forward", "load", "status", "nope", ""]), "id": 1}
-        return [msgpack.packb(h)] + [b"\0" * rng.randrange(0, 64) for _ in range(rng.randrange(1, 6))]
+        return [msgpack.packb(h)] + [
+            b"\0" * rng.randrange(0, 64) for _ in range(rng.randrange(1, 6))
+        ]
     return [b""]
 
 
-def fuzzer(endpoints: dict[str, str], keys: tuple[bytes, bytes, dict[str, bytes]], rate: float,
-           stop_file: str, out_file: str, seed: int) -> None:
+def fuzzer(
+    endpoints: dict[str, str],
+    keys: tuple[bytes, bytes, dict[str, bytes]],
+    rate: float,
+    stop_file: str,
+    out_file: str,
+    seed: int,
+) -> None:
     """Fuzz every agent until ``stop_file`` exists; write counts to ``out_file``."""
     import msgpack
     import zmq
@@ -112,17 +131,20 @@ def fuzzer(endpoints: dict[str, str], keys: tuple[bytes, bytes, dict[str, bytes]
         s.curve_serverkey = keys[2][d]
         s.connect(ep)
         socks[d] = s
-    valid = [msgpack.packb({"v": 1, "op": "ping", "id": 7}),
-             msgpack.packb({"v": 1, "op": "status", "id": 8})]
+    valid = [
+        msgpack.packb({"v": 1, "op": "ping", "id": 7}),
+        msgpack.packb({"v": 1, "op": "status", "id": 8}),
+    ]
     sent = 0
     codes: collections.Counter[str] = collections.Counter()
     period = 1.0 / rate if rate > 0 else 1.0
     next_t = time.monotonic()
+
     def drain(s: zmq.Socket) -> None:
         while s.poll(0):
             fr = s.recv_multipart()
             if len(fr) > 1 and not fr[0]:  # a message that began with an empty frame got it
-                fr = fr[1:]               # back as a delimiter before the reply header
+                fr = fr[1:]  # back as a delimiter before the reply header
             try:
                 codes[str(msgpack.unpackb(fr[0]).get("code"))] += 1
             except Exception:  # noqa: BLE001 - a reply the fuzzer cannot read is counted too
@@ -150,7 +172,9 @@ def fuzzer(endpoints: dict[str, str], keys: tuple[bytes, bytes, dict[str, bytes]
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--warmup", type=int, default=200, help="requests before the RSS baseline")
     ap.add_argument("--bound-mb", type=float, default=32.0, help="allowed RSS growth per process")
@@ -192,9 +216,17 @@ def main(argv: list[str] | None = None) -> int:
             assert curve is not None
             stop_file, fuzz_out = f"{tmp}/fuzz.stop", f"{tmp}/fuzz.json"
             fuzz_proc = mp.get_context("spawn").Process(
-                target=fuzzer, args=({d: e["endpoint"] for d, e in eps.items()},
-                                     (curve.public, curve.secret, dict(curve.server_keys)),
-                                     a.fuzz_rate, stop_file, fuzz_out, 1), daemon=True)
+                target=fuzzer,
+                args=(
+                    {d: e["endpoint"] for d, e in eps.items()},
+                    (curve.public, curve.secret, dict(curve.server_keys)),
+                    a.fuzz_rate,
+                    stop_file,
+                    fuzz_out,
+                    1,
+                ),
+                daemon=True,
+            )
             fuzz_proc.start()
 
             def sampler() -> None:
@@ -228,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.monotonic() - t_start
 
     by_status = collections.Counter(r["status"] for r in reqs)
-    fails = collections.Counter(f"{c['status']}: {c['detail'][:60]}" for c in calls if c["status"] != "ok")
+    fails = collections.Counter(
+        f"{c['status']}: {c['detail'][:60]}" for c in calls if c["status"] != "ok"
+    )
     rows = []
     ok_all = True
     for who, ss in sorted(samples.items()):
@@ -237,24 +271,54 @@ def main(argv: list[str] | None = None) -> int:
         grow = end - start
         ok = grow <= a.bound_mb
         ok_all &= ok
-        rows.append({"process": who, "rss_after_warmup_mb": round(start, 1), "rss_end_mb": round(end, 1),
-                     "rss_peak_mb": round(peak, 1), "growth_mb": round(grow, 1), "ok": ok})
+        rows.append(
+            {
+                "process": who,
+                "rss_after_warmup_mb": round(start, 1),
+                "rss_end_mb": round(end, 1),
+                "rss_peak_mb": round(peak, 1),
+                "growth_mb": round(grow, 1),
+                "ok": ok,
+            }
+        )
     accounted = len(reqs) == a.requests and set(by_status) <= {"ok", "degraded"}
-    print(f"soak: {a.requests} requests of the tiny task across 4 agents (CURVE, {a.rate} links), "
-          f"fuzzer at {a.fuzz_rate:g} msg/s per agent beside them; {wall:.0f} s wall, run {res.status}")
+    print(
+        f"soak: {a.requests} requests of the tiny task across 4 agents (CURVE, {a.rate} links), "
+        f"fuzzer at {a.fuzz_rate:g} msg/s per agent beside them; {wall:.0f} s wall, run {res.status}"
+    )
     print(f"requests: {len(reqs)} rows, by status {dict(by_status)}; accounted for: {accounted}")
-    print(f"expert calls: {len(calls)}, not ok: {sum(fails.values())} {dict(fails) if fails else ''}")
-    print(f"fuzzer: {fuzz.get('sent')} messages sent, replies by error code {fuzz.get('replies_by_code')}")
-    print(f"RSS bound: growth after the first {a.warmup} requests <= {a.bound_mb:g} MiB per process")
+    print(
+        f"expert calls: {len(calls)}, not ok: {sum(fails.values())} {dict(fails) if fails else ''}"
+    )
+    print(
+        f"fuzzer: {fuzz.get('sent')} messages sent, replies by error code {fuzz.get('replies_by_code')}"
+    )
+    print(
+        f"RSS bound: growth after the first {a.warmup} requests <= {a.bound_mb:g} MiB per process"
+    )
     print("| process | RSS after warm-up (MiB) | RSS at end | peak | growth | within bound |")
     print("|---|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['process']} | {r['rss_after_warmup_mb']} | {r['rss_end_mb']} | {r['rss_peak_mb']} | "
-              f"{r['growth_mb']} | {'yes' if r['ok'] else 'NO'} |")
+        print(
+            f"| {r['process']} | {r['rss_after_warmup_mb']} | {r['rss_end_mb']} | {r['rss_peak_mb']} | "
+            f"{r['growth_mb']} | {'yes' if r['ok'] else 'NO'} |"
+        )
     if a.json:
-        Path(a.json).write_text(json.dumps({"requests": len(reqs), "by_status": by_status, "calls": len(calls),
-                                            "failures": fails, "fuzz": fuzz, "rss": rows, "wall_s": wall},
-                                           indent=1, default=dict))
+        Path(a.json).write_text(
+            json.dumps(
+                {
+                    "requests": len(reqs),
+                    "by_status": by_status,
+                    "calls": len(calls),
+                    "failures": fails,
+                    "fuzz": fuzz,
+                    "rss": rows,
+                    "wall_s": wall,
+                },
+                indent=1,
+                default=dict,
+            )
+        )
     return 0 if ok_all and accounted else 1
 
 

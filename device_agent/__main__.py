@@ -20,40 +20,88 @@ from device_agent.server import (
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the agent; returns the exit status."""
-    ap = argparse.ArgumentParser(prog="python -m device_agent", description="MoE expert device agent")
+    ap = argparse.ArgumentParser(
+        prog="python -m device_agent", description="MoE expert device agent"
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("serve", help="serve experts over ZeroMQ until SIGTERM or a shutdown request")
-    s.add_argument("--bind", required=True, help="ROUTER endpoint, e.g. tcp://10.0.0.2:5555 (':*' = any port)")
+    s = sub.add_parser(
+        "serve", help="serve experts over ZeroMQ until SIGTERM or a shutdown request"
+    )
+    s.add_argument(
+        "--bind", required=True, help="ROUTER endpoint, e.g. tcp://10.0.0.2:5555 (':*' = any port)"
+    )
     s.add_argument("--workdir", required=True, help="directory expert shard paths are relative to")
-    s.add_argument("--pub", default=None, help="status PUB endpoint (e.g. tcp://10.0.0.2:*); off by default")
-    s.add_argument("--status-period-s", type=float, default=1.0, help="seconds between status messages")
-    s.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
-                   help="larger requests get error 7 (too large)")
+    s.add_argument(
+        "--pub", default=None, help="status PUB endpoint (e.g. tcp://10.0.0.2:*); off by default"
+    )
+    s.add_argument(
+        "--status-period-s", type=float, default=1.0, help="seconds between status messages"
+    )
+    s.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        help="larger requests get error 7 (too large)",
+    )
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present)")
     s.add_argument("--threads", type=int, default=None, help="torch compute threads")
     s.add_argument("--ready-file", default=None, help="JSON written once bound (endpoints, pid)")
-    s.add_argument("--meter", default="auto", choices=("auto", *METER_KINDS),
-                   help="energy meter: auto (the first that works, in this order: "
-                   f"{', '.join(METER_KINDS)}) or one kind (the agent exits if it does not work)")
-    s.add_argument("--cpu-core-w", type=float, default=5.0,
-                   help="watts per busy core of the 'estimated' meter (CPU time x this)")
-    s.add_argument("--nvml-gpus", default=None,
-                   help="NVML GPU indices the 'nvml' meter sums, e.g. 0 or 0,1 (default: all)")
-    s.add_argument("--hello-s", type=float, default=None,
-                   help="perception: look at the status every this many seconds (e.g. 2) and "
-                   "publish it only when a value moved by more than --hello-delta (replaces "
-                   "--status-period-s); off by default")
-    s.add_argument("--hello-delta", type=float, default=0.1,
-                   help="relative change that makes a hello go out (default 0.1)")
-    s.add_argument("--hello-keepalive-s", type=float, default=10.0,
-                   help="a hello goes out at least this often (0: only on a change)")
-    s.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS,
-                   help="most token rows in one tensor (more: error 7, too large)")
-    s.add_argument("--max-tensors", type=int, default=DEFAULT_MAX_TENSORS,
-                   help="most tensors (experts) in one forward request (more: error 7)")
-    s.add_argument("--curve-dir", default=None,
-                   help="CURVE keys: DIR/agent.key_secret (mode 0600) and DIR/authorized/*.key "
-                   "(the clients allowed); without it the agent authenticates no one")
+    s.add_argument(
+        "--meter",
+        default="auto",
+        choices=("auto", *METER_KINDS),
+        help="energy meter: auto (the first that works, in this order: "
+        f"{', '.join(METER_KINDS)}) or one kind (the agent exits if it does not work)",
+    )
+    s.add_argument(
+        "--cpu-core-w",
+        type=float,
+        default=5.0,
+        help="watts per busy core of the 'estimated' meter (CPU time x this)",
+    )
+    s.add_argument(
+        "--nvml-gpus",
+        default=None,
+        help="NVML GPU indices the 'nvml' meter sums, e.g. 0 or 0,1 (default: all)",
+    )
+    s.add_argument(
+        "--hello-s",
+        type=float,
+        default=None,
+        help="perception: look at the status every this many seconds (e.g. 2) and "
+        "publish it only when a value moved by more than --hello-delta (replaces "
+        "--status-period-s); off by default",
+    )
+    s.add_argument(
+        "--hello-delta",
+        type=float,
+        default=0.1,
+        help="relative change that makes a hello go out (default 0.1)",
+    )
+    s.add_argument(
+        "--hello-keepalive-s",
+        type=float,
+        default=10.0,
+        help="a hello goes out at least this often (0: only on a change)",
+    )
+    s.add_argument(
+        "--max-rows",
+        type=int,
+        default=DEFAULT_MAX_ROWS,
+        help="most token rows in one tensor (more: error 7, too large)",
+    )
+    s.add_argument(
+        "--max-tensors",
+        type=int,
+        default=DEFAULT_MAX_TENSORS,
+        help="most tensors (experts) in one forward request (more: error 7)",
+    )
+    s.add_argument(
+        "--curve-dir",
+        default=None,
+        help="CURVE keys: DIR/agent.key_secret (mode 0600) and DIR/authorized/*.key "
+        "(the clients allowed); without it the agent authenticates no one",
+    )
     s.add_argument("--log-level", default="INFO")
     a = ap.parse_args(argv)
     if not a.cpu_core_w > 0:
@@ -65,22 +113,37 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--hello-s must be positive, got {a.hello_s}")
     if a.hello_delta < 0 or a.hello_keepalive_s < 0:
         ap.error("--hello-delta and --hello-keepalive-s must be >= 0")
-    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=a.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     try:
         gpus = None if a.nvml_gpus is None else [int(x) for x in a.nvml_gpus.split(",")]
     except ValueError:
         ap.error(f"--nvml-gpus must be comma-separated integers, got {a.nvml_gpus!r}")
-    meter = MeterOptions(only=None if a.meter == "auto" else (a.meter,), cpu_core_w=a.cpu_core_w,
-                         rapl_poll_s=0.1, nvml_indices=gpus)
+    meter = MeterOptions(
+        only=None if a.meter == "auto" else (a.meter,),
+        cpu_core_w=a.cpu_core_w,
+        rapl_poll_s=0.1,
+        nvml_indices=gpus,
+    )
     keep_large_buffers()  # tensor frames of 1 MiB+ stay in the heap (see device_agent.memtune)
     try:
-        server = AgentServer(a.bind, a.workdir, pub=a.pub,
-                             status_period_s=a.hello_s or a.status_period_s,
-                             max_message_bytes=a.max_message_bytes, device=a.device,
-                             threads=a.threads, ready_file=a.ready_file, meter=meter,
-                             curve_dir=a.curve_dir, max_rows=a.max_rows,
-                             max_tensors=a.max_tensors)
+        server = AgentServer(
+            a.bind,
+            a.workdir,
+            pub=a.pub,
+            status_period_s=a.hello_s or a.status_period_s,
+            max_message_bytes=a.max_message_bytes,
+            device=a.device,
+            threads=a.threads,
+            ready_file=a.ready_file,
+            meter=meter,
+            curve_dir=a.curve_dir,
+            max_rows=a.max_rows,
+            max_tensors=a.max_tensors,
+        )
     except MeterUnavailable as e:
         print(f"error: --meter {a.meter}: {e}", file=sys.stderr)
         return 3

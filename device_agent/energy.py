@@ -116,15 +116,18 @@ def energy_between(a: Reading, b: Reading) -> float:
     if b.t_ns < a.t_ns:
         raise ValueError(f"reading b (t_ns={b.t_ns}) was taken before reading a (t_ns={a.t_ns})")
     if b.energy_j < a.energy_j:
-        raise ValueError(f"energy went down from {a.energy_j} J to {b.energy_j} J: "
-                         "readings of different meters?")
+        raise ValueError(
+            f"energy went down from {a.energy_j} J to {b.energy_j} J: readings of different meters?"
+        )
     return b.energy_j - a.energy_j
 
 
 # ---- pure functions -----------------------------------------------------------------------
 
-def trapezoid(samples: Iterable[tuple[int, float]], t0_ns: int | None = None,
-              t1_ns: int | None = None) -> float:
+
+def trapezoid(
+    samples: Iterable[tuple[int, float]], t0_ns: int | None = None, t1_ns: int | None = None
+) -> float:
     """Joules from ``(t_ns, power_w)`` samples by the trapezoid rule.
 
     Samples must be in time order. With ``t0_ns``/``t1_ns`` only that window is counted, the
@@ -141,8 +144,10 @@ def trapezoid(samples: Iterable[tuple[int, float]], t0_ns: int | None = None,
         lo = pts[0][0] if t0_ns is None else t0_ns
         hi = pts[-1][0] if t1_ns is None else t1_ns
         if lo < pts[0][0] or hi > pts[-1][0] or hi < lo:
-            raise ValueError(f"window [{lo}, {hi}] ns is not within the samples' span "
-                             f"[{pts[0][0]}, {pts[-1][0]}] ns")
+            raise ValueError(
+                f"window [{lo}, {hi}] ns is not within the samples' span "
+                f"[{pts[0][0]}, {pts[-1][0]}] ns"
+            )
         inner = [(t, p) for t, p in pts if lo < t < hi]
         pts = [(lo, _interpolate(pts, lo)), *inner, (hi, _interpolate(pts, hi))]
     total = 0.0
@@ -172,8 +177,10 @@ def rapl_delta(prev_uj: int, cur_uj: int, max_range_uj: int) -> int:
     return cur_uj - prev_uj if cur_uj >= prev_uj else cur_uj + max_range_uj - prev_uj
 
 
-_TEGRA_RAIL = re.compile(r"(?<!\S)([A-Z][A-Z0-9_]*)\s+(\d+(?:\.\d+)?)(?:mW)?/(\d+(?:\.\d+)?)(?:mW)?"
-                         r"(?:/(\d+(?:\.\d+)?)(?:mW)?)?(?=\s|$)")
+_TEGRA_RAIL = re.compile(
+    r"(?<!\S)([A-Z][A-Z0-9_]*)\s+(\d+(?:\.\d+)?)(?:mW)?/(\d+(?:\.\d+)?)(?:mW)?"
+    r"(?:/(\d+(?:\.\d+)?)(?:mW)?)?(?=\s|$)"
+)
 #: fields of a tegrastats line that look like ``NAME a/b`` but are not power rails
 _TEGRA_NOT_RAILS = frozenset({"RAM", "SWAP", "IRAM"})
 
@@ -197,6 +204,7 @@ def parse_tegrastats(line: str) -> dict[str, tuple[float | None, float]]:
 
 
 # ---- INA3221 sysfs trees -------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Rail:
@@ -253,8 +261,9 @@ def find_ina3221_hwmon(root: str | os.PathLike[str] = "/") -> list[Rail]:
                 volt, curr = hw / f"in{n}_input", hw / f"curr{n}_input"
                 if _skip_label(label) or not volt.exists() or not curr.exists():
                     continue
-                chans.append((n, Rail(label, "hwmon", chip_dir.name, voltage_path=volt,
-                                      current_path=curr)))
+                chans.append(
+                    (n, Rail(label, "hwmon", chip_dir.name, voltage_path=volt, current_path=curr))
+                )
             rails.extend(r for _, r in sorted(chans, key=lambda c: c[0]))
     return rails
 
@@ -302,6 +311,7 @@ def _rails_source(prefix: str, used: Sequence[str]) -> str:
 
 # ---- RAPL ---------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class RaplZone:
     """A powercap package zone: its ``name``, ``energy_uj`` file and wrap range."""
@@ -346,6 +356,7 @@ def find_rapl_zones(root: str | os.PathLike[str] = "/") -> list[RaplZone]:
 
 # ---- the sampler --------------------------------------------------------------------------
 
+
 class PowerSampler:
     """Integrates power samples into cumulative joules (trapezoid rule).
 
@@ -355,11 +366,16 @@ class PowerSampler:
     to the last good one. Thread-safe; :meth:`stop` ends the thread within one period.
     """
 
-    def __init__(self, read_power_w: Callable[[], float] | None, period_s: float = 0.05,
-                 clock: Callable[[], int] = time.monotonic_ns) -> None:
+    def __init__(
+        self,
+        read_power_w: Callable[[], float] | None,
+        period_s: float = 0.05,
+        clock: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
         if not 0 < period_s <= MAX_SAMPLE_PERIOD_S:
-            raise ValueError(f"period_s must be in (0, {MAX_SAMPLE_PERIOD_S}] (>= 10 Hz), "
-                             f"got {period_s}")
+            raise ValueError(
+                f"period_s must be in (0, {MAX_SAMPLE_PERIOD_S}] (>= 10 Hz), got {period_s}"
+            )
         self._read = read_power_w
         self.period_s = float(period_s)
         self._clock = clock
@@ -510,8 +526,11 @@ class Meter:
         """What results record: ``measured:`` or ``estimated:``, the kind and the rails that
         make it up, e.g. ``measured:ina3221-hwmon:VDD_IN``, ``measured:nvml:gpu0``,
         ``estimated:cpu-time(5 W/core)``."""
-        src = self.source if ":" in self.source or not self.rails \
+        src = (
+            self.source
+            if ":" in self.source or not self.rails
             else f"{self.source}:{'+'.join(self.rails)}"
+        )
         return f"{'estimated' if self.estimated else 'measured'}:{src}"
 
     def close(self) -> None:
@@ -519,9 +538,13 @@ class Meter:
 
     def describe(self) -> dict[str, Any]:
         """The meter as a JSON-ready map (for the agent's status and run manifests)."""
-        return {"source": self.source, "rails": list(self.rails),
-                "energy_source": "estimated" if self.estimated else "measured",
-                "label": self.energy_source, "skipped": dict(self.skipped)}
+        return {
+            "source": self.source,
+            "rails": list(self.rails),
+            "energy_source": "estimated" if self.estimated else "measured",
+            "label": self.energy_source,
+            "skipped": dict(self.skipped),
+        }
 
     def __enter__(self: _M) -> _M:  # noqa: PYI019 - typing.Self needs Python 3.11
         return self
@@ -534,8 +557,13 @@ class SampledMeter(Meter):
     """A power-only source sampled by a :class:`PowerSampler` thread; :meth:`read` samples
     once more so the reading is at the moment of the call."""
 
-    def __init__(self, source: str, rails: Sequence[str], read_power_w: Callable[[], float],
-                 period_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        source: str,
+        rails: Sequence[str],
+        read_power_w: Callable[[], float],
+        period_s: float = 0.05,
+    ) -> None:
         super().__init__()
         self.source = source
         self.rails = list(rails)
@@ -575,8 +603,9 @@ class TegrastatsMeter(Meter):
     the chosen rails is skipped and counted in ``sampler.errors``.
     """
 
-    def __init__(self, argv: Sequence[str], period_s: float = 0.1, first_line_timeout_s: float = 3.0
-                 ) -> None:
+    def __init__(
+        self, argv: Sequence[str], period_s: float = 0.1, first_line_timeout_s: float = 3.0
+    ) -> None:
         super().__init__()
         interval_ms = max(1, round(period_s * 1000))
         self.sampler = PowerSampler(None, period_s)
@@ -584,13 +613,18 @@ class TegrastatsMeter(Meter):
         self._ready = threading.Event()
         try:
             self.proc: subprocess.Popen[str] = subprocess.Popen(
-                [*argv, "--interval", str(interval_ms)], stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL, text=True, bufsize=1)
+                [*argv, "--interval", str(interval_ms)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                bufsize=1,
+            )
         except OSError as e:
             raise MeterUnavailable(f"cannot start {argv[0]}: {e}") from None
         assert self.proc.stdout is not None
-        self._thread = threading.Thread(target=self._pump, args=(self.proc.stdout,),
-                                        name="tegrastats-reader", daemon=True)
+        self._thread = threading.Thread(
+            target=self._pump, args=(self.proc.stdout,), name="tegrastats-reader", daemon=True
+        )
         self._thread.start()
         if not self._ready.wait(first_line_timeout_s):
             self.close()
@@ -668,12 +702,14 @@ class NvmlMeter(Meter):
             self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in idx]
             self.rails = [f"gpu{i}" for i in idx]
             try:
-                self._e0_mj = [int(pynvml.nvmlDeviceGetTotalEnergyConsumption(h))
-                               for h in self._handles]
+                self._e0_mj = [
+                    int(pynvml.nvmlDeviceGetTotalEnergyConsumption(h)) for h in self._handles
+                ]
                 self.source = "nvml"
                 self.read()
-                self._poll = threading.Thread(target=self._poll_counter, args=(period_s,),
-                                              name="nvml-poll", daemon=True)
+                self._poll = threading.Thread(
+                    target=self._poll_counter, args=(period_s,), name="nvml-poll", daemon=True
+                )
                 self._poll.start()
             except pynvml.NVMLError:  # NotSupported on GPUs older than Volta
                 self._e0_mj = None
@@ -744,8 +780,9 @@ class RaplMeter(Meter):
         self._last: tuple[int, int] | None = None  # (t_ns, uj) of the previous read
         self._latest = Reading(time.monotonic_ns(), 0.0, None)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, args=(poll_s,), name="rapl-poll",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._poll, args=(poll_s,), name="rapl-poll", daemon=True
+        )
         self._thread.start()
 
     @staticmethod
@@ -763,8 +800,9 @@ class RaplMeter(Meter):
         with self._lock:
             cur = [self._raw(z) for z in self.zones]
             t_ns = time.monotonic_ns()
-            self._uj += sum(rapl_delta(p, c, z.max_range_uj)
-                            for p, c, z in zip(self._prev, cur, self.zones))
+            self._uj += sum(
+                rapl_delta(p, c, z.max_range_uj) for p, c, z in zip(self._prev, cur, self.zones)
+            )
             self._prev = cur
             p_w = None
             if self._last is not None and t_ns > self._last[0]:
@@ -791,8 +829,9 @@ class CpuTimeEstimate(Meter):
     source = "estimated:cpu-time"
     estimated = True
 
-    def __init__(self, core_w: float = 5.0,
-                 cpu_time_s: Callable[[], float] = time.process_time) -> None:
+    def __init__(
+        self, core_w: float = 5.0, cpu_time_s: Callable[[], float] = time.process_time
+    ) -> None:
         super().__init__()
         if not core_w > 0:
             raise ValueError(f"cpu_core_w must be positive, got {core_w}")
@@ -826,6 +865,7 @@ class CpuTimeEstimate(Meter):
 
 
 # ---- detection ----------------------------------------------------------------------------
+
 
 @dataclass
 class MeterOptions:
@@ -866,7 +906,10 @@ class MeterOptions:
 
 def _try_ina3221(root: Path, opts: MeterOptions) -> Meter:
     why = []
-    for finder, prefix in ((find_ina3221_hwmon, "ina3221-hwmon"), (find_ina3221_iio, "ina3221-iio")):
+    for finder, prefix in (
+        (find_ina3221_hwmon, "ina3221-hwmon"),
+        (find_ina3221_iio, "ina3221-iio"),
+    ):
         rails = finder(root)
         if not rails:
             continue
@@ -876,8 +919,9 @@ def _try_ina3221(root: Path, opts: MeterOptions) -> Meter:
             why.append(f"{prefix}: {type(e).__name__}: {e}")
     if why:
         raise MeterUnavailable("; ".join(why))
-    raise MeterUnavailable(f"no INA3221 rails under {root / _INA_I2C_DRIVER} "
-                           f"or {root / _INA_IIO_DRIVER}")
+    raise MeterUnavailable(
+        f"no INA3221 rails under {root / _INA_I2C_DRIVER} or {root / _INA_IIO_DRIVER}"
+    )
 
 
 def _try_tegrastats(root: Path, opts: MeterOptions) -> Meter:
@@ -902,13 +946,17 @@ def _try_estimated(root: Path, opts: MeterOptions) -> Meter:
 
 
 _TRY: dict[str, Callable[[Path, MeterOptions], Meter]] = {
-    "ina3221": _try_ina3221, "tegrastats": _try_tegrastats, "nvml": _try_nvml,
-    "rapl": _try_rapl, "estimated": _try_estimated,
+    "ina3221": _try_ina3221,
+    "tegrastats": _try_tegrastats,
+    "nvml": _try_nvml,
+    "rapl": _try_rapl,
+    "estimated": _try_estimated,
 }
 
 
-def detect_meter(root: str | os.PathLike[str] = "/",
-                 options: MeterOptions | Mapping[str, Any] | None = None) -> Meter:
+def detect_meter(
+    root: str | os.PathLike[str] = "/", options: MeterOptions | Mapping[str, Any] | None = None
+) -> Meter:
     """Open the first meter that works, in the order of :data:`METER_KINDS`.
 
     ``root`` is where the sysfs tree is looked for (tests point it at fixture trees). The
@@ -922,7 +970,9 @@ def detect_meter(root: str | os.PathLike[str] = "/",
     ValueError
         For unknown kinds in ``only`` or unknown option keys.
     """
-    opts = options if isinstance(options, MeterOptions) else MeterOptions.from_mapping(options or {})
+    opts = (
+        options if isinstance(options, MeterOptions) else MeterOptions.from_mapping(options or {})
+    )
     kinds = METER_KINDS if opts.only is None else tuple(opts.only)
     unknown = sorted(set(kinds) - set(METER_KINDS))
     if unknown:
@@ -938,24 +988,34 @@ def detect_meter(root: str | os.PathLike[str] = "/",
             continue
         meter.skipped = skipped
         return meter
-    raise MeterUnavailable("no energy meter works here: "
-                           + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    raise MeterUnavailable(
+        "no energy meter works here: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())
+    )
 
 
 # ---- command line -------------------------------------------------------------------------
 
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m device_agent.energy [--seconds 2] [--every-s 0.5] [--meter KIND]``: print the
     chosen meter, then readings, then the window's total, one JSON object a line."""
-    ap = argparse.ArgumentParser(prog="python -m device_agent.energy",
-                                 description="detect this host's energy meter and print readings")
+    ap = argparse.ArgumentParser(
+        prog="python -m device_agent.energy",
+        description="detect this host's energy meter and print readings",
+    )
     ap.add_argument("--seconds", type=float, default=2.0, help="how long to read")
     ap.add_argument("--every-s", type=float, default=0.5, help="seconds between printed readings")
-    ap.add_argument("--meter", action="append", choices=METER_KINDS, default=None,
-                    help="try only this kind (repeatable); default: all, in order")
+    ap.add_argument(
+        "--meter",
+        action="append",
+        choices=METER_KINDS,
+        default=None,
+        help="try only this kind (repeatable); default: all, in order",
+    )
     ap.add_argument("--root", default="/", help="where the sysfs tree is (default /)")
-    ap.add_argument("--cpu-core-w", type=float, default=5.0,
-                    help="watts per busy core for the estimate")
+    ap.add_argument(
+        "--cpu-core-w", type=float, default=5.0, help="watts per busy core for the estimate"
+    )
     a = ap.parse_args(argv)
     try:
         meter = detect_meter(a.root, MeterOptions(only=a.meter, cpu_core_w=a.cpu_core_w))
@@ -973,8 +1033,17 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(dataclasses.asdict(last)), flush=True)
         dt_s = (last.t_ns - first.t_ns) / 1e9
         e_j = energy_between(first, last)
-        print(json.dumps({"source": meter.source, "seconds": round(dt_s, 4), "energy_j": e_j,
-                          "mean_power_w": e_j / dt_s if dt_s > 0 else None}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "source": meter.source,
+                    "seconds": round(dt_s, 4),
+                    "energy_j": e_j,
+                    "mean_power_w": e_j / dt_s if dt_s > 0 else None,
+                }
+            ),
+            flush=True,
+        )
     return 0
 
 

@@ -19,20 +19,21 @@ def hello_values(status: Mapping[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
     mem = status.get("memory") or {}
     load = status.get("load") or {}
-    for key, v in (("rss_bytes", mem.get("rss_bytes")),
-                   ("available_bytes", mem.get("available_bytes")),
-                   ("cuda_allocated_bytes", mem.get("cuda_allocated_bytes")),
-                   ("loadavg_1m", load.get("loadavg_1m")),
-                   ("queue_len", load.get("queue_len")),
-                   ("power_w", status.get("power_w"))):
+    for key, v in (
+        ("rss_bytes", mem.get("rss_bytes")),
+        ("available_bytes", mem.get("available_bytes")),
+        ("cuda_allocated_bytes", mem.get("cuda_allocated_bytes")),
+        ("loadavg_1m", load.get("loadavg_1m")),
+        ("queue_len", load.get("queue_len")),
+        ("power_w", status.get("power_w")),
+    ):
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             out[key] = float(v)
     out["experts"] = float(len(status.get("experts") or {}))
     return out
 
 
-def moved(previous: Mapping[str, float] | None, current: Mapping[str, float],
-          delta: float) -> bool:
+def moved(previous: Mapping[str, float] | None, current: Mapping[str, float], delta: float) -> bool:
     """True when some value moved by more than ``delta`` relative to its previous value
     (``|cur - prev| > delta * |prev|``; from 0, any change), or the set of values changed,
     or there is no previous message."""
@@ -71,8 +72,11 @@ class HelloGate:
 
     def should_send(self, values: Mapping[str, float], now: float) -> bool:
         """True (and remember ``values`` as the last sent) when the status should go out."""
-        due = self.keepalive_s > 0 and self.last_t is not None and \
-            now - self.last_t >= self.keepalive_s
+        due = (
+            self.keepalive_s > 0
+            and self.last_t is not None
+            and now - self.last_t >= self.keepalive_s
+        )
         if moved(self.last, values, self.delta) or due:
             self.last, self.last_t = dict(values), now
             self.sent += 1

@@ -60,7 +60,9 @@ OPS = ("ping", "status", "load", "unload", "forward", "shutdown")
 # Frames we decode are read-only ZeroMQ buffers; we never write to them, so torch's warning
 # about non-writable buffers is noise here (and costs time on every call).
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+warnings.filterwarnings(
+    "ignore", message="The given NumPy array is not writable", category=UserWarning
+)
 
 
 class ErrorCode(IntEnum):
@@ -102,8 +104,13 @@ _NP_DTYPE = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
 
 #: limits applied while unpacking a header (a header is small; these bound a hostile one)
 MAX_HEADER_BYTES = 1 << 20
-_UNPACK_LIMITS = {"max_str_len": 1 << 16, "max_bin_len": 1 << 16, "max_array_len": 1 << 14,
-                  "max_map_len": 1 << 12, "max_ext_len": 0}
+_UNPACK_LIMITS = {
+    "max_str_len": 1 << 16,
+    "max_bin_len": 1 << 16,
+    "max_array_len": 1 << 14,
+    "max_map_len": 1 << 12,
+    "max_ext_len": 0,
+}
 #: a header shorter than this cannot break the limits above (an array needs >= 1 byte per item, a
 #: map >= 2 per entry), so those need not be passed (msgpack's keyword parsing costs on every call)
 _SMALL_HEADER = 4096
@@ -132,13 +139,19 @@ def unpack(data: bytes | memoryview) -> dict[str, Any]:
         raise ProtocolError(ErrorCode.BAD_HEADER, f"header of {n} bytes > {MAX_HEADER_BYTES}")
     try:
         if n < _SMALL_HEADER:  # (the hot path) too short to exceed any limit but the ext one
-            h = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_no_ext, max_ext_len=0)
+            h = msgpack.unpackb(
+                data, raw=False, strict_map_key=True, ext_hook=_no_ext, max_ext_len=0
+            )
         else:
-            h = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_no_ext, **_UNPACK_LIMITS)
+            h = msgpack.unpackb(
+                data, raw=False, strict_map_key=True, ext_hook=_no_ext, **_UNPACK_LIMITS
+            )
     except ProtocolError:
         raise
     except Exception as e:  # noqa: BLE001 - msgpack raises several unrelated exception types
-        raise ProtocolError(ErrorCode.BAD_HEADER, f"header is not valid msgpack: {type(e).__name__}") from None
+        raise ProtocolError(
+            ErrorCode.BAD_HEADER, f"header is not valid msgpack: {type(e).__name__}"
+        ) from None
     if not isinstance(h, dict):
         raise ProtocolError(ErrorCode.BAD_HEADER, f"header is a {type(h).__name__}, not a map")
     rid = h.get("id")
@@ -148,8 +161,10 @@ def unpack(data: bytes | memoryview) -> dict[str, Any]:
         raise ProtocolError(ErrorCode.BAD_HEADER, "missing protocol version 'v'")
     v = h["v"]
     if not is_int(v) or v != PROTOCOL_VERSION:  # (not 1.0 nor True, though both == 1)
-        raise ProtocolError(ErrorCode.BAD_VERSION,
-                            f"protocol version {brief(v)} not supported (agent speaks {PROTOCOL_VERSION})")
+        raise ProtocolError(
+            ErrorCode.BAD_VERSION,
+            f"protocol version {brief(v)} not supported (agent speaks {PROTOCOL_VERSION})",
+        )
     return h
 
 
@@ -161,7 +176,7 @@ def is_int(x: Any) -> bool:
 def brief(x: Any, limit: int = 60) -> str:
     """``repr(x)`` cut to ``limit`` characters: a hostile value quoted in a reply stays short."""
     r = repr(x)
-    return r if len(r) <= limit else r[:limit - 3] + "..."
+    return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -169,7 +184,9 @@ def dtype_name(dtype: torch.dtype) -> str:
     try:
         return _NAME_OF[dtype]
     except KeyError:
-        raise ProtocolError(ErrorCode.DTYPE_MISMATCH, f"dtype {dtype} cannot travel on the wire") from None
+        raise ProtocolError(
+            ErrorCode.DTYPE_MISMATCH, f"dtype {dtype} cannot travel on the wire"
+        ) from None
 
 
 def tensor_buffer(t: torch.Tensor) -> memoryview:
@@ -196,14 +213,25 @@ def check_descriptor(desc: Any) -> tuple[str, str, tuple[int, int]]:
     if not isinstance(desc, (list, tuple)) or len(desc) != 3:
         raise ProtocolError(ErrorCode.BAD_HEADER, "tensor entry must be [uid, dtype, shape]")
     uid, dt, shape = desc
-    if not isinstance(uid, str) or not isinstance(dt, str):  # (before any dict lookup: a list is unhashable)
+    if not isinstance(uid, str) or not isinstance(
+        dt, str
+    ):  # (before any dict lookup: a list is unhashable)
         raise ProtocolError(ErrorCode.BAD_HEADER, "tensor entry: uid and dtype must be strings")
     if dt not in DTYPES:
-        raise ProtocolError(ErrorCode.DTYPE_MISMATCH, f"unknown dtype {brief(dt)}; use one of {sorted(DTYPES)}")
-    if (not isinstance(shape, (list, tuple)) or len(shape) != 2
-            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 1 << 31 for s in shape)):
-        raise ProtocolError(ErrorCode.SHAPE_MISMATCH,
-                            f"shape must be [rows, cols] of non-negative ints, got {brief(shape)}")
+        raise ProtocolError(
+            ErrorCode.DTYPE_MISMATCH, f"unknown dtype {brief(dt)}; use one of {sorted(DTYPES)}"
+        )
+    if (
+        not isinstance(shape, (list, tuple))
+        or len(shape) != 2
+        or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 1 << 31 for s in shape
+        )
+    ):
+        raise ProtocolError(
+            ErrorCode.SHAPE_MISMATCH,
+            f"shape must be [rows, cols] of non-negative ints, got {brief(shape)}",
+        )
     return uid, dt, (int(shape[0]), int(shape[1]))
 
 
@@ -218,8 +246,10 @@ def frame_tensor(buf: memoryview | bytes, dtype: str, shape: tuple[int, int]) ->
     tdtype, itemsize = DTYPES[dtype]
     want = math.prod(shape) * itemsize
     if len(buf) != want:
-        raise ProtocolError(ErrorCode.BAD_FRAMES,
-                            f"frame of {len(buf)} bytes for {dtype}{list(shape)} (want {want})")
+        raise ProtocolError(
+            ErrorCode.BAD_FRAMES,
+            f"frame of {len(buf)} bytes for {dtype}{list(shape)} (want {want})",
+        )
     if want == 0:
         return torch.empty(shape, dtype=tdtype)
     npd = _NP_DTYPE.get(dtype)
@@ -228,14 +258,16 @@ def frame_tensor(buf: memoryview | bytes, dtype: str, shape: tuple[int, int]) ->
     return torch.frombuffer(buf, dtype=tdtype).view(shape)
 
 
-def reply_header(rid: Any, code: ErrorCode = ErrorCode.OK, error: str | None = None,
-                 **fields: Any) -> dict[str, Any]:
+def reply_header(
+    rid: Any, code: ErrorCode = ErrorCode.OK, error: str | None = None, **fields: Any
+) -> dict[str, Any]:
     """The header of a reply (``id`` echoed when it was a valid integer)."""
-    h: dict[str, Any] = {"v": PROTOCOL_VERSION,
-                         "id": rid if isinstance(rid, int) and not isinstance(rid, bool) else None,
-                         "code": int(code)}
+    h: dict[str, Any] = {
+        "v": PROTOCOL_VERSION,
+        "id": rid if isinstance(rid, int) and not isinstance(rid, bool) else None,
+        "code": int(code),
+    }
     if code != ErrorCode.OK:
         h["error"] = error or ErrorCode(code).name.lower()
     h.update(fields)
     return h
-

@@ -55,8 +55,10 @@ def _check_private(path: Path) -> None:
     except OSError as e:
         raise CurveKeyError(f"{path}: {e.strerror or e}") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise CurveKeyError(f"{path}: permissions {stat.S_IMODE(mode):04o} are too open "
-                        "(the secret key must be readable by its owner only: chmod 600)")
+        raise CurveKeyError(
+            f"{path}: permissions {stat.S_IMODE(mode):04o} are too open "
+            "(the secret key must be readable by its owner only: chmod 600)"
+        )
 
 
 def load_public(path: str | os.PathLike[str]) -> bytes:

@@ -93,12 +93,16 @@ def resolve_in_workdir(workdir: Path, rel: Any) -> Path:
         raise ProtocolError(ErrorCode.BAD_PATH, "path must be a non-empty string")
     pp = PurePosixPath(rel)
     if pp.is_absolute() or rel.startswith("~") or ".." in pp.parts:
-        raise ProtocolError(ErrorCode.BAD_PATH, f"path {P.brief(rel)} must be relative to the workdir, without '..'")
+        raise ProtocolError(
+            ErrorCode.BAD_PATH, f"path {P.brief(rel)} must be relative to the workdir, without '..'"
+        )
     root = workdir.resolve()
     try:
         full = (root / pp).resolve()
     except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
-        raise ProtocolError(ErrorCode.BAD_PATH, f"path {P.brief(rel)} cannot be resolved: {type(e).__name__}") from None
+        raise ProtocolError(
+            ErrorCode.BAD_PATH, f"path {P.brief(rel)} cannot be resolved: {type(e).__name__}"
+        ) from None
     if root != full and root not in full.parents:
         raise ProtocolError(ErrorCode.BAD_PATH, f"path {P.brief(rel)} leaves the workdir")
     return full
@@ -128,8 +132,9 @@ class _Pending:
 
     __slots__ = ("envelope", "frames", "nbytes", "recv_ns", "recv_perf")
 
-    def __init__(self, envelope: list[Any], frames: list[Any], recv_ns: int, recv_perf: float,
-                 nbytes: int) -> None:
+    def __init__(
+        self, envelope: list[Any], frames: list[Any], recv_ns: int, recv_perf: float, nbytes: int
+    ) -> None:
         self.envelope = envelope
         self.frames = frames  #: header (bytes) then the tensor frames (zmq.Frame)
         self.recv_ns = recv_ns
@@ -190,13 +195,23 @@ class AgentServer:
     :meth:`Meter.now_j` (no I/O on the call path; the end is never below the start).
     """
 
-    def __init__(self, bind: str, workdir: str | os.PathLike[str], *, pub: str | None = None,
-                 status_period_s: float = 1.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 device: str = "auto", threads: int | None = None,
-                 ready_file: str | os.PathLike[str] | None = None, max_queue: int = 256,
-                 meter: MeterOptions | Meter | None = None,
-                 curve_dir: str | os.PathLike[str] | None = None,
-                 max_rows: int = DEFAULT_MAX_ROWS, max_tensors: int = DEFAULT_MAX_TENSORS) -> None:
+    def __init__(
+        self,
+        bind: str,
+        workdir: str | os.PathLike[str],
+        *,
+        pub: str | None = None,
+        status_period_s: float = 1.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        device: str = "auto",
+        threads: int | None = None,
+        ready_file: str | os.PathLike[str] | None = None,
+        max_queue: int = 256,
+        meter: MeterOptions | Meter | None = None,
+        curve_dir: str | os.PathLike[str] | None = None,
+        max_rows: int = DEFAULT_MAX_ROWS,
+        max_tensors: int = DEFAULT_MAX_TENSORS,
+    ) -> None:
         self.max_rows = int(max_rows)
         self.max_tensors = int(max_tensors)
         # keys first: a bad key file fails before any socket or meter exists
@@ -207,20 +222,40 @@ class AgentServer:
         self._power_ref = (first.t_ns, first.energy_j)
         self._now_j = self.meter.now_j  # bound once: the forward path calls it twice
         try:
-            self._setup(bind, workdir, pub, status_period_s, max_message_bytes, device, threads,
-                        ready_file, max_queue)
+            self._setup(
+                bind,
+                workdir,
+                pub,
+                status_period_s,
+                max_message_bytes,
+                device,
+                threads,
+                ready_file,
+                max_queue,
+            )
         except BaseException:
             if getattr(self, "curve", None) is not None:
                 self.curve.stop()
             self.meter.close()
             raise
 
-    def _setup(self, bind: str, workdir: str | os.PathLike[str], pub: str | None,
-               status_period_s: float, max_message_bytes: int, device: str, threads: int | None,
-               ready_file: str | os.PathLike[str] | None, max_queue: int) -> None:
+    def _setup(
+        self,
+        bind: str,
+        workdir: str | os.PathLike[str],
+        pub: str | None,
+        status_period_s: float,
+        max_message_bytes: int,
+        device: str,
+        threads: int | None,
+        ready_file: str | os.PathLike[str] | None,
+        max_queue: int,
+    ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.device = (
+            ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        )
         if threads:
             torch.set_num_threads(int(threads))
         self.max_message_bytes = int(max_message_bytes)
@@ -254,17 +289,33 @@ class AgentServer:
         self.ready_file = Path(ready_file) if ready_file else None
         if self.ready_file:
             tmp = self.ready_file.with_name(self.ready_file.name + ".part")
-            tmp.write_text(json.dumps({"endpoint": self.endpoint, "pub_endpoint": self.pub_endpoint,
-                                       "pid": os.getpid(), "device": self.device,
-                                       "energy_source": self.meter.energy_source,
-                                       "curve_public": (self.curve_keys.public.decode()
-                                                        if self.curve_keys else None)}))
+            tmp.write_text(
+                json.dumps(
+                    {
+                        "endpoint": self.endpoint,
+                        "pub_endpoint": self.pub_endpoint,
+                        "pid": os.getpid(),
+                        "device": self.device,
+                        "energy_source": self.meter.energy_source,
+                        "curve_public": (
+                            self.curve_keys.public.decode() if self.curve_keys else None
+                        ),
+                    }
+                )
+            )
             os.replace(tmp, self.ready_file)
-        log.info("agent pid %d serving on %s (status feed %s), workdir %s, device %s, energy %s, "
-                 "%s", os.getpid(), self.endpoint, self.pub_endpoint, self.workdir, self.device,
-                 self.meter.energy_source,
-                 f"CURVE (clients: the keys in {self.curve_keys.authorized_dir})"
-                 if self.curve_keys else "no CURVE (any client on the network is served)")
+        log.info(
+            "agent pid %d serving on %s (status feed %s), workdir %s, device %s, energy %s, %s",
+            os.getpid(),
+            self.endpoint,
+            self.pub_endpoint,
+            self.workdir,
+            self.device,
+            self.meter.energy_source,
+            f"CURVE (clients: the keys in {self.curve_keys.authorized_dir})"
+            if self.curve_keys
+            else "no CURVE (any client on the network is served)",
+        )
 
     # ---- energy --------------------------------------------------------------------------
     def _energy(self) -> dict[str, Any]:
@@ -289,27 +340,55 @@ class AgentServer:
     def status(self) -> dict[str, Any]:
         """The agent's live state (loaded experts, memory, load, power, clock)."""
         mem = _meminfo()
-        memory: dict[str, Any] = {"rss_bytes": _rss_bytes(), "total_bytes": mem.get("MemTotal"),
-                                  "available_bytes": mem.get("MemAvailable")}
+        memory: dict[str, Any] = {
+            "rss_bytes": _rss_bytes(),
+            "total_bytes": mem.get("MemTotal"),
+            "available_bytes": mem.get("MemAvailable"),
+        }
         if self.device.startswith("cuda"):
             free_b, total_b = torch.cuda.mem_get_info()
-            memory.update(cuda_allocated_bytes=torch.cuda.memory_allocated(), cuda_free_bytes=free_b,
-                          cuda_total_bytes=total_b)
+            memory.update(
+                cuda_allocated_bytes=torch.cuda.memory_allocated(),
+                cuda_free_bytes=free_b,
+                cuda_total_bytes=total_b,
+            )
         c = self.counters
         return {
-            "agent": {"pid": os.getpid(), "hostname": socket.gethostname(), "endpoint": self.endpoint,
-                      "protocol": P.PROTOCOL_VERSION, "device": self.device,
-                      "threads": torch.get_num_threads(), "started_ns": self.started_ns,
-                      "uptime_s": (time.time_ns() - self.started_ns) / 1e9,
-                      "max_message_bytes": self.max_message_bytes},
-            "experts": {u: {"hidden_size": e.hidden_size, "io_dtype": e.io_dtype, "source": e.source,
-                            "runtime": e.runtime, "quant": e.quant, "weight_bytes": e.weight_bytes,
-                            "calls": e.calls, "rows": e.rows, "compute_ms": round(e.compute_ms, 3)}
-                        for u, e in self.experts.items()},
+            "agent": {
+                "pid": os.getpid(),
+                "hostname": socket.gethostname(),
+                "endpoint": self.endpoint,
+                "protocol": P.PROTOCOL_VERSION,
+                "device": self.device,
+                "threads": torch.get_num_threads(),
+                "started_ns": self.started_ns,
+                "uptime_s": (time.time_ns() - self.started_ns) / 1e9,
+                "max_message_bytes": self.max_message_bytes,
+            },
+            "experts": {
+                u: {
+                    "hidden_size": e.hidden_size,
+                    "io_dtype": e.io_dtype,
+                    "source": e.source,
+                    "runtime": e.runtime,
+                    "quant": e.quant,
+                    "weight_bytes": e.weight_bytes,
+                    "calls": e.calls,
+                    "rows": e.rows,
+                    "compute_ms": round(e.compute_ms, 3),
+                }
+                for u, e in self.experts.items()
+            },
             "memory": memory,
-            "load": {"loadavg_1m": os.getloadavg()[0], "queue_len": len(self.queue),
-                     "requests": c.requests, "errors": c.errors, "forward_calls": c.forward_calls,
-                     "rows": c.rows, "errors_by_code": {str(k): v for k, v in c.by_code.items()}},
+            "load": {
+                "loadavg_1m": os.getloadavg()[0],
+                "queue_len": len(self.queue),
+                "requests": c.requests,
+                "errors": c.errors,
+                "forward_calls": c.forward_calls,
+                "rows": c.rows,
+                "errors_by_code": {str(k): v for k, v in c.by_code.items()},
+            },
             **self._energy(),
             "energy_meter": self.meter.describe(),
             "clock_ns": time.time_ns(),
@@ -328,40 +407,77 @@ class AgentServer:
             raise ProtocolError(ErrorCode.BAD_HEADER, f"bad expert uid {P.brief(uid)}")
         io_dtype = spec.get("io_dtype", "float32")
         if not isinstance(io_dtype, str):
-            raise ProtocolError(ErrorCode.BAD_HEADER, f"io_dtype must be a string, got {P.brief(io_dtype)}")
+            raise ProtocolError(
+                ErrorCode.BAD_HEADER, f"io_dtype must be a string, got {P.brief(io_dtype)}"
+            )
         if io_dtype not in P.DTYPES:
             raise ProtocolError(ErrorCode.DTYPE_MISMATCH, f"unknown io_dtype {P.brief(io_dtype)}")
         if "builtin" in spec:
             builtin, hidden = spec["builtin"], spec.get("hidden")
-            if not isinstance(builtin, str) or builtin != "identity" or not P.is_int(hidden) \
-                    or not 0 < hidden < 1 << 20:
-                raise ProtocolError(ErrorCode.BAD_HEADER, "builtin expert: use {builtin: 'identity', hidden: int}")
-            return LoadedExpert(uid, IdentityExpert(hidden), hidden, io_dtype, "builtin:identity",
-                                "builtin", None, 0)
+            if (
+                not isinstance(builtin, str)
+                or builtin != "identity"
+                or not P.is_int(hidden)
+                or not 0 < hidden < 1 << 20
+            ):
+                raise ProtocolError(
+                    ErrorCode.BAD_HEADER, "builtin expert: use {builtin: 'identity', hidden: int}"
+                )
+            return LoadedExpert(
+                uid,
+                IdentityExpert(hidden),
+                hidden,
+                io_dtype,
+                "builtin:identity",
+                "builtin",
+                None,
+                0,
+            )
         path = resolve_in_workdir(self.workdir, spec.get("path"))
         runtime = spec.get("runtime", "torch")
         quant = spec.get("quant")
         dtype = spec.get("dtype")
-        if not isinstance(runtime, str) or not (quant is None or isinstance(quant, str)) \
-                or not (dtype is None or isinstance(dtype, str)) \
-                or runtime not in ("torch", "onnx") or quant not in (None, "int8", "int4") \
-                or dtype not in (None, "float32", "float16", "bfloat16"):
-            raise ProtocolError(ErrorCode.BAD_HEADER, "runtime must be torch|onnx, quant None|int8|int4, "
-                                "dtype None|float32|float16|bfloat16")
+        if (
+            not isinstance(runtime, str)
+            or not (quant is None or isinstance(quant, str))
+            or not (dtype is None or isinstance(dtype, str))
+            or runtime not in ("torch", "onnx")
+            or quant not in (None, "int8", "int4")
+            or dtype not in (None, "float32", "float16", "bfloat16")
+        ):
+            raise ProtocolError(
+                ErrorCode.BAD_HEADER,
+                "runtime must be torch|onnx, quant None|int8|int4, "
+                "dtype None|float32|float16|bfloat16",
+            )
         try:
             is_file = path.is_file()
         except OSError as e:  # e.g. a name too long for the file system
-            raise ProtocolError(ErrorCode.BAD_PATH, f"path {P.brief(spec['path'])}: {e.strerror}") from None
+            raise ProtocolError(
+                ErrorCode.BAD_PATH, f"path {P.brief(spec['path'])}: {e.strerror}"
+            ) from None
         if not is_file:
-            raise ProtocolError(ErrorCode.LOAD_FAILED, f"no shard file {P.brief(spec['path'])} in the workdir")
+            raise ProtocolError(
+                ErrorCode.LOAD_FAILED, f"no shard file {P.brief(spec['path'])} in the workdir"
+            )
         from models.kernels import load_expert
 
         try:
-            k = load_expert(path, runtime=runtime, quant=quant, device=self.device, dtype=dtype, uid=uid)
+            k = load_expert(
+                path, runtime=runtime, quant=quant, device=self.device, dtype=dtype, uid=uid
+            )
         except Exception as e:  # noqa: BLE001 - a bad shard must not take the agent down
             raise ProtocolError(ErrorCode.LOAD_FAILED, f"{type(e).__name__}: {e}") from None
-        return LoadedExpert(uid, k, int(k.hidden_size), io_dtype, str(spec.get("path")), runtime, quant,
-                            int(getattr(k, "weight_bytes", 0) or 0))
+        return LoadedExpert(
+            uid,
+            k,
+            int(k.hidden_size),
+            io_dtype,
+            str(spec.get("path")),
+            runtime,
+            quant,
+            int(getattr(k, "weight_bytes", 0) or 0),
+        )
 
     def _op_load(self, h: dict[str, Any]) -> dict[str, Any]:
         specs = h.get("experts")
@@ -369,7 +485,11 @@ class AgentServer:
             raise ProtocolError(ErrorCode.BAD_HEADER, "load: 'experts' must be a list")
         loaded, errors = [], {}
         for i, spec in enumerate(specs):
-            key = spec.get("uid") if isinstance(spec, dict) and isinstance(spec.get("uid"), str) else f"#{i}"
+            key = (
+                spec.get("uid")
+                if isinstance(spec, dict) and isinstance(spec.get("uid"), str)
+                else f"#{i}"
+            )
             try:
                 e = self._load_one(spec)
             except ProtocolError as err:
@@ -399,20 +519,28 @@ class AgentServer:
         return {"unloaded": done, "errors": errors}
 
     # ---- forward -------------------------------------------------------------------------
-    def _op_forward(self, h: dict[str, Any], body: list[Any], item: _Pending
-                    ) -> tuple[dict[str, Any], list[Any]]:
+    def _op_forward(
+        self, h: dict[str, Any], body: list[Any], item: _Pending
+    ) -> tuple[dict[str, Any], list[Any]]:
         """Run the experts of one request; ``body`` is [header, tensor frames...]."""
         descs = h.get("t")
         if not isinstance(descs, list):
             raise ProtocolError(ErrorCode.BAD_HEADER, "forward: 't' must be a list")
         n = len(descs)
         if n > self.max_tensors:
-            raise ProtocolError(ErrorCode.TOO_LARGE, f"{n} tensors in one request > limit {self.max_tensors}")
+            raise ProtocolError(
+                ErrorCode.TOO_LARGE, f"{n} tensors in one request > limit {self.max_tensors}"
+            )
         if n != len(body) - 1:
-            raise ProtocolError(ErrorCode.BAD_FRAMES, f"{n} tensors declared, {len(body) - 1} frames sent")
+            raise ProtocolError(
+                ErrorCode.BAD_FRAMES, f"{n} tensors declared, {len(body) - 1} frames sent"
+            )
         timeout_ms = h.get("timeout_ms")
-        if timeout_ms is not None and (isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float))
-                                       or (isinstance(timeout_ms, float) and math.isnan(timeout_ms))):
+        if timeout_ms is not None and (
+            isinstance(timeout_ms, bool)
+            or not isinstance(timeout_ms, (int, float))
+            or (isinstance(timeout_ms, float) and math.isnan(timeout_ms))
+        ):
             # (a NaN timeout would never expire)
             raise ProtocolError(ErrorCode.BAD_HEADER, "forward: timeout_ms must be a number")
         perf = time.perf_counter
@@ -421,7 +549,10 @@ class AgentServer:
         queue_ms = (start - item.recv_perf) * 1e3
         errors: dict[str, list[Any]] = {}
         if timeout_ms is not None and queue_ms > timeout_ms:
-            raise ProtocolError(ErrorCode.EXPIRED, f"waited {queue_ms:.1f} ms in the queue > timeout {timeout_ms} ms")
+            raise ProtocolError(
+                ErrorCode.EXPIRED,
+                f"waited {queue_ms:.1f} ms in the queue > timeout {timeout_ms} ms",
+            )
         out_desc: list[list[Any]] = []
         out_bufs: list[Any] = []
         uid_ms: dict[str, float] = {}
@@ -439,23 +570,35 @@ class AgentServer:
                 seen.add(uid)
                 e = experts.get(uid)
                 if e is None:
-                    raise ProtocolError(ErrorCode.UNKNOWN_EXPERT, f"expert {uid} is not loaded here")
+                    raise ProtocolError(
+                        ErrorCode.UNKNOWN_EXPERT, f"expert {uid} is not loaded here"
+                    )
                 if dt != e.io_dtype:
-                    raise ProtocolError(ErrorCode.DTYPE_MISMATCH, f"{uid}: got {dt}, expert takes {e.io_dtype}")
+                    raise ProtocolError(
+                        ErrorCode.DTYPE_MISMATCH, f"{uid}: got {dt}, expert takes {e.io_dtype}"
+                    )
                 if shape[0] > self.max_rows:
-                    raise ProtocolError(ErrorCode.TOO_LARGE, f"{uid}: {shape[0]} rows > limit {self.max_rows}")
+                    raise ProtocolError(
+                        ErrorCode.TOO_LARGE, f"{uid}: {shape[0]} rows > limit {self.max_rows}"
+                    )
                 if shape[1] != e.hidden_size:
-                    raise ProtocolError(ErrorCode.SHAPE_MISMATCH,
-                                        f"{uid}: got {list(shape)}, expert takes [n, {e.hidden_size}]")
+                    raise ProtocolError(
+                        ErrorCode.SHAPE_MISMATCH,
+                        f"{uid}: got {list(shape)}, expert takes [n, {e.hidden_size}]",
+                    )
                 x = P.frame_tensor(fr.buffer, dt, shape)
                 t0 = perf()
                 try:
                     y = e.kernel(x) if shape[0] else x
                 except Exception as err:  # noqa: BLE001 - a faulty expert is reported, the agent serves on
-                    raise ProtocolError(ErrorCode.INTERNAL, f"{uid}: {type(err).__name__}: {err}") from None
+                    raise ProtocolError(
+                        ErrorCode.INTERNAL, f"{uid}: {type(err).__name__}: {err}"
+                    ) from None
                 ms = (perf() - t0) * 1e3
                 if y is not x and (tuple(y.shape) != shape or y.dtype != x.dtype):
-                    raise ProtocolError(ErrorCode.INTERNAL, f"{uid}: expert returned {y.dtype}{list(y.shape)}")
+                    raise ProtocolError(
+                        ErrorCode.INTERNAL, f"{uid}: expert returned {y.dtype}{list(y.shape)}"
+                    )
                 e.calls += 1
                 e.rows += shape[0]
                 e.compute_ms += ms
@@ -464,8 +607,12 @@ class AgentServer:
                 out_desc.append(desc)  # == [uid, dt, [rows, cols]] (checked above)
                 # the input's own bytes (an expert that returned its input or a contiguous view of
                 # it): send the received frame back as it is, shared with libzmq, not copied
-                if y is x or (shape[0] and y.data_ptr() == x.data_ptr() and y.is_contiguous()
-                              and y.device.type == "cpu"):
+                if y is x or (
+                    shape[0]
+                    and y.data_ptr() == x.data_ptr()
+                    and y.is_contiguous()
+                    and y.device.type == "cpu"
+                ):
                     out_bufs.append(fr)
                 else:
                     out_bufs.append(P.tensor_buffer(y))
@@ -475,9 +622,17 @@ class AgentServer:
         self.counters.forward_calls += 1
         e_end = self._now_j()
         compute_ms = (perf() - start) * 1e3
-        return ({"t": out_desc, "errors": errors, "queue_ms": queue_ms, "compute_ms": compute_ms,
-                 "uid_ms": uid_ms, "energy_j": [e_start, max(e_start, e_end)]},
-                out_bufs)
+        return (
+            {
+                "t": out_desc,
+                "errors": errors,
+                "queue_ms": queue_ms,
+                "compute_ms": compute_ms,
+                "uid_ms": uid_ms,
+                "energy_j": [e_start, max(e_start, e_end)],
+            },
+            out_bufs,
+        )
 
     # ---- dispatch ------------------------------------------------------------------------
     def _count_error(self, code: ErrorCode) -> None:
@@ -524,22 +679,28 @@ class AgentServer:
         bufs: list[Any] = []
         try:
             if item.nbytes > self.max_message_bytes:
-                raise ProtocolError(ErrorCode.TOO_LARGE,
-                                    f"message of {item.nbytes} bytes > limit {self.max_message_bytes}")
+                raise ProtocolError(
+                    ErrorCode.TOO_LARGE,
+                    f"message of {item.nbytes} bytes > limit {self.max_message_bytes}",
+                )
             if not body:
                 raise ProtocolError(ErrorCode.BAD_HEADER, "no header frame")
             h = P.unpack(body[0])
             rid = h.get("id")
             op = h.get("op")
             if not isinstance(op, str):
-                raise ProtocolError(ErrorCode.BAD_HEADER,
-                                    "missing op" if op is None else f"op must be a string, got {P.brief(op)}")
+                raise ProtocolError(
+                    ErrorCode.BAD_HEADER,
+                    "missing op" if op is None else f"op must be a string, got {P.brief(op)}",
+                )
             if op == "forward":
                 fields, bufs = self._op_forward(h, body, item)
             else:
                 if op not in P.OPS:
-                    raise ProtocolError(ErrorCode.UNKNOWN_OP,
-                                        f"unknown op {P.brief(op, 40)}; use one of {list(P.OPS)}")
+                    raise ProtocolError(
+                        ErrorCode.UNKNOWN_OP,
+                        f"unknown op {P.brief(op, 40)}; use one of {list(P.OPS)}",
+                    )
                 if len(body) > 1:
                     raise ProtocolError(ErrorCode.BAD_FRAMES, f"op {op} takes no data frames")
                 if op == "ping":
@@ -562,7 +723,9 @@ class AgentServer:
         except Exception as err:  # never let one request kill the agent
             log.exception("internal error")
             self._count_error(ErrorCode.INTERNAL)
-            reply = P.reply_header(rid, ErrorCode.INTERNAL, f"{type(err).__name__}: {err}", t1_ns=item.recv_ns)
+            reply = P.reply_header(
+                rid, ErrorCode.INTERNAL, f"{type(err).__name__}: {err}", t1_ns=item.recv_ns
+            )
             bufs = []
         reply["t2_ns"] = time.time_ns()
         try:
@@ -578,8 +741,11 @@ class AgentServer:
                 send(P.pack(reply), _SNDMORE)
                 last = len(bufs) - 1
                 for i, b in enumerate(bufs):
-                    send(b, 0 if i == last else _SNDMORE,
-                         copy=not (b.__class__ is zmq.Frame or len(b) >= _ZEROCOPY_MIN))
+                    send(
+                        b,
+                        0 if i == last else _SNDMORE,
+                        copy=not (b.__class__ is zmq.Frame or len(b) >= _ZEROCOPY_MIN),
+                    )
         except zmq.ZMQError as err:  # peer gone or envelope invalid: nothing to reply to
             log.warning("reply not sent: %s", err)
 
@@ -606,8 +772,9 @@ class AgentServer:
                 if not self.hello.should_send(hello_values(st), time.monotonic()):
                     return
             try:
-                self.pub_sock.send_multipart([b"status", P.pack({"v": P.PROTOCOL_VERSION, "status": st})],
-                                             flags=zmq.NOBLOCK)
+                self.pub_sock.send_multipart(
+                    [b"status", P.pack({"v": P.PROTOCOL_VERSION, "status": st})], flags=zmq.NOBLOCK
+                )
             except zmq.Again:
                 pass
 
@@ -663,8 +830,12 @@ class AgentServer:
                 self.ready_file.unlink()
             except OSError:
                 pass
-        log.info("agent pid %d: shut down cleanly (%d requests, %d errors)", os.getpid(),
-                 self.counters.requests, self.counters.errors)
+        log.info(
+            "agent pid %d: shut down cleanly (%d requests, %d errors)",
+            os.getpid(),
+            self.counters.requests,
+            self.counters.errors,
+        )
 
 
 def install_signal_handlers(server: AgentServer) -> None:

@@ -206,8 +206,9 @@ def load_manifest(split_dir: str | os.PathLike[str], *, check_files: bool = True
         for k in ("model_hidden_size", "hidden_size"):
             _req(lift_raw, k, int, f"{where}: lift")
         if int(lift_raw["hidden_size"]) != int(raw.get("dims", {}).get("hidden_size", -1)):
-            raise ModelError(f"{where}: lift.hidden_size",
-                             f"{lift_raw['hidden_size']} != dims.hidden_size")
+            raise ModelError(
+                f"{where}: lift.hidden_size", f"{lift_raw['hidden_size']} != dims.hidden_size"
+            )
     m = Manifest(
         root=root,
         family=_req(raw, "family", str, where),

@@ -120,7 +120,9 @@ def widen_split(
         if not out.is_dir():
             raise ModelError(str(out), "exists and is not a directory")
         if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
-            raise ModelError(str(out), "not empty and not a previous split (no manifest.json); refusing to write")
+            raise ModelError(
+                str(out), "not empty and not a previous split (no manifest.json); refusing to write"
+            )
         (out / MANIFEST_NAME).unlink(missing_ok=True)
     if out.resolve() == src.root.resolve():
         raise ModelError(str(out), "is the source split")
@@ -132,8 +134,11 @@ def widen_split(
     for p in sorted(bs_src.iterdir()):
         if p.is_file() and p.name != Path(LIFT_PATH).name:
             shutil.copyfile(p, out / "bs" / p.name)
-    save_file({LIFT_TENSOR: q.to(torch.float32).contiguous()}, str(out / LIFT_PATH),
-              metadata={"format": "moe-edge-lift/1", "seed": str(seed)})
+    save_file(
+        {LIFT_TENSOR: q.to(torch.float32).contiguous()},
+        str(out / LIFT_PATH),
+        metadata={"format": "moe-edge-lift/1", "seed": str(seed)},
+    )
 
     experts: dict[str, Any] = {}
     largest = 0
@@ -153,16 +158,31 @@ def widen_split(
             w1w = torch.nn.functional.pad(w1w, (0, 0, 0, I1 - I0))
             w3w = torch.nn.functional.pad(w3w, (0, 0, 0, I1 - I0))
             w2w = torch.nn.functional.pad(w2w, (0, I1 - I0))
-        tensors = {"w1": w1w.to(tdtype).contiguous(), "w2": w2w.to(tdtype).contiguous(),
-                   "w3": w3w.to(tdtype).contiguous()}
+        tensors = {
+            "w1": w1w.to(tdtype).contiguous(),
+            "w2": w2w.to(tdtype).contiguous(),
+            "w3": w3w.to(tdtype).contiguous(),
+        }
         rel = f"experts/{uid}.safetensors"
-        save_file(tensors, str(out / rel), metadata={
-            "format": EXPERT_SHARD_FORMAT, "uid": uid, "family": src.family, "activation": "silu",
-            "widened_from": str(H), "lift_seed": str(seed)})
+        save_file(
+            tensors,
+            str(out / rel),
+            metadata={
+                "format": EXPERT_SHARD_FORMAT,
+                "uid": uid,
+                "family": src.family,
+                "activation": "silu",
+                "widened_from": str(H),
+                "lift_seed": str(seed),
+            },
+        )
         largest = max(largest, max(x.numel() * x.element_size() for x in tensors.values()))
         experts[uid] = {
-            "path": rel, "layer": src.experts[uid].layer, "expert": src.experts[uid].expert,
-            "bytes": (out / rel).stat().st_size, "sha256": sha256_file(out / rel),
+            "path": rel,
+            "layer": src.experts[uid].layer,
+            "expert": src.experts[uid].expert,
+            "bytes": (out / rel).stat().st_size,
+            "sha256": sha256_file(out / rel),
             "dtype": _ST_DTYPES[st_dtype],
             "shapes": {k: list(v.shape) for k, v in sorted(tensors.items())},
         }
@@ -177,10 +197,18 @@ def widen_split(
     manifest["bs"] = {**raw["bs"], "bytes": bs_file.stat().st_size, "sha256": sha256_file(bs_file)}
     lift_file = out / LIFT_PATH
     manifest["lift"] = {
-        "path": LIFT_PATH, "bytes": lift_file.stat().st_size, "sha256": sha256_file(lift_file),
-        "dtype": "F32", "tensor": LIFT_TENSOR, "shapes": {LIFT_TENSOR: [int(hidden), H]},
-        "model_hidden_size": H, "hidden_size": int(hidden), "seed": int(seed),
-        "intermediate_size": I1, "trained_intermediate_size": I0, "version": WIDEN_VERSION,
+        "path": LIFT_PATH,
+        "bytes": lift_file.stat().st_size,
+        "sha256": sha256_file(lift_file),
+        "dtype": "F32",
+        "tensor": LIFT_TENSOR,
+        "shapes": {LIFT_TENSOR: [int(hidden), H]},
+        "model_hidden_size": H,
+        "hidden_size": int(hidden),
+        "seed": int(seed),
+        "intermediate_size": I1,
+        "trained_intermediate_size": I0,
+        "version": WIDEN_VERSION,
         "source": {"dir": str(src.root.resolve()), "manifest_sha256": manifest_sha256(src.root)},
     }
     tmp = out / (MANIFEST_NAME + ".tmp")

@@ -116,9 +116,11 @@ class Calibration:
     tokens: int = 0
 
 
-def calibration_from_selections(ids: Mapping[int, Sequence[Sequence[int]]],
-                                probs: Mapping[int, Sequence[Sequence[float]]] | None = None,
-                                num_experts: int | None = None) -> Calibration:
+def calibration_from_selections(
+    ids: Mapping[int, Sequence[Sequence[int]]],
+    probs: Mapping[int, Sequence[Sequence[float]]] | None = None,
+    num_experts: int | None = None,
+) -> Calibration:
     """Popularity / importance / co-activation from per-layer token selections. Pure.
 
     Parameters
@@ -154,13 +156,15 @@ def calibration_from_selections(ids: Mapping[int, Sequence[Sequence[int]]],
         pr = (probs or {}).get(layer)
         for e in range(ne):
             uid = f"L{layer}.E{e}"
-            cal.importance[uid] = (sum(float(p[e]) for p in pr) / n if pr is not None
-                                   else cal.popularity[uid] / k)
+            cal.importance[uid] = (
+                sum(float(p[e]) for p in pr) / n if pr is not None else cal.popularity[uid] / k
+            )
     return cal
 
 
-def calibrate(model_path: str | Path, requests: int = 64, seed: int = 0, batch: int = 16
-              ) -> Calibration:
+def calibrate(
+    model_path: str | Path, requests: int = 64, seed: int = 0, batch: int = 16
+) -> Calibration:
     """Run the model in-process (local experts, the model's top-k) on ``requests`` prompts of
     the tiny task's ``calibration`` split and measure the expert statistics.
 
@@ -187,10 +191,14 @@ def calibrate(model_path: str | Path, requests: int = 64, seed: int = 0, batch: 
     bsm.start_recording()
     try:
         for i in range(0, len(exs), batch):
-            chunk = exs[i:i + batch]
+            chunk = exs[i : i + batch]
             bsm.pop_records()
-            bsm.generate_greedy([list(e.prompt) for e in chunk], max(len(e.target) for e in chunk),
-                                tt.EOS_ID, tt.PAD_ID)
+            bsm.generate_greedy(
+                [list(e.prompt) for e in chunk],
+                max(len(e.target) for e in chunk),
+                tt.EOS_ID,
+                tt.PAD_ID,
+            )
             for r in bsm.pop_records():
                 valid = r.token_valid.astype(bool)
                 ids.setdefault(r.layer, []).extend(r.expert_ids[valid].tolist())
@@ -199,10 +207,17 @@ def calibrate(model_path: str | Path, requests: int = 64, seed: int = 0, batch: 
     return calibration_from_selections(ids, probs, bsm.manifest.num_experts)
 
 
-def evaluate_tiny(model_path: str | Path, *, requests: int = 64, seed: int = 0,
-                  bits: int | Mapping[str, int] = 32, tau: float = 0.0,
-                  device_of: Mapping[str, str] | None = None, sigma: float = 1.0,
-                  batch: int = 16) -> dict[str, float]:
+def evaluate_tiny(
+    model_path: str | Path,
+    *,
+    requests: int = 64,
+    seed: int = 0,
+    bits: int | Mapping[str, int] = 32,
+    tau: float = 0.0,
+    device_of: Mapping[str, str] | None = None,
+    sigma: float = 1.0,
+    batch: int = 16,
+) -> dict[str, float]:
     """Accuracy of the tiny model in-process under CoEL's compression: experts at ``bits``
     (one width, or uid -> width; 32 = the stored float32), token pruning with ``tau`` given
     ``device_of`` (uid -> device), token fusion with ``sigma``. On the held-out split.
@@ -221,8 +236,12 @@ def evaluate_tiny(model_path: str | Path, *, requests: int = 64, seed: int = 0,
     def kernel(uid: str) -> Any:
         b = bits if isinstance(bits, int) else bits.get(uid, 32)
         spec = load_spec(b)
-        return load_expert(m.expert_path(uid), quant=spec.get("quant"),  # type: ignore[arg-type]
-                           dtype=spec.get("dtype"), uid=uid)
+        return load_expert(
+            m.expert_path(uid),
+            quant=spec.get("quant"),  # type: ignore[arg-type]
+            dtype=spec.get("dtype"),
+            uid=uid,
+        )
 
     local = LocalExpertBackend({u: kernel(u) for u in m.uids()})
     backend: Any = FusionBackend(local, sigma) if sigma < 1.0 else local
@@ -243,18 +262,22 @@ def evaluate_tiny(model_path: str | Path, *, requests: int = 64, seed: int = 0,
     exs = tt.generate("heldout", requests, seed=seed)
     correct = matched = total = 0
     for i in range(0, len(exs), batch):
-        chunk = exs[i:i + batch]
-        out = bsm.generate_greedy([list(e.prompt) for e in chunk],
-                                  max(len(e.target) for e in chunk), tt.EOS_ID, tt.PAD_ID)
+        chunk = exs[i : i + batch]
+        out = bsm.generate_greedy(
+            [list(e.prompt) for e in chunk], max(len(e.target) for e in chunk), tt.EOS_ID, tt.PAD_ID
+        )
         for e, o in zip(chunk, out.tokens):
             correct += int(tuple(o) == e.target)
             matched += sum(1 for a, b in zip(o, e.target) if a == b)
             total += len(e.target)
     fb = backend if isinstance(backend, FusionBackend) else None
-    return {"accuracy": correct / len(exs), "score": matched / max(1, total),
-            "pruned_slots": float(pruned),
-            "fusion_rows_in": float(fb.rows_in if fb else 0),
-            "fusion_rows_sent": float(fb.rows_sent if fb else 0)}
+    return {
+        "accuracy": correct / len(exs),
+        "score": matched / max(1, total),
+        "pruned_slots": float(pruned),
+        "fusion_rows_in": float(fb.rows_in if fb else 0),
+        "fusion_rows_sent": float(fb.rows_sent if fb else 0),
+    }
 
 
 # ---- cost model and placement -----------------------------------------------------------------
@@ -284,8 +307,9 @@ def _layer_of(uid: str) -> int:
     return int(uid.split(".", 1)[0][1:])
 
 
-def device_rows(placement: Mapping[str, Sequence[str]], popularity: Mapping[str, float],
-                tokens: float) -> dict[tuple[int, str], float]:
+def device_rows(
+    placement: Mapping[str, Sequence[str]], popularity: Mapping[str, float], tokens: float
+) -> dict[tuple[int, str], float]:
     """(layer, device) -> expected rows per forward step (a replica takes an equal share)."""
     rows: dict[tuple[int, str], float] = {}
     for uid, ds in placement.items():
@@ -298,9 +322,13 @@ def device_rows(placement: Mapping[str, Sequence[str]], popularity: Mapping[str,
     return rows
 
 
-def critical_path_ms(placement: Mapping[str, Sequence[str]], popularity: Mapping[str, float],
-                     devices: Sequence[DeviceModel], tokens: float = 8.0,
-                     bytes_per_row: int = 256) -> float:
+def critical_path_ms(
+    placement: Mapping[str, Sequence[str]],
+    popularity: Mapping[str, float],
+    devices: Sequence[DeviceModel],
+    tokens: float = 8.0,
+    bytes_per_row: int = 256,
+) -> float:
     """Expected critical path of one forward step: sum over MoE layers of the max over devices
     of that device's layer time (:meth:`DeviceModel.layer_ms`). Pure."""
     by_name = {d.name: d for d in devices}
@@ -311,8 +339,10 @@ def critical_path_ms(placement: Mapping[str, Sequence[str]], popularity: Mapping
     return sum(per_layer.values())
 
 
-def memory_used(placement: Mapping[str, Sequence[str]], size: Mapping[str, float] | Any,
-                ) -> dict[str, float]:
+def memory_used(
+    placement: Mapping[str, Sequence[str]],
+    size: Mapping[str, float] | Any,
+) -> dict[str, float]:
     """device -> bytes held; ``size`` maps uid -> bytes or ``(uid, device)`` -> bytes."""
     out: dict[str, float] = {}
     for uid, ds in placement.items():
@@ -322,8 +352,9 @@ def memory_used(placement: Mapping[str, Sequence[str]], size: Mapping[str, float
     return out
 
 
-def _affinity(uid: str, dev: str, assign: Mapping[str, str],
-              coact: Mapping[tuple[str, str], float]) -> float:
+def _affinity(
+    uid: str, dev: str, assign: Mapping[str, str], coact: Mapping[tuple[str, str], float]
+) -> float:
     s = 0.0
     for (a, b), c in coact.items():
         if a == uid and assign.get(b) == dev or b == uid and assign.get(a) == dev:
@@ -331,21 +362,38 @@ def _affinity(uid: str, dev: str, assign: Mapping[str, str],
     return s
 
 
-def _objective(assign: Mapping[str, str], popularity: Mapping[str, float],
-               devices: Sequence[DeviceModel], tokens: float, bytes_per_row: int,
-               coact: Mapping[tuple[str, str], float], coact_weight: float) -> float:
-    cost = critical_path_ms({u: (d,) for u, d in assign.items()}, popularity, devices, tokens,
-                            bytes_per_row)
+def _objective(
+    assign: Mapping[str, str],
+    popularity: Mapping[str, float],
+    devices: Sequence[DeviceModel],
+    tokens: float,
+    bytes_per_row: int,
+    coact: Mapping[tuple[str, str], float],
+    coact_weight: float,
+) -> float:
+    cost = critical_path_ms(
+        {u: (d,) for u, d in assign.items()}, popularity, devices, tokens, bytes_per_row
+    )
     if coact_weight:
-        cost -= coact_weight * sum(c for (a, b), c in coact.items()
-                                   if a in assign and assign.get(a) == assign.get(b))
+        cost -= coact_weight * sum(
+            c for (a, b), c in coact.items() if a in assign and assign.get(a) == assign.get(b)
+        )
     return cost
 
 
-def place_inter(uids: Sequence[str], size: Mapping[str, float], popularity: Mapping[str, float],
-                devices: Sequence[DeviceModel], *, tokens: float = 8.0, bytes_per_row: int = 256,
-                coact: Mapping[tuple[str, str], float] | None = None, coact_weight: float = 0.0,
-                start: Mapping[str, str] | None = None, max_rounds: int = 20) -> dict[str, str]:
+def place_inter(
+    uids: Sequence[str],
+    size: Mapping[str, float],
+    popularity: Mapping[str, float],
+    devices: Sequence[DeviceModel],
+    *,
+    tokens: float = 8.0,
+    bytes_per_row: int = 256,
+    coact: Mapping[tuple[str, str], float] | None = None,
+    coact_weight: float = 0.0,
+    start: Mapping[str, str] | None = None,
+    max_rounds: int = 20,
+) -> dict[str, str]:
     """Inter-device placement (one device per expert) minimising the expected critical path
     under every device's ``budget_bytes`` (``size``: uid -> bytes). Pure and deterministic.
 
@@ -380,8 +428,10 @@ def place_inter(uids: Sequence[str], size: Mapping[str, float], popularity: Mapp
             if best is None or key < best:
                 best = key
         if best is None:
-            raise ConfigError(f"placement: expert {u} ({size[u]:.0f} bytes) fits no device's "
-                              f"memory budget (free: {', '.join(f'{k}={v:.0f}' for k, v in free.items())})")
+            raise ConfigError(
+                f"placement: expert {u} ({size[u]:.0f} bytes) fits no device's "
+                f"memory budget (free: {', '.join(f'{k}={v:.0f}' for k, v in free.items())})"
+            )
         dn = best[-1]
         assign[u] = dn
         free[dn] -= size[u]
@@ -395,15 +445,24 @@ def place_inter(uids: Sequence[str], size: Mapping[str, float], popularity: Mapp
         return all(used.get(n, 0.0) <= by_name[n].budget_bytes + 1e-9 for n in by_name)
 
     for cand in (start, round_robin(uids, [d.name for d in devices])):
-        if cand is not None and set(cand) == set(uids) and \
-                all(d in by_name for d in cand.values()) and feasible(cand) and \
-                obj(cand) < obj(assign):
+        if (
+            cand is not None
+            and set(cand) == set(uids)
+            and all(d in by_name for d in cand.values())
+            and feasible(cand)
+            and obj(cand) < obj(assign)
+        ):
             assign = dict(cand)
     return _local_search(assign, size, devices, obj, max_rounds)
 
 
-def _local_search(assign: dict[str, str], size: Mapping[str, float],
-                  devices: Sequence[DeviceModel], obj: Any, max_rounds: int) -> dict[str, str]:
+def _local_search(
+    assign: dict[str, str],
+    size: Mapping[str, float],
+    devices: Sequence[DeviceModel],
+    obj: Any,
+    max_rounds: int,
+) -> dict[str, str]:
     names = [d.name for d in devices]
     budget = {d.name: float(d.budget_bytes) for d in devices}
     used = memory_used({u: (d,) for u, d in assign.items()}, size)
@@ -432,8 +491,10 @@ def _local_search(assign: dict[str, str], size: Mapping[str, float],
                 da, db = assign[a], assign[b]
                 if da == db:
                     continue
-                if used[da] - size[a] + size[b] > budget[da] + 1e-9 or \
-                        used[db] - size[b] + size[a] > budget[db] + 1e-9:
+                if (
+                    used[da] - size[a] + size[b] > budget[da] + 1e-9
+                    or used[db] - size[b] + size[a] > budget[db] + 1e-9
+                ):
                     continue
                 assign[a], assign[b] = db, da
                 v = obj(assign)
@@ -448,9 +509,15 @@ def _local_search(assign: dict[str, str], size: Mapping[str, float],
     return assign
 
 
-def brute_force_place(uids: Sequence[str], size: Mapping[str, float],
-                      popularity: Mapping[str, float], devices: Sequence[DeviceModel], *,
-                      tokens: float = 8.0, bytes_per_row: int = 256) -> tuple[float, dict[str, str]] | None:
+def brute_force_place(
+    uids: Sequence[str],
+    size: Mapping[str, float],
+    popularity: Mapping[str, float],
+    devices: Sequence[DeviceModel],
+    *,
+    tokens: float = 8.0,
+    bytes_per_row: int = 256,
+) -> tuple[float, dict[str, str]] | None:
     """The exact optimum of :func:`place_inter`'s problem (no co-activation term) by
     enumeration (``len(devices) ** len(uids)`` assignments): ``(cost, assignment)`` or None
     when nothing fits. For tests on small instances."""
@@ -462,17 +529,25 @@ def brute_force_place(uids: Sequence[str], size: Mapping[str, float],
         used = memory_used({u: (d,) for u, d in a.items()}, size)
         if any(used[n] > budget[n] + 1e-9 for n in used):
             continue
-        c = critical_path_ms({u: (d,) for u, d in a.items()}, popularity, devices, tokens,
-                             bytes_per_row)
+        c = critical_path_ms(
+            {u: (d,) for u, d in a.items()}, popularity, devices, tokens, bytes_per_row
+        )
         if best is None or c < best[0] - 1e-12:
             best = (c, a)
     return best
 
 
-def add_replicas(placement: Mapping[str, Sequence[str]], size_full: Mapping[str, float],
-                 used: Mapping[str, float], popularity: Mapping[str, float],
-                 devices: Sequence[DeviceModel], *, tokens: float = 8.0,
-                 bytes_per_row: int = 256, max_replicas: int = 2) -> dict[str, tuple[str, ...]]:
+def add_replicas(
+    placement: Mapping[str, Sequence[str]],
+    size_full: Mapping[str, float],
+    used: Mapping[str, float],
+    popularity: Mapping[str, float],
+    devices: Sequence[DeviceModel],
+    *,
+    tokens: float = 8.0,
+    bytes_per_row: int = 256,
+    max_replicas: int = 2,
+) -> dict[str, tuple[str, ...]]:
     """Replicas of hot experts, at full precision (``size_full``), in memory left over
     (``used``: bytes per device already taken), while a replica lowers the expected critical
     path; at most ``max_replicas`` copies per expert. Pure."""
@@ -507,22 +582,29 @@ def round_robin(uids: Sequence[str], devices: Sequence[str]) -> dict[str, str]:
 def expert_scores(cal: Calibration, lam: float) -> dict[str, float]:
     """``lam * importance + (1 - lam) * popularity``, each normalised to sum 1 over all
     experts. Pure."""
+
     def norm(d: Mapping[str, float]) -> dict[str, float]:
         s = sum(d.values())
         return {k: (v / s if s > 0 else 1.0 / max(1, len(d))) for k, v in d.items()}
 
     imp, pop = norm(cal.importance), norm(cal.popularity)
-    return {u: lam * imp.get(u, 0.0) + (1 - lam) * pop.get(u, 0.0)
-            for u in sorted(set(imp) | set(pop))}
+    return {
+        u: lam * imp.get(u, 0.0) + (1 - lam) * pop.get(u, 0.0) for u in sorted(set(imp) | set(pop))
+    }
 
 
 def bit_error(bits: int) -> float:
     """Relative quantization error model [R]: ``2**-bits``, 0 from 16 bits up."""
-    return 0.0 if bits >= 16 else 2.0 ** -bits
+    return 0.0 if bits >= 16 else 2.0**-bits
 
 
-def allocate_bits(uids: Sequence[str], score: Mapping[str, float], size_at: Any,
-                  budget_bytes: float, choices: Sequence[int] = BITS) -> dict[str, int] | None:
+def allocate_bits(
+    uids: Sequence[str],
+    score: Mapping[str, float],
+    size_at: Any,
+    budget_bytes: float,
+    choices: Sequence[int] = BITS,
+) -> dict[str, int] | None:
     """Greedy multiple-choice knapsack: one bit-width per expert within ``budget_bytes``,
     maximising ``sum score_e * (error(lowest) - error(b_e))``. Pure.
 
@@ -570,8 +652,13 @@ def gate_margins(probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, sel_p - rest, torch.zeros_like(sel_p))
 
 
-def prune_selection(sel: Selection, probs: torch.Tensor, device_of: Mapping[int, str],
-                    tau: float, renormalize: bool = False) -> tuple[Selection, int]:
+def prune_selection(
+    sel: Selection,
+    probs: torch.Tensor,
+    device_of: Mapping[int, str],
+    tau: float,
+    renormalize: bool = False,
+) -> tuple[Selection, int]:
     """Token pruning: drop slot j>0 of a token when its expert is on another device than the
     token's top-1 (anchor) expert and its gate margin (:func:`gate_margins`) is below ``tau``.
     ``device_of``: expert index (this layer) -> primary device. Returns the selection and the
@@ -582,8 +669,9 @@ def prune_selection(sel: Selection, probs: torch.Tensor, device_of: Mapping[int,
         return Selection(ids, w), 0
     margin = gate_margins(probs, ids)
     names = sorted(set(device_of.values()))
-    code = torch.full((max(int(ids.max()) + 1, max(device_of, default=0) + 1),), -1,
-                      dtype=torch.long)
+    code = torch.full(
+        (max(int(ids.max()) + 1, max(device_of, default=0) + 1),), -1, dtype=torch.long
+    )
     for e, d in device_of.items():
         code[e] = names.index(d)
     dev = torch.where(ids >= 0, code[ids.clamp(min=0)], torch.full_like(ids, -2))
@@ -639,7 +727,7 @@ class FusionBackend:
         self.rows_in = 0
         self.rows_sent = 0
 
-    def __getattr__(self, name: str) -> Any:   # e.g. TimedBackend.pending
+    def __getattr__(self, name: str) -> Any:  # e.g. TimedBackend.pending
         return getattr(self.inner, name)
 
     def run_layer(self, work: Any) -> Any:
@@ -692,11 +780,18 @@ class Move:
     saving_ms: float
 
 
-def plan_migration(current: Mapping[str, Sequence[str]], target: Mapping[str, Sequence[str]],
-                   popularity: Mapping[str, float], devices: Sequence[DeviceModel],
-                   shard_bytes: Mapping[str, int], size: Mapping[str, float] | Any, *,
-                   tokens: float = 8.0, bytes_per_row: int = 256, horizon_steps: float = 100.0,
-                   ) -> tuple[dict[str, tuple[str, ...]], list[Move]]:
+def plan_migration(
+    current: Mapping[str, Sequence[str]],
+    target: Mapping[str, Sequence[str]],
+    popularity: Mapping[str, float],
+    devices: Sequence[DeviceModel],
+    shard_bytes: Mapping[str, int],
+    size: Mapping[str, float] | Any,
+    *,
+    tokens: float = 8.0,
+    bytes_per_row: int = 256,
+    horizon_steps: float = 100.0,
+) -> tuple[dict[str, tuple[str, ...]], list[Move]]:
     """Which moves of ``target`` pay for themselves. Pure.
 
     Candidates are the experts whose device set differs; greedily the one with the largest
@@ -730,8 +825,17 @@ def plan_migration(current: Mapping[str, Sequence[str]], target: Mapping[str, Se
             saving = base - cost(trial)
             net = saving * horizon_steps - t_ms
             if net > 0 and (best is None or net > best[0]):
-                best = (net, Move(u, cur.get(u, ()), tuple(target[u]), shard_bytes[u] if new_dst
-                                  else 0, t_ms, saving))
+                best = (
+                    net,
+                    Move(
+                        u,
+                        cur.get(u, ()),
+                        tuple(target[u]),
+                        shard_bytes[u] if new_dst else 0,
+                        t_ms,
+                        saving,
+                    ),
+                )
         if best is None:
             break
         mv = best[1]
@@ -789,14 +893,31 @@ class CoEL(Policy):
 
     name = "coel"
 
-    def __init__(self, lam: float = 0.5, bits: Sequence[int] = BITS, intra_min_bits: int = 8,
-                 tau: float = 0.05, renormalize_pruned: bool = False, sigma: float = 0.95,
-                 coact_weight: float = 0.01, replicate: bool = True, max_replicas: int = 2,
-                 calib_requests: int = 32, calib_seed: int = 1, plan_tokens: float = 8.0,
-                 plan_rate_kbit: float = 20000.0, plan_a_ms: float = 0.5, plan_b_ms: float = 0.02,
-                 bytes_per_row: int | None = None, delta: float = 0.1, drift: float = 0.2,
-                 redeploy_every: int = 0, horizon_steps: float = 200.0,
-                 placement: str = "round-robin", seed: int = 0):
+    def __init__(
+        self,
+        lam: float = 0.5,
+        bits: Sequence[int] = BITS,
+        intra_min_bits: int = 8,
+        tau: float = 0.05,
+        renormalize_pruned: bool = False,
+        sigma: float = 0.95,
+        coact_weight: float = 0.01,
+        replicate: bool = True,
+        max_replicas: int = 2,
+        calib_requests: int = 32,
+        calib_seed: int = 1,
+        plan_tokens: float = 8.0,
+        plan_rate_kbit: float = 20000.0,
+        plan_a_ms: float = 0.5,
+        plan_b_ms: float = 0.02,
+        bytes_per_row: int | None = None,
+        delta: float = 0.1,
+        drift: float = 0.2,
+        redeploy_every: int = 0,
+        horizon_steps: float = 200.0,
+        placement: str = "round-robin",
+        seed: int = 0,
+    ):
         super().__init__(placement, seed)
         bad = sorted({int(b) for b in bits} - set(BITS))
         if bad or not bits:
@@ -807,14 +928,30 @@ class CoEL(Policy):
             raise ConfigError("tau, delta, drift, horizon_steps, redeploy_every: must be >= 0")
         if calib_requests < 1 or max_replicas < 1:
             raise ConfigError("calib_requests, max_replicas: must be >= 1")
-        self.lam, self.bits, self.intra_min_bits = float(lam), [int(b) for b in bits], int(intra_min_bits)
-        self.tau, self.renormalize_pruned, self.sigma = float(tau), bool(renormalize_pruned), float(sigma)
-        self.coact_weight, self.replicate, self.max_replicas = float(coact_weight), bool(replicate), int(max_replicas)
+        self.lam, self.bits, self.intra_min_bits = (
+            float(lam),
+            [int(b) for b in bits],
+            int(intra_min_bits),
+        )
+        self.tau, self.renormalize_pruned, self.sigma = (
+            float(tau),
+            bool(renormalize_pruned),
+            float(sigma),
+        )
+        self.coact_weight, self.replicate, self.max_replicas = (
+            float(coact_weight),
+            bool(replicate),
+            int(max_replicas),
+        )
         self.calib_requests, self.calib_seed = int(calib_requests), int(calib_seed)
         self.plan_tokens, self.plan_rate_kbit = float(plan_tokens), float(plan_rate_kbit)
         self.plan_a_ms, self.plan_b_ms = float(plan_a_ms), float(plan_b_ms)
         self._bytes_per_row = None if bytes_per_row is None else int(bytes_per_row)
-        self.delta, self.drift, self.redeploy_every = float(delta), float(drift), int(redeploy_every)
+        self.delta, self.drift, self.redeploy_every = (
+            float(delta),
+            float(drift),
+            int(redeploy_every),
+        )
         self.horizon_steps = float(horizon_steps)
         self._select = TopKSelection()
         self.calibration: Calibration | None = None
@@ -876,30 +1013,48 @@ class CoEL(Policy):
             cal.importance[e.uid] = 1.0 / per_layer[e.layer]
         return cal
 
-    def deploy(self, devs: Sequence[DeviceModel], popularity: Mapping[str, float],
-               start: Mapping[str, str] | None = None
-               ) -> tuple[str, dict[str, tuple[str, ...]], dict[tuple[str, str], int]]:
+    def deploy(
+        self,
+        devs: Sequence[DeviceModel],
+        popularity: Mapping[str, float],
+        start: Mapping[str, str] | None = None,
+    ) -> tuple[str, dict[str, tuple[str, ...]], dict[tuple[str, str], int]]:
         """(mode, placement, bits per (uid, device)) for the given device models."""
         assert self.calibration is not None
         uids = [e.uid for e in self.experts]
         lo, hi = min(self.bits), max(self.bits)
-        score = expert_scores(Calibration(dict(popularity), self.calibration.importance),
-                              self.lam)
+        score = expert_scores(Calibration(dict(popularity), self.calibration.importance), self.lam)
         intra = sum(self.size_at(u, max(lo, self.intra_min_bits)) for u in uids)
         fits = [d for d in devs if d.budget_bytes >= intra]
         if fits:
             tok = self.plan_tokens
-            best = min(fits, key=lambda d: (critical_path_ms({u: (d.name,) for u in uids},
-                                                             popularity, [d], tok,
-                                                             self.bytes_per_row), d.name))
+            best = min(
+                fits,
+                key=lambda d: (
+                    critical_path_ms(
+                        {u: (d.name,) for u in uids}, popularity, [d], tok, self.bytes_per_row
+                    ),
+                    d.name,
+                ),
+            )
             bits = allocate_bits(uids, score, self.size_at, best.budget_bytes, self.bits) or {}
-            return "intra", {u: (best.name,) for u in uids}, {(u, best.name): b
-                                                            for u, b in bits.items()}
+            return (
+                "intra",
+                {u: (best.name,) for u in uids},
+                {(u, best.name): b for u, b in bits.items()},
+            )
         size_lo = {u: self.size_at(u, lo) for u in uids}
-        assign = place_inter(uids, size_lo, popularity, devs, tokens=self.plan_tokens,
-                             bytes_per_row=self.bytes_per_row,
-                             coact=self.calibration.coactivation, coact_weight=self.coact_weight,
-                             start=start)
+        assign = place_inter(
+            uids,
+            size_lo,
+            popularity,
+            devs,
+            tokens=self.plan_tokens,
+            bytes_per_row=self.bytes_per_row,
+            coact=self.calibration.coactivation,
+            coact_weight=self.coact_weight,
+            start=start,
+        )
         placement: dict[str, tuple[str, ...]] = {u: (d,) for u, d in assign.items()}
         bits_of: dict[tuple[str, str], int] = {}
         used: dict[str, float] = {}
@@ -912,33 +1067,48 @@ class CoEL(Policy):
             used[d.name] = sum(self.size_at(u, b) for u, b in got.items())
         if self.replicate and all(b == hi for b in bits_of.values()):
             full = {u: self.size_at(u, hi) for u in uids}
-            placement = add_replicas(placement, full, used, popularity, devs,
-                                     tokens=self.plan_tokens, bytes_per_row=self.bytes_per_row,
-                                     max_replicas=self.max_replicas)
+            placement = add_replicas(
+                placement,
+                full,
+                used,
+                popularity,
+                devs,
+                tokens=self.plan_tokens,
+                bytes_per_row=self.bytes_per_row,
+                max_replicas=self.max_replicas,
+            )
             for u, ds in placement.items():
                 for d in ds:
                     bits_of.setdefault((u, d), hi)
         return "inter", placement, bits_of
 
-    def allocate(self, placement: Mapping[str, Sequence[str]], devs: Sequence[DeviceModel]
-                 ) -> dict[tuple[str, str], int]:
+    def allocate(
+        self, placement: Mapping[str, Sequence[str]], devs: Sequence[DeviceModel]
+    ) -> dict[tuple[str, str], int]:
         """Bit-widths per (uid, device) for ``placement`` (:func:`allocate_bits` per device;
         a replica counts as one more expert of its device)."""
         assert self.calibration is not None
-        score = expert_scores(Calibration(dict(self.popularity), self.calibration.importance),
-                              self.lam)
+        score = expert_scores(
+            Calibration(dict(self.popularity), self.calibration.importance), self.lam
+        )
         out: dict[tuple[str, str], int] = {}
         for d in devs:
             mine = sorted(u for u, ds in placement.items() if d.name in ds)
             got = allocate_bits(mine, score, self.size_at, d.budget_bytes, self.bits)
             if got is None:
-                raise ConfigError(f"placement: {d.name}: its experts exceed the memory budget "
-                                  f"({d.budget_bytes:.0f} bytes) even at {min(self.bits)} bits")
+                raise ConfigError(
+                    f"placement: {d.name}: its experts exceed the memory budget "
+                    f"({d.budget_bytes:.0f} bytes) even at {min(self.bits)} bits"
+                )
             out.update({(u, d.name): b for u, b in got.items()})
         return out
 
-    def place(self, experts: Sequence[ExpertInfo], devices: Sequence[DeviceInfo],
-              profile: Mapping[str, Any] | None = None) -> Placement:
+    def place(
+        self,
+        experts: Sequence[ExpertInfo],
+        devices: Sequence[DeviceInfo],
+        profile: Mapping[str, Any] | None = None,
+    ) -> Placement:
         self.experts, self.devices = list(experts), list(devices)
         self.calibration = self._calibrate(experts)
         self.popularity = dict(self.calibration.popularity)
@@ -946,9 +1116,14 @@ class CoEL(Policy):
         self.mode, placement, self.bits_of = self.deploy(devs, self.popularity)
         self.current = placement
         self.deployed_rates = {}
-        self.log.append({"event": "place", "mode": self.mode,
-                         "bits": self.bits_histogram(),
-                         "memory_bytes": self.memory_per_device()})
+        self.log.append(
+            {
+                "event": "place",
+                "mode": self.mode,
+                "bits": self.bits_histogram(),
+                "memory_bytes": self.memory_per_device(),
+            }
+        )
         return dict(placement)
 
     def bits_histogram(self) -> dict[int, int]:
@@ -981,10 +1156,12 @@ class CoEL(Policy):
     def select(self, ctx: RoutingContext, cluster: ClusterState | None = None) -> Decision:
         sel = self._select(ctx)
         if self.tau > 0 and self.mode == "inter":
-            placement = cluster.placement if cluster is not None and cluster.placement \
-                else self.current
-            dev = {e: (placement.get(f"L{ctx.layer}.E{e}") or ("",))[0]
-                   for e in range(ctx.num_experts)}
+            placement = (
+                cluster.placement if cluster is not None and cluster.placement else self.current
+            )
+            dev = {
+                e: (placement.get(f"L{ctx.layer}.E{e}") or ("",))[0] for e in range(ctx.num_experts)
+            }
             sel, n = prune_selection(sel, ctx.router_probs, dev, self.tau, self.renormalize_pruned)
             self.pruned_slots += n
         return Decision(sel)
@@ -998,11 +1175,13 @@ class CoEL(Policy):
         if self.calibration is None:
             return None
         self.updates += 1
-        rates = {**{f"{d}:down": v for d, v in cluster.rate_down_kbit.items()},
-                 **{f"{d}:up": v for d, v in cluster.rate_up_kbit.items()}}
+        rates = {
+            **{f"{d}:down": v for d, v in cluster.rate_down_kbit.items()},
+            **{f"{d}:up": v for d, v in cluster.rate_up_kbit.items()},
+        }
         reasons = []
         if not self.deployed_rates:
-            self.deployed_rates = dict(rates)   # first view of the real links
+            self.deployed_rates = dict(rates)  # first view of the real links
             reasons.append("first link view")
         moved = rates_moved(self.deployed_rates, rates, self.delta)
         if moved:
@@ -1011,8 +1190,10 @@ class CoEL(Policy):
         new_pop = dict(self.popularity)
         if counts and sum(counts.values()) > 0:
             layers = max(1, len({e.layer for e in self.experts}))
-            toks = float(stats.get("layer_tokens") or 0) / layers or \
-                sum(counts.values()) / layers / 2.0
+            toks = (
+                float(stats.get("layer_tokens") or 0) / layers
+                or sum(counts.values()) / layers / 2.0
+            )
             obs = {u: counts.get(u, 0.0) / toks for u in self.popularity}
             d = popularity_drift(self.popularity, obs)
             if d > self.drift:
@@ -1032,15 +1213,31 @@ class CoEL(Policy):
         # feasibility at the lowest bit-width: the bits are re-allocated after the moves
         size = {u: self.size_at(u, min(self.bits)) for u in shard}
         tokens = self.plan_tokens
-        result, moves = plan_migration(cur, target, self.popularity, devs, shard, size,
-                                       tokens=tokens, bytes_per_row=self.bytes_per_row,
-                                       horizon_steps=self.horizon_steps)
+        result, moves = plan_migration(
+            cur,
+            target,
+            self.popularity,
+            devs,
+            shard,
+            size,
+            tokens=tokens,
+            bytes_per_row=self.bytes_per_row,
+            horizon_steps=self.horizon_steps,
+        )
         self.last_moves = moves
-        self.log.append({"event": "update", "reasons": reasons, "moves": len(moves),
-                         "predicted_before_ms": critical_path_ms(cur, self.popularity, devs,
-                                                                 tokens, self.bytes_per_row),
-                         "predicted_after_ms": critical_path_ms(result, self.popularity, devs,
-                                                                tokens, self.bytes_per_row)})
+        self.log.append(
+            {
+                "event": "update",
+                "reasons": reasons,
+                "moves": len(moves),
+                "predicted_before_ms": critical_path_ms(
+                    cur, self.popularity, devs, tokens, self.bytes_per_row
+                ),
+                "predicted_after_ms": critical_path_ms(
+                    result, self.popularity, devs, tokens, self.bytes_per_row
+                ),
+            }
+        )
         if not moves:
             return None
         new_bits = self.allocate(result, devs)
@@ -1053,8 +1250,12 @@ class CoEL(Policy):
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
-        d.update(mode=self.mode, bits_histogram={str(k): v for k, v in self.bits_histogram().items()},
-                 memory_bytes=self.memory_per_device(), log=self.log)
+        d.update(
+            mode=self.mode,
+            bits_histogram={str(k): v for k, v in self.bits_histogram().items()},
+            memory_bytes=self.memory_per_device(),
+            log=self.log,
+        )
         return d
 
 
@@ -1066,8 +1267,12 @@ def _uniq(xs: Iterable[str]) -> list[str]:
     return seen
 
 
-def verify_budgets(placement: Mapping[str, Sequence[str]], bits_of: Mapping[tuple[str, str], int],
-                   size_at: Any, budgets: Mapping[str, float]) -> dict[str, float]:
+def verify_budgets(
+    placement: Mapping[str, Sequence[str]],
+    bits_of: Mapping[tuple[str, str], int],
+    size_at: Any,
+    budgets: Mapping[str, float],
+) -> dict[str, float]:
     """device -> bytes used; raises ``ConfigError`` naming a device over its budget. Pure."""
     used: dict[str, float] = {}
     for u, ds in placement.items():

@@ -86,8 +86,11 @@ from testbed.errors import ConfigError
 from testbed.policy import ClusterState, Decision, Policy
 
 _NO_PLACEMENT: dict[str, tuple[str, ...]] = {}
-_CHANNEL_KEYS = tuple(p for p in inspect.signature(ChannelModel.__init__).parameters
-                      if p not in ("self", "devices", "seed"))
+_CHANNEL_KEYS = tuple(
+    p
+    for p in inspect.signature(ChannelModel.__init__).parameters
+    if p not in ("self", "devices", "seed")
+)
 
 
 @dataclass
@@ -96,21 +99,21 @@ class _Step:
     arrays in numpy, the devices' values as lists (a handful of devices: plain floats cost
     less than numpy's calls), and what is computed more than once (the equal split's rates)."""
 
-    probs: np.ndarray        # [N, E] router probabilities (float64)
-    valid: np.ndarray        # [N] bool
-    ids: np.ndarray          # [N, K] top-K expert ids, by descending probability
-    gate: np.ndarray         # [N, K] their probabilities
-    slot_dev: np.ndarray     # [N, K] device index of each top-K slot
-    expert_dev: np.ndarray   # [E] device index of each expert
+    probs: np.ndarray  # [N, E] router probabilities (float64)
+    valid: np.ndarray  # [N] bool
+    ids: np.ndarray  # [N, K] top-K expert ids, by descending probability
+    gate: np.ndarray  # [N, K] their probabilities
+    slot_dev: np.ndarray  # [N, K] device index of each top-K slot
+    expert_dev: np.ndarray  # [E] device index of each expert
     devices: tuple[str, ...]
-    a_ms: list[float]        # [D]
+    a_ms: list[float]  # [D]
     b_ms: list[float]
     bytes_per_token: float
     total_hz: float
     n_valid: int
     fixed_bps: tuple[list[float], list[float]] | None = None  # [D] down, up: links not ours
     idle_share: bool = False  # the allocation covers a whole epoch of several layers
-    cell: CellEpoch | None = None   # the devices' channel in this epoch (None: links fixed)
+    cell: CellEpoch | None = None  # the devices' channel in this epoch (None: links fixed)
     equal_bps: tuple[list[float], list[float]] | None = None  # rates at B_total / D, once made
 
 
@@ -119,10 +122,10 @@ class _Alloc:
     """A bandwidth allocation, the device latencies and ``T_l`` under it, and the channel's
     rates at its bandwidths (``None`` when the links are fixed); lists over the devices."""
 
-    loads: list[int]           # the token-rows it is for
+    loads: list[int]  # the token-rows it is for
     bandwidth_hz: list[float]
     device_ms: list[float]
-    layer_ms: float            # T_l, bs_ms included
+    layer_ms: float  # T_l, bs_ms included
     down_bps: list[float] | None = None
     up_bps: list[float] | None = None
 
@@ -160,14 +163,23 @@ class _WDMoEBase(Policy):
         As :class:`testbed.policy.Policy`; ``seed`` also seeds the channel.
     """
 
-    allocation = "equal"   # or "min-max": class attribute of a variant, not a parameter
+    allocation = "equal"  # or "min-max": class attribute of a variant, not a parameter
     prune = False
 
-    def __init__(self, bandwidth_mhz: float = 20.0, bs_ms: float = 0.0,
-                 compute_a_ms: float = 1.0, compute_b_ms: float = 0.2,
-                 bytes_per_token: int = 8192, renormalize: bool | None = None,
-                 default_devices: int = 8, channel: Mapping[str, Any] | None = None,
-                 history: int = 1000, placement: str = "round-robin", seed: int = 0):
+    def __init__(
+        self,
+        bandwidth_mhz: float = 20.0,
+        bs_ms: float = 0.0,
+        compute_a_ms: float = 1.0,
+        compute_b_ms: float = 0.2,
+        bytes_per_token: int = 8192,
+        renormalize: bool | None = None,
+        default_devices: int = 8,
+        channel: Mapping[str, Any] | None = None,
+        history: int = 1000,
+        placement: str = "round-robin",
+        seed: int = 0,
+    ):
         super().__init__(placement, seed)
         if not bandwidth_mhz > 0:
             raise ConfigError(f"bandwidth_mhz: must be > 0, got {bandwidth_mhz}")
@@ -178,9 +190,13 @@ class _WDMoEBase(Policy):
         channel = dict(channel or {})
         unknown = sorted(set(channel) - set(_CHANNEL_KEYS))
         if unknown:
-            raise ConfigError([f"channel.{k}: unknown channel parameter (allowed: "
-                               f"{', '.join(_CHANNEL_KEYS)})" for k in unknown])
-        ChannelModel(1, seed, **channel)   # reject bad values now, not at the first step
+            raise ConfigError(
+                [
+                    f"channel.{k}: unknown channel parameter (allowed: {', '.join(_CHANNEL_KEYS)})"
+                    for k in unknown
+                ]
+            )
+        ChannelModel(1, seed, **channel)  # reject bad values now, not at the first step
         self.bandwidth_mhz = float(bandwidth_mhz)
         self.bs_ms = float(bs_ms)
         self.compute_a_ms = float(compute_a_ms)
@@ -206,8 +222,11 @@ class _WDMoEBase(Policy):
         rates = self._rates(st, alloc)
         self._record(ctx, st, keep, alloc, rates, extra)
         self.epoch += 1
-        return Decision(sel, rate_down_kbit={d: r[1] for d, r in rates.items()},
-                        rate_up_kbit={d: r[2] for d, r in rates.items()})
+        return Decision(
+            sel,
+            rate_down_kbit={d: r[1] for d, r in rates.items()},
+            rate_up_kbit={d: r[2] for d, r in rates.items()},
+        )
 
     def last_stats(self) -> dict[str, Any]:
         """The last decision's record: ``layer``, ``step``, ``epoch``, ``tokens``,
@@ -224,7 +243,7 @@ class _WDMoEBase(Policy):
     def _prepare(self, ctx: RoutingContext, cluster: ClusterState | None) -> _Step:
         rp = ctx.router_probs.detach()
         if rp.dtype == torch.float32 and rp.device.type == "cpu":
-            probs = rp.numpy().astype(np.float64)      # exact, as torch's own conversion
+            probs = rp.numpy().astype(np.float64)  # exact, as torch's own conversion
         else:
             probs = rp.to("cpu", torch.float64).numpy()
         n, e = probs.shape
@@ -241,25 +260,41 @@ class _WDMoEBase(Policy):
         epoch = self.epoch
         total_hz = self.bandwidth_mhz * 1e6
         fixed, idle_share = None, False
-        if cluster is not None:   # the runner's channel, budget and epoch win over the params
+        if cluster is not None:  # the runner's channel, budget and epoch win over the params
             if cluster.channel is not None:
                 ch = cluster.channel
             if cluster.epoch >= 0:
                 epoch = cluster.epoch
             total_hz = float(cluster.bandwidth_hz or total_hz)
             idle_share = cluster.epoch_scope != "layer"
-            if cluster.links_fixed:   # mid-epoch: predict with the rates tc enforces now
-                fixed = tuple([float(1e3 * (r.get(d) or 0.0)) for d in devices]
-                              for r in (cluster.rate_down_kbit, cluster.rate_up_kbit))
+            if cluster.links_fixed:  # mid-epoch: predict with the rates tc enforces now
+                fixed = tuple(
+                    [float(1e3 * (r.get(d) or 0.0)) for d in devices]
+                    for r in (cluster.rate_down_kbit, cluster.rate_up_kbit)
+                )
         prof = cluster.compute_profile if cluster is not None else {}
         default = (self.compute_a_ms, self.compute_b_ms)
         ab = [prof.get(d, default) for d in devices]
         s = (cluster.bytes_per_token if cluster is not None else 0) or self.bytes_per_token
         index = self._index_in(ch, devices)
         cell = None if fixed is not None else ch.cell_epoch(epoch, total_hz, index)
-        return _Step(probs, valid, ids, gate, expert_dev[ids], expert_dev, devices,
-                     [float(x[0]) for x in ab], [float(x[1]) for x in ab], float(s), total_hz,
-                     n_valid, fixed, idle_share, cell)
+        return _Step(
+            probs,
+            valid,
+            ids,
+            gate,
+            expert_dev[ids],
+            expert_dev,
+            devices,
+            [float(x[0]) for x in ab],
+            [float(x[1]) for x in ab],
+            float(s),
+            total_hz,
+            n_valid,
+            fixed,
+            idle_share,
+            cell,
+        )
 
     def _index_in(self, ch: ChannelModel, devices: tuple[str, ...]) -> list[int]:
         """The devices' indices in ``ch`` (kept for the last channel and devices)."""
@@ -268,8 +303,9 @@ class _WDMoEBase(Policy):
             self._index_key, self._index = (ch, devices), [ch.index[d] for d in devices]
         return self._index
 
-    def _expert_devices(self, cluster: ClusterState | None, layer: int, n_experts: int
-                        ) -> tuple[tuple[str, ...], np.ndarray]:
+    def _expert_devices(
+        self, cluster: ClusterState | None, layer: int, n_experts: int
+    ) -> tuple[tuple[str, ...], np.ndarray]:
         placement = cluster.placement if cluster is not None else _NO_PLACEMENT
         if self._map_key is not placement:
             self._map_key, self._map = placement, {}
@@ -359,8 +395,15 @@ class _WDMoEBase(Policy):
         for n, r_d, r_u, a, b in zip(loads, down, up, st.a_ms, st.b_ms):
             if n > 0:
                 bits = s8 * n
-                out.append(1e3 * ((bits / r_d if r_d != 0 else math.inf)
-                                  + (bits / r_u if r_u != 0 else math.inf)) + a + b * n)
+                out.append(
+                    1e3
+                    * (
+                        (bits / r_d if r_d != 0 else math.inf)
+                        + (bits / r_u if r_u != 0 else math.inf)
+                    )
+                    + a
+                    + b * n
+                )
             else:
                 out.append(0.0)
         return out
@@ -396,7 +439,9 @@ class _WDMoEBase(Policy):
             some = tot > 0
             w = w / tot if some.all() else np.divide(w, tot, out=np.zeros_like(w), where=some)
         dev = ctx.router_probs.device
-        return Selection(torch.from_numpy(ids).to(dev), torch.from_numpy(w.astype(np.float32)).to(dev))
+        return Selection(
+            torch.from_numpy(ids).to(dev), torch.from_numpy(w.astype(np.float32)).to(dev)
+        )
 
     @staticmethod
     def _rates(st: _Step, alloc: _Alloc) -> dict[str, tuple[float, float, float]]:
@@ -412,24 +457,36 @@ class _WDMoEBase(Policy):
                 out[d] = (both, down, up)
         return out
 
-    def _record(self, ctx: RoutingContext, st: _Step, keep: np.ndarray, alloc: _Alloc,
-                rates: Mapping[str, tuple[float, float, float]], extra: Mapping[str, Any]) -> None:
+    def _record(
+        self,
+        ctx: RoutingContext,
+        st: _Step,
+        keep: np.ndarray,
+        alloc: _Alloc,
+        rates: Mapping[str, tuple[float, float, float]],
+        extra: Mapping[str, Any],
+    ) -> None:
         """Append the decision's record to :attr:`stats` (:meth:`last_stats`); ``alloc`` is
         the allocation for ``keep``."""
         k = st.ids.shape[1]
         kept = keep.sum(axis=1)
-        loads = alloc.loads           # the allocation is the selection's
-        self.stats.append({
-            "layer": ctx.layer, "step": ctx.step, "epoch": self.epoch, "tokens": st.n_valid,
-            "tokens_pruned": int(((kept < k) & st.valid).sum()),
-            "experts_dropped": int(st.n_valid * k - kept.sum()),
-            "predicted_ms": alloc.layer_ms,
-            "loads": {d: n for d, n in zip(st.devices, loads) if n},
-            "bandwidth_hz": {d: b for d, b in zip(st.devices, alloc.bandwidth_hz) if b > 0},
-            "rate_down_kbit": {d: r[1] for d, r in rates.items()},
-            "rate_up_kbit": {d: r[2] for d, r in rates.items()},
-            **extra,
-        })
+        loads = alloc.loads  # the allocation is the selection's
+        self.stats.append(
+            {
+                "layer": ctx.layer,
+                "step": ctx.step,
+                "epoch": self.epoch,
+                "tokens": st.n_valid,
+                "tokens_pruned": int(((kept < k) & st.valid).sum()),
+                "experts_dropped": int(st.n_valid * k - kept.sum()),
+                "predicted_ms": alloc.layer_ms,
+                "loads": {d: n for d, n in zip(st.devices, loads) if n},
+                "bandwidth_hz": {d: b for d, b in zip(st.devices, alloc.bandwidth_hz) if b > 0},
+                "rate_down_kbit": {d: r[1] for d, r in rates.items()},
+                "rate_up_kbit": {d: r[2] for d, r in rates.items()},
+                **extra,
+            }
+        )
 
 
 class WDMoE(_WDMoEBase):
@@ -454,12 +511,21 @@ class WDMoE(_WDMoEBase):
     allocation = "min-max"
     prune = True
 
-    def __init__(self, alpha: float = 0.8, theta_step: float = 0.05, theta_max: float = 1.0,
-                 gamma: float = 1.05, max_rounds: int = 3, **kw: Any):
+    def __init__(
+        self,
+        alpha: float = 0.8,
+        theta_step: float = 0.05,
+        theta_max: float = 1.0,
+        gamma: float = 1.05,
+        max_rounds: int = 3,
+        **kw: Any,
+    ):
         super().__init__(**kw)
         if not (theta_step > 0 and alpha <= theta_max):
-            raise ConfigError(f"alpha ({alpha}) <= theta_max ({theta_max}) and theta_step "
-                              f"({theta_step}) > 0 required")
+            raise ConfigError(
+                f"alpha ({alpha}) <= theta_max ({theta_max}) and theta_step "
+                f"({theta_step}) > 0 required"
+            )
         if max_rounds < 0:
             raise ConfigError(f"max_rounds: must be >= 0, got {max_rounds}")
         self.alpha = float(alpha)
@@ -469,7 +535,7 @@ class WDMoE(_WDMoEBase):
         self.max_rounds = int(max_rounds)
         n = int(np.floor((self.theta_max - self.alpha) / self.theta_step + 1e-9)) + 1
         self._thetas = self.alpha + self.theta_step * np.arange(n)
-        self._bounds = self._thetas + 1e-12   # a token is pruned at theta if cos <= this
+        self._bounds = self._thetas + 1e-12  # a token is pruned at theta if cos <= this
 
     def _decide(self, st: _Step) -> tuple[np.ndarray, _Alloc, dict[str, Any]]:
         n, k = st.ids.shape
@@ -490,7 +556,7 @@ class WDMoE(_WDMoEBase):
         t0 = alloc.layer_ms
         rounds, thetas = 0, []
         if self.prune and n and st.n_valid:
-            norm_p = np.sqrt((st.probs * st.probs).sum(axis=1))   # np.linalg.norm's, per row
+            norm_p = np.sqrt((st.probs * st.probs).sum(axis=1))  # np.linalg.norm's, per row
             rows = np.arange(n)
             n_theta = len(self._thetas)
             for _ in range(self.max_rounds):
@@ -500,7 +566,7 @@ class WDMoE(_WDMoEBase):
                     break
                 # per-expert latency of one token at the device's current bandwidth
                 t_exp = np.array(self._unit_ms(st, alloc))[st.expert_dev]
-                norm_t = math.sqrt(float(t_exp.dot(t_exp)))              # np.linalg.norm's
+                norm_t = math.sqrt(float(t_exp.dot(t_exp)))  # np.linalg.norm's
                 cos = (st.probs @ t_exp) / (norm_p * norm_t + 1e-300)
                 # the thresholds grow, so a token is pruned from the first one its cosine
                 # reaches on: the distinct non-empty sets to try come at those first indices
@@ -522,8 +588,17 @@ class WDMoE(_WDMoEBase):
                 keep, alloc, wlr, theta_acc = accepted
                 thetas.append(theta_acc)
                 rounds += 1
-        return keep, alloc, {"wlr": wlr, "wlr_topk": wlr0, "predicted_topk_ms": t0,
-                             "rounds": rounds, "theta": thetas}
+        return (
+            keep,
+            alloc,
+            {
+                "wlr": wlr,
+                "wlr_topk": wlr0,
+                "predicted_topk_ms": t0,
+                "rounds": rounds,
+                "theta": thetas,
+            },
+        )
 
     #: below this many token slots (N x K) :meth:`_decide` keeps its books on lists
     #: (:meth:`_decide_small`): numpy's per-call cost dominates there
@@ -575,8 +650,7 @@ class WDMoE(_WDMoEBase):
                 norm_t = math.sqrt(float(t_exp.dot(t_exp)))
                 cos = ((st.probs @ t_exp) / (norm_p * norm_t + 1e-300)).tolist()
                 # np.searchsorted(bounds, cos, "left"), where nan sorts last
-                first = [n_theta if math.isnan(c) else bisect.bisect_left(bounds, c)
-                         for c in cos]
+                first = [n_theta if math.isnan(c) else bisect.bisect_left(bounds, c) for c in cos]
                 accepted = None
                 for j in sorted({f for f, c in zip(first, can) if c and f < n_theta}):
                     kp = [list(kept) for kept in keep]
@@ -593,9 +667,17 @@ class WDMoE(_WDMoEBase):
                 keep, alloc, wlr, theta_acc = accepted
                 thetas.append(theta_acc)
                 rounds += 1
-        return (np.array(keep, dtype=bool).reshape(n, k), alloc,
-                {"wlr": wlr, "wlr_topk": wlr0, "predicted_topk_ms": t0, "rounds": rounds,
-                 "theta": thetas})
+        return (
+            np.array(keep, dtype=bool).reshape(n, k),
+            alloc,
+            {
+                "wlr": wlr,
+                "wlr_topk": wlr0,
+                "predicted_topk_ms": t0,
+                "rounds": rounds,
+                "theta": thetas,
+            },
+        )
 
 
 class WDMoESelectionOnly(WDMoE):
@@ -637,8 +719,9 @@ class WDMoEConference(_WDMoEBase):
 
     name = "wdmoe-conf"
 
-    def __init__(self, theta: float = 0.5, variant: str = "ratio", allocation: str = "equal",
-                 **kw: Any):
+    def __init__(
+        self, theta: float = 0.5, variant: str = "ratio", allocation: str = "equal", **kw: Any
+    ):
         super().__init__(**kw)
         if variant not in ("ratio", "share"):
             raise ConfigError(f"variant: must be 'ratio' or 'share', got {variant!r}")
@@ -654,7 +737,7 @@ class WDMoEConference(_WDMoEBase):
         alloc0 = self._allocate(st, self._loads(st, keep))
         wlr0 = self._wlr(st, keep, alloc0.layer_ms)
         if k > 1 and n:
-            with np.errstate(divide="ignore", invalid="ignore"):   # padding rows: 0/0
+            with np.errstate(divide="ignore", invalid="ignore"):  # padding rows: 0/0
                 w = st.gate / np.array(alloc0.device_ms)[st.slot_dev]
                 w1, wj = w[:, :1], w[:, 1:]
                 score = wj / w1 if self.variant == "ratio" else wj / (w1 + wj)
@@ -662,5 +745,12 @@ class WDMoEConference(_WDMoEBase):
             alloc = self._allocate(st, self._loads(st, keep))
         else:
             alloc = alloc0
-        return keep, alloc, {"wlr": self._wlr(st, keep, alloc.layer_ms), "wlr_topk": wlr0,
-                             "predicted_topk_ms": alloc0.layer_ms}
+        return (
+            keep,
+            alloc,
+            {
+                "wlr": self._wlr(st, keep, alloc.layer_ms),
+                "wlr_topk": wlr0,
+                "predicted_topk_ms": alloc0.layer_ms,
+            },
+        )

@@ -35,10 +35,20 @@ class AgentProcess:
     ready_path: str
 
 
-def start_agent(runner: Runner, *, device: str, host: str, workdir: str, python: str | None = None,
-                pub: bool = True, threads: int | None = 1, tag: str = "agent",
-                extra_args: Sequence[str] = (), ready_timeout_s: float = 60.0,
-                status_period_s: float = 0.5) -> AgentProcess:
+def start_agent(
+    runner: Runner,
+    *,
+    device: str,
+    host: str,
+    workdir: str,
+    python: str | None = None,
+    pub: bool = True,
+    threads: int | None = 1,
+    tag: str = "agent",
+    extra_args: Sequence[str] = (),
+    ready_timeout_s: float = 60.0,
+    status_period_s: float = 0.5,
+) -> AgentProcess:
     """Spawn ``python -m device_agent serve`` via ``runner`` and wait for its ready file.
 
     Parameters
@@ -63,8 +73,20 @@ def start_agent(runner: Runner, *, device: str, host: str, workdir: str, python:
     log_path, pid_path = f"{workdir}/{tag}.log", f"{workdir}/{tag}.pid"
     ready = f"{workdir}/{tag}.ready.json"
     runner.run(["rm", "-f", ready], timeout_s=30)
-    argv = [py, "-m", "device_agent", "serve", "--bind", f"tcp://{host}:*", "--workdir", workdir,
-            "--ready-file", ready, "--status-period-s", str(status_period_s)]
+    argv = [
+        py,
+        "-m",
+        "device_agent",
+        "serve",
+        "--bind",
+        f"tcp://{host}:*",
+        "--workdir",
+        workdir,
+        "--ready-file",
+        ready,
+        "--status-period-s",
+        str(status_period_s),
+    ]
     if pub:
         argv += ["--pub", f"tcp://{host}:*"]
     if threads:
@@ -78,15 +100,25 @@ def start_agent(runner: Runner, *, device: str, host: str, workdir: str, python:
         if res.ok and res.stdout.strip():
             info = json.loads(res.stdout)
             if int(info["pid"]) == pid:
-                return AgentProcess(device, runner, pid, info["endpoint"], info.get("pub_endpoint"),
-                                    workdir, log_path, ready)
+                return AgentProcess(
+                    device,
+                    runner,
+                    pid,
+                    info["endpoint"],
+                    info.get("pub_endpoint"),
+                    workdir,
+                    log_path,
+                    ready,
+                )
         alive = runner.run(["kill", "-0", str(pid)], timeout_s=30, check=False).ok
         if not alive or time.monotonic() > deadline:
             tail = runner.run(["tail", "-n", "20", log_path], timeout_s=30, check=False).stdout
             if alive:
                 stop_agent(AgentProcess(device, runner, pid, "", None, workdir, log_path, ready))
-            raise TestbedError(f"{device}: agent (pid {pid}) {'exited' if not alive else 'not ready'} "
-                               f"before writing {ready}; log tail:\n{tail}")
+            raise TestbedError(
+                f"{device}: agent (pid {pid}) {'exited' if not alive else 'not ready'} "
+                f"before writing {ready}; log tail:\n{tail}"
+            )
         time.sleep(delay_s)
         delay_s = min(0.5, delay_s * 1.5)
 
@@ -119,8 +151,9 @@ def kill_agent(a: AgentProcess) -> None:
         a.runner.run(["kill", "-KILL", str(a.pid)], timeout_s=30, check=False)
 
 
-def push_experts(runner: Runner, workdir: str, manifest: Any, uids: Iterable[str],
-                 subdir: str = "experts") -> dict[str, str]:
+def push_experts(
+    runner: Runner, workdir: str, manifest: Any, uids: Iterable[str], subdir: str = "experts"
+) -> dict[str, str]:
     """Copy the shards of ``uids`` from a split (``models.manifest.Manifest``) into
     ``workdir/subdir``; returns uid -> path relative to the workdir (what ``load`` takes)."""
     out: dict[str, str] = {}

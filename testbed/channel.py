@@ -117,14 +117,40 @@ SE_MODELS = ("capped", "cqi", "shannon")
 #: efficiency bit/s/Hz as the table lists it); CQI 0 is "out of range".
 #: 1: Table 5.2.2.1-2 (QPSK to 64QAM); 2: Table 5.2.2.1-3 (QPSK to 256QAM).
 CQI_TABLES: dict[int, tuple[tuple[int, int, float], ...]] = {
-    1: ((2, 78, 0.1523), (2, 120, 0.2344), (2, 193, 0.3770), (2, 308, 0.6016),
-        (2, 449, 0.8770), (2, 602, 1.1758), (4, 378, 1.4766), (4, 490, 1.9141),
-        (4, 616, 2.4063), (6, 466, 2.7305), (6, 567, 3.3223), (6, 666, 3.9023),
-        (6, 772, 4.5234), (6, 873, 5.1152), (6, 948, 5.5547)),
-    2: ((2, 78, 0.1523), (2, 193, 0.3770), (2, 449, 0.8770), (4, 378, 1.4766),
-        (4, 490, 1.9141), (4, 616, 2.4063), (6, 466, 2.7305), (6, 567, 3.3223),
-        (6, 666, 3.9023), (6, 772, 4.5234), (6, 873, 5.1152), (8, 711, 5.5547),
-        (8, 797, 6.2266), (8, 885, 6.9141), (8, 948, 7.4063)),
+    1: (
+        (2, 78, 0.1523),
+        (2, 120, 0.2344),
+        (2, 193, 0.3770),
+        (2, 308, 0.6016),
+        (2, 449, 0.8770),
+        (2, 602, 1.1758),
+        (4, 378, 1.4766),
+        (4, 490, 1.9141),
+        (4, 616, 2.4063),
+        (6, 466, 2.7305),
+        (6, 567, 3.3223),
+        (6, 666, 3.9023),
+        (6, 772, 4.5234),
+        (6, 873, 5.1152),
+        (6, 948, 5.5547),
+    ),
+    2: (
+        (2, 78, 0.1523),
+        (2, 193, 0.3770),
+        (2, 449, 0.8770),
+        (4, 378, 1.4766),
+        (4, 490, 1.9141),
+        (4, 616, 2.4063),
+        (6, 466, 2.7305),
+        (6, 567, 3.3223),
+        (6, 666, 3.9023),
+        (6, 772, 4.5234),
+        (6, 873, 5.1152),
+        (8, 711, 5.5547),
+        (8, 797, 6.2266),
+        (8, 885, 6.9141),
+        (8, 948, 7.4063),
+    ),
 }
 _CQI_EFF = {t: np.array([e for _, _, e in rows]) for t, rows in CQI_TABLES.items()}
 _CQI_LISTS = {t: a.tolist() for t, a in _CQI_EFF.items()}
@@ -134,9 +160,14 @@ _log2 = np.log2
 #: path loss without penetration loss, 30 dBm at the BS given whole to every device, one 9 dB
 #: noise figure, pure Shannon rates.
 PAPER_PARAMS: dict[str, Any] = {
-    "cell_radius_m": 100.0, "min_distance_m": 10.0, "penetration_loss_db": 0.0,
-    "bs_noise_figure_db": 9.0, "device_noise_figure_db": 9.0, "bs_power_dbm": 30.0,
-    "power_split": "none", "se_model": "shannon",
+    "cell_radius_m": 100.0,
+    "min_distance_m": 10.0,
+    "penetration_loss_db": 0.0,
+    "bs_noise_figure_db": 9.0,
+    "device_noise_figure_db": 9.0,
+    "bs_power_dbm": 30.0,
+    "power_split": "none",
+    "se_model": "shannon",
 }
 
 
@@ -145,8 +176,9 @@ def dbm_to_w(dbm: float) -> float:
     return 10.0 ** ((dbm - 30.0) / 10.0)
 
 
-def shannon_rate_bps(bandwidth_hz: np.ndarray | float, snr_hz: np.ndarray | float
-                     ) -> np.ndarray | float:
+def shannon_rate_bps(
+    bandwidth_hz: np.ndarray | float, snr_hz: np.ndarray | float
+) -> np.ndarray | float:
     """``B log2(1 + s / B)`` in bit/s, where ``s = P g / N0`` (Hz) is the SNR per Hz of bandwidth.
 
     The rate of a transmitter that puts a fixed power on whatever bandwidth it gets, without
@@ -160,8 +192,9 @@ def shannon_rate_bps(bandwidth_hz: np.ndarray | float, snr_hz: np.ndarray | floa
     return float(r) if r.ndim == 0 else r
 
 
-def spectral_efficiency(snr: np.ndarray | float, se_model: str = "capped", cqi_table: int = 1,
-                        snr_gap_db: float = 0.0) -> np.ndarray:
+def spectral_efficiency(
+    snr: np.ndarray | float, se_model: str = "capped", cqi_table: int = 1, snr_gap_db: float = 0.0
+) -> np.ndarray:
     """Spectral efficiency (bit/s/Hz) at linear SNR ``snr``, per ``se_model`` (module doc):
     ``log2(1 + snr/gap)``, capped at the top of CQI table ``cqi_table`` (``"capped"``),
     rounded down to the table's efficiencies (``"cqi"``) or neither (``"shannon"``)."""
@@ -172,7 +205,7 @@ def spectral_efficiency(snr: np.ndarray | float, se_model: str = "capped", cqi_t
     if se_model == "capped":
         return np.minimum(x, eff[-1])
     if se_model == "cqi":
-        i = np.searchsorted(eff, x, side="right")        # entries the link reaches
+        i = np.searchsorted(eff, x, side="right")  # entries the link reaches
         return np.where(i > 0, eff[np.maximum(i - 1, 0)], 0.0)
     raise ValueError(f"se_model must be one of {', '.join(SE_MODELS)}, got {se_model!r}")
 
@@ -184,6 +217,7 @@ def _number(lo: float | None = None, unit: str = "") -> Callable[[Any], None]:
             raise ValueError(f"must be a finite number{unit}, not {v!r}")
         if lo is not None and v < lo:
             raise ValueError(f"must be >= {lo:g}{unit}, not {v!r}")
+
     return check
 
 
@@ -192,6 +226,7 @@ def _positive(unit: str) -> Callable[[Any], None]:
         _number(None, unit)(v)
         if not v > 0:
             raise ValueError(f"must be > 0{unit}, not {v!r}")
+
     return check
 
 
@@ -199,24 +234,33 @@ def _choice(options: Sequence[Any]) -> Callable[[Any], None]:
     def check(v: Any) -> None:
         if isinstance(v, bool) or v not in options:
             raise ValueError(f"must be one of {', '.join(map(str, options))}, not {v!r}")
+
     return check
 
 
 _CHECKS: dict[str, Callable[[Any], None]] = {
-    "cell_radius_m": _positive(" (m)"), "min_distance_m": _positive(" (m)"),
-    "pathloss_db_at_1km": _number(None, " (dB)"), "pathloss_slope_db": _positive(" (dB/decade)"),
-    "penetration_loss_db": _number(0, " (dB)"), "antenna_gain_db": _number(None, " (dB)"),
-    "shadowing_db": _number(0, " (dB)"), "fading": _choice(FADINGS),
-    "rician_k_db": _number(None, " (dB)"), "noise_dbm_hz": _number(None, " (dBm/Hz)"),
-    "bs_noise_figure_db": _number(0, " (dB)"), "device_noise_figure_db": _number(0, " (dB)"),
-    "bs_power_dbm": _number(None, " (dBm)"), "device_power_dbm": _number(None, " (dBm)"),
-    "power_split": _choice(POWER_SPLITS), "se_model": _choice(SE_MODELS),
-    "cqi_table": _choice(tuple(CQI_TABLES)), "snr_gap_db": _number(0, " (dB)"),
+    "cell_radius_m": _positive(" (m)"),
+    "min_distance_m": _positive(" (m)"),
+    "pathloss_db_at_1km": _number(None, " (dB)"),
+    "pathloss_slope_db": _positive(" (dB/decade)"),
+    "penetration_loss_db": _number(0, " (dB)"),
+    "antenna_gain_db": _number(None, " (dB)"),
+    "shadowing_db": _number(0, " (dB)"),
+    "fading": _choice(FADINGS),
+    "rician_k_db": _number(None, " (dB)"),
+    "noise_dbm_hz": _number(None, " (dBm/Hz)"),
+    "bs_noise_figure_db": _number(0, " (dB)"),
+    "device_noise_figure_db": _number(0, " (dB)"),
+    "bs_power_dbm": _number(None, " (dBm)"),
+    "device_power_dbm": _number(None, " (dBm)"),
+    "power_split": _choice(POWER_SPLITS),
+    "se_model": _choice(SE_MODELS),
+    "cqi_table": _choice(tuple(CQI_TABLES)),
+    "snr_gap_db": _number(0, " (dB)"),
 }
 
 
-def check_channel_params(params: Mapping[str, Any], complete: bool = True
-                         ) -> list[tuple[str, str]]:
+def check_channel_params(params: Mapping[str, Any], complete: bool = True) -> list[tuple[str, str]]:
     """``(key, problem)`` for each unknown key and bad value among :class:`ChannelModel`'s
     keyword arguments ``params`` (empty: all good). ``complete``: ``params`` is the whole set
     (missing keys take their defaults), so that keys are also checked against each other
@@ -234,8 +278,10 @@ def check_channel_params(params: Mapping[str, Any], complete: bool = True
     if complete and not problems:
         full = {**CHANNEL_DEFAULTS, **params}
         if full["min_distance_m"] > full["cell_radius_m"]:
-            msg = (f"must be <= cell_radius_m ({full['cell_radius_m']:g}), "
-                   f"not {full['min_distance_m']!r}")
+            msg = (
+                f"must be <= cell_radius_m ({full['cell_radius_m']:g}), "
+                f"not {full['min_distance_m']!r}"
+            )
             problems.append(("min_distance_m", msg))
     return problems
 
@@ -261,15 +307,30 @@ class ChannelModel:
         One line per bad parameter, naming it (``channel.<key>: ...``).
     """
 
-    def __init__(self, devices: int | Sequence[str], seed: int = 0, *,
-                 cell_radius_m: float = 200.0, min_distance_m: float = 35.0,
-                 pathloss_db_at_1km: float = 128.1, pathloss_slope_db: float = 37.6,
-                 penetration_loss_db: float = 20.0, antenna_gain_db: float = 0.0,
-                 shadowing_db: float = 8.0, fading: str = "rayleigh", rician_k_db: float = 9.0,
-                 noise_dbm_hz: float = -174.0, bs_noise_figure_db: float = 5.0,
-                 device_noise_figure_db: float = 9.0, bs_power_dbm: float = 46.0,
-                 device_power_dbm: float = 23.0, power_split: str = "bandwidth",
-                 se_model: str = "capped", cqi_table: int = 1, snr_gap_db: float = 0.0):
+    def __init__(
+        self,
+        devices: int | Sequence[str],
+        seed: int = 0,
+        *,
+        cell_radius_m: float = 200.0,
+        min_distance_m: float = 35.0,
+        pathloss_db_at_1km: float = 128.1,
+        pathloss_slope_db: float = 37.6,
+        penetration_loss_db: float = 20.0,
+        antenna_gain_db: float = 0.0,
+        shadowing_db: float = 8.0,
+        fading: str = "rayleigh",
+        rician_k_db: float = 9.0,
+        noise_dbm_hz: float = -174.0,
+        bs_noise_figure_db: float = 5.0,
+        device_noise_figure_db: float = 9.0,
+        bs_power_dbm: float = 46.0,
+        device_power_dbm: float = 23.0,
+        power_split: str = "bandwidth",
+        se_model: str = "capped",
+        cqi_table: int = 1,
+        snr_gap_db: float = 0.0,
+    ):
         names = [f"dev{i}" for i in range(devices)] if isinstance(devices, int) else list(devices)
         if not names:
             raise ConfigError("channel: no devices")
@@ -289,17 +350,19 @@ class ChannelModel:
             rng = np.random.default_rng([self.seed, zlib.crc32(name.encode())])
             u, z = rng.random(), rng.standard_normal()
             # uniform by area in the annulus: r^2 uniform in [r_min^2, R^2]
-            dist.append(math.sqrt(min_distance_m ** 2
-                                  + u * (cell_radius_m ** 2 - min_distance_m ** 2)))
+            dist.append(math.sqrt(min_distance_m**2 + u * (cell_radius_m**2 - min_distance_m**2)))
             shadow.append(shadowing_db * z)
         self.distance_m = np.array(dist)
         self.shadowing_db = np.array(shadow)
         self.pathloss_db = pathloss_db_at_1km + pathloss_slope_db * np.log10(self.distance_m / 1e3)
-        self.large_scale_gain = 10.0 ** ((antenna_gain_db - penetration_loss_db
-                                          - self.pathloss_db - self.shadowing_db) / 10.0)
+        self.large_scale_gain = 10.0 ** (
+            (antenna_gain_db - penetration_loss_db - self.pathloss_db - self.shadowing_db) / 10.0
+        )
         #: noise per Hz at the receiver of each direction (W/Hz)
-        self.noise_w_hz = {"down": dbm_to_w(noise_dbm_hz + device_noise_figure_db),
-                           "up": dbm_to_w(noise_dbm_hz + bs_noise_figure_db)}
+        self.noise_w_hz = {
+            "down": dbm_to_w(noise_dbm_hz + device_noise_figure_db),
+            "up": dbm_to_w(noise_dbm_hz + bs_noise_figure_db),
+        }
         #: the transmitter's whole power in each direction (W): the BS's, one device's
         self.power_w = {"down": dbm_to_w(bs_power_dbm), "up": dbm_to_w(device_power_dbm)}
         self.power_split = power_split
@@ -346,21 +409,27 @@ class ChannelModel:
         memo = self._memo
         value = memo.get(key)
         if value is None:
-            if len(memo) > 64:          # many cells' budgets in one epoch: start over
+            if len(memo) > 64:  # many cells' budgets in one epoch: start over
                 memo.clear()
             memo[key] = value = make()
         return value
 
     def _snr_hz(self, epoch: int, direction: str) -> np.ndarray:
         """:meth:`snr_per_hz` of ``epoch``, shared (per-epoch cache): read only."""
-        return self._derived(epoch, ("snr", direction), lambda: (
-            self.power_w[direction] * self.gains(epoch) / self.noise_w_hz[direction]))
+        return self._derived(
+            epoch,
+            ("snr", direction),
+            lambda: self.power_w[direction] * self.gains(epoch) / self.noise_w_hz[direction],
+        )
 
     def _se_split(self, epoch: int, total_hz: float) -> np.ndarray:
         """Spectral efficiency of each device on the split downlink of a cell of ``total_hz``
         (> 0) in ``epoch``: the same whatever its bandwidth (per-epoch cache: read only)."""
-        return self._derived(epoch, ("se-split", total_hz), lambda: self.spectral_efficiency(
-            self._snr_hz(epoch, "down") / total_hz))
+        return self._derived(
+            epoch,
+            ("se-split", total_hz),
+            lambda: self.spectral_efficiency(self._snr_hz(epoch, "down") / total_hz),
+        )
 
     # -- power, SNR, rate ------------------------------------------------------------------
     @staticmethod
@@ -368,15 +437,15 @@ class ChannelModel:
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be 'down' or 'up', got {direction!r}")
 
-    def _bandwidths(self, bandwidth_hz: np.ndarray | float, total_hz: float | None
-                    ) -> tuple[np.ndarray, float]:
+    def _bandwidths(
+        self, bandwidth_hz: np.ndarray | float, total_hz: float | None
+    ) -> tuple[np.ndarray, float]:
         n = len(self.devices)
         b = np.asarray(bandwidth_hz, dtype=np.float64)
         if b.ndim == 0:
             b = np.full(n, float(b))
         elif b.shape != (n,):
-            raise ValueError(f"bandwidth_hz: one per device ({n}) or a scalar, got shape "
-                             f"{b.shape}")
+            raise ValueError(f"bandwidth_hz: one per device ({n}) or a scalar, got shape {b.shape}")
         # default: the bandwidths given are the whole cell
         return b, float(b.sum()) if total_hz is None else float(total_hz)
 
@@ -387,8 +456,13 @@ class ChannelModel:
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(b > 0, s_hz / b, 0.0)
 
-    def tx_power_w(self, bandwidth_hz: np.ndarray | float, direction: str = "down", *,
-                   total_hz: float | None = None) -> np.ndarray:
+    def tx_power_w(
+        self,
+        bandwidth_hz: np.ndarray | float,
+        direction: str = "down",
+        *,
+        total_hz: float | None = None,
+    ) -> np.ndarray:
         """Transmit power (W) per device in ``direction`` for its bandwidth ``bandwidth_hz``
         (scalar: every device; or one per device), 0 without bandwidth.
 
@@ -404,8 +478,14 @@ class ChannelModel:
             return p * b / total if total > 0 else np.zeros(len(b))
         return np.where(b > 0, p, 0.0)
 
-    def snr(self, bandwidth_hz: np.ndarray | float, direction: str = "down", epoch: int = 0, *,
-            total_hz: float | None = None) -> np.ndarray:
+    def snr(
+        self,
+        bandwidth_hz: np.ndarray | float,
+        direction: str = "down",
+        epoch: int = 0,
+        *,
+        total_hz: float | None = None,
+    ) -> np.ndarray:
         """Linear SNR per device over its bandwidth: ``P_k g_k / (N0 B_k)`` (0 without
         bandwidth). Downlink with the power split: ``P g_k / (N0 total_hz)`` whatever ``B_k``.
         Arguments as :meth:`tx_power_w`."""
@@ -423,15 +503,21 @@ class ChannelModel:
         but for numpy's ``log2`` (whose result on a scalar is its result on an array)."""
         x = float(_log2(1.0 + snr / self._gap))
         if self.se_model == "capped":
-            return min(x, self._top)                     # as np.minimum, nan included
+            return min(x, self._top)  # as np.minimum, nan included
         if self.se_model == "shannon":
             return x
         eff = _CQI_LISTS[self.cqi_table]
-        i = bisect.bisect_right(eff, x)                  # entries the link reaches
+        i = bisect.bisect_right(eff, x)  # entries the link reaches
         return eff[i - 1] if i > 0 else 0.0
 
-    def rates_bps(self, bandwidth_hz: np.ndarray | float, direction: str = "down",
-                  epoch: int = 0, *, total_hz: float | None = None) -> np.ndarray:
+    def rates_bps(
+        self,
+        bandwidth_hz: np.ndarray | float,
+        direction: str = "down",
+        epoch: int = 0,
+        *,
+        total_hz: float | None = None,
+    ) -> np.ndarray:
         """Rate per device (bit/s): ``B_k se(SNR_k)`` in ``direction`` and ``epoch``, for the
         bandwidth(s) ``bandwidth_hz`` (scalar: every device; or one per device) in a cell of
         ``total_hz`` (default: the sum of the bandwidths; it sets the downlink's power shares).
@@ -439,7 +525,7 @@ class ChannelModel:
         self._check_direction(direction)
         b, total = self._bandwidths(bandwidth_hz, total_hz)
         if direction == "down" and self.power_split == "bandwidth":
-            if total > 0:                # the SNR (and so the efficiency) is the cell's
+            if total > 0:  # the SNR (and so the efficiency) is the cell's
                 return np.where(b > 0, b * self._se_split(epoch, total), 0.0)
             se = self.spectral_efficiency(self._snr(b, total, direction, epoch))
         else:
@@ -452,8 +538,15 @@ class ChannelModel:
         se = self.spectral_efficiency(s_hz / np.where(b > 0, b, math.inf))
         return np.where(b > 0, b * se, 0.0)
 
-    def rate_bps(self, device: str, bandwidth_hz: float, direction: str = "down",
-                 epoch: int = 0, *, total_hz: float | None = None) -> float:
+    def rate_bps(
+        self,
+        device: str,
+        bandwidth_hz: float,
+        direction: str = "down",
+        epoch: int = 0,
+        *,
+        total_hz: float | None = None,
+    ) -> float:
         """Rate (bit/s) of ``device`` with ``bandwidth_hz`` in ``direction``; ``total_hz``:
         the cell's bandwidth (default: ``bandwidth_hz`` for every device, an equal split)."""
         if device not in self.index:
@@ -471,8 +564,9 @@ class ChannelModel:
         self._check_direction(direction)
         return self._snr_hz(epoch, direction).copy()
 
-    def rate_form(self, direction: str = "down", epoch: int = 0, *, total_hz: float
-                  ) -> tuple[np.ndarray, np.ndarray]:
+    def rate_form(
+        self, direction: str = "down", epoch: int = 0, *, total_hz: float
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``(x, cap)`` per device such that its rate with bandwidth ``B`` in a cell of
         ``total_hz`` is ``B min(log2(1 + x/B), cap)`` (bit/s).
 
@@ -486,29 +580,42 @@ class ChannelModel:
         x, cap = self._rate_form(direction, epoch, total_hz)
         return x.copy(), cap.copy()
 
-    def _rate_form(self, direction: str, epoch: int, total_hz: float
-                   ) -> tuple[np.ndarray, np.ndarray]:
+    def _rate_form(
+        self, direction: str, epoch: int, total_hz: float
+    ) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`rate_form`, shared (per-epoch cache): read only."""
-        return self._derived(epoch, ("form", direction, total_hz),
-                             lambda: self._make_rate_form(direction, epoch, total_hz))
+        return self._derived(
+            epoch,
+            ("form", direction, total_hz),
+            lambda: self._make_rate_form(direction, epoch, total_hz),
+        )
 
-    def _make_rate_form(self, direction: str, epoch: int, total_hz: float
-                        ) -> tuple[np.ndarray, np.ndarray]:
+    def _make_rate_form(
+        self, direction: str, epoch: int, total_hz: float
+    ) -> tuple[np.ndarray, np.ndarray]:
         n = len(self.devices)
         if direction == "down" and self.power_split == "bandwidth":
             if total_hz > 0 and total_hz / n > 0:
                 se = self._se_split(epoch, total_hz)
             else:
-                se = self.spectral_efficiency(self.snr(total_hz / n, "down", epoch,
-                                                       total_hz=total_hz))
+                se = self.spectral_efficiency(
+                    self.snr(total_hz / n, "down", epoch, total_hz=total_hz)
+                )
             return np.full(n, math.inf), np.asarray(se, dtype=np.float64)
         x = self._snr_hz(epoch, direction) / 10.0 ** (self.snr_gap_db / 10.0)
         cap = math.inf if self.se_model == "shannon" else float(_CQI_EFF[self.cqi_table][-1])
         return x, np.full(n, cap)
 
-    def min_max_bandwidth(self, bits_down: np.ndarray, bits_up: np.ndarray,
-                          fixed_ms: np.ndarray | float, epoch: int, total_hz: float, *,
-                          rtol: float = 1e-9) -> np.ndarray:
+    def min_max_bandwidth(
+        self,
+        bits_down: np.ndarray,
+        bits_up: np.ndarray,
+        fixed_ms: np.ndarray | float,
+        epoch: int,
+        total_hz: float,
+        *,
+        rtol: float = 1e-9,
+    ) -> np.ndarray:
         """Split ``total_hz`` over the devices to minimise ``max_k t_k`` where
         ``t_k = fixed_ms_k + bits_down_k / r_down(B_k) + bits_up_k / r_up(B_k)`` (ms), at this
         channel's rates in ``epoch`` (:meth:`rate_form`; the BS's power spread over
@@ -539,15 +646,22 @@ class ChannelModel:
 
     def _form_lists(self, epoch: int, total_hz: float) -> tuple[list[float], ...]:
         """``(xd, cd, xu, cu)``: :meth:`rate_form` both ways as lists (per-epoch cache)."""
-        return self._derived(epoch, ("form-lists", total_hz), lambda: tuple(
-            a.tolist() for d in DIRECTIONS for a in self._rate_form(d, epoch, total_hz)))
+        return self._derived(
+            epoch,
+            ("form-lists", total_hz),
+            lambda: tuple(
+                a.tolist() for d in DIRECTIONS for a in self._rate_form(d, epoch, total_hz)
+            ),
+        )
 
-    def cell_epoch(self, epoch: int, total_hz: float, index: Sequence[int] | None = None
-                   ) -> CellEpoch:
+    def cell_epoch(
+        self, epoch: int, total_hz: float, index: Sequence[int] | None = None
+    ) -> CellEpoch:
         """The devices ``index`` (indices into :attr:`devices`; default: all) in ``epoch`` and
         a cell of ``total_hz``, for pricing many allocations (:class:`CellEpoch`)."""
-        return CellEpoch(self, epoch, total_hz, range(len(self.devices)) if index is None
-                         else index)
+        return CellEpoch(
+            self, epoch, total_hz, range(len(self.devices)) if index is None else index
+        )
 
 
 class CellEpoch:
@@ -592,9 +706,11 @@ class CellEpoch:
             cap = math.inf if m.se_model == "shannon" else float(_CQI_EFF[m.cqi_table][-1])
             form = []
             for d, s_hz in zip(DIRECTIONS, snr):
-                if d == "down" and m.power_split == "bandwidth":   # the split downlink
-                    form += [[math.inf] * len(s_hz),
-                             [m._se_scalar(s / self.total_hz) for s in s_hz]]
+                if d == "down" and m.power_split == "bandwidth":  # the split downlink
+                    form += [
+                        [math.inf] * len(s_hz),
+                        [m._se_scalar(s / self.total_hz) for s in s_hz],
+                    ]
                 else:
                     form += [[s / gap for s in s_hz], [cap] * len(s_hz)]
             self._links = (*form, *snr)
@@ -608,21 +724,27 @@ class CellEpoch:
         if not self._plain:
             full = np.zeros(len(m.devices))
             full[self.index] = bandwidth_hz
-            return tuple(m.rates_bps(full, d, self.epoch, total_hz=self.total_hz)[self.index]
-                         .tolist() for d in DIRECTIONS)  # type: ignore[return-value]
+            return tuple(
+                m.rates_bps(full, d, self.epoch, total_hz=self.total_hz)[self.index].tolist()
+                for d in DIRECTIONS
+            )  # type: ignore[return-value]
         _, se_split, _, _, *snr = self._floats()
         out = []
         for d, s_hz in zip(DIRECTIONS, snr):
-            if d == "down" and m.power_split == "bandwidth":   # the cell's SNR and efficiency
+            if d == "down" and m.power_split == "bandwidth":  # the cell's SNR and efficiency
                 out.append([b * se if b > 0 else 0.0 for b, se in zip(bandwidth_hz, se_split)])
-            else:                                              # SNR s / B_k
+            else:  # SNR s / B_k
                 se_of = m._se_scalar
-                out.append([b * se_of(s / b) if b > 0 else 0.0
-                            for b, s in zip(bandwidth_hz, s_hz)])
+                out.append([b * se_of(s / b) if b > 0 else 0.0 for b, s in zip(bandwidth_hz, s_hz)])
         return out[0], out[1]
 
-    def min_max(self, bits_down: Sequence[float], bits_up: Sequence[float],
-                fixed_ms: Sequence[float], rtol: float = 1e-9) -> list[float]:
+    def min_max(
+        self,
+        bits_down: Sequence[float],
+        bits_up: Sequence[float],
+        fixed_ms: Sequence[float],
+        rtol: float = 1e-9,
+    ) -> list[float]:
         """:meth:`ChannelModel.min_max_bandwidth` for these devices (the others carry
         nothing): the bandwidth of each (Hz) minimising the largest
         ``fixed_ms + bits_down / r_down + bits_up / r_up``; 0 for a device with no bits."""
@@ -631,8 +753,9 @@ class CellEpoch:
             for a in (bits_down, bits_up, fixed_ms):
                 full.append(np.zeros(len(m.devices)))
                 full[-1][self.index] = a
-            return m.min_max_bandwidth(*full, self.epoch, self.total_hz, rtol=rtol
-                                       )[self.index].tolist()
+            return m.min_max_bandwidth(*full, self.epoch, self.total_hz, rtol=rtol)[
+                self.index
+            ].tolist()
         xd, cd, xu, cu, _, _ = self._floats()
         dev, c, at = [], [], []
         # the solver meets the loaded devices in the model's order (its sums run in it)
@@ -665,8 +788,10 @@ def _per_device(x: np.ndarray | float, n: int) -> np.ndarray:
 # the functions below as the tuple ``(kd, xd, cd, ku, xu, cu, floor)`` (:func:`_transfer`).
 # Plain floats and inlined rates: the solver runs in the policies' decisions.
 
-def _transfer(kd: float, xd: float, cd: float, ku: float, xu: float, cu: float
-              ) -> tuple[float, ...]:
+
+def _transfer(
+    kd: float, xd: float, cd: float, ku: float, xu: float, cu: float
+) -> tuple[float, ...]:
     """The transfer tuple, with ``floor`` the time as ``B -> inf``: ``k ln2 / x`` each way
     (0 for a rate that grows without bound; ``inf`` for one that stays 0)."""
     floor = 0.0
@@ -676,8 +801,9 @@ def _transfer(kd: float, xd: float, cd: float, ku: float, xu: float, cu: float
     return (kd, xd, cd, ku, xu, cu, floor)
 
 
-def _transfer_ms(b: float, kd: float, xd: float, cd: float, ku: float, xu: float, cu: float
-                 ) -> tuple[float, float]:
+def _transfer_ms(
+    b: float, kd: float, xd: float, cd: float, ku: float, xu: float, cu: float
+) -> tuple[float, float]:
     """``f(b)`` and ``f'(b)`` (``(inf, -inf)`` where a needed rate is 0)."""
     f = df = 0.0
     if kd > 0:
@@ -711,8 +837,18 @@ def _transfer_ms(b: float, kd: float, xd: float, cd: float, ku: float, xu: float
     return f, df
 
 
-def _least_bandwidth(tau: float, b: float, rtol: float, kd: float, xd: float, cd: float,
-                     ku: float, xu: float, cu: float, floor: float) -> tuple[float, float]:
+def _least_bandwidth(
+    tau: float,
+    b: float,
+    rtol: float,
+    kd: float,
+    xd: float,
+    cd: float,
+    ku: float,
+    xu: float,
+    cu: float,
+    floor: float,
+) -> tuple[float, float]:
     """Least ``B`` with ``f(B) <= tau`` and ``f'`` there (``inf`` when no bandwidth is
     enough), from ``b``. Newton on the concave ``h = 1 / f``: from any point its tangent
     lies above it, so the steps land left of the root and then climb. (:func:`_transfer_ms`
@@ -762,7 +898,7 @@ def _least_bandwidth(tau: float, b: float, rtol: float, kd: float, xd: float, cd
         if (done and f <= stop) or steps == 200:
             return b, df
         steps += 1
-        if f == inf:                                 # no rate at all here: try wider
+        if f == inf:  # no rate at all here: try wider
             b *= 2.0
             done = False
             continue
@@ -773,8 +909,9 @@ def _least_bandwidth(tau: float, b: float, rtol: float, kd: float, xd: float, cd
         b = nb
 
 
-def _min_max_solve(dev: list[tuple[float, ...]], c: list[float], total_hz: float,
-                   rtol: float) -> list[float]:
+def _min_max_solve(
+    dev: list[tuple[float, ...]], c: list[float], total_hz: float, rtol: float
+) -> list[float]:
     """The bandwidths of :meth:`ChannelModel.min_max_bandwidth` for the loaded devices
     ``dev`` (transfer tuples, above) with fixed times ``c`` (ms): the least ``T`` with
     ``sum_k B_k(T) <= total_hz`` by Newton on ``T`` inside a bisection bracket."""
@@ -783,7 +920,7 @@ def _min_max_solve(dev: list[tuple[float, ...]], c: list[float], total_hz: float
     # to beat T_lo (every device's transfer time as B -> inf)
     hi = max(cj + _transfer_ms(eq, *d[:6])[0] for cj, d in zip(c, dev))
     lo = max(cj + d[6] for cj, d in zip(c, dev))
-    if lo == math.inf:          # a device no bandwidth gets through: nothing to optimise
+    if lo == math.inf:  # a device no bandwidth gets through: nothing to optimise
         return [eq] * len(dev)
     t, bw = hi, [eq] * len(dev)
     best = list(bw)
@@ -794,7 +931,7 @@ def _min_max_solve(dev: list[tuple[float, ...]], c: list[float], total_hz: float
             if b == math.inf:
                 break
             new.append(b)
-            slope += 1.0 / df                        # dB/dT = 1 / t'(B) < 0
+            slope += 1.0 / df  # dB/dT = 1 / t'(B) < 0
         else:
             bw = new
             phi = sum(bw) - total_hz
@@ -811,9 +948,9 @@ def _min_max_solve(dev: list[tuple[float, ...]], c: list[float], total_hz: float
                 break
             t = nt
             continue
-        lo = t                                       # some device cannot reach T at all
+        lo = t  # some device cannot reach T at all
         t = 0.5 * (lo + hi)
-    if sum(bw) > total_hz:                           # a hair left of T*: shrink to the budget
+    if sum(bw) > total_hz:  # a hair left of T*: shrink to the budget
         scale = total_hz / sum(bw)
         bw = [b * scale for b in bw] if scale > 1.0 - 1e-6 else best
     return bw
@@ -821,8 +958,10 @@ def _min_max_solve(dev: list[tuple[float, ...]], c: list[float], total_hz: float
 
 #: every :class:`ChannelModel` parameter with its default (the recipe's ``links.channel``)
 CHANNEL_DEFAULTS: dict[str, Any] = {
-    k: p.default for k, p in inspect.signature(ChannelModel.__init__).parameters.items()
-    if k in _CHECKS}
+    k: p.default
+    for k, p in inspect.signature(ChannelModel.__init__).parameters.items()
+    if k in _CHECKS
+}
 
 
 # -- traces ------------------------------------------------------------------------------
@@ -845,9 +984,14 @@ def _split(model: ChannelModel, bandwidth_hz: float | Mapping[str, float]) -> np
     return np.full(len(model.devices), float(bandwidth_hz) / len(model.devices))
 
 
-def trace_rows(model: ChannelModel, epochs: int, bandwidth_hz: float | Mapping[str, float],
-               epoch_s: float = 1.0, first_epoch: int = 0, total_hz: float | None = None
-               ) -> list[TraceRow]:
+def trace_rows(
+    model: ChannelModel,
+    epochs: int,
+    bandwidth_hz: float | Mapping[str, float],
+    epoch_s: float = 1.0,
+    first_epoch: int = 0,
+    total_hz: float | None = None,
+) -> list[TraceRow]:
     """Rates of every device for ``epochs`` epochs (pure; :func:`write_trace` writes them).
 
     ``bandwidth_hz``: the total bandwidth, split equally over the devices, or a bandwidth per
@@ -861,14 +1005,22 @@ def trace_rows(model: ChannelModel, epochs: int, bandwidth_hz: float | Mapping[s
         ep = first_epoch + k
         down = model.rates_bps(b, "down", ep, total_hz=total) / 1e3
         up = model.rates_bps(b, "up", ep, total_hz=total) / 1e3
-        rows.extend(TraceRow(round(k * epoch_s, 9), d, float(down[i]), float(up[i]))
-                    for i, d in enumerate(model.devices))
+        rows.extend(
+            TraceRow(round(k * epoch_s, 9), d, float(down[i]), float(up[i]))
+            for i, d in enumerate(model.devices)
+        )
     return rows
 
 
-def write_trace(path: str | Path, model: ChannelModel, epochs: int,
-                bandwidth_hz: float | Mapping[str, float], epoch_s: float = 1.0,
-                first_epoch: int = 0, total_hz: float | None = None) -> list[TraceRow]:
+def write_trace(
+    path: str | Path,
+    model: ChannelModel,
+    epochs: int,
+    bandwidth_hz: float | Mapping[str, float],
+    epoch_s: float = 1.0,
+    first_epoch: int = 0,
+    total_hz: float | None = None,
+) -> list[TraceRow]:
     """Write a channel trace CSV (``time_s,device,rate_down_kbit,rate_up_kbit``) and return
     its rows. See :func:`trace_rows` for the arguments."""
     rows = trace_rows(model, epochs, bandwidth_hz, epoch_s, first_epoch, total_hz)
@@ -877,8 +1029,9 @@ def write_trace(path: str | Path, model: ChannelModel, epochs: int,
         w = csv.writer(f)
         w.writerow(TRACE_COLUMNS)
         for r in rows:
-            w.writerow([f"{r.time_s:.9g}", r.device, f"{r.rate_down_kbit:.6f}",
-                        f"{r.rate_up_kbit:.6f}"])
+            w.writerow(
+                [f"{r.time_s:.9g}", r.device, f"{r.rate_down_kbit:.6f}", f"{r.rate_up_kbit:.6f}"]
+            )
     return rows
 
 
@@ -899,14 +1052,19 @@ def read_trace(path: str | Path) -> list[TraceRow]:
         raise ConfigError(f"{path}: cannot read channel trace: {exc.strerror or exc}") from None
     lines = text.splitlines()
     if not lines or not lines[0].strip():
-        raise ConfigError(f"{path}:1: empty channel trace (expected header "
-                          f"{','.join(TRACE_COLUMNS)})")
+        raise ConfigError(
+            f"{path}:1: empty channel trace (expected header {','.join(TRACE_COLUMNS)})"
+        )
     header = [h.strip() for h in next(csv.reader([lines[0]]))]
     if tuple(header) != TRACE_COLUMNS:
-        col = next((i for i, (a, b) in enumerate(zip(header, TRACE_COLUMNS)) if a != b),
-                   min(len(header), len(TRACE_COLUMNS)))
-        raise ConfigError(f"{path}:1:{col + 1}: bad header {','.join(header)!r} "
-                          f"(expected {','.join(TRACE_COLUMNS)})")
+        col = next(
+            (i for i, (a, b) in enumerate(zip(header, TRACE_COLUMNS)) if a != b),
+            min(len(header), len(TRACE_COLUMNS)),
+        )
+        raise ConfigError(
+            f"{path}:1:{col + 1}: bad header {','.join(header)!r} "
+            f"(expected {','.join(TRACE_COLUMNS)})"
+        )
     rows: list[TraceRow] = []
     last_t: float | None = None
     seen: set[str] = set()
@@ -914,32 +1072,36 @@ def read_trace(path: str | Path) -> list[TraceRow]:
         if not fields or (len(fields) == 1 and not fields[0].strip()):
             continue
         if len(fields) != len(TRACE_COLUMNS):
-            raise ConfigError(f"{path}:{lineno}: expected {len(TRACE_COLUMNS)} fields "
-                              f"({','.join(TRACE_COLUMNS)}), got {len(fields)}")
+            raise ConfigError(
+                f"{path}:{lineno}: expected {len(TRACE_COLUMNS)} fields "
+                f"({','.join(TRACE_COLUMNS)}), got {len(fields)}"
+            )
         vals: list[float] = []
         for col, name in ((1, "time_s"), (3, "rate_down_kbit"), (4, "rate_up_kbit")):
             raw = fields[col - 1].strip()
             try:
                 v = float(raw)
             except ValueError:
-                raise ConfigError(f"{path}:{lineno}:{col}: {name}: {raw!r} is not a number") \
-                    from None
+                raise ConfigError(
+                    f"{path}:{lineno}:{col}: {name}: {raw!r} is not a number"
+                ) from None
             if not math.isfinite(v) or v < 0:
-                raise ConfigError(f"{path}:{lineno}:{col}: {name}: {raw!r} must be a finite "
-                                  "number >= 0")
+                raise ConfigError(
+                    f"{path}:{lineno}:{col}: {name}: {raw!r} must be a finite number >= 0"
+                )
             vals.append(v)
         device = fields[1].strip()
         if not device:
             raise ConfigError(f"{path}:{lineno}:2: device: empty name")
         t = vals[0]
         if last_t is not None and t < last_t:
-            raise ConfigError(f"{path}:{lineno}:1: time_s: {t:g} goes back in time "
-                              f"(previous row {last_t:g})")
+            raise ConfigError(
+                f"{path}:{lineno}:1: time_s: {t:g} goes back in time (previous row {last_t:g})"
+            )
         if t != last_t:
             seen = set()
         if device in seen:
-            raise ConfigError(f"{path}:{lineno}:2: device: {device!r} listed twice at "
-                              f"time_s {t:g}")
+            raise ConfigError(f"{path}:{lineno}:2: device: {device!r} listed twice at time_s {t:g}")
         seen.add(device)
         last_t = t
         rows.append(TraceRow(t, device, vals[1], vals[2]))

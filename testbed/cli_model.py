@@ -156,10 +156,15 @@ def widen(
     hidden: int = typer.Option(4096, "--hidden", min=1, help="Experts' (and the wire's) width."),
     seed: int = typer.Option(0, "--seed", help="Seed of the orthonormal lift."),
     intermediate: int | None = typer.Option(
-        None, "--intermediate", min=1, help="Experts' intermediate size, zero-padded (default: as trained)."
+        None,
+        "--intermediate",
+        min=1,
+        help="Experts' intermediate size, zero-padded (default: as trained).",
     ),
     dtype: str | None = typer.Option(
-        None, "--dtype", help="Stored expert dtype: float32, bfloat16 or float16 (default: as stored)."
+        None,
+        "--dtype",
+        help="Stored expert dtype: float32, bfloat16 or float16 (default: as stored).",
     ),
     fmt: OutFormat = FormatOpt,
 ) -> None:
@@ -177,8 +182,9 @@ def widen(
             src = resolve_split(model, where="MODEL")
         except ConfigError as e:
             raise ModelError(*str(e).partition(": ")[::2]) from None
-        m = widen_split(src, out_dir, hidden=hidden, seed=seed, intermediate=intermediate,
-                        dtype=dtype)
+        m = widen_split(
+            src, out_dir, hidden=hidden, seed=seed, intermediate=intermediate, dtype=dtype
+        )
         e0 = next(iter(m["experts"].values()))
         return {
             "out_dir": str(out_dir),
@@ -218,8 +224,10 @@ def eval_cmd(
     quant: str | None = typer.Option(None, "--quant", help="int8 or int4 expert weights."),
     threads: int = typer.Option(2, "--threads", min=1, help="torch threads."),
     wire_dtype: str | None = typer.Option(
-        None, "--wire-dtype", help="Hidden states to/from the experts in fp32, bf16 or fp16 "
-        "(default: the model's dtype), as on a testbed's wire."
+        None,
+        "--wire-dtype",
+        help="Hidden states to/from the experts in fp32, bf16 or fp16 "
+        "(default: the model's dtype), as on a testbed's wire.",
     ),
     fmt: OutFormat = FormatOpt,
 ) -> None:
@@ -254,7 +262,9 @@ def eval_cmd(
                 "--expert-runtime", f"unknown expert runtime {expert_runtime!r}; use torch or onnx"
             )
         if wire_dtype not in (None, "fp32", "bf16", "fp16", "float32", "bfloat16", "float16"):
-            raise ModelError("--wire-dtype", f"unknown wire dtype {wire_dtype!r}; use fp32, bf16 or fp16")
+            raise ModelError(
+                "--wire-dtype", f"unknown wire dtype {wire_dtype!r}; use fp32, bf16 or fp16"
+            )
         builtin = not model_dir.is_dir() and is_short_name(str(model_dir))
         if not model_dir.is_dir() and not builtin:
             raise ModelError(str(model_dir), "not a directory")
@@ -302,7 +312,9 @@ def eval_cmd(
             "quant": quant,
             "hidden_size": bs.manifest.model_hidden_size,
             "expert_hidden_size": bs.manifest.hidden_size,
-            "wire_dtype": str(bs.controller.wire_dtype or next(bs.model.parameters()).dtype).removeprefix("torch."),
+            "wire_dtype": str(
+                bs.controller.wire_dtype or next(bs.model.parameters()).dtype
+            ).removeprefix("torch."),
             "results": results,
         }
 

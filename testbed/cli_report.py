@@ -13,10 +13,12 @@ from .cli import Format, FormatOpt, _fmt, console, emit
 def register(app: typer.Typer) -> None:
     @app.command("report")
     def report(
-        run_dirs: list[Path] = typer.Argument(..., help="Results folders (results/<run-id>/).",
-                                              metavar="RUN_DIR", show_default=False),
-        out: Optional[Path] = typer.Option(None, "--out", help="Where the PNG plots go "
-                                           "(default: <first RUN_DIR>/plots)."),
+        run_dirs: list[Path] = typer.Argument(
+            ..., help="Results folders (results/<run-id>/).", metavar="RUN_DIR", show_default=False
+        ),
+        out: Optional[Path] = typer.Option(
+            None, "--out", help="Where the PNG plots go (default: <first RUN_DIR>/plots)."
+        ),
         fmt: Format = FormatOpt,
     ) -> None:
         """Table per run x policy x sweep point (from requests/layers/calls.csv); each policy
@@ -63,11 +65,22 @@ def register(app: typer.Typer) -> None:
                 console.print(deploy_report.table(deployment), crop=False)
         plots = write_plots(rep, out)
         if fmt == Format.json:
-            emit(fmt, {"runs": [r.describe() for r in rep.runs], "rows": rep.rows,
-                       "versus_topk": versus, "prediction": prediction, "time_shares": shares, "faults": faults, "deployment": deployment,
-                       "plots": [str(p) for p in plots]})
+            emit(
+                fmt,
+                {
+                    "runs": [r.describe() for r in rep.runs],
+                    "rows": rep.rows,
+                    "versus_topk": versus,
+                    "prediction": prediction,
+                    "time_shares": shares,
+                    "faults": faults,
+                    "deployment": deployment,
+                    "plots": [str(p) for p in plots],
+                },
+            )
         else:  # one unwrapped line per path, so that they can be copied
-            console.print(f"plots: {plots[0].parent}/", soft_wrap=True, highlight=False,
-                          markup=False)
+            console.print(
+                f"plots: {plots[0].parent}/", soft_wrap=True, highlight=False, markup=False
+            )
             for p in plots:
                 console.print(f"  {p.name}", soft_wrap=True, highlight=False, markup=False)

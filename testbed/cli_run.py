@@ -8,8 +8,14 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-    TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from . import experiment
@@ -32,9 +38,16 @@ class RichProgress(experiment.Progress):
     def start(self, trials: int, requests_per_trial: int) -> None:
         if not self.enabled:
             return
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                            console=self.console, transient=False)
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
         self.bar.start()
         self.t_trials = self.bar.add_task("trials", total=trials)
         self.t_reqs = self.bar.add_task("requests", total=trials * requests_per_trial)
@@ -64,38 +77,69 @@ class RichProgress(experiment.Progress):
 
 
 def _summary_table(res: experiment.RunResult, mode: str = "") -> Table:
-    t = Table(title=f"{mode + ' ' if mode else ''}run {res.run_id}: {res.status}, "
-              f"{res.requests} requests ({res.run_dir})")
-    for c in ("trial", "policy", "point", "p50 ms", "p95 ms", "tpot ms", "accuracy", "net share",
-              "failed calls"):
+    t = Table(
+        title=f"{mode + ' ' if mode else ''}run {res.run_id}: {res.status}, "
+        f"{res.requests} requests ({res.run_dir})"
+    )
+    for c in (
+        "trial",
+        "policy",
+        "point",
+        "p50 ms",
+        "p95 ms",
+        "tpot ms",
+        "accuracy",
+        "net share",
+        "failed calls",
+    ):
         t.add_column(c)
 
     def f(v: Any, spec: str) -> str:
         return "-" if v in (None, "") else format(float(v), spec)
 
     for s in res.summary:
-        t.add_row(str(s["trial"]), s["policy"], s["point"], f(s.get("latency_p50_ms"), ".1f"),
-                  f(s.get("latency_p95_ms"), ".1f"), f(s.get("tpot_p50_ms"), ".2f"),
-                  f(s.get("accuracy"), ".3f"), f(s.get("network_share"), ".0%"),
-                  str(s.get("calls_failed", "")))
+        t.add_row(
+            str(s["trial"]),
+            s["policy"],
+            s["point"],
+            f(s.get("latency_p50_ms"), ".1f"),
+            f(s.get("latency_p95_ms"), ".1f"),
+            f(s.get("tpot_p50_ms"), ".2f"),
+            f(s.get("accuracy"), ".3f"),
+            f(s.get("network_share"), ".0%"),
+            str(s.get("calls_failed", "")),
+        )
     return t
 
 
 def register(app: typer.Typer) -> None:
     @app.command("run")
     def run(
-        recipe: Optional[Path] = typer.Argument(None, help="Recipe TOML file (not with --resume).",
-                                                show_default=False),
+        recipe: Optional[Path] = typer.Argument(
+            None, help="Recipe TOML file (not with --resume).", show_default=False
+        ),
         inventory: Optional[Path] = typer.Option(
-            None, "--inventory", "-i", help="Inventory TOML (default: a local testbed is created "
-            "for the run and removed afterwards)."),
+            None,
+            "--inventory",
+            "-i",
+            help="Inventory TOML (default: a local testbed is created "
+            "for the run and removed afterwards).",
+        ),
         out: Path = typer.Option(Path("results"), "--out", help="Parent folder of the run folder."),
-        sets: list[str] = typer.Option([], "--set", help="Override a recipe key: key=value "
-                                       "(e.g. workload.requests=5, sweep.links.rate='[\"2mbit\"]')."),
+        sets: list[str] = typer.Option(
+            [],
+            "--set",
+            help="Override a recipe key: key=value "
+            "(e.g. workload.requests=5, sweep.links.rate='[\"2mbit\"]').",
+        ),
         resume: Optional[Path] = typer.Option(
-            None, "--resume", help="Continue RUN_DIR (a run that stopped: controller crash, "
+            None,
+            "--resume",
+            help="Continue RUN_DIR (a run that stopped: controller crash, "
             "Ctrl-C, error) after its last complete trial, with its own recipe; rows of the "
-            "unfinished trial are dropped first, so nothing is duplicated.", metavar="RUN_DIR"),
+            "unfinished trial are dropped first, so nothing is duplicated.",
+            metavar="RUN_DIR",
+        ),
         fmt: Format = FormatOpt,
     ) -> None:
         """Run every trial of RECIPE; write results/<run-id>/ (manifest + CSVs)."""
@@ -104,7 +148,9 @@ def register(app: typer.Typer) -> None:
         _fmt(fmt)
         if resume is not None:
             if recipe is not None or sets:
-                raise ConfigError("--resume: takes no RECIPE or --set (the run's own recipe is used)")
+                raise ConfigError(
+                    "--resume: takes no RECIPE or --set (the run's own recipe is used)"
+                )
             rcp, inv_default = experiment.resume_plan(resume)
             inventory = inventory or inv_default
         elif recipe is None:
@@ -119,12 +165,20 @@ def register(app: typer.Typer) -> None:
     def simulate(
         recipe: Path = typer.Argument(..., help="Recipe TOML file.", show_default=False),
         devices: Optional[int] = typer.Option(
-            None, "--devices", "-n", min=1, help="Devices of every trial (replaces the "
-            "recipe's run.devices and its sweep; 1000+ is fine). Default: run.devices, else 3."),
+            None,
+            "--devices",
+            "-n",
+            min=1,
+            help="Devices of every trial (replaces the "
+            "recipe's run.devices and its sweep; 1000+ is fine). Default: run.devices, else 3.",
+        ),
         calibrate: Optional[Path] = typer.Option(
-            None, "--calibrate", help="A measured run's results folder to calibrate the latency "
+            None,
+            "--calibrate",
+            help="A measured run's results folder to calibrate the latency "
             "model from (default: the documented defaults, testbed.twin.DEFAULTS).",
-            metavar="RUN_DIR"),
+            metavar="RUN_DIR",
+        ),
         out: Path = typer.Option(Path("results"), "--out", help="Parent folder of the run folder."),
         sets: list[str] = typer.Option([], "--set", help="Override a recipe key: key=value."),
         fmt: Format = FormatOpt,
@@ -143,8 +197,11 @@ def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
         devices: int = typer.Option(4, "--devices", "-n", help="Emulated devices."),
-        recipe: Path = typer.Option(PACKAGED_RECIPES / "compare.toml", "--recipe",
-                                    help="Recipe to run (default: the packaged comparison)."),
+        recipe: Path = typer.Option(
+            PACKAGED_RECIPES / "compare.toml",
+            "--recipe",
+            help="Recipe to run (default: the packaged comparison).",
+        ),
         out: Path = typer.Option(Path("results"), "--out", help="Where results and plots go."),
         name: str = typer.Option("demo", "--name", help="Local testbed name."),
         fmt: Format = FormatOpt,
@@ -156,7 +213,11 @@ def register(app: typer.Typer) -> None:
 
         _fmt(fmt)
         rcp = load_recipe(recipe)
-        say = (lambda m: err_console.print(f"[bold]{m}[/bold]")) if fmt == Format.table else (lambda m: None)
+        say = (
+            (lambda m: err_console.print(f"[bold]{m}[/bold]"))
+            if fmt == Format.table
+            else (lambda m: None)
+        )
         t_start = time.monotonic()
         out_data: dict[str, Any] = {}
         local_tb.down(name)  # a previous demo killed halfway
@@ -173,9 +234,12 @@ def register(app: typer.Typer) -> None:
             bad = [r for r in reports if not r.ok]
             if bad:
                 from .errors import TestbedError
+
                 raise TestbedError("; ".join(f"{r.device}: {r.error}" for r in bad))
             say(f"3/4 running {recipe.name}: {len(rcp.trials())} trials")
-            res = experiment.run_recipe(rcp, inv_path, out, RichProgress(err_console, fmt == Format.table))
+            res = experiment.run_recipe(
+                rcp, inv_path, out, RichProgress(err_console, fmt == Format.table)
+            )
             out_data["run"] = res.to_dict()
         finally:
             say(f"tearing down '{name}'")
@@ -185,9 +249,16 @@ def register(app: typer.Typer) -> None:
 
         rep = build_report([res.run_dir])
         plots = write_plots(rep, res.run_dir / "plots")
-        out_data.update(report=rep.rows if hasattr(rep, "rows") else None,
-                        plots=[str(p) for p in plots], wall_s=round(time.monotonic() - t_start, 1))
+        out_data.update(
+            report=rep.rows if hasattr(rep, "rows") else None,
+            plots=[str(p) for p in plots],
+            wall_s=round(time.monotonic() - t_start, 1),
+        )
         if fmt == Format.table:
             render_table(rep, err_console if False else None)
-        emit(fmt, out_data, f"\nresults: {res.run_dir}\nplots:   {res.run_dir / 'plots'} "
-             f"({len(plots)} PNG)\ndemo wall time {out_data['wall_s']} s")
+        emit(
+            fmt,
+            out_data,
+            f"\nresults: {res.run_dir}\nplots:   {res.run_dir / 'plots'} "
+            f"({len(plots)} PNG)\ndemo wall time {out_data['wall_s']} s",
+        )

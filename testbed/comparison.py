@@ -42,8 +42,11 @@ def accuracy(requests: Iterable[Mapping[str, Any]]) -> float | None:
     return float(np.mean(xs)) if xs else None
 
 
-def prediction_ratio(layers: Iterable[Mapping[str, Any]], predicted: str = "predicted_ms",
-                     measured: Sequence[str] = ("moe_ms",)) -> dict[str, Any] | None:
+def prediction_ratio(
+    layers: Iterable[Mapping[str, Any]],
+    predicted: str = "predicted_ms",
+    measured: Sequence[str] = ("moe_ms",),
+) -> dict[str, Any] | None:
     """``predicted / sum(measured)`` over the layer rows with all of them: n, median, p10,
     p90 (default ``predicted_ms / moe_ms``)."""
     xs = []
@@ -55,8 +58,12 @@ def prediction_ratio(layers: Iterable[Mapping[str, Any]], predicted: str = "pred
     if not xs:
         return None
     a = np.asarray(xs)
-    return {"n": len(xs), "median": float(np.median(a)), "p10": float(np.percentile(a, 10)),
-            "p90": float(np.percentile(a, 90))}
+    return {
+        "n": len(xs),
+        "median": float(np.median(a)),
+        "p10": float(np.percentile(a, 10)),
+        "p90": float(np.percentile(a, 90)),
+    }
 
 
 def prediction_rows(groups: Sequence[Any]) -> list[dict[str, Any]]:
@@ -69,12 +76,18 @@ def prediction_rows(groups: Sequence[Any]) -> list[dict[str, Any]]:
         ex = prediction_ratio(g.layers)
         if ex is None:
             continue
-        out.append({"run": g.run.run_id, "policy": g.policy,
-                    "point": _point_label({"policy": g.policy, "point": g.point}),
-                    "exchange": ex,
-                    "critical": prediction_ratio(g.layers, "predicted_critical_ms",
-                                                 ("decision_ms", "change_ms", "moe_ms")),
-                    "policy_model": prediction_ratio(g.layers, "policy_predicted_ms")})
+        out.append(
+            {
+                "run": g.run.run_id,
+                "policy": g.policy,
+                "point": _point_label({"policy": g.policy, "point": g.point}),
+                "exchange": ex,
+                "critical": prediction_ratio(
+                    g.layers, "predicted_critical_ms", ("decision_ms", "change_ms", "moe_ms")
+                ),
+                "policy_model": prediction_ratio(g.layers, "policy_predicted_ms"),
+            }
+        )
     return out
 
 
@@ -84,17 +97,21 @@ def prediction_table(rows: Sequence[Mapping[str, Any]]) -> Any:
     from rich.table import Table
 
     def f(pr: Mapping[str, Any] | None) -> str:
-        return f"{pr['median']:.2f} [{pr['p10']:.2f}-{pr['p90']:.2f}] n={pr['n']}" if pr \
-            else "-"
+        return f"{pr['median']:.2f} [{pr['p10']:.2f}-{pr['p90']:.2f}] n={pr['n']}" if pr else "-"
 
-    t = Table(title="latency model: predicted / measured per layer, median [p10-p90]",
-              box=box.SIMPLE_HEAD)
-    for h in ("policy", "point", "exchange\n(predicted_ms / moe_ms)",
-              "critical path\n(+ decision, rate change)", "policy's own model\n(/ moe_ms)"):
+    t = Table(
+        title="latency model: predicted / measured per layer, median [p10-p90]", box=box.SIMPLE_HEAD
+    )
+    for h in (
+        "policy",
+        "point",
+        "exchange\n(predicted_ms / moe_ms)",
+        "critical path\n(+ decision, rate change)",
+        "policy's own model\n(/ moe_ms)",
+    ):
         t.add_column(h, justify="left" if h in ("policy", "point") else "right")
     for r in rows:
-        t.add_row(r["policy"], r["point"], f(r["exchange"]), f(r["critical"]),
-                  f(r["policy_model"]))
+        t.add_row(r["policy"], r["point"], f(r["exchange"]), f(r["critical"]), f(r["policy_model"]))
     return t
 
 
@@ -121,8 +138,16 @@ def time_shares(layers: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
     tot = dict.fromkeys(SHARES, 0.0)
     whole, n = 0.0, 0
     for r in layers:
-        v = {k: _f(r.get(k)) for k in ("bs_ms", "moe_ms", "predicted_air_ms",
-                                       "predicted_device_ms", "predicted_call_ms")}
+        v = {
+            k: _f(r.get(k))
+            for k in (
+                "bs_ms",
+                "moe_ms",
+                "predicted_air_ms",
+                "predicted_device_ms",
+                "predicted_call_ms",
+            )
+        }
         if any(x is None for x in v.values()):
             continue
         dec, chg = _f(r.get("decision_ms")) or 0.0, _f(r.get("change_ms")) or 0.0
@@ -147,8 +172,14 @@ def shares_rows(groups: Sequence[Any]) -> list[dict[str, Any]]:
     for g in groups:
         sh = time_shares(g.layers)
         if sh is not None:
-            out.append({"run": g.run.run_id, "policy": g.policy,
-                        "point": _point_label({"policy": g.policy, "point": g.point}), **sh})
+            out.append(
+                {
+                    "run": g.run.run_id,
+                    "policy": g.policy,
+                    "point": _point_label({"policy": g.policy, "point": g.point}),
+                    **sh,
+                }
+            )
     return out
 
 
@@ -157,16 +188,26 @@ def shares_table(rows: Sequence[Mapping[str, Any]]) -> Any:
     from rich import box
     from rich.table import Table
 
-    t = Table(title="where a MoE layer's time goes (bs_ms + moe_ms): the model's terms for the "
-              "slowest device, the rest measured", box=box.SIMPLE_HEAD)
-    heads = {"airtime": "airtime", "device": "device\ncompute", "call": "call\nfixed",
-             "exchange_rest": "exchange\nrest", "decision": "decision",
-             "rate_change": "rate\nchange", "bs_model": "BS\nmodel"}
+    t = Table(
+        title="where a MoE layer's time goes (bs_ms + moe_ms): the model's terms for the "
+        "slowest device, the rest measured",
+        box=box.SIMPLE_HEAD,
+    )
+    heads = {
+        "airtime": "airtime",
+        "device": "device\ncompute",
+        "call": "call\nfixed",
+        "exchange_rest": "exchange\nrest",
+        "decision": "decision",
+        "rate_change": "rate\nchange",
+        "bs_model": "BS\nmodel",
+    }
     for h in ("policy", "point", "ms/layer", *heads.values()):
         t.add_column(h, justify="left" if h in ("policy", "point") else "right")
     for r in rows:
-        t.add_row(r["policy"], r["point"], f"{r['layer_ms']:.2f}",
-                  *(f"{100 * r[k]:.0f}%" for k in heads))
+        t.add_row(
+            r["policy"], r["point"], f"{r['layer_ms']:.2f}", *(f"{100 * r[k]:.0f}%" for k in heads)
+        )
     return t
 
 
@@ -175,6 +216,7 @@ def versus_baseline(groups: Sequence[Any], baseline: str = "topk") -> list[dict[
     latency and accuracy against the baseline's group of the same run and point (``None``
     where the run has no such group), and its prediction ratio (``None`` without
     predictions)."""
+
     def key(g: Any) -> tuple[str, str]:
         return g.run.run_id, _point_label({"policy": g.policy, "point": g.point})
 
@@ -187,15 +229,22 @@ def versus_baseline(groups: Sequence[Any], baseline: str = "topk") -> list[dict[
         lat, acc = per_token_ms(g.requests), accuracy(g.requests)
         b_lat = per_token_ms(b.requests) if b else None
         b_acc = accuracy(b.requests) if b else None
-        out.append({
-            "run": g.run.run_id, "policy": g.policy, "point": key(g)[1],
-            "per_token_ms": lat, "baseline_per_token_ms": b_lat,
-            "latency_change_pct": 100.0 * (lat - b_lat) / b_lat if lat is not None and b_lat
-            else None,
-            "accuracy": acc, "baseline_accuracy": b_acc,
-            "accuracy_change": acc - b_acc if acc is not None and b_acc is not None else None,
-            "prediction_ratio": prediction_ratio(g.layers),
-        })
+        out.append(
+            {
+                "run": g.run.run_id,
+                "policy": g.policy,
+                "point": key(g)[1],
+                "per_token_ms": lat,
+                "baseline_per_token_ms": b_lat,
+                "latency_change_pct": 100.0 * (lat - b_lat) / b_lat
+                if lat is not None and b_lat
+                else None,
+                "accuracy": acc,
+                "baseline_accuracy": b_acc,
+                "accuracy_change": acc - b_acc if acc is not None and b_acc is not None else None,
+                "prediction_ratio": prediction_ratio(g.layers),
+            }
+        )
     return out
 
 
@@ -207,18 +256,28 @@ def table(rows: Sequence[Mapping[str, Any]], baseline: str = "topk") -> Any:
     def f(v: Any, spec: str) -> str:
         return "-" if v is None else format(v, spec)
 
-    t = Table(title=f"each policy against {baseline} at equal link budget (same run and point)",
-              box=box.SIMPLE_HEAD)
-    for h in ("policy", "point", f"ms/token\n(vs {baseline})", "latency\nchange",
-              "accuracy\nchange", "predicted/measured\nmedian [p10-p90]"):
+    t = Table(
+        title=f"each policy against {baseline} at equal link budget (same run and point)",
+        box=box.SIMPLE_HEAD,
+    )
+    for h in (
+        "policy",
+        "point",
+        f"ms/token\n(vs {baseline})",
+        "latency\nchange",
+        "accuracy\nchange",
+        "predicted/measured\nmedian [p10-p90]",
+    ):
         t.add_column(h, justify="left" if h in ("policy", "point") else "right")
     for r in rows:
         pr = r["prediction_ratio"]
-        t.add_row(r["policy"], r["point"],
-                  f"{f(r['per_token_ms'], '.2f')} ({f(r['baseline_per_token_ms'], '.2f')})",
-                  f(r["latency_change_pct"], "+.1f") + ("%" if r["latency_change_pct"] is not None
-                                                         else ""),
-                  f(r["accuracy_change"], "+.3f"),
-                  f"{pr['median']:.2f} [{pr['p10']:.2f}-{pr['p90']:.2f}] n={pr['n']}" if pr
-                  else "-")
+        t.add_row(
+            r["policy"],
+            r["point"],
+            f"{f(r['per_token_ms'], '.2f')} ({f(r['baseline_per_token_ms'], '.2f')})",
+            f(r["latency_change_pct"], "+.1f")
+            + ("%" if r["latency_change_pct"] is not None else ""),
+            f(r["accuracy_change"], "+.3f"),
+            f"{pr['median']:.2f} [{pr['p10']:.2f}-{pr['p90']:.2f}] n={pr['n']}" if pr else "-",
+        )
     return t

@@ -39,8 +39,9 @@ def call_energy_j(stamps: Any) -> float | None:
     return e1 - e0
 
 
-def split_call_energy(energy_j: float, uids: Sequence[str], uid_ms: Mapping[str, Any]
-                      ) -> dict[str, float]:
+def split_call_energy(
+    energy_j: float, uids: Sequence[str], uid_ms: Mapping[str, Any]
+) -> dict[str, float]:
     """Share one reply's joules among its experts by their compute time.
 
     Parameters
@@ -78,9 +79,14 @@ def source_class(sources: Sequence[str]) -> str:
     return "mixed"
 
 
-def request_energy(before: Mapping[str, Any], after: Mapping[str, Any],
-                   device_sources: Mapping[str, str], bs_before: float | None,
-                   bs_after: float | None, bs_source: str | None) -> dict[str, Any]:
+def request_energy(
+    before: Mapping[str, Any],
+    after: Mapping[str, Any],
+    device_sources: Mapping[str, str],
+    bs_before: float | None,
+    bs_after: float | None,
+    bs_source: str | None,
+) -> dict[str, Any]:
     """The energy columns of one request.
 
     Parameters
@@ -126,5 +132,4 @@ def request_energy(before: Mapping[str, Any], after: Mapping[str, Any],
         src += "; missing " + ", ".join(missing)
     if e_bs is None:
         src += "; no BS meter"
-    return {"energy_devices_j": e_dev, "energy_bs_j": e_bs, "energy_j": total,
-            "energy_source": src}
+    return {"energy_devices_j": e_dev, "energy_bs_j": e_bs, "energy_j": total, "energy_source": src}

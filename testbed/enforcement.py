@@ -47,8 +47,9 @@ class Epochs:
 
     def advance(self, request: int, step: int, layer: int) -> bool:
         """Note a decision; True when it starts a new epoch."""
-        key = {"layer": (request, step, layer), "step": (request, step),
-               "request": (request,)}[self.scope]
+        key = {"layer": (request, step, layer), "step": (request, step), "request": (request,)}[
+            self.scope
+        ]
         if self.scope != "layer" and key == self._last:
             return False
         self._last = key
@@ -56,8 +57,9 @@ class Epochs:
         return True
 
 
-def equal_split_kbit(channel: ChannelModel, bandwidth_hz: float, epoch: int,
-                     devices: Sequence[str]) -> dict[str, tuple[float, float]]:
+def equal_split_kbit(
+    channel: ChannelModel, bandwidth_hz: float, epoch: int, devices: Sequence[str]
+) -> dict[str, tuple[float, float]]:
     """(down, up) kbit/s of each device with ``bandwidth_hz / len(devices)`` in ``epoch``, the
     channel's rates each way (the BS's power spread over the cell's ``bandwidth_hz`` down, the
     device's own power up)."""
@@ -86,8 +88,9 @@ class TraceReplay:
             if r.device in devices:
                 blocks.setdefault(r.time_s, {})[r.device] = (r.rate_down_kbit, r.rate_up_kbit)
         if not blocks:
-            raise ConfigError(f"{where}: the trace has no rows for the trial's devices "
-                              f"({', '.join(devices)})")
+            raise ConfigError(
+                f"{where}: the trace has no rows for the trial's devices ({', '.join(devices)})"
+            )
         self.blocks = [blocks[t] for t in sorted(blocks)]
 
     def rates(self, epoch: int) -> dict[str, tuple[float, float]]:
@@ -119,8 +122,12 @@ class LinkRecorder:
         self.change_ms: list[float] = []
         self.epoch_ms: list[float] = []
 
-    def apply(self, rates: Mapping[str, tuple[float, float]], key: Mapping[str, Any],
-              where: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
+    def apply(
+        self,
+        rates: Mapping[str, tuple[float, float]],
+        key: Mapping[str, Any],
+        where: Mapping[str, Any],
+    ) -> dict[str, tuple[float, float]]:
         """Enforce ``rates`` (device -> (down, up) kbit/s); returns what tc reports."""
         asked = {d: (max(MIN_KBIT, dn), max(MIN_KBIT, up)) for d, (dn, up) in rates.items()}
         start = time.monotonic()
@@ -135,9 +142,16 @@ class LinkRecorder:
         self.change_ms.append(ms)
         self._since = end
         self._common = {**key, **where, "time_s": start - self.t0, "change_ms": ms}
-        self._pending = [{"device": d, "asked_down_kbit": rates[d][0],
-                          "asked_up_kbit": rates[d][1], "enforced_down_kbit": enforced[d][0],
-                          "enforced_up_kbit": enforced[d][1]} for d in sorted(rates)]
+        self._pending = [
+            {
+                "device": d,
+                "asked_down_kbit": rates[d][0],
+                "asked_up_kbit": rates[d][1],
+                "enforced_down_kbit": enforced[d][0],
+                "enforced_up_kbit": enforced[d][1],
+            }
+            for d in sorted(rates)
+        ]
         return enforced
 
     def end_epoch(self, at: float | None = None) -> None:
@@ -147,24 +161,32 @@ class LinkRecorder:
             return
         ms = ((time.monotonic() if at is None else at) - self._since) * 1e3
         self.epoch_ms.append(ms)
-        self.table.write_many(self._pending, {**self._common, "epoch_ms": ms,
-                                              "tc_slower": self._common["change_ms"] > ms})
+        self.table.write_many(
+            self._pending,
+            {**self._common, "epoch_ms": ms, "tc_slower": self._common["change_ms"] > ms},
+        )
         self._pending = []
 
     def summary(self, scope: str) -> dict[str, Any]:
         """For the manifest: how long tc took per epoch against how long epochs lasted."""
         if not self.change_ms:
             return {"epoch": scope, "changes": 0}
-        ch, ep = np.asarray(self.change_ms), np.asarray(self.epoch_ms[:len(self.change_ms)])
-        slower = int((ch[:len(ep)] > ep).sum())
-        out = {"epoch": scope, "changes": len(ch), "change_ms_p50": float(np.median(ch)),
-               "change_ms_max": float(ch.max()),
-               "epoch_ms_p50": float(np.median(ep)) if len(ep) else None,
-               "epochs_shorter_than_change": slower}
+        ch, ep = np.asarray(self.change_ms), np.asarray(self.epoch_ms[: len(self.change_ms)])
+        slower = int((ch[: len(ep)] > ep).sum())
+        out = {
+            "epoch": scope,
+            "changes": len(ch),
+            "change_ms_p50": float(np.median(ch)),
+            "change_ms_max": float(ch.max()),
+            "epoch_ms_p50": float(np.median(ep)) if len(ep) else None,
+            "epochs_shorter_than_change": slower,
+        }
         if slower:
-            out["note"] = (f"{slower} of {len(ep)} epochs ({scope}) lasted less than the tc change "
-                           "that started them: the links cannot follow decisions this often (the "
-                           "change runs in-line and adds to bs_ms); use a longer policy.epoch")
+            out["note"] = (
+                f"{slower} of {len(ep)} epochs ({scope}) lasted less than the tc change "
+                "that started them: the links cannot follow decisions this often (the "
+                "change runs in-line and adds to bs_ms); use a longer policy.epoch"
+            )
         return out
 
 
@@ -187,10 +209,17 @@ class EpochLinks:
         of policies that allocate no bandwidth; ``None`` for neither (links stay as set).
     """
 
-    def __init__(self, epochs: Epochs, recorder: LinkRecorder, cluster: Any,
-                 devices: Sequence[str], key: Mapping[str, Any],
-                 channel: ChannelModel | None = None, bandwidth_hz: float = 0.0,
-                 trace: TraceReplay | None = None):
+    def __init__(
+        self,
+        epochs: Epochs,
+        recorder: LinkRecorder,
+        cluster: Any,
+        devices: Sequence[str],
+        key: Mapping[str, Any],
+        channel: ChannelModel | None = None,
+        bandwidth_hz: float = 0.0,
+        trace: TraceReplay | None = None,
+    ):
         self.epochs, self.recorder, self.cluster = epochs, recorder, cluster
         self.devices, self.key = list(devices), dict(key)
         self.channel, self.bandwidth_hz, self.trace = channel, bandwidth_hz, trace
@@ -208,18 +237,30 @@ class EpochLinks:
         c = self.cluster
         c.epoch, c.links_fixed = self.epochs.index, not start
         if start:
-            self._where = {"epoch": self.epochs.index, "epoch_scope": self.epochs.scope,
-                           "request": request, "step": step, "layer": layer}
+            self._where = {
+                "epoch": self.epochs.index,
+                "epoch_scope": self.epochs.scope,
+                "request": request,
+                "step": step,
+                "layer": layer,
+            }
             if not self.policy_allocates and self.trace is not None:
                 self._apply(self.trace.rates(self.epochs.index), "trace")
             elif not self.policy_allocates and self.channel is not None:
-                self._apply(equal_split_kbit(self.channel, self.bandwidth_hz, self.epochs.index,
-                                             self.devices), "channel")
+                self._apply(
+                    equal_split_kbit(
+                        self.channel, self.bandwidth_hz, self.epochs.index, self.devices
+                    ),
+                    "channel",
+                )
         return start
 
-    def apply_policy(self, bandwidth_kbit: Mapping[str, float] | None,
-                     down_kbit: Mapping[str, float] | None = None,
-                     up_kbit: Mapping[str, float] | None = None) -> None:
+    def apply_policy(
+        self,
+        bandwidth_kbit: Mapping[str, float] | None,
+        down_kbit: Mapping[str, float] | None = None,
+        up_kbit: Mapping[str, float] | None = None,
+    ) -> None:
         """Enforce a decision's rates: per device ``down_kbit``/``up_kbit`` each way, a
         direction missing there at ``bandwidth_kbit`` (both directions at one rate)."""
         self.policy_allocates = True

@@ -34,8 +34,14 @@ class CommandFailed(TestbedError):
 
     exit_code = 3
 
-    def __init__(self, host: str, argv: Sequence[str], returncode: int | None,
-                 stdout: str = "", stderr: str = ""):
+    def __init__(
+        self,
+        host: str,
+        argv: Sequence[str],
+        returncode: int | None,
+        stdout: str = "",
+        stderr: str = "",
+    ):
         self.host = host
         self.argv = list(argv)
         self.returncode = returncode
@@ -52,12 +58,14 @@ class CommandTimeout(CommandFailed):
 
     exit_code = 4
 
-    def __init__(self, host: str, argv: Sequence[str], timeout_s: float,
-                 stdout: str = "", stderr: str = ""):
+    def __init__(
+        self, host: str, argv: Sequence[str], timeout_s: float, stdout: str = "", stderr: str = ""
+    ):
         super().__init__(host, argv, None, stdout, stderr)
         self.timeout_s = timeout_s
-        self.args = (f"{host}: `{' '.join(self.argv)}` timed out after {timeout_s:g} s "
-                     "and was stopped",)
+        self.args = (
+            f"{host}: `{' '.join(self.argv)}` timed out after {timeout_s:g} s and was stopped",
+        )
 
     def __str__(self) -> str:
         return str(self.args[0])

@@ -96,10 +96,15 @@ def _one_line(exc: BaseException) -> str:
 # ---- provenance -------------------------------------------------------------------------------
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"],
-                               capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
@@ -109,8 +114,18 @@ def git_commit() -> str | None:
 
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for p in ("moe-edge-testbed", "torch", "transformers", "pyzmq", "numpy", "safetensors",
-              "fabric", "paramiko", "onnxruntime", "msgpack"):
+    for p in (
+        "moe-edge-testbed",
+        "torch",
+        "transformers",
+        "pyzmq",
+        "numpy",
+        "safetensors",
+        "fabric",
+        "paramiko",
+        "onnxruntime",
+        "msgpack",
+    ):
         try:
             out[p] = metadata.version(p)
         except metadata.PackageNotFoundError:
@@ -119,8 +134,12 @@ def package_versions() -> dict[str, str]:
 
 
 def host_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"hostname": socket.gethostname(), "platform": platform.platform(),
-                            "machine": platform.machine(), "cpus": os.cpu_count()}
+    info: dict[str, Any] = {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+    }
     tegra = Path("/etc/nv_tegra_release")
     if tegra.is_file():
         info["l4t"] = tegra.read_text(errors="replace").splitlines()[0][:200]
@@ -171,18 +190,30 @@ def make_workload(trial: Trial, manifest: Any, seed: int) -> list[Request]:
     if wl["task"] == "tiny":
         from models import tinytask as tt
 
-        if not (Path(manifest.bs_config_path).parent / "tiny_task.json").is_file() and \
-                not (Path(manifest.root) / "tiny_task.json").is_file():
-            raise ConfigError(f"workload.task: 'tiny' needs the built-in tiny model, not "
-                              f"{manifest.root} (use task = \"synthetic\")")
+        if (
+            not (Path(manifest.bs_config_path).parent / "tiny_task.json").is_file()
+            and not (Path(manifest.root) / "tiny_task.json").is_file()
+        ):
+            raise ConfigError(
+                f"workload.task: 'tiny' needs the built-in tiny model, not "
+                f'{manifest.root} (use task = "synthetic")'
+            )
         exs = tt.generate("heldout", n, seed=seed)
-        return [Request(i, e.task, tuple(e.prompt), tuple(e.target), len(e.target), tt.EOS_ID,
-                        tt.PAD_ID) for i, e in enumerate(exs)]
+        return [
+            Request(
+                i, e.task, tuple(e.prompt), tuple(e.target), len(e.target), tt.EOS_ID, tt.PAD_ID
+            )
+            for i, e in enumerate(exs)
+        ]
     rng = random.Random(seed)
     vocab = int(manifest.dims.get("vocab_size", 0)) or 32000
     T, out = int(wl["prompt_tokens"]), int(wl["output_tokens"])
-    return [Request(i, "synthetic", tuple(rng.randrange(1, vocab) for _ in range(T)), None, out,
-                    None, 0) for i in range(n)]
+    return [
+        Request(
+            i, "synthetic", tuple(rng.randrange(1, vocab) for _ in range(T)), None, out, None, 0
+        )
+        for i in range(n)
+    ]
 
 
 # ---- timing wrapper around the expert backend --------------------------------------------
@@ -229,9 +260,11 @@ def critical_terms(terms: Mapping[str, Any]) -> dict[str, float | None]:
     if tot is None or not len(tot) or not max(tot):
         return dict.fromkeys(TERM_COLUMNS)
     k = max(range(len(tot)), key=lambda i: tot[i])
-    return {"predicted_air_ms": float(terms["air_down"][k] + terms["air_up"][k]),
-            "predicted_device_ms": float(terms["device"][k]),
-            "predicted_call_ms": float(terms["call"][k])}
+    return {
+        "predicted_air_ms": float(terms["air_down"][k] + terms["air_up"][k]),
+        "predicted_device_ms": float(terms["device"][k]),
+        "predicted_call_ms": float(terms["call"][k]),
+    }
 
 
 class ExchangePredictor:
@@ -251,8 +284,13 @@ class ExchangePredictor:
     epoch's start, the rate change's predicted time: the medians of this trial's earlier ones
     (the first: 0)."""
 
-    def __init__(self, params: Any, names: Sequence[str],
-                 placement: Callable[[], Mapping[str, Sequence[str]]], cluster: ClusterState):
+    def __init__(
+        self,
+        params: Any,
+        names: Sequence[str],
+        placement: Callable[[], Mapping[str, Sequence[str]]],
+        cluster: ClusterState,
+    ):
         self.params = params.for_devices(names)
         self.names = list(names)
         self.index = {n: i for i, n in enumerate(names)}
@@ -279,8 +317,9 @@ class ExchangePredictor:
                 experts[k] += 1
         return rows, experts
 
-    def _tokens(self, device: str, direction: str, at: float, rate: float,
-                later_ms: float = 0.0) -> float | None:
+    def _tokens(
+        self, device: str, direction: str, at: float, rate: float, later_ms: float = 0.0
+    ) -> float | None:
         from .latency_model import bucket_refilled
 
         seen = self.links.get(device, {}).get(direction)
@@ -296,23 +335,30 @@ class ExchangePredictor:
 
         now = time.perf_counter()
         for dev in pending.get("links_changed") or ():
-            self.links.pop(dev, None)     # full again
+            self.links.pop(dev, None)  # full again
         rows, experts = self.loads(work)
         c = self.cluster
         down = np.array([c.rate_down_kbit.get(n) or 0.0 for n in self.names])
         up = np.array([c.rate_up_kbit.get(n) or 0.0 for n in self.names])
         tok_d = [self._tokens(n, "down", now, down[k]) for k, n in enumerate(self.names)]
         first = layer_terms(rows, down, up, self.params, experts=experts, tokens_down=tok_d)
-        tok_u = [self._tokens(n, "up", now, up[k], first["air_down"][k] + first["device"][k])
-                 for k, n in enumerate(self.names)]
-        layer_ms, _ = predict_layer_ms(rows, down, up, self.params, experts=experts,
-                                       tokens_down=tok_d, tokens_up=tok_u)
-        terms = layer_terms(rows, down, up, self.params, experts=experts, tokens_down=tok_d,
-                            tokens_up=tok_u)
+        tok_u = [
+            self._tokens(n, "up", now, up[k], first["air_down"][k] + first["device"][k])
+            for k, n in enumerate(self.names)
+        ]
+        layer_ms, _ = predict_layer_ms(
+            rows, down, up, self.params, experts=experts, tokens_down=tok_d, tokens_up=tok_u
+        )
+        terms = layer_terms(
+            rows, down, up, self.params, experts=experts, tokens_down=tok_d, tokens_up=tok_u
+        )
         self._last = {"down": down, "up": up, "tok_d": tok_d, "tok_u": tok_u, "terms": terms}
         start = bool(pending.get("epoch_start"))
-        crit = layer_ms + (float(np.median(self.decisions)) if self.decisions else 0.0) + \
-            (float(np.median(self.changes)) if start and self.changes else 0.0)
+        crit = (
+            layer_ms
+            + (float(np.median(self.decisions)) if self.decisions else 0.0)
+            + (float(np.median(self.changes)) if start and self.changes else 0.0)
+        )
         dec, chg = pending.get("decision_ms"), pending.get("change_ms")
         if dec is not None:
             self.decisions.append(float(dec))
@@ -333,19 +379,20 @@ class ExchangePredictor:
         for call in res.info.get("calls", ()):
             dev = call.get("device")
             k = self.index.get(dev)
-            if k is None or dev in seen or call.get("status") != "ok" or \
-                    call.get("rtt_ms") is None:
+            if k is None or dev in seen or call.get("status") != "ok" or call.get("rtt_ms") is None:
                 continue
             seen.add(dev)
             tm = last["terms"]
             sent = t_enter + float(call.get("serialize_ms") or 0.0) / 1e3
             links = self.links.setdefault(dev, {})
-            links["down"] = (sent + tm["air_down"][k] / 1e3,
-                             bucket_after(last["tok_d"][k], tm["bytes_down"][k], last["down"][k],
-                                          self.params))
-            links["up"] = (sent + float(call["rtt_ms"]) / 1e3,
-                           bucket_after(last["tok_u"][k], tm["bytes_up"][k], last["up"][k],
-                                        self.params))
+            links["down"] = (
+                sent + tm["air_down"][k] / 1e3,
+                bucket_after(last["tok_d"][k], tm["bytes_down"][k], last["down"][k], self.params),
+            )
+            links["up"] = (
+                sent + float(call["rtt_ms"]) / 1e3,
+                bucket_after(last["tok_u"][k], tm["bytes_up"][k], last["up"][k], self.params),
+            )
 
 
 # ---- rows from records --------------------------------------------------------------------
@@ -361,13 +408,25 @@ def _call_status(c: Mapping[str, Any], primary: str | None) -> tuple[str, str]:
     return st, str(c.get("reason", ""))
 
 
-def rows_for_request(records: Sequence[Any], key: Mapping[str, Any], step_start: Mapping[int, float],
-                     placement: Mapping[str, Sequence[str]]) -> tuple[list[dict], list[dict], dict]:
+def rows_for_request(
+    records: Sequence[Any],
+    key: Mapping[str, Any],
+    step_start: Mapping[int, float],
+    placement: Mapping[str, Sequence[str]],
+) -> tuple[list[dict], list[dict], dict]:
     """(layer rows, call rows, request totals) from one request's MoE layer records."""
     layer_rows: list[dict] = []
     call_rows: list[dict] = []
-    tot = {"bytes_down": 0, "bytes_up": 0, "calls": 0, "calls_failed": 0, "calls_rerouted": 0,
-           "expert_slots": 0, "token_layers": 0, "failed_experts": 0}
+    tot = {
+        "bytes_down": 0,
+        "bytes_up": 0,
+        "calls": 0,
+        "calls_failed": 0,
+        "calls_rerouted": 0,
+        "expert_slots": 0,
+        "token_layers": 0,
+        "failed_experts": 0,
+    }
     prev_exit: dict[int, float] = {}
     for r in records:
         info = r.info or {}
@@ -392,19 +451,38 @@ def rows_for_request(records: Sequence[Any], key: Mapping[str, Any], step_start:
             tot["calls"] += 1
             tot["calls_failed"] += status in _FAIL
             tot["calls_rerouted"] += status == "rerouted"
-            call_rows.append({**key, "step": r.step, "layer": r.layer, "expert": c["uid"],
-                              "device": c.get("device", ""), "attempt": c.get("attempt", 0),
-                              "tokens": c.get("tokens"), "status": status, "detail": detail,
-                              "serialize_ms": c.get("serialize_ms"), "network_ms": c.get("network_ms"),
-                              "queue_ms": c.get("queue_ms"), "compute_ms": c.get("compute_ms"),
-                              "rtt_ms": c.get("rtt_ms"), "bytes_down": bd, "bytes_up": bu,
-                              "energy_j": c.get("energy_j"), "energy_source": c.get("energy_source")})
+            call_rows.append(
+                {
+                    **key,
+                    "step": r.step,
+                    "layer": r.layer,
+                    "expert": c["uid"],
+                    "device": c.get("device", ""),
+                    "attempt": c.get("attempt", 0),
+                    "tokens": c.get("tokens"),
+                    "status": status,
+                    "detail": detail,
+                    "serialize_ms": c.get("serialize_ms"),
+                    "network_ms": c.get("network_ms"),
+                    "queue_ms": c.get("queue_ms"),
+                    "compute_ms": c.get("compute_ms"),
+                    "rtt_ms": c.get("rtt_ms"),
+                    "bytes_down": bd,
+                    "bytes_up": bu,
+                    "energy_j": c.get("energy_j"),
+                    "energy_source": c.get("energy_source"),
+                }
+            )
             if c.get("status") == "ok" and c.get("rtt_ms") is not None:
                 rid = (c.get("device"), c.get("req_id"))
                 total = float(c.get("serialize_ms") or 0) + float(c["rtt_ms"])
                 dev_ms = float(c.get("device_ms") or 0.0)
-                per_req[rid] = {"total": total, "network": float(c.get("network_ms") or 0.0),
-                                "compute": dev_ms, "device": c.get("device")}
+                per_req[rid] = {
+                    "total": total,
+                    "network": float(c.get("network_ms") or 0.0),
+                    "compute": dev_ms,
+                    "device": c.get("device"),
+                }
         tot["bytes_down"] += b_down
         tot["bytes_up"] += b_up
         tot["failed_experts"] += len(failed)
@@ -414,25 +492,36 @@ def rows_for_request(records: Sequence[Any], key: Mapping[str, Any], step_start:
         bs_ms = (t_enter - start) * 1e3 if t_enter is not None and start is not None else None
         if t_exit is not None:
             prev_exit[r.step] = t_exit
-        layer_rows.append({
-            **key, "step": r.step, "phase": r.phase, "layer": r.layer, "tokens": int(valid.sum()),
-            "experts_selected": n_sel, "experts_used": len(r.rows_per_uid),
-            "devices_used": len({c.get("device") for c in calls if c.get("status") == "ok"}),
-            "moe_ms": (t_exit - t_enter) * 1e3 if t_enter is not None and t_exit is not None else None,
-            "bs_ms": bs_ms,
-            "critical_path_ms": crit["total"] if crit else None,
-            "critical_network_ms": crit["network"] if crit else None,
-            "critical_compute_ms": crit["compute"] if crit else None,
-            "critical_device": crit["device"] if crit else "",
-            "predicted_ms": info.get("predicted_ms"),
-            "policy_predicted_ms": info.get("policy_predicted_ms"),
-            "decision_ms": info.get("decision_ms"), "change_ms": info.get("change_ms"),
-            "predicted_critical_ms": info.get("predicted_critical_ms"),
-            **{c: info.get(c) for c in TERM_COLUMNS},
-            "bytes_down": b_down, "bytes_up": b_up,
-            "failed_experts": " ".join(sorted(failed)),
-            "rerouted_experts": " ".join(sorted(info.get("rerouted", {}))),
-        })
+        layer_rows.append(
+            {
+                **key,
+                "step": r.step,
+                "phase": r.phase,
+                "layer": r.layer,
+                "tokens": int(valid.sum()),
+                "experts_selected": n_sel,
+                "experts_used": len(r.rows_per_uid),
+                "devices_used": len({c.get("device") for c in calls if c.get("status") == "ok"}),
+                "moe_ms": (t_exit - t_enter) * 1e3
+                if t_enter is not None and t_exit is not None
+                else None,
+                "bs_ms": bs_ms,
+                "critical_path_ms": crit["total"] if crit else None,
+                "critical_network_ms": crit["network"] if crit else None,
+                "critical_compute_ms": crit["compute"] if crit else None,
+                "critical_device": crit["device"] if crit else "",
+                "predicted_ms": info.get("predicted_ms"),
+                "policy_predicted_ms": info.get("policy_predicted_ms"),
+                "decision_ms": info.get("decision_ms"),
+                "change_ms": info.get("change_ms"),
+                "predicted_critical_ms": info.get("predicted_critical_ms"),
+                **{c: info.get(c) for c in TERM_COLUMNS},
+                "bytes_down": b_down,
+                "bytes_up": b_up,
+                "failed_experts": " ".join(sorted(failed)),
+                "rerouted_experts": " ".join(sorted(info.get("rerouted", {}))),
+            }
+        )
     return layer_rows, call_rows, tot
 
 
@@ -442,12 +531,23 @@ def layer_total(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
     from .report import critical_sums
 
     path, net, seen = critical_sums(rows)
-    return {"critical_path_ms": path if seen else None, "critical_network_ms": net if seen else None}
+    return {
+        "critical_path_ms": path if seen else None,
+        "critical_network_ms": net if seen else None,
+    }
 
 
-def request_row(q: Request, rkey: Mapping[str, Any], out: Sequence[int], ref: Sequence[int],
-                tot: Mapping[str, Any], t0: float, ttft_end: float, t_end: float,
-                energy: Mapping[str, Any]) -> dict[str, Any]:
+def request_row(
+    q: Request,
+    rkey: Mapping[str, Any],
+    out: Sequence[int],
+    ref: Sequence[int],
+    tot: Mapping[str, Any],
+    t0: float,
+    ttft_end: float,
+    t_end: float,
+    energy: Mapping[str, Any],
+) -> dict[str, Any]:
     """The ``requests.csv`` row of request ``q`` (key ``rkey``) that produced ``out`` against
     the answer ``ref``, from :func:`rows_for_request`'s totals ``tot``, its start ``t0``, the end
     of its first step ``ttft_end`` and its end ``t_end`` (seconds on one clock), and its energy
@@ -457,19 +557,38 @@ def request_row(q: Request, rkey: Mapping[str, Any], out: Sequence[int], ref: Se
     n_out = len(out)
     ttft = (ttft_end - t0) * 1e3
     total = (t_end - t0) * 1e3
-    return {**rkey, "task": q.task, "prompt_tokens": len(q.prompt), "output_tokens": n_out,
-            "ttft_ms": ttft, "tpot_ms": (total - ttft) / (n_out - 1) if n_out > 1 else None,
-            "total_ms": total, "correct": int(tuple(out) == tuple(ref)),
-            "score": matched / max(1, len(ref)),
-            "experts_per_token": tot["expert_slots"] / tot["token_layers"] if tot["token_layers"] else None,
-            "bytes_down": tot["bytes_down"], "bytes_up": tot["bytes_up"], "calls": tot["calls"],
-            "calls_failed": tot["calls_failed"], "calls_rerouted": tot["calls_rerouted"],
-            **energy, "status": status, "error": ""}
+    return {
+        **rkey,
+        "task": q.task,
+        "prompt_tokens": len(q.prompt),
+        "output_tokens": n_out,
+        "ttft_ms": ttft,
+        "tpot_ms": (total - ttft) / (n_out - 1) if n_out > 1 else None,
+        "total_ms": total,
+        "correct": int(tuple(out) == tuple(ref)),
+        "score": matched / max(1, len(ref)),
+        "experts_per_token": tot["expert_slots"] / tot["token_layers"]
+        if tot["token_layers"]
+        else None,
+        "bytes_down": tot["bytes_down"],
+        "bytes_up": tot["bytes_up"],
+        "calls": tot["calls"],
+        "calls_failed": tot["calls_failed"],
+        "calls_rerouted": tot["calls_rerouted"],
+        **energy,
+        "status": status,
+        "error": "",
+    }
 
 
 # ---- pieces of a trial that the analytic twin (testbed.twin) shares -------------------------
-def place_experts(policy: Policy, manifest: Any, devices: Sequence[DeviceInfo], model_path: str,
-                  bytes_per_token: int) -> dict[str, tuple[str, ...]]:
+def place_experts(
+    policy: Policy,
+    manifest: Any,
+    devices: Sequence[DeviceInfo],
+    model_path: str,
+    bytes_per_token: int,
+) -> dict[str, tuple[str, ...]]:
     """Ask ``policy`` to place every expert of ``manifest`` (a :class:`models.manifest.Manifest`)
     on ``devices``; checked: every expert on at least one of them.
 
@@ -494,15 +613,22 @@ def place_experts(policy: Policy, manifest: Any, devices: Sequence[DeviceInfo], 
     for u in manifest.uids():
         ds = placement.get(u)
         if not ds or any(d not in names for d in ds):
-            raise PolicyFailed(f"policy {policy.name}: place: expert {u} placed on "
-                               f"{list(ds) if ds else 'no device'} (devices: {', '.join(sorted(names))})")
+            raise PolicyFailed(
+                f"policy {policy.name}: place: expert {u} placed on "
+                f"{list(ds) if ds else 'no device'} (devices: {', '.join(sorted(names))})"
+            )
     return {u: tuple(ds) for u, ds in placement.items()}
 
 
-def trial_cluster(t: Trial, seed: int, placement: Mapping[str, Sequence[str]],
-                  rates: Sequence[Mapping[str, Any]], names: Sequence[str],
-                  profiles: Mapping[str, tuple[float, float]], bytes_per_token: int
-                  ) -> ClusterState:
+def trial_cluster(
+    t: Trial,
+    seed: int,
+    placement: Mapping[str, Sequence[str]],
+    rates: Sequence[Mapping[str, Any]],
+    names: Sequence[str],
+    profiles: Mapping[str, tuple[float, float]],
+    bytes_per_token: int,
+) -> ClusterState:
     """The :class:`ClusterState` a trial's policy decides on: placement, the enforced ``rates``
     (rows with ``device``, ``down_kbit``, ``up_kbit``), the devices' compute profiles, bytes per
     token, the decision epoch's scope, and under ``links.bandwidth_mhz`` the channel of the
@@ -514,15 +640,20 @@ def trial_cluster(t: Trial, seed: int, placement: Mapping[str, Sequence[str]],
     st.bytes_per_token = bytes_per_token
     st.epoch_scope = str(t.config["policy"]["epoch"])
     mhz = t.config["links"].get("bandwidth_mhz")
-    if mhz:   # the channel of this trial point and repeat, shared by every policy
+    if mhz:  # the channel of this trial point and repeat, shared by every policy
         st.channel = ChannelModel(names, seed, **(t.config["links"].get("channel") or {}))
         st.bandwidth_hz = mhz * 1e6
     return st
 
 
-def policy_hook(policy: Policy, cluster: ClusterState, links: Any, timed: Any,
-                request_index: Callable[[], int],
-                devices_view: Callable[[], dict[str, dict[str, Any]]]) -> Callable[[Any], Any]:
+def policy_hook(
+    policy: Policy,
+    cluster: ClusterState,
+    links: Any,
+    timed: Any,
+    request_index: Callable[[], int],
+    devices_view: Callable[[], dict[str, dict[str, Any]]],
+) -> Callable[[Any], Any]:
     """The BS runtime's selection hook for ``policy``: per MoE layer and step, start the link
     epoch (``links``: an :class:`~testbed.enforcement.EpochLinks`), ask the policy, check its
     selection, and enforce the rates it asks for at an epoch's start (down and up each its
@@ -551,22 +682,26 @@ def policy_hook(policy: Policy, cluster: ClusterState, links: Any, timed: Any,
         try:
             sel = validate_selection(sel, ctx.num_tokens, ctx.num_experts)
         except (ModelError, AttributeError) as e:
-            raise PolicyFailed(f"policy {policy.name}: select returned a bad selection at layer "
-                               f"{ctx.layer}: {e}") from e
+            raise PolicyFailed(
+                f"policy {policy.name}: select returned a bad selection at layer {ctx.layer}: {e}"
+            ) from e
         t2 = time.perf_counter()
         predicted = (policy.last_stats() or {}).get("predicted_ms")
         if predicted is not None:
             timed.pending["policy_predicted_ms"] = float(predicted)
         bw = getattr(d, "bandwidth_kbit", None)
         down, up = getattr(d, "rate_down_kbit", None), getattr(d, "rate_up_kbit", None)
-        if (bw or down or up) and start:   # mid-epoch decisions keep the links
+        if (bw or down or up) and start:  # mid-epoch decisions keep the links
             links.apply_policy(bw or {}, down, up)
         t3 = time.perf_counter()
-        timed.pending.update(decision_ms=(t2 - t1) * 1e3,
-                             change_ms=((t1 - t0) + (t3 - t2)) * 1e3 if start else 0.0,
-                             epoch_start=bool(start),
-                             links_changed=tuple(getattr(links, "last_changed", ()))
-                             if getattr(links, "changes", 0) > n0 else ())
+        timed.pending.update(
+            decision_ms=(t2 - t1) * 1e3,
+            change_ms=((t1 - t0) + (t3 - t2)) * 1e3 if start else 0.0,
+            epoch_start=bool(start),
+            links_changed=tuple(getattr(links, "last_changed", ()))
+            if getattr(links, "changes", 0) > n0
+            else (),
+        )
         return sel
 
     return hook
@@ -584,9 +719,15 @@ class RunResult:
     summary: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"run_dir": str(self.run_dir), "run_id": self.run_id, "status": self.status,
-                "trials": self.trials, "requests": self.requests, "error": self.error,
-                "summary": self.summary}
+        return {
+            "run_dir": str(self.run_dir),
+            "run_id": self.run_id,
+            "status": self.status,
+            "trials": self.trials,
+            "requests": self.requests,
+            "error": self.error,
+            "summary": self.summary,
+        }
 
 
 class Progress:
@@ -602,9 +743,15 @@ class Progress:
 class Runner:
     """One run of a recipe (see the module docstring). Use :func:`run_recipe`."""
 
-    def __init__(self, recipe: Recipe, inventory: Path | None, out: Path,
-                 progress: Progress | None = None, local_name: str | None = None,
-                 resume: Path | None = None) -> None:
+    def __init__(
+        self,
+        recipe: Recipe,
+        inventory: Path | None,
+        out: Path,
+        progress: Progress | None = None,
+        local_name: str | None = None,
+        resume: Path | None = None,
+    ) -> None:
         self.recipe = recipe
         self.resume = resume
         #: (trial, repeat) pairs whose rows are all written (the manifest's ``completed``)
@@ -637,12 +784,23 @@ class Runner:
             except OSError as e:
                 raise ConfigError(f"--out: {self.out}: cannot create the run folder: {e}") from None
             self.manifest = {
-                "run_id": self.run_id, "status": "running", "error": None,
-                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "ended": None,
-                "git_commit": git_commit(), "versions": package_versions(), "host": host_info(),
-                "recipe": self.recipe.to_dict(), "trials": [], "completed": [],
-                "local_testbed": self.inventory_path is None, "inventory": None, "model": None,
-                "links_before": None, "links_after": None, "clock_offsets": None,
+                "run_id": self.run_id,
+                "status": "running",
+                "error": None,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "ended": None,
+                "git_commit": git_commit(),
+                "versions": package_versions(),
+                "host": host_info(),
+                "recipe": self.recipe.to_dict(),
+                "trials": [],
+                "completed": [],
+                "local_testbed": self.inventory_path is None,
+                "inventory": None,
+                "model": None,
+                "links_before": None,
+                "links_after": None,
+                "clock_offsets": None,
             }
         self._save_manifest()
         status, err = "failed", None
@@ -658,12 +816,16 @@ class Runner:
             raise RunFailed(self.run_dir, e) from e
         finally:
             self.progress.close()
-            self.manifest.update(status=status, error=err,
-                                 ended=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                 requests_done=self.requests_done)
+            self.manifest.update(
+                status=status,
+                error=err,
+                ended=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                requests_done=self.requests_done,
+            )
             self._save_manifest()
-        return RunResult(self.run_dir, self.run_id, status, len(trials), self.requests_done, err,
-                         self.summaries)
+        return RunResult(
+            self.run_dir, self.run_id, status, len(trials), self.requests_done, err, self.summaries
+        )
 
     def _prepare_resume(self) -> None:
         """Continue a run that stopped (controller crash, Ctrl-C, error): keep the rows of the
@@ -672,8 +834,7 @@ class Runner:
         self.run_id = str(self.manifest["run_id"])
         self.completed = {(int(t), int(r)) for t, r in self.manifest.get("completed", [])}
         reps = self.recipe.repeats
-        whole = {t for t, _ in self.completed
-                 if all((t, r) in self.completed for r in range(reps))}
+        whole = {t for t, _ in self.completed if all((t, r) in self.completed for r in range(reps))}
 
         def keep(row: Mapping[str, str]) -> bool:
             if "trial" not in row:
@@ -685,13 +846,21 @@ class Runner:
         dropped = {p.name: R.prune_rows(p, keep) for p in sorted(self.run_dir.glob("*.csv"))}
         self.requests_done = len(R.read_csv(self.run_dir / R.REQUESTS))
         self.summaries = R.read_csv(self.run_dir / R.SUMMARY)
-        self.manifest["trials"] = [t for t in self.manifest.get("trials", [])
-                                   if (t["trial"], t["repeat"]) in self.completed]
-        self.manifest.setdefault("resumed", []).append({
-            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "status_before": self.manifest.get("status"), "error_before": self.manifest.get("error"),
-            "completed": sorted(self.completed), "rows_dropped": dropped,
-            "git_commit": git_commit()})
+        self.manifest["trials"] = [
+            t
+            for t in self.manifest.get("trials", [])
+            if (t["trial"], t["repeat"]) in self.completed
+        ]
+        self.manifest.setdefault("resumed", []).append(
+            {
+                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "status_before": self.manifest.get("status"),
+                "error_before": self.manifest.get("error"),
+                "completed": sorted(self.completed),
+                "rows_dropped": dropped,
+                "git_commit": git_commit(),
+            }
+        )
         self.manifest.update(status="running", error=None, ended=None)
 
     # main body ---------------------------------------------------------------------------
@@ -706,8 +875,11 @@ class Runner:
         # check what can be checked before touching anything: model and every trial's policy
         split = resolve_split(rec.model_spec(), where=f"{rec.path}: model.path")
         for t in trials:
-            load_policy(rec.policy_spec(t.policy), t.config["policy"]["params"],
-                        f"{rec.path}: policy.params")
+            load_policy(
+                rec.policy_spec(t.policy),
+                t.config["policy"]["params"],
+                f"{rec.path}: policy.params",
+            )
         self.traces = {t.index: self._trace(t) for t in trials}
         inv_path = self.inventory_path
         wanted = [t.config["run"]["devices"] for t in trials]
@@ -717,30 +889,41 @@ class Runner:
         self.inv = inv
         too_many = sorted({int(n) for n in wanted if n and int(n) > len(inv.devices)})
         if too_many:
-            raise ConfigError(f"{rec.path}: run.devices: {too_many[-1]} > the {len(inv.devices)} "
-                              f"devices of {inv_path}")
+            raise ConfigError(
+                f"{rec.path}: run.devices: {too_many[-1]} > the {len(inv.devices)} "
+                f"devices of {inv_path}"
+            )
         self.manifest["inventory"] = {"path": str(inv_path), **inv.to_dict()}
         m = load_manifest(split)
         self.split, self.mf = split, m
-        self.manifest["model"] = {"path": str(split), "family": m.family, "model_type": m.model_type,
-                                  "manifest_sha256": _sha256(split / "manifest.json"),
-                                  "moe_layers": list(m.moe_layers), "experts": len(m.uids()),
-                                  "hidden_size": m.model_hidden_size,
-                                  "expert_hidden_size": m.hidden_size,
-                                  "lift": dict(m.lift_info) if m.lift_info else None}
+        self.manifest["model"] = {
+            "path": str(split),
+            "family": m.family,
+            "model_type": m.model_type,
+            "manifest_sha256": _sha256(split / "manifest.json"),
+            "moe_layers": list(m.moe_layers),
+            "experts": len(m.uids()),
+            "hidden_size": m.model_hidden_size,
+            "expert_hidden_size": m.hidden_size,
+            "lift": dict(m.lift_info) if m.lift_info else None,
+        }
         self._save_manifest()
 
         # Jetson power modes (devices.power_mode): every device checked before anything changes,
         # each one's own mode restored on the way out
         from .jetson import PowerModeControl
 
-        self.power = PowerModeControl.open({d.name: ssh_runner_for(inv, d) for d in inv.devices}
-                                           if any(t.config["devices"]["power_mode"] is not None
-                                                  for t in trials) else {},
-                                           [t.config["devices"]["power_mode"] for t in trials],
-                                           f"{rec.path}: devices.power_mode")
+        self.power = PowerModeControl.open(
+            {d.name: ssh_runner_for(inv, d) for d in inv.devices}
+            if any(t.config["devices"]["power_mode"] is not None for t in trials)
+            else {},
+            [t.config["devices"]["power_mode"] for t in trials],
+            f"{rec.path}: devices.power_mode",
+        )
         if self.power is not None:
-            self.manifest["power_modes_before"] = {d: i.get("nvpmodel") for d, i in self.power.infos.items()}
+            self.manifest["power_modes_before"] = {
+                d: i.get("nvpmodel") for d, i in self.power.infos.items()
+            }
             stack.callback(lambda: self.manifest.update(power_modes_restored=self.power.restore()))
 
         # links: remember, restore on the way out
@@ -749,8 +932,10 @@ class Runner:
         shaper = shaper_for(inv, bs)
         before = shaper.show()
         was_installed = shaper.is_installed()
-        self.manifest["links_before"] = {"installed": was_installed,
-                                         "links": [s.to_dict() for s in before]}
+        self.manifest["links_before"] = {
+            "installed": was_installed,
+            "links": [s.to_dict() for s in before],
+        }
         self._save_manifest()
         stack.callback(self._restore_links, shaper, before, was_installed)
         self.shaper = shaper
@@ -765,14 +950,18 @@ class Runner:
         eps = prov.agent_endpoints(inv)
         curve = client_keys(inv)  # None when the inventory says security = "none"
         self.manifest["security"] = inv.security
-        backend = RemoteExpertBackend({d: e["endpoint"] for d, e in eps.items()}, {},
-                                      timeout_s=float(rec.config["run"]["timeout_s"]),
-                                      down_backoff_s=float(rec.config["run"]["down_backoff_s"]),
-                                      curve=curve)
+        backend = RemoteExpertBackend(
+            {d: e["endpoint"] for d, e in eps.items()},
+            {},
+            timeout_s=float(rec.config["run"]["timeout_s"]),
+            down_backoff_s=float(rec.config["run"]["down_backoff_s"]),
+            curve=curve,
+        )
         stack.callback(backend.close)
         clocks = backend.connect()
-        self.manifest["clock_offsets"] = {d: {"offset_ms": c.offset_ns / 1e6, "rtt_ms": c.rtt_ms}
-                                          for d, c in clocks.items()}
+        self.manifest["clock_offsets"] = {
+            d: {"offset_ms": c.offset_ns / 1e6, "rtt_ms": c.rtt_ms} for d, c in clocks.items()
+        }
         self.backend = backend
         self._open_bs_meter(stack)
         self.loaded: dict[str, set[str]] = {d: set() for d in eps}
@@ -807,16 +996,25 @@ class Runner:
 
         extra = [f"sweep.{k}" for k in rec.sweep]
         self.tables = {
-            "requests": stack.enter_context(R.CsvTable(self.run_dir / R.REQUESTS, R.REQUEST_COLUMNS, extra)),
-            "layers": stack.enter_context(R.CsvTable(self.run_dir / R.LAYERS, R.LAYER_COLUMNS, extra)),
+            "requests": stack.enter_context(
+                R.CsvTable(self.run_dir / R.REQUESTS, R.REQUEST_COLUMNS, extra)
+            ),
+            "layers": stack.enter_context(
+                R.CsvTable(self.run_dir / R.LAYERS, R.LAYER_COLUMNS, extra)
+            ),
             "calls": stack.enter_context(R.CsvTable(self.run_dir / R.CALLS, R.CALL_COLUMNS, extra)),
             "devices": stack.enter_context(R.CsvTable(self.run_dir / R.DEVICES, R.DEVICE_COLUMNS)),
-            "summary": stack.enter_context(R.CsvTable(self.run_dir / R.SUMMARY, R.SUMMARY_COLUMNS, extra)),
+            "summary": stack.enter_context(
+                R.CsvTable(self.run_dir / R.SUMMARY, R.SUMMARY_COLUMNS, extra)
+            ),
             "profile": stack.enter_context(R.CsvTable(self.run_dir / R.PROFILE, R.PROFILE_COLUMNS)),
             "links": stack.enter_context(R.CsvTable(self.run_dir / R.LINKS, R.LINK_COLUMNS, extra)),
-            "faults": stack.enter_context(R.CsvTable(self.run_dir / R.FAULTS, R.FAULT_COLUMNS, extra)),
-            "migrations": stack.enter_context(R.CsvTable(self.run_dir / R.MIGRATIONS,
-                                                         R.MIGRATION_COLUMNS, extra)),
+            "faults": stack.enter_context(
+                R.CsvTable(self.run_dir / R.FAULTS, R.FAULT_COLUMNS, extra)
+            ),
+            "migrations": stack.enter_context(
+                R.CsvTable(self.run_dir / R.MIGRATIONS, R.MIGRATION_COLUMNS, extra)
+            ),
         }
         # before the tables close: a stopped agent is resumed, a cut link restored, a killed
         # agent restarted, each recorded
@@ -850,8 +1048,10 @@ class Runner:
                             shaper.change(s.device, LinkSpec(kbit), direction)
         finally:
             after = shaper.show()
-            self.manifest["links_after"] = {"installed": shaper.is_installed(),
-                                            "links": [s.to_dict() for s in after]}
+            self.manifest["links_after"] = {
+                "installed": shaper.is_installed(),
+                "links": [s.to_dict() for s in after],
+            }
 
     # one trial ---------------------------------------------------------------------------
     def _trace(self, t: Trial) -> list[Any] | None:
@@ -861,10 +1061,11 @@ class Runner:
     def _devices(self, t: Trial) -> list[Any]:
         """The trial's devices: the first ``run.devices`` of the inventory (default: all)."""
         n = t.config["run"]["devices"]
-        return list(self.inv.devices[:int(n)] if n else self.inv.devices)
+        return list(self.inv.devices[: int(n)] if n else self.inv.devices)
 
-    def _profile(self, t: Trial, devices: Sequence[Any], placement: Mapping[str, Sequence[str]]
-                 ) -> Any:
+    def _profile(
+        self, t: Trial, devices: Sequence[Any], placement: Mapping[str, Sequence[str]]
+    ) -> Any:
         """Profile the trial's devices through the BS's exchange, links at
         :data:`PROFILE_KBIT` both ways (:func:`testbed.profiling.profile_exchanges`: calls of
         1..32 tokens, of one and two of each device's experts, each device alone and all at
@@ -885,55 +1086,81 @@ class Runner:
                     sh.change(d, LinkSpec(PROFILE_KBIT), direction)
         info = sh.shaping_info()
         rates = {s.device: s for s in sh.show()}
-        mine = {n: [u for u, ds in sorted(placement.items()) if ds and ds[0] == n][:2]
-                for n in names}
+        mine = {
+            n: [u for u, ds in sorted(placement.items()) if ds and ds[0] == n][:2] for n in names
+        }
         mine = {n: us for n, us in mine.items() if us}
         self.progress.message(f"profiling {', '.join(mine)}")
         start = self.profile_exchanges
-        samples = profile_exchanges(self.backend, mine, self.mf.hidden_size, self.wire_dtype,
-                                    seed=self.recipe.seed, start_id=start,
-                                    repeats=PROFILE_REPEATS)
+        samples = profile_exchanges(
+            self.backend,
+            mine,
+            self.mf.hidden_size,
+            self.wire_dtype,
+            seed=self.recipe.seed,
+            start_id=start,
+            repeats=PROFILE_REPEATS,
+        )
         self.profile_exchanges = start + len({s["layer"] for s in samples}) + 1
         for s in samples:
             s["rate_down_kbit"] = rates[s["device"]].down_kbit
             s["rate_up_kbit"] = rates[s["device"]].up_kbit
-        self.tables["profile"].write_many([
-            {"run_id": self.run_id, "trial": t.index,
-             **{k: v for k, v in s.items() if k != "layer"}, "exchange": s["layer"]}
-            for s in samples])
+        self.tables["profile"].write_many(
+            [
+                {
+                    "run_id": self.run_id,
+                    "trial": t.index,
+                    **{k: v for k, v in s.items() if k != "layer"},
+                    "exchange": s["layer"],
+                }
+                for s in samples
+            ]
+        )
         single = [s for s in samples if s["experts"] == 1 and s["devices"] == 1]
         fits = fit_profiles(single)
         trial_profile = {}
         for d, fit in fits.items():
             uid = mine[d][0]
-            self.manifest["compute_profile"].setdefault(d, {"expert": uid, "trial": t.index,
-                                                            **fit})
+            self.manifest["compute_profile"].setdefault(d, {"expert": uid, "trial": t.index, **fit})
             self.profiles[d] = (fit["a_ms"], fit["b_ms"])
             trial_profile[d] = {"expert": uid, **fit}
         mode = info.get("mode") or "none"
         base = LayerCostParams(
-            bytes_per_token=self.bytes_per_token, device_names=tuple(names), shaping=mode,
+            bytes_per_token=self.bytes_per_token,
+            device_names=tuple(names),
+            shaping=mode,
             bucket_bytes=float(info.get("bucket_bytes") or 0) if mode != "htb" else 0.0,
             bucket_slack_us=float(info.get("bucket_slack_us") or 0),
-            mtu=int(info["bucket_bytes"]) - 14 if mode == "tbf" and info.get("bucket_bytes")
-            else 1500)
+            mtu=int(info["bucket_bytes"]) - 14
+            if mode == "tbf" and info.get("bucket_bytes")
+            else 1500,
+        )
         params, resid = fit_layer_costs(samples, base)
-        self.latency_fit = {"params": params.to_dict(), "residuals": resid,
-                            "profile_kbit": PROFILE_KBIT, "samples": len(samples),
-                            "compute_profile": trial_profile}
+        self.latency_fit = {
+            "params": params.to_dict(),
+            "residuals": resid,
+            "profile_kbit": PROFILE_KBIT,
+            "samples": len(samples),
+            "compute_profile": trial_profile,
+        }
         self.manifest["latency_model"] = params.to_dict()
         return params
 
-    def _place(self, policy: Policy, devices: Sequence[Any] | None = None
-               ) -> dict[str, tuple[str, ...]]:
-        budget = self.recipe.config["run"].get("memory_budget_mb")   # overrides the inventory's
-        infos = [DeviceInfo(d.name, budget or d.memory_budget_mb, d.hw_class)
-                 for d in (self.inv.devices if devices is None else devices)]
+    def _place(
+        self, policy: Policy, devices: Sequence[Any] | None = None
+    ) -> dict[str, tuple[str, ...]]:
+        budget = self.recipe.config["run"].get("memory_budget_mb")  # overrides the inventory's
+        infos = [
+            DeviceInfo(d.name, budget or d.memory_budget_mb, d.hw_class)
+            for d in (self.inv.devices if devices is None else devices)
+        ]
         return place_experts(policy, self.mf, infos, str(self.split), self.bytes_per_token)
 
-    def _apply_placement(self, placement: Mapping[str, Sequence[str]],
-                         options: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None
-                         ) -> None:
+    def _apply_placement(
+        self,
+        placement: Mapping[str, Sequence[str]],
+        options: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
+    ) -> None:
         """Push, load and unload so each device holds its share; ``options``: device -> uid ->
         extra load fields (:meth:`Policy.load_options`); an expert whose fields changed is
         reloaded."""
@@ -943,8 +1170,11 @@ class Runner:
         for dev in self.inv.devices:
             want = {u for u, ds in placement.items() if dev.name in ds}
             opts = dict((options or {}).get(dev.name, {}))
-            reload = {u for u in want & self.loaded[dev.name]
-                      if dict(opts.get(u, {})) != dict(opts_now.get((dev.name, u), {}))}
+            reload = {
+                u
+                for u in want & self.loaded[dev.name]
+                if dict(opts.get(u, {})) != dict(opts_now.get((dev.name, u), {}))
+            }
             if reload:
                 self.backend.unload_experts(dev.name, sorted(reload))
                 self.loaded[dev.name] = self.loaded[dev.name] - reload
@@ -959,9 +1189,18 @@ class Runner:
             add = sorted(want - have)
             if add:
                 io = self.manifest["model"]["wire_dtype"]
-                got = self.backend.load_experts(dev.name, [{"uid": u, "path": self.pushed[dev.name][u],
-                                                            "io_dtype": io, **opts.get(u, {})}
-                                                           for u in add])
+                got = self.backend.load_experts(
+                    dev.name,
+                    [
+                        {
+                            "uid": u,
+                            "path": self.pushed[dev.name][u],
+                            "io_dtype": io,
+                            **opts.get(u, {}),
+                        }
+                        for u in add
+                    ],
+                )
                 if sorted(got) != add:
                     raise TestbedError(f"{dev.name}: agent loaded {len(got)} of {len(add)} experts")
             self.loaded[dev.name] = want
@@ -983,15 +1222,20 @@ class Runner:
         # how the links charge messages (mode, free bucket, offloads): manifest and links.csv
         info = sh.shaping_info()
         self.manifest["shaping"] = info
-        self.link_shaping = {"shaping": info["mode"], "bucket_bytes": info["bucket_bytes"],
-                             "bucket_slack_us": info["bucket_slack_us"],
-                             "offloads": info["offloads_summary"]}
+        self.link_shaping = {
+            "shaping": info["mode"],
+            "bucket_bytes": info["bucket_bytes"],
+            "bucket_slack_us": info["bucket_slack_us"],
+            "offloads": info["offloads_summary"],
+        }
         return [s.to_dict() for s in sh.show()]
 
-    def _hook(self, policy: Policy, cluster: ClusterState, links: EpochLinks
-              ) -> Callable[[Any], Any]:
-        return policy_hook(policy, cluster, links, self.timed,
-                           lambda: self.request_index, lambda: self.feed.view)
+    def _hook(
+        self, policy: Policy, cluster: ClusterState, links: EpochLinks
+    ) -> Callable[[Any], Any]:
+        return policy_hook(
+            policy, cluster, links, self.timed, lambda: self.request_index, lambda: self.feed.view
+        )
 
     # energy --------------------------------------------------------------------------------
     def _open_bs_meter(self, stack: contextlib.ExitStack) -> None:
@@ -1007,7 +1251,8 @@ class Runner:
             "bs": self.bs_meter.describe(),
             "devices": {d: a.energy_source for d, a in self.backend.agents.items()},
             "request_window": "each device's cumulative counter read by a ping just before and "
-                              "just after the request; the BS meter over the request itself"}
+            "just after the request; the BS meter over the request itself",
+        }
         self._save_manifest()
 
     def _energy_counters(self) -> dict[str, float | None]:
@@ -1039,16 +1284,28 @@ class Runner:
             mem = st.get("memory") or {}
             load = st.get("load") or {}
             power = st.get("power_w")
-            rows.append({"run_id": self.run_id, "trial": trial, "time_s": now - self.t0, "device": dev,
-                         "power_w": power if isinstance(power, (int, float)) else None,
-                         "energy_j": st.get("energy_j"),
-                         "energy_source": st.get("energy_source") or ("measured" if power else "unavailable"),
-                         "memory_used_mb": (mem.get("rss_bytes") or 0) / 2**20 if mem.get("rss_bytes") else None,
-                         "memory_free_mb": (mem.get("available_bytes") or 0) / 2**20 if mem.get("available_bytes") else None,
-                         "utilisation": load.get("loadavg_1m"),
-                         "experts_loaded": len(st.get("experts") or {}),
-                         "rate_down_kbit": rates.get(dev, {}).get("down_kbit"),
-                         "rate_up_kbit": rates.get(dev, {}).get("up_kbit")})
+            rows.append(
+                {
+                    "run_id": self.run_id,
+                    "trial": trial,
+                    "time_s": now - self.t0,
+                    "device": dev,
+                    "power_w": power if isinstance(power, (int, float)) else None,
+                    "energy_j": st.get("energy_j"),
+                    "energy_source": st.get("energy_source")
+                    or ("measured" if power else "unavailable"),
+                    "memory_used_mb": (mem.get("rss_bytes") or 0) / 2**20
+                    if mem.get("rss_bytes")
+                    else None,
+                    "memory_free_mb": (mem.get("available_bytes") or 0) / 2**20
+                    if mem.get("available_bytes")
+                    else None,
+                    "utilisation": load.get("loadavg_1m"),
+                    "experts_loaded": len(st.get("experts") or {}),
+                    "rate_down_kbit": rates.get(dev, {}).get("down_kbit"),
+                    "rate_up_kbit": rates.get(dev, {}).get("up_kbit"),
+                }
+            )
         if rows:
             self.tables["devices"].write_many(rows)
 
@@ -1058,18 +1315,26 @@ class Runner:
 
         if self.reference_model is None:
             self.reference_model = BaseStationModel.from_split_dir(self.split)
-        g = self.reference_model.generate_greedy([list(req.prompt)], req.max_new_tokens,
-                                                 req.eos_token_id, req.pad_token_id)
+        g = self.reference_model.generate_greedy(
+            [list(req.prompt)], req.max_new_tokens, req.eos_token_id, req.pad_token_id
+        )
         return tuple(g.tokens[0])
 
     def _trial(self, t: Trial, rep: int) -> None:
         from .report import summary_row
 
         rec = self.recipe
-        policy = load_policy(rec.policy_spec(t.policy), t.config["policy"]["params"],
-                             f"{rec.path}: policy.params")
-        key = {"run_id": self.run_id, "trial": t.index, "point": t.label, "policy": policy.name,
-               "repeat": rep, **{f"sweep.{k}": v for k, v in t.point.items()}}
+        policy = load_policy(
+            rec.policy_spec(t.policy), t.config["policy"]["params"], f"{rec.path}: policy.params"
+        )
+        key = {
+            "run_id": self.run_id,
+            "trial": t.index,
+            "point": t.label,
+            "policy": policy.name,
+            "repeat": rep,
+            **{f"sweep.{k}": v for k, v in t.point.items()},
+        }
         devices = self._devices(t)
         names = [d.name for d in devices]
         # before placement and compute profiling: both depend on the power mode
@@ -1080,25 +1345,39 @@ class Runner:
         params = self._profile(t, devices, placement)
         links = self._apply_links(t)
         rates = {r["device"]: r for r in links}
-        self.manifest["trials"].append({"trial": t.index, "repeat": rep, "point": t.point,
-                                        "policy": policy.describe(), "devices": names,
-                                        "links_enforced": links, "power_mode": power_mode,
-                                        "placement": {u: list(ds) for u, ds in placement.items()},
-                                        "latency_model": self.latency_fit})
+        self.manifest["trials"].append(
+            {
+                "trial": t.index,
+                "repeat": rep,
+                "point": t.point,
+                "policy": policy.describe(),
+                "devices": names,
+                "links_enforced": links,
+                "power_mode": power_mode,
+                "placement": {u: list(ds) for u, ds in placement.items()},
+                "latency_model": self.latency_fit,
+            }
+        )
         self._save_manifest()
-        cluster = trial_cluster(t, rec.seed + rep, placement, links, names, self.profiles,
-                                self.bytes_per_token)
+        cluster = trial_cluster(
+            t, rec.seed + rep, placement, links, names, self.profiles, self.bytes_per_token
+        )
         cluster.devices = dict(self.feed.view)
         trace = self.traces[t.index]
-        plan = EpochLinks(Epochs(cluster.epoch_scope),
-                          LinkRecorder(self.shaper, self.tables["links"], self.t0), cluster,
-                          names, {**key, **self.link_shaping}, cluster.channel,
-                          cluster.bandwidth_hz,
-                          TraceReplay(trace, names, str(self.recipe.trace_path(t)))
-                          if trace else None)
+        plan = EpochLinks(
+            Epochs(cluster.epoch_scope),
+            LinkRecorder(self.shaper, self.tables["links"], self.t0),
+            cluster,
+            names,
+            {**key, **self.link_shaping},
+            cluster.channel,
+            cluster.bandwidth_hz,
+            TraceReplay(trace, names, str(self.recipe.trace_path(t))) if trace else None,
+        )
         self.bsm.policy = self._hook(policy, cluster, plan)
-        self.timed.predictor = ExchangePredictor(params, names, lambda: self.backend.placement,
-                                                 cluster)
+        self.timed.predictor = ExchangePredictor(
+            params, names, lambda: self.backend.placement, cluster
+        )
         reqs = make_workload(t, self.mf, rec.seed + rep)
         # what the trial's summary needs, kept small (a long trial has ~10^5 call rows, all on
         # disk already): request rows, one layer total per request, one shared dict per call
@@ -1118,10 +1397,13 @@ class Runner:
         for q in reqs:
             events += mig.apply_events(self, t, q.index, cluster, rates, str(rec.path))
             if every and q.index and q.index % every == 0:
-                lo = q.index - win   # the requests since the last update
-                stats = mig.window_stats([c for c in win_calls if c["request"] >= lo],
-                                         [r for r in win_layers if r["request"] >= lo],
-                                         win, q.index)
+                lo = q.index - win  # the requests since the last update
+                stats = mig.window_stats(
+                    [c for c in win_calls if c["request"] >= lo],
+                    [r for r in win_layers if r["request"] >= lo],
+                    win,
+                    q.index,
+                )
                 win_calls.clear()
                 win_layers.clear()
                 new = mig.run_update(self, policy, cluster, placement, stats, key, q.index)
@@ -1138,8 +1420,9 @@ class Runner:
             self.tables["requests"].write(row)
             t_req_rows.append(row)
             t_layer_rows.append(layer_total(lrows))
-            t_call_rows.extend(status_rows.setdefault(str(c["status"]), {"status": c["status"]})
-                               for c in crows)
+            t_call_rows.extend(
+                status_rows.setdefault(str(c["status"]), {"status": c["status"]}) for c in crows
+            )
             if every:
                 win_layers.extend(lrows)
                 win_calls.extend(crows)
@@ -1148,11 +1431,18 @@ class Runner:
             self.progress.request()
         self.feed.poll(0)
         self.manifest["trials"][-1].update(
-            events=events, placement_final={u: list(ds) for u, ds in placement.items()},
-            memory=mig.memory_report(self, names), policy_final=policy.describe(),
-            signalling={d: {"bytes": self.feed.bytes_received.get(d, 0) - feed0[0].get(d, 0),
-                            "messages": self.feed.messages.get(d, 0) - feed0[1].get(d, 0)}
-                        for d in names})
+            events=events,
+            placement_final={u: list(ds) for u, ds in placement.items()},
+            memory=mig.memory_report(self, names),
+            policy_final=policy.describe(),
+            signalling={
+                d: {
+                    "bytes": self.feed.bytes_received.get(d, 0) - feed0[0].get(d, 0),
+                    "messages": self.feed.messages.get(d, 0) - feed0[1].get(d, 0),
+                }
+                for d in names
+            },
+        )
         self._finish_faults()
         self.timed.predictor = None
         self.manifest["trials"][-1]["link_epochs"] = plan.close()
@@ -1166,8 +1456,14 @@ class Runner:
         self._save_manifest()
 
     # faults (testbed.faults) -----------------------------------------------------------------
-    def _faults_before(self, t: Trial, key: Mapping[str, Any], names: Sequence[str],
-                       placement: Mapping[str, Sequence[str]], index: int) -> set[str]:
+    def _faults_before(
+        self,
+        t: Trial,
+        key: Mapping[str, Any],
+        names: Sequence[str],
+        placement: Mapping[str, Sequence[str]],
+        index: int,
+    ) -> set[str]:
         """Start the trial's fault injector at its first request; fire what is due; the ids
         active as the request starts."""
         events = t.config["faults"]["events"]
@@ -1181,9 +1477,14 @@ class Runner:
             table = self.tables["faults"]
             self.fault_placement = placement
             self.injector = FaultInjector(
-                faults, Effects(self._signal_agent, lambda d, kbit: self._fault_rate(t, d, kbit),
-                                self._restart_agent),
-                lambda row: table.write({**key, **row}))
+                faults,
+                Effects(
+                    self._signal_agent,
+                    lambda d, kbit: self._fault_rate(t, d, kbit),
+                    self._restart_agent,
+                ),
+                lambda row: table.write({**key, **row}),
+            )
             self.injector.start()
         self.injector.before_request(index)
         return set(self.injector.active().split())
@@ -1216,7 +1517,9 @@ class Runner:
         down, up = t.link_kbit() if kbit is None else (kbit, kbit)
         self.shaper.change(device, LinkSpec(down), "down")
         self.shaper.change(device, LinkSpec(up), "up")
-        return f"link {down:g}/{up:g} kbit/s down/up" + (" (the trial's rate)" if kbit is None else "")
+        return f"link {down:g}/{up:g} kbit/s down/up" + (
+            " (the trial's rate)" if kbit is None else ""
+        )
 
     def _restart_agent(self, device: str) -> str:
         """Stop (if it still runs) and start ``device``'s agent through provisioning, reconnect
@@ -1236,8 +1539,9 @@ class Runner:
         self._apply_placement(self.fault_placement)
         return f"agent pid {rep.pid} at {rep.endpoint}, {len(self.loaded[device])} experts loaded"
 
-    def _request(self, q: Request, key: Mapping[str, Any], placement: Mapping[str, Sequence[str]]
-                 ) -> tuple[dict, list[dict], list[dict]]:
+    def _request(
+        self, q: Request, key: Mapping[str, Any], placement: Mapping[str, Sequence[str]]
+    ) -> tuple[dict, list[dict], list[dict]]:
         bsm = self.bsm
         step_end: dict[int, float] = {}
         bsm.start_recording()
@@ -1249,17 +1553,23 @@ class Runner:
             step_end[s] = time.perf_counter()
 
         try:
-            gen = bsm.generate_greedy([list(q.prompt)], q.max_new_tokens, q.eos_token_id,
-                                      q.pad_token_id, on_step=on_step)
+            gen = bsm.generate_greedy(
+                [list(q.prompt)], q.max_new_tokens, q.eos_token_id, q.pad_token_id, on_step=on_step
+            )
             out = tuple(gen.tokens[0])
         finally:
             t_end = time.perf_counter()
             bs_after = self.bs_meter.read().energy_j
             records = bsm.pop_records()
             bsm.stop_recording()
-        energy = request_energy(e_before, self._energy_counters(),
-                                {d: a.energy_source or "" for d, a in self.backend.agents.items()},
-                                bs_before, bs_after, self.bs_meter.energy_source)
+        energy = request_energy(
+            e_before,
+            self._energy_counters(),
+            {d: a.energy_source or "" for d, a in self.backend.agents.items()},
+            bs_before,
+            bs_after,
+            self.bs_meter.energy_source,
+        )
         step_start = {0: t0, **{s + 1: v for s, v in step_end.items()}}
         rkey = {**key, "request": q.index}
         lrows, crows, tot = rows_for_request(records, rkey, step_start, placement)
@@ -1268,9 +1578,14 @@ class Runner:
         return row, lrows, crows
 
 
-def run_recipe(recipe: Recipe, inventory: Path | None = None, out: Path = Path("results"),
-               progress: Progress | None = None, local_name: str | None = None,
-               resume: Path | None = None) -> RunResult:
+def run_recipe(
+    recipe: Recipe,
+    inventory: Path | None = None,
+    out: Path = Path("results"),
+    progress: Progress | None = None,
+    local_name: str | None = None,
+    resume: Path | None = None,
+) -> RunResult:
     """Run ``recipe``; returns the run's folder and status.
 
     Raises
@@ -1306,9 +1621,15 @@ def resume_plan(run_dir: Path) -> tuple[Recipe, Path | None]:
     rd = dict(man["recipe"])
     path = Path(rd.pop("path"))
     # the resolved recipe holds every default; unset optional keys are None there
-    raw = {t: ({k: v for k, v in body.items() if v is not None} if t != "sweep" else body)
-           for t, body in rd.items() if isinstance(body, dict)}
+    raw = {
+        t: ({k: v for k, v in body.items() if v is not None} if t != "sweep" else body)
+        for t, body in rd.items()
+        if isinstance(body, dict)
+    }
     recipe = recipe_from_dict(raw, path)
-    inv = None if man.get("local_testbed") or not man.get("inventory") else \
-        Path(man["inventory"]["path"])
+    inv = (
+        None
+        if man.get("local_testbed") or not man.get("inventory")
+        else Path(man["inventory"]["path"])
+    )
     return recipe, inv

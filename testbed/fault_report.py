@@ -44,29 +44,48 @@ def fault_rows(run: Run) -> list[dict[str, Any]]:
         reqs = [r for r in run.requests if _key(r) == k]
         during = [r for r in reqs if fid in str(r.get("faults", "")).split()]
         last = max((int(r["request"]) for r in during), default=None)
-        after = [r for r in reqs if last is not None and int(r["request"]) > last
-                 and not str(r.get("faults", "")).strip()]
+        after = [
+            r
+            for r in reqs
+            if last is not None
+            and int(r["request"]) > last
+            and not str(r.get("faults", "")).strip()
+        ]
         first_ok = next((i for i, r in enumerate(after) if r.get("status") == "ok"), None)
         recovered = [r for r in after if r.get("status") == "ok"]
         calls = [c for c in run.calls if _key(c) == k and fid in str(c.get("faults", "")).split()]
         failed = sum(c.get("status") in _FAILED for c in calls)
         rerouted = sum(c.get("status") == "rerouted" for c in calls)
-        out.append({
-            "run": run.run_id, "trial": int(f["trial"]), "repeat": int(f["repeat"]),
-            "policy": f.get("policy", ""), "fault": fid, "device": f["device"],
-            "action": f["action"], "applied": f.get("ok") == "1", "detail": f.get("detail", ""),
-            "requests_during": len(during), "requests_after": len(after),
-            "latency_p50_during_ms": _num(_pct(_vals(during, "total_ms"), 50)),
-            "latency_p50_after_ms": _num(_pct(_vals(after, "total_ms"), 50)),
-            "accuracy_during": _num(_mean(_vals(during, "correct"))),
-            "accuracy_after": _num(_mean(_vals(after, "correct"))),
-            "recovery_requests": first_ok,
-            "accuracy_recovered": _num(_mean(_vals(recovered, "correct"))),
-            "calls_during": len(calls), "calls_failed_during": failed,
-            "calls_rerouted_during": rerouted,
-            "reaction": (f"{failed} calls failed (their experts dropped, weights renormalised), "
-                         f"{rerouted} re-routed to a replica") if calls else "no calls during it",
-        })
+        out.append(
+            {
+                "run": run.run_id,
+                "trial": int(f["trial"]),
+                "repeat": int(f["repeat"]),
+                "policy": f.get("policy", ""),
+                "fault": fid,
+                "device": f["device"],
+                "action": f["action"],
+                "applied": f.get("ok") == "1",
+                "detail": f.get("detail", ""),
+                "requests_during": len(during),
+                "requests_after": len(after),
+                "latency_p50_during_ms": _num(_pct(_vals(during, "total_ms"), 50)),
+                "latency_p50_after_ms": _num(_pct(_vals(after, "total_ms"), 50)),
+                "accuracy_during": _num(_mean(_vals(during, "correct"))),
+                "accuracy_after": _num(_mean(_vals(after, "correct"))),
+                "recovery_requests": first_ok,
+                "accuracy_recovered": _num(_mean(_vals(recovered, "correct"))),
+                "calls_during": len(calls),
+                "calls_failed_during": failed,
+                "calls_rerouted_during": rerouted,
+                "reaction": (
+                    f"{failed} calls failed (their experts dropped, weights renormalised), "
+                    f"{rerouted} re-routed to a replica"
+                )
+                if calls
+                else "no calls during it",
+            }
+        )
     return out
 
 
@@ -80,19 +99,34 @@ def table(rows: Sequence[Mapping[str, Any]]):
     from rich.table import Table
 
     t = Table(title="faults: latency and accuracy during and after", title_justify="left")
-    for c in ("trial", "fault", "requests\nduring", "p50 ms\nduring", "p50 ms\nafter",
-              "accuracy\nduring", "accuracy\nafter", "recovery\nrequests",
-              "accuracy\nrecovered", "calls failed /\nre-routed"):
+    for c in (
+        "trial",
+        "fault",
+        "requests\nduring",
+        "p50 ms\nduring",
+        "p50 ms\nafter",
+        "accuracy\nduring",
+        "accuracy\nafter",
+        "recovery\nrequests",
+        "accuracy\nrecovered",
+        "calls failed /\nre-routed",
+    ):
         t.add_column(c, justify="left" if c in ("fault",) else "right")
 
     def f(v: Any, spec: str) -> str:
         return "-" if v is None else format(v, spec)
 
     for r in rows:
-        t.add_row(str(r["trial"]), r["fault"] + ("" if r["applied"] else " (not applied)"),
-                  str(r["requests_during"]), f(r["latency_p50_during_ms"], ".1f"),
-                  f(r["latency_p50_after_ms"], ".1f"), f(r["accuracy_during"], ".2f"),
-                  f(r["accuracy_after"], ".2f"), f(r["recovery_requests"], "d"),
-                  f(r["accuracy_recovered"], ".2f"),
-                  f"{r['calls_failed_during']} / {r['calls_rerouted_during']}")
+        t.add_row(
+            str(r["trial"]),
+            r["fault"] + ("" if r["applied"] else " (not applied)"),
+            str(r["requests_during"]),
+            f(r["latency_p50_during_ms"], ".1f"),
+            f(r["latency_p50_after_ms"], ".1f"),
+            f(r["accuracy_during"], ".2f"),
+            f(r["accuracy_after"], ".2f"),
+            f(r["recovery_requests"], "d"),
+            f(r["accuracy_recovered"], ".2f"),
+            f"{r['calls_failed_during']} / {r['calls_rerouted_during']}",
+        )
     return t

@@ -40,8 +40,7 @@ from typing import Any
 from .units import parse_rate_kbit
 
 ACTIONS = ("kill", "stop", "link", "restart")
-_KEYS = {"at_request", "at_s", "device", "action", "for_s", "for_requests", "until_request",
-         "rate"}
+_KEYS = {"at_request", "at_s", "device", "action", "for_s", "for_requests", "until_request", "rate"}
 
 
 @dataclass(frozen=True)
@@ -59,8 +58,15 @@ class Fault:
     rate_kbit: float = 8.0
 
 
-def _check_number(ev: Mapping[str, Any], key: str, where: str, *, integer: bool, least: float,
-                  strict: bool = False) -> None:
+def _check_number(
+    ev: Mapping[str, Any],
+    key: str,
+    where: str,
+    *,
+    integer: bool,
+    least: float,
+    strict: bool = False,
+) -> None:
     """``ev[key]``, when present, is an int (or any number) >= ``least`` (> when ``strict``)."""
     v = ev.get(key)
     if v is None:
@@ -68,14 +74,17 @@ def _check_number(ev: Mapping[str, Any], key: str, where: str, *, integer: bool,
     kinds = int if integer else (int, float)
     if isinstance(v, bool) or not isinstance(v, kinds) or v < least or (strict and v == least):
         what = "an integer" if integer else "a number"
-        raise ValueError(f"{where}.{key}: must be {what} {'>' if strict else '>='} {least:g}, got {v!r}")
+        raise ValueError(
+            f"{where}.{key}: must be {what} {'>' if strict else '>='} {least:g}, got {v!r}"
+        )
 
 
 def parse_faults(value: Any) -> list[Fault]:
     """Check ``[faults].events``; raises ValueError naming the entry and key. Pure."""
     if not isinstance(value, list):
-        raise ValueError("must be a list of tables, e.g. [{ at_request = 3, device = \"dev1\", "
-                         "action = \"kill\" }]")
+        raise ValueError(
+            'must be a list of tables, e.g. [{ at_request = 3, device = "dev1", action = "kill" }]'
+        )
     out: list[Fault] = []
     for i, ev in enumerate(value):
         where = f"[{i}]"
@@ -83,7 +92,9 @@ def parse_faults(value: Any) -> list[Fault]:
             raise ValueError(f"{where}: must be a table")
         unknown = sorted(set(ev) - _KEYS)
         if unknown:
-            raise ValueError(f"{where}: unknown key {unknown[0]!r} (valid: {', '.join(sorted(_KEYS))})")
+            raise ValueError(
+                f"{where}: unknown key {unknown[0]!r} (valid: {', '.join(sorted(_KEYS))})"
+            )
         action = ev.get("action")
         if action not in ACTIONS:
             raise ValueError(f"{where}.action: must be one of {', '.join(ACTIONS)}, got {action!r}")
@@ -100,12 +111,16 @@ def parse_faults(value: Any) -> list[Fault]:
         _check_number(ev, "for_s", where, integer=False, least=0, strict=True)
         for_s = ev.get("for_s")
         if action == "restart" and at_r is None:
-            raise ValueError(f"{where}: restart takes at_request (it reconnects the BS to the new "
-                             "agent, which happens between requests)")
-        if action in ("kill", "restart") and any(k in ev for k in ("for_s", "for_requests",
-                                                                   "until_request", "rate")):
-            raise ValueError(f"{where}: {action} takes no duration or rate (a kill lasts until a "
-                             "restart)")
+            raise ValueError(
+                f"{where}: restart takes at_request (it reconnects the BS to the new "
+                "agent, which happens between requests)"
+            )
+        if action in ("kill", "restart") and any(
+            k in ev for k in ("for_s", "for_requests", "until_request", "rate")
+        ):
+            raise ValueError(
+                f"{where}: {action} takes no duration or rate (a kill lasts until a restart)"
+            )
         if action == "stop" and ("for_requests" in ev or "rate" in ev):
             raise ValueError(f"{where}: stop takes for_s or until_request")
         if action == "link" and "until_request" in ev:
@@ -116,18 +131,30 @@ def parse_faults(value: Any) -> list[Fault]:
                 rate = parse_rate_kbit(ev["rate"])
             except Exception as e:  # noqa: BLE001 - re-raised with the key
                 raise ValueError(f"{where}.rate: {e}") from None
-        out.append(Fault(id=f"f{i}-{action}-{device}", action=action, device=device,
-                         at_request=at_r, at_s=None if at_s is None else float(at_s),
-                         for_s=None if for_s is None else float(for_s),
-                         for_requests=ev.get("for_requests"), until_request=ev.get("until_request"),
-                         rate_kbit=rate))
+        out.append(
+            Fault(
+                id=f"f{i}-{action}-{device}",
+                action=action,
+                device=device,
+                at_request=at_r,
+                at_s=None if at_s is None else float(at_s),
+                for_s=None if for_s is None else float(for_s),
+                for_requests=ev.get("for_requests"),
+                until_request=ev.get("until_request"),
+                rate_kbit=rate,
+            )
+        )
     return out
 
 
 def check_devices(faults: Sequence[Fault], devices: Sequence[str], where: str) -> list[str]:
     """Problems (one line each) for faults naming devices the trial does not use. Pure."""
-    return [f"{where}: faults.events: {f.id}: no device {f.device!r} in this trial "
-            f"(devices: {', '.join(devices)})" for f in faults if f.device not in devices]
+    return [
+        f"{where}: faults.events: {f.id}: no device {f.device!r} in this trial "
+        f"(devices: {', '.join(devices)})"
+        for f in faults
+        if f.device not in devices
+    ]
 
 
 @dataclass
@@ -135,9 +162,9 @@ class Effects:
     """What the injector does to the testbed; each returns a short detail string and raises on
     failure (recorded, never fatal)."""
 
-    signal: Callable[[str, str], str]          # (device, "KILL" | "STOP" | "CONT")
+    signal: Callable[[str, str], str]  # (device, "KILL" | "STOP" | "CONT")
     set_rate: Callable[[str, float | None], str]  # (device, kbit or None = the trial's rate)
-    restart: Callable[[str], str]              # (device)
+    restart: Callable[[str], str]  # (device)
 
 
 class FaultInjector:
@@ -153,8 +180,9 @@ class FaultInjector:
         Called with each ``faults.csv`` row (without the run/trial key columns).
     """
 
-    def __init__(self, faults: Sequence[Fault], effects: Effects,
-                 record: Callable[[Mapping[str, Any]], None]) -> None:
+    def __init__(
+        self, faults: Sequence[Fault], effects: Effects, record: Callable[[Mapping[str, Any]], None]
+    ) -> None:
         self.faults = list(faults)
         self.fx = effects
         self.record = record
@@ -199,9 +227,18 @@ class FaultInjector:
 
     # -- effects ----------------------------------------------------------------------------
     def _row(self, f: Fault, event: str, ok: bool, detail: str) -> None:
-        self.record({"time_s": round(time.monotonic() - self.t0, 4), "request": self.request,
-                     "fault": f.id, "device": f.device, "action": f.action, "event": event,
-                     "ok": int(ok), "detail": detail[:300]})
+        self.record(
+            {
+                "time_s": round(time.monotonic() - self.t0, 4),
+                "request": self.request,
+                "fault": f.id,
+                "device": f.device,
+                "action": f.action,
+                "event": event,
+                "ok": int(ok),
+                "detail": detail[:300],
+            }
+        )
 
     def _do(self, f: Fault, event: str, fn: Callable[[], str]) -> bool:
         try:
@@ -220,8 +257,11 @@ class FaultInjector:
         elif f.action == "restart":
             if self._do(f, "injected", lambda: self.fx.restart(f.device)):
                 with self._lock:
-                    for fid in [k for k, v in self._active.items()
-                                if v.device == f.device and v.action == "kill"]:
+                    for fid in [
+                        k
+                        for k, v in self._active.items()
+                        if v.device == f.device and v.action == "kill"
+                    ]:
                         self._row(self._active.pop(fid), "cleared", True, "restarted")
         elif f.action == "stop":
             if self._do(f, "injected", lambda: self.fx.signal(f.device, "STOP")):

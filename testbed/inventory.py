@@ -61,8 +61,16 @@ else:  # pragma: no cover
 from .errors import ConfigError
 from .units import parse_rate_kbit
 
-HW_CLASSES = ("netns", "orin-agx", "orin-nx", "orin-nano", "jetson-other", "x86-gpu",
-              "x86-cpu", "arm64-cpu")
+HW_CLASSES = (
+    "netns",
+    "orin-agx",
+    "orin-nx",
+    "orin-nano",
+    "jetson-other",
+    "x86-gpu",
+    "x86-cpu",
+    "arm64-cpu",
+)
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 _HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 _IFNAME_RE = re.compile(r"[A-Za-z0-9_.@-]{1,15}")
@@ -125,26 +133,32 @@ class Inventory:
         for d in self.devices:
             if d.name == name:
                 return d
-        raise ConfigError(f"{self.path}: devices: no device named {name!r} "
-                          f"(have: {', '.join(d.name for d in self.devices)})")
+        raise ConfigError(
+            f"{self.path}: devices: no device named {name!r} "
+            f"(have: {', '.join(d.name for d in self.devices)})"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (no secrets are ever held here: keys are paths)."""
-        return {"path": str(self.path), "name": self.name, "known_hosts": self.known_hosts,
-                "security": self.security, "keys_dir": str(self.curve_dir()),
-                "bs": asdict(self.bs), "devices": [asdict(d) for d in self.devices]}
+        return {
+            "path": str(self.path),
+            "name": self.name,
+            "known_hosts": self.known_hosts,
+            "security": self.security,
+            "keys_dir": str(self.curve_dir()),
+            "bs": asdict(self.bs),
+            "devices": [asdict(d) for d in self.devices],
+        }
 
 
 _TOP_KEYS = {"testbed", "bs", "devices"}
 _TESTBED_KEYS = {"name", "known_hosts", "security", "keys_dir"}
 SECURITY = ("curve", "none")
 _BS_REQUIRED = {"name", "host", "interface"}
-_BS_OPTIONAL = {"ifb", "local", "sudo", "cell_rate", "ssh_port", "ssh_user", "ssh_key",
-                "shaping"}
+_BS_OPTIONAL = {"ifb", "local", "sudo", "cell_rate", "ssh_port", "ssh_user", "ssh_key", "shaping"}
 #: ``bs.shaping`` values (testbed.links.SHAPING_MODES)
 SHAPING = ("auto", "tbf", "netem", "htb")
-_DEV_REQUIRED = {"name", "host", "ssh_user", "workdir", "python", "hw_class",
-                 "memory_budget_mb"}
+_DEV_REQUIRED = {"name", "host", "ssh_user", "workdir", "python", "hw_class", "memory_budget_mb"}
 _DEV_OPTIONAL = {"ssh_port", "ssh_key", "interface", "reuse_packages", "agent_port"}
 _PKG_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,98}[A-Za-z0-9])?")
 
@@ -159,16 +173,18 @@ class _Checker:
     def bad(self, where: str, msg: str) -> None:
         self.problems.append(f"{self.path}: {where}: {msg}")
 
-    def keys(self, where: str, table: dict[str, Any], required: set[str],
-             optional: set[str]) -> None:
+    def keys(
+        self, where: str, table: dict[str, Any], required: set[str], optional: set[str]
+    ) -> None:
         for k in sorted(required - table.keys()):
             self.bad(f"{where}.{k}" if where else k, "missing required field")
         for k in sorted(table.keys() - required - optional):
             allowed = ", ".join(sorted(required | optional))
             self.bad(f"{where}.{k}" if where else k, f"unknown key (allowed: {allowed})")
 
-    def string(self, where: str, value: Any, pattern: re.Pattern[str] | None = None,
-               what: str = "") -> str | None:
+    def string(
+        self, where: str, value: Any, pattern: re.Pattern[str] | None = None, what: str = ""
+    ) -> str | None:
         if not isinstance(value, str) or not value:
             self.bad(where, f"must be a non-empty string, got {value!r}")
             return None
@@ -252,7 +268,9 @@ def parse_inventory(data: dict[str, Any], path: Path) -> Inventory:
         if "known_hosts" in tb:
             known_hosts = c.readable_file("testbed.known_hosts", tb["known_hosts"])
         if "security" in tb and tb["security"] not in SECURITY:
-            c.bad("testbed.security", f"must be one of {', '.join(SECURITY)}, got {tb['security']!r}")
+            c.bad(
+                "testbed.security", f"must be one of {', '.join(SECURITY)}, got {tb['security']!r}"
+            )
         else:
             security = tb.get("security", "curve")
         if "keys_dir" in tb and c.string("testbed.keys_dir", tb["keys_dir"]) is not None:
@@ -264,8 +282,15 @@ def parse_inventory(data: dict[str, Any], path: Path) -> Inventory:
     if c.problems:
         raise ConfigError(c.problems)
     assert bs is not None
-    return Inventory(path=path, bs=bs, devices=tuple(devices), name=name,
-                     known_hosts=known_hosts, security=security, keys_dir=keys_dir)
+    return Inventory(
+        path=path,
+        bs=bs,
+        devices=tuple(devices),
+        name=name,
+        known_hosts=known_hosts,
+        security=security,
+        keys_dir=keys_dir,
+    )
 
 
 def _parse_bs(c: _Checker, bs: Any) -> BaseStation | None:
@@ -305,8 +330,9 @@ def _parse_bs(c: _Checker, bs: Any) -> BaseStation | None:
     if "ssh_key" in bs:
         v["ssh_key"] = c.readable_file("bs.ssh_key", bs["ssh_key"])
     if bs.get("local") is False and "ssh_user" not in bs:
-        c.bad("bs.ssh_user", "required when bs.local = false (the controller reaches the "
-              "BS over SSH)")
+        c.bad(
+            "bs.ssh_user", "required when bs.local = false (the controller reaches the BS over SSH)"
+        )
     if len(c.problems) > before:
         return None
     return BaseStation(**v)
@@ -333,8 +359,10 @@ def _parse_devices(c: _Checker, devs: Any) -> list[Device]:
             v["name"] = c.string(f"{w}.name", d["name"], _NAME_RE, "device name")
             if v["name"] is not None:
                 if v["name"] in seen:
-                    c.bad(f"{w}.name", f"duplicate device name {v['name']!r} "
-                          f"(also devices[{seen[v['name']]}])")
+                    c.bad(
+                        f"{w}.name",
+                        f"duplicate device name {v['name']!r} (also devices[{seen[v['name']]}])",
+                    )
                 seen.setdefault(v["name"], i)
         if "host" in d:
             v["host"] = c.host(f"{w}.host", d["host"])
@@ -347,8 +375,10 @@ def _parse_devices(c: _Checker, devs: Any) -> list[Device]:
         if "hw_class" in d:
             hw = c.string(f"{w}.hw_class", d["hw_class"])
             if hw is not None and hw not in HW_CLASSES:
-                c.bad(f"{w}.hw_class", f"unknown hardware class {hw!r} "
-                      f"(one of: {', '.join(HW_CLASSES)})")
+                c.bad(
+                    f"{w}.hw_class",
+                    f"unknown hardware class {hw!r} (one of: {', '.join(HW_CLASSES)})",
+                )
             v["hw_class"] = hw
         if "memory_budget_mb" in d:
             m = d["memory_budget_mb"]
@@ -360,14 +390,18 @@ def _parse_devices(c: _Checker, devs: Any) -> list[Device]:
         if "ssh_key" in d:
             v["ssh_key"] = c.readable_file(f"{w}.ssh_key", d["ssh_key"])
         if "interface" in d:
-            v["interface"] = c.string(f"{w}.interface", d["interface"], _IFNAME_RE,
-                                      "interface name (<= 15 chars)")
+            v["interface"] = c.string(
+                f"{w}.interface", d["interface"], _IFNAME_RE, "interface name (<= 15 chars)"
+            )
         if "reuse_packages" in d:
             v["reuse_packages"] = _packages(c, f"{w}.reuse_packages", d["reuse_packages"])
         if "agent_port" in d:
             port = d["agent_port"]
-            v["agent_port"] = port if port == 0 and not isinstance(port, bool) else \
-                c.port(f"{w}.agent_port", port)
+            v["agent_port"] = (
+                port
+                if port == 0 and not isinstance(port, bool)
+                else c.port(f"{w}.agent_port", port)
+            )
         if len(c.problems) == before:
             out.append(Device(**v))
     return out
@@ -390,31 +424,55 @@ def _packages(c: _Checker, where: str, value: Any) -> tuple[str, ...] | None:
     return tuple(names)
 
 
-def render_inventory(inv_name: str, known_hosts: str, bs: BaseStation,
-                     devices: list[Device], keys_dir: str | None = None) -> str:
+def render_inventory(
+    inv_name: str,
+    known_hosts: str,
+    bs: BaseStation,
+    devices: list[Device],
+    keys_dir: str | None = None,
+) -> str:
     """Write an inventory back as TOML (used by ``testbed local up``)."""
 
     def q(s: str) -> str:
         return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
-    lines = ["# written by `testbed local up`", "[testbed]", f"name = {q(inv_name)}",
-             f"known_hosts = {q(known_hosts)}",
-             *([f"keys_dir = {q(keys_dir)}"] if keys_dir else []),
-             "", "[bs]", f"name = {q(bs.name)}",
-             f"host = {q(bs.host)}", f"interface = {q(bs.interface)}", f"ifb = {q(bs.ifb)}",
-             f"local = {str(bs.local).lower()}", f"sudo = {str(bs.sudo).lower()}"]
+    lines = [
+        "# written by `testbed local up`",
+        "[testbed]",
+        f"name = {q(inv_name)}",
+        f"known_hosts = {q(known_hosts)}",
+        *([f"keys_dir = {q(keys_dir)}"] if keys_dir else []),
+        "",
+        "[bs]",
+        f"name = {q(bs.name)}",
+        f"host = {q(bs.host)}",
+        f"interface = {q(bs.interface)}",
+        f"ifb = {q(bs.ifb)}",
+        f"local = {str(bs.local).lower()}",
+        f"sudo = {str(bs.sudo).lower()}",
+    ]
     if bs.cell_rate_kbit:
-        lines.append(f"cell_rate = \"{int(bs.cell_rate_kbit)}kbit\"")
+        lines.append(f'cell_rate = "{int(bs.cell_rate_kbit)}kbit"')
     if bs.shaping != "auto":
         lines.append(f"shaping = {q(bs.shaping)}")
     for d in devices:
-        lines += ["", "[[devices]]", f"name = {q(d.name)}", f"host = {q(d.host)}",
-                  f"ssh_port = {d.ssh_port}", f"ssh_user = {q(d.ssh_user)}"]
+        lines += [
+            "",
+            "[[devices]]",
+            f"name = {q(d.name)}",
+            f"host = {q(d.host)}",
+            f"ssh_port = {d.ssh_port}",
+            f"ssh_user = {q(d.ssh_user)}",
+        ]
         if d.ssh_key:
             lines.append(f"ssh_key = {q(d.ssh_key)}")
-        lines += [f"interface = {q(d.interface)}", f"workdir = {q(d.workdir)}",
-                  f"python = {q(d.python)}", f"hw_class = {q(d.hw_class)}",
-                  f"memory_budget_mb = {d.memory_budget_mb}"]
+        lines += [
+            f"interface = {q(d.interface)}",
+            f"workdir = {q(d.workdir)}",
+            f"python = {q(d.python)}",
+            f"hw_class = {q(d.hw_class)}",
+            f"memory_budget_mb = {d.memory_budget_mb}",
+        ]
         if d.reuse_packages:
             lines.append(f"reuse_packages = [{', '.join(q(p) for p in d.reuse_packages)}]")
         if d.agent_port:
@@ -426,9 +484,15 @@ def ssh_runner_for(inv: Inventory, dev: Device, connect_timeout_s: float = 10.0)
     """An :class:`~testbed.runner.SshRunner` for a device, with the inventory's host keys."""
     from .runner import SshRunner
 
-    return SshRunner(dev.host, port=dev.ssh_port, user=dev.ssh_user, key_path=dev.ssh_key,
-                     known_hosts=inv.known_hosts, connect_timeout_s=connect_timeout_s,
-                     name=dev.name)
+    return SshRunner(
+        dev.host,
+        port=dev.ssh_port,
+        user=dev.ssh_user,
+        key_path=dev.ssh_key,
+        known_hosts=inv.known_hosts,
+        connect_timeout_s=connect_timeout_s,
+        name=dev.name,
+    )
 
 
 def bs_runner_for(inv: Inventory):
@@ -437,5 +501,11 @@ def bs_runner_for(inv: Inventory):
 
     if inv.bs.local:
         return LocalRunner(host=inv.bs.name)
-    return SshRunner(inv.bs.host, port=inv.bs.ssh_port, user=inv.bs.ssh_user,
-                     key_path=inv.bs.ssh_key, known_hosts=inv.known_hosts, name=inv.bs.name)
+    return SshRunner(
+        inv.bs.host,
+        port=inv.bs.ssh_port,
+        user=inv.bs.ssh_user,
+        key_path=inv.bs.ssh_key,
+        known_hosts=inv.known_hosts,
+        name=inv.bs.name,
+    )

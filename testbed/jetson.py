@@ -61,7 +61,7 @@ def parse_nvpmodel_query(text: str) -> PowerMode | None:
         if not m:
             continue
         name = m.group(1)
-        for nxt in lines[i + 1:]:
+        for nxt in lines[i + 1 :]:
             if not nxt:
                 continue
             rest = _strip_prefix(nxt)
@@ -122,8 +122,12 @@ def parse_jetson_clocks_show(text: str) -> dict[str, Any]:
             out["emc"] = {"min_hz": lo, "max_hz": hi, "cur_hz": cur}
             all_pinned &= lo == hi or "FreqOverride=1" in s
     names = [m.group(1) for m in map(_QUERY.search, text.splitlines()) if m]
-    out.update(pinned=all_pinned if seen else None, cpus=cpus, cpus_pinned=pinned_cpus,
-               power_mode=names[-1] if names else None)
+    out.update(
+        pinned=all_pinned if seen else None,
+        cpus=cpus,
+        cpus_pinned=pinned_cpus,
+        power_mode=names[-1] if names else None,
+    )
     return out
 
 
@@ -185,8 +189,11 @@ def power_info_from_output(text: str) -> dict[str, Any]:
     nv = failed("query")
     if nv is None:
         mode = parse_nvpmodel_query(sec["query"][1])
-        nv = {"available": True, "mode": mode.name if mode else None,
-              "mode_id": mode.id if mode else None}
+        nv = {
+            "available": True,
+            "mode": mode.name if mode else None,
+            "mode_id": mode.id if mode else None,
+        }
         modes_err = failed("modes")
         if modes_err is None:
             try:
@@ -220,8 +227,10 @@ def resolve_power_mode(info: Mapping[str, Any], want: str | int, device: str, wh
     """
     nv = info.get("nvpmodel") or {}
     if not nv.get("available"):
-        raise ConfigError(f"{where}: {device}: has no nvpmodel ({nv.get('reason', 'not available')}); "
-                          f"cannot set power mode {want!r}")
+        raise ConfigError(
+            f"{where}: {device}: has no nvpmodel ({nv.get('reason', 'not available')}); "
+            f"cannot set power mode {want!r}"
+        )
     modes = nv.get("modes")
     if not isinstance(modes, Mapping) or not modes:
         why = nv.get("modes_error") or nv.get("error") or "no modes listed"
@@ -246,9 +255,16 @@ def set_power_mode(runner: Runner, mode_id: int, timeout_s: float = 60.0) -> Non
     testbed.errors.CommandFailed
         When nvpmodel refuses (the error carries its output).
     """
-    runner.run(["sh", "-c", 'PATH="$PATH:/usr/sbin:/sbin"; exec sudo -n nvpmodel -m "$1" </dev/null',
-                "sh", str(int(mode_id))], timeout_s=timeout_s)
-
+    runner.run(
+        [
+            "sh",
+            "-c",
+            'PATH="$PATH:/usr/sbin:/sbin"; exec sudo -n nvpmodel -m "$1" </dev/null',
+            "sh",
+            str(int(mode_id)),
+        ],
+        timeout_s=timeout_s,
+    )
 
 
 class PowerModeControl:
@@ -268,8 +284,12 @@ class PowerModeControl:
         (wanted value, device) -> the device's mode id for it.
     """
 
-    def __init__(self, runners: Mapping[str, Runner], infos: Mapping[str, Mapping[str, Any]],
-                 ids: Mapping[tuple[str | int, str], int]) -> None:
+    def __init__(
+        self,
+        runners: Mapping[str, Runner],
+        infos: Mapping[str, Mapping[str, Any]],
+        ids: Mapping[tuple[str | int, str], int],
+    ) -> None:
         self.runners = dict(runners)
         self.infos = dict(infos)
         self.ids = dict(ids)
@@ -279,12 +299,15 @@ class PowerModeControl:
             if isinstance(mode_id, int):
                 self.original[d] = mode_id
         self.current = dict(self.original)
-        self.names = {d: {int(i): n for i, n in ((info.get("nvpmodel") or {}).get("modes") or {}).items()}
-                      for d, info in self.infos.items()}
+        self.names = {
+            d: {int(i): n for i, n in ((info.get("nvpmodel") or {}).get("modes") or {}).items()}
+            for d, info in self.infos.items()
+        }
 
     @classmethod
-    def check(cls, infos: Mapping[str, Mapping[str, Any]], wanted: Sequence[str | int | None],
-              where: str) -> dict[tuple[str | int, str], int]:
+    def check(
+        cls, infos: Mapping[str, Mapping[str, Any]], wanted: Sequence[str | int | None], where: str
+    ) -> dict[tuple[str | int, str], int]:
         """(wanted value, device) -> mode id for every value asked and every device. Pure.
 
         Raises
@@ -300,7 +323,9 @@ class PowerModeControl:
                 try:
                     ids[(w, d)] = resolve_power_mode(infos[d], w, d, where)
                 except ConfigError as e:
-                    problems.append(str(e)[len(where) + 2:] if str(e).startswith(where) else str(e))
+                    problems.append(
+                        str(e)[len(where) + 2 :] if str(e).startswith(where) else str(e)
+                    )
                     break
             else:
                 if not isinstance((infos[d].get("nvpmodel") or {}).get("mode_id"), int):
@@ -310,8 +335,9 @@ class PowerModeControl:
         return ids
 
     @classmethod
-    def open(cls, runners: Mapping[str, Runner], wanted: Sequence[str | int | None], where: str
-             ) -> PowerModeControl | None:
+    def open(
+        cls, runners: Mapping[str, Runner], wanted: Sequence[str | int | None], where: str
+    ) -> PowerModeControl | None:
         """Query every device (in parallel) and :meth:`check`; ``None`` when nothing is
         wanted. The runners are closed on a failed check."""
         if all(v is None for v in wanted):

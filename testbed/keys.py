@@ -43,8 +43,10 @@ def ensure_keys(inv: Inventory) -> dict[str, tuple[Path, Path]]:
         out = {BS_NAME: _pair(folder, BS_NAME)}
         for d in inv.devices:
             if d.name == BS_NAME:
-                raise ConfigError(f"{inv.path}: devices: the name {BS_NAME!r} is the base "
-                                  "station's key name; rename the device")
+                raise ConfigError(
+                    f"{inv.path}: devices: the name {BS_NAME!r} is the base "
+                    "station's key name; rename the device"
+                )
             out[d.name] = _pair(folder, d.name)
     except OSError as e:
         raise ConfigError(f"{inv.path}: testbed.keys_dir: {folder}: {e.strerror or e}") from None

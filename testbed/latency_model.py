@@ -61,9 +61,13 @@ LN2 = math.log(2.0)
 
 
 # -- the model -----------------------------------------------------------------------------
-def transfer_ms(n_tokens: np.ndarray | float, bandwidth_hz: np.ndarray | float,
-                snr_down_hz: np.ndarray | float, snr_up_hz: np.ndarray | float,
-                bytes_per_token: float) -> np.ndarray:
+def transfer_ms(
+    n_tokens: np.ndarray | float,
+    bandwidth_hz: np.ndarray | float,
+    snr_down_hz: np.ndarray | float,
+    snr_up_hz: np.ndarray | float,
+    bytes_per_token: float,
+) -> np.ndarray:
     """Down + up transfer time (ms) of ``n_tokens`` tokens; ``inf`` where tokens meet no
     bandwidth, 0 where there are no tokens."""
     n = np.asarray(n_tokens, dtype=np.float64)
@@ -75,10 +79,15 @@ def transfer_ms(n_tokens: np.ndarray | float, bandwidth_hz: np.ndarray | float,
     return np.where(n > 0, t, 0.0)
 
 
-def device_latency_ms(n_tokens: np.ndarray | float, bandwidth_hz: np.ndarray | float,
-                      snr_down_hz: np.ndarray | float, snr_up_hz: np.ndarray | float,
-                      bytes_per_token: float, a_ms: np.ndarray | float,
-                      b_ms: np.ndarray | float) -> np.ndarray:
+def device_latency_ms(
+    n_tokens: np.ndarray | float,
+    bandwidth_hz: np.ndarray | float,
+    snr_down_hz: np.ndarray | float,
+    snr_up_hz: np.ndarray | float,
+    bytes_per_token: float,
+    a_ms: np.ndarray | float,
+    b_ms: np.ndarray | float,
+) -> np.ndarray:
     """``t_k`` per device (ms): transfer down + compute ``a + b N`` + transfer up; 0 if idle."""
     n = np.asarray(n_tokens, dtype=np.float64)
     t = transfer_ms(n, bandwidth_hz, snr_down_hz, snr_up_hz, bytes_per_token)
@@ -163,8 +172,9 @@ def _xfer_and_slope(b: float, sd: float, su: float, kbits: float) -> tuple[float
     return kbits * (1.0 / rd + 1.0 / ru), -kbits * (dd / (rd * rd) + du / (ru * ru))
 
 
-def _least_bandwidth(tau: float, sd: float, su: float, kbits: float, b0: float,
-                     rtol: float) -> tuple[float, float]:
+def _least_bandwidth(
+    tau: float, sd: float, su: float, kbits: float, b0: float, rtol: float
+) -> tuple[float, float]:
     """Least ``B`` with transfer time ``f(B) <= tau``, and ``f'(B)`` there (``inf`` if even
     infinite bandwidth is too slow: ``f(B) > kbits ln2 (1/s_d + 1/s_u)`` for every ``B``).
 
@@ -190,9 +200,16 @@ def _least_bandwidth(tau: float, sd: float, su: float, kbits: float, b0: float,
     return b, df
 
 
-def _solve_newton(loads: np.ndarray, total_hz: float, sd: np.ndarray, su: np.ndarray,
-                  bytes_per_token: float, a_ms: np.ndarray, b_ms: np.ndarray,
-                  rtol: float) -> tuple[np.ndarray, int]:
+def _solve_newton(
+    loads: np.ndarray,
+    total_hz: float,
+    sd: np.ndarray,
+    su: np.ndarray,
+    bytes_per_token: float,
+    a_ms: np.ndarray,
+    b_ms: np.ndarray,
+    rtol: float,
+) -> tuple[np.ndarray, int]:
     idx = [int(i) for i in np.flatnonzero(loads > 0)]
     kb = [8.0 * bytes_per_token * float(loads[i]) * 1e3 for i in idx]
     c = [float(a_ms[i]) + float(b_ms[i]) * float(loads[i]) for i in idx]
@@ -215,7 +232,7 @@ def _solve_newton(loads: np.ndarray, total_hz: float, sd: np.ndarray, su: np.nda
             new[j], df = _least_bandwidth(t - c[j], s_d[j], s_u[j], kb[j], bw[j], rtol)
             if new[j] == math.inf:
                 break
-            slope += 1.0 / df            # dB_j/dT = 1 / f_j'(B_j) < 0
+            slope += 1.0 / df  # dB_j/dT = 1 / f_j'(B_j) < 0
         else:
             bw = new
             phi = sum(bw) - total_hz
@@ -234,9 +251,9 @@ def _solve_newton(loads: np.ndarray, total_hz: float, sd: np.ndarray, su: np.nda
                 break
             t = nt
             continue
-        lo = t                           # some device cannot reach T at all
+        lo = t  # some device cannot reach T at all
         t = 0.5 * (lo + hi)
-    if sum(bw) > total_hz:               # landed a hair left of T*: shrink to the budget
+    if sum(bw) > total_hz:  # landed a hair left of T*: shrink to the budget
         scale = total_hz / sum(bw)
         bw = [x * scale for x in bw] if scale > 1.0 - 1e-6 else best
     out = np.zeros(len(loads))
@@ -244,8 +261,9 @@ def _solve_newton(loads: np.ndarray, total_hz: float, sd: np.ndarray, su: np.nda
     return out, it
 
 
-def _least_bandwidth_bisect(tau: np.ndarray, sd: np.ndarray, su: np.ndarray,
-                            kbits: np.ndarray, hi: float, iters: int) -> np.ndarray:
+def _least_bandwidth_bisect(
+    tau: np.ndarray, sd: np.ndarray, su: np.ndarray, kbits: np.ndarray, hi: float, iters: int
+) -> np.ndarray:
     lo_b = np.full(len(tau), hi * 1e-15)
     hi_b = np.full(len(tau), float(hi))
     ok_hi = kbits * (1 / shannon_rate_bps(hi_b, sd) + 1 / shannon_rate_bps(hi_b, su)) <= tau
@@ -258,9 +276,16 @@ def _least_bandwidth_bisect(tau: np.ndarray, sd: np.ndarray, su: np.ndarray,
     return np.where(ok_hi, hi_b, np.inf)
 
 
-def _solve_bisection(loads: np.ndarray, total_hz: float, sd: np.ndarray, su: np.ndarray,
-                     bytes_per_token: float, a_ms: np.ndarray, b_ms: np.ndarray,
-                     rtol: float) -> tuple[np.ndarray, int]:
+def _solve_bisection(
+    loads: np.ndarray,
+    total_hz: float,
+    sd: np.ndarray,
+    su: np.ndarray,
+    bytes_per_token: float,
+    a_ms: np.ndarray,
+    b_ms: np.ndarray,
+    rtol: float,
+) -> tuple[np.ndarray, int]:
     on = loads > 0
     n = loads[on].astype(np.float64)
     kb = 8.0 * bytes_per_token * n * 1e3
@@ -285,10 +310,18 @@ def _solve_bisection(loads: np.ndarray, total_hz: float, sd: np.ndarray, su: np.
     return out, it
 
 
-def min_max_bandwidth(loads: Sequence[float] | np.ndarray, total_hz: float,
-                      snr_down_hz: np.ndarray, snr_up_hz: np.ndarray, bytes_per_token: float,
-                      a_ms: np.ndarray | float, b_ms: np.ndarray | float, *,
-                      method: str = "newton", rtol: float = 1e-9) -> Allocation:
+def min_max_bandwidth(
+    loads: Sequence[float] | np.ndarray,
+    total_hz: float,
+    snr_down_hz: np.ndarray,
+    snr_up_hz: np.ndarray,
+    bytes_per_token: float,
+    a_ms: np.ndarray | float,
+    b_ms: np.ndarray | float,
+    *,
+    method: str = "newton",
+    rtol: float = 1e-9,
+) -> Allocation:
     """Split ``total_hz`` over the loaded devices to minimise ``max_k t_k`` for fixed loads.
 
     Each ``t_k(B)`` falls and is convex in ``B``, so the optimum equalises the latencies of all
@@ -317,11 +350,13 @@ def min_max_bandwidth(loads: Sequence[float] | np.ndarray, total_hz: float,
     if method == "newton":
         bw, it = _solve_newton(loads, float(total_hz), sd, su, float(bytes_per_token), a, b, rtol)
     elif method == "bisection":
-        bw, it = _solve_bisection(loads, float(total_hz), sd, su, float(bytes_per_token), a, b,
-                                  rtol)
+        bw, it = _solve_bisection(
+            loads, float(total_hz), sd, su, float(bytes_per_token), a, b, rtol
+        )
     else:
-        raise ValueError(f"min_max_bandwidth: method must be 'newton' or 'bisection', "
-                         f"got {method!r}")
+        raise ValueError(
+            f"min_max_bandwidth: method must be 'newton' or 'bisection', got {method!r}"
+        )
     dev = device_latency_ms(loads, bw, sd, su, bytes_per_token, a, b)
     return Allocation(bw, float(np.max(dev)), dev, it)
 
@@ -354,8 +389,9 @@ EXTRA_SEGMENTS = 1
 ZMQ_BATCH_BYTES = 8192
 
 
-def wire_frames(message_bytes: float, mtu: int = 1500,
-                extra_segments: int = EXTRA_SEGMENTS) -> tuple[int, float]:
+def wire_frames(
+    message_bytes: float, mtu: int = 1500, extra_segments: int = EXTRA_SEGMENTS
+) -> tuple[int, float]:
     """(frames, bytes on the wire) of one message over TCP: ``ceil(m / mss) + extra_segments``
     segments (at most ``mss = mtu - 52`` payload bytes each; :data:`EXTRA_SEGMENTS` short ones
     where zmq's writes end, for messages over one :data:`ZMQ_BATCH_BYTES` write), each with :data:`TCPIP_BYTES` + :data:`ETH_BYTES`."""
@@ -367,8 +403,12 @@ def wire_frames(message_bytes: float, mtu: int = 1500,
     return n, m + n * (TCPIP_BYTES + ETH_BYTES)
 
 
-def free_bytes(rate_kbit: float, shaping: str = "tbf", bucket_bytes: float = 1514.0,
-               bucket_slack_us: float = 50.0) -> float:
+def free_bytes(
+    rate_kbit: float,
+    shaping: str = "tbf",
+    bucket_bytes: float = 1514.0,
+    bucket_slack_us: float = 50.0,
+) -> float:
     """Bytes a leaf lets through at once after an idle spell (its bucket when full).
 
     * ``tbf``: ``bucket_bytes + ceil(rate * bucket_slack_us)`` (as ``links.tbf_burst_bytes``
@@ -383,16 +423,25 @@ def free_bytes(rate_kbit: float, shaping: str = "tbf", bucket_bytes: float = 151
     if shaping == "netem":
         return 0.0
     if shaping == "htb":
-        return float(bucket_bytes) if bucket_bytes else \
-            max(HTB_MIN_BUCKET, float(rate_kbit) * HTB_BUCKET_MS / 8.0)
+        return (
+            float(bucket_bytes)
+            if bucket_bytes
+            else max(HTB_MIN_BUCKET, float(rate_kbit) * HTB_BUCKET_MS / 8.0)
+        )
     if shaping == "none":
         return math.inf
     raise ValueError(f"shaping must be one of {', '.join(SHAPING_MODES)}, got {shaping!r}")
 
 
-def airtime_ms(message_bytes: float, rate_kbit: float, shaping: str = "tbf",
-               bucket_bytes: float = 1514.0, bucket_slack_us: float = 50.0, mtu: int = 1500,
-               tokens_bytes: float | None = None) -> float:
+def airtime_ms(
+    message_bytes: float,
+    rate_kbit: float,
+    shaping: str = "tbf",
+    bucket_bytes: float = 1514.0,
+    bucket_slack_us: float = 50.0,
+    mtu: int = 1500,
+    tokens_bytes: float | None = None,
+) -> float:
     """Time (ms) from a message of ``message_bytes`` entering the leaf to its last frame
     leaving it, at ``rate_kbit`` (kbit/s, as tc counts: frames with their Ethernet header).
 
@@ -494,11 +543,14 @@ class LayerCostParams:
 
     def __post_init__(self) -> None:
         if self.shaping not in SHAPING_MODES:
-            raise ValueError(f"shaping must be one of {', '.join(SHAPING_MODES)}, "
-                             f"got {self.shaping!r}")
+            raise ValueError(
+                f"shaping must be one of {', '.join(SHAPING_MODES)}, got {self.shaping!r}"
+            )
         if self.device_names and self.devices and len(self.device_names) != len(self.devices):
-            raise ValueError("device_names and devices must have the same length (or no "
-                             "devices: every one gets default_device)")
+            raise ValueError(
+                "device_names and devices must have the same length (or no "
+                "devices: every one gets default_device)"
+            )
 
     def device(self, k: int) -> DeviceCosts:
         return self.devices[k] if k < len(self.devices) else self.default_device
@@ -506,10 +558,14 @@ class LayerCostParams:
     def for_devices(self, names: Sequence[str]) -> LayerCostParams:
         """The same parameters with ``devices`` in the order of ``names`` (unknown names get
         ``default_device``)."""
-        by = dict(zip(self.device_names, self.devices or
-                      (self.default_device,) * len(self.device_names)))
-        return replace(self, devices=tuple(by.get(n, self.default_device) for n in names),
-                       device_names=tuple(names))
+        by = dict(
+            zip(self.device_names, self.devices or (self.default_device,) * len(self.device_names))
+        )
+        return replace(
+            self,
+            devices=tuple(by.get(n, self.default_device) for n in names),
+            device_names=tuple(names),
+        )
 
     def message_bytes(self, direction: str, experts: float, rows: float) -> float:
         """Bytes of one call's message ``direction`` (``down``/``up``) before TCP."""
@@ -524,8 +580,11 @@ class LayerCostParams:
     def to_dict(self) -> dict[str, Any]:
         """Plain data (the manifest's ``latency_model``)."""
         d = asdict(self)
-        d["devices"] = {n: asdict(c) for n, c in zip(self.device_names, self.devices)} \
-            if self.device_names else [asdict(c) for c in self.devices]
+        d["devices"] = (
+            {n: asdict(c) for n, c in zip(self.device_names, self.devices)}
+            if self.device_names
+            else [asdict(c) for c in self.devices]
+        )
         d.pop("device_names")
         return d
 
@@ -537,16 +596,27 @@ class LayerCostParams:
         if isinstance(devs, Mapping):
             names, devs = tuple(devs), tuple(devs.values())
         d["default_device"] = DeviceCosts(**d.get("default_device", {}))
-        return cls(devices=tuple(DeviceCosts(**c) for c in devs), device_names=names, **{
-            k: v for k, v in d.items() if k in {f.name for f in fields(cls)}
-            and k not in ("devices", "device_names")})
+        return cls(
+            devices=tuple(DeviceCosts(**c) for c in devs),
+            device_names=names,
+            **{
+                k: v
+                for k, v in d.items()
+                if k in {f.name for f in fields(cls)} and k not in ("devices", "device_names")
+            },
+        )
 
 
-def layer_terms(loads: Sequence[float] | np.ndarray, down_kbit: Sequence[float] | np.ndarray,
-                up_kbit: Sequence[float] | np.ndarray, params: LayerCostParams, *,
-                experts: Sequence[float] | np.ndarray | None = None,
-                tokens_down: Sequence[float | None] | None = None,
-                tokens_up: Sequence[float | None] | None = None) -> dict[str, np.ndarray]:
+def layer_terms(
+    loads: Sequence[float] | np.ndarray,
+    down_kbit: Sequence[float] | np.ndarray,
+    up_kbit: Sequence[float] | np.ndarray,
+    params: LayerCostParams,
+    *,
+    experts: Sequence[float] | np.ndarray | None = None,
+    tokens_down: Sequence[float | None] | None = None,
+    tokens_up: Sequence[float | None] | None = None,
+) -> dict[str, np.ndarray]:
     """The model's terms per device (ms, 0 for idle devices): ``air_down``, ``air_up``,
     ``device`` (the device's time), ``call`` (fixed per call) and ``total`` (their sum: the
     call's round trip), plus ``bytes_down``/``bytes_up`` (messages before TCP). Arguments as
@@ -556,8 +626,10 @@ def layer_terms(loads: Sequence[float] | np.ndarray, down_kbit: Sequence[float] 
     e = (n > 0).astype(np.float64) if experts is None else np.asarray(experts, dtype=np.float64)
     down = np.broadcast_to(np.asarray(down_kbit, dtype=np.float64), (d,))
     up = np.broadcast_to(np.asarray(up_kbit, dtype=np.float64), (d,))
-    out = {k: np.zeros(d) for k in ("air_down", "air_up", "device", "call", "total",
-                                    "bytes_down", "bytes_up")}
+    out = {
+        k: np.zeros(d)
+        for k in ("air_down", "air_up", "device", "call", "total", "bytes_down", "bytes_up")
+    }
     p = params
     for k in range(d):
         if n[k] <= 0 and e[k] <= 0:
@@ -568,22 +640,28 @@ def layer_terms(loads: Sequence[float] | np.ndarray, down_kbit: Sequence[float] 
         td = tokens_down[k] if tokens_down is not None else None
         tu = tokens_up[k] if tokens_up is not None else None
         out["bytes_down"][k], out["bytes_up"][k] = md, mu
-        out["air_down"][k] = airtime_ms(md, down[k], p.shaping, p.bucket_bytes,
-                                        p.bucket_slack_us, p.mtu, td)
-        out["air_up"][k] = airtime_ms(mu, up[k], p.shaping, p.bucket_bytes, p.bucket_slack_us,
-                                      p.mtu, tu)
+        out["air_down"][k] = airtime_ms(
+            md, down[k], p.shaping, p.bucket_bytes, p.bucket_slack_us, p.mtu, td
+        )
+        out["air_up"][k] = airtime_ms(
+            mu, up[k], p.shaping, p.bucket_bytes, p.bucket_slack_us, p.mtu, tu
+        )
         out["device"][k] = c.device_ms(ek, n[k])
         out["call"][k] = c.fixed_ms(md + mu)
     out["total"] = out["call"] + out["air_down"] + out["device"] + out["air_up"]
     return out
 
 
-def predict_layer_ms(loads: Sequence[float] | np.ndarray, down_kbit: Sequence[float] | np.ndarray,
-                     up_kbit: Sequence[float] | np.ndarray, params: LayerCostParams, *,
-                     experts: Sequence[float] | np.ndarray | None = None,
-                     tokens_down: Sequence[float | None] | None = None,
-                     tokens_up: Sequence[float | None] | None = None
-                     ) -> tuple[float, np.ndarray]:
+def predict_layer_ms(
+    loads: Sequence[float] | np.ndarray,
+    down_kbit: Sequence[float] | np.ndarray,
+    up_kbit: Sequence[float] | np.ndarray,
+    params: LayerCostParams,
+    *,
+    experts: Sequence[float] | np.ndarray | None = None,
+    tokens_down: Sequence[float | None] | None = None,
+    tokens_up: Sequence[float | None] | None = None,
+) -> tuple[float, np.ndarray]:
     """The calibrated model's time of one layer's expert exchange (what ``moe_ms`` measures).
 
     Parameters
@@ -607,8 +685,15 @@ def predict_layer_ms(loads: Sequence[float] | np.ndarray, down_kbit: Sequence[fl
         ``bs_ms + max_k t_k + overlap_ms(t, bs_per_device_ms)`` (0 when no device is
         called) and the devices' ``t_k`` (0 for idle devices).
     """
-    t = layer_terms(loads, down_kbit, up_kbit, params, experts=experts, tokens_down=tokens_down,
-                    tokens_up=tokens_up)
+    t = layer_terms(
+        loads,
+        down_kbit,
+        up_kbit,
+        params,
+        experts=experts,
+        tokens_down=tokens_down,
+        tokens_up=tokens_up,
+    )
     dev = t["total"]
     if not np.count_nonzero(dev):
         return 0.0, dev
@@ -626,8 +711,9 @@ def overlap_ms(device_ms: Sequence[float] | np.ndarray, per_device_ms: float) ->
     return float(per_device_ms) * float((t.sum() - t.max()) / t.max())
 
 
-def bucket_after(tokens_bytes: float | None, message_bytes: float, rate_kbit: float,
-                 params: LayerCostParams) -> float:
+def bucket_after(
+    tokens_bytes: float | None, message_bytes: float, rate_kbit: float, params: LayerCostParams
+) -> float:
     """Bytes a leaf's bucket holds right after a message of ``message_bytes`` left it, having
     started with ``tokens_bytes`` (``None``: full): what the bucket lets through free is
     spent; a message it had to hold back left it empty."""
@@ -639,8 +725,9 @@ def bucket_after(tokens_bytes: float | None, message_bytes: float, rate_kbit: fl
     return max(0.0, tau - wire)
 
 
-def bucket_refilled(tokens_bytes: float, idle_ms: float, rate_kbit: float,
-                    params: LayerCostParams) -> float | None:
+def bucket_refilled(
+    tokens_bytes: float, idle_ms: float, rate_kbit: float, params: LayerCostParams
+) -> float | None:
     """What a bucket holding ``tokens_bytes`` holds after ``idle_ms`` without traffic at
     ``rate_kbit`` (``None`` once full again: :func:`airtime_ms`'s default)."""
     full = free_bytes(rate_kbit, params.shaping, params.bucket_bytes, params.bucket_slack_us)
@@ -683,13 +770,19 @@ def _stats(res: Sequence[float]) -> dict[str, float | int]:
     a = np.asarray(res, dtype=np.float64)
     if not len(a):
         return {"n": 0}
-    return {"n": len(a), "rmse_ms": float(np.sqrt(np.mean(a * a))),
-            "median_ms": float(np.median(a)), "p10_ms": float(np.percentile(a, 10)),
-            "p90_ms": float(np.percentile(a, 90)), "max_abs_ms": float(np.max(np.abs(a)))}
+    return {
+        "n": len(a),
+        "rmse_ms": float(np.sqrt(np.mean(a * a))),
+        "median_ms": float(np.median(a)),
+        "p10_ms": float(np.percentile(a, 10)),
+        "p90_ms": float(np.percentile(a, 90)),
+        "max_abs_ms": float(np.max(np.abs(a))),
+    }
 
 
-def fit_layer_costs(samples: Iterable[Mapping[str, Any]], base: LayerCostParams
-                    ) -> tuple[LayerCostParams, dict[str, Any]]:
+def fit_layer_costs(
+    samples: Iterable[Mapping[str, Any]], base: LayerCostParams
+) -> tuple[LayerCostParams, dict[str, Any]]:
     """Fit the per-device costs and the BS's time from profiling samples (pure).
 
     Each sample is one call timed through the BS's exchange (``run_layer``) with keys
@@ -725,32 +818,56 @@ def fit_layer_costs(samples: Iterable[Mapping[str, Any]], base: LayerCostParams
     def groups(rs: list[dict], value: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         by: dict[tuple[float, float], list[float]] = {}
         for r in rs:
-            by.setdefault((float(r.get("experts") or 1), float(r.get("rows", r["tokens"]))),
-                          []).append(value(r))
+            by.setdefault(
+                (float(r.get("experts") or 1), float(r.get("rows", r["tokens"]))), []
+            ).append(value(r))
         keys = sorted(by)
-        return (np.array([k[0] for k in keys]), np.array([k[1] for k in keys]),
-                np.array([float(np.median(by[k])) for k in keys]))
+        return (
+            np.array([k[0] for k in keys]),
+            np.array([k[1] for k in keys]),
+            np.array([float(np.median(by[k])) for k in keys]),
+        )
 
     def air(r: Mapping[str, Any]) -> float:
         e, n = float(r.get("experts") or 1), float(r.get("rows", r["tokens"]))
-        return (airtime_ms(base.message_bytes("down", e, n), r["rate_down_kbit"], base.shaping,
-                           base.bucket_bytes, base.bucket_slack_us, base.mtu)
-                + airtime_ms(base.message_bytes("up", e, n), r["rate_up_kbit"], base.shaping,
-                             base.bucket_bytes, base.bucket_slack_us, base.mtu))
+        return airtime_ms(
+            base.message_bytes("down", e, n),
+            r["rate_down_kbit"],
+            base.shaping,
+            base.bucket_bytes,
+            base.bucket_slack_us,
+            base.mtu,
+        ) + airtime_ms(
+            base.message_bytes("up", e, n),
+            r["rate_up_kbit"],
+            base.shaping,
+            base.bucket_bytes,
+            base.bucket_slack_us,
+            base.mtu,
+        )
 
     def kib(e: np.ndarray, n: np.ndarray) -> np.ndarray:
-        return np.array([(base.message_bytes("down", a, b) + base.message_bytes("up", a, b))
-                         / 1024.0 for a, b in zip(e, n)])
+        return np.array(
+            [
+                (base.message_bytes("down", a, b) + base.message_bytes("up", a, b)) / 1024.0
+                for a, b in zip(e, n)
+            ]
+        )
 
     for name in names:
-        rs = [r for r in rows if str(r["device"]) == name and r.get("rtt_ms") is not None
-              and r.get("device_ms") is not None]
+        rs = [
+            r
+            for r in rows
+            if str(r["device"]) == name
+            and r.get("rtt_ms") is not None
+            and r.get("device_ms") is not None
+        ]
         if not rs:
             costs[name] = base.for_devices([name]).devices[0]
             continue
         e, n, dms = groups(rs, lambda r: float(r["device_ms"]))
         cols = [np.ones(len(e)), e, n]
-        if np.ptp(e) == 0:       # one expert per call throughout: a and the call's part merge
+        if np.ptp(e) == 0:  # one expert per call throughout: a and the call's part merge
             cols[0] = np.zeros(len(e))
         c0, ca, cb = nnls(np.column_stack(cols), dms)
         dev = DeviceCosts(0.0, float(c0), float(ca), float(cb))
@@ -764,20 +881,34 @@ def fit_layer_costs(samples: Iterable[Mapping[str, Any]], base: LayerCostParams
         k1 = float(nnls(x, fixed)[1]) if len(e) > 1 else 0.0
         # the fixed part: the median over every sample (not the line's intercept through a few
         # medians, which one disturbed group moves)
-        k0 = max(0.0, float(np.median([
-            fixed_of(r) - k1 * kib(np.array([float(r.get("experts") or 1)]),
-                                   np.array([float(r.get("rows", r["tokens"]))]))[0]
-            for r in alone])))
+        k0 = max(
+            0.0,
+            float(
+                np.median(
+                    [
+                        fixed_of(r)
+                        - k1
+                        * kib(
+                            np.array([float(r.get("experts") or 1)]),
+                            np.array([float(r.get("rows", r["tokens"]))]),
+                        )[0]
+                        for r in alone
+                    ]
+                )
+            ),
+        )
         costs[name] = replace(dev, call_ms=k0, call_per_kb_ms=k1)
         c = costs[name]
         ea = np.array([float(r.get("experts") or 1) for r in rs])
         na = np.array([float(r.get("rows", r["tokens"])) for r in rs])
         model_dev = np.array([c.device_ms(a, b) for a, b in zip(ea, na)])
-        model_rtt = np.array([air(r) + c.fixed_ms(1024.0 * k) for r, k in zip(rs, kib(ea, na))]) \
-            + model_dev
+        model_rtt = (
+            np.array([air(r) + c.fixed_ms(1024.0 * k) for r, k in zip(rs, kib(ea, na))]) + model_dev
+        )
         resid["devices"][name] = {
             "rtt": _stats(np.array([float(r["rtt_ms"]) for r in rs]) - model_rtt),
-            "device": _stats(np.array([float(r["device_ms"]) for r in rs]) - model_dev)}
+            "device": _stats(np.array([float(r["device_ms"]) for r in rs]) - model_dev),
+        }
     p = replace(base, devices=tuple(costs[n] for n in names), device_names=tuple(names))
     # the BS's own time: per exchange, its wall time beyond the slowest modelled call
     by_layer: dict[Any, list[dict]] = {}
@@ -805,7 +936,7 @@ def fit_layer_costs(samples: Iterable[Mapping[str, Any]], base: LayerCostParams
         one = d == 1
         bs0 = max(0.0, float(np.median(y[one]))) if one.any() else 0.0
         more = sorted(set(d[~one].tolist()))
-        if more:   # per number of devices called, medians of the excess and of the overlap
+        if more:  # per number of devices called, medians of the excess and of the overlap
             xm = np.array([float(np.median(x[d == v])) for v in more])
             ym = np.array([float(np.median(y[d == v])) for v in more]) - bs0
             h = max(0.0, float(xm @ ym) / float(xm @ xm)) if float(xm @ xm) > 0 else 0.0

@@ -55,7 +55,7 @@ class Airtime:
     rtt_ms: float
     delivery_ms: float
     shaping: str | None = None
-    pings_ms: tuple[float, ...] = ()    # every ping-pong before the message (rtt: the fastest)
+    pings_ms: tuple[float, ...] = ()  # every ping-pong before the message (rtt: the fastest)
 
     @property
     def charged_ms(self) -> float:
@@ -90,20 +90,35 @@ def summarize_airtime(rows: list[Airtime]) -> list[dict[str, object]]:
     out = []
     for (dev, direction, size), rs in groups.items():
         ratios = sorted(r.ratio for r in rs if r.ratio is not None)
-        out.append({"device": dev, "direction": direction, "bytes": size,
-                    "configured_kbit": rs[0].configured_kbit, "shaping": rs[0].shaping,
-                    "repeats": len(rs), "ratios": [round(x, 4) for x in ratios],
-                    "ratio_min": round(ratios[0], 4) if ratios else None,
-                    "ratio_median": round(ratios[len(ratios) // 2], 4) if ratios else None,
-                    "ratio_max": round(ratios[-1], 4) if ratios else None,
-                    "rtt_ms_median": sorted(r.rtt_ms for r in rs)[len(rs) // 2]})
+        out.append(
+            {
+                "device": dev,
+                "direction": direction,
+                "bytes": size,
+                "configured_kbit": rs[0].configured_kbit,
+                "shaping": rs[0].shaping,
+                "repeats": len(rs),
+                "ratios": [round(x, 4) for x in ratios],
+                "ratio_min": round(ratios[0], 4) if ratios else None,
+                "ratio_median": round(ratios[len(ratios) // 2], 4) if ratios else None,
+                "ratio_max": round(ratios[-1], 4) if ratios else None,
+                "rtt_ms_median": sorted(r.rtt_ms for r in rs)[len(rs) // 2],
+            }
+        )
     return out
 
 
 def shaper_for(inv: Inventory, bs: Runner) -> TcShaper:
-    return TcShaper(bs, inv.bs.interface, inv.bs.ifb, [d.host for d in inv.devices],
-                    [d.name for d in inv.devices], inv.bs.cell_rate_kbit, inv.bs.sudo,
-                    inv.bs.shaping)
+    return TcShaper(
+        bs,
+        inv.bs.interface,
+        inv.bs.ifb,
+        [d.host for d in inv.devices],
+        [d.name for d in inv.devices],
+        inv.bs.cell_rate_kbit,
+        inv.bs.sudo,
+        inv.bs.shaping,
+    )
 
 
 def _bs_probe(inv: Inventory, bs: Runner) -> tuple[str, str]:
@@ -115,8 +130,9 @@ def _bs_probe(inv: Inventory, bs: Runner) -> tuple[str, str]:
     return "python3", path
 
 
-def _server_and_client(srv_runner: Runner, srv: list[str], cli_runner: Runner, cli: list[str],
-                       timeout_s: float) -> tuple[Result | None, Result]:
+def _server_and_client(
+    srv_runner: Runner, srv: list[str], cli_runner: Runner, cli: list[str], timeout_s: float
+) -> tuple[Result | None, Result]:
     """Run the probe's server side in a thread and its client side here (the server gets 10 s
     more, and is waited for 15 s more); the server's error, if any, is raised; its result is
     None if it has not finished by then."""
@@ -140,9 +156,17 @@ def _server_and_client(srv_runner: Runner, srv: list[str], cli_runner: Runner, c
     return (srv_res if isinstance(srv_res, Result) else None), cli_res
 
 
-def measure(inv: Inventory, dev: Device, direction: str, seconds: float,
-            bs: Runner, remote: Runner, bs_probe: tuple[str, str], dev_probe: str,
-            configured_kbit: float | None) -> Goodput:
+def measure(
+    inv: Inventory,
+    dev: Device,
+    direction: str,
+    seconds: float,
+    bs: Runner,
+    remote: Runner,
+    bs_probe: tuple[str, str],
+    dev_probe: str,
+    configured_kbit: float | None,
+) -> Goodput:
     """One transfer of ``seconds`` in ``direction``; goodput as the receiver counted it."""
     port = random.randint(20000, 59999)
     if direction == "down":
@@ -151,21 +175,40 @@ def measure(inv: Inventory, dev: Device, direction: str, seconds: float,
     else:
         rx_runner, rx = bs, [*bs_probe, "recv", "--bind", inv.bs.host]
         tx_runner, tx = remote, [dev.python, dev_probe, "send", "--to", inv.bs.host]
-    rx_res, _ = _server_and_client(rx_runner, [*rx, "--port", str(port)],
-                                   tx_runner, [*tx, "--port", str(port), "--seconds",
-                                               f"{seconds:g}"], seconds + 40)
+    rx_res, _ = _server_and_client(
+        rx_runner,
+        [*rx, "--port", str(port)],
+        tx_runner,
+        [*tx, "--port", str(port), "--seconds", f"{seconds:g}"],
+        seconds + 40,
+    )
     if rx_res is None:
-        raise TestbedError(f"{dev.name}: the goodput probe's receiver ({direction}) did not "
-                           "finish")
+        raise TestbedError(f"{dev.name}: the goodput probe's receiver ({direction}) did not finish")
     m = json.loads(rx_res.stdout.strip().splitlines()[-1])
-    return Goodput(dev.name, direction, configured_kbit, float(m["goodput_kbit"]),
-                   float(m["window_s"]), int(m["window_bytes"]))
+    return Goodput(
+        dev.name,
+        direction,
+        configured_kbit,
+        float(m["goodput_kbit"]),
+        float(m["window_s"]),
+        int(m["window_bytes"]),
+    )
 
 
-def measure_airtime(inv: Inventory, dev: Device, direction: str, sizes: tuple[int, ...],
-                    repeats: int, idle_s: float, bs: Runner, remote: Runner,
-                    bs_probe: tuple[str, str], dev_probe: str, configured_kbit: float | None,
-                    shaping: str | None = None) -> list[Airtime]:
+def measure_airtime(
+    inv: Inventory,
+    dev: Device,
+    direction: str,
+    sizes: tuple[int, ...],
+    repeats: int,
+    idle_s: float,
+    bs: Runner,
+    remote: Runner,
+    bs_probe: tuple[str, str],
+    dev_probe: str,
+    configured_kbit: float | None,
+    shaping: str | None = None,
+) -> list[Airtime]:
     """Lone messages in ``direction``, timed by their sender (the BS for ``down``)."""
     port = random.randint(20000, 59999)
     if direction == "down":
@@ -174,20 +217,49 @@ def measure_airtime(inv: Inventory, dev: Device, direction: str, sizes: tuple[in
     else:
         srv_runner, srv = bs, [*bs_probe, "echo", "--bind", inv.bs.host]
         tx_runner, tx = remote, [dev.python, dev_probe, "airtime", "--to", inv.bs.host]
-    budget = repeats * len(sizes) * (idle_s + 5 + max(sizes) * 8 / (configured_kbit or 1e3)
-                                     / 1e3) + 30
-    _, res = _server_and_client(srv_runner, [*srv, "--port", str(port)], tx_runner,
-                                [*tx, "--port", str(port), "--sizes", ",".join(map(str, sizes)),
-                                 "--repeats", str(repeats), "--idle", f"{idle_s:g}"], budget)
+    budget = (
+        repeats * len(sizes) * (idle_s + 5 + max(sizes) * 8 / (configured_kbit or 1e3) / 1e3) + 30
+    )
+    _, res = _server_and_client(
+        srv_runner,
+        [*srv, "--port", str(port)],
+        tx_runner,
+        [
+            *tx,
+            "--port",
+            str(port),
+            "--sizes",
+            ",".join(map(str, sizes)),
+            "--repeats",
+            str(repeats),
+            "--idle",
+            f"{idle_s:g}",
+        ],
+        budget,
+    )
     m = json.loads(res.stdout.strip().splitlines()[-1])
-    return [Airtime(dev.name, direction, configured_kbit, int(r["bytes"]), int(r["repeat"]),
-                    float(r["rtt_ms"]), float(r["delivery_ms"]), shaping,
-                    tuple(float(x) for x in r.get("pings_ms", ())))
-            for r in m["messages"]]
+    return [
+        Airtime(
+            dev.name,
+            direction,
+            configured_kbit,
+            int(r["bytes"]),
+            int(r["repeat"]),
+            float(r["rtt_ms"]),
+            float(r["delivery_ms"]),
+            shaping,
+            tuple(float(x) for x in r.get("pings_ms", ())),
+        )
+        for r in m["messages"]
+    ]
 
 
-def verify(inv: Inventory, seconds: float = 3.0, devices: list[str] | None = None,
-           directions: tuple[str, ...] = ("down", "up")) -> list[Goodput]:
+def verify(
+    inv: Inventory,
+    seconds: float = 3.0,
+    devices: list[str] | None = None,
+    directions: tuple[str, ...] = ("down", "up"),
+) -> list[Goodput]:
     """Measure every (selected) device in each direction, next to tc's configured rate."""
     targets = [inv.device(n) for n in devices] if devices else list(inv.devices)
     out: list[Goodput] = []
@@ -202,15 +274,20 @@ def verify(inv: Inventory, seconds: float = 3.0, devices: list[str] | None = Non
                 for direction in directions:
                     st = configured.get(dev.name)
                     rate = getattr(st, f"{direction}_kbit") if st else None
-                    out.append(measure(inv, dev, direction, seconds, bs, remote, bs_probe,
-                                       dev_probe, rate))
+                    out.append(
+                        measure(inv, dev, direction, seconds, bs, remote, bs_probe, dev_probe, rate)
+                    )
     return out
 
 
-def verify_airtime(inv: Inventory, sizes: tuple[int, ...] = AIRTIME_SIZES, repeats: int = 3,
-                   idle_s: float = 1.0, devices: list[str] | None = None,
-                   directions: tuple[str, ...] = ("down", "up")
-                   ) -> tuple[dict[str, object], list[Airtime]]:
+def verify_airtime(
+    inv: Inventory,
+    sizes: tuple[int, ...] = AIRTIME_SIZES,
+    repeats: int = 3,
+    idle_s: float = 1.0,
+    devices: list[str] | None = None,
+    directions: tuple[str, ...] = ("down", "up"),
+) -> tuple[dict[str, object], list[Airtime]]:
     """Lone messages of each size per (selected) device and direction, ``repeats`` rounds,
     each after ``idle_s`` of silence; with the shaper's :meth:`~TcShaper.shaping_info`."""
     targets = [inv.device(n) for n in devices] if devices else list(inv.devices)
@@ -227,9 +304,20 @@ def verify_airtime(inv: Inventory, sizes: tuple[int, ...] = AIRTIME_SIZES, repea
                 for direction in directions:
                     st = configured.get(dev.name)
                     rate = getattr(st, f"{direction}_kbit") if st else None
-                    out += measure_airtime(inv, dev, direction, tuple(sizes), repeats, idle_s,
-                                           bs, remote, bs_probe, dev_probe, rate,
-                                           info.get("mode"))  # type: ignore[arg-type]
+                    out += measure_airtime(
+                        inv,
+                        dev,
+                        direction,
+                        tuple(sizes),
+                        repeats,
+                        idle_s,
+                        bs,
+                        remote,
+                        bs_probe,
+                        dev_probe,
+                        rate,
+                        info.get("mode"),
+                    )  # type: ignore[arg-type]
     return info, out
 
 
@@ -239,5 +327,8 @@ def airtime_record(inv: Inventory, **kw: object) -> dict[str, object]:
     (they do not verify links today); a runner that wants the figures calls it after the
     links are set."""
     info, rows = verify_airtime(inv, **kw)  # type: ignore[arg-type]
-    return {"shaping": info, "summary": summarize_airtime(rows),
-            "messages": [r.to_dict() for r in rows]}
+    return {
+        "shaping": info,
+        "summary": summarize_airtime(rows),
+        "messages": [r.to_dict() for r in rows],
+    }

@@ -121,9 +121,19 @@ def _htb_params(rate_kbit: float, share_kbit: float | None = None) -> list[str]:
     """HTB class options: ``ceil`` is the link's rate; ``rate`` (what the class may send
     whatever its parent has left) is the same, or ``share_kbit`` where lower."""
     g = rate_kbit if share_kbit is None else min(rate_kbit, share_kbit)
-    return ["htb", "rate", format_rate(g), "ceil", format_rate(rate_kbit),
-            "burst", str(burst_bytes(g)), "cburst", str(burst_bytes(rate_kbit)),
-            "quantum", str(QUANTUM_BYTES)]
+    return [
+        "htb",
+        "rate",
+        format_rate(g),
+        "ceil",
+        format_rate(rate_kbit),
+        "burst",
+        str(burst_bytes(g)),
+        "cburst",
+        str(burst_bytes(rate_kbit)),
+        "quantum",
+        str(QUANTUM_BYTES),
+    ]
 
 
 def cell_share_kbit(cell_rate_kbit: float | None, devices: int) -> float | None:
@@ -187,15 +197,22 @@ def leaf_handle(minor: int, kind: str) -> int:
     return minor + NETEM_HANDLE_OFFSET if kind == "netem" else minor
 
 
-def leaf_options(kind: str, spec: LinkSpec, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 netem_rate: bool = False) -> list[str]:
+def leaf_options(
+    kind: str, spec: LinkSpec, bucket_bytes: int = DEFAULT_BUCKET_BYTES, netem_rate: bool = False
+) -> list[str]:
     """tc's words for a leaf of ``kind``; a netem leaf carries the rate if ``netem_rate``."""
     if kind == "pfifo":
         return ["pfifo", "limit", str(LEAF_LIMIT_PKTS)]
     if kind == "tbf":
-        return ["tbf", "rate", format_rate(spec.rate_kbit),
-                "burst", str(tbf_burst_bytes(bucket_bytes, round(spec.rate_kbit))),
-                "limit", str(tbf_limit_bytes(bucket_bytes))]
+        return [
+            "tbf",
+            "rate",
+            format_rate(spec.rate_kbit),
+            "burst",
+            str(tbf_burst_bytes(bucket_bytes, round(spec.rate_kbit))),
+            "limit",
+            str(tbf_limit_bytes(bucket_bytes)),
+        ]
     if kind != "netem":
         raise ValueError(f"unknown leaf kind {kind!r}")
     argv = ["netem", "limit", str(LEAF_LIMIT_PKTS)]
@@ -208,27 +225,50 @@ def leaf_options(kind: str, spec: LinkSpec, bucket_bytes: int = DEFAULT_BUCKET_B
     return argv
 
 
-def leaf_command(op: str, dev: str, minor: int, kind: str, spec: LinkSpec,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, netem_rate: bool = False) -> list[str]:
+def leaf_command(
+    op: str,
+    dev: str,
+    minor: int,
+    kind: str,
+    spec: LinkSpec,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    netem_rate: bool = False,
+) -> list[str]:
     """``tc qdisc OP`` (``replace``: create or graft; ``change``: in place) of one leaf."""
     if op not in ("replace", "change"):
         raise ValueError(f"op must be replace or change, not {op!r}")
-    return ["tc", "qdisc", op, "dev", dev, "parent", f"1:{minor:x}",
-            "handle", f"{leaf_handle(minor, kind):x}:",
-            *leaf_options(kind, spec, bucket_bytes, netem_rate)]
+    return [
+        "tc",
+        "qdisc",
+        op,
+        "dev",
+        dev,
+        "parent",
+        f"1:{minor:x}",
+        "handle",
+        f"{leaf_handle(minor, kind):x}:",
+        *leaf_options(kind, spec, bucket_bytes, netem_rate),
+    ]
 
 
-def leaf_qdisc_command(dev: str, minor: int, spec: LinkSpec, mode: str = "htb",
-                       bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[str]:
+def leaf_qdisc_command(
+    dev: str,
+    minor: int,
+    spec: LinkSpec,
+    mode: str = "htb",
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+) -> list[str]:
     """The leaf under a device class in ``mode`` (``tc qdisc replace``): in htb mode netem for
     delay/loss, else a plain pfifo; in tbf mode a one-frame TBF, or netem with the rate for
     delay/loss; in netem mode always netem with the rate."""
-    return leaf_command("replace", dev, minor, leaf_kind(mode, spec), spec, bucket_bytes,
-                        netem_rate=mode != "htb")
+    return leaf_command(
+        "replace", dev, minor, leaf_kind(mode, spec), spec, bucket_bytes, netem_rate=mode != "htb"
+    )
 
 
-def build_leaf_change_command(dev: str, index: int, spec: LinkSpec, mode: str,
-                              bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[str] | None:
+def build_leaf_change_command(
+    dev: str, index: int, spec: LinkSpec, mode: str, bucket_bytes: int = DEFAULT_BUCKET_BYTES
+) -> list[str] | None:
     """In-place ``tc qdisc change`` of one device's leaf to ``spec``'s rate (and delay/loss),
     or None where the leaf carries no rate (htb mode: the class alone sets it)."""
     kind = leaf_kind(mode, spec)
@@ -237,9 +277,15 @@ def build_leaf_change_command(dev: str, index: int, spec: LinkSpec, mode: str,
     return leaf_command("change", dev, class_minor(index), kind, spec, bucket_bytes, True)
 
 
-def build_tree_commands(dev: str, addrs: Sequence[str], specs: Sequence[LinkSpec],
-                        match: str, cell_rate_kbit: float | None, mode: str = "htb",
-                        bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[list[str]]:
+def build_tree_commands(
+    dev: str,
+    addrs: Sequence[str],
+    specs: Sequence[LinkSpec],
+    match: str,
+    cell_rate_kbit: float | None,
+    mode: str = "htb",
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+) -> list[list[str]]:
     """HTB tree on ``dev``: root qdisc, cell class, a class + leaf + u32 filter per device.
 
     ``match`` is ``dst`` (downlink, on the BS interface) or ``src`` (uplink, on the ifb);
@@ -251,20 +297,74 @@ def build_tree_commands(dev: str, addrs: Sequence[str], specs: Sequence[LinkSpec
         raise ValueError("one spec per address")
     cell = cell_rate_kbit or UNLIMITED_KBIT
     share = cell_share_kbit(cell_rate_kbit, len(addrs))
-    cmds = [["tc", "qdisc", "replace", "dev", dev, "root", "handle", "1:", "htb",
-             "default", f"{DEFAULT_MINOR:x}", "direct_qlen", str(LEAF_LIMIT_PKTS)],
-            ["tc", "class", "replace", "dev", dev, "parent", "1:",
-             "classid", f"1:{ROOT_CLASS:x}", *_htb_params(cell)]]
+    cmds = [
+        [
+            "tc",
+            "qdisc",
+            "replace",
+            "dev",
+            dev,
+            "root",
+            "handle",
+            "1:",
+            "htb",
+            "default",
+            f"{DEFAULT_MINOR:x}",
+            "direct_qlen",
+            str(LEAF_LIMIT_PKTS),
+        ],
+        [
+            "tc",
+            "class",
+            "replace",
+            "dev",
+            dev,
+            "parent",
+            "1:",
+            "classid",
+            f"1:{ROOT_CLASS:x}",
+            *_htb_params(cell),
+        ],
+    ]
     for i, (addr, spec) in enumerate(zip(addrs, specs)):
         minor = class_minor(i)
-        cmds.append(["tc", "class", "replace", "dev", dev, "parent", f"1:{ROOT_CLASS:x}",
-                     "classid", f"1:{minor:x}",
-                     *_htb_params(class_ceil_kbit(mode, spec.rate_kbit, cell_rate_kbit),
-                                  share)])
+        cmds.append(
+            [
+                "tc",
+                "class",
+                "replace",
+                "dev",
+                dev,
+                "parent",
+                f"1:{ROOT_CLASS:x}",
+                "classid",
+                f"1:{minor:x}",
+                *_htb_params(class_ceil_kbit(mode, spec.rate_kbit, cell_rate_kbit), share),
+            ]
+        )
         cmds.append(leaf_qdisc_command(dev, minor, spec, mode, bucket_bytes))
-        cmds.append(["tc", "filter", "add", "dev", dev, "parent", "1:", "protocol", "ip",
-                     "prio", "1", "u32", "match", "ip", match, f"{addr}/32",
-                     "flowid", f"1:{minor:x}"])
+        cmds.append(
+            [
+                "tc",
+                "filter",
+                "add",
+                "dev",
+                dev,
+                "parent",
+                "1:",
+                "protocol",
+                "ip",
+                "prio",
+                "1",
+                "u32",
+                "match",
+                "ip",
+                match,
+                f"{addr}/32",
+                "flowid",
+                f"1:{minor:x}",
+            ]
+        )
     return cmds
 
 
@@ -273,38 +373,73 @@ def build_ifb_commands(ifb: str) -> list[list[str]]:
     return [["ip", "link", "add", ifb, "type", "ifb"], ["ip", "link", "set", ifb, "up"]]
 
 
-def build_shaping_commands(iface: str, ifb: str, addrs: Sequence[str],
-                           down: Sequence[LinkSpec], up: Sequence[LinkSpec],
-                           cell_rate_kbit: float | None = None, mode: str = "htb",
-                           bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[list[str]]:
+def build_shaping_commands(
+    iface: str,
+    ifb: str,
+    addrs: Sequence[str],
+    down: Sequence[LinkSpec],
+    up: Sequence[LinkSpec],
+    cell_rate_kbit: float | None = None,
+    mode: str = "htb",
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+) -> list[list[str]]:
     """Both trees and the ingress redirect (the ifb exists already)."""
     return [
         *build_tree_commands(iface, addrs, down, "dst", cell_rate_kbit, mode, bucket_bytes),
         *build_tree_commands(ifb, addrs, up, "src", cell_rate_kbit, mode, bucket_bytes),
         ["tc", "qdisc", "add", "dev", iface, "handle", "ffff:", "ingress"],
-        ["tc", "filter", "add", "dev", iface, "parent", "ffff:", "protocol", "ip", "prio",
-         "1", "u32", "match", "u32", "0", "0", "action", "mirred", "egress", "redirect",
-         "dev", ifb],
+        [
+            "tc",
+            "filter",
+            "add",
+            "dev",
+            iface,
+            "parent",
+            "ffff:",
+            "protocol",
+            "ip",
+            "prio",
+            "1",
+            "u32",
+            "match",
+            "u32",
+            "0",
+            "0",
+            "action",
+            "mirred",
+            "egress",
+            "redirect",
+            "dev",
+            ifb,
+        ],
     ]
 
 
-def build_setup_commands(iface: str, ifb: str, addrs: Sequence[str],
-                         down: Sequence[LinkSpec], up: Sequence[LinkSpec],
-                         cell_rate_kbit: float | None = None, mode: str = "htb",
-                         bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[list[str]]:
+def build_setup_commands(
+    iface: str,
+    ifb: str,
+    addrs: Sequence[str],
+    down: Sequence[LinkSpec],
+    up: Sequence[LinkSpec],
+    cell_rate_kbit: float | None = None,
+    mode: str = "htb",
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+) -> list[list[str]]:
     """Everything that shapes both directions from scratch (run after
     :func:`build_clear_commands`)."""
-    return [*build_ifb_commands(ifb),
-            *build_shaping_commands(iface, ifb, addrs, down, up, cell_rate_kbit, mode,
-                                    bucket_bytes)]
+    return [
+        *build_ifb_commands(ifb),
+        *build_shaping_commands(iface, ifb, addrs, down, up, cell_rate_kbit, mode, bucket_bytes),
+    ]
 
 
 def build_netem_probe_commands(ifb: str) -> tuple[list[str], list[str]]:
     """(add, delete) of a scratch netem with a rate at the root of our own ifb: the kernel
     answers "Specified qdisc kind is unknown." where it lacks netem."""
-    return (["tc", "qdisc", "add", "dev", ifb, "root", "handle", "1:", "netem", "rate",
-             "1000kbit"],
-            ["tc", "qdisc", "del", "dev", ifb, "root"])
+    return (
+        ["tc", "qdisc", "add", "dev", ifb, "root", "handle", "1:", "netem", "rate", "1000kbit"],
+        ["tc", "qdisc", "del", "dev", ifb, "root"],
+    )
 
 
 def resolve_mode(setting: str, netem_available: bool | None) -> str:
@@ -319,17 +454,30 @@ def resolve_mode(setting: str, netem_available: bool | None) -> str:
 
 def build_clear_commands(iface: str, ifb: str) -> list[list[str]]:
     """Remove our shaping; each may fail harmlessly when the thing is already gone."""
-    return [["tc", "qdisc", "del", "dev", iface, "root"],
-            ["tc", "qdisc", "del", "dev", iface, "ingress"],
-            ["ip", "link", "del", ifb]]
+    return [
+        ["tc", "qdisc", "del", "dev", iface, "root"],
+        ["tc", "qdisc", "del", "dev", iface, "ingress"],
+        ["ip", "link", "del", ifb],
+    ]
 
 
-def build_class_change_command(dev: str, index: int, spec: LinkSpec,
-                               share_kbit: float | None = None) -> list[str]:
+def build_class_change_command(
+    dev: str, index: int, spec: LinkSpec, share_kbit: float | None = None
+) -> list[str]:
     """In-place ``tc class change`` of one device's class on ``dev`` (rate, ceil, burst);
     ``share_kbit``: its share of the cell (:func:`cell_share_kbit`)."""
-    return ["tc", "class", "change", "dev", dev, "parent", f"1:{ROOT_CLASS:x}",
-            "classid", f"1:{class_minor(index):x}", *_htb_params(spec.rate_kbit, share_kbit)]
+    return [
+        "tc",
+        "class",
+        "change",
+        "dev",
+        dev,
+        "parent",
+        f"1:{ROOT_CLASS:x}",
+        "classid",
+        f"1:{class_minor(index):x}",
+        *_htb_params(spec.rate_kbit, share_kbit),
+    ]
 
 
 # -- parsing --------------------------------------------------------------------------
@@ -359,7 +507,8 @@ class TcClass:
 
 _CLASS_RE = re.compile(
     r"^class htb (?P<id>\S+) (?:root|parent (?P<parent>\S+))(?: leaf (?P<leaf>\S+))?"
-    r".*? rate (?P<rate>\S+) ceil (?P<ceil>\S+) burst (?P<burst>\S+)")
+    r".*? rate (?P<rate>\S+) ceil (?P<ceil>\S+) burst (?P<burst>\S+)"
+)
 _SENT_RE = re.compile(r"Sent (\d+) bytes (\d+) pkt \(dropped (\d+)")
 
 
@@ -369,8 +518,16 @@ def parse_htb_classes(text: str) -> list[TcClass]:
     for line in text.splitlines():
         m = _CLASS_RE.match(line.strip())
         if m:
-            out.append(TcClass(m["id"], m["parent"], m["leaf"], parse_tc_rate_kbit(m["rate"]),
-                               parse_tc_rate_kbit(m["ceil"]), m["burst"]))
+            out.append(
+                TcClass(
+                    m["id"],
+                    m["parent"],
+                    m["leaf"],
+                    parse_tc_rate_kbit(m["rate"]),
+                    parse_tc_rate_kbit(m["ceil"]),
+                    m["burst"],
+                )
+            )
             continue
         s = _SENT_RE.search(line)
         if s and out:
@@ -384,10 +541,10 @@ class Leaf:
 
     kind: str
     handle: str
-    rate_kbit: float | None = None   # tbf, or netem with a rate: what the leaf charges
+    rate_kbit: float | None = None  # tbf, or netem with a rate: what the leaf charges
     delay_ms: float = 0.0
     loss_pct: float = 0.0
-    burst_bytes: int | None = None   # tbf's bucket as tc prints it back (may read 1 less)
+    burst_bytes: int | None = None  # tbf's bucket as tc prints it back (may read 1 less)
 
     def spec(self, rate_kbit: float) -> LinkSpec:
         """This leaf's delay/loss at another rate."""
@@ -406,8 +563,12 @@ def parse_leaf(qd: Mapping[str, Any]) -> Leaf:
     kind, opts = str(qd.get("kind", "")), qd.get("options") or {}
     if kind == "tbf":
         burst = opts.get("burst")
-        return Leaf(kind, str(qd.get("handle", "")), _json_rate_kbit(opts.get("rate")),
-                    burst_bytes=int(burst) if isinstance(burst, (int, float)) else None)
+        return Leaf(
+            kind,
+            str(qd.get("handle", "")),
+            _json_rate_kbit(opts.get("rate")),
+            burst_bytes=int(burst) if isinstance(burst, (int, float)) else None,
+        )
     if kind == "netem":
         rate = opts.get("rate")
         rate = rate.get("rate") if isinstance(rate, dict) else rate
@@ -415,9 +576,13 @@ def parse_leaf(qd: Mapping[str, Any]) -> Leaf:
         delay = delay.get("delay") if isinstance(delay, dict) else delay
         loss = opts.get("loss-random")
         loss = loss.get("loss") if isinstance(loss, dict) else loss
-        return Leaf(kind, str(qd.get("handle", "")), _json_rate_kbit(rate),
-                    round(float(delay) * 1e3, 6) if delay else 0.0,
-                    round(float(loss) * 100, 6) if loss else 0.0)
+        return Leaf(
+            kind,
+            str(qd.get("handle", "")),
+            _json_rate_kbit(rate),
+            round(float(delay) * 1e3, 6) if delay else 0.0,
+            round(float(loss) * 100, 6) if loss else 0.0,
+        )
     return Leaf(kind, str(qd.get("handle", "")))
 
 
@@ -491,10 +656,11 @@ def turn_offloads_off(runner: Runner, dev: str, sudo: bool = False) -> dict[str,
     """Turn off the offloads of :data:`OFFLOADS` that are on on ``dev`` (e.g. both ends of a
     local testbed's veth). Returns ``{"turned_off": [...], "still_on": [...]}``, or
     ``{"error": ...}`` where ethtool is missing or refuses."""
+
     def state() -> dict[str, Offload] | None:
         try:
             res = runner.run(["ethtool", "-k", dev], timeout_s=15, check=False, sudo=sudo)
-        except CommandFailed:   # no ethtool at all
+        except CommandFailed:  # no ethtool at all
             return None
         return parse_offloads(res.stdout) if res.returncode == 0 else None
 
@@ -503,11 +669,12 @@ def turn_offloads_off(runner: Runner, dev: str, sudo: bool = False) -> dict[str,
         return {"error": f"ethtool -k {dev} failed (is ethtool installed?)"}
     names = offloads_to_disable(before)
     if names:
-        runner.run(build_offload_command(dev, names, False), timeout_s=15, check=False,
-                   sudo=sudo)
+        runner.run(build_offload_command(dev, names, False), timeout_s=15, check=False, sudo=sudo)
     after = state() or {}
-    return {"turned_off": [n for n in names if n in after and not after[n].on],
-            "still_on": offloads_on(after)}
+    return {
+        "turned_off": [n for n in names if n in after and not after[n].on],
+        "still_on": offloads_on(after),
+    }
 
 
 def render_record(fields: Mapping[str, object]) -> str:
@@ -581,12 +748,12 @@ class ShapingConfig:
 
     mode: str
     bucket_bytes: int
-    netem: bool | None = None          # the kernel has netem (None: not probed)
-    restore: tuple[str, ...] = ()      # offloads of the BS interface to turn on again at clear
-    recorded: bool = True              # False: inferred from the leaves (no record on the ifb)
+    netem: bool | None = None  # the kernel has netem (None: not probed)
+    restore: tuple[str, ...] = ()  # offloads of the BS interface to turn on again at clear
+    recorded: bool = True  # False: inferred from the leaves (no record on the ifb)
 
 
-_SIZE_UNITS = {"b": 1, "kb": 1024, "mb": 1024 * 1024, "gb": 1024 ** 3}
+_SIZE_UNITS = {"b": 1, "kb": 1024, "mb": 1024 * 1024, "gb": 1024**3}
 
 
 def parse_tc_size(text: str) -> int:
@@ -617,12 +784,21 @@ class TcShaper:
         :meth:`setup`. A tree already installed keeps the mode it was built in.
     """
 
-    def __init__(self, runner: Runner, iface: str, ifb: str, addrs: Sequence[str],
-                 names: Sequence[str], cell_rate_kbit: float | None = None,
-                 sudo: bool = False, shaping: str = "auto"):
+    def __init__(
+        self,
+        runner: Runner,
+        iface: str,
+        ifb: str,
+        addrs: Sequence[str],
+        names: Sequence[str],
+        cell_rate_kbit: float | None = None,
+        sudo: bool = False,
+        shaping: str = "auto",
+    ):
         if shaping not in SHAPING_MODES:
-            raise ConfigError(f"bs.shaping: must be one of {', '.join(SHAPING_MODES)}, "
-                              f"not {shaping!r}")
+            raise ConfigError(
+                f"bs.shaping: must be one of {', '.join(SHAPING_MODES)}, not {shaping!r}"
+            )
         self.runner = runner
         self.iface = iface
         self.ifb = ifb
@@ -644,13 +820,15 @@ class TcShaper:
         try:
             return self.names.index(device)
         except ValueError:
-            raise ConfigError(f"no device named {device!r} (have: {', '.join(self.names)})") \
-                from None
+            raise ConfigError(
+                f"no device named {device!r} (have: {', '.join(self.names)})"
+            ) from None
 
     def is_installed(self) -> bool:
         qdiscs = self._qdiscs(self.iface)
-        has_root = any(q.get("root") and q.get("kind") == "htb" and q.get("handle") == "1:"
-                       for q in qdiscs)
+        has_root = any(
+            q.get("root") and q.get("kind") == "htb" and q.get("handle") == "1:" for q in qdiscs
+        )
         has_ingress = any(q.get("kind") == "ingress" for q in qdiscs)
         ifb = self._run(["ip", "link", "show", self.ifb], check=False)
         return has_root and has_ingress and ifb.returncode == 0
@@ -671,15 +849,25 @@ class TcShaper:
                 if self.shaping == "netem" and not netem:
                     kernel = why.strip().splitlines()[-1] if why.strip() else "netem unavailable"
                     raise Unsupported(
-                        f"{self.runner.host}: bs.shaping = \"netem\" needs the netem qdisc and "
-                        f"this kernel refused it: \"{kernel}\" — the BS is left unshaped "
-                        "(shaping = \"auto\" or \"tbf\" charge every packet with a TBF leaf)")
+                        f'{self.runner.host}: bs.shaping = "netem" needs the netem qdisc and '
+                        f'this kernel refused it: "{kernel}" — the BS is left unshaped '
+                        '(shaping = "auto" or "tbf" charge every packet with a TBF leaf)'
+                    )
             mode = resolve_mode(self.shaping, netem)
             mtu, _ = self._link(self.iface)
-            cfg = self._offloads_off(ShapingConfig(mode, leaf_bucket_bytes(mtu or DEFAULT_MTU),
-                                                   netem))
-            for argv in build_shaping_commands(self.iface, self.ifb, self.addrs, down, up,
-                                               self.cell_rate_kbit, mode, cfg.bucket_bytes):
+            cfg = self._offloads_off(
+                ShapingConfig(mode, leaf_bucket_bytes(mtu or DEFAULT_MTU), netem)
+            )
+            for argv in build_shaping_commands(
+                self.iface,
+                self.ifb,
+                self.addrs,
+                down,
+                up,
+                self.cell_rate_kbit,
+                mode,
+                cfg.bucket_bytes,
+            ):
                 self._run(argv)
         except CommandFailed as exc:
             self.clear()
@@ -734,7 +922,7 @@ class TcShaper:
         """``ethtool -k``; None where ethtool is missing or refuses."""
         try:
             res = self._run(["ethtool", "-k", dev], check=False)
-        except CommandFailed:   # no ethtool at all
+        except CommandFailed:  # no ethtool at all
             return None
         return parse_offloads(res.stdout) if res.returncode == 0 else None
 
@@ -743,12 +931,19 @@ class TcShaper:
         super-packets on the BS interface and the ifb. Where they cannot be changed the tree
         still goes in: :meth:`shaping_info` says so."""
         state = self._offload_state(self.iface)
-        cfg = ShapingConfig(cfg.mode, cfg.bucket_bytes, cfg.netem,
-                            tuple(offloads_to_disable(state)) if state else ())
+        cfg = ShapingConfig(
+            cfg.mode,
+            cfg.bucket_bytes,
+            cfg.netem,
+            tuple(offloads_to_disable(state)) if state else (),
+        )
         self._run(["ip", "link", "set", "dev", self.ifb, "alias", self._render(cfg)])
         for dev in (self.iface, self.ifb):
-            names = list(cfg.restore) if dev == self.iface else \
-                offloads_to_disable(self._offload_state(dev) or {})
+            names = (
+                list(cfg.restore)
+                if dev == self.iface
+                else offloads_to_disable(self._offload_state(dev) or {})
+            )
             if names:
                 try:
                     self._run(build_offload_command(dev, names, False), check=False)
@@ -757,10 +952,16 @@ class TcShaper:
         return cfg
 
     def _render(self, cfg: ShapingConfig) -> str:
-        return render_record({"shaping": cfg.mode, "bucket": cfg.bucket_bytes,
-                              "slack_us": TBF_SLACK_US,
-                              "netem": {True: "yes", False: "no"}.get(cfg.netem, "-"),
-                              "iface": self.iface, "restore": ",".join(cfg.restore) or "-"})
+        return render_record(
+            {
+                "shaping": cfg.mode,
+                "bucket": cfg.bucket_bytes,
+                "slack_us": TBF_SLACK_US,
+                "netem": {True: "yes", False: "no"}.get(cfg.netem, "-"),
+                "iface": self.iface,
+                "restore": ",".join(cfg.restore) or "-",
+            }
+        )
 
     def _record_config(self) -> ShapingConfig | None:
         """The config our record on the ifb holds; None without one."""
@@ -769,9 +970,12 @@ class TcShaper:
             return None
         try:
             restore = tuple(x for x in rec.get("restore", "-").split(",") if x and x != "-")
-            return ShapingConfig(resolve_mode(rec["shaping"], None), int(rec["bucket"]),
-                                 {"yes": True, "no": False}.get(rec.get("netem", "-")),
-                                 restore if rec.get("iface") == self.iface else ())
+            return ShapingConfig(
+                resolve_mode(rec["shaping"], None),
+                int(rec["bucket"]),
+                {"yes": True, "no": False}.get(rec.get("netem", "-")),
+                restore if rec.get("iface") == self.iface else (),
+            )
         except (KeyError, ValueError):
             return None
 
@@ -781,8 +985,11 @@ class TcShaper:
             cfg = self._record_config()
             if cfg is None:
                 mtu, _ = self._link(self.iface)
-                cfg = ShapingConfig(infer_mode(list(self._leaves().values())),
-                                    leaf_bucket_bytes(mtu or DEFAULT_MTU), recorded=False)
+                cfg = ShapingConfig(
+                    infer_mode(list(self._leaves().values())),
+                    leaf_bucket_bytes(mtu or DEFAULT_MTU),
+                    recorded=False,
+                )
             self._cfg = cfg
         return self._cfg
 
@@ -797,13 +1004,20 @@ class TcShaper:
         if direction not in ("both", *DIRECTIONS):
             raise ConfigError(f"--direction: must be both, down or up, not {direction!r}")
         i = self.index(device)
-        devs = [self.iface] if direction == "down" else \
-            [self.ifb] if direction == "up" else [self.iface, self.ifb]
+        devs = (
+            [self.iface]
+            if direction == "down"
+            else [self.ifb]
+            if direction == "up"
+            else [self.iface, self.ifb]
+        )
         if not self.is_installed():
             full = LinkSpec(UNLIMITED_KBIT)
             n = len(self.addrs)
-            self.setup([spec if j == i and direction != "up" else full for j in range(n)],
-                       [spec if j == i and direction != "down" else full for j in range(n)])
+            self.setup(
+                [spec if j == i and direction != "up" else full for j in range(n)],
+                [spec if j == i and direction != "down" else full for j in range(n)],
+            )
             return
         cfg = self._config()
         minor = class_minor(i)
@@ -820,12 +1034,16 @@ class TcShaper:
             if cur is not None and cur.kind == kind == "pfifo":
                 continue
             op = "change" if cur is not None and cur.kind == kind and carries_rate else "replace"
-            steps.append((d, leaf_command(op, d, minor, kind, spec, cfg.bucket_bytes,
-                                          netem_rate), cur))
+            steps.append(
+                (d, leaf_command(op, d, minor, kind, spec, cfg.bucket_bytes, netem_rate), cur)
+            )
         share = cell_share_kbit(self.cell_rate_kbit, len(self.addrs))
         # the class carries the rate in htb mode only (class_ceil_kbit)
-        classes = [build_class_change_command(d, i, spec, share) for d in devs] \
-            if cfg.mode == "htb" else []
+        classes = (
+            [build_class_change_command(d, i, spec, share) for d in devs]
+            if cfg.mode == "htb"
+            else []
+        )
         done: list[tuple[str, Leaf | None]] = []
         try:
             for d, argv, cur in steps:
@@ -834,10 +1052,18 @@ class TcShaper:
         except CommandFailed as exc:
             for d, cur in done:  # put back leaves already switched (e.g. down worked, up refused)
                 if cur is not None and cur.kind in ("pfifo", "tbf", "netem"):
-                    self._run(leaf_command("replace", d, minor, cur.kind,
-                                           cur.spec(cur.rate_kbit or spec.rate_kbit),
-                                           cfg.bucket_bytes, cur.rate_kbit is not None),
-                              check=False)
+                    self._run(
+                        leaf_command(
+                            "replace",
+                            d,
+                            minor,
+                            cur.kind,
+                            cur.spec(cur.rate_kbit or spec.rate_kbit),
+                            cfg.bucket_bytes,
+                            cur.rate_kbit is not None,
+                        ),
+                        check=False,
+                    )
             self._leaf_cache = None
             if _netem_error(exc.stderr):
                 raise Unsupported(_netem_message(self.runner.host, exc.stderr)) from None
@@ -845,9 +1071,13 @@ class TcShaper:
         for argv in classes:
             self._run(argv)
         for d in devs:
-            leaves[(d, minor)] = Leaf(kind, f"{leaf_handle(minor, kind):x}:",
-                                      spec.rate_kbit if carries_rate else None,
-                                      spec.delay_ms, spec.loss_pct)
+            leaves[(d, minor)] = Leaf(
+                kind,
+                f"{leaf_handle(minor, kind):x}:",
+                spec.rate_kbit if carries_rate else None,
+                spec.delay_ms,
+                spec.loss_pct,
+            )
         self._leaf_cache = leaves
 
     def set_rates(self, rates: Mapping[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
@@ -872,32 +1102,49 @@ class TcShaper:
             i = self.index(dev)
             minor = class_minor(i)
             for d, kbit in ((self.iface, down), (self.ifb, up)):
-                if cfg.mode == "htb":   # elsewhere the leaf alone carries the rate
+                if cfg.mode == "htb":  # elsewhere the leaf alone carries the rate
                     commands.append(build_class_change_command(d, i, LinkSpec(kbit), share))
                 lf = leaves.get((d, minor))
                 if cfg.mode != "htb" and (lf is None or lf.rate_kbit is None):
-                    leaves = self._leaves()   # a stale cache, or no leaf to change at all
+                    leaves = self._leaves()  # a stale cache, or no leaf to change at all
                     lf = leaves.get((d, minor))
                     if lf is None or lf.rate_kbit is None:
-                        raise CommandFailed(self.runner.host, ["tc", "qdisc", "show", "dev", d],
-                                            1, "", f"no rate-carrying leaf under class "
-                                            f"1:{minor:x} of {dev} in {cfg.mode} mode")
+                        raise CommandFailed(
+                            self.runner.host,
+                            ["tc", "qdisc", "show", "dev", d],
+                            1,
+                            "",
+                            f"no rate-carrying leaf under class "
+                            f"1:{minor:x} of {dev} in {cfg.mode} mode",
+                        )
                 if lf is not None and lf.rate_kbit is not None and lf.kind in ("tbf", "netem"):
-                    commands.append(leaf_command("change", d, minor, lf.kind, lf.spec(kbit),
-                                                 cfg.bucket_bytes, True))
+                    commands.append(
+                        leaf_command(
+                            "change", d, minor, lf.kind, lf.spec(kbit), cfg.bucket_bytes, True
+                        )
+                    )
         changes = self._netlink_changes(commands)
         if changes is not None:
             return self._set_rates_netlink(rates, changes)
         lines = [shlex.join(argv[1:]) for argv in commands]
         # under -j the class listings stay text and each qdisc listing is one JSON line
-        lines += [f"class show dev {self.iface}", f"qdisc show dev {self.iface}",
-                  f"class show dev {self.ifb}", f"qdisc show dev {self.ifb}"]
+        lines += [
+            f"class show dev {self.iface}",
+            f"qdisc show dev {self.iface}",
+            f"class show dev {self.ifb}",
+            f"qdisc show dev {self.ifb}",
+        ]
         script = "tc -j -batch - <<'EOF'\n" + "\n".join(lines) + "\nEOF\n"
         res = self._run(["sh", "-c", script])
         parts = split_batch_listing(res.stdout)
         if len(parts) != 2:
-            raise CommandFailed(self.runner.host, ["tc", "-j", "-batch", "-"], res.returncode,
-                                res.stdout, "tc's listings of both interfaces not found")
+            raise CommandFailed(
+                self.runner.host,
+                ["tc", "-j", "-batch", "-"],
+                res.returncode,
+                res.stdout,
+                "tc's listings of both interfaces not found",
+            )
         by_dir = []
         cache: dict[tuple[str, int], Leaf] = {}
         for d, (text, qdiscs) in zip((self.iface, self.ifb), parts):
@@ -911,9 +1158,13 @@ class TcShaper:
             got = []
             for classes, lv in by_dir:
                 if cid not in classes:
-                    raise CommandFailed(self.runner.host, ["tc", "-j", "-batch", "-"],
-                                        res.returncode, res.stdout,
-                                        f"class {cid} of {dev} missing from tc's listing")
+                    raise CommandFailed(
+                        self.runner.host,
+                        ["tc", "-j", "-batch", "-"],
+                        res.returncode,
+                        res.stdout,
+                        f"class {cid} of {dev} missing from tc's listing",
+                    )
                 got.append(enforced_kbit(classes[cid], lv.get(minor)))
             out[dev] = (got[0], got[1])
         self._leaf_cache = cache
@@ -935,8 +1186,7 @@ class TcShaper:
                 return None
         return self._nl
 
-    def _netlink_changes(self, commands: Sequence[Sequence[str]]
-                         ) -> list[netlink_tc.Change] | None:
+    def _netlink_changes(self, commands: Sequence[Sequence[str]]) -> list[netlink_tc.Change] | None:
         """The epoch's tc command lines as netlink changes (the very values tc would send);
         None where netlink is not used or a line is beyond it (a netem leaf)."""
         if self._netlink_client() is None:
@@ -946,8 +1196,9 @@ class TcShaper:
         except netlink_tc.NotExpressible:
             return None
 
-    def _set_rates_netlink(self, rates: Mapping[str, tuple[float, float]],
-                           changes: Sequence[netlink_tc.Change]) -> dict[str, tuple[float, float]]:
+    def _set_rates_netlink(
+        self, rates: Mapping[str, tuple[float, float]], changes: Sequence[netlink_tc.Change]
+    ) -> dict[str, tuple[float, float]]:
         """:meth:`set_rates` over rtnetlink: one send, the acks, then class dumps of both
         interfaces and one qdisc dump, read like tc's listings."""
         nl = self._nl
@@ -962,15 +1213,17 @@ class TcShaper:
             lv: dict[int, Leaf] = {}
             for q in qdiscs[d]:
                 lf = _leaf_from_netlink(q)
-                if lf is None:       # a leaf only tc reads fully (netem): re-read next time
+                if lf is None:  # a leaf only tc reads fully (netem): re-read next time
                     cache = None
                 else:
                     lv[q.parent & 0xFFFF] = lf
             if cache is not None:
                 cache.update({(d, m): lf for m, lf in lv.items()})
-            classes = {c.handle: c.ceil_kbit for c in nl.classes(d, stats=False,
-                                                                 where=_of_root)
-                       if c.kind == "htb"}
+            classes = {
+                c.handle: c.ceil_kbit
+                for c in nl.classes(d, stats=False, where=_of_root)
+                if c.kind == "htb"
+            }
             by_dir.append((classes, lv))
         out: dict[str, tuple[float, float]] = {}
         for dev in rates:
@@ -979,9 +1232,16 @@ class TcShaper:
             for d, (classes, lv) in zip(devs, by_dir):
                 kbit = classes.get(netlink_tc.parse_handle(f"1:{minor:x}"))
                 if kbit is None:
-                    raise netlink_tc.TcNetlinkError(self.runner.host, [(
-                        f"{d} class htb 1:{minor:x} of {dev}", errno.ENOENT,
-                        "missing from the kernel's listing")])
+                    raise netlink_tc.TcNetlinkError(
+                        self.runner.host,
+                        [
+                            (
+                                f"{d} class htb 1:{minor:x} of {dev}",
+                                errno.ENOENT,
+                                "missing from the kernel's listing",
+                            )
+                        ],
+                    )
                 got.append(enforced_kbit(kbit, lv.get(minor)))
             out[dev] = (got[0], got[1])
         self._leaf_cache = cache
@@ -1022,14 +1282,19 @@ class TcShaper:
         installed = self.is_installed()
         cfg = self._config() if installed else None
         info: dict[str, Any] = {
-            "setting": self.shaping, "installed": installed,
+            "setting": self.shaping,
+            "installed": installed,
             "mode": cfg.mode if cfg else None,
             "leaf": {"tbf": "tbf", "netem": "netem", "htb": "pfifo"}[cfg.mode] if cfg else None,
-            "bucket_bytes": None, "bucket_slack_us": None,
+            "bucket_bytes": None,
+            "bucket_slack_us": None,
             "netem": cfg.netem if cfg else None,
             "recorded": cfg.recorded if cfg else None,
             "offloads_restore": list(cfg.restore) if cfg else [],
-            "offloads": {}, "offloads_summary": None, "warning": None}
+            "offloads": {},
+            "offloads_summary": None,
+            "warning": None,
+        }
         if cfg is not None:
             if cfg.mode == "tbf":
                 info["bucket_bytes"] = cfg.bucket_bytes
@@ -1038,8 +1303,11 @@ class TcShaper:
                 info["bucket_bytes"] = 0
             else:
                 res = self._run(["tc", "class", "show", "dev", self.iface], check=False)
-                bursts = [parse_tc_size(c.burst) for c in parse_htb_classes(res.stdout)
-                          if c.parent == f"1:{ROOT_CLASS:x}"]
+                bursts = [
+                    parse_tc_size(c.burst)
+                    for c in parse_htb_classes(res.stdout)
+                    if c.parent == f"1:{ROOT_CLASS:x}"
+                ]
                 info["bucket_bytes"] = max(bursts) if bursts else None
         devs = (self.iface, self.ifb) if installed else (self.iface,)
         parts, unknown = [], False
@@ -1053,15 +1321,17 @@ class TcShaper:
             info["offloads"][d] = {"on": on, "off": [n for n, o in st.items() if not o.on]}
             if on:
                 parts.append(f"{d} {','.join(on)}")
-        info["offloads_summary"] = "unknown" if unknown else \
-            ("on: " + "; ".join(parts) if parts else "off")
+        info["offloads_summary"] = (
+            "unknown" if unknown else ("on: " + "; ".join(parts) if parts else "off")
+        )
         if installed and info["offloads_summary"] != "off":
-            what = ("ethtool is missing or refused" if unknown else
-                    f"still on: {'; '.join(parts)}")
-            info["warning"] = (f"{self.runner.host}: segmentation/receive offloads on "
-                               f"{self.iface}/{self.ifb} could not be turned off ({what}): tc "
-                               "may see super-packets of up to 64 KiB, so short messages are "
-                               "charged in coarse steps")
+            what = "ethtool is missing or refused" if unknown else f"still on: {'; '.join(parts)}"
+            info["warning"] = (
+                f"{self.runner.host}: segmentation/receive offloads on "
+                f"{self.iface}/{self.ifb} could not be turned off ({what}): tc "
+                "may see super-packets of up to 64 KiB, so short messages are "
+                "charged in coarse steps"
+            )
         return info
 
     def _leaves(self) -> dict[tuple[str, int], Leaf]:
@@ -1075,8 +1345,11 @@ class TcShaper:
     def qdisc_handles(self) -> list[tuple[str, str, str]]:
         """(device, kind, handle) of every qdisc on our two interfaces — for checking that
         an in-place change re-created nothing."""
-        return [(d, q.get("kind", ""), q.get("handle", ""))
-                for d in (self.iface, self.ifb) for q in self._qdiscs(d)]
+        return [
+            (d, q.get("kind", ""), q.get("handle", ""))
+            for d in (self.iface, self.ifb)
+            for q in self._qdiscs(d)
+        ]
 
     def _qdiscs(self, dev: str) -> list[dict]:
         """``tc -j qdisc show dev DEV`` parsed; empty when the device does not exist."""
@@ -1129,5 +1402,7 @@ def _describe_leaf(qd: dict) -> str:
 
 def _netem_message(host: str, stderr: str) -> str:
     kernel = stderr.strip().splitlines()[-1] if stderr.strip() else "netem unavailable"
-    return (f"{host}: delay/loss need the netem qdisc and this kernel refused it: "
-            f"\"{kernel}\" — nothing was changed (rate shaping works without netem)")
+    return (
+        f"{host}: delay/loss need the netem qdisc and this kernel refused it: "
+        f'"{kernel}" — nothing was changed (rate shaping works without netem)'
+    )

@@ -70,20 +70,26 @@ class Names:
         return re.fullmatch(rf"tb-{re.escape(self.name)}-d\d+", ns) is not None
 
     def is_our_link(self, link: str) -> bool:
-        return link in (self.bridge, self.ifb) or \
-            re.fullmatch(rf"tb-{re.escape(self.name)}-\d+", link) is not None
+        return (
+            link in (self.bridge, self.ifb)
+            or re.fullmatch(rf"tb-{re.escape(self.name)}-\d+", link) is not None
+        )
 
 
 def check_name(name: str) -> None:
     if not NAME_RE.fullmatch(name):
-        raise ConfigError(f"--name: {name!r} must be 1-8 lowercase letters/digits, starting "
-                          "with a letter (it becomes part of interface names)")
+        raise ConfigError(
+            f"--name: {name!r} must be 1-8 lowercase letters/digits, starting "
+            "with a letter (it becomes part of interface names)"
+        )
 
 
 def require_root(command: str) -> None:
     if os.geteuid() != 0:
-        raise NeedsRoot(f"`testbed {command}` needs root to create network namespaces, "
-                        f"veths, tc qdiscs and sshds: run `sudo testbed {command} ...`")
+        raise NeedsRoot(
+            f"`testbed {command}` needs root to create network namespaces, "
+            f"veths, tc qdiscs and sshds: run `sudo testbed {command} ...`"
+        )
 
 
 class State:
@@ -148,26 +154,28 @@ def pick_subnet(used: set[ipaddress.IPv4Network]) -> ipaddress.IPv4Network:
 
 
 def _sshd_config(d: Path, addr: str) -> str:
-    return "\n".join([
-        f"ListenAddress {addr}",
-        "Port 22",
-        f"HostKey {d / 'ssh_host_ed25519_key'}",
-        f"PidFile {d / 'sshd.pid'}",
-        f"AuthorizedKeysFile {d / 'authorized_keys'}",
-        "PasswordAuthentication no",
-        "KbdInteractiveAuthentication no",
-        "PubkeyAuthentication yes",
-        "PermitRootLogin prohibit-password",
-        "UsePAM no",
-        # the state dir may sit under a world-writable /tmp (tests); the key file's own
-        # folder is 0700 and ours, which is what StrictModes would protect
-        "StrictModes no",
-        "X11Forwarding no",
-        "AllowTcpForwarding no",
-        "PrintMotd no",
-        "Subsystem sftp internal-sftp",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"ListenAddress {addr}",
+            "Port 22",
+            f"HostKey {d / 'ssh_host_ed25519_key'}",
+            f"PidFile {d / 'sshd.pid'}",
+            f"AuthorizedKeysFile {d / 'authorized_keys'}",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "PubkeyAuthentication yes",
+            "PermitRootLogin prohibit-password",
+            "UsePAM no",
+            # the state dir may sit under a world-writable /tmp (tests); the key file's own
+            # folder is 0700 and ours, which is what StrictModes would protect
+            "StrictModes no",
+            "X11Forwarding no",
+            "AllowTcpForwarding no",
+            "PrintMotd no",
+            "Subsystem sftp internal-sftp",
+            "",
+        ]
+    )
 
 
 def _wait_port(addr: str, port: int, timeout_s: float) -> bool:
@@ -183,9 +191,14 @@ def _wait_port(addr: str, port: int, timeout_s: float) -> bool:
     return False
 
 
-def up(name: str, devices: int, rate_kbit: float, inventory_out: Path | None = None,
-       memory_budget_mb: int = 2048,
-       progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def up(
+    name: str,
+    devices: int,
+    rate_kbit: float,
+    inventory_out: Path | None = None,
+    memory_budget_mb: int = 2048,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Create testbed ``name`` with ``devices`` namespaces; return its description.
 
     On any error (or Ctrl-C) everything created so far is removed before re-raising.
@@ -199,28 +212,38 @@ def up(name: str, devices: int, rate_kbit: float, inventory_out: Path | None = N
             raise TestbedError(f"`{tool}` not found: install iproute2 and openssh-client")
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
     if not os.path.exists(sshd):
-        raise TestbedError("sshd not found: install openssh-server (apt-get install "
-                           "openssh-server)")
+        raise TestbedError(
+            "sshd not found: install openssh-server (apt-get install openssh-server)"
+        )
     st = State(name)
     if st.exists():
-        raise ConfigError(f"--name: testbed {name!r} exists already ({st.path}); run "
-                          f"`testbed local down --name {name}` first")
+        raise ConfigError(
+            f"--name: testbed {name!r} exists already ({st.path}); run "
+            f"`testbed local down --name {name}` first"
+        )
     say = progress or (lambda _m: None)
     names = Names(name)
     inv_path = (inventory_out or Path(f"{name}.inventory.toml")).resolve()
     t0 = time.monotonic()
     try:
         subnet = pick_subnet(_used_subnets())
-        st.data = {"name": name, "subnet": str(subnet), "status": "creating",
-                   "inventory": str(inv_path), "devices": [], "pids": [],
-                   "created": time.time()}
+        st.data = {
+            "name": name,
+            "subnet": str(subnet),
+            "status": "creating",
+            "inventory": str(inv_path),
+            "devices": [],
+            "pids": [],
+            "created": time.time(),
+        }
         st.save()
         os.chmod(st.dir, 0o700)
         hosts = list(subnet.hosts())
         bs_addr = str(hosts[0])
         key = st.dir / "id_ed25519"
-        _ip(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"testbed-{name}",
-             "-f", str(key)])
+        _ip(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"testbed-{name}", "-f", str(key)]
+        )
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
 
         say(f"bridge {names.bridge} {bs_addr}/{subnet.prefixlen}")
@@ -235,14 +258,14 @@ def up(name: str, devices: int, rate_kbit: float, inventory_out: Path | None = N
             ns, veth = names.netns(i), names.veth(i)
             addr = str(hosts[DEVICE_HOST_OFFSET + i - 1])
             d = st.dir / "devices" / f"dev{i}"
-            st.data["devices"].append({"name": f"dev{i}", "netns": ns, "veth": veth,
-                                       "address": addr, "dir": str(d)})
+            st.data["devices"].append(
+                {"name": f"dev{i}", "netns": ns, "veth": veth, "address": addr, "dir": str(d)}
+            )
             st.save()
             say(f"dev{i}: netns {ns}, {addr}, sshd")
             _ip(["ip", "netns", "add", ns])
             _ip(["ip", "link", "set", "lo", "up"], netns=ns)
-            _ip(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0",
-                 "netns", ns])
+            _ip(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
             _ip(["ip", "link", "set", veth, "master", names.bridge])
             _ip(["ip", "link", "set", veth, "up"])
             _ip(["ip", "addr", "add", f"{addr}/{subnet.prefixlen}", "dev", "eth0"], netns=ns)
@@ -251,41 +274,72 @@ def up(name: str, devices: int, rate_kbit: float, inventory_out: Path | None = N
             # receiver's): the BS's qdiscs then see, and charge, every frame
             st.data["devices"][-1]["offloads"] = {
                 "veth": turn_offloads_off(LocalRunner(), veth),
-                "eth0": turn_offloads_off(LocalRunner(netns=ns), "eth0")}
+                "eth0": turn_offloads_off(LocalRunner(netns=ns), "eth0"),
+            }
             st.save()
             (d / "work").mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o700)
-            _ip(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{ns}-host",
-                 "-f", str(d / "ssh_host_ed25519_key")])
+            _ip(
+                [
+                    "ssh-keygen",
+                    "-q",
+                    "-t",
+                    "ed25519",
+                    "-N",
+                    "",
+                    "-C",
+                    f"{ns}-host",
+                    "-f",
+                    str(d / "ssh_host_ed25519_key"),
+                ]
+            )
             (d / "authorized_keys").write_text(pub)
             os.chmod(d / "authorized_keys", 0o600)
             (d / "sshd_config").write_text(_sshd_config(d, addr))
             pid = LocalRunner(netns=ns).spawn(
                 [sshd, "-D", "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")],
-                log_path=str(d / "sshd.out"), pid_path=str(d / "sshd.spawn.pid"))
+                log_path=str(d / "sshd.out"),
+                pid_path=str(d / "sshd.spawn.pid"),
+            )
             st.data["pids"].append({"pid": pid, "marker": str(d / "sshd_config")})
             st.save()
             hk = (d / "ssh_host_ed25519_key.pub").read_text().split()
             known.append(f"{addr} {hk[0]} {hk[1]}")
-            devs.append(Device(name=f"dev{i}", host=addr, ssh_user="root",
-                               ssh_key=str(key), workdir=str(d / "work"),
-                               python=_device_python(), hw_class="netns",
-                               memory_budget_mb=memory_budget_mb, interface="eth0",
-                               reuse_packages=AGENT_PACKAGES))
+            devs.append(
+                Device(
+                    name=f"dev{i}",
+                    host=addr,
+                    ssh_user="root",
+                    ssh_key=str(key),
+                    workdir=str(d / "work"),
+                    python=_device_python(),
+                    hw_class="netns",
+                    memory_budget_mb=memory_budget_mb,
+                    interface="eth0",
+                    reuse_packages=AGENT_PACKAGES,
+                )
+            )
         for dv in devs:
             if not _wait_port(dv.host, 22, 10):
-                log = (st.dir / "devices" / dv.name / "sshd.log")
+                log = st.dir / "devices" / dv.name / "sshd.log"
                 tail = log.read_text().strip().splitlines()[-1:] if log.exists() else []
-                raise TestbedError(f"{dv.name}: sshd did not come up on {dv.host}:22 "
-                                   f"{'(' + tail[0] + ')' if tail else ''}".strip())
+                raise TestbedError(
+                    f"{dv.name}: sshd did not come up on {dv.host}:22 "
+                    f"{'(' + tail[0] + ')' if tail else ''}".strip()
+                )
         kh = st.dir / "known_hosts"
         kh.write_text("\n".join(known) + "\n")
-        bs = BaseStation(name="bs", host=bs_addr, interface=names.bridge, ifb=names.ifb,
-                         local=True, sudo=False)
+        bs = BaseStation(
+            name="bs", host=bs_addr, interface=names.bridge, ifb=names.ifb, local=True, sudo=False
+        )
         say(f"shaping {devices} links at {rate_kbit:g} kbit/s each way")
-        TcShaper(LocalRunner(host="bs"), names.bridge, names.ifb, [d.host for d in devs],
-                 [d.name for d in devs]).setup([LinkSpec(rate_kbit)] * devices,
-                                               [LinkSpec(rate_kbit)] * devices)
+        TcShaper(
+            LocalRunner(host="bs"),
+            names.bridge,
+            names.ifb,
+            [d.host for d in devs],
+            [d.name for d in devs],
+        ).setup([LinkSpec(rate_kbit)] * devices, [LinkSpec(rate_kbit)] * devices)
         inv_path.parent.mkdir(parents=True, exist_ok=True)
         # the CURVE keys `provision` makes go to the state dir: `down` removes them with it
         inv_path.write_text(render_inventory(name, str(kh), bs, devs, str(st.dir / "curve")))
@@ -295,10 +349,18 @@ def up(name: str, devices: int, rate_kbit: float, inventory_out: Path | None = N
     except BaseException:
         down(name)
         raise
-    return {"name": name, "inventory": str(inv_path), "subnet": str(subnet),
-            "bs": bs_addr, "devices": [{"name": d.name, "host": d.host, "netns":
-                                        names.netns(k + 1)} for k, d in enumerate(devs)],
-            "rate_kbit": rate_kbit, "elapsed_s": round(time.monotonic() - t0, 3)}
+    return {
+        "name": name,
+        "inventory": str(inv_path),
+        "subnet": str(subnet),
+        "bs": bs_addr,
+        "devices": [
+            {"name": d.name, "host": d.host, "netns": names.netns(k + 1)}
+            for k, d in enumerate(devs)
+        ],
+        "rate_kbit": rate_kbit,
+        "elapsed_s": round(time.monotonic() - t0, 3),
+    }
 
 
 def _device_python() -> str:
@@ -368,8 +430,13 @@ def down(name: str) -> dict[str, Any]:
     names = Names(name)
     st = State(name)
     data = st.load()
-    removed: dict[str, list[Any]] = {"processes": [], "netns": [], "links": [], "files": [],
-                                     "offloads_restored": []}
+    removed: dict[str, list[Any]] = {
+        "processes": [],
+        "netns": [],
+        "links": [],
+        "files": [],
+        "offloads_restored": [],
+    }
     namespaces = [ns for ns in _netns_list() if names.is_our_netns(ns)]
     # 1. processes: everything inside our namespaces, plus recorded PIDs still ours
     pids: set[int] = set()
@@ -391,10 +458,13 @@ def down(name: str) -> dict[str, Any]:
     _stop_pids(sorted(pids))
     removed["processes"] = sorted(pids)
     # 2. shaping (the bridge's offloads first, from the record on the ifb), links, namespaces
-    removed["offloads_restored"] = TcShaper(LocalRunner(host="bs"), names.bridge, names.ifb,
-                                            [], []).restore_offloads()
-    for argv in (["tc", "qdisc", "del", "dev", names.bridge, "root"],
-                 ["tc", "qdisc", "del", "dev", names.bridge, "ingress"]):
+    removed["offloads_restored"] = TcShaper(
+        LocalRunner(host="bs"), names.bridge, names.ifb, [], []
+    ).restore_offloads()
+    for argv in (
+        ["tc", "qdisc", "del", "dev", names.bridge, "root"],
+        ["tc", "qdisc", "del", "dev", names.bridge, "ingress"],
+    ):
         _ip(argv, check=False)
     for link in _links():
         if names.is_our_link(link) and link != names.bridge:
@@ -418,8 +488,7 @@ def down(name: str) -> dict[str, Any]:
     if st.dir.exists():
         shutil.rmtree(st.dir, ignore_errors=True)
         removed["files"].append(str(st.dir))
-    return {"name": name, "removed": removed,
-            "was_present": bool(data) or any(removed.values())}
+    return {"name": name, "removed": removed, "was_present": bool(data) or any(removed.values())}
 
 
 def status(name: str) -> dict[str, Any]:
@@ -440,19 +509,34 @@ def status(name: str) -> dict[str, Any]:
             sshd_pid = p if _pid_matches(p, str(Path(dv["dir"]) / "sshd_config")) else None
         except (OSError, ValueError, IndexError):
             pass
-        out_devs.append({"name": dv["name"], "address": dv["address"], "netns": dv["netns"],
-                         "netns_present": dv["netns"] in present_ns, "sshd_pid": sshd_pid})
+        out_devs.append(
+            {
+                "name": dv["name"],
+                "address": dv["address"],
+                "netns": dv["netns"],
+                "netns_present": dv["netns"] in present_ns,
+                "sshd_pid": sshd_pid,
+            }
+        )
     rates = {}
     if os.geteuid() == 0 and data.get("devices"):
-        shaper = TcShaper(LocalRunner(host="bs"), names.bridge, names.ifb,
-                          [d["address"] for d in data["devices"]],
-                          [d["name"] for d in data["devices"]])
-        rates = {s.device: {"down_kbit": s.down_kbit, "up_kbit": s.up_kbit}
-                 for s in shaper.show()}
+        shaper = TcShaper(
+            LocalRunner(host="bs"),
+            names.bridge,
+            names.ifb,
+            [d["address"] for d in data["devices"]],
+            [d["name"] for d in data["devices"]],
+        )
+        rates = {s.device: {"down_kbit": s.down_kbit, "up_kbit": s.up_kbit} for s in shaper.show()}
     for d in out_devs:
         d.update(rates.get(d["name"], {}))
-    return {"name": name, "status": data.get("status"), "subnet": data.get("subnet"),
-            "inventory": data.get("inventory"), "devices": out_devs}
+    return {
+        "name": name,
+        "status": data.get("status"),
+        "subnet": data.get("subnet"),
+        "inventory": data.get("inventory"),
+        "devices": out_devs,
+    }
 
 
 def list_testbeds() -> list[str]:

@@ -31,8 +31,14 @@ def due_events(events: Sequence[Mapping[str, Any]], request: int) -> list[Mappin
     return [e for e in events if int(e["at_request"]) == request]
 
 
-def apply_events(runner: Any, trial: Any, request: int, cluster: Any,
-                 rates: dict[str, dict[str, Any]], where: str) -> list[dict[str, Any]]:
+def apply_events(
+    runner: Any,
+    trial: Any,
+    request: int,
+    cluster: Any,
+    rates: dict[str, dict[str, Any]],
+    where: str,
+) -> list[dict[str, Any]]:
     """Apply the events due at ``request``; returns what tc enforced after each one."""
     out: list[dict[str, Any]] = []
     events = trial.config["run"].get("events") or []
@@ -43,8 +49,10 @@ def apply_events(runner: Any, trial: Any, request: int, cluster: Any,
             continue
         dev = str(ev["device"])
         if dev not in names:
-            raise ConfigError(f"{where}: run.events[{i}].device: no device {dev!r} "
-                              f"(devices: {', '.join(sorted(names))})")
+            raise ConfigError(
+                f"{where}: run.events[{i}].device: no device {dev!r} "
+                f"(devices: {', '.join(sorted(names))})"
+            )
         kbit = parse_rate_kbit(str(ev["rate"]))
         direction = str(ev.get("direction", "both"))
         t0 = time.perf_counter()
@@ -57,25 +65,42 @@ def apply_events(runner: Any, trial: Any, request: int, cluster: Any,
                 cluster.rate_down_kbit[r["device"]] = r["down_kbit"]
             if r.get("up_kbit"):
                 cluster.rate_up_kbit[r["device"]] = r["up_kbit"]
-        out.append({"request": request, "device": dev, "rate_kbit": kbit, "direction": direction,
-                    "change_ms": change_ms, "enforced": state.get(dev),
-                    "time_s": time.monotonic() - runner.t0})
+        out.append(
+            {
+                "request": request,
+                "device": dev,
+                "rate_kbit": kbit,
+                "direction": direction,
+                "change_ms": change_ms,
+                "enforced": state.get(dev),
+                "time_s": time.monotonic() - runner.t0,
+            }
+        )
     return out
 
 
-def window_stats(call_rows: Sequence[Mapping[str, Any]], layer_rows: Sequence[Mapping[str, Any]],
-                 requests: int, request: int) -> dict[str, Any]:
+def window_stats(
+    call_rows: Sequence[Mapping[str, Any]],
+    layer_rows: Sequence[Mapping[str, Any]],
+    requests: int,
+    request: int,
+) -> dict[str, Any]:
     """What ``policy.update`` gets about the requests since its last call. Pure."""
     tokens: dict[str, int] = {}
     for c in call_rows:
         if c.get("status") in ("ok", "rerouted") and c.get("tokens"):
             tokens[str(c["expert"])] = tokens.get(str(c["expert"]), 0) + int(c["tokens"])
-    return {"requests": requests, "request": request, "expert_tokens": tokens,
-            "layer_tokens": sum(int(r.get("tokens") or 0) for r in layer_rows)}
+    return {
+        "requests": requests,
+        "request": request,
+        "expert_tokens": tokens,
+        "layer_tokens": sum(int(r.get("tokens") or 0) for r in layer_rows),
+    }
 
 
-def migrations(old: Mapping[str, Sequence[str]], new: Mapping[str, Sequence[str]]
-               ) -> list[tuple[str, str, str]]:
+def migrations(
+    old: Mapping[str, Sequence[str]], new: Mapping[str, Sequence[str]]
+) -> list[tuple[str, str, str]]:
     """(expert, from, to) for every device an expert gains; ``from`` is its old primary
     (several old devices joined by ``+``). Pure."""
     out = []
@@ -87,9 +112,15 @@ def migrations(old: Mapping[str, Sequence[str]], new: Mapping[str, Sequence[str]
     return out
 
 
-def run_update(runner: Any, policy: Any, cluster: Any, placement: Mapping[str, Sequence[str]],
-               stats: Mapping[str, Any], key: Mapping[str, Any], request: int
-               ) -> dict[str, tuple[str, ...]] | None:
+def run_update(
+    runner: Any,
+    policy: Any,
+    cluster: Any,
+    placement: Mapping[str, Sequence[str]],
+    stats: Mapping[str, Any],
+    key: Mapping[str, Any],
+    request: int,
+) -> dict[str, tuple[str, ...]] | None:
     """Call ``policy.update``; apply and record a new placement. Returns it (or None)."""
     from .experiment import PolicyFailed, _one_line
 
@@ -103,8 +134,10 @@ def run_update(runner: Any, policy: Any, cluster: Any, placement: Mapping[str, S
     for u in runner.mf.uids():
         ds = new.get(u)
         if not ds or any(d not in names for d in ds):
-            raise PolicyFailed(f"policy {policy.name}: update: expert {u} placed on "
-                               f"{list(ds) if ds else 'no device'}")
+            raise PolicyFailed(
+                f"policy {policy.name}: update: expert {u} placed on "
+                f"{list(ds) if ds else 'no device'}"
+            )
     new = {u: tuple(ds) for u, ds in new.items()}
     pushed_before = {d: set(v) for d, v in runner.pushed.items()}
     t0 = time.perf_counter()
@@ -113,9 +146,18 @@ def run_update(runner: Any, policy: Any, cluster: Any, placement: Mapping[str, S
     rows = []
     for u, src, dst in migrations(placement, new):
         was_there = u in pushed_before.get(dst, set())
-        rows.append({**key, "request": request, "expert": u, "from_device": src,
-                     "to_device": dst, "bytes": 0 if was_there else int(runner.mf.experts[u].bytes),
-                     "seconds": seconds, "time_s": time.monotonic() - runner.t0})
+        rows.append(
+            {
+                **key,
+                "request": request,
+                "expert": u,
+                "from_device": src,
+                "to_device": dst,
+                "bytes": 0 if was_there else int(runner.mf.experts[u].bytes),
+                "seconds": seconds,
+                "time_s": time.monotonic() - runner.t0,
+            }
+        )
     runner.tables["migrations"].write_many(rows)
     cluster.placement = dict(new)
     return new
@@ -136,9 +178,11 @@ def memory_report(runner: Any, devices: Sequence[str]) -> dict[str, dict[str, An
         for e in ex.values():
             k = str(e.get("quant") or "float")
             kinds[k] = kinds.get(k, 0) + 1
-        out[d] = {"experts": len(ex), "weight_bytes": sum(int(e.get("weight_bytes") or 0)
-                                                           for e in ex.values()),
-                  "quant": kinds}
+        out[d] = {
+            "experts": len(ex),
+            "weight_bytes": sum(int(e.get("weight_bytes") or 0) for e in ex.values()),
+            "quant": kinds,
+        }
     return out
 
 

@@ -103,8 +103,10 @@ def resolve_split(spec: str | os.PathLike[str], where: str = "model") -> Path:
     if (path / "manifest.json").is_file():
         return path
     if not ((path / "config.json").is_file() and any(path.glob("*.safetensors"))):
-        raise ConfigError(f"{where}: {path}: neither a split model (manifest.json) nor a "
-                          "checkpoint (config.json + *.safetensors)")
+        raise ConfigError(
+            f"{where}: {path}: neither a split model (manifest.json) nor a "
+            "checkpoint (config.json + *.safetensors)"
+        )
     out = cache_root() / "splits" / f"{path.name}-{_checkpoint_key(path)}"
 
     def split(tmp: Path) -> None:

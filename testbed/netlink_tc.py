@@ -58,8 +58,8 @@ NLM_F_MULTI = 0x2
 NLM_F_ACK = 0x4
 NLM_F_ECHO = 0x8
 NLM_F_DUMP = 0x300
-NLM_F_CAPPED = 0x100      # on an ack: the request was not echoed back
-NLM_F_ACK_TLVS = 0x200    # on an ack: extended-ack attributes follow
+NLM_F_CAPPED = 0x100  # on an ack: the request was not echoed back
+NLM_F_ACK_TLVS = 0x200  # on an ack: extended-ack attributes follow
 NLMSGERR_ATTR_MSG = 1
 
 RTM_NEWQDISC = 36
@@ -93,12 +93,12 @@ RCVBUF_BYTES = 4 << 20
 #: cell_log tc puts in a rate spec for the default MTUs (1600 for HTB, 2047 for TBF): 3
 CELL_LOG = 3
 
-_NLMSGHDR = struct.Struct("=IHHII")     # len, type, flags, seq, pid
-_TCMSG = struct.Struct("=BBHiIII")      # family, pad, pad, ifindex, handle, parent, info
-_NLA = struct.Struct("=HH")             # len, type
-_RATESPEC = struct.Struct("=BBHhHI")    # cell_log, linklayer, overhead, cell_align, mpu, rate
+_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+_TCMSG = struct.Struct("=BBHiIII")  # family, pad, pad, ifindex, handle, parent, info
+_NLA = struct.Struct("=HH")  # len, type
+_RATESPEC = struct.Struct("=BBHhHI")  # cell_log, linklayer, overhead, cell_align, mpu, rate
 _HTB_OPT = struct.Struct("=12s12sIIIII")  # rate, ceil, buffer, cbuffer, quantum, level, prio
-_TBF_QOPT = struct.Struct("=12s12sIII")   # rate, peakrate, limit, buffer, mtu
+_TBF_QOPT = struct.Struct("=12s12sIII")  # rate, peakrate, limit, buffer, mtu
 _U32 = struct.Struct("=I")
 _U64 = struct.Struct("=Q")
 _I32 = struct.Struct("=i")
@@ -116,8 +116,10 @@ class TcNetlinkError(TestbedError):
     def __init__(self, host: str, failures: Sequence[tuple[str, int, str]]):
         self.host = host
         self.failures = list(failures)
-        parts = [f"{what} -> {_errno_text(err)}" + (f" ({msg})" if msg else "")
-                 for what, err, msg in self.failures]
+        parts = [
+            f"{what} -> {_errno_text(err)}" + (f" ({msg})" if msg else "")
+            for what, err, msg in self.failures
+        ]
         super().__init__(f"{host}: tc over netlink failed: " + "; ".join(parts))
 
 
@@ -243,13 +245,37 @@ Change = HtbClass | TbfQdisc
 # -- from tc's own words ----------------------------------------------------------------------
 # The subset of tc's syntax the shaper's command builders produce: a change built from their
 # argv carries exactly the values ``tc`` would send, so both paths stay one definition.
-_RATE_SCALE = {"bit": 1, "kbit": 1000, "mbit": 1000**2, "gbit": 1000**3, "tbit": 1000**4,
-               "bps": 8, "kbps": 8000, "mbps": 8 * 1000**2, "gbps": 8 * 1000**3,
-               "tbps": 8 * 1000**4}
-_SIZE_SCALE = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2,
-               "g": 1024**3, "gb": 1024**3}
-_TIME_SCALE_US = {"": 1, "us": 1, "usec": 1, "ms": 1000, "msec": 1000, "s": 1_000_000,
-                  "sec": 1_000_000}
+_RATE_SCALE = {
+    "bit": 1,
+    "kbit": 1000,
+    "mbit": 1000**2,
+    "gbit": 1000**3,
+    "tbit": 1000**4,
+    "bps": 8,
+    "kbps": 8000,
+    "mbps": 8 * 1000**2,
+    "gbps": 8 * 1000**3,
+    "tbps": 8 * 1000**4,
+}
+_SIZE_SCALE = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kb": 1024,
+    "m": 1024**2,
+    "mb": 1024**2,
+    "g": 1024**3,
+    "gb": 1024**3,
+}
+_TIME_SCALE_US = {
+    "": 1,
+    "us": 1,
+    "usec": 1,
+    "ms": 1000,
+    "msec": 1000,
+    "s": 1_000_000,
+    "sec": 1_000_000,
+}
 
 
 class NotExpressible(ValueError):
@@ -332,7 +358,7 @@ def _change_from_words(argv: tuple[str, ...]) -> Change:
         k = argv.index(kind, start + 2)
     except ValueError:
         raise NotExpressible(f"kind not handled in {list(argv)} (netlink does {kind})") from None
-    head, opts = _pairs(argv[start + 2:k], "selector"), _pairs(argv[k + 1:], kind)
+    head, opts = _pairs(argv[start + 2 : k], "selector"), _pairs(argv[k + 1 :], kind)
     dev = head.pop("dev", None)
     parent = parse_handle(head.pop("parent", "none"))
     handle = parse_handle(head.pop("classid" if obj == "class" else "handle", "none"))
@@ -345,10 +371,17 @@ def _change_from_words(argv: tuple[str, ...]) -> Change:
         ceil = tc_rate_bytes(opts.pop("ceil")) if "ceil" in opts else rate
         if "burst" not in opts or "cburst" not in opts:
             raise NotExpressible(f"burst and cburst must be given: {list(argv)}")
-        out: Change = HtbClass(dev, handle, parent, rate, ceil,
-                               tc_size_bytes(opts.pop("burst")),
-                               tc_size_bytes(opts.pop("cburst")),
-                               _count(opts.pop("quantum", "0")), _count(opts.pop("prio", "0")))
+        out: Change = HtbClass(
+            dev,
+            handle,
+            parent,
+            rate,
+            ceil,
+            tc_size_bytes(opts.pop("burst")),
+            tc_size_bytes(opts.pop("cburst")),
+            _count(opts.pop("quantum", "0")),
+            _count(opts.pop("prio", "0")),
+        )
     else:
         if "burst" not in opts:
             raise NotExpressible(f"burst must be given: {list(argv)}")
@@ -356,8 +389,11 @@ def _change_from_words(argv: tuple[str, ...]) -> Change:
         burst = tc_size_bytes(opts.pop("burst"))
         if ("limit" in opts) == ("latency" in opts):
             raise NotExpressible(f"one of limit/latency must be given: {list(argv)}")
-        limit = tc_size_bytes(opts.pop("limit")) if "limit" in opts else \
-            tbf_limit(rate, burst, tc_time_us(opts.pop("latency")))
+        limit = (
+            tc_size_bytes(opts.pop("limit"))
+            if "limit" in opts
+            else tbf_limit(rate, burst, tc_time_us(opts.pop("latency")))
+        )
         out = TbfQdisc(dev, handle, parent, rate, burst, limit)
     if opts:
         raise NotExpressible(f"options not handled: {sorted(opts)} in {list(argv)}")
@@ -370,8 +406,9 @@ def _attr(kind: int, payload: bytes) -> bytes:
     return _NLA.pack(n, kind) + payload + b"\0" * (-n & 3)
 
 
-def _message(msg_type: int, flags: int, seq: int, ifindex: int, handle: int, parent: int,
-             body: bytes) -> bytes:
+def _message(
+    msg_type: int, flags: int, seq: int, ifindex: int, handle: int, parent: int, body: bytes
+) -> bytes:
     head = _TCMSG.pack(socket.AF_UNSPEC, 0, 0, ifindex, handle, parent, 0)
     return _NLMSGHDR.pack(16 + len(head) + len(body), msg_type, flags, seq, 0) + head + body
 
@@ -390,20 +427,57 @@ _TBF_FAST_LEN = _TBF_FAST.size
 _NO_PEAK = bytes(12)
 
 
-def encode_htb_class(c: HtbClass, ifindex: int, seq: int = 0, *, tables: bool = False,
-                     flags: int = ACK) -> bytes:
+def encode_htb_class(
+    c: HtbClass, ifindex: int, seq: int = 0, *, tables: bool = False, flags: int = ACK
+) -> bytes:
     """``RTM_NEWTCLASS`` that changes HTB class ``c`` in place (no ``NLM_F_CREATE``: a class
     that does not exist is an error, never created)."""
     if not tables and c.rate <= U32_MAX and c.ceil <= U32_MAX:
         return _HTB_FAST.pack(
-            _HTB_FAST_LEN, RTM_NEWTCLASS, flags, seq, 0,
-            socket.AF_UNSPEC, 0, 0, ifindex, c.classid, c.parent, 0, _KIND_HTB,
-            _HTB_FAST_LEN - 44, TCA_OPTIONS, 48, TCA_HTB_PARMS,
-            CELL_LOG, TC_LINKLAYER_ETHERNET, 0, -1, 0, c.rate,
-            CELL_LOG, TC_LINKLAYER_ETHERNET, 0, -1, 0, c.ceil,
-            xmittime(c.rate, c.burst), xmittime(c.ceil, c.cburst), c.quantum, 0, c.prio)
-    parms = _HTB_OPT.pack(ratespec(c.rate), ratespec(c.ceil), xmittime(c.rate, c.burst),
-                          xmittime(c.ceil, c.cburst), c.quantum, 0, c.prio)
+            _HTB_FAST_LEN,
+            RTM_NEWTCLASS,
+            flags,
+            seq,
+            0,
+            socket.AF_UNSPEC,
+            0,
+            0,
+            ifindex,
+            c.classid,
+            c.parent,
+            0,
+            _KIND_HTB,
+            _HTB_FAST_LEN - 44,
+            TCA_OPTIONS,
+            48,
+            TCA_HTB_PARMS,
+            CELL_LOG,
+            TC_LINKLAYER_ETHERNET,
+            0,
+            -1,
+            0,
+            c.rate,
+            CELL_LOG,
+            TC_LINKLAYER_ETHERNET,
+            0,
+            -1,
+            0,
+            c.ceil,
+            xmittime(c.rate, c.burst),
+            xmittime(c.ceil, c.cburst),
+            c.quantum,
+            0,
+            c.prio,
+        )
+    parms = _HTB_OPT.pack(
+        ratespec(c.rate),
+        ratespec(c.ceil),
+        xmittime(c.rate, c.burst),
+        xmittime(c.ceil, c.cburst),
+        c.quantum,
+        0,
+        c.prio,
+    )
     opts = b""
     if c.rate > U32_MAX:
         opts += _attr(TCA_HTB_RATE64, _U64.pack(c.rate))
@@ -412,32 +486,68 @@ def encode_htb_class(c: HtbClass, ifindex: int, seq: int = 0, *, tables: bool = 
     opts += _attr(TCA_HTB_PARMS, parms)
     if tables:
         opts += _attr(TCA_HTB_RTAB, rate_table(c.rate)) + _attr(TCA_HTB_CTAB, rate_table(c.ceil))
-    return _message(RTM_NEWTCLASS, flags, seq, ifindex, c.classid, c.parent,
-                    _KIND_HTB + _attr(TCA_OPTIONS, opts))
+    return _message(
+        RTM_NEWTCLASS,
+        flags,
+        seq,
+        ifindex,
+        c.classid,
+        c.parent,
+        _KIND_HTB + _attr(TCA_OPTIONS, opts),
+    )
 
 
-def encode_tbf_qdisc(q: TbfQdisc, ifindex: int, seq: int = 0, *, tables: bool = False,
-                     flags: int = ACK) -> bytes:
+def encode_tbf_qdisc(
+    q: TbfQdisc, ifindex: int, seq: int = 0, *, tables: bool = False, flags: int = ACK
+) -> bytes:
     """``RTM_NEWQDISC`` that changes TBF qdisc ``q`` in place (no create/replace flags)."""
     if not tables and q.rate <= U32_MAX:
         return _TBF_FAST.pack(
-            _TBF_FAST_LEN, RTM_NEWQDISC, flags, seq, 0,
-            socket.AF_UNSPEC, 0, 0, ifindex, q.handle, q.parent, 0, _KIND_TBF,
-            _TBF_FAST_LEN - 44, TCA_OPTIONS, 40, TCA_TBF_PARMS,
-            CELL_LOG, TC_LINKLAYER_ETHERNET, 0, -1, 0, q.rate, _NO_PEAK,
-            q.limit, xmittime(q.rate, q.burst), 0, 8, TCA_TBF_BURST, q.burst)
+            _TBF_FAST_LEN,
+            RTM_NEWQDISC,
+            flags,
+            seq,
+            0,
+            socket.AF_UNSPEC,
+            0,
+            0,
+            ifindex,
+            q.handle,
+            q.parent,
+            0,
+            _KIND_TBF,
+            _TBF_FAST_LEN - 44,
+            TCA_OPTIONS,
+            40,
+            TCA_TBF_PARMS,
+            CELL_LOG,
+            TC_LINKLAYER_ETHERNET,
+            0,
+            -1,
+            0,
+            q.rate,
+            _NO_PEAK,
+            q.limit,
+            xmittime(q.rate, q.burst),
+            0,
+            8,
+            TCA_TBF_BURST,
+            q.burst,
+        )
     parms = _TBF_QOPT.pack(ratespec(q.rate), _NO_PEAK, q.limit, xmittime(q.rate, q.burst), 0)
     opts = _attr(TCA_TBF_PARMS, parms) + _attr(TCA_TBF_BURST, _U32.pack(q.burst))
     if q.rate > U32_MAX:
         opts += _attr(TCA_TBF_RATE64, _U64.pack(q.rate))
     if tables:
         opts += _attr(TCA_TBF_RTAB, rate_table(q.rate))
-    return _message(RTM_NEWQDISC, flags, seq, ifindex, q.handle, q.parent,
-                    _KIND_TBF + _attr(TCA_OPTIONS, opts))
+    return _message(
+        RTM_NEWQDISC, flags, seq, ifindex, q.handle, q.parent, _KIND_TBF + _attr(TCA_OPTIONS, opts)
+    )
 
 
-def encode_change(c: Change, ifindex: int, seq: int = 0, *, tables: bool = False,
-                  flags: int = ACK) -> bytes:
+def encode_change(
+    c: Change, ifindex: int, seq: int = 0, *, tables: bool = False, flags: int = ACK
+) -> bytes:
     enc = _ENCODERS.get(type(c))
     if enc is None:
         raise TypeError(f"not a tc change: {c!r}")
@@ -469,7 +579,7 @@ def split_messages(buf: bytes) -> Iterator[NlMsg]:
         length, kind, flags, seq, pid = _NLMSGHDR.unpack_from(buf, off)
         if length < 16 or off + length > len(buf):
             raise ValueError(f"truncated netlink message at offset {off}")
-        yield NlMsg(kind, flags, seq, pid, buf[off + 16: off + length])
+        yield NlMsg(kind, flags, seq, pid, buf[off + 16 : off + length])
         off += (length + 3) & ~3
 
 
@@ -485,15 +595,21 @@ def parse_attrs(buf: bytes, want: frozenset[int] | None = None) -> dict[int, byt
             raise ValueError(f"truncated attribute at offset {off}")
         kind &= NLA_TYPE_MASK
         if want is None or kind in want:
-            out[kind] = buf[off + 4: off + length]
+            out[kind] = buf[off + 4 : off + length]
         off += (length + 3) & ~3
     return out
 
 
 def parse_ratespec(b: bytes) -> dict[str, int]:
     cell_log, linklayer, overhead, cell_align, mpu, rate = _RATESPEC.unpack(b[:12])
-    return {"cell_log": cell_log, "linklayer": linklayer, "overhead": overhead,
-            "cell_align": cell_align, "mpu": mpu, "rate": rate}
+    return {
+        "cell_log": cell_log,
+        "linklayer": linklayer,
+        "overhead": overhead,
+        "cell_align": cell_align,
+        "mpu": mpu,
+        "rate": rate,
+    }
 
 
 @dataclass
@@ -515,9 +631,9 @@ class TcObject:
     level: int | None = None
     prio: int | None = None
     limit: int | None = None
-    burst_bytes: int | None = None      # TCA_TBF_BURST, when sent
-    specs: bytes = b""                  # the PARMS' two tc_ratespec, raw
-    tables: tuple[int, ...] = ()        # attribute types of rate tables present
+    burst_bytes: int | None = None  # TCA_TBF_BURST, when sent
+    specs: bytes = b""  # the PARMS' two tc_ratespec, raw
+    tables: tuple[int, ...] = ()  # attribute types of rate tables present
     sent_bytes: int = 0
     sent_packets: int = 0
     drops: int = 0
@@ -526,7 +642,7 @@ class TcObject:
     @property
     def ratespecs(self) -> tuple[dict[str, int], ...]:
         """(rate, ceil) for HTB, (rate, peakrate) for TBF, as tc_ratespec fields."""
-        return tuple(parse_ratespec(self.specs[k:k + 12]) for k in range(0, len(self.specs), 12))
+        return tuple(parse_ratespec(self.specs[k : k + 12]) for k in range(0, len(self.specs), 12))
 
     @property
     def rate_kbit(self) -> float | None:
@@ -567,7 +683,7 @@ def decode_tc(msg: NlMsg, stats: bool = True) -> TcObject:
     the counters unless ``stats``)."""
     payload = msg.payload
     _, _, _, ifindex, handle, parent, _ = _TCMSG.unpack_from(payload)
-    attrs = parse_attrs(payload[_TCMSG.size:], _TOP if stats else _TOP_NO_STATS)
+    attrs = parse_attrs(payload[_TCMSG.size :], _TOP if stats else _TOP_NO_STATS)
     kind = attrs.get(TCA_KIND, b"").split(b"\0", 1)[0].decode()
     obj = TcObject(msg.type, kind, ifindex, handle, parent)
     opts = parse_attrs(attrs[TCA_OPTIONS]) if TCA_OPTIONS in attrs else {}
@@ -665,8 +781,14 @@ class TcNetlink:
         Longest wait for the kernel's answers.
     """
 
-    def __init__(self, netns: str | None = None, *, tables: bool = False,
-                 timeout_s: float = 5.0, host: str | None = None):
+    def __init__(
+        self,
+        netns: str | None = None,
+        *,
+        tables: bool = False,
+        timeout_s: float = 5.0,
+        host: str | None = None,
+    ):
         self.netns = netns
         self.tables = tables
         self.host = host or (f"netns:{netns}" if netns else "local")
@@ -713,8 +835,9 @@ class TcNetlink:
                 with in_netns(self.netns):
                     idx = socket.if_nametoindex(dev)
             except OSError:
-                raise TcNetlinkError(self.host, [(f"{dev}: no such interface",
-                                                  errno_mod.ENODEV, "")]) from None
+                raise TcNetlinkError(
+                    self.host, [(f"{dev}: no such interface", errno_mod.ENODEV, "")]
+                ) from None
             self._ifindex[dev] = idx
         return idx
 
@@ -728,8 +851,9 @@ class TcNetlink:
         return self._seq
 
     # -- changes
-    def encode(self, changes: Sequence[Change], *, echo: bool = False
-               ) -> tuple[bytes, dict[int, Change]]:
+    def encode(
+        self, changes: Sequence[Change], *, echo: bool = False
+    ) -> tuple[bytes, dict[int, Change]]:
         """One buffer with every change, and seq → its change (to name it in errors).
 
         Only the last message asks for an ack: the kernel handles a buffer's messages in
@@ -742,8 +866,11 @@ class TcNetlink:
         for k, c in enumerate(changes):
             seq = self._next_seq()
             idx = ifindex.get(c.dev) or self.ifindex(c.dev)
-            parts.append(encode_change(c, idx, seq, tables=tables,
-                                       flags=(flags | NLM_F_ACK) if k == last else flags))
+            parts.append(
+                encode_change(
+                    c, idx, seq, tables=tables, flags=(flags | NLM_F_ACK) if k == last else flags
+                )
+            )
             labels[seq] = c
         return b"".join(parts), labels
 
@@ -792,17 +919,26 @@ class TcNetlink:
         try:
             n = self.sock.recv_into(self._buf)
         except TimeoutError:
-            raise TcNetlinkError(self.host, [("waiting for the kernel's answer",
-                                              errno_mod.ETIMEDOUT, "")]) from None
+            raise TcNetlinkError(
+                self.host, [("waiting for the kernel's answer", errno_mod.ETIMEDOUT, "")]
+            ) from None
         except OSError as exc:  # ENOBUFS: answers were dropped, the batch's outcome is unknown
-            raise TcNetlinkError(self.host, [("reading the kernel's answers", exc.errno or 0,
-                                              "receive buffer overrun")]) from None
+            raise TcNetlinkError(
+                self.host,
+                [("reading the kernel's answers", exc.errno or 0, "receive buffer overrun")],
+            ) from None
         return list(split_messages(bytes(self._buf[:n])))
 
     # -- read-back
-    def dump(self, msg_type: int, dev: str | None, *, stats: bool = True,
-             ifindexes: Collection[int] | None = None,
-             where: Callable[[int, int], bool] | None = None) -> list[TcObject]:
+    def dump(
+        self,
+        msg_type: int,
+        dev: str | None,
+        *,
+        stats: bool = True,
+        ifindexes: Collection[int] | None = None,
+        where: Callable[[int, int], bool] | None = None,
+    ) -> list[TcObject]:
         """Every qdisc (``RTM_GETQDISC``) or class (``RTM_GETTCLASS``) of ``dev``; qdiscs of
         every interface when ``dev`` is None (or of those in ``ifindexes``; classes are dumped
         one interface at a time). Counters are read when ``stats``; ``where(handle, parent)``
@@ -811,9 +947,15 @@ class TcNetlink:
         with self._lock:
             return self._dump(msg_type, dev, idx, stats, {idx} if idx else ifindexes, where)
 
-    def _dump(self, msg_type: int, dev: str | None, idx: int, stats: bool,
-              keep: Collection[int] | None, where: Callable[[int, int], bool] | None
-              ) -> list[TcObject]:
+    def _dump(
+        self,
+        msg_type: int,
+        dev: str | None,
+        idx: int,
+        stats: bool,
+        keep: Collection[int] | None,
+        where: Callable[[int, int], bool] | None,
+    ) -> list[TcObject]:
         seq = self._next_seq()
         self.sock.send(encode_dump(msg_type, idx, seq))
         out: list[TcObject] = []
@@ -835,17 +977,23 @@ class TcNetlink:
                 if (keep is None or ifindex in keep) and (where is None or where(handle, parent)):
                     out.append(decode_tc(msg, stats))
 
-    def qdiscs(self, dev: str, *, stats: bool = True,
-               where: Callable[[int, int], bool] | None = None) -> list[TcObject]:
+    def qdiscs(
+        self, dev: str, *, stats: bool = True, where: Callable[[int, int], bool] | None = None
+    ) -> list[TcObject]:
         return self.dump(RTM_GETQDISC, dev, stats=stats, where=where)
 
-    def classes(self, dev: str, *, stats: bool = True,
-                where: Callable[[int, int], bool] | None = None) -> list[TcObject]:
+    def classes(
+        self, dev: str, *, stats: bool = True, where: Callable[[int, int], bool] | None = None
+    ) -> list[TcObject]:
         return self.dump(RTM_GETTCLASS, dev, stats=stats, where=where)
 
-    def qdiscs_of(self, devs: Sequence[str], *, stats: bool = True,
-                  where: Callable[[int, int], bool] | None = None
-                  ) -> dict[str, list[TcObject]]:
+    def qdiscs_of(
+        self,
+        devs: Sequence[str],
+        *,
+        stats: bool = True,
+        where: Callable[[int, int], bool] | None = None,
+    ) -> dict[str, list[TcObject]]:
         """The qdiscs of several interfaces from one dump."""
         by_index = {self.ifindex(d): d for d in devs}
         out: dict[str, list[TcObject]] = {d: [] for d in devs}

@@ -69,8 +69,13 @@ def receive(bind: str, port: int, accept_timeout_s: float, warmup_s: float) -> d
                     window_bytes += n
     seconds = (t_last - t_window) if t_window is not None else 0.0
     goodput = window_bytes * 8 / seconds / 1000 if seconds > 0 else 0.0
-    return {"peer": peer[0], "bytes_total": total, "window_bytes": window_bytes,
-            "window_s": round(seconds, 4), "goodput_kbit": round(goodput, 1)}
+    return {
+        "peer": peer[0],
+        "bytes_total": total,
+        "window_bytes": window_bytes,
+        "window_s": round(seconds, 4),
+        "goodput_kbit": round(goodput, 1),
+    }
 
 
 def send(to: str, port: int, seconds: float, connect_timeout_s: float) -> dict:
@@ -95,7 +100,7 @@ def send(to: str, port: int, seconds: float, connect_timeout_s: float) -> dict:
     return {"bytes_sent": sent}
 
 
-_HEADER = struct.Struct("!cI")   # op, length
+_HEADER = struct.Struct("!cI")  # op, length
 
 
 def _recv_exact(conn: socket.socket, buf: memoryview, n: int) -> bool:
@@ -135,7 +140,7 @@ def echo(bind: str, port: int, accept_timeout_s: float) -> dict:
                         (n,) = struct.unpack("!I", buf[:4])
                         left = n
                         while left > 0:
-                            k = conn.recv_into(buf[:min(left, len(buf))])
+                            k = conn.recv_into(buf[: min(left, len(buf))])
                             if k == 0:
                                 break
                             left -= k
@@ -160,8 +165,16 @@ def _connect(to: str, port: int, timeout_s: float) -> socket.socket:
             time.sleep(0.05)
 
 
-def airtime(to: str, port: int, sizes: list[int], repeats: int, idle_s: float, pings: int,
-            connect_timeout_s: float, settle_s: float = 0.02) -> dict:
+def airtime(
+    to: str,
+    port: int,
+    sizes: list[int],
+    repeats: int,
+    idle_s: float,
+    pings: int,
+    connect_timeout_s: float,
+    settle_s: float = 0.02,
+) -> dict:
     """Time lone messages of each size (``repeats`` rounds over ``sizes``), one fresh
     connection each, after ``idle_s`` of silence (but for the pings, ``settle_s`` before the
     message). Times in milliseconds."""
@@ -187,10 +200,16 @@ def airtime(to: str, port: int, sizes: list[int], repeats: int, idle_s: float, p
                 if sock.recv(1) != b"a":
                     raise ConnectionError("echo: no answer to the message")
                 delivery = (time.perf_counter_ns() - t0) / 1e6
-            rows.append({"repeat": rep, "bytes": size, "rtt_ms": round(rtt, 4),
-                         "pings_ms": [round(x, 4) for x in rtts],
-                         "delivery_ms": round(delivery, 4),
-                         "charged_ms": round(delivery - rtt, 4)})
+            rows.append(
+                {
+                    "repeat": rep,
+                    "bytes": size,
+                    "rtt_ms": round(rtt, 4),
+                    "pings_ms": [round(x, 4) for x in rtts],
+                    "delivery_ms": round(delivery, 4),
+                    "charged_ms": round(delivery - rtt, 4),
+                }
+            )
     sock = _connect(to, port, connect_timeout_s)
     with sock:
         sock.sendall(b"q")
@@ -229,8 +248,16 @@ def main(argv: list[str] | None = None) -> int:
     elif a.mode == "echo":
         out = echo(a.bind, a.port, a.accept_timeout)
     elif a.mode == "airtime":
-        out = airtime(a.to, a.port, [int(x) for x in a.sizes.split(",") if x], a.repeats,
-                      a.idle, a.pings, a.connect_timeout, a.settle)
+        out = airtime(
+            a.to,
+            a.port,
+            [int(x) for x in a.sizes.split(",") if x],
+            a.repeats,
+            a.idle,
+            a.pings,
+            a.connect_timeout,
+            a.settle,
+        )
     else:
         out = send(a.to, a.port, a.seconds, a.connect_timeout)
     print(json.dumps(out), flush=True)

@@ -142,8 +142,9 @@ class Policy(ABC):
 
     def __init__(self, placement: str = "round-robin", seed: int = 0):
         if placement not in PLACEMENTS:
-            raise ConfigError(f"placement: unknown strategy {placement!r} "
-                              f"(one of: {', '.join(PLACEMENTS)})")
+            raise ConfigError(
+                f"placement: unknown strategy {placement!r} (one of: {', '.join(PLACEMENTS)})"
+            )
         self.placement = placement
         self.seed = seed
 
@@ -153,15 +154,24 @@ class Policy(ABC):
         allowed = _init_params(cls)
         unknown = sorted(set(params) - set(allowed))
         if unknown:
-            raise ConfigError([f"{where}.{k}: unknown parameter of policy {cls.name or cls.__name__} "
-                               f"(allowed: {', '.join(allowed) or 'none'})" for k in unknown])
+            raise ConfigError(
+                [
+                    f"{where}.{k}: unknown parameter of policy {cls.name or cls.__name__} "
+                    f"(allowed: {', '.join(allowed) or 'none'})"
+                    for k in unknown
+                ]
+            )
         try:
             return cls(**params)
         except TypeError as exc:
             raise ConfigError(f"{where}: {exc}") from None
 
-    def place(self, experts: Sequence[ExpertInfo], devices: Sequence[DeviceInfo],
-              profile: Mapping[str, Any] | None = None) -> Placement:
+    def place(
+        self,
+        experts: Sequence[ExpertInfo],
+        devices: Sequence[DeviceInfo],
+        profile: Mapping[str, Any] | None = None,
+    ) -> Placement:
         """Map every expert to a device. Default: :data:`PLACEMENTS` ``[self.placement]``."""
         return PLACEMENTS[self.placement](experts, devices, self.seed)
 
@@ -197,8 +207,10 @@ class Policy(ABC):
 
     def describe(self) -> dict[str, Any]:
         """Name and parameters, as recorded in a run's manifest."""
-        return {"name": self.name, **{k: getattr(self, k) for k in _init_params(type(self))
-                                      if hasattr(self, k)}}
+        return {
+            "name": self.name,
+            **{k: getattr(self, k) for k in _init_params(type(self)) if hasattr(self, k)},
+        }
 
 
 def _init_params(cls: type) -> list[str]:
@@ -208,15 +220,19 @@ def _init_params(cls: type) -> list[str]:
         if init is None:
             continue
         for p in inspect.signature(init).parameters.values():
-            if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) \
-                    and p.name not in names:
+            if (
+                p.name != "self"
+                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                and p.name not in names
+            ):
                 names.append(p.name)
     return names
 
 
 # -- placement strategies (pure) --------------------------------------------------------
-def round_robin_placement(experts: Sequence[ExpertInfo], devices: Sequence[DeviceInfo],
-                          seed: int = 0) -> Placement:
+def round_robin_placement(
+    experts: Sequence[ExpertInfo], devices: Sequence[DeviceInfo], seed: int = 0
+) -> Placement:
     """Expert ``k`` (in uid order) on device ``k mod D``: every layer spreads over all
     devices."""
     if not devices:
@@ -225,8 +241,9 @@ def round_robin_placement(experts: Sequence[ExpertInfo], devices: Sequence[Devic
     return {e.uid: (devices[k % len(devices)].name,) for k, e in enumerate(ordered)}
 
 
-def random_placement(experts: Sequence[ExpertInfo], devices: Sequence[DeviceInfo],
-                     seed: int = 0) -> Placement:
+def random_placement(
+    experts: Sequence[ExpertInfo], devices: Sequence[DeviceInfo], seed: int = 0
+) -> Placement:
     """Each expert on a uniformly random device (seeded, so repeatable)."""
     if not devices:
         raise ConfigError("placement: no devices to place experts on")
@@ -252,8 +269,13 @@ def available_policies() -> list[dict[str, str]]:
             doc = (inspect.getdoc(cls) or "").strip().splitlines()[0:1]
             out.append({"name": name, "target": ep.value, "doc": doc[0] if doc else ""})
         except Exception as exc:  # a broken third-party plug-in must not hide the others
-            out.append({"name": name, "target": ep.value,
-                        "doc": f"(cannot load: {type(exc).__name__}: {exc})"})
+            out.append(
+                {
+                    "name": name,
+                    "target": ep.value,
+                    "doc": f"(cannot load: {type(exc).__name__}: {exc})",
+                }
+            )
     return out
 
 
@@ -273,23 +295,27 @@ def load_policy_class(spec: str) -> type[Policy]:
             try:
                 mspec.loader.exec_module(module)
             except Exception as exc:
-                raise ConfigError(f"policy: {spec}: importing {path} failed: "
-                                  f"{type(exc).__name__}: {exc}") from None
+                raise ConfigError(
+                    f"policy: {spec}: importing {path} failed: {type(exc).__name__}: {exc}"
+                ) from None
         else:
             try:
                 module = importlib.import_module(target)
             except Exception as exc:
-                raise ConfigError(f"policy: {spec}: cannot import {target}: "
-                                  f"{type(exc).__name__}: {exc}") from None
+                raise ConfigError(
+                    f"policy: {spec}: cannot import {target}: {type(exc).__name__}: {exc}"
+                ) from None
         cls = getattr(module, attr, None)
         if cls is None:
             raise ConfigError(f"policy: {spec}: {target} has no attribute {attr!r}")
     else:
         reg = _registered()
         if spec not in reg:
-            raise ConfigError(f"policy: unknown policy {spec!r} (valid: "
-                              f"{', '.join(sorted(reg)) or 'none registered'}; or "
-                              "package.module:Class, or path/to/file.py:Class)")
+            raise ConfigError(
+                f"policy: unknown policy {spec!r} (valid: "
+                f"{', '.join(sorted(reg)) or 'none registered'}; or "
+                "package.module:Class, or path/to/file.py:Class)"
+            )
         cls = reg[spec].load()
     if not (isinstance(cls, type) and issubclass(cls, Policy)):
         raise ConfigError(f"policy: {spec}: is not a subclass of testbed.policy.Policy")
@@ -298,7 +324,8 @@ def load_policy_class(spec: str) -> type[Policy]:
     return cls
 
 
-def load_policy(spec: str, params: Mapping[str, Any] | None = None,
-                where: str = "policy.params") -> Policy:
+def load_policy(
+    spec: str, params: Mapping[str, Any] | None = None, where: str = "policy.params"
+) -> Policy:
     """Resolve and instantiate a policy."""
     return load_policy_class(spec).from_params(params or {}, where)

@@ -24,8 +24,9 @@ REPEATS = 3
 def bytes_per_token(hidden_size: int, element_bytes: int) -> int:
     """Payload of one token per direction: hidden size x bytes per element of the wire dtype."""
     if hidden_size < 1 or element_bytes < 1:
-        raise ValueError(f"hidden_size ({hidden_size}) and element_bytes ({element_bytes}) "
-                         "must be >= 1")
+        raise ValueError(
+            f"hidden_size ({hidden_size}) and element_bytes ({element_bytes}) must be >= 1"
+        )
     return int(hidden_size) * int(element_bytes)
 
 
@@ -45,14 +46,26 @@ def fit_profiles(samples: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, An
     for dev, pts in sorted(by_dev.items()):
         a, b = fit_compute_profile(pts)
         rmse = math.sqrt(sum((a + b * n - y) ** 2 for n, y in pts) / len(pts))
-        out[dev] = {"a_ms": a, "b_ms": b, "rmse_ms": rmse, "samples": len(pts),
-                    "tokens": sorted({int(n) for n, _ in pts})}
+        out[dev] = {
+            "a_ms": a,
+            "b_ms": b,
+            "rmse_ms": rmse,
+            "samples": len(pts),
+            "tokens": sorted({int(n) for n, _ in pts}),
+        }
     return out
 
 
-def profile_device(backend: Any, device: str, uid: str, hidden_size: int, dtype: Any,
-                   tokens: Sequence[int] = TOKENS, repeats: int = REPEATS,
-                   seed: int = 0) -> list[dict[str, Any]]:
+def profile_device(
+    backend: Any,
+    device: str,
+    uid: str,
+    hidden_size: int,
+    dtype: Any,
+    tokens: Sequence[int] = TOKENS,
+    repeats: int = REPEATS,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
     """Time ``forward`` requests of expert ``uid`` on ``device`` (a
     :class:`~testbed.remote_backend.RemoteExpertBackend`) at each token count.
 
@@ -69,18 +82,28 @@ def profile_device(backend: Any, device: str, uid: str, hidden_size: int, dtype:
     for rep, n in [(-1, tokens[0])] + [(r, n) for n in tokens for r in range(repeats)]:
         x = torch.randn(n, hidden_size, generator=gen).to(dtype)
         t0 = time.perf_counter()
-        h, _ = backend.request(device, "forward", frames=[P.tensor_buffer(x)],
-                               t=[[uid, name, [n, hidden_size]]])
+        h, _ = backend.request(
+            device, "forward", frames=[P.tensor_buffer(x)], t=[[uid, name, [n, hidden_size]]]
+        )
         rtt = (time.perf_counter() - t0) * 1e3
         if h.get("errors"):
             raise TestbedError(f"{device}: profiling {uid}: {h['errors']}")
         if rep < 0:
             continue  # warm-up
         t1, t2 = h.get("t1_ns"), h.get("t2_ns")
-        out.append({"device": device, "expert": uid, "tokens": n, "repeat": rep,
-                    "compute_ms": float(h["compute_ms"]),
-                    "device_ms": (t2 - t1) / 1e6 if isinstance(t1, int) and isinstance(t2, int)
-                    else None, "rtt_ms": rtt})
+        out.append(
+            {
+                "device": device,
+                "expert": uid,
+                "tokens": n,
+                "repeat": rep,
+                "compute_ms": float(h["compute_ms"]),
+                "device_ms": (t2 - t1) / 1e6
+                if isinstance(t1, int) and isinstance(t2, int)
+                else None,
+                "rtt_ms": rtt,
+            }
+        )
     return out
 
 
@@ -102,8 +125,7 @@ RETRY_WAIT_S = 5.0
 def _wait_up(backend: Any, plan: Mapping[str, Any], budget_s: float) -> None:
     end = time.monotonic() + budget_s
     is_up = getattr(backend, "is_up", None)
-    while is_up is not None and time.monotonic() < end and \
-            not all(is_up(d) for d in plan):
+    while is_up is not None and time.monotonic() < end and not all(is_up(d) for d in plan):
         time.sleep(0.05)
 
 
@@ -112,12 +134,20 @@ def _wait_up(backend: Any, plan: Mapping[str, Any], budget_s: float) -> None:
 TOGETHER_TOKENS = (1, 2, 4, 8)
 
 
-def profile_exchanges(backend: Any, experts_by_device: Mapping[str, Sequence[str]],
-                      hidden_size: int, dtype: Any, tokens: Sequence[int] = TOKENS,
-                      repeats: int = REPEATS, experts: Sequence[int] = LAYER_EXPERTS,
-                      together: bool = True, gap_s: float = GAP_S, seed: int = 0,
-                      together_tokens: Sequence[int] = TOGETHER_TOKENS,
-                      start_id: int = 0) -> list[dict[str, Any]]:
+def profile_exchanges(
+    backend: Any,
+    experts_by_device: Mapping[str, Sequence[str]],
+    hidden_size: int,
+    dtype: Any,
+    tokens: Sequence[int] = TOKENS,
+    repeats: int = REPEATS,
+    experts: Sequence[int] = LAYER_EXPERTS,
+    together: bool = True,
+    gap_s: float = GAP_S,
+    seed: int = 0,
+    together_tokens: Sequence[int] = TOGETHER_TOKENS,
+    start_id: int = 0,
+) -> list[dict[str, Any]]:
     """Time expert exchanges through ``backend.run_layer`` -- the path a run's layers take,
     what ``layers.csv``'s ``moe_ms`` measures -- for the calibrated latency model
     (:func:`testbed.latency_model.fit_layer_costs`).
@@ -144,26 +174,31 @@ def profile_exchanges(backend: Any, experts_by_device: Mapping[str, Sequence[str
 
     gen = torch.Generator().manual_seed(seed)
     plans: list[dict[str, list[str]]] = []
-    shared: list[dict[str, list[str]]] = []   # the plans with several devices
+    shared: list[dict[str, list[str]]] = []  # the plans with several devices
     for e in experts:
         for d, uids in experts_by_device.items():
             if len(uids) >= e:
                 plans.append({d: list(uids[:e])})
     if together and len(experts_by_device) > 1:
         devs = [d for d, uids in experts_by_device.items() if uids]
-        if len(devs) > 2:   # neighbours two at a time: the usual decode step's exchange
-            shared += [{d: list(experts_by_device[d][:1]) for d in devs[i:i + 2]}
-                       for i in range(len(devs) - 1)]
+        if len(devs) > 2:  # neighbours two at a time: the usual decode step's exchange
+            shared += [
+                {d: list(experts_by_device[d][:1]) for d in devs[i : i + 2]}
+                for i in range(len(devs) - 1)
+            ]
         shared.append({d: list(experts_by_device[d][:1]) for d in devs})
     out: list[dict[str, Any]] = []
-    lost: set[str] = set()    # devices left out: their exchanges failed RETRIES + 1 times
+    lost: set[str] = set()  # devices left out: their exchanges failed RETRIES + 1 times
     lid = start_id
     for rep, n in [(-1, tokens[0])] + [(r, n) for n in tokens for r in range(repeats)]:
         for plan in plans + (shared if n in together_tokens else []):
             if lost.intersection(plan):
                 continue
-            inputs = {u: torch.randn(n, hidden_size, generator=gen).to(dtype)
-                      for uids in plan.values() for u in uids}
+            inputs = {
+                u: torch.randn(n, hidden_size, generator=gen).to(dtype)
+                for uids in plan.values()
+                for u in uids
+            }
             if gap_s:
                 time.sleep(gap_s)
             for attempt in range(RETRIES + 1):
@@ -173,8 +208,7 @@ def profile_exchanges(backend: Any, experts_by_device: Mapping[str, Sequence[str
                 if not res.failed:
                     break
                 if attempt == RETRIES:
-                    lost.update(d for d, uids in plan.items()
-                                if any(u in res.failed for u in uids))
+                    lost.update(d for d, uids in plan.items() if any(u in res.failed for u in uids))
                     break
                 # a connection renewed after the last trial's slow links, or a device in its
                 # back-off: wait until every device of the plan is up again, then retry
@@ -185,11 +219,24 @@ def profile_exchanges(backend: Any, experts_by_device: Mapping[str, Sequence[str
             calls: dict[Any, dict[str, Any]] = {}
             for c in res.info["calls"]:
                 k = c.get("req_id")
-                row = calls.setdefault(k, {
-                    "device": c["device"], "expert": [], "experts": 0, "tokens": n, "rows": 0,
-                    "repeat": rep, "layer": lid - 1, "devices": len(plan),
-                    "compute_ms": 0.0, "device_ms": c.get("device_ms"), "rtt_ms": c.get("rtt_ms"),
-                    "serialize_ms": c.get("serialize_ms"), "layer_ms": layer_ms})
+                row = calls.setdefault(
+                    k,
+                    {
+                        "device": c["device"],
+                        "expert": [],
+                        "experts": 0,
+                        "tokens": n,
+                        "rows": 0,
+                        "repeat": rep,
+                        "layer": lid - 1,
+                        "devices": len(plan),
+                        "compute_ms": 0.0,
+                        "device_ms": c.get("device_ms"),
+                        "rtt_ms": c.get("rtt_ms"),
+                        "serialize_ms": c.get("serialize_ms"),
+                        "layer_ms": layer_ms,
+                    },
+                )
                 row["expert"].append(c["uid"])
                 row["experts"] += 1
                 row["rows"] += int(c["tokens"])

@@ -262,16 +262,23 @@ def parse_facts(stdout: str) -> DeviceFacts:
         pid = int(pid_s[0]) if pid_s and pid_s[0].isdigit() else None
         py = tuple(int(x) for x in d["python"])
         return DeviceFacts(
-            system=str(d["system"]), machine=str(d["machine"]),
-            python=(py[0], py[1], py[2]), implementation=str(d["implementation"]),
-            libc=(str(d["libc"][0]), str(d["libc"][1])), executable=str(d["executable"]),
-            workdir=str(d["workdir"]), free_bytes=int(d["free_bytes"]),
-            writable=bool(d["writable"]), reuse=dict(d.get("reuse") or {}),
+            system=str(d["system"]),
+            machine=str(d["machine"]),
+            python=(py[0], py[1], py[2]),
+            implementation=str(d["implementation"]),
+            libc=(str(d["libc"][0]), str(d["libc"][1])),
+            executable=str(d["executable"]),
+            workdir=str(d["workdir"]),
+            free_bytes=int(d["free_bytes"]),
+            writable=bool(d["writable"]),
+            reuse=dict(d.get("reuse") or {}),
             installed=_json_or_none(d.get("installed")),
             agent_state=_json_or_none(d.get("agent_state")),
-            ready=_json_or_none(d.get("ready")), pid=pid,
+            ready=_json_or_none(d.get("ready")),
+            pid=pid,
             cmdline=tuple(d["cmdline"]) if d.get("cmdline") else None,
-            venv_python=bool(d.get("venv_python")))
+            venv_python=bool(d.get("venv_python")),
+        )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise ValueError(f"device check output lacks or garbles {exc}") from None
 
@@ -283,22 +290,26 @@ def check_facts(facts: DeviceFacts, device: Device, need_bytes: int = 0) -> list
         problems.append(f"OS {facts.system} is not supported (need Linux)")
     machine = "aarch64" if facts.machine == "arm64" else facts.machine
     if machine not in ARCHITECTURES:
-        problems.append(f"architecture {facts.machine} is not supported "
-                        f"(need {' or '.join(ARCHITECTURES)})")
+        problems.append(
+            f"architecture {facts.machine} is not supported (need {' or '.join(ARCHITECTURES)})"
+        )
     if facts.implementation != "CPython":
         problems.append(f"python {device.python} is {facts.implementation}, need CPython")
     if facts.python[:2] < MIN_PYTHON:
-        problems.append(f"python {device.python} is {'.'.join(map(str, facts.python))}, "
-                        f"need >= {'.'.join(map(str, MIN_PYTHON))}")
+        problems.append(
+            f"python {device.python} is {'.'.join(map(str, facts.python))}, "
+            f"need >= {'.'.join(map(str, MIN_PYTHON))}"
+        )
     if not facts.writable:
         problems.append(f"workdir {facts.workdir} is not writable by {device.ssh_user}")
     missing = [p for p in device.reuse_packages if not facts.reuse.get(p)]
     if missing:
-        problems.append(f"reuse_packages: {', '.join(missing)} not importable by "
-                        f"{device.python}")
+        problems.append(f"reuse_packages: {', '.join(missing)} not importable by {device.python}")
     if need_bytes and facts.free_bytes < need_bytes:
-        problems.append(f"disk full: {facts.free_bytes / 1e6:.0f} MB free at {facts.workdir}, "
-                        f"need {need_bytes / 1e6:.0f} MB")
+        problems.append(
+            f"disk full: {facts.free_bytes / 1e6:.0f} MB free at {facts.workdir}, "
+            f"need {need_bytes / 1e6:.0f} MB"
+        )
     return problems
 
 
@@ -314,16 +325,18 @@ def import_name(dist: str) -> str:
     return IMPORT_NAMES.get(dist.lower(), dist.replace("-", "_"))
 
 
-def place_experts(manifest: Any, devices: Sequence[Device], placement: str = "round-robin",
-                  seed: int = 0) -> dict[str, tuple[str, ...]]:
+def place_experts(
+    manifest: Any, devices: Sequence[Device], placement: str = "round-robin", seed: int = 0
+) -> dict[str, tuple[str, ...]]:
     """uid -> device names, with one of :data:`testbed.policy.PLACEMENTS`."""
     from models.uids import parse_uid
 
     from .policy import PLACEMENTS, DeviceInfo, ExpertInfo
 
     if placement not in PLACEMENTS:
-        raise ConfigError(f"--placement: unknown placement {placement!r} "
-                          f"(one of: {', '.join(PLACEMENTS)})")
+        raise ConfigError(
+            f"--placement: unknown placement {placement!r} (one of: {', '.join(PLACEMENTS)})"
+        )
     experts = []
     for u in manifest.uids():
         layer, e = parse_uid(u)
@@ -332,8 +345,9 @@ def place_experts(manifest: Any, devices: Sequence[Device], placement: str = "ro
     return {u: tuple(ds) for u, ds in PLACEMENTS[placement](experts, infos, seed).items()}
 
 
-def shards_per_device(placement: Mapping[str, Sequence[str]],
-                      devices: Iterable[str]) -> dict[str, list[str]]:
+def shards_per_device(
+    placement: Mapping[str, Sequence[str]], devices: Iterable[str]
+) -> dict[str, list[str]]:
     """Invert a placement: device -> sorted uids it holds (every device listed). Pure."""
     out: dict[str, list[str]] = {d: [] for d in devices}
     for uid, ds in placement.items():
@@ -358,12 +372,28 @@ def pip_platforms(facts: DeviceFacts) -> list[str]:
     return plats
 
 
-def pip_download_argv(facts: DeviceFacts, packages: Sequence[str], dest: str | os.PathLike[str],
-                      python: str = sys.executable) -> list[str]:
+def pip_download_argv(
+    facts: DeviceFacts,
+    packages: Sequence[str],
+    dest: str | os.PathLike[str],
+    python: str = sys.executable,
+) -> list[str]:
     """The controller-side ``pip download`` of binary wheels for the device. Pure."""
-    argv = [python, "-m", "pip", "download", "--only-binary=:all:", "--disable-pip-version-check",
-            "-q", "-d", os.fspath(dest), "--implementation", "cp",
-            "--python-version", facts.python_tag]
+    argv = [
+        python,
+        "-m",
+        "pip",
+        "download",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        os.fspath(dest),
+        "--implementation",
+        "cp",
+        "--python-version",
+        facts.python_tag,
+    ]
     for p in pip_platforms(facts):
         argv += ["--platform", p]
     return argv + list(packages)
@@ -390,10 +420,26 @@ def agent_argv(device: Device, lay: Layout, curve: bool = True) -> list[str]:
     keys in ``lay.curve`` (:mod:`device_agent.security`). Pure."""
     addr = bind_address(device.host)
     port = str(device.agent_port) if device.agent_port else "*"
-    argv = [lay.venv_python, "-m", "device_agent", "serve", "--bind", f"tcp://{addr}:{port}",
-            "--workdir", lay.workdir, "--ready-file", lay.ready, "--pub", f"tcp://{addr}:*",
-            "--hello-s", f"{STATUS_PERIOD_S:g}", "--hello-delta", f"{HELLO_DELTA:g}",
-            "--hello-keepalive-s", f"{HELLO_KEEPALIVE_S:g}"]
+    argv = [
+        lay.venv_python,
+        "-m",
+        "device_agent",
+        "serve",
+        "--bind",
+        f"tcp://{addr}:{port}",
+        "--workdir",
+        lay.workdir,
+        "--ready-file",
+        lay.ready,
+        "--pub",
+        f"tcp://{addr}:*",
+        "--hello-s",
+        f"{STATUS_PERIOD_S:g}",
+        "--hello-delta",
+        f"{HELLO_DELTA:g}",
+        "--hello-keepalive-s",
+        f"{HELLO_KEEPALIVE_S:g}",
+    ]
     if curve:
         argv += ["--curve-dir", lay.curve]
     if device.hw_class == "netns":
@@ -404,12 +450,19 @@ def agent_argv(device: Device, lay: Layout, curve: bool = True) -> list[str]:
     return argv
 
 
-def install_key(project_key: str, wheels: Sequence[str], reuse: Mapping[str, Any],
-                python: str) -> str:
+def install_key(
+    project_key: str, wheels: Sequence[str], reuse: Mapping[str, Any], python: str
+) -> str:
     """What identifies an install: project sources, wheel names, reused dirs, python. Pure."""
-    blob = json.dumps({"project": project_key, "wheels": sorted(wheels),
-                       "reuse": {k: reuse[k] for k in sorted(reuse)}, "python": python},
-                      sort_keys=True)
+    blob = json.dumps(
+        {
+            "project": project_key,
+            "wheels": sorted(wheels),
+            "reuse": {k: reuse[k] for k in sorted(reuse)},
+            "python": python,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -438,8 +491,12 @@ def source_files(root: Path, packages: Sequence[str] = PROJECT_PACKAGES) -> list
     for pkg in packages:
         for p in sorted((root / pkg).rglob("*")):
             rel = p.relative_to(root)
-            if p.is_file() and "__pycache__" not in rel.parts and p.suffix != ".pyc" \
-                    and not p.name.startswith("."):
+            if (
+                p.is_file()
+                and "__pycache__" not in rel.parts
+                and p.suffix != ".pyc"
+                and not p.name.startswith(".")
+            ):
                 out.append(rel)
     return out
 
@@ -479,15 +536,33 @@ def project_wheel(root: Path | None = None, cache: Path | None = None) -> tuple[
             (src / rel).parent.mkdir(parents=True, exist_ok=True)
             (src / rel).write_bytes(data)
         dist = Path(tmp) / "dist"
-        res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
-                              "--no-build-isolation", "--no-index", "-q",
-                              "--disable-pip-version-check", "-w", str(dist), str(src)],
-                             check=False, capture_output=True, text=True, timeout=300)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--no-deps",
+                "--no-build-isolation",
+                "--no-index",
+                "-q",
+                "--disable-pip-version-check",
+                "-w",
+                str(dist),
+                str(src),
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         built = sorted(dist.glob(f"{PROJECT_DIST}-*.whl"))
         if res.returncode != 0 or not built:
             tail = (res.stderr.strip() or res.stdout.strip()).splitlines()[-1:] or [""]
-            raise ProvisionError(f"building the project wheel failed (needs pip and setuptools "
-                                 f"on the controller): {tail[0]}")
+            raise ProvisionError(
+                f"building the project wheel failed (needs pip and setuptools "
+                f"on the controller): {tail[0]}"
+            )
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = out.with_name(f"{key}.tmp{os.getpid()}.{threading.get_ident()}")
         stage.mkdir()
@@ -516,13 +591,29 @@ def pip_wheel(wheelhouse: Path | None = None) -> Path:
             return found[-1]
     dest = cache_dir() / "pip"
     dest.mkdir(parents=True, exist_ok=True)
-    res = subprocess.run([sys.executable, "-m", "pip", "download", "--only-binary=:all:",
-                          "--no-deps", "-q", "-d", str(dest), "pip"], check=False, capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--only-binary=:all:",
+            "--no-deps",
+            "-q",
+            "-d",
+            str(dest),
+            "pip",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     found = sorted(dest.glob("pip-*-py3-none-any.whl"))
     if res.returncode != 0 or not found:
-        raise ProvisionError("no pip wheel to install with: put pip-*.whl in --wheelhouse "
-                             "(pip download pip)")
+        raise ProvisionError(
+            "no pip wheel to install with: put pip-*.whl in --wheelhouse (pip download pip)"
+        )
     return found[-1]
 
 
@@ -538,28 +629,39 @@ class _DepWheels:
         if not packages:
             return []
         if self.wheelhouse is not None:
-            found = sorted(p for p in self.wheelhouse.glob("*.whl")
-                           if not p.name.startswith((f"{PROJECT_DIST}-", "pip-")))
+            found = sorted(
+                p
+                for p in self.wheelhouse.glob("*.whl")
+                if not p.name.startswith((f"{PROJECT_DIST}-", "pip-"))
+            )
             if not found:
-                raise ProvisionError(f"--wheelhouse {self.wheelhouse}: no wheels there for "
-                                     f"{', '.join(packages)}")
+                raise ProvisionError(
+                    f"--wheelhouse {self.wheelhouse}: no wheels there for {', '.join(packages)}"
+                )
             return found
-        key = hashlib.sha256(json.dumps([pip_platforms(facts), facts.python_tag,
-                                         sorted(packages)]).encode()).hexdigest()[:12]
+        key = hashlib.sha256(
+            json.dumps([pip_platforms(facts), facts.python_tag, sorted(packages)]).encode()
+        ).hexdigest()[:12]
         with self.lock:
             if key in self.got:
                 return self.got[key]
             dest = cache_dir() / f"deps-{facts.machine}-py{facts.python_tag}-{key}"
             if not (dest / ".complete").exists():
                 dest.mkdir(parents=True, exist_ok=True)
-                res = subprocess.run(pip_download_argv(facts, packages, dest), check=False,
-                                     capture_output=True,
-                                     text=True, timeout=1800)
+                res = subprocess.run(
+                    pip_download_argv(facts, packages, dest),
+                    check=False,
+                    capture_output=True,
+                    text=True,
+                    timeout=1800,
+                )
                 if res.returncode != 0:
                     tail = (res.stderr.strip() or res.stdout.strip()).splitlines()[-1:] or [""]
-                    raise ProvisionError(f"pip download of {', '.join(packages)} for "
-                                         f"{pip_platforms(facts)[0]} py{facts.python_tag} failed "
-                                         f"(no internet? use --wheelhouse DIR): {tail[0]}")
+                    raise ProvisionError(
+                        f"pip download of {', '.join(packages)} for "
+                        f"{pip_platforms(facts)[0]} py{facts.python_tag} failed "
+                        f"(no internet? use --wheelhouse DIR): {tail[0]}"
+                    )
                 (dest / ".complete").write_text("\n".join(packages) + "\n")
             self.got[key] = sorted(dest.glob("*.whl"))
             return self.got[key]
@@ -608,19 +710,26 @@ print(json.dumps(out))
 """
 
 
-def remote_hashes(runner: Runner, python: str, directory: str,
-                  names: Iterable[str]) -> dict[str, str | None]:
+def remote_hashes(
+    runner: Runner, python: str, directory: str, names: Iterable[str]
+) -> dict[str, str | None]:
     """sha256 of each file in ``directory`` on the device (None: missing), cached by stat."""
     names = list(names)
     if not names:
         return {}
-    res = runner.run([python, "-c", HASH_PY, directory, json.dumps({n: "" for n in names})],
-                     timeout_s=600)
+    res = runner.run(
+        [python, "-c", HASH_PY, directory, json.dumps({n: "" for n in names})], timeout_s=600
+    )
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def push_files(runner: Runner, python: str, directory: str,
-               files: Mapping[str, tuple[Path, str]], mode: int = 0o644) -> list[str]:
+def push_files(
+    runner: Runner,
+    python: str,
+    directory: str,
+    files: Mapping[str, tuple[Path, str]],
+    mode: int = 0o644,
+) -> list[str]:
     """Copy ``name -> (local path, sha256)`` into ``directory`` where the device's copy differs
     (file mode ``mode``); verify the pushed ones on the device. Returns the names pushed."""
     have = remote_hashes(runner, python, directory, files)
@@ -631,21 +740,35 @@ def push_files(runner: Runner, python: str, directory: str,
         got = remote_hashes(runner, python, directory, todo)
         bad = [n for n in todo if got.get(n) != files[n][1]]
         if bad:
-            raise ProvisionError(f"{runner.host}: sha256 of {', '.join(bad)} differs on the "
-                                 "device after copying")
+            raise ProvisionError(
+                f"{runner.host}: sha256 of {', '.join(bad)} differs on the device after copying"
+            )
     return todo
 
 
 def _remote_workdir(runner: Runner, device: Device) -> str:
     if not device.workdir.startswith("~"):
         return device.workdir
-    res = runner.run([device.python, "-c", "import os,sys; print(os.path.expanduser(sys.argv[1]))",
-                      device.workdir], timeout_s=30)
+    res = runner.run(
+        [
+            device.python,
+            "-c",
+            "import os,sys; print(os.path.expanduser(sys.argv[1]))",
+            device.workdir,
+        ],
+        timeout_s=30,
+    )
     return res.stdout.strip().splitlines()[-1]
 
 
-def sync_shards(runner: Runner, device: Device, manifest: Any, uids: Iterable[str], *,
-                workdir: str | None = None) -> tuple[dict[str, str], int]:
+def sync_shards(
+    runner: Runner,
+    device: Device,
+    manifest: Any,
+    uids: Iterable[str],
+    *,
+    workdir: str | None = None,
+) -> tuple[dict[str, str], int]:
     """Make the shards of ``uids`` present in the device's ``{workdir}/experts/``.
 
     Files whose sha256 on the device (cached by size and mtime in ``experts/.sha256.json``)
@@ -678,8 +801,9 @@ def sync_shards(runner: Runner, device: Device, manifest: Any, uids: Iterable[st
 
 
 # -- agents ---------------------------------------------------------------------------------
-def _ping(endpoint: str, timeout_s: float, device: str = "a",
-          curve: CurveClient | None = None) -> float | None:
+def _ping(
+    endpoint: str, timeout_s: float, device: str = "a", curve: CurveClient | None = None
+) -> float | None:
     """RTT in ms of one ZeroMQ ping, or None if no answer within ``timeout_s``."""
     from .remote_backend import AgentError, RemoteExpertBackend
 
@@ -690,8 +814,9 @@ def _ping(endpoint: str, timeout_s: float, device: str = "a",
             return None
 
 
-def _wait_ping(endpoint: str, timeout_s: float, device: str = "a",
-               curve: CurveClient | None = None) -> float | None:
+def _wait_ping(
+    endpoint: str, timeout_s: float, device: str = "a", curve: CurveClient | None = None
+) -> float | None:
     deadline = time.monotonic() + timeout_s
     while True:
         rtt = _ping(endpoint, max(0.2, min(1.0, deadline - time.monotonic())), device, curve)
@@ -721,8 +846,14 @@ def stop_pid(runner: Runner, lay: Layout, pid: int, grace_s: float = 5.0) -> str
     return "terminated"
 
 
-def start_agent(runner: Runner, device: Device, lay: Layout, argv: Sequence[str],
-                ready_timeout_s: float = 60.0, curve: CurveClient | None = None) -> dict[str, Any]:
+def start_agent(
+    runner: Runner,
+    device: Device,
+    lay: Layout,
+    argv: Sequence[str],
+    ready_timeout_s: float = 60.0,
+    curve: CurveClient | None = None,
+) -> dict[str, Any]:
     """Spawn the agent detached, wait for its ready file (with its PID) and a ping answer.
     Returns the ready file's content (endpoint made connectable)."""
     runner.run(["rm", "-f", lay.ready], timeout_s=30)
@@ -740,14 +871,18 @@ def start_agent(runner: Runner, device: Device, lay: Layout, argv: Sequence[str]
             if alive:
                 stop_pid(runner, lay, pid)
             last = (tail.strip().splitlines() or ["(empty log)"])[-1]
-            raise ProvisionError(f"agent (pid {pid}) {'exited' if not alive else 'not ready'} "
-                                 f"before writing {lay.ready}: {last}")
+            raise ProvisionError(
+                f"agent (pid {pid}) {'exited' if not alive else 'not ready'} "
+                f"before writing {lay.ready}: {last}"
+            )
         time.sleep(delay_s)
         delay_s = min(0.5, delay_s * 1.5)
     info["endpoint"] = connect_endpoint(info.get("endpoint"), device.host)
     info["pub_endpoint"] = connect_endpoint(info.get("pub_endpoint"), device.host)
-    if _wait_ping(info["endpoint"], max(2.0, deadline - time.monotonic()), device.name,
-                  curve) is None:
+    if (
+        _wait_ping(info["endpoint"], max(2.0, deadline - time.monotonic()), device.name, curve)
+        is None
+    ):
         stop_pid(runner, lay, pid)
         raise ProvisionError(f"agent (pid {pid}) does not answer a ping at {info['endpoint']}")
     return info
@@ -781,8 +916,9 @@ class DeviceReport:
 class _Plan:
     """Controller-side inputs shared by every device of one provision call."""
 
-    def __init__(self, inv: Inventory, split: Path | None, placement: str, seed: int,
-                 wheelhouse: Path | None):
+    def __init__(
+        self, inv: Inventory, split: Path | None, placement: str, seed: int, wheelhouse: Path | None
+    ):
         self.wheelhouse = wheelhouse
         self.manifest: Any = None
         self.shards: dict[str, list[str]] = {d.name: [] for d in inv.devices}
@@ -796,7 +932,8 @@ class _Plan:
                 raise ConfigError(f"--model: {exc}") from None
             self.shards = shards_per_device(
                 place_experts(self.manifest, inv.devices, placement, seed),
-                [d.name for d in inv.devices])
+                [d.name for d in inv.devices],
+            )
         self.agent_key = agent_source_key()
         #: CURVE: the controller's key files (name -> (public, secret)) and the BS's client side
         self.keys: dict[str, tuple[Path, Path]] = {}
@@ -827,8 +964,9 @@ class _Plan:
 
 def _facts(runner: Runner, device: Device) -> DeviceFacts:
     spec = {"reuse": [[p, import_name(p)] for p in device.reuse_packages]}
-    res = runner.run([device.python, "-c", FACTS_PY, device.workdir, json.dumps(spec)],
-                     timeout_s=60, check=False)
+    res = runner.run(
+        [device.python, "-c", FACTS_PY, device.workdir, json.dumps(spec)], timeout_s=60, check=False
+    )
     if res.returncode in (126, 127):
         raise ProvisionError(f"python {device.python} not found on the device")
     if not res.ok:
@@ -840,17 +978,27 @@ def _facts(runner: Runner, device: Device) -> DeviceFacts:
         raise ProvisionError(f"device check with {device.python}: {exc}") from None
 
 
-def _install(runner: Runner, device: Device, facts: DeviceFacts, lay: Layout, plan: _Plan,
-             wheels: Mapping[str, tuple[Path, str]], dep_names: Sequence[str], key: str,
-             reuse_dirs: Sequence[str], changed: list[str]) -> None:
+def _install(
+    runner: Runner,
+    device: Device,
+    facts: DeviceFacts,
+    lay: Layout,
+    plan: _Plan,
+    wheels: Mapping[str, tuple[Path, str]],
+    dep_names: Sequence[str],
+    key: str,
+    reuse_dirs: Sequence[str],
+    changed: list[str],
+) -> None:
     project, source_hash = plan.project()
     pushed = push_files(runner, device.python, lay.wheels, wheels)
     if pushed:
         changed.append(f"pushed {len(pushed)} wheel{'s' * (len(pushed) != 1)}")
     old = facts.installed or {}
     if not facts.venv_python or old.get("python") != facts.executable:
-        runner.run([device.python, "-m", "venv", "--without-pip", "--clear", lay.venv],
-                   timeout_s=120)
+        runner.run(
+            [device.python, "-m", "venv", "--without-pip", "--clear", lay.venv], timeout_s=120
+        )
         changed.append("created venv")
     sp = lay.site_packages(facts.python)
     pth = "".join(f"{d}\n" for d in reuse_dirs)
@@ -860,20 +1008,36 @@ def _install(runner: Runner, device: Device, facts: DeviceFacts, lay: Layout, pl
         runner.put(f.name, f"{sp}/{REUSE_PTH}")
     finally:
         os.unlink(f.name)
-    pip = [lay.venv_python, f"{lay.wheels}/{plan.pip.name}/pip", "install", "--no-index",
-           "--disable-pip-version-check", "--no-input", "-q", "--no-warn-script-location"]
+    pip = [
+        lay.venv_python,
+        f"{lay.wheels}/{plan.pip.name}/pip",
+        "install",
+        "--no-index",
+        "--disable-pip-version-check",
+        "--no-input",
+        "-q",
+        "--no-warn-script-location",
+    ]
     if dep_names:
         runner.run([*pip, "--find-links", lay.wheels, *dep_names], timeout_s=1800)
-    runner.run([*pip, "--no-deps", "--force-reinstall", f"{lay.wheels}/{project.name}"],
-               timeout_s=600)
-    state = {"key": key, "project": project.name, "agent_sources": plan.agent_key,
-             "source_hash": source_hash,
-             "python": facts.executable, "deps": sorted(dep_names),
-             "wheels": sorted(wheels), "reuse": dict(zip(device.reuse_packages, reuse_dirs)),
-             "installed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    runner.run(
+        [*pip, "--no-deps", "--force-reinstall", f"{lay.wheels}/{project.name}"], timeout_s=600
+    )
+    state = {
+        "key": key,
+        "project": project.name,
+        "agent_sources": plan.agent_key,
+        "source_hash": source_hash,
+        "python": facts.executable,
+        "deps": sorted(dep_names),
+        "wheels": sorted(wheels),
+        "reuse": dict(zip(device.reuse_packages, reuse_dirs)),
+        "installed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     _put_text(runner, lay.installed, json.dumps(state, indent=1))
-    changed.append(f"installed {project.name}"
-                   + (f" + {len(dep_names)} packages" if dep_names else ""))
+    changed.append(
+        f"installed {project.name}" + (f" + {len(dep_names)} packages" if dep_names else "")
+    )
 
 
 def _push_keys(runner: Runner, device: Device, lay: Layout, plan: _Plan) -> bool:
@@ -883,10 +1047,15 @@ def _push_keys(runner: Runner, device: Device, lay: Layout, plan: _Plan) -> bool
         return False
     _, secret = plan.keys[device.name]
     bs_public, _ = plan.keys[BS_NAME]
-    pushed = push_files(runner, device.python, lay.curve,
-                        {AGENT_SECRET: (secret, plan.sha(secret))}, mode=0o600)
-    pushed += push_files(runner, device.python, f"{lay.curve}/{AUTHORIZED}",
-                         {f"{BS_NAME}.key": (bs_public, plan.sha(bs_public))})
+    pushed = push_files(
+        runner, device.python, lay.curve, {AGENT_SECRET: (secret, plan.sha(secret))}, mode=0o600
+    )
+    pushed += push_files(
+        runner,
+        device.python,
+        f"{lay.curve}/{AUTHORIZED}",
+        {f"{BS_NAME}.key": (bs_public, plan.sha(bs_public))},
+    )
     if pushed:
         runner.run(["chmod", "700", lay.curve], timeout_s=30)
     return bool(pushed)
@@ -923,13 +1092,16 @@ def provision_device(runner: Runner, device: Device, plan: _Plan) -> DeviceRepor
         d = str((facts.reuse[p] or {})["path"])
         if d not in reuse_dirs:
             reuse_dirs.append(d)
-    dep_names = [p for p in AGENT_PACKAGES
-                 if p.lower() not in {r.lower() for r in device.reuse_packages}]
+    dep_names = [
+        p for p in AGENT_PACKAGES if p.lower() not in {r.lower() for r in device.reuse_packages}
+    ]
     deps = plan.deps.get(facts, dep_names)
-    key = install_key(plan.agent_key, sorted(p.name for p in [plan.pip, *deps]),
-                      dict(zip(device.reuse_packages, (facts.reuse[p] for p in
-                                                         device.reuse_packages))),
-                      facts.executable)
+    key = install_key(
+        plan.agent_key,
+        sorted(p.name for p in [plan.pip, *deps]),
+        dict(zip(device.reuse_packages, (facts.reuse[p] for p in device.reuse_packages))),
+        facts.executable,
+    )
     need = HEADROOM_BYTES
     wheels: dict[str, tuple[Path, str]] = {}
     install = (facts.installed or {}).get("key") != key or not facts.venv_python
@@ -948,8 +1120,9 @@ def provision_device(runner: Runner, device: Device, plan: _Plan) -> DeviceRepor
         _install(runner, device, facts, lay, plan, wheels, dep_names, key, reuse_dirs, changed)
         step("install")
     if plan.manifest is not None and plan.shards[device.name]:
-        _, n = sync_shards(runner, device, plan.manifest, plan.shards[device.name],
-                           workdir=lay.workdir)
+        _, n = sync_shards(
+            runner, device, plan.manifest, plan.shards[device.name], workdir=lay.workdir
+        )
         rep.shards = len(plan.shards[device.name])
         if n:
             changed.append(f"pushed {n} of {rep.shards} shards")
@@ -963,10 +1136,17 @@ def provision_device(runner: Runner, device: Device, plan: _Plan) -> DeviceRepor
     running = facts.pid is not None and agent_is_ours(facts.cmdline, lay)
     ready = facts.ready or {}
     endpoint = connect_endpoint(ready.get("endpoint"), device.host)
-    keep = (running and not install and not keys_pushed and st.get("argv") == argv
-            and st.get("key") == key and st.get("pid") == facts.pid
-            and ready.get("pid") == facts.pid and endpoint is not None
-            and _ping(endpoint, 3.0, device.name, plan.curve) is not None)
+    keep = (
+        running
+        and not install
+        and not keys_pushed
+        and st.get("argv") == argv
+        and st.get("key") == key
+        and st.get("pid") == facts.pid
+        and ready.get("pid") == facts.pid
+        and endpoint is not None
+        and _ping(endpoint, 3.0, device.name, plan.curve) is not None
+    )
     if keep:
         rep.pid, rep.endpoint = facts.pid, endpoint
     else:
@@ -988,17 +1168,30 @@ def _failed(device: str, exc: BaseException, t0: float) -> DeviceReport:
         msg = exc.reason
     elif isinstance(exc, CommandFailed):
         tail = (exc.stderr.strip() or exc.stdout.strip()).splitlines()[-1:] or [""]
-        msg = f"`{shlex.join(exc.argv[:3])} ...` exited {exc.returncode}: {tail[0]}" \
-            if exc.returncode is not None else str(exc)
+        msg = (
+            f"`{shlex.join(exc.argv[:3])} ...` exited {exc.returncode}: {tail[0]}"
+            if exc.returncode is not None
+            else str(exc)
+        )
     else:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     code = exc.exit_code if isinstance(exc, TestbedError) else 1
-    return DeviceReport(device, ok=False, error=msg, seconds=round(time.monotonic() - t0, 3),
-                        error_type=type(exc).__name__, exit_code=code)
+    return DeviceReport(
+        device,
+        ok=False,
+        error=msg,
+        seconds=round(time.monotonic() - t0, 3),
+        error_type=type(exc).__name__,
+        exit_code=code,
+    )
 
 
-def _each_device(inv: Inventory, work: Callable[[Runner, Device], DeviceReport | Any],
-                 connect_timeout_s: float, devices: Sequence[str] | None = None) -> list[Any]:
+def _each_device(
+    inv: Inventory,
+    work: Callable[[Runner, Device], DeviceReport | Any],
+    connect_timeout_s: float,
+    devices: Sequence[str] | None = None,
+) -> list[Any]:
     """Run ``work(runner, device)`` on every device in parallel; exceptions become failed
     :class:`DeviceReport` rows (one device never stops the others)."""
     targets = [d for d in inv.devices if devices is None or d.name in devices]
@@ -1017,11 +1210,16 @@ def _each_device(inv: Inventory, work: Callable[[Runner, Device], DeviceReport |
         return list(pool.map(one, targets))
 
 
-def provision(inv: Inventory, model_dir: str | os.PathLike[str] | None = None,
-              placement: str = "round-robin", *, seed: int = 0,
-              wheelhouse: str | os.PathLike[str] | None = None,
-              connect_timeout_s: float = 10.0,
-              devices: Sequence[str] | None = None) -> list[DeviceReport]:
+def provision(
+    inv: Inventory,
+    model_dir: str | os.PathLike[str] | None = None,
+    placement: str = "round-robin",
+    *,
+    seed: int = 0,
+    wheelhouse: str | os.PathLike[str] | None = None,
+    connect_timeout_s: float = 10.0,
+    devices: Sequence[str] | None = None,
+) -> list[DeviceReport]:
     """Install and start the agent on every device and push the placed expert shards.
 
     Parameters
@@ -1054,8 +1252,9 @@ def provision(inv: Inventory, model_dir: str | os.PathLike[str] | None = None,
     from .policy import PLACEMENTS
 
     if placement not in PLACEMENTS:
-        raise ConfigError(f"--placement: unknown placement {placement!r} "
-                          f"(one of: {', '.join(PLACEMENTS)})")
+        raise ConfigError(
+            f"--placement: unknown placement {placement!r} (one of: {', '.join(PLACEMENTS)})"
+        )
     split = None
     if model_dir is not None:
         from .modelstore import resolve_split
@@ -1065,8 +1264,7 @@ def provision(inv: Inventory, model_dir: str | os.PathLike[str] | None = None,
     if wh is not None and not wh.is_dir():
         raise ConfigError(f"--wheelhouse: {wh}: no such directory")
     plan = _Plan(inv, split, placement, seed, wh)
-    return _each_device(inv, lambda r, d: provision_device(r, d, plan), connect_timeout_s,
-                        devices)
+    return _each_device(inv, lambda r, d: provision_device(r, d, plan), connect_timeout_s, devices)
 
 
 # -- agents: endpoints, status, stop, logs ---------------------------------------------------
@@ -1088,15 +1286,24 @@ def agent_endpoints(inv: Inventory, connect_timeout_s: float = 10.0) -> dict[str
     TestbedError
         Naming every device whose agent is not running (or that could not be reached).
     """
+
     def one(r: Runner, d: Device) -> Any:
         lay, facts = _agent_view(r, d)
         ready = facts.ready or {}
         if not _running(facts, lay) or ready.get("pid") != facts.pid:
-            return _failed(d.name, ProvisionError("no agent running (run `testbed provision`)"),
-                           time.monotonic())
-        return (d.name, {"endpoint": connect_endpoint(ready.get("endpoint"), d.host),
-                         "pub_endpoint": connect_endpoint(ready.get("pub_endpoint"), d.host),
-                         "pid": facts.pid})
+            return _failed(
+                d.name,
+                ProvisionError("no agent running (run `testbed provision`)"),
+                time.monotonic(),
+            )
+        return (
+            d.name,
+            {
+                "endpoint": connect_endpoint(ready.get("endpoint"), d.host),
+                "pub_endpoint": connect_endpoint(ready.get("pub_endpoint"), d.host),
+                "pid": facts.pid,
+            },
+        )
 
     rows = _each_device(inv, one, connect_timeout_s)
     bad = [r for r in rows if isinstance(r, DeviceReport)]
@@ -1105,8 +1312,9 @@ def agent_endpoints(inv: Inventory, connect_timeout_s: float = 10.0) -> dict[str
     return dict(rows)
 
 
-def agents_status(inv: Inventory, connect_timeout_s: float = 10.0,
-                  ping_timeout_s: float = 2.0) -> list[dict[str, Any]]:
+def agents_status(
+    inv: Inventory, connect_timeout_s: float = 10.0, ping_timeout_s: float = 2.0
+) -> list[dict[str, Any]]:
     """Per device: ``state`` (running / not answering / stopped / unreachable), pid, endpoint,
     ping RTT, loaded experts, installed project wheel."""
     try:
@@ -1117,10 +1325,17 @@ def agents_status(inv: Inventory, connect_timeout_s: float = 10.0,
     def one(r: Runner, d: Device) -> dict[str, Any]:
         lay, facts = _agent_view(r, d)
         ready = facts.ready or {}
-        row: dict[str, Any] = {"device": d.name, "ok": True, "state": "stopped", "pid": None,
-                               "endpoint": None, "rtt_ms": None, "experts": None,
-                               "installed": (facts.installed or {}).get("project"),
-                               "error": None}
+        row: dict[str, Any] = {
+            "device": d.name,
+            "ok": True,
+            "state": "stopped",
+            "pid": None,
+            "endpoint": None,
+            "rtt_ms": None,
+            "experts": None,
+            "installed": (facts.installed or {}).get("project"),
+            "error": None,
+        }
         if _running(facts, lay):
             row["pid"] = facts.pid
             row["endpoint"] = connect_endpoint(ready.get("endpoint"), d.host)
@@ -1128,8 +1343,9 @@ def agents_status(inv: Inventory, connect_timeout_s: float = 10.0,
             if row["endpoint"] and ready.get("pid") == facts.pid:
                 from .remote_backend import AgentError, RemoteExpertBackend
 
-                with RemoteExpertBackend({d.name: row["endpoint"]}, timeout_s=ping_timeout_s,
-                                         curve=curve) as b:
+                with RemoteExpertBackend(
+                    {d.name: row["endpoint"]}, timeout_s=ping_timeout_s, curve=curve
+                ) as b:
                     try:
                         row["rtt_ms"] = round(float(b.ping(d.name)["rtt_ms"]), 3)
                         row["experts"] = len(b.status(d.name).get("experts", {}))
@@ -1139,17 +1355,31 @@ def agents_status(inv: Inventory, connect_timeout_s: float = 10.0,
         return row
 
     rows = _each_device(inv, one, connect_timeout_s)
-    return [r if isinstance(r, dict) else
-            {"device": r.device, "ok": False, "state": "unreachable"
-             if r.error_type == "HostUnreachable" else "error", "pid": None, "endpoint": None,
-             "rtt_ms": None, "experts": None, "installed": None, "error": r.error,
-             "exit_code": r.exit_code} for r in rows]
+    return [
+        r
+        if isinstance(r, dict)
+        else {
+            "device": r.device,
+            "ok": False,
+            "state": "unreachable" if r.error_type == "HostUnreachable" else "error",
+            "pid": None,
+            "endpoint": None,
+            "rtt_ms": None,
+            "experts": None,
+            "installed": None,
+            "error": r.error,
+            "exit_code": r.exit_code,
+        }
+        for r in rows
+    ]
 
 
-def agents_stop(inv: Inventory, connect_timeout_s: float = 10.0,
-                grace_s: float = 5.0) -> list[dict[str, Any]]:
+def agents_stop(
+    inv: Inventory, connect_timeout_s: float = 10.0, grace_s: float = 5.0
+) -> list[dict[str, Any]]:
     """Stop every device's agent by PID (SIGTERM, then SIGKILL after ``grace_s``), after
     checking the PID is our agent. Per device: ``result`` (terminated / killed / not running)."""
+
     def one(r: Runner, d: Device) -> dict[str, Any]:
         lay, facts = _agent_view(r, d)
         result, pid = "not running", None
@@ -1161,13 +1391,24 @@ def agents_stop(inv: Inventory, connect_timeout_s: float = 10.0,
         return {"device": d.name, "ok": True, "result": result, "pid": pid, "error": None}
 
     rows = _each_device(inv, one, connect_timeout_s)
-    return [r if isinstance(r, dict) else
-            {"device": r.device, "ok": False, "result": "failed", "pid": None,
-             "error": r.error, "exit_code": r.exit_code} for r in rows]
+    return [
+        r
+        if isinstance(r, dict)
+        else {
+            "device": r.device,
+            "ok": False,
+            "result": "failed",
+            "pid": None,
+            "error": r.error,
+            "exit_code": r.exit_code,
+        }
+        for r in rows
+    ]
 
 
-def agents_logs(inv: Inventory, lines: int = 50,
-                connect_timeout_s: float = 10.0) -> list[dict[str, Any]]:
+def agents_logs(
+    inv: Inventory, lines: int = 50, connect_timeout_s: float = 10.0
+) -> list[dict[str, Any]]:
     """The last ``lines`` lines of each device's agent log."""
     if lines < 1:
         raise ConfigError(f"--lines: must be >= 1, got {lines}")
@@ -1176,12 +1417,33 @@ def agents_logs(inv: Inventory, lines: int = 50,
         lay = Layout(_remote_workdir(r, d))
         res = r.run(["tail", "-n", str(lines), lay.log], timeout_s=30, check=False)
         if not res.ok:
-            return {"device": d.name, "ok": True, "lines": [], "log": lay.log,
-                    "error": None, "note": "no log yet"}
-        return {"device": d.name, "ok": True, "lines": res.stdout.splitlines(), "log": lay.log,
-                "error": None}
+            return {
+                "device": d.name,
+                "ok": True,
+                "lines": [],
+                "log": lay.log,
+                "error": None,
+                "note": "no log yet",
+            }
+        return {
+            "device": d.name,
+            "ok": True,
+            "lines": res.stdout.splitlines(),
+            "log": lay.log,
+            "error": None,
+        }
 
     rows = _each_device(inv, one, connect_timeout_s)
-    return [r if isinstance(r, dict) else
-            {"device": r.device, "ok": False, "lines": [], "log": None, "error": r.error,
-             "exit_code": r.exit_code} for r in rows]
+    return [
+        r
+        if isinstance(r, dict)
+        else {
+            "device": r.device,
+            "ok": False,
+            "lines": [],
+            "log": None,
+            "error": r.error,
+            "exit_code": r.exit_code,
+        }
+        for r in rows
+    ]

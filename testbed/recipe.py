@@ -136,6 +136,7 @@ def _int(lo: int, hi: int | None = None) -> Callable[[Any], int]:
             rng = f">= {lo}" if hi is None else f"in {lo}..{hi}"
             raise ValueError(f"must be an integer {rng}, not {v!r}")
         return v
+
     return check
 
 
@@ -144,24 +145,25 @@ def _float(lo: float) -> Callable[[Any], float]:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > lo:
             raise ValueError(f"must be a number > {lo:g}, not {v!r}")
         return float(v)
+
     return check
 
 
 def _rate(v: Any) -> float:
     if not isinstance(v, str):
-        raise ValueError(f"must be a rate string such as \"20mbit\", not {v!r}")
+        raise ValueError(f'must be a rate string such as "20mbit", not {v!r}')
     return parse_rate_kbit(v)
 
 
 def _time(v: Any) -> float:
     if not isinstance(v, str):
-        raise ValueError(f"must be a time string such as \"5ms\", not {v!r}")
+        raise ValueError(f'must be a time string such as "5ms", not {v!r}')
     return parse_time_ms(v)
 
 
 def _pct(v: Any) -> float:
     if not isinstance(v, str):
-        raise ValueError(f"must be a percentage string such as \"0.5%\", not {v!r}")
+        raise ValueError(f'must be a percentage string such as "0.5%", not {v!r}')
     return parse_percent(v)
 
 
@@ -172,8 +174,14 @@ def _task(v: Any) -> str:
 
 
 #: wire dtypes a recipe may name -> the agents' dtype names
-WIRE_DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16",
-               "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16"}
+WIRE_DTYPES = {
+    "fp32": "float32",
+    "float32": "float32",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+}
 
 
 def _wire_dtype(v: Any) -> str:
@@ -192,8 +200,10 @@ def _epoch(v: Any) -> str:
 
 
 def _power_mode(v: Any) -> str | int:
-    if isinstance(v, bool) or not (isinstance(v, int) and v >= 0 or isinstance(v, str) and v.strip()):
-        raise ValueError(f"must be an nvpmodel mode name (e.g. \"MAXN\") or id >= 0, not {v!r}")
+    if isinstance(v, bool) or not (
+        isinstance(v, int) and v >= 0 or isinstance(v, str) and v.strip()
+    ):
+        raise ValueError(f'must be an nvpmodel mode name (e.g. "MAXN") or id >= 0, not {v!r}')
     return v.strip() if isinstance(v, str) else v
 
 
@@ -220,8 +230,12 @@ def _events(v: Any) -> list[dict[str, Any]]:
         for k in ("at_request", "device", "rate"):
             if k not in ev:
                 raise ValueError(f"[{i}].{k}: missing")
-        checks = (("at_request", _int(0)), ("device", _str), ("rate", _rate),
-                  ("direction", _direction))
+        checks = (
+            ("at_request", _int(0)),
+            ("device", _str),
+            ("rate", _rate),
+            ("direction", _direction),
+        )
         for k, check in checks:
             try:
                 check(ev.get(k, "both"))
@@ -245,19 +259,40 @@ def _with_channel_defaults(links: dict[str, Any]) -> None:
 
 
 SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
-    "recipe": {"name": (_str, "recipe"), "description": (lambda v: str(v), ""),
-               "seed": (_int(0), 0), "repeats": (_int(1, 1000), 1)},
+    "recipe": {
+        "name": (_str, "recipe"),
+        "description": (lambda v: str(v), ""),
+        "seed": (_int(0), 0),
+        "repeats": (_int(1, 1000), 1),
+    },
     "model": {"path": (_str, "tiny"), "wire_dtype": (_wire_dtype, None)},
     "policy": {"name": (_str, "topk"), "params": (_params, {}), "epoch": (_epoch, "step")},
-    "links": {"rate": (_rate, "20mbit"), "rate_down": (_rate, None), "rate_up": (_rate, None),
-              "delay": (_time, "0ms"), "loss": (_pct, "0%"), "bandwidth_mhz": (_float(0), None),
-              "trace": (_str, None), "channel": (_params, dict(CHANNEL_DEFAULTS))},
-    "workload": {"task": (_task, "tiny"), "requests": (_int(1, 100000), 20),
-                 "prompt_tokens": (_int(1, 100000), 16), "output_tokens": (_int(1, 100000), 8)},
-    "run": {"timeout_s": (_float(0), 5.0), "devices": (_int(1, 100000), None),
-            "telemetry_period_s": (_float(0), 0.5), "bs_threads": (_int(1, 1024), None),
-            "memory_budget_mb": (_float(0), None), "update_every": (_int(0), 0),
-            "events": (_events, []), "down_backoff_s": (_float(0), 30.0)},
+    "links": {
+        "rate": (_rate, "20mbit"),
+        "rate_down": (_rate, None),
+        "rate_up": (_rate, None),
+        "delay": (_time, "0ms"),
+        "loss": (_pct, "0%"),
+        "bandwidth_mhz": (_float(0), None),
+        "trace": (_str, None),
+        "channel": (_params, dict(CHANNEL_DEFAULTS)),
+    },
+    "workload": {
+        "task": (_task, "tiny"),
+        "requests": (_int(1, 100000), 20),
+        "prompt_tokens": (_int(1, 100000), 16),
+        "output_tokens": (_int(1, 100000), 8),
+    },
+    "run": {
+        "timeout_s": (_float(0), 5.0),
+        "devices": (_int(1, 100000), None),
+        "telemetry_period_s": (_float(0), 0.5),
+        "bs_threads": (_int(1, 1024), None),
+        "memory_budget_mb": (_float(0), None),
+        "update_every": (_int(0), 0),
+        "events": (_events, []),
+        "down_backoff_s": (_float(0), 30.0),
+    },
     "devices": {"power_mode": (_power_mode, None)},
     "faults": {"events": (parse_faults, [])},
 }
@@ -378,13 +413,14 @@ def _check_value(where: str, dotted: str, value: Any, problems: list[str]) -> No
     parts = dotted.split(".")
     table = SCHEMA.get(parts[0])
     if table is None:
-        problems.append(f"{where}: {dotted}: unknown table {parts[0]!r} "
-                        f"(valid: {', '.join(SCHEMA)})")
+        problems.append(
+            f"{where}: {dotted}: unknown table {parts[0]!r} (valid: {', '.join(SCHEMA)})"
+        )
         return
     if len(parts) >= 3 and parts[0] == "policy" and parts[1] == "params":
         return  # checked by the policy itself (unknown parameters are named there)
     if len(parts) >= 2 and parts[:2] == ["links", "channel"]:
-        if len(parts) == 2 and isinstance(value, dict):   # a table: every bad key named
+        if len(parts) == 2 and isinstance(value, dict):  # a table: every bad key named
             found = check_channel_params(value, complete=False)
         elif len(parts) == 2:
             found = [("", "must be a table of channel parameters (testbed.channel)")]
@@ -395,8 +431,9 @@ def _check_value(where: str, dotted: str, value: Any, problems: list[str]) -> No
         problems.extend(f"{where}: links.channel{'.' if k else ''}{k}: {m}" for k, m in found)
         return
     if len(parts) != 2 or parts[1] not in table:
-        problems.append(f"{where}: {dotted}: unknown key (valid in [{parts[0]}]: "
-                        f"{', '.join(table)})")
+        problems.append(
+            f"{where}: {dotted}: unknown key (valid in [{parts[0]}]: {', '.join(table)})"
+        )
         return
     if parts[0] == "policy" and parts[1] == "params":
         if not isinstance(value, dict):
@@ -450,8 +487,9 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
 def recipe_from_dict(raw: Mapping[str, Any], path: Path, overrides: Sequence[str] = ()) -> Recipe:
     where = str(path)
     problems: list[str] = []
-    config: dict[str, dict[str, Any]] = {t: {k: copy.deepcopy(d) for k, (_, d) in keys.items()}
-                                         for t, keys in SCHEMA.items()}
+    config: dict[str, dict[str, Any]] = {
+        t: {k: copy.deepcopy(d) for k, (_, d) in keys.items()} for t, keys in SCHEMA.items()
+    }
     sweep: dict[str, list[Any]] = {}
     for table, body in raw.items():
         if table == "sweep":
@@ -486,7 +524,7 @@ def recipe_from_dict(raw: Mapping[str, Any], path: Path, overrides: Sequence[str
             problems.append(str(e))
             continue
         if key.startswith("sweep."):
-            sk = key[len("sweep."):]
+            sk = key[len("sweep.") :]
             vals = value if isinstance(value, list) else [value]
             for v in vals:
                 _check_value("--set", sk, v, problems)
@@ -499,7 +537,7 @@ def recipe_from_dict(raw: Mapping[str, Any], path: Path, overrides: Sequence[str
             sweep.pop(key, None)  # a fixed value replaces a sweep over the same key
     _with_channel_defaults(config["links"])
     recipe = Recipe(path, config, sweep)
-    if not problems:   # the channel's keys against each other, at every sweep point
+    if not problems:  # the channel's keys against each other, at every sweep point
         for trial in recipe.trials():
             for key, msg in check_channel_params(trial.config["links"]["channel"]):
                 at = f" (sweep point {trial.label})" if trial.point else ""

@@ -75,26 +75,35 @@ class AgentError(TestbedError):
         self.code = code
 
 
-def round_robin_placement(uids: Iterable[str], devices: Sequence[str], replicas: int = 1
-                          ) -> dict[str, list[str]]:
+def round_robin_placement(
+    uids: Iterable[str], devices: Sequence[str], replicas: int = 1
+) -> dict[str, list[str]]:
     """uid -> devices holding it: expert ``i`` on devices ``i, i+1, ...`` (``replicas`` of them).
 
     The first device of each list is the primary; the rest are replicas tried in order.
     """
     if not devices or not 1 <= replicas <= len(devices):
         raise ValueError(f"replicas must be 1..{len(devices)}")
-    return {u: [devices[(i + r) % len(devices)] for r in range(replicas)] for i, u in enumerate(uids)}
+    return {
+        u: [devices[(i + r) % len(devices)] for r in range(replicas)] for i, u in enumerate(uids)
+    }
 
 
 def _option_ms(name: str, value: object, zero: bool = True) -> int:
     """A duration option in seconds as whole milliseconds for a socket option (0 allowed
     when ``zero``); raises ValueError naming the option."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-        and (value >= 0 if zero else value > 0) and value <= 3600
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value >= 0 if zero else value > 0)
+        and value <= 3600
+    )
     if not ok:
         least = "0 or more" if zero else "more than 0"
-        raise ValueError(f"{name} must be a number of seconds, {least} and at most 3600, "
-                         f"got {value!r}")
+        raise ValueError(
+            f"{name} must be a number of seconds, {least} and at most 3600, got {value!r}"
+        )
     return max(1, round(value * 1e3)) if value else 0  # type: ignore[operator]
 
 
@@ -134,7 +143,9 @@ class _Call:
     deadline: float
     serialize_ms: float
     bytes_out: dict[str, int] = field(default_factory=dict)
-    descs: list[list[Any]] = field(default_factory=list)  #: the request's ``t`` (a full reply echoes it)
+    descs: list[list[Any]] = field(
+        default_factory=list
+    )  #: the request's ``t`` (a full reply echoes it)
     sock: Any = None  #: the socket the request went out on
     frames: tuple[Any, ...] = ()  #: (header, buffers): re-sent as they are on a fresh connection
 
@@ -184,11 +195,19 @@ class RemoteExpertBackend:
         ``connect_timeout_s + 2 * reconnect_ivl_s`` away.
     """
 
-    def __init__(self, agents: Mapping[str, str], placement: Mapping[str, Sequence[str]] | None = None,
-                 *, timeout_s: float = 5.0, down_backoff_s: float = 2.0,
-                 curve: CurveClient | None = None, io_threads: int = 1,
-                 tcp_user_timeout_s: float = 1.0, connect_timeout_s: float = 0.2,
-                 reconnect_ivl_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        agents: Mapping[str, str],
+        placement: Mapping[str, Sequence[str]] | None = None,
+        *,
+        timeout_s: float = 5.0,
+        down_backoff_s: float = 2.0,
+        curve: CurveClient | None = None,
+        io_threads: int = 1,
+        tcp_user_timeout_s: float = 1.0,
+        connect_timeout_s: float = 0.2,
+        reconnect_ivl_s: float = 0.05,
+    ) -> None:
         if isinstance(io_threads, bool) or not isinstance(io_threads, int) or io_threads < 1:
             raise ValueError(f"io_threads must be a positive integer, got {io_threads!r}")
         #: socket option values in ms (0: not set)
@@ -240,8 +259,9 @@ class RemoteExpertBackend:
             s.setsockopt(zmq.TCP_MAXRT, self._user_timeout_ms)  # TCP_USER_TIMEOUT on Linux
         # a lost connection (the user timeout, a reset) is reported here: its requests are
         # re-sent on a fresh one instead of waiting for their deadlines
-        mon = s.get_monitor_socket(_EV_DISCONNECTED,
-                                   f"inproc://remote-backend-{id(self):x}-{next(self._monitors)}")
+        mon = s.get_monitor_socket(
+            _EV_DISCONNECTED, f"inproc://remote-backend-{id(self):x}-{next(self._monitors)}"
+        )
         a = _Agent(name, endpoint, s, mon=mon)
         try:
             s.connect(endpoint)
@@ -311,8 +331,9 @@ class RemoteExpertBackend:
         lost = False
         while mon is not None and mon.get(_EVENTS) & _POLLIN:
             ev = mon.recv_multipart()  # [event id (uint16) + value (uint32), endpoint]
-            lost = lost or (len(ev[0]) >= 2
-                            and struct.unpack_from("<H", ev[0])[0] == _EV_DISCONNECTED)
+            lost = lost or (
+                len(ev[0]) >= 2 and struct.unpack_from("<H", ev[0])[0] == _EV_DISCONNECTED
+            )
         return lost
 
     @staticmethod
@@ -321,8 +342,16 @@ class RemoteExpertBackend:
         return msg[1:] if msg and len(msg[0]) == 0 else msg
 
     # ---- control requests ----------------------------------------------------------------
-    def request(self, device: str, op: str, *, timeout_s: float | None = None, check: bool = True,
-                frames: Sequence[Any] = (), **fields: Any) -> tuple[dict[str, Any], list[zmq.Frame]]:
+    def request(
+        self,
+        device: str,
+        op: str,
+        *,
+        timeout_s: float | None = None,
+        check: bool = True,
+        frames: Sequence[Any] = (),
+        **fields: Any,
+    ) -> tuple[dict[str, Any], list[zmq.Frame]]:
         """Send one request to ``device`` and wait for its reply (synchronous).
 
         Returns ``(header, data frames)``; replies to other, older requests are discarded.
@@ -357,7 +386,9 @@ class RemoteExpertBackend:
                 self.stale_replies += 1
                 continue
             if check and h.get("code", 0) != 0:
-                raise AgentError(device, f"{op}: error {h.get('code')} ({h.get('error')})", h.get("code"))
+                raise AgentError(
+                    device, f"{op}: error {h.get('code')} ({h.get('error')})", h.get("code")
+                )
             return h, body[1:]
 
     def ping(self, device: str, timeout_s: float | None = None) -> dict[str, Any]:
@@ -366,8 +397,14 @@ class RemoteExpertBackend:
         h, _ = self.request(device, "ping", timeout_s=timeout_s)
         t3 = time.time_ns()
         t1, t2 = int(h["t1_ns"]), int(h["t2_ns"])
-        return {"t0_ns": t0, "t1_ns": t1, "t2_ns": t2, "t3_ns": t3,
-                "rtt_ms": ((t3 - t0) - (t2 - t1)) / 1e6, "offset_ns": ((t1 - t0) + (t2 - t3)) // 2}
+        return {
+            "t0_ns": t0,
+            "t1_ns": t1,
+            "t2_ns": t2,
+            "t3_ns": t3,
+            "rtt_ms": ((t3 - t0) - (t2 - t1)) / 1e6,
+            "offset_ns": ((t1 - t0) + (t2 - t3)) // 2,
+        }
 
     def connect(self, timeout_s: float = 15.0, pings: int = 5) -> dict[str, ClockEstimate]:
         """Wait until every agent answers a ping, then estimate their clock offsets."""
@@ -409,8 +446,9 @@ class RemoteExpertBackend:
         """The agent's ``status`` map."""
         return self.request(device, "status", timeout_s=timeout_s)[0]["status"]
 
-    def load_experts(self, device: str, specs: Sequence[Mapping[str, Any]], timeout_s: float = 120.0
-                     ) -> list[str]:
+    def load_experts(
+        self, device: str, specs: Sequence[Mapping[str, Any]], timeout_s: float = 120.0
+    ) -> list[str]:
         """Load experts on ``device`` (see the ``load`` op); raises if any failed."""
         h, _ = self.request(device, "load", timeout_s=timeout_s, experts=[dict(s) for s in specs])
         if h.get("errors"):
@@ -445,13 +483,31 @@ class RemoteExpertBackend:
         tried: dict[str, set[str]] = {u: set() for u in inputs}
         pending: dict[int, _Call] = {}
 
-        def row(call: _Call | None, uid: str, device: str, attempt: int, status: str, **kw: Any) -> None:
-            r = {"layer": work.layer, "step": work.step, "uid": uid, "device": device, "attempt": attempt,
-                 "tokens": int(inputs[uid].shape[0]), "bytes_out": call.bytes_out.get(uid, 0) if call else 0,
-                 "bytes_in": 0, "status": status, "reason": "", "req_id": call.rid if call else None,
-                 "serialize_ms": call.serialize_ms if call else 0.0, "rtt_ms": None, "network_ms": None,
-                 "queue_ms": None, "compute_ms": None, "device_ms": None, "up_ms": None, "down_ms": None,
-                 "deserialize_ms": None}
+        def row(
+            call: _Call | None, uid: str, device: str, attempt: int, status: str, **kw: Any
+        ) -> None:
+            r = {
+                "layer": work.layer,
+                "step": work.step,
+                "uid": uid,
+                "device": device,
+                "attempt": attempt,
+                "tokens": int(inputs[uid].shape[0]),
+                "bytes_out": call.bytes_out.get(uid, 0) if call else 0,
+                "bytes_in": 0,
+                "status": status,
+                "reason": "",
+                "req_id": call.rid if call else None,
+                "serialize_ms": call.serialize_ms if call else 0.0,
+                "rtt_ms": None,
+                "network_ms": None,
+                "queue_ms": None,
+                "compute_ms": None,
+                "device_ms": None,
+                "up_ms": None,
+                "down_ms": None,
+                "deserialize_ms": None,
+            }
             r.update(kw)
             calls.append(r)
 
@@ -476,14 +532,30 @@ class RemoteExpertBackend:
                     shape = x.shape
                     dt = x.dtype
                     descs.append([u, P.dtype_name(dt), [shape[0], shape[1]]])
-                    if dt in _NP_VIEWABLE and x.is_contiguous() and x.device.type == "cpu" and not x.requires_grad:
-                        b = x.numpy()  # the hot path of P.tensor_buffer: a plain view, no memoryview cast
+                    if (
+                        dt in _NP_VIEWABLE
+                        and x.is_contiguous()
+                        and x.device.type == "cpu"
+                        and not x.requires_grad
+                    ):
+                        b = (
+                            x.numpy()
+                        )  # the hot path of P.tensor_buffer: a plain view, no memoryview cast
                     else:
                         b = P.tensor_buffer(x)
                     bufs.append(b)
                     nbytes[u] = b.nbytes
-                hb = P.pack({"v": P.PROTOCOL_VERSION, "op": "forward", "id": rid, "layer": work.layer,
-                             "step": work.step, "t": descs, "timeout_ms": self.timeout_s * 1e3})
+                hb = P.pack(
+                    {
+                        "v": P.PROTOCOL_VERSION,
+                        "op": "forward",
+                        "id": rid,
+                        "layer": work.layer,
+                        "step": work.step,
+                        "t": descs,
+                        "timeout_ms": self.timeout_s * 1e3,
+                    }
+                )
                 ser_ms = (perf() - t0) * 1e3
                 t0_ns = time.time_ns()
                 err: zmq.ZMQError | None = None
@@ -517,8 +589,19 @@ class RemoteExpertBackend:
             for dev, uids, rid, t0_ns, ser_ms, nbytes, descs, err, sock, frames in sent:
                 for u in uids:
                     tried[u].add(dev)
-                call = _Call(rid, dev, list(uids), attempt, t0_ns, deadline, ser_ms, nbytes, descs,
-                             sock, frames)
+                call = _Call(
+                    rid,
+                    dev,
+                    list(uids),
+                    attempt,
+                    t0_ns,
+                    deadline,
+                    ser_ms,
+                    nbytes,
+                    descs,
+                    sock,
+                    frames,
+                )
                 if err is not None:
                     self._mark_down(dev)
                     fail(call, list(uids), "unreachable", str(err) or "not connected")
@@ -542,7 +625,9 @@ class RemoteExpertBackend:
             d = pick(u)
             if d is None:
                 holders = self.placement.get(u)
-                failed[u] = "not placed" if not holders else f"all holders down ({', '.join(holders)})"
+                failed[u] = (
+                    "not placed" if not holders else f"all holders down ({', '.join(holders)})"
+                )
                 row(None, u, holders[0] if holders else "", 0, "skipped", reason=failed[u])
             else:
                 first.setdefault(d, []).append(u)
@@ -575,13 +660,23 @@ class RemoteExpertBackend:
                 else:  # its agent was removed: nothing can come; wait for the deadline
                     time.sleep(max(0.0, only.deadline - now))
             else:
-                wait_ms = max(0, min(_TEND_MS, int(math.ceil(
-                    (min(c.deadline for c in pending.values()) - now) * 1e3))))
+                wait_ms = max(
+                    0,
+                    min(
+                        _TEND_MS,
+                        int(math.ceil((min(c.deadline for c in pending.values()) - now) * 1e3)),
+                    ),
+                )
                 # only the sockets with a request out (zmq_poll itself, not a Poller of every agent);
                 # one message per ready socket and turn: the poll returns at once while more wait
                 agents = self.agents
-                items = list({agents[c.device].sock: _POLL_ITEM for c in pending.values()
-                              if c.device in agents}.items())
+                items = list(
+                    {
+                        agents[c.device].sock: _POLL_ITEM
+                        for c in pending.values()
+                        if c.device in agents
+                    }.items()
+                )
                 if not items:  # their agents were removed: nothing can come; wait for the deadline
                     time.sleep(wait_ms / 1e3)
                 for sock, _ in zmq.zmq_poll(items, wait_ms) if items else ():
@@ -589,21 +684,36 @@ class RemoteExpertBackend:
                         body = recv_reply(sock, _NOBLOCK)
                     except zmq.Again:
                         continue
-                    self._on_reply(self._by_sock[sock], body, pending, outputs, served_by, work, calls, fail)
+                    self._on_reply(
+                        self._by_sock[sock], body, pending, outputs, served_by, work, calls, fail
+                    )
             if pending:
                 now = time.monotonic()
                 for rid in [r for r, c in pending.items() if c.deadline <= now]:
                     call = pending.pop(rid)
                     self._mark_down(call.device)
                     if call.device in self.agents and not any(
-                            c.device == call.device for c in pending.values()):
+                        c.device == call.device for c in pending.values()
+                    ):
                         self.reconnect(call.device)
-                    fail(call, call.uids, "timeout", f"no reply within {self.timeout_s:g} s "
-                         "(connection renewed)")
+                    fail(
+                        call,
+                        call.uids,
+                        "timeout",
+                        f"no reply within {self.timeout_s:g} s (connection renewed)",
+                    )
 
         rerouted = {u: d for u, d in served_by.items() if self.placement.get(u, [d])[0] != d}
-        return LayerResult(outputs, failed, {"wall_s": time.perf_counter() - t_start, "calls": calls,
-                                             "served_by": served_by, "rerouted": rerouted})
+        return LayerResult(
+            outputs,
+            failed,
+            {
+                "wall_s": time.perf_counter() - t_start,
+                "calls": calls,
+                "served_by": served_by,
+                "rerouted": rerouted,
+            },
+        )
 
     def _tend(self, pending: dict[int, _Call]) -> None:
         """Look after the connections that requests wait on: one that dropped (the kernel's
@@ -651,8 +761,17 @@ class RemoteExpertBackend:
             body.append(fr)
         return body
 
-    def _on_reply(self, a: _Agent, body: list[Any], pending: dict[int, _Call], outputs: dict[str, Any],
-                  served_by: dict[str, str], work: Any, calls: list[dict[str, Any]], fail: Any) -> None:
+    def _on_reply(
+        self,
+        a: _Agent,
+        body: list[Any],
+        pending: dict[int, _Call],
+        outputs: dict[str, Any],
+        served_by: dict[str, str],
+        work: Any,
+        calls: list[dict[str, Any]],
+        fail: Any,
+    ) -> None:
         t3 = time.time_ns()
         try:
             h = P.unpack(body[0])
@@ -676,8 +795,17 @@ class RemoteExpertBackend:
                 down_ms = (t3 - (t2 - off)) / 1e6
         code = h.get("code", ErrorCode.INTERNAL)
         if code != 0:
-            fail(call, call.uids, f"error:{code}", str(h.get("error", ""))[:200], rtt_ms=rtt_ms,
-                 device_ms=device_ms, network_ms=network_ms, up_ms=up_ms, down_ms=down_ms)
+            fail(
+                call,
+                call.uids,
+                f"error:{code}",
+                str(h.get("error", ""))[:200],
+                rtt_ms=rtt_ms,
+                device_ms=device_ms,
+                network_ms=network_ms,
+                up_ms=up_ms,
+                down_ms=down_ms,
+            )
             return
         queue_ms = h.get("queue_ms")
         uid_ms = h.get("uid_ms") or {}
@@ -702,7 +830,12 @@ class RemoteExpertBackend:
                 try:
                     uid, dt, shape = P.check_descriptor(desc)
                     x = inputs.get(uid)
-                    if uid not in call.uids or x is None or shape != tuple(x.shape) or dt != P.dtype_name(x.dtype):
+                    if (
+                        uid not in call.uids
+                        or x is None
+                        or shape != tuple(x.shape)
+                        or dt != P.dtype_name(x.dtype)
+                    ):
                         raise ProtocolError(ErrorCode.SHAPE_MISMATCH, f"unexpected output {desc!r}")
                     fr = body[i + 1]
                     got[uid] = P.frame_tensor(fr.buffer, dt, shape)
@@ -715,39 +848,77 @@ class RemoteExpertBackend:
         ej = h.get("energy_j")
         if got and ej is not None:
             # the usual reply (two floats, not decreasing) without a function call
-            if ej.__class__ is list and len(ej) == 2 and ej[0].__class__ is float \
-                    and ej[1].__class__ is float and ej[1] >= ej[0]:
+            if (
+                ej.__class__ is list
+                and len(ej) == 2
+                and ej[0].__class__ is float
+                and ej[1].__class__ is float
+                and ej[1] >= ej[0]
+            ):
                 e_call: float | None = ej[1] - ej[0]
             else:
                 e_call = call_energy_j(ej)
             if e_call is not None:
-                e_uid = dict.fromkeys(got, e_call) if len(got) == 1 else \
-                    split_call_energy(e_call, list(got), uid_ms)
+                e_uid = (
+                    dict.fromkeys(got, e_call)
+                    if len(got) == 1
+                    else split_call_energy(e_call, list(got), uid_ms)
+                )
         e_src = a.energy_source
         retry: list[str] = []
         name = a.name
-        layer, step, attempt, rid, ser_ms, bytes_out = work.layer, work.step, call.attempt, call.rid, \
-            call.serialize_ms, call.bytes_out
+        layer, step, attempt, rid, ser_ms, bytes_out = (
+            work.layer,
+            work.step,
+            call.attempt,
+            call.rid,
+            call.serialize_ms,
+            call.bytes_out,
+        )
         for u in call.uids:
             y = got.get(u)
             if y is not None:
                 outputs[u] = y
                 served_by[u] = name
-                calls.append({"layer": layer, "step": step, "uid": u, "device": name, "attempt": attempt,
-                              "tokens": y.shape[0], "bytes_out": bytes_out.get(u, 0), "bytes_in": bytes_in[u],
-                              "status": "ok", "reason": "", "req_id": rid, "serialize_ms": ser_ms,
-                              "rtt_ms": rtt_ms, "network_ms": network_ms, "queue_ms": queue_ms,
-                              "compute_ms": uid_ms.get(u), "device_ms": device_ms, "up_ms": up_ms,
-                              "down_ms": down_ms, "deserialize_ms": de_ms, "energy_j": e_uid.get(u),
-                              "energy_source": e_src})
+                calls.append(
+                    {
+                        "layer": layer,
+                        "step": step,
+                        "uid": u,
+                        "device": name,
+                        "attempt": attempt,
+                        "tokens": y.shape[0],
+                        "bytes_out": bytes_out.get(u, 0),
+                        "bytes_in": bytes_in[u],
+                        "status": "ok",
+                        "reason": "",
+                        "req_id": rid,
+                        "serialize_ms": ser_ms,
+                        "rtt_ms": rtt_ms,
+                        "network_ms": network_ms,
+                        "queue_ms": queue_ms,
+                        "compute_ms": uid_ms.get(u),
+                        "device_ms": device_ms,
+                        "up_ms": up_ms,
+                        "down_ms": down_ms,
+                        "deserialize_ms": de_ms,
+                        "energy_j": e_uid.get(u),
+                        "energy_source": e_src,
+                    }
+                )
             else:
                 retry.append(u)
         if retry:
             errs = h.get("errors") or {}
             first_err = next(iter(errs.values()), None) if errs else None
-            reason = "; ".join(f"{u}: {errs[u][1]}" for u in retry if u in errs and isinstance(errs[u], list)
-                               and len(errs[u]) == 2) or (bad[0][1] if bad else "missing from reply")
-            status = f"error:{first_err[0]}" if isinstance(first_err, list) and first_err else "error"
+            reason = "; ".join(
+                f"{u}: {errs[u][1]}"
+                for u in retry
+                if u in errs and isinstance(errs[u], list) and len(errs[u]) == 2
+            ) or (bad[0][1] if bad else "missing from reply")
+            status = (
+                f"error:{first_err[0]}" if isinstance(first_err, list) and first_err else "error"
+            )
             timing = {"rtt_ms": rtt_ms, "queue_ms": queue_ms}
             if device_ms is not None:
                 timing.update(device_ms=device_ms, network_ms=network_ms)
@@ -804,8 +975,9 @@ class StatusFeed:
                     break
                 name = self._names[sock]
                 self.messages[name] = self.messages.get(name, 0) + 1
-                self.bytes_received[name] = self.bytes_received.get(name, 0) + \
-                    sum(len(f) for f in msg)
+                self.bytes_received[name] = self.bytes_received.get(name, 0) + sum(
+                    len(f) for f in msg
+                )
                 if len(msg) != 2:
                     continue
                 try:

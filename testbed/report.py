@@ -29,15 +29,19 @@ import numpy as np
 from . import results as R
 from .errors import ConfigError, Unsupported
 
-METRIC_COLUMNS = R.SUMMARY_COLUMNS[len(R.KEY_COLUMNS):]
+METRIC_COLUMNS = R.SUMMARY_COLUMNS[len(R.KEY_COLUMNS) :]
 """The columns :func:`summary_row` fills: everything in ``SUMMARY_COLUMNS`` after the keys."""
 
 CALL_OK = ("ok", "rerouted")
 """Call statuses that are not failures; every other status (timeout, error, unreachable,
 skipped, ...) counts in ``calls_failed``."""
 
-PLOT_FILES = ("latency_cdf.png", "accuracy_vs_latency.png", "layer_critical_path.png",
-              "energy_per_token.png")
+PLOT_FILES = (
+    "latency_cdf.png",
+    "accuracy_vs_latency.png",
+    "layer_critical_path.png",
+    "energy_per_token.png",
+)
 
 
 # -- one trial ------------------------------------------------------------------------
@@ -161,7 +165,7 @@ class Run:
 
     path: Path
     run_id: str
-    status: str                 # manifest status: completed/failed/interrupted/running, or unknown
+    status: str  # manifest status: completed/failed/interrupted/running, or unknown
     error: str | None
     manifest: dict[str, Any]
     requests: list[dict[str, str]]
@@ -179,10 +183,17 @@ class Run:
         return str(self.manifest.get("mode") or "measured")
 
     def describe(self) -> dict[str, Any]:
-        return {"run": self.run_id, "path": str(self.path), "status": self.status,
-                "mode": self.mode,
-                "failed": self.failed, "error": self.error, "requests": len(self.requests),
-                "layers": len(self.layers), "calls": len(self.calls)}
+        return {
+            "run": self.run_id,
+            "path": str(self.path),
+            "status": self.status,
+            "mode": self.mode,
+            "failed": self.failed,
+            "error": self.error,
+            "requests": len(self.requests),
+            "layers": len(self.layers),
+            "calls": len(self.calls),
+        }
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -211,8 +222,7 @@ def load_run(run_dir: str | Path) -> Run:
     status = str(manifest.get("status") or "unknown")
     err = manifest.get("error") or error
     run_id = str(manifest.get("run_id") or (reqs[0].get("run_id") if reqs else "") or p.name)
-    return Run(p, run_id, status, None if err is None else str(err), manifest, reqs, layers,
-               calls)
+    return Run(p, run_id, status, None if err is None else str(err), manifest, reqs, layers, calls)
 
 
 def load_runs(run_dirs: Iterable[str | Path]) -> list[Run]:
@@ -244,7 +254,7 @@ class Group:
 class Report:
     runs: list[Run]
     groups: list[Group]
-    rows: list[dict[str, Any]]   # one per group, JSON-ready
+    rows: list[dict[str, Any]]  # one per group, JSON-ready
 
     @property
     def many_runs(self) -> bool:
@@ -273,9 +283,14 @@ def _json_value(v: Any) -> Any:
 
 def report_row(g: Group) -> dict[str, Any]:
     trials = sorted({int(x) for x in _vals(g.requests or g.layers or g.calls, "trial")})
-    row: dict[str, Any] = {"run": g.run.run_id, "run_status": g.run.status,
-                           "run_failed": g.run.failed, "policy": g.policy, "point": g.point,
-                           "trials": trials}
+    row: dict[str, Any] = {
+        "run": g.run.run_id,
+        "run_status": g.run.status,
+        "run_failed": g.run.failed,
+        "policy": g.policy,
+        "point": g.point,
+        "trials": trials,
+    }
     row.update({k: _json_value(v) for k, v in summary_row(g.requests, g.layers, g.calls).items()})
     return row
 
@@ -304,23 +319,43 @@ def table(rep: Report):
     from rich import box
     from rich.table import Table
 
-    runs = ", ".join(f"{r.run_id} ({r.status}" + (", SIMULATED" if r.mode == "simulated" else "")
-                     + ")" for r in rep.runs)
+    runs = ", ".join(
+        f"{r.run_id} ({r.status}" + (", SIMULATED" if r.mode == "simulated" else "") + ")"
+        for r in rep.runs
+    )
     t = Table(title=f"report: {runs}", box=box.SIMPLE_HEAD)
     with_run = rep.many_runs or any(r.failed for r in rep.runs)
     head = (["run"] if with_run else []) + [
-        "policy", "point", "requests\nok/all", "latency\np50 ms", "latency\np95 ms",
-        "ttft\np50 ms", "tpot\np50 ms", "accuracy", "energy\nJ/tok", "bytes\n/tok",
-        "network\nshare", "failed\ncalls"]
+        "policy",
+        "point",
+        "requests\nok/all",
+        "latency\np50 ms",
+        "latency\np95 ms",
+        "ttft\np50 ms",
+        "tpot\np50 ms",
+        "accuracy",
+        "energy\nJ/tok",
+        "bytes\n/tok",
+        "network\nshare",
+        "failed\ncalls",
+    ]
     body = []
     for row in rep.rows:
         cells = [row["run"] + (" (failed)" if row["run_failed"] else "")] if with_run else []
-        cells += [row["policy"], _point_label(row), f"{row['requests_ok']}/{row['requests']}",
-                  _fmt(row["latency_p50_ms"], ".1f"), _fmt(row["latency_p95_ms"], ".1f"),
-                  _fmt(row["ttft_p50_ms"], ".1f"), _fmt(row["tpot_p50_ms"], ".2f"),
-                  _fmt(row["accuracy"], ".3f"), _fmt(row["energy_per_token_j"], ".3g"),
-                  _fmt(row["bytes_per_token"], ".0f"), _fmt(row["network_share"], ".1%"),
-                  f"{row['calls_failed']}/{row['calls']}"]
+        cells += [
+            row["policy"],
+            _point_label(row),
+            f"{row['requests_ok']}/{row['requests']}",
+            _fmt(row["latency_p50_ms"], ".1f"),
+            _fmt(row["latency_p95_ms"], ".1f"),
+            _fmt(row["ttft_p50_ms"], ".1f"),
+            _fmt(row["tpot_p50_ms"], ".2f"),
+            _fmt(row["accuracy"], ".3f"),
+            _fmt(row["energy_per_token_j"], ".3g"),
+            _fmt(row["bytes_per_token"], ".0f"),
+            _fmt(row["network_share"], ".1%"),
+            f"{row['calls_failed']}/{row['calls']}",
+        ]
         body.append(cells)
     text_cols = 3 if with_run else 2
     for i, h in enumerate(head):
@@ -332,8 +367,11 @@ def table(rep: Report):
             t.add_column(h, justify="right", no_wrap=True, min_width=w)
     for cells in body:
         t.add_row(*cells, style="red" if with_run and cells[0].endswith("(failed)") else None)
-    notes = [f"{r.run_id}: {r.status}" + (f": {r.error}" if r.error else "")
-             for r in rep.runs if r.status != "completed"]
+    notes = [
+        f"{r.run_id}: {r.status}" + (f": {r.error}" if r.error else "")
+        for r in rep.runs
+        if r.status != "completed"
+    ]
     if not rep.rows:
         notes.append("no rows")
     if notes:
@@ -347,6 +385,7 @@ def render_table(rep: Report, console: Any = None) -> None:
 
     if console is None:
         from rich.console import Console
+
         console = Console()
     t = table(rep)
     # never cut columns off on a narrow terminal: at least the table's minimum width
@@ -383,9 +422,14 @@ def _plot_cdf(rep: Report, path: Path) -> None:
             continue
         ys = np.arange(1, xs.size + 1) / xs.size
         # empirical CDF as a step function; line style per policy so that equal curves show
-        ax.step(np.concatenate([[xs[0]], xs]), np.concatenate([[0.0], ys]), where="post",
-                linestyle=styles[policies.index(g.policy) % len(styles)], linewidth=1.8,
-                label=g.label(rep.many_runs))
+        ax.step(
+            np.concatenate([[xs[0]], xs]),
+            np.concatenate([[0.0], ys]),
+            where="post",
+            linestyle=styles[policies.index(g.policy) % len(styles)],
+            linewidth=1.8,
+            label=g.label(rep.many_runs),
+        )
         n += 1
     if n:
         ax.legend(fontsize="small", title="policy | point")
@@ -412,12 +456,15 @@ def _plot_acc_lat(rep: Report, path: Path) -> None:
         # nearby points would overlap)
         lab = f"{i + 1}: {g.label(rep.many_runs)}" + (" (failed run)" if g.run.failed else "")
         ax.scatter([x], [y], marker=markers[i % len(markers)], s=60, label=lab, zorder=3)
-        ax.annotate(str(i + 1), (x, y), textcoords="offset points", xytext=(5, 5),
-                    fontsize="small")
+        ax.annotate(str(i + 1), (x, y), textcoords="offset points", xytext=(5, 5), fontsize="small")
         n += 1
     if n:
-        fig.legend(fontsize="small", title="policy | point", loc="outside lower center",
-                   ncols=2 if n > 3 else 1)
+        fig.legend(
+            fontsize="small",
+            title="policy | point",
+            loc="outside lower center",
+            ncols=2 if n > 3 else 1,
+        )
         ax.margins(0.15)
     else:
         _no_data(ax, "no requests with total_ms and correct")
@@ -442,16 +489,18 @@ def layer_split(layers: Sequence[Mapping[str, Any]]) -> list[tuple[int, float, f
             net.append(n)
         if c is not None:
             comp.append(c)
-    return [(layer, float(np.mean(n)) if n else 0.0, float(np.mean(c)) if c else 0.0)
-            for layer, (n, c) in sorted(acc.items()) if n or c]
+    return [
+        (layer, float(np.mean(n)) if n else 0.0, float(np.mean(c)) if c else 0.0)
+        for layer, (n, c) in sorted(acc.items())
+        if n or c
+    ]
 
 
 def _plot_layers(rep: Report, path: Path) -> None:
     k = max(1, len(rep.groups))
     ncols = min(3, k)
     nrows = math.ceil(k / ncols)
-    fig = _figure(figsize=(max(7.5, 4.2 * ncols + 0.5), 3.4 * nrows + 0.8),
-                  layout="constrained")
+    fig = _figure(figsize=(max(7.5, 4.2 * ncols + 0.5), 3.4 * nrows + 0.8), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
     handles = None
     for i, ax in enumerate(axes.flat):
@@ -463,8 +512,9 @@ def _plot_layers(rep: Report, path: Path) -> None:
             continue
         g = rep.groups[i]
         split = layer_split(g.layers)
-        ax.set_title(g.label(rep.many_runs) + (" (failed run)" if g.run.failed else ""),
-                     fontsize="medium")
+        ax.set_title(
+            g.label(rep.many_runs) + (" (failed run)" if g.run.failed else ""), fontsize="medium"
+        )
         ax.set_xlabel("MoE layer")
         ax.grid(True, axis="y", alpha=0.3)
         if i % ncols == 0:
@@ -476,8 +526,13 @@ def _plot_layers(rep: Report, path: Path) -> None:
         net = [s[1] for s in split]
         comp = [s[2] for s in split]
         b1 = ax.bar(xs, net, color="tab:blue", label="network (critical_network_ms)")
-        b2 = ax.bar(xs, comp, bottom=net, color="tab:orange",
-                    label="device queue + compute (critical_compute_ms)")
+        b2 = ax.bar(
+            xs,
+            comp,
+            bottom=net,
+            color="tab:orange",
+            label="device queue + compute (critical_compute_ms)",
+        )
         ax.set_xticks(xs)
         handles = handles or [b1, b2]
     fig.suptitle("Per-layer critical path: network vs compute (slowest device per step)")
@@ -492,10 +547,10 @@ class EnergyBar:
 
     label: str
     policy: str
-    per_token_j: float | None    # sum energy_j / sum output_tokens (requests with energy_j)
+    per_token_j: float | None  # sum energy_j / sum output_tokens (requests with energy_j)
     devices_per_token_j: float | None  # the same for energy_devices_j (None: column absent)
     bs_per_token_j: float | None
-    source: str                  # measured / estimated / mixed / unavailable (of the requests)
+    source: str  # measured / estimated / mixed / unavailable (of the requests)
 
 
 def energy_bars(rep: Report) -> list[EnergyBar]:
@@ -522,9 +577,16 @@ def energy_bars(rep: Report) -> list[EnergyBar]:
         per = row.get("energy_per_token_j")
         both = split and tokens > 0 and per is not None
         src = "unavailable" if not kinds else kinds.pop() if len(kinds) == 1 else "mixed"
-        out.append(EnergyBar(g.label(rep.many_runs), g.policy, per,
-                             e_dev / tokens if both else None, e_bs / tokens if both else None,
-                             src))
+        out.append(
+            EnergyBar(
+                g.label(rep.many_runs),
+                g.policy,
+                per,
+                e_dev / tokens if both else None,
+                e_bs / tokens if both else None,
+                src,
+            )
+        )
     return out
 
 
@@ -538,27 +600,46 @@ def _plot_energy(rep: Report, path: Path) -> None:
         policies = list(dict.fromkeys(b.policy for b in shown))
         colors = [f"C{policies.index(b.policy) % 10}" for b in shown]
         hatch = ["//" if b.source != "measured" else "" for b in shown]
-        dev = [b.devices_per_token_j if b.devices_per_token_j is not None else b.per_token_j
-               for b in shown]
+        dev = [
+            b.devices_per_token_j if b.devices_per_token_j is not None else b.per_token_j
+            for b in shown
+        ]
         bs = [b.bs_per_token_j or 0.0 for b in shown]
         ax.bar(xs, dev, color=colors, hatch=hatch, edgecolor="black", linewidth=0.6)
-        ax.bar(xs, bs, bottom=dev, color=colors, alpha=0.45, hatch=hatch, edgecolor="black",
-               linewidth=0.6)
+        ax.bar(
+            xs,
+            bs,
+            bottom=dev,
+            color=colors,
+            alpha=0.45,
+            hatch=hatch,
+            edgecolor="black",
+            linewidth=0.6,
+        )
         for x, b in zip(xs, shown):
-            ax.annotate(f"{b.per_token_j:.3g} J\n{b.source}", (x, b.per_token_j),
-                        textcoords="offset points", xytext=(0, 3), ha="center",
-                        fontsize="x-small")
+            ax.annotate(
+                f"{b.per_token_j:.3g} J\n{b.source}",
+                (x, b.per_token_j),
+                textcoords="offset points",
+                xytext=(0, 3),
+                ha="center",
+                fontsize="x-small",
+            )
         ax.set_xticks(xs, [b.label for b in shown], rotation=20, ha="right", fontsize="small")
         ax.margins(y=0.18)
         from matplotlib.patches import Patch
 
-        handles = [Patch(facecolor=f"C{i % 10}", edgecolor="black", label=p)
-                   for i, p in enumerate(policies)]
-        handles += [Patch(facecolor="white", edgecolor="black", label="devices (solid)"),
-                    Patch(facecolor="lightgrey", edgecolor="black", alpha=0.45,
-                          label="BS (light, on top)"),
-                    Patch(facecolor="white", edgecolor="black", hatch="//",
-                          label="estimated (not measured)")]
+        handles = [
+            Patch(facecolor=f"C{i % 10}", edgecolor="black", label=p)
+            for i, p in enumerate(policies)
+        ]
+        handles += [
+            Patch(facecolor="white", edgecolor="black", label="devices (solid)"),
+            Patch(facecolor="lightgrey", edgecolor="black", alpha=0.45, label="BS (light, on top)"),
+            Patch(
+                facecolor="white", edgecolor="black", hatch="//", label="estimated (not measured)"
+            ),
+        ]
         fig.legend(handles=handles, fontsize="small", loc="outside right upper")
     else:
         _no_data(ax, "no requests with energy_j")

@@ -54,96 +54,96 @@ KEY_COLUMNS = ("run_id", "trial", "point", "policy", "repeat")
 """Columns that identify the trial a row belongs to (all CSVs but devices.csv start so)."""
 
 REQUEST_COLUMNS = KEY_COLUMNS + (
-    "request",          # index within the trial's repeat
-    "task",             # workload task name (tiny task: its transformation)
+    "request",  # index within the trial's repeat
+    "task",  # workload task name (tiny task: its transformation)
     "prompt_tokens",
     "output_tokens",
-    "ttft_ms",          # prompt in -> first output token (prefill step)
-    "tpot_ms",          # mean time per output token after the first
+    "ttft_ms",  # prompt in -> first output token (prefill step)
+    "tpot_ms",  # mean time per output token after the first
     "total_ms",
-    "correct",          # 1/0: the whole output equals the reference answer
-    "score",            # fraction of reference tokens matched position by position
+    "correct",  # 1/0: the whole output equals the reference answer
+    "score",  # fraction of reference tokens matched position by position
     "experts_per_token",  # mean experts used per (token, MoE layer), after failures
-    "bytes_down",       # BS -> devices, tensor payload bytes of this request's expert calls
-    "bytes_up",         # devices -> BS
-    "calls",            # expert calls made for this request
-    "calls_failed",     # calls that ended in timeout/error/unreachable/skipped
-    "calls_rerouted",   # calls served by a replica
+    "bytes_down",  # BS -> devices, tensor payload bytes of this request's expert calls
+    "bytes_up",  # devices -> BS
+    "calls",  # expert calls made for this request
+    "calls_failed",  # calls that ended in timeout/error/unreachable/skipped
+    "calls_rerouted",  # calls served by a replica
     "energy_devices_j",  # sum over devices of each one's meter delta around the request
-    "energy_bs_j",      # the BS's own meter delta over the request
-    "energy_j",         # energy_devices_j + energy_bs_j ('' if either is unknown)
-    "energy_source",    # measured / estimated / mixed [; missing DEVICES] (testbed.energy_attr)
-    "status",           # ok / degraded (some expert failed) / error
+    "energy_bs_j",  # the BS's own meter delta over the request
+    "energy_j",  # energy_devices_j + energy_bs_j ('' if either is unknown)
+    "energy_source",  # measured / estimated / mixed [; missing DEVICES] (testbed.energy_attr)
+    "status",  # ok / degraded (some expert failed) / error
     "error",
-    "faults",           # ids of the injected faults active during the request (faults.csv)
+    "faults",  # ids of the injected faults active during the request (faults.csv)
 )
 
 LAYER_COLUMNS = KEY_COLUMNS + (
     "request",
-    "step",             # 0 = prefill, then one per decoded token
-    "phase",            # prefill / decode
+    "step",  # 0 = prefill, then one per decoded token
+    "phase",  # prefill / decode
     "layer",
-    "tokens",           # valid tokens in this step
+    "tokens",  # valid tokens in this step
     "experts_selected",  # (token, expert) pairs selected by the policy
-    "experts_used",     # distinct experts called
-    "devices_used",     # distinct devices called
-    "moe_ms",           # wall time of the layer's expert exchange at the BS (dispatch .. gather)
-    "bs_ms",            # BS time of this layer outside the expert exchange (attention, router, policy)
+    "experts_used",  # distinct experts called
+    "devices_used",  # distinct devices called
+    "moe_ms",  # wall time of the layer's expert exchange at the BS (dispatch .. gather)
+    "bs_ms",  # BS time of this layer outside the expert exchange (attention, router, policy)
     "critical_path_ms",  # the slowest device's round trip (serialise + network + queue + compute)
     "critical_network_ms",  # network part of that round trip
     "critical_compute_ms",  # device queue + compute part of that round trip
     "critical_device",
-    "predicted_ms",     # moe_ms as the calibrated latency model predicts it (every policy)
+    "predicted_ms",  # moe_ms as the calibrated latency model predicts it (every policy)
     "bytes_down",
     "bytes_up",
     "failed_experts",
     "rerouted_experts",
     "policy_predicted_ms",  # the layer time the policy's own model predicted ('' if none)
-    "decision_ms",      # the policy's decision (in bs_ms, before the exchange)
-    "change_ms",        # the rate change this layer's decision started (0 mid-epoch; in bs_ms)
+    "decision_ms",  # the policy's decision (in bs_ms, before the exchange)
+    "change_ms",  # the rate change this layer's decision started (0 mid-epoch; in bs_ms)
     "predicted_critical_ms",  # predicted_ms + the decision's and the change's predicted time
     # predicted_ms's terms for the device the model predicts slowest (the rest of predicted_ms
     # is the BS's own time in the exchange and the calls' overlap)
-    "predicted_air_ms",     # its airtime, down + up
+    "predicted_air_ms",  # its airtime, down + up
     "predicted_device_ms",  # its device time (per-call cost + a E + b N)
-    "predicted_call_ms",    # its fixed per-call cost (zmq, TCP, Python; per KiB of messages)
+    "predicted_call_ms",  # its fixed per-call cost (zmq, TCP, Python; per KiB of messages)
 )
 
 CALL_COLUMNS = KEY_COLUMNS + (
     "request",
     "step",
     "layer",
-    "expert",           # uid L{layer}.E{expert}
+    "expert",  # uid L{layer}.E{expert}
     "device",
-    "attempt",          # 0 = first try, 1.. = after a re-route
+    "attempt",  # 0 = first try, 1.. = after a re-route
     "tokens",
-    "status",           # ok / rerouted (ok, on a replica) / timeout / error / unreachable / skipped
-    "detail",           # error code and reason when not ok
+    "status",  # ok / rerouted (ok, on a replica) / timeout / error / unreachable / skipped
+    "detail",  # error code and reason when not ok
     "serialize_ms",
-    "network_ms",       # round trip minus the device's own time
+    "network_ms",  # round trip minus the device's own time
     "queue_ms",
     "compute_ms",
     "rtt_ms",
     "bytes_down",
     "bytes_up",
-    "energy_j",         # device meter over the reply's compute window, shared by compute time
-    "energy_source",    # the device meter's label, e.g. measured:nvml:gpu0
-    "faults",           # ids of the injected faults active during the call's request
+    "energy_j",  # device meter over the reply's compute window, shared by compute time
+    "energy_source",  # the device meter's label, e.g. measured:nvml:gpu0
+    "faults",  # ids of the injected faults active during the call's request
 )
 
 DEVICE_COLUMNS = (
     "run_id",
     "trial",
-    "time_s",           # seconds since the run started
+    "time_s",  # seconds since the run started
     "device",
     "power_w",
-    "energy_j",         # cumulative since the agent started, as the device's meter reports it
-    "energy_source",    # the meter's label: measured:ina3221-hwmon:VDD_IN, estimated:cpu-time(5 W/core)
+    "energy_j",  # cumulative since the agent started, as the device's meter reports it
+    "energy_source",  # the meter's label: measured:ina3221-hwmon:VDD_IN, estimated:cpu-time(5 W/core)
     "memory_used_mb",
     "memory_free_mb",
-    "utilisation",      # load as the agent reports it (0..1 per core, or GPU busy)
+    "utilisation",  # load as the agent reports it (0..1 per core, or GPU busy)
     "experts_loaded",
-    "rate_down_kbit",   # enforced link rates (tc) when the sample was taken
+    "rate_down_kbit",  # enforced link rates (tc) when the sample was taken
     "rate_up_kbit",
 )
 
@@ -154,11 +154,11 @@ SUMMARY_COLUMNS = KEY_COLUMNS + (
     "latency_p95_ms",
     "ttft_p50_ms",
     "tpot_p50_ms",
-    "accuracy",         # mean of requests.correct
-    "score",            # mean of requests.score
+    "accuracy",  # mean of requests.correct
+    "score",  # mean of requests.score
     "energy_per_token_j",
     "bytes_per_token",
-    "network_share",    # sum of critical_network_ms / sum of (critical_path_ms) over layers
+    "network_share",  # sum of critical_network_ms / sum of (critical_path_ms) over layers
     "calls",
     "calls_failed",
     "calls_rerouted",
@@ -167,66 +167,66 @@ SUMMARY_COLUMNS = KEY_COLUMNS + (
 
 PROFILE_COLUMNS = (
     "run_id",
-    "trial",            # the trial profiled (at its start, links at PROFILE_KBIT)
+    "trial",  # the trial profiled (at its start, links at PROFILE_KBIT)
     "device",
-    "expert",           # the loaded expert timed
-    "tokens",           # token-rows sent in one forward request
+    "expert",  # the loaded expert timed
+    "tokens",  # token-rows sent in one forward request
     "repeat",
-    "compute_ms",       # the agent's own compute time for the request
-    "device_ms",        # agent receipt -> reply (compute + queue + framing)
-    "rtt_ms",           # BS round trip (send -> reply)
-    "experts",          # experts in the call (their uids space-separated in expert)
-    "rows",             # token-rows of the call (tokens x experts)
-    "exchange",         # id of the timed exchange (run_layer) the call was part of
-    "devices",          # devices that exchange called
+    "compute_ms",  # the agent's own compute time for the request
+    "device_ms",  # agent receipt -> reply (compute + queue + framing)
+    "rtt_ms",  # BS round trip (send -> reply)
+    "experts",  # experts in the call (their uids space-separated in expert)
+    "rows",  # token-rows of the call (tokens x experts)
+    "exchange",  # id of the timed exchange (run_layer) the call was part of
+    "devices",  # devices that exchange called
     "serialize_ms",
-    "layer_ms",         # the exchange's wall time (what layers.csv's moe_ms measures)
-    "rate_down_kbit",   # enforced while profiling
+    "layer_ms",  # the exchange's wall time (what layers.csv's moe_ms measures)
+    "rate_down_kbit",  # enforced while profiling
     "rate_up_kbit",
 )
 
 FAULT_COLUMNS = KEY_COLUMNS + (
-    "time_s",           # seconds since the trial's first request
-    "request",          # the request about to start (at_request) or running (at_s)
-    "fault",            # id: f{index}-{action}-{device}
+    "time_s",  # seconds since the trial's first request
+    "request",  # the request about to start (at_request) or running (at_s)
+    "fault",  # id: f{index}-{action}-{device}
     "device",
-    "action",           # kill / stop / link / restart
-    "event",            # injected / cleared
-    "ok",               # 1: done; 0: it could not be applied (detail says why)
+    "action",  # kill / stop / link / restart
+    "event",  # injected / cleared
+    "ok",  # 1: done; 0: it could not be applied (detail says why)
     "detail",
 )
 
 LINK_COLUMNS = KEY_COLUMNS + (
-    "time_s",           # seconds since the run started, when the change began
-    "epoch",            # decision epoch within the trial (recipe policy.epoch)
+    "time_s",  # seconds since the run started, when the change began
+    "epoch",  # decision epoch within the trial (recipe policy.epoch)
     "request",
     "step",
-    "layer",            # the layer whose decision set the rates
-    "source",           # policy (Decision.bandwidth_kbit), channel (links.bandwidth_mhz) or trace
+    "layer",  # the layer whose decision set the rates
+    "source",  # policy (Decision.bandwidth_kbit), channel (links.bandwidth_mhz) or trace
     "device",
     "asked_down_kbit",
     "asked_up_kbit",
     "enforced_down_kbit",  # what tc reports after the change
     "enforced_up_kbit",
-    "change_ms",        # wall time of the epoch's tc batch (every device's change, plus read-back)
-    "epoch_ms",         # how long the rates then stayed (until the next epoch's change)
-    "tc_slower",        # 1: the change took longer than the epoch it governed
-    "shaping",          # what charges packets under the HTB class: tbf / netem / htb (links.py)
-    "bucket_bytes",     # bytes a link passes free after an idle spell (tbf: one frame) ...
+    "change_ms",  # wall time of the epoch's tc batch (every device's change, plus read-back)
+    "epoch_ms",  # how long the rates then stayed (until the next epoch's change)
+    "tc_slower",  # 1: the change took longer than the epoch it governed
+    "shaping",  # what charges packets under the HTB class: tbf / netem / htb (links.py)
+    "bucket_bytes",  # bytes a link passes free after an idle spell (tbf: one frame) ...
     "bucket_slack_us",  # ... plus this many microseconds of the rate (tbf's timer slack)
-    "offloads",         # GSO/TSO/GRO on the shaped BS interfaces: off, or which are still on
-    "epoch_scope",      # what one epoch spans (recipe policy.epoch): layer, step or request
+    "offloads",  # GSO/TSO/GRO on the shaped BS interfaces: off, or which are still on
+    "epoch_scope",  # what one epoch spans (recipe policy.epoch): layer, step or request
 )
 
 
 MIGRATION_COLUMNS = KEY_COLUMNS + (
-    "request",          # the update ran just before this request (recipe run.update_every)
-    "expert",           # uid that gained a device
-    "from_device",      # its device(s) before ('+'-joined; empty: it had none)
+    "request",  # the update ran just before this request (recipe run.update_every)
+    "expert",  # uid that gained a device
+    "from_device",  # its device(s) before ('+'-joined; empty: it had none)
     "to_device",
-    "bytes",            # shard bytes pushed to to_device (0: the device still had the file)
-    "seconds",          # wall time of the whole re-deployment this move was part of
-    "time_s",           # seconds since the run started, when it ended
+    "bytes",  # shard bytes pushed to to_device (0: the device still had the file)
+    "seconds",  # wall time of the whole re-deployment this move was part of
+    "time_s",  # seconds since the run started, when it ended
 )
 
 
@@ -238,8 +238,9 @@ class CsvTable:
     name must not silently drop data).
     """
 
-    def __init__(self, path: str | os.PathLike[str], columns: Sequence[str],
-                 extra: Sequence[str] = ()) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], columns: Sequence[str], extra: Sequence[str] = ()
+    ) -> None:
         self.path = Path(path)
         self.columns = list(columns) + [c for c in extra if c not in columns]
         self._known = frozenset(self.columns)
@@ -258,11 +259,10 @@ class CsvTable:
     def _cells(self, row: Mapping[str, Any]) -> list[Any]:
         if not self._known.issuperset(row):
             unknown = ", ".join(repr(k) for k in row if k not in self._known)
-            raise ValueError(f"{self.path.name}: dict contains fields not in fieldnames: "
-                             f"{unknown}")
+            raise ValueError(f"{self.path.name}: dict contains fields not in fieldnames: {unknown}")
         out: list[Any] = []
         add, get = out.append, row.get
-        for c in self.columns:   # _cell, its common cases inline (a twin writes millions)
+        for c in self.columns:  # _cell, its common cases inline (a twin writes millions)
             v = get(c)
             t = type(v)
             if t is float:
@@ -277,8 +277,9 @@ class CsvTable:
         self._w.writerow(self._cells(row))
         self._flush()
 
-    def write_many(self, rows: Sequence[Mapping[str, Any]],
-                   common: Mapping[str, Any] | None = None) -> None:
+    def write_many(
+        self, rows: Sequence[Mapping[str, Any]], common: Mapping[str, Any] | None = None
+    ) -> None:
         """Write ``rows`` (each as :meth:`write` would) and flush once; with ``common``, each
         row is ``{**common, **row}`` (the shared cells formatted once: a link epoch's rows
         differ only in the device and its rates)."""
@@ -289,7 +290,7 @@ class CsvTable:
             lines = []
             for r in rows:
                 if not known.issuperset(r):
-                    self._cells(r)   # raises, naming the unknown keys
+                    self._cells(r)  # raises, naming the unknown keys
                 line = base.copy()
                 for c, v in r.items():
                     line[pos[c]] = _cell(v)

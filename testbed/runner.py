@@ -52,30 +52,44 @@ class Runner(Protocol):
 
     host: str
 
-    def run(self, argv: Sequence[str], *, timeout_s: float = 60.0, check: bool = True,
-            sudo: bool = False) -> Result:
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout_s: float = 60.0,
+        check: bool = True,
+        sudo: bool = False,
+    ) -> Result:
         """Run ``argv`` to completion; raise CommandFailed/CommandTimeout (if ``check``)."""
         ...
 
-    def put(self, local_path: str | os.PathLike[str], remote_path: str, *,
-            mode: int = 0o644) -> None:
+    def put(
+        self, local_path: str | os.PathLike[str], remote_path: str, *, mode: int = 0o644
+    ) -> None:
         """Copy a local file to ``remote_path`` (parent directories are created)."""
         ...
 
-    def spawn(self, argv: Sequence[str], *, log_path: str, pid_path: str,
-              cwd: str | None = None, env: Mapping[str, str] | None = None) -> int:
+    def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        log_path: str,
+        pid_path: str,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> int:
         """Start ``argv`` detached (own session, output to ``log_path``); return its PID,
         also written to ``pid_path``."""
         ...
 
-    def close(self) -> None:
-        ...
+    def close(self) -> None: ...
 
 
 def _check(result: Result, check: bool) -> Result:
     if check and result.returncode != 0:
-        raise CommandFailed(result.host, result.argv, result.returncode,
-                            result.stdout, result.stderr)
+        raise CommandFailed(
+            result.host, result.argv, result.returncode, result.stdout, result.stderr
+        )
     return result
 
 
@@ -102,14 +116,25 @@ class LocalRunner:
             full = ["sudo", "-n", *full]
         return full
 
-    def run(self, argv: Sequence[str], *, timeout_s: float = 60.0, check: bool = True,
-            sudo: bool = False) -> Result:
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout_s: float = 60.0,
+        check: bool = True,
+        sudo: bool = False,
+    ) -> Result:
         full = self._wrap(argv, sudo)
         start = time.monotonic()
         try:
-            proc = subprocess.Popen(full, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    stdin=subprocess.DEVNULL, text=True,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                full,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                start_new_session=True,
+            )
         except FileNotFoundError as exc:
             raise CommandFailed(self.host, argv, 127, "", str(exc)) from None
         try:
@@ -123,11 +148,14 @@ class LocalRunner:
             _kill_group(proc.pid)
             proc.wait()
             raise
-        return _check(Result(self.host, tuple(argv), proc.returncode, out, err,
-                             time.monotonic() - start), check)
+        return _check(
+            Result(self.host, tuple(argv), proc.returncode, out, err, time.monotonic() - start),
+            check,
+        )
 
-    def put(self, local_path: str | os.PathLike[str], remote_path: str, *,
-            mode: int = 0o644) -> None:
+    def put(
+        self, local_path: str | os.PathLike[str], remote_path: str, *, mode: int = 0o644
+    ) -> None:
         dest = Path(remote_path)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.part")
@@ -137,15 +165,27 @@ class LocalRunner:
         os.chmod(tmp, mode)
         os.replace(tmp, dest)
 
-    def spawn(self, argv: Sequence[str], *, log_path: str, pid_path: str,
-              cwd: str | None = None, env: Mapping[str, str] | None = None) -> int:
+    def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        log_path: str,
+        pid_path: str,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> int:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         Path(pid_path).parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(self._wrap(argv, False), stdout=log,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=cwd, env=None if env is None else {**os.environ, **env},
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                self._wrap(argv, False),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=cwd,
+                env=None if env is None else {**os.environ, **env},
+                start_new_session=True,
+            )
         Path(pid_path).write_text(f"{proc.pid}\n")
         return proc.pid
 
@@ -178,8 +218,13 @@ def remote_command(argv: Sequence[str], timeout_s: float, sudo: bool = False) ->
     return shlex.join(wrapped)
 
 
-def spawn_script(argv: Sequence[str], log_path: str, pid_path: str,
-                 cwd: str | None = None, env: Mapping[str, str] | None = None) -> str:
+def spawn_script(
+    argv: Sequence[str],
+    log_path: str,
+    pid_path: str,
+    cwd: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> str:
     """A POSIX-sh command line that starts ``argv`` detached from the SSH session.
 
     ``setsid -f`` gives it its own session (a plain ``cmd &`` keeps the SSH channel
@@ -187,17 +232,22 @@ def spawn_script(argv: Sequence[str], log_path: str, pid_path: str,
     waits (<= 5 s) for the pid file and prints the PID.
     """
     env_part = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted((env or {}).items()))
-    inner = (f"echo $$ > {shlex.quote(pid_path)}; "
-             + (f"cd {shlex.quote(cwd)} && " if cwd else "")
-             + "exec " + (f"env {env_part} " if env_part else "")
-             + f"{shlex.join(list(argv))} >> {shlex.quote(log_path)} 2>&1 < /dev/null")
+    inner = (
+        f"echo $$ > {shlex.quote(pid_path)}; "
+        + (f"cd {shlex.quote(cwd)} && " if cwd else "")
+        + "exec "
+        + (f"env {env_part} " if env_part else "")
+        + f"{shlex.join(list(argv))} >> {shlex.quote(log_path)} 2>&1 < /dev/null"
+    )
     dirs = sorted({os.path.dirname(log_path) or ".", os.path.dirname(pid_path) or "."})
-    return (f"mkdir -p {' '.join(shlex.quote(d) for d in dirs)} && "
-            f"rm -f {shlex.quote(pid_path)} && "
-            f"setsid -f sh -c {shlex.quote(inner)} && "
-            f"for i in $(seq 50); do [ -s {shlex.quote(pid_path)} ] && "
-            f"exec cat {shlex.quote(pid_path)}; sleep 0.1; done; "
-            f"echo 'no pid file {pid_path} after 5 s' >&2; exit 1")
+    return (
+        f"mkdir -p {' '.join(shlex.quote(d) for d in dirs)} && "
+        f"rm -f {shlex.quote(pid_path)} && "
+        f"setsid -f sh -c {shlex.quote(inner)} && "
+        f"for i in $(seq 50); do [ -s {shlex.quote(pid_path)} ] && "
+        f"exec cat {shlex.quote(pid_path)}; sleep 0.1; done; "
+        f"echo 'no pid file {pid_path} after 5 s' >&2; exit 1"
+    )
 
 
 class SshRunner:
@@ -217,9 +267,17 @@ class SshRunner:
         Label used in messages (default ``user@host:port``).
     """
 
-    def __init__(self, host: str, *, port: int = 22, user: str | None = None,
-                 key_path: str | None = None, known_hosts: str | None = None,
-                 connect_timeout_s: float = 10.0, name: str | None = None):
+    def __init__(
+        self,
+        host: str,
+        *,
+        port: int = 22,
+        user: str | None = None,
+        key_path: str | None = None,
+        known_hosts: str | None = None,
+        connect_timeout_s: float = 10.0,
+        name: str | None = None,
+    ):
         self.address = host
         self.port = port
         self.user = user
@@ -245,17 +303,23 @@ class SshRunner:
         }
         if self.key_path:
             connect_kwargs["key_filename"] = [self.key_path]
-        conn = fabric.Connection(self.address, user=self.user, port=self.port, config=config,
-                                 connect_timeout=max(1, int(round(self.connect_timeout_s))),
-                                 connect_kwargs=connect_kwargs)
+        conn = fabric.Connection(
+            self.address,
+            user=self.user,
+            port=self.port,
+            config=config,
+            connect_timeout=max(1, int(round(self.connect_timeout_s))),
+            connect_kwargs=connect_kwargs,
+        )
         # fabric installs AutoAddPolicy: replace it, and trust only our known_hosts file.
         conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
         if self.known_hosts:
             try:
                 conn.client.get_host_keys().load(self.known_hosts)
             except OSError as exc:
-                raise HostUnreachable(self.host, f"cannot read known_hosts "
-                                      f"{self.known_hosts}: {exc.strerror}") from None
+                raise HostUnreachable(
+                    self.host, f"cannot read known_hosts {self.known_hosts}: {exc.strerror}"
+                ) from None
         else:
             conn.client.load_system_host_keys()
         try:
@@ -284,31 +348,40 @@ class SshRunner:
         self.close()
 
     # -- operations -------------------------------------------------------------------
-    def run(self, argv: Sequence[str], *, timeout_s: float = 60.0, check: bool = True,
-            sudo: bool = False) -> Result:
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout_s: float = 60.0,
+        check: bool = True,
+        sudo: bool = False,
+    ) -> Result:
         return self._run_line(remote_command(argv, timeout_s, sudo), argv, timeout_s, check)
 
-    def _run_line(self, line: str, argv: Sequence[str], timeout_s: float,
-                  check: bool) -> Result:
+    def _run_line(self, line: str, argv: Sequence[str], timeout_s: float, check: bool) -> Result:
         from invoke.exceptions import CommandTimedOut
 
         conn = self._connection()
         start = time.monotonic()
         try:
-            res = conn.run(line, hide=True, warn=True, in_stream=False,
-                           timeout=timeout_s + _KILL_AFTER_S + 5)
+            res = conn.run(
+                line, hide=True, warn=True, in_stream=False, timeout=timeout_s + _KILL_AFTER_S + 5
+            )
         except CommandTimedOut as exc:
-            raise CommandTimeout(self.host, argv, timeout_s, exc.result.stdout,
-                                 exc.result.stderr) from None
+            raise CommandTimeout(
+                self.host, argv, timeout_s, exc.result.stdout, exc.result.stderr
+            ) from None
         elapsed = time.monotonic() - start
         # 124: `timeout` fired (TERM worked); 137: it had to KILL
         if res.exited in (124, 137) and elapsed >= timeout_s:
             raise CommandTimeout(self.host, argv, timeout_s, res.stdout, res.stderr)
-        return _check(Result(self.host, tuple(argv), res.exited, res.stdout, res.stderr,
-                             elapsed), check)
+        return _check(
+            Result(self.host, tuple(argv), res.exited, res.stdout, res.stderr, elapsed), check
+        )
 
-    def put(self, local_path: str | os.PathLike[str], remote_path: str, *,
-            mode: int = 0o644) -> None:
+    def put(
+        self, local_path: str | os.PathLike[str], remote_path: str, *, mode: int = 0o644
+    ) -> None:
         conn = self._connection()
         parent = os.path.dirname(remote_path)
         if parent:
@@ -319,11 +392,19 @@ class SshRunner:
         sftp.chmod(tmp, mode)
         sftp.posix_rename(tmp, remote_path)
 
-    def spawn(self, argv: Sequence[str], *, log_path: str, pid_path: str,
-              cwd: str | None = None, env: Mapping[str, str] | None = None) -> int:
+    def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        log_path: str,
+        pid_path: str,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> int:
         line = spawn_script(argv, log_path, pid_path, cwd, env)
-        res = self._run_line(f"timeout -k {_KILL_AFTER_S} 30 sh -c {shlex.quote(line)}",
-                             argv, 30, True)
+        res = self._run_line(
+            f"timeout -k {_KILL_AFTER_S} 30 sh -c {shlex.quote(line)}", argv, 30, True
+        )
         return int(res.stdout.strip().splitlines()[-1])
 
 
@@ -332,13 +413,17 @@ def _describe_ssh_error(exc: Exception, r: SshRunner) -> str:
     import paramiko
 
     if isinstance(exc, paramiko.BadHostKeyException):
-        return (f"host key mismatch: the key offered is not the one in "
-                f"{r.known_hosts or 'the system known_hosts'} (refusing)")
+        return (
+            f"host key mismatch: the key offered is not the one in "
+            f"{r.known_hosts or 'the system known_hosts'} (refusing)"
+        )
     if isinstance(exc, paramiko.AuthenticationException):
         return f"authentication failed for user {r.user} with key {r.key_path or '(agent)'}"
     if isinstance(exc, paramiko.SSHException) and "not found in known_hosts" in str(exc):
-        return (f"host key unknown: not in {r.known_hosts or 'the system known_hosts'} "
-                "(refusing; add it to known_hosts)")
+        return (
+            f"host key unknown: not in {r.known_hosts or 'the system known_hosts'} "
+            "(refusing; add it to known_hosts)"
+        )
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return f"no answer within {r.connect_timeout_s:g} s (port {r.port})"
     if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):

@@ -96,9 +96,15 @@ DEFAULTS: dict[str, Any] = {
     # the exchange, per call: fixed cost besides airtime (and per KiB of its messages), the
     # device's fixed time and a + b N compute per expert; the BS's time in the exchange (fixed
     # and per device called)
-    "device": {"call_ms": 0.48, "call_per_kb_ms": 0.0022, "device_call_ms": 0.36,
-               "compute_a_ms": 0.40, "compute_b_ms": 0.021},
-    "bs_ms": 0.47, "bs_per_device_ms": 0.67,
+    "device": {
+        "call_ms": 0.48,
+        "call_per_kb_ms": 0.0022,
+        "device_call_ms": 0.36,
+        "compute_a_ms": 0.40,
+        "compute_b_ms": 0.021,
+    },
+    "bs_ms": 0.47,
+    "bs_per_device_ms": 0.67,
     # the leaf that charges frames (links.py: tbf with one frame + 50 us of the rate)
     "shaping": {"mode": "tbf", "bucket_bytes": 1514.0, "bucket_slack_us": 50.0},
     # what policies see as the compute profile c(N) = a + b N (profiling.py's fit)
@@ -161,29 +167,43 @@ class Calibration:
         return float(a + b * devices)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "latency_model": self.params.to_dict(),
-                "compute_profile": {d: {"a_ms": a, "b_ms": b}
-                                    for d, (a, b) in self.compute_profile.items()},
-                "default_profile": {"a_ms": self.default_profile[0],
-                                    "b_ms": self.default_profile[1]},
-                "bs_layer_ms": {k: list(v) for k, v in self.bs_layer_ms.items()},
-                "tail_ms": self.tail_ms,
-                "rate_change": {k or "any": {"a_ms": a, "b_ms": b}
-                                for k, (a, b) in self.rate_change.items()},
-                "fit": self.fit}
+        return {
+            "source": self.source,
+            "latency_model": self.params.to_dict(),
+            "compute_profile": {
+                d: {"a_ms": a, "b_ms": b} for d, (a, b) in self.compute_profile.items()
+            },
+            "default_profile": {"a_ms": self.default_profile[0], "b_ms": self.default_profile[1]},
+            "bs_layer_ms": {k: list(v) for k, v in self.bs_layer_ms.items()},
+            "tail_ms": self.tail_ms,
+            "rate_change": {
+                k or "any": {"a_ms": a, "b_ms": b} for k, (a, b) in self.rate_change.items()
+            },
+            "fit": self.fit,
+        }
 
 
 def default_calibration(bytes_per_token: float = 0.0) -> Calibration:
     """:data:`DEFAULTS` as a :class:`Calibration`."""
     d = DEFAULTS
     sh = d["shaping"]
-    params = LayerCostParams(bytes_per_token, default_device=DeviceCosts(**d["device"]),
-                             shaping=sh["mode"], bucket_bytes=sh["bucket_bytes"],
-                             bucket_slack_us=sh["bucket_slack_us"], bs_ms=d["bs_ms"],
-                             bs_per_device_ms=d["bs_per_device_ms"])
-    return Calibration(params, {}, tuple(d["compute_profile"]),
-                       {k: tuple(v) for k, v in d["bs_layer_ms"].items()}, d["tail_ms"],
-                       {"": tuple(d["rate_change"])})
+    params = LayerCostParams(
+        bytes_per_token,
+        default_device=DeviceCosts(**d["device"]),
+        shaping=sh["mode"],
+        bucket_bytes=sh["bucket_bytes"],
+        bucket_slack_us=sh["bucket_slack_us"],
+        bs_ms=d["bs_ms"],
+        bs_per_device_ms=d["bs_per_device_ms"],
+    )
+    return Calibration(
+        params,
+        {},
+        tuple(d["compute_profile"]),
+        {k: tuple(v) for k, v in d["bs_layer_ms"].items()},
+        d["tail_ms"],
+        {"": tuple(d["rate_change"])},
+    )
 
 
 def _f(v: Any) -> float | None:
@@ -216,7 +236,9 @@ class RatesInForce:
         for t in trials:
             self.fixed[(str(t.get("trial")), str(t.get("repeat")))] = {
                 str(x["device"]): (float(x["down_kbit"]), float(x["up_kbit"]))
-                for x in t.get("links_enforced") or [] if x.get("down_kbit") and x.get("up_kbit")}
+                for x in t.get("links_enforced") or []
+                if x.get("down_kbit") and x.get("up_kbit")
+            }
 
         # the rates after each epoch: a device an epoch leaves out keeps its rate
         self.after: dict[tuple[str, str], list[dict[str, tuple[float, float]]]] = {}
@@ -235,8 +257,9 @@ class RatesInForce:
         return rates.get(device)
 
 
-def exchange_samples(calls: Sequence[Mapping[str, Any]], layers: Sequence[Mapping[str, Any]],
-                     rates: RatesInForce) -> list[dict[str, Any]]:
+def exchange_samples(
+    calls: Sequence[Mapping[str, Any]], layers: Sequence[Mapping[str, Any]], rates: RatesInForce
+) -> list[dict[str, Any]]:
     """One sample per device call of a measured run for
     :func:`~testbed.latency_model.fit_layer_costs` (pure): ``device``, ``experts``, ``rows``,
     ``rtt_ms``, ``device_ms`` (round trip less network time), ``rate_down_kbit``,
@@ -252,9 +275,20 @@ def exchange_samples(calls: Sequence[Mapping[str, Any]], layers: Sequence[Mappin
         if c.get("status") != "ok" or rtt is None or net is None:
             bad.add(lk)
             continue
-        g = groups.setdefault((lk, str(c["device"]), str(c.get("attempt", "0"))), {
-            "device": str(c["device"]), "experts": 0, "rows": 0, "tokens": 0, "rtt_ms": rtt,
-            "device_ms": rtt - net, "layer": lk, "layer_ms": moe.get(lk), "_row": c})
+        g = groups.setdefault(
+            (lk, str(c["device"]), str(c.get("attempt", "0"))),
+            {
+                "device": str(c["device"]),
+                "experts": 0,
+                "rows": 0,
+                "tokens": 0,
+                "rtt_ms": rtt,
+                "device_ms": rtt - net,
+                "layer": lk,
+                "layer_ms": moe.get(lk),
+                "_row": c,
+            },
+        )
         g["experts"] += 1
         g["rows"] += int(float(c.get("tokens") or 0))
         g["tokens"] = g["rows"]
@@ -268,13 +302,14 @@ def exchange_samples(calls: Sequence[Mapping[str, Any]], layers: Sequence[Mappin
     return out
 
 
-def bs_layer_times(layers: Sequence[Mapping[str, Any]], links: Sequence[Mapping[str, Any]]
-                   ) -> dict[str, tuple[float, ...]]:
+def bs_layer_times(
+    layers: Sequence[Mapping[str, Any]], links: Sequence[Mapping[str, Any]]
+) -> dict[str, tuple[float, ...]]:
     """phase -> median BS time per MoE layer position outside the exchange, without the rate
     change that started at that layer (pure; see the module doc for the decision)."""
     change: dict[tuple, float] = {}
     seen: set[tuple] = set()
-    for r in links:   # one change = one (trial, repeat, time_s): its rows share change_ms
+    for r in links:  # one change = one (trial, repeat, time_s): its rows share change_ms
         k = (_tk(r), str(r.get("time_s")))
         ms = _f(r.get("change_ms"))
         if k in seen or ms is None:
@@ -284,9 +319,12 @@ def bs_layer_times(layers: Sequence[Mapping[str, Any]], links: Sequence[Mapping[
         change[p] = change.get(p, 0.0) + ms
     has_decision = any(r.get("decision_ms") not in (None, "") for r in layers)
     if any(r.get("change_ms") not in (None, "") for r in layers):
-        change = {}   # the layer's own record of its rate change wins
-    rows = list(layers) if has_decision else \
-        [r for r in layers if r.get("predicted_ms") in (None, "")] or list(layers)
+        change = {}  # the layer's own record of its rate change wins
+    rows = (
+        list(layers)
+        if has_decision
+        else [r for r in layers if r.get("predicted_ms") in (None, "")] or list(layers)
+    )
     moe_layers = sorted({int(r["layer"]) for r in rows})
     pos = {lay: i for i, lay in enumerate(moe_layers)}
     by: dict[tuple[str, int], list[float]] = {}
@@ -294,14 +332,14 @@ def bs_layer_times(layers: Sequence[Mapping[str, Any]], links: Sequence[Mapping[
         bs = _f(r.get("bs_ms"))
         if bs is None:
             continue
-        bs -= change.get((_tk(r), _pos(r)), _f(r.get("change_ms")) or 0.0) + \
-            (_f(r.get("decision_ms")) or 0.0)
+        bs -= change.get((_tk(r), _pos(r)), _f(r.get("change_ms")) or 0.0) + (
+            _f(r.get("decision_ms")) or 0.0
+        )
         phase = "prefill" if int(r["step"]) == 0 else "decode"
         by.setdefault((phase, pos[int(r["layer"])]), []).append(max(0.0, bs))
     out: dict[str, tuple[float, ...]] = {}
     for phase in ("prefill", "decode"):
-        xs = [statistics.median(by[(phase, i)]) for i in range(len(moe_layers))
-              if (phase, i) in by]
+        xs = [statistics.median(by[(phase, i)]) for i in range(len(moe_layers)) if (phase, i) in by]
         if xs:
             out[phase] = tuple(xs)
     if "prefill" not in out and "decode" in out:
@@ -311,8 +349,9 @@ def bs_layer_times(layers: Sequence[Mapping[str, Any]], links: Sequence[Mapping[
     return out
 
 
-def step_tail_ms(requests: Sequence[Mapping[str, Any]], layers: Sequence[Mapping[str, Any]]
-                 ) -> float | None:
+def step_tail_ms(
+    requests: Sequence[Mapping[str, Any]], layers: Sequence[Mapping[str, Any]]
+) -> float | None:
     """Median over requests of (``total_ms`` - its layers' ``bs_ms + moe_ms``) / its steps
     (pure): the BS's time per step after the last MoE layer."""
     by: dict[tuple, list[Mapping[str, Any]]] = {}
@@ -330,8 +369,9 @@ def step_tail_ms(requests: Sequence[Mapping[str, Any]], layers: Sequence[Mapping
     return statistics.median(xs) if xs else None
 
 
-def rate_change_fit(links: Sequence[Mapping[str, Any]],
-                    layers: Sequence[Mapping[str, Any]] = ()) -> dict[str, tuple[float, float]]:
+def rate_change_fit(
+    links: Sequence[Mapping[str, Any]], layers: Sequence[Mapping[str, Any]] = ()
+) -> dict[str, tuple[float, float]]:
     """Source -> ``(a, b)`` of ``change_ms = a + b * devices changed`` (non-negative least
     squares, :func:`~testbed.latency_model.fit_compute_profile`), and ``""`` over all (pure).
 
@@ -345,7 +385,7 @@ def rate_change_fit(links: Sequence[Mapping[str, Any]],
         e["n"] += 1
     if any(r.get("change_ms") not in (None, "") for r in layers):
         at: dict[tuple, dict[str, Any]] = {}
-        for r in links:   # every change that epoch (a channel's, then a policy's)
+        for r in links:  # every change that epoch (a channel's, then a policy's)
             e = at.setdefault((_tk(r), _pos(r)), {"n": 0, "src": ""})
             e["n"] += 1
             e["src"] = r.get("source")
@@ -379,26 +419,36 @@ def calibrate_from_run(run_dir: str | Path) -> Calibration:
         raise ConfigError(f"--calibrate: {p}: no readable {R.MANIFEST} ({e})") from None
     if man.get("mode") == "simulated":
         raise ConfigError(f"--calibrate: {p}: a simulated run (calibrate from a measured one)")
-    calls, layers, links, reqs = (R.read_csv(p / f) for f in
-                                  (R.CALLS, R.LAYERS, R.LINKS, R.REQUESTS))
+    calls, layers, links, reqs = (
+        R.read_csv(p / f) for f in (R.CALLS, R.LAYERS, R.LINKS, R.REQUESTS)
+    )
     if not calls or not layers:
         raise ConfigError(f"--calibrate: {p}: no calls or layers to calibrate from")
     d = default_calibration()
     sh = man.get("shaping") or {}
     mode = sh.get("mode") if sh.get("mode") in ("tbf", "netem", "htb", "none") else "tbf"
     # bytes per token of the run (payload per row): what the fit's airtime is computed with
-    per_row = [float(c["bytes_down"]) / float(c["tokens"]) for c in calls
-               if c.get("status") == "ok" and _f(c.get("tokens")) and _f(c.get("bytes_down"))]
-    base = replace(d.params, bytes_per_token=statistics.median(per_row) if per_row else 0.0,
-                   shaping=mode, bucket_bytes=float(sh.get("bucket_bytes") or 1514.0),
-                   bucket_slack_us=float(sh.get("bucket_slack_us") or 50.0))
+    per_row = [
+        float(c["bytes_down"]) / float(c["tokens"])
+        for c in calls
+        if c.get("status") == "ok" and _f(c.get("tokens")) and _f(c.get("bytes_down"))
+    ]
+    base = replace(
+        d.params,
+        bytes_per_token=statistics.median(per_row) if per_row else 0.0,
+        shaping=mode,
+        bucket_bytes=float(sh.get("bucket_bytes") or 1514.0),
+        bucket_slack_us=float(sh.get("bucket_slack_us") or 50.0),
+    )
     fit: dict[str, Any] = {}
-    fitted = [LayerCostParams.from_dict(t["latency_model"]["params"])
-              for t in man.get("trials") or []
-              if isinstance((t.get("latency_model") or {}).get("params"), Mapping)]
+    fitted = [
+        LayerCostParams.from_dict(t["latency_model"]["params"])
+        for t in man.get("trials") or []
+        if isinstance((t.get("latency_model") or {}).get("params"), Mapping)
+    ]
     if not fitted and isinstance(man.get("latency_model"), Mapping):
         fitted = [LayerCostParams.from_dict(man["latency_model"])]
-    if fitted:   # the runner's own fit (profiling exchanges): each trial's, combined
+    if fitted:  # the runner's own fit (profiling exchanges): each trial's, combined
         params = combine_params(fitted)
         fit["latency_model"] = f"the run's profiling fit ({len(fitted)} trials)"
     else:
@@ -407,26 +457,39 @@ def calibrate_from_run(run_dir: str | Path) -> Calibration:
             raise ConfigError(f"--calibrate: {p}: no complete expert exchange to fit")
         params, resid = fit_layer_costs(samples, base)
         fit.update(latency_model=f"fit_layer_costs on {len(samples)} calls", residuals=resid)
-    if params.devices:   # devices the run did not have: the median of those it had
+    if params.devices:  # devices the run did not have: the median of those it had
         params = replace(params, default_device=median_costs(params.devices))
-    prof = {str(k): (float(v["a_ms"]), float(v["b_ms"]))
-            for k, v in (man.get("compute_profile") or {}).items()}
-    default_prof = (statistics.median(a for a, _ in prof.values()),
-                    statistics.median(b for _, b in prof.values())) if prof else \
-        d.default_profile
+    prof = {
+        str(k): (float(v["a_ms"]), float(v["b_ms"]))
+        for k, v in (man.get("compute_profile") or {}).items()
+    }
+    default_prof = (
+        (
+            statistics.median(a for a, _ in prof.values()),
+            statistics.median(b for _, b in prof.values()),
+        )
+        if prof
+        else d.default_profile
+    )
     bs = bs_layer_times(layers, links) or d.bs_layer_ms
     tail = step_tail_ms(reqs, layers)
     change = rate_change_fit(links, layers) or d.rate_change
-    fit.update(samples=len(calls), layers=len(layers), requests=len(reqs),
-               tail_from_run=tail is not None)
-    return Calibration(params, prof, default_prof, bs, d.tail_ms if tail is None else tail,
-                       change, str(p), fit)
+    fit.update(
+        samples=len(calls), layers=len(layers), requests=len(reqs), tail_from_run=tail is not None
+    )
+    return Calibration(
+        params, prof, default_prof, bs, d.tail_ms if tail is None else tail, change, str(p), fit
+    )
 
 
 def median_costs(costs: Sequence[DeviceCosts]) -> DeviceCosts:
     """Each field's median over ``costs`` (a device the calibration did not see)."""
-    return DeviceCosts(**{f.name: statistics.median(getattr(c, f.name) for c in costs)
-                          for f in fields(DeviceCosts)})
+    return DeviceCosts(
+        **{
+            f.name: statistics.median(getattr(c, f.name) for c in costs)
+            for f in fields(DeviceCosts)
+        }
+    )
 
 
 def combine_params(fitted: Sequence[LayerCostParams]) -> LayerCostParams:
@@ -438,14 +501,18 @@ def combine_params(fitted: Sequence[LayerCostParams]) -> LayerCostParams:
             per.setdefault(name, []).append(c)
     last = fitted[-1]
     skip = {"devices", "device_names", "default_device"}
-    scal = {f.name: statistics.median(getattr(p, f.name) for p in fitted)
-            for f in fields(LayerCostParams) if f.name not in skip
-            and all(isinstance(getattr(p, f.name), (int, float)) for p in fitted)
-            and not isinstance(getattr(last, f.name), bool)}
+    scal = {
+        f.name: statistics.median(getattr(p, f.name) for p in fitted)
+        for f in fields(LayerCostParams)
+        if f.name not in skip
+        and all(isinstance(getattr(p, f.name), (int, float)) for p in fitted)
+        and not isinstance(getattr(last, f.name), bool)
+    }
     scal = {k: type(getattr(last, k))(v) for k, v in scal.items()}
     names = tuple(sorted(per))
-    return replace(last, **scal, device_names=names,
-                   devices=tuple(median_costs(per[n]) for n in names))
+    return replace(
+        last, **scal, device_names=names, devices=tuple(median_costs(per[n]) for n in names)
+    )
 
 
 # -- the virtual clock, links and expert exchange ----------------------------------------------
@@ -469,15 +536,19 @@ class SimLinkRecorder(LinkRecorder):
         super().__init__(None, table, 0.0)
         self.clock = clock
         self.cost = cost
-        self.charged_ms = 0.0   # changes charged since the last take()
+        self.charged_ms = 0.0  # changes charged since the last take()
 
     def take(self) -> float:
         """The change time charged since the last call (the layer's ``change_ms``)."""
         ms, self.charged_ms = self.charged_ms, 0.0
         return ms
 
-    def apply(self, rates: Mapping[str, tuple[float, float]], key: Mapping[str, Any],
-              where: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
+    def apply(
+        self,
+        rates: Mapping[str, tuple[float, float]],
+        key: Mapping[str, Any],
+        where: Mapping[str, Any],
+    ) -> dict[str, tuple[float, float]]:
         asked = {d: (max(MIN_KBIT, dn), max(MIN_KBIT, up)) for d, (dn, up) in rates.items()}
         start = self.clock.now
         ms = self.cost(str(where.get("source", "")), len(asked))
@@ -487,9 +558,16 @@ class SimLinkRecorder(LinkRecorder):
         self.change_ms.append(ms)
         self._since = self.clock.now
         self._common = {**key, **where, "time_s": start, "change_ms": ms}
-        self._pending = [{"device": d, "asked_down_kbit": rates[d][0],
-                          "asked_up_kbit": rates[d][1], "enforced_down_kbit": asked[d][0],
-                          "enforced_up_kbit": asked[d][1]} for d in sorted(rates)]
+        self._pending = [
+            {
+                "device": d,
+                "asked_down_kbit": rates[d][0],
+                "asked_up_kbit": rates[d][1],
+                "enforced_down_kbit": asked[d][0],
+                "enforced_up_kbit": asked[d][1],
+            }
+            for d in sorted(rates)
+        ]
         return asked
 
     def end_epoch(self, at: float | None = None) -> None:
@@ -497,24 +575,44 @@ class SimLinkRecorder(LinkRecorder):
             return
         ms = ((self.clock.now if at is None else at) - self._since) * 1e3
         self.epoch_ms.append(ms)
-        self.table.write_many(self._pending, {**self._common, "epoch_ms": ms,
-                                              "tc_slower": self._common["change_ms"] > ms})
+        self.table.write_many(
+            self._pending,
+            {**self._common, "epoch_ms": ms, "tc_slower": self._common["change_ms"] > ms},
+        )
         self._pending = []
 
 
-def predict_exchange(loads: np.ndarray, experts: np.ndarray, down_kbit: np.ndarray,
-                     up_kbit: np.ndarray, params: LayerCostParams,
-                     tokens_down: Sequence[float | None] | None = None,
-                     tokens_up: Sequence[float | None] | None = None
-                     ) -> tuple[float, dict[str, np.ndarray]]:
+def predict_exchange(
+    loads: np.ndarray,
+    experts: np.ndarray,
+    down_kbit: np.ndarray,
+    up_kbit: np.ndarray,
+    params: LayerCostParams,
+    tokens_down: Sequence[float | None] | None = None,
+    tokens_up: Sequence[float | None] | None = None,
+) -> tuple[float, dict[str, np.ndarray]]:
     """One layer's exchange under the calibrated latency model -- the one place the twin
     calls it: ``(moe_ms, per-device terms)`` for the called devices (``params.devices`` in
     their order; ``tokens_*``: what each link's bucket holds as its message starts, ``None``
     full); terms as :func:`~testbed.latency_model.layer_terms`."""
-    layer_ms, _ = predict_layer_ms(loads, down_kbit, up_kbit, params, experts=experts,
-                                   tokens_down=tokens_down, tokens_up=tokens_up)
-    return layer_ms, layer_terms(loads, down_kbit, up_kbit, params, experts=experts,
-                                 tokens_down=tokens_down, tokens_up=tokens_up)
+    layer_ms, _ = predict_layer_ms(
+        loads,
+        down_kbit,
+        up_kbit,
+        params,
+        experts=experts,
+        tokens_down=tokens_down,
+        tokens_up=tokens_up,
+    )
+    return layer_ms, layer_terms(
+        loads,
+        down_kbit,
+        up_kbit,
+        params,
+        experts=experts,
+        tokens_down=tokens_down,
+        tokens_up=tokens_up,
+    )
 
 
 class SimBackend:
@@ -531,8 +629,9 @@ class SimBackend:
     starts with what the bucket refilled since the last one left
     (:func:`~testbed.latency_model.bucket_refilled`, :func:`~testbed.latency_model.bucket_after`)."""
 
-    def __init__(self, inner: Any, clock: SimClock, calibration: Calibration,
-                 bytes_per_token: int) -> None:
+    def __init__(
+        self, inner: Any, clock: SimClock, calibration: Calibration, bytes_per_token: int
+    ) -> None:
         self.inner = inner
         self.clock = clock
         self.cal = calibration
@@ -550,8 +649,9 @@ class SimBackend:
         #: bucket held then)
         self.buckets: dict[tuple[str, str], tuple[float, float]] = {}
 
-    def _tokens(self, device: str, direction: str, at: float, rate: float,
-                later_ms: float) -> float | None:
+    def _tokens(
+        self, device: str, direction: str, at: float, rate: float, later_ms: float
+    ) -> float | None:
         """What ``device``'s bucket in ``direction`` holds ``later_ms`` after ``at`` (``None``:
         full, or never used): refilled at the link's rate since its last message left."""
         seen = self.buckets.get((device, direction))
@@ -570,7 +670,7 @@ class SimBackend:
 
     def run_layer(self, work: Any) -> Any:
         res = self.inner.run_layer(work)
-        for d in self.pending.get("links_changed") or ():   # tbf_change fills the bucket
+        for d in self.pending.get("links_changed") or ():  # tbf_change fills the bucket
             self.buckets.pop((d, "down"), None)
             self.buckets.pop((d, "up"), None)
         by_dev: dict[str, list[str]] = {}
@@ -587,19 +687,23 @@ class SimBackend:
         params = self._params(names)
         now = self.clock.now
         tok_d = [self._tokens(d, "down", now, down[k], 0.0) for k, d in enumerate(names)]
-        first = layer_terms(loads, down, up, params, experts=ex, tokens_down=tok_d) \
-            if names else {}
-        tok_u = [self._tokens(d, "up", now, up[k], first["air_down"][k] + first["device"][k])
-                 for k, d in enumerate(names)]
-        moe_ms, terms = predict_exchange(loads, ex, down, up, params, tok_d, tok_u) \
-            if names else (0.0, {})
-        for k, d in enumerate(names):   # where each link's bucket stands after its message
+        first = layer_terms(loads, down, up, params, experts=ex, tokens_down=tok_d) if names else {}
+        tok_u = [
+            self._tokens(d, "up", now, up[k], first["air_down"][k] + first["device"][k])
+            for k, d in enumerate(names)
+        ]
+        moe_ms, terms = (
+            predict_exchange(loads, ex, down, up, params, tok_d, tok_u) if names else (0.0, {})
+        )
+        for k, d in enumerate(names):  # where each link's bucket stands after its message
             self.buckets[(d, "down")] = (
                 now + terms["air_down"][k] / 1e3,
-                bucket_after(tok_d[k], terms["bytes_down"][k], down[k], params))
+                bucket_after(tok_d[k], terms["bytes_down"][k], down[k], params),
+            )
             self.buckets[(d, "up")] = (
                 now + terms["total"][k] / 1e3,
-                bucket_after(tok_u[k], terms["bytes_up"][k], up[k], params))
+                bucket_after(tok_u[k], terms["bytes_up"][k], up[k], params),
+            )
         calls = []
         for k, d in enumerate(names):
             dc = params.device(k)
@@ -607,17 +711,38 @@ class SimBackend:
             dev_ms = float(terms["device"][k])
             for u in by_dev[d]:
                 n = rows[u]
-                calls.append({"layer": work.layer, "step": work.step, "uid": u, "device": d,
-                              "attempt": 0, "tokens": n, "bytes_out": n * self.bytes_per_token,
-                              "bytes_in": n * self.bytes_per_token, "status": "ok", "reason": "",
-                              "req_id": k, "serialize_ms": 0.0, "rtt_ms": rtt,
-                              "network_ms": rtt - dev_ms, "queue_ms": 0.0,
-                              "compute_ms": dc.compute_a_ms + dc.compute_b_ms * n,
-                              "device_ms": dev_ms, "energy_j": None, "energy_source": None})
+                calls.append(
+                    {
+                        "layer": work.layer,
+                        "step": work.step,
+                        "uid": u,
+                        "device": d,
+                        "attempt": 0,
+                        "tokens": n,
+                        "bytes_out": n * self.bytes_per_token,
+                        "bytes_in": n * self.bytes_per_token,
+                        "status": "ok",
+                        "reason": "",
+                        "req_id": k,
+                        "serialize_ms": 0.0,
+                        "rtt_ms": rtt,
+                        "network_ms": rtt - dev_ms,
+                        "queue_ms": 0.0,
+                        "compute_ms": dc.compute_a_ms + dc.compute_b_ms * n,
+                        "device_ms": dev_ms,
+                        "energy_j": None,
+                        "energy_source": None,
+                    }
+                )
         t_enter = self.clock.now
         self.clock.advance_ms(moe_ms)
-        res.info.update(calls=calls, served_by={u: d for d, us in by_dev.items() for u in us},
-                        rerouted={}, t_enter=t_enter, t_exit=self.clock.now)
+        res.info.update(
+            calls=calls,
+            served_by={u: d for d, us in by_dev.items() for u in us},
+            rerouted={},
+            t_enter=t_enter,
+            t_exit=self.clock.now,
+        )
         pend, self.pending = self.pending, {}
         start = bool(pend.pop("epoch_start", False))
         pend.pop("links_changed", None)
@@ -628,10 +753,13 @@ class SimBackend:
             res.info["decision_ms"] = self.decision.take()
         if self.change is not None:
             res.info["change_ms"] = self.change.take()
-        if "policy_predicted_ms" in R.LAYER_COLUMNS:   # predicted_ms: the calibrated model's
+        if "policy_predicted_ms" in R.LAYER_COLUMNS:  # predicted_ms: the calibrated model's
             res.info["predicted_ms"] = moe_ms
-            res.info["predicted_critical_ms"] = moe_ms + float(res.info.get("decision_ms") or 0) + \
-                (float(res.info.get("change_ms") or 0) if start else 0.0)
+            res.info["predicted_critical_ms"] = (
+                moe_ms
+                + float(res.info.get("decision_ms") or 0)
+                + (float(res.info.get("change_ms") or 0) if start else 0.0)
+            )
             res.info.update(X.critical_terms(terms))
         self.layers += 1
         return res
@@ -676,8 +804,14 @@ def device_names(n: int) -> list[str]:
 class Simulator:
     """One twin run of a recipe (module doc). Use :func:`simulate_recipe`."""
 
-    def __init__(self, recipe: Recipe, out: Path, devices: int | None = None,
-                 calibrate: Path | None = None, progress: X.Progress | None = None) -> None:
+    def __init__(
+        self,
+        recipe: Recipe,
+        out: Path,
+        devices: int | None = None,
+        calibrate: Path | None = None,
+        progress: X.Progress | None = None,
+    ) -> None:
         self.recipe = recipe
         self.devices = devices
         self.calibrate = calibrate
@@ -697,21 +831,36 @@ class Simulator:
 
     def run(self) -> X.RunResult:
         trials = self.recipe.trials()
-        cal = calibrate_from_run(self.calibrate) if self.calibrate is not None else \
-            default_calibration()
+        cal = (
+            calibrate_from_run(self.calibrate)
+            if self.calibrate is not None
+            else default_calibration()
+        )
         self.cal = cal
         try:
             self.run_dir.mkdir(parents=True, exist_ok=False)
         except OSError as e:
             raise ConfigError(f"--out: {self.out}: cannot create the run folder: {e}") from None
         self.manifest = {
-            "run_id": self.run_id, "mode": "simulated", "status": "running", "error": None,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "ended": None,
-            "git_commit": X.git_commit(), "versions": X.package_versions(),
-            "recipe": self.recipe.to_dict(), "trials": [], "completed": [],
-            "local_testbed": False, "inventory": None, "model": None,
-            "twin": {"devices": self.devices, "calibration": cal.to_dict(),
-                     "not_simulated": self._not_simulated(trials)},
+            "run_id": self.run_id,
+            "mode": "simulated",
+            "status": "running",
+            "error": None,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "ended": None,
+            "git_commit": X.git_commit(),
+            "versions": X.package_versions(),
+            "recipe": self.recipe.to_dict(),
+            "trials": [],
+            "completed": [],
+            "local_testbed": False,
+            "inventory": None,
+            "model": None,
+            "twin": {
+                "devices": self.devices,
+                "calibration": cal.to_dict(),
+                "not_simulated": self._not_simulated(trials),
+            },
         }
         self._save()
         status, err = "failed", None
@@ -730,14 +879,22 @@ class Simulator:
             self.progress.close()
             self.manifest["twin"].update(
                 wall_s=time.perf_counter() - t_wall,
-                decision_ms={p: {"n": len(v), "median": statistics.median(v), "max": max(v)}
-                             for p, v in self.decisions.items() if v})
-            self.manifest.update(status=status, error=err,
-                                 ended=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                 requests_done=self.requests_done)
+                decision_ms={
+                    p: {"n": len(v), "median": statistics.median(v), "max": max(v)}
+                    for p, v in self.decisions.items()
+                    if v
+                },
+            )
+            self.manifest.update(
+                status=status,
+                error=err,
+                ended=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                requests_done=self.requests_done,
+            )
             self._save()
-        return X.RunResult(self.run_dir, self.run_id, status, len(trials), self.requests_done,
-                           err, self.summaries)
+        return X.RunResult(
+            self.run_dir, self.run_id, status, len(trials), self.requests_done, err, self.summaries
+        )
 
     def _not_simulated(self, trials: Sequence[Trial]) -> list[str]:
         out = set()
@@ -765,8 +922,11 @@ class Simulator:
         rec = self.recipe
         split = resolve_split(rec.model_spec(), where=f"{rec.path}: model.path")
         for t in trials:
-            load_policy(rec.policy_spec(t.policy), t.config["policy"]["params"],
-                        f"{rec.path}: policy.params")
+            load_policy(
+                rec.policy_spec(t.policy),
+                t.config["policy"]["params"],
+                f"{rec.path}: policy.params",
+            )
         m = load_manifest(split)
         self.split, self.mf = split, m
         X._quiet_transformers()
@@ -777,20 +937,32 @@ class Simulator:
         self.local = bsm.backend
         wire = bsm.controller.wire_dtype or next(bsm.model.parameters()).dtype
         self.bytes_per_token = bytes_per_token(m.hidden_size, wire.itemsize)
-        self.manifest["model"] = {"path": str(split), "family": m.family,
-                                  "model_type": m.model_type,
-                                  "manifest_sha256": X._sha256(split / "manifest.json"),
-                                  "moe_layers": list(m.moe_layers), "experts": len(m.uids()),
-                                  "hidden_size": m.model_hidden_size,
-                                  "expert_hidden_size": m.hidden_size,
-                                  "lift": dict(m.lift_info) if m.lift_info else None,
-                                  "wire_dtype": str(wire).removeprefix("torch.")}
+        self.manifest["model"] = {
+            "path": str(split),
+            "family": m.family,
+            "model_type": m.model_type,
+            "manifest_sha256": X._sha256(split / "manifest.json"),
+            "moe_layers": list(m.moe_layers),
+            "experts": len(m.uids()),
+            "hidden_size": m.model_hidden_size,
+            "expert_hidden_size": m.hidden_size,
+            "lift": dict(m.lift_info) if m.lift_info else None,
+            "wire_dtype": str(wire).removeprefix("torch."),
+        }
         self.moe_pos = {lay: i for i, lay in enumerate(sorted(m.moe_layers))}
         p = self.cal.params
-        self.manifest["shaping"] = {"mode": p.shaping, "bucket_bytes": p.bucket_bytes,
-                                    "bucket_slack_us": p.bucket_slack_us, "simulated": True}
-        self.link_shaping = {"shaping": p.shaping, "bucket_bytes": p.bucket_bytes,
-                             "bucket_slack_us": p.bucket_slack_us, "offloads": "simulated"}
+        self.manifest["shaping"] = {
+            "mode": p.shaping,
+            "bucket_bytes": p.bucket_bytes,
+            "bucket_slack_us": p.bucket_slack_us,
+            "simulated": True,
+        }
+        self.link_shaping = {
+            "shaping": p.shaping,
+            "bucket_bytes": p.bucket_bytes,
+            "bucket_slack_us": p.bucket_slack_us,
+            "offloads": "simulated",
+        }
         self.manifest["compute_profile"] = {}
         self._save()
         extra = [f"sweep.{k}" for k in rec.sweep]
@@ -805,7 +977,9 @@ class Simulator:
                 ("profile", R.PROFILE, R.PROFILE_COLUMNS, ()),
                 ("links", R.LINKS, R.LINK_COLUMNS, extra),
                 ("faults", R.FAULTS, R.FAULT_COLUMNS, extra),
-                ("migrations", R.MIGRATIONS, R.MIGRATION_COLUMNS, extra))}
+                ("migrations", R.MIGRATIONS, R.MIGRATION_COLUMNS, extra),
+            )
+        }
         self.progress.start(len(trials), int(rec.config["workload"]["requests"]) * rec.repeats)
         self.reference_model: Any = None
         for t in trials:
@@ -823,13 +997,20 @@ class Simulator:
         from .report import summary_row
 
         rec, cal = self.recipe, self.cal
-        inner = load_policy(rec.policy_spec(t.policy), t.config["policy"]["params"],
-                            f"{rec.path}: policy.params")
+        inner = load_policy(
+            rec.policy_spec(t.policy), t.config["policy"]["params"], f"{rec.path}: policy.params"
+        )
         policy = _TimedSelect(inner, self.clock)
         self.decisions.setdefault(inner.name, [])
         point = dict(t.point)
-        key = {"run_id": self.run_id, "trial": t.index, "point": t.label, "policy": inner.name,
-               "repeat": rep, **{f"sweep.{k}": v for k, v in point.items()}}
+        key = {
+            "run_id": self.run_id,
+            "trial": t.index,
+            "point": t.label,
+            "policy": inner.name,
+            "repeat": rep,
+            **{f"sweep.{k}": v for k, v in point.items()},
+        }
         names = device_names(self._n_devices(t))
         budget = float(rec.config["run"].get("memory_budget_mb") or 1e6)
         infos = [DeviceInfo(n, budget, "netns") for n in names]
@@ -844,16 +1025,25 @@ class Simulator:
         sim = SimBackend(self.local, self.clock, cal, self.bytes_per_token)
         sim.placement = placement
         self.bsm.backend = inner.wrap_backend(sim)
-        cluster = X.trial_cluster(t, rec.seed + rep, placement, rates, names, profiles,
-                                  self.bytes_per_token)
+        cluster = X.trial_cluster(
+            t, rec.seed + rep, placement, rates, names, profiles, self.bytes_per_token
+        )
         sim.cluster = cluster
         trace_path = rec.trace_path(t)
         recorder = SimLinkRecorder(self.tables["links"], self.clock, cal.change_ms)
         sim.decision, sim.change = policy, recorder
-        plan = EpochLinks(Epochs(cluster.epoch_scope), recorder, cluster, names,
-                          {**key, **self.link_shaping}, cluster.channel, cluster.bandwidth_hz,
-                          TraceReplay(read_trace(trace_path), names, str(trace_path))
-                          if trace_path is not None else None)
+        plan = EpochLinks(
+            Epochs(cluster.epoch_scope),
+            recorder,
+            cluster,
+            names,
+            {**key, **self.link_shaping},
+            cluster.channel,
+            cluster.bandwidth_hz,
+            TraceReplay(read_trace(trace_path), names, str(trace_path))
+            if trace_path is not None
+            else None,
+        )
         hook = X.policy_hook(policy, cluster, plan, sim, lambda: self.request_index, dict)
         moe_pos, clock = self.moe_pos, self.clock
 
@@ -862,11 +1052,18 @@ class Simulator:
             return hook(ctx)
 
         self.bsm.policy = timed_hook
-        self.manifest["trials"].append({
-            "trial": t.index, "repeat": rep, "point": point, "policy": inner.describe(),
-            "devices": len(names), "devices_used": len({ds[0] for ds in placement.values()}),
-            "links_enforced": rates[:64],
-            "placement": {u: list(ds) for u, ds in placement.items()}})
+        self.manifest["trials"].append(
+            {
+                "trial": t.index,
+                "repeat": rep,
+                "point": point,
+                "policy": inner.describe(),
+                "devices": len(names),
+                "devices_used": len({ds[0] for ds in placement.values()}),
+                "links_enforced": rates[:64],
+                "placement": {u: list(ds) for u, ds in placement.items()},
+            }
+        )
         reqs = X.make_workload(t, self.mf, rec.seed + rep)
         t_req: list[dict] = []
         t_layer: list[dict] = []
@@ -880,14 +1077,15 @@ class Simulator:
             self.tables["requests"].write(row)
             t_req.append(row)
             t_layer.append(X.layer_total(lrows))
-            t_calls.extend(status_rows.setdefault(str(c["status"]), {"status": c["status"]})
-                           for c in crows)
+            t_calls.extend(
+                status_rows.setdefault(str(c["status"]), {"status": c["status"]}) for c in crows
+            )
             self.requests_done += 1
             self.progress.request()
         self.decisions[inner.name].extend(policy.decisions_ms)
-        self.manifest["trials"][-1].update(link_epochs=plan.close(),
-                                           policy_final=inner.describe(),
-                                           simulated_s=self.clock.now)
+        self.manifest["trials"][-1].update(
+            link_epochs=plan.close(), policy_final=inner.describe(), simulated_s=self.clock.now
+        )
         summ = {**key, **summary_row(t_req, t_layer, t_calls)}
         self.tables["summary"].write(summ)
         self.summaries.append(summ)
@@ -899,12 +1097,14 @@ class Simulator:
 
         if self.reference_model is None:
             self.reference_model = BaseStationModel.from_split_dir(self.split)
-        g = self.reference_model.generate_greedy([list(q.prompt)], q.max_new_tokens,
-                                                 q.eos_token_id, q.pad_token_id)
+        g = self.reference_model.generate_greedy(
+            [list(q.prompt)], q.max_new_tokens, q.eos_token_id, q.pad_token_id
+        )
         return tuple(g.tokens[0])
 
-    def _request(self, q: X.Request, key: Mapping[str, Any],
-                 placement: Mapping[str, Sequence[str]]) -> tuple[dict, list[dict], list[dict]]:
+    def _request(
+        self, q: X.Request, key: Mapping[str, Any], placement: Mapping[str, Sequence[str]]
+    ) -> tuple[dict, list[dict], list[dict]]:
         bsm, clock, cal = self.bsm, self.clock, self.cal
         step_end: dict[int, float] = {}
         bsm.start_recording()
@@ -916,8 +1116,9 @@ class Simulator:
             step_end[s] = clock.now
 
         try:
-            gen = bsm.generate_greedy([list(q.prompt)], q.max_new_tokens, q.eos_token_id,
-                                      q.pad_token_id, on_step=on_step)
+            gen = bsm.generate_greedy(
+                [list(q.prompt)], q.max_new_tokens, q.eos_token_id, q.pad_token_id, on_step=on_step
+            )
             out = tuple(gen.tokens[0])
         finally:
             t_end = clock.now
@@ -927,15 +1128,23 @@ class Simulator:
         rkey = {**key, "request": q.index}
         lrows, crows, tot = X.rows_for_request(records, rkey, step_start, placement)
         ref = q.reference if q.reference is not None else self._reference(q)
-        energy = {"energy_devices_j": None, "energy_bs_j": None, "energy_j": None,
-                  "energy_source": "simulated: not modelled"}
+        energy = {
+            "energy_devices_j": None,
+            "energy_bs_j": None,
+            "energy_j": None,
+            "energy_source": "simulated: not modelled",
+        }
         row = X.request_row(q, rkey, out, ref, tot, t0, step_end.get(0, t_end), t_end, energy)
         return row, lrows, crows
 
 
-def simulate_recipe(recipe: Recipe, devices: int | None = None, calibrate: Path | None = None,
-                    out: Path = Path("results"), progress: X.Progress | None = None
-                    ) -> X.RunResult:
+def simulate_recipe(
+    recipe: Recipe,
+    devices: int | None = None,
+    calibrate: Path | None = None,
+    out: Path = Path("results"),
+    progress: X.Progress | None = None,
+) -> X.RunResult:
     """Run ``recipe`` through the analytic twin (module doc) over ``devices`` devices (default:
     each trial's ``run.devices``, else 3), calibrated from the measured run ``calibrate``
     (default: :data:`DEFAULTS`); returns the results folder and status like
@@ -955,10 +1164,12 @@ def simulate_recipe(recipe: Recipe, devices: int | None = None, calibrate: Path 
 
 def with_devices(recipe: Recipe, devices: int) -> Recipe:
     """``recipe`` with ``run.devices = devices`` in every trial (a sweep over it dropped)."""
-    device_names(devices)   # checks it
-    return Recipe(recipe.path, {**recipe.config, "run": {**recipe.config["run"],
-                                                         "devices": int(devices)}},
-                  {k: v for k, v in recipe.sweep.items() if k != "run.devices"})
+    device_names(devices)  # checks it
+    return Recipe(
+        recipe.path,
+        {**recipe.config, "run": {**recipe.config["run"], "devices": int(devices)}},
+        {k: v for k, v in recipe.sweep.items() if k != "run.devices"},
+    )
 
 
 def per_policy_token_ms(run_dir: str | Path) -> dict[tuple[str, str], float]:

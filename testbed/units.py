@@ -8,8 +8,14 @@ from __future__ import annotations
 import re
 
 _RATE_UNITS = {  # multiplier to kbit/s; tc's units (bit = bit/s, bps = bytes/s)
-    "bit": 1e-3, "kbit": 1.0, "mbit": 1e3, "gbit": 1e6,
-    "bps": 8e-3, "kbps": 8.0, "mbps": 8e3, "gbps": 8e6,
+    "bit": 1e-3,
+    "kbit": 1.0,
+    "mbit": 1e3,
+    "gbit": 1e6,
+    "bps": 8e-3,
+    "kbps": 8.0,
+    "mbps": 8e3,
+    "gbps": 8e6,
 }
 _TIME_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 _NUM = r"(\d+(?:\.\d*)?|\.\d+)"

@@ -26,15 +26,14 @@ def _why_no_testbed() -> str | None:
     return None
 
 
-needs_testbed = pytest.mark.skipif(_why_no_testbed() is not None,
-                                   reason=_why_no_testbed() or "")
+needs_testbed = pytest.mark.skipif(_why_no_testbed() is not None, reason=_why_no_testbed() or "")
 
 # Under TESTBED_REQUIRE_ALL=1 (set by .ci/run) a skip is a failure unless its reason names
 # something this kind of machine lacks by nature: a GPU, or a kernel without netem. A CI run
 # that quietly skipped the namespace tests (no root, a missing tool) must not pass.
 ALLOWED_SKIP_REASONS = (
-    "no NVIDIA GPU",          # tests/integration/test_energy_gpu.py
-    "no CUDA device",         # CUDA kernels
+    "no NVIDIA GPU",  # tests/integration/test_energy_gpu.py
+    "no CUDA device",  # CUDA kernels
     "netem unavailable here",  # the kernel's own "qdisc kind is unknown"
     "this host has tegrastats",
 )
@@ -48,7 +47,9 @@ def _require_all() -> bool:
 def pytest_sessionstart(session):
     why = _why_no_testbed()
     if _require_all() and why is not None:
-        pytest.exit(f"TESTBED_REQUIRE_ALL=1 but the namespace tests cannot run: {why}", returncode=1)
+        pytest.exit(
+            f"TESTBED_REQUIRE_ALL=1 but the namespace tests cannot run: {why}", returncode=1
+        )
 
 
 def pytest_runtest_logreport(report):
@@ -58,16 +59,21 @@ def pytest_runtest_logreport(report):
 
 
 def disallowed_skips(skips: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    return [(node, why) for node, why in skips
-            if not any(why.startswith(ok) for ok in ALLOWED_SKIP_REASONS)]
+    return [
+        (node, why)
+        for node, why in skips
+        if not any(why.startswith(ok) for ok in ALLOWED_SKIP_REASONS)
+    ]
 
 
 def pytest_sessionfinish(session, exitstatus):
     bad = disallowed_skips(_skips) if _require_all() else []
     if bad:
         tr = session.config.pluginmanager.get_plugin("terminalreporter")
-        head = (f"TESTBED_REQUIRE_ALL=1: {len(bad)} test(s) skipped for a reason this machine "
-                "should not have:")
+        head = (
+            f"TESTBED_REQUIRE_ALL=1: {len(bad)} test(s) skipped for a reason this machine "
+            "should not have:"
+        )
         lines = [head] + [f"  {node}: {why}" for node, why in bad]
         if tr:
             tr.ensure_newline()
@@ -101,8 +107,18 @@ def cli_testbed(state_dir, tmp_path):
         name = unique_name(prefix)
         inv = tmp_path / f"{name}.inventory.toml"
         made.append((env, name))
-        up = run_cli("local", "up", "--devices", str(devices), "--name", name,
-                     "--inventory-out", str(inv), env=env, timeout=120)
+        up = run_cli(
+            "local",
+            "up",
+            "--devices",
+            str(devices),
+            "--name",
+            name,
+            "--inventory-out",
+            str(inv),
+            env=env,
+            timeout=120,
+        )
         assert up.returncode == 0, up.stderr
         return env, name, inv
 
@@ -132,12 +148,19 @@ def make_testbed(state_dir, tmp_path):
         local.down(name)
 
 
-def run_cli(*args: str, timeout: float = 120, env: dict | None = None,
-            **kw) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, timeout: float = 120, env: dict | None = None, **kw
+) -> subprocess.CompletedProcess:
     """Run the real ``testbed`` CLI in a subprocess."""
-    return subprocess.run([sys.executable, "-m", "testbed", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, **(env or {})}, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "testbed", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        **kw,
+    )
 
 
 def leftovers(name: str) -> dict[str, list[str]]:
@@ -146,12 +169,14 @@ def leftovers(name: str) -> dict[str, list[str]]:
 
     n = Names(name)
     ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True,
-                           text=True).stdout
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
     out = {
         "netns": [x.split()[0] for x in ns.splitlines() if x and n.is_our_netns(x.split()[0])],
-        "links": [ln.split(": ")[1].split("@")[0] for ln in links.splitlines()
-                  if n.is_our_link(ln.split(": ")[1].split("@")[0])],
+        "links": [
+            ln.split(": ")[1].split("@")[0]
+            for ln in links.splitlines()
+            if n.is_our_link(ln.split(": ")[1].split("@")[0])
+        ],
         "processes": [],
     }
     marker = f"/{name}/devices/"

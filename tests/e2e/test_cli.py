@@ -40,14 +40,28 @@ def test_json_everywhere_and_unreachable_hosts(state_dir, tmp_path):
     name = unique_name("e")
     inv = tmp_path / "e.inventory.toml"
     try:
-        up = run_cli("local", "up", "--name", name, "--devices", "2", "--rate", "8mbit",
-                     "--inventory-out", str(inv), "--format", "json", env=env)
+        up = run_cli(
+            "local",
+            "up",
+            "--name",
+            name,
+            "--devices",
+            "2",
+            "--rate",
+            "8mbit",
+            "--inventory-out",
+            str(inv),
+            "--format",
+            "json",
+            env=env,
+        )
         assert up.returncode == 0, up.stderr
         upj = json.loads(up.stdout)
         assert [d["name"] for d in upj["devices"]] == ["dev1", "dev2"]
 
-        st = json.loads(run_cli("local", "status", "--name", name, "--format", "json",
-                                env=env).stdout)
+        st = json.loads(
+            run_cli("local", "status", "--name", name, "--format", "json", env=env).stdout
+        )
         assert all(d["sshd_pid"] and d["down_kbit"] == 8000 for d in st["devices"])
 
         chk = run_cli("inventory", "check", str(inv), "--format", "json", env=env)
@@ -59,13 +73,14 @@ def test_json_everywhere_and_unreachable_hosts(state_dir, tmp_path):
         dev2 = inv.read_text().split("[[devices]]")[2]
         ghost_ip = upj["subnet"].rsplit(".", 1)[0] + ".250"
         ghost = dev2.replace('name = "dev2"', 'name = "ghost"').replace(
-            upj["devices"][1]["host"], ghost_ip)
+            upj["devices"][1]["host"], ghost_ip
+        )
         closed = dev2.replace('name = "dev2"', 'name = "closed"').replace(
-            "ssh_port = 22", "ssh_port = 2")
+            "ssh_port = 22", "ssh_port = 2"
+        )
         bad.write_text(inv.read_text() + "\n[[devices]]" + ghost + "\n[[devices]]" + closed)
         t0 = time.monotonic()
-        res = run_cli("inventory", "check", str(bad), "--timeout", "2", "--format", "json",
-                      env=env)
+        res = run_cli("inventory", "check", str(bad), "--timeout", "2", "--format", "json", env=env)
         elapsed = time.monotonic() - t0
         assert res.returncode == 5, res.stderr
         hosts = {h["name"]: h for h in json.loads(res.stdout)["hosts"]}
@@ -78,8 +93,19 @@ def test_json_everywhere_and_unreachable_hosts(state_dir, tmp_path):
         assert any(e.startswith("error: ghost (") for e in errs)
         assert any(e.startswith("error: closed (") for e in errs)
 
-        s = run_cli("links", "set", str(inv), "dev2", "--rate", "3mbit", "--direction",
-                    "down", "--format", "json", env=env)
+        s = run_cli(
+            "links",
+            "set",
+            str(inv),
+            "dev2",
+            "--rate",
+            "3mbit",
+            "--direction",
+            "down",
+            "--format",
+            "json",
+            env=env,
+        )
         assert s.returncode == 0, s.stderr
         sj = json.loads(s.stdout)
         assert sj["enforced"]["down_kbit"] == 3000 and sj["enforced"]["up_kbit"] == 8000
@@ -87,21 +113,29 @@ def test_json_everywhere_and_unreachable_hosts(state_dir, tmp_path):
         nodev = run_cli("links", "set", str(inv), "nosuch", "--rate", "3mbit", env=env)
         assert nodev.returncode == 2 and "no device named 'nosuch'" in nodev.stderr
 
-        v = run_cli("links", "verify", str(inv), "--device", "dev2", "--seconds", "2",
-                    "--format", "json", env=env)
+        v = run_cli(
+            "links",
+            "verify",
+            str(inv),
+            "--device",
+            "dev2",
+            "--seconds",
+            "2",
+            "--format",
+            "json",
+            env=env,
+        )
         assert v.returncode == 0, v.stderr
         rows = {r["direction"]: r for r in json.loads(v.stdout)}
         assert 0.85 <= rows["down"]["ratio"] <= 1.02, rows
         assert 0.85 <= rows["up"]["ratio"] <= 1.02, rows
         assert rows["down"]["configured_kbit"] == 3000
 
-        show = json.loads(run_cli("links", "show", str(inv), "--format", "json",
-                                  env=env).stdout)
+        show = json.loads(run_cli("links", "show", str(inv), "--format", "json", env=env).stdout)
         assert {r["device"]: r["down_kbit"] for r in show} == {"dev1": 8000, "dev2": 3000}
         clr = run_cli("links", "clear", str(inv), "--format", "json", env=env)
         assert clr.returncode == 0 and json.loads(clr.stdout)["cleared"]
-        show = json.loads(run_cli("links", "show", str(inv), "--format", "json",
-                                  env=env).stdout)
+        show = json.loads(run_cli("links", "show", str(inv), "--format", "json", env=env).stdout)
         assert all(r["down_kbit"] is None for r in show)
     finally:
         down = run_cli("local", "down", "--name", name, "--format", "json", env=env)

@@ -47,13 +47,15 @@ events = [
   { at_request = 15, device = "dev3", action = "link", rate = "24kbit", for_requests = 3 },
 ]
 """
-TRIAL_KBIT = 50000.0   # the recipe's rate (`local up` shapes at 20 Mbit/s: a different one)
+TRIAL_KBIT = 50000.0  # the recipe's rate (`local up` shapes at 20 Mbit/s: a different one)
 CUT_KBIT = 24.0
 #: (fault, device, first request during it, first request after it, next fault's first request)
-WINDOWS = [("f0-kill-dev2", "dev2", 2, 5, 9),
-           ("f2-stop-dev1", "dev1", 9, 11, 15),
-           ("f3-link-dev3", "dev3", 15, 18, 30)]
-RECOVERY = 2   # requests after a fault's end by which everything is served again
+WINDOWS = [
+    ("f0-kill-dev2", "dev2", 2, 5, 9),
+    ("f2-stop-dev1", "dev1", 9, 11, 15),
+    ("f3-link-dev3", "dev3", 15, 18, 30),
+]
+RECOVERY = 2  # requests after a fault's end by which everything is served again
 
 FAILED = {"timeout", "unreachable", "skipped", "error"}
 
@@ -64,7 +66,7 @@ class Sample:
 
     rows_before: int
     rows_after: int
-    rates: dict[str, tuple[float, float]]   # device -> (down, up) kbit/s
+    rates: dict[str, tuple[float, float]]  # device -> (down, up) kbit/s
 
 
 class TcSampler(threading.Thread):
@@ -89,18 +91,36 @@ class TcSampler(threading.Thread):
             before = self._rows()
             per_dir = []
             for dev in self.ifaces:
-                res = subprocess.run(["tc", "class", "show", "dev", dev], check=False,
-                                     capture_output=True, text=True)
-                qd = subprocess.run(["tc", "-j", "qdisc", "show", "dev", dev], check=False,
-                                    capture_output=True, text=True)
+                res = subprocess.run(
+                    ["tc", "class", "show", "dev", dev], check=False, capture_output=True, text=True
+                )
+                qd = subprocess.run(
+                    ["tc", "-j", "qdisc", "show", "dev", dev],
+                    check=False,
+                    capture_output=True,
+                    text=True,
+                )
                 leaves = leaves_by_class(json.loads(qd.stdout or "[]"))
-                per_dir.append({c.classid: enforced_kbit(c.ceil_kbit,
-                                                         leaves.get(int(c.classid.partition(":")[2], 16)))
-                                for c in parse_htb_classes(res.stdout)})
+                per_dir.append(
+                    {
+                        c.classid: enforced_kbit(
+                            c.ceil_kbit, leaves.get(int(c.classid.partition(":")[2], 16))
+                        )
+                        for c in parse_htb_classes(res.stdout)
+                    }
+                )
             after = self._rows()
             if all(cid in d for d in per_dir for cid in self.classes):
-                self.samples.append(Sample(before, after, {
-                    name: (per_dir[0][cid], per_dir[1][cid]) for cid, name in self.classes.items()}))
+                self.samples.append(
+                    Sample(
+                        before,
+                        after,
+                        {
+                            name: (per_dir[0][cid], per_dir[1][cid])
+                            for cid, name in self.classes.items()
+                        },
+                    )
+                )
 
 
 def test_faults_are_survived_and_recorded(cli_testbed, tmp_path):
@@ -111,8 +131,18 @@ def test_faults_are_survived_and_recorded(cli_testbed, tmp_path):
     sampler = TcSampler(inv, out)
     sampler.start()
     try:
-        res = run_cli("run", str(recipe), "--inventory", str(inv), "--out", str(out),
-                      "--format", "json", env=env, timeout=600)
+        res = run_cli(
+            "run",
+            str(recipe),
+            "--inventory",
+            str(inv),
+            "--out",
+            str(out),
+            "--format",
+            "json",
+            env=env,
+            timeout=600,
+        )
     finally:
         sampler.halt.set()
         sampler.join(10)
@@ -153,10 +183,13 @@ def test_faults_are_survived_and_recorded(cli_testbed, tmp_path):
     assert mid and all(s.rates["dev3"] == (CUT_KBIT, CUT_KBIT) for s in mid), mid
     # ... then the trial's rate again (not the testbed's rate before the run) for the rest of it
     restored = [s for s in samples if s.rows_before >= 19 and s.rows_after <= 29]
-    assert restored and all(s.rates[d] == (TRIAL_KBIT, TRIAL_KBIT)
-                            for s in restored for d in ("dev1", "dev2", "dev3")), restored
+    assert restored and all(
+        s.rates[d] == (TRIAL_KBIT, TRIAL_KBIT) for s in restored for d in ("dev1", "dev2", "dev3")
+    ), restored
     assert "link 24/24 kbit/s" in faults[5]["detail"]
-    assert "link 50000/50000 kbit/s" in faults[6]["detail"] and "trial's rate" in faults[6]["detail"]
+    assert (
+        "link 50000/50000 kbit/s" in faults[6]["detail"] and "trial's rate" in faults[6]["detail"]
+    )
 
     reqs = {int(r["request"]): r for r in R.read_csv(run_dir / R.REQUESTS)}
     assert sorted(reqs) == list(range(30))
@@ -170,9 +203,15 @@ def test_faults_are_survived_and_recorded(cli_testbed, tmp_path):
         1.000 on it)."""
         r = reqs[request]
         mine = [c for c in calls if int(c["request"]) == request]
-        return (r["faults"] == "" and r["status"] == "ok" and r["correct"] == "1"
-                and float(r["score"]) == 1.0 and int(r["calls_failed"]) == 0
-                and len(mine) == int(r["calls"]) > 0 and all(c["status"] == "ok" for c in mine))
+        return (
+            r["faults"] == ""
+            and r["status"] == "ok"
+            and r["correct"] == "1"
+            and float(r["score"]) == 1.0
+            and int(r["calls_failed"]) == 0
+            and len(mine) == int(r["calls"]) > 0
+            and all(c["status"] == "ok" for c in mine)
+        )
 
     # before any fault: everything served, every answer right
     assert served(0) and served(1), (reqs[0], reqs[1])
@@ -194,16 +233,29 @@ def test_faults_are_survived_and_recorded(cli_testbed, tmp_path):
         assert all(fid in reqs[r]["faults"] for r in range(start, end)), fid
         assert all(reqs[r]["faults"] == "" for r in range(end, nxt)), fid
         window = range(end + RECOVERY, nxt)
-        bad = [(r, reqs[r]["status"], reqs[r]["faults"], reqs[r]["correct"], reqs[r]["score"])
-               for r in window if not served(r)]
-        assert not bad, (fid, "(request, status, faults, correct, score):", bad,
-                         [(c["request"], c["device"], c["status"]) for r in window
-                          for c in calls if int(c["request"]) == r and c["status"] != "ok"])
+        bad = [
+            (r, reqs[r]["status"], reqs[r]["faults"], reqs[r]["correct"], reqs[r]["score"])
+            for r in window
+            if not served(r)
+        ]
+        assert not bad, (
+            fid,
+            "(request, status, faults, correct, score):",
+            bad,
+            [
+                (c["request"], c["device"], c["status"])
+                for r in window
+                for c in calls
+                if int(c["request"]) == r and c["status"] != "ok"
+            ],
+        )
         back = [c for r in window for c in on(dev, r)]
         assert back and all(c["status"] == "ok" for c in back), (fid, back)
     # links back to the testbed's rate after the run, as tc reports it
-    rates = [{(s["device"], s["down_kbit"], s["up_kbit"]) for s in man[k]["links"]}
-             for k in ("links_before", "links_after")]
+    rates = [
+        {(s["device"], s["down_kbit"], s["up_kbit"]) for s in man[k]["links"]}
+        for k in ("links_before", "links_after")
+    ]
     assert rates[0] == rates[1] == {(d, 20000.0, 20000.0) for d in ("dev1", "dev2", "dev3")}
 
     rep = run_cli("report", str(run_dir), "--format", "json", env=env, timeout=120)
@@ -227,5 +279,5 @@ def test_faults_are_survived_and_recorded(cli_testbed, tmp_path):
         assert f["accuracy_recovered"] == sum(before) / len(before), f
         after = [int(reqs[r]["correct"]) for r in range(end, 30) if reqs[r]["faults"] == ""]
         assert f["accuracy_after"] == pytest.approx(sum(after) / len(after), abs=1e-4), f
-        tail = [r for r in range(end, 30) if reqs[r]["faults"] == ""][:f["recovery_requests"]]
+        tail = [r for r in range(end, 30) if reqs[r]["faults"] == ""][: f["recovery_requests"]]
         assert all(reqs[r]["status"] == "degraded" for r in tail), (fid, tail)

@@ -48,20 +48,31 @@ timeout_s = 5.0
 BAND = (0.75, 1.33)
 
 
-def test_latency_model_predicts_every_policys_layers(make_testbed, state_dir,
-                                                      tmp_path: Path) -> None:
+def test_latency_model_predicts_every_policys_layers(
+    make_testbed, state_dir, tmp_path: Path
+) -> None:
     _, inv_path = make_testbed(devices=3, rate_kbit=100_000)
     (tmp_path / "lm.toml").write_text(RECIPE)
     env = {"TESTBED_STATE_DIR": str(state_dir)}
-    res = run_cli("run", str(tmp_path / "lm.toml"), "--inventory", str(inv_path), "--out",
-                  str(tmp_path / "results"), "--format", "json", env=env, timeout=300)
+    res = run_cli(
+        "run",
+        str(tmp_path / "lm.toml"),
+        "--inventory",
+        str(inv_path),
+        "--out",
+        str(tmp_path / "results"),
+        "--format",
+        "json",
+        env=env,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     run_dir = Path(json.loads(res.stdout)["run_dir"])
 
     layers = R.read_csv(run_dir / R.LAYERS)
     ratios: dict[str, list[float]] = {}
     for r in layers:
-        assert r["predicted_ms"] != "" and float(r["predicted_ms"]) > 0, r   # every policy
+        assert r["predicted_ms"] != "" and float(r["predicted_ms"]) > 0, r  # every policy
         assert float(r["decision_ms"]) > 0 and float(r["change_ms"]) >= 0
         ratios.setdefault(r["policy"], []).append(float(r["predicted_ms"]) / float(r["moe_ms"]))
     assert set(ratios) == {"topk", "wdmoe"}
@@ -79,9 +90,9 @@ def test_latency_model_predicts_every_policys_layers(make_testbed, state_dir,
         assert lm["residuals"]["layer"]["n"] > 0
         assert all(d["rtt"]["n"] > 0 for d in lm["residuals"]["devices"].values())
     prof = R.read_csv(run_dir / R.PROFILE)
-    assert {p["trial"] for p in prof} == {"0", "1"}   # every trial profiles its devices
+    assert {p["trial"] for p in prof} == {"0", "1"}  # every trial profiles its devices
     assert {p["experts"] for p in prof} == {"1", "2"}
-    assert {p["devices"] for p in prof} == {"1", "2", "3"}   # alone, two at a time, all
+    assert {p["devices"] for p in prof} == {"1", "2", "3"}  # alone, two at a time, all
 
     # epochs per layer: one change per decision, each recorded with its scope
     links = R.read_csv(run_dir / R.LINKS)
@@ -92,14 +103,15 @@ def test_latency_model_predicts_every_policys_layers(make_testbed, state_dir,
     assert wd and {r["source"] for r in links if r["policy"] == "wdmoe"} == {"channel", "policy"}
     decided = {(r["request"], r["step"], r["layer"]) for r in wd}
     assert len({r["epoch"] for r in wd}) == len(decided)
-    assert {r["layer"] for r in wd} == {"0", "1", "2", "3"}   # every layer its own decision
+    assert {r["layer"] for r in wd} == {"0", "1", "2", "3"}  # every layer its own decision
     # down and up each at the channel's own rate
     assert any(abs(float(r["asked_down_kbit"]) - float(r["asked_up_kbit"])) > 1 for r in wd)
     # within a step, layers' allocations differ (each from that layer's loads)
     by_step: dict[tuple[str, str], set] = {}
     for r in wd:
         by_step.setdefault((r["request"], r["step"]), set()).add(
-            (r["layer"], r["device"], round(float(r["asked_down_kbit"]))))
+            (r["layer"], r["device"], round(float(r["asked_down_kbit"])))
+        )
     assert any(len({(d, k) for _, d, k in s}) > len({d for _, d, _ in s}) for s in by_step.values())
 
     rep = run_cli("report", str(run_dir), "--format", "json", env=env)

@@ -39,9 +39,24 @@ def test_controller_killed_then_resumed(cli_testbed, tmp_path):
     recipe = tmp_path / "resume.toml"
     recipe.write_text(RECIPE)
     out = tmp_path / "results"
-    proc = subprocess.Popen([sys.executable, "-m", "testbed", "run", str(recipe), "--inventory",
-                             str(inv), "--out", str(out), "--format", "json"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "testbed",
+            "run",
+            str(recipe),
+            "--inventory",
+            str(inv),
+            "--out",
+            str(out),
+            "--format",
+            "json",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     run_dir = None
     deadline = time.monotonic() + 400
     try:
@@ -54,8 +69,7 @@ def test_controller_killed_then_resumed(cli_testbed, tmp_path):
                 except (OSError, ValueError):
                     man = {}
                 reqs = R.read_csv(run_dir / R.REQUESTS)
-                if man.get("completed") == [[0, 0]] and \
-                        sum(r["trial"] == "1" for r in reqs) >= 2:
+                if man.get("completed") == [[0, 0]] and sum(r["trial"] == "1" for r in reqs) >= 2:
                     break
             time.sleep(0.05)
     finally:
@@ -70,8 +84,17 @@ def test_controller_killed_then_resumed(cli_testbed, tmp_path):
     clear = run_cli("links", "clear", str(inv), env=env, timeout=120)
     assert clear.returncode == 0, clear.stderr
 
-    res = run_cli("run", "--resume", str(run_dir), "--inventory", str(inv), "--format", "json",
-                  env=env, timeout=600)
+    res = run_cli(
+        "run",
+        "--resume",
+        str(run_dir),
+        "--inventory",
+        str(inv),
+        "--format",
+        "json",
+        env=env,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr
     assert Path(json.loads(res.stdout)["run_dir"]) == run_dir
     man = json.loads((run_dir / R.MANIFEST).read_text())
@@ -89,12 +112,14 @@ def test_controller_killed_then_resumed(cli_testbed, tmp_path):
     calls = R.read_csv(run_dir / R.CALLS)
     per_req = {}
     for c in calls:
-        per_req[(int(c["trial"]), int(c["request"]))] = \
+        per_req[(int(c["trial"]), int(c["request"]))] = (
             per_req.get((int(c["trial"]), int(c["request"])), 0) + 1
+        )
     assert all(per_req[(int(r["trial"]), int(r["request"]))] == int(r["calls"]) for r in reqs)
 
     # a completed run is not resumed again
     again = run_cli("run", "--resume", str(run_dir), env=env, timeout=120)
     assert again.returncode == 2
     assert again.stderr.strip().splitlines() == [
-        f"error: --resume: {run_dir}: the run completed; nothing to resume"]
+        f"error: --resume: {run_dir}: the run completed; nothing to resume"
+    ]

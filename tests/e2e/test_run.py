@@ -36,9 +36,14 @@ timeout_s = {timeout}
 """
 
 
-def _recipe(tmp_path: Path, requests: int = 5, timeout: float = 5.0,
-            policies: str = '["topk", "top1"]', name: str = "r.toml",
-            rates: str = '["1mbit", "100mbit"]') -> Path:
+def _recipe(
+    tmp_path: Path,
+    requests: int = 5,
+    timeout: float = 5.0,
+    policies: str = '["topk", "top1"]',
+    name: str = "r.toml",
+    rates: str = '["1mbit", "100mbit"]',
+) -> Path:
     p = tmp_path / name
     p.write_text(RECIPE.format(requests=requests, timeout=timeout, policies=policies, rates=rates))
     return p
@@ -51,8 +56,19 @@ def _cli(env, *args, timeout=300):
 def _up(env, tmp_path, devices=3):
     name = unique_name("r")
     inv = tmp_path / f"{name}.inventory.toml"
-    res = _cli(env, "local", "up", "--devices", str(devices), "--name", name, "--rate", "1gbit",
-               "--inventory-out", str(inv))
+    res = _cli(
+        env,
+        "local",
+        "up",
+        "--devices",
+        str(devices),
+        "--name",
+        name,
+        "--rate",
+        "1gbit",
+        "--inventory-out",
+        str(inv),
+    )
     assert res.returncode == 0, res.stderr
     return name, inv
 
@@ -61,8 +77,13 @@ def _tc_rates(inv_path: Path) -> dict[str, tuple]:
     from testbed.inventory import load_inventory
 
     inv = load_inventory(inv_path)
-    sh = TcShaper(LocalRunner(host="bs"), inv.bs.interface, inv.bs.ifb, [d.host for d in inv.devices],
-                  [d.name for d in inv.devices])
+    sh = TcShaper(
+        LocalRunner(host="bs"),
+        inv.bs.interface,
+        inv.bs.ifb,
+        [d.host for d in inv.devices],
+        [d.name for d in inv.devices],
+    )
     return {s.device: (s.down_kbit, s.up_kbit) for s in sh.show()}
 
 
@@ -107,9 +128,17 @@ def test_provision_run_sweep_results_and_down(state_dir, tmp_path):
         # the tiny model's messages (256 B a token) fit in the tc bucket (2 ms of the rate, at
         # least 2 frames = 3 kB) at 1 Mbit/s and pass at line speed while it refills in time;
         # at 300 kbit/s the bucket runs dry within a step and the link's rate shows
-        res = _cli(env, "run", str(_recipe(tmp_path, rates='["300kbit", "100mbit"]')), "--inventory",
-                   str(inv), "--out", str(out),
-                   "--format", "json")
+        res = _cli(
+            env,
+            "run",
+            str(_recipe(tmp_path, rates='["300kbit", "100mbit"]')),
+            "--inventory",
+            str(inv),
+            "--out",
+            str(out),
+            "--format",
+            "json",
+        )
         assert res.returncode == 0, res.stderr
         summary = json.loads(res.stdout)
         run_dir = _only_run_dir(out)
@@ -124,19 +153,26 @@ def test_provision_run_sweep_results_and_down(state_dir, tmp_path):
         assert _tc_rates(inv) == before
 
         sweep = ["sweep.links.rate", "sweep.policy.name"]
-        files = {R.REQUESTS: R.REQUEST_COLUMNS, R.LAYERS: R.LAYER_COLUMNS, R.CALLS: R.CALL_COLUMNS,
-                 R.SUMMARY: R.SUMMARY_COLUMNS}
+        files = {
+            R.REQUESTS: R.REQUEST_COLUMNS,
+            R.LAYERS: R.LAYER_COLUMNS,
+            R.CALLS: R.CALL_COLUMNS,
+            R.SUMMARY: R.SUMMARY_COLUMNS,
+        }
         for fname, cols in files.items():
             header = (run_dir / fname).read_text().splitlines()[0].split(",")
             assert header == list(cols) + sweep, fname
-        assert (run_dir / R.DEVICES).read_text().splitlines()[0].split(",") == list(R.DEVICE_COLUMNS)
+        assert (run_dir / R.DEVICES).read_text().splitlines()[0].split(",") == list(
+            R.DEVICE_COLUMNS
+        )
 
         reqs = R.read_csv(run_dir / R.REQUESTS)
         calls = R.read_csv(run_dir / R.CALLS)
         layers = R.read_csv(run_dir / R.LAYERS)
         assert len(reqs) == 4 * 5  # one row per request: 2 rates x 2 policies x 5 requests
-        assert {(r["policy"], r["sweep.links.rate"]) for r in reqs} == \
-            {(p, r) for p in ("topk", "top1") for r in ("300kbit", "100mbit")}
+        assert {(r["policy"], r["sweep.links.rate"]) for r in reqs} == {
+            (p, r) for p in ("topk", "top1") for r in ("300kbit", "100mbit")
+        }
         # one row per expert call, and they add up to the requests' counts
         per_req: dict[tuple, int] = {}
         for c in calls:
@@ -148,14 +184,17 @@ def test_provision_run_sweep_results_and_down(state_dir, tmp_path):
         topk = [r for r in reqs if r["policy"] == "topk"]
         top1 = [r for r in reqs if r["policy"] == "top1"]
         # (top-k scores 1.000 exact match on the tiny task: every answer right, every token)
-        assert [(r["correct"], float(r["score"])) for r in topk] == [("1", 1.0)] * len(topk), \
-            [(r["sweep.links.rate"], r["request"], r["correct"], r["score"]) for r in topk]
+        assert [(r["correct"], float(r["score"])) for r in topk] == [("1", 1.0)] * len(topk), [
+            (r["sweep.links.rate"], r["request"], r["correct"], r["score"]) for r in topk
+        ]
         assert all(float(r["experts_per_token"]) == 2.0 for r in topk)
         assert all(float(r["experts_per_token"]) == 1.0 for r in top1)
 
         def share(rate: str) -> float:
             ls = [x for x in layers if x["sweep.links.rate"] == rate and x["critical_path_ms"]]
-            return sum(float(x["critical_network_ms"]) for x in ls) / sum(float(x["critical_path_ms"]) for x in ls)
+            return sum(float(x["critical_network_ms"]) for x in ls) / sum(
+                float(x["critical_path_ms"]) for x in ls
+            )
 
         slow, fast = share("300kbit"), share("100mbit")
         assert slow > fast, (slow, fast)
@@ -166,7 +205,9 @@ def test_provision_run_sweep_results_and_down(state_dir, tmp_path):
         # the CPU-time estimate, positive and marked so, never blank
         est = "estimated:cpu-time(5 W/core)"
         for r in reqs:
-            dev_j, bs_j, tot_j = (float(r[k]) for k in ("energy_devices_j", "energy_bs_j", "energy_j"))
+            dev_j, bs_j, tot_j = (
+                float(r[k]) for k in ("energy_devices_j", "energy_bs_j", "energy_j")
+            )
             assert dev_j > 0 and bs_j > 0 and tot_j == pytest.approx(dev_j + bs_j, abs=2e-6), r
             assert r["energy_source"] == "estimated", r
         assert all(float(c["energy_j"]) >= 0 and c["energy_source"] == est for c in calls)
@@ -176,14 +217,20 @@ def test_provision_run_sweep_results_and_down(state_dir, tmp_path):
         for c in calls:
             k = (c["trial"], c["request"])
             per_req_dev[k] = per_req_dev.get(k, 0.0) + float(c["energy_j"])
-        assert all(per_req_dev[(r["trial"], r["request"])] <= float(r["energy_devices_j"]) + 1e-6
-                   for r in reqs)
+        assert all(
+            per_req_dev[(r["trial"], r["request"])] <= float(r["energy_devices_j"]) + 1e-6
+            for r in reqs
+        )
         devs = R.read_csv(run_dir / R.DEVICES)
         assert devs and {d["device"] for d in devs} == {"dev1", "dev2", "dev3"}
-        assert all(float(d["energy_j"]) > 0 and float(d["power_w"]) >= 0 and d["energy_source"] == est
-                   for d in devs), devs[:3]
+        assert all(
+            float(d["energy_j"]) > 0 and float(d["power_w"]) >= 0 and d["energy_source"] == est
+            for d in devs
+        ), devs[:3]
         assert all(float(s["energy_per_token_j"]) > 0 for s in summ)
-        assert man["energy"]["bs"]["label"] == est and set(man["energy"]["devices"].values()) == {est}
+        assert man["energy"]["bs"]["label"] == est and set(man["energy"]["devices"].values()) == {
+            est
+        }
 
         rep = _cli(env, "report", str(run_dir), "--format", "json")
         assert rep.returncode == 0, rep.stderr
@@ -227,15 +274,23 @@ def test_bad_input_and_faults(state_dir, tmp_path):
     bad.write_text('[workload]\nrequests = "many"\n')
     res = _cli(env, "run", str(bad), "--out", str(out))
     assert res.returncode == 2
-    assert res.stderr.strip().splitlines() == [(f"error: {bad}: workload.requests: must be an "
-                                                "integer in 1..100000, not 'many'")]
+    assert res.stderr.strip().splitlines() == [
+        (f"error: {bad}: workload.requests: must be an integer in 1..100000, not 'many'")
+    ]
     assert not out.exists()
 
     name, inv = _up(env, tmp_path)
     try:
         # unknown policy name: lists the valid ones; the run folder's manifest says why it failed
-        res = _cli(env, "run", str(_recipe(tmp_path, policies='["topk", "nosuch"]')), "--inventory",
-                   str(inv), "--out", str(out / "a"))
+        res = _cli(
+            env,
+            "run",
+            str(_recipe(tmp_path, policies='["topk", "nosuch"]')),
+            "--inventory",
+            str(inv),
+            "--out",
+            str(out / "a"),
+        )
         assert res.returncode == 2, res.stderr
         err = res.stderr.strip().splitlines()
         assert len(err) == 1 and "nosuch" in err[0] and "topk" in err[0], err
@@ -263,11 +318,21 @@ def test_bad_input_and_faults(state_dir, tmp_path):
         before = _tc_rates(inv)
         # a policy that raises mid-run: one line naming it, non-zero, rows so far kept, links restored
         (tmp_path / "boom.py").write_text(BOOM)
-        res = _cli(env, "run", str(_recipe(tmp_path, policies='["boom.py:Boom"]')), "--inventory", str(inv),
-                   "--out", str(out / "b"))
+        res = _cli(
+            env,
+            "run",
+            str(_recipe(tmp_path, policies='["boom.py:Boom"]')),
+            "--inventory",
+            str(inv),
+            "--out",
+            str(out / "b"),
+        )
         assert res.returncode == 8, res.stderr
         err = res.stderr.strip().splitlines()
-        assert len(err) == 1 and "policy boom: select raised RuntimeError: boom at selection 3" in err[0], err
+        assert (
+            len(err) == 1
+            and "policy boom: select raised RuntimeError: boom at selection 3" in err[0]
+        ), err
         run_dir = _only_run_dir(out / "b")
         man = json.loads((run_dir / R.MANIFEST).read_text())
         assert man["status"] == "failed" and "boom at selection 3" in man["error"]
@@ -302,8 +367,17 @@ def test_bad_input_and_faults(state_dir, tmp_path):
 
         th = threading.Thread(target=killer, daemon=True)
         th.start()
-        res = _cli(env, "run", str(recipe), "--inventory", str(inv), "--out", str(proc_out),
-                   "--format", "json")
+        res = _cli(
+            env,
+            "run",
+            str(recipe),
+            "--inventory",
+            str(inv),
+            "--out",
+            str(proc_out),
+            "--format",
+            "json",
+        )
         th.join(5)
         assert killed.is_set()
         assert res.returncode == 0, res.stderr
@@ -326,9 +400,22 @@ def test_bad_input_and_faults(state_dir, tmp_path):
 
         before = _tc_rates(inv)
         int_out = out / "d"
-        p = subprocess.Popen([sys.executable, "-m", "testbed", "run", str(recipe), "--inventory", str(inv),
-                              "--out", str(int_out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             env={**os.environ, **env})
+        p = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "testbed",
+                "run",
+                str(recipe),
+                "--inventory",
+                str(inv),
+                "--out",
+                str(int_out),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **env},
+        )
         deadline = time.monotonic() + 200
         while time.monotonic() < deadline and p.poll() is None:
             if len(R.read_csv(next(iter(int_out.glob("*/requests.csv")), int_out / "none"))) >= 2:

@@ -41,34 +41,51 @@ def _header(path: Path) -> list[str]:
 
 def test_simulate_1000_devices_writes_a_run_marked_simulated(tmp_path: Path) -> None:
     (tmp_path / "tw.toml").write_text(SMALL)
-    res = run_cli("simulate", str(tmp_path / "tw.toml"), "--devices", "1000", "--out",
-                  str(tmp_path / "out"), "--format", "json", timeout=300)
+    res = run_cli(
+        "simulate",
+        str(tmp_path / "tw.toml"),
+        "--devices",
+        "1000",
+        "--out",
+        str(tmp_path / "out"),
+        "--format",
+        "json",
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     run = Path(out["run_dir"])
     assert out["mode"] == "simulated" and out["status"] == "completed" and "-sim-" in out["run_id"]
-    assert out["trials"] == 2 and out["requests"] == 4   # --devices replaced the device sweep
+    assert out["trials"] == 2 and out["requests"] == 4  # --devices replaced the device sweep
     extra = ["sweep.policy.name"]
-    for name, cols, x in ((R.REQUESTS, R.REQUEST_COLUMNS, extra), (R.LAYERS, R.LAYER_COLUMNS, extra),
-                          (R.CALLS, R.CALL_COLUMNS, extra), (R.SUMMARY, R.SUMMARY_COLUMNS, extra),
-                          (R.LINKS, R.LINK_COLUMNS, extra), (R.DEVICES, R.DEVICE_COLUMNS, []),
-                          (R.PROFILE, R.PROFILE_COLUMNS, [])):
-        assert _header(run / name) == list(cols) + x, name   # a real run's columns
+    for name, cols, x in (
+        (R.REQUESTS, R.REQUEST_COLUMNS, extra),
+        (R.LAYERS, R.LAYER_COLUMNS, extra),
+        (R.CALLS, R.CALL_COLUMNS, extra),
+        (R.SUMMARY, R.SUMMARY_COLUMNS, extra),
+        (R.LINKS, R.LINK_COLUMNS, extra),
+        (R.DEVICES, R.DEVICE_COLUMNS, []),
+        (R.PROFILE, R.PROFILE_COLUMNS, []),
+    ):
+        assert _header(run / name) == list(cols) + x, name  # a real run's columns
     man = json.loads((run / R.MANIFEST).read_text())
     assert man["mode"] == "simulated" and man["twin"]["devices"] == 1000
-    assert len(man["compute_profile"]) == 1000 and man["twin"]["calibration"]["source"] == "defaults"
+    assert (
+        len(man["compute_profile"]) == 1000 and man["twin"]["calibration"]["source"] == "defaults"
+    )
     assert all(t["devices"] == 1000 and t["devices_used"] == 32 for t in man["trials"])
     reqs = R.read_csv(run / R.REQUESTS)
-    assert all(r["correct"] == "1" for r in reqs if r["policy"] == "topk")   # real routing
+    assert all(r["correct"] == "1" for r in reqs if r["policy"] == "topk")  # real routing
     assert all(float(r["total_ms"]) > 0 and r["energy_j"] == "" for r in reqs)
     calls = R.read_csv(run / R.CALLS)
     assert {c["device"] for c in calls} <= {f"dev{i}" for i in range(1, 33)}
-    assert all(c["status"] == "ok" and int(c["bytes_down"]) == 256 * int(c["tokens"])
-               for c in calls)
+    assert all(
+        c["status"] == "ok" and int(c["bytes_down"]) == 256 * int(c["tokens"]) for c in calls
+    )
     layers = R.read_csv(run / R.LAYERS)
     assert all(float(r["moe_ms"]) > 0 and float(r["bs_ms"]) > 0 for r in layers)
     own = "policy_predicted_ms" if "policy_predicted_ms" in R.LAYER_COLUMNS else "predicted_ms"
-    assert all(r[own] for r in layers if r["policy"] == "wdmoe")   # WDMoE's own prediction
+    assert all(r[own] for r in layers if r["policy"] == "wdmoe")  # WDMoE's own prediction
     links = R.read_csv(run / R.LINKS)
     topk_epochs = {r["epoch"] for r in links if r["policy"] == "topk"}
     assert len([r for r in links if r["policy"] == "topk"]) == 1000 * len(topk_epochs)
@@ -108,27 +125,49 @@ BAND = 0.15
 
 @needs_testbed
 @pytest.mark.root
-def test_twin_per_token_latency_within_15_percent_of_the_measured_run(state_dir,
-                                                                      tmp_path: Path) -> None:
+def test_twin_per_token_latency_within_15_percent_of_the_measured_run(
+    state_dir, tmp_path: Path
+) -> None:
     recipe = tmp_path / "twincal.toml"
     recipe.write_text(MEASURED)
     env = {"TESTBED_STATE_DIR": str(state_dir)}
-    res = run_cli("run", str(recipe), "--out", str(tmp_path / "measured"), "--format", "json",
-                  env=env, timeout=400)
+    res = run_cli(
+        "run",
+        str(recipe),
+        "--out",
+        str(tmp_path / "measured"),
+        "--format",
+        "json",
+        env=env,
+        timeout=400,
+    )
     assert res.returncode == 0, res.stderr
     measured = Path(json.loads(res.stdout)["run_dir"])
-    sim = run_cli("simulate", str(recipe), "--calibrate", str(measured), "--out",
-                  str(tmp_path / "twin"), "--format", "json", timeout=300)
+    sim = run_cli(
+        "simulate",
+        str(recipe),
+        "--calibrate",
+        str(measured),
+        "--out",
+        str(tmp_path / "twin"),
+        "--format",
+        "json",
+        timeout=300,
+    )
     assert sim.returncode == 0, sim.stderr
     twin = Path(json.loads(sim.stdout)["run_dir"])
     m, s = per_policy_token_ms(measured), per_policy_token_ms(twin)
     assert set(m) == set(s) and len(m) == 6
     errs = {k: (s[k] - m[k]) / m[k] for k in m}
-    lines = [f"{p:6s} {pt:40s} measured {m[(p, pt)]:8.1f} ms/token, twin {s[(p, pt)]:8.1f} "
-             f"({100 * e:+.1f}%)" for (p, pt), e in sorted(errs.items())]
+    lines = [
+        f"{p:6s} {pt:40s} measured {m[(p, pt)]:8.1f} ms/token, twin {s[(p, pt)]:8.1f} "
+        f"({100 * e:+.1f}%)"
+        for (p, pt), e in sorted(errs.items())
+    ]
     print("\n" + "\n".join(lines))
     assert max(abs(e) for e in errs.values()) <= BAND, "\n".join(lines)
     # the same decisions: the twin's accuracy is the measurement's (routing, WDMoE's pruning)
-    acc = lambda run: {(r["policy"], r["point"]): r["accuracy"]
-                       for r in R.read_csv(run / R.SUMMARY)}
+    acc = lambda run: {
+        (r["policy"], r["point"]): r["accuracy"] for r in R.read_csv(run / R.SUMMARY)
+    }
     assert acc(twin) == acc(measured)

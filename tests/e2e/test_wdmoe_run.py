@@ -52,7 +52,7 @@ def _check_epochs_follow_each_other(links: list[dict]) -> None:
     ``change_ms``) for ``epoch_ms``, until the next change starts: the three add up to the next
     epoch's ``time_s`` (to the CSV's rounding)."""
     by_trial: dict[str, dict[float, dict]] = {}
-    for r in links:   # one change per time_s (its devices' rows share the timings)
+    for r in links:  # one change per time_s (its devices' rows share the timings)
         by_trial.setdefault(r["trial"], {})[float(r["time_s"])] = r
     pairs = 0
     for changes in by_trial.values():
@@ -69,20 +69,19 @@ def _check_profile_fit(profile: dict, samples: list[dict]) -> None:
     recorded rmse is that of those samples, and no candidate line with ``a, b >= 0`` fits them
     better: the best constant, the best line through 0, the free least-squares line (closed
     form, here) where its coefficients are both >= 0."""
+
     def rmse(pts: list[tuple[float, float]], a: float, b: float) -> float:
         return (sum((a + b * n - y) ** 2 for n, y in pts) / len(pts)) ** 0.5
 
     for dev, p in profile.items():
-        pts = [(float(s["tokens"]), float(s["compute_ms"])) for s in samples
-               if s["device"] == dev]
+        pts = [(float(s["tokens"]), float(s["compute_ms"])) for s in samples if s["device"] == dev]
         assert len(pts) == p["samples"] and p["a_ms"] >= 0 and p["b_ms"] >= 0, (dev, p)
         assert p["rmse_ms"] == pytest.approx(rmse(pts, p["a_ms"], p["b_ms"]), rel=1e-6, abs=1e-5)
         mean_n = sum(n for n, _ in pts) / len(pts)
         mean = sum(y for _, y in pts) / len(pts)
         slope0 = sum(n * y for n, y in pts) / sum(n * n for n, _ in pts)
         cands = [(mean, 0.0), (0.0, slope0)]
-        b = (sum((n - mean_n) * (y - mean) for n, y in pts)
-             / sum((n - mean_n) ** 2 for n, _ in pts))
+        b = sum((n - mean_n) * (y - mean) for n, y in pts) / sum((n - mean_n) ** 2 for n, _ in pts)
         if mean - b * mean_n >= 0 and b >= 0:
             cands.append((mean - b * mean_n, b))
         best = min(rmse(pts, a_, b_) for a_, b_ in cands)
@@ -105,13 +104,35 @@ def test_wdmoe_run_enforces_and_records(make_testbed, state_dir, tmp_path: Path)
     before = {s.device: (s.down_kbit, s.up_kbit) for s in shaper.show()}
 
     env = {"TESTBED_STATE_DIR": str(state_dir)}
-    tr = run_cli("links", "trace", str(tmp_path / "tr.csv"), "--devices", "3", "--epochs", "6",
-                 "--bandwidth-mhz", "0.5", "--seed", "1", env=env)
+    tr = run_cli(
+        "links",
+        "trace",
+        str(tmp_path / "tr.csv"),
+        "--devices",
+        "3",
+        "--epochs",
+        "6",
+        "--bandwidth-mhz",
+        "0.5",
+        "--seed",
+        "1",
+        env=env,
+    )
     assert tr.returncode == 0, tr.stderr
     (tmp_path / "wd.toml").write_text(RECIPE)
     out = tmp_path / "results"
-    res = run_cli("run", str(tmp_path / "wd.toml"), "--inventory", str(inv_path), "--out",
-                  str(out), "--format", "json", env=env, timeout=240)
+    res = run_cli(
+        "run",
+        str(tmp_path / "wd.toml"),
+        "--inventory",
+        str(inv_path),
+        "--out",
+        str(out),
+        "--format",
+        "json",
+        env=env,
+        timeout=240,
+    )
     assert res.returncode == 0, res.stderr
     run_dir = Path(json.loads(res.stdout)["run_dir"])
     assert {s.device: (s.down_kbit, s.up_kbit) for s in shaper.show()} == before  # restored
@@ -120,11 +141,14 @@ def test_wdmoe_run_enforces_and_records(make_testbed, state_dir, tmp_path: Path)
     pol = [r for r in links if r["policy"] == "wdmoe" and r["source"] == "policy"]
     trace = [r for r in links if r["policy"] == "topk"]
     assert pol and trace and all(r["source"] == "trace" for r in trace)
-    for r in links:   # enforced = what tc reported after the change, = what was asked
+    for r in links:  # enforced = what tc reported after the change, = what was asked
         assert _close(float(r["enforced_down_kbit"]), float(r["asked_down_kbit"])), r
         assert _close(float(r["enforced_up_kbit"]), float(r["asked_up_kbit"])), r
-        assert float(r["change_ms"]) > 0 and float(r["epoch_ms"]) > 0 and r["device"] in \
-            ("dev1", "dev2")
+        assert (
+            float(r["change_ms"]) > 0
+            and float(r["epoch_ms"]) > 0
+            and r["device"] in ("dev1", "dev2")
+        )
     _check_epochs_follow_each_other(links)
     # each direction at the channel's own rate (the uplink's differs from the downlink's)
     assert any(abs(float(r["asked_down_kbit"]) - float(r["asked_up_kbit"])) > 1 for r in pol)
@@ -149,14 +173,17 @@ def test_wdmoe_run_enforces_and_records(make_testbed, state_dir, tmp_path: Path)
     assert all(float(r["policy_predicted_ms"]) > 0 for r in wd)
     assert all(r["policy_predicted_ms"] == "" for r in layers if r["policy"] == "topk")
     calls = R.read_csv(run_dir / R.CALLS)
-    assert {c["device"] for c in calls} == {"dev1", "dev2"}   # run.devices = 2 of 3
+    assert {c["device"] for c in calls} == {"dev1", "dev2"}  # run.devices = 2 of 3
 
     man = json.loads((run_dir / R.MANIFEST).read_text())
     assert set(man["compute_profile"]) == {"dev1", "dev2"}
-    assert all(p["samples"] == 30 and p["tokens"] == [1, 2, 4, 8, 16, 32]
-               for p in man["compute_profile"].values())
-    assert all(t["devices"] == ["dev1", "dev2"] and t["link_epochs"]["changes"] > 0
-               for t in man["trials"])
+    assert all(
+        p["samples"] == 30 and p["tokens"] == [1, 2, 4, 8, 16, 32]
+        for p in man["compute_profile"].values()
+    )
+    assert all(
+        t["devices"] == ["dev1", "dev2"] and t["link_epochs"]["changes"] > 0 for t in man["trials"]
+    )
     prof = R.read_csv(run_dir / R.PROFILE)
     # every trial profiles its two devices: alone with 1 and 2 experts (6 token counts x 5
     # repeats each), and both at once (1, 2, 4 and 8 tokens)
@@ -164,8 +191,10 @@ def test_wdmoe_run_enforces_and_records(make_testbed, state_dir, tmp_path: Path)
     assert all(float(p["compute_ms"]) > 0 for p in prof)
     assert {p["device"] for p in prof} == {"dev1", "dev2"}
     # the compute profile: the first trial's lone one-expert calls
-    _check_profile_fit(man["compute_profile"], [p for p in prof if p["trial"] == "0"
-                                                and p["experts"] == "1" and p["devices"] == "1"])
+    _check_profile_fit(
+        man["compute_profile"],
+        [p for p in prof if p["trial"] == "0" and p["experts"] == "1" and p["devices"] == "1"],
+    )
 
     rep = run_cli("report", str(run_dir), "--format", "json", env=env)
     assert rep.returncode == 0, rep.stderr

@@ -34,12 +34,24 @@ bs_threads = 1
 """
 
 
-def test_widened_run_moves_8_kib_per_token_each_way(make_testbed, state_dir, tmp_path: Path) -> None:
+def test_widened_run_moves_8_kib_per_token_each_way(
+    make_testbed, state_dir, tmp_path: Path
+) -> None:
     _, inv_path = make_testbed(devices=2, rate_kbit=100000)
     env = {"TESTBED_STATE_DIR": str(state_dir)}
     (tmp_path / "w.toml").write_text(RECIPE.format(wire="bf16"))
-    res = run_cli("run", str(tmp_path / "w.toml"), "--inventory", str(inv_path), "--out",
-                  str(tmp_path / "results"), "--format", "json", env=env, timeout=240)
+    res = run_cli(
+        "run",
+        str(tmp_path / "w.toml"),
+        "--inventory",
+        str(inv_path),
+        "--out",
+        str(tmp_path / "results"),
+        "--format",
+        "json",
+        env=env,
+        timeout=240,
+    )
     assert res.returncode == 0, res.stderr
     run_dir = Path(json.loads(res.stdout)["run_dir"])
 
@@ -50,7 +62,7 @@ def test_widened_run_moves_8_kib_per_token_each_way(make_testbed, state_dir, tmp
 
     calls = R.read_csv(run_dir / R.CALLS)
     assert calls and all(c["status"] == "ok" for c in calls)
-    for c in calls:   # 4096 x 2 bytes per token, both directions
+    for c in calls:  # 4096 x 2 bytes per token, both directions
         n = int(c["tokens"])
         assert int(c["bytes_down"]) == 8192 * n and int(c["bytes_up"]) == 8192 * n, c
     assert {int(c["tokens"]) for c in calls} != {1}  # prefill calls carry several tokens

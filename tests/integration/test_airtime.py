@@ -40,11 +40,17 @@ def test_lone_messages_pay_their_airtime(make_testbed, rate_kbit):
         assert r.configured_kbit == pytest.approx(rate_kbit) and r.shaping == info["mode"]
         lo, hi = BANDS[r.bytes]
         if not (r.ratio >= lo and (hi is None or r.ratio <= hi)):
-            bad.append(f"{r.direction} {r.bytes} B repeat {r.repeat}: ratio {r.ratio:.3f} "
-                       f"(delivery {r.delivery_ms:.2f} ms, RTT {r.rtt_ms:.3f} ms, airtime "
-                       f"{r.airtime_ms:.2f} ms)")
-    assert not bad, {"testbed": name, "rate_kbit": rate_kbit, "mode": info["mode"],
-                     "outside the band": bad}
+            bad.append(
+                f"{r.direction} {r.bytes} B repeat {r.repeat}: ratio {r.ratio:.3f} "
+                f"(delivery {r.delivery_ms:.2f} ms, RTT {r.rtt_ms:.3f} ms, airtime "
+                f"{r.airtime_ms:.2f} ms)"
+            )
+    assert not bad, {
+        "testbed": name,
+        "rate_kbit": rate_kbit,
+        "mode": info["mode"],
+        "outside the band": bad,
+    }
 
 
 def test_sustained_goodput_stays_at_the_rate(make_testbed):
@@ -54,14 +60,15 @@ def test_sustained_goodput_stays_at_the_rate(make_testbed):
     handles = shaper.qdisc_handles()
     for rate in (2000.0, 8000.0, 50000.0):
         if rate != 2000.0:
-            shaper.change("dev1", LinkSpec(rate), "both")   # in place: class and leaf
+            shaper.change("dev1", LinkSpec(rate), "both")  # in place: class and leaf
         rows = verify(inv, seconds=2.5)
         for g in rows:
             assert g.configured_kbit == pytest.approx(rate)
             ratio = g.measured_kbit / rate
             assert GOODPUT_BAND[0] <= ratio <= GOODPUT_BAND[1], (
                 f"{g.direction}: {g.measured_kbit:.0f} kbit/s over {g.window_s:.2f} s = "
-                f"{ratio:.1%} of {rate:g} kbit/s (testbed {name})")
+                f"{ratio:.1%} of {rate:g} kbit/s (testbed {name})"
+            )
     assert shaper.qdisc_handles() == handles
 
 
@@ -73,18 +80,23 @@ def test_offloads_off_while_shaped_and_restored_on_clear_and_down(cli_testbed):
     for dev, ns in ((n.veth(1), None), ("eth0", n.netns(1)), (n.bridge, None), (n.ifb, None)):
         f = _features(dev, ns)
         assert not any(f[k].on for k in tracked if k in f), (dev, f)
-    shown = json.loads(run_cli("links", "set", str(inv), "dev1", "--rate", "2mbit",
-                               "--format", "json", env=env).stdout)
+    shown = json.loads(
+        run_cli(
+            "links", "set", str(inv), "dev1", "--rate", "2mbit", "--format", "json", env=env
+        ).stdout
+    )
     restore = shown["shaping"]["offloads_restore"]
     assert shown["shaping"]["offloads_summary"] == "off" and shown["shaping"]["warning"] is None
-    assert set(restore) >= {"tso", "gso"}, restore   # what the bridge had on before shaping
+    assert set(restore) >= {"tso", "gso"}, restore  # what the bridge had on before shaping
     # links clear: the bridge's offloads are on again, the ifb (and its record) gone
     res = run_cli("links", "clear", str(inv), env=env)
     assert res.returncode == 0, res.stderr
     f = _features(n.bridge)
     assert all(f[k].on for k in restore), f
-    assert subprocess.run(["ip", "link", "show", n.ifb], capture_output=True,
-                          check=False).returncode != 0
+    assert (
+        subprocess.run(["ip", "link", "show", n.ifb], capture_output=True, check=False).returncode
+        != 0
+    )
     # shaped again (links set on a clear BS builds the tree): off again, and recorded
     res = run_cli("links", "set", str(inv), "dev1", "--rate", "10mbit", env=env)
     assert res.returncode == 0 and "warning" not in res.stderr, res.stderr

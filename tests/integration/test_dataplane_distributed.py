@@ -27,7 +27,11 @@ pytestmark = [needs_testbed, pytest.mark.root]
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST_KBIT = 1_000_000
-PROMPTS = [[1, 4, 12, 13, 14, 3], [1, 5, 22, 23], [1, 6, 15, 16, 17, 18, 19, 3]]  # < 28: valid for the tiny model too
+PROMPTS = [
+    [1, 4, 12, 13, 14, 3],
+    [1, 5, 22, 23],
+    [1, 6, 15, 16, 17, 18, 19, 3],
+]  # < 28: valid for the tiny model too
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +42,18 @@ def mixtral_split(tmp_path_factory) -> Path:
     from models.split import split_checkpoint
 
     d = tmp_path_factory.mktemp("mixtral")
-    cfg = MixtralConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=6,
-                        num_experts_per_tok=2, max_position_embeddings=128, initializer_range=0.1)
+    cfg = MixtralConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=6,
+        num_experts_per_tok=2,
+        max_position_embeddings=128,
+        initializer_range=0.1,
+    )
     torch.manual_seed(0)
     MixtralForCausalLM(cfg).save_pretrained(d / "ckpt", safe_serialization=True)
     split_checkpoint(d / "ckpt", d / "split")
@@ -76,15 +89,23 @@ def cluster(inv_path: Path, split: Path, replicas: int = 1, timeout_s: float = 5
     try:
         for dev in inv.devices:
             r = ssh_runner_for(inv, dev)
-            agents[dev.name] = start_agent(r, device=dev.name, host=dev.host, workdir=dev.workdir,
-                                           tag=f"agent-{split.name}")
-        backend = RemoteExpertBackend({n: a.endpoint for n, a in agents.items()}, placement,
-                                      timeout_s=timeout_s, down_backoff_s=30.0)
+            agents[dev.name] = start_agent(
+                r, device=dev.name, host=dev.host, workdir=dev.workdir, tag=f"agent-{split.name}"
+            )
+        backend = RemoteExpertBackend(
+            {n: a.endpoint for n, a in agents.items()},
+            placement,
+            timeout_s=timeout_s,
+            down_backoff_s=30.0,
+        )
         backend.connect()
         for dev in inv.devices:
             mine = [u for u, ds in placement.items() if dev.name in ds]
             rel = push_experts(agents[dev.name].runner, dev.workdir, m, mine)
-            assert backend.load_experts(dev.name, [{"uid": u, "path": p} for u, p in rel.items()]) == mine
+            assert (
+                backend.load_experts(dev.name, [{"uid": u, "path": p} for u, p in rel.items()])
+                == mine
+            )
         yield backend, agents
     finally:
         if backend is not None:
@@ -105,7 +126,9 @@ def _check_equal(split: Path, backend: RemoteExpertBackend) -> None:
     recs = dist.pop_records()
     assert recs and all(not r.failed for r in recs)
     calls = [c for r in recs for c in r.info["calls"]]
-    assert {c["device"] for c in calls} == set(backend.agents) and all(c["status"] == "ok" for c in calls)
+    assert {c["device"] for c in calls} == set(backend.agents) and all(
+        c["status"] == "ok" for c in calls
+    )
     assert all(c["network_ms"] > 0 and c["compute_ms"] > 0 for c in calls)
     g_ref = ref.generate_greedy(PROMPTS, 6)
     g_dist = dist.generate_greedy(PROMPTS, 6)
@@ -122,10 +145,14 @@ def test_distributed_logits_and_generation_equal_reference(make_testbed, mixtral
         with cluster(inv_path, split) as (backend, agents):
             clocks = backend.estimate_clock_offsets(5)
             # namespaces share this machine's clock: the NTP-style estimate must find ~0
-            assert all(abs(c.offset_ns) < 2e6 and 0 < c.rtt_ms < 50 for c in clocks.values()), clocks
+            assert all(abs(c.offset_ns) < 2e6 and 0 < c.rtt_ms < 50 for c in clocks.values()), (
+                clocks
+            )
             # the agents are really inside the namespaces, on the device addresses
             inv = load_inventory(inv_path)
-            assert {a.endpoint.split(":")[1].strip("/") for a in agents.values()} == {d.host for d in inv.devices}
+            assert {a.endpoint.split(":")[1].strip("/") for a in agents.values()} == {
+                d.host for d in inv.devices
+            }
             _check_equal(split, backend)
 
 
@@ -168,8 +195,11 @@ def test_agent_killed_mid_generation(make_testbed, mixtral_split):
         before = [c for c in calls if c["call_index"] < wrap.killed_at]
         after = [c for c in calls if c["call_index"] >= wrap.killed_at]
         assert all(c["status"] == "ok" for c in before)
-        assert any(c["status"] in ("timeout", "unreachable", "skipped") and c["device"] == "dev2" for c in after)
-        rerouted = {u for r in recs[wrap.killed_at:] for u in r.info["rerouted"]}
+        assert any(
+            c["status"] in ("timeout", "unreachable", "skipped") and c["device"] == "dev2"
+            for c in after
+        )
+        rerouted = {u for r in recs[wrap.killed_at :] for u in r.info["rerouted"]}
         placed_on_dev2 = {u for u, ds in backend.placement.items() if ds[0] == "dev2"}
         assert rerouted and rerouted <= placed_on_dev2
         assert not any(c["status"] == "ok" and c["device"] == "dev2" for c in after)
@@ -177,7 +207,9 @@ def test_agent_killed_mid_generation(make_testbed, mixtral_split):
         # 2) no replicas, dev3 killed mid-generation: its experts fail (dropped and
         #    renormalised), generation still finishes, dev1's calls are unaffected
         # (each expert is loaded on two devices, so one of dev1/dev3 holds it; no fallback)
-        backend.placement = {u: [d for d in ds if d != "dev2"][:1] for u, ds in backend.placement.items()}
+        backend.placement = {
+            u: [d for d in ds if d != "dev2"][:1] for u, ds in backend.placement.items()
+        }
         wrap = KillAfter(backend, agents["dev3"], after_calls=2 * n_layers)
         dist.backend = wrap
         res = dist.generate_greedy(PROMPTS, 8)
@@ -185,9 +217,9 @@ def test_agent_killed_mid_generation(make_testbed, mixtral_split):
         recs = dist.pop_records()
         calls = _calls(recs)
         on_dev3 = {u for u, ds in backend.placement.items() if ds == ["dev3"]}
-        failed_after = {u for r in recs[wrap.killed_at:] for u in r.failed}
+        failed_after = {u for r in recs[wrap.killed_at :] for u in r.failed}
         assert failed_after and failed_after <= on_dev3
-        assert all(not r.failed for r in recs[:wrap.killed_at])
+        assert all(not r.failed for r in recs[: wrap.killed_at])
         assert all(c["status"] == "ok" for c in calls if c["device"] == "dev1")
         assert all(c["status"] == "ok" for c in calls if c["call_index"] < wrap.killed_at)
         _check_plain_rows(calls)
@@ -197,9 +229,25 @@ def test_agent_killed_mid_generation(make_testbed, mixtral_split):
 
 PLAIN = (str, int, float, bool, type(None))
 #: what the runner reads from each row to write calls.csv (testbed/experiment.py)
-ROW_KEYS = {"layer", "step", "uid", "device", "attempt", "tokens", "status", "reason", "req_id",
-            "serialize_ms", "network_ms", "queue_ms", "compute_ms", "rtt_ms", "device_ms",
-            "bytes_out", "bytes_in"}
+ROW_KEYS = {
+    "layer",
+    "step",
+    "uid",
+    "device",
+    "attempt",
+    "tokens",
+    "status",
+    "reason",
+    "req_id",
+    "serialize_ms",
+    "network_ms",
+    "queue_ms",
+    "compute_ms",
+    "rtt_ms",
+    "device_ms",
+    "bytes_out",
+    "bytes_in",
+}
 
 
 def _check_plain_rows(calls: list[dict]) -> None:

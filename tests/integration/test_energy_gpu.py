@@ -69,9 +69,19 @@ class SmiSampler:
         self.bad_lines: list[str] = []
         self._offset_ns = time.time_ns() - time.monotonic_ns()
         self.proc = subprocess.Popen(
-            ["nvidia-smi", "-i", str(index), "--query-gpu=timestamp,power.draw",
-             "--format=csv,noheader,nounits", "-lms", str(period_ms)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [
+                "nvidia-smi",
+                "-i",
+                str(index),
+                "--query-gpu=timestamp,power.draw",
+                "--format=csv,noheader,nounits",
+                "-lms",
+                str(period_ms),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self._t = threading.Thread(target=self._pump, daemon=True)
         self._t.start()
 
@@ -132,12 +142,19 @@ def test_nvml_meter_matches_nvidia_smi_power_integral():
     smi_j = trapezoid(pts, a.t_ns, b.t_ns)
     window_s = (b.t_ns - a.t_ns) / 1e9
     ratio = meter_j / smi_j
-    report = {"meter_source": meter.source, "meter_j": round(meter_j, 2),
-              "nvidia_smi_power_draw_j": round(smi_j, 2), "ratio": round(ratio, 4),
-              "nvml_power_sampled_20hz_j": round(sampled_j, 2), "window_s": round(window_s, 3),
-              "smi_samples": len(pts), "sampler_samples": sampled.samples,
-              "sampler_errors": sampled.errors, "bf16_8192_products": products,
-              "gpu": gpu.decode() if isinstance(gpu, bytes) else str(gpu)}
+    report = {
+        "meter_source": meter.source,
+        "meter_j": round(meter_j, 2),
+        "nvidia_smi_power_draw_j": round(smi_j, 2),
+        "ratio": round(ratio, 4),
+        "nvml_power_sampled_20hz_j": round(sampled_j, 2),
+        "window_s": round(window_s, 3),
+        "smi_samples": len(pts),
+        "sampler_samples": sampled.samples,
+        "sampler_errors": sampled.errors,
+        "bf16_8192_products": products,
+        "gpu": gpu.decode() if isinstance(gpu, bytes) else str(gpu),
+    }
     print("ENERGY-CHECK " + json.dumps(report))
     if os.environ.get("ENERGY_GPU_REPORT"):
         with open(os.environ["ENERGY_GPU_REPORT"], "w") as f:
@@ -146,7 +163,6 @@ def test_nvml_meter_matches_nvidia_smi_power_integral():
     assert meter_j / window_s > 1.2 * (pts[0][1] if pts else 0.0), report
     assert abs(ratio - 1) <= METER_TOLERANCE, report
     assert abs(sampled_j / smi_j - 1) <= METER_TOLERANCE, report
-
 
 
 AGENT_HIDDEN, AGENT_INTER, AGENT_TOKENS = 4096, 14336, 4096
@@ -170,19 +186,38 @@ def test_agent_nvml_energy_over_forward_calls_matches_nvidia_smi(tmp_path):
     (wd / "experts").mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
     h, f = AGENT_HIDDEN, AGENT_INTER
-    save_file({"w1": (torch.randn(f, h, generator=g) * h ** -0.5).half(),
-               "w2": (torch.randn(h, f, generator=g) * f ** -0.5).half(),
-               "w3": (torch.randn(f, h, generator=g) * h ** -0.5).half()},
-              str(wd / "experts" / "L0.E0.safetensors"))
-    agent = start_agent(LocalRunner(), device="gpu", host="127.0.0.1", workdir=str(wd), pub=False,
-                        extra_args=["--device", "cuda", "--meter", "nvml", "--nvml-gpus", "0"])
+    save_file(
+        {
+            "w1": (torch.randn(f, h, generator=g) * h**-0.5).half(),
+            "w2": (torch.randn(h, f, generator=g) * f**-0.5).half(),
+            "w3": (torch.randn(f, h, generator=g) * h**-0.5).half(),
+        },
+        str(wd / "experts" / "L0.E0.safetensors"),
+    )
+    agent = start_agent(
+        LocalRunner(),
+        device="gpu",
+        host="127.0.0.1",
+        workdir=str(wd),
+        pub=False,
+        extra_args=["--device", "cuda", "--meter", "nvml", "--nvml-gpus", "0"],
+    )
     be = RemoteExpertBackend({"gpu": agent.endpoint}, {"L0.E0": ["gpu"]}, timeout_s=60.0)
     smi = None
     try:
         be.connect()
         assert be.agents["gpu"].energy_source in ("measured:nvml:gpu0", "measured:nvml-power:gpu0")
-        be.load_experts("gpu", [{"uid": "L0.E0", "path": "experts/L0.E0.safetensors",
-                                 "dtype": "float32", "io_dtype": "float16"}])
+        be.load_experts(
+            "gpu",
+            [
+                {
+                    "uid": "L0.E0",
+                    "path": "experts/L0.E0.safetensors",
+                    "dtype": "float32",
+                    "io_dtype": "float16",
+                }
+            ],
+        )
         x = torch.randn(AGENT_TOKENS, h).half()
         work = LayerWork(0, 0, {"L0.E0": x})
         assert not be.run_layer(work).failed  # warm-up: CUDA context, kernels
@@ -224,12 +259,19 @@ def test_agent_nvml_energy_over_forward_calls_matches_nvidia_smi(tmp_path):
     compute_s = sum(c["compute_ms"] for c in calls) / 1e3
     ratio = agent_j / smi_j
     ping_j = pb - pa
-    report = {"agent_energy_source": calls[0]["energy_source"], "agent_status_j": round(agent_j, 2),
-              "agent_ping_j": round(ping_j, 2),
-              "nvidia_smi_power_draw_j": round(smi_j, 2), "ratio": round(ratio, 4),
-              "window_s": round(window_s, 3), "forward_calls": len(calls),
-              "calls_energy_j": round(calls_j, 2), "calls_compute_s": round(compute_s, 3),
-              "idle_w_first_smi_sample": pts[0][1], "mean_w": round(agent_j / window_s, 1)}
+    report = {
+        "agent_energy_source": calls[0]["energy_source"],
+        "agent_status_j": round(agent_j, 2),
+        "agent_ping_j": round(ping_j, 2),
+        "nvidia_smi_power_draw_j": round(smi_j, 2),
+        "ratio": round(ratio, 4),
+        "window_s": round(window_s, 3),
+        "forward_calls": len(calls),
+        "calls_energy_j": round(calls_j, 2),
+        "calls_compute_s": round(compute_s, 3),
+        "idle_w_first_smi_sample": pts[0][1],
+        "mean_w": round(agent_j / window_s, 1),
+    }
     print("AGENT-ENERGY-CHECK " + json.dumps(report))
     if os.environ.get("ENERGY_GPU_AGENT_REPORT"):
         with open(os.environ["ENERGY_GPU_AGENT_REPORT"], "w") as fh:

@@ -43,13 +43,12 @@ from tests.conftest import needs_testbed
 RATE_KBIT = 20_000.0
 CUT_KBIT = 2.0
 CUT_S = 2.0
-AFTER_S = 1.5          # calls watched after the restore
-BUDGET_S = 0.5         # recovery allowed
-SETTLE_S = 30.0        # longest wait for both devices to serve before a cut
+AFTER_S = 1.5  # calls watched after the restore
+BUDGET_S = 0.5  # recovery allowed
+SETTLE_S = 30.0  # longest wait for both devices to serve before a cut
 REPEATS = 3
 HIDDEN, TOKENS = 64, 8  # a tiny-model layer's call: 8 tokens x 64 float32 = 2 KiB each way
-SETUPS = {"defaults": {},
-          "1 s deadline": {"timeout_s": 1.0, "down_backoff_s": 0.2}}
+SETUPS = {"defaults": {}, "1 s deadline": {"timeout_s": 1.0, "down_backoff_s": 0.2}}
 
 
 @contextlib.contextmanager
@@ -60,8 +59,15 @@ def _agents(inv_path: Path):
     started: list[AgentProcess] = []
     try:
         for dev in inv.devices:
-            started.append(start_agent(ssh_runner_for(inv, dev), device=dev.name, host=dev.host,
-                                       workdir=dev.workdir, tag="link-recovery"))
+            started.append(
+                start_agent(
+                    ssh_runner_for(inv, dev),
+                    device=dev.name,
+                    host=dev.host,
+                    workdir=dev.workdir,
+                    tag="link-recovery",
+                )
+            )
         yield inv, started
     finally:
         for a in started:
@@ -75,13 +81,21 @@ def _diagnose(inv, dev_index: int, port: str) -> str:
     cid = f"1:{class_minor(dev_index):x}"
     out = []
     for iface in (inv.bs.interface, inv.bs.ifb):
-        tc = subprocess.run(["tc", "-s", "class", "show", "dev", iface, "classid", cid],
-                            check=False, capture_output=True, text=True).stdout
+        tc = subprocess.run(
+            ["tc", "-s", "class", "show", "dev", iface, "classid", cid],
+            check=False,
+            capture_output=True,
+            text=True,
+        ).stdout
         m = re.search(r"backlog (\S+) (\S+).*?tokens: (-?\d+) ctokens: (-?\d+)", tc, re.DOTALL)
         if m:  # tc prints tokens in psched ticks of 64 ns
             out.append(f"{iface} {cid}: backlog {m[1]} {m[2]}, tokens {int(m[3]) * 64e-9:+.2f} s")
-    ss = subprocess.run(["ss", "-tnio", "state", "all", f"( dport = :{port} )"],
-                        check=False, capture_output=True, text=True).stdout
+    ss = subprocess.run(
+        ["ss", "-tnio", "state", "all", f"( dport = :{port} )"],
+        check=False,
+        capture_output=True,
+        text=True,
+    ).stdout
     states = re.findall(r"^(\S+)\s.*?(timer:\([^)]*\))?$", ss, re.MULTILINE)
     out.append("BS sockets: " + ", ".join(f"{s} {t}".strip() for s, t in states if s != "State"))
     return "; ".join(out)
@@ -91,15 +105,17 @@ def _one_repeat(be: RemoteExpertBackend, shaper, inv, step: list[int]) -> dict:
     """Calls both devices back to back (one expert each, one layer call) while dev1's link is
     cut for CUT_S and restored; returns the timeline and the recovery."""
     x = [torch.randn(TOKENS, HIDDEN), torch.randn(TOKENS, HIDDEN)]
-    log: list[tuple[float, float, str, str]] = []   # (start, end, dev1 status, dev2 status)
+    log: list[tuple[float, float, str, str]] = []  # (start, end, dev1 status, dev2 status)
 
     def call() -> None:
         step[0] += 1
         t0 = time.monotonic()
         res = be.run_layer(LayerWork(0, step[0], {"L0.E0": x[0], "L0.E1": x[1]}))
         t1 = time.monotonic()
-        st = {u: ("ok" if u in res.outputs and torch.equal(res.outputs[u], x[i]) else "failed")
-              for i, u in enumerate(("L0.E0", "L0.E1"))}
+        st = {
+            u: ("ok" if u in res.outputs and torch.equal(res.outputs[u], x[i]) else "failed")
+            for i, u in enumerate(("L0.E0", "L0.E1"))
+        }
         log.append((t0, t1, st["L0.E0"], st["L0.E1"]))
 
     # both devices serve before the cut (after a slow recovery, a previous repeat's cut may
@@ -130,10 +146,17 @@ def _one_repeat(be: RemoteExpertBackend, shaper, inv, step: list[int]) -> dict:
         th.join()
     tr = float(restored["t"])  # type: ignore[arg-type]
     after = [r for r in log if r[1] > tr]
-    recovery = next((r[1] - tr for k, r in enumerate(after)
-                     if all(q[2] == "ok" for q in after[k:])), None)
-    return {"log": log, "t_cut": t_cut, "cut": restored["cut"], "restored": tr,
-            "recovery": recovery, "diag": restored["diag"]}
+    recovery = next(
+        (r[1] - tr for k, r in enumerate(after) if all(q[2] == "ok" for q in after[k:])), None
+    )
+    return {
+        "log": log,
+        "t_cut": t_cut,
+        "cut": restored["cut"],
+        "restored": tr,
+        "recovery": recovery,
+        "diag": restored["diag"],
+    }
 
 
 def _timeline(rep: dict) -> str:
@@ -162,30 +185,48 @@ def test_calls_recover_within_half_a_second_of_a_restored_link(make_testbed):
             try:
                 be.connect()
                 for i, dev in enumerate(("dev1", "dev2")):
-                    be.load_experts(dev, [{"uid": f"L0.E{i}", "builtin": "identity",
-                                           "hidden": HIDDEN, "io_dtype": "float32"}])
+                    be.load_experts(
+                        dev,
+                        [
+                            {
+                                "uid": f"L0.E{i}",
+                                "builtin": "identity",
+                                "hidden": HIDDEN,
+                                "io_dtype": "float32",
+                            }
+                        ],
+                    )
                 step = [0]
                 reps = []
                 for _ in range(REPEATS):
                     rep = _one_repeat(be, shaper, inv, step)
                     reps.append(rep)
                     # the cut is real: no call of dev1 was answered in its second half
-                    assert not any(s1 == "ok" and rep["cut"] + CUT_S / 2 <= t1 <= rep["restored"]
-                                   for _, t1, s1, _ in rep["log"]), _timeline(rep)
+                    assert not any(
+                        s1 == "ok" and rep["cut"] + CUT_S / 2 <= t1 <= rep["restored"]
+                        for _, t1, s1, _ in rep["log"]
+                    ), _timeline(rep)
                     # the other device's link was untouched: all its calls served
                     assert all(r[3] == "ok" for r in rep["log"]), rep["log"]
                     time.sleep(0.3)
                 results[name] = [r["recovery"] for r in reps]
                 if name == "defaults":  # the call stuck in the cut outlived it: it was re-sent
                     assert be.resent.get("dev1", 0) >= 1, be.resent
-                print(f"{name}: recovery after the restore "
-                      f"{[None if r is None else round(r, 3) for r in results[name]]} s, "
-                      f"connections renewed {be.reconnects}, requests re-sent {be.resent}")
-                slow = [(k, r) for k, r in enumerate(reps)
-                        if r["recovery"] is None or r["recovery"] > BUDGET_S]
+                print(
+                    f"{name}: recovery after the restore "
+                    f"{[None if r is None else round(r, 3) for r in results[name]]} s, "
+                    f"connections renewed {be.reconnects}, requests re-sent {be.resent}"
+                )
+                slow = [
+                    (k, r)
+                    for k, r in enumerate(reps)
+                    if r["recovery"] is None or r["recovery"] > BUDGET_S
+                ]
                 assert not slow, "\n".join(
                     f"{name}, repeat {k}: recovery {r['recovery']} s (budget {BUDGET_S} s); "
-                    f"at the restore: {r['diag']}; dev1's calls: {_timeline(r)}" for k, r in slow)
+                    f"at the restore: {r['diag']}; dev1's calls: {_timeline(r)}"
+                    for k, r in slow
+                )
             finally:
                 be.close()
 
@@ -194,27 +235,36 @@ def test_calls_recover_within_half_a_second_of_a_restored_link(make_testbed):
 def test_connection_options_reach_the_sockets() -> None:
     with RemoteExpertBackend({"a": "tcp://127.0.0.1:9"}) as be:
         s = be.agents["a"].sock
-        assert s.get(zmq.TCP_MAXRT) == 1000          # TCP_USER_TIMEOUT 1 s
+        assert s.get(zmq.TCP_MAXRT) == 1000  # TCP_USER_TIMEOUT 1 s
         assert s.get(zmq.RECONNECT_IVL) == 50 and s.get(zmq.RECONNECT_IVL_MAX) == 0
-        assert s.get(zmq.CONNECT_TIMEOUT) == 0       # a first connection: round trip unknown
+        assert s.get(zmq.CONNECT_TIMEOUT) == 0  # a first connection: round trip unknown
         be.reconnect("a")
         assert be.agents["a"].sock.get(zmq.CONNECT_TIMEOUT) == 200
         be.agents["a"].clock = ClockEstimate(0, 120.0, 5)  # a long round trip: 4x it
         be.reconnect("a")
         assert be.agents["a"].sock.get(zmq.CONNECT_TIMEOUT) == 480
         assert be.reconnects == {"a": 2}
-    with RemoteExpertBackend({"a": "tcp://127.0.0.1:9"}, tcp_user_timeout_s=0, connect_timeout_s=0,
-                             reconnect_ivl_s=0.25) as be:
+    with RemoteExpertBackend(
+        {"a": "tcp://127.0.0.1:9"}, tcp_user_timeout_s=0, connect_timeout_s=0, reconnect_ivl_s=0.25
+    ) as be:
         s = be.agents["a"].sock
         assert s.get(zmq.TCP_MAXRT) == 0 and s.get(zmq.RECONNECT_IVL) == 250
         be.reconnect("a")
         assert be.agents["a"].sock.get(zmq.CONNECT_TIMEOUT) == 0
 
 
-@pytest.mark.parametrize(("key", "bad"), [
-    ("tcp_user_timeout_s", -1), ("tcp_user_timeout_s", float("nan")), ("tcp_user_timeout_s", True),
-    ("connect_timeout_s", "0.2"), ("connect_timeout_s", 1e6), ("reconnect_ivl_s", 0),
-    ("reconnect_ivl_s", None)])
+@pytest.mark.parametrize(
+    ("key", "bad"),
+    [
+        ("tcp_user_timeout_s", -1),
+        ("tcp_user_timeout_s", float("nan")),
+        ("tcp_user_timeout_s", True),
+        ("connect_timeout_s", "0.2"),
+        ("connect_timeout_s", 1e6),
+        ("reconnect_ivl_s", 0),
+        ("reconnect_ivl_s", None),
+    ],
+)
 def test_connection_options_reject_bad_values(key: str, bad: object) -> None:
     with pytest.raises(ValueError, match=f"{key} must be a number of seconds"):
         RemoteExpertBackend({}, **{key: bad})  # type: ignore[arg-type]
@@ -231,14 +281,18 @@ def test_a_request_is_resent_when_its_connection_is_dropped(tmp_path):
     be = RemoteExpertBackend({"a1": a.endpoint}, {"L0.E0": ["a1"]}, timeout_s=5.0)
     try:
         be.connect()
-        be.load_experts("a1", [{"uid": "L0.E0", "builtin": "identity", "hidden": HIDDEN,
-                                "io_dtype": "float32"}])
+        be.load_experts(
+            "a1", [{"uid": "L0.E0", "builtin": "identity", "hidden": HIDDEN, "io_dtype": "float32"}]
+        )
         port = a.endpoint.rsplit(":", 1)[1]
 
         def drop_then_resume() -> None:
             time.sleep(0.3)
-            subprocess.run(["ss", "-K", "dst", "127.0.0.1", "dport", "=", port],
-                           check=True, capture_output=True)
+            subprocess.run(
+                ["ss", "-K", "dst", "127.0.0.1", "dport", "=", port],
+                check=True,
+                capture_output=True,
+            )
             time.sleep(0.3)
             os.kill(a.pid, signal.SIGCONT)
 

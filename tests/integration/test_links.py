@@ -25,7 +25,8 @@ def _assert_band(rows, rate_kbit, config):
         ratio = g.measured_kbit / rate_kbit
         assert BAND[0] <= ratio <= BAND[1], (
             f"{g.device} {g.direction}: measured {g.measured_kbit:.0f} kbit/s over "
-            f"{g.window_s:.2f} s = {ratio:.1%} of {rate_kbit:g} kbit/s; config {config}")
+            f"{g.window_s:.2f} s = {ratio:.1%} of {rate_kbit:g} kbit/s; config {config}"
+        )
 
 
 def test_8mbit_then_in_place_change_to_2mbit(make_testbed):
@@ -70,8 +71,12 @@ def test_delay_loss_use_netem_or_fail_with_kernel_message(make_testbed):
         # this kernel has no netem: refused with the kernel's own words, nothing changed
         assert "qdisc kind is unknown" in str(exc)
         after = shaper.show()[0]
-        assert (after.down_kbit, after.up_kbit, after.down_leaf, after.up_leaf) == \
-            (before.down_kbit, before.up_kbit, before.down_leaf, before.up_leaf)
+        assert (after.down_kbit, after.up_kbit, after.down_leaf, after.up_leaf) == (
+            before.down_kbit,
+            before.up_kbit,
+            before.down_leaf,
+            before.up_leaf,
+        )
         pytest.skip(f"netem unavailable here (checked the refusal): {exc}")
     after = shaper.show()[0]
     assert after.down_leaf.startswith("netem") and after.down_kbit == 4000
@@ -105,8 +110,17 @@ def _together(inv, direction: str, seconds: float) -> dict:
 
         def one(dev) -> None:
             try:
-                out[dev.name] = measure(inv, dev, direction, seconds, bs, remotes[dev.name],
-                                        bs_probe, f"{dev.workdir}/.testbed/netprobe.py", None)
+                out[dev.name] = measure(
+                    inv,
+                    dev,
+                    direction,
+                    seconds,
+                    bs,
+                    remotes[dev.name],
+                    bs_probe,
+                    f"{dev.workdir}/.testbed/netprobe.py",
+                    None,
+                )
             except BaseException as exc:  # noqa: BLE001 - re-raised below
                 errors.append(exc)
 
@@ -135,19 +149,28 @@ def test_cell_rate_caps_two_devices_together(make_testbed):
     shaper.setup([LinkSpec(DEVICE_KBIT)] * 2, [LinkSpec(DEVICE_KBIT)] * 2)
     # tc: the cell class carries the cell's rate; each device keeps its own rate
     for dev in (inv.bs.interface, inv.bs.ifb):
-        cls = {c.classid: c for c in parse_htb_classes(
-            LocalRunner().run(["tc", "class", "show", "dev", dev]).stdout)}
+        cls = {
+            c.classid: c
+            for c in parse_htb_classes(
+                LocalRunner().run(["tc", "class", "show", "dev", dev]).stdout
+            )
+        }
         assert (cls["1:1"].rate_kbit, cls["1:1"].ceil_kbit) == (CELL_KBIT, CELL_KBIT), dev
-    assert {(s.device, s.down_kbit, s.up_kbit) for s in shaper.show()} == \
-        {(d, DEVICE_KBIT, DEVICE_KBIT) for d in ("dev1", "dev2")}
+    assert {(s.device, s.down_kbit, s.up_kbit) for s in shaper.show()} == {
+        (d, DEVICE_KBIT, DEVICE_KBIT) for d in ("dev1", "dev2")
+    }
     for direction in ("down", "up"):
         got = _together(inv, direction, seconds=5.0)
         total = sum(g.measured_kbit for g in got.values())
-        config = {"testbed": name, "direction": direction,
-                  "measured": {d: round(g.measured_kbit) for d, g in got.items()}}
+        config = {
+            "testbed": name,
+            "direction": direction,
+            "measured": {d: round(g.measured_kbit) for d, g in got.items()},
+        }
         assert set(got) == {"dev1", "dev2"}
         # the sum is the cell's rate (less TCP/IP overhead, as for one link) ...
         assert 0.85 * CELL_KBIT <= total <= 1.05 * CELL_KBIT, (total, config)
         # ... shared: each device well below its own 50 Mbit/s, neither starved
-        assert all(0.25 * CELL_KBIT <= g.measured_kbit <= 0.75 * CELL_KBIT
-                   for g in got.values()), config
+        assert all(0.25 * CELL_KBIT <= g.measured_kbit <= 0.75 * CELL_KBIT for g in got.values()), (
+            config
+        )

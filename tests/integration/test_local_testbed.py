@@ -48,8 +48,7 @@ def test_up_three_devices_ssh_with_host_key_checking(make_testbed, tmp_path):
     other = tmp_path / "other_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
     with pytest.raises(HostUnreachable, match="authentication failed"):
-        SshRunner(dev.host, user="root", key_path=str(other),
-                  known_hosts=inv.known_hosts).connect()
+        SshRunner(dev.host, user="root", key_path=str(other), known_hosts=inv.known_hosts).connect()
 
 
 def test_remote_timeout_stops_the_remote_command(make_testbed):
@@ -79,14 +78,16 @@ def test_put_and_spawn_detached(make_testbed, tmp_path):
         r.put(src, f"{dev.workdir}/sub/payload.bin", mode=0o600)
         assert Path(f"{dev.workdir}/sub/payload.bin").read_bytes() == src.read_bytes()
         assert Path(f"{dev.workdir}/sub/payload.bin").stat().st_mode & 0o777 == 0o600
-        pid = r.spawn(["sleep", "120"], log_path=f"{dev.workdir}/logs/s.log",
-                      pid_path=f"{dev.workdir}/s.pid")
+        pid = r.spawn(
+            ["sleep", "120"], log_path=f"{dev.workdir}/logs/s.log", pid_path=f"{dev.workdir}/s.pid"
+        )
     # the SSH session is closed; the process lives on, in the device's namespace
     try:
         assert Path(f"/proc/{pid}").exists()
         assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] == b"sleep"
-        ns = subprocess.run(["ip", "netns", "identify", str(pid)], capture_output=True,
-                            text=True).stdout.strip()
+        ns = subprocess.run(
+            ["ip", "netns", "identify", str(pid)], capture_output=True, text=True
+        ).stdout.strip()
         assert ns == local.Names(name).netns(1)
     finally:
         os.kill(pid, signal.SIGKILL)
@@ -110,10 +111,25 @@ def test_down_removes_everything_and_is_idempotent(state_dir, tmp_path):
 def test_down_after_up_killed_halfway(state_dir, tmp_path):
     name = unique_name()
     env = {**os.environ, "TESTBED_STATE_DIR": str(state_dir)}
-    proc = subprocess.Popen([sys.executable, "-m", "testbed", "local", "up", "--name", name,
-                             "--devices", "12", "--inventory-out", str(tmp_path / "k.toml")],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "testbed",
+            "local",
+            "up",
+            "--name",
+            name,
+            "--devices",
+            "12",
+            "--inventory-out",
+            str(tmp_path / "k.toml"),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     # kill it -9 as soon as the third device's sshd is being started
     deadline = time.monotonic() + 30
     st = state_dir / name / "state.json"
@@ -155,6 +171,7 @@ def test_without_root_one_clear_line(tmp_path, monkeypatch, capsys):
     # as an unprivileged user (the venv's interpreter may not be reachable by another
     # user, so the uid check is what is faked here; nothing else is)
     from testbed import cli
+
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.setenv("TESTBED_STATE_DIR", str(tmp_path))
     monkeypatch.setattr(sys, "argv", ["testbed", "local", "up", "--name", "nroot"])

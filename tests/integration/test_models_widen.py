@@ -23,8 +23,18 @@ WIDTH = 4096
 def splits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("tinywide")
     split_checkpoint(TINY_DIR, root / "tiny")
-    r = runner.invoke(app, ["widen", str(root / "tiny"), str(root / "wide"), "--hidden",
-                            str(WIDTH), "--format", "json"])
+    r = runner.invoke(
+        app,
+        [
+            "widen",
+            str(root / "tiny"),
+            str(root / "wide"),
+            "--hidden",
+            str(WIDTH),
+            "--format",
+            "json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["hidden_size"] == WIDTH and out["model_hidden_size"] == 64
@@ -56,10 +66,14 @@ def test_logits_within_1e4_of_the_original(splits: tuple[Path, Path]) -> None:
 
 
 def _eval(model: str, *extra: str) -> list[dict]:
-    r = runner.invoke(app, ["eval", model, "--policy", "topk,top1,random1", "--n", "96",
-                            "--format", "json", *extra])
+    r = runner.invoke(
+        app,
+        ["eval", model, "--policy", "topk,top1,random1", "--n", "96", "--format", "json", *extra],
+    )
     assert r.exit_code == 0, r.output
-    return [{k: v for k, v in row.items() if k != "wall_s"} for row in json.loads(r.stdout)["results"]]
+    return [
+        {k: v for k, v in row.items() if k != "wall_s"} for row in json.loads(r.stdout)["results"]
+    ]
 
 
 def test_accuracy_table_identical(splits: tuple[Path, Path]) -> None:
@@ -72,5 +86,6 @@ def test_accuracy_table_identical(splits: tuple[Path, Path]) -> None:
     assert base[0]["exact_match"] == 1.0 and base[2]["exact_match"] < 0.1
     # bf16 on the wire: the same exact-match and next-token accuracy on the tiny task
     bf = _eval(str(splits[1]), "--wire-dtype", "bf16")
-    assert [(r["exact_match"], r["next_token_acc"]) for r in bf] == \
-        [(r["exact_match"], r["next_token_acc"]) for r in base]
+    assert [(r["exact_match"], r["next_token_acc"]) for r in bf] == [
+        (r["exact_match"], r["next_token_acc"]) for r in base
+    ]

@@ -50,19 +50,89 @@ def sh(*argv: str, ns: str | None = None, check: bool = True) -> subprocess.Comp
 def tree_commands(dev: str, n: int, kbit: float, match: str) -> list[list[str]]:
     """The testbed's per-device tree: HTB class 1:(100+i) with links' parameters and a TBF
     leaf (100+i): holding one MTU, selected by a u32 filter on the device's address."""
-    cmds = [["tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default",
-             "ffff", "direct_qlen", "1000"],
-            ["tc", "class", "add", "dev", dev, "parent", "1:", "classid", "1:1",
-             *links._htb_params(links.UNLIMITED_KBIT)]]
+    cmds = [
+        [
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            dev,
+            "root",
+            "handle",
+            "1:",
+            "htb",
+            "default",
+            "ffff",
+            "direct_qlen",
+            "1000",
+        ],
+        [
+            "tc",
+            "class",
+            "add",
+            "dev",
+            dev,
+            "parent",
+            "1:",
+            "classid",
+            "1:1",
+            *links._htb_params(links.UNLIMITED_KBIT),
+        ],
+    ]
     for i in range(n):
         m = links.class_minor(i)
-        cmds += [["tc", "class", "add", "dev", dev, "parent", "1:1", "classid", f"1:{m:x}",
-                  *links._htb_params(kbit)],
-                 ["tc", "qdisc", "add", "dev", dev, "parent", f"1:{m:x}", "handle", f"{m:x}:",
-                  "tbf", "rate", links.format_rate(kbit), "burst", str(TBF_BURST),
-                  "latency", "1s"],
-                 ["tc", "filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio",
-                  "1", "u32", "match", "ip", match, f"{_addr(i)}/32", "flowid", f"1:{m:x}"]]
+        cmds += [
+            [
+                "tc",
+                "class",
+                "add",
+                "dev",
+                dev,
+                "parent",
+                "1:1",
+                "classid",
+                f"1:{m:x}",
+                *links._htb_params(kbit),
+            ],
+            [
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                dev,
+                "parent",
+                f"1:{m:x}",
+                "handle",
+                f"{m:x}:",
+                "tbf",
+                "rate",
+                links.format_rate(kbit),
+                "burst",
+                str(TBF_BURST),
+                "latency",
+                "1s",
+            ],
+            [
+                "tc",
+                "filter",
+                "add",
+                "dev",
+                dev,
+                "parent",
+                "1:",
+                "protocol",
+                "ip",
+                "prio",
+                "1",
+                "u32",
+                "match",
+                "ip",
+                match,
+                f"{_addr(i)}/32",
+                "flowid",
+                f"1:{m:x}",
+            ],
+        ]
     return cmds
 
 
@@ -81,12 +151,37 @@ def scratch():
             sh("ip", "addr", "add", f"{_addr(i)}/24", "dev", "v1", ns=peer)
         for ns, dev in ((bs, "v0"), (bs, "ifb0"), (bs, "lo"), (peer, "v1"), (peer, "lo")):
             sh("ip", "link", "set", dev, "up", ns=ns)
-        for argv in (tree_commands("v0", n, START_KBIT, "dst")
-                     + tree_commands("ifb0", n, START_KBIT, "src")
-                     + [["tc", "qdisc", "add", "dev", "v0", "handle", "ffff:", "ingress"],
-                        ["tc", "filter", "add", "dev", "v0", "parent", "ffff:", "protocol", "ip",
-                         "prio", "1", "u32", "match", "u32", "0", "0", "action", "mirred",
-                         "egress", "redirect", "dev", "ifb0"]]):
+        for argv in (
+            tree_commands("v0", n, START_KBIT, "dst")
+            + tree_commands("ifb0", n, START_KBIT, "src")
+            + [
+                ["tc", "qdisc", "add", "dev", "v0", "handle", "ffff:", "ingress"],
+                [
+                    "tc",
+                    "filter",
+                    "add",
+                    "dev",
+                    "v0",
+                    "parent",
+                    "ffff:",
+                    "protocol",
+                    "ip",
+                    "prio",
+                    "1",
+                    "u32",
+                    "match",
+                    "u32",
+                    "0",
+                    "0",
+                    "action",
+                    "mirred",
+                    "egress",
+                    "redirect",
+                    "dev",
+                    "ifb0",
+                ],
+            ]
+        ):
             sh(*argv, ns=bs)
         yield bs, peer, n
     finally:
@@ -105,8 +200,16 @@ def epoch(n: int, rates: dict[int, tuple[float, float]]) -> list[N.Change]:
         for dev, kbit in (("v0", down), ("ifb0", up)):
             r, b = N.rate_bytes(kbit), links.burst_bytes(kbit)
             out.append(N.HtbClass(dev, 0x10000 | m, 0x10001, r, r, b, b, links.QUANTUM_BYTES))
-            out.append(N.TbfQdisc(dev, m << 16, 0x10000 | m, r, TBF_BURST,
-                                  N.tbf_limit(r, TBF_BURST, TBF_LATENCY_US)))
+            out.append(
+                N.TbfQdisc(
+                    dev,
+                    m << 16,
+                    0x10000 | m,
+                    r,
+                    TBF_BURST,
+                    N.tbf_limit(r, TBF_BURST, TBF_LATENCY_US),
+                )
+            )
     return out
 
 
@@ -123,28 +226,37 @@ def tc_classes(ns: str, dev: str) -> dict[str, links.TcClass]:
 def tc_burst_bytes(ns: str, dev: str) -> dict[str, tuple[int, int]]:
     """classid -> (burst, cburst) in bytes as ``tc -d class show`` prints them."""
     text = sh("tc", "-d", "class", "show", "dev", dev, ns=ns).stdout
-    return {m[1]: (int(m[2]), int(m[3])) for m in re.finditer(
-        r"class htb (\S+) .*? burst (\d+)b/\d+ .*? cburst (\d+)b/\d+", text)}
+    return {
+        m[1]: (int(m[2]), int(m[3]))
+        for m in re.finditer(r"class htb (\S+) .*? burst (\d+)b/\d+ .*? cburst (\d+)b/\d+", text)
+    }
 
 
 def handles(ns: str) -> list[tuple[str, str, str, str]]:
-    return [(d, q["kind"], q["handle"], q.get("parent", "root"))
-            for d in ("v0", "ifb0") for q in tc_qdiscs(ns, d)]
+    return [
+        (d, q["kind"], q["handle"], q.get("parent", "root"))
+        for d in ("v0", "ifb0")
+        for q in tc_qdiscs(ns, d)
+    ]
 
 
 def leaf_sent(ns: str) -> dict[tuple[str, str], int]:
-    return {(d, q["handle"]): q["bytes"] for d in ("v0", "ifb0") for q in tc_qdiscs(ns, d)
-            if q["kind"] == "tbf"}
+    return {
+        (d, q["handle"]): q["bytes"]
+        for d in ("v0", "ifb0")
+        for q in tc_qdiscs(ns, d)
+        if q["kind"] == "tbf"
+    }
 
 
 def class_sent(ns: str) -> dict[tuple[str, str], int]:
-    return {(d, cid): c.sent_bytes for d in ("v0", "ifb0")
-            for cid, c in tc_classes(ns, d).items()}
+    return {(d, cid): c.sent_bytes for d in ("v0", "ifb0") for cid, c in tc_classes(ns, d).items()}
 
 
 # -- traffic ----------------------------------------------------------------------------------
-def goodput_kbit(src_ns: str, src: str, dst_ns: str, dst: str, kbit: float,
-                 seconds: float) -> float:
+def goodput_kbit(
+    src_ns: str, src: str, dst_ns: str, dst: str, kbit: float, seconds: float
+) -> float:
     """UDP payload kbit/s received over ``seconds`` (from the first datagram), the sender
     offering twice ``kbit``."""
     with N.in_netns(dst_ns):
@@ -207,17 +319,23 @@ def test_epoch_changes_rates_in_place(scratch):
         echoed = nl.change(changes, echo=True)
         ours_classes = {d: {c.handle: c for c in nl.classes(d)} for d in ("v0", "ifb0")}
         ours_qdiscs = {d: {q.handle: q for q in nl.qdiscs(d)} for d in ("v0", "ifb0")}
-        assert {d: {q.handle: q.rate for q in qs} for d, qs in
-                nl.qdiscs_of(["v0", "ifb0"]).items()} == \
-            {d: {h: q.rate for h, q in qs.items()} for d, qs in ours_qdiscs.items()}
+        assert {
+            d: {q.handle: q.rate for q in qs} for d, qs in nl.qdiscs_of(["v0", "ifb0"]).items()
+        } == {d: {h: q.rate for h, q in qs.items()} for d, qs in ours_qdiscs.items()}
     # the echo is each object's state right after its change, as a dump shows it
     assert len(echoed) == len(changes)
     for c, e in zip(changes, echoed):
         key = c.classid if isinstance(c, N.HtbClass) else c.handle
         dumped = (ours_classes if isinstance(c, N.HtbClass) else ours_qdiscs)[c.dev][key]
-        assert (e.kind, e.handle, e.parent, e.rate, e.ceil, e.buffer, e.limit) == \
-            (dumped.kind, dumped.handle, dumped.parent, dumped.rate, dumped.ceil,
-             dumped.buffer, dumped.limit)
+        assert (e.kind, e.handle, e.parent, e.rate, e.ceil, e.buffer, e.limit) == (
+            dumped.kind,
+            dumped.handle,
+            dumped.parent,
+            dumped.rate,
+            dumped.ceil,
+            dumped.buffer,
+            dumped.limit,
+        )
 
     # nothing re-created: same qdiscs (kind, handle, parent), counters not reset
     assert handles(bs) == before_handles
@@ -241,11 +359,15 @@ def test_epoch_changes_rates_in_place(scratch):
             assert leaf["options"]["lat"] == pytest.approx(TBF_LATENCY_US, rel=1e-3)
             # our read-back says the same as tc
             ours = ours_classes[dev][0x10000 | m]
-            assert (ours.rate_kbit, ours.ceil_kbit, ours.quantum) == \
-                (kbit, kbit, links.QUANTUM_BYTES)
+            assert (ours.rate_kbit, ours.ceil_kbit, ours.quantum) == (
+                kbit,
+                kbit,
+                links.QUANTUM_BYTES,
+            )
             assert ours_qdiscs[dev][m << 16].rate == N.rate_bytes(kbit)
-            assert ours_qdiscs[dev][m << 16].limit == N.tbf_limit(N.rate_bytes(kbit),
-                                                                  TBF_BURST, TBF_LATENCY_US)
+            assert ours_qdiscs[dev][m << 16].limit == N.tbf_limit(
+                N.rate_bytes(kbit), TBF_BURST, TBF_LATENCY_US
+            )
 
     traffic(bs, peer, n)
     final_leaf = leaf_sent(bs)
@@ -268,8 +390,10 @@ def test_bad_handle_is_a_clear_error_and_the_rest_applies(scratch):
     bs, _, n = scratch
     r = N.rate_bytes(4000)
     good = epoch(n, {1: (4000.0, 4000.0)})
-    bad = [N.HtbClass("v0", 0x101FF, 0x10001, r, r, 3200, 3200, 3028),
-           N.TbfQdisc("ifb0", 0x1FF0000, 0x101FF, r, TBF_BURST, 9999)]
+    bad = [
+        N.HtbClass("v0", 0x101FF, 0x10001, r, r, 3200, 3200, 3028),
+        N.TbfQdisc("ifb0", 0x1FF0000, 0x101FF, r, TBF_BURST, 9999),
+    ]
     with N.TcNetlink(bs) as nl, pytest.raises(N.TcNetlinkError) as ei:
         nl.change([bad[0], *good, bad[1]])  # the refused one is the last: its ack says so
     msg = str(ei.value)
@@ -288,8 +412,7 @@ def test_bad_handle_is_a_clear_error_and_the_rest_applies(scratch):
     with N.TcNetlink(bs) as nl, pytest.raises(N.TcNetlinkError, match="EINVAL"):
         nl.change([N.TbfQdisc("v0", 0x10000, N.TC_H_ROOT, r, TBF_BURST, 9999)])
     assert [q["kind"] for q in tc_qdiscs(bs, "v0") if q.get("root")] == ["htb"]
-    with N.TcNetlink(bs) as nl, \
-            pytest.raises(N.TcNetlinkError, match="nosuch0: no such interface"):
+    with N.TcNetlink(bs) as nl, pytest.raises(N.TcNetlinkError, match="nosuch0: no such interface"):
         nl.change([N.HtbClass("nosuch0", 0x10100, 0x10001, r, r, 3200, 3200, 3028)])
 
 
@@ -300,28 +423,96 @@ def test_messages_equal_what_tc_sends_and_tableless_ones_act_the_same(scratch):
     state after tc's."""
     bs, _, _ = scratch
     kbit, share = 7777.0, 3333.0
-    argvs = [["tc", "class", "change", "dev", "v0", "parent", "1:1", "classid", "1:101",
-              *links._htb_params(kbit)],
-             ["tc", "class", "change", "dev", "ifb0", "parent", "1:1", "classid", "1:102",
-              "htb", "rate", links.format_rate(share), "ceil", links.format_rate(kbit),
-              "burst", str(links.burst_bytes(share)), "cburst", str(links.burst_bytes(kbit)),
-              "quantum", str(links.QUANTUM_BYTES)],
-             ["tc", "qdisc", "change", "dev", "v0", "parent", "1:101", "handle", "101:", "tbf",
-              "rate", links.format_rate(kbit), "burst", str(TBF_BURST), "latency", "1s"],
-             ["tc", "qdisc", "change", "dev", "ifb0", "parent", "1:102", "handle", "102:",
-              "tbf", "rate", links.format_rate(kbit), "burst", str(TBF_BURST),
-              "limit", str(1000 * TBF_BURST)]]
+    argvs = [
+        [
+            "tc",
+            "class",
+            "change",
+            "dev",
+            "v0",
+            "parent",
+            "1:1",
+            "classid",
+            "1:101",
+            *links._htb_params(kbit),
+        ],
+        [
+            "tc",
+            "class",
+            "change",
+            "dev",
+            "ifb0",
+            "parent",
+            "1:1",
+            "classid",
+            "1:102",
+            "htb",
+            "rate",
+            links.format_rate(share),
+            "ceil",
+            links.format_rate(kbit),
+            "burst",
+            str(links.burst_bytes(share)),
+            "cburst",
+            str(links.burst_bytes(kbit)),
+            "quantum",
+            str(links.QUANTUM_BYTES),
+        ],
+        [
+            "tc",
+            "qdisc",
+            "change",
+            "dev",
+            "v0",
+            "parent",
+            "1:101",
+            "handle",
+            "101:",
+            "tbf",
+            "rate",
+            links.format_rate(kbit),
+            "burst",
+            str(TBF_BURST),
+            "latency",
+            "1s",
+        ],
+        [
+            "tc",
+            "qdisc",
+            "change",
+            "dev",
+            "ifb0",
+            "parent",
+            "1:102",
+            "handle",
+            "102:",
+            "tbf",
+            "rate",
+            links.format_rate(kbit),
+            "burst",
+            str(TBF_BURST),
+            "limit",
+            str(1000 * TBF_BURST),
+        ],
+    ]
     changes = [N.change_from_tc_argv(a) for a in argvs]
     with N.TcNetlink(bs) as nl:
         for change, argv in zip(changes, argvs):
             sent = strace_sendmsg(bs, argv)
             theirs = list(N.split_messages(sent))[-1]
-            ours = N.encode_change(change, nl.ifindex(change.dev), theirs.seq, tables=True,
-                                   flags=theirs.flags)
-            assert ours == sent[-len(ours):], argv
+            ours = N.encode_change(
+                change, nl.ifindex(change.dev), theirs.seq, tables=True, flags=theirs.flags
+            )
+            assert ours == sent[-len(ours) :], argv
         after_tc = state(nl)
-        nl.change([c._replace(rate=125, ceil=125) if isinstance(c, N.HtbClass)
-                   else c._replace(rate=125) for c in changes])
+        nl.change(
+            [
+                c._replace(rate=125, ceil=125)
+                if isinstance(c, N.HtbClass)
+                else c._replace(rate=125)
+                for c in changes
+            ]
+        )
         assert state(nl) != after_tc
         nl.change(changes)  # no tables
         assert state(nl) == after_tc
@@ -329,14 +520,26 @@ def test_messages_equal_what_tc_sends_and_tableless_ones_act_the_same(scratch):
 
 def state(nl: N.TcNetlink) -> list[tuple]:
     objs = [o for d in ("v0", "ifb0") for o in nl.classes(d) + nl.qdiscs(d)]
-    return sorted((o.ifindex, o.kind, o.handle, o.rate, o.ceil, o.buffer, o.cbuffer, o.quantum, o.limit,
-                   tuple(tuple(sorted(s.items())) for s in o.ratespecs)) for o in objs)
+    return sorted(
+        (
+            o.ifindex,
+            o.kind,
+            o.handle,
+            o.rate,
+            o.ceil,
+            o.buffer,
+            o.cbuffer,
+            o.quantum,
+            o.limit,
+            tuple(tuple(sorted(s.items())) for s in o.ratespecs),
+        )
+        for o in objs
+    )
 
 
 def strace_sendmsg(ns: str, argv: list[str]) -> bytes:
     """The bytes of the last sendmsg ``argv`` made on its netlink socket (fd 3)."""
-    res = sh("strace", "-e", "trace=sendmsg", "-e", "write=3", "-o", "/dev/stderr", *argv,
-             ns=ns)
+    res = sh("strace", "-e", "trace=sendmsg", "-e", "write=3", "-o", "/dev/stderr", *argv, ns=ns)
     chunks: list[bytearray] = []
     for line in res.stderr.splitlines():
         if line.startswith("sendmsg("):
@@ -398,10 +601,15 @@ def test_set_rates_over_netlink_equals_the_cli_path(shaped):
     assert got == rates
     shown = {s.device: (s.down_kbit, s.up_kbit) for s in nl_shaper.show()}
     assert shown == {**rates, "dev3": (8000.0, 8000.0)}
-    leaves = {(d, q["handle"]): q["options"]["rate"] for d in ("v0", "ifb0")
-              for q in tc_qdiscs(bs, d) if q["kind"] == "tbf"}
-    assert leaves[("v0", "100:")] == N.rate_bytes(1234) and \
-        leaves[("ifb0", "101:")] == N.rate_bytes(3000)
+    leaves = {
+        (d, q["handle"]): q["options"]["rate"]
+        for d in ("v0", "ifb0")
+        for q in tc_qdiscs(bs, d)
+        if q["kind"] == "tbf"
+    }
+    assert leaves[("v0", "100:")] == N.rate_bytes(1234) and leaves[
+        ("ifb0", "101:")
+    ] == N.rate_bytes(3000)
     assert nl_shaper.qdisc_handles() == handles
     # once the leaves are known, an epoch runs no command at all
     nl_shaper.runner.calls.clear()
@@ -415,8 +623,10 @@ def test_set_rates_over_netlink_equals_the_cli_path(shaped):
     nl_shaper.set_rates(rates)  # what each path keeps of the leaves, as tc -j reads them
     assert nl_shaper._leaf_cache == cli_shaper._leaf_cache
     assert nl_shaper._leaf_cache == nl_shaper._leaves()
-    assert {s.device: (s.down_kbit, s.up_kbit) for s in cli_shaper.show()} == \
-        {**rates, "dev3": (999.0, 998.0)}
+    assert {s.device: (s.down_kbit, s.up_kbit) for s in cli_shaper.show()} == {
+        **rates,
+        "dev3": (999.0, 998.0),
+    }
 
 
 def test_set_rates_netlink_refusal_and_rebuilt_ifb(shaped):
@@ -443,5 +653,6 @@ def test_set_rates_keeps_the_cli_for_what_netlink_does_not_do(shaped):
     assert nl_shaper._netlink_changes([tbf, netem]) is None
     assert cli_shaper._netlink_changes([tbf]) is None
     from testbed.runner import SshRunner
+
     remote = links.TcShaper(SshRunner("192.0.2.1"), "eth0", "ifb0", [], [], shaping="tbf")
     assert remote._netlink_client() is None and remote.netlink is False

@@ -33,8 +33,11 @@ pytestmark = [needs_testbed, pytest.mark.root]
 
 def _files(workdir: Path) -> dict[str, int]:
     """mtime_ns of every file the provisioning owns (the agent appends to its own log)."""
-    return {str(p.relative_to(workdir)): p.stat().st_mtime_ns for p in workdir.rglob("*")
-            if p.is_file() and p.name != "agent.log"}
+    return {
+        str(p.relative_to(workdir)): p.stat().st_mtime_ns
+        for p in workdir.rglob("*")
+        if p.is_file() and p.name != "agent.log"
+    }
 
 
 def _alive_agent(pid: int) -> bool:
@@ -66,31 +69,45 @@ def test_provision_idempotent_status_logs_stop_unreachable(make_testbed, state_d
     eps = agent_endpoints(inv)
     assert set(eps) == {"dev1", "dev2", "dev3"}
     # ... with the BS's CURVE key only: a client without it is refused (not answered)
-    with RemoteExpertBackend({"dev1": eps["dev1"]["endpoint"]}, timeout_s=1) as stranger, \
-            pytest.raises(AgentError):
+    with (
+        RemoteExpertBackend({"dev1": eps["dev1"]["endpoint"]}, timeout_s=1) as stranger,
+        pytest.raises(AgentError),
+    ):
         stranger.ping("dev1")
     keys_dir = inv.curve_dir()
     assert (keys_dir.stat().st_mode & 0o777) == 0o700
-    assert all((keys_dir / f"{n}.key_secret").stat().st_mode & 0o077 == 0
-               for n in ("bs", "dev1", "dev2", "dev3"))
+    assert all(
+        (keys_dir / f"{n}.key_secret").stat().st_mode & 0o077 == 0
+        for n in ("bs", "dev1", "dev2", "dev3")
+    )
     # each device's key folder holds exactly its own secret (0600, folder 0700) and the BS's
     # public key as the one authorized client: no other device's keys, not the BS's secret
     # (beside them, the provisioning's hash caches name just those files)
-    secrets = {n: load_secret(keys_dir / f"{n}.key_secret")[1].decode()
-               for n in ("bs", "dev1", "dev2", "dev3")}
+    secrets = {
+        n: load_secret(keys_dir / f"{n}.key_secret")[1].decode()
+        for n in ("bs", "dev1", "dev2", "dev3")
+    }
     for dev in inv.devices:
         cdir = Path(dev.workdir) / "curve"
-        held = sorted(str(p.relative_to(cdir)) for p in cdir.rglob("*")
-                      if not p.is_dir() and p.name != HASH_CACHE)
+        held = sorted(
+            str(p.relative_to(cdir))
+            for p in cdir.rglob("*")
+            if not p.is_dir() and p.name != HASH_CACHE
+        )
         assert held == ["agent.key_secret", "authorized/bs.key"], (dev.name, held)
-        for cache, names in ((cdir / HASH_CACHE, ["agent.key_secret"]),
-                             (cdir / "authorized" / HASH_CACHE, ["bs.key"])):
-            assert not cache.exists() or sorted(json.loads(cache.read_text())) == names, \
-                (cache, cache.read_text())
+        for cache, names in (
+            (cdir / HASH_CACHE, ["agent.key_secret"]),
+            (cdir / "authorized" / HASH_CACHE, ["bs.key"]),
+        ):
+            assert not cache.exists() or sorted(json.loads(cache.read_text())) == names, (
+                cache,
+                cache.read_text(),
+            )
         assert (cdir.stat().st_mode & 0o777) == 0o700
         assert (cdir / "agent.key_secret").stat().st_mode & 0o777 == 0o600
-        assert (cdir / "agent.key_secret").read_bytes() == \
-            (keys_dir / f"{dev.name}.key_secret").read_bytes()
+        assert (cdir / "agent.key_secret").read_bytes() == (
+            keys_dir / f"{dev.name}.key_secret"
+        ).read_bytes()
         assert (cdir / "authorized" / "bs.key").read_bytes() == (keys_dir / "bs.key").read_bytes()
         # and no one else's secret anywhere in its workdir (outside the venv and the wheels)
         for p in Path(dev.workdir).rglob("*"):
@@ -103,13 +120,15 @@ def test_provision_idempotent_status_logs_stop_unreachable(make_testbed, state_d
     bs_keys = load_secret(keys_dir / "bs.key_secret")
     for target, other in zip(names, names[1:] + names[:1]):
         server = load_public(keys_dir / f"{target}.key")
-        got, ev = _handshake(eps[target]["endpoint"], load_secret(keys_dir / f"{other}.key_secret"),
-                             server)
+        got, ev = _handshake(
+            eps[target]["endpoint"], load_secret(keys_dir / f"{other}.key_secret"), server
+        )
         assert not got and (int(zmq.EVENT_HANDSHAKE_FAILED_AUTH), 400) in ev, (target, other, ev)
         got, ev = _handshake(eps[target]["endpoint"], bs_keys, server)
         assert got and (int(zmq.EVENT_HANDSHAKE_SUCCEEDED), 0) in ev, (target, ev)
-    with RemoteExpertBackend({d: e["endpoint"] for d, e in eps.items()}, timeout_s=5,
-                             curve=client_keys(inv)) as b:
+    with RemoteExpertBackend(
+        {d: e["endpoint"] for d, e in eps.items()}, timeout_s=5, curve=client_keys(inv)
+    ) as b:
         for d, e in eps.items():
             assert b.ping(d)["rtt_ms"] > 0
             assert e["endpoint"].startswith(f"tcp://{inv.device(d).host}:")
@@ -129,15 +148,19 @@ def test_provision_idempotent_status_logs_stop_unreachable(make_testbed, state_d
     # second run, through the CLI: nothing changed, same PIDs, no file rewritten
     res, out = _cli_json(env, "provision", str(inv_path), "--model", str(split))
     assert res.returncode == 0, res.stderr
-    assert [(r["device"], r["ok"], r["changed"]) for r in out["devices"]] == \
-        [("dev1", True, []), ("dev2", True, []), ("dev3", True, [])]
+    assert [(r["device"], r["ok"], r["changed"]) for r in out["devices"]] == [
+        ("dev1", True, []),
+        ("dev2", True, []),
+        ("dev3", True, []),
+    ]
     assert {r["device"]: r["pid"] for r in out["devices"]} == pids
     assert {d.name: _files(Path(d.workdir)) for d in inv.devices} == before
 
     res, rows = _cli_json(env, "agents", "status", str(inv_path))
     assert res.returncode == 0, res.stderr
-    assert {r["device"]: (r["state"], r["pid"]) for r in rows} == \
-        {d: ("running", p) for d, p in pids.items()}
+    assert {r["device"]: (r["state"], r["pid"]) for r in rows} == {
+        d: ("running", p) for d, p in pids.items()
+    }
     res, rows = _cli_json(env, "agents", "logs", str(inv_path), "--lines", "20")
     assert res.returncode == 0, res.stderr
     for r in rows:
@@ -146,11 +169,16 @@ def test_provision_idempotent_status_logs_stop_unreachable(make_testbed, state_d
     # a device that does not answer: it fails, named, with exit 5; the others are untouched
     text = inv_path.read_text()
     unused = inv.bs.host.rsplit(".", 1)[0] + ".222"  # in the testbed's subnet, nobody there
-    ghost = ("[[devices]]" + text.split("[[devices]]")[1]).replace(
-        'name = "dev1"', 'name = "ghost"').replace(f'"{inv.devices[0].host}"', f'"{unused}"')
-    badpy = ("[[devices]]" + text.split("[[devices]]")[2]).replace(
-        'name = "dev2"', 'name = "badpy"').replace(f'"{inv.devices[1].python}"',
-                                                   '"/nonexistent/python3"')
+    ghost = (
+        ("[[devices]]" + text.split("[[devices]]")[1])
+        .replace('name = "dev1"', 'name = "ghost"')
+        .replace(f'"{inv.devices[0].host}"', f'"{unused}"')
+    )
+    badpy = (
+        ("[[devices]]" + text.split("[[devices]]")[2])
+        .replace('name = "dev2"', 'name = "badpy"')
+        .replace(f'"{inv.devices[1].python}"', '"/nonexistent/python3"')
+    )
     ghost_inv = tmp_path / "ghost.inventory.toml"
     ghost_inv.write_text(text.rstrip("\n") + "\n\n" + ghost.rstrip("\n") + "\n\n" + badpy)
     res, out = _cli_json(env, "provision", str(ghost_inv), "--model", "tiny", "--timeout", "3")
@@ -158,21 +186,30 @@ def test_provision_idempotent_status_logs_stop_unreachable(make_testbed, state_d
     rows = {r["device"]: r for r in out["devices"]}
     assert [r["device"] for r in out["devices"]] == ["dev1", "dev2", "dev3", "ghost", "badpy"]
     assert not rows["ghost"]["ok"] and rows["ghost"]["error_type"] == "HostUnreachable"
-    assert not rows["badpy"]["ok"] and rows["badpy"]["error"] == \
-        "python /nonexistent/python3 not found on the device"
+    assert (
+        not rows["badpy"]["ok"]
+        and rows["badpy"]["error"] == "python /nonexistent/python3 not found on the device"
+    )
     # (5 devices in the placement now: the others get more shards, their agents stay)
-    assert all(rows[d]["ok"] and rows[d]["pid"] == pids[d] and
-               all(c.startswith("pushed ") and c.endswith(" shards") for c in rows[d]["changed"])
-               for d in pids), rows
+    assert all(
+        rows[d]["ok"]
+        and rows[d]["pid"] == pids[d]
+        and all(c.startswith("pushed ") and c.endswith(" shards") for c in rows[d]["changed"])
+        for d in pids
+    ), rows
     err = res.stderr.strip().splitlines()
-    assert len(err) == 2 and err[0].startswith("error: ghost: ") and \
-        err[1].startswith("error: badpy: python /nonexistent/python3"), err
+    assert (
+        len(err) == 2
+        and err[0].startswith("error: ghost: ")
+        and err[1].startswith("error: badpy: python /nonexistent/python3")
+    ), err
 
     # stop: by PID, the agents are gone; status then says stopped; a second stop is a no-op
     res, rows = _cli_json(env, "agents", "stop", str(inv_path))
     assert res.returncode == 0, res.stderr
-    assert {r["device"]: (r["result"], r["pid"]) for r in rows} == \
-        {d: ("terminated", p) for d, p in pids.items()}
+    assert {r["device"]: (r["result"], r["pid"]) for r in rows} == {
+        d: ("terminated", p) for d, p in pids.items()
+    }
     assert not any(_alive_agent(p) for p in pids.values())
     res, rows = _cli_json(env, "agents", "status", str(inv_path))
     assert {r["state"] for r in rows} == {"stopped"}
@@ -197,7 +234,8 @@ def test_changed_install_reinstalls_and_restarts(make_testbed):
     rec.write_text(json.dumps(data))
     again = {r.device: r for r in provision(inv)}
     assert again["dev1"].ok and any(c.startswith("installed ") for c in again["dev1"].changed)
-    assert any(c.startswith(f"stopped agent pid {first['dev1'].pid}") for c in
-               again["dev1"].changed), again["dev1"].changed
+    assert any(
+        c.startswith(f"stopped agent pid {first['dev1'].pid}") for c in again["dev1"].changed
+    ), again["dev1"].changed
     assert again["dev1"].pid != first["dev1"].pid and not _alive_agent(first["dev1"].pid)
     assert again["dev2"].changed == [] and again["dev2"].pid == first["dev2"].pid

@@ -40,16 +40,22 @@ def curve_agent(tmp_path):
     (cdir / AUTHORIZED / "bs.key").write_bytes(bs_pub.read_bytes())
     agent_pub, _ = zmq.auth.load_certificate(str(sec))
     pub, secret = zmq.auth.load_certificate(str(bs_sec))
-    a = start_agent(LocalRunner(), device="d1", host="127.0.0.1", workdir=str(tmp_path / "wd"),
-                    extra_args=["--curve-dir", str(cdir)])
+    a = start_agent(
+        LocalRunner(),
+        device="d1",
+        host="127.0.0.1",
+        workdir=str(tmp_path / "wd"),
+        extra_args=["--curve-dir", str(cdir)],
+    )
     try:
         yield a, CurveClient(pub, secret, {"d1": agent_pub}), agent_pub
     finally:
         stop_agent(a)
 
 
-def _handshake(endpoint: str, keys: tuple[bytes, bytes] | None, server_key: bytes,
-               kind: int = zmq.DEALER) -> tuple[bool, list[tuple[int, int]]]:
+def _handshake(
+    endpoint: str, keys: tuple[bytes, bytes] | None, server_key: bytes, kind: int = zmq.DEALER
+) -> tuple[bool, list[tuple[int, int]]]:
     """Connect, send a ping (DEALER) or wait for status (SUB); (got anything, monitor events)."""
     ctx = zmq.Context()
     s = ctx.socket(kind)
@@ -82,14 +88,17 @@ def test_only_the_bs_key_is_served(curve_agent):
     x = torch.randn(3, 16)
     with RemoteExpertBackend({"d1": a.endpoint}, {"L0.E0": ["d1"]}, timeout_s=5.0, curve=bs) as be:
         assert be.ping("d1")["rtt_ms"] > 0
-        be.load_experts("d1", [{"uid": "L0.E0", "builtin": "identity", "hidden": 16,
-                                "io_dtype": "float32"}])
+        be.load_experts(
+            "d1", [{"uid": "L0.E0", "builtin": "identity", "hidden": 16, "io_dtype": "float32"}]
+        )
 
         # no CURVE at all: the handshake fails on the mechanism, nothing is answered
         got, ev = _handshake(a.endpoint, None, agent_pub)
         assert not got
-        assert (int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL),
-                int(zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH)) in ev, ev
+        assert (
+            int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL),
+            int(zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH),
+        ) in ev, ev
         assert all(e != int(zmq.EVENT_HANDSHAKE_SUCCEEDED) for e, _ in ev), ev
 
         # CURVE with a key the agent does not know: ZAP refuses it with status 400
@@ -132,21 +141,39 @@ def test_open_secret_key_and_missing_authorized_keys_are_refused(tmp_path):
     (cdir / AGENT_SECRET).chmod(0o644)
 
     def serve() -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "device_agent", "serve", "--bind",
-                               "tcp://127.0.0.1:*", "--workdir", str(tmp_path / "wd"),
-                               "--curve-dir", str(cdir)], check=False, capture_output=True,
-                              text=True, timeout=60)
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "device_agent",
+                "serve",
+                "--bind",
+                "tcp://127.0.0.1:*",
+                "--workdir",
+                str(tmp_path / "wd"),
+                "--curve-dir",
+                str(cdir),
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     res = serve()
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
-        (f"error: --curve-dir: {cdir / AGENT_SECRET}: permissions 0644 are too open "
-         "(the secret key must be readable by its owner only: chmod 600)")]
+        (
+            f"error: --curve-dir: {cdir / AGENT_SECRET}: permissions 0644 are too open "
+            "(the secret key must be readable by its owner only: chmod 600)"
+        )
+    ]
     (cdir / AGENT_SECRET).chmod(0o600)
     res = serve()
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
-        f"error: --curve-dir: {cdir / AUTHORIZED}: no authorized public key (*.key)"]
+        f"error: --curve-dir: {cdir / AUTHORIZED}: no authorized public key (*.key)"
+    ]
 
 
 def test_batch_and_tensor_bounds_and_path_confinement(tmp_path):
@@ -159,9 +186,13 @@ def test_batch_and_tensor_bounds_and_path_confinement(tmp_path):
     (wd / "experts").mkdir(parents=True)
     (tmp_path / "outside.safetensors").write_bytes(b"x")
     (wd / "experts" / "link.safetensors").symlink_to(tmp_path / "outside.safetensors")
-    a = start_agent(LocalRunner(), device="d1", host="127.0.0.1", workdir=str(wd),
-                    extra_args=["--max-rows", "8", "--max-tensors", "2",
-                                "--max-message-bytes", "65536"])
+    a = start_agent(
+        LocalRunner(),
+        device="d1",
+        host="127.0.0.1",
+        workdir=str(wd),
+        extra_args=["--max-rows", "8", "--max-tensors", "2", "--max-message-bytes", "65536"],
+    )
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
@@ -175,32 +206,61 @@ def test_batch_and_tensor_bounds_and_path_confinement(tmp_path):
 
     try:
         for u in ("L0.E0", "L0.E1", "L0.E2"):
-            r = ask({"op": "load", "experts": [{"uid": u, "builtin": "identity", "hidden": 4,
-                                                "io_dtype": "float32"}]})
+            r = ask(
+                {
+                    "op": "load",
+                    "experts": [
+                        {"uid": u, "builtin": "identity", "hidden": 4, "io_dtype": "float32"}
+                    ],
+                }
+            )
             assert r["code"] == 0, r
 
         def fwd(rows: int, uids: list[str]) -> dict:
             x = torch.zeros(rows, 4).numpy().tobytes()
-            return ask({"op": "forward", "layer": 0, "step": 0,
-                        "t": [[u, "float32", [rows, 4]] for u in uids]}, [x] * len(uids))
+            return ask(
+                {
+                    "op": "forward",
+                    "layer": 0,
+                    "step": 0,
+                    "t": [[u, "float32", [rows, 4]] for u in uids],
+                },
+                [x] * len(uids),
+            )
 
         assert fwd(8, ["L0.E0", "L0.E1"])["code"] == 0
         r = fwd(9, ["L0.E0"])  # per tensor: the reply names the expert and the code
         assert r["code"] == 0 and r["t"] == [], r
-        assert r["errors"]["L0.E0"][0] == ErrorCode.TOO_LARGE and "9 rows > limit 8" in \
-            r["errors"]["L0.E0"][1], r
+        assert (
+            r["errors"]["L0.E0"][0] == ErrorCode.TOO_LARGE
+            and "9 rows > limit 8" in r["errors"]["L0.E0"][1]
+        ), r
         r = fwd(1, ["L0.E0", "L0.E1", "L0.E2"])
         assert r["code"] == ErrorCode.TOO_LARGE and "3 tensors" in r["error"], r
-        big = ask({"op": "forward", "layer": 0, "step": 0, "t": [["L0.E0", "float32", [8, 4]]]},
-                  [b"\0" * 70_000])
+        big = ask(
+            {"op": "forward", "layer": 0, "step": 0, "t": [["L0.E0", "float32", [8, 4]]]},
+            [b"\0" * 70_000],
+        )
         assert big["code"] == ErrorCode.TOO_LARGE, big
         for path in ("/etc/passwd", "../outside.safetensors", "experts/link.safetensors"):
             r = ask({"op": "load", "experts": [{"uid": "L1.E0", "path": path}]})
             assert r["loaded"] == [] and r["errors"]["L1.E0"][0] == ErrorCode.BAD_PATH, (path, r)
         x = torch.arange(8.0).reshape(2, 4)
-        s.send_multipart([P.pack({"v": P.PROTOCOL_VERSION, "id": 999, "op": "forward", "layer": 0,
-                                  "step": 0, "t": [["L0.E1", "float32", [2, 4]]]}),
-                          x.numpy().tobytes()])
+        s.send_multipart(
+            [
+                P.pack(
+                    {
+                        "v": P.PROTOCOL_VERSION,
+                        "id": 999,
+                        "op": "forward",
+                        "layer": 0,
+                        "step": 0,
+                        "t": [["L0.E1", "float32", [2, 4]]],
+                    }
+                ),
+                x.numpy().tobytes(),
+            ]
+        )
         assert s.poll(10_000)
         h, out = s.recv_multipart()
         assert P.unpack(h)["code"] == 0 and out == x.numpy().tobytes()

@@ -14,26 +14,42 @@ from testbed.remote_backend import round_robin_placement
 
 def test_error_codes_are_unique_and_stable():
     assert len({int(c) for c in ErrorCode}) == len(ErrorCode)
-    assert (ErrorCode.BAD_HEADER, ErrorCode.BAD_VERSION, ErrorCode.UNKNOWN_OP, ErrorCode.UNKNOWN_EXPERT,
-            ErrorCode.DTYPE_MISMATCH, ErrorCode.SHAPE_MISMATCH, ErrorCode.TOO_LARGE,
-            ErrorCode.INTERNAL) == (1, 2, 3, 4, 5, 6, 7, 8)
+    assert (
+        ErrorCode.BAD_HEADER,
+        ErrorCode.BAD_VERSION,
+        ErrorCode.UNKNOWN_OP,
+        ErrorCode.UNKNOWN_EXPERT,
+        ErrorCode.DTYPE_MISMATCH,
+        ErrorCode.SHAPE_MISMATCH,
+        ErrorCode.TOO_LARGE,
+        ErrorCode.INTERNAL,
+    ) == (1, 2, 3, 4, 5, 6, 7, 8)
 
 
-@pytest.mark.parametrize("data, code", [
-    (b"", ErrorCode.BAD_HEADER), (b"\xc1", ErrorCode.BAD_HEADER), (msgpack.packb([1]), ErrorCode.BAD_HEADER),
-    (msgpack.packb({"op": "ping"}), ErrorCode.BAD_HEADER),
-    (msgpack.packb({"v": 1, "id": "x"}), ErrorCode.BAD_HEADER),
-    (msgpack.packb({"v": 1, "id": True}), ErrorCode.BAD_HEADER),
-    (msgpack.packb({"v": 2}), ErrorCode.BAD_VERSION), (msgpack.packb({"v": True}), ErrorCode.BAD_VERSION),
-    # v of the wrong type, 1.0 included (== 1 in Python, but not the integer the protocol names)
-    (msgpack.packb({"v": 1.0}), ErrorCode.BAD_VERSION), (msgpack.packb({"v": "1"}), ErrorCode.BAD_VERSION),
-    (msgpack.packb({"v": [1]}), ErrorCode.BAD_VERSION), (msgpack.packb({"v": {"a": 1}}), ErrorCode.BAD_VERSION),
-    (msgpack.packb({"v": None}), ErrorCode.BAD_VERSION),
-    (msgpack.packb({"v": 1, "id": 1.0}), ErrorCode.BAD_HEADER), (msgpack.packb({"v": 1, "id": [1]}), ErrorCode.BAD_HEADER),
-    (msgpack.packb({1: 2}), ErrorCode.BAD_HEADER),  # non-string map key
-    (msgpack.packb({"v": 1, "x": msgpack.ExtType(5, b"ab")}), ErrorCode.BAD_HEADER),
-    (bytes(P.MAX_HEADER_BYTES + 1), ErrorCode.BAD_HEADER),
-])
+@pytest.mark.parametrize(
+    "data, code",
+    [
+        (b"", ErrorCode.BAD_HEADER),
+        (b"\xc1", ErrorCode.BAD_HEADER),
+        (msgpack.packb([1]), ErrorCode.BAD_HEADER),
+        (msgpack.packb({"op": "ping"}), ErrorCode.BAD_HEADER),
+        (msgpack.packb({"v": 1, "id": "x"}), ErrorCode.BAD_HEADER),
+        (msgpack.packb({"v": 1, "id": True}), ErrorCode.BAD_HEADER),
+        (msgpack.packb({"v": 2}), ErrorCode.BAD_VERSION),
+        (msgpack.packb({"v": True}), ErrorCode.BAD_VERSION),
+        # v of the wrong type, 1.0 included (== 1 in Python, but not the integer the protocol names)
+        (msgpack.packb({"v": 1.0}), ErrorCode.BAD_VERSION),
+        (msgpack.packb({"v": "1"}), ErrorCode.BAD_VERSION),
+        (msgpack.packb({"v": [1]}), ErrorCode.BAD_VERSION),
+        (msgpack.packb({"v": {"a": 1}}), ErrorCode.BAD_VERSION),
+        (msgpack.packb({"v": None}), ErrorCode.BAD_VERSION),
+        (msgpack.packb({"v": 1, "id": 1.0}), ErrorCode.BAD_HEADER),
+        (msgpack.packb({"v": 1, "id": [1]}), ErrorCode.BAD_HEADER),
+        (msgpack.packb({1: 2}), ErrorCode.BAD_HEADER),  # non-string map key
+        (msgpack.packb({"v": 1, "x": msgpack.ExtType(5, b"ab")}), ErrorCode.BAD_HEADER),
+        (bytes(P.MAX_HEADER_BYTES + 1), ErrorCode.BAD_HEADER),
+    ],
+)
 def test_unpack_rejects(data, code):
     with pytest.raises(ProtocolError) as e:
         P.unpack(data)
@@ -60,19 +76,30 @@ def test_tensor_frames_roundtrip_bit_exact(dtype):
     assert e.value.code == ErrorCode.BAD_FRAMES
 
 
-@pytest.mark.parametrize("desc, code", [
-    ("x", ErrorCode.BAD_HEADER), (["L0.E0", "float32"], ErrorCode.BAD_HEADER),
-    ([1, "float32", [1, 2]], ErrorCode.BAD_HEADER), (["L0.E0", "int64", [1, 2]], ErrorCode.DTYPE_MISMATCH),
-    (["L0.E0", "float32", [1]], ErrorCode.SHAPE_MISMATCH), (["L0.E0", "float32", [-1, 2]], ErrorCode.SHAPE_MISMATCH),
-    (["L0.E0", "float32", [True, 2]], ErrorCode.SHAPE_MISMATCH),
-    (["L0.E0", "float32", [1 << 40, 2]], ErrorCode.SHAPE_MISMATCH),
-    # unhashable uid/dtype (a dict lookup with one raises TypeError) and other wrong types
-    (["L0.E0", ["float32"], [1, 2]], ErrorCode.BAD_HEADER), (["L0.E0", {"a": 1}, [1, 2]], ErrorCode.BAD_HEADER),
-    ([["L0.E0"], "float32", [1, 2]], ErrorCode.BAD_HEADER), ([{"a": 1}, "float32", [1, 2]], ErrorCode.BAD_HEADER),
-    (["L0.E0", b"float32", [1, 2]], ErrorCode.BAD_HEADER), (["L0.E0", None, [1, 2]], ErrorCode.BAD_HEADER),
-    (["L0.E0", "float32", {"a": 1}], ErrorCode.SHAPE_MISMATCH), (["L0.E0", "float32", [1.0, 2]], ErrorCode.SHAPE_MISMATCH),
-    (["L0.E0", "float32", [[1], 2]], ErrorCode.SHAPE_MISMATCH), ({"a": 1}, ErrorCode.BAD_HEADER),
-])
+@pytest.mark.parametrize(
+    "desc, code",
+    [
+        ("x", ErrorCode.BAD_HEADER),
+        (["L0.E0", "float32"], ErrorCode.BAD_HEADER),
+        ([1, "float32", [1, 2]], ErrorCode.BAD_HEADER),
+        (["L0.E0", "int64", [1, 2]], ErrorCode.DTYPE_MISMATCH),
+        (["L0.E0", "float32", [1]], ErrorCode.SHAPE_MISMATCH),
+        (["L0.E0", "float32", [-1, 2]], ErrorCode.SHAPE_MISMATCH),
+        (["L0.E0", "float32", [True, 2]], ErrorCode.SHAPE_MISMATCH),
+        (["L0.E0", "float32", [1 << 40, 2]], ErrorCode.SHAPE_MISMATCH),
+        # unhashable uid/dtype (a dict lookup with one raises TypeError) and other wrong types
+        (["L0.E0", ["float32"], [1, 2]], ErrorCode.BAD_HEADER),
+        (["L0.E0", {"a": 1}, [1, 2]], ErrorCode.BAD_HEADER),
+        ([["L0.E0"], "float32", [1, 2]], ErrorCode.BAD_HEADER),
+        ([{"a": 1}, "float32", [1, 2]], ErrorCode.BAD_HEADER),
+        (["L0.E0", b"float32", [1, 2]], ErrorCode.BAD_HEADER),
+        (["L0.E0", None, [1, 2]], ErrorCode.BAD_HEADER),
+        (["L0.E0", "float32", {"a": 1}], ErrorCode.SHAPE_MISMATCH),
+        (["L0.E0", "float32", [1.0, 2]], ErrorCode.SHAPE_MISMATCH),
+        (["L0.E0", "float32", [[1], 2]], ErrorCode.SHAPE_MISMATCH),
+        ({"a": 1}, ErrorCode.BAD_HEADER),
+    ],
+)
 def test_check_descriptor_rejects(desc, code):
     with pytest.raises(ProtocolError) as e:
         P.check_descriptor(desc)
@@ -82,9 +109,24 @@ def test_check_descriptor_rejects(desc, code):
 def test_resolve_in_workdir(tmp_path):
     wd = tmp_path / "wd"
     (wd / "experts").mkdir(parents=True)
-    assert resolve_in_workdir(wd, "experts/a.safetensors") == (wd / "experts" / "a.safetensors").resolve()
-    for bad in ("/etc/passwd", "../x", "experts/../../x", "", "~/x", "a\x00b", 5, None, True, b"x", ["x"],
-                {"x": 1}):
+    assert (
+        resolve_in_workdir(wd, "experts/a.safetensors")
+        == (wd / "experts" / "a.safetensors").resolve()
+    )
+    for bad in (
+        "/etc/passwd",
+        "../x",
+        "experts/../../x",
+        "",
+        "~/x",
+        "a\x00b",
+        5,
+        None,
+        True,
+        b"x",
+        ["x"],
+        {"x": 1},
+    ):
         with pytest.raises(ProtocolError) as e:
             resolve_in_workdir(wd, bad)
         assert e.value.code == ErrorCode.BAD_PATH, bad

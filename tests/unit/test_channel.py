@@ -61,18 +61,20 @@ def test_spectral_efficiency_models() -> None:
     np.testing.assert_allclose(spectral_efficiency(snr, "capped", 2), np.minimum(shannon, 7.4063))
     # 3.17 bit/s/Hz at 9 dB: CQI 10 of table 1 (2.7305) is the highest reached, CQI 11 (3.3223) not
     assert shannon[2] == pytest.approx(3.16, abs=0.01)
-    np.testing.assert_allclose(spectral_efficiency(snr, "cqi", 1),
-                               [0.0, 0.8770, 2.7305, 5.5547, 5.5547])
-    np.testing.assert_allclose(spectral_efficiency(snr, "cqi", 2),
-                               [0.0, 0.8770, 2.7305, 6.2266, 7.4063])
+    np.testing.assert_allclose(
+        spectral_efficiency(snr, "cqi", 1), [0.0, 0.8770, 2.7305, 5.5547, 5.5547]
+    )
+    np.testing.assert_allclose(
+        spectral_efficiency(snr, "cqi", 2), [0.0, 0.8770, 2.7305, 6.2266, 7.4063]
+    )
     # a 3 dB gap halves the SNR inside the log
-    np.testing.assert_allclose(spectral_efficiency(snr, "shannon", snr_gap_db=10 * math.log10(2)),
-                               np.log2(1 + snr / 2))
+    np.testing.assert_allclose(
+        spectral_efficiency(snr, "shannon", snr_gap_db=10 * math.log10(2)), np.log2(1 + snr / 2)
+    )
 
 
 def test_gain_follows_path_loss_penetration_and_antenna_gain() -> None:
-    ch = ChannelModel(["a", "b", "c"], seed=3, shadowing_db=0.0, fading="none",
-                      antenna_gain_db=3.0)
+    ch = ChannelModel(["a", "b", "c"], seed=3, shadowing_db=0.0, fading="none", antenna_gain_db=3.0)
     pl = 128.1 + 37.6 * np.log10(ch.distance_m / 1000)
     np.testing.assert_allclose(10 * np.log10(ch.gains(0)), 3.0 - 20.0 - pl, rtol=1e-12)
     g = ch.gains(0)
@@ -96,11 +98,15 @@ def test_downlink_power_split_sums_to_bs_power_and_flat_psd() -> None:
     for bw in (a, b):
         np.testing.assert_allclose(ch.snr(bw, "down", 0, total_hz=total), want, rtol=1e-12)
     np.testing.assert_allclose(ch.tx_power_w(a, "up", total_hz=total), dbm_to_w(23))
-    np.testing.assert_allclose(ch.snr(a, "up", 0),
-                               dbm_to_w(23) * ch.gains(0) / (dbm_to_w(-174 + 5) * a))
-    for d in ("down", "up"):   # SNR = P_k g / (N0 B_k) with those powers
-        np.testing.assert_allclose(ch.snr(a, d, 0, total_hz=total), ch.tx_power_w(
-            a, d, total_hz=total) * ch.gains(0) / (ch.noise_w_hz[d] * a), rtol=1e-12)
+    np.testing.assert_allclose(
+        ch.snr(a, "up", 0), dbm_to_w(23) * ch.gains(0) / (dbm_to_w(-174 + 5) * a)
+    )
+    for d in ("down", "up"):  # SNR = P_k g / (N0 B_k) with those powers
+        np.testing.assert_allclose(
+            ch.snr(a, d, 0, total_hz=total),
+            ch.tx_power_w(a, d, total_hz=total) * ch.gains(0) / (ch.noise_w_hz[d] * a),
+            rtol=1e-12,
+        )
     # the default total is the bandwidths' sum; a scalar counts once per device
     np.testing.assert_allclose(ch.snr(a, "down", 0), want)
     np.testing.assert_allclose(ch.snr(5e6, "down", 0), want)
@@ -110,8 +116,14 @@ def test_downlink_power_split_sums_to_bs_power_and_flat_psd() -> None:
     np.testing.assert_allclose(full.snr(a, "down", 0), dbm_to_w(46) * ch.gains(0) / (n0_dev * a))
 
 
-def _snr_db(params: dict, cell_hz: float, direction: str, devices: int = 4, seeds: int = 200,
-            epochs: int = 25) -> tuple[np.ndarray, np.ndarray]:
+def _snr_db(
+    params: dict,
+    cell_hz: float,
+    direction: str,
+    devices: int = 4,
+    seeds: int = 200,
+    epochs: int = 25,
+) -> tuple[np.ndarray, np.ndarray]:
     snr, rate = [], []
     for seed in range(seeds):
         ch = ChannelModel(devices, seed, **params)
@@ -133,10 +145,12 @@ def test_snr_in_a_realistic_range_unlike_the_earlier_model(cell_mhz: int) -> Non
         for direction in ("down", "up"):
             s, r = _snr_db(params, cell, direction)
             se = np.median(r) / (cell / 4)
-            lines.append(f"{cell_mhz} MHz / 4 devices {name:<8}{direction:<5} SNR p5/p50/p95 "
-                         f"{np.percentile(s, 5):6.1f}/{np.median(s):5.1f}/"
-                         f"{np.percentile(s, 95):5.1f} dB, rate p50 {np.median(r) / 1e6:6.1f} "
-                         f"Mbit/s, {se:5.2f} bit/s/Hz")
+            lines.append(
+                f"{cell_mhz} MHz / 4 devices {name:<8}{direction:<5} SNR p5/p50/p95 "
+                f"{np.percentile(s, 5):6.1f}/{np.median(s):5.1f}/"
+                f"{np.percentile(s, 95):5.1f} dB, rate p50 {np.median(r) / 1e6:6.1f} "
+                f"Mbit/s, {se:5.2f} bit/s/Hz"
+            )
             if name == "default":
                 assert se <= 5.5547 + 1e-9
                 if direction == "down":
@@ -156,21 +170,26 @@ def test_cap_binds_at_high_snr() -> None:
     ch = ChannelModel(4, **NEAR)
     assert np.all(10 * np.log10(ch.snr(b, "down", total_hz=cell)) > 40)
     np.testing.assert_allclose(ch.rates_bps(b, "down", total_hz=cell), 5.5547 * b)
-    np.testing.assert_allclose(ChannelModel(4, cqi_table=2, **NEAR).rates_bps(
-        b, "down", total_hz=cell), 7.4063 * b)
-    np.testing.assert_allclose(ChannelModel(4, se_model="cqi", **NEAR).rates_bps(
-        b, "down", total_hz=cell), 5.5547 * b)
+    np.testing.assert_allclose(
+        ChannelModel(4, cqi_table=2, **NEAR).rates_bps(b, "down", total_hz=cell), 7.4063 * b
+    )
+    np.testing.assert_allclose(
+        ChannelModel(4, se_model="cqi", **NEAR).rates_bps(b, "down", total_hz=cell), 5.5547 * b
+    )
     free = ChannelModel(4, se_model="shannon", **NEAR).rates_bps(b, "down", total_hz=cell)
     assert np.all(free > 14 * b)
     # far from the cap the capped and pure-Shannon rates agree
     low = {**NEAR, "cell_radius_m": 200.0, "min_distance_m": 200.0}
-    np.testing.assert_allclose(ChannelModel(4, **low).rates_bps(b, "up", total_hz=cell),
-                               ChannelModel(4, se_model="shannon", **low).rates_bps(
-                                   b, "up", total_hz=cell))
+    np.testing.assert_allclose(
+        ChannelModel(4, **low).rates_bps(b, "up", total_hz=cell),
+        ChannelModel(4, se_model="shannon", **low).rates_bps(b, "up", total_hz=cell),
+    )
 
 
-@pytest.mark.parametrize("params", [{}, {"se_model": "shannon"}, {"cqi_table": 2},
-                                    {"power_split": "none"}, {"snr_gap_db": 3.0}])
+@pytest.mark.parametrize(
+    "params",
+    [{}, {"se_model": "shannon"}, {"cqi_table": 2}, {"power_split": "none"}, {"snr_gap_db": 3.0}],
+)
 def test_rates_increase_with_bandwidth(params: dict) -> None:
     """In a fixed cell (the BS's power spread over it) a device's rate grows with its share,
     both ways, under the cap too: the uplink's SNR falls as its bandwidth grows, but not fast
@@ -180,7 +199,7 @@ def test_rates_increase_with_bandwidth(params: dict) -> None:
     ch = ChannelModel(6, seed=9, **params)
     for direction in ("down", "up"):
         for ep in range(5):
-            r = np.array([ch.rates_bps(b, direction, ep, total_hz=cell) for b in grid])   # [B, dev]
+            r = np.array([ch.rates_bps(b, direction, ep, total_hz=cell) for b in grid])  # [B, dev]
             assert np.all(np.diff(r, axis=0) > 0), (direction, ep)
     assert ch.rates_bps(0.0, "up", 0, total_hz=cell).tolist() == [0.0] * 6
 
@@ -191,16 +210,27 @@ def test_paper_params_give_the_earlier_models_rates() -> None:
     assert np.all((ch.distance_m >= 10) & (ch.distance_m <= 100))
     for direction in ("down", "up"):
         for b in (1e5, 2e6):
-            np.testing.assert_allclose(ch.rates_bps(b, direction, 3),
-                                       shannon_rate_bps(b, ch.snr_per_hz(3, direction)),
-                                       rtol=1e-12)
-    np.testing.assert_allclose(ch.snr_per_hz(0, "down") / ch.snr_per_hz(0, "up"),
-                               dbm_to_w(30) / dbm_to_w(23))
+            np.testing.assert_allclose(
+                ch.rates_bps(b, direction, 3),
+                shannon_rate_bps(b, ch.snr_per_hz(3, direction)),
+                rtol=1e-12,
+            )
+    np.testing.assert_allclose(
+        ch.snr_per_hz(0, "down") / ch.snr_per_hz(0, "up"), dbm_to_w(30) / dbm_to_w(23)
+    )
 
 
-@pytest.mark.parametrize("params", [{}, {"se_model": "shannon"}, {"cqi_table": 2},
-                                    {"power_split": "none"}, {"snr_gap_db": 3.0},
-                                    {"se_model": "cqi"}])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"se_model": "shannon"},
+        {"cqi_table": 2},
+        {"power_split": "none"},
+        {"snr_gap_db": 3.0},
+        {"se_model": "cqi"},
+    ],
+)
 def test_rate_form_is_the_rate_in_closed_form(params: dict) -> None:
     """B min(log2(1 + x/B), cap): the rate itself, or (uplink under "cqi") its envelope."""
     ch = ChannelModel(5, seed=8, **params)
@@ -217,15 +247,18 @@ def test_rate_form_is_the_rate_in_closed_form(params: dict) -> None:
                 np.testing.assert_allclose(form, rate, rtol=1e-12)
 
 
-def _latency_ms(ch: ChannelModel, bw: np.ndarray, bits: np.ndarray, fixed: np.ndarray,
-                epoch: int, cell: float) -> np.ndarray:
+def _latency_ms(
+    ch: ChannelModel, bw: np.ndarray, bits: np.ndarray, fixed: np.ndarray, epoch: int, cell: float
+) -> np.ndarray:
     down, up = (ch.rates_bps(bw, d, epoch, total_hz=cell) for d in ("down", "up"))
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(bits > 0, fixed + 1e3 * (bits / down + bits / up), 0.0)
 
 
-@pytest.mark.parametrize("params", [{}, {"se_model": "shannon"}, {"power_split": "none"},
-                                    {"cqi_table": 2, "cell_radius_m": 60.0}])
+@pytest.mark.parametrize(
+    "params",
+    [{}, {"se_model": "shannon"}, {"power_split": "none"}, {"cqi_table": 2, "cell_radius_m": 60.0}],
+)
 @pytest.mark.parametrize("cell_mhz", [20, 100])
 def test_min_max_bandwidth_equalises_the_loaded_devices(params: dict, cell_mhz: int) -> None:
     """At the channel's own rates: the budget used, idle devices given nothing, every loaded
@@ -256,8 +289,7 @@ def test_min_max_bandwidth_agrees_with_the_latency_models_for_the_paper_channel(
     ch = ChannelModel(5, seed=4, **PAPER_PARAMS)
     rows = np.array([30.0, 12.0, 0.0, 50.0, 7.0])
     a, b = np.array([1.0, 2.0, 1.0, 0.5, 3.0]), 0.2
-    al = min_max_bandwidth(rows, 2e6, ch.snr_per_hz(6, "down"), ch.snr_per_hz(6, "up"), 8192,
-                           a, b)
+    al = min_max_bandwidth(rows, 2e6, ch.snr_per_hz(6, "down"), ch.snr_per_hz(6, "up"), 8192, a, b)
     bits = 8 * 8192 * rows
     bw = ch.min_max_bandwidth(bits, bits, np.where(rows > 0, a + b * rows, 0.0), 6, 2e6)
     np.testing.assert_allclose(bw, al.bandwidth_hz, rtol=1e-6)
@@ -288,8 +320,10 @@ def test_positions_inside_cell_and_deterministic_per_seed_and_name() -> None:
 def test_rates_deterministic_per_seed_and_epoch() -> None:
     def rates(seed: int, epoch: int, fading: str = "rayleigh") -> list[float]:
         ch = ChannelModel(["d0", "d1", "d2"], seed, fading=fading)
-        return [*ch.rates_bps(5e6, "down", epoch, total_hz=20e6),
-                *ch.rates_bps(5e6, "up", epoch, total_hz=20e6)]
+        return [
+            *ch.rates_bps(5e6, "down", epoch, total_hz=20e6),
+            *ch.rates_bps(5e6, "up", epoch, total_hz=20e6),
+        ]
 
     for fading in ("rayleigh", "rician"):
         assert rates(4, 2, fading) == rates(4, 2, fading)
@@ -302,7 +336,7 @@ def test_block_fading_changes_per_epoch_with_unit_mean() -> None:
     assert not np.allclose(ch.gains(0), ch.gains(1), rtol=1e-3, atol=0)
     np.testing.assert_array_equal(ch.gains(3), ch.gains(3))
     fad = np.array([ch.fading_gain(e) for e in range(3000)])
-    assert fad.mean() == pytest.approx(1.0, abs=0.05)       # Exp(1)
+    assert fad.mean() == pytest.approx(1.0, abs=0.05)  # Exp(1)
     assert np.mean(fad < 1.0) == pytest.approx(1 - math.exp(-1), abs=0.03)
 
 
@@ -310,11 +344,12 @@ def test_rician_fading_unit_mean_and_k_factor_spread() -> None:
     """|h|^2 of Rician fading with K: mean 1, variance (1 + 2K) / (1 + K)^2 (0.21 at 9 dB)."""
     ch = ChannelModel(8, seed=3, fading="rician", rician_k_db=9.0)
     fad = np.array([ch.fading_gain(e) for e in range(4000)]).ravel()
-    k = 10 ** 0.9
+    k = 10**0.9
     assert fad.mean() == pytest.approx(1.0, abs=0.02)
     assert fad.var() == pytest.approx((1 + 2 * k) / (1 + k) ** 2, rel=0.08)
-    assert ChannelModel(8, seed=3, fading="rician", rician_k_db=30.0).fading_gain(0) == \
-        pytest.approx(1.0, abs=0.2)                         # K -> inf: no fading
+    assert ChannelModel(8, seed=3, fading="rician", rician_k_db=30.0).fading_gain(
+        0
+    ) == pytest.approx(1.0, abs=0.2)  # K -> inf: no fading
 
 
 def test_shadowing_spread() -> None:
@@ -322,26 +357,30 @@ def test_shadowing_spread() -> None:
     assert np.std(ch.shadowing_db) == pytest.approx(8.0, rel=0.06)
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("fading", "nakagami", "channel.fading: must be one of rayleigh, rician, none"),
-    ("power_split", "even", "channel.power_split: must be one of bandwidth, none"),
-    ("se_model", "mcs", "channel.se_model: must be one of capped, cqi, shannon"),
-    ("cqi_table", 3, "channel.cqi_table: must be one of 1, 2"),
-    ("cqi_table", True, "channel.cqi_table: must be one of 1, 2"),
-    ("bs_power_dbm", "46dBm", "channel.bs_power_dbm: must be a finite number (dBm)"),
-    ("device_power_dbm", math.nan, "channel.device_power_dbm: must be a finite number"),
-    ("shadowing_db", -1.0, "channel.shadowing_db: must be >= 0 (dB)"),
-    ("snr_gap_db", -3, "channel.snr_gap_db: must be >= 0"),
-    ("cell_radius_m", 0, "channel.cell_radius_m: must be > 0 (m)"),
-    ("min_distance_m", 300.0, "channel.min_distance_m: must be <= cell_radius_m (200)"),
-    ("pathloss_slope_db", 0.0, "channel.pathloss_slope_db: must be > 0"),
-    ("bs_noise_figure_db", -1, "channel.bs_noise_figure_db: must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("fading", "nakagami", "channel.fading: must be one of rayleigh, rician, none"),
+        ("power_split", "even", "channel.power_split: must be one of bandwidth, none"),
+        ("se_model", "mcs", "channel.se_model: must be one of capped, cqi, shannon"),
+        ("cqi_table", 3, "channel.cqi_table: must be one of 1, 2"),
+        ("cqi_table", True, "channel.cqi_table: must be one of 1, 2"),
+        ("bs_power_dbm", "46dBm", "channel.bs_power_dbm: must be a finite number (dBm)"),
+        ("device_power_dbm", math.nan, "channel.device_power_dbm: must be a finite number"),
+        ("shadowing_db", -1.0, "channel.shadowing_db: must be >= 0 (dB)"),
+        ("snr_gap_db", -3, "channel.snr_gap_db: must be >= 0"),
+        ("cell_radius_m", 0, "channel.cell_radius_m: must be > 0 (m)"),
+        ("min_distance_m", 300.0, "channel.min_distance_m: must be <= cell_radius_m (200)"),
+        ("pathloss_slope_db", 0.0, "channel.pathloss_slope_db: must be > 0"),
+        ("bs_noise_figure_db", -1, "channel.bs_noise_figure_db: must be >= 0"),
+    ],
+)
 def test_bad_parameters_named(key: str, value: object, message: str) -> None:
     with pytest.raises(ConfigError) as ei:
         ChannelModel(2, **{key: value})
-    assert len(ei.value.problems) == 1 and ei.value.problems[0].startswith(message), \
+    assert len(ei.value.problems) == 1 and ei.value.problems[0].startswith(message), (
         ei.value.problems
+    )
 
 
 def test_parameter_checks_and_defaults() -> None:
@@ -366,35 +405,47 @@ def test_trace_round_trip(tmp_path) -> None:
     rows = write_trace(p, ch, epochs=3, bandwidth_hz=20e6, epoch_s=0.5)
     assert p.read_text().splitlines()[0] == "time_s,device,rate_down_kbit,rate_up_kbit"
     back = read_trace(p)
-    assert [(r.time_s, r.device) for r in back] == [(0.0, "d1"), (0.0, "d2"), (0.5, "d1"),
-                                                  (0.5, "d2"), (1.0, "d1"), (1.0, "d2")]
+    assert [(r.time_s, r.device) for r in back] == [
+        (0.0, "d1"),
+        (0.0, "d2"),
+        (0.5, "d1"),
+        (0.5, "d2"),
+        (1.0, "d1"),
+        (1.0, "d2"),
+    ]
     for a, b in zip(rows, back):
         assert b.rate_down_kbit == pytest.approx(a.rate_down_kbit, abs=1e-5)
     # an equal split of 20 MHz: 10 MHz each, epoch 1 fading
-    assert back[2].rate_up_kbit == pytest.approx(ch.rate_bps("d1", 10e6, "up", epoch=1) / 1e3,
-                                                 abs=1e-5)
+    assert back[2].rate_up_kbit == pytest.approx(
+        ch.rate_bps("d1", 10e6, "up", epoch=1) / 1e3, abs=1e-5
+    )
     assert back[2].rate_down_kbit == pytest.approx(
-        ch.rate_bps("d1", 10e6, "down", epoch=1, total_hz=20e6) / 1e3, abs=1e-5)
+        ch.rate_bps("d1", 10e6, "down", epoch=1, total_hz=20e6) / 1e3, abs=1e-5
+    )
     per = trace_rows(ch, 1, {"d2": 5e6})
     assert per[0].rate_down_kbit == 0.0 and per[1].rate_down_kbit > 0
     # the BS's power spread over a 20 MHz cell rather than over the 5 MHz in use
     wide = trace_rows(ch, 1, {"d2": 5e6}, total_hz=20e6)
     assert wide[1].rate_down_kbit == pytest.approx(
-        ch.rate_bps("d2", 5e6, "down", 0, total_hz=20e6) / 1e3)
+        ch.rate_bps("d2", 5e6, "down", 0, total_hz=20e6) / 1e3
+    )
     assert wide[1].rate_up_kbit == per[1].rate_up_kbit
 
 
-@pytest.mark.parametrize("body, where", [
-    ("time_s,device,rate_down\n", ":1:3: bad header"),
-    ("time_s,device,rate_down_kbit,rate_up_kbit\n0,a,1,2\n0,b,x,2\n", ":3:3: rate_down_kbit"),
-    ("time_s,device,rate_down_kbit,rate_up_kbit\n0,a,1,-2\n", ":2:4: rate_up_kbit"),
-    ("time_s,device,rate_down_kbit,rate_up_kbit\n0,a,1,nan\n", ":2:4: rate_up_kbit"),
-    ("time_s,device,rate_down_kbit,rate_up_kbit\n0,a,1\n", ":2: expected 4 fields"),
-    ("time_s,device,rate_down_kbit,rate_up_kbit\n1,a,1,1\n0,a,1,1\n", ":3:1: time_s"),
-    ("time_s,device,rate_down_kbit,rate_up_kbit\n0,a,1,1\n0,a,1,1\n", ":3:2: device"),
-    ("time_s,device,rate_down_kbit,rate_up_kbit\n0, ,1,1\n", ":2:2: device: empty"),
-    ("", ":1: empty"),
-])
+@pytest.mark.parametrize(
+    "body, where",
+    [
+        ("time_s,device,rate_down\n", ":1:3: bad header"),
+        ("time_s,device,rate_down_kbit,rate_up_kbit\n0,a,1,2\n0,b,x,2\n", ":3:3: rate_down_kbit"),
+        ("time_s,device,rate_down_kbit,rate_up_kbit\n0,a,1,-2\n", ":2:4: rate_up_kbit"),
+        ("time_s,device,rate_down_kbit,rate_up_kbit\n0,a,1,nan\n", ":2:4: rate_up_kbit"),
+        ("time_s,device,rate_down_kbit,rate_up_kbit\n0,a,1\n", ":2: expected 4 fields"),
+        ("time_s,device,rate_down_kbit,rate_up_kbit\n1,a,1,1\n0,a,1,1\n", ":3:1: time_s"),
+        ("time_s,device,rate_down_kbit,rate_up_kbit\n0,a,1,1\n0,a,1,1\n", ":3:2: device"),
+        ("time_s,device,rate_down_kbit,rate_up_kbit\n0, ,1,1\n", ":2:2: device: empty"),
+        ("", ":1: empty"),
+    ],
+)
 def test_trace_errors_name_file_line_column(tmp_path, body: str, where: str) -> None:
     p = tmp_path / "bad.csv"
     p.write_text(body)

@@ -12,7 +12,7 @@ from tests.conftest import needs_testbed
 
 ROOT = Path(__file__).resolve().parents[2]
 
-SKIPS = '''
+SKIPS = """
 import pytest
 
 def test_gpu():
@@ -24,7 +24,7 @@ def test_netem():
 @pytest.mark.skipif(True, reason="needs root: network namespaces, veth, tc and sshd")
 def test_namespaces():
     pass
-'''
+"""
 
 
 def _pytest(tmp_path: Path, body: str, require: str | None) -> subprocess.CompletedProcess:
@@ -32,11 +32,27 @@ def _pytest(tmp_path: Path, body: str, require: str | None) -> subprocess.Comple
     env = {k: v for k, v in os.environ.items() if k != "TESTBED_REQUIRE_ALL"}
     if require is not None:
         env["TESTBED_REQUIRE_ALL"] = require
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest",
-                           "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
-                           str(tmp_path / "test_guarded.py")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-                          check=False)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "tests.conftest",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(tmp_path),
+            str(tmp_path / "test_guarded.py"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 @needs_testbed  # under the guard, a machine that cannot run them stops at the start

@@ -45,7 +45,10 @@ def test_quantized_bytes_match_the_kernels(hidden: int, inter: int) -> None:
     for bits in (8, 4):
         k = QuantizedTorchExpert.from_float(w1, w2, w3, bits)
         assert quantized_bytes(hidden, inter, bits) == k.weight_bytes
-    assert quantized_bytes(hidden, inter, 16) == TorchExpert(w1, w2, w3, dtype=torch.float16).weight_bytes
+    assert (
+        quantized_bytes(hidden, inter, 16)
+        == TorchExpert(w1, w2, w3, dtype=torch.float16).weight_bytes
+    )
     assert quantized_bytes(hidden, inter, 32) == TorchExpert(w1, w2, w3).weight_bytes
     with pytest.raises(ConfigError, match="bits"):
         quantized_bytes(hidden, inter, 3)
@@ -64,10 +67,16 @@ def instances(draw: st.DrawFn, max_layers: int = 3, max_experts: int = 6, max_de
     devs = []
     for i in range(nd):
         slack = draw(st.floats(0.0, 1.0))
-        devs.append(DeviceModel(f"d{i}", total / nd + biggest + slack * total,
-                                down_kbit=draw(st.sampled_from([500.0, 2000.0, 20000.0])),
-                                up_kbit=draw(st.sampled_from([500.0, 2000.0, 20000.0])),
-                                a_ms=draw(st.floats(0.0, 1.0)), b_ms=draw(st.floats(0.0, 0.1))))
+        devs.append(
+            DeviceModel(
+                f"d{i}",
+                total / nd + biggest + slack * total,
+                down_kbit=draw(st.sampled_from([500.0, 2000.0, 20000.0])),
+                up_kbit=draw(st.sampled_from([500.0, 2000.0, 20000.0])),
+                a_ms=draw(st.floats(0.0, 1.0)),
+                b_ms=draw(st.floats(0.0, 0.1)),
+            )
+        )
     return uids, size, pop, devs
 
 
@@ -97,8 +106,10 @@ def test_placement_strictly_better_than_round_robin_on_skewed_instances() -> Non
         uids = [f"L{ly}.E{e}" for ly in range(2) for e in range(8)]
         pop = {u: rng.paretovariate(1.2) for u in uids}
         size = dict.fromkeys(uids, 1.0)
-        devs = [DeviceModel(f"d{i}", 16, down_kbit=r, up_kbit=r)
-                for i, r in enumerate((20000.0, 20000.0, 2000.0, 500.0))]
+        devs = [
+            DeviceModel(f"d{i}", 16, down_kbit=r, up_kbit=r)
+            for i, r in enumerate((20000.0, 20000.0, 2000.0, 500.0))
+        ]
         a = place_inter(uids, size, pop, devs)
         rr = round_robin(uids, [d.name for d in devs])
         ours = critical_path_ms({u: (d,) for u, d in a.items()}, pop, devs)
@@ -116,14 +127,18 @@ def test_placement_close_to_brute_force_optimum(inst) -> None:
     assert opt is not None  # the budgets above always admit a placement
     a = place_inter(uids, size, pop, devs)
     ours = critical_path_ms({u: (d,) for u, d in a.items()}, pop, devs)
-    assert opt[0] <= ours + 1e-9          # nothing beats the exact optimum
-    assert ours <= 1.25 * opt[0] + 1e-6   # greedy + local search stays close to it
+    assert opt[0] <= ours + 1e-9  # nothing beats the exact optimum
+    assert ours <= 1.25 * opt[0] + 1e-6  # greedy + local search stays close to it
 
 
 def test_placement_error_names_the_expert_that_fits_nowhere() -> None:
     with pytest.raises(ConfigError, match="L0.E1.*fits no device"):
-        place_inter(["L0.E0", "L0.E1"], {"L0.E0": 5.0, "L0.E1": 5.0}, {"L0.E0": 1, "L0.E1": 1},
-                    [DeviceModel("d0", 6.0)])
+        place_inter(
+            ["L0.E0", "L0.E1"],
+            {"L0.E0": 5.0, "L0.E1": 5.0},
+            {"L0.E0": 1, "L0.E1": 1},
+            [DeviceModel("d0", 6.0)],
+        )
 
 
 def test_coactivated_experts_share_a_device() -> None:
@@ -152,7 +167,7 @@ def test_replicas_only_where_they_pay_and_fit() -> None:
     start = {"L0.E0": ("a",), "L0.E1": ("b",)}
     devs = [DeviceModel("a", 3), DeviceModel("b", 3)]
     p = add_replicas(start, size, {"a": 1.0, "b": 1.0}, pop, devs, max_replicas=2)
-    assert p["L0.E0"] == ("a", "b")         # the hot one first, its load split in two
+    assert p["L0.E0"] == ("a", "b")  # the hot one first, its load split in two
     assert critical_path_ms(p, pop, devs) < critical_path_ms(start, pop, devs)
     assert memory_used(p, size)["a"] <= 3 and memory_used(p, size)["b"] <= 3
     # a replica on a device behind a slow link would lengthen the critical path: none there
@@ -160,7 +175,7 @@ def test_replicas_only_where_they_pay_and_fit() -> None:
     q = add_replicas({"L0.E0": ("a",), "L0.E1": ("a",)}, size, {"a": 2.0}, pop, slow)
     assert all("b" not in ds for ds in q.values())
     full = add_replicas(start, size, {"a": 3.0, "b": 3.0}, pop, devs)
-    assert full == start   # no memory left
+    assert full == start  # no memory left
 
 
 # ---- compression -------------------------------------------------------------------------------
@@ -200,11 +215,15 @@ def test_bit_allocation_favours_high_scores() -> None:
 
 
 def test_scores_mix_importance_and_popularity() -> None:
-    cal = calibration_from_selections({0: [[0, 1], [0, 2], [0, 1], [1, 2]]},
-                                      {0: [[0.6, 0.3, 0.1]] * 4})
+    cal = calibration_from_selections(
+        {0: [[0, 1], [0, 2], [0, 1], [1, 2]]}, {0: [[0.6, 0.3, 0.1]] * 4}
+    )
     assert cal.popularity == {"L0.E0": 0.75, "L0.E1": 0.75, "L0.E2": 0.5}
-    assert cal.coactivation == {("L0.E0", "L0.E1"): 0.5, ("L0.E0", "L0.E2"): 0.25,
-                                ("L0.E1", "L0.E2"): 0.25}
+    assert cal.coactivation == {
+        ("L0.E0", "L0.E1"): 0.5,
+        ("L0.E0", "L0.E2"): 0.25,
+        ("L0.E1", "L0.E2"): 0.25,
+    }
     assert cal.importance["L0.E0"] == pytest.approx(0.6)
     s1 = expert_scores(cal, 1.0)
     s0 = expert_scores(cal, 0.0)
@@ -213,9 +232,7 @@ def test_scores_mix_importance_and_popularity() -> None:
 
 
 def test_gate_margins_and_pruning_by_hand() -> None:
-    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05],
-                          [0.4, 0.38, 0.12, 0.10],
-                          [0.6, 0.2, 0.19, 0.01]])
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.4, 0.38, 0.12, 0.10], [0.6, 0.2, 0.19, 0.01]])
     ids = torch.tensor([[0, 1], [0, 1], [0, 1]])
     m = gate_margins(probs, ids)
     assert torch.allclose(m, torch.tensor([[0.35, 0.15], [0.28, 0.26], [0.41, 0.01]]))
@@ -228,8 +245,9 @@ def test_gate_margins_and_pruning_by_hand() -> None:
     # same device: nothing is inter-device, nothing pruned even at a huge tau
     sel2, n2 = prune_selection(Selection(ids, w), probs, {0: "a", 1: "a"}, tau=1.0)
     assert n2 == 0 and torch.equal(sel2.expert_ids, ids)
-    sel3, n3 = prune_selection(Selection(ids, w), probs, {0: "a", 1: "b"}, tau=0.2,
-                               renormalize=True)
+    sel3, n3 = prune_selection(
+        Selection(ids, w), probs, {0: "a", 1: "b"}, tau=0.2, renormalize=True
+    )
     assert n3 == 2 and sel3.weights[0].tolist() == [1.0, 0.0] and sel3.expert_ids[1, 1] == 1
     # the top-1 slot is never pruned; empty slots stay empty
     e = torch.tensor([[2, -1]])
@@ -250,8 +268,11 @@ def test_fuse_rows_by_hand() -> None:
 
 def test_fusion_backend_is_exact_on_duplicates_and_sends_fewer_rows() -> None:
     g = torch.Generator().manual_seed(1)
-    kern = TorchExpert(torch.randn(8, 4, generator=g), torch.randn(4, 8, generator=g),
-                       torch.randn(8, 4, generator=g))
+    kern = TorchExpert(
+        torch.randn(8, 4, generator=g),
+        torch.randn(4, 8, generator=g),
+        torch.randn(8, 4, generator=g),
+    )
     inner = LocalExpertBackend({"L0.E0": kern, "L0.E1": kern})
     a, b = torch.randn(1, 4, generator=g), torch.randn(1, 4, generator=g)
     x = torch.cat([a, b, a, a, b])
@@ -276,8 +297,11 @@ def test_migration_only_when_it_pays() -> None:
     uids = [f"L0.E{e}" for e in range(4)]
     pop = dict.fromkeys(uids, 0.5)
     cur = {"L0.E0": ("a",), "L0.E1": ("a",), "L0.E2": ("b",), "L0.E3": ("b",)}
-    devs = [DeviceModel("a", 10, 20000, 20000), DeviceModel("b", 10, 200, 200),
-            DeviceModel("c", 10, 20000, 20000)]
+    devs = [
+        DeviceModel("a", 10, 20000, 20000),
+        DeviceModel("b", 10, 200, 200),
+        DeviceModel("c", 10, 20000, 20000),
+    ]
     target = {"L0.E0": ("a",), "L0.E1": ("a",), "L0.E2": ("c",), "L0.E3": ("c",)}
     shard = dict.fromkeys(uids, 25000)
     size = dict.fromkeys(uids, 1.0)
@@ -297,8 +321,12 @@ def test_migration_only_when_it_pays() -> None:
 def _cluster(rates: dict[str, float], placement: dict) -> object:
     from testbed.policy import ClusterState
 
-    return ClusterState(placement=placement, rate_down_kbit=dict(rates), rate_up_kbit=dict(rates),
-                        compute_profile={d: (0.5, 0.02) for d in rates})
+    return ClusterState(
+        placement=placement,
+        rate_down_kbit=dict(rates),
+        rate_up_kbit=dict(rates),
+        compute_profile={d: (0.5, 0.02) for d in rates},
+    )
 
 
 def test_policy_redeploys_off_a_degraded_link() -> None:
@@ -311,10 +339,10 @@ def test_policy_redeploys_off_a_degraded_link() -> None:
         assert used <= 0.05 * 2**20
     assert set(pol.bits_histogram()) <= {4, 8, 16}
     rates = {"d0": 20000.0, "d1": 20000.0, "d2": 20000.0}
-    assert pol.update(_cluster(rates, placement), {}) is None   # first view: nothing pays
+    assert pol.update(_cluster(rates, placement), {}) is None  # first view: nothing pays
     on_d2 = sorted(u for u, ds in placement.items() if "d2" in ds)
     assert on_d2
-    assert pol.update(_cluster(rates, placement), {}) is None   # nothing moved: no trigger
+    assert pol.update(_cluster(rates, placement), {}) is None  # nothing moved: no trigger
     slow = {**rates, "d2": 200.0}
     new = pol.update(_cluster(slow, placement), {})
     assert new is not None
@@ -358,13 +386,23 @@ def test_hello_moved_and_gate() -> None:
     assert not gate.should_send({"a": 1.05}, 2.0)
     assert gate.should_send({"a": 1.2}, 4.0)
     assert not gate.should_send({"a": 1.2}, 8.0)
-    assert gate.should_send({"a": 1.2}, 9.0)     # keep-alive
+    assert gate.should_send({"a": 1.2}, 9.0)  # keep-alive
     assert (gate.sent, gate.suppressed) == (3, 2)
-    v = hello_values({"memory": {"rss_bytes": 10, "available_bytes": None},
-                      "load": {"loadavg_1m": 0.5, "queue_len": 0}, "power_w": 2.0,
-                      "experts": {"L0.E0": {}}})
-    assert v == {"rss_bytes": 10.0, "loadavg_1m": 0.5, "queue_len": 0.0, "power_w": 2.0,
-                 "experts": 1.0}
+    v = hello_values(
+        {
+            "memory": {"rss_bytes": 10, "available_bytes": None},
+            "load": {"loadavg_1m": 0.5, "queue_len": 0},
+            "power_w": 2.0,
+            "experts": {"L0.E0": {}},
+        }
+    )
+    assert v == {
+        "rss_bytes": 10.0,
+        "loadavg_1m": 0.5,
+        "queue_len": 0.0,
+        "power_w": 2.0,
+        "experts": 1.0,
+    }
 
 
 # ---- on the tiny model, in-process ---------------------------------------------------------
@@ -372,7 +410,7 @@ def test_hello_moved_and_gate() -> None:
 def tiny() -> str:
     from testbed.modelstore import resolve_split
 
-    torch.set_num_threads(1)   # the machine's cores are shared with the other tests
+    torch.set_num_threads(1)  # the machine's cores are shared with the other tests
     return str(resolve_split("tiny"))
 
 
@@ -384,14 +422,16 @@ def test_calibration_on_the_tiny_model(tiny: str) -> None:
     for layer in range(4):
         pop = [v for k, v in cal.popularity.items() if k.startswith(f"L{layer}.")]
         imp = [v for k, v in cal.importance.items() if k.startswith(f"L{layer}.")]
-        assert len(pop) == 8 and sum(pop) == pytest.approx(2.0)   # top-2
+        assert len(pop) == 8 and sum(pop) == pytest.approx(2.0)  # top-2
         assert sum(imp) == pytest.approx(1.0, abs=1e-4)
-    assert max(cal.popularity.values()) > 2.0 / 8    # not uniform: placement has work to do
+    assert max(cal.popularity.values()) > 2.0 / 8  # not uniform: placement has work to do
     assert cal.coactivation and all(0 < v <= 1 for v in cal.coactivation.values())
     exs = tt.generate("calibration", 200, seed=1)
     held = set(tt.generate("heldout", 512, seed=0))
-    assert not any(tt.is_heldout(e.prompt[1] - tt.TASK_BASE_ID,
-                                 [d - tt.DIGIT_BASE_ID for d in e.prompt[2:-1]]) for e in exs)
+    assert not any(
+        tt.is_heldout(e.prompt[1] - tt.TASK_BASE_ID, [d - tt.DIGIT_BASE_ID for d in e.prompt[2:-1]])
+        for e in exs
+    )
     assert not held & set(exs)
 
 
@@ -425,13 +465,17 @@ def test_migration_rows_and_window_stats() -> None:
     old = {"L0.E0": ("a",), "L0.E1": ("b",), "L0.E2": ("a", "b")}
     new = {"L0.E0": ("c",), "L0.E1": ("b",), "L0.E2": ("a", "c")}
     assert migrations(old, new) == [("L0.E0", "a", "c"), ("L0.E2", "a+b", "c")]
-    calls = [{"expert": "L0.E0", "tokens": 3, "status": "ok"},
-             {"expert": "L0.E0", "tokens": 2, "status": "rerouted"},
-             {"expert": "L0.E1", "tokens": 5, "status": "timeout"}]
+    calls = [
+        {"expert": "L0.E0", "tokens": 3, "status": "ok"},
+        {"expert": "L0.E0", "tokens": 2, "status": "rerouted"},
+        {"expert": "L0.E1", "tokens": 5, "status": "timeout"},
+    ]
     st = window_stats(calls, [{"tokens": 4}, {"tokens": 6}], 2, 10)
     assert st == {"requests": 2, "request": 10, "expert_tokens": {"L0.E0": 5}, "layer_tokens": 10}
-    evs = [{"at_request": 3, "device": "d", "rate": "1mbit"}, {"at_request": 5, "device": "d",
-                                                               "rate": "2mbit"}]
+    evs = [
+        {"at_request": 3, "device": "d", "rate": "1mbit"},
+        {"at_request": 5, "device": "d", "rate": "2mbit"},
+    ]
     assert due_events(evs, 5) == [evs[1]] and due_events(evs, 4) == []
 
 
@@ -439,17 +483,20 @@ def test_recipe_run_events_and_budget_are_checked(tmp_path) -> None:
     from testbed.recipe import load_recipe
 
     good = tmp_path / "ok.toml"
-    good.write_text('[run]\nmemory_budget_mb = 0.09\nupdate_every = 4\n'
-                    '[[run.events]]\nat_request = 8\ndevice = "dev3"\nrate = "100kbit"\n')
+    good.write_text(
+        "[run]\nmemory_budget_mb = 0.09\nupdate_every = 4\n"
+        '[[run.events]]\nat_request = 8\ndevice = "dev3"\nrate = "100kbit"\n'
+    )
     r = load_recipe(good)
     assert r.config["run"]["events"] == [{"at_request": 8, "device": "dev3", "rate": "100kbit"}]
     assert r.config["run"]["memory_budget_mb"] == 0.09 and r.config["run"]["update_every"] == 4
     bad = tmp_path / "bad.toml"
-    bad.write_text('[[run.events]]\nat_request = 8\ndevice = "dev3"\nrate = "fast"\n'
-                   'direction = "sideways"\n')
+    bad.write_text(
+        '[[run.events]]\nat_request = 8\ndevice = "dev3"\nrate = "fast"\ndirection = "sideways"\n'
+    )
     with pytest.raises(ConfigError, match=r"bad.toml: run.events: \[0\].rate: not a rate"):
         load_recipe(bad)
-    bad.write_text('[run]\nmemory_budget_mb = -1\n')
+    bad.write_text("[run]\nmemory_budget_mb = -1\n")
     with pytest.raises(ConfigError, match="bad.toml: run.memory_budget_mb"):
         load_recipe(bad)
 
@@ -458,8 +505,8 @@ def test_transfer_model_uses_the_runs_bytes_per_token():
     """CoEL's transfer model charges what the run sends per token (a widened model in bf16:
     8192 B), not a fixed 256 B; an explicit parameter still wins."""
     c = CoEL()
-    assert c.bytes_per_row == 256           # outside a run
-    c.bytes_per_token = 8192                # set by the runner with model_path
+    assert c.bytes_per_row == 256  # outside a run
+    c.bytes_per_token = 8192  # set by the runner with model_path
     assert c.bytes_per_row == 8192
     dev = DeviceModel("d", 1e9, 10_000.0, 10_000.0, 0.5, 0.02)
     # 4 rows x 2 directions x (8192 - 256) B more at 10 Mbit/s: 50.8 ms more per layer call

@@ -43,8 +43,9 @@ def _w(p: Path, text: str | int) -> None:
     p.write_text(f"{text}\n")
 
 
-def make_hwmon_chip(root: Path, chip: str, hwmon_n: int,
-                    channels: list[tuple[str, int, int]], sum_channel: bool) -> Path:
+def make_hwmon_chip(
+    root: Path, chip: str, hwmon_n: int, channels: list[tuple[str, int, int]], sum_channel: bool
+) -> Path:
     """One INA3221 under the hwmon driver (JetPack 5/6): ``channels`` = [(label, mV, mA)] for
     channels 1..3; shunt voltages in4..in6 (no labels); with ``sum_channel`` the summation
     channel as the upstream driver has it (in7 'sum of shunt voltages', curr4)."""
@@ -71,17 +72,31 @@ def make_hwmon_chip(root: Path, chip: str, hwmon_n: int,
 def agx_orin(root: Path, jetpack: int) -> None:
     """AGX Orin: two chips, no module-total rail. JetPack 6 numbers hwmon differently."""
     n0, n1 = (2, 3) if jetpack == 5 else (1, 4)
-    make_hwmon_chip(root, "1-0040", n0, [("VDD_GPU_SOC", 5000, 800), ("VDD_CPU_CV", 5000, 400),
-                                         ("VIN_SYS_5V0", 5000, 700)], sum_channel=jetpack == 6)
-    make_hwmon_chip(root, "1-0041", n1, [("NC", 0, 0), ("VDDQ_VDD2_1V8AO", 5000, 100),
-                                         ("NC", 0, 0)], sum_channel=jetpack == 6)
+    make_hwmon_chip(
+        root,
+        "1-0040",
+        n0,
+        [("VDD_GPU_SOC", 5000, 800), ("VDD_CPU_CV", 5000, 400), ("VIN_SYS_5V0", 5000, 700)],
+        sum_channel=jetpack == 6,
+    )
+    make_hwmon_chip(
+        root,
+        "1-0041",
+        n1,
+        [("NC", 0, 0), ("VDDQ_VDD2_1V8AO", 5000, 100), ("NC", 0, 0)],
+        sum_channel=jetpack == 6,
+    )
 
 
 def orin_nx(root: Path, jetpack: int, vdd_in_ma: int = 1234) -> Path:
     """Orin NX / Orin Nano: one chip with VDD_IN (module total) and two of its parts."""
-    return make_hwmon_chip(root, "1-0040", 1 if jetpack == 5 else 3,
-                           [("VDD_IN", 5080, vdd_in_ma), ("VDD_CPU_GPU_CV", 5070, 100),
-                            ("VDD_SOC", 5070, 250)], sum_channel=jetpack == 6)
+    return make_hwmon_chip(
+        root,
+        "1-0040",
+        1 if jetpack == 5 else 3,
+        [("VDD_IN", 5080, vdd_in_ma), ("VDD_CPU_GPU_CV", 5070, 100), ("VDD_SOC", 5070, 250)],
+        sum_channel=jetpack == 6,
+    )
 
 
 def xavier_nx_jp4(root: Path) -> None:
@@ -115,6 +130,7 @@ NO_HOST = {"only": ["ina3221", "rapl", "estimated"]}  # kinds that read only und
 
 # ---- pure functions -----------------------------------------------------------------------
 
+
 def test_trapezoid_hand_computed():
     pts = [(0, 10.0), (1 * S, 20.0), (3 * S, 20.0)]
     assert trapezoid(pts) == pytest.approx(15.0 + 40.0)  # (10+20)/2·1 + 20·2
@@ -132,14 +148,17 @@ def test_trapezoid_rejects_bad_input():
         trapezoid([(0, 1.0), (S, 1.0)], 0, 2 * S)
 
 
-@pytest.mark.parametrize("prev, cur, max_range, want", [
-    (100, 250, 1000, 150),
-    (900, 50, 1000, 150),            # wrapped once: 1000 - 900 + 50
-    (0, 1000, 1000, 1000),
-    (1000, 0, 1000, 0),              # max and 0 are the same point of the circle
-    (262143000000, 1000000, 262143328850, 1328850),
-    (5, 5, 1000, 0),
-])
+@pytest.mark.parametrize(
+    "prev, cur, max_range, want",
+    [
+        (100, 250, 1000, 150),
+        (900, 50, 1000, 150),  # wrapped once: 1000 - 900 + 50
+        (0, 1000, 1000, 1000),
+        (1000, 0, 1000, 0),  # max and 0 are the same point of the circle
+        (262143000000, 1000000, 262143328850, 1328850),
+        (5, 5, 1000, 0),
+    ],
+)
 def test_rapl_delta_hand_computed(prev, cur, max_range, want):
     assert rapl_delta(prev, cur, max_range) == want
 
@@ -162,30 +181,41 @@ def test_energy_between():
 
 # ---- tegrastats ---------------------------------------------------------------------------
 
-JP5_ORIN_NX = ("RAM 2452/7620MB (lfb 1070x4MB) SWAP 0/3810MB (cached 0MB) "
-               "CPU [1%@729,0%@729,0%@729,0%@729,off,off] EMC_FREQ 0%@2133 GR3D_FREQ 0%@[624] "
-               "VIC_FREQ 729 APE 174 CV0@-256C CPU@44.875C SOC2@43.156C SOC0@43.875C CV1@-256C "
-               "GPU@-256C tj@44.875C SOC1@43.062C CV2@-256C "
-               "VDD_IN 3860mW/3921mW VDD_CPU_GPU_CV 480mW/502mW VDD_SOC 1201mW/1199mW")
-JP6_AGX_ORIN = ("06-18-2024 10:11:12 RAM 5020/62841MB (lfb 3x4MB) SWAP 0/31421MB (cached 0MB) "
-                "CPU [2%@1728,1%@1728,0%@1728,0%@1728,3%@1728,0%@1728,0%@1728,0%@1728] "
-                "EMC_FREQ 0%@3199 GR3D_FREQ 0%@[0,0] NVENC off NVDEC off VIC_FREQ 0%@115 "
-                "APE 174 cpu@46.5C soc2@44.1C soc0@45.2C gpu@43.9C tj@46.5C soc1@44.6C "
-                "VDD_GPU_SOC 2791mW/2800mW VDD_CPU_CV 798mW/810mW VIN_SYS_5V0 3328mW/3330mW "
-                "VDDQ_VDD2_1V8AO 503mW/505mW")
-JP7_THOR = ("10-02-2025 09:00:01 RAM 9630/125772MB (lfb 46x4MB) SWAP 0/0MB (cached 0MB) "
-            "CPU [0%@972,1%@972,0%@972,0%@972] cpu@47.218C tj@49.375C soc012@48.0C "
-            "VDD_GPU 1200mW/1100mW/2400mW VDD_CPU_SOC_MSS 6510mW/6420mW/8800mW "
-            "VIN_SYS_5V0 6520mW/6500mW/7000mW VIN 23040mW/22950mW/25000mW")
-JP4_NANO = ("RAM 1745/3964MB (lfb 4x4MB) SWAP 0/1982MB (cached 0MB) CPU [5%@1479,3%@1479,"
-            "3%@1479,7%@1479] EMC_FREQ 0% GR3D_FREQ 0% PLL@40C CPU@43C GPU@40.5C "
-            "POM_5V_IN 4859/4899 POM_5V_GPU 0/0 POM_5V_CPU 1184/1210")
+JP5_ORIN_NX = (
+    "RAM 2452/7620MB (lfb 1070x4MB) SWAP 0/3810MB (cached 0MB) "
+    "CPU [1%@729,0%@729,0%@729,0%@729,off,off] EMC_FREQ 0%@2133 GR3D_FREQ 0%@[624] "
+    "VIC_FREQ 729 APE 174 CV0@-256C CPU@44.875C SOC2@43.156C SOC0@43.875C CV1@-256C "
+    "GPU@-256C tj@44.875C SOC1@43.062C CV2@-256C "
+    "VDD_IN 3860mW/3921mW VDD_CPU_GPU_CV 480mW/502mW VDD_SOC 1201mW/1199mW"
+)
+JP6_AGX_ORIN = (
+    "06-18-2024 10:11:12 RAM 5020/62841MB (lfb 3x4MB) SWAP 0/31421MB (cached 0MB) "
+    "CPU [2%@1728,1%@1728,0%@1728,0%@1728,3%@1728,0%@1728,0%@1728,0%@1728] "
+    "EMC_FREQ 0%@3199 GR3D_FREQ 0%@[0,0] NVENC off NVDEC off VIC_FREQ 0%@115 "
+    "APE 174 cpu@46.5C soc2@44.1C soc0@45.2C gpu@43.9C tj@46.5C soc1@44.6C "
+    "VDD_GPU_SOC 2791mW/2800mW VDD_CPU_CV 798mW/810mW VIN_SYS_5V0 3328mW/3330mW "
+    "VDDQ_VDD2_1V8AO 503mW/505mW"
+)
+JP7_THOR = (
+    "10-02-2025 09:00:01 RAM 9630/125772MB (lfb 46x4MB) SWAP 0/0MB (cached 0MB) "
+    "CPU [0%@972,1%@972,0%@972,0%@972] cpu@47.218C tj@49.375C soc012@48.0C "
+    "VDD_GPU 1200mW/1100mW/2400mW VDD_CPU_SOC_MSS 6510mW/6420mW/8800mW "
+    "VIN_SYS_5V0 6520mW/6500mW/7000mW VIN 23040mW/22950mW/25000mW"
+)
+JP4_NANO = (
+    "RAM 1745/3964MB (lfb 4x4MB) SWAP 0/1982MB (cached 0MB) CPU [5%@1479,3%@1479,"
+    "3%@1479,7%@1479] EMC_FREQ 0% GR3D_FREQ 0% PLL@40C CPU@43C GPU@40.5C "
+    "POM_5V_IN 4859/4899 POM_5V_GPU 0/0 POM_5V_CPU 1184/1210"
+)
 
 
 def test_tegrastats_jp5_orin_nx():
     r = parse_tegrastats(JP5_ORIN_NX)
-    assert r == {"VDD_IN": (3860.0, 3921.0), "VDD_CPU_GPU_CV": (480.0, 502.0),
-                 "VDD_SOC": (1201.0, 1199.0)}
+    assert r == {
+        "VDD_IN": (3860.0, 3921.0),
+        "VDD_CPU_GPU_CV": (480.0, 502.0),
+        "VDD_SOC": (1201.0, 1199.0),
+    }
     assert choose_rails(list(r)) == ["VDD_IN"]
 
 
@@ -207,8 +237,11 @@ def test_tegrastats_jp7_three_values_second_is_the_average():
 
 def test_tegrastats_jp4_without_units_and_non_power_fields():
     r = parse_tegrastats(JP4_NANO)
-    assert r == {"POM_5V_IN": (4859.0, 4899.0), "POM_5V_GPU": (0.0, 0.0),
-                 "POM_5V_CPU": (1184.0, 1210.0)}
+    assert r == {
+        "POM_5V_IN": (4859.0, 4899.0),
+        "POM_5V_GPU": (0.0, 0.0),
+        "POM_5V_CPU": (1184.0, 1210.0),
+    }
     assert parse_tegrastats("RAM 2452/7620MB SWAP 0/3810MB (cached 0MB)") == {}
 
 
@@ -216,17 +249,20 @@ def test_tegrastats_meter_from_a_running_process(tmp_path):
     """A stand-in tegrastats (prints the JP5 Orin NX line every --interval ms) as a real
     process: the meter integrates VDD_IN's instant value, 3.860 W."""
     fake = tmp_path / "tegrastats"
-    fake.write_text(textwrap.dedent(f"""\
+    fake.write_text(
+        textwrap.dedent(f"""\
         #!{sys.executable}
         import sys, time
         ms = int(sys.argv[sys.argv.index("--interval") + 1])
         while True:
             print({JP5_ORIN_NX!r}, flush=True)
             time.sleep(ms / 1000)
-        """))
+        """)
+    )
     fake.chmod(0o755)
-    with detect_meter(tmp_path, {"only": ["ina3221", "tegrastats"],
-                                 "tegrastats_argv": [str(fake)]}) as m:
+    with detect_meter(
+        tmp_path, {"only": ["ina3221", "tegrastats"], "tegrastats_argv": [str(fake)]}
+    ) as m:
         assert isinstance(m, TegrastatsMeter)
         assert m.source == "tegrastats:VDD_IN" and m.rails == ["VDD_IN"]
         assert "ina3221" in m.skipped
@@ -242,6 +278,7 @@ def test_tegrastats_meter_from_a_running_process(tmp_path):
 
 
 # ---- INA3221 trees ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("jetpack", [5, 6])
 def test_hwmon_orin_nx_reports_vdd_in_alone(tmp_path, jetpack):
@@ -281,7 +318,7 @@ def test_hwmon_meter_integrates_changing_power(tmp_path):
         tmp.write_text("2000\n")
         t0 = time.monotonic_ns()
         tmp.replace(hw / "curr1_input")  # atomic: no sample reads a half-written file
-        t1 = time.monotonic_ns()         # 10.16 W from now on
+        t1 = time.monotonic_ns()  # 10.16 W from now on
         time.sleep(0.5)
         b = m.read()
         assert m.sampler.samples >= 15  # the thread samples, not just read()
@@ -315,6 +352,7 @@ def test_hwmon_unreadable_value_is_skipped_with_reason(tmp_path):
 
 # ---- sampler ------------------------------------------------------------------------------
 
+
 def test_power_sampler_trapezoid_with_fake_clock_and_a_failed_read():
     clock = iter([0, S // 10, 3 * S // 10])
     powers: list[object] = [10.0, 20.0, OSError("EIO"), 0.0]
@@ -327,12 +365,12 @@ def test_power_sampler_trapezoid_with_fake_clock_and_a_failed_read():
 
     s = PowerSampler(read, 0.05, clock=lambda: next(clock))
     assert s.sample().energy_j == 0.0
-    assert s.sample().energy_j == pytest.approx(1.5)   # (10+20)/2 · 0.1
-    r = s.sample()                                      # failed: last reading again
+    assert s.sample().energy_j == pytest.approx(1.5)  # (10+20)/2 · 0.1
+    r = s.sample()  # failed: last reading again
     assert (r.t_ns, r.energy_j) == (S // 10, pytest.approx(1.5)) and s.errors == 1
     assert "EIO" in (s.last_error or "")
     assert s.sample().energy_j == pytest.approx(1.5 + 2.0)  # (20+0)/2 · 0.2
-    assert s.add(0, 99.0).energy_j == pytest.approx(3.5)     # older than the last: dropped
+    assert s.add(0, 99.0).energy_j == pytest.approx(3.5)  # older than the last: dropped
 
 
 def test_power_sampler_thread_rate_and_clean_stop():
@@ -355,16 +393,17 @@ def test_power_sampler_refuses_slower_than_10_hz():
 
 # ---- RAPL ---------------------------------------------------------------------------------
 
+
 def test_rapl_zones_and_wraparound(tmp_path):
     pc = rapl_tree(tmp_path, [1_000_000, 5_000_000], max_uj=10_000_000)
     zones = find_rapl_zones(tmp_path)
     assert [z.name for z in zones] == ["package-0", "package-1"]  # no core sub-zone, no psys
     with detect_meter(tmp_path, {"only": ["rapl"], "rapl_poll_s": 60}) as m:
         assert m.source == "rapl:package-0+package-1"
-        (pc / "intel-rapl:0/energy_uj").write_text("9000000\n")   # +8 J
-        (pc / "intel-rapl:1/energy_uj").write_text("6000000\n")   # +1 J
+        (pc / "intel-rapl:0/energy_uj").write_text("9000000\n")  # +8 J
+        (pc / "intel-rapl:1/energy_uj").write_text("6000000\n")  # +1 J
         assert m.read().energy_j == pytest.approx(9.0)
-        (pc / "intel-rapl:0/energy_uj").write_text("500000\n")    # wrapped: +1.5 J
+        (pc / "intel-rapl:0/energy_uj").write_text("500000\n")  # wrapped: +1.5 J
         r = m.read()
         assert r.energy_j == pytest.approx(10.5)
         assert r.power_w is not None and r.power_w > 0
@@ -379,6 +418,7 @@ def test_rapl_unreadable_says_why(tmp_path):
 
 
 # ---- estimate and detection ---------------------------------------------------------------
+
 
 def test_cpu_time_estimate_hand_computed():
     cpu = iter([10.0, 10.0, 12.5])
@@ -429,15 +469,30 @@ def test_this_host(tmp_path):
             assert list(m.skipped) == list(METER_KINDS[:-1]), m.skipped
             assert energy_between(a, b) > 0
         else:
-            assert list(m.skipped) == list(METER_KINDS[:len(m.skipped)])
+            assert list(m.skipped) == list(METER_KINDS[: len(m.skipped)])
             assert energy_between(a, b) >= 0
 
 
 def test_cli_prints_json(capsys):
     from device_agent.energy import main
 
-    assert main(["--seconds", "0.2", "--every-s", "0.1", "--root", "/nonexistent-root",
-                 "--meter", "rapl", "--meter", "estimated"]) == 0
+    assert (
+        main(
+            [
+                "--seconds",
+                "0.2",
+                "--every-s",
+                "0.1",
+                "--root",
+                "/nonexistent-root",
+                "--meter",
+                "rapl",
+                "--meter",
+                "estimated",
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert lines[0]["meter"]["source"] == "estimated:cpu-time"
     assert "rapl" in lines[0]["meter"]["skipped"]

@@ -14,14 +14,24 @@ EST = "estimated:cpu-time(5 W/core)"
 def test_call_energy_from_stamps():
     assert call_energy_j([10.0, 10.25]) == pytest.approx(0.25)
     assert call_energy_j((3, 3)) == 0.0
-    for bad in (None, [], [1.0], [1.0, 2.0, 3.0], [2.0, 1.0], ["1", 2.0], [1.0, float("nan")],
-                [True, 2.0], "12"):
+    for bad in (
+        None,
+        [],
+        [1.0],
+        [1.0, 2.0, 3.0],
+        [2.0, 1.0],
+        ["1", 2.0],
+        [1.0, float("nan")],
+        [True, 2.0],
+        "12",
+    ):
         assert call_energy_j(bad) is None, bad
 
 
 def test_split_by_compute_time_adds_up():
-    got = split_call_energy(0.9, ["L0.E1", "L0.E2", "L0.E3"],
-                            {"L0.E1": 1.0, "L0.E2": 2.0, "L0.E3": 0.0})
+    got = split_call_energy(
+        0.9, ["L0.E1", "L0.E2", "L0.E3"], {"L0.E1": 1.0, "L0.E2": 2.0, "L0.E3": 0.0}
+    )
     assert got == pytest.approx({"L0.E1": 0.3, "L0.E2": 0.6, "L0.E3": 0.0})
     assert sum(got.values()) == pytest.approx(0.9)
     # no (usable) compute times: equal shares
@@ -48,8 +58,14 @@ def test_request_energy_sums_device_deltas_and_bs():
 
 
 def test_request_energy_names_missing_devices_and_mixed_sources():
-    got = request_energy({"dev1": 1.0, "dev2": 5.0}, {"dev1": 3.0, "dev2": None},
-                         {"dev1": "measured:nvml:gpu0", "dev2": EST}, 0.0, 0.5, EST)
+    got = request_energy(
+        {"dev1": 1.0, "dev2": 5.0},
+        {"dev1": 3.0, "dev2": None},
+        {"dev1": "measured:nvml:gpu0", "dev2": EST},
+        0.0,
+        0.5,
+        EST,
+    )
     assert got["energy_devices_j"] == pytest.approx(2.0) and got["energy_j"] == pytest.approx(2.5)
     assert got["energy_source"] == "mixed; missing dev2"
     # a counter that went down (an agent restarted in between) is not a negative energy

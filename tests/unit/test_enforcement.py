@@ -36,16 +36,22 @@ def test_equal_split_is_what_links_trace_writes() -> None:
     ch = ChannelModel(names, 5)
     rows = trace_rows(ChannelModel(names, 5), 4, 3e5)
     for epoch in range(4):
-        got = equal_split_kbit(ch, 3e5, epoch, names[::-1])     # order does not matter
-        want = {r.device: (r.rate_down_kbit, r.rate_up_kbit) for r in rows[3 * epoch:3 * epoch + 3]}
+        got = equal_split_kbit(ch, 3e5, epoch, names[::-1])  # order does not matter
+        want = {
+            r.device: (r.rate_down_kbit, r.rate_up_kbit) for r in rows[3 * epoch : 3 * epoch + 3]
+        }
         assert set(got) == set(want)
         assert all(got[d] == pytest.approx(want[d]) for d in want)
     assert equal_split_kbit(ch, 3e5, 0, names) != equal_split_kbit(ch, 3e5, 1, names)
 
 
 def test_trace_replay_blocks_cycle_and_ignore_other_devices() -> None:
-    rows = [TraceRow(0.0, "dev1", 100, 50), TraceRow(0.0, "dev9", 1, 1),
-            TraceRow(1.0, "dev1", 200, 60), TraceRow(1.0, "dev2", 300, 70)]
+    rows = [
+        TraceRow(0.0, "dev1", 100, 50),
+        TraceRow(0.0, "dev9", 1, 1),
+        TraceRow(1.0, "dev1", 200, 60),
+        TraceRow(1.0, "dev2", 300, 70),
+    ]
     tr = TraceReplay(rows, ["dev1", "dev2"], "t.csv")
     assert tr.rates(0) == {"dev1": (100, 50)}
     assert tr.rates(1) == {"dev1": (200, 60), "dev2": (300, 70)}
@@ -69,15 +75,19 @@ def test_fit_profiles_per_device() -> None:
     samples += [{"device": "b", "tokens": 4, "compute_ms": None}]
     fit = fit_profiles(samples)
     assert fit["a"]["a_ms"] == pytest.approx(0.3) and fit["a"]["b_ms"] == pytest.approx(0.05)
-    assert fit["a"]["rmse_ms"] == pytest.approx(0.0, abs=1e-9) and fit["a"]["tokens"] == [1, 2, 4, 8]
+    assert fit["a"]["rmse_ms"] == pytest.approx(0.0, abs=1e-9) and fit["a"]["tokens"] == [
+        1,
+        2,
+        4,
+        8,
+    ]
     assert fit["b"]["samples"] == 2 and fit["b"]["b_ms"] == pytest.approx(0.0, abs=1e-12)
     assert bytes_per_token(64, 4) == 256
     with pytest.raises(ValueError):
         bytes_per_token(0, 4)
 
 
-def _group(run: Run, policy: str, point: str, ms_per_tok: float, correct: int,
-           ratios=()) -> Group:
+def _group(run: Run, policy: str, point: str, ms_per_tok: float, correct: int, ratios=()) -> Group:
     reqs = [{"total_ms": str(ms_per_tok * 4), "output_tokens": "4", "correct": str(correct)}]
     layers = [{"predicted_ms": str(r), "moe_ms": "1.0"} for r in ratios]
     return Group(run, policy, point, reqs, layers, [])
@@ -85,11 +95,19 @@ def _group(run: Run, policy: str, point: str, ms_per_tok: float, correct: int,
 
 def test_versus_topk_at_the_same_point() -> None:
     run = Run(Path("x"), "r1", "completed", None, {}, [], [], [])
-    groups = [_group(run, "topk", "links.bandwidth_mhz=0.1 policy.name=topk", 10.0, 1),
-              _group(run, "topk", "links.bandwidth_mhz=2.0 policy.name=topk", 2.0, 1),
-              _group(run, "wdmoe", "links.bandwidth_mhz=0.1 policy.name=wdmoe", 8.0, 0,
-                     ratios=[0.5, 1.0, 2.0, 4.0, 8.0]),
-              _group(run, "top1", "links.bandwidth_mhz=5.0 policy.name=top1", 1.0, 1)]
+    groups = [
+        _group(run, "topk", "links.bandwidth_mhz=0.1 policy.name=topk", 10.0, 1),
+        _group(run, "topk", "links.bandwidth_mhz=2.0 policy.name=topk", 2.0, 1),
+        _group(
+            run,
+            "wdmoe",
+            "links.bandwidth_mhz=0.1 policy.name=wdmoe",
+            8.0,
+            0,
+            ratios=[0.5, 1.0, 2.0, 4.0, 8.0],
+        ),
+        _group(run, "top1", "links.bandwidth_mhz=5.0 policy.name=top1", 1.0, 1),
+    ]
     rows = versus_baseline(groups)
     wd, t1 = rows
     assert wd["policy"] == "wdmoe" and wd["point"] == "links.bandwidth_mhz=0.1"

@@ -58,8 +58,13 @@ def test_good_inventory_loads(tmp_path, key):
     assert inv.bs.local and inv.bs.ifb == "ifb-tb0"
     # CURVE by default, keys beside the inventory; a relative keys_dir resolves against it
     assert inv.security == "curve" and inv.curve_dir() == tmp_path / "inv.keys"
-    other = load_inventory(write(tmp_path, GOOD.replace('name = "lab"', 'name = "lab"\n'
-                                                        'security = "none"\nkeys_dir = "k"'), key))
+    other = load_inventory(
+        write(
+            tmp_path,
+            GOOD.replace('name = "lab"', 'name = "lab"\nsecurity = "none"\nkeys_dir = "k"'),
+            key,
+        )
+    )
     assert other.security == "none" and other.curve_dir() == tmp_path / "k"
     # round trip through the renderer used by `local up`
     again = tmp_path / "again.toml"
@@ -67,11 +72,13 @@ def test_good_inventory_loads(tmp_path, key):
     assert load_inventory(again).devices == inv.devices
 
 
-BAD = GOOD.replace('ssh_port = 2222', 'ssh_port = 99999') \
-    .replace('name = "orin2"', 'name = "orin1"') \
-    .replace('hw_class = "orin-agx"\n', 'hw_class = "orin-agx"\ncolour = "blue"\n') \
-    .replace('interface = "eth1"\n', '') \
+BAD = (
+    GOOD.replace("ssh_port = 2222", "ssh_port = 99999")
+    .replace('name = "orin2"', 'name = "orin1"')
+    .replace('hw_class = "orin-agx"\n', 'hw_class = "orin-agx"\ncolour = "blue"\n')
+    .replace('interface = "eth1"\n', "")
     .replace('ssh_key = "KEY"', 'ssh_key = "/nonexistent/key"')
+)
 
 
 def test_all_problems_reported_with_file_and_field(tmp_path, key):
@@ -103,19 +110,31 @@ def test_cli_bad_inventory_exit_2_one_line_each(tmp_path, key):
     assert len(json.loads(js.stdout)["error"]["messages"]) == 5
 
 
-@pytest.mark.parametrize("mutate,field", [
-    (lambda s: s.replace('memory_budget_mb = 12000', 'memory_budget_mb = -5'),
-     "devices[1].memory_budget_mb"),
-    (lambda s: s.replace('hw_class = "orin-nx"', 'hw_class = "toaster"'), "devices[1].hw_class"),
-    (lambda s: s.replace('host = "orin2.lab"', 'host = "not a host!"'), "devices[1].host"),
-    (lambda s: s.replace('workdir = "/home/nvidia/tb"\npython = "/usr/bin/python3"\n'
-                         'hw_class = "orin-nx"', 'workdir = "rel/dir"\npython = '
-                         '"/usr/bin/python3"\nhw_class = "orin-nx"'), "devices[1].workdir"),
-    (lambda s: s + "\n[extra]\nx = 1\n", "extra"),
-    (lambda s: s.replace("[bs]", "[bs]\nlocal = false"), "bs.ssh_user"),
-    (lambda s: s.replace('name = "lab"', 'name = "lab"\nsecurity = "tls"'), "testbed.security"),
-    (lambda s: s.replace('name = "lab"', 'name = "lab"\nkeys_dir = 3'), "testbed.keys_dir"),
-])
+@pytest.mark.parametrize(
+    "mutate,field",
+    [
+        (
+            lambda s: s.replace("memory_budget_mb = 12000", "memory_budget_mb = -5"),
+            "devices[1].memory_budget_mb",
+        ),
+        (
+            lambda s: s.replace('hw_class = "orin-nx"', 'hw_class = "toaster"'),
+            "devices[1].hw_class",
+        ),
+        (lambda s: s.replace('host = "orin2.lab"', 'host = "not a host!"'), "devices[1].host"),
+        (
+            lambda s: s.replace(
+                'workdir = "/home/nvidia/tb"\npython = "/usr/bin/python3"\nhw_class = "orin-nx"',
+                'workdir = "rel/dir"\npython = "/usr/bin/python3"\nhw_class = "orin-nx"',
+            ),
+            "devices[1].workdir",
+        ),
+        (lambda s: s + "\n[extra]\nx = 1\n", "extra"),
+        (lambda s: s.replace("[bs]", "[bs]\nlocal = false"), "bs.ssh_user"),
+        (lambda s: s.replace('name = "lab"', 'name = "lab"\nsecurity = "tls"'), "testbed.security"),
+        (lambda s: s.replace('name = "lab"', 'name = "lab"\nkeys_dir = 3'), "testbed.keys_dir"),
+    ],
+)
 def test_single_problems(tmp_path, key, mutate, field):
     p = write(tmp_path, mutate(GOOD), key)
     with pytest.raises(ConfigError) as ei:
@@ -132,5 +151,6 @@ def test_toml_syntax_error_names_file(tmp_path):
 
 def test_no_devices(tmp_path):
     with pytest.raises(ConfigError, match="devices: missing"):
-        parse_inventory({"bs": {"name": "bs", "host": "10.0.0.1", "interface": "eth0"}},
-                        Path("x.toml"))
+        parse_inventory(
+            {"bs": {"name": "bs", "host": "10.0.0.1", "interface": "eth0"}}, Path("x.toml")
+        )

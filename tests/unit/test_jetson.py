@@ -20,9 +20,11 @@ from testbed.jetson import (
 from testbed.runner import LocalRunner
 
 Q_AGX = "NV Power Mode: MAXN\n0\n"
-Q_NANO_WARN = ("NVPM WARN: Golden image context is already created\n"
-               "NVPM WARN: Reading /var/lib/nvpmodel/status: No such file or directory\n"
-               "NV Power Mode: 7W\n1\n")
+Q_NANO_WARN = (
+    "NVPM WARN: Golden image context is already created\n"
+    "NVPM WARN: Reading /var/lib/nvpmodel/status: No such file or directory\n"
+    "NV Power Mode: 7W\n1\n"
+)
 
 P_AGX = """NVPM VERB: Config file: /etc/nvpmodel.conf
 NVPM VERB: parsing done for /etc/nvpmodel.conf
@@ -73,8 +75,12 @@ def test_query_current_mode():
 
 
 def test_modes_listing_maps_names_and_ids_per_module():
-    assert parse_nvpmodel_modes(P_AGX) == [PowerMode(0, "MAXN"), PowerMode(1, "MODE_15W"),
-                                           PowerMode(2, "MODE_30W"), PowerMode(3, "MODE_50W")]
+    assert parse_nvpmodel_modes(P_AGX) == [
+        PowerMode(0, "MAXN"),
+        PowerMode(1, "MODE_15W"),
+        PowerMode(2, "MODE_30W"),
+        PowerMode(3, "MODE_50W"),
+    ]
     assert parse_nvpmodel_modes(P_NANO) == [PowerMode(0, "15W"), PowerMode(1, "7W")]
     assert parse_nvpmodel_modes("") == []
     with pytest.raises(ValueError, match="twice"):
@@ -90,8 +96,10 @@ def test_jetson_clocks_show():
     assert on["cpus_pinned"] == 2 and on["gpu"]["min_hz"] == on["gpu"]["max_hz"]
     assert on["pinned"] is True  # EMC held at its maximum by FreqOverride=1
     # one CPU left at its governor's range: not pinned
-    half = CLOCKS_ON.replace("cpu1: Online=1 Governor=schedutil MinFreq=2201600",
-                             "cpu1: Online=1 Governor=schedutil MinFreq=729600")
+    half = CLOCKS_ON.replace(
+        "cpu1: Online=1 Governor=schedutil MinFreq=2201600",
+        "cpu1: Online=1 Governor=schedutil MinFreq=729600",
+    )
     assert parse_jetson_clocks_show(half)["pinned"] is False
     assert parse_jetson_clocks_show(half)["cpus_pinned"] == 1
     no_override = CLOCKS_ON.replace("FreqOverride=1", "FreqOverride=0")
@@ -113,26 +121,40 @@ def test_power_info_from_the_query_script_output():
     text = _script_output(("0", Q_AGX), ("0", P_AGX), ("0", CLOCKS_OFF))
     assert split_sections(text)["query"] == ("0", Q_AGX.rstrip("\n"))
     info = power_info_from_output(text)
-    assert info["nvpmodel"] == {"available": True, "mode": "MAXN", "mode_id": 0,
-                                "modes": {"0": "MAXN", "1": "MODE_15W", "2": "MODE_30W",
-                                          "3": "MODE_50W"}}
+    assert info["nvpmodel"] == {
+        "available": True,
+        "mode": "MAXN",
+        "mode_id": 0,
+        "modes": {"0": "MAXN", "1": "MODE_15W", "2": "MODE_30W", "3": "MODE_50W"},
+    }
     assert info["jetson_clocks"]["available"] and info["jetson_clocks"]["pinned"] is False
-    none = power_info_from_output(_script_output(("missing", ""), ("missing", ""),
-                                                 ("missing", "")))
-    assert none == {"nvpmodel": {"available": False, "reason": "not installed"},
-                    "jetson_clocks": {"available": False, "reason": "not installed"}}
-    denied = power_info_from_output(_script_output(
-        ("0", Q_AGX), ("1", "NVPM ERROR: failed to open /etc/nvpmodel.conf"),
-        ("1", "Error: jetson_clocks must be run as root")))
+    none = power_info_from_output(_script_output(("missing", ""), ("missing", ""), ("missing", "")))
+    assert none == {
+        "nvpmodel": {"available": False, "reason": "not installed"},
+        "jetson_clocks": {"available": False, "reason": "not installed"},
+    }
+    denied = power_info_from_output(
+        _script_output(
+            ("0", Q_AGX),
+            ("1", "NVPM ERROR: failed to open /etc/nvpmodel.conf"),
+            ("1", "Error: jetson_clocks must be run as root"),
+        )
+    )
     assert denied["nvpmodel"]["mode"] == "MAXN"
-    assert denied["nvpmodel"]["modes_error"] == "exit 1: NVPM ERROR: failed to open /etc/nvpmodel.conf"
-    assert denied["jetson_clocks"] == {"available": True,
-                                       "error": "exit 1: Error: jetson_clocks must be run as root"}
+    assert (
+        denied["nvpmodel"]["modes_error"] == "exit 1: NVPM ERROR: failed to open /etc/nvpmodel.conf"
+    )
+    assert denied["jetson_clocks"] == {
+        "available": True,
+        "error": "exit 1: Error: jetson_clocks must be run as root",
+    }
 
 
 def test_resolve_power_mode_by_name_or_id_and_errors_name_device_and_key():
     agx = power_info_from_output(_script_output(("0", Q_AGX), ("0", P_AGX), ("0", CLOCKS_OFF)))
-    nano = power_info_from_output(_script_output(("0", Q_NANO_WARN), ("0", P_NANO), ("missing", "")))
+    nano = power_info_from_output(
+        _script_output(("0", Q_NANO_WARN), ("0", P_NANO), ("missing", ""))
+    )
     key = "r.toml: devices.power_mode"
     assert resolve_power_mode(agx, "maxn", "orin1", key) == 0
     assert resolve_power_mode(agx, "MODE_50W", "orin1", key) == 3
@@ -140,12 +162,19 @@ def test_resolve_power_mode_by_name_or_id_and_errors_name_device_and_key():
     assert resolve_power_mode(nano, 0, "nano1", key) == 0
     with pytest.raises(ConfigError) as e:
         resolve_power_mode(nano, "MAXN", "nano1", key)
-    assert str(e.value) == "r.toml: devices.power_mode: nano1: no nvpmodel mode 'MAXN' (has 0=15W, 1=7W)"
-    missing = power_info_from_output(_script_output(("missing", ""), ("missing", ""), ("missing", "")))
+    assert (
+        str(e.value)
+        == "r.toml: devices.power_mode: nano1: no nvpmodel mode 'MAXN' (has 0=15W, 1=7W)"
+    )
+    missing = power_info_from_output(
+        _script_output(("missing", ""), ("missing", ""), ("missing", ""))
+    )
     with pytest.raises(ConfigError) as e:
         resolve_power_mode(missing, "MAXN", "dev1", key)
-    assert str(e.value) == ("r.toml: devices.power_mode: dev1: has no nvpmodel (not installed); "
-                            "cannot set power mode 'MAXN'")
+    assert str(e.value) == (
+        "r.toml: devices.power_mode: dev1: has no nvpmodel (not installed); "
+        "cannot set power mode 'MAXN'"
+    )
     assert len(str(e.value).splitlines()) == 1
 
 

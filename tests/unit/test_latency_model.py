@@ -27,20 +27,28 @@ def _instance(seed: int) -> dict:
     ch = ChannelModel(d, seed=seed)
     loads = rng.integers(1, 20, d)
     if d > 2 and seed % 2:
-        loads[int(rng.integers(d))] = 0         # an idle device
-    return {"loads": loads, "total_hz": float(rng.uniform(10e6, 100e6)),
-            "snr_down_hz": ch.snr_per_hz(seed, "down"), "snr_up_hz": ch.snr_per_hz(seed, "up"),
-            "bytes_per_token": S, "a_ms": rng.uniform(0, 5, d), "b_ms": rng.uniform(0, 1, d)}
+        loads[int(rng.integers(d))] = 0  # an idle device
+    return {
+        "loads": loads,
+        "total_hz": float(rng.uniform(10e6, 100e6)),
+        "snr_down_hz": ch.snr_per_hz(seed, "down"),
+        "snr_up_hz": ch.snr_per_hz(seed, "up"),
+        "bytes_per_token": S,
+        "a_ms": rng.uniform(0, 5, d),
+        "b_ms": rng.uniform(0, 1, d),
+    }
 
 
 def _t(inst: dict, bw: np.ndarray) -> np.ndarray:
     """t_k for bandwidths bw[..., D] (broadcast)."""
-    return device_latency_ms(inst["loads"], bw, inst["snr_down_hz"], inst["snr_up_hz"], S,
-                             inst["a_ms"], inst["b_ms"])
+    return device_latency_ms(
+        inst["loads"], bw, inst["snr_down_hz"], inst["snr_up_hz"], S, inst["a_ms"], inst["b_ms"]
+    )
 
 
-def _grid_optimum(inst: dict, steps: int, center: np.ndarray | None = None,
-                  width: float = 1.0) -> tuple[float, np.ndarray]:
+def _grid_optimum(
+    inst: dict, steps: int, center: np.ndarray | None = None, width: float = 1.0
+) -> tuple[float, np.ndarray]:
     """min over a grid of splits of max_k t_k; the last loaded device gets the rest."""
     on = np.flatnonzero(inst["loads"] > 0)
     tot = inst["total_hz"]
@@ -48,8 +56,10 @@ def _grid_optimum(inst: dict, steps: int, center: np.ndarray | None = None,
     if center is None:
         axes = [np.linspace(0, tot, steps + 1)[1:]] * free
     else:
-        axes = [np.clip(center[on[i]] + np.linspace(-width, width, steps + 1), 1.0, tot)
-                for i in range(free)]
+        axes = [
+            np.clip(center[on[i]] + np.linspace(-width, width, steps + 1), 1.0, tot)
+            for i in range(free)
+        ]
     mesh = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, free)
     rest = tot - mesh.sum(1)
     mesh, rest = mesh[rest > 0], rest[rest > 0]
@@ -74,18 +84,18 @@ def test_latency_formula_by_hand() -> None:
 
 def test_device_loads_count_token_rows_per_device() -> None:
     ids = np.array([[0, 3], [3, -1], [5, 1], [-1, -1]])
-    where = np.array([0, 1, 1, 2, 0, 2])       # expert -> device
+    where = np.array([0, 1, 1, 2, 0, 2])  # expert -> device
     np.testing.assert_array_equal(device_loads(ids, where, 4), [1, 1, 3, 0])
 
 
 def test_fit_compute_profile() -> None:
     n = np.arange(1, 9)
     assert fit_compute_profile(zip(n, 3.0 + 0.25 * n)) == pytest.approx((3.0, 0.25))
-    a, b = fit_compute_profile([(1, 0.5), (2, 2.0), (4, 6.0)])   # free fit: a < 0
+    a, b = fit_compute_profile([(1, 0.5), (2, 2.0), (4, 6.0)])  # free fit: a < 0
     assert a == 0.0 and b == pytest.approx((0.5 + 4 + 24) / (1 + 4 + 16))
-    a, b = fit_compute_profile([(1, 5.0), (2, 4.0), (3, 3.0)])   # free fit: b < 0
+    a, b = fit_compute_profile([(1, 5.0), (2, 4.0), (3, 3.0)])  # free fit: b < 0
     assert b == 0.0 and a == pytest.approx(4.0)
-    a, b = fit_compute_profile([(4, 8.0), (4, 10.0)])          # one N: only a + 4b is fixed
+    a, b = fit_compute_profile([(4, 8.0), (4, 10.0)])  # one N: only a + 4b is fixed
     assert a >= 0 and b >= 0 and a + 4 * b == pytest.approx(9.0)
     with pytest.raises(ValueError, match="no samples"):
         fit_compute_profile([])
@@ -98,7 +108,7 @@ def test_min_max_matches_brute_force_grid(seed: int) -> None:
     n_on = int((inst["loads"] > 0).sum())
     steps = {2: 20000, 3: 600, 4: 90}[n_on]
     best, bw = _grid_optimum(inst, steps)
-    if n_on == 4:       # refine around the coarse optimum
+    if n_on == 4:  # refine around the coarse optimum
         best, _ = _grid_optimum(inst, 60, center=bw, width=2 * inst["total_hz"] / 90)
     assert al.latency_ms <= best * (1 + 1e-9), (al.latency_ms, best, inst)
     assert best <= al.latency_ms * 1.01, (al.latency_ms, best, inst)
@@ -123,8 +133,9 @@ def test_newton_agrees_with_literal_bisection(seed: int) -> None:
     fast = min_max_bandwidth(**inst)
     ref = min_max_bandwidth(**inst, method="bisection")
     assert fast.latency_ms == pytest.approx(ref.latency_ms, rel=1e-6)
-    np.testing.assert_allclose(fast.bandwidth_hz, ref.bandwidth_hz, rtol=1e-4,
-                               atol=inst["total_hz"] * 1e-7)
+    np.testing.assert_allclose(
+        fast.bandwidth_hz, ref.bandwidth_hz, rtol=1e-4, atol=inst["total_hz"] * 1e-7
+    )
 
 
 def test_min_max_beats_equal_split_and_improves_with_bandwidth() -> None:

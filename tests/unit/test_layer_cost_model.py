@@ -29,9 +29,9 @@ from testbed.latency_model import (
 def test_wire_frames_counts_tcp_ip_and_ethernet_per_segment():
     assert wire_frames(0) == (0, 0.0)
     assert wire_frames(1) == (1, 1 + 66)
-    assert wire_frames(1448) == (1, 1514)           # one full frame at MTU 1500
+    assert wire_frames(1448) == (1, 1514)  # one full frame at MTU 1500
     assert wire_frames(1449) == (2, 1449 + 2 * 66)
-    n, w = wire_frames(8192)                        # 8 KiB in one write: 6 frames
+    n, w = wire_frames(8192)  # 8 KiB in one write: 6 frames
     assert (n, w) == (6, 8192 + 6 * 66) and w == 8588
     # beyond one zmq batch (8 KiB) the tensor and the rest go in separate writes: one short
     # segment more (captured: 8192 + 153 B as 5 x 1448 + 952 + 153)
@@ -58,7 +58,8 @@ def test_tbf_lets_one_frame_plus_slack_through_free_netem_charges_every_frame():
     # the HTB-only tree: its class bucket, max(3200 B, 2 ms of the rate)
     assert airtime_ms(3000, 2000, "htb", bucket_bytes=0) == 0.0
     assert airtime_ms(65536, 50_000, "htb", bucket_bytes=0) == pytest.approx(
-        (65536 + 47 * 66 - 12_500) * 8 / 50_000)
+        (65536 + 47 * 66 - 12_500) * 8 / 50_000
+    )
     assert airtime_ms(8192, 0, "tbf") == math.inf
     assert airtime_ms(8192, 5, "none") == 0.0
     with pytest.raises(ValueError):
@@ -66,8 +67,14 @@ def test_tbf_lets_one_frame_plus_slack_through_free_netem_charges_every_frame():
 
 
 def test_headers_per_call_and_expert_each_direction_and_separate_rates():
-    p = LayerCostParams(bytes_per_token=100, header_down_bytes=80, header_down_per_expert_bytes=20,
-                        header_up_bytes=160, header_up_per_expert_bytes=40, shaping="netem")
+    p = LayerCostParams(
+        bytes_per_token=100,
+        header_down_bytes=80,
+        header_down_per_expert_bytes=20,
+        header_up_bytes=160,
+        header_up_per_expert_bytes=40,
+        shaping="netem",
+    )
     assert p.message_bytes("down", 2, 10) == 80 + 40 + 1000
     assert p.message_bytes("up", 2, 10) == 160 + 80 + 1000
     t = layer_terms([10, 0, 3], [1000, 1000, 1000], [500, 500, 2000], p, experts=[2, 0, 1])
@@ -80,10 +87,19 @@ def test_headers_per_call_and_expert_each_direction_and_separate_rates():
 
 
 def test_predict_layer_is_bs_time_plus_the_slowest_call():
-    dev = (DeviceCosts(call_ms=0.3, device_call_ms=0.1, compute_a_ms=0.2, compute_b_ms=0.05),
-           DeviceCosts(call_ms=0.5))
-    p = LayerCostParams(8192, dev, ("d1", "d2"), bs_ms=0.4, bs_per_device_ms=0.1,
-                        decision_ms=1.0, rate_change_ms=0.5)
+    dev = (
+        DeviceCosts(call_ms=0.3, device_call_ms=0.1, compute_a_ms=0.2, compute_b_ms=0.05),
+        DeviceCosts(call_ms=0.5),
+    )
+    p = LayerCostParams(
+        8192,
+        dev,
+        ("d1", "d2"),
+        bs_ms=0.4,
+        bs_per_device_ms=0.1,
+        decision_ms=1.0,
+        rate_change_ms=0.5,
+    )
     layer, per = predict_layer_ms([4, 1], [20_000, 20_000], [5000, 5000], p, experts=[2, 1])
     t = layer_terms([4, 1], [20_000, 20_000], [5000, 5000], p, experts=[2, 1])
     assert per[0] == pytest.approx(0.3 + 0.1 + 0.4 + 0.2 + t["air_down"][0] + t["air_up"][0])
@@ -98,8 +114,8 @@ def test_predict_layer_is_bs_time_plus_the_slowest_call():
 
 
 def test_calls_running_together_cost_in_proportion_to_their_overlap():
-    assert overlap_ms([5.0, 0.0, 5.0, 5.0], 0.5) == pytest.approx(1.0)   # two more, all along
-    assert overlap_ms([1.0, 10.0], 0.5) == pytest.approx(0.05)           # a tenth of the time
+    assert overlap_ms([5.0, 0.0, 5.0, 5.0], 0.5) == pytest.approx(1.0)  # two more, all along
+    assert overlap_ms([1.0, 10.0], 0.5) == pytest.approx(0.05)  # a tenth of the time
     assert overlap_ms([7.0], 0.5) == 0.0 and overlap_ms([0.0, 0.0], 0.5) == 0.0
 
 
@@ -110,9 +126,13 @@ def test_nnls_clips_negative_coefficients():
 
 
 def test_fit_recovers_costs_from_samples_and_reports_residuals():
-    truth = LayerCostParams(8192, (DeviceCosts(0.25, 0.08, 0.15, 0.04),
-                                   DeviceCosts(0.4, 0.1, 0.3, 0.02)), ("d1", "d2"),
-                            bs_ms=0.3, bs_per_device_ms=0.12)
+    truth = LayerCostParams(
+        8192,
+        (DeviceCosts(0.25, 0.08, 0.15, 0.04), DeviceCosts(0.4, 0.1, 0.3, 0.02)),
+        ("d1", "d2"),
+        bs_ms=0.3,
+        bs_per_device_ms=0.12,
+    )
     rng = np.random.default_rng(0)
     samples, lid = [], 0
     for rate in (1e6, 50_000):
@@ -126,11 +146,19 @@ def test_fit_recovers_costs_from_samples_and_reports_residuals():
                     layer, per = predict_layer_ms(loads, rate, rate / 2, truth, experts=ex)
                     for k in used:
                         c = truth.devices[k]
-                        samples.append({"device": f"d{k + 1}", "tokens": n, "experts": e,
-                                        "device_ms": c.device_ms(e, n) + rng.normal(0, 0.005),
-                                        "rtt_ms": per[k] + rng.normal(0, 0.005),
-                                        "rate_down_kbit": rate, "rate_up_kbit": rate / 2,
-                                        "layer": lid, "layer_ms": layer})
+                        samples.append(
+                            {
+                                "device": f"d{k + 1}",
+                                "tokens": n,
+                                "experts": e,
+                                "device_ms": c.device_ms(e, n) + rng.normal(0, 0.005),
+                                "rtt_ms": per[k] + rng.normal(0, 0.005),
+                                "rate_down_kbit": rate,
+                                "rate_up_kbit": rate / 2,
+                                "layer": lid,
+                                "layer_ms": layer,
+                            }
+                        )
     base = LayerCostParams(8192, device_names=("d1", "d2"))
     p, res = fit_layer_costs(samples, base)
     for got, want in zip(p.devices, truth.devices):

@@ -40,19 +40,23 @@ class FakeTable:
     def __init__(self):
         self.rows = []
 
-    def write_many(self, rows, common=None):   # as CsvTable: each row {**common, **row}
+    def write_many(self, rows, common=None):  # as CsvTable: each row {**common, **row}
         self.rows.extend({**(common or {}), **r} for r in rows)
 
 
 def _links(scope: str) -> tuple[EpochLinks, FakeShaper, FakeTable, ClusterState]:
     sh, tab, cl = FakeShaper(), FakeTable(), ClusterState()
-    return EpochLinks(Epochs(scope), LinkRecorder(sh, tab, 0.0), cl, ["d1", "d2"],
-                      {"trial": 0}), sh, tab, cl
+    return (
+        EpochLinks(Epochs(scope), LinkRecorder(sh, tab, 0.0), cl, ["d1", "d2"], {"trial": 0}),
+        sh,
+        tab,
+        cl,
+    )
 
 
 def test_policy_rates_are_enforced_each_direction_and_links_rows_carry_the_epoch_scope():
     links, sh, tab, cl = _links("layer")
-    for layer in range(2):   # per layer: every decision starts an epoch
+    for layer in range(2):  # per layer: every decision starts an epoch
         assert links.begin(0, 0, layer)
         links.apply_policy(None, {"d1": 9000.4, "d2": 3000.0}, {"d1": 2000.0, "d2": 700.0})
     assert sh.calls[0] == {"d1": (9000.4, 2000.0), "d2": (3000.0, 700.0)}
@@ -61,8 +65,10 @@ def test_policy_rates_are_enforced_each_direction_and_links_rows_carry_the_epoch
     links.close()
     assert [r["layer"] for r in tab.rows] == [0, 0, 1, 1]
     assert {r["epoch_scope"] for r in tab.rows} == {"layer"}
-    assert [(r["asked_down_kbit"], r["asked_up_kbit"]) for r in tab.rows[:2]] == \
-        [(9000.4, 2000.0), (3000.0, 700.0)]
+    assert [(r["asked_down_kbit"], r["asked_up_kbit"]) for r in tab.rows[:2]] == [
+        (9000.4, 2000.0),
+        (3000.0, 700.0),
+    ]
     # one rate both ways where the decision gives only bandwidth_kbit; a direction's own
     # rate wins
     links.begin(0, 0, 2)
@@ -73,7 +79,7 @@ def test_policy_rates_are_enforced_each_direction_and_links_rows_carry_the_epoch
     with pytest.raises(ValueError, match="both needed"):
         links.apply_policy(None, {"d1": 1.0})
 
-    links, sh, tab, cl = _links("step")   # per step: layer 0 starts it, layer 1 keeps it
+    links, sh, tab, cl = _links("step")  # per step: layer 0 starts it, layer 1 keeps it
     assert links.begin(0, 0, 0)
     links.apply_policy(None, {"d1": 1.0, "d2": 1.0}, {"d1": 1.0, "d2": 1.0})
     assert not links.begin(0, 0, 1) and links.begin(0, 1, 0)
@@ -82,26 +88,37 @@ def test_policy_rates_are_enforced_each_direction_and_links_rows_carry_the_epoch
 
 
 def _params() -> LayerCostParams:
-    return LayerCostParams(8192, (DeviceCosts(0.5, 0.2, 0.3, 0.02), DeviceCosts(0.4)),
-                           ("d1", "d2"), bs_ms=0.2, bs_per_device_ms=0.3)
+    return LayerCostParams(
+        8192,
+        (DeviceCosts(0.5, 0.2, 0.3, 0.02), DeviceCosts(0.4)),
+        ("d1", "d2"),
+        bs_ms=0.2,
+        bs_per_device_ms=0.3,
+    )
 
 
 def test_predictor_uses_the_rows_handed_over_the_placement_and_each_directions_rate():
-    cl = ClusterState(rate_down_kbit={"d1": 20_000.0, "d2": 50_000.0},
-                      rate_up_kbit={"d1": 4000.0, "d2": 30_000.0})
+    cl = ClusterState(
+        rate_down_kbit={"d1": 20_000.0, "d2": 50_000.0}, rate_up_kbit={"d1": 4000.0, "d2": 30_000.0}
+    )
     place = {"L0.E0": ("d1",), "L0.E1": ("d2",), "L0.E2": ("d1", "d2"), "L0.E3": ("d2",)}
-    pr = ExchangePredictor(_params(), ["d2", "d1"], lambda: place, cl)   # order: any
-    work = SimpleNamespace(inputs={"L0.E0": torch.zeros(3, 4), "L0.E2": torch.zeros(2, 4),
-                                   "L0.E1": torch.zeros(1, 4), "L0.E3": torch.zeros(0, 4)})
+    pr = ExchangePredictor(_params(), ["d2", "d1"], lambda: place, cl)  # order: any
+    work = SimpleNamespace(
+        inputs={
+            "L0.E0": torch.zeros(3, 4),
+            "L0.E2": torch.zeros(2, 4),
+            "L0.E1": torch.zeros(1, 4),
+            "L0.E3": torch.zeros(0, 4),
+        }
+    )
     rows, experts = pr.loads(work)
-    assert rows.tolist() == [1, 5] and experts.tolist() == [1, 2]      # d2, d1
+    assert rows.tolist() == [1, 5] and experts.tolist() == [1, 2]  # d2, d1
     got = pr(work, {"decision_ms": 2.0, "change_ms": 1.0, "epoch_start": True})
-    want, _ = predict_layer_ms([5, 1], [20_000, 50_000], [4000, 30_000], _params(),
-                               experts=[2, 1])
+    want, _ = predict_layer_ms([5, 1], [20_000, 50_000], [4000, 30_000], _params(), experts=[2, 1])
     assert got["predicted_ms"] == pytest.approx(want)
-    assert got["predicted_critical_ms"] == pytest.approx(want)      # nothing seen yet
+    assert got["predicted_critical_ms"] == pytest.approx(want)  # nothing seen yet
     got = pr(work, {"decision_ms": 4.0, "change_ms": 0.0, "epoch_start": False})
-    assert got["predicted_critical_ms"] == pytest.approx(want + 2.0)   # + median decision
+    assert got["predicted_critical_ms"] == pytest.approx(want + 2.0)  # + median decision
     got = pr(work, {"decision_ms": 4.0, "change_ms": 3.0, "epoch_start": True})
     assert got["predicted_critical_ms"] == pytest.approx(want + 3.0 + 1.0)
     # the up rate matters on its own: a slower uplink, a longer prediction
@@ -119,8 +136,12 @@ def test_timed_backend_predicts_before_the_clock_and_merges_the_hooks_notes():
 
     tb = TimedBackend(Inner())
     tb.predictor = lambda work, pending: {"predicted_ms": 7.0, "predicted_critical_ms": 9.0}
-    tb.pending = {"policy_predicted_ms": 3.0, "decision_ms": 1.5, "change_ms": 0.5,
-                  "epoch_start": True}
+    tb.pending = {
+        "policy_predicted_ms": 3.0,
+        "decision_ms": 1.5,
+        "change_ms": 0.5,
+        "epoch_start": True,
+    }
     info = tb.run_layer(SimpleNamespace(inputs={})).info
     assert info["predicted_ms"] == 7.0 and info["policy_predicted_ms"] == 3.0
     assert info["decision_ms"] == 1.5 and "epoch_start" not in info and tb.pending == {}
@@ -130,13 +151,27 @@ def test_timed_backend_predicts_before_the_clock_and_merges_the_hooks_notes():
 def test_prediction_rows_for_every_policy_the_baseline_too():
     run = Run.__new__(Run)
     run.run_id = "r"
-    rows = [{"predicted_ms": 10 * k, "moe_ms": 10.0, "decision_ms": 1.0, "change_ms": 0.0,
-             "predicted_critical_ms": 10 * k + 1, "policy_predicted_ms": ""}
-            for k in (0.9, 1.0, 1.1)]
-    g = [Group(run, "topk", "x=1 policy.name=topk", layers=rows),
-         Group(run, "wdmoe", "x=1 policy.name=wdmoe",
-               layers=[{**r, "policy_predicted_ms": 20.0} for r in rows]),
-         Group(run, "top1", "x=1 policy.name=top1", layers=[{"moe_ms": 3.0}])]
+    rows = [
+        {
+            "predicted_ms": 10 * k,
+            "moe_ms": 10.0,
+            "decision_ms": 1.0,
+            "change_ms": 0.0,
+            "predicted_critical_ms": 10 * k + 1,
+            "policy_predicted_ms": "",
+        }
+        for k in (0.9, 1.0, 1.1)
+    ]
+    g = [
+        Group(run, "topk", "x=1 policy.name=topk", layers=rows),
+        Group(
+            run,
+            "wdmoe",
+            "x=1 policy.name=wdmoe",
+            layers=[{**r, "policy_predicted_ms": 20.0} for r in rows],
+        ),
+        Group(run, "top1", "x=1 policy.name=top1", layers=[{"moe_ms": 3.0}]),
+    ]
     out = prediction_rows(g)
     assert [r["policy"] for r in out] == ["topk", "wdmoe"]
     assert out[0]["exchange"]["median"] == pytest.approx(1.0)
@@ -153,13 +188,20 @@ def test_predictor_follows_each_links_bucket_from_message_to_message():
     p = LayerCostParams(256, (DeviceCosts(0.3),), ("d1",), bs_ms=0.1)
     cl = ClusterState(rate_down_kbit={"d1": 300.0}, rate_up_kbit={"d1": 200.0})
     pr = ExchangePredictor(p, ["d1"], lambda: {"L0.E0": ("d1",)}, cl)
-    work = SimpleNamespace(inputs={"L0.E0": torch.zeros(2, 64)})   # 512 B + headers: 1 frame
+    work = SimpleNamespace(inputs={"L0.E0": torch.zeros(2, 64)})  # 512 B + headers: 1 frame
     full = pr(work, {})["predicted_ms"]
     assert full == pytest.approx(predict_layer_ms([2], 300, 200, p)[0])
     import time as _t
+
     t0 = _t.perf_counter()
-    pr.observe(SimpleNamespace(info={"t_enter": t0, "calls": [
-        {"device": "d1", "status": "ok", "rtt_ms": 1.0, "serialize_ms": 0.0}]}))
+    pr.observe(
+        SimpleNamespace(
+            info={
+                "t_enter": t0,
+                "calls": [{"device": "d1", "status": "ok", "rtt_ms": 1.0, "serialize_ms": 0.0}],
+            }
+        )
+    )
     # the request (665 + 66 B) and the reply (754 + 66 B) passed free, spending that much of
     # their 1516 B buckets, which refill at 37.5 / 25 B per ms: the next request still passes
     # free, the next reply waits for ~124 B (less what the request's time refilled)
@@ -168,29 +210,45 @@ def test_predictor_follows_each_links_bucket_from_message_to_message():
     pr.links["d1"] = {d: (t - 1.0, tok) for d, (t, tok) in pr.links["d1"].items()}  # 1 s ago
     assert pr(work, {})["predicted_ms"] == pytest.approx(full)
     # a rate change refills the bucket (tbf_change): right after a message, yet full
-    pr.observe(SimpleNamespace(info={"t_enter": _t.perf_counter(), "calls": [
-        {"device": "d1", "status": "ok", "rtt_ms": 1.0, "serialize_ms": 0.0}]}))
+    pr.observe(
+        SimpleNamespace(
+            info={
+                "t_enter": _t.perf_counter(),
+                "calls": [{"device": "d1", "status": "ok", "rtt_ms": 1.0, "serialize_ms": 0.0}],
+            }
+        )
+    )
     assert pr(work, {"links_changed": ("d1",)})["predicted_ms"] == pytest.approx(full)
 
 
 def test_the_predicted_slowest_devices_terms_go_with_the_prediction():
     """predicted_air_ms/_device_ms/_call_ms are the terms of the device with the largest
     predicted round trip, and add up with the BS's part to predicted_ms."""
-    p = LayerCostParams(512, (DeviceCosts(0.3, 0.2, 0.1, 0.01), DeviceCosts(0.5, 0.4, 0.2, 0.02)),
-                        ("d1", "d2"), bs_ms=0.7)
-    cl = ClusterState(rate_down_kbit={"d1": 5000.0, "d2": 400.0},
-                      rate_up_kbit={"d1": 5000.0, "d2": 300.0})
+    p = LayerCostParams(
+        512,
+        (DeviceCosts(0.3, 0.2, 0.1, 0.01), DeviceCosts(0.5, 0.4, 0.2, 0.02)),
+        ("d1", "d2"),
+        bs_ms=0.7,
+    )
+    cl = ClusterState(
+        rate_down_kbit={"d1": 5000.0, "d2": 400.0}, rate_up_kbit={"d1": 5000.0, "d2": 300.0}
+    )
     pr = ExchangePredictor(p, ["d1", "d2"], lambda: {"L0.E0": ("d1",), "L0.E1": ("d2",)}, cl)
-    out = pr(SimpleNamespace(inputs={"L0.E0": torch.zeros(8, 128), "L0.E1": torch.zeros(4, 128)}),
-             {})
+    out = pr(
+        SimpleNamespace(inputs={"L0.E0": torch.zeros(8, 128), "L0.E1": torch.zeros(4, 128)}), {}
+    )
     t = layer_terms([8, 4], [5000, 400], [5000, 300], p, experts=[1, 1])
-    assert t["total"][1] > t["total"][0]          # the slow link, though it has fewer rows
+    assert t["total"][1] > t["total"][0]  # the slow link, though it has fewer rows
     assert out["predicted_air_ms"] == pytest.approx(t["air_down"][1] + t["air_up"][1])
     assert out["predicted_device_ms"] == pytest.approx(t["device"][1])
     assert out["predicted_call_ms"] == pytest.approx(t["call"][1])
     assert out["predicted_ms"] == pytest.approx(
-        0.7 + out["predicted_air_ms"] + out["predicted_device_ms"] + out["predicted_call_ms"]
-        + overlap_ms(t["total"], 0.0))
+        0.7
+        + out["predicted_air_ms"]
+        + out["predicted_device_ms"]
+        + out["predicted_call_ms"]
+        + overlap_ms(t["total"], 0.0)
+    )
     assert critical_terms({}) == dict.fromkeys(TERM_COLUMNS)
     assert set(TERM_COLUMNS) <= set(LAYER_COLUMNS)
 
@@ -198,11 +256,27 @@ def test_the_predicted_slowest_devices_terms_go_with_the_prediction():
 def test_time_shares_split_the_layers_time_and_add_up_to_one():
     run = Run.__new__(Run)
     run.run_id = "r"
-    rows = [{"bs_ms": 4.0, "moe_ms": 16.0, "predicted_air_ms": 10.0, "predicted_device_ms": 2.0,
-             "predicted_call_ms": 1.0, "decision_ms": 1.0, "change_ms": 0.5},
-            {"bs_ms": 2.0, "moe_ms": 8.0, "predicted_air_ms": 4.0, "predicted_device_ms": 2.0,
-             "predicted_call_ms": 1.0, "decision_ms": 0.5, "change_ms": 0.0},
-            {"bs_ms": 2.0, "moe_ms": 8.0}]            # no terms: left out
+    rows = [
+        {
+            "bs_ms": 4.0,
+            "moe_ms": 16.0,
+            "predicted_air_ms": 10.0,
+            "predicted_device_ms": 2.0,
+            "predicted_call_ms": 1.0,
+            "decision_ms": 1.0,
+            "change_ms": 0.5,
+        },
+        {
+            "bs_ms": 2.0,
+            "moe_ms": 8.0,
+            "predicted_air_ms": 4.0,
+            "predicted_device_ms": 2.0,
+            "predicted_call_ms": 1.0,
+            "decision_ms": 0.5,
+            "change_ms": 0.0,
+        },
+        {"bs_ms": 2.0, "moe_ms": 8.0},
+    ]  # no terms: left out
     sh = time_shares(rows)
     assert sh["n"] == 2 and sh["layer_ms"] == pytest.approx(15.0)
     assert sh["airtime"] == pytest.approx(14 / 30) and sh["device"] == pytest.approx(4 / 30)
@@ -212,6 +286,10 @@ def test_time_shares_split_the_layers_time_and_add_up_to_one():
     assert sh["bs_model"] == pytest.approx(4 / 30)
     assert sum(sh[k] for k in SHARES) == pytest.approx(1.0)
     assert time_shares(rows[2:]) is None
-    out = shares_rows([Group(run, "topk", "x=1 policy.name=topk", layers=rows),
-                       Group(run, "top1", "x=1 policy.name=top1", layers=rows[2:])])
+    out = shares_rows(
+        [
+            Group(run, "topk", "x=1 policy.name=topk", layers=rows),
+            Group(run, "top1", "x=1 policy.name=top1", layers=rows[2:]),
+        ]
+    )
     assert [r["policy"] for r in out] == ["topk"] and out[0]["airtime"] == sh["airtime"]

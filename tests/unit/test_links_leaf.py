@@ -44,14 +44,17 @@ from testbed.runner import Result
 
 
 # -- builders ---------------------------------------------------------------------------
-@pytest.mark.parametrize("mode,spec,kind", [
-    ("tbf", LinkSpec(2000), "tbf"),
-    ("tbf", LinkSpec(2000, delay_ms=5), "netem"),
-    ("netem", LinkSpec(2000), "netem"),
-    ("netem", LinkSpec(2000, loss_pct=1), "netem"),
-    ("htb", LinkSpec(2000), "pfifo"),
-    ("htb", LinkSpec(2000, delay_ms=5), "netem"),
-])
+@pytest.mark.parametrize(
+    "mode,spec,kind",
+    [
+        ("tbf", LinkSpec(2000), "tbf"),
+        ("tbf", LinkSpec(2000, delay_ms=5), "netem"),
+        ("netem", LinkSpec(2000), "netem"),
+        ("netem", LinkSpec(2000, loss_pct=1), "netem"),
+        ("htb", LinkSpec(2000), "pfifo"),
+        ("htb", LinkSpec(2000, delay_ms=5), "netem"),
+    ],
+)
 def test_leaf_kind_per_mode(mode, spec, kind):
     assert leaf_kind(mode, spec) == kind
 
@@ -65,14 +68,20 @@ def test_bucket_is_one_frame_of_the_interface_plus_timer_slack():
     assert leaf_bucket_bytes(1500) == 1514
     assert leaf_bucket_bytes(9000) == 9014
     # + 50 us of the rate: 12.5 bytes at 2 Mbit/s, 312.5 at 50 Mbit/s, rounded up
-    assert [tbf_burst_bytes(1514, k) for k in (2000, 10000, 50000, 1e7)] == \
-        [1527, 1577, 1827, 1514 + 62500]
+    assert [tbf_burst_bytes(1514, k) for k in (2000, 10000, 50000, 1e7)] == [
+        1527,
+        1577,
+        1827,
+        1514 + 62500,
+    ]
 
 
 def test_tbf_leaf_command():
     argv = leaf_qdisc_command("br0", class_minor(0), LinkSpec(2000), "tbf", 1514)
-    assert " ".join(argv) == ("tc qdisc replace dev br0 parent 1:100 handle 100: tbf rate "
-                              "2000kbit burst 1527 limit 1514000")
+    assert " ".join(argv) == (
+        "tc qdisc replace dev br0 parent 1:100 handle 100: tbf rate "
+        "2000kbit burst 1527 limit 1514000"
+    )
     assert leaf_handle(0x100, "tbf") == 0x100 and leaf_handle(0x100, "netem") == 0x4100
 
 
@@ -80,9 +89,11 @@ def test_netem_leaf_carries_the_rate_outside_htb_mode():
     spec = LinkSpec(8000, delay_ms=5, loss_pct=0.5)
     assert " ".join(leaf_qdisc_command("ifb0", class_minor(1), spec, "netem")) == (
         "tc qdisc replace dev ifb0 parent 1:101 handle 4101: netem limit 1000 rate 8000kbit "
-        "delay 5ms loss 0.5%")
-    assert leaf_qdisc_command("ifb0", class_minor(1), spec, "tbf") == \
-        leaf_qdisc_command("ifb0", class_minor(1), spec, "netem")
+        "delay 5ms loss 0.5%"
+    )
+    assert leaf_qdisc_command("ifb0", class_minor(1), spec, "tbf") == leaf_qdisc_command(
+        "ifb0", class_minor(1), spec, "netem"
+    )
     # htb mode: netem for delay/loss only, the class alone sets the rate (as before)
     assert "rate" not in leaf_qdisc_command("ifb0", class_minor(1), spec, "htb")
 
@@ -91,7 +102,8 @@ def test_in_place_leaf_change_only_where_the_leaf_carries_the_rate():
     tbf = build_leaf_change_command("br0", 2, LinkSpec(3000), "tbf", 1514)
     assert tbf is not None and " ".join(tbf) == (
         "tc qdisc change dev br0 parent 1:102 handle 102: tbf rate 3000kbit burst 1533 "
-        "limit 1514000")
+        "limit 1514000"
+    )
     net = build_leaf_change_command("br0", 2, LinkSpec(3000, delay_ms=2), "netem")
     assert net is not None and net[:3] == ["tc", "qdisc", "change"] and "4102:" in net
     assert net[net.index("rate") + 1] == "3000kbit" and net[net.index("delay") + 1] == "2ms"
@@ -100,28 +112,59 @@ def test_in_place_leaf_change_only_where_the_leaf_carries_the_rate():
 
 
 def test_setup_in_tbf_mode_puts_a_tbf_under_every_device_class():
-    cmds = [" ".join(c) for c in build_setup_commands(
-        "br0", "ifb0", ["10.0.0.11", "10.0.0.12"], [LinkSpec(8000), LinkSpec(2000)],
-        [LinkSpec(4000), LinkSpec(1000)], None, "tbf", 1514)]
+    cmds = [
+        " ".join(c)
+        for c in build_setup_commands(
+            "br0",
+            "ifb0",
+            ["10.0.0.11", "10.0.0.12"],
+            [LinkSpec(8000), LinkSpec(2000)],
+            [LinkSpec(4000), LinkSpec(1000)],
+            None,
+            "tbf",
+            1514,
+        )
+    ]
     assert cmds[:2] == ["ip link add ifb0 type ifb", "ip link set ifb0 up"]
     leaves = [c for c in cmds if c.startswith("tc qdisc replace") and "parent 1:1" in c]
     assert leaves == [
         "tc qdisc replace dev br0 parent 1:100 handle 100: tbf rate 8000kbit burst 1564 limit 1514000",
         "tc qdisc replace dev br0 parent 1:101 handle 101: tbf rate 2000kbit burst 1527 limit 1514000",
         "tc qdisc replace dev ifb0 parent 1:100 handle 100: tbf rate 4000kbit burst 1539 limit 1514000",
-        "tc qdisc replace dev ifb0 parent 1:101 handle 101: tbf rate 1000kbit burst 1521 limit 1514000"]
+        "tc qdisc replace dev ifb0 parent 1:101 handle 101: tbf rate 1000kbit burst 1521 limit 1514000",
+    ]
     # the HTB class over each leaf only classifies (and shares a cell): it is never the
     # bottleneck, so a cut link leaves it no debt (links.class_ceil_kbit)
     assert any("classid 1:101 htb rate 10000000kbit ceil 10000000kbit" in c for c in cmds), cmds
     assert not any("htb rate 2000kbit" in c or "ceil 2000kbit" in c for c in cmds)
-    cell = [" ".join(c) for c in build_setup_commands(
-        "br0", "ifb0", ["10.0.0.11", "10.0.0.12"], [LinkSpec(8000), LinkSpec(2000)],
-        [LinkSpec(4000), LinkSpec(1000)], 6000, "tbf", 1514)]
+    cell = [
+        " ".join(c)
+        for c in build_setup_commands(
+            "br0",
+            "ifb0",
+            ["10.0.0.11", "10.0.0.12"],
+            [LinkSpec(8000), LinkSpec(2000)],
+            [LinkSpec(4000), LinkSpec(1000)],
+            6000,
+            "tbf",
+            1514,
+        )
+    ]
     assert any("classid 1:101 htb rate 3000kbit ceil 6000kbit" in c for c in cell), cell
     # in htb mode the class is the shaper and carries the link's rate
-    htb = [" ".join(c) for c in build_setup_commands(
-        "br0", "ifb0", ["10.0.0.11", "10.0.0.12"], [LinkSpec(8000), LinkSpec(2000)],
-        [LinkSpec(4000), LinkSpec(1000)], None, "htb", 1514)]
+    htb = [
+        " ".join(c)
+        for c in build_setup_commands(
+            "br0",
+            "ifb0",
+            ["10.0.0.11", "10.0.0.12"],
+            [LinkSpec(8000), LinkSpec(2000)],
+            [LinkSpec(4000), LinkSpec(1000)],
+            None,
+            "htb",
+            1514,
+        )
+    ]
     assert any("classid 1:101 htb rate 2000kbit ceil 2000kbit" in c for c in htb), htb
     assert cmds[-1].endswith("action mirred egress redirect dev ifb0")
 
@@ -141,21 +184,31 @@ def test_resolve_mode_and_probe():
 TC_J_QDISC_TBF = (
     '[{"kind":"htb","handle":"1:","root":true,"refcnt":2,"options":{"r2q":10,'
     '"default":"0xffff","direct_packets_stat":2,"direct_qlen":1000}},{"kind":"tbf",'
-    '"handle":"100:","parent":"1:100","options":{"rate":250000,"burst":1514,"lat":6049944}}]')
+    '"handle":"100:","parent":"1:100","options":{"rate":250000,"burst":1514,"lat":6049944}}]'
+)
 # netem with rate, delay and loss as iproute2 6.1's netem_print_opt prints them under -j
-NETEM_QD = {"kind": "netem", "handle": "4101:", "parent": "1:101",
-            "options": {"limit": 1000, "delay": {"delay": 0.005, "jitter": 0, "correlation": 0},
-                        "loss-random": {"loss": 0.01, "correlation": 0}, "ecn": False, "gap": 0,
-                        "rate": {"rate": 1000000, "packetoverhead": 0, "cellsize": 0,
-                                 "celloverhead": 0}}}
+NETEM_QD = {
+    "kind": "netem",
+    "handle": "4101:",
+    "parent": "1:101",
+    "options": {
+        "limit": 1000,
+        "delay": {"delay": 0.005, "jitter": 0, "correlation": 0},
+        "loss-random": {"loss": 0.01, "correlation": 0},
+        "ecn": False,
+        "gap": 0,
+        "rate": {"rate": 1000000, "packetoverhead": 0, "cellsize": 0, "celloverhead": 0},
+    },
+}
 
 
 def test_parse_leaves_from_tc_json():
     lv = leaves_by_class(json.loads(TC_J_QDISC_TBF) + [NETEM_QD])
     assert lv[0x100] == Leaf("tbf", "100:", 2000.0, burst_bytes=1514)
     assert lv[0x101] == Leaf("netem", "4101:", 8000.0, 5.0, 1.0)
-    assert parse_leaf({"kind": "pfifo", "handle": "102:", "options": {"limit": 1000}}) == \
-        Leaf("pfifo", "102:")
+    assert parse_leaf({"kind": "pfifo", "handle": "102:", "options": {"limit": 1000}}) == Leaf(
+        "pfifo", "102:"
+    )
     assert lv[0x101].spec(3000) == LinkSpec(3000, 5.0, 1.0)
 
 
@@ -195,17 +248,30 @@ def test_parse_offloads_from_ethtool():
     assert st["rx-gro-hw"] == Offload(True, True) and "ufo" not in st
     assert offloads_to_disable(st) == ["tso", "gso", "tx-udp-segmentation"]
     assert offloads_on(st) == ["tso", "gso", "tx-udp-segmentation", "rx-gro-hw (fixed)"]
-    assert build_offload_command("br0", ["tso", "gro"], False) == \
-        ["ethtool", "-K", "br0", "tso", "off", "gro", "off"]
+    assert build_offload_command("br0", ["tso", "gro"], False) == [
+        "ethtool",
+        "-K",
+        "br0",
+        "tso",
+        "off",
+        "gro",
+        "off",
+    ]
     assert set(OFFLOADS.values()) >= {"tso", "gso", "gro", "lro", "ufo"}
 
 
 def test_record_round_trip():
-    text = render_record({"shaping": "tbf", "bucket": 1514, "netem": "no", "iface": "br0",
-                          "restore": "tso,gso"})
+    text = render_record(
+        {"shaping": "tbf", "bucket": 1514, "netem": "no", "iface": "br0", "restore": "tso,gso"}
+    )
     assert text == "moe-edge-testbed shaping=tbf bucket=1514 netem=no iface=br0 restore=tso,gso"
-    assert parse_record(text) == {"shaping": "tbf", "bucket": "1514", "netem": "no",
-                                  "iface": "br0", "restore": "tso,gso"}
+    assert parse_record(text) == {
+        "shaping": "tbf",
+        "bucket": "1514",
+        "netem": "no",
+        "iface": "br0",
+        "restore": "tso,gso",
+    }
     assert parse_record("uplink to the lab") is None and parse_record(None) is None
     with pytest.raises(ValueError):
         render_record({"iface": "a b"})
@@ -220,8 +286,9 @@ IP_LINK_SHOW = """\
 
 def test_parse_link_show():
     assert parse_link_show(IP_LINK_SHOW) == (1500, "moe-edge-testbed shaping=tbf bucket=1514")
-    assert parse_link_show(IP_LINK_SHOW.replace("    alias moe-edge-testbed shaping=tbf "
-                                                "bucket=1514\n", "")) == (1500, None)
+    assert parse_link_show(
+        IP_LINK_SHOW.replace("    alias moe-edge-testbed shaping=tbf bucket=1514\n", "")
+    ) == (1500, None)
 
 
 # `tc -j -batch` of class show / qdisc show / class show / qdisc show (tc 6.1): the HTB class
@@ -271,8 +338,7 @@ class FakeBS:
 
     host = "bs"
 
-    def __init__(self, netem: bool = False, fixed: tuple[str, ...] = (),
-                 ethtool: bool = True):
+    def __init__(self, netem: bool = False, fixed: tuple[str, ...] = (), ethtool: bool = True):
         self.netem, self.ethtool = netem, ethtool
         self.links: dict[str, dict] = {"br0": {"alias": None, "mtu": 1500}}
         self.feat = {"br0": {n: [True, n in fixed] for n in ("tso", "gso", "gro")}}
@@ -285,12 +351,14 @@ class FakeBS:
 
     # what tc prints
     def qdisc_json(self, dev: str) -> str:
-        out = [{"kind": "htb", "handle": "1:", "root": True, "options": {}}] \
-            if self.root.get(dev) else []
+        out = (
+            [{"kind": "htb", "handle": "1:", "root": True, "options": {}}]
+            if self.root.get(dev)
+            else []
+        )
         out += [qd for (d, _), qd in sorted(self.leaves.items()) if d == dev]
         if dev == "br0" and self.ingress:
-            out.append({"kind": "ingress", "handle": "ffff:", "parent": "ffff:fff1",
-                        "options": {}})
+            out.append({"kind": "ingress", "handle": "ffff:", "parent": "ffff:fff1", "options": {}})
         return json.dumps(out)
 
     def class_text(self, dev: str) -> str:
@@ -299,15 +367,21 @@ class FakeBS:
             if d == dev:
                 leaf = self.leaves.get((d, m), {}).get("handle", f"{m:x}:")
                 r = _tc_rate(kbit)
-                lines += [(f"class htb 1:{m:x} parent 1:1 leaf {leaf} prio 0 rate {r} ceil {r} "
-                          "burst 3200b cburst 3200b "),
-                          " Sent 100 bytes 1 pkt (dropped 0, overlimits 0 requeues 0) "]
+                lines += [
+                    (
+                        f"class htb 1:{m:x} parent 1:1 leaf {leaf} prio 0 rate {r} ceil {r} "
+                        "burst 3200b cburst 3200b "
+                    ),
+                    " Sent 100 bytes 1 pkt (dropped 0, overlimits 0 requeues 0) ",
+                ]
         return "\n".join(lines) + "\n"
 
     def _ethtool_k(self, dev: str) -> str:
         names = {v: k for k, v in OFFLOADS.items()}
-        return "".join(f"{names[n]}: {'on' if on else 'off'}{' [fixed]' if fx else ''}\n"
-                       for n, (on, fx) in self.feat[dev].items())
+        return "".join(
+            f"{names[n]}: {'on' if on else 'off'}{' [fixed]' if fx else ''}\n"
+            for n, (on, fx) in self.feat[dev].items()
+        )
 
     def _leaf(self, op: str, argv: list[str]) -> None:
         dev, parent, handle, kind = argv[4], argv[6], argv[8], argv[9]
@@ -319,8 +393,10 @@ class FakeBS:
             raise _Refused("Error: Qdisc not found.")
         opts: dict = {}
         if kind == "tbf":
-            opts = {"rate": _rate_kbit(argv[argv.index("rate") + 1]) * 1000 / 8,
-                    "burst": int(argv[argv.index("burst") + 1])}
+            opts = {
+                "rate": _rate_kbit(argv[argv.index("rate") + 1]) * 1000 / 8,
+                "burst": int(argv[argv.index("burst") + 1]),
+            }
         elif kind == "netem":
             opts = {"limit": 1000}
             if "rate" in argv:
@@ -329,8 +405,12 @@ class FakeBS:
                 opts["delay"] = {"delay": float(argv[argv.index("delay") + 1][:-2]) / 1e3}
         else:
             opts = {"limit": 1000}
-        self.leaves[(dev, minor)] = {"kind": kind, "handle": handle, "parent": parent,
-                                     "options": opts}
+        self.leaves[(dev, minor)] = {
+            "kind": kind,
+            "handle": handle,
+            "parent": parent,
+            "options": opts,
+        }
 
     def apply(self, argv: list[str]) -> str:
         """One command; returns stdout or raises _Refused."""
@@ -434,8 +514,9 @@ class _Refused(Exception):
 
 
 def _shaper(bs: FakeBS, shaping: str = "auto") -> TcShaper:
-    return TcShaper(bs, "br0", "ifb0", ["10.0.0.11", "10.0.0.12"], ["dev1", "dev2"],
-                    shaping=shaping)
+    return TcShaper(
+        bs, "br0", "ifb0", ["10.0.0.11", "10.0.0.12"], ["dev1", "dev2"], shaping=shaping
+    )
 
 
 def _setup(bs: FakeBS, shaping: str = "auto") -> TcShaper:
@@ -449,21 +530,33 @@ def test_auto_without_netem_builds_tbf_leaves_and_records_before_offloads_change
     sh = _setup(bs)
     kinds = {k: q["kind"] for k, q in bs.leaves.items()}
     assert set(kinds.values()) == {"tbf"} and len(kinds) == 4
-    assert bs.leaves[("br0", 0x100)]["options"]["burst"] == 1514 + 50   # + 50 us of 8 Mbit/s
+    assert bs.leaves[("br0", 0x100)]["options"]["burst"] == 1514 + 50  # + 50 us of 8 Mbit/s
     # the probe ran on the ifb; the record was written before any offload changed
     alias_at = next(i for i, c in enumerate(bs.log) if " alias " in c)
     first_ethtool = next(i for i, c in enumerate(bs.log) if c.startswith("ethtool -K"))
-    probe_at = next(i for i, c in enumerate(bs.log)
-                    if c.startswith("tc qdisc add dev ifb0 root handle 1: netem"))
+    probe_at = next(
+        i
+        for i, c in enumerate(bs.log)
+        if c.startswith("tc qdisc add dev ifb0 root handle 1: netem")
+    )
     assert bs.log.index("ip link add ifb0 type ifb") < probe_at < alias_at < first_ethtool
     assert parse_record(bs.links["ifb0"]["alias"]) == {
-        "shaping": "tbf", "bucket": "1514", "slack_us": "50", "netem": "no", "iface": "br0",
-        "restore": "tso,gso,gro"}
+        "shaping": "tbf",
+        "bucket": "1514",
+        "slack_us": "50",
+        "netem": "no",
+        "iface": "br0",
+        "restore": "tso,gso,gro",
+    }
     assert not any(on for on, _ in bs.feat["br0"].values())
     assert not any(on for on, _ in bs.feat["ifb0"].values())
-    info = _shaper(bs).shaping_info()   # a fresh process reads it all back from the kernel
-    assert (info["mode"], info["leaf"], info["bucket_bytes"], info["netem"]) == \
-        ("tbf", "tbf", 1514, False)
+    info = _shaper(bs).shaping_info()  # a fresh process reads it all back from the kernel
+    assert (info["mode"], info["leaf"], info["bucket_bytes"], info["netem"]) == (
+        "tbf",
+        "tbf",
+        1514,
+        False,
+    )
     assert info["offloads_summary"] == "off" and info["warning"] is None
     st = {s.device: s for s in sh.show()}
     assert (st["dev1"].down_kbit, st["dev1"].up_kbit) == (8000, 4000)
@@ -506,7 +599,7 @@ def test_clear_restores_the_interface_offloads():
     assert _shaper(bs).clear() == {"offloads_restored": ["tso", "gso", "gro"]}
     assert [on for on, _ in bs.feat["br0"].values()] == [True, True, True, False]
     assert "ifb0" not in bs.links
-    assert sh.clear() == {"offloads_restored": []}   # idempotent: nothing recorded any more
+    assert sh.clear() == {"offloads_restored": []}  # idempotent: nothing recorded any more
 
 
 def test_offloads_that_cannot_change_give_a_one_line_warning():
@@ -520,7 +613,7 @@ def test_offloads_that_cannot_change_give_a_one_line_warning():
     _setup(bs)
     info = _shaper(bs).shaping_info()
     assert info["offloads_summary"] == "unknown" and "ethtool" in info["warning"]
-    assert {q["kind"] for q in bs.leaves.values()} == {"tbf"}   # the shaping went in anyway
+    assert {q["kind"] for q in bs.leaves.values()} == {"tbf"}  # the shaping went in anyway
 
 
 def test_set_rates_changes_the_leaves_in_place_in_one_batch():
@@ -529,13 +622,18 @@ def test_set_rates_changes_the_leaves_in_place_in_one_batch():
     sh = _shaper(bs)
     handles = sh.qdisc_handles()
     bs.log.clear()
-    assert sh.set_rates({"dev1": (1234, 777), "dev2": (50000, 10000)}) == \
-        {"dev1": (1234, 777), "dev2": (50000, 10000)}
+    assert sh.set_rates({"dev1": (1234, 777), "dev2": (50000, 10000)}) == {
+        "dev1": (1234, 777),
+        "dev2": (50000, 10000),
+    }
     assert sh.qdisc_handles() == handles
     # the leaves alone carry the rate: 2 devices x 2 directions
     assert bs.log[:1] == [
-        ("tc qdisc change dev br0 parent 1:100 handle 100: tbf rate 1234kbit burst 1522 "
-        "limit 1514000")]
+        (
+            "tc qdisc change dev br0 parent 1:100 handle 100: tbf rate 1234kbit burst 1522 "
+            "limit 1514000"
+        )
+    ]
     assert len(bs.log) == 4 and all(c.startswith("tc qdisc change") for c in bs.log), bs.log
     # the read-back is the leaf's rate where it charges less than the class
     bs.leaves[("ifb0", 0x101)]["options"]["rate"] = 500 * 1000 / 8
@@ -551,8 +649,12 @@ def test_set_rates_keeps_a_netem_leafs_delay():
     bs.log.clear()
     sh.set_rates({"dev1": (3000, 3000)})
     leaf = [c for c in bs.log if c.startswith("tc qdisc change dev br0")]
-    assert leaf == [("tc qdisc change dev br0 parent 1:100 handle 4100: netem limit 1000 rate "
-                    "3000kbit delay 5ms")]
+    assert leaf == [
+        (
+            "tc qdisc change dev br0 parent 1:100 handle 4100: netem limit 1000 rate "
+            "3000kbit delay 5ms"
+        )
+    ]
 
 
 def test_change_in_tbf_mode_is_in_place_and_refusals_change_nothing():
@@ -605,10 +707,22 @@ def _inventory(**bs):
     from testbed.inventory import parse_inventory
 
     return parse_inventory(
-        {"bs": {"name": "bs", "host": "10.0.0.1", "interface": "eth0", **bs},
-         "devices": [{"name": "d1", "host": "10.0.0.11", "ssh_user": "u", "workdir": "/w",
-                      "python": "/usr/bin/python3", "hw_class": "netns",
-                      "memory_budget_mb": 100}]}, Path("lab.toml"))
+        {
+            "bs": {"name": "bs", "host": "10.0.0.1", "interface": "eth0", **bs},
+            "devices": [
+                {
+                    "name": "d1",
+                    "host": "10.0.0.11",
+                    "ssh_user": "u",
+                    "workdir": "/w",
+                    "python": "/usr/bin/python3",
+                    "hw_class": "netns",
+                    "memory_budget_mb": 100,
+                }
+            ],
+        },
+        Path("lab.toml"),
+    )
 
 
 def test_inventory_shaping_option():
@@ -637,23 +751,31 @@ def test_airtime_probe_times_lone_messages_on_loopback():
     served: dict = {}
     th = threading.Thread(target=lambda: served.update(netprobe.echo("127.0.0.1", port, 10)))
     th.start()
-    out = netprobe.airtime("127.0.0.1", port, [100, 300_000], repeats=2, idle_s=0.0, pings=5,
-                           connect_timeout_s=5)
+    out = netprobe.airtime(
+        "127.0.0.1", port, [100, 300_000], repeats=2, idle_s=0.0, pings=5, connect_timeout_s=5
+    )
     th.join(10)
     assert served == {"messages": 4}
-    assert [(m["repeat"], m["bytes"]) for m in out["messages"]] == \
-        [(0, 100), (0, 300_000), (1, 100), (1, 300_000)]
+    assert [(m["repeat"], m["bytes"]) for m in out["messages"]] == [
+        (0, 100),
+        (0, 300_000),
+        (1, 100),
+        (1, 300_000),
+    ]
     for m in out["messages"]:
         assert len(m["pings_ms"]) == 5 and m["rtt_ms"] == min(m["pings_ms"])
         assert m["delivery_ms"] > 0 and m["charged_ms"] == pytest.approx(
-            m["delivery_ms"] - m["rtt_ms"], abs=1e-3)
+            m["delivery_ms"] - m["rtt_ms"], abs=1e-3
+        )
 
 
 def test_airtime_ratio_and_summary():
     from testbed.linkcheck import Airtime, summarize_airtime
 
-    rows = [Airtime("d1", "down", 2000, 8192, r, 0.1, 0.1 + ms, "tbf")
-            for r, ms in enumerate((30.0, 29.0, 31.0))]
+    rows = [
+        Airtime("d1", "down", 2000, 8192, r, 0.1, 0.1 + ms, "tbf")
+        for r, ms in enumerate((30.0, 29.0, 31.0))
+    ]
     assert rows[0].airtime_ms == pytest.approx(32.768)
     assert rows[0].ratio == pytest.approx(30 / 32.768)
     (s,) = summarize_airtime(rows)

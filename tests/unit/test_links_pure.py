@@ -16,22 +16,34 @@ from testbed.links import (
 
 
 def test_setup_shapes_both_directions_per_device():
-    cmds = build_setup_commands("br0", "ifb0", ["10.0.0.11", "10.0.0.12"],
-                                [LinkSpec(8000), LinkSpec(2000)],
-                                [LinkSpec(4000), LinkSpec(1000)], cell_rate_kbit=20000)
+    cmds = build_setup_commands(
+        "br0",
+        "ifb0",
+        ["10.0.0.11", "10.0.0.12"],
+        [LinkSpec(8000), LinkSpec(2000)],
+        [LinkSpec(4000), LinkSpec(1000)],
+        cell_rate_kbit=20000,
+    )
     text = [" ".join(c) for c in cmds]
     assert "ip link add ifb0 type ifb" in text
-    assert any(t.startswith("tc qdisc replace dev br0 root handle 1: htb default ffff")
-               for t in text)
+    assert any(
+        t.startswith("tc qdisc replace dev br0 root handle 1: htb default ffff") for t in text
+    )
     # downlink classes on br0 by destination, uplink classes on the ifb by source
-    assert any("dev br0 parent 1:1 classid 1:100 htb rate 8000kbit ceil 8000kbit" in t
-               for t in text)
-    assert any("dev ifb0 parent 1:1 classid 1:101 htb rate 1000kbit ceil 1000kbit" in t
-               for t in text)
-    assert any("dev br0 parent 1: protocol ip prio 1 u32 match ip dst 10.0.0.12/32 "
-               "flowid 1:101" in t for t in text)
-    assert any("dev ifb0 parent 1: protocol ip prio 1 u32 match ip src 10.0.0.11/32 "
-               "flowid 1:100" in t for t in text)
+    assert any(
+        "dev br0 parent 1:1 classid 1:100 htb rate 8000kbit ceil 8000kbit" in t for t in text
+    )
+    assert any(
+        "dev ifb0 parent 1:1 classid 1:101 htb rate 1000kbit ceil 1000kbit" in t for t in text
+    )
+    assert any(
+        "dev br0 parent 1: protocol ip prio 1 u32 match ip dst 10.0.0.12/32 flowid 1:101" in t
+        for t in text
+    )
+    assert any(
+        "dev ifb0 parent 1: protocol ip prio 1 u32 match ip src 10.0.0.11/32 flowid 1:100" in t
+        for t in text
+    )
     # cell class carries the total bandwidth
     assert any("classid 1:1 htb rate 20000kbit" in t for t in text)
     # ingress redirected to the ifb, after the ifb's tree exists
@@ -66,11 +78,13 @@ def test_clear_commands():
     assert build_clear_commands("br0", "ifb0") == [
         ["tc", "qdisc", "del", "dev", "br0", "root"],
         ["tc", "qdisc", "del", "dev", "br0", "ingress"],
-        ["ip", "link", "del", "ifb0"]]
+        ["ip", "link", "del", "ifb0"],
+    ]
 
 
-@pytest.mark.parametrize("text,kbit", [("8Mbit", 8000), ("500Kbit", 500), ("10Gbit", 1e7),
-                                       ("999bit", 0.999)])
+@pytest.mark.parametrize(
+    "text,kbit", [("8Mbit", 8000), ("500Kbit", 500), ("10Gbit", 1e7), ("999bit", 0.999)]
+)
 def test_parse_tc_rate(text, kbit):
     assert parse_tc_rate_kbit(text) == pytest.approx(kbit)
 
@@ -104,17 +118,17 @@ def test_parse_htb_classes_golden():
 # fraction, as tc's JSON prints them
 CANNED_QDISCS_NETEM = {
     "br0": '[{"kind":"htb","handle":"1:","root":true,"refcnt":3,"options":{"r2q":10,'
-           '"default":"0xffff","direct_packets_stat":0,"direct_qlen":1000}},'
-           '{"kind":"netem","handle":"4100:","parent":"1:100","options":{"limit":1000,'
-           '"delay":{"delay":0.005,"jitter":0,"correlation":0},'
-           '"loss-random":{"loss":0.005,"correlation":0},"ecn":false,"gap":0}},'
-           '{"kind":"pfifo","handle":"101:","parent":"1:101","options":{"limit":1000}},'
-           '{"kind":"ingress","handle":"ffff:","parent":"ffff:fff1","options":{}}]',
+    '"default":"0xffff","direct_packets_stat":0,"direct_qlen":1000}},'
+    '{"kind":"netem","handle":"4100:","parent":"1:100","options":{"limit":1000,'
+    '"delay":{"delay":0.005,"jitter":0,"correlation":0},'
+    '"loss-random":{"loss":0.005,"correlation":0},"ecn":false,"gap":0}},'
+    '{"kind":"pfifo","handle":"101:","parent":"1:101","options":{"limit":1000}},'
+    '{"kind":"ingress","handle":"ffff:","parent":"ffff:fff1","options":{}}]',
     "ifb0": '[{"kind":"htb","handle":"1:","root":true,"refcnt":3,"options":{"r2q":10,'
-            '"default":"0xffff","direct_packets_stat":0,"direct_qlen":1000}},'
-            '{"kind":"netem","handle":"4100:","parent":"1:100","options":{"limit":1000,'
-            '"delay":{"delay":0.02,"jitter":0,"correlation":0},"ecn":false,"gap":0}},'
-            '{"kind":"pfifo","handle":"101:","parent":"1:101","options":{"limit":1000}}]',
+    '"default":"0xffff","direct_packets_stat":0,"direct_qlen":1000}},'
+    '{"kind":"netem","handle":"4100:","parent":"1:100","options":{"limit":1000,'
+    '"delay":{"delay":0.02,"jitter":0,"correlation":0},"ecn":false,"gap":0}},'
+    '{"kind":"pfifo","handle":"101:","parent":"1:101","options":{"limit":1000}}]',
 }
 # `tc -s class show`: the class of a netem leaf names the netem's handle
 CANNED_CLASSES_NETEM = """\
@@ -160,15 +174,18 @@ class CannedTc:
 
 
 def _class_change(dev: str, rate: str) -> str:
-    return (f"tc class change dev {dev} parent 1:1 classid 1:100 htb rate {rate} ceil {rate} "
-            "burst 3200 cburst 3200 quantum 3028")
+    return (
+        f"tc class change dev {dev} parent 1:1 classid 1:100 htb rate {rate} ceil {rate} "
+        "burst 3200 cburst 3200 quantum 3028"
+    )
 
 
 def _shaper(runner, cell_rate_kbit=None):
     from testbed.links import TcShaper
 
-    return TcShaper(runner, "br0", "ifb0", ["10.0.0.11", "10.0.0.12"], ["dev1", "dev2"],
-                    cell_rate_kbit)
+    return TcShaper(
+        runner, "br0", "ifb0", ["10.0.0.11", "10.0.0.12"], ["dev1", "dev2"], cell_rate_kbit
+    )
 
 
 def test_netem_leaves_parsed_from_tc_output():
@@ -190,7 +207,9 @@ def test_undo_of_netem_restores_the_plain_leaf_then_the_rate():
         # the netem leaves (handle 4100:) are replaced by pfifo leaves under the same classes
         "tc qdisc replace dev br0 parent 1:100 handle 100: pfifo limit 1000",
         "tc qdisc replace dev ifb0 parent 1:100 handle 100: pfifo limit 1000",
-        _class_change("br0", "4000kbit"), _class_change("ifb0", "4000kbit")]
+        _class_change("br0", "4000kbit"),
+        _class_change("ifb0", "4000kbit"),
+    ]
     # a rate change of the other device, whose leaves are plain, touches no leaf
     tc.changes.clear()
     _shaper(tc).change("dev2", LinkSpec(2000), "down")
@@ -216,22 +235,38 @@ class KernelTc:
 
     def __init__(self, netem: bool = True, refuse: tuple[str, ...] = ()):
         self.refuse = set(refuse) if netem else {"br0", "ifb0"}
-        self.leaves = {(d, m): ("pfifo", f"{m:x}:", {"limit": 1000})
-                       for d in ("br0", "ifb0") for m in (0x100, 0x101)}
-        self.rates = {k: (8000.0, 8000.0) for k in self.leaves}   # (rate, ceil)
+        self.leaves = {
+            (d, m): ("pfifo", f"{m:x}:", {"limit": 1000})
+            for d in ("br0", "ifb0")
+            for m in (0x100, 0x101)
+        }
+        self.rates = {k: (8000.0, 8000.0) for k in self.leaves}  # (rate, ceil)
         self.changes: list[str] = []
 
     def _qdiscs(self, dev: str) -> str:
         import json
 
-        out = [{"kind": "htb", "handle": "1:", "root": True, "refcnt": 3,
-                "options": {"r2q": 10, "default": "0xffff", "direct_packets_stat": 0,
-                            "direct_qlen": 1000}}]
-        out += [{"kind": k, "handle": h, "parent": f"1:{m:x}", "options": o}
-                for (d, m), (k, h, o) in sorted(self.leaves.items()) if d == dev]
+        out = [
+            {
+                "kind": "htb",
+                "handle": "1:",
+                "root": True,
+                "refcnt": 3,
+                "options": {
+                    "r2q": 10,
+                    "default": "0xffff",
+                    "direct_packets_stat": 0,
+                    "direct_qlen": 1000,
+                },
+            }
+        ]
+        out += [
+            {"kind": k, "handle": h, "parent": f"1:{m:x}", "options": o}
+            for (d, m), (k, h, o) in sorted(self.leaves.items())
+            if d == dev
+        ]
         if dev == "br0":
-            out.append({"kind": "ingress", "handle": "ffff:", "parent": "ffff:fff1",
-                        "options": {}})
+            out.append({"kind": "ingress", "handle": "ffff:", "parent": "ffff:fff1", "options": {}})
         return json.dumps(out, separators=(",", ":"))
 
     def _classes(self, dev: str) -> str:
@@ -239,9 +274,14 @@ class KernelTc:
         for (d, m), (rate, ceil) in sorted(self.rates.items(), reverse=True):
             if d == dev:
                 r, c = _tc_rate(rate), _tc_rate(ceil)
-                lines += [(f"class htb 1:{m:x} parent 1:1 leaf {self.leaves[(d, m)][1]} prio 0 "
-                           f"rate {r} ceil {c} burst 3200b cburst 3200b "),
-                          " Sent 0 bytes 0 pkt (dropped 0, overlimits 0 requeues 0) ", ""]
+                lines += [
+                    (
+                        f"class htb 1:{m:x} parent 1:1 leaf {self.leaves[(d, m)][1]} prio 0 "
+                        f"rate {r} ceil {c} burst 3200b cburst 3200b "
+                    ),
+                    " Sent 0 bytes 0 pkt (dropped 0, overlimits 0 requeues 0) ",
+                    "",
+                ]
         lines.append("class htb 1:1 root rate 10Gbit ceil 10Gbit burst 2500000b cburst 2500000b ")
         return "\n".join(lines) + "\n"
 
@@ -277,8 +317,10 @@ class KernelTc:
         elif argv[:3] == ["tc", "class", "change"]:
             self.changes.append(" ".join(argv))
             minor = int(argv[argv.index("classid") + 1].split(":")[1], 16)
-            self.rates[(argv[4], minor)] = (parse_rate_kbit(argv[argv.index("rate") + 1]),
-                                            parse_rate_kbit(argv[argv.index("ceil") + 1]))
+            self.rates[(argv[4], minor)] = (
+                parse_rate_kbit(argv[argv.index("rate") + 1]),
+                parse_rate_kbit(argv[argv.index("ceil") + 1]),
+            )
         else:
             raise AssertionError(f"unexpected command {argv}")
         if check and rc:
@@ -298,22 +340,29 @@ def test_netem_set_then_undo_round_trip():
     assert tc.changes == [
         "tc qdisc replace dev br0 parent 1:100 handle 4100: netem limit 1000 delay 5ms loss 0.5%",
         "tc qdisc replace dev ifb0 parent 1:100 handle 4100: netem limit 1000 delay 5ms loss 0.5%",
-        _class_change("br0", "4000kbit"), _class_change("ifb0", "4000kbit")]
+        _class_change("br0", "4000kbit"),
+        _class_change("ifb0", "4000kbit"),
+    ]
     assert _leaves(tc) == ("netem delay 5ms loss 0.5%", "netem delay 5ms loss 0.5%", 4000, 4000)
     assert _leaves(tc, "dev2") == ("pfifo limit 1000", "pfifo limit 1000", 8000, 8000)
     # another delay on the same netem: its options change in place (same handle)
     tc.changes.clear()
     sh.change("dev1", LinkSpec(4000, delay_ms=20), "down")
-    assert tc.changes[0] == "tc qdisc replace dev br0 parent 1:100 handle 4100: netem limit " \
+    assert (
+        tc.changes[0] == "tc qdisc replace dev br0 parent 1:100 handle 4100: netem limit "
         "1000 delay 20ms"
-    assert len(tc.changes) == 2 and _leaves(tc)[:2] == ("netem delay 20ms",
-                                                         "netem delay 5ms loss 0.5%")
+    )
+    assert len(tc.changes) == 2 and _leaves(tc)[:2] == (
+        "netem delay 20ms",
+        "netem delay 5ms loss 0.5%",
+    )
     # the undo: no delay/loss -> the plain pfifo leaf again, the rate as asked
     tc.changes.clear()
     sh.change("dev1", LinkSpec(8000), "both")
     assert tc.changes[:2] == [
         "tc qdisc replace dev br0 parent 1:100 handle 100: pfifo limit 1000",
-        "tc qdisc replace dev ifb0 parent 1:100 handle 100: pfifo limit 1000"]
+        "tc qdisc replace dev ifb0 parent 1:100 handle 100: pfifo limit 1000",
+    ]
     assert _leaves(tc) == ("pfifo limit 1000", "pfifo limit 1000", 8000, 8000)
     assert all(k == "pfifo" for k, _, _ in tc.leaves.values())
 
@@ -334,12 +383,14 @@ def test_netem_refused_changes_nothing():
     assert tc.changes == [
         "tc qdisc replace dev br0 parent 1:100 handle 4100: netem limit 1000 loss 1%",
         "tc qdisc replace dev ifb0 parent 1:100 handle 4100: netem limit 1000 loss 1%",
-        "tc qdisc replace dev br0 parent 1:100 handle 100: pfifo limit 1000"]
+        "tc qdisc replace dev br0 parent 1:100 handle 100: pfifo limit 1000",
+    ]
     assert _leaves(tc) == ("pfifo limit 1000", "pfifo limit 1000", 8000, 8000)
 
 
-@pytest.mark.parametrize("kbit,text", [(8000, "8Mbit"), (2500, "2500Kbit"), (24, "24Kbit"),
-                                       (1e7, "10Gbit")])
+@pytest.mark.parametrize(
+    "kbit,text", [(8000, "8Mbit"), (2500, "2500Kbit"), (24, "24Kbit"), (1e7, "10Gbit")]
+)
 def test_fake_prints_rates_as_tc_and_parser_reads_them(kbit, text):
     assert _tc_rate(kbit) == text and parse_tc_rate_kbit(text) == kbit
 
@@ -347,24 +398,42 @@ def test_fake_prints_rates_as_tc_and_parser_reads_them(kbit, text):
 # -- the cell rate: HTB never holds back a class below its own `rate`, so the device classes'
 # -- rates must add up to the cell at most; each may borrow up to its link rate (`ceil`) -----
 
+
 def test_cell_rate_gives_each_device_a_share_and_its_rate_as_ceiling():
-    cmds = [" ".join(c) for c in build_setup_commands(
-        "br0", "ifb0", ["10.0.0.11", "10.0.0.12"], [LinkSpec(50000), LinkSpec(1000)],
-        [LinkSpec(50000), LinkSpec(50000)], cell_rate_kbit=4000)]
+    cmds = [
+        " ".join(c)
+        for c in build_setup_commands(
+            "br0",
+            "ifb0",
+            ["10.0.0.11", "10.0.0.12"],
+            [LinkSpec(50000), LinkSpec(1000)],
+            [LinkSpec(50000), LinkSpec(50000)],
+            cell_rate_kbit=4000,
+        )
+    ]
     cls = [c for c in cmds if c.startswith("tc class replace")]
     assert len(cls) == 6
     for dev in ("br0", "ifb0"):
-        assert f"tc class replace dev {dev} parent 1: classid 1:1 htb rate 4000kbit " \
+        assert (
+            f"tc class replace dev {dev} parent 1: classid 1:1 htb rate 4000kbit "
             "ceil 4000kbit burst 3200 cburst 3200 quantum 3028" in cls
-    assert "tc class replace dev br0 parent 1:1 classid 1:100 htb rate 2000kbit ceil 50000kbit " \
+        )
+    assert (
+        "tc class replace dev br0 parent 1:1 classid 1:100 htb rate 2000kbit ceil 50000kbit "
         "burst 3200 cburst 12500 quantum 3028" in cls
+    )
     # a link slower than its share keeps rate = ceil
-    assert "tc class replace dev br0 parent 1:1 classid 1:101 htb rate 1000kbit ceil 1000kbit " \
+    assert (
+        "tc class replace dev br0 parent 1:1 classid 1:101 htb rate 1000kbit ceil 1000kbit "
         "burst 3200 cburst 3200 quantum 3028" in cls
+    )
     # the device classes' assured rates never add up to more than the cell
     for dev in ("br0", "ifb0"):
-        rates = [parse_tc_rate_kbit(c.split(" rate ")[1].split()[0]) for c in cls
-                 if f"dev {dev} parent 1:1 " in c]
+        rates = [
+            parse_tc_rate_kbit(c.split(" rate ")[1].split()[0])
+            for c in cls
+            if f"dev {dev} parent 1:1 " in c
+        ]
         assert sum(rates) <= 4000, (dev, rates)
     # no cell rate: every class's rate is its ceiling
     plain = build_class_change_command("br0", 0, LinkSpec(50000))
@@ -375,9 +444,11 @@ def test_cell_share_kept_by_in_place_changes_and_ceiling_read_back():
     tc = KernelTc()
     sh = _shaper(tc, cell_rate_kbit=4000)
     sh.change("dev1", LinkSpec(30000), "both")
-    assert tc.changes == [f"tc class change dev {d} parent 1:1 classid 1:100 htb rate 2000kbit "
-                          "ceil 30000kbit burst 3200 cburst 7500 quantum 3028"
-                          for d in ("br0", "ifb0")]
+    assert tc.changes == [
+        f"tc class change dev {d} parent 1:1 classid 1:100 htb rate 2000kbit "
+        "ceil 30000kbit burst 3200 cburst 7500 quantum 3028"
+        for d in ("br0", "ifb0")
+    ]
     # what a link gets is its ceiling (tc prints "rate 2Mbit ceil 30Mbit")
     assert _leaves(tc)[2:] == (30000, 30000)
     assert "rate 2Mbit ceil 30Mbit" in tc._classes("br0")

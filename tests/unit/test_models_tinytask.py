@@ -40,16 +40,19 @@ def test_vocabulary_layout() -> None:
 
 
 # input 0 7 a f, worked by hand for every task
-@pytest.mark.parametrize("task, want", [
-    (0, [0, 7, 10, 15]),      # copy
-    (1, [15, 10, 7, 0]),      # reverse
-    (2, [5, 12, 15, 4]),      # add5: 15 + 5 = 20 = 4 mod 16
-    (3, [0, 5, 14, 13]),      # mul3: 21, 30, 45 mod 16
-    (4, [15, 2, 9, 13]),      # cipher_a[0], [7], [a], [f]
-    (5, [3, 10, 14, 8]),      # cipher_b on f a 7 0
-    (6, [1, 2, 5, 2]),        # square: 1, 50, 101, 226 mod 16
-    (7, [4, 15, 2, 10]),      # cipher_c[0], [7], [a], [f]
-])
+@pytest.mark.parametrize(
+    "task, want",
+    [
+        (0, [0, 7, 10, 15]),  # copy
+        (1, [15, 10, 7, 0]),  # reverse
+        (2, [5, 12, 15, 4]),  # add5: 15 + 5 = 20 = 4 mod 16
+        (3, [0, 5, 14, 13]),  # mul3: 21, 30, 45 mod 16
+        (4, [15, 2, 9, 13]),  # cipher_a[0], [7], [a], [f]
+        (5, [3, 10, 14, 8]),  # cipher_b on f a 7 0
+        (6, [1, 2, 5, 2]),  # square: 1, 50, 101, 226 mod 16
+        (7, [4, 15, 2, 10]),  # cipher_c[0], [7], [a], [f]
+    ],
+)
 def test_every_task_on_a_worked_example(task: int, want: list[int]) -> None:
     assert tt.apply_task(task, [0, 7, 10, 15]) == want
     assert expected(task, [0, 7, 10, 15]) == want  # the tables above agree with the hand work
@@ -84,10 +87,10 @@ def _bucket(task: int, digits: list[int]) -> int:
 
 def test_heldout_rule_on_hand_checked_pairs() -> None:
     # buckets from `printf '\x02\x03\x03\x03' | sha256sum`, first 8 bytes little-endian mod 10
-    assert tt.is_heldout(2, [3, 3, 3])          # bucket 0 (big-endian would give 5)
-    assert not tt.is_heldout(3, [3, 3, 3])      # bucket 7: the task is part of the key
+    assert tt.is_heldout(2, [3, 3, 3])  # bucket 0 (big-endian would give 5)
+    assert not tt.is_heldout(3, [3, 3, 3])  # bucket 7: the task is part of the key
     assert not tt.is_heldout(2, [0, 7, 10, 15])  # bucket 7
-    assert not tt.is_heldout(0, [0, 0, 0, 0])   # bucket 9
+    assert not tt.is_heldout(0, [0, 0, 0, 0])  # bucket 9
     assert _bucket(2, [3, 3, 3]) == 0 and _bucket(3, [3, 3, 3]) == 7
 
 

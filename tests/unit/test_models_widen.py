@@ -89,8 +89,10 @@ def test_rows_on_the_wire_are_wide_and_typed(wide: Path) -> None:
         def run_layer(self, work: LayerWork) -> LayerResult:
             seen.extend(work.inputs.values())
             res = inner.run_layer(work)
-            assert all(y.dtype == x.dtype for (u, x), y in
-                       zip(work.inputs.items(), (res.outputs[u] for u in work.inputs)))
+            assert all(
+                y.dtype == x.dtype
+                for (u, x), y in zip(work.inputs.items(), (res.outputs[u] for u in work.inputs))
+            )
             return res
 
     for wire, dt in ((None, torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):

@@ -97,14 +97,16 @@ R1234 = N.rate_bytes(1234)
 
 def _htb(rate_kbit: float = 1234, **kw) -> N.HtbClass:
     r = N.rate_bytes(rate_kbit)
-    return N.HtbClass("v0", 0x10100, 0x10001, rate=r, ceil=r, burst=3200, cburst=3200,
-                      quantum=3028)._replace(**kw)
+    return N.HtbClass(
+        "v0", 0x10100, 0x10001, rate=r, ceil=r, burst=3200, cburst=3200, quantum=3028
+    )._replace(**kw)
 
 
 def _tbf(rate_kbit: float = 1234, **kw) -> N.TbfQdisc:
     r = N.rate_bytes(rate_kbit)
-    return N.TbfQdisc("v0", 0x1000000, 0x10100, rate=r, burst=1514,
-                      limit=N.tbf_limit(r, 1514, 1_000_000))._replace(**kw)
+    return N.TbfQdisc(
+        "v0", 0x1000000, 0x10100, rate=r, burst=1514, limit=N.tbf_limit(r, 1514, 1_000_000)
+    )._replace(**kw)
 
 
 def _one(buf: bytes) -> N.NlMsg:
@@ -121,9 +123,17 @@ def _ticks(monkeypatch):
 
 
 # -- handles and arithmetic -------------------------------------------------------------------
-@pytest.mark.parametrize("text,value", [("1:100", 0x10100), ("100:", 0x1000000),
-                                        ("1:", 0x10000), ("ffff:", 0xFFFF0000),
-                                        ("root", N.TC_H_ROOT), ("1:1", 0x10001)])
+@pytest.mark.parametrize(
+    "text,value",
+    [
+        ("1:100", 0x10100),
+        ("100:", 0x1000000),
+        ("1:", 0x10000),
+        ("ffff:", 0xFFFF0000),
+        ("root", N.TC_H_ROOT),
+        ("1:1", 0x10001),
+    ],
+)
 def test_handles_round_trip(text, value):
     assert N.parse_handle(text) == value
     assert N.parse_handle(N.format_handle(value)) == value
@@ -139,14 +149,20 @@ def test_tc_arithmetic():
     # what tc 6.1 sent for "rate 1234kbit burst 1514 latency 1s" / "burst 3200"
     assert N.rate_bytes(1234) == 154250 and N.rate_bytes(1234.4) == 154250
     assert N.rate_bytes(10_000_000) == 1_250_000_000
-    assert N.xmittime(154250, 1514) == 153359   # 9815 us (truncated) * 15.625
+    assert N.xmittime(154250, 1514) == 153359  # 9815 us (truncated) * 15.625
     assert N.xmittime(154250, 3200) == 324140
     assert N.xmittime(6_250_000_000, 3200) == 0
     assert N.tbf_limit(154250, 1514, 1_000_000) == 155764
     assert N.tbf_limit(6_250_000_000, 1514, 1_000_000) == N.U32_MAX  # tc would wrap; we cap
     spec = N.parse_ratespec(N.ratespec(154250))
-    assert spec == {"cell_log": 3, "linklayer": N.TC_LINKLAYER_ETHERNET, "overhead": 0,
-                    "cell_align": -1, "mpu": 0, "rate": 154250}
+    assert spec == {
+        "cell_log": 3,
+        "linklayer": N.TC_LINKLAYER_ETHERNET,
+        "overhead": 0,
+        "cell_align": -1,
+        "mpu": 0,
+        "rate": 154250,
+    }
     assert N.parse_ratespec(N.ratespec(1 << 40))["rate"] == N.U32_MAX
     tab = struct.unpack("=256I", N.rate_table(154250))
     assert tab[0] == N.xmittime(154250, 8) and tab[255] == N.xmittime(154250, 2048)
@@ -155,8 +171,10 @@ def test_tc_arithmetic():
 # -- against tc's own bytes -------------------------------------------------------------------
 def _diff(a: bytes, b: bytes) -> str:
     i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    return f"lengths {len(a)}/{len(b)}, first difference at byte {i}: " \
-           f"{a[i:i + 12].hex()} vs {b[i:i + 12].hex()}"
+    return (
+        f"lengths {len(a)}/{len(b)}, first difference at byte {i}: "
+        f"{a[i : i + 12].hex()} vs {b[i : i + 12].hex()}"
+    )
 
 
 def test_htb_class_change_equals_tc():
@@ -170,8 +188,10 @@ def test_tbf_qdisc_change_equals_tc():
 
 
 def test_without_tables_only_the_tables_differ_from_tc():
-    for mine, theirs in ((N.encode_htb_class(_htb(), IFINDEX), TC61_HTB_1234KBIT),
-                         (N.encode_tbf_qdisc(_tbf(), IFINDEX), TC61_TBF_1234KBIT)):
+    for mine, theirs in (
+        (N.encode_htb_class(_htb(), IFINDEX), TC61_HTB_1234KBIT),
+        (N.encode_tbf_qdisc(_tbf(), IFINDEX), TC61_TBF_1234KBIT),
+    ):
         a, b = _one(mine), _one(theirs)
         assert (a.type, a.flags, a.seq) == (b.type, b.flags, b.seq)
         x, y = N.decode_tc(a), N.decode_tc(b)
@@ -225,8 +245,10 @@ def test_tables_attached_when_asked():
 
 
 def test_batch_is_concatenated_messages_with_their_own_seq():
-    buf = b"".join(N.encode_change(c, 2, seq) for seq, c in
-                   enumerate([_htb(), _tbf(), _htb(999, classid=0x10101)], start=1))
+    buf = b"".join(
+        N.encode_change(c, 2, seq)
+        for seq, c in enumerate([_htb(), _tbf(), _htb(999, classid=0x10101)], start=1)
+    )
     msgs = list(N.split_messages(buf))
     assert [m.seq for m in msgs] == [1, 2, 3]
     assert [N.decode_tc(m).kind for m in msgs] == ["htb", "tbf", "htb"]
@@ -262,8 +284,10 @@ def _ack(seq: int, err: int = 0, text: str = "") -> bytes:
 
 def test_decode_ack():
     assert N.decode_ack(_one(_ack(3))) == (0, "")
-    assert N.decode_ack(_one(_ack(3, errno.ENOENT, "Specified class not found"))) == \
-        (errno.ENOENT, "Specified class not found")
+    assert N.decode_ack(_one(_ack(3, errno.ENOENT, "Specified class not found"))) == (
+        errno.ENOENT,
+        "Specified class not found",
+    )
 
 
 class FakeKernel:
@@ -284,8 +308,7 @@ class FakeKernel:
         for i, m in enumerate(N.split_messages(data)):
             err, text = self.verdict(i, N.decode_tc(m))
             if not err and m.flags & N.NLM_F_ECHO:
-                out.append(N._NLMSGHDR.pack(16 + len(m.payload), m.type, 0, m.seq, 77)
-                           + m.payload)
+                out.append(N._NLMSGHDR.pack(16 + len(m.payload), m.type, 0, m.seq, 77) + m.payload)
             if m.flags & N.NLM_F_ACK or err:
                 out.append(_ack(m.seq, err, text))
         self.chunks.extend([b"".join(out)] if self.merge else out)
@@ -297,7 +320,7 @@ class FakeKernel:
         c = self.chunks.pop(0)
         if isinstance(c, OSError):
             raise c
-        buf[:len(c)] = c
+        buf[: len(c)] = c
         return len(c)
 
     def close(self) -> None:
@@ -335,23 +358,30 @@ def test_echo_returns_each_object_as_the_kernel_reports_it():
     nl = _client(kernel)
     got = nl.change(EPOCH, echo=True)
     assert all(m.flags & N.NLM_F_ECHO for m in N.split_messages(kernel.sent[0]))
-    assert [(o.kind, o.ifindex, o.rate) for o in got] == \
-        [("htb", 3, R1234), ("tbf", 3, R1234), ("htb", 4, 999), ("tbf", 4, 999)]
+    assert [(o.kind, o.ifindex, o.rate) for o in got] == [
+        ("htb", 3, R1234),
+        ("tbf", 3, R1234),
+        ("htb", 4, 999),
+        ("tbf", 4, 999),
+    ]
 
 
 def test_refusals_name_interface_handle_and_errno():
     def verdict(i, obj):
         return {1: (errno.ENOENT, "Specified class not found"), 2: (errno.EINVAL, "")}.get(
-            i, (0, ""))
+            i, (0, "")
+        )
 
     nl = _client(FakeKernel(verdict))
     with pytest.raises(N.TcNetlinkError) as ei:
-        nl.change([_htb(), _tbf(parent=0x10177), _htb(dev="ifb0", classid=0x10105), _tbf()],
-                  echo=True)
+        nl.change(
+            [_htb(), _tbf(parent=0x10177), _htb(dev="ifb0", classid=0x10105), _tbf()], echo=True
+        )
     msg = str(ei.value)
     assert msg.startswith("bs: tc over netlink failed: ")
-    assert "v0 qdisc tbf 100: -> ENOENT No such file or directory (Specified class not found)" \
-        in msg
+    assert (
+        "v0 qdisc tbf 100: -> ENOENT No such file or directory (Specified class not found)" in msg
+    )
     assert "ifb0 class htb 1:105 -> EINVAL Invalid argument" in msg
     assert [f[1] for f in ei.value.failures] == [errno.ENOENT, errno.EINVAL]
     assert ei.value.exit_code == 3
@@ -390,28 +420,53 @@ def test_fast_path_equals_general_path():
     """The one-struct encodings (the common case) equal the attribute-by-attribute ones."""
     for c in (_htb(), _htb(8), _htb(10_000_000, quantum=0, prio=7), _htb(1234, ceil=99)):
         fast = N.encode_htb_class(c, 9, 5, flags=N.NLM_F_REQUEST)
-        parms = N._HTB_OPT.pack(N.ratespec(c.rate), N.ratespec(c.ceil),
-                                N.xmittime(c.rate, c.burst), N.xmittime(c.ceil, c.cburst),
-                                c.quantum, 0, c.prio)
-        slow = N._message(N.RTM_NEWTCLASS, N.NLM_F_REQUEST, 5, 9, c.classid, c.parent,
-                          N._KIND_HTB + N._attr(N.TCA_OPTIONS, N._attr(N.TCA_HTB_PARMS, parms)))
+        parms = N._HTB_OPT.pack(
+            N.ratespec(c.rate),
+            N.ratespec(c.ceil),
+            N.xmittime(c.rate, c.burst),
+            N.xmittime(c.ceil, c.cburst),
+            c.quantum,
+            0,
+            c.prio,
+        )
+        slow = N._message(
+            N.RTM_NEWTCLASS,
+            N.NLM_F_REQUEST,
+            5,
+            9,
+            c.classid,
+            c.parent,
+            N._KIND_HTB + N._attr(N.TCA_OPTIONS, N._attr(N.TCA_HTB_PARMS, parms)),
+        )
         assert fast == slow
     for q in (_tbf(), _tbf(8), _tbf(10_000_000, limit=1, burst=99999)):
         fast = N.encode_tbf_qdisc(q, 9, 5)
-        parms = N._TBF_QOPT.pack(N.ratespec(q.rate), bytes(12), q.limit,
-                                 N.xmittime(q.rate, q.burst), 0)
-        opts = N._attr(N.TCA_TBF_PARMS, parms) + N._attr(N.TCA_TBF_BURST,
-                                                         struct.pack("=I", q.burst))
-        slow = N._message(N.RTM_NEWQDISC, N.ACK, 5, 9, q.handle, q.parent,
-                          N._KIND_TBF + N._attr(N.TCA_OPTIONS, opts))
+        parms = N._TBF_QOPT.pack(
+            N.ratespec(q.rate), bytes(12), q.limit, N.xmittime(q.rate, q.burst), 0
+        )
+        opts = N._attr(N.TCA_TBF_PARMS, parms) + N._attr(
+            N.TCA_TBF_BURST, struct.pack("=I", q.burst)
+        )
+        slow = N._message(
+            N.RTM_NEWQDISC,
+            N.ACK,
+            5,
+            9,
+            q.handle,
+            q.parent,
+            N._KIND_TBF + N._attr(N.TCA_OPTIONS, opts),
+        )
         assert fast == slow
 
 
 def test_dumped_counters_read_only_when_asked():
     """A dump carries TCA_STATS2 {basic: bytes, packets; queue: ..., drops, ..., overlimits}."""
     sent = _one(N.encode_tbf_qdisc(_tbf(), 3, 8))
-    stats = N._attr(N.TCA_STATS2, N._attr(N.TCA_STATS_BASIC, struct.pack("=QI4x", 123456, 78))
-                    + N._attr(N.TCA_STATS_QUEUE, struct.pack("=5I", 0, 0, 9, 0, 11)))
+    stats = N._attr(
+        N.TCA_STATS2,
+        N._attr(N.TCA_STATS_BASIC, struct.pack("=QI4x", 123456, 78))
+        + N._attr(N.TCA_STATS_QUEUE, struct.pack("=5I", 0, 0, 9, 0, 11)),
+    )
     dumped = N.NlMsg(N.RTM_NEWQDISC, N.NLM_F_MULTI, 8, 0, sent.payload + stats)
     o = N.decode_tc(dumped)
     assert (o.sent_bytes, o.sent_packets, o.drops, o.overlimits) == (123456, 78, 9, 11)
@@ -436,9 +491,28 @@ def test_units_as_tc_reads_them():
 
 
 def test_htb_class_change_from_tc_argv():
-    argv = ["tc", "class", "change", "dev", "v0", "parent", "1:1", "classid", "1:100", "htb",
-            "rate", "1234kbit", "ceil", "1234kbit", "burst", "3200", "cburst", "3200",
-            "quantum", "3028"]
+    argv = [
+        "tc",
+        "class",
+        "change",
+        "dev",
+        "v0",
+        "parent",
+        "1:1",
+        "classid",
+        "1:100",
+        "htb",
+        "rate",
+        "1234kbit",
+        "ceil",
+        "1234kbit",
+        "burst",
+        "3200",
+        "cburst",
+        "3200",
+        "quantum",
+        "3028",
+    ]
     assert N.change_from_tc_argv(argv) == _htb()
     shared = N.change_from_tc_argv(argv[:11] + ["617kbit"] + argv[12:])
     assert (shared.rate, shared.ceil) == (N.rate_bytes(617), R1234)
@@ -447,25 +521,42 @@ def test_htb_class_change_from_tc_argv():
 
 
 def test_tbf_qdisc_change_from_tc_argv():
-    base = ["tc", "qdisc", "change", "dev", "v0", "parent", "1:100", "handle", "100:", "tbf",
-            "rate", "1234kbit", "burst", "1514"]
+    base = [
+        "tc",
+        "qdisc",
+        "change",
+        "dev",
+        "v0",
+        "parent",
+        "1:100",
+        "handle",
+        "100:",
+        "tbf",
+        "rate",
+        "1234kbit",
+        "burst",
+        "1514",
+    ]
     assert N.change_from_tc_argv(base + ["latency", "1s"]) == _tbf()
     assert N.change_from_tc_argv(base + ["limit", "1514000"]) == _tbf(limit=1514000)
 
 
-@pytest.mark.parametrize("argv", [
-    # what netlink here does not do: the CLI keeps them
-    "tc qdisc change dev v0 parent 1:100 handle 4100: netem limit 1000 rate 1234kbit",
-    "tc qdisc replace dev v0 parent 1:100 handle 100: tbf rate 1kbit burst 1514 limit 9",
-    "tc class change dev v0 parent 1:1 classid 1:100 htb rate 1kbit ceil 2kbit",
-    "tc class change dev v0 parent 1:1 classid 1:100 htb rate 1kbit burst 9 cburst 9 mtu 9",
-    "tc qdisc change dev v0 parent 1:100 handle 100: tbf rate 1kbit burst 1514",
-    "tc qdisc change dev v0 parent 1:100 handle 100: tbf rate 1kbit burst 1514 limit 9 latency 1",
-    "tc qdisc change dev v0 parent 1:100 handle 100: tbf burst 1514 limit 9",
-    "tc class change dev v0 parent 1:1 classid 1:100 htb rate 1kbit burst 9 cburst 9 quantum x",
-    "tc class change parent 1:1 classid 1:100 htb rate 1kbit burst 9 cburst 9",
-    "tc class change dev v0 parent 1:1 classid 1:100 htb rate 1kbit burst 9 cburst 9 rate 2",
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        # what netlink here does not do: the CLI keeps them
+        "tc qdisc change dev v0 parent 1:100 handle 4100: netem limit 1000 rate 1234kbit",
+        "tc qdisc replace dev v0 parent 1:100 handle 100: tbf rate 1kbit burst 1514 limit 9",
+        "tc class change dev v0 parent 1:1 classid 1:100 htb rate 1kbit ceil 2kbit",
+        "tc class change dev v0 parent 1:1 classid 1:100 htb rate 1kbit burst 9 cburst 9 mtu 9",
+        "tc qdisc change dev v0 parent 1:100 handle 100: tbf rate 1kbit burst 1514",
+        "tc qdisc change dev v0 parent 1:100 handle 100: tbf rate 1kbit burst 1514 limit 9 latency 1",
+        "tc qdisc change dev v0 parent 1:100 handle 100: tbf burst 1514 limit 9",
+        "tc class change dev v0 parent 1:1 classid 1:100 htb rate 1kbit burst 9 cburst 9 quantum x",
+        "tc class change parent 1:1 classid 1:100 htb rate 1kbit burst 9 cburst 9",
+        "tc class change dev v0 parent 1:1 classid 1:100 htb rate 1kbit burst 9 cburst 9 rate 2",
+    ],
+)
 def test_words_not_handled_are_refused(argv):
     with pytest.raises(N.NotExpressible):
         N.change_from_tc_argv(argv.split())

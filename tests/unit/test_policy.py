@@ -11,7 +11,12 @@ from models.routing import RoutingContext
 from recipes.baselines import Top1, TopK
 from testbed.errors import ConfigError
 from testbed.policy import (
-    DeviceInfo, ExpertInfo, Policy, load_policy, load_policy_class, random_placement,
+    DeviceInfo,
+    ExpertInfo,
+    Policy,
+    load_policy,
+    load_policy_class,
+    random_placement,
     round_robin_placement,
 )
 from tests.conftest import run_cli
@@ -43,7 +48,8 @@ def test_by_module_path_and_file_path(tmp_path):
         "        super().__init__(**kw)\n"
         "        self.k = k\n"
         "    def select(self, ctx, cluster=None):\n"
-        "        return Decision(TopKSelection(k=self.k)(ctx))\n")
+        "        return Decision(TopKSelection(k=self.k)(ctx))\n"
+    )
     pol = load_policy(f"{f}:Greedy", {"k": 4, "seed": 3})
     assert pol.k == 4 and pol.seed == 3
     sel = pol.select(_ctx()).selection
@@ -55,13 +61,16 @@ def test_wrong_name_lists_valid_ones():
         load_policy_class("wdmeo")
 
 
-@pytest.mark.parametrize("spec,words", [
-    ("recipes.baselines:Nope", "has no attribute 'Nope'"),
-    ("no_such_pkg.mod:X", "cannot import no_such_pkg.mod"),
-    ("testbed.policy:DeviceInfo", "not a subclass"),
-    ("testbed.policy:Policy", "abstract"),
-    ("/nonexistent/p.py:X", "no such file"),
-])
+@pytest.mark.parametrize(
+    "spec,words",
+    [
+        ("recipes.baselines:Nope", "has no attribute 'Nope'"),
+        ("no_such_pkg.mod:X", "cannot import no_such_pkg.mod"),
+        ("testbed.policy:DeviceInfo", "not a subclass"),
+        ("testbed.policy:Policy", "abstract"),
+        ("/nonexistent/p.py:X", "no such file"),
+    ],
+)
 def test_bad_specs(spec, words):
     with pytest.raises(ConfigError, match=words):
         load_policy_class(spec)
@@ -70,8 +79,10 @@ def test_bad_specs(spec, words):
 def test_unknown_parameter_named():
     with pytest.raises(ConfigError) as ei:
         load_policy("topk", {"theta": 0.5, "seed": 1}, where="recipe.toml: policy.params")
-    assert ei.value.problems == ["recipe.toml: policy.params.theta: unknown parameter of "
-                                 "policy topk (allowed: placement, seed)"]
+    assert ei.value.problems == [
+        "recipe.toml: policy.params.theta: unknown parameter of "
+        "policy topk (allowed: placement, seed)"
+    ]
     with pytest.raises(ConfigError, match="placement: unknown strategy 'zigzag'"):
         load_policy("topk", {"placement": "zigzag"})
 

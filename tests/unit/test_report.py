@@ -29,16 +29,25 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # -- summary_row ----------------------------------------------------------------------
 def _req(total, **kw):
-    row = {"total_ms": str(total), "ttft_ms": "", "tpot_ms": "", "output_tokens": "4",
-           "correct": "1", "score": "1.0", "bytes_down": "100", "bytes_up": "60",
-           "energy_j": "", "status": "ok"}
+    row = {
+        "total_ms": str(total),
+        "ttft_ms": "",
+        "tpot_ms": "",
+        "output_tokens": "4",
+        "correct": "1",
+        "score": "1.0",
+        "bytes_down": "100",
+        "bytes_up": "60",
+        "energy_j": "",
+        "status": "ok",
+    }
     row.update({k: str(v) for k, v in kw.items()})
     return row
 
 
 def test_summary_row_columns_are_the_summary_metrics():
     assert tuple(summary_row([], [], [])) == METRIC_COLUMNS
-    assert METRIC_COLUMNS == R.SUMMARY_COLUMNS[len(R.KEY_COLUMNS):]
+    assert METRIC_COLUMNS == R.SUMMARY_COLUMNS[len(R.KEY_COLUMNS) :]
 
 
 def test_percentiles_linear_interpolation():
@@ -54,11 +63,12 @@ def test_percentiles_linear_interpolation():
 
 
 def test_counts_accuracy_score_bytes_and_empty_energy():
-    reqs = [_req(10, correct=1, score=1.0, status="ok"),
-            _req(20, correct=0, score=0.5, status="degraded"),
-            _req(30, correct=0, score=0.0, status="error", output_tokens=0, bytes_down=0,
-                 bytes_up=0),
-            _req(40, correct=1, score=0.75, status="ok")]
+    reqs = [
+        _req(10, correct=1, score=1.0, status="ok"),
+        _req(20, correct=0, score=0.5, status="degraded"),
+        _req(30, correct=0, score=0.0, status="error", output_tokens=0, bytes_down=0, bytes_up=0),
+        _req(40, correct=1, score=0.75, status="ok"),
+    ]
     s = summary_row(reqs, [], [])
     assert (s["requests"], s["requests_ok"]) == (4, 2)
     assert s["accuracy"] == pytest.approx(0.5)
@@ -69,32 +79,60 @@ def test_counts_accuracy_score_bytes_and_empty_energy():
 
 
 def test_energy_per_token_over_requests_with_a_known_energy():
-    reqs = [_req(10, energy_j=2.0, output_tokens=4), _req(10, energy_j=1.0, output_tokens=6),
-            _req(10, energy_j="", output_tokens=100)]
+    reqs = [
+        _req(10, energy_j=2.0, output_tokens=4),
+        _req(10, energy_j=1.0, output_tokens=6),
+        _req(10, energy_j="", output_tokens=100),
+    ]
     assert summary_row(reqs, [], [])["energy_per_token_j"] == pytest.approx(3.0 / 10)
 
 
 def test_network_share_over_layers_with_both_values():
-    layers = [{"critical_path_ms": "10", "critical_network_ms": "8", "critical_compute_ms": "2"},
-              {"critical_path_ms": "30", "critical_network_ms": "2", "critical_compute_ms": "28"},
-              {"critical_path_ms": "", "critical_network_ms": "", "critical_compute_ms": ""},
-              {"critical_path_ms": "50", "critical_network_ms": ""}]  # no network part: skipped
+    layers = [
+        {"critical_path_ms": "10", "critical_network_ms": "8", "critical_compute_ms": "2"},
+        {"critical_path_ms": "30", "critical_network_ms": "2", "critical_compute_ms": "28"},
+        {"critical_path_ms": "", "critical_network_ms": "", "critical_compute_ms": ""},
+        {"critical_path_ms": "50", "critical_network_ms": ""},
+    ]  # no network part: skipped
     assert summary_row([], layers, [])["network_share"] == pytest.approx(10 / 40)
 
 
 def test_failed_and_rerouted_calls():
-    calls = [{"status": s} for s in ("ok", "ok", "rerouted", "timeout", "error", "unreachable",
-                                     "skipped")]
+    calls = [
+        {"status": s}
+        for s in ("ok", "ok", "rerouted", "timeout", "error", "unreachable", "skipped")
+    ]
     s = summary_row([], [], calls)
     assert (s["calls"], s["calls_failed"], s["calls_rerouted"]) == (7, 4, 1)
 
 
 def test_native_values_as_the_runner_passes_them():
-    reqs = [{"total_ms": 12.5, "ttft_ms": 5, "tpot_ms": 1.5, "output_tokens": 5, "correct": True,
-             "score": 1, "bytes_down": 500, "bytes_up": 250, "energy_j": None, "status": "ok"},
-            {"total_ms": float("nan"), "ttft_ms": None, "tpot_ms": None, "output_tokens": 0,
-             "correct": False, "score": 0.0, "bytes_down": 0, "bytes_up": 0, "energy_j": 1.0,
-             "status": "error"}]
+    reqs = [
+        {
+            "total_ms": 12.5,
+            "ttft_ms": 5,
+            "tpot_ms": 1.5,
+            "output_tokens": 5,
+            "correct": True,
+            "score": 1,
+            "bytes_down": 500,
+            "bytes_up": 250,
+            "energy_j": None,
+            "status": "ok",
+        },
+        {
+            "total_ms": float("nan"),
+            "ttft_ms": None,
+            "tpot_ms": None,
+            "output_tokens": 0,
+            "correct": False,
+            "score": 0.0,
+            "bytes_down": 0,
+            "bytes_up": 0,
+            "energy_j": 1.0,
+            "status": "error",
+        },
+    ]
     layers = [{"critical_path_ms": 4.0, "critical_network_ms": 1.0}]
     s = summary_row(reqs, layers, [{"status": "ok"}])
     assert s["latency_p50_ms"] == 12.5 and s["requests_ok"] == 1 and s["accuracy"] == 0.5
@@ -105,62 +143,117 @@ def test_native_values_as_the_runner_passes_them():
 def test_empty_trial():
     s = summary_row([], [], [])
     assert s["requests"] == 0 and s["calls"] == 0
-    assert all(s[k] == "" for k in ("latency_p50_ms", "accuracy", "bytes_per_token",
-                                    "energy_per_token_j", "network_share"))
+    assert all(
+        s[k] == ""
+        for k in (
+            "latency_p50_ms",
+            "accuracy",
+            "bytes_per_token",
+            "energy_per_token_j",
+            "network_share",
+        )
+    )
 
 
 # -- a synthetic results folder -------------------------------------------------------
 SWEEP = ["sweep.links.rate", "sweep.policy.name"]
-RATES = {"1mbit": 4.0, "100mbit": 1.0}          # latency factor
-NET_MS = {"1mbit": 8.0, "100mbit": 2.0}         # of a 10 ms critical path per layer step
-POLICIES = {"topk": 1.0, "top1": 0.75}          # latency factor
-TOTALS = (10.0, 20.0, 30.0, 40.0)               # x factor: p50 25, p95 38.5
+RATES = {"1mbit": 4.0, "100mbit": 1.0}  # latency factor
+NET_MS = {"1mbit": 8.0, "100mbit": 2.0}  # of a 10 ms critical path per layer step
+POLICIES = {"topk": 1.0, "top1": 0.75}  # latency factor
+TOTALS = (10.0, 20.0, 30.0, 40.0)  # x factor: p50 25, p95 38.5
 
 
-def _write_run(d, run_id="r1", status="completed", failed_call_in=("top1", "1mbit"),
-               energy=True, requests_per_point=4):
+def _write_run(
+    d,
+    run_id="r1",
+    status="completed",
+    failed_call_in=("top1", "1mbit"),
+    energy=True,
+    requests_per_point=4,
+):
     d.mkdir(parents=True)
-    R.write_json_atomic(d / R.MANIFEST, {"run_id": run_id, "status": status,
-                                         "error": "boom" if status == "failed" else None})
+    R.write_json_atomic(
+        d / R.MANIFEST,
+        {"run_id": run_id, "status": status, "error": "boom" if status == "failed" else None},
+    )
     trial = 0
-    with R.CsvTable(d / R.REQUESTS, R.REQUEST_COLUMNS, SWEEP) as rq, \
-            R.CsvTable(d / R.LAYERS, R.LAYER_COLUMNS, SWEEP) as ly, \
-            R.CsvTable(d / R.CALLS, R.CALL_COLUMNS, SWEEP) as cl:
+    with (
+        R.CsvTable(d / R.REQUESTS, R.REQUEST_COLUMNS, SWEEP) as rq,
+        R.CsvTable(d / R.LAYERS, R.LAYER_COLUMNS, SWEEP) as ly,
+        R.CsvTable(d / R.CALLS, R.CALL_COLUMNS, SWEEP) as cl,
+    ):
         for rate, factor in RATES.items():
             for pol, pf in POLICIES.items():
-                key = {"run_id": run_id, "trial": trial, "point": f"links.rate={rate} "
-                       f"policy.name={pol}", "policy": pol, "repeat": 0,
-                       "sweep.links.rate": rate, "sweep.policy.name": pol}
+                key = {
+                    "run_id": run_id,
+                    "trial": trial,
+                    "point": f"links.rate={rate} policy.name={pol}",
+                    "policy": pol,
+                    "repeat": 0,
+                    "sweep.links.rate": rate,
+                    "sweep.policy.name": pol,
+                }
                 trial += 1
                 for i in range(requests_per_point):
                     correct = int(pol == "topk" or i % 2 == 0)  # topk 1.0, top1 0.5
                     total = TOTALS[i] * factor * pf
-                    rq.write({**key, "request": i, "task": "copy", "prompt_tokens": 8,
-                              "output_tokens": 5, "ttft_ms": total / 5, "tpot_ms": total / 10,
-                              "total_ms": total,
-                              "correct": correct, "score": 0.5 + 0.5 * correct,
-                              "experts_per_token": 2.0 if pol == "topk" else 1.0,
-                              "bytes_down": 1000, "bytes_up": 500, "calls": 2,
-                              "energy_devices_j": 1.5 if energy else None,
-                              "energy_bs_j": 0.5 if energy else None,
-                              "energy_j": 2.0 if energy else None,
-                              "energy_source": "estimated" if energy else "unavailable",
-                              "status": "ok"})
+                    rq.write(
+                        {
+                            **key,
+                            "request": i,
+                            "task": "copy",
+                            "prompt_tokens": 8,
+                            "output_tokens": 5,
+                            "ttft_ms": total / 5,
+                            "tpot_ms": total / 10,
+                            "total_ms": total,
+                            "correct": correct,
+                            "score": 0.5 + 0.5 * correct,
+                            "experts_per_token": 2.0 if pol == "topk" else 1.0,
+                            "bytes_down": 1000,
+                            "bytes_up": 500,
+                            "calls": 2,
+                            "energy_devices_j": 1.5 if energy else None,
+                            "energy_bs_j": 0.5 if energy else None,
+                            "energy_j": 2.0 if energy else None,
+                            "energy_source": "estimated" if energy else "unavailable",
+                            "status": "ok",
+                        }
+                    )
                     for step in range(2):
                         for layer in range(2):
                             net = NET_MS[rate] + layer  # layer 1 is 1 ms slower on the network
-                            ly.write({**key, "request": i, "step": step,
-                                      "phase": "prefill" if step == 0 else "decode",
-                                      "layer": layer, "tokens": 1, "critical_path_ms": 10.0 + layer,
-                                      "critical_network_ms": net,
-                                      "critical_compute_ms": 10.0 - NET_MS[rate]})
+                            ly.write(
+                                {
+                                    **key,
+                                    "request": i,
+                                    "step": step,
+                                    "phase": "prefill" if step == 0 else "decode",
+                                    "layer": layer,
+                                    "tokens": 1,
+                                    "critical_path_ms": 10.0 + layer,
+                                    "critical_network_ms": net,
+                                    "critical_compute_ms": 10.0 - NET_MS[rate],
+                                }
+                            )
                     for j in range(2):
                         st = "ok"
                         if (pol, rate) == failed_call_in and i == 0:
                             st = "timeout" if j == 0 else "rerouted"
-                        cl.write({**key, "request": i, "step": 0, "layer": j,
-                                  "expert": f"L{j}.E0", "device": "dev1", "attempt": 0,
-                                  "tokens": 1, "status": st, "network_ms": 1.0})
+                        cl.write(
+                            {
+                                **key,
+                                "request": i,
+                                "step": 0,
+                                "layer": j,
+                                "expert": f"L{j}.E0",
+                                "device": "dev1",
+                                "attempt": 0,
+                                "tokens": 1,
+                                "status": st,
+                                "network_ms": 1.0,
+                            }
+                        )
     return d
 
 
@@ -170,15 +263,19 @@ def run_dir(tmp_path):
 
 
 def _by(rows, pol, rate):
-    return next(r for r in rows if r["policy"] == pol and r["point"].startswith(
-        f"links.rate={rate} "))
+    return next(
+        r for r in rows if r["policy"] == pol and r["point"].startswith(f"links.rate={rate} ")
+    )
 
 
 def _check_rows(rows):
     assert len(rows) == 4
     assert [(r["policy"], r["point"].split()[0]) for r in rows] == [
-        ("topk", "links.rate=1mbit"), ("top1", "links.rate=1mbit"),
-        ("topk", "links.rate=100mbit"), ("top1", "links.rate=100mbit")]
+        ("topk", "links.rate=1mbit"),
+        ("top1", "links.rate=1mbit"),
+        ("topk", "links.rate=100mbit"),
+        ("top1", "links.rate=100mbit"),
+    ]
     for rate, rf in RATES.items():
         for pol, pf in POLICIES.items():
             r = _by(rows, pol, rate)
@@ -194,8 +291,11 @@ def _check_rows(rows):
             # per request: 2 steps x (net N + net N+1) / 2 steps x (10 + 11)
             assert r["network_share"] == pytest.approx((2 * NET_MS[rate] + 1) / 21)
             failed = (pol, rate) == ("top1", "1mbit")
-            assert (r["calls"], r["calls_failed"], r["calls_rerouted"]) == \
-                (8, int(failed), int(failed))
+            assert (r["calls"], r["calls_failed"], r["calls_rerouted"]) == (
+                8,
+                int(failed),
+                int(failed),
+            )
 
 
 def test_load_and_table(run_dir):
@@ -208,6 +308,7 @@ def test_load_and_table(run_dir):
     json.dumps(rep.rows)  # JSON-ready
 
     from rich.console import Console
+
     con = Console(record=True, width=200)
     render_table(rep, con)
     text = con.export_text()
@@ -217,19 +318,25 @@ def test_load_and_table(run_dir):
 
 def test_layer_split_means_per_layer(run_dir):
     rep = build_report([run_dir])
-    g = next(g for g in rep.groups if (g.policy, g.point.split()[0]) ==
-             ("topk", "links.rate=1mbit"))
+    g = next(
+        g for g in rep.groups if (g.policy, g.point.split()[0]) == ("topk", "links.rate=1mbit")
+    )
     assert layer_split(g.layers) == [(0, 8.0, 2.0), (1, 9.0, 2.0)]
 
 
 def test_energy_bars_per_group_split_and_source(tmp_path, run_dir):
     bars = energy_bars(build_report([run_dir]))
     assert [(b.policy, b.label.split(" | ")[1]) for b in bars] == [
-        ("topk", "links.rate=1mbit"), ("top1", "links.rate=1mbit"),
-        ("topk", "links.rate=100mbit"), ("top1", "links.rate=100mbit")]
+        ("topk", "links.rate=1mbit"),
+        ("top1", "links.rate=1mbit"),
+        ("topk", "links.rate=100mbit"),
+        ("top1", "links.rate=100mbit"),
+    ]
     for b in bars:  # 2.0 J = 1.5 devices + 0.5 BS per request of 5 output tokens
         assert b.per_token_j == pytest.approx(0.4)
-        assert b.devices_per_token_j == pytest.approx(0.3) and b.bs_per_token_j == pytest.approx(0.1)
+        assert b.devices_per_token_j == pytest.approx(0.3) and b.bs_per_token_j == pytest.approx(
+            0.1
+        )
         assert b.source == "estimated"
     bad = _write_run(tmp_path / "results" / "r2", run_id="r2", energy=False, requests_per_point=1)
     none = energy_bars(build_report([bad]))
@@ -259,8 +366,13 @@ def test_plots_default_folder_and_out(run_dir, tmp_path):
 
 
 def test_failed_run_reported_with_its_rows_and_no_energy(tmp_path, run_dir):
-    bad = _write_run(tmp_path / "results" / "r2", run_id="r2", status="failed", energy=False,
-                     requests_per_point=1)
+    bad = _write_run(
+        tmp_path / "results" / "r2",
+        run_id="r2",
+        status="failed",
+        energy=False,
+        requests_per_point=1,
+    )
     rep = build_report([run_dir, bad])
     assert [r.status for r in rep.runs] == ["completed", "failed"] and rep.runs[1].failed
     assert rep.runs[1].error == "boom"
@@ -270,6 +382,7 @@ def test_failed_run_reported_with_its_rows_and_no_energy(tmp_path, run_dir):
     assert all(p.stat().st_size > 10_000 for p in write_plots(rep, tmp_path / "p"))
 
     from rich.console import Console
+
     con = Console(record=True, width=220)
     render_table(rep, con)
     text = con.export_text()
@@ -285,14 +398,17 @@ def test_missing_folder_or_requests_csv_is_a_config_error(tmp_path):
 
 
 def test_report_never_imports_torch():
-    code = ("import sys, testbed.report, testbed.cli; "
-            "assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules")
+    code = (
+        "import sys, testbed.report, testbed.cli; "
+        "assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
 
 
 # -- the CLI --------------------------------------------------------------------------
 def _main(monkeypatch, capsys, *args):
     from testbed.cli import main
+
     monkeypatch.setattr(sys, "argv", ["testbed", *args])
     with pytest.raises(SystemExit) as exc:
         main()
@@ -303,8 +419,9 @@ def _main(monkeypatch, capsys, *args):
 
 def test_cli_json(run_dir, tmp_path, monkeypatch, capsys):
     out_dir = tmp_path / "plots_here"
-    rc, out, err = _main(monkeypatch, capsys, "report", str(run_dir), "--out", str(out_dir),
-                         "--format", "json")
+    rc, out, err = _main(
+        monkeypatch, capsys, "report", str(run_dir), "--out", str(out_dir), "--format", "json"
+    )
     assert rc == 0, err
     data = json.loads(out)
     _check_rows(data["rows"])

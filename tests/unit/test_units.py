@@ -3,10 +3,19 @@ import pytest
 from testbed.units import format_rate, parse_percent, parse_rate_kbit, parse_time_ms
 
 
-@pytest.mark.parametrize("text,kbit", [
-    ("20mbit", 20000), ("500kbit", 500), ("1gbit", 1e6), ("8", 8000), ("2.5mbit", 2500),
-    ("1mbps", 8000), ("100bit", 0.1), (" 8MBIT ", 8000),
-])
+@pytest.mark.parametrize(
+    "text,kbit",
+    [
+        ("20mbit", 20000),
+        ("500kbit", 500),
+        ("1gbit", 1e6),
+        ("8", 8000),
+        ("2.5mbit", 2500),
+        ("1mbps", 8000),
+        ("100bit", 0.1),
+        (" 8MBIT ", 8000),
+    ],
+)
 def test_parse_rate(text, kbit):
     assert parse_rate_kbit(text) == pytest.approx(kbit)
 

@@ -17,28 +17,40 @@ DEVS = ("d0", "d1", "d2", "d3")
 
 def _ctx(probs, k: int = 2, valid=None, layer: int = 0) -> RoutingContext:
     p = torch.tensor(probs, dtype=torch.float32)
-    return RoutingContext(layer, 0, p.log(), p, k, True,
-                          None if valid is None else torch.tensor(valid))
+    return RoutingContext(
+        layer, 0, p.log(), p, k, True, None if valid is None else torch.tensor(valid)
+    )
 
 
 def _random_ctx(n: int, e: int = 8, seed: int = 0, valid=None) -> RoutingContext:
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(n, e, generator=g) * 2
-    return RoutingContext(0, 0, logits, torch.softmax(logits, -1), 2, True,
-                          None if valid is None else torch.tensor(valid))
+    return RoutingContext(
+        0,
+        0,
+        logits,
+        torch.softmax(logits, -1),
+        2,
+        True,
+        None if valid is None else torch.tensor(valid),
+    )
 
 
 def _cluster(a_ms=(1.0, 1.0, 4.0, 1.0), b_ms=0.0, bytes_per_token=1, experts=4) -> ClusterState:
     """Expert e on device d{e mod 4}; tiny payload: t_k is the compute a_k + b_k N."""
-    return ClusterState(placement={f"L0.E{e}": (DEVS[e % 4],) for e in range(experts)},
-                        compute_profile={d: (a, b_ms) for d, a in zip(DEVS, a_ms)},
-                        bytes_per_token=bytes_per_token)
+    return ClusterState(
+        placement={f"L0.E{e}": (DEVS[e % 4],) for e in range(experts)},
+        compute_profile={d: (a, b_ms) for d, a in zip(DEVS, a_ms)},
+        bytes_per_token=bytes_per_token,
+    )
 
 
-HAND = [[0.50, 0.30, 0.10, 0.10],   # w2/w1 = 0.6           -> keep both
-        [0.50, 0.05, 0.40, 0.05],   # e2 on the 4 ms device: w2/w1 = 0.2 -> drop e2
-        [0.10, 0.60, 0.10, 0.20],   # w2/w1 = 0.33          -> drop e3
-        [0.05, 0.05, 0.50, 0.40]]   # w1 slow: w2/w1 = 3.2  -> keep both
+HAND = [
+    [0.50, 0.30, 0.10, 0.10],  # w2/w1 = 0.6           -> keep both
+    [0.50, 0.05, 0.40, 0.05],  # e2 on the 4 ms device: w2/w1 = 0.2 -> drop e2
+    [0.10, 0.60, 0.10, 0.20],  # w2/w1 = 0.33          -> drop e3
+    [0.05, 0.05, 0.50, 0.40],
+]  # w1 slow: w2/w1 = 3.2  -> keep both
 
 
 @pytest.mark.parametrize("variant, theta", [("ratio", 0.5), ("share", 1 / 3)])
@@ -63,9 +75,11 @@ def test_conference_theta_zero_is_topk() -> None:
 
 def test_journal_prunes_tokens_whose_cosine_is_below_theta() -> None:
     # equal device latencies: t = (1,1,1,1); cos(g, t) = sum(g) / (2 |g|)
-    probs = [[0.50, 0.30, 0.10, 0.10],    # cos 0.833 > 0.8: kept
-             [0.60, 0.30, 0.05, 0.05],    # cos 0.741: drops its 2nd expert
-             [0.32, 0.28, 0.20, 0.20]]    # cos 0.979: kept
+    probs = [
+        [0.50, 0.30, 0.10, 0.10],  # cos 0.833 > 0.8: kept
+        [0.60, 0.30, 0.05, 0.05],  # cos 0.741: drops its 2nd expert
+        [0.32, 0.28, 0.20, 0.20],
+    ]  # cos 0.979: kept
     pol = WDMoE(alpha=0.8, theta_max=0.8, gamma=0.0, max_rounds=1)
     sel = pol.select(_ctx(probs), _cluster(a_ms=(1, 1, 1, 1))).selection
     assert sel.expert_ids.tolist() == [[0, 1], [0, -1], [0, 1]]
@@ -82,11 +96,14 @@ def test_journal_rejects_pruning_that_does_not_shorten_the_critical_path() -> No
     assert pol.last_stats()["rounds"] == 0
 
 
-@pytest.mark.parametrize("gamma, theta, ratio, pruned", [
-    (1.05, 0.80, 1.4028, 124),  # the first threshold already reaches 1.05x
-    (1.41, 0.90, 1.4265, 128),  # 0.80 (1.403x) and 0.85 (1.390x) < 1.41x: rejected, 0.90 taken
-    (1.50, None, 1.0, 0),       # no threshold reaches 1.5x: no round, nothing pruned
-])
+@pytest.mark.parametrize(
+    "gamma, theta, ratio, pruned",
+    [
+        (1.05, 0.80, 1.4028, 124),  # the first threshold already reaches 1.05x
+        (1.41, 0.90, 1.4265, 128),  # 0.80 (1.403x) and 0.85 (1.390x) < 1.41x: rejected, 0.90 taken
+        (1.50, None, 1.0, 0),  # no threshold reaches 1.5x: no round, nothing pruned
+    ],
+)
 def test_journal_accepts_only_with_gamma_improvement(gamma, theta, ratio, pruned) -> None:
     """Pruned at theta 0.80, this context reaches 1.403x the top-K WLR, at 0.85 1.390x; at
     0.90 (every token pruned) 1.4265x, the most any threshold gives: gamma decides which one,
@@ -132,8 +149,11 @@ def test_bandwidth_only_is_topk_with_min_max_bandwidth() -> None:
     # loaded device finishes together, at the predicted time
     down, up = (ch.rates_bps(bw, d, 0, total_hz=40e6) for d in ("down", "up"))
     bits, on = 8 * 8192 * loads, loads > 0
-    t = 1e3 * (bits[on] / down[on] + bits[on] / up[on]) + np.array([1.0, 1.0, 4.0, 1.0])[on] \
+    t = (
+        1e3 * (bits[on] / down[on] + bits[on] / up[on])
+        + np.array([1.0, 1.0, 4.0, 1.0])[on]
         + 0.3 * loads[on]
+    )
     assert st["predicted_ms"] == pytest.approx(t.max(), rel=1e-9)
     np.testing.assert_allclose(t, t.max(), rtol=1e-6)
     assert sum(st["bandwidth_hz"].values()) == pytest.approx(40e6, rel=1e-6)
@@ -168,7 +188,7 @@ def test_deterministic_valid_and_padding_gets_no_expert(cls) -> None:
             sel = validate_selection(d.selection, 12, 8)
             assert bool((sel.expert_ids[10:] == -1).all())
             kept = sel.expert_ids[:10] >= 0
-            assert bool(kept.any(1).all())                       # every valid token keeps one
+            assert bool(kept.any(1).all())  # every valid token keeps one
             torch.testing.assert_close(sel.weights[:10].sum(1), torch.ones(10))
             out.append((sel.expert_ids.tolist(), dict(d.rate_down_kbit), dict(d.rate_up_kbit)))
         assert [s["epoch"] for s in pol.stats] == [0, 1, 2, 3]
@@ -176,8 +196,8 @@ def test_deterministic_valid_and_padding_gets_no_expert(cls) -> None:
 
     a = run(7)
     assert a == run(7)
-    assert [x[1] for x in a] != [x[1] for x in run(8)]        # the channel follows the seed
-    assert a[0][1] != a[1][1]                                 # fresh fading every decision
+    assert [x[1] for x in a] != [x[1] for x in run(8)]  # the channel follows the seed
+    assert a[0][1] != a[1][1]  # fresh fading every decision
 
 
 def test_without_cluster_experts_spread_over_default_devices() -> None:
@@ -188,11 +208,16 @@ def test_without_cluster_experts_spread_over_default_devices() -> None:
 
 
 def test_parameters_and_entry_points() -> None:
-    for name, cls in (("wdmoe", WDMoE), ("wdmoe-conf", WDMoEConference),
-                      ("wdmoe-sel", WDMoESelectionOnly), ("wdmoe-bw", WDMoEBandwidthOnly)):
+    for name, cls in (
+        ("wdmoe", WDMoE),
+        ("wdmoe-conf", WDMoEConference),
+        ("wdmoe-sel", WDMoESelectionOnly),
+        ("wdmoe-bw", WDMoEBandwidthOnly),
+    ):
         assert load_policy_class(name) is cls
-    pol = load_policy("wdmoe", {"alpha": 0.7, "bandwidth_mhz": 50, "seed": 3,
-                                "channel": {"cell_radius_m": 50.0}})
+    pol = load_policy(
+        "wdmoe", {"alpha": 0.7, "bandwidth_mhz": 50, "seed": 3, "channel": {"cell_radius_m": 50.0}}
+    )
     assert pol.alpha == 0.7 and pol.bandwidth_mhz == 50.0 and pol.describe()["name"] == "wdmoe"
     with pytest.raises(ConfigError, match="policy.params.theta: unknown parameter"):
         load_policy("wdmoe", {"theta": 0.5})
@@ -215,7 +240,7 @@ def test_runner_state_wins_channel_budget_epoch_and_fixed_links() -> None:
     ctx = _random_ctx(6)
     cl = _cluster(a_ms=(0.5, 0.5, 0.5, 0.5), bytes_per_token=256, experts=8)
     cl.channel, cl.bandwidth_hz, cl.epoch = ChannelModel(list(DEVS), 3), 2e5, 7
-    pol = WDMoEBandwidthOnly(bandwidth_mhz=50.0)          # its own budget must not be used
+    pol = WDMoEBandwidthOnly(bandwidth_mhz=50.0)  # its own budget must not be used
     d = pol.select(ctx, cl)
     st = pol.last_stats()
     assert sum(st["bandwidth_hz"].values()) == pytest.approx(2e5, rel=1e-6)
@@ -241,7 +266,7 @@ def test_runner_state_wins_channel_budget_epoch_and_fixed_links() -> None:
 def test_epoch_allocation_keeps_a_share_for_idle_devices() -> None:
     """An allocation that covers an epoch of several layers leaves no device without bandwidth
     (the later layers may need it); a per-layer one gives idle devices none."""
-    ctx = _ctx([[0.6, 0.4, 0.0, 0.0]])                      # one token: experts 0, 1 only
+    ctx = _ctx([[0.6, 0.4, 0.0, 0.0]])  # one token: experts 0, 1 only
     cl = _cluster(bytes_per_token=256)
     pol = WDMoEBandwidthOnly(bandwidth_mhz=0.2)
     pol.select(ctx, cl)
@@ -249,5 +274,8 @@ def test_epoch_allocation_keeps_a_share_for_idle_devices() -> None:
     cl.epoch_scope = "step"
     pol.select(ctx, cl)
     bw = pol.last_stats()["bandwidth_hz"]
-    assert set(bw) == set(DEVS) and bw["d0"] > bw["d2"] and sum(bw.values()) == \
-        pytest.approx(2e5, rel=1e-6)
+    assert (
+        set(bw) == set(DEVS)
+        and bw["d0"] > bw["d2"]
+        and sum(bw.values()) == pytest.approx(2e5, rel=1e-6)
+    )
