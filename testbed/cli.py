@@ -14,7 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -90,7 +90,7 @@ def local_up(
         "20mbit", "--rate", help="Initial rate of every link, each direction (e.g. 20mbit)."
     ),
     name: str = NameOpt,
-    inventory_out: Optional[Path] = typer.Option(
+    inventory_out: Path | None = typer.Option(
         None,
         "--inventory-out",
         help="Where to write the inventory (default ./NAME.inventory.toml).",
@@ -247,10 +247,10 @@ def links_set(
     inventory: Path = InvArg,
     device: str = typer.Argument(..., help="Device name from the inventory."),
     rate: str = typer.Option(..., "--rate", help="Rate, e.g. 10mbit."),
-    delay: Optional[str] = typer.Option(
+    delay: str | None = typer.Option(
         None, "--delay", help="One-way delay, e.g. 5ms (needs netem)."
     ),
-    loss: Optional[str] = typer.Option(None, "--loss", help="Loss, e.g. 0.5% (needs netem)."),
+    loss: str | None = typer.Option(None, "--loss", help="Loss, e.g. 0.5% (needs netem)."),
     direction: str = typer.Option("both", "--direction", help="both, down or up."),
     fmt: Format = FormatOpt,
 ) -> None:
@@ -419,7 +419,7 @@ def links_trace(
 def links_verify(
     inventory: Path = InvArg,
     seconds: float = typer.Option(3.0, "--seconds", help="Transfer time per direction."),
-    device: Optional[list[str]] = typer.Option(None, "--device", help="Only these devices."),
+    device: list[str] | None = typer.Option(None, "--device", help="Only these devices."),
     airtime: bool = typer.Option(
         False,
         "--airtime",
@@ -509,15 +509,15 @@ def _mount_model_cli() -> None:
 
 
 _mount_model_cli()
-from .cli_agents import register as _register_agents  # noqa: E402  (needs app and helpers above)
+from .cli_agents import register as _register_agents
 
 _register_agents(app)
 
-from .cli_run import register as _register_run  # noqa: E402  (needs app and helpers above)
+from .cli_run import register as _register_run
 
 _register_run(app)
 
-from .cli_report import register as _register_report  # noqa: E402
+from .cli_report import register as _register_report
 
 _register_report(app)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -16,7 +15,7 @@ def register(app: typer.Typer) -> None:
         run_dirs: list[Path] = typer.Argument(
             ..., help="Results folders (results/<run-id>/).", metavar="RUN_DIR", show_default=False
         ),
-        out: Optional[Path] = typer.Option(
+        out: Path | None = typer.Option(
             None, "--out", help="Where the PNG plots go (default: <first RUN_DIR>/plots)."
         ),
         fmt: Format = FormatOpt,

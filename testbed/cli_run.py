@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -19,7 +19,7 @@ from rich.progress import (
 from rich.table import Table
 
 from . import experiment
-from .cli import FormatOpt, Format, _fmt, emit, err_console
+from .cli import Format, FormatOpt, _fmt, emit, err_console
 from .recipe import load_recipe
 
 PACKAGED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -115,10 +115,10 @@ def _summary_table(res: experiment.RunResult, mode: str = "") -> Table:
 def register(app: typer.Typer) -> None:
     @app.command("run")
     def run(
-        recipe: Optional[Path] = typer.Argument(
+        recipe: Path | None = typer.Argument(
             None, help="Recipe TOML file (not with --resume).", show_default=False
         ),
-        inventory: Optional[Path] = typer.Option(
+        inventory: Path | None = typer.Option(
             None,
             "--inventory",
             "-i",
@@ -132,7 +132,7 @@ def register(app: typer.Typer) -> None:
             help="Override a recipe key: key=value "
             "(e.g. workload.requests=5, sweep.links.rate='[\"2mbit\"]').",
         ),
-        resume: Optional[Path] = typer.Option(
+        resume: Path | None = typer.Option(
             None,
             "--resume",
             help="Continue RUN_DIR (a run that stopped: controller crash, "
@@ -164,7 +164,7 @@ def register(app: typer.Typer) -> None:
     @app.command("simulate")
     def simulate(
         recipe: Path = typer.Argument(..., help="Recipe TOML file.", show_default=False),
-        devices: Optional[int] = typer.Option(
+        devices: int | None = typer.Option(
             None,
             "--devices",
             "-n",
@@ -172,7 +172,7 @@ def register(app: typer.Typer) -> None:
             help="Devices of every trial (replaces the "
             "recipe's run.devices and its sweep; 1000+ is fine). Default: run.devices, else 3.",
         ),
-        calibrate: Optional[Path] = typer.Option(
+        calibrate: Path | None = typer.Option(
             None,
             "--calibrate",
             help="A measured run's results folder to calibrate the latency "

@@ -52,7 +52,7 @@ from .energy_attr import request_energy
 from .enforcement import EpochLinks, Epochs, LinkRecorder, TraceReplay
 from .errors import ConfigError, TestbedError
 from .faults import Effects, FaultInjector, check_devices, parse_faults
-from .inventory import Inventory, bs_runner_for, load_inventory, ssh_runner_for
+from .inventory import bs_runner_for, load_inventory, ssh_runner_for
 from .keys import client_keys
 from .linkcheck import shaper_for
 from .links import LinkSpec, TcShaper
@@ -97,13 +97,18 @@ def _one_line(exc: BaseException) -> str:
 def git_commit() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
         )
         dirty = subprocess.run(
             ["git", "-C", str(ROOT), "status", "--porcelain"],
             capture_output=True,
             text=True,
             timeout=5,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -607,7 +612,7 @@ def place_experts(
     policy.bytes_per_token = bytes_per_token
     try:
         placement = policy.place(experts, devices)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise PolicyFailed(f"policy {policy.name}: place raised {_one_line(e)}") from e
     names = {d.name for d in devices}
     for u in manifest.uids():
@@ -677,7 +682,7 @@ def policy_hook(
         try:
             d = policy.select(ctx, cluster)
             sel = d.selection
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise PolicyFailed(f"policy {policy.name}: select raised {_one_line(e)}") from e
         try:
             sel = validate_selection(sel, ctx.num_tokens, ctx.num_experts)
@@ -811,7 +816,7 @@ class Runner:
         except KeyboardInterrupt:
             status, err = "interrupted", "interrupted (Ctrl-C or SIGTERM)"
             raise
-        except BaseException as e:  # noqa: BLE001 — recorded, then re-raised
+        except BaseException as e:
             err = _one_line(e)
             raise RunFailed(self.run_dir, e) from e
         finally:

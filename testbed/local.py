@@ -467,9 +467,12 @@ def down(name: str) -> dict[str, Any]:
     ):
         _ip(argv, check=False)
     for link in _links():
-        if names.is_our_link(link) and link != names.bridge:
-            if _ip(["ip", "link", "del", link], check=False).ok:
-                removed["links"].append(link)
+        if (
+            names.is_our_link(link)
+            and link != names.bridge
+            and _ip(["ip", "link", "del", link], check=False).ok
+        ):
+            removed["links"].append(link)
     for ns in namespaces:
         if _ip(["ip", "netns", "del", ns], check=False).ok:
             removed["netns"].append(ns)

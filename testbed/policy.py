@@ -268,7 +268,7 @@ def available_policies() -> list[dict[str, str]]:
             cls = ep.load()
             doc = (inspect.getdoc(cls) or "").strip().splitlines()[0:1]
             out.append({"name": name, "target": ep.value, "doc": doc[0] if doc else ""})
-        except Exception as exc:  # a broken third-party plug-in must not hide the others
+        except Exception as exc:  # noqa: BLE001 - a broken third-party plug-in must not hide the others
             out.append(
                 {
                     "name": name,
@@ -294,14 +294,14 @@ def load_policy_class(spec: str) -> type[Policy]:
             sys.modules[mod_name] = module
             try:
                 mspec.loader.exec_module(module)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a researcher's module may raise anything
                 raise ConfigError(
                     f"policy: {spec}: importing {path} failed: {type(exc).__name__}: {exc}"
                 ) from None
         else:
             try:
                 module = importlib.import_module(target)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a researcher's module may raise anything
                 raise ConfigError(
                     f"policy: {spec}: cannot import {target}: {type(exc).__name__}: {exc}"
                 ) from None

@@ -246,7 +246,8 @@ class CsvTable:
         self._known = frozenset(self.columns)
         self._pos = {c: i for i, c in enumerate(self.columns)}
         new = not self.path.exists() or self.path.stat().st_size == 0
-        self._f = open(self.path, "a", newline="", encoding="utf-8")
+        # held open across writes, closed by close() / the with block
+        self._f = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115
         self._w = csv.writer(self._f)
         if new:
             self._w.writerow(self.columns)
@@ -266,7 +267,7 @@ class CsvTable:
             v = get(c)
             t = type(v)
             if t is float:
-                add(round(v, 6) if v == v else "")
+                add(round(v, 6) if v == v else "")  # noqa: PLR0124 - NaN
             elif t is str or t is int:
                 add(v)
             else:
@@ -318,7 +319,7 @@ def _cell(v: Any) -> Any:
     if v is None:
         return ""
     if isinstance(v, float):
-        if v != v:  # NaN
+        if v != v:  # noqa: PLR0124 - NaN
             return ""
         return round(v, 6)
     if isinstance(v, bool):

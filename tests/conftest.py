@@ -159,6 +159,7 @@ def run_cli(
         timeout=timeout,
         cwd=ROOT,
         env={**os.environ, **(env or {})},
+        check=False,
         **kw,
     )
 
@@ -168,8 +169,10 @@ def leftovers(name: str) -> dict[str, list[str]]:
     from testbed.local import Names
 
     n = Names(name)
-    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
+    links = subprocess.run(
+        ["ip", "-o", "link", "show"], capture_output=True, text=True, check=False
+    ).stdout
     out = {
         "netns": [x.split()[0] for x in ns.splitlines() if x and n.is_our_netns(x.split()[0])],
         "links": [

@@ -22,7 +22,7 @@ pytestmark = needs_testbed
 
 
 def test_up_three_devices_ssh_with_host_key_checking(make_testbed, tmp_path):
-    name, inv_path = make_testbed(devices=3)
+    _name, inv_path = make_testbed(devices=3)
     inv = load_inventory(inv_path)
     assert len(inv.devices) == 3
     for dev in inv.devices:
@@ -52,7 +52,7 @@ def test_up_three_devices_ssh_with_host_key_checking(make_testbed, tmp_path):
 
 
 def test_remote_timeout_stops_the_remote_command(make_testbed):
-    name, inv_path = make_testbed(devices=1)
+    _name, inv_path = make_testbed(devices=1)
     inv = load_inventory(inv_path)
     dev = inv.devices[0]
     pidfile = f"{dev.workdir}/sleeper.pid"
@@ -86,7 +86,7 @@ def test_put_and_spawn_detached(make_testbed, tmp_path):
         assert Path(f"/proc/{pid}").exists()
         assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] == b"sleep"
         ns = subprocess.run(
-            ["ip", "netns", "identify", str(pid)], capture_output=True, text=True
+            ["ip", "netns", "identify", str(pid)], capture_output=True, text=True, check=False
         ).stdout.strip()
         assert ns == local.Names(name).netns(1)
     finally:
@@ -152,7 +152,7 @@ def test_down_after_up_killed_halfway(state_dir, tmp_path):
 
 def test_two_testbeds_coexist(make_testbed):
     a, inv_a = make_testbed(devices=1)
-    b, inv_b = make_testbed(devices=1)
+    _b, inv_b = make_testbed(devices=1)
     ia, ib = load_inventory(inv_a), load_inventory(inv_b)
     assert ia.bs.host != ib.bs.host and ia.bs.interface != ib.bs.interface
     local.down(a)

@@ -22,9 +22,9 @@ from testbed.latency_model import (
     overlap_ms,
     predict_layer_ms,
 )
-from testbed.results import LAYER_COLUMNS
 from testbed.policy import ClusterState
 from testbed.report import Group, Run
+from testbed.results import LAYER_COLUMNS
 
 
 class FakeShaper:

@@ -80,8 +80,10 @@ def test_unknown_parameter_named():
     with pytest.raises(ConfigError) as ei:
         load_policy("topk", {"theta": 0.5, "seed": 1}, where="recipe.toml: policy.params")
     assert ei.value.problems == [
-        "recipe.toml: policy.params.theta: unknown parameter of "
-        "policy topk (allowed: placement, seed)"
+        (
+            "recipe.toml: policy.params.theta: unknown parameter of "
+            "policy topk (allowed: placement, seed)"
+        )
     ]
     with pytest.raises(ConfigError, match="placement: unknown strategy 'zigzag'"):
         load_policy("topk", {"placement": "zigzag"})

@@ -196,7 +196,8 @@ def test_csv_table_flushes_each_row_and_rejects_unknown_columns(tmp_path):
         }
     )
     # readable before close: the row is on disk
-    rows = list(csv.DictReader(open(path)))
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
     assert rows[0]["expert"] == "L0.E1" and rows[0]["network_ms"] == "1.234568"
     assert rows[0]["compute_ms"] == "" and rows[0]["tokens"] == ""
     assert rows[0]["sweep.links.rate"] == "2mbit"
