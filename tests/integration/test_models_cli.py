@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from models.testing import make_random_checkpoint
 from models.tinytask import make_mc_items
-from testbed.cli_model import app
+from testbed.cli.model import app
 
 torch.set_num_threads(2)
 runner = CliRunner()

@@ -13,7 +13,7 @@ from models.routing import make_policy
 from models.runtime import BaseStationModel
 from models.split import split_checkpoint
 from models.tinytrain import TINY_DIR
-from testbed.cli_model import app
+from testbed.cli.model import app
 
 torch.set_num_threads(2)
 runner = CliRunner()

@@ -10,9 +10,9 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from .cli import Format, FormatOpt, InvArg, _fmt, console, emit, err_console
-from .errors import HostUnreachable
-from .inventory import load_inventory
+from ..errors import HostUnreachable
+from ..inventory import load_inventory
+from .output import Format, FormatOpt, InvArg, console, emit, err_console, set_format
 
 
 def _fail(rows: list[dict[str, Any]]) -> None:
@@ -67,9 +67,9 @@ def register(app: typer.Typer) -> None:
 
         Idempotent: a second run changes nothing (no file rewritten, agents keep their PIDs).
         """
-        from .provision import provision
+        from ..provision import provision
 
-        _fmt(fmt)
+        set_format(fmt)
         inv = load_inventory(inventory)
         t0 = time.monotonic()
         reports = provision(
@@ -116,9 +116,9 @@ def register(app: typer.Typer) -> None:
         fmt: Format = FormatOpt,
     ) -> None:
         """Per device: is the agent running and answering a ping, its PID and endpoint."""
-        from .provision import agents_status
+        from ..provision import agents_status
 
-        _fmt(fmt)
+        set_format(fmt)
         inv = load_inventory(inventory)
         rows = agents_status(inv, connect_timeout_s=timeout)
         t = Table(title=f"agents of {inventory}")
@@ -148,9 +148,9 @@ def register(app: typer.Typer) -> None:
         fmt: Format = FormatOpt,
     ) -> None:
         """Stop every device's agent by PID (SIGTERM, then SIGKILL), after checking it is ours."""
-        from .provision import agents_stop
+        from ..provision import agents_stop
 
-        _fmt(fmt)
+        set_format(fmt)
         inv = load_inventory(inventory)
         rows = agents_stop(inv, connect_timeout_s=timeout, grace_s=grace)
         t = Table(title=f"agents of {inventory} stopped")
@@ -173,9 +173,9 @@ def register(app: typer.Typer) -> None:
         fmt: Format = FormatOpt,
     ) -> None:
         """The last lines of every device's agent log."""
-        from .provision import agents_logs
+        from ..provision import agents_logs
 
-        _fmt(fmt)
+        set_format(fmt)
         inv = load_inventory(inventory)
         rows = agents_logs(inv, lines, connect_timeout_s=timeout)
         if fmt == Format.json:

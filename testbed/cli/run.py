@@ -18,11 +18,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from . import experiment
-from .cli import Format, FormatOpt, _fmt, emit, err_console
-from .recipe import load_recipe
+from .. import experiment
+from ..recipe import load_recipe
+from .output import Format, FormatOpt, emit, err_console, set_format
 
-PACKAGED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+PACKAGED_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 class RichProgress(experiment.Progress):
@@ -143,9 +143,9 @@ def register(app: typer.Typer) -> None:
         fmt: Format = FormatOpt,
     ) -> None:
         """Run every trial of RECIPE; write results/<run-id>/ (manifest + CSVs)."""
-        from .errors import ConfigError
+        from ..errors import ConfigError
 
-        _fmt(fmt)
+        set_format(fmt)
         if resume is not None:
             if recipe is not None or sets:
                 raise ConfigError(
@@ -186,9 +186,9 @@ def register(app: typer.Typer) -> None:
         """The analytic twin: replay RECIPE's policies (the same objects, routing from the model
         run here) against the calibrated latency model instead of agents, over N devices; writes
         results/<run-id>/ like `run`, its manifest marked "mode": "simulated"."""
-        from .twin import simulate_recipe
+        from ..twin import simulate_recipe
 
-        _fmt(fmt)
+        set_format(fmt)
         rcp = load_recipe(recipe, sets)
         prog = RichProgress(err_console, fmt == Format.table)
         res = simulate_recipe(rcp, devices, calibrate, out, prog)
@@ -207,11 +207,11 @@ def register(app: typer.Typer) -> None:
         fmt: Format = FormatOpt,
     ) -> None:
         """Local testbed → provision → run the comparison recipe → report → tear down."""
-        from . import local as local_tb
-        from . import provision as prov
-        from .inventory import load_inventory
+        from .. import local as local_tb
+        from .. import provision as prov
+        from ..inventory import load_inventory
 
-        _fmt(fmt)
+        set_format(fmt)
         rcp = load_recipe(recipe)
         say = (
             (lambda m: err_console.print(f"[bold]{m}[/bold]"))
@@ -227,13 +227,13 @@ def register(app: typer.Typer) -> None:
             inv_path = Path(up["inventory"])
             say("2/4 provisioning agents over SSH")
             t0 = time.monotonic()
-            from .modelstore import resolve_split
+            from ..modelstore import resolve_split
 
             reports = prov.provision(load_inventory(inv_path), resolve_split(rcp.model_spec()))
             out_data["provision_s"] = round(time.monotonic() - t0, 2)
             bad = [r for r in reports if not r.ok]
             if bad:
-                from .errors import TestbedError
+                from ..errors import TestbedError
 
                 raise TestbedError("; ".join(f"{r.device}: {r.error}" for r in bad))
             say(f"3/4 running {recipe.name}: {len(rcp.trials())} trials")
@@ -245,7 +245,7 @@ def register(app: typer.Typer) -> None:
             say(f"tearing down '{name}'")
             local_tb.down(name)
         say("4/4 report")
-        from .report import build_report, render_table, write_plots
+        from ..report import build_report, render_table, write_plots
 
         rep = build_report([res.run_dir])
         plots = write_plots(rep, res.run_dir / "plots")

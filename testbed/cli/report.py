@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .cli import Format, FormatOpt, _fmt, console, emit
+from .output import Format, FormatOpt, console, emit, set_format
 
 
 def register(app: typer.Typer) -> None:
@@ -40,10 +40,10 @@ def register(app: typer.Typer) -> None:
         JSON: an object with runs, rows (one per run x policy x point), versus_topk,
         prediction and time_shares (see testbed.comparison), faults and plots (PNG paths).
         """
-        from . import comparison, deploy_report, fault_report
-        from .report import build_report, render_table, write_plots
+        from .. import comparison, deploy_report, fault_report
+        from ..report import build_report, render_table, write_plots
 
-        _fmt(fmt)
+        set_format(fmt)
         rep = build_report(run_dirs)
         versus = comparison.versus_baseline(rep.groups)
         prediction = comparison.prediction_rows(rep.groups)

@@ -1,0 +1,97 @@
+"""The ``testbed`` command line.
+
+Library code raises :class:`~testbed.errors.TestbedError`; :func:`main` is the one place
+that turns errors into a one-line message per problem on stderr and an exit code. Every
+command takes ``--format json`` for machine-readable output on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from typing import Any
+
+import typer
+
+from ..errors import ConfigError, TestbedError
+from .agents import register as _register_agents
+from .inventory import inventory_app
+from .links import links_app
+from .local import local_app
+from .output import Format, state
+from .policies import policies_app
+from .report import register as _register_report
+from .run import register as _register_run
+
+app = typer.Typer(
+    help="moe-edge-testbed: distributed MoE inference on a wireless edge "
+    "testbed (BS + devices, tc-shaped links, ZeroMQ).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(local_app, name="local")
+app.add_typer(inventory_app, name="inventory")
+app.add_typer(links_app, name="links")
+app.add_typer(policies_app, name="policies")
+
+
+def _mount_model_cli() -> None:
+    try:
+        from .model import app as model_app
+    except ImportError:  # the model layer is optional at import time (torch)
+        return
+    app.add_typer(model_app, name="model", help="Split, build and evaluate MoE models.")
+
+
+_mount_model_cli()
+_register_agents(app)
+_register_run(app)
+_register_report(app)
+
+
+def _sigterm(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    """Entry point: run the app, turn errors into one line each and an exit code."""
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        rc = app(standalone_mode=False)  # click returns typer.Exit's code here
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
+    except TestbedError as exc:
+        lines = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
+        if state["format"] == Format.json:
+            sys.stdout.write(
+                json.dumps(
+                    {
+                        "error": {
+                            "type": type(exc).__name__,
+                            "messages": lines,
+                            "exit_code": exc.exit_code,
+                        }
+                    }
+                )
+                + "\n"
+            )
+        for line in lines:
+            sys.stderr.write(f"error: {line}\n")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click usage errors come through here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.stderr.write("aborted\n")
+            sys.exit(130)
+        raise
