@@ -34,6 +34,18 @@ def test_bad_flag_value_is_one_line_exit_2(tmp_path):
     assert res.stderr.strip().splitlines()[-1].startswith("error: --rate:")
 
 
+def test_unknown_command_option_or_none_is_a_usage_error_not_a_traceback():
+    for args, says in (
+        (("nosuch",), "No such command 'nosuch'"),
+        (("run", "--nosuch"), "No such option: --nosuch"),
+        ((), "Usage: testbed"),
+    ):
+        res = run_cli(*args, timeout=60)
+        assert res.returncode == 2, (args, res.stderr)
+        assert says in res.stderr + res.stdout, args
+        assert "Traceback" not in res.stderr, (args, res.stderr)
+
+
 @needs_testbed
 def test_json_everywhere_and_unreachable_hosts(state_dir, tmp_path):
     env = {"TESTBED_STATE_DIR": str(state_dir)}
