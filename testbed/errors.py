@@ -1,12 +1,23 @@
 """One error hierarchy for the controller.
 
 Library code raises these; the CLI (``testbed.cli.main``) is the only place that turns
-them into a one-line message on stderr and an exit code.
+them into a one-line message on stderr and an exit code. Every exception class of
+``testbed/`` lives here (tests/unit/test_errors_layout.py checks it); the modules that raise
+them import them from here and re-export them under their old names.
+
+Exit codes: 1 any other error (:class:`TestbedError`, :class:`AgentError`; :class:`RunFailed`
+takes its cause's), 2 :class:`ConfigError`, 3 :class:`CommandFailed`, :class:`TcNetlinkError`,
+:class:`ProvisionError`, 4 :class:`CommandTimeout`, 5 :class:`HostUnreachable`, 6
+:class:`NeedsRoot`, 7 :class:`Unsupported`, 8 :class:`PolicyFailed`; the CLI exits 130 when
+interrupted (Ctrl-C, SIGTERM).
 """
 
 from __future__ import annotations
 
+import errno as errno_mod
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 
 class TestbedError(Exception):
@@ -95,3 +106,70 @@ class Unsupported(TestbedError):
     """
 
     exit_code = 7
+
+
+class TcNetlinkError(TestbedError):
+    """The kernel refused one or more messages of a batch (or the socket failed).
+
+    ``failures`` holds (what, errno, kernel message) per refused message; ``what`` names
+    the interface, object and handle. Exit code 3 (like a failed ``tc``).
+    """
+
+    exit_code = 3
+
+    def __init__(self, host: str, failures: Sequence[tuple[str, int, str]]):
+        self.host = host
+        self.failures = list(failures)
+        parts = [
+            f"{what} -> {_errno_text(err)}" + (f" ({msg})" if msg else "")
+            for what, err, msg in self.failures
+        ]
+        super().__init__(f"{host}: tc over netlink failed: " + "; ".join(parts))
+
+
+def _errno_text(err: int) -> str:
+    name = errno_mod.errorcode.get(err, f"errno {err}")
+    return f"{name} {os.strerror(err)}"
+
+
+class ProvisionError(TestbedError):
+    """A device check or an install step failed (the message names the device). Exit 3."""
+
+    exit_code = 3
+
+
+class AgentError(TestbedError):
+    """A control request to an agent failed (timeout, or an error reply)."""
+
+    def __init__(self, device: str, message: str, code: int | None = None) -> None:
+        super().__init__(f"{device}: {message}")
+        self.device = device
+        self.code = code
+
+
+class NotExpressible(ValueError):
+    """tc words :mod:`testbed.netlink_tc` does not translate (the caller keeps the ``tc`` CLI for
+    them)."""
+
+
+class PolicyFailed(TestbedError):
+    """A policy raised or returned something invalid. Exit code 8."""
+
+    exit_code = 8
+
+
+class RunFailed(TestbedError):
+    """A run stopped on an error; the manifest in ``run_dir`` says why."""
+
+    def __init__(self, run_dir: Path, cause: BaseException):
+        self.run_dir = run_dir
+        self.cause = cause
+        self.exit_code = getattr(cause, "exit_code", 1)
+        super().__init__(f"{one_line(cause)} (run folder: {run_dir})")
+
+
+def one_line(exc: BaseException) -> str:
+    """``exc`` as one line: its message with whitespace collapsed (its class name when empty),
+    prefixed by the class name unless it is a :class:`TestbedError`."""
+    msg = " ".join(str(exc).split()) or type(exc).__name__
+    return msg if isinstance(exc, TestbedError) else f"{type(exc).__name__}: {msg}"

@@ -50,7 +50,7 @@ from . import results as R
 from .channel import ChannelModel, read_trace
 from .energy_attr import request_energy
 from .enforcement import EpochLinks, Epochs, LinkRecorder, TraceReplay
-from .errors import ConfigError, TestbedError
+from .errors import ConfigError, PolicyFailed, RunFailed, TestbedError, one_line
 from .faults import Effects, FaultInjector, check_devices, parse_faults
 from .inventory import bs_runner_for, load_inventory, ssh_runner_for
 from .keys import client_keys
@@ -70,27 +70,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PROFILE_KBIT = 50_000.0
 #: repeats of each profiled exchange (its median per call shape is fitted)
 PROFILE_REPEATS = 5
-
-
-class PolicyFailed(TestbedError):
-    """A policy raised or returned something invalid. Exit code 8."""
-
-    exit_code = 8
-
-
-class RunFailed(TestbedError):
-    """A run stopped on an error; the manifest in ``run_dir`` says why."""
-
-    def __init__(self, run_dir: Path, cause: BaseException):
-        self.run_dir = run_dir
-        self.cause = cause
-        self.exit_code = getattr(cause, "exit_code", 1)
-        super().__init__(f"{_one_line(cause)} (run folder: {run_dir})")
-
-
-def _one_line(exc: BaseException) -> str:
-    msg = " ".join(str(exc).split()) or type(exc).__name__
-    return msg if isinstance(exc, TestbedError) else f"{type(exc).__name__}: {msg}"
 
 
 # ---- provenance -------------------------------------------------------------------------------
@@ -613,7 +592,7 @@ def place_experts(
     try:
         placement = policy.place(experts, devices)
     except Exception as e:
-        raise PolicyFailed(f"policy {policy.name}: place raised {_one_line(e)}") from e
+        raise PolicyFailed(f"policy {policy.name}: place raised {one_line(e)}") from e
     names = {d.name for d in devices}
     for u in manifest.uids():
         ds = placement.get(u)
@@ -683,7 +662,7 @@ def policy_hook(
             d = policy.select(ctx, cluster)
             sel = d.selection
         except Exception as e:
-            raise PolicyFailed(f"policy {policy.name}: select raised {_one_line(e)}") from e
+            raise PolicyFailed(f"policy {policy.name}: select raised {one_line(e)}") from e
         try:
             sel = validate_selection(sel, ctx.num_tokens, ctx.num_experts)
         except (ModelError, AttributeError) as e:
@@ -817,7 +796,7 @@ class Runner:
             status, err = "interrupted", "interrupted (Ctrl-C or SIGTERM)"
             raise
         except BaseException as e:
-            err = _one_line(e)
+            err = one_line(e)
             raise RunFailed(self.run_dir, e) from e
         finally:
             self.progress.close()

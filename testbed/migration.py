@@ -21,7 +21,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, PolicyFailed, one_line
 from .links import LinkSpec
 from .units import parse_rate_kbit
 
@@ -122,12 +122,10 @@ def run_update(
     request: int,
 ) -> dict[str, tuple[str, ...]] | None:
     """Call ``policy.update``; apply and record a new placement. Returns it (or None)."""
-    from .experiment import PolicyFailed, _one_line
-
     try:
         new = policy.update(cluster, stats)
     except Exception as e:
-        raise PolicyFailed(f"policy {policy.name}: update raised {_one_line(e)}") from e
+        raise PolicyFailed(f"policy {policy.name}: update raised {one_line(e)}") from e
     if not new:
         return None
     names = set(cluster.rate_down_kbit) | {d for ds in placement.values() for d in ds}

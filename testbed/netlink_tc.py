@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
 
-from .errors import TestbedError
+from .errors import NotExpressible, TcNetlinkError
 
 # -- netlink / rtnetlink constants (linux/netlink.h, rtnetlink.h, pkt_sched.h) ---------------
 NETLINK_ROUTE = 0
@@ -102,30 +102,6 @@ _TBF_QOPT = struct.Struct("=12s12sIII")  # rate, peakrate, limit, buffer, mtu
 _U32 = struct.Struct("=I")
 _U64 = struct.Struct("=Q")
 _I32 = struct.Struct("=i")
-
-
-class TcNetlinkError(TestbedError):
-    """The kernel refused one or more messages of a batch (or the socket failed).
-
-    ``failures`` holds (what, errno, kernel message) per refused message; ``what`` names
-    the interface, object and handle. Exit code 3 (like a failed ``tc``).
-    """
-
-    exit_code = 3
-
-    def __init__(self, host: str, failures: Sequence[tuple[str, int, str]]):
-        self.host = host
-        self.failures = list(failures)
-        parts = [
-            f"{what} -> {_errno_text(err)}" + (f" ({msg})" if msg else "")
-            for what, err, msg in self.failures
-        ]
-        super().__init__(f"{host}: tc over netlink failed: " + "; ".join(parts))
-
-
-def _errno_text(err: int) -> str:
-    name = errno_mod.errorcode.get(err, f"errno {err}")
-    return f"{name} {os.strerror(err)}"
 
 
 # -- handles and tc's arithmetic --------------------------------------------------------------
@@ -276,10 +252,6 @@ _TIME_SCALE_US = {
     "s": 1_000_000,
     "sec": 1_000_000,
 }
-
-
-class NotExpressible(ValueError):
-    """tc words this module does not translate (the caller keeps the ``tc`` CLI for them)."""
 
 
 _NUMBER_UNIT = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)([a-z]*)\s*")

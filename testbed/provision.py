@@ -67,7 +67,7 @@ from typing import Any
 
 from device_agent.security import AGENT_SECRET, AUTHORIZED, CurveClient
 
-from .errors import CommandFailed, ConfigError, HostUnreachable, TestbedError
+from .errors import CommandFailed, ConfigError, HostUnreachable, ProvisionError, TestbedError
 from .inventory import Device, Inventory, ssh_runner_for
 from .jetson import query_power
 from .keys import BS_NAME, client_keys, ensure_keys
@@ -93,12 +93,6 @@ STATUS_PERIOD_S = 0.5
 #: HELLO_KEEPALIVE_S (T_hello) passed without a message
 HELLO_DELTA = 0.1
 HELLO_KEEPALIVE_S = 2.0
-
-
-class ProvisionError(TestbedError):
-    """A device check or an install step failed (the message names the device). Exit 3."""
-
-    exit_code = 3
 
 
 # -- workdir layout ---------------------------------------------------------------------

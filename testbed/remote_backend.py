@@ -42,7 +42,7 @@ from device_agent.protocol import ErrorCode, ProtocolError
 from device_agent.security import CurveClient, CurveKeyError
 
 from .energy_attr import call_energy_j, split_call_energy
-from .errors import TestbedError
+from .errors import AgentError, TestbedError
 
 try:  # the models package is needed for the backend protocol types only
     from models.backend import LayerResult, LayerWork
@@ -64,15 +64,6 @@ _TEND_MS = 50
 #: dtypes whose CPU tensors numpy views directly (bfloat16 goes through P.tensor_buffer)
 _NP_VIEWABLE = frozenset((torch.float32, torch.float16))
 _NO_ENERGY: dict[str, float] = {}  #: shared, never written: a reply without energy stamps
-
-
-class AgentError(TestbedError):
-    """A control request to an agent failed (timeout, or an error reply)."""
-
-    def __init__(self, device: str, message: str, code: int | None = None) -> None:
-        super().__init__(f"{device}: {message}")
-        self.device = device
-        self.code = code
 
 
 def round_robin_placement(

@@ -73,7 +73,7 @@ from . import experiment as X
 from . import results as R
 from .channel import read_trace
 from .enforcement import MIN_KBIT, EpochLinks, Epochs, LinkRecorder, TraceReplay
-from .errors import ConfigError
+from .errors import ConfigError, RunFailed, one_line
 from .latency_model import (
     DeviceCosts,
     LayerCostParams,
@@ -873,8 +873,8 @@ class Simulator:
             status, err = "interrupted", "interrupted (Ctrl-C or SIGTERM)"
             raise
         except BaseException as e:
-            err = X._one_line(e)
-            raise X.RunFailed(self.run_dir, e) from e
+            err = one_line(e)
+            raise RunFailed(self.run_dir, e) from e
         finally:
             self.progress.close()
             self.manifest["twin"].update(
