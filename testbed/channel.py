@@ -801,39 +801,29 @@ def _transfer(
     return (kd, xd, cd, ku, xu, cu, floor)
 
 
+def _rate_slope(b: float, x: float, c: float) -> tuple[float, float]:
+    """One direction's rate ``r(b) = b min(log2(1 + x / b), c)`` and ``r'(b)``."""
+    if x == math.inf:
+        return c * b, c
+    q = x / b
+    lg = math.log1p(q) / LN2
+    if lg >= c:
+        return c * b, c
+    return b * lg, lg - q / ((1.0 + q) * LN2)
+
+
 def _transfer_ms(
     b: float, kd: float, xd: float, cd: float, ku: float, xu: float, cu: float
 ) -> tuple[float, float]:
     """``f(b)`` and ``f'(b)`` (``(inf, -inf)`` where a needed rate is 0)."""
     f = df = 0.0
-    if kd > 0:
-        if xd == math.inf:
-            r, dr = cd * b, cd
-        else:
-            q = xd / b
-            lg = math.log1p(q) / LN2
-            if lg >= cd:
-                r, dr = cd * b, cd
-            else:
-                r, dr = b * lg, lg - q / ((1.0 + q) * LN2)
-        if r <= 0.0:
-            return math.inf, -math.inf
-        f += kd / r
-        df -= kd * dr / (r * r)
-    if ku > 0:
-        if xu == math.inf:
-            r, dr = cu * b, cu
-        else:
-            q = xu / b
-            lg = math.log1p(q) / LN2
-            if lg >= cu:
-                r, dr = cu * b, cu
-            else:
-                r, dr = b * lg, lg - q / ((1.0 + q) * LN2)
-        if r <= 0.0:
-            return math.inf, -math.inf
-        f += ku / r
-        df -= ku * dr / (r * r)
+    for k, x, c in ((kd, xd, cd), (ku, xu, cu)):
+        if k > 0:
+            r, dr = _rate_slope(b, x, c)
+            if r <= 0.0:
+                return math.inf, -math.inf
+            f += k / r
+            df -= k * dr / (r * r)
     return f, df
 
 
