@@ -1246,7 +1246,7 @@ class Runner:
         out: dict[str, float | None] = {}
         be = self.backend
         budget = min(0.5, be.timeout_s)
-        for d in be.agents:
+        for d in list(be.agents):  # a ping may renew a lost connection (reconnect)
             e = None
             if be.is_up(d):
                 try:

@@ -273,11 +273,13 @@ class RemoteExpertBackend:
         kernel would retry after 1 s, then 3 s, 7 s), and a handshake without retried SYNs
         does not start the connection with the 3 s fallback RTO."""
         old = self.agents[name]
-        self.remove_agent(name)
         ct_ms = self._connect_timeout_ms
         if ct_ms and old.clock is not None:
             ct_ms = max(ct_ms, int(4 * old.clock.rtt_ms))
+        # replaced in place, never popped and re-added: the device keeps its key (and its place)
+        # in self.agents, so a loop over the devices whose call renews one goes on unharmed
         self.add_agent(name, old.endpoint, connect_timeout_ms=ct_ms)
+        self._close_agent(self._by_sock.pop(old.sock))
         new = self.agents[name]
         new.clock, new.down_until, new.failures = old.clock, old.down_until, old.failures
         new.energy_source = old.energy_source
@@ -400,7 +402,7 @@ class RemoteExpertBackend:
     def connect(self, timeout_s: float = 15.0, pings: int = 5) -> dict[str, ClockEstimate]:
         """Wait until every agent answers a ping, then estimate their clock offsets."""
         deadline = time.monotonic() + timeout_s
-        for name in self.agents:
+        for name in list(self.agents):
             while True:
                 try:
                     self.ping(name, timeout_s=min(1.0, max(0.05, deadline - time.monotonic())))
@@ -414,23 +416,18 @@ class RemoteExpertBackend:
     def fetch_energy_sources(self) -> dict[str, str | None]:
         """Ask every agent for its meter's label (``energy_source`` of its status; call rows
         carry it). An agent that does not say keeps ``None``."""
-        for name, a in self.agents.items():
+        for name in list(self.agents):  # the agent after the call (a lost one is renewed)
             src = self.status(name).get("energy_source")
-            a.energy_source = src if isinstance(src, str) else None
+            self.agents[name].energy_source = src if isinstance(src, str) else None
         return {n: a.energy_source for n, a in self.agents.items()}
 
     def estimate_clock_offsets(self, pings: int = 5) -> dict[str, ClockEstimate]:
         """NTP-style offsets, keeping the minimum-RTT sample of ``pings`` per agent."""
         out: dict[str, ClockEstimate] = {}
-        for name, a in self.agents.items():
-            best: dict[str, Any] | None = None
-            for _ in range(pings):
-                p = self.ping(name)
-                if best is None or p["rtt_ms"] < best["rtt_ms"]:
-                    best = p
-            assert best is not None
-            a.clock = ClockEstimate(int(best["offset_ns"]), float(best["rtt_ms"]), pings)
-            out[name] = a.clock
+        for name in list(self.agents):
+            best = min((self.ping(name) for _ in range(pings)), key=lambda p: p["rtt_ms"])
+            out[name] = ClockEstimate(int(best["offset_ns"]), float(best["rtt_ms"]), pings)
+            self.agents[name].clock = out[name]  # the agent now: a ping may have renewed it
         return out
 
     def status(self, device: str, timeout_s: float | None = None) -> dict[str, Any]:
