@@ -17,9 +17,11 @@ rule is the simplest one that matches the description.
    collaboration). Otherwise :func:`place_inter` minimises the expected critical path
    :func:`critical_path_ms` — per MoE layer the max over devices of ``a + b * rows +
    transfer(rows)`` with rows weighted by popularity — under every device's memory budget
-   (sizes at the smallest bit-width), greedily (largest popularity first, the device whose
-   layer time grows least), then improves it by single moves and same-layer swaps; an affinity
-   bonus ``coact_weight`` x co-activation keeps experts that fire together on one device [R].
+   (sizes at the smallest bit-width): greedy starts (experts by popularity, by size and by
+   popularity per byte, each to the device whose layer time grows least), each improved by
+   local search over single moves and pairwise swaps between devices (any two experts: tight
+   budgets need them), the best kept; an affinity bonus ``coact_weight`` x co-activation keeps
+   experts that fire together on one device [R].
    Hot experts get replicas (:func:`add_replicas`) with the memory left once every expert
    of the device is at full precision [R].
 3. **Compression** [V/R]. ``score_e = lam * importance_e + (1 - lam) * popularity_e``
@@ -50,6 +52,7 @@ rule is the simplest one that matches the description.
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -352,14 +355,14 @@ def memory_used(
     return out
 
 
-def _affinity(
-    uid: str, dev: str, assign: Mapping[str, str], coact: Mapping[tuple[str, str], float]
-) -> float:
-    s = 0.0
+def _neighbours(coact: Mapping[tuple[str, str], float]) -> dict[str, list[tuple[str, float]]]:
+    """uid -> ``(other uid, co-activation)`` for every co-activation pair (both directions)."""
+    nbr: dict[str, list[tuple[str, float]]] = {}
     for (a, b), c in coact.items():
-        if a == uid and assign.get(b) == dev or b == uid and assign.get(a) == dev:
-            s += c
-    return s
+        if a != b:
+            nbr.setdefault(a, []).append((b, c))
+            nbr.setdefault(b, []).append((a, c))
+    return nbr
 
 
 def _objective(
@@ -381,6 +384,50 @@ def _objective(
     return cost
 
 
+def _greedy(
+    order: Sequence[str],
+    size: Mapping[str, float],
+    popularity: Mapping[str, float],
+    devices: Sequence[DeviceModel],
+    tokens: float,
+    bytes_per_row: int,
+    nbr: Mapping[str, Sequence[tuple[str, float]]],
+    coact_weight: float,
+) -> tuple[dict[str, str], str | None]:
+    """Experts in ``order``, each to the feasible device whose layer time after the assignment
+    (minus ``coact_weight`` x co-activation with the experts already there) is smallest; ties:
+    more free memory, then name. ``(assignment, None)``, or ``(partial, error)`` naming the
+    first expert that fits no device."""
+    free = {d.name: float(d.budget_bytes) for d in devices}
+    rows: dict[tuple[int, str], float] = {}
+    assign: dict[str, str] = {}
+    for u in order:
+        layer, r = _layer_of(u), tokens * popularity.get(u, 0.0)
+        best: tuple[Any, ...] | None = None
+        for d in devices:
+            if free[d.name] + 1e-9 < size[u]:
+                continue
+            t = d.layer_ms(rows.get((layer, d.name), 0.0) + r, bytes_per_row)
+            aff = (
+                sum(c for v, c in nbr.get(u, ()) if assign.get(v) == d.name)
+                if coact_weight
+                else 0.0
+            )
+            key = (round(t - coact_weight * aff, 9), -free[d.name], d.name)
+            if best is None or key < best:
+                best = key
+        if best is None:
+            return assign, (
+                f"placement: expert {u} ({size[u]:.0f} bytes) fits no device's "
+                f"memory budget (free: {', '.join(f'{k}={v:.0f}' for k, v in free.items())})"
+            )
+        dn = best[-1]
+        assign[u] = dn
+        free[dn] -= size[u]
+        rows[(layer, dn)] = rows.get((layer, dn), 0.0) + r
+    return assign, None
+
+
 def place_inter(
     uids: Sequence[str],
     size: Mapping[str, float],
@@ -397,48 +444,43 @@ def place_inter(
     """Inter-device placement (one device per expert) minimising the expected critical path
     under every device's ``budget_bytes`` (``size``: uid -> bytes). Pure and deterministic.
 
-    Greedy: experts by decreasing popularity, each to the feasible device whose layer time
-    after the assignment is smallest (ties: larger co-activation with the experts already
-    there, then more free memory, then name). Then local search: single moves and same-layer
-    swaps that lower the objective (critical path - ``coact_weight`` x co-located
-    co-activation), up to ``max_rounds`` passes, from the best of the greedy assignment,
-    ``start`` (e.g. the current placement) and round-robin (those that are feasible) — so the
-    result is never worse than a feasible round-robin.
+    Several starting assignments: greedy in three orders (decreasing popularity, decreasing
+    size, decreasing popularity per byte), each expert to the feasible device whose layer time
+    after the assignment minus ``coact_weight`` x its co-activation with the experts already
+    there is smallest (ties: more free memory, then name); ``start`` (e.g. the current
+    placement) and round-robin, when feasible. From each, local search (:class:`_Search`): single moves to
+    another device and pairwise swaps of two experts on different devices (any layers: under
+    tight memory budgets an expert only fits where another one leaves) that lower the
+    objective (critical path - ``coact_weight`` x co-located co-activation), up to
+    ``max_rounds`` passes. The best result wins (ties: the earlier start, popularity-greedy
+    first) — so it is never worse than a feasible round-robin. Cost per pass:
+    O(n x devices + n^2) incremental evaluations of O(devices) each (n experts).
 
     Raises
     ------
     ConfigError
-        When some expert fits no device.
+        When some expert fits no device (and neither ``start`` nor round-robin is feasible).
     """
     coact = dict(coact or {})
+    nbr = _neighbours(coact) if coact_weight else {}
     by_name = {d.name: d for d in devices}
-    free = {d.name: float(d.budget_bytes) for d in devices}
-    rows: dict[tuple[int, str], float] = {}
-    assign: dict[str, str] = {}
-    order = sorted(uids, key=lambda u: (-popularity.get(u, 0.0), -size[u], u))
-    for u in order:
-        layer, r = _layer_of(u), tokens * popularity.get(u, 0.0)
-        best: tuple[Any, ...] | None = None
-        for d in devices:
-            if free[d.name] + 1e-9 < size[u]:
-                continue
-            t = d.layer_ms(rows.get((layer, d.name), 0.0) + r, bytes_per_row)
-            aff = _affinity(u, d.name, assign, coact) if coact_weight else 0.0
-            key = (round(t - coact_weight * aff, 9), -free[d.name], d.name)
-            if best is None or key < best:
-                best = key
-        if best is None:
-            raise ConfigError(
-                f"placement: expert {u} ({size[u]:.0f} bytes) fits no device's "
-                f"memory budget (free: {', '.join(f'{k}={v:.0f}' for k, v in free.items())})"
-            )
-        dn = best[-1]
-        assign[u] = dn
-        free[dn] -= size[u]
-        rows[(layer, dn)] = rows.get((layer, dn), 0.0) + r
 
-    def obj(a: Mapping[str, str]) -> float:
-        return _objective(a, popularity, devices, tokens, bytes_per_row, coact, coact_weight)
+    def pop(u: str) -> float:
+        return popularity.get(u, 0.0)
+
+    orders = (
+        sorted(uids, key=lambda u: (-pop(u), -size[u], u)),
+        sorted(uids, key=lambda u: (-size[u], -pop(u), u)),
+        sorted(uids, key=lambda u: (-pop(u) / max(size[u], 1e-12), -size[u], u)),
+    )
+    starts: list[dict[str, str]] = []
+    error: str | None = None
+    for order in orders:
+        a, err = _greedy(order, size, popularity, devices, tokens, bytes_per_row, nbr, coact_weight)
+        if err is None:
+            starts.append(a)
+        elif error is None:
+            error = err
 
     def feasible(a: Mapping[str, str]) -> bool:
         used = memory_used({u: (d,) for u, d in a.items()}, size)
@@ -450,63 +492,209 @@ def place_inter(
             and set(cand) == set(uids)
             and all(d in by_name for d in cand.values())
             and feasible(cand)
-            and obj(cand) < obj(assign)
         ):
-            assign = dict(cand)
-    return _local_search(assign, size, devices, obj, max_rounds)
+            starts.append({u: cand[u] for u in uids})
+    if not starts:
+        raise ConfigError(error or "placement: no device")
+
+    def obj(a: Mapping[str, str]) -> float:
+        return _objective(a, popularity, devices, tokens, bytes_per_row, coact, coact_weight)
+
+    best: tuple[float, dict[str, str]] | None = None
+    seen: list[dict[str, str]] = []
+    for a in starts:
+        if a in seen:
+            continue
+        seen.append(a)
+        search = _Search(a, size, popularity, devices, tokens, bytes_per_row, nbr, coact_weight)
+        search.run(max_rounds)
+        v = obj(search.assign)
+        if best is None or v < best[0] - 1e-9:
+            best = (v, search.assign)
+    assert best is not None
+    return best[1]
 
 
-def _local_search(
-    assign: dict[str, str],
-    size: Mapping[str, float],
-    devices: Sequence[DeviceModel],
-    obj: Any,
-    max_rounds: int,
-) -> dict[str, str]:
-    names = [d.name for d in devices]
-    budget = {d.name: float(d.budget_bytes) for d in devices}
-    used = memory_used({u: (d,) for u, d in assign.items()}, size)
-    cur = obj(assign)
-    uids = sorted(assign)
-    by_layer: dict[int, list[str]] = {}
-    for u in uids:
-        by_layer.setdefault(_layer_of(u), []).append(u)
-    for _ in range(max_rounds):
-        improved = False
-        for u in uids:
-            for d in names:
-                src = assign[u]
-                if d == src or used.get(d, 0.0) + size[u] > budget[d] + 1e-9:
-                    continue
-                assign[u] = d
-                v = obj(assign)
-                if v < cur - 1e-9:
-                    cur, improved = v, True
-                    used[src] -= size[u]
-                    used[d] = used.get(d, 0.0) + size[u]
-                else:
-                    assign[u] = src
-        for group in by_layer.values():
-            for a, b in itertools.combinations(group, 2):
-                da, db = assign[a], assign[b]
-                if da == db:
-                    continue
-                if (
-                    used[da] - size[a] + size[b] > budget[da] + 1e-9
-                    or used[db] - size[b] + size[a] > budget[db] + 1e-9
-                ):
-                    continue
-                assign[a], assign[b] = db, da
-                v = obj(assign)
-                if v < cur - 1e-9:
-                    cur, improved = v, True
-                    used[da] += size[b] - size[a]
-                    used[db] += size[a] - size[b]
-                else:
-                    assign[a], assign[b] = da, db
-        if not improved:
-            break
-    return assign
+class _Search:
+    """Local search over one-device-per-expert assignments with incremental evaluation.
+
+    Keeps every (layer, device) cell's experts, expected rows and layer time, every layer's
+    maximum (and a device attaining it), every device's memory and every expert's
+    co-activation with the experts of each device, so that a move or a swap is scored in
+    O(1) (O(devices) when it touches a layer's slowest device) instead of recomputing the
+    whole critical path."""
+
+    def __init__(
+        self,
+        assign: Mapping[str, str],
+        size: Mapping[str, float],
+        popularity: Mapping[str, float],
+        devices: Sequence[DeviceModel],
+        tokens: float,
+        bytes_per_row: int,
+        nbr: Mapping[str, Sequence[tuple[str, float]]],
+        coact_weight: float,
+    ) -> None:
+        self.assign = dict(assign)
+        self.size = size
+        self.dev = {d.name: d for d in devices}
+        self.names = [d.name for d in devices]
+        self.budget = {d.name: float(d.budget_bytes) for d in devices}
+        self.bpr = bytes_per_row
+        self.rows = {u: tokens * popularity.get(u, 0.0) for u in self.assign}
+        self.layer = {u: _layer_of(u) for u in self.assign}
+        self.used = dict.fromkeys(self.names, 0.0)
+        self.cell: dict[tuple[int, str], set[str]] = {}
+        for u, d in self.assign.items():
+            self.used[d] += size[u]
+            self.cell.setdefault((self.layer[u], d), set()).add(u)
+        self.crow: dict[tuple[int, str], float] = {}
+        self.cpos: dict[tuple[int, str], int] = {}
+        self.time: dict[tuple[int, str], float] = {}
+        for k in list(self.cell):
+            self._refresh(k)
+        self.layer_max: dict[int, tuple[float, str]] = {}
+        for ly in {k[0] for k in self.cell}:
+            self._refresh_layer(ly)
+        # co-activation: uid -> [(other, c)], device -> sum of c over its experts, pair -> c
+        self.w = coact_weight
+        self.nbr = {u: [(v, c) for v, c in nbr.get(u, ()) if v in self.assign] for u in self.assign}
+        self.aff: dict[str, dict[str, float]] = {u: {} for u in self.assign}
+        self.pair: dict[tuple[str, str], float] = {}
+        for u, vs in self.nbr.items():
+            for v, c in vs:
+                dv = self.assign[v]
+                self.aff[u][dv] = self.aff[u].get(dv, 0.0) + c
+                if u < v:
+                    self.pair[(u, v)] = self.pair.get((u, v), 0.0) + c
+
+    def _refresh(self, k: tuple[int, str]) -> None:
+        """Recompute cell ``k``'s rows and time from its experts (no drift from updates)."""
+        members = self.cell.get(k, ())
+        self.crow[k] = sum(self.rows[v] for v in members)
+        self.cpos[k] = sum(self.rows[v] > 0 for v in members)
+        self.time[k] = self.dev[k[1]].layer_ms(self.crow[k], self.bpr)
+
+    def _refresh_layer(self, ly: int) -> None:
+        self.layer_max[ly] = max((self.time.get((ly, n), 0.0), n) for n in self.names)
+
+    def _time_delta(self, moves: Sequence[tuple[str, str, str]]) -> float:
+        """Critical-path change of ``moves`` (uid, from, to)."""
+        drow: dict[tuple[int, str], tuple[float, int]] = {}
+        for u, s, d in moves:
+            ly, r = self.layer[u], self.rows[u]
+            p = int(r > 0)
+            r0, p0 = drow.get((ly, s), (0.0, 0))
+            drow[(ly, s)] = (r0 - r, p0 - p)
+            r0, p0 = drow.get((ly, d), (0.0, 0))
+            drow[(ly, d)] = (r0 + r, p0 + p)
+        new_t: dict[tuple[int, str], float] = {}
+        for k, (dr, dp) in drow.items():
+            # exactly 0 rows when no expert with rows is left (an unused device), as in
+            # critical_path_ms; otherwise positive whatever the rounding of the update
+            rows = (
+                max(self.crow.get(k, 0.0) + dr, sys.float_info.min)
+                if self.cpos.get(k, 0) + dp > 0
+                else 0.0
+            )
+            new_t[k] = self.dev[k[1]].layer_ms(rows, self.bpr)
+        out = 0.0
+        for ly in {k[0] for k in new_t}:
+            old, arg = self.layer_max.get(ly, (0.0, ""))
+            if (ly, arg) in new_t:  # the slowest device changes: look at all of them
+                new = max(new_t.get((ly, n), self.time.get((ly, n), 0.0)) for n in self.names)
+            else:  # it stays: only a changed device can overtake it
+                new = max([old] + [t for k, t in new_t.items() if k[0] == ly])
+            out += new - old
+        return out
+
+    def move_delta(self, u: str, d: str) -> float:
+        """Objective change if ``u`` moved to device ``d``."""
+        s = self.assign[u]
+        out = self._time_delta([(u, s, d)])
+        if self.w:
+            a = self.aff[u]
+            out -= self.w * (a.get(d, 0.0) - a.get(s, 0.0))
+        return out
+
+    def swap_gain(self, a: str, b: str) -> float:
+        """Weighted co-activation gained if ``a`` and ``b`` exchanged devices."""
+        if not self.w:
+            return 0.0
+        da, db = self.assign[a], self.assign[b]
+        fa, fb = self.aff[a], self.aff[b]
+        gain = fa.get(db, 0.0) - fa.get(da, 0.0) + fb.get(da, 0.0) - fb.get(db, 0.0)
+        # a's gain counted b on db and b's counted a on da; after the swap they are apart
+        gain -= 2.0 * self.pair.get((a, b) if a < b else (b, a), 0.0)
+        return self.w * gain
+
+    def swap_delta(self, a: str, b: str) -> float:
+        """Objective change if ``a`` and ``b`` (on different devices) exchanged devices."""
+        da, db = self.assign[a], self.assign[b]
+        return self._time_delta([(a, da, db), (b, db, da)]) - self.swap_gain(a, b)
+
+    def on_slowest(self, u: str) -> bool:
+        """Whether ``u``'s device is the one attaining its layer's time (only moving such an
+        expert away can shorten the critical path)."""
+        return self.layer_max[self.layer[u]][1] == self.assign[u]
+
+    def apply(self, moves: Mapping[str, str]) -> None:
+        """Move every uid of ``moves`` to its device."""
+        touched = set()
+        for u, d in moves.items():
+            ly, src = self.layer[u], self.assign[u]
+            self.cell[(ly, src)].discard(u)
+            self.cell.setdefault((ly, d), set()).add(u)
+            self.used[src] -= self.size[u]
+            self.used[d] += self.size[u]
+            self.assign[u] = d
+            for v, c in self.nbr[u]:
+                self.aff[v][src] -= c
+                self.aff[v][d] = self.aff[v].get(d, 0.0) + c
+            touched |= {(ly, src), (ly, d)}
+        for k in touched:
+            self._refresh(k)
+        for ly in {k[0] for k in touched}:
+            self._refresh_layer(ly)
+
+    def fits(self, dev: str, add: float) -> bool:
+        return self.used[dev] + add <= self.budget[dev] + 1e-9
+
+    def run(self, max_rounds: int) -> None:
+        """Per pass: for every expert the best improving move to another device, then every
+        improving swap of two experts on different devices; until a pass changes nothing."""
+        uids = sorted(self.assign)
+        for _ in range(max_rounds):
+            improved = False
+            for u in uids:
+                src, best = self.assign[u], (-1e-9, "")
+                for d in self.names:
+                    if d != src and self.fits(d, self.size[u]):
+                        v = self.move_delta(u, d)
+                        if v < best[0]:
+                            best = (v, d)
+                if best[1]:
+                    self.apply({u: best[1]})
+                    improved = True
+            for i, a in enumerate(uids):
+                for b in uids[i + 1 :]:
+                    da, db = self.assign[a], self.assign[b]
+                    if da == db:
+                        continue
+                    sa, sb = self.size[a], self.size[b]
+                    if not (self.fits(da, sb - sa) and self.fits(db, sa - sb)):
+                        continue
+                    if (
+                        not self.on_slowest(a)
+                        and not self.on_slowest(b)
+                        and self.swap_gain(a, b) <= 1e-9
+                    ):
+                        continue  # no layer gets faster and no co-activation is gained
+                    if self.swap_delta(a, b) < -1e-9:
+                        self.apply({a: db, b: da})
+                        improved = True
+            if not improved:
+                break
 
 
 def brute_force_place(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from device_agent.hello import HelloGate, hello_values, moved
@@ -119,8 +119,24 @@ def test_placement_strictly_better_than_round_robin_on_skewed_instances() -> Non
     assert wins == 40
 
 
+# found by hypothesis: greedy fills the fast d2 with layer 1 (sizes 1 + 2 of a 3.67 budget) and
+# L0.E1 lands on the slow d1 (17.0 ms); the optimum (12.5 ms) exchanges L1.E1 and L0.E1, which
+# no single move reaches (each alone either overflows d2 or lengthens a layer): it takes a swap
+# across layers.
+_TIGHT_SWAP = (
+    ["L0.E0", "L0.E1", "L1.E0", "L1.E1"],
+    {"L0.E0": 1.0, "L0.E1": 1.0, "L1.E0": 1.0, "L1.E1": 2.0},
+    {"L0.E0": 0.0, "L0.E1": 0.25, "L1.E0": 0.5, "L1.E1": 0.25},
+    [
+        DeviceModel(f"d{i}", 5 / 3 + 2, down_kbit=down, up_kbit=up, a_ms=0.0, b_ms=0.0)
+        for i, (down, up) in enumerate(((500.0, 500.0), (500.0, 2000.0), (2000.0, 20000.0)))
+    ],
+)
+
+
 @settings(max_examples=60, deadline=None)
 @given(instances(max_layers=2, max_experts=3, max_devices=3))
+@example(_TIGHT_SWAP)
 def test_placement_close_to_brute_force_optimum(inst) -> None:
     uids, size, pop, devs = inst
     opt = brute_force_place(uids, size, pop, devs)
