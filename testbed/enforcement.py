@@ -138,10 +138,28 @@ class LinkRecorder:
             # the last epoch's rates stayed until this change began; its rows are written
             # (flushed and fsynced) only now, so that the write is no gap between two epochs
             self.end_epoch(start)
-        ms = (end - start) * 1e3
-        self.change_ms.append(ms)
-        self._since = end
-        self._common = {**key, **where, "time_s": start - self.t0, "change_ms": ms}
+        self._begin(rates, enforced, key, where, start - self.t0, (end - start) * 1e3, end)
+        return enforced
+
+    def _now(self) -> float:
+        """The clock epochs are timed on (``time.monotonic()`` here)."""
+        return time.monotonic()
+
+    def _begin(
+        self,
+        rates: Mapping[str, tuple[float, float]],
+        enforced: Mapping[str, tuple[float, float]],
+        key: Mapping[str, Any],
+        where: Mapping[str, Any],
+        time_s: float,
+        change_ms: float,
+        since: float,
+    ) -> None:
+        """Start the epoch whose change took ``change_ms`` and ended at ``since`` (on
+        :meth:`_now`'s clock): its rows wait for :meth:`end_epoch`."""
+        self.change_ms.append(change_ms)
+        self._since = since
+        self._common = {**key, **where, "time_s": time_s, "change_ms": change_ms}
         self._pending = [
             {
                 "device": d,
@@ -152,14 +170,13 @@ class LinkRecorder:
             }
             for d in sorted(rates)
         ]
-        return enforced
 
     def end_epoch(self, at: float | None = None) -> None:
-        """Write the rows of the epoch in flight, which ended at ``time.monotonic()`` ``at``
-        (default: now; call at the trial's end too)."""
+        """Write the rows of the epoch in flight, which ended at ``at`` on :meth:`_now`'s
+        clock (default: now; call at the trial's end too)."""
         if not self._pending:
             return
-        ms = ((time.monotonic() if at is None else at) - self._since) * 1e3
+        ms = ((self._now() if at is None else at) - self._since) * 1e3
         self.epoch_ms.append(ms)
         self.table.write_many(
             self._pending,

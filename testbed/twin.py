@@ -555,31 +555,11 @@ class SimLinkRecorder(LinkRecorder):
         self.end_epoch(start)
         self.clock.advance_ms(ms)
         self.charged_ms += ms
-        self.change_ms.append(ms)
-        self._since = self.clock.now
-        self._common = {**key, **where, "time_s": start, "change_ms": ms}
-        self._pending = [
-            {
-                "device": d,
-                "asked_down_kbit": rates[d][0],
-                "asked_up_kbit": rates[d][1],
-                "enforced_down_kbit": asked[d][0],
-                "enforced_up_kbit": asked[d][1],
-            }
-            for d in sorted(rates)
-        ]
+        self._begin(rates, asked, key, where, start, ms, self.clock.now)
         return asked
 
-    def end_epoch(self, at: float | None = None) -> None:
-        if not self._pending:
-            return
-        ms = ((self.clock.now if at is None else at) - self._since) * 1e3
-        self.epoch_ms.append(ms)
-        self.table.write_many(
-            self._pending,
-            {**self._common, "epoch_ms": ms, "tc_slower": self._common["change_ms"] > ms},
-        )
-        self._pending = []
+    def _now(self) -> float:
+        return self.clock.now
 
 
 def predict_exchange(
