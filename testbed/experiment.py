@@ -315,7 +315,7 @@ class ExchangePredictor:
     def __call__(self, work: Any, pending: Mapping[str, Any]) -> dict[str, Any]:
         import numpy as np
 
-        from .latency_model import layer_terms, predict_layer_ms
+        from .latency_model import layer_ms_of, layer_terms
 
         now = time.perf_counter()
         for dev in pending.get("links_changed") or ():
@@ -330,12 +330,10 @@ class ExchangePredictor:
             self._tokens(n, "up", now, up[k], first["air_down"][k] + first["device"][k])
             for k, n in enumerate(self.names)
         ]
-        layer_ms, _ = predict_layer_ms(
-            rows, down, up, self.params, experts=experts, tokens_down=tok_d, tokens_up=tok_u
-        )
         terms = layer_terms(
             rows, down, up, self.params, experts=experts, tokens_down=tok_d, tokens_up=tok_u
         )
+        layer_ms = layer_ms_of(terms, self.params)
         self._last = {"down": down, "up": up, "tok_d": tok_d, "tok_u": tok_u, "terms": terms}
         start = bool(pending.get("epoch_start"))
         crit = (

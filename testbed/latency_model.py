@@ -694,10 +694,16 @@ def predict_layer_ms(
         tokens_down=tokens_down,
         tokens_up=tokens_up,
     )
-    dev = t["total"]
+    return layer_ms_of(t, params), t["total"]
+
+
+def layer_ms_of(terms: Mapping[str, np.ndarray], params: LayerCostParams) -> float:
+    """The layer's time from its :func:`layer_terms` (what :func:`predict_layer_ms` returns
+    first): ``bs_ms + max_k t_k + overlap``, 0 when no device is called."""
+    dev = terms["total"]
     if not np.count_nonzero(dev):
-        return 0.0, dev
-    return float(params.bs_ms + dev.max() + overlap_ms(dev, params.bs_per_device_ms)), dev
+        return 0.0
+    return float(params.bs_ms + dev.max() + overlap_ms(dev, params.bs_per_device_ms))
 
 
 def overlap_ms(device_ms: Sequence[float] | np.ndarray, per_device_ms: float) -> float:

@@ -81,8 +81,8 @@ from .latency_model import (
     bucket_refilled,
     fit_compute_profile,
     fit_layer_costs,
+    layer_ms_of,
     layer_terms,
-    predict_layer_ms,
 )
 from .policy import DeviceInfo, load_policy
 from .recipe import Recipe, Trial
@@ -575,7 +575,7 @@ def predict_exchange(
     calls it: ``(moe_ms, per-device terms)`` for the called devices (``params.devices`` in
     their order; ``tokens_*``: what each link's bucket holds as its message starts, ``None``
     full); terms as :func:`~testbed.latency_model.layer_terms`."""
-    layer_ms, _ = predict_layer_ms(
+    terms = layer_terms(
         loads,
         down_kbit,
         up_kbit,
@@ -584,15 +584,7 @@ def predict_exchange(
         tokens_down=tokens_down,
         tokens_up=tokens_up,
     )
-    return layer_ms, layer_terms(
-        loads,
-        down_kbit,
-        up_kbit,
-        params,
-        experts=experts,
-        tokens_down=tokens_down,
-        tokens_up=tokens_up,
-    )
+    return layer_ms_of(terms, params), terms
 
 
 class SimBackend:
