@@ -689,6 +689,34 @@ def policy_hook(
     return hook
 
 
+def check_model_and_policies(rec: Recipe, trials: Sequence[Trial]) -> Path:
+    """What a run (or the twin) checks before touching anything: the recipe's model resolves
+    to a split folder (returned) and every trial's policy loads with its parameters."""
+    split = resolve_split(rec.model_spec(), where=f"{rec.path}: model.path")
+    for t in trials:
+        load_policy(
+            rec.policy_spec(t.policy),
+            t.config["policy"]["params"],
+            f"{rec.path}: policy.params",
+        )
+    return split
+
+
+def model_entry(split: Path, m: Any) -> dict[str, Any]:
+    """The manifest's ``model`` entry for the split folder ``split`` and its manifest ``m``."""
+    return {
+        "path": str(split),
+        "family": m.family,
+        "model_type": m.model_type,
+        "manifest_sha256": _sha256(split / "manifest.json"),
+        "moe_layers": list(m.moe_layers),
+        "experts": len(m.uids()),
+        "hidden_size": m.model_hidden_size,
+        "expert_hidden_size": m.hidden_size,
+        "lift": dict(m.lift_info) if m.lift_info else None,
+    }
+
+
 # ---- the run ------------------------------------------------------------------------------
 @dataclass
 class RunResult:
@@ -855,13 +883,7 @@ class Runner:
 
         rec = self.recipe
         # check what can be checked before touching anything: model and every trial's policy
-        split = resolve_split(rec.model_spec(), where=f"{rec.path}: model.path")
-        for t in trials:
-            load_policy(
-                rec.policy_spec(t.policy),
-                t.config["policy"]["params"],
-                f"{rec.path}: policy.params",
-            )
+        split = check_model_and_policies(rec, trials)
         self.traces = {t.index: self._trace(t) for t in trials}
         inv_path = self.inventory_path
         wanted = [t.config["run"]["devices"] for t in trials]
@@ -878,17 +900,7 @@ class Runner:
         self.manifest["inventory"] = {"path": str(inv_path), **inv.to_dict()}
         m = load_manifest(split)
         self.split, self.mf = split, m
-        self.manifest["model"] = {
-            "path": str(split),
-            "family": m.family,
-            "model_type": m.model_type,
-            "manifest_sha256": _sha256(split / "manifest.json"),
-            "moe_layers": list(m.moe_layers),
-            "experts": len(m.uids()),
-            "hidden_size": m.model_hidden_size,
-            "expert_hidden_size": m.hidden_size,
-            "lift": dict(m.lift_info) if m.lift_info else None,
-        }
+        self.manifest["model"] = model_entry(split, m)
         self._save_manifest()
 
         # Jetson power modes (devices.power_mode): every device checked before anything changes,

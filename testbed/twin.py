@@ -888,17 +888,10 @@ class Simulator:
         from models.manifest import load_manifest
         from models.runtime import BaseStationModel
 
-        from .modelstore import resolve_split
         from .profiling import bytes_per_token
 
         rec = self.recipe
-        split = resolve_split(rec.model_spec(), where=f"{rec.path}: model.path")
-        for t in trials:
-            load_policy(
-                rec.policy_spec(t.policy),
-                t.config["policy"]["params"],
-                f"{rec.path}: policy.params",
-            )
+        split = X.check_model_and_policies(rec, trials)
         m = load_manifest(split)
         self.split, self.mf = split, m
         X._quiet_transformers()
@@ -910,15 +903,7 @@ class Simulator:
         wire = bsm.controller.wire_dtype or next(bsm.model.parameters()).dtype
         self.bytes_per_token = bytes_per_token(m.hidden_size, wire.itemsize)
         self.manifest["model"] = {
-            "path": str(split),
-            "family": m.family,
-            "model_type": m.model_type,
-            "manifest_sha256": X._sha256(split / "manifest.json"),
-            "moe_layers": list(m.moe_layers),
-            "experts": len(m.uids()),
-            "hidden_size": m.model_hidden_size,
-            "expert_hidden_size": m.hidden_size,
-            "lift": dict(m.lift_info) if m.lift_info else None,
+            **X.model_entry(split, m),
             "wire_dtype": str(wire).removeprefix("torch."),
         }
         self.moe_pos = {lay: i for i, lay in enumerate(sorted(m.moe_layers))}
