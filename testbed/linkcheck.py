@@ -12,6 +12,7 @@ import json
 import random
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -261,23 +262,37 @@ def verify(
     directions: tuple[str, ...] = ("down", "up"),
 ) -> list[Goodput]:
     """Measure every (selected) device in each direction, next to tc's configured rate."""
-    targets = [inv.device(n) for n in devices] if devices else list(inv.devices)
     out: list[Goodput] = []
     with bs_runner_for(inv) as bs:
         shaper = shaper_for(inv, bs)
-        configured = {s.device: s for s in shaper.show()}
-        bs_probe = _bs_probe(inv, bs)
-        for dev in targets:
-            with ssh_runner_for(inv, dev) as remote:
-                dev_probe = f"{dev.workdir}/.testbed/netprobe.py"
-                remote.put(PROBE_SRC, dev_probe)
-                for direction in directions:
-                    st = configured.get(dev.name)
-                    rate = getattr(st, f"{direction}_kbit") if st else None
-                    out.append(
-                        measure(inv, dev, direction, seconds, bs, remote, bs_probe, dev_probe, rate)
-                    )
+        for dev, direction, rate, remote, bs_probe, dev_probe in _probes(
+            inv, bs, shaper, devices, directions
+        ):
+            out.append(measure(inv, dev, direction, seconds, bs, remote, bs_probe, dev_probe, rate))
     return out
+
+
+def _probes(
+    inv: Inventory,
+    bs: Runner,
+    shaper: TcShaper,
+    devices: list[str] | None,
+    directions: tuple[str, ...],
+) -> Iterator[tuple[Device, str, float | None, Runner, str, str]]:
+    """Each (selected) device and direction with the probe in place on both ends: ``(device,
+    direction, tc's configured rate, the device's runner, BS probe, device probe)``; one SSH
+    connection per device, open while its directions are measured."""
+    targets = [inv.device(n) for n in devices] if devices else list(inv.devices)
+    configured = {s.device: s for s in shaper.show()}
+    bs_probe = _bs_probe(inv, bs)
+    for dev in targets:
+        with ssh_runner_for(inv, dev) as remote:
+            dev_probe = f"{dev.workdir}/.testbed/netprobe.py"
+            remote.put(PROBE_SRC, dev_probe)
+            for direction in directions:
+                st = configured.get(dev.name)
+                rate = getattr(st, f"{direction}_kbit") if st else None
+                yield dev, direction, rate, remote, bs_probe, dev_probe
 
 
 def verify_airtime(
@@ -290,34 +305,27 @@ def verify_airtime(
 ) -> tuple[dict[str, object], list[Airtime]]:
     """Lone messages of each size per (selected) device and direction, ``repeats`` rounds,
     each after ``idle_s`` of silence; with the shaper's :meth:`~TcShaper.shaping_info`."""
-    targets = [inv.device(n) for n in devices] if devices else list(inv.devices)
     out: list[Airtime] = []
     with bs_runner_for(inv) as bs:
         shaper = shaper_for(inv, bs)
         info = shaper.shaping_info()
-        configured = {s.device: s for s in shaper.show()}
-        bs_probe = _bs_probe(inv, bs)
-        for dev in targets:
-            with ssh_runner_for(inv, dev) as remote:
-                dev_probe = f"{dev.workdir}/.testbed/netprobe.py"
-                remote.put(PROBE_SRC, dev_probe)
-                for direction in directions:
-                    st = configured.get(dev.name)
-                    rate = getattr(st, f"{direction}_kbit") if st else None
-                    out += measure_airtime(
-                        inv,
-                        dev,
-                        direction,
-                        tuple(sizes),
-                        repeats,
-                        idle_s,
-                        bs,
-                        remote,
-                        bs_probe,
-                        dev_probe,
-                        rate,
-                        info.get("mode"),
-                    )  # type: ignore[arg-type]
+        for dev, direction, rate, remote, bs_probe, dev_probe in _probes(
+            inv, bs, shaper, devices, directions
+        ):
+            out += measure_airtime(
+                inv,
+                dev,
+                direction,
+                tuple(sizes),
+                repeats,
+                idle_s,
+                bs,
+                remote,
+                bs_probe,
+                dev_probe,
+                rate,
+                info.get("mode"),
+            )  # type: ignore[arg-type]
     return info, out
 
 
