@@ -282,9 +282,10 @@ class ExchangePredictor:
         self.cluster = cluster
         self.decisions: list[float] = []
         self.changes: list[float] = []
-        #: device -> direction -> (perf_counter s when its last message left the leaf, bytes
-        #: the bucket held then)
-        self.links: dict[str, dict[str, tuple[float, float]]] = {}
+        from .latency_model import LinkBuckets
+
+        #: each link's bucket, on the perf_counter clock
+        self.buckets = LinkBuckets()
         self._last: dict[str, Any] | None = None
 
     def loads(self, work: Any) -> tuple[Any, Any]:
@@ -301,37 +302,19 @@ class ExchangePredictor:
                 experts[k] += 1
         return rows, experts
 
-    def _tokens(
-        self, device: str, direction: str, at: float, rate: float, later_ms: float = 0.0
-    ) -> float | None:
-        from .latency_model import bucket_refilled
-
-        seen = self.links.get(device, {}).get(direction)
-        if seen is None or not rate:
-            return None
-        t, tok = seen
-        return bucket_refilled(tok, (at - t) * 1e3 + later_ms, rate, self.params)
-
     def __call__(self, work: Any, pending: Mapping[str, Any]) -> dict[str, Any]:
         import numpy as np
 
-        from .latency_model import layer_ms_of, layer_terms
+        from .latency_model import layer_ms_of
 
         now = time.perf_counter()
-        for dev in pending.get("links_changed") or ():
-            self.links.pop(dev, None)  # full again
+        self.buckets.refill(pending.get("links_changed") or ())
         rows, experts = self.loads(work)
         c = self.cluster
         down = np.array([c.rate_down_kbit.get(n) or 0.0 for n in self.names])
         up = np.array([c.rate_up_kbit.get(n) or 0.0 for n in self.names])
-        tok_d = [self._tokens(n, "down", now, down[k]) for k, n in enumerate(self.names)]
-        first = layer_terms(rows, down, up, self.params, experts=experts, tokens_down=tok_d)
-        tok_u = [
-            self._tokens(n, "up", now, up[k], first["air_down"][k] + first["device"][k])
-            for k, n in enumerate(self.names)
-        ]
-        terms = layer_terms(
-            rows, down, up, self.params, experts=experts, tokens_down=tok_d, tokens_up=tok_u
+        terms, tok_d, tok_u = self.buckets.exchange_terms(
+            self.names, rows, experts, down, up, self.params, now
         )
         layer_ms = layer_ms_of(terms, self.params)
         self._last = {"down": down, "up": up, "tok_d": tok_d, "tok_u": tok_u, "terms": terms}
@@ -351,8 +334,6 @@ class ExchangePredictor:
     def observe(self, res: Any) -> None:
         """After the exchange: where each called device's buckets stand (the request left its
         leaf its airtime after the send; the reply, when it arrived)."""
-        from .latency_model import bucket_after
-
         last, self._last = self._last, None
         t_enter = res.info.get("t_enter")
         if last is None or t_enter is None:
@@ -364,16 +345,15 @@ class ExchangePredictor:
             if k is None or dev in seen or call.get("status") != "ok" or call.get("rtt_ms") is None:
                 continue
             seen.add(dev)
-            tm = last["terms"]
             sent = t_enter + float(call.get("serialize_ms") or 0.0) / 1e3
-            links = self.links.setdefault(dev, {})
-            links["down"] = (
-                sent + tm["air_down"][k] / 1e3,
-                bucket_after(last["tok_d"][k], tm["bytes_down"][k], last["down"][k], self.params),
-            )
-            links["up"] = (
-                sent + float(call["rtt_ms"]) / 1e3,
-                bucket_after(last["tok_u"][k], tm["bytes_up"][k], last["up"][k], self.params),
+            self.buckets.sent(
+                dev,
+                k,
+                last["terms"],
+                (last["tok_d"], last["tok_u"]),
+                (last["down"][k], last["up"][k]),
+                (sent + last["terms"]["air_down"][k] / 1e3, sent + float(call["rtt_ms"]) / 1e3),
+                self.params,
             )
 
 

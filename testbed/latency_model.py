@@ -741,6 +741,82 @@ def bucket_refilled(
     return None if t >= full else t
 
 
+class LinkBuckets:
+    """Each link's bucket followed from message to message, on a clock in seconds (the
+    runner's wall clock or the twin's virtual one): what a message left in it and when
+    (:func:`bucket_after`), refilled at the link's rate since (:func:`bucket_refilled`), full
+    again after a rate change (the kernel's ``tbf_change``) or when never used."""
+
+    def __init__(self) -> None:
+        #: (device, direction) -> (clock s when its last message left the leaf, bytes left)
+        self.seen: dict[tuple[str, str], tuple[float, float]] = {}
+
+    def tokens(
+        self,
+        device: str,
+        direction: str,
+        at: float,
+        rate: float,
+        params: LayerCostParams,
+        later_ms: float = 0.0,
+    ) -> float | None:
+        """What the bucket holds ``later_ms`` after ``at`` (``None``: full)."""
+        seen = self.seen.get((device, direction))
+        if seen is None or not rate:
+            return None
+        t, tok = seen
+        return bucket_refilled(tok, (at - t) * 1e3 + later_ms, rate, params)
+
+    def refill(self, devices: Iterable[str]) -> None:
+        """A rate change filled these devices' buckets."""
+        for d in devices:
+            self.seen.pop((d, "down"), None)
+            self.seen.pop((d, "up"), None)
+
+    def exchange_terms(
+        self,
+        names: Sequence[str],
+        loads: np.ndarray,
+        experts: np.ndarray,
+        down: np.ndarray,
+        up: np.ndarray,
+        params: LayerCostParams,
+        at: float,
+    ) -> tuple[dict[str, np.ndarray], list[float | None], list[float | None]]:
+        """:func:`layer_terms` of an exchange starting at ``at`` with each link's bucket as
+        it stands then (the request) and when the reply starts (after the request's airtime
+        and the device's time): ``(terms, tokens_down, tokens_up)``."""
+        tok_d = [self.tokens(n, "down", at, down[k], params) for k, n in enumerate(names)]
+        first = layer_terms(loads, down, up, params, experts=experts, tokens_down=tok_d)
+        tok_u = [
+            self.tokens(n, "up", at, up[k], params, first["air_down"][k] + first["device"][k])
+            for k, n in enumerate(names)
+        ]
+        terms = layer_terms(
+            loads, down, up, params, experts=experts, tokens_down=tok_d, tokens_up=tok_u
+        )
+        return terms, tok_d, tok_u
+
+    def sent(
+        self,
+        device: str,
+        k: int,
+        terms: Mapping[str, np.ndarray],
+        tokens: tuple[list[float | None], list[float | None]],
+        rates: tuple[float, float],
+        left_at: tuple[float, float],
+        params: LayerCostParams,
+    ) -> None:
+        """Device ``k`` (index into ``terms``) exchanged messages: the request left its leaf
+        at ``left_at[0]``, the reply at ``left_at[1]`` (clock s), starting from ``tokens``
+        (down, up lists) at ``rates`` (down, up kbit/s)."""
+        for i, direction in enumerate(("down", "up")):
+            self.seen[(device, direction)] = (
+                left_at[i],
+                bucket_after(tokens[i][k], terms[f"bytes_{direction}"][k], rates[i], params),
+            )
+
+
 def predict_critical_ms(layer_ms: float, params: LayerCostParams, epoch_start: bool) -> float:
     """A layer's exchange plus what runs in-line before it: the policy's decision, and the
     rate change when the decision starts an epoch (``moe_ms`` leaves both out; ``layers.csv``

@@ -77,12 +77,10 @@ from .errors import ConfigError, RunFailed, one_line
 from .latency_model import (
     DeviceCosts,
     LayerCostParams,
-    bucket_after,
-    bucket_refilled,
+    LinkBuckets,
     fit_compute_profile,
     fit_layer_costs,
     layer_ms_of,
-    layer_terms,
 )
 from .policy import DeviceInfo, load_policy
 from .recipe import Recipe, Trial
@@ -562,31 +560,6 @@ class SimLinkRecorder(LinkRecorder):
         return self.clock.now
 
 
-def predict_exchange(
-    loads: np.ndarray,
-    experts: np.ndarray,
-    down_kbit: np.ndarray,
-    up_kbit: np.ndarray,
-    params: LayerCostParams,
-    tokens_down: Sequence[float | None] | None = None,
-    tokens_up: Sequence[float | None] | None = None,
-) -> tuple[float, dict[str, np.ndarray]]:
-    """One layer's exchange under the calibrated latency model -- the one place the twin
-    calls it: ``(moe_ms, per-device terms)`` for the called devices (``params.devices`` in
-    their order; ``tokens_*``: what each link's bucket holds as its message starts, ``None``
-    full); terms as :func:`~testbed.latency_model.layer_terms`."""
-    terms = layer_terms(
-        loads,
-        down_kbit,
-        up_kbit,
-        params,
-        experts=experts,
-        tokens_down=tokens_down,
-        tokens_up=tokens_up,
-    )
-    return layer_ms_of(terms, params), terms
-
-
 class SimBackend:
     """The twin's expert backend: the experts run here (``inner``, a
     :class:`~models.backend.LocalExpertBackend`), their time is the latency model's.
@@ -599,7 +572,7 @@ class SimBackend:
     message to message on the twin's clock, as the runner's
     :class:`~testbed.experiment.ExchangePredictor` follows it on the wall clock: a message
     starts with what the bucket refilled since the last one left
-    (:func:`~testbed.latency_model.bucket_refilled`, :func:`~testbed.latency_model.bucket_after`)."""
+    (:class:`~testbed.latency_model.LinkBuckets`, the runner's too)."""
 
     def __init__(
         self, inner: Any, clock: SimClock, calibration: Calibration, bytes_per_token: int
@@ -617,20 +590,8 @@ class SimBackend:
         #: what charged the layer's decision and rate change (``take()`` -> ms), if any
         self.decision: Any = None
         self.change: Any = None
-        #: (device, direction) -> (clock s when its last message left the leaf, bytes its
-        #: bucket held then)
-        self.buckets: dict[tuple[str, str], tuple[float, float]] = {}
-
-    def _tokens(
-        self, device: str, direction: str, at: float, rate: float, later_ms: float
-    ) -> float | None:
-        """What ``device``'s bucket in ``direction`` holds ``later_ms`` after ``at`` (``None``:
-        full, or never used): refilled at the link's rate since its last message left."""
-        seen = self.buckets.get((device, direction))
-        if seen is None or not rate:
-            return None
-        t, tok = seen
-        return bucket_refilled(tok, (at - t) * 1e3 + later_ms, rate, self.params)
+        #: each link's bucket, on the twin's clock
+        self.buckets = LinkBuckets()
 
     def _params(self, names: tuple[str, ...]) -> LayerCostParams:
         p = self._for.get(names)
@@ -642,9 +603,7 @@ class SimBackend:
 
     def run_layer(self, work: Any) -> Any:
         res = self.inner.run_layer(work)
-        for d in self.pending.get("links_changed") or ():  # tbf_change fills the bucket
-            self.buckets.pop((d, "down"), None)
-            self.buckets.pop((d, "up"), None)
+        self.buckets.refill(self.pending.get("links_changed") or ())  # tbf_change fills them
         by_dev: dict[str, list[str]] = {}
         for uid in work.inputs:
             ds = self.placement.get(uid) or ("",)
@@ -658,23 +617,22 @@ class SimBackend:
         up = np.array([c.rate_up_kbit.get(d, 0.0) for d in names], dtype=np.float64)
         params = self._params(names)
         now = self.clock.now
-        tok_d = [self._tokens(d, "down", now, down[k], 0.0) for k, d in enumerate(names)]
-        first = layer_terms(loads, down, up, params, experts=ex, tokens_down=tok_d) if names else {}
-        tok_u = [
-            self._tokens(d, "up", now, up[k], first["air_down"][k] + first["device"][k])
-            for k, d in enumerate(names)
-        ]
-        moe_ms, terms = (
-            predict_exchange(loads, ex, down, up, params, tok_d, tok_u) if names else (0.0, {})
-        )
-        for k, d in enumerate(names):  # where each link's bucket stands after its message
-            self.buckets[(d, "down")] = (
-                now + terms["air_down"][k] / 1e3,
-                bucket_after(tok_d[k], terms["bytes_down"][k], down[k], params),
+        if names:
+            terms, tok_d, tok_u = self.buckets.exchange_terms(
+                names, loads, ex, down, up, params, now
             )
-            self.buckets[(d, "up")] = (
-                now + terms["total"][k] / 1e3,
-                bucket_after(tok_u[k], terms["bytes_up"][k], up[k], params),
+            moe_ms = layer_ms_of(terms, params)
+        else:
+            moe_ms, terms = 0.0, {}
+        for k, d in enumerate(names):  # where each link's bucket stands after its message
+            self.buckets.sent(
+                d,
+                k,
+                terms,
+                (tok_d, tok_u),
+                (down[k], up[k]),
+                (now + terms["air_down"][k] / 1e3, now + terms["total"][k] / 1e3),
+                params,
             )
         calls = []
         for k, d in enumerate(names):

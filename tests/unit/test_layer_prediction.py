@@ -207,7 +207,8 @@ def test_predictor_follows_each_links_bucket_from_message_to_message():
     # free, the next reply waits for ~124 B (less what the request's time refilled)
     soon = pr(work, {})["predicted_ms"]
     assert soon == pytest.approx(full + (820 - 696) * 8 / 200, abs=0.3)
-    pr.links["d1"] = {d: (t - 1.0, tok) for d, (t, tok) in pr.links["d1"].items()}  # 1 s ago
+    seen = pr.buckets.seen
+    seen.update({k: (t - 1.0, tok) for k, (t, tok) in seen.items() if k[0] == "d1"})  # 1 s ago
     assert pr(work, {})["predicted_ms"] == pytest.approx(full)
     # a rate change refills the bucket (tbf_change): right after a message, yet full
     pr.observe(
