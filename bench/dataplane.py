@@ -367,8 +367,8 @@ def measure_fanout(
 def _agents(specs: list[tuple[str, Any, str, str]], io_threads: int = 1) -> Iterator[Any]:
     """Start one agent per (name, runner, host, workdir) with an identity expert each; yields a
     connected backend with ``test_uids`` (device -> uid)."""
-    from testbed.agents_local import start_agent, stop_agent
-    from testbed.remote_backend import RemoteExpertBackend
+    from testbed.dataplane.backend import RemoteExpertBackend
+    from testbed.lab.agents import start_agent, stop_agent
 
     started = []
     backend = None
@@ -470,8 +470,8 @@ def _servers(specs: list[tuple[str, Any, str, str]], kind: str) -> Iterator[list
 @contextlib.contextmanager
 def _testbed(tmp: str, devices: int, rate_kbit: float) -> Iterator[list[tuple[str, Any, str, str]]]:
     """A local namespace testbed of ``devices`` at ``rate_kbit``; yields agent specs (SSH runners)."""
-    from testbed import local
-    from testbed.inventory import load_inventory, ssh_runner_for
+    from testbed.lab import local
+    from testbed.lab.inventory import load_inventory, ssh_runner_for
 
     name = "dpb" + os.urandom(2).hex()
     os.environ.setdefault("TESTBED_STATE_DIR", f"{tmp}/state")
@@ -525,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import tempfile
 
-    from testbed.runner import LocalRunner
+    from testbed.lab.runner import LocalRunner
 
     path_rows: list[dict[str, Any]] = []
     fan_rows: list[dict[str, Any]] = []

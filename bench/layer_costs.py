@@ -6,7 +6,7 @@ On a local testbed (created here, or ``--inventory``) with agents serving ``--mo
 
 * ``bytes``: per call shape (experts x rows), the bytes and frames tc's device classes counted
   each way (ACKs of the other direction included), against the model's messages on the wire;
-* ``timing``: exchanges through ``run_layer`` (:func:`testbed.profiling.profile_exchanges`) at
+* ``timing``: exchanges through ``run_layer`` (:func:`testbed.dataplane.profiling.profile_exchanges`) at
   each ``--rates`` (down/up kbit/s), with the model fitted at the first rate predicting the
   others: measured vs predicted layer time and round trips.
 
@@ -28,15 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 import torch
 
-from testbed import latency_model as LM
-from testbed import local
-from testbed import provision as prov
-from testbed.inventory import bs_runner_for, load_inventory
-from testbed.keys import client_keys
-from testbed.linkcheck import shaper_for
-from testbed.links import LinkSpec, parse_htb_classes
-from testbed.profiling import profile_exchanges
-from testbed.remote_backend import RemoteExpertBackend
+from testbed.dataplane.backend import RemoteExpertBackend
+from testbed.dataplane.profiling import profile_exchanges
+from testbed.lab import local
+from testbed.lab import provision as prov
+from testbed.lab.inventory import bs_runner_for, load_inventory
+from testbed.lab.keys import client_keys
+from testbed.net.links import LinkSpec, parse_htb_classes
+from testbed.net.verify import shaper_for
+from testbed.policy import latency_model as LM
 
 
 def class_counters(shaper, dev: str) -> tuple[int, int]:
@@ -54,7 +54,7 @@ def class_counters(shaper, dev: str) -> tuple[int, int]:
 @contextlib.contextmanager
 def cluster(args):
     from models.manifest import load_manifest
-    from testbed.modelstore import resolve_split
+    from testbed.lab.modelstore import resolve_split
 
     name = None
     if args.inventory is None:
@@ -78,8 +78,7 @@ def cluster(args):
         backend.connect()
         names = [d.name for d in inv.devices]
         placement = {u: [names[i % len(names)]] for i, u in enumerate(mf.uids())}
-        from testbed.inventory import ssh_runner_for
-        from testbed.runner import LocalRunner  # noqa: F401
+        from testbed.lab.inventory import ssh_runner_for
 
         for d in inv.devices:
             mine = [u for u, ds in placement.items() if ds[0] == d.name][:3]

@@ -1,7 +1,7 @@
 """Rate-change benchmark (issue 15, item 2): one decision epoch's rate change, ``tc`` CLI vs
 rtnetlink.
 
-A scratch network namespace gets the testbed's BS tree, built by ``testbed.links`` itself in
+A scratch network namespace gets the testbed's BS tree, built by ``testbed.net.links`` itself in
 ``tbf`` mode: a veth (downlink) and an ifb (uplink, fed by an ingress mirred redirect), each
 with HTB class ``1:(100+i)`` per device and a one-frame TBF leaf ``(100+i):``. Every epoch
 gives all devices new random (down, up) rates; per epoch it times:
@@ -47,9 +47,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from testbed import links
-from testbed import netlink_tc as N
-from testbed.runner import LocalRunner
+from testbed.lab.runner import LocalRunner
+from testbed.net import links
+from testbed.net import netlink as N
 
 TARGET_MS = 0.5
 BUCKET = links.DEFAULT_BUCKET_BYTES

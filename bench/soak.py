@@ -3,7 +3,7 @@
 What runs, in one process tree on this host:
 
 * ``testbed local up`` with 4 devices (namespaces, sshd, tc links at ``--rate``);
-* the real runner (``testbed.experiment.run_recipe``) in this process: provisioning over SSH with
+* the real runner (``testbed.run.session.run_recipe``) in this process: provisioning over SSH with
   CURVE, then ``--requests`` requests of the tiny model's task (topk) through the BS runtime
   against the 4 agents, every row written to a results folder;
 * a fuzzer process that, with the BS's own CURVE key (an insider: the handshake would stop an
@@ -183,13 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
 
-    from testbed import local
-    from testbed import provision as prov
-    from testbed import results as R
-    from testbed.experiment import Progress, run_recipe
-    from testbed.inventory import load_inventory
-    from testbed.keys import client_keys
-    from testbed.recipe import load_recipe
+    from testbed.lab import local
+    from testbed.lab import provision as prov
+    from testbed.lab.inventory import load_inventory
+    from testbed.lab.keys import client_keys
+    from testbed.results import schema as R
+    from testbed.run.recipe import load_recipe
+    from testbed.run.session import Progress, run_recipe
     from testbed.units import parse_rate_kbit
 
     name = "soak" + os.urandom(2).hex()

@@ -2,7 +2,7 @@
 
 ``python -m device_agent serve --bind tcp://HOST:PORT --workdir DIR``; the wire protocol and
 error codes are in :mod:`device_agent.protocol`, the BS-side client is
-``testbed.remote_backend``. This package never imports ``testbed``.
+``testbed.dataplane.backend``. This package never imports ``testbed``.
 """
 
 from typing import Any

@@ -6,7 +6,7 @@ rule is the simplest one that matches the description.
 
 1. **Perception** [V]. Agents publish their status only when a value moved by more than
    ``delta`` (:mod:`device_agent.hello`, ``serve --hello-s/--hello-delta``); the BS keeps the
-   live view (:class:`testbed.remote_backend.StatusFeed`, which counts the signalling bytes) and
+   live view (:class:`testbed.dataplane.backend.StatusFeed`, which counts the signalling bytes) and
    the enforced link rates (``ClusterState.rate_*_kbit``). :func:`rates_moved` is the BS-side
    "moved by more than delta" test on link quality.
 2. **Deployment** [V/R]. :func:`calibrate` runs the model in-process on the tiny task's

@@ -8,8 +8,8 @@ What is from the papers and what is a reconstruction (POLICIES.md tags):
 * [V] the architecture, the goal (low latency at kept accuracy), joint selection + bandwidth;
 * [S] the weight-to-latency ratio (WLR) of an expert = its gate weight / latency of its device,
   a training-free threshold that turns top-2 into a dynamic top-k;
-* [R] everything numeric below: the latency model (:mod:`testbed.latency_model`), the channel
-  (:mod:`testbed.channel`), the journal's alternating procedure, the cosine pruning schedule,
+* [R] everything numeric below: the latency model (:mod:`testbed.policy.latency_model`), the channel
+  (:mod:`testbed.net.channel`), the journal's alternating procedure, the cosine pruning schedule,
   the WLR of a whole selection, and every default.
 
 The policies here (entry points in ``pyproject.toml``):
@@ -28,7 +28,7 @@ The policies here (entry points in ``pyproject.toml``):
 ``wdmoe-bw`` (:class:`WDMoEBandwidthOnly`): top-K selection with min–max bandwidth.
 
 How a decision is computed, for one MoE layer and forward step (one :meth:`select` call = one
-channel epoch: fresh fading from the policy's own :class:`~testbed.channel.ChannelModel`,
+channel epoch: fresh fading from the policy's own :class:`~testbed.net.channel.ChannelModel`,
 seeded by ``seed``):
 
 * the device of expert ``e`` is the first device of ``cluster.placement["L{layer}.E{e}"]``;
@@ -36,11 +36,11 @@ seeded by ``seed``):
   ``(a_k, b_k) = cluster.compute_profile[k]`` (``compute_a_ms``/``compute_b_ms`` where missing),
   ``S = cluster.bytes_per_token`` (``bytes_per_token`` where 0) and the predicted layer time is
   ``T_l = bs_ms + max_k t_k``; ``r_down``, ``r_up`` are the channel's rates per direction
-  (:meth:`~testbed.channel.ChannelModel.rates_bps`: the BS's power shared in proportion to
+  (:meth:`~testbed.net.channel.ChannelModel.rates_bps`: the BS's power shared in proportion to
   bandwidth on the downlink, the device's own power on the uplink, the spectral-efficiency
   cap), in a cell of the whole budget;
-* min–max bandwidth is :func:`testbed.latency_model.min_max_bandwidth`'s problem solved at
-  those rates (:meth:`~testbed.channel.ChannelModel.min_max_bandwidth`): the latency model's
+* min–max bandwidth is :func:`testbed.policy.latency_model.min_max_bandwidth`'s problem solved at
+  those rates (:meth:`~testbed.net.channel.ChannelModel.min_max_bandwidth`): the latency model's
   solver assumes the paper's ``B log2(1 + s/B)`` with a fixed power per device, while the
   split downlink's rate is linear in ``B`` and capped;
 * the WLR of a selection [R] is the mean over (valid) tokens of the kept gate probability mass,
@@ -48,7 +48,7 @@ seeded by ``seed``):
 * padding tokens (``ctx.token_valid`` False) get no expert: they would only load the links.
 
 The rates and the min–max split of a decision come from one
-:class:`~testbed.channel.CellEpoch` (the channel's numbers for these devices in this epoch, as
+:class:`~testbed.net.channel.CellEpoch` (the channel's numbers for these devices in this epoch, as
 plain floats: the same results as ``rates_bps`` and ``min_max_bandwidth``, without numpy's
 per-call cost on a handful of devices); the per-device quantities (loads, bandwidths, rates,
 latencies) are lists, the per-token ones numpy arrays.
@@ -62,7 +62,7 @@ others see ``cluster.links_fixed`` and decide, and predict, at the rates tc enfo
 
 The returned :class:`~testbed.policy.Decision` carries ``rate_down_kbit`` and ``rate_up_kbit``:
 per device that gets bandwidth, its channel rate each way, which the runner enforces each on its
-own direction (:meth:`testbed.enforcement.EpochLinks.apply_policy`). Devices given no
+own direction (:meth:`testbed.run.epochs.EpochLinks.apply_policy`). Devices given no
 bandwidth are left out. (The runner's ``predicted_ms`` is the calibrated model's, for every
 policy; the prediction of this module's model is ``policy_predicted_ms`` in ``layers.csv``.)
 """
@@ -81,8 +81,8 @@ import numpy as np
 import torch
 
 from models.routing import RoutingContext, Selection
-from testbed.channel import CellEpoch, ChannelModel
 from testbed.errors import ConfigError
+from testbed.net.channel import CellEpoch, ChannelModel
 from testbed.policy import ClusterState, Decision, Policy
 
 _NO_PLACEMENT: dict[str, tuple[str, ...]] = {}
@@ -155,7 +155,7 @@ class _WDMoEBase(Policy):
     default_devices:
         Without a placement (no cluster), expert ``e`` is taken to sit on ``dev{e mod n}``.
     channel:
-        Keyword arguments of :class:`testbed.channel.ChannelModel` (``cell_radius_m``,
+        Keyword arguments of :class:`testbed.net.channel.ChannelModel` (``cell_radius_m``,
         ``shadowing_db``, ``bs_power_dbm``, ...); its defaults are POLICIES.md's.
     history:
         How many per-decision stats records :attr:`stats` keeps.
@@ -364,8 +364,8 @@ class _WDMoEBase(Policy):
     @staticmethod
     def _min_max(st: _Step, want: list[float] | list[int]) -> list[float]:
         """Min–max bandwidth for the token-rows ``want`` at the channel's rates
-        (:meth:`testbed.channel.ChannelModel.min_max_bandwidth`, through
-        :meth:`testbed.channel.CellEpoch.min_max`)."""
+        (:meth:`testbed.net.channel.ChannelModel.min_max_bandwidth`, through
+        :meth:`testbed.net.channel.CellEpoch.min_max`)."""
         assert st.cell is not None
         bits = [8.0 * st.bytes_per_token * w for w in want]
         fixed = [a + b * w for a, b, w in zip(st.a_ms, st.b_ms, want)]

@@ -148,7 +148,7 @@ class AgentError(TestbedError):
 
 
 class NotExpressible(ValueError):
-    """tc words :mod:`testbed.netlink_tc` does not translate (the caller keeps the ``tc`` CLI for
+    """tc words :mod:`testbed.net.netlink` does not translate (the caller keeps the ``tc`` CLI for
     them)."""
 
 

@@ -133,7 +133,7 @@ def cli_testbed(state_dir, tmp_path):
 def make_testbed(state_dir, tmp_path):
     """Factory: ``make_testbed(devices=3, rate_kbit=8000)`` → (name, inventory path).
     Every testbed made is torn down after the test, whatever happened."""
-    from testbed import local
+    from testbed.lab import local
 
     made: list[str] = []
 
@@ -166,7 +166,7 @@ def run_cli(
 
 def leftovers(name: str) -> dict[str, list[str]]:
     """Kernel objects and processes of testbed ``name`` that still exist."""
-    from testbed.local import Names
+    from testbed.lab.local import Names
 
     n = Names(name)
     ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from ..errors import HostUnreachable
-from ..inventory import load_inventory
+from ..lab.inventory import load_inventory
 from .output import Format, FormatOpt, InvArg, console, emit, err_console, set_format
 
 
@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
 
         Idempotent: a second run changes nothing (no file rewritten, agents keep their PIDs).
         """
-        from ..provision import provision
+        from ..lab.provision import provision
 
         set_format(fmt)
         inv = load_inventory(inventory)
@@ -116,7 +116,7 @@ def register(app: typer.Typer) -> None:
         fmt: Format = FormatOpt,
     ) -> None:
         """Per device: is the agent running and answering a ping, its PID and endpoint."""
-        from ..provision import agents_status
+        from ..lab.provision import agents_status
 
         set_format(fmt)
         inv = load_inventory(inventory)
@@ -148,7 +148,7 @@ def register(app: typer.Typer) -> None:
         fmt: Format = FormatOpt,
     ) -> None:
         """Stop every device's agent by PID (SIGTERM, then SIGKILL), after checking it is ours."""
-        from ..provision import agents_stop
+        from ..lab.provision import agents_stop
 
         set_format(fmt)
         inv = load_inventory(inventory)
@@ -173,7 +173,7 @@ def register(app: typer.Typer) -> None:
         fmt: Format = FormatOpt,
     ) -> None:
         """The last lines of every device's agent log."""
-        from ..provision import agents_logs
+        from ..lab.provision import agents_logs
 
         set_format(fmt)
         inv = load_inventory(inventory)

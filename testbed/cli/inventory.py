@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from ..errors import HostUnreachable, TestbedError
-from ..inventory import Inventory, bs_runner_for, load_inventory, ssh_runner_for
+from ..lab.inventory import Inventory, bs_runner_for, load_inventory, ssh_runner_for
 from .output import Format, FormatOpt, InvArg, emit, err_console, set_format
 
 inventory_app = typer.Typer(

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..errors import ConfigError
-from ..inventory import Inventory, bs_runner_for, load_inventory
+from ..lab.inventory import Inventory, bs_runner_for, load_inventory
 from ..units import parse_percent, parse_rate_kbit, parse_time_ms
 from .output import Format, FormatOpt, InvArg, emit, err_console, set_format
 
@@ -19,7 +19,7 @@ links_app = typer.Typer(
 
 
 def _shaper(inv: Inventory):
-    from ..linkcheck import shaper_for
+    from ..net.verify import shaper_for
 
     return shaper_for(inv, bs_runner_for(inv))
 
@@ -49,7 +49,7 @@ def links_set(
     fmt: Format = FormatOpt,
 ) -> None:
     """Set one device's link in place (tc class change on the BS)."""
-    from ..links import LinkSpec
+    from ..net.links import LinkSpec
 
     set_format(fmt)
     inv = load_inventory(inventory)
@@ -167,10 +167,10 @@ def links_trace(
     ),
     fmt: Format = FormatOpt,
 ) -> None:
-    """Write a channel trace from the channel model (testbed.channel): per epoch and device
+    """Write a channel trace from the channel model (testbed.net.channel): per epoch and device
     the Shannon rates of an equal bandwidth split, in that epoch's Rayleigh fading. Replay it
     with a recipe's links.trace."""
-    from ..channel import ChannelModel, write_trace
+    from ..net.channel import ChannelModel, write_trace
 
     set_format(fmt)
     problems = [
@@ -227,7 +227,7 @@ def links_verify(
 ) -> None:
     """Measure goodput per device and direction on the receiving side (--airtime: what lone
     messages are charged, timed by their sender)."""
-    from ..linkcheck import summarize_airtime, verify, verify_airtime
+    from ..net.verify import summarize_airtime, verify, verify_airtime
 
     set_format(fmt)
     inv = load_inventory(inventory)

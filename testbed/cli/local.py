@@ -8,8 +8,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .. import local as local_tb
 from ..errors import ConfigError
+from ..lab import local as local_tb
 from ..units import parse_rate_kbit
 from .output import Format, FormatOpt, NameOpt, emit, err_console, set_format
 

@@ -175,7 +175,7 @@ def widen(
         from models.errors import ModelError
         from models.widen import widen_split
         from testbed.errors import ConfigError
-        from testbed.modelstore import resolve_split
+        from testbed.lab.modelstore import resolve_split
 
         t0 = time.perf_counter()
         try:
@@ -248,7 +248,7 @@ def eval_cmd(
         from models.runtime import BaseStationModel
         from models.split import split_checkpoint
         from testbed.errors import ConfigError
-        from testbed.modelstore import is_short_name, resolve_split
+        from testbed.lab.modelstore import is_short_name, resolve_split
 
         torch.set_num_threads(threads)
         names = [p.strip() for p in policy.split(",") if p.strip()]

@@ -13,7 +13,7 @@ policies_app = typer.Typer(help="Policies: built-in and plug-in.", no_args_is_he
 @policies_app.command("list")
 def policies_list(fmt: Format = FormatOpt) -> None:
     """List the registered policies (entry points) with their one-line docs."""
-    from ..policy import ENTRY_POINT_GROUP, available_policies
+    from ..policy.api import ENTRY_POINT_GROUP, available_policies
 
     set_format(fmt)
     rows = available_policies()

@@ -26,22 +26,22 @@ def register(app: typer.Typer) -> None:
         latency CDF, accuracy vs latency, per-layer critical path (network vs compute).
 
         With injected faults (faults.csv): latency and accuracy during and after each, and the
-        calls that failed or were re-routed meanwhile (testbed.fault_report).
+        calls that failed or were re-routed meanwhile (testbed.results.fault_report).
 
-        Deployment (testbed.deploy_report): memory per device against the budget, bytes per
+        Deployment (testbed.results.deployment): memory per device against the budget, bytes per
         token, latency, accuracy, status-feed bytes, migrations and latency before/after.
 
         Latency model: per policy and point, the calibrated model's predicted / measured
         per-layer exchange time (and critical path, and the policy's own model's), median and
-        p10-p90 (testbed.comparison.prediction_rows), and where a MoE layer's time goes:
+        p10-p90 (testbed.results.comparison.prediction_rows), and where a MoE layer's time goes:
         airtime, device compute, fixed call cost, the rest of the exchange, decision, rate
-        change and the BS's own model, as shares (testbed.comparison.time_shares).
+        change and the BS's own model, as shares (testbed.results.comparison.time_shares).
 
         JSON: an object with runs, rows (one per run x policy x point), versus_topk,
-        prediction and time_shares (see testbed.comparison), faults and plots (PNG paths).
+        prediction and time_shares (see testbed.results.comparison), faults and plots (PNG paths).
         """
-        from .. import comparison, deploy_report, fault_report
-        from ..report import build_report, render_table, write_plots
+        from ..results import comparison, deployment, fault_report
+        from ..results.report import build_report, render_table, write_plots
 
         set_format(fmt)
         rep = build_report(run_dirs)
@@ -49,7 +49,7 @@ def register(app: typer.Typer) -> None:
         prediction = comparison.prediction_rows(rep.groups)
         shares = comparison.shares_rows(rep.groups)
         faults = fault_report.fault_summary(rep.runs)
-        deployment = deploy_report.deployment_summary(rep.runs)
+        deployments = deployment.deployment_summary(rep.runs)
         if fmt == Format.table:
             render_table(rep, console)
             if versus:
@@ -60,8 +60,8 @@ def register(app: typer.Typer) -> None:
                 console.print(comparison.shares_table(shares), crop=False)
             if faults:
                 console.print(fault_report.table(faults), crop=False)
-            if deployment:
-                console.print(deploy_report.table(deployment), crop=False)
+            if deployments:
+                console.print(deployment.table(deployments), crop=False)
         plots = write_plots(rep, out)
         if fmt == Format.json:
             emit(
@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
                     "prediction": prediction,
                     "time_shares": shares,
                     "faults": faults,
-                    "deployment": deployment,
+                    "deployment": deployments,
                     "plots": [str(p) for p in plots],
                 },
             )

@@ -18,14 +18,15 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .. import experiment
-from ..recipe import load_recipe
+from .. import ROOT
+from ..run import session
+from ..run.recipe import load_recipe
 from .output import Format, FormatOpt, emit, err_console, set_format
 
-PACKAGED_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+PACKAGED_RECIPES = ROOT / "recipes"
 
 
-class RichProgress(experiment.Progress):
+class RichProgress(session.Progress):
     """Trials and requests bars with an ETA on stderr (quiet in json mode / without a tty)."""
 
     def __init__(self, console: Console, enabled: bool) -> None:
@@ -76,7 +77,7 @@ class RichProgress(experiment.Progress):
             self.bar = None
 
 
-def _summary_table(res: experiment.RunResult, mode: str = "") -> Table:
+def _summary_table(res: session.RunResult, mode: str = "") -> Table:
     t = Table(
         title=f"{mode + ' ' if mode else ''}run {res.run_id}: {res.status}, "
         f"{res.requests} requests ({res.run_dir})"
@@ -151,14 +152,14 @@ def register(app: typer.Typer) -> None:
                 raise ConfigError(
                     "--resume: takes no RECIPE or --set (the run's own recipe is used)"
                 )
-            rcp, inv_default = experiment.resume_plan(resume)
+            rcp, inv_default = session.resume_plan(resume)
             inventory = inventory or inv_default
         elif recipe is None:
             raise ConfigError("RECIPE: missing (or give --resume RUN_DIR)")
         else:
             rcp = load_recipe(recipe, sets)
         prog = RichProgress(err_console, fmt == Format.table)
-        res = experiment.run_recipe(rcp, inventory, out, prog, resume=resume)
+        res = session.run_recipe(rcp, inventory, out, prog, resume=resume)
         emit(fmt, res.to_dict(), _summary_table(res))
 
     @app.command("simulate")
@@ -176,7 +177,7 @@ def register(app: typer.Typer) -> None:
             None,
             "--calibrate",
             help="A measured run's results folder to calibrate the latency "
-            "model from (default: the documented defaults, testbed.twin.DEFAULTS).",
+            "model from (default: the documented defaults, testbed.run.twin.DEFAULTS).",
             metavar="RUN_DIR",
         ),
         out: Path = typer.Option(Path("results"), "--out", help="Parent folder of the run folder."),
@@ -186,7 +187,7 @@ def register(app: typer.Typer) -> None:
         """The analytic twin: replay RECIPE's policies (the same objects, routing from the model
         run here) against the calibrated latency model instead of agents, over N devices; writes
         results/<run-id>/ like `run`, its manifest marked "mode": "simulated"."""
-        from ..twin import simulate_recipe
+        from ..run.twin import simulate_recipe
 
         set_format(fmt)
         rcp = load_recipe(recipe, sets)
@@ -207,9 +208,9 @@ def register(app: typer.Typer) -> None:
         fmt: Format = FormatOpt,
     ) -> None:
         """Local testbed → provision → run the comparison recipe → report → tear down."""
-        from .. import local as local_tb
-        from .. import provision as prov
-        from ..inventory import load_inventory
+        from ..lab import local as local_tb
+        from ..lab import provision as prov
+        from ..lab.inventory import load_inventory
 
         set_format(fmt)
         rcp = load_recipe(recipe)
@@ -227,7 +228,7 @@ def register(app: typer.Typer) -> None:
             inv_path = Path(up["inventory"])
             say("2/4 provisioning agents over SSH")
             t0 = time.monotonic()
-            from ..modelstore import resolve_split
+            from ..lab.modelstore import resolve_split
 
             reports = prov.provision(load_inventory(inv_path), resolve_split(rcp.model_spec()))
             out_data["provision_s"] = round(time.monotonic() - t0, 2)
@@ -237,7 +238,7 @@ def register(app: typer.Typer) -> None:
 
                 raise TestbedError("; ".join(f"{r.device}: {r.error}" for r in bad))
             say(f"3/4 running {recipe.name}: {len(rcp.trials())} trials")
-            res = experiment.run_recipe(
+            res = session.run_recipe(
                 rcp, inv_path, out, RichProgress(err_console, fmt == Format.table)
             )
             out_data["run"] = res.to_dict()
@@ -245,7 +246,7 @@ def register(app: typer.Typer) -> None:
             say(f"tearing down '{name}'")
             local_tb.down(name)
         say("4/4 report")
-        from ..report import build_report, render_table, write_plots
+        from ..results.report import build_report, render_table, write_plots
 
         rep = build_report([res.run_dir])
         plots = write_plots(rep, res.run_dir / "plots")

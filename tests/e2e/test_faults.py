@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from testbed import results as R
-from testbed.inventory import load_inventory
-from testbed.links import class_minor, enforced_kbit, leaves_by_class, parse_htb_classes
+from testbed.lab.inventory import load_inventory
+from testbed.net.links import class_minor, enforced_kbit, leaves_by_class, parse_htb_classes
+from testbed.results import schema as R
 from tests.conftest import needs_testbed, run_cli
 
 pytestmark = [needs_testbed, pytest.mark.root]

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from testbed import results as R
-from testbed.links import TcShaper
-from testbed.report import PLOT_FILES
-from testbed.runner import LocalRunner
+from testbed.lab.runner import LocalRunner
+from testbed.net.links import TcShaper
+from testbed.results import schema as R
+from testbed.results.report import PLOT_FILES
 from tests.conftest import leftovers, needs_testbed, run_cli, unique_name
 
 pytestmark = [needs_testbed, pytest.mark.root]
@@ -74,7 +74,7 @@ def _up(env, tmp_path, devices=3):
 
 
 def _tc_rates(inv_path: Path) -> dict[str, tuple]:
-    from testbed.inventory import load_inventory
+    from testbed.lab.inventory import load_inventory
 
     inv = load_inventory(inv_path)
     sh = TcShaper(

@@ -1,4 +1,4 @@
-"""`testbed simulate` (the analytic twin, testbed.twin) through the real CLI: a 1000-device twin
+"""`testbed simulate` (the analytic twin, testbed.run.twin) through the real CLI: a 1000-device twin
 writes a run's CSVs marked simulated and `testbed report` shows it; and against a measured run on
 the local testbed, calibrated from it, the twin's per-token latency per policy and device count
 is within 15% of the measurement."""
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed import results as R
-from testbed.twin import per_policy_token_ms
+from testbed.results import schema as R
+from testbed.run.twin import per_policy_token_ms
 from tests.conftest import needs_testbed, run_cli
 
 SMALL = """

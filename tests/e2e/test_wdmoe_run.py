@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from testbed import results as R
-from testbed.channel import read_trace
-from testbed.inventory import load_inventory
-from testbed.linkcheck import shaper_for
-from testbed.runner import LocalRunner
+from testbed.lab.inventory import load_inventory
+from testbed.lab.runner import LocalRunner
+from testbed.net.channel import read_trace
+from testbed.net.verify import shaper_for
+from testbed.results import schema as R
 from tests.conftest import needs_testbed, run_cli
 
 pytestmark = [needs_testbed, pytest.mark.root]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed import results as R
+from testbed.results import schema as R
 from tests.conftest import needs_testbed, run_cli
 
 pytestmark = [needs_testbed, pytest.mark.root]

@@ -19,9 +19,9 @@ from device_agent import protocol as P
 from device_agent.protocol import ErrorCode
 from models.backend import LayerWork
 from models.kernels import load_expert
-from testbed.agents_local import AgentProcess, start_agent, stop_agent
-from testbed.remote_backend import AgentError, RemoteExpertBackend, StatusFeed
-from testbed.runner import LocalRunner
+from testbed.dataplane.backend import AgentError, RemoteExpertBackend, StatusFeed
+from testbed.lab.agents import AgentProcess, start_agent, stop_agent
+from testbed.lab.runner import LocalRunner
 
 HIDDEN, INTER = 32, 48
 MAX_MSG = 1 << 20

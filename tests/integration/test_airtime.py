@@ -10,11 +10,11 @@ import subprocess
 
 import pytest
 
-from testbed.inventory import load_inventory
-from testbed.linkcheck import shaper_for, verify, verify_airtime
-from testbed.links import LinkSpec, parse_offloads
-from testbed.local import Names
-from testbed.runner import LocalRunner
+from testbed.lab.inventory import load_inventory
+from testbed.lab.local import Names
+from testbed.lab.runner import LocalRunner
+from testbed.net.links import LinkSpec, parse_offloads
+from testbed.net.verify import shaper_for, verify, verify_airtime
 from tests.conftest import needs_testbed, run_cli
 
 pytestmark = needs_testbed

@@ -18,9 +18,9 @@ import torch
 from models.backend import LayerWork
 from models.manifest import load_manifest
 from models.runtime import BaseStationModel
-from testbed.agents_local import AgentProcess, kill_agent, push_experts, start_agent, stop_agent
-from testbed.inventory import load_inventory, ssh_runner_for
-from testbed.remote_backend import RemoteExpertBackend, round_robin_placement
+from testbed.dataplane.backend import RemoteExpertBackend, round_robin_placement
+from testbed.lab.agents import AgentProcess, kill_agent, push_experts, start_agent, stop_agent
+from testbed.lab.inventory import load_inventory, ssh_runner_for
 from tests.conftest import needs_testbed
 
 pytestmark = [needs_testbed, pytest.mark.root]
@@ -228,7 +228,7 @@ def test_agent_killed_mid_generation(make_testbed, mixtral_split):
 
 
 PLAIN = (str, int, float, bool, type(None))
-#: what the runner reads from each row to write calls.csv (testbed/experiment.py)
+#: what the runner reads from each row to write calls.csv (testbed/run/session.py)
 ROW_KEYS = {
     "layer",
     "step",

@@ -178,9 +178,9 @@ def test_agent_nvml_energy_over_forward_calls_matches_nvidia_smi(tmp_path):
     from safetensors.torch import save_file
 
     from models.backend import LayerWork
-    from testbed.agents_local import start_agent, stop_agent
-    from testbed.remote_backend import RemoteExpertBackend
-    from testbed.runner import LocalRunner
+    from testbed.dataplane.backend import RemoteExpertBackend
+    from testbed.lab.agents import start_agent, stop_agent
+    from testbed.lab.runner import LocalRunner
 
     wd = tmp_path / "gpu-agent"
     (wd / "experts").mkdir(parents=True)

@@ -32,12 +32,12 @@ import torch
 import zmq
 
 from models.backend import LayerWork
-from testbed.agents_local import AgentProcess, start_agent, stop_agent
-from testbed.inventory import bs_runner_for, load_inventory, ssh_runner_for
-from testbed.linkcheck import shaper_for
-from testbed.links import LinkSpec, class_minor
-from testbed.remote_backend import ClockEstimate, RemoteExpertBackend
-from testbed.runner import LocalRunner
+from testbed.dataplane.backend import ClockEstimate, RemoteExpertBackend
+from testbed.lab.agents import AgentProcess, start_agent, stop_agent
+from testbed.lab.inventory import bs_runner_for, load_inventory, ssh_runner_for
+from testbed.lab.runner import LocalRunner
+from testbed.net.links import LinkSpec, class_minor
+from testbed.net.verify import shaper_for
 from tests.conftest import needs_testbed
 
 RATE_KBIT = 20_000.0

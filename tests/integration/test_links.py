@@ -8,10 +8,10 @@ from contextlib import ExitStack
 import pytest
 
 from testbed.errors import Unsupported
-from testbed.inventory import bs_runner_for, load_inventory, ssh_runner_for
-from testbed.linkcheck import PROBE_SRC, _bs_probe, measure, shaper_for, verify
-from testbed.links import LinkSpec, parse_htb_classes
-from testbed.runner import LocalRunner
+from testbed.lab.inventory import bs_runner_for, load_inventory, ssh_runner_for
+from testbed.lab.runner import LocalRunner
+from testbed.net.links import LinkSpec, parse_htb_classes
+from testbed.net.verify import PROBE_SRC, _bs_probe, measure, shaper_for, verify
 from tests.conftest import needs_testbed
 
 pytestmark = needs_testbed

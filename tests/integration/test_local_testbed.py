@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from testbed import local
 from testbed.errors import CommandTimeout, HostUnreachable
-from testbed.inventory import load_inventory, ssh_runner_for
-from testbed.runner import SshRunner
+from testbed.lab import local
+from testbed.lab.inventory import load_inventory, ssh_runner_for
+from testbed.lab.runner import SshRunner
 from tests.conftest import ROOT, leftovers, needs_testbed, run_cli, unique_name
 
 pytestmark = needs_testbed

@@ -20,10 +20,10 @@ import time
 
 import pytest
 
-from testbed import links
-from testbed import netlink_tc as N
 from testbed.errors import CommandFailed
-from testbed.runner import LocalRunner
+from testbed.lab.runner import LocalRunner
+from testbed.net import links
+from testbed.net import netlink as N
 from tests.conftest import needs_testbed, unique_name
 
 pytestmark = needs_testbed
@@ -652,7 +652,7 @@ def test_set_rates_keeps_the_cli_for_what_netlink_does_not_do(shaped):
     assert nl_shaper._netlink_changes([tbf]) == [N.change_from_tc_argv(tbf)]
     assert nl_shaper._netlink_changes([tbf, netem]) is None
     assert cli_shaper._netlink_changes([tbf]) is None
-    from testbed.runner import SshRunner
+    from testbed.lab.runner import SshRunner
 
     remote = links.TcShaper(SshRunner("192.0.2.1"), "eth0", "ifb0", [], [], shaping="tbf")
     assert remote._netlink_client() is None and remote.netlink is False

@@ -13,18 +13,18 @@ import pytest
 import zmq
 
 from device_agent.security import load_public, load_secret
-from testbed import local
-from testbed.inventory import load_inventory
-from testbed.keys import client_keys
-from testbed.modelstore import resolve_split
-from testbed.provision import (
+from testbed.dataplane.backend import AgentError, RemoteExpertBackend
+from testbed.lab import local
+from testbed.lab.inventory import load_inventory
+from testbed.lab.keys import client_keys
+from testbed.lab.modelstore import resolve_split
+from testbed.lab.provision import (
     HASH_CACHE,
     agent_endpoints,
     place_experts,
     provision,
     shards_per_device,
 )
-from testbed.remote_backend import AgentError, RemoteExpertBackend
 from tests.conftest import leftovers, needs_testbed, run_cli
 from tests.integration.test_security import _handshake
 

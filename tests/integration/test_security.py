@@ -22,9 +22,9 @@ from zmq.utils.monitor import recv_monitor_message
 from device_agent import protocol as P
 from device_agent.security import AGENT_SECRET, AUTHORIZED, CurveClient, create_keypair
 from models.backend import LayerWork
-from testbed.agents_local import start_agent, stop_agent
-from testbed.remote_backend import RemoteExpertBackend, StatusFeed
-from testbed.runner import LocalRunner
+from testbed.dataplane.backend import RemoteExpertBackend, StatusFeed
+from testbed.lab.agents import start_agent, stop_agent
+from testbed.lab.runner import LocalRunner
 
 
 @pytest.fixture

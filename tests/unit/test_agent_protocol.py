@@ -9,7 +9,7 @@ import torch
 from device_agent import protocol as P
 from device_agent.protocol import ErrorCode, ProtocolError
 from device_agent.server import resolve_in_workdir
-from testbed.remote_backend import round_robin_placement
+from testbed.dataplane.backend import round_robin_placement
 
 
 def test_error_codes_are_unique_and_stable():

@@ -11,7 +11,8 @@ import math
 import numpy as np
 import pytest
 
-from testbed.channel import (
+from testbed.errors import ConfigError
+from testbed.net.channel import (
     CHANNEL_DEFAULTS,
     CQI_TABLES,
     PAPER_PARAMS,
@@ -24,7 +25,6 @@ from testbed.channel import (
     trace_rows,
     write_trace,
 )
-from testbed.errors import ConfigError
 
 #: a device 35 m from the BS with neither shadowing nor fading: the best channel of the cell
 NEAR = {"cell_radius_m": 35.0, "shadowing_db": 0.0, "fading": "none"}
@@ -284,7 +284,7 @@ def test_min_max_bandwidth_equalises_the_loaded_devices(params: dict, cell_mhz: 
 def test_min_max_bandwidth_agrees_with_the_latency_models_for_the_paper_channel() -> None:
     """Under PAPER_PARAMS the rates are the latency model's B log2(1 + s/B): both solvers give
     the same split."""
-    from testbed.latency_model import min_max_bandwidth
+    from testbed.policy.latency_model import min_max_bandwidth
 
     ch = ChannelModel(5, seed=4, **PAPER_PARAMS)
     rows = np.array([30.0, 12.0, 0.0, 50.0, 7.0])

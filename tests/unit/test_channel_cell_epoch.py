@@ -1,4 +1,4 @@
-"""The channel's per-epoch caches and :class:`testbed.channel.CellEpoch`: the WDMoE policies'
+"""The channel's per-epoch caches and :class:`testbed.net.channel.CellEpoch`: the WDMoE policies'
 fast path gives exactly the numbers of :meth:`ChannelModel.rates_bps` and
 :meth:`ChannelModel.min_max_bandwidth`, for any subset of the devices in any order, and the
 caches never leak between epochs or into the arrays handed out."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from testbed.channel import PAPER_PARAMS, CellEpoch, ChannelModel
+from testbed.net.channel import PAPER_PARAMS, CellEpoch, ChannelModel
 
 VARIANTS = [
     {},

@@ -424,7 +424,7 @@ def test_hello_moved_and_gate() -> None:
 # ---- on the tiny model, in-process ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny() -> str:
-    from testbed.modelstore import resolve_split
+    from testbed.lab.modelstore import resolve_split
 
     torch.set_num_threads(1)  # the machine's cores are shared with the other tests
     return str(resolve_split("tiny"))
@@ -474,9 +474,9 @@ def test_accuracy_vs_bits_pruning_fusion(tiny: str) -> None:
     assert loose["score"] < tight["score"] and tight["accuracy"] >= 0.95
 
 
-# ---- runner hooks (testbed.migration) and recipe keys --------------------------------------
+# ---- runner hooks (testbed.run.updates) and recipe keys --------------------------------------
 def test_migration_rows_and_window_stats() -> None:
-    from testbed.migration import due_events, migrations, window_stats
+    from testbed.run.updates import due_events, migrations, window_stats
 
     old = {"L0.E0": ("a",), "L0.E1": ("b",), "L0.E2": ("a", "b")}
     new = {"L0.E0": ("c",), "L0.E1": ("b",), "L0.E2": ("a", "c")}
@@ -496,7 +496,7 @@ def test_migration_rows_and_window_stats() -> None:
 
 
 def test_recipe_run_events_and_budget_are_checked(tmp_path) -> None:
-    from testbed.recipe import load_recipe
+    from testbed.run.recipe import load_recipe
 
     good = tmp_path / "ok.toml"
     good.write_text(

@@ -1,4 +1,4 @@
-"""Energy attribution at the BS (testbed.energy_attr) on hand-computed numbers, and the
+"""Energy attribution at the BS (testbed.dataplane.energy_attr) on hand-computed numbers, and the
 meter side it relies on: now_j, extrapolation, labels (device_agent.energy)."""
 
 from __future__ import annotations
@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 
 from device_agent.energy import CpuTimeEstimate, Reading, extrapolate_j
-from testbed.energy_attr import call_energy_j, request_energy, source_class, split_call_energy
+from testbed.dataplane.energy_attr import (
+    call_energy_j,
+    request_energy,
+    source_class,
+    split_call_energy,
+)
 
 EST = "estimated:cpu-time(5 W/core)"
 

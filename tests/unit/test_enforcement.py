@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from testbed.channel import ChannelModel, TraceRow, trace_rows
-from testbed.comparison import per_token_ms, prediction_ratio, versus_baseline
-from testbed.enforcement import Epochs, LinkRecorder, TraceReplay, equal_split_kbit
+from testbed.dataplane.profiling import bytes_per_token, fit_profiles
 from testbed.errors import ConfigError
-from testbed.profiling import bytes_per_token, fit_profiles
-from testbed.report import Group, Run
+from testbed.net.channel import ChannelModel, TraceRow, trace_rows
+from testbed.results.comparison import per_token_ms, prediction_ratio, versus_baseline
+from testbed.results.report import Group, Run
+from testbed.run.epochs import Epochs, LinkRecorder, TraceReplay, equal_split_kbit
 
 
 def _starts(scope: str, decisions) -> list[int]:

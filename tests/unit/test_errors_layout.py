@@ -3,7 +3,12 @@
 - every exception class defined under ``testbed/`` lives in ``testbed/errors.py``;
 - no import cycle among ``testbed`` modules, counting module-level and function-level imports
   (``from .x import``, ``from . import x``, ``from testbed.x import``, ``import testbed.x``;
-  imports under ``if TYPE_CHECKING:`` never run and are not counted).
+  imports under ``if TYPE_CHECKING:`` never run and are not counted);
+- at the top of ``testbed/`` only ``__init__``, ``__main__``, ``errors`` and ``units``; the rest
+  lives in the sub-packages of ``RANKS``;
+- imports run one way: a module imports only modules of a lower rank (``RANKS``), or modules of
+  its own sub-package at its own rank (``cli → run → lab operations → dataplane → policy → net →
+  lab hosts, results → errors, units``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,29 @@ PACKAGE = ROOT / "testbed"
 #: import cycles that exist today and are being removed; each entry is a cycle's set of modules
 #: (a strongly connected component of the import graph), which must match exactly
 ALLOWED_CYCLES: set[frozenset[str]] = set()  # none left: keep it so
+
+#: the only modules at the top of testbed/ and its sub-packages
+TOP_MODULES = {"__init__", "__main__", "errors", "units"}
+SUBPACKAGES = {"cli", "dataplane", "lab", "net", "policy", "results", "run"}
+
+#: module (or sub-package) -> rank; the longest matching prefix decides. The lab has two tiers:
+#: the hosts and how to reach them (rank 1, used by net/) and the operations on them (rank 5,
+#: which use net/, policy/ and dataplane/).
+RANKS: dict[str, int] = {
+    "testbed": 0,
+    "testbed.errors": 0,
+    "testbed.units": 0,
+    "testbed.lab": 1,
+    "testbed.results": 1,
+    "testbed.net": 2,
+    "testbed.policy": 3,
+    "testbed.dataplane": 4,
+    "testbed.lab.local": 5,
+    "testbed.lab.provision": 5,
+    "testbed.run": 6,
+    "testbed.cli": 7,
+    "testbed.__main__": 8,
+}
 
 
 # ---- modules and their imports -------------------------------------------------------------------
@@ -279,6 +307,63 @@ def test_every_exception_class_lives_in_errors_py():
 def test_no_import_cycles_in_testbed():
     problems = cycle_problems(import_graph(PACKAGE))
     assert not problems, "\n".join(problems)
+
+
+def rank_of(module: str, ranks: Mapping[str, int] = RANKS) -> int:
+    """The rank of the longest prefix of ``module`` in ``ranks``."""
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:n])
+        if prefix in ranks:
+            return ranks[prefix]
+    raise KeyError(module)
+
+
+def _subpackage(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def rank_problems(
+    graph: Mapping[str, Mapping[str, int]], ranks: Mapping[str, int] = RANKS
+) -> list[str]:
+    """Imports that go up, or sideways into another sub-package of the same rank."""
+    out = []
+    for module, deps in sorted(graph.items()):
+        mine = rank_of(module, ranks)
+        for dep, line in sorted(deps.items()):
+            theirs = rank_of(dep, ranks)
+            if theirs < mine or (theirs == mine and _subpackage(dep) == _subpackage(module)):
+                continue
+            out.append(f"{module} (rank {mine}) imports {dep} (rank {theirs}) at line {line}")
+    return out
+
+
+def test_top_of_testbed_is_errors_and_units_and_the_subpackages():
+    files = {p.stem for p in PACKAGE.glob("*.py")}
+    folders = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    assert files == TOP_MODULES, f"modules at the top of testbed/: {sorted(files - TOP_MODULES)}"
+    assert folders == SUBPACKAGES
+
+
+def test_imports_run_one_way():
+    graph = import_graph(PACKAGE)
+    assert "testbed.run.session" in graph and graph["testbed.cli.run"]  # the walk sees them
+    problems = rank_problems(graph)
+    assert not problems, "\n".join(problems)
+
+
+def test_rank_rule_on_a_small_graph():
+    ranks = {"testbed": 0, "testbed.lab": 1, "testbed.net": 2, "testbed.lab.local": 5}
+    graph = {
+        "testbed.net.links": {"testbed.lab.runner": 3},  # down: fine
+        "testbed.lab.local": {"testbed.net.links": 4, "testbed.lab.runner": 5},  # down, own package
+        "testbed.lab.runner": {"testbed.net.links": 6},  # up: refused
+        "testbed.lab.inventory": {"testbed.lab.runner": 7},  # same rank, same package
+    }
+    assert rank_problems(graph, ranks) == [
+        "testbed.lab.runner (rank 1) imports testbed.net.links (rank 2) at line 6"
+    ]
+    assert rank_of("testbed.lab.local.x", ranks) == 5 and rank_of("testbed.errors", ranks) == 0
 
 
 # ---- the checks themselves, on synthetic code --------------------------------------------------------

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from testbed.faults import Effects, FaultInjector, check_devices, parse_faults
+from testbed.run.faults import Effects, FaultInjector, check_devices, parse_faults
 
 
 def test_parse_defaults_and_ids():

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from testbed.errors import ConfigError
-from testbed.inventory import load_inventory, parse_inventory, render_inventory
+from testbed.lab.inventory import load_inventory, parse_inventory, render_inventory
 from tests.conftest import run_cli
 
 GOOD = """

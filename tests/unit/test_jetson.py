@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from testbed.errors import ConfigError
-from testbed.jetson import (
+from testbed.lab.jetson import (
     PowerMode,
     parse_jetson_clocks_show,
     parse_nvpmodel_modes,
@@ -17,7 +17,7 @@ from testbed.jetson import (
     resolve_power_mode,
     split_sections,
 )
-from testbed.runner import LocalRunner
+from testbed.lab.runner import LocalRunner
 
 Q_AGX = "NV Power Mode: MAXN\n0\n"
 Q_NANO_WARN = (

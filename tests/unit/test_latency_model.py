@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from testbed.channel import ChannelModel
-from testbed.latency_model import (
+from testbed.net.channel import ChannelModel
+from testbed.policy.latency_model import (
     device_latency_ms,
     device_loads,
     fit_compute_profile,

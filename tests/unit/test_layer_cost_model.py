@@ -1,4 +1,4 @@
-"""The calibrated layer model (testbed.latency_model.predict_layer_ms): frames on the wire,
+"""The calibrated layer model (testbed.policy.latency_model.predict_layer_ms): frames on the wire,
 what each leaf charges (TBF's free first frame and slack, netem's every frame), the header
 bytes per call and direction, separate down/up rates, the BS terms, and the fit from
 profiling samples."""
@@ -10,8 +10,8 @@ import math
 import numpy as np
 import pytest
 
-from testbed import links
-from testbed.latency_model import (
+from testbed.net import links
+from testbed.policy.latency_model import (
     DeviceCosts,
     LayerCostParams,
     airtime_ms,

@@ -12,19 +12,19 @@ import numpy as np
 import pytest
 import torch
 
-from testbed.comparison import SHARES, prediction_rows, shares_rows, time_shares
-from testbed.enforcement import EpochLinks, Epochs, LinkRecorder
-from testbed.experiment import TERM_COLUMNS, ExchangePredictor, TimedBackend, critical_terms
-from testbed.latency_model import (
+from testbed.policy import ClusterState
+from testbed.policy.latency_model import (
     DeviceCosts,
     LayerCostParams,
     layer_terms,
     overlap_ms,
     predict_layer_ms,
 )
-from testbed.policy import ClusterState
-from testbed.report import Group, Run
-from testbed.results import LAYER_COLUMNS
+from testbed.results.comparison import SHARES, prediction_rows, shares_rows, time_shares
+from testbed.results.report import Group, Run
+from testbed.results.schema import LAYER_COLUMNS
+from testbed.run.epochs import EpochLinks, Epochs, LinkRecorder
+from testbed.run.session import TERM_COLUMNS, ExchangePredictor, TimedBackend, critical_terms
 
 
 class FakeShaper:

@@ -10,7 +10,8 @@ import shlex
 import pytest
 
 from testbed.errors import CommandFailed, ConfigError, Unsupported
-from testbed.links import (
+from testbed.lab.runner import Result
+from testbed.net.links import (
     OFFLOADS,
     Leaf,
     LinkSpec,
@@ -40,7 +41,6 @@ from testbed.links import (
     split_batch_listing,
     tbf_burst_bytes,
 )
-from testbed.runner import Result
 
 
 # -- builders ---------------------------------------------------------------------------
@@ -704,7 +704,7 @@ def test_refused_up_puts_the_down_leaf_back_as_it_was():
 def _inventory(**bs):
     from pathlib import Path
 
-    from testbed.inventory import parse_inventory
+    from testbed.lab.inventory import parse_inventory
 
     return parse_inventory(
         {
@@ -726,8 +726,8 @@ def _inventory(**bs):
 
 
 def test_inventory_shaping_option():
-    from testbed.inventory import render_inventory
-    from testbed.linkcheck import shaper_for
+    from testbed.lab.inventory import render_inventory
+    from testbed.net.verify import shaper_for
 
     assert _inventory().bs.shaping == "auto"
     inv = _inventory(shaping="tbf")
@@ -743,7 +743,7 @@ def test_airtime_probe_times_lone_messages_on_loopback():
     import socket
     import threading
 
-    from testbed import netprobe
+    from testbed.net import netprobe
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -770,7 +770,7 @@ def test_airtime_probe_times_lone_messages_on_loopback():
 
 
 def test_airtime_ratio_and_summary():
-    from testbed.linkcheck import Airtime, summarize_airtime
+    from testbed.net.verify import Airtime, summarize_airtime
 
     rows = [
         Airtime("d1", "down", 2000, 8192, r, 0.1, 0.1 + ms, "tbf")

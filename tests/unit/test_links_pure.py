@@ -2,7 +2,7 @@
 
 import pytest
 
-from testbed.links import (
+from testbed.net.links import (
     LinkSpec,
     build_class_change_command,
     build_clear_commands,
@@ -160,7 +160,7 @@ class CannedTc:
         self.changes: list[list[str]] = []
 
     def run(self, argv, *, timeout_s=60.0, check=True, sudo=False):
-        from testbed.runner import Result
+        from testbed.lab.runner import Result
 
         argv = list(argv)
         out = ""
@@ -181,7 +181,7 @@ def _class_change(dev: str, rate: str) -> str:
 
 
 def _shaper(runner, cell_rate_kbit=None):
-    from testbed.links import TcShaper
+    from testbed.net.links import TcShaper
 
     return TcShaper(
         runner, "br0", "ifb0", ["10.0.0.11", "10.0.0.12"], ["dev1", "dev2"], cell_rate_kbit
@@ -287,7 +287,7 @@ class KernelTc:
 
     def run(self, argv, *, timeout_s=60.0, check=True, sudo=False):
         from testbed.errors import CommandFailed
-        from testbed.runner import Result
+        from testbed.lab.runner import Result
         from testbed.units import parse_rate_kbit
 
         argv = list(argv)

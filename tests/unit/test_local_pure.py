@@ -3,7 +3,7 @@ import ipaddress
 import pytest
 
 from testbed.errors import ConfigError
-from testbed.local import Names, check_name, pick_subnet
+from testbed.lab.local import Names, check_name, pick_subnet
 
 
 def test_pick_subnet_avoids_used_networks():

@@ -154,7 +154,7 @@ def test_manifest_lift_checked(wide: Path, tmp_path: Path) -> None:
 
 def test_short_name_built_once_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from testbed.errors import ConfigError
-    from testbed.modelstore import is_short_name, resolve_split
+    from testbed.lab.modelstore import is_short_name, resolve_split
 
     monkeypatch.setenv("MOE_TESTBED_CACHE", str(tmp_path / "cache"))
     assert is_short_name("tiny-4096") and is_short_name("tiny") and not is_short_name("tiny-x")
@@ -171,7 +171,7 @@ def test_short_name_built_once_and_reused(tmp_path: Path, monkeypatch: pytest.Mo
 
 def test_recipe_wire_dtype_and_short_name(tmp_path: Path) -> None:
     from testbed.errors import ConfigError
-    from testbed.recipe import load_recipe
+    from testbed.run.recipe import load_recipe
 
     p = tmp_path / "r.toml"
     p.write_text('[model]\npath = "tiny-4096"\nwire_dtype = "bf16"\n')

@@ -10,7 +10,7 @@ from collections import deque
 
 import pytest
 
-from testbed import netlink_tc as N
+from testbed.net import netlink as N
 
 # Captured from iproute2 6.1 (`tc` under `strace -e trace=sendmsg -e write=3`) on a veth of
 # ifindex 3 whose HTB tree had class 1:100 and TBF leaf 100:, sequence number zeroed. Both

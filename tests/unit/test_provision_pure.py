@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 
 from testbed.errors import ConfigError
-from testbed.inventory import Device, load_inventory, render_inventory
-from testbed.provision import (
+from testbed.lab.inventory import Device, load_inventory, render_inventory
+from testbed.lab.provision import (
     FACTS_PY,
     DeviceFacts,
     Layout,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from testbed import results as R
 from testbed.errors import ConfigError
-from testbed.recipe import load_recipe, parse_override
+from testbed.results import schema as R
+from testbed.run.recipe import load_recipe, parse_override
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from testbed.channel import CHANNEL_DEFAULTS, ChannelModel
 from testbed.errors import ConfigError
-from testbed.recipe import load_recipe
+from testbed.net.channel import CHANNEL_DEFAULTS, ChannelModel
+from testbed.run.recipe import load_recipe
 
 BASE = '[recipe]\nname = "ch"\n[links]\nbandwidth_mhz = 20.0\n'
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import zmq
 
-from testbed.remote_backend import RemoteExpertBackend
+from testbed.dataplane.backend import RemoteExpertBackend
 
 
 def test_io_threads_default_and_explicit() -> None:

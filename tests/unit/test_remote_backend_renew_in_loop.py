@@ -20,8 +20,8 @@ import pytest
 import zmq
 
 from device_agent import protocol as P
-from testbed.experiment import Runner
-from testbed.remote_backend import RemoteExpertBackend
+from testbed.dataplane.backend import RemoteExpertBackend
+from testbed.run.session import Runner
 
 
 class FakeAgent(threading.Thread):

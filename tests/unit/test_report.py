@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from testbed import results as R
 from testbed.errors import ConfigError
-from testbed.report import (
+from testbed.results import schema as R
+from testbed.results.report import (
     METRIC_COLUMNS,
     PLOT_FILES,
     build_report,
@@ -399,7 +399,7 @@ def test_missing_folder_or_requests_csv_is_a_config_error(tmp_path):
 
 def test_report_never_imports_torch():
     code = (
-        "import sys, testbed.report, testbed.cli; "
+        "import sys, testbed.results.report, testbed.cli; "
         "assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)

@@ -1,4 +1,4 @@
-"""The analytic twin's pure parts (testbed.twin): calibration from a results folder's rows, the
+"""The analytic twin's pure parts (testbed.run.twin): calibration from a results folder's rows, the
 virtual clock's links and expert exchange, the recipe's device count."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from models.backend import LayerResult, LayerWork
-from testbed import results as R
 from testbed.errors import ConfigError
-from testbed.latency_model import DeviceCosts, LayerCostParams, layer_terms, predict_layer_ms
 from testbed.policy import ClusterState
-from testbed.recipe import load_recipe
-from testbed.twin import (
+from testbed.policy.latency_model import DeviceCosts, LayerCostParams, layer_terms, predict_layer_ms
+from testbed.results import schema as R
+from testbed.run.recipe import load_recipe
+from testbed.run.twin import (
     DEFAULTS,
     Calibration,
     RatesInForce,

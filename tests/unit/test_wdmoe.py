@@ -235,7 +235,7 @@ def test_runner_state_wins_channel_budget_epoch_and_fixed_links() -> None:
     """With the runner's channel, budget and epoch in the cluster state the policy allocates
     exactly that budget in that epoch's fading; mid-epoch (links_fixed) it allocates nothing
     and predicts with the enforced rates."""
-    from testbed.channel import ChannelModel
+    from testbed.net.channel import ChannelModel
 
     ctx = _random_ctx(6)
     cl = _cluster(a_ms=(0.5, 0.5, 0.5, 0.5), bytes_per_token=256, experts=8)

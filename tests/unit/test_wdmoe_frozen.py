@@ -31,7 +31,7 @@ import torch
 
 from models.routing import RoutingContext
 from recipes.wdmoe import WDMoE, WDMoEBandwidthOnly, WDMoEConference, WDMoESelectionOnly
-from testbed.channel import PAPER_PARAMS, ChannelModel
+from testbed.net.channel import PAPER_PARAMS, ChannelModel
 from testbed.policy import ClusterState
 
 FROZEN = Path(__file__).with_name("wdmoe_frozen.json")

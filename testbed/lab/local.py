@@ -1,0 +1,547 @@
+"""The local testbed: each device is a network namespace with its own sshd.
+
+``up`` creates, per device, a namespace ``tb-NAME-dI`` holding one end of a veth pair
+(``eth0``, the device's only address), the other end enslaved to a bridge ``tb-NAME`` on
+this host that carries the BS address — so the BS has *one* interface toward all devices,
+as in a lab, and the same HTB/ifb shaping applies. Each namespace runs its own sshd (own
+host key, key-only auth, listening only on the device's address) and gets its own workdir.
+``up`` writes an inventory, a known_hosts file and a client key, and a state file.
+
+Everything ``up`` creates is named after the testbed (so two testbeds coexist) and journaled
+in the state file before it is created, so ``down`` removes all of it — also after a crash
+or an ``up`` killed halfway (it sweeps namespaces and links by their exact name pattern and
+stops only processes that run inside our namespaces or that it recorded itself).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, NeedsRoot, TestbedError
+from ..net.links import LinkSpec, TcShaper, turn_offloads_off
+from .inventory import BaseStation, Device, render_inventory
+from .provision import AGENT_PACKAGES
+from .runner import LocalRunner
+
+NAME_RE = re.compile(r"[a-z][a-z0-9]{0,7}")
+SUBNET_BASE = ipaddress.ip_network("10.213.0.0/16")
+DEVICE_HOST_OFFSET = 10
+MAX_DEVICES = 64
+
+
+def state_root() -> Path:
+    """Where testbeds keep their state (``TESTBED_STATE_DIR`` overrides)."""
+    return Path(os.environ.get("TESTBED_STATE_DIR", "/var/lib/moe-edge-testbed"))
+
+
+@dataclass(frozen=True)
+class Names:
+    """Every kernel object name of testbed ``name`` — one place, used by up, down, sweep."""
+
+    name: str
+
+    @property
+    def bridge(self) -> str:
+        return f"tb-{self.name}"
+
+    @property
+    def ifb(self) -> str:
+        return f"tbi-{self.name}"
+
+    def netns(self, i: int) -> str:
+        return f"tb-{self.name}-d{i}"
+
+    def veth(self, i: int) -> str:
+        return f"tb-{self.name}-{i}"
+
+    def is_our_netns(self, ns: str) -> bool:
+        return re.fullmatch(rf"tb-{re.escape(self.name)}-d\d+", ns) is not None
+
+    def is_our_link(self, link: str) -> bool:
+        return (
+            link in (self.bridge, self.ifb)
+            or re.fullmatch(rf"tb-{re.escape(self.name)}-\d+", link) is not None
+        )
+
+
+def check_name(name: str) -> None:
+    if not NAME_RE.fullmatch(name):
+        raise ConfigError(
+            f"--name: {name!r} must be 1-8 lowercase letters/digits, starting "
+            "with a letter (it becomes part of interface names)"
+        )
+
+
+def require_root(command: str) -> None:
+    if os.geteuid() != 0:
+        raise NeedsRoot(
+            f"`testbed {command}` needs root to create network namespaces, "
+            f"veths, tc qdiscs and sshds: run `sudo testbed {command} ...`"
+        )
+
+
+class State:
+    """The journal of one testbed: written before each thing is created."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.dir = state_root() / name
+        self.path = self.dir / "state.json"
+        self.data: dict[str, Any] = {}
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def load(self) -> dict[str, Any]:
+        try:
+            self.data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.data = {}
+        return self.data
+
+    def save(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2))
+        os.replace(tmp, self.path)
+
+
+def _ip(argv: list[str], check: bool = True, netns: str | None = None):
+    return LocalRunner(netns=netns).run(argv, timeout_s=20, check=check)
+
+
+def _used_subnets() -> set[ipaddress.IPv4Network]:
+    """Subnets in use by this host's addresses/routes and by other testbeds' state."""
+    used: set[ipaddress.IPv4Network] = set()
+    res = _ip(["ip", "-j", "-4", "route", "show", "table", "all"], check=False)
+    for r in json.loads(res.stdout or "[]") if res.ok else []:
+        dst = r.get("dst", "")
+        if dst and dst != "default":
+            try:
+                used.add(ipaddress.ip_network(dst if "/" in dst else dst + "/32", strict=False))
+            except ValueError:
+                pass
+    root = state_root()
+    if root.is_dir():
+        for st in root.glob("*/state.json"):
+            try:
+                used.add(ipaddress.ip_network(json.loads(st.read_text())["subnet"]))
+            except (OSError, ValueError, KeyError):
+                pass
+    return used
+
+
+def pick_subnet(used: set[ipaddress.IPv4Network]) -> ipaddress.IPv4Network:
+    """First /24 of 10.213.0.0/16 that overlaps nothing in ``used`` (pure)."""
+    for net in SUBNET_BASE.subnets(new_prefix=24):
+        if net.network_address.packed[2] == 0:
+            continue
+        if not any(net.overlaps(u) for u in used):
+            return net
+    raise TestbedError("no free /24 left in 10.213.0.0/16 for a local testbed")
+
+
+def _sshd_config(d: Path, addr: str) -> str:
+    return "\n".join(
+        [
+            f"ListenAddress {addr}",
+            "Port 22",
+            f"HostKey {d / 'ssh_host_ed25519_key'}",
+            f"PidFile {d / 'sshd.pid'}",
+            f"AuthorizedKeysFile {d / 'authorized_keys'}",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "PubkeyAuthentication yes",
+            "PermitRootLogin prohibit-password",
+            "UsePAM no",
+            # the state dir may sit under a world-writable /tmp (tests); the key file's own
+            # folder is 0700 and ours, which is what StrictModes would protect
+            "StrictModes no",
+            "X11Forwarding no",
+            "AllowTcpForwarding no",
+            "PrintMotd no",
+            "Subsystem sftp internal-sftp",
+            "",
+        ]
+    )
+
+
+def _wait_port(addr: str, port: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((addr, port), timeout=0.5) as s:
+                s.settimeout(2)
+                if s.recv(4) == b"SSH-":
+                    return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def up(
+    name: str,
+    devices: int,
+    rate_kbit: float,
+    inventory_out: Path | None = None,
+    memory_budget_mb: int = 2048,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Create testbed ``name`` with ``devices`` namespaces; return its description.
+
+    On any error (or Ctrl-C) everything created so far is removed before re-raising.
+    """
+    check_name(name)
+    require_root("local up")
+    if not 1 <= devices <= MAX_DEVICES:
+        raise ConfigError(f"--devices: must be 1..{MAX_DEVICES}, got {devices}")
+    for tool in ("ip", "tc", "ssh-keygen"):
+        if shutil.which(tool) is None:
+            raise TestbedError(f"`{tool}` not found: install iproute2 and openssh-client")
+    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+    if not os.path.exists(sshd):
+        raise TestbedError(
+            "sshd not found: install openssh-server (apt-get install openssh-server)"
+        )
+    st = State(name)
+    if st.exists():
+        raise ConfigError(
+            f"--name: testbed {name!r} exists already ({st.path}); run "
+            f"`testbed local down --name {name}` first"
+        )
+    say = progress or (lambda _m: None)
+    names = Names(name)
+    inv_path = (inventory_out or Path(f"{name}.inventory.toml")).resolve()
+    t0 = time.monotonic()
+    try:
+        subnet = pick_subnet(_used_subnets())
+        st.data = {
+            "name": name,
+            "subnet": str(subnet),
+            "status": "creating",
+            "inventory": str(inv_path),
+            "devices": [],
+            "pids": [],
+            "created": time.time(),
+        }
+        st.save()
+        os.chmod(st.dir, 0o700)
+        hosts = list(subnet.hosts())
+        bs_addr = str(hosts[0])
+        key = st.dir / "id_ed25519"
+        _ip(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"testbed-{name}", "-f", str(key)]
+        )
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
+
+        say(f"bridge {names.bridge} {bs_addr}/{subnet.prefixlen}")
+        _ip(["ip", "link", "add", names.bridge, "type", "bridge"])
+        _ip(["ip", "addr", "add", f"{bs_addr}/{subnet.prefixlen}", "dev", names.bridge])
+        _ip(["ip", "link", "set", names.bridge, "up"])
+
+        devs: list[Device] = []
+        known: list[str] = []
+        pub = (st.dir / "id_ed25519.pub").read_text()
+        for i in range(1, devices + 1):
+            ns, veth = names.netns(i), names.veth(i)
+            addr = str(hosts[DEVICE_HOST_OFFSET + i - 1])
+            d = st.dir / "devices" / f"dev{i}"
+            st.data["devices"].append(
+                {"name": f"dev{i}", "netns": ns, "veth": veth, "address": addr, "dir": str(d)}
+            )
+            st.save()
+            say(f"dev{i}: netns {ns}, {addr}, sshd")
+            _ip(["ip", "netns", "add", ns])
+            _ip(["ip", "link", "set", "lo", "up"], netns=ns)
+            _ip(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
+            _ip(["ip", "link", "set", veth, "master", names.bridge])
+            _ip(["ip", "link", "set", veth, "up"])
+            _ip(["ip", "addr", "add", f"{addr}/{subnet.prefixlen}", "dev", "eth0"], netns=ns)
+            _ip(["ip", "link", "set", "eth0", "up"], netns=ns)
+            # no super-packets on either end (TSO/GSO on the sender's side, GRO on the
+            # receiver's): the BS's qdiscs then see, and charge, every frame
+            st.data["devices"][-1]["offloads"] = {
+                "veth": turn_offloads_off(LocalRunner(), veth),
+                "eth0": turn_offloads_off(LocalRunner(netns=ns), "eth0"),
+            }
+            st.save()
+            (d / "work").mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
+            _ip(
+                [
+                    "ssh-keygen",
+                    "-q",
+                    "-t",
+                    "ed25519",
+                    "-N",
+                    "",
+                    "-C",
+                    f"{ns}-host",
+                    "-f",
+                    str(d / "ssh_host_ed25519_key"),
+                ]
+            )
+            (d / "authorized_keys").write_text(pub)
+            os.chmod(d / "authorized_keys", 0o600)
+            (d / "sshd_config").write_text(_sshd_config(d, addr))
+            pid = LocalRunner(netns=ns).spawn(
+                [sshd, "-D", "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")],
+                log_path=str(d / "sshd.out"),
+                pid_path=str(d / "sshd.spawn.pid"),
+            )
+            st.data["pids"].append({"pid": pid, "marker": str(d / "sshd_config")})
+            st.save()
+            hk = (d / "ssh_host_ed25519_key.pub").read_text().split()
+            known.append(f"{addr} {hk[0]} {hk[1]}")
+            devs.append(
+                Device(
+                    name=f"dev{i}",
+                    host=addr,
+                    ssh_user="root",
+                    ssh_key=str(key),
+                    workdir=str(d / "work"),
+                    python=_device_python(),
+                    hw_class="netns",
+                    memory_budget_mb=memory_budget_mb,
+                    interface="eth0",
+                    reuse_packages=AGENT_PACKAGES,
+                )
+            )
+        for dv in devs:
+            if not _wait_port(dv.host, 22, 10):
+                log = st.dir / "devices" / dv.name / "sshd.log"
+                tail = log.read_text().strip().splitlines()[-1:] if log.exists() else []
+                raise TestbedError(
+                    f"{dv.name}: sshd did not come up on {dv.host}:22 "
+                    f"{'(' + tail[0] + ')' if tail else ''}".strip()
+                )
+        kh = st.dir / "known_hosts"
+        kh.write_text("\n".join(known) + "\n")
+        bs = BaseStation(
+            name="bs", host=bs_addr, interface=names.bridge, ifb=names.ifb, local=True, sudo=False
+        )
+        say(f"shaping {devices} links at {rate_kbit:g} kbit/s each way")
+        TcShaper(
+            LocalRunner(host="bs"),
+            names.bridge,
+            names.ifb,
+            [d.host for d in devs],
+            [d.name for d in devs],
+        ).setup([LinkSpec(rate_kbit)] * devices, [LinkSpec(rate_kbit)] * devices)
+        inv_path.parent.mkdir(parents=True, exist_ok=True)
+        # the CURVE keys `provision` makes go to the state dir: `down` removes them with it
+        inv_path.write_text(render_inventory(name, str(kh), bs, devs, str(st.dir / "curve")))
+        st.data["status"] = "up"
+        st.data["rate_kbit"] = rate_kbit
+        st.save()
+    except BaseException:
+        down(name)
+        raise
+    return {
+        "name": name,
+        "inventory": str(inv_path),
+        "subnet": str(subnet),
+        "bs": bs_addr,
+        "devices": [
+            {"name": d.name, "host": d.host, "netns": names.netns(k + 1)}
+            for k, d in enumerate(devs)
+        ],
+        "rate_kbit": rate_kbit,
+        "elapsed_s": round(time.monotonic() - t0, 3),
+    }
+
+
+def _device_python() -> str:
+    """The Python a namespace device uses: the controller's own interpreter (devices share
+    this host's filesystem), so provisioning reuses its packages (``AGENT_PACKAGES``) and
+    installs only the project wheel, offline."""
+    return sys.executable or "/usr/bin/python3"
+
+
+def _netns_list() -> list[str]:
+    res = _ip(["ip", "-j", "netns", "list"], check=False)
+    try:
+        return [n["name"] for n in json.loads(res.stdout or "[]")] if res.ok else []
+    except ValueError:
+        return []
+
+
+def _links() -> list[str]:
+    res = _ip(["ip", "-j", "link", "show"], check=False)
+    return [lk["ifname"] for lk in json.loads(res.stdout or "[]")] if res.ok else []
+
+
+def _pid_matches(pid: int, marker: str) -> bool:
+    """True if ``pid`` is still the process we started (its argv mentions ``marker``)."""
+    try:
+        return marker in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+
+
+def _stop_pids(pids: list[int], grace_s: float = 2.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = []
+        for p in pids:
+            try:
+                os.kill(p, sig)
+                alive.append(p)
+            except ProcessLookupError:
+                pass
+        if not alive:
+            return
+        deadline = time.monotonic() + grace_s
+        while alive and time.monotonic() < deadline:
+            for p in list(alive):
+                try:
+                    os.waitpid(p, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+                if not Path(f"/proc/{p}").exists() or _is_zombie(p):
+                    alive.remove(p)
+            time.sleep(0.02)
+        pids = alive
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+    except (OSError, IndexError):
+        return True
+
+
+def down(name: str) -> dict[str, Any]:
+    """Remove everything of testbed ``name``. Idempotent; works from the state file, from
+    exact name patterns, and from the namespaces' own process lists."""
+    check_name(name)
+    require_root("local down")
+    names = Names(name)
+    st = State(name)
+    data = st.load()
+    removed: dict[str, list[Any]] = {
+        "processes": [],
+        "netns": [],
+        "links": [],
+        "files": [],
+        "offloads_restored": [],
+    }
+    namespaces = [ns for ns in _netns_list() if names.is_our_netns(ns)]
+    # 1. processes: everything inside our namespaces, plus recorded PIDs still ours
+    pids: set[int] = set()
+    for ns in namespaces:
+        res = _ip(["ip", "netns", "pids", ns], check=False)
+        pids |= {int(x) for x in res.stdout.split() if x.isdigit()}
+    for rec in data.get("pids", []):
+        if _pid_matches(rec["pid"], rec["marker"]):
+            pids.add(rec["pid"])
+    for dv in data.get("devices", []):
+        pf = Path(dv["dir"]) / "sshd.pid"
+        try:
+            p = int(pf.read_text().split()[0])
+            if _pid_matches(p, str(Path(dv["dir"]) / "sshd_config")):
+                pids.add(p)
+        except (OSError, ValueError, IndexError):
+            pass
+    pids.discard(os.getpid())
+    _stop_pids(sorted(pids))
+    removed["processes"] = sorted(pids)
+    # 2. shaping (the bridge's offloads first, from the record on the ifb), links, namespaces
+    removed["offloads_restored"] = TcShaper(
+        LocalRunner(host="bs"), names.bridge, names.ifb, [], []
+    ).restore_offloads()
+    for argv in (
+        ["tc", "qdisc", "del", "dev", names.bridge, "root"],
+        ["tc", "qdisc", "del", "dev", names.bridge, "ingress"],
+    ):
+        _ip(argv, check=False)
+    for link in _links():
+        if (
+            names.is_our_link(link)
+            and link != names.bridge
+            and _ip(["ip", "link", "del", link], check=False).ok
+        ):
+            removed["links"].append(link)
+    for ns in namespaces:
+        if _ip(["ip", "netns", "del", ns], check=False).ok:
+            removed["netns"].append(ns)
+    if names.bridge in _links() and _ip(["ip", "link", "del", names.bridge], check=False).ok:
+        removed["links"].append(names.bridge)
+    # 3. files: the inventory we wrote (only if it is still ours), then the state dir
+    inv = data.get("inventory")
+    if inv:
+        try:
+            text = Path(inv).read_text()
+            if text.startswith("# written by `testbed local up`") and f'name = "{name}"' in text:
+                Path(inv).unlink()
+                removed["files"].append(inv)
+        except OSError:
+            pass
+    if st.dir.exists():
+        shutil.rmtree(st.dir, ignore_errors=True)
+        removed["files"].append(str(st.dir))
+    return {"name": name, "removed": removed, "was_present": bool(data) or any(removed.values())}
+
+
+def status(name: str) -> dict[str, Any]:
+    """What exists of testbed ``name`` now."""
+    check_name(name)
+    names = Names(name)
+    st = State(name)
+    data = st.load()
+    if not data:
+        raise ConfigError(f"--name: no local testbed named {name!r} (no {st.path})")
+    present_ns = set(_netns_list())
+    out_devs = []
+    for dv in data.get("devices", []):
+        pf = Path(dv["dir"]) / "sshd.pid"
+        sshd_pid = None
+        try:
+            p = int(pf.read_text().split()[0])
+            sshd_pid = p if _pid_matches(p, str(Path(dv["dir"]) / "sshd_config")) else None
+        except (OSError, ValueError, IndexError):
+            pass
+        out_devs.append(
+            {
+                "name": dv["name"],
+                "address": dv["address"],
+                "netns": dv["netns"],
+                "netns_present": dv["netns"] in present_ns,
+                "sshd_pid": sshd_pid,
+            }
+        )
+    rates = {}
+    if os.geteuid() == 0 and data.get("devices"):
+        shaper = TcShaper(
+            LocalRunner(host="bs"),
+            names.bridge,
+            names.ifb,
+            [d["address"] for d in data["devices"]],
+            [d["name"] for d in data["devices"]],
+        )
+        rates = {s.device: {"down_kbit": s.down_kbit, "up_kbit": s.up_kbit} for s in shaper.show()}
+    for d in out_devs:
+        d.update(rates.get(d["name"], {}))
+    return {
+        "name": name,
+        "status": data.get("status"),
+        "subnet": data.get("subnet"),
+        "inventory": data.get("inventory"),
+        "devices": out_devs,
+    }
+
+
+def list_testbeds() -> list[str]:
+    root = state_root()
+    return sorted(p.parent.name for p in root.glob("*/state.json")) if root.is_dir() else []

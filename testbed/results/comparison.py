@@ -1,0 +1,283 @@
+"""Each policy against a baseline (``topk``) at equal link budget, and how well a policy's
+latency model predicted the layers it decided (pure; from the report's groups).
+
+* Equal link budget = the same run and sweep point but for ``policy.name``: the same link rate,
+  or the same cell bandwidth under the same channel (``links.bandwidth_mhz``).
+* Per-token latency of a request = ``total_ms / output_tokens``; a group's figure is the mean
+  over its requests. ``latency_change_pct`` = 100 x (policy - baseline) / baseline (negative:
+  faster); ``accuracy_change`` = policy accuracy - baseline accuracy.
+* Prediction ratio = ``predicted_ms / moe_ms`` per layer row that has both; median, p10 and
+  p90 over the rows. ``predicted_ms`` is the calibrated latency model's
+  (:func:`testbed.policy.latency_model.predict_layer_ms`, every policy) and predicts exactly what
+  ``moe_ms`` measures: the layer's expert exchange at the BS (``run_layer``, first request
+  out to last reply handled). The policy's decision and an epoch's rate change run in-line
+  before it (in ``bs_ms``, not in ``moe_ms``); :func:`prediction_rows` also compares
+  ``predicted_critical_ms`` with ``decision_ms + change_ms + moe_ms`` (the layer's critical
+  path from the decision on), and a policy's own model (``policy_predicted_ms``, e.g.
+  WDMoE's paper formula) with ``moe_ms``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .report import _f, _point_label
+
+
+def per_token_ms(requests: Iterable[Mapping[str, Any]]) -> float | None:
+    """Mean over requests of ``total_ms / output_tokens`` (requests lacking either skipped)."""
+    xs = []
+    for r in requests:
+        t, n = _f(r.get("total_ms")), _f(r.get("output_tokens"))
+        if t is not None and n:
+            xs.append(t / n)
+    return float(np.mean(xs)) if xs else None
+
+
+def accuracy(requests: Iterable[Mapping[str, Any]]) -> float | None:
+    xs = [x for x in (_f(r.get("correct")) for r in requests) if x is not None]
+    return float(np.mean(xs)) if xs else None
+
+
+def prediction_ratio(
+    layers: Iterable[Mapping[str, Any]],
+    predicted: str = "predicted_ms",
+    measured: Sequence[str] = ("moe_ms",),
+) -> dict[str, Any] | None:
+    """``predicted / sum(measured)`` over the layer rows with all of them: n, median, p10,
+    p90 (default ``predicted_ms / moe_ms``)."""
+    xs = []
+    for r in layers:
+        p = _f(r.get(predicted))
+        ms = [_f(r.get(k)) for k in measured]
+        if p is not None and all(m is not None for m in ms) and sum(ms):  # type: ignore[arg-type]
+            xs.append(p / sum(ms))  # type: ignore[arg-type]
+    if not xs:
+        return None
+    a = np.asarray(xs)
+    return {
+        "n": len(xs),
+        "median": float(np.median(a)),
+        "p10": float(np.percentile(a, 10)),
+        "p90": float(np.percentile(a, 90)),
+    }
+
+
+def prediction_rows(groups: Sequence[Any]) -> list[dict[str, Any]]:
+    """One row per group (a :class:`testbed.results.report.Group`, every policy, the baseline too)
+    with layer rows: ``exchange`` = ``predicted_ms / moe_ms``, ``critical`` =
+    ``predicted_critical_ms / (decision_ms + change_ms + moe_ms)`` and ``policy_model`` =
+    ``policy_predicted_ms / moe_ms`` (``None`` where the rows lack them)."""
+    out = []
+    for g in groups:
+        ex = prediction_ratio(g.layers)
+        if ex is None:
+            continue
+        out.append(
+            {
+                "run": g.run.run_id,
+                "policy": g.policy,
+                "point": _point_label({"policy": g.policy, "point": g.point}),
+                "exchange": ex,
+                "critical": prediction_ratio(
+                    g.layers, "predicted_critical_ms", ("decision_ms", "change_ms", "moe_ms")
+                ),
+                "policy_model": prediction_ratio(g.layers, "policy_predicted_ms"),
+            }
+        )
+    return out
+
+
+def prediction_table(rows: Sequence[Mapping[str, Any]]) -> Any:
+    """:func:`prediction_rows` as a rich Table."""
+    from rich import box
+    from rich.table import Table
+
+    def f(pr: Mapping[str, Any] | None) -> str:
+        return f"{pr['median']:.2f} [{pr['p10']:.2f}-{pr['p90']:.2f}] n={pr['n']}" if pr else "-"
+
+    t = Table(
+        title="latency model: predicted / measured per layer, median [p10-p90]", box=box.SIMPLE_HEAD
+    )
+    for h in (
+        "policy",
+        "point",
+        "exchange\n(predicted_ms / moe_ms)",
+        "critical path\n(+ decision, rate change)",
+        "policy's own model\n(/ moe_ms)",
+    ):
+        t.add_column(h, justify="left" if h in ("policy", "point") else "right")
+    for r in rows:
+        t.add_row(r["policy"], r["point"], f(r["exchange"]), f(r["critical"]), f(r["policy_model"]))
+    return t
+
+
+#: :func:`time_shares`' parts, in the order they are shown
+SHARES = ("airtime", "device", "call", "exchange_rest", "decision", "rate_change", "bs_model")
+
+
+def time_shares(layers: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Where the layers' time goes, from the calibrated model's terms for each layer's slowest
+    device (``predicted_air_ms``, ``predicted_device_ms``, ``predicted_call_ms``) and the
+    measured rest, summed over the rows that have them, as shares of ``sum(bs_ms + moe_ms)``
+    (the time a forward step spends in its MoE layers):
+
+    * ``airtime``: the slowest device's airtime, down + up (model);
+    * ``device``: its device time, compute and the agent's per-call cost (model);
+    * ``call``: its fixed per-call cost besides both: zmq, TCP, Python, CURVE (model);
+    * ``exchange_rest``: ``moe_ms`` less those three -- the BS's own time in the exchange,
+      the other calls' overlap, and what the model missed (measured - model);
+    * ``decision``, ``rate_change``: ``decision_ms``, ``change_ms`` (measured, in ``bs_ms``);
+    * ``bs_model``: the rest of ``bs_ms``: attention, router, norms at the BS (measured).
+
+    Returns ``{"n", "layer_ms"`` (the mean of ``bs_ms + moe_ms``), each share``}``, or
+    ``None`` without such rows."""
+    tot = dict.fromkeys(SHARES, 0.0)
+    whole, n = 0.0, 0
+    for r in layers:
+        v = {
+            k: _f(r.get(k))
+            for k in (
+                "bs_ms",
+                "moe_ms",
+                "predicted_air_ms",
+                "predicted_device_ms",
+                "predicted_call_ms",
+            )
+        }
+        if any(x is None for x in v.values()):
+            continue
+        dec, chg = _f(r.get("decision_ms")) or 0.0, _f(r.get("change_ms")) or 0.0
+        model = v["predicted_air_ms"] + v["predicted_device_ms"] + v["predicted_call_ms"]
+        tot["airtime"] += v["predicted_air_ms"]
+        tot["device"] += v["predicted_device_ms"]
+        tot["call"] += v["predicted_call_ms"]
+        tot["exchange_rest"] += v["moe_ms"] - model
+        tot["decision"] += dec
+        tot["rate_change"] += chg
+        tot["bs_model"] += v["bs_ms"] - dec - chg
+        whole += v["bs_ms"] + v["moe_ms"]
+        n += 1
+    if not n or whole <= 0:
+        return None
+    return {"n": n, "layer_ms": whole / n, **{k: x / whole for k, x in tot.items()}}
+
+
+def shares_rows(groups: Sequence[Any]) -> list[dict[str, Any]]:
+    """:func:`time_shares` per group (a :class:`testbed.results.report.Group`) that has the terms."""
+    out = []
+    for g in groups:
+        sh = time_shares(g.layers)
+        if sh is not None:
+            out.append(
+                {
+                    "run": g.run.run_id,
+                    "policy": g.policy,
+                    "point": _point_label({"policy": g.policy, "point": g.point}),
+                    **sh,
+                }
+            )
+    return out
+
+
+def shares_table(rows: Sequence[Mapping[str, Any]]) -> Any:
+    """:func:`shares_rows` as a rich Table."""
+    from rich import box
+    from rich.table import Table
+
+    t = Table(
+        title="where a MoE layer's time goes (bs_ms + moe_ms): the model's terms for the "
+        "slowest device, the rest measured",
+        box=box.SIMPLE_HEAD,
+    )
+    heads = {
+        "airtime": "airtime",
+        "device": "device\ncompute",
+        "call": "call\nfixed",
+        "exchange_rest": "exchange\nrest",
+        "decision": "decision",
+        "rate_change": "rate\nchange",
+        "bs_model": "BS\nmodel",
+    }
+    for h in ("policy", "point", "ms/layer", *heads.values()):
+        t.add_column(h, justify="left" if h in ("policy", "point") else "right")
+    for r in rows:
+        t.add_row(
+            r["policy"], r["point"], f"{r['layer_ms']:.2f}", *(f"{100 * r[k]:.0f}%" for k in heads)
+        )
+    return t
+
+
+def versus_baseline(groups: Sequence[Any], baseline: str = "topk") -> list[dict[str, Any]]:
+    """One row per group (a :class:`testbed.results.report.Group`) that is not the baseline: its
+    latency and accuracy against the baseline's group of the same run and point (``None``
+    where the run has no such group), and its prediction ratio (``None`` without
+    predictions)."""
+
+    def key(g: Any) -> tuple[str, str]:
+        return g.run.run_id, _point_label({"policy": g.policy, "point": g.point})
+
+    base = {key(g): g for g in groups if g.policy == baseline}
+    out = []
+    for g in groups:
+        if g.policy == baseline:
+            continue
+        b = base.get(key(g))
+        lat, acc = per_token_ms(g.requests), accuracy(g.requests)
+        b_lat = per_token_ms(b.requests) if b else None
+        b_acc = accuracy(b.requests) if b else None
+        out.append(
+            {
+                "run": g.run.run_id,
+                "policy": g.policy,
+                "point": key(g)[1],
+                "per_token_ms": lat,
+                "baseline_per_token_ms": b_lat,
+                "latency_change_pct": 100.0 * (lat - b_lat) / b_lat
+                if lat is not None and b_lat
+                else None,
+                "accuracy": acc,
+                "baseline_accuracy": b_acc,
+                "accuracy_change": acc - b_acc if acc is not None and b_acc is not None else None,
+                "prediction_ratio": prediction_ratio(g.layers),
+            }
+        )
+    return out
+
+
+def table(rows: Sequence[Mapping[str, Any]], baseline: str = "topk") -> Any:
+    """The rows as a rich Table."""
+    from rich import box
+    from rich.table import Table
+
+    def f(v: Any, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    t = Table(
+        title=f"each policy against {baseline} at equal link budget (same run and point)",
+        box=box.SIMPLE_HEAD,
+    )
+    for h in (
+        "policy",
+        "point",
+        f"ms/token\n(vs {baseline})",
+        "latency\nchange",
+        "accuracy\nchange",
+        "predicted/measured\nmedian [p10-p90]",
+    ):
+        t.add_column(h, justify="left" if h in ("policy", "point") else "right")
+    for r in rows:
+        pr = r["prediction_ratio"]
+        t.add_row(
+            r["policy"],
+            r["point"],
+            f"{f(r['per_token_ms'], '.2f')} ({f(r['baseline_per_token_ms'], '.2f')})",
+            f(r["latency_change_pct"], "+.1f")
+            + ("%" if r["latency_change_pct"] is not None else ""),
+            f(r["accuracy_change"], "+.3f"),
+            f"{pr['median']:.2f} [{pr['p10']:.2f}-{pr['p90']:.2f}] n={pr['n']}" if pr else "-",
+        )
+    return t

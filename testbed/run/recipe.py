@@ -1,0 +1,549 @@
+"""Experiment recipes (TOML): model, policy + parameters, link profile, workload, repeats, seed,
+and a sweep grid over any of these.
+
+::
+
+    [recipe]
+    name = "compare"            # names the run folder
+    description = "top-k vs top-1 at two link rates"
+    seed = 0
+    repeats = 1                 # every sweep point is run this many times
+
+    [model]
+    path = "tiny"               # "tiny", "tiny-4096" (the tiny model widened to 4096: experts and
+                                # payloads of Mixtral-8x7B's width, the tiny model's accuracy),
+                                # a split directory or an HF checkpoint (relative to this file)
+    wire_dtype = "bf16"         # optional: hidden states on the wire (and the agents' io dtype)
+                                # fp32, bf16 or fp16; default: the BS model's dtype
+
+    [policy]
+    name = "topk"               # entry-point name, package.module:Class or path/file.py:Class
+    epoch = "step"              # decision epoch: link rates (a policy's bandwidth, a channel
+                                # or a trace) change once per forward "step", per "layer" (every
+                                # MoE layer of every step) or per "request"; the decisions
+                                # inside an epoch see ClusterState.links_fixed = True
+    [policy.params]             # the policy's constructor parameters
+    placement = "round-robin"
+
+    [links]                     # applied to every device's link (both directions unless split)
+    rate = "20mbit"             # or rate_down / rate_up
+    delay = "0ms"               # needs netem on the BS kernel (refused with the kernel's message)
+    loss = "0%"
+    bandwidth_mhz = 20.0        # optional: the cell's total bandwidth under the channel model
+                                # (testbed.net.channel, seeded by recipe.seed, devices by name;
+                                # wireless papers use 10-100 MHz): each epoch a policy that
+                                # allocates bandwidth splits it (ClusterState.channel/
+                                # bandwidth_hz), any other policy gets the equal split's rates
+                                # each way (same fading) - equal link budget
+    trace = "trace.csv"         # optional: a channel trace (testbed links trace; relative to
+                                # this file) replayed on the links, its k-th time block at the
+                                # k-th decision epoch (cycling), for policies that allocate no
+                                # bandwidth; time_s only orders the blocks
+    [links.channel]             # optional: the channel model's constants (testbed.net.channel's
+    bs_power_dbm = 46.0         # docstring lists every key, its default and its source; e.g.
+    device_power_dbm = 23.0     # shadowing_db, fading, se_model, cqi_table, power_split), the
+    se_model = "capped"         # rest at their defaults; all recorded in the manifest; swept
+                                # as "links.channel.<key>"
+
+    [workload]
+    task = "tiny"               # "tiny": the built-in model's held-out task (answers known);
+                                # "synthetic": random prompts, scored against the model's own
+                                # single-process top-k output
+    requests = 20               # per trial and repeat
+    prompt_tokens = 16          # synthetic only (tiny prompts come from the task)
+    output_tokens = 8           # synthetic: tokens generated; tiny: up to the answer's length
+
+    [run]
+    timeout_s = 5.0             # per expert call
+    down_backoff_s = 30.0       # after a timeout, a device's calls are skipped (re-routed or
+                                # dropped at once) for this long before it is tried again
+    devices = 3                 # devices a trial uses: the first N of the inventory (placement
+                                # over those only); default: all of it, or 3 when `testbed run`
+                                # creates the local testbed (sized for the largest N swept);
+                                # up to 100000 (`testbed simulate` runs 1000+ devices)
+    telemetry_period_s = 0.5    # agent status feed period (devices.csv)
+    bs_threads = 1              # optional: torch threads of the BS runtime (default: torch's);
+                                # 1 where the agents share the BS's few cores (local testbed):
+                                # idle worker threads spinning against the agents cost ms per op
+    memory_budget_mb = 0.09     # optional: every device's memory budget for the policy (MB,
+                                # fractions allowed), instead of the inventory's
+    update_every = 5            # optional: call policy.update() every N requests (0: never);
+                                # a placement it returns is applied, moves in migrations.csv
+    [[run.events]]              # optional: a link change just before request `at_request`
+    at_request = 10             # (of every trial and repeat)
+    device = "dev2"
+    rate = "1mbit"
+    direction = "both"          # down, up or both
+
+    [devices]
+    power_mode = "MAXN"         # optional: Jetson nvpmodel mode for the trial, by name (as
+                                # `nvpmodel -p --verbose` lists it on each device; ids differ
+                                # per module) or by id; set over SSH with `sudo -n nvpmodel -m
+                                # ID` before a trial that changes it, every device restored to
+                                # its own mode when the run ends (errors and Ctrl-C included);
+                                # a device without nvpmodel or without that mode fails the run
+                                # with one line naming it, before anything is changed
+
+    [faults]                    # optional fault injection, replayed in every trial and repeat
+    events = [                  # (testbed.run.faults: every action, key and default)
+      { at_request = 4, device = "dev2", action = "kill" },
+      { at_s = 2.0, device = "dev1", action = "stop", for_s = 1.5 },
+      { at_request = 6, device = "dev3", action = "link", rate = "8kbit", for_requests = 2 },
+      { at_request = 9, device = "dev2", action = "restart" },
+    ]
+
+    [sweep]                     # cartesian grid; keys are dotted paths of the tables above
+    "links.rate" = ["2mbit", "20mbit"]
+    "policy.name" = ["topk", "top1"]
+
+Every problem (unknown table or key, wrong type, bad unit, empty sweep list) is collected and
+raised as one :class:`~testbed.errors.ConfigError`, each naming the file and the key.
+``--set key=value`` overrides go through the same checks.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from ..errors import ConfigError
+from ..net.channel import CHANNEL_DEFAULTS, check_channel_params
+from ..units import parse_percent, parse_rate_kbit, parse_time_ms
+from .faults import parse_faults
+
+TASKS = ("tiny", "synthetic")
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"must be a non-empty string, not {v!r}")
+    return v
+
+
+def _int(lo: int, hi: int | None = None) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+            rng = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+            raise ValueError(f"must be an integer {rng}, not {v!r}")
+        return v
+
+    return check
+
+
+def _float(lo: float) -> Callable[[Any], float]:
+    def check(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > lo:
+            raise ValueError(f"must be a number > {lo:g}, not {v!r}")
+        return float(v)
+
+    return check
+
+
+def _rate(v: Any) -> float:
+    if not isinstance(v, str):
+        raise ValueError(f'must be a rate string such as "20mbit", not {v!r}')
+    return parse_rate_kbit(v)
+
+
+def _time(v: Any) -> float:
+    if not isinstance(v, str):
+        raise ValueError(f'must be a time string such as "5ms", not {v!r}')
+    return parse_time_ms(v)
+
+
+def _pct(v: Any) -> float:
+    if not isinstance(v, str):
+        raise ValueError(f'must be a percentage string such as "0.5%", not {v!r}')
+    return parse_percent(v)
+
+
+def _task(v: Any) -> str:
+    if v not in TASKS:
+        raise ValueError(f"must be one of {', '.join(TASKS)}, not {v!r}")
+    return v
+
+
+#: wire dtypes a recipe may name -> the agents' dtype names
+WIRE_DTYPES = {
+    "fp32": "float32",
+    "float32": "float32",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+}
+
+
+def _wire_dtype(v: Any) -> str:
+    if v not in WIRE_DTYPES:
+        raise ValueError(f"must be one of fp32, bf16, fp16, not {v!r}")
+    return v
+
+
+EPOCHS = ("step", "layer", "request")
+
+
+def _epoch(v: Any) -> str:
+    if v not in EPOCHS:
+        raise ValueError(f"must be one of {', '.join(EPOCHS)}, not {v!r}")
+    return v
+
+
+def _power_mode(v: Any) -> str | int:
+    if isinstance(v, bool) or not (
+        isinstance(v, int) and v >= 0 or isinstance(v, str) and v.strip()
+    ):
+        raise ValueError(f'must be an nvpmodel mode name (e.g. "MAXN") or id >= 0, not {v!r}')
+    return v.strip() if isinstance(v, str) else v
+
+
+EVENT_KEYS = ("at_request", "device", "rate", "direction")
+
+
+def _direction(v: Any) -> str:
+    if v not in ("down", "up", "both"):
+        raise ValueError(f"must be down, up or both, not {v!r}")
+    return v
+
+
+def _events(v: Any) -> list[dict[str, Any]]:
+    is_list = isinstance(v, list)
+    if not is_list:
+        raise ValueError("must be an array of tables ([[run.events]])")
+    for i, ev in enumerate(v):
+        is_table = isinstance(ev, dict)
+        if not is_table:
+            raise ValueError(f"[{i}]: must be a table")
+        unknown = sorted(set(ev) - set(EVENT_KEYS))
+        if unknown:
+            raise ValueError(f"[{i}].{unknown[0]}: unknown key (valid: {', '.join(EVENT_KEYS)})")
+        for k in ("at_request", "device", "rate"):
+            if k not in ev:
+                raise ValueError(f"[{i}].{k}: missing")
+        checks = (
+            ("at_request", _int(0)),
+            ("device", _str),
+            ("rate", _rate),
+            ("direction", _direction),
+        )
+        for k, check in checks:
+            try:
+                check(ev.get(k, "both"))
+            except (ValueError, ConfigError) as e:
+                raise ValueError(f"[{i}].{k}: {e}") from None
+    return v
+
+
+def _params(v: Any) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise ValueError("must be a table")
+    return v
+
+
+def _with_channel_defaults(links: dict[str, Any]) -> None:
+    """Fill ``links.channel``'s missing keys with the model's defaults (so that the manifest
+    records the whole channel)."""
+    ch = links.get("channel")
+    if isinstance(ch, dict):
+        links["channel"] = {**CHANNEL_DEFAULTS, **ch}
+
+
+SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
+    "recipe": {
+        "name": (_str, "recipe"),
+        "description": (lambda v: str(v), ""),
+        "seed": (_int(0), 0),
+        "repeats": (_int(1, 1000), 1),
+    },
+    "model": {"path": (_str, "tiny"), "wire_dtype": (_wire_dtype, None)},
+    "policy": {"name": (_str, "topk"), "params": (_params, {}), "epoch": (_epoch, "step")},
+    "links": {
+        "rate": (_rate, "20mbit"),
+        "rate_down": (_rate, None),
+        "rate_up": (_rate, None),
+        "delay": (_time, "0ms"),
+        "loss": (_pct, "0%"),
+        "bandwidth_mhz": (_float(0), None),
+        "trace": (_str, None),
+        "channel": (_params, dict(CHANNEL_DEFAULTS)),
+    },
+    "workload": {
+        "task": (_task, "tiny"),
+        "requests": (_int(1, 100000), 20),
+        "prompt_tokens": (_int(1, 100000), 16),
+        "output_tokens": (_int(1, 100000), 8),
+    },
+    "run": {
+        "timeout_s": (_float(0), 5.0),
+        "devices": (_int(1, 100000), None),
+        "telemetry_period_s": (_float(0), 0.5),
+        "bs_threads": (_int(1, 1024), None),
+        "memory_budget_mb": (_float(0), None),
+        "update_every": (_int(0), 0),
+        "events": (_events, []),
+        "down_backoff_s": (_float(0), 30.0),
+    },
+    "devices": {"power_mode": (_power_mode, None)},
+    "faults": {"events": (parse_faults, [])},
+}
+"""table -> key -> (validator, default). Validators raise ValueError with the message.
+``links.channel`` (a table of :class:`testbed.net.channel.ChannelModel` parameters) is checked key by
+key in :func:`_check_value`, and its keys against each other at every sweep point."""
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One sweep point: its index, the swept values, and the full resolved config."""
+
+    index: int
+    point: dict[str, Any]
+    config: dict[str, dict[str, Any]]
+
+    @property
+    def label(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.point.items()) or "-"
+
+    @property
+    def policy(self) -> str:
+        return str(self.config["policy"]["name"])
+
+    def link_kbit(self) -> tuple[float, float]:
+        """(down, up) rate in kbit/s."""
+        ln = self.config["links"]
+        base = _rate(ln["rate"])
+        down = _rate(ln["rate_down"]) if ln.get("rate_down") else base
+        up = _rate(ln["rate_up"]) if ln.get("rate_up") else base
+        return down, up
+
+    def link_delay_loss(self) -> tuple[float, float]:
+        ln = self.config["links"]
+        return _time(ln["delay"]), _pct(ln["loss"])
+
+
+@dataclass
+class Recipe:
+    """A checked recipe. ``config`` holds every table with defaults filled in (raw values, so
+    it can be written back to the manifest as the user wrote them)."""
+
+    path: Path
+    config: dict[str, dict[str, Any]]
+    sweep: dict[str, list[Any]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return str(self.config["recipe"]["name"])
+
+    @property
+    def seed(self) -> int:
+        return int(self.config["recipe"]["seed"])
+
+    @property
+    def repeats(self) -> int:
+        return int(self.config["recipe"]["repeats"])
+
+    def trace_path(self, trial: Trial) -> Path | None:
+        """The trial's ``links.trace``, resolved against the recipe's folder (None: no trace)."""
+        p = trial.config["links"].get("trace")
+        if not p:
+            return None
+        q = Path(str(p)).expanduser()
+        return q if q.is_absolute() else (self.path.parent / q).resolve()
+
+    def model_spec(self) -> str:
+        """A built-in name (``"tiny"``, ``"tiny-4096"``) or a path resolved against the recipe's
+        folder."""
+        from ..lab.modelstore import is_short_name
+
+        p = str(self.config["model"]["path"])
+        if is_short_name(p):
+            return p
+        q = Path(p).expanduser()
+        return str(q if q.is_absolute() else (self.path.parent / q).resolve())
+
+    @property
+    def wire_dtype(self) -> str | None:
+        """The agents' name of ``model.wire_dtype`` (``float32``/``bfloat16``/``float16``) or
+        ``None`` (the BS model's dtype)."""
+        v = self.config["model"].get("wire_dtype")
+        return WIRE_DTYPES[v] if v is not None else None
+
+    def policy_spec(self, name: str) -> str:
+        """A ``path/file.py:Class`` policy is resolved against the recipe's folder."""
+        if ".py:" in name and not Path(name.split(":", 1)[0]).is_absolute():
+            file, cls = name.rsplit(":", 1)
+            cand = (self.path.parent / file).resolve()
+            if cand.is_file():
+                return f"{cand}:{cls}"
+        return name
+
+    def trials(self) -> list[Trial]:
+        keys = list(self.sweep)
+        out = []
+        for i, values in enumerate(itertools.product(*(self.sweep[k] for k in keys))):
+            cfg = copy.deepcopy(self.config)
+            for k, v in zip(keys, values):
+                _set_path(cfg, k, v)
+            _with_channel_defaults(cfg["links"])
+            out.append(Trial(i, dict(zip(keys, values)), cfg))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), **copy.deepcopy(self.config), "sweep": dict(self.sweep)}
+
+
+def _set_path(cfg: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = cfg
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+def _check_value(where: str, dotted: str, value: Any, problems: list[str]) -> None:
+    parts = dotted.split(".")
+    table = SCHEMA.get(parts[0])
+    if table is None:
+        problems.append(
+            f"{where}: {dotted}: unknown table {parts[0]!r} (valid: {', '.join(SCHEMA)})"
+        )
+        return
+    if len(parts) >= 3 and parts[0] == "policy" and parts[1] == "params":
+        return  # checked by the policy itself (unknown parameters are named there)
+    if len(parts) >= 2 and parts[:2] == ["links", "channel"]:
+        if len(parts) == 2 and isinstance(value, dict):  # a table: every bad key named
+            found = check_channel_params(value, complete=False)
+        elif len(parts) == 2:
+            found = [("", "must be a table of channel parameters (testbed.net.channel)")]
+        elif len(parts) == 3:
+            found = check_channel_params({parts[2]: value}, complete=False)
+        else:
+            found = [(".".join(parts[2:]), "unknown channel parameter")]
+        problems.extend(f"{where}: links.channel{'.' if k else ''}{k}: {m}" for k, m in found)
+        return
+    if len(parts) != 2 or parts[1] not in table:
+        problems.append(
+            f"{where}: {dotted}: unknown key (valid in [{parts[0]}]: {', '.join(table)})"
+        )
+        return
+    if parts[0] == "policy" and parts[1] == "params":
+        if not isinstance(value, dict):
+            problems.append(f"{where}: {dotted}: must be a table")
+        return
+    check = table[parts[1]][0]
+    try:
+        check(value)
+    except (ValueError, ConfigError) as e:
+        msg = str(e)
+        if isinstance(e, ConfigError) and ": " in msg:
+            msg = msg.split(": ", 1)[1]
+        problems.append(f"{where}: {dotted}: {msg}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` from ``--set``; the value is read as a TOML value when it parses as one
+    (numbers, booleans, quoted strings, arrays), else taken as a bare string."""
+    if "=" not in text:
+        raise ConfigError(f"--set: {text!r}: expected key=value")
+    key, raw = (s.strip() for s in text.split("=", 1))
+    if not key:
+        raise ConfigError(f"--set: {text!r}: empty key")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read and check a recipe; ``overrides`` are ``key=value`` strings (``--set``).
+
+    Raises
+    ------
+    ConfigError
+        With every problem found, each naming the file (or ``--set``) and the key.
+    """
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such recipe file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    return recipe_from_dict(raw, p, overrides)
+
+
+def recipe_from_dict(raw: Mapping[str, Any], path: Path, overrides: Sequence[str] = ()) -> Recipe:
+    where = str(path)
+    problems: list[str] = []
+    config: dict[str, dict[str, Any]] = {
+        t: {k: copy.deepcopy(d) for k, (_, d) in keys.items()} for t, keys in SCHEMA.items()
+    }
+    sweep: dict[str, list[Any]] = {}
+    for table, body in raw.items():
+        if table == "sweep":
+            if not isinstance(body, dict):
+                problems.append(f"{where}: sweep: must be a table of key = [values]")
+                continue
+            for key, values in body.items():
+                if not isinstance(values, list) or not values:
+                    problems.append(f"{where}: sweep.{key}: must be a non-empty list of values")
+                    continue
+                if key.startswith("sweep"):
+                    problems.append(f"{where}: sweep.{key}: cannot sweep the sweep")
+                    continue
+                for v in values:
+                    _check_value(f"{where}: sweep", key, v, problems)
+                sweep[key] = values
+            continue
+        if table not in SCHEMA:
+            problems.append(f"{where}: {table}: unknown table (valid: {', '.join(SCHEMA)}, sweep)")
+            continue
+        if not isinstance(body, dict):
+            problems.append(f"{where}: {table}: must be a table")
+            continue
+        for key, value in body.items():
+            _check_value(where, f"{table}.{key}", value, problems)
+            if key in SCHEMA[table]:
+                config[table][key] = value
+    for text in overrides:
+        try:
+            key, value = parse_override(text)
+        except ConfigError as e:
+            problems.append(str(e))
+            continue
+        if key.startswith("sweep."):
+            sk = key[len("sweep.") :]
+            vals = value if isinstance(value, list) else [value]
+            for v in vals:
+                _check_value("--set", sk, v, problems)
+            sweep[sk] = vals
+            continue
+        before = len(problems)
+        _check_value("--set", key, value, problems)
+        if len(problems) == before:
+            _set_path(config, key, value)
+            sweep.pop(key, None)  # a fixed value replaces a sweep over the same key
+    _with_channel_defaults(config["links"])
+    recipe = Recipe(path, config, sweep)
+    if not problems:  # the channel's keys against each other, at every sweep point
+        for trial in recipe.trials():
+            for key, msg in check_channel_params(trial.config["links"]["channel"]):
+                at = f" (sweep point {trial.label})" if trial.point else ""
+                line = f"{where}: links.channel.{key}: {msg}{at}"
+                if line not in problems:
+                    problems.append(line)
+    if problems:
+        raise ConfigError(problems)
+    return recipe
