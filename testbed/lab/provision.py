@@ -1263,12 +1263,12 @@ def provision(
 
 
 # -- agents: endpoints, status, stop, logs ---------------------------------------------------
-def _agent_view(runner: Runner, device: Device) -> tuple[Layout, DeviceFacts]:
+def agent_view(runner: Runner, device: Device) -> tuple[Layout, DeviceFacts]:
     facts = _facts(runner, device)
     return Layout(facts.workdir), facts
 
 
-def _running(facts: DeviceFacts, lay: Layout) -> bool:
+def agent_running(facts: DeviceFacts, lay: Layout) -> bool:
     return facts.pid is not None and agent_is_ours(facts.cmdline, lay)
 
 
@@ -1283,9 +1283,9 @@ def agent_endpoints(inv: Inventory, connect_timeout_s: float = 10.0) -> dict[str
     """
 
     def one(r: Runner, d: Device) -> Any:
-        lay, facts = _agent_view(r, d)
+        lay, facts = agent_view(r, d)
         ready = facts.ready or {}
-        if not _running(facts, lay) or ready.get("pid") != facts.pid:
+        if not agent_running(facts, lay) or ready.get("pid") != facts.pid:
             return _failed(
                 d.name,
                 ProvisionError("no agent running (run `testbed provision`)"),
@@ -1318,7 +1318,7 @@ def agents_status(
         curve = None
 
     def one(r: Runner, d: Device) -> dict[str, Any]:
-        lay, facts = _agent_view(r, d)
+        lay, facts = agent_view(r, d)
         ready = facts.ready or {}
         row: dict[str, Any] = {
             "device": d.name,
@@ -1331,7 +1331,7 @@ def agents_status(
             "installed": (facts.installed or {}).get("project"),
             "error": None,
         }
-        if _running(facts, lay):
+        if agent_running(facts, lay):
             row["pid"] = facts.pid
             row["endpoint"] = connect_endpoint(ready.get("endpoint"), d.host)
             row["state"] = "not answering"
@@ -1376,9 +1376,9 @@ def agents_stop(
     checking the PID is our agent. Per device: ``result`` (terminated / killed / not running)."""
 
     def one(r: Runner, d: Device) -> dict[str, Any]:
-        lay, facts = _agent_view(r, d)
+        lay, facts = agent_view(r, d)
         result, pid = "not running", None
-        if _running(facts, lay) and facts.pid is not None:
+        if agent_running(facts, lay) and facts.pid is not None:
             pid = facts.pid
             result = stop_pid(r, lay, pid, grace_s)
         if facts.pid is not None or facts.ready or facts.agent_state:

@@ -142,7 +142,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     """transformers' deprecation chatter (per forward step) would drown the progress bar."""
     import warnings
 
@@ -950,7 +950,7 @@ class Runner:
         self.injector: FaultInjector | None = None
         self.last_sample = 0.0
 
-        _quiet_transformers()
+        quiet_transformers()
         if rec.config["run"].get("bs_threads"):
             import torch
 
@@ -1481,8 +1481,8 @@ class Runner:
         from ..lab import provision as prov
 
         runner = self.runners[device]
-        lay, facts = prov._agent_view(runner, self.inv.device(device))
-        if facts.pid is None or not prov._running(facts, lay):
+        lay, facts = prov.agent_view(runner, self.inv.device(device))
+        if facts.pid is None or not prov.agent_running(facts, lay):
             raise TestbedError(f"{device}: no agent of ours is running")
         runner.run(["kill", f"-{sig}", str(facts.pid)], timeout_s=30)
         return f"SIG{sig} to agent pid {facts.pid}"
@@ -1501,8 +1501,8 @@ class Runner:
         from ..lab import provision as prov
 
         runner = self.runners[device]
-        lay, facts = prov._agent_view(runner, self.inv.device(device))
-        if facts.pid is not None and prov._running(facts, lay):
+        lay, facts = prov.agent_view(runner, self.inv.device(device))
+        if facts.pid is not None and prov.agent_running(facts, lay):
             prov.stop_pid(runner, lay, facts.pid)
         rep = prov.provision(self.inv, None, devices=[device])[0]
         if not rep.ok or not rep.endpoint:

@@ -852,7 +852,7 @@ class Simulator:
         split = X.check_model_and_policies(rec, trials)
         m = load_manifest(split)
         self.split, self.mf = split, m
-        X._quiet_transformers()
+        X.quiet_transformers()
         if rec.config["run"].get("bs_threads"):
             torch.set_num_threads(int(rec.config["run"]["bs_threads"]))
         bsm = BaseStationModel.from_split_dir(split, wire_dtype=rec.wire_dtype)

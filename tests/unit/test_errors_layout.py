@@ -350,9 +350,6 @@ ALLOWED_PRIVATE: set[str] = {
     "testbed/results/fault_report.py: testbed.results.report._mean",
     "testbed/results/fault_report.py: testbed.results.report._pct",
     "testbed/results/fault_report.py: testbed.results.report._vals",
-    "testbed/run/session.py: testbed.lab.provision._agent_view",
-    "testbed/run/session.py: testbed.lab.provision._running",
-    "testbed/run/twin.py: testbed.run.session._quiet_transformers",
     "testbed/run/updates.py: runner._apply_placement",
 }
 
