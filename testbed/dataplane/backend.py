@@ -20,7 +20,8 @@ call's row also has ``energy_j``: the device meter's joules over the reply's com
 time (:func:`testbed.dataplane.energy_attr.split_call_energy`), and ``energy_source``, the agent's meter
 label as its status said at :meth:`RemoteExpertBackend.connect`.
 
-:class:`StatusFeed` subscribes to the agents' status PUB sockets for a live cluster view.
+:class:`~testbed.dataplane.status_feed.StatusFeed` (importable from here too) subscribes to the
+agents' status PUB sockets for a live cluster view.
 """
 
 from __future__ import annotations
@@ -43,11 +44,14 @@ from device_agent.security import CurveClient, CurveKeyError
 
 from ..errors import AgentError, TestbedError
 from .energy_attr import call_energy_j, split_call_energy
+from .status_feed import StatusFeed
 
 try:  # the models package is needed for the backend protocol types only
     from models.backend import LayerResult, LayerWork
 except ImportError:  # pragma: no cover - models always ships with the BS
     LayerResult = LayerWork = None  # type: ignore[assignment,misc]
+
+__all__ = ["ClockEstimate", "RemoteExpertBackend", "StatusFeed", "round_robin_placement"]
 
 # plain ints: zmq's enum members make every flag operation a Python-level enum call
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -913,77 +917,3 @@ class RemoteExpertBackend:
             if up_ms is not None:
                 timing.update(up_ms=up_ms, down_ms=down_ms)
             fail(call, retry, status, reason[:200], **timing)
-
-
-class StatusFeed:
-    """Live cluster view from the agents' status PUB sockets (one SUB per agent).
-
-    Parameters
-    ----------
-    endpoints
-        device name -> agent status endpoint (the agent's ``--pub``).
-    curve
-        As for :class:`RemoteExpertBackend` (the PUB sockets are CURVE servers too).
-    """
-
-    def __init__(self, endpoints: Mapping[str, str], curve: CurveClient | None = None) -> None:
-        self.ctx = zmq.Context()
-        self.poller = zmq.Poller()
-        self._names: dict[zmq.Socket, str] = {}
-        self.view: dict[str, dict[str, Any]] = {}
-        self.received: dict[str, float] = {}
-        #: signalling counters per device: status messages and their bytes (topic + body)
-        self.messages: dict[str, int] = {}
-        self.bytes_received: dict[str, int] = {}
-        for name, ep in endpoints.items():
-            s = self.ctx.socket(zmq.SUB)
-            if curve is not None:
-                try:
-                    curve.secure(s, name)
-                except CurveKeyError as e:
-                    s.close(0)
-                    self.close()
-                    raise TestbedError(str(e)) from None
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.SUBSCRIBE, b"status")
-            s.setsockopt(zmq.CONFLATE, 0)
-            s.connect(ep)
-            self.poller.register(s, zmq.POLLIN)
-            self._names[s] = name
-
-    def poll(self, timeout_s: float = 0.0) -> int:
-        """Take in the status messages that arrived (waiting up to ``timeout_s`` for the
-        first); returns how many were taken."""
-        n = 0
-        for sock, _ in self.poller.poll(int(timeout_s * 1e3)):
-            while True:
-                try:
-                    msg = sock.recv_multipart(flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                name = self._names[sock]
-                self.messages[name] = self.messages.get(name, 0) + 1
-                self.bytes_received[name] = self.bytes_received.get(name, 0) + sum(
-                    len(f) for f in msg
-                )
-                if len(msg) != 2:
-                    continue
-                try:
-                    h = P.unpack(msg[1])
-                except ProtocolError:
-                    continue
-                if isinstance(h.get("status"), dict):
-                    self.view[name] = h["status"]
-                    self.received[name] = time.monotonic()
-                    n += 1
-        return n
-
-    def age_s(self, device: str) -> float | None:
-        """Seconds since ``device`` last published, or ``None`` if never."""
-        t = self.received.get(device)
-        return None if t is None else time.monotonic() - t
-
-    def close(self) -> None:
-        for s in self._names:
-            s.close(0)
-        self.ctx.term()
