@@ -46,7 +46,6 @@ ALLOWED: dict[str, int] = {
     "testbed/net/links.py::build_tree_commands": 89,
     "testbed/lab/local.py::up": 170,
     "testbed/dataplane/profiling.py::profile_exchanges": 111,
-    "testbed/lab/provision.py::provision_device": 91,
     "testbed/dataplane/backend.py::RemoteExpertBackend": 775,
     "testbed/dataplane/backend.py::RemoteExpertBackend._on_reply": 164,
     "testbed/dataplane/backend.py::RemoteExpertBackend.run_layer": 242,

@@ -3,7 +3,10 @@ command builders, endpoints, inventory fields reuse_packages / agent_port."""
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -12,10 +15,15 @@ from types import SimpleNamespace
 
 import pytest
 
+import testbed.lab.provision as provision_pkg
+from testbed import ROOT
 from testbed.errors import ConfigError
 from testbed.lab.inventory import Device, load_inventory, render_inventory
 from testbed.lab.provision import (
     FACTS_PY,
+    HASH_CACHE,
+    HASH_PY,
+    PROJECT_PACKAGES,
     DeviceFacts,
     Layout,
     agent_argv,
@@ -124,6 +132,52 @@ def test_facts_script_runs_on_this_python_and_parses(tmp_path):
     assert Path(numpy.__file__).parent.parent == Path(f.reuse["numpy"]["path"])
     assert f.reuse["pyzmq"]["path"] and f.reuse["nosuchpkg"] is None
     assert not wd.exists()  # the check changes nothing
+
+
+PROBES = Path(provision_pkg.__file__).parent
+
+
+@pytest.mark.parametrize("probe", ["facts_probe.py", "hash_probe.py"])
+def test_probes_parse_on_python_3_6_and_are_never_imported(probe):
+    src = (PROBES / probe).read_text()
+    ast.parse(src, probe, feature_version=(3, 6))  # the device's python may be that old
+    assert 'if __name__ == "__main__":' in src
+    for mod in PROBES.glob("*.py"):
+        for node in ast.walk(ast.parse(mod.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                assert not any(probe[:-3] in n for n in names), f"{mod.name} imports {probe}"
+
+
+def test_hash_script_hashes_and_caches_by_size_and_mtime(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"abc")
+
+    def hashes(*names):
+        argv = [sys.executable, "-c", HASH_PY, str(tmp_path), json.dumps(dict.fromkeys(names, ""))]
+        return json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
+
+    sha = hashlib.sha256(b"abc").hexdigest()
+    assert hashes("a.bin", "missing") == {"a.bin": sha, "missing": None}
+    cache = json.loads((tmp_path / HASH_CACHE).read_text())
+    assert list(cache) == ["a.bin"] and cache["a.bin"][0] == 3 and cache["a.bin"][2] == sha
+    # the cache is believed while size and mtime match
+    st = (tmp_path / "a.bin").stat()
+    cache["a.bin"][2] = "cached"
+    (tmp_path / HASH_CACHE).write_text(json.dumps(cache))
+    assert hashes("a.bin") == {"a.bin": "cached"}
+    (tmp_path / "a.bin").write_bytes(b"abcd")
+    os.utime(tmp_path / "a.bin", ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    assert hashes("a.bin") == {"a.bin": hashlib.sha256(b"abcd").hexdigest()}
+
+
+def test_project_wheel_sources_cover_every_package():
+    files = {str(p) for p in source_files(ROOT)}
+    for pkg in PROJECT_PACKAGES:
+        for init in (ROOT / pkg).rglob("__init__.py"):
+            if "__pycache__" not in init.parts:
+                assert str(init.relative_to(ROOT)) in files
+    assert "testbed/lab/provision/facts_probe.py" in files
+    assert "testbed/lab/provision/hash_probe.py" in files
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,110 @@
+"""Files on a device, pushed only where the device's copy differs (sha256, cached on the
+device by size and mtime); expert shards."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ...errors import ProvisionError
+from ..inventory import Device
+from ..runner import Runner
+from .layout import Layout
+
+#: the hash cache in each folder :func:`push_files` writes to (name -> size, mtime, sha256)
+HASH_CACHE = ".sha256.json"
+#: run with ``python -c`` on the device (:mod:`.hash_probe`). argv: directory, JSON {file name:
+#: expected sha256 or ""}. Prints {name: sha256 or null}.
+HASH_PY = Path(__file__).with_name("hash_probe.py").read_text()
+
+
+def remote_hashes(
+    runner: Runner, python: str, directory: str, names: Iterable[str]
+) -> dict[str, str | None]:
+    """sha256 of each file in ``directory`` on the device (None: missing), cached by stat."""
+    names = list(names)
+    if not names:
+        return {}
+    res = runner.run(
+        [python, "-c", HASH_PY, directory, json.dumps({n: "" for n in names})], timeout_s=600
+    )
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def push_files(
+    runner: Runner,
+    python: str,
+    directory: str,
+    files: Mapping[str, tuple[Path, str]],
+    mode: int = 0o644,
+) -> list[str]:
+    """Copy ``name -> (local path, sha256)`` into ``directory`` where the device's copy differs
+    (file mode ``mode``); verify the pushed ones on the device. Returns the names pushed."""
+    have = remote_hashes(runner, python, directory, files)
+    todo = sorted(n for n, (_, sha) in files.items() if have.get(n) != sha)
+    for n in todo:
+        runner.put(files[n][0], f"{directory}/{n}", mode=mode)
+    if todo:
+        got = remote_hashes(runner, python, directory, todo)
+        bad = [n for n in todo if got.get(n) != files[n][1]]
+        if bad:
+            raise ProvisionError(
+                f"{runner.host}: sha256 of {', '.join(bad)} differs on the device after copying"
+            )
+    return todo
+
+
+def remote_workdir(runner: Runner, device: Device) -> str:
+    if not device.workdir.startswith("~"):
+        return device.workdir
+    res = runner.run(
+        [
+            device.python,
+            "-c",
+            "import os,sys; print(os.path.expanduser(sys.argv[1]))",
+            device.workdir,
+        ],
+        timeout_s=30,
+    )
+    return res.stdout.strip().splitlines()[-1]
+
+
+def sync_shards(
+    runner: Runner,
+    device: Device,
+    manifest: Any,
+    uids: Iterable[str],
+    *,
+    workdir: str | None = None,
+) -> tuple[dict[str, str], int]:
+    """Make the shards of ``uids`` present in the device's ``{workdir}/experts/``.
+
+    Files whose sha256 on the device (cached by size and mtime in ``experts/.sha256.json``)
+    already matches the manifest's are left alone.
+
+    Parameters
+    ----------
+    runner
+        The device's runner (SSH).
+    device
+        The inventory's device (its ``python`` runs the hashing, its ``workdir`` holds them).
+    manifest
+        A :class:`models.manifest.Manifest`.
+    uids
+        Expert uids to make present.
+
+    Returns
+    -------
+    (uid -> path relative to the workdir, what the agent's ``load`` takes; number pushed)
+    """
+    lay = Layout(workdir or remote_workdir(runner, device))
+    files: dict[str, tuple[Path, str]] = {}
+    rel: dict[str, str] = {}
+    for u in uids:
+        src = Path(manifest.expert_path(u))
+        files[src.name] = (src, manifest.experts[u].sha256)
+        rel[u] = f"experts/{src.name}"
+    pushed = push_files(runner, device.python, lay.experts, files)
+    return rel, len(pushed)
