@@ -69,12 +69,38 @@ def start_agent(
     TestbedError
         If the agent does not write its ready file in time (its log tail is included).
     """
-    py = python or sys.executable
     log_path, pid_path = f"{workdir}/{tag}.log", f"{workdir}/{tag}.pid"
     ready = f"{workdir}/{tag}.ready.json"
     runner.run(["rm", "-f", ready], timeout_s=30)
+    argv = serve_argv(
+        python or sys.executable,
+        host,
+        workdir,
+        ready,
+        pub=pub,
+        threads=threads,
+        status_period_s=status_period_s,
+    )
+    pid = runner.spawn([*argv, *extra_args], log_path=log_path, pid_path=pid_path)
+    started = AgentProcess(device, runner, pid, "", None, workdir, log_path, ready)
+    info = _wait_ready(started, time.monotonic() + ready_timeout_s)
+    started.endpoint, started.pub_endpoint = info["endpoint"], info.get("pub_endpoint")
+    return started
+
+
+def serve_argv(
+    python: str,
+    host: str,
+    workdir: str,
+    ready: str,
+    *,
+    pub: bool = True,
+    threads: int | None = 1,
+    status_period_s: float = 0.5,
+) -> list[str]:
+    """How an agent is started: ``python -m device_agent serve`` on ``host`` (any port). Pure."""
     argv = [
-        py,
+        python,
         "-m",
         "device_agent",
         "serve",
@@ -91,33 +117,27 @@ def start_agent(
         argv += ["--pub", f"tcp://{host}:*"]
     if threads:
         argv += ["--threads", str(threads)]
-    argv += list(extra_args)
-    pid = runner.spawn(argv, log_path=log_path, pid_path=pid_path)
-    deadline = time.monotonic() + ready_timeout_s
+    return argv
+
+
+def _wait_ready(a: AgentProcess, deadline: float) -> dict[str, Any]:
+    """The ready file of the agent just spawned (its PID in it), read back through its runner;
+    stops the agent and raises TestbedError if it exits or is not ready by ``deadline``."""
     delay_s = 0.1
     while True:
-        res = runner.run(["cat", ready], timeout_s=30, check=False)
+        res = a.runner.run(["cat", a.ready_path], timeout_s=30, check=False)
         if res.ok and res.stdout.strip():
             info = json.loads(res.stdout)
-            if int(info["pid"]) == pid:
-                return AgentProcess(
-                    device,
-                    runner,
-                    pid,
-                    info["endpoint"],
-                    info.get("pub_endpoint"),
-                    workdir,
-                    log_path,
-                    ready,
-                )
-        alive = runner.run(["kill", "-0", str(pid)], timeout_s=30, check=False).ok
+            if int(info["pid"]) == a.pid:
+                return info
+        alive = a.runner.run(["kill", "-0", str(a.pid)], timeout_s=30, check=False).ok
         if not alive or time.monotonic() > deadline:
-            tail = runner.run(["tail", "-n", "20", log_path], timeout_s=30, check=False).stdout
+            tail = a.runner.run(["tail", "-n", "20", a.log_path], timeout_s=30, check=False).stdout
             if alive:
-                stop_agent(AgentProcess(device, runner, pid, "", None, workdir, log_path, ready))
+                stop_agent(a)
             raise TestbedError(
-                f"{device}: agent (pid {pid}) {'exited' if not alive else 'not ready'} "
-                f"before writing {ready}; log tail:\n{tail}"
+                f"{a.device}: agent (pid {a.pid}) {'exited' if not alive else 'not ready'} "
+                f"before writing {a.ready_path}; log tail:\n{tail}"
             )
         time.sleep(delay_s)
         delay_s = min(0.5, delay_s * 1.5)

@@ -191,18 +191,9 @@ def _wait_port(addr: str, port: int, timeout_s: float) -> bool:
     return False
 
 
-def up(
-    name: str,
-    devices: int,
-    rate_kbit: float,
-    inventory_out: Path | None = None,
-    memory_budget_mb: int = 2048,
-    progress: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Create testbed ``name`` with ``devices`` namespaces; return its description.
-
-    On any error (or Ctrl-C) everything created so far is removed before re-raising.
-    """
+def _preflight(name: str, devices: int) -> str:
+    """Refuse to start (bad name or count, not root, missing tools, testbed exists); returns the
+    sshd to run."""
     check_name(name)
     require_root("local up")
     if not 1 <= devices <= MAX_DEVICES:
@@ -221,131 +212,192 @@ def up(
             f"--name: testbed {name!r} exists already ({st.path}); run "
             f"`testbed local down --name {name}` first"
         )
+    return sshd
+
+
+def _ssh_keygen(path: Path, comment: str) -> None:
+    _ip(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)])
+
+
+def _open_state(st: State, inv_path: Path) -> ipaddress.IPv4Network:
+    """Pick a free subnet and start the journal (status ``creating``); returns the subnet."""
+    subnet = pick_subnet(_used_subnets())
+    st.data = {
+        "name": st.name,
+        "subnet": str(subnet),
+        "status": "creating",
+        "inventory": str(inv_path),
+        "devices": [],
+        "pids": [],
+        "created": time.time(),
+    }
+    st.save()
+    os.chmod(st.dir, 0o700)
+    return subnet
+
+
+def _add_bridge(names: Names, bs_addr: str, prefixlen: int) -> None:
+    """The BS's one interface toward every device: a bridge carrying the BS address."""
+    _ip(["ip", "link", "add", names.bridge, "type", "bridge"])
+    _ip(["ip", "addr", "add", f"{bs_addr}/{prefixlen}", "dev", names.bridge])
+    _ip(["ip", "link", "set", names.bridge, "up"])
+
+
+def _add_netns(st: State, names: Names, i: int, addr: str, prefixlen: int) -> None:
+    """Device ``i``'s namespace and veth pair (``eth0`` inside, the other end on the bridge),
+    offloads off on both ends (recorded in the journal)."""
+    ns, veth = names.netns(i), names.veth(i)
+    _ip(["ip", "netns", "add", ns])
+    _ip(["ip", "link", "set", "lo", "up"], netns=ns)
+    _ip(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
+    _ip(["ip", "link", "set", veth, "master", names.bridge])
+    _ip(["ip", "link", "set", veth, "up"])
+    _ip(["ip", "addr", "add", f"{addr}/{prefixlen}", "dev", "eth0"], netns=ns)
+    _ip(["ip", "link", "set", "eth0", "up"], netns=ns)
+    # no super-packets on either end (TSO/GSO on the sender's side, GRO on the
+    # receiver's): the BS's qdiscs then see, and charge, every frame
+    st.data["devices"][-1]["offloads"] = {
+        "veth": turn_offloads_off(LocalRunner(), veth),
+        "eth0": turn_offloads_off(LocalRunner(netns=ns), "eth0"),
+    }
+    st.save()
+
+
+def _start_sshd(st: State, ns: str, d: Path, addr: str, sshd: str, client_pub: str) -> str:
+    """The device's own sshd in its namespace (own host key, our client key only), its PID
+    journaled; returns its known_hosts line."""
+    (d / "work").mkdir(parents=True, exist_ok=True)
+    os.chmod(d, 0o700)
+    _ssh_keygen(d / "ssh_host_ed25519_key", f"{ns}-host")
+    (d / "authorized_keys").write_text(client_pub)
+    os.chmod(d / "authorized_keys", 0o600)
+    (d / "sshd_config").write_text(_sshd_config(d, addr))
+    pid = LocalRunner(netns=ns).spawn(
+        [sshd, "-D", "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")],
+        log_path=str(d / "sshd.out"),
+        pid_path=str(d / "sshd.spawn.pid"),
+    )
+    st.data["pids"].append({"pid": pid, "marker": str(d / "sshd_config")})
+    st.save()
+    hk = (d / "ssh_host_ed25519_key.pub").read_text().split()
+    return f"{addr} {hk[0]} {hk[1]}"
+
+
+def _wait_sshds(st: State, devs: list[Device]) -> None:
+    """Wait until every device's sshd answers; raises naming the first that does not."""
+    for dv in devs:
+        if not _wait_port(dv.host, 22, 10):
+            log = st.dir / "devices" / dv.name / "sshd.log"
+            tail = log.read_text().strip().splitlines()[-1:] if log.exists() else []
+            raise TestbedError(
+                f"{dv.name}: sshd did not come up on {dv.host}:22 "
+                f"{'(' + tail[0] + ')' if tail else ''}".strip()
+            )
+
+
+def _add_devices(
+    st: State,
+    names: Names,
+    subnet: ipaddress.IPv4Network,
+    sshd: str,
+    memory_budget_mb: int,
+    count: int,
+    say: Callable[[str], None],
+) -> tuple[list[Device], list[str]]:
+    """Every device: journal entry, namespace, sshd; returns the devices and their
+    known_hosts lines."""
+    hosts = list(subnet.hosts())
+    key = st.dir / "id_ed25519"
+    pub = (st.dir / "id_ed25519.pub").read_text()
+    devs: list[Device] = []
+    known: list[str] = []
+    for i in range(1, count + 1):
+        ns, veth = names.netns(i), names.veth(i)
+        addr = str(hosts[DEVICE_HOST_OFFSET + i - 1])
+        d = st.dir / "devices" / f"dev{i}"
+        st.data["devices"].append(
+            {"name": f"dev{i}", "netns": ns, "veth": veth, "address": addr, "dir": str(d)}
+        )
+        st.save()
+        say(f"dev{i}: netns {ns}, {addr}, sshd")
+        _add_netns(st, names, i, addr, subnet.prefixlen)
+        known.append(_start_sshd(st, ns, d, addr, sshd, pub))
+        devs.append(
+            Device(
+                name=f"dev{i}",
+                host=addr,
+                ssh_user="root",
+                ssh_key=str(key),
+                workdir=str(d / "work"),
+                python=_device_python(),
+                hw_class="netns",
+                memory_budget_mb=memory_budget_mb,
+                interface="eth0",
+                reuse_packages=AGENT_PACKAGES,
+            )
+        )
+    return devs, known
+
+
+def _shape_and_write_inventory(
+    st: State,
+    names: Names,
+    bs_addr: str,
+    devs: list[Device],
+    known: list[str],
+    rate_kbit: float,
+    inv_path: Path,
+) -> None:
+    """known_hosts, every link shaped at ``rate_kbit`` each way, the inventory; status ``up``."""
+    kh = st.dir / "known_hosts"
+    kh.write_text("\n".join(known) + "\n")
+    bs = BaseStation(
+        name="bs", host=bs_addr, interface=names.bridge, ifb=names.ifb, local=True, sudo=False
+    )
+    TcShaper(
+        LocalRunner(host="bs"),
+        names.bridge,
+        names.ifb,
+        [d.host for d in devs],
+        [d.name for d in devs],
+    ).setup([LinkSpec(rate_kbit)] * len(devs), [LinkSpec(rate_kbit)] * len(devs))
+    inv_path.parent.mkdir(parents=True, exist_ok=True)
+    # the CURVE keys `provision` makes go to the state dir: `down` removes them with it
+    inv_path.write_text(render_inventory(st.name, str(kh), bs, devs, str(st.dir / "curve")))
+    st.data["status"] = "up"
+    st.data["rate_kbit"] = rate_kbit
+    st.save()
+
+
+def up(
+    name: str,
+    devices: int,
+    rate_kbit: float,
+    inventory_out: Path | None = None,
+    memory_budget_mb: int = 2048,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Create testbed ``name`` with ``devices`` namespaces; return its description.
+
+    On any error (or Ctrl-C) everything created so far is removed before re-raising.
+    """
+    sshd = _preflight(name, devices)
+    st = State(name)
     say = progress or (lambda _m: None)
     names = Names(name)
     inv_path = (inventory_out or Path(f"{name}.inventory.toml")).resolve()
     t0 = time.monotonic()
     try:
-        subnet = pick_subnet(_used_subnets())
-        st.data = {
-            "name": name,
-            "subnet": str(subnet),
-            "status": "creating",
-            "inventory": str(inv_path),
-            "devices": [],
-            "pids": [],
-            "created": time.time(),
-        }
-        st.save()
-        os.chmod(st.dir, 0o700)
-        hosts = list(subnet.hosts())
-        bs_addr = str(hosts[0])
-        key = st.dir / "id_ed25519"
-        _ip(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"testbed-{name}", "-f", str(key)]
-        )
+        subnet = _open_state(st, inv_path)
+        bs_addr = str(next(subnet.hosts()))
+        _ssh_keygen(st.dir / "id_ed25519", f"testbed-{name}")
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
-
         say(f"bridge {names.bridge} {bs_addr}/{subnet.prefixlen}")
-        _ip(["ip", "link", "add", names.bridge, "type", "bridge"])
-        _ip(["ip", "addr", "add", f"{bs_addr}/{subnet.prefixlen}", "dev", names.bridge])
-        _ip(["ip", "link", "set", names.bridge, "up"])
-
-        devs: list[Device] = []
-        known: list[str] = []
-        pub = (st.dir / "id_ed25519.pub").read_text()
-        for i in range(1, devices + 1):
-            ns, veth = names.netns(i), names.veth(i)
-            addr = str(hosts[DEVICE_HOST_OFFSET + i - 1])
-            d = st.dir / "devices" / f"dev{i}"
-            st.data["devices"].append(
-                {"name": f"dev{i}", "netns": ns, "veth": veth, "address": addr, "dir": str(d)}
-            )
-            st.save()
-            say(f"dev{i}: netns {ns}, {addr}, sshd")
-            _ip(["ip", "netns", "add", ns])
-            _ip(["ip", "link", "set", "lo", "up"], netns=ns)
-            _ip(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
-            _ip(["ip", "link", "set", veth, "master", names.bridge])
-            _ip(["ip", "link", "set", veth, "up"])
-            _ip(["ip", "addr", "add", f"{addr}/{subnet.prefixlen}", "dev", "eth0"], netns=ns)
-            _ip(["ip", "link", "set", "eth0", "up"], netns=ns)
-            # no super-packets on either end (TSO/GSO on the sender's side, GRO on the
-            # receiver's): the BS's qdiscs then see, and charge, every frame
-            st.data["devices"][-1]["offloads"] = {
-                "veth": turn_offloads_off(LocalRunner(), veth),
-                "eth0": turn_offloads_off(LocalRunner(netns=ns), "eth0"),
-            }
-            st.save()
-            (d / "work").mkdir(parents=True, exist_ok=True)
-            os.chmod(d, 0o700)
-            _ip(
-                [
-                    "ssh-keygen",
-                    "-q",
-                    "-t",
-                    "ed25519",
-                    "-N",
-                    "",
-                    "-C",
-                    f"{ns}-host",
-                    "-f",
-                    str(d / "ssh_host_ed25519_key"),
-                ]
-            )
-            (d / "authorized_keys").write_text(pub)
-            os.chmod(d / "authorized_keys", 0o600)
-            (d / "sshd_config").write_text(_sshd_config(d, addr))
-            pid = LocalRunner(netns=ns).spawn(
-                [sshd, "-D", "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")],
-                log_path=str(d / "sshd.out"),
-                pid_path=str(d / "sshd.spawn.pid"),
-            )
-            st.data["pids"].append({"pid": pid, "marker": str(d / "sshd_config")})
-            st.save()
-            hk = (d / "ssh_host_ed25519_key.pub").read_text().split()
-            known.append(f"{addr} {hk[0]} {hk[1]}")
-            devs.append(
-                Device(
-                    name=f"dev{i}",
-                    host=addr,
-                    ssh_user="root",
-                    ssh_key=str(key),
-                    workdir=str(d / "work"),
-                    python=_device_python(),
-                    hw_class="netns",
-                    memory_budget_mb=memory_budget_mb,
-                    interface="eth0",
-                    reuse_packages=AGENT_PACKAGES,
-                )
-            )
-        for dv in devs:
-            if not _wait_port(dv.host, 22, 10):
-                log = st.dir / "devices" / dv.name / "sshd.log"
-                tail = log.read_text().strip().splitlines()[-1:] if log.exists() else []
-                raise TestbedError(
-                    f"{dv.name}: sshd did not come up on {dv.host}:22 "
-                    f"{'(' + tail[0] + ')' if tail else ''}".strip()
-                )
-        kh = st.dir / "known_hosts"
-        kh.write_text("\n".join(known) + "\n")
-        bs = BaseStation(
-            name="bs", host=bs_addr, interface=names.bridge, ifb=names.ifb, local=True, sudo=False
-        )
+        _add_bridge(names, bs_addr, subnet.prefixlen)
+        devs, known = _add_devices(st, names, subnet, sshd, memory_budget_mb, devices, say)
+        _wait_sshds(st, devs)
         say(f"shaping {devices} links at {rate_kbit:g} kbit/s each way")
-        TcShaper(
-            LocalRunner(host="bs"),
-            names.bridge,
-            names.ifb,
-            [d.host for d in devs],
-            [d.name for d in devs],
-        ).setup([LinkSpec(rate_kbit)] * devices, [LinkSpec(rate_kbit)] * devices)
-        inv_path.parent.mkdir(parents=True, exist_ok=True)
-        # the CURVE keys `provision` makes go to the state dir: `down` removes them with it
-        inv_path.write_text(render_inventory(name, str(kh), bs, devs, str(st.dir / "curve")))
-        st.data["status"] = "up"
-        st.data["rate_kbit"] = rate_kbit
-        st.save()
+        _shape_and_write_inventory(st, names, bs_addr, devs, known, rate_kbit, inv_path)
     except BaseException:
         down(name)
         raise

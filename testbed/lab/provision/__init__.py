@@ -3,11 +3,12 @@
 ``provision(inv, model_dir)`` works on every device of an inventory at once (a thread pool,
 one SSH runner per device) and returns one :class:`DeviceReport` per device; a device that
 fails (unreachable, wrong Python, full disk, ...) is reported and never stops the others.
-Per device, pyinfra-style: read the state (one remote Python snippet, :data:`FACTS_PY`, in :mod:`.facts_probe`),
-compare it with what is wanted, change only what differs. A second run changes nothing: no
-file is rewritten and the agent keeps its PID. The check also reads the Jetson power state
-(``nvpmodel -q``/``-p --verbose``, ``jetson_clocks --show``; :mod:`testbed.lab.jetson`) into
-:attr:`DeviceReport.power`, tools a device lacks recorded as not available.
+Per device, pyinfra-style: read the state (one remote Python snippet, :data:`FACTS_PY`, from
+:mod:`.facts_probe`), compare it with what is wanted, change only what differs. A second run
+changes nothing: no file is rewritten and the agent keeps its PID. The check also reads the
+Jetson power state (``nvpmodel -q``/``-p --verbose``, ``jetson_clocks --show``;
+:mod:`testbed.lab.jetson`) into :attr:`DeviceReport.power`, tools a device lacks recorded as
+not available.
 
 What lives in the device's ``workdir``::
 

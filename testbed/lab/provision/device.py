@@ -340,8 +340,8 @@ def provision(
     inv
         The inventory.
     model_dir
-        A split directory, ``"tiny"`` or a checkpoint (see :func:`testbed.lab.modelstore.resolve_split`);
-        ``None`` pushes no shards.
+        A split directory, ``"tiny"`` or a checkpoint (see
+        :func:`testbed.lab.modelstore.resolve_split`); ``None`` pushes no shards.
     placement
         ``round-robin`` or ``random`` (seeded with ``seed``): which device gets which shard.
     wheelhouse
@@ -362,7 +362,7 @@ def provision(
     ConfigError
         Bad model directory, placement or wheelhouse (before any device is touched).
     """
-    from ...policy.api import PLACEMENTS
+    from ...policy.placement import PLACEMENTS
 
     if placement not in PLACEMENTS:
         raise ConfigError(
