@@ -18,8 +18,8 @@ from device_agent.server import (
 )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse the command line and run the agent; returns the exit status."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: the ``serve`` command and its options."""
     ap = argparse.ArgumentParser(
         prog="python -m device_agent", description="MoE expert device agent"
     )
@@ -27,6 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser(
         "serve", help="serve experts over ZeroMQ until SIGTERM or a shutdown request"
     )
+    add_serving_options(s)
+    add_meter_options(s)
+    add_hello_options(s)
+    add_limit_options(s)
+    return ap
+
+
+def add_serving_options(s: argparse.ArgumentParser) -> None:
+    """``serve``'s endpoints, workdir, status period, message limit, device and threads."""
     s.add_argument(
         "--bind", required=True, help="ROUTER endpoint, e.g. tcp://10.0.0.2:5555 (':*' = any port)"
     )
@@ -46,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present)")
     s.add_argument("--threads", type=int, default=None, help="torch compute threads")
     s.add_argument("--ready-file", default=None, help="JSON written once bound (endpoints, pid)")
+
+
+def add_meter_options(s: argparse.ArgumentParser) -> None:
+    """``serve``'s energy meter options."""
     s.add_argument(
         "--meter",
         default="auto",
@@ -64,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="NVML GPU indices the 'nvml' meter sums, e.g. 0 or 0,1 (default: all)",
     )
+
+
+def add_hello_options(s: argparse.ArgumentParser) -> None:
+    """``serve``'s hello gate (publish the status only when it moved)."""
     s.add_argument(
         "--hello-s",
         type=float,
@@ -84,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         default=10.0,
         help="a hello goes out at least this often (0: only on a change)",
     )
+
+
+def add_limit_options(s: argparse.ArgumentParser) -> None:
+    """``serve``'s request limits, CURVE keys and log level."""
     s.add_argument(
         "--max-rows",
         type=int,
@@ -103,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         "(the clients allowed); without it the agent authenticates no one",
     )
     s.add_argument("--log-level", default="INFO")
-    a = ap.parse_args(argv)
+
+
+def check_serve_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Exit with a usage error (``ap.error``) for a value out of its range."""
     if not a.cpu_core_w > 0:
         ap.error(f"--cpu-core-w must be positive, got {a.cpu_core_w}")
     for flag in ("max_rows", "max_tensors", "max_message_bytes"):
@@ -113,21 +137,24 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--hello-s must be positive, got {a.hello_s}")
     if a.hello_delta < 0 or a.hello_keepalive_s < 0:
         ap.error("--hello-delta and --hello-keepalive-s must be >= 0")
-    logging.basicConfig(
-        level=a.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+
+
+def meter_options(ap: argparse.ArgumentParser, a: argparse.Namespace) -> MeterOptions:
+    """The energy meter's options from ``--meter``, ``--cpu-core-w`` and ``--nvml-gpus``."""
     try:
         gpus = None if a.nvml_gpus is None else [int(x) for x in a.nvml_gpus.split(",")]
     except ValueError:
         ap.error(f"--nvml-gpus must be comma-separated integers, got {a.nvml_gpus!r}")
-    meter = MeterOptions(
+    return MeterOptions(
         only=None if a.meter == "auto" else (a.meter,),
         cpu_core_w=a.cpu_core_w,
         rapl_poll_s=0.1,
         nvml_indices=gpus,
     )
+
+
+def serve(a: argparse.Namespace, meter: MeterOptions) -> int:
+    """Run the agent until it is stopped; the exit status (3: no such meter, 2: bad keys)."""
     keep_large_buffers()  # tensor frames of 1 MiB+ stay in the heap (see device_agent.memtune)
     try:
         server = AgentServer(
@@ -157,6 +184,19 @@ def main(argv: list[str] | None = None) -> int:
     install_signal_handlers(server)
     server.serve_forever()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run the agent; returns the exit status."""
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    check_serve_args(ap, a)
+    logging.basicConfig(
+        level=a.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    return serve(a, meter_options(ap, a))
 
 
 if __name__ == "__main__":

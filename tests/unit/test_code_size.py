@@ -14,7 +14,6 @@ MAX_FUNCTION, MAX_CLASS = 80, 300
 
 #: "path::qualified name" -> lines today (to be split: issue 17)
 ALLOWED: dict[str, int] = {
-    "device_agent/__main__.py::main": 139,
     "models/manifest.py::load_manifest": 87,
     "models/moe_block.py::SplitMoEBlock.forward": 88,
     "models/runtime.py::BaseStationModel": 324,
