@@ -35,7 +35,7 @@ from recipes.wdmoe import (
 )
 from testbed.net.channel import ChannelModel
 from testbed.policy import ClusterState
-from testbed.policy.latency_model import min_max_bandwidth
+from testbed.policy.bandwidth import min_max_bandwidth
 
 EXPERTS, DEVICES, TOP_K = 8, 8, 2
 TARGET_MS = {1: 1.0, 128: 20.0}

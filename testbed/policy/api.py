@@ -18,26 +18,21 @@ A policy is named in a recipe or on the command line by
 * an entry-point name in the group ``moe_edge_testbed.policies`` (the built-ins ``topk``,
   ``top1`` are registered so; a researcher's package can add its own),
 * ``package.module:Class``, or
-* ``path/to/file.py:Class``.
+* ``path/to/file.py:Class``
+
+(:mod:`.loading` finds and loads them; :mod:`.placement` has the default placements).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
-import random
-import sys
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
-from pathlib import Path
 from typing import Any, ClassVar
 
 from ..errors import ConfigError
-
-ENTRY_POINT_GROUP = "moe_edge_testbed.policies"
+from .placement import PLACEMENTS
 
 Placement = dict[str, tuple[str, ...]]
 """Expert uid -> the devices holding it (first = primary, others = replicas)."""
@@ -227,105 +222,3 @@ def _init_params(cls: type) -> list[str]:
             ):
                 names.append(p.name)
     return names
-
-
-# -- placement strategies (pure) --------------------------------------------------------
-def round_robin_placement(
-    experts: Sequence[ExpertInfo], devices: Sequence[DeviceInfo], seed: int = 0
-) -> Placement:
-    """Expert ``k`` (in uid order) on device ``k mod D``: every layer spreads over all
-    devices."""
-    if not devices:
-        raise ConfigError("placement: no devices to place experts on")
-    ordered = sorted(experts, key=lambda e: (e.layer, e.expert))
-    return {e.uid: (devices[k % len(devices)].name,) for k, e in enumerate(ordered)}
-
-
-def random_placement(
-    experts: Sequence[ExpertInfo], devices: Sequence[DeviceInfo], seed: int = 0
-) -> Placement:
-    """Each expert on a uniformly random device (seeded, so repeatable)."""
-    if not devices:
-        raise ConfigError("placement: no devices to place experts on")
-    rng = random.Random(seed)
-    ordered = sorted(experts, key=lambda e: (e.layer, e.expert))
-    return {e.uid: (rng.choice(list(devices)).name,) for e in ordered}
-
-
-PLACEMENTS = {"round-robin": round_robin_placement, "random": random_placement}
-
-
-# -- loading ----------------------------------------------------------------------------
-def _registered() -> dict[str, Any]:
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
-
-
-def available_policies() -> list[dict[str, str]]:
-    """Registered policies with their one-line docs (``testbed policies list``)."""
-    out = []
-    for name, ep in sorted(_registered().items()):
-        try:
-            cls = ep.load()
-            doc = (inspect.getdoc(cls) or "").strip().splitlines()[0:1]
-            out.append({"name": name, "target": ep.value, "doc": doc[0] if doc else ""})
-        except Exception as exc:  # noqa: BLE001 - a broken third-party plug-in must not hide the others
-            out.append(
-                {
-                    "name": name,
-                    "target": ep.value,
-                    "doc": f"(cannot load: {type(exc).__name__}: {exc})",
-                }
-            )
-    return out
-
-
-def load_policy_class(spec: str) -> type[Policy]:
-    """Resolve ``spec`` (entry-point name, ``pkg.mod:Class`` or ``file.py:Class``)."""
-    if ":" in spec:
-        target, _, attr = spec.rpartition(":")
-        if target.endswith(".py"):
-            path = Path(target)
-            if not path.is_file():
-                raise ConfigError(f"policy: {spec}: no such file {path}")
-            mod_name = f"_testbed_policy_{abs(hash(str(path.resolve())))}"
-            mspec = importlib.util.spec_from_file_location(mod_name, path)
-            assert mspec and mspec.loader
-            module = importlib.util.module_from_spec(mspec)
-            sys.modules[mod_name] = module
-            try:
-                mspec.loader.exec_module(module)
-            except Exception as exc:  # noqa: BLE001 - a researcher's module may raise anything
-                raise ConfigError(
-                    f"policy: {spec}: importing {path} failed: {type(exc).__name__}: {exc}"
-                ) from None
-        else:
-            try:
-                module = importlib.import_module(target)
-            except Exception as exc:  # noqa: BLE001 - a researcher's module may raise anything
-                raise ConfigError(
-                    f"policy: {spec}: cannot import {target}: {type(exc).__name__}: {exc}"
-                ) from None
-        cls = getattr(module, attr, None)
-        if cls is None:
-            raise ConfigError(f"policy: {spec}: {target} has no attribute {attr!r}")
-    else:
-        reg = _registered()
-        if spec not in reg:
-            raise ConfigError(
-                f"policy: unknown policy {spec!r} (valid: "
-                f"{', '.join(sorted(reg)) or 'none registered'}; or "
-                "package.module:Class, or path/to/file.py:Class)"
-            )
-        cls = reg[spec].load()
-    if not (isinstance(cls, type) and issubclass(cls, Policy)):
-        raise ConfigError(f"policy: {spec}: is not a subclass of testbed.policy.Policy")
-    if inspect.isabstract(cls):
-        raise ConfigError(f"policy: {spec}: is abstract (implement select())")
-    return cls
-
-
-def load_policy(
-    spec: str, params: Mapping[str, Any] | None = None, where: str = "policy.params"
-) -> Policy:
-    """Resolve and instantiate a policy."""
-    return load_policy_class(spec).from_params(params or {}, where)

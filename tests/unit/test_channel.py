@@ -284,7 +284,7 @@ def test_min_max_bandwidth_equalises_the_loaded_devices(params: dict, cell_mhz: 
 def test_min_max_bandwidth_agrees_with_the_latency_models_for_the_paper_channel() -> None:
     """Under PAPER_PARAMS the rates are the latency model's B log2(1 + s/B): both solvers give
     the same split."""
-    from testbed.policy.latency_model import min_max_bandwidth
+    from testbed.policy.bandwidth import min_max_bandwidth
 
     ch = ChannelModel(5, seed=4, **PAPER_PARAMS)
     rows = np.array([30.0, 12.0, 0.0, 50.0, 7.0])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from testbed.net.channel import ChannelModel
-from testbed.policy.latency_model import (
+from testbed.policy.bandwidth import (
     device_latency_ms,
     device_loads,
     fit_compute_profile,
