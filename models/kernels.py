@@ -102,7 +102,8 @@ def read_expert_tensors(
     return load_file(str(p)), meta
 
 
-def _check_fp_shapes(t: dict[str, torch.Tensor], where: str) -> tuple[int, int]:
+def check_fp_shapes(t: dict[str, torch.Tensor], where: str) -> tuple[int, int]:
+    """(hidden, intermediate) of a float shard's w1/w2/w3, checked consistent (ModelError)."""
     for name in ("w1", "w2", "w3"):
         if name not in t:
             raise ModelError(f"{where}: {name}", "tensor missing from expert shard")
@@ -352,7 +353,7 @@ def export_expert_onnx(
         raise ModelError(
             str(shard_path), "cannot export a quantized shard to ONNX; use the float shard"
         )
-    _check_fp_shapes(t, str(shard_path))
+    check_fp_shapes(t, str(shard_path))
     out = Path(onnx_path)
     out.write_bytes(build_expert_onnx(t["w1"], t["w2"], t["w3"], dtype))
     return out
@@ -411,7 +412,7 @@ def quantize_expert_shard(
     from safetensors.torch import save_file
 
     t, meta = read_expert_tensors(shard_path)
-    _check_fp_shapes(t, str(shard_path))
+    check_fp_shapes(t, str(shard_path))
     bits = {"int8": 8, "int4": 4}.get(quant)
     if bits is None:
         raise ModelError("quant", f"unknown quantization {quant!r}; use int8 or int4")
@@ -495,7 +496,7 @@ def load_expert(
         )
         if onnx_path is not None and Path(onnx_path).is_file():
             return OnnxExpert(onnx_path, providers=providers, threads=threads, uid=uid)
-        _check_fp_shapes(t, str(p))
+        check_fp_shapes(t, str(p))
         onnx_dtype = "float16" if tdtype == torch.float16 else "float32"
         blob = build_expert_onnx(t["w1"], t["w2"], t["w3"], onnx_dtype)
         if onnx_path is not None:
@@ -508,7 +509,7 @@ def load_expert(
         return QuantizedTorchExpert(
             w1, w2, w3, device=device, dtype=tdtype or torch.float32, uid=uid
         )
-    _check_fp_shapes(t, str(p))
+    check_fp_shapes(t, str(p))
     if quant is not None:
         bits = {"int8": 8, "int4": 4}.get(quant)
         if bits is None:

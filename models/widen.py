@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import ModelError
-from models.manifest import EXPERT_SHARD_FORMAT, MANIFEST_NAME, load_manifest
+from models.manifest import EXPERT_SHARD_FORMAT, MANIFEST_NAME, Manifest, load_manifest
 from models.safetensors_io import sha256_file
 
 LIFT_PATH = "bs/lift.safetensors"
@@ -98,24 +98,34 @@ def widen_split(
     ModelError
         A widened or quantized source, a bad width/intermediate/dtype, or an unwritable output.
     """
-    import torch
-    from safetensors.torch import save_file
-
-    from models.kernels import _check_fp_shapes, read_expert_tensors
-
     src = load_manifest(split_dir)
     if src.lift is not None:
         raise ModelError(str(src.root / MANIFEST_NAME), "already widened; widen the original split")
-    H = src.hidden_size
     I0 = int(src.dims["expert_intermediate_size"])
     I1 = I0 if intermediate is None else int(intermediate)
     if I1 < I0:
         raise ModelError("--intermediate", f"{I1} < the trained intermediate size {I0}")
     if dtype is not None and dtype not in _ST_DTYPES:
         raise ModelError("--dtype", f"unknown dtype {dtype!r}; use one of {sorted(_ST_DTYPES)}")
-    q = lift_matrix(hidden, H, seed)  # float64 [W, H]
-
+    q = lift_matrix(hidden, src.hidden_size, seed)  # float64 [W, H]
     out = Path(out_dir)
+    _prepare_out_dir(out, src.root)
+    _write_bs_part(src, out, q, seed)
+    experts: dict[str, Any] = {}
+    largest = 0
+    for uid in src.uids():
+        experts[uid], size = _widen_expert(src, uid, out, q, I1, dtype, seed)
+        largest = max(largest, size)
+    manifest = _widened_manifest(src, out, experts, largest, hidden=int(hidden), seed=seed, I1=I1)
+    tmp = out / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, out / MANIFEST_NAME)
+    return manifest
+
+
+def _prepare_out_dir(out: Path, src_root: Path) -> None:
+    """Make ``out/bs`` and ``out/experts``: ``out`` empty or a previous split (its manifest
+    removed first, so that a half-written widening never looks complete), not the source."""
     if out.exists():
         if not out.is_dir():
             raise ModelError(str(out), "exists and is not a directory")
@@ -124,14 +134,18 @@ def widen_split(
                 str(out), "not empty and not a previous split (no manifest.json); refusing to write"
             )
         (out / MANIFEST_NAME).unlink(missing_ok=True)
-    if out.resolve() == src.root.resolve():
+    if out.resolve() == src_root.resolve():
         raise ModelError(str(out), "is the source split")
     (out / "bs").mkdir(parents=True, exist_ok=True)
     (out / "experts").mkdir(parents=True, exist_ok=True)
 
-    # the BS part, unchanged (model, config, tokenizer files)
-    bs_src = src.bs_path.parent
-    for p in sorted(bs_src.iterdir()):
+
+def _write_bs_part(src: Manifest, out: Path, q: Any, seed: int) -> None:
+    """The BS part copied unchanged (model, config, tokenizer files), and the lift Q (float32)."""
+    import torch
+    from safetensors.torch import save_file
+
+    for p in sorted(src.bs_path.parent.iterdir()):
         if p.is_file() and p.name != Path(LIFT_PATH).name:
             shutil.copyfile(p, out / "bs" / p.name)
     save_file(
@@ -140,56 +154,78 @@ def widen_split(
         metadata={"format": "moe-edge-lift/1", "seed": str(seed)},
     )
 
-    experts: dict[str, Any] = {}
-    largest = 0
-    for uid in src.uids():
-        path = src.expert_path(uid)
-        t, meta = read_expert_tensors(path)
-        if meta.get("quant"):
-            raise ModelError(str(path), "quantized shard: widen the float split")
-        _check_fp_shapes(t, str(path))
-        st_dtype = dtype or {v: k for k, v in _ST_DTYPES.items()}.get(src.experts[uid].dtype)
-        if st_dtype is None:
-            raise ModelError(str(path), f"expert dtype {src.experts[uid].dtype}: pass --dtype")
-        tdtype = getattr(torch, st_dtype)
-        w1, w2, w3 = (t[k].to(torch.float64) for k in ("w1", "w2", "w3"))
-        w1w, w3w, w2w = w1 @ q.T, w3 @ q.T, q @ w2  # [I, W], [I, W], [W, I]
-        if I1 > I0:
-            w1w = torch.nn.functional.pad(w1w, (0, 0, 0, I1 - I0))
-            w3w = torch.nn.functional.pad(w3w, (0, 0, 0, I1 - I0))
-            w2w = torch.nn.functional.pad(w2w, (0, I1 - I0))
-        tensors = {
-            "w1": w1w.to(tdtype).contiguous(),
-            "w2": w2w.to(tdtype).contiguous(),
-            "w3": w3w.to(tdtype).contiguous(),
-        }
-        rel = f"experts/{uid}.safetensors"
-        save_file(
-            tensors,
-            str(out / rel),
-            metadata={
-                "format": EXPERT_SHARD_FORMAT,
-                "uid": uid,
-                "family": src.family,
-                "activation": "silu",
-                "widened_from": str(H),
-                "lift_seed": str(seed),
-            },
-        )
-        largest = max(largest, max(x.numel() * x.element_size() for x in tensors.values()))
-        experts[uid] = {
-            "path": rel,
-            "layer": src.experts[uid].layer,
-            "expert": src.experts[uid].expert,
-            "bytes": (out / rel).stat().st_size,
-            "sha256": sha256_file(out / rel),
-            "dtype": _ST_DTYPES[st_dtype],
-            "shapes": {k: list(v.shape) for k, v in sorted(tensors.items())},
-        }
 
+def _widen_expert(
+    src: Manifest, uid: str, out: Path, q: Any, I1: int, dtype: str | None, seed: int
+) -> tuple[dict[str, Any], int]:
+    """Write expert ``uid`` widened by Q (zero-padded to ``I1``): its manifest entry and the
+    byte size of its largest tensor."""
+    import torch
+    from safetensors.torch import save_file
+
+    from models.kernels import check_fp_shapes, read_expert_tensors
+
+    I0 = int(src.dims["expert_intermediate_size"])
+    path = src.expert_path(uid)
+    t, meta = read_expert_tensors(path)
+    if meta.get("quant"):
+        raise ModelError(str(path), "quantized shard: widen the float split")
+    check_fp_shapes(t, str(path))
+    st_dtype = dtype or {v: k for k, v in _ST_DTYPES.items()}.get(src.experts[uid].dtype)
+    if st_dtype is None:
+        raise ModelError(str(path), f"expert dtype {src.experts[uid].dtype}: pass --dtype")
+    tdtype = getattr(torch, st_dtype)
+    w1, w2, w3 = (t[k].to(torch.float64) for k in ("w1", "w2", "w3"))
+    w1w, w3w, w2w = w1 @ q.T, w3 @ q.T, q @ w2  # [I, W], [I, W], [W, I]
+    if I1 > I0:
+        w1w = torch.nn.functional.pad(w1w, (0, 0, 0, I1 - I0))
+        w3w = torch.nn.functional.pad(w3w, (0, 0, 0, I1 - I0))
+        w2w = torch.nn.functional.pad(w2w, (0, I1 - I0))
+    tensors = {
+        "w1": w1w.to(tdtype).contiguous(),
+        "w2": w2w.to(tdtype).contiguous(),
+        "w3": w3w.to(tdtype).contiguous(),
+    }
+    rel = f"experts/{uid}.safetensors"
+    save_file(
+        tensors,
+        str(out / rel),
+        metadata={
+            "format": EXPERT_SHARD_FORMAT,
+            "uid": uid,
+            "family": src.family,
+            "activation": "silu",
+            "widened_from": str(src.hidden_size),
+            "lift_seed": str(seed),
+        },
+    )
+    entry = {
+        "path": rel,
+        "layer": src.experts[uid].layer,
+        "expert": src.experts[uid].expert,
+        "bytes": (out / rel).stat().st_size,
+        "sha256": sha256_file(out / rel),
+        "dtype": _ST_DTYPES[st_dtype],
+        "shapes": {k: list(v.shape) for k, v in sorted(tensors.items())},
+    }
+    return entry, max(x.numel() * x.element_size() for x in tensors.values())
+
+
+def _widened_manifest(
+    src: Manifest,
+    out: Path,
+    experts: dict[str, Any],
+    largest: int,
+    *,
+    hidden: int,
+    seed: int,
+    I1: int,
+) -> dict[str, Any]:
+    """The source's manifest with the widened dims, experts, BS file and ``lift`` entry."""
+    H = src.hidden_size
     raw = json.loads((src.root / MANIFEST_NAME).read_text(encoding="utf-8"))
     manifest = dict(raw)
-    manifest["dims"] = {**raw["dims"], "hidden_size": int(hidden), "expert_intermediate_size": I1}
+    manifest["dims"] = {**raw["dims"], "hidden_size": hidden, "expert_intermediate_size": I1}
     manifest["dtype"] = ",".join(sorted({e["dtype"] for e in experts.values()}))
     manifest["experts"] = experts
     manifest["largest_tensor_bytes"] = max(int(raw.get("largest_tensor_bytes", 0)), largest)
@@ -202,16 +238,13 @@ def widen_split(
         "sha256": sha256_file(lift_file),
         "dtype": "F32",
         "tensor": LIFT_TENSOR,
-        "shapes": {LIFT_TENSOR: [int(hidden), H]},
+        "shapes": {LIFT_TENSOR: [hidden, H]},
         "model_hidden_size": H,
-        "hidden_size": int(hidden),
+        "hidden_size": hidden,
         "seed": int(seed),
         "intermediate_size": I1,
-        "trained_intermediate_size": I0,
+        "trained_intermediate_size": int(src.dims["expert_intermediate_size"]),
         "version": WIDEN_VERSION,
         "source": {"dir": str(src.root.resolve()), "manifest_sha256": manifest_sha256(src.root)},
     }
-    tmp = out / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, out / MANIFEST_NAME)
     return manifest

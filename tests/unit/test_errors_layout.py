@@ -342,7 +342,6 @@ OURS = ("testbed", "models", "device_agent", "recipes")
 
 #: "file: module.name" of private names used across modules today (being removed: issue 17)
 ALLOWED_PRIVATE: set[str] = {
-    "models/widen.py: models.kernels._check_fp_shapes",
     "testbed/results/comparison.py: testbed.results.report._f",
     "testbed/results/comparison.py: testbed.results.report._point_label",
     "testbed/results/deployment.py: testbed.results.report._pct",
@@ -350,7 +349,6 @@ ALLOWED_PRIVATE: set[str] = {
     "testbed/results/fault_report.py: testbed.results.report._mean",
     "testbed/results/fault_report.py: testbed.results.report._pct",
     "testbed/results/fault_report.py: testbed.results.report._vals",
-    "testbed/run/updates.py: runner._apply_placement",
 }
 
 
