@@ -12,7 +12,16 @@ from rich.table import Table
 
 from ..errors import HostUnreachable
 from ..lab.inventory import load_inventory
-from .output import Format, FormatOpt, InvArg, console, emit, err_console, set_format
+from .output import Format, FormatOpt, InvArg, console, emit, err_console
+
+# paramiko logs a failed handshake's traceback from its transport thread; the reason is
+# already in the per-device error line
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+
+agents_app = typer.Typer(
+    help="Device agents started by `testbed provision`: status, stop, logs.",
+    no_args_is_help=True,
+)
 
 
 def _fail(rows: list[dict[str, Any]]) -> None:
@@ -27,166 +36,153 @@ def _fail(rows: list[dict[str, Any]]) -> None:
     raise typer.Exit(HostUnreachable.exit_code if HostUnreachable.exit_code in codes else codes[0])
 
 
-def register(app: typer.Typer) -> None:
-    # paramiko logs a failed handshake's traceback from its transport thread; the reason is
-    # already in the per-device error line
-    logging.getLogger("paramiko").addHandler(logging.NullHandler())
-    agents_app = typer.Typer(
-        help="Device agents started by `testbed provision`: status, stop, logs.",
-        no_args_is_help=True,
+def provision_cmd(
+    inventory: Path = InvArg,
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        help="Split model dir, 'tiny', or an HF MoE checkpoint: its expert "
+        "shards are placed over the devices and pushed.",
+    ),
+    placement: str = typer.Option(
+        "round-robin",
+        "--placement",
+        help="How shards are spread over the devices: round-robin or random.",
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random placement."),
+    wheelhouse: Path | None = typer.Option(
+        None,
+        "--wheelhouse",
+        help="Folder of wheels for the agent's dependencies "
+        "(offline; default: pip download for each device's platform, cached).",
+    ),
+    timeout: float = typer.Option(
+        10.0, "--timeout", help="Per-device SSH connect timeout, seconds."
+    ),
+    fmt: Format = FormatOpt,
+) -> None:
+    """Check every device, install the agent in a venv, push shards, start the agent.
+
+    Idempotent: a second run changes nothing (no file rewritten, agents keep their PIDs).
+    """
+    from ..lab.provision import provision
+
+    inv = load_inventory(inventory)
+    t0 = time.monotonic()
+    reports = provision(
+        inv, model, placement, seed=seed, wheelhouse=wheelhouse, connect_timeout_s=timeout
     )
-    app.add_typer(agents_app, name="agents")
-
-    @app.command("provision")
-    def provision_cmd(
-        inventory: Path = InvArg,
-        model: str | None = typer.Option(
-            None,
-            "--model",
-            help="Split model dir, 'tiny', or an HF MoE checkpoint: its expert "
-            "shards are placed over the devices and pushed.",
-        ),
-        placement: str = typer.Option(
-            "round-robin",
-            "--placement",
-            help="How shards are spread over the devices: round-robin or random.",
-        ),
-        seed: int = typer.Option(0, "--seed", help="Seed of the random placement."),
-        wheelhouse: Path | None = typer.Option(
-            None,
-            "--wheelhouse",
-            help="Folder of wheels for the agent's dependencies "
-            "(offline; default: pip download for each device's platform, cached).",
-        ),
-        timeout: float = typer.Option(
-            10.0, "--timeout", help="Per-device SSH connect timeout, seconds."
-        ),
-        fmt: Format = FormatOpt,
-    ) -> None:
-        """Check every device, install the agent in a venv, push shards, start the agent.
-
-        Idempotent: a second run changes nothing (no file rewritten, agents keep their PIDs).
-        """
-        from ..lab.provision import provision
-
-        set_format(fmt)
-        inv = load_inventory(inventory)
-        t0 = time.monotonic()
-        reports = provision(
-            inv, model, placement, seed=seed, wheelhouse=wheelhouse, connect_timeout_s=timeout
-        )
-        rows = [r.to_dict() for r in reports]
-        wall = time.monotonic() - t0
-        t = Table(
-            title=f"provision {inventory}: {sum(r['ok'] for r in rows)}/{len(rows)} "
-            f"devices ok in {wall:.1f} s"
-        )
-        for c in ("device", "status", "what changed / why it failed", "agent", "s"):
-            t.add_column(c)
-        for r in rows:
-            if not r["ok"]:
-                status, what = "[red]failed[/red]", r["error"]
-            elif r["changed"]:
-                status, what = "[yellow]changed[/yellow]", "; ".join(r["changed"])
-            else:
-                status, what = "[green]ok[/green]", "nothing changed"
-            t.add_row(
-                r["device"],
-                status,
-                what,
-                f"pid {r['pid']} {r['endpoint']}" if r["ok"] else "-",
-                f"{r['seconds']:.1f}",
-            )
-        emit(
-            fmt,
-            {
-                "inventory": str(inventory),
-                "ok": all(r["ok"] for r in rows),
-                "seconds": round(wall, 3),
-                "devices": rows,
-            },
-            t,
-        )
-        _fail(rows)
-
-    @agents_app.command("status")
-    def agents_status_cmd(
-        inventory: Path = InvArg,
-        timeout: float = typer.Option(10.0, "--timeout", help="Per-device SSH timeout, s."),
-        fmt: Format = FormatOpt,
-    ) -> None:
-        """Per device: is the agent running and answering a ping, its PID and endpoint."""
-        from ..lab.provision import agents_status
-
-        set_format(fmt)
-        inv = load_inventory(inventory)
-        rows = agents_status(inv, connect_timeout_s=timeout)
-        t = Table(title=f"agents of {inventory}")
-        for c in ("device", "state", "pid", "endpoint", "ping ms", "experts", "installed"):
-            t.add_column(c)
-        colour = {"running": "green", "stopped": "yellow"}
-        for r in rows:
-            st = r["state"]
-            t.add_row(
-                r["device"],
-                f"[{colour.get(st, 'red')}]{st}[/]"
-                + (f" ({r['error']})" if r.get("error") else ""),
-                str(r["pid"] or "-"),
-                r["endpoint"] or "-",
-                "-" if r["rtt_ms"] is None else f"{r['rtt_ms']:.2f}",
-                "-" if r["experts"] is None else str(r["experts"]),
-                r["installed"] or "-",
-            )
-        emit(fmt, rows, t)
-        _fail(rows)
-
-    @agents_app.command("stop")
-    def agents_stop_cmd(
-        inventory: Path = InvArg,
-        grace: float = typer.Option(5.0, "--grace", help="Seconds between SIGTERM and SIGKILL."),
-        timeout: float = typer.Option(10.0, "--timeout", help="Per-device SSH timeout, s."),
-        fmt: Format = FormatOpt,
-    ) -> None:
-        """Stop every device's agent by PID (SIGTERM, then SIGKILL), after checking it is ours."""
-        from ..lab.provision import agents_stop
-
-        set_format(fmt)
-        inv = load_inventory(inventory)
-        rows = agents_stop(inv, connect_timeout_s=timeout, grace_s=grace)
-        t = Table(title=f"agents of {inventory} stopped")
-        for c in ("device", "result", "pid"):
-            t.add_column(c)
-        for r in rows:
-            t.add_row(
-                r["device"],
-                r["result"] if r["ok"] else f"[red]failed[/red] ({r['error']})",
-                str(r["pid"] or "-"),
-            )
-        emit(fmt, rows, t)
-        _fail(rows)
-
-    @agents_app.command("logs")
-    def agents_logs_cmd(
-        inventory: Path = InvArg,
-        lines: int = typer.Option(50, "--lines", "-n", help="Last lines of each log."),
-        timeout: float = typer.Option(10.0, "--timeout", help="Per-device SSH timeout, s."),
-        fmt: Format = FormatOpt,
-    ) -> None:
-        """The last lines of every device's agent log."""
-        from ..lab.provision import agents_logs
-
-        set_format(fmt)
-        inv = load_inventory(inventory)
-        rows = agents_logs(inv, lines, connect_timeout_s=timeout)
-        if fmt == Format.json:
-            emit(fmt, rows)
+    rows = [r.to_dict() for r in reports]
+    wall = time.monotonic() - t0
+    t = Table(
+        title=f"provision {inventory}: {sum(r['ok'] for r in rows)}/{len(rows)} "
+        f"devices ok in {wall:.1f} s"
+    )
+    for c in ("device", "status", "what changed / why it failed", "agent", "s"):
+        t.add_column(c)
+    for r in rows:
+        if not r["ok"]:
+            status, what = "[red]failed[/red]", r["error"]
+        elif r["changed"]:
+            status, what = "[yellow]changed[/yellow]", "; ".join(r["changed"])
         else:
-            for r in rows:
-                console.rule(f"{r['device']}  {r.get('log') or ''}")
-                if not r["ok"]:
-                    console.print(f"[red]failed[/red]: {r['error']}", highlight=False)
-                elif not r["lines"]:
-                    console.print("(no log yet)")
-                for line in r["lines"]:
-                    console.print(line, highlight=False, markup=False)
-        _fail(rows)
+            status, what = "[green]ok[/green]", "nothing changed"
+        t.add_row(
+            r["device"],
+            status,
+            what,
+            f"pid {r['pid']} {r['endpoint']}" if r["ok"] else "-",
+            f"{r['seconds']:.1f}",
+        )
+    emit(
+        fmt,
+        {
+            "inventory": str(inventory),
+            "ok": all(r["ok"] for r in rows),
+            "seconds": round(wall, 3),
+            "devices": rows,
+        },
+        t,
+    )
+    _fail(rows)
+
+
+@agents_app.command("status")
+def agents_status_cmd(
+    inventory: Path = InvArg,
+    timeout: float = typer.Option(10.0, "--timeout", help="Per-device SSH timeout, s."),
+    fmt: Format = FormatOpt,
+) -> None:
+    """Per device: is the agent running and answering a ping, its PID and endpoint."""
+    from ..lab.provision import agents_status
+
+    inv = load_inventory(inventory)
+    rows = agents_status(inv, connect_timeout_s=timeout)
+    t = Table(title=f"agents of {inventory}")
+    for c in ("device", "state", "pid", "endpoint", "ping ms", "experts", "installed"):
+        t.add_column(c)
+    colour = {"running": "green", "stopped": "yellow"}
+    for r in rows:
+        st = r["state"]
+        t.add_row(
+            r["device"],
+            f"[{colour.get(st, 'red')}]{st}[/]" + (f" ({r['error']})" if r.get("error") else ""),
+            str(r["pid"] or "-"),
+            r["endpoint"] or "-",
+            "-" if r["rtt_ms"] is None else f"{r['rtt_ms']:.2f}",
+            "-" if r["experts"] is None else str(r["experts"]),
+            r["installed"] or "-",
+        )
+    emit(fmt, rows, t)
+    _fail(rows)
+
+
+@agents_app.command("stop")
+def agents_stop_cmd(
+    inventory: Path = InvArg,
+    grace: float = typer.Option(5.0, "--grace", help="Seconds between SIGTERM and SIGKILL."),
+    timeout: float = typer.Option(10.0, "--timeout", help="Per-device SSH timeout, s."),
+    fmt: Format = FormatOpt,
+) -> None:
+    """Stop every device's agent by PID (SIGTERM, then SIGKILL), after checking it is ours."""
+    from ..lab.provision import agents_stop
+
+    inv = load_inventory(inventory)
+    rows = agents_stop(inv, connect_timeout_s=timeout, grace_s=grace)
+    t = Table(title=f"agents of {inventory} stopped")
+    for c in ("device", "result", "pid"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(
+            r["device"],
+            r["result"] if r["ok"] else f"[red]failed[/red] ({r['error']})",
+            str(r["pid"] or "-"),
+        )
+    emit(fmt, rows, t)
+    _fail(rows)
+
+
+@agents_app.command("logs")
+def agents_logs_cmd(
+    inventory: Path = InvArg,
+    lines: int = typer.Option(50, "--lines", "-n", help="Last lines of each log."),
+    timeout: float = typer.Option(10.0, "--timeout", help="Per-device SSH timeout, s."),
+    fmt: Format = FormatOpt,
+) -> None:
+    """The last lines of every device's agent log."""
+    from ..lab.provision import agents_logs
+
+    inv = load_inventory(inventory)
+    rows = agents_logs(inv, lines, connect_timeout_s=timeout)
+    if fmt == Format.json:
+        emit(fmt, rows)
+    else:
+        for r in rows:
+            console.rule(f"{r['device']}  {r.get('log') or ''}")
+            if not r["ok"]:
+                console.print(f"[red]failed[/red]: {r['error']}", highlight=False)
+            elif not r["lines"]:
+                console.print("(no log yet)")
+            for line in r["lines"]:
+                console.print(line, highlight=False, markup=False)
+    _fail(rows)

@@ -7,7 +7,6 @@ command takes ``--format json`` for machine-readable output on stdout.
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 from typing import Any
@@ -15,14 +14,14 @@ from typing import Any
 import typer
 
 from ..errors import ConfigError, TestbedError
-from .agents import register as _register_agents
+from .agents import agents_app, provision_cmd
 from .inventory import inventory_app
 from .links import links_app
 from .local import local_app
-from .output import Format, state
+from .output import print_error
 from .policies import policies_app
-from .report import register as _register_report
-from .run import register as _register_run
+from .report import report_cmd
+from .run import demo_cmd, run_cmd, simulate_cmd
 
 app = typer.Typer(
     help="moe-edge-testbed: distributed MoE inference on a wireless edge "
@@ -31,6 +30,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+# the commands, then the groups: `testbed --help` lists them in this order
+app.command("provision")(provision_cmd)
+app.command("run")(run_cmd)
+app.command("simulate")(simulate_cmd)
+app.command("demo")(demo_cmd)
+app.command("report")(report_cmd)
 app.add_typer(local_app, name="local")
 app.add_typer(inventory_app, name="inventory")
 app.add_typer(links_app, name="links")
@@ -46,9 +51,7 @@ def _mount_model_cli() -> None:
 
 
 _mount_model_cli()
-_register_agents(app)
-_register_run(app)
-_register_report(app)
+app.add_typer(agents_app, name="agents")
 
 
 def _sigterm(_signum: int, _frame: Any) -> None:
@@ -64,21 +67,7 @@ def main() -> None:
             sys.exit(rc)
     except TestbedError as exc:
         lines = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
-        if state["format"] == Format.json:
-            sys.stdout.write(
-                json.dumps(
-                    {
-                        "error": {
-                            "type": type(exc).__name__,
-                            "messages": lines,
-                            "exit_code": exc.exit_code,
-                        }
-                    }
-                )
-                + "\n"
-            )
-        for line in lines:
-            sys.stderr.write(f"error: {line}\n")
+        print_error(type(exc).__name__, lines, exc.exit_code)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ..errors import HostUnreachable, TestbedError
 from ..lab.inventory import Inventory, bs_runner_for, load_inventory, ssh_runner_for
-from .output import Format, FormatOpt, InvArg, emit, err_console, set_format
+from .output import Format, FormatOpt, InvArg, emit, err_console
 
 inventory_app = typer.Typer(
     help="Validate inventories and probe their hosts.", no_args_is_help=True
@@ -63,7 +63,6 @@ def inventory_check(
     fmt: Format = FormatOpt,
 ) -> None:
     """Validate an inventory, then probe every host over SSH in parallel."""
-    set_format(fmt)
     inv = load_inventory(inventory)
     rows = [] if no_probe else probe_hosts(inv, timeout)
     t = Table(title=f"{inventory}: {len(inv.devices)} devices, file ok")

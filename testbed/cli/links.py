@@ -11,7 +11,7 @@ from rich.table import Table
 from ..errors import ConfigError
 from ..lab.inventory import Inventory, bs_runner_for, load_inventory
 from ..units import parse_percent, parse_rate_kbit, parse_time_ms
-from .output import Format, FormatOpt, InvArg, emit, err_console, set_format
+from .output import Format, FormatOpt, InvArg, emit, err_console
 
 links_app = typer.Typer(
     help="Shape, show, clear and verify the BS⇄device links (tc).", no_args_is_help=True
@@ -49,9 +49,8 @@ def links_set(
     fmt: Format = FormatOpt,
 ) -> None:
     """Set one device's link in place (tc class change on the BS)."""
-    from ..net.links import LinkSpec
+    from ..net.tc import LinkSpec
 
-    set_format(fmt)
     inv = load_inventory(inventory)
     if direction not in ("both", "down", "up"):
         raise ConfigError(f"--direction: must be both, down or up, not {direction!r}")
@@ -124,7 +123,6 @@ def _n(x: float | None) -> str:
 @links_app.command("show")
 def links_show(inventory: Path = InvArg, fmt: Format = FormatOpt) -> None:
     """Show what tc enforces per device and direction (parsed from tc -s / tc -j)."""
-    set_format(fmt)
     inv = load_inventory(inventory)
     states = _shaper(inv).show()
     emit(fmt, [s.to_dict() for s in states], _links_table(states, f"links of {inventory}"))
@@ -133,7 +131,6 @@ def links_show(inventory: Path = InvArg, fmt: Format = FormatOpt) -> None:
 @links_app.command("clear")
 def links_clear(inventory: Path = InvArg, fmt: Format = FormatOpt) -> None:
     """Remove all shaping from the BS interface (and the ifb device)."""
-    set_format(fmt)
     inv = load_inventory(inventory)
     _require_bs_rights(inv, "clear")
     _shaper(inv).clear()
@@ -172,7 +169,6 @@ def links_trace(
     with a recipe's links.trace."""
     from ..net.channel import ChannelModel, write_trace
 
-    set_format(fmt)
     problems = [
         m
         for bad, m in (
@@ -229,7 +225,6 @@ def links_verify(
     messages are charged, timed by their sender)."""
     from ..net.verify import summarize_airtime, verify, verify_airtime
 
-    set_format(fmt)
     inv = load_inventory(inventory)
     if airtime:
         if repeats < 1 or not idle >= 0:

@@ -11,7 +11,7 @@ from rich.table import Table
 from ..errors import ConfigError
 from ..lab import local as local_tb
 from ..units import parse_rate_kbit
-from .output import Format, FormatOpt, NameOpt, emit, err_console, set_format
+from .output import Format, FormatOpt, NameOpt, emit, err_console
 
 local_app = typer.Typer(
     help="The local testbed: devices as network namespaces with sshd.", no_args_is_help=True
@@ -43,7 +43,6 @@ def local_up(
     fmt: Format = FormatOpt,
 ) -> None:
     """Create an emulated testbed: per device a netns, a veth to the BS bridge, an sshd."""
-    set_format(fmt)
     rate_kbit = _rate("--rate", rate)
     say = (lambda m: err_console.print(f"[dim]{m}[/dim]")) if fmt == Format.table else None
     res = local_tb.up(name, devices, rate_kbit, inventory_out, memory_budget_mb, say)
@@ -60,7 +59,6 @@ def local_up(
 @local_app.command("down")
 def local_down(name: str = NameOpt, fmt: Format = FormatOpt) -> None:
     """Remove the namespaces, links, sshds and files of a local testbed (idempotent)."""
-    set_format(fmt)
     t0 = time.monotonic()
     res = local_tb.down(name)
     res["elapsed_s"] = round(time.monotonic() - t0, 3)
@@ -79,7 +77,6 @@ def local_down(name: str = NameOpt, fmt: Format = FormatOpt) -> None:
 @local_app.command("status")
 def local_status(name: str = NameOpt, fmt: Format = FormatOpt) -> None:
     """Show a local testbed's devices, sshds and link rates."""
-    set_format(fmt)
     res = local_tb.status(name)
     t = Table(title=f"local testbed {name}: {res['status']} ({res['subnet']})")
     for c in ("device", "address", "netns", "sshd pid", "down kbit/s", "up kbit/s"):

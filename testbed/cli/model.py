@@ -16,15 +16,16 @@ Bad input exits 2 with one line ``error: <file or key>: <problem>`` on stderr. H
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
-from enum import Enum
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
+
+from .output import Format, FormatOpt, emit, print_error, records_table
 
 app = typer.Typer(
     help="Split, build and evaluate MoE models.",
@@ -32,59 +33,34 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-
-class OutFormat(str, Enum):
-    table = "table"
-    json = "json"
+#: model tables are printed 160 columns wide, whatever the terminal
+WIDTH = 160
 
 
-FormatOpt = typer.Option(OutFormat.table, "--format", help="Output: table (human) or json.")
-
-
-def _fail(fmt: OutFormat, message: str) -> NoReturn:
-    line = " ".join(message.split())
-    if fmt == OutFormat.json:
-        sys.stdout.write(
-            json.dumps({"error": {"type": "ModelError", "messages": [line], "exit_code": 2}}) + "\n"
-        )
-    sys.stderr.write(f"error: {line}\n")
+def _fail(message: str) -> NoReturn:
+    """A model error: its one line (whitespace collapsed), exit 2."""
+    print_error("ModelError", [" ".join(message.split())], 2)
     raise typer.Exit(2)
 
 
-def _emit(
-    fmt: OutFormat, data: dict[str, Any], title: str, rows: list[dict[str, Any]] | None = None
+def _show(
+    fmt: Format, data: dict[str, Any], title: str, rows: list[dict[str, Any]] | None = None
 ) -> None:
-    if fmt == OutFormat.json:
-        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-        return
-    from rich.console import Console
-    from rich.table import Table
-
+    """``data`` as JSON, or a table of ``rows`` (default: ``data``'s keys and values)."""
     rows = rows if rows is not None else [{"key": k, "value": v} for k, v in data.items()]
-    t = Table(title=title)
-    cols = list(rows[0]) if rows else ["key", "value"]
-    for c in cols:
-        t.add_column(c)
-    for r in rows:
-        t.add_row(*[_cell(r.get(c)) for c in cols])
-    Console(width=160).print(t)
+    emit(fmt, data, records_table(title, rows), width=WIDTH)
 
 
-def _cell(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return "-" if v is None else str(v)
-
-
-def _run(fmt: OutFormat, fn: Any) -> Any:
+def _run(fn: Callable[[], Any]) -> Any:
+    """``fn()``, its bad input (ModelError, OSError) turned into one error line and exit 2."""
     from models.errors import ModelError
 
     try:
         return fn()
     except ModelError as e:
-        _fail(fmt, str(e))
+        _fail(str(e))
     except OSError as e:
-        _fail(fmt, f"{e.filename or 'I/O'}: {e.strerror or e}")
+        _fail(f"{e.filename or 'I/O'}: {e.strerror or e}")
 
 
 @app.command()
@@ -93,7 +69,7 @@ def split(
         ..., help="HF checkpoint dir: config.json + *.safetensors."
     ),
     out_dir: Path = typer.Argument(..., help="Output split directory (empty or a previous split)."),
-    fmt: OutFormat = FormatOpt,
+    fmt: Format = FormatOpt,
 ) -> None:
     """Split a MoE checkpoint into a BS part and one safetensors shard per expert uid."""
 
@@ -115,8 +91,8 @@ def split(
             "wall_s": round(time.perf_counter() - t0, 3),
         }
 
-    res = _run(fmt, go)
-    _emit(fmt, res, "model split")
+    res = _run(go)
+    _show(fmt, res, "model split")
 
 
 @app.command("build-tiny")
@@ -126,7 +102,7 @@ def build_tiny(
     seed: int = typer.Option(0, "--seed", help="Seed (weights are a function of it)."),
     threads: int = typer.Option(2, "--threads", min=1, help="torch threads (part of determinism)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress lines on stderr."),
-    fmt: OutFormat = FormatOpt,
+    fmt: Format = FormatOpt,
 ) -> None:
     """Train the tiny built-in Mixtral on the project's own task and save it in HF format."""
 
@@ -143,8 +119,8 @@ def build_tiny(
         log = None if quiet else (lambda s: sys.stderr.write(s + "\n"))
         return asdict(train_tiny(out_dir, cfg, log=log))
 
-    res = _run(fmt, go)
-    _emit(fmt, res, "model build-tiny")
+    res = _run(go)
+    _show(fmt, res, "model build-tiny")
 
 
 @app.command()
@@ -166,7 +142,7 @@ def widen(
         "--dtype",
         help="Stored expert dtype: float32, bfloat16 or float16 (default: as stored).",
     ),
-    fmt: OutFormat = FormatOpt,
+    fmt: Format = FormatOpt,
 ) -> None:
     """Re-express a trained model's experts in a wider basis: same routing and outputs, experts
     and payloads of a HIDDEN-wide model."""
@@ -200,8 +176,8 @@ def widen(
             "wall_s": round(time.perf_counter() - t0, 3),
         }
 
-    res = _run(fmt, go)
-    _emit(fmt, res, "model widen")
+    res = _run(go)
+    _show(fmt, res, "model widen")
 
 
 @app.command("eval")
@@ -229,99 +205,153 @@ def eval_cmd(
         help="Hidden states to/from the experts in fp32, bf16 or fp16 "
         "(default: the model's dtype), as on a testbed's wire.",
     ),
-    fmt: OutFormat = FormatOpt,
+    fmt: Format = FormatOpt,
 ) -> None:
     """Accuracy on the tiny task's held-out split and/or a multiple-choice JSONL file."""
 
     def go() -> dict[str, Any]:
         import torch
 
-        from models.errors import ModelError
-        from models.evaluate import (
-            eval_multiple_choice,
-            eval_tiny,
-            is_tiny_split,
-            load_mc_jsonl,
-            load_tokenizer,
-        )
-        from models.routing import make_policy
-        from models.runtime import BaseStationModel
-        from models.split import split_checkpoint
-        from testbed.errors import ConfigError
-        from testbed.lab.modelstore import is_short_name, resolve_split
-
         torch.set_num_threads(threads)
-        names = [p.strip() for p in policy.split(",") if p.strip()]
-        if not names:
-            raise ModelError("--policy", "empty policy list")
-        policies = {name: make_policy(name, seed=seed) for name in names}
-        if quant not in (None, "int8", "int4"):
-            raise ModelError("--quant", f"unknown quantization {quant!r}; use int8 or int4")
-        if expert_runtime not in ("torch", "onnx"):
-            raise ModelError(
-                "--expert-runtime", f"unknown expert runtime {expert_runtime!r}; use torch or onnx"
-            )
-        if wire_dtype not in (None, "fp32", "bf16", "fp16", "float32", "bfloat16", "float16"):
-            raise ModelError(
-                "--wire-dtype", f"unknown wire dtype {wire_dtype!r}; use fp32, bf16 or fp16"
-            )
-        builtin = not model_dir.is_dir() and is_short_name(str(model_dir))
-        if not model_dir.is_dir() and not builtin:
-            raise ModelError(str(model_dir), "not a directory")
+        policies = _eval_policies(policy, seed)
+        _check_eval_options(quant, expert_runtime, wire_dtype)
+        builtin = _builtin_or_dir(model_dir)
         with tempfile.TemporaryDirectory(prefix="moe-split-") as tmp:
-            split_dir = model_dir
-            if builtin:
-                try:
-                    split_dir = resolve_split(str(model_dir), where="MODEL_DIR")
-                except ConfigError as e:
-                    raise ModelError(*str(e).partition(": ")[::2]) from None
-            elif not (model_dir / "manifest.json").is_file():
-                split_checkpoint(model_dir, tmp)
-                split_dir = Path(tmp)
+            split_dir = _eval_split_dir(model_dir, builtin, Path(tmp))
+            from models.runtime import BaseStationModel
+
             bs = BaseStationModel.from_split_dir(
                 split_dir, expert_runtime=expert_runtime, quant=quant, wire_dtype=wire_dtype
             )
-            tiny = is_tiny_split(bs)
-            if not tiny and mc is None:
-                raise ModelError(
-                    str(model_dir), "not the tiny model (no tiny_task.json): pass --mc FILE.jsonl"
-                )
-            items = None
-            if mc is not None:
-                items = load_mc_jsonl(mc, tokenizer=load_tokenizer(bs), limit=n)
-            pad = bs.config.pad_token_id if bs.config.pad_token_id is not None else 0
-            results = []
-            for name, hook in policies.items():
-                bs.policy = hook
-                row: dict[str, Any] = {"policy": name}
-                t0 = time.perf_counter()
-                if tiny:
-                    row.update(eval_tiny(bs, n_examples=n, batch_size=batch_size, seed=seed))
-                if items is not None:
-                    r = eval_multiple_choice(
-                        bs, items, batch_size=max(1, batch_size // 4), pad_token_id=pad
-                    )
-                    row.update({"mc_acc": r["acc"], "mc_acc_norm": r["acc_norm"], "mc_n": r["n"]})
-                row["wall_s"] = round(time.perf_counter() - t0, 2)
-                results.append(row)
-        return {
-            "model_dir": str(model_dir),
-            "family": bs.manifest.family,
-            "top_k": bs.manifest.top_k,
-            "expert_runtime": expert_runtime,
-            "quant": quant,
-            "hidden_size": bs.manifest.model_hidden_size,
-            "expert_hidden_size": bs.manifest.hidden_size,
-            "wire_dtype": str(
-                bs.controller.wire_dtype or next(bs.model.parameters()).dtype
-            ).removeprefix("torch."),
-            "results": results,
-        }
+            results = _evaluate(bs, model_dir, policies, mc, n, batch_size, seed)
+        return _eval_summary(bs, model_dir, expert_runtime, quant, results)
 
-    res = _run(fmt, go)
-    _emit(
+    res = _run(go)
+    _show(
         fmt,
         res,
         f"model eval {res['model_dir']} ({res['family']}, top-k {res['top_k']})",
         res["results"],
     )
+
+
+def _eval_policies(policy: str, seed: int) -> dict[str, Any]:
+    """``--policy``'s comma list as name -> routing policy."""
+    from models.errors import ModelError
+    from models.routing import make_policy
+
+    names = [p.strip() for p in policy.split(",") if p.strip()]
+    if not names:
+        raise ModelError("--policy", "empty policy list")
+    return {name: make_policy(name, seed=seed) for name in names}
+
+
+def _check_eval_options(quant: str | None, expert_runtime: str, wire_dtype: str | None) -> None:
+    """``--quant``, ``--expert-runtime`` and ``--wire-dtype``: known values, else ModelError."""
+    from models.errors import ModelError
+
+    if quant not in (None, "int8", "int4"):
+        raise ModelError("--quant", f"unknown quantization {quant!r}; use int8 or int4")
+    if expert_runtime not in ("torch", "onnx"):
+        raise ModelError(
+            "--expert-runtime", f"unknown expert runtime {expert_runtime!r}; use torch or onnx"
+        )
+    if wire_dtype not in (None, "fp32", "bf16", "fp16", "float32", "bfloat16", "float16"):
+        raise ModelError(
+            "--wire-dtype", f"unknown wire dtype {wire_dtype!r}; use fp32, bf16 or fp16"
+        )
+
+
+def _builtin_or_dir(model_dir: Path) -> bool:
+    """Whether MODEL_DIR is a built-in name; ModelError when it is neither that nor a folder."""
+    from models.errors import ModelError
+    from testbed.lab.modelstore import is_short_name
+
+    builtin = not model_dir.is_dir() and is_short_name(str(model_dir))
+    if not model_dir.is_dir() and not builtin:
+        raise ModelError(str(model_dir), "not a directory")
+    return builtin
+
+
+def _eval_split_dir(model_dir: Path, builtin: bool, tmp: Path) -> Path:
+    """The split to evaluate: a built-in's (built on first use), MODEL_DIR itself, or an HF
+    checkpoint split into ``tmp``."""
+    from models.errors import ModelError
+    from models.split import split_checkpoint
+    from testbed.errors import ConfigError
+    from testbed.lab.modelstore import resolve_split
+
+    if builtin:
+        try:
+            return resolve_split(str(model_dir), where="MODEL_DIR")
+        except ConfigError as e:
+            raise ModelError(*str(e).partition(": ")[::2]) from None
+    if not (model_dir / "manifest.json").is_file():
+        split_checkpoint(model_dir, tmp)
+        return tmp
+    return model_dir
+
+
+def _evaluate(
+    bs: Any,
+    model_dir: Path,
+    policies: dict[str, Any],
+    mc: Path | None,
+    n: int,
+    batch_size: int,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """One row per policy: tiny-task accuracy (the tiny model) and/or multiple-choice accuracy
+    (``mc``), with its wall time."""
+    from models.errors import ModelError
+    from models.evaluate import (
+        eval_multiple_choice,
+        eval_tiny,
+        is_tiny_split,
+        load_mc_jsonl,
+        load_tokenizer,
+    )
+
+    tiny = is_tiny_split(bs)
+    if not tiny and mc is None:
+        raise ModelError(
+            str(model_dir), "not the tiny model (no tiny_task.json): pass --mc FILE.jsonl"
+        )
+    items = None
+    if mc is not None:
+        items = load_mc_jsonl(mc, tokenizer=load_tokenizer(bs), limit=n)
+    pad = bs.config.pad_token_id if bs.config.pad_token_id is not None else 0
+    results = []
+    for name, hook in policies.items():
+        bs.policy = hook
+        row: dict[str, Any] = {"policy": name}
+        t0 = time.perf_counter()
+        if tiny:
+            row.update(eval_tiny(bs, n_examples=n, batch_size=batch_size, seed=seed))
+        if items is not None:
+            r = eval_multiple_choice(
+                bs, items, batch_size=max(1, batch_size // 4), pad_token_id=pad
+            )
+            row.update({"mc_acc": r["acc"], "mc_acc_norm": r["acc_norm"], "mc_n": r["n"]})
+        row["wall_s"] = round(time.perf_counter() - t0, 2)
+        results.append(row)
+    return results
+
+
+def _eval_summary(
+    bs: Any, model_dir: Path, expert_runtime: str, quant: str | None, results: list
+) -> dict[str, Any]:
+    """``model eval``'s result: the model, how its experts ran, one row per policy."""
+    return {
+        "model_dir": str(model_dir),
+        "family": bs.manifest.family,
+        "top_k": bs.manifest.top_k,
+        "expert_runtime": expert_runtime,
+        "quant": quant,
+        "hidden_size": bs.manifest.model_hidden_size,
+        "expert_hidden_size": bs.manifest.hidden_size,
+        "wire_dtype": str(
+            bs.controller.wire_dtype or next(bs.model.parameters()).dtype
+        ).removeprefix("torch."),
+        "results": results,
+    }

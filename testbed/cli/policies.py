@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from .output import Format, FormatOpt, emit, set_format
+from .output import Format, FormatOpt, emit
 
 policies_app = typer.Typer(help="Policies: built-in and plug-in.", no_args_is_help=True)
 
@@ -13,9 +13,8 @@ policies_app = typer.Typer(help="Policies: built-in and plug-in.", no_args_is_he
 @policies_app.command("list")
 def policies_list(fmt: Format = FormatOpt) -> None:
     """List the registered policies (entry points) with their one-line docs."""
-    from ..policy.api import ENTRY_POINT_GROUP, available_policies
+    from ..policy.loading import ENTRY_POINT_GROUP, available_policies
 
-    set_format(fmt)
     rows = available_policies()
     t = Table(
         title=f"policies (entry-point group {ENTRY_POINT_GROUP}; also "

@@ -6,80 +6,75 @@ from pathlib import Path
 
 import typer
 
-from .output import Format, FormatOpt, console, emit, set_format
+from .output import Format, FormatOpt, console, emit
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("report")
-    def report(
-        run_dirs: list[Path] = typer.Argument(
-            ..., help="Results folders (results/<run-id>/).", metavar="RUN_DIR", show_default=False
-        ),
-        out: Path | None = typer.Option(
-            None, "--out", help="Where the PNG plots go (default: <first RUN_DIR>/plots)."
-        ),
-        fmt: Format = FormatOpt,
-    ) -> None:
-        """Table per run x policy x sweep point (from requests/layers/calls.csv); each policy
-        against topk at equal link budget (per-token latency change, accuracy change, the
-        predicted/measured per-layer latency ratio of policies that predict); then PNG plots:
-        latency CDF, accuracy vs latency, per-layer critical path (network vs compute).
+def report_cmd(
+    run_dirs: list[Path] = typer.Argument(
+        ..., help="Results folders (results/<run-id>/).", metavar="RUN_DIR", show_default=False
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="Where the PNG plots go (default: <first RUN_DIR>/plots)."
+    ),
+    fmt: Format = FormatOpt,
+) -> None:
+    """Table per run x policy x sweep point (from requests/layers/calls.csv); each policy
+    against topk at equal link budget (per-token latency change, accuracy change, the
+    predicted/measured per-layer latency ratio of policies that predict); then PNG plots:
+    latency CDF, accuracy vs latency, per-layer critical path (network vs compute).
 
-        With injected faults (faults.csv): latency and accuracy during and after each, and the
-        calls that failed or were re-routed meanwhile (testbed.results.fault_report).
+    With injected faults (faults.csv): latency and accuracy during and after each, and the
+    calls that failed or were re-routed meanwhile (testbed.results.fault_report).
 
-        Deployment (testbed.results.deployment): memory per device against the budget, bytes per
-        token, latency, accuracy, status-feed bytes, migrations and latency before/after.
+    Deployment (testbed.results.deployment): memory per device against the budget, bytes per
+    token, latency, accuracy, status-feed bytes, migrations and latency before/after.
 
-        Latency model: per policy and point, the calibrated model's predicted / measured
-        per-layer exchange time (and critical path, and the policy's own model's), median and
-        p10-p90 (testbed.results.comparison.prediction_rows), and where a MoE layer's time goes:
-        airtime, device compute, fixed call cost, the rest of the exchange, decision, rate
-        change and the BS's own model, as shares (testbed.results.comparison.time_shares).
+    Latency model: per policy and point, the calibrated model's predicted / measured
+    per-layer exchange time (and critical path, and the policy's own model's), median and
+    p10-p90 (testbed.results.comparison.prediction_rows), and where a MoE layer's time goes:
+    airtime, device compute, fixed call cost, the rest of the exchange, decision, rate
+    change and the BS's own model, as shares (testbed.results.comparison.time_shares).
 
-        JSON: an object with runs, rows (one per run x policy x point), versus_topk,
-        prediction and time_shares (see testbed.results.comparison), faults and plots (PNG paths).
-        """
-        from ..results import comparison, deployment, fault_report
-        from ..results.report import build_report, render_table, write_plots
+    JSON: an object with runs, rows (one per run x policy x point), versus_topk,
+    prediction and time_shares (see testbed.results.comparison), faults and plots (PNG paths).
+    """
+    from ..results import comparison, deployment, fault_report
+    from ..results.report import build_report, render_table, write_plots
 
-        set_format(fmt)
-        rep = build_report(run_dirs)
-        versus = comparison.versus_baseline(rep.groups)
-        prediction = comparison.prediction_rows(rep.groups)
-        shares = comparison.shares_rows(rep.groups)
-        faults = fault_report.fault_summary(rep.runs)
-        deployments = deployment.deployment_summary(rep.runs)
-        if fmt == Format.table:
-            render_table(rep, console)
-            if versus:
-                console.print(comparison.table(versus), crop=False)
-            if prediction:
-                console.print(comparison.prediction_table(prediction), crop=False)
-            if shares:
-                console.print(comparison.shares_table(shares), crop=False)
-            if faults:
-                console.print(fault_report.table(faults), crop=False)
-            if deployments:
-                console.print(deployment.table(deployments), crop=False)
-        plots = write_plots(rep, out)
-        if fmt == Format.json:
-            emit(
-                fmt,
-                {
-                    "runs": [r.describe() for r in rep.runs],
-                    "rows": rep.rows,
-                    "versus_topk": versus,
-                    "prediction": prediction,
-                    "time_shares": shares,
-                    "faults": faults,
-                    "deployment": deployments,
-                    "plots": [str(p) for p in plots],
-                },
-            )
-        else:  # one unwrapped line per path, so that they can be copied
-            console.print(
-                f"plots: {plots[0].parent}/", soft_wrap=True, highlight=False, markup=False
-            )
-            for p in plots:
-                console.print(f"  {p.name}", soft_wrap=True, highlight=False, markup=False)
+    rep = build_report(run_dirs)
+    versus = comparison.versus_baseline(rep.groups)
+    prediction = comparison.prediction_rows(rep.groups)
+    shares = comparison.shares_rows(rep.groups)
+    faults = fault_report.fault_summary(rep.runs)
+    deployments = deployment.deployment_summary(rep.runs)
+    if fmt == Format.table:
+        render_table(rep, console)
+        if versus:
+            console.print(comparison.table(versus), crop=False)
+        if prediction:
+            console.print(comparison.prediction_table(prediction), crop=False)
+        if shares:
+            console.print(comparison.shares_table(shares), crop=False)
+        if faults:
+            console.print(fault_report.table(faults), crop=False)
+        if deployments:
+            console.print(deployment.table(deployments), crop=False)
+    plots = write_plots(rep, out)
+    if fmt == Format.json:
+        emit(
+            fmt,
+            {
+                "runs": [r.describe() for r in rep.runs],
+                "rows": rep.rows,
+                "versus_topk": versus,
+                "prediction": prediction,
+                "time_shares": shares,
+                "faults": faults,
+                "deployment": deployments,
+                "plots": [str(p) for p in plots],
+            },
+        )
+    else:  # one unwrapped line per path, so that they can be copied
+        console.print(f"plots: {plots[0].parent}/", soft_wrap=True, highlight=False, markup=False)
+        for p in plots:
+            console.print(f"  {p.name}", soft_wrap=True, highlight=False, markup=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,8 @@ from rich.table import Table
 
 from .. import ROOT
 from ..run import session
-from ..run.recipe import load_recipe
-from .output import Format, FormatOpt, emit, err_console, set_format
+from ..run.recipe import Recipe, load_recipe
+from .output import Format, FormatOpt, emit, err_console
 
 PACKAGED_RECIPES = ROOT / "recipes"
 
@@ -113,153 +114,160 @@ def _summary_table(res: session.RunResult, mode: str = "") -> Table:
     return t
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("run")
-    def run(
-        recipe: Path | None = typer.Argument(
-            None, help="Recipe TOML file (not with --resume).", show_default=False
-        ),
-        inventory: Path | None = typer.Option(
-            None,
-            "--inventory",
-            "-i",
-            help="Inventory TOML (default: a local testbed is created "
-            "for the run and removed afterwards).",
-        ),
-        out: Path = typer.Option(Path("results"), "--out", help="Parent folder of the run folder."),
-        sets: list[str] = typer.Option(
-            [],
-            "--set",
-            help="Override a recipe key: key=value "
-            "(e.g. workload.requests=5, sweep.links.rate='[\"2mbit\"]').",
-        ),
-        resume: Path | None = typer.Option(
-            None,
-            "--resume",
-            help="Continue RUN_DIR (a run that stopped: controller crash, "
-            "Ctrl-C, error) after its last complete trial, with its own recipe; rows of the "
-            "unfinished trial are dropped first, so nothing is duplicated.",
-            metavar="RUN_DIR",
-        ),
-        fmt: Format = FormatOpt,
-    ) -> None:
-        """Run every trial of RECIPE; write results/<run-id>/ (manifest + CSVs)."""
-        from ..errors import ConfigError
+def run_cmd(
+    recipe: Path | None = typer.Argument(
+        None, help="Recipe TOML file (not with --resume).", show_default=False
+    ),
+    inventory: Path | None = typer.Option(
+        None,
+        "--inventory",
+        "-i",
+        help="Inventory TOML (default: a local testbed is created "
+        "for the run and removed afterwards).",
+    ),
+    out: Path = typer.Option(Path("results"), "--out", help="Parent folder of the run folder."),
+    sets: list[str] = typer.Option(
+        [],
+        "--set",
+        help="Override a recipe key: key=value "
+        "(e.g. workload.requests=5, sweep.links.rate='[\"2mbit\"]').",
+    ),
+    resume: Path | None = typer.Option(
+        None,
+        "--resume",
+        help="Continue RUN_DIR (a run that stopped: controller crash, "
+        "Ctrl-C, error) after its last complete trial, with its own recipe; rows of the "
+        "unfinished trial are dropped first, so nothing is duplicated.",
+        metavar="RUN_DIR",
+    ),
+    fmt: Format = FormatOpt,
+) -> None:
+    """Run every trial of RECIPE; write results/<run-id>/ (manifest + CSVs)."""
+    from ..errors import ConfigError
 
-        set_format(fmt)
-        if resume is not None:
-            if recipe is not None or sets:
-                raise ConfigError(
-                    "--resume: takes no RECIPE or --set (the run's own recipe is used)"
-                )
-            rcp, inv_default = session.resume_plan(resume)
-            inventory = inventory or inv_default
-        elif recipe is None:
-            raise ConfigError("RECIPE: missing (or give --resume RUN_DIR)")
-        else:
-            rcp = load_recipe(recipe, sets)
-        prog = RichProgress(err_console, fmt == Format.table)
-        res = session.run_recipe(rcp, inventory, out, prog, resume=resume)
-        emit(fmt, res.to_dict(), _summary_table(res))
-
-    @app.command("simulate")
-    def simulate(
-        recipe: Path = typer.Argument(..., help="Recipe TOML file.", show_default=False),
-        devices: int | None = typer.Option(
-            None,
-            "--devices",
-            "-n",
-            min=1,
-            help="Devices of every trial (replaces the "
-            "recipe's run.devices and its sweep; 1000+ is fine). Default: run.devices, else 3.",
-        ),
-        calibrate: Path | None = typer.Option(
-            None,
-            "--calibrate",
-            help="A measured run's results folder to calibrate the latency "
-            "model from (default: the documented defaults, testbed.run.twin.DEFAULTS).",
-            metavar="RUN_DIR",
-        ),
-        out: Path = typer.Option(Path("results"), "--out", help="Parent folder of the run folder."),
-        sets: list[str] = typer.Option([], "--set", help="Override a recipe key: key=value."),
-        fmt: Format = FormatOpt,
-    ) -> None:
-        """The analytic twin: replay RECIPE's policies (the same objects, routing from the model
-        run here) against the calibrated latency model instead of agents, over N devices; writes
-        results/<run-id>/ like `run`, its manifest marked "mode": "simulated"."""
-        from ..run.twin import simulate_recipe
-
-        set_format(fmt)
+    if resume is not None:
+        if recipe is not None or sets:
+            raise ConfigError("--resume: takes no RECIPE or --set (the run's own recipe is used)")
+        rcp, inv_default = session.resume_plan(resume)
+        inventory = inventory or inv_default
+    elif recipe is None:
+        raise ConfigError("RECIPE: missing (or give --resume RUN_DIR)")
+    else:
         rcp = load_recipe(recipe, sets)
-        prog = RichProgress(err_console, fmt == Format.table)
-        res = simulate_recipe(rcp, devices, calibrate, out, prog)
-        emit(fmt, {**res.to_dict(), "mode": "simulated"}, _summary_table(res, "simulated"))
+    prog = RichProgress(err_console, fmt == Format.table)
+    res = session.run_recipe(rcp, inventory, out, prog, resume=resume)
+    emit(fmt, res.to_dict(), _summary_table(res))
 
-    @app.command("demo")
-    def demo(
-        devices: int = typer.Option(4, "--devices", "-n", help="Emulated devices."),
-        recipe: Path = typer.Option(
-            PACKAGED_RECIPES / "compare.toml",
-            "--recipe",
-            help="Recipe to run (default: the packaged comparison).",
-        ),
-        out: Path = typer.Option(Path("results"), "--out", help="Where results and plots go."),
-        name: str = typer.Option("demo", "--name", help="Local testbed name."),
-        fmt: Format = FormatOpt,
-    ) -> None:
-        """Local testbed → provision → run the comparison recipe → report → tear down."""
-        from ..lab import local as local_tb
-        from ..lab import provision as prov
-        from ..lab.inventory import load_inventory
 
-        set_format(fmt)
-        rcp = load_recipe(recipe)
-        say = (
-            (lambda m: err_console.print(f"[bold]{m}[/bold]"))
-            if fmt == Format.table
-            else (lambda m: None)
-        )
-        t_start = time.monotonic()
-        out_data: dict[str, Any] = {}
-        local_tb.down(name)  # a previous demo killed halfway
-        try:
-            say(f"1/4 local testbed '{name}' with {devices} devices")
-            up = local_tb.up(name, devices, 1_000_000.0)
-            inv_path = Path(up["inventory"])
-            say("2/4 provisioning agents over SSH")
-            t0 = time.monotonic()
-            from ..lab.modelstore import resolve_split
+def simulate_cmd(
+    recipe: Path = typer.Argument(..., help="Recipe TOML file.", show_default=False),
+    devices: int | None = typer.Option(
+        None,
+        "--devices",
+        "-n",
+        min=1,
+        help="Devices of every trial (replaces the "
+        "recipe's run.devices and its sweep; 1000+ is fine). Default: run.devices, else 3.",
+    ),
+    calibrate: Path | None = typer.Option(
+        None,
+        "--calibrate",
+        help="A measured run's results folder to calibrate the latency "
+        "model from (default: the documented defaults, testbed.run.twin.DEFAULTS).",
+        metavar="RUN_DIR",
+    ),
+    out: Path = typer.Option(Path("results"), "--out", help="Parent folder of the run folder."),
+    sets: list[str] = typer.Option([], "--set", help="Override a recipe key: key=value."),
+    fmt: Format = FormatOpt,
+) -> None:
+    """The analytic twin: replay RECIPE's policies (the same objects, routing from the model
+    run here) against the calibrated latency model instead of agents, over N devices; writes
+    results/<run-id>/ like `run`, its manifest marked "mode": "simulated"."""
+    from ..run.twin import simulate_recipe
 
-            reports = prov.provision(load_inventory(inv_path), resolve_split(rcp.model_spec()))
-            out_data["provision_s"] = round(time.monotonic() - t0, 2)
-            bad = [r for r in reports if not r.ok]
-            if bad:
-                from ..errors import TestbedError
+    rcp = load_recipe(recipe, sets)
+    prog = RichProgress(err_console, fmt == Format.table)
+    res = simulate_recipe(rcp, devices, calibrate, out, prog)
+    emit(fmt, {**res.to_dict(), "mode": "simulated"}, _summary_table(res, "simulated"))
 
-                raise TestbedError("; ".join(f"{r.device}: {r.error}" for r in bad))
-            say(f"3/4 running {recipe.name}: {len(rcp.trials())} trials")
-            res = session.run_recipe(
-                rcp, inv_path, out, RichProgress(err_console, fmt == Format.table)
-            )
-            out_data["run"] = res.to_dict()
-        finally:
-            say(f"tearing down '{name}'")
-            local_tb.down(name)
-        say("4/4 report")
-        from ..results.report import build_report, render_table, write_plots
 
-        rep = build_report([res.run_dir])
-        plots = write_plots(rep, res.run_dir / "plots")
-        out_data.update(
-            report=rep.rows if hasattr(rep, "rows") else None,
-            plots=[str(p) for p in plots],
-            wall_s=round(time.monotonic() - t_start, 1),
-        )
-        if fmt == Format.table:
-            render_table(rep, err_console if False else None)
-        emit(
-            fmt,
-            out_data,
-            f"\nresults: {res.run_dir}\nplots:   {res.run_dir / 'plots'} "
-            f"({len(plots)} PNG)\ndemo wall time {out_data['wall_s']} s",
-        )
+def demo_cmd(
+    devices: int = typer.Option(4, "--devices", "-n", help="Emulated devices."),
+    recipe: Path = typer.Option(
+        PACKAGED_RECIPES / "compare.toml",
+        "--recipe",
+        help="Recipe to run (default: the packaged comparison).",
+    ),
+    out: Path = typer.Option(Path("results"), "--out", help="Where results and plots go."),
+    name: str = typer.Option("demo", "--name", help="Local testbed name."),
+    fmt: Format = FormatOpt,
+) -> None:
+    """Local testbed → provision → run the comparison recipe → report → tear down."""
+    rcp = load_recipe(recipe)
+    say = (
+        (lambda m: err_console.print(f"[bold]{m}[/bold]"))
+        if fmt == Format.table
+        else (lambda m: None)
+    )
+    t_start = time.monotonic()
+    out_data: dict[str, Any] = {}
+    res = _demo_run(rcp, recipe, devices, name, out, say, fmt, out_data)
+    say("4/4 report")
+    from ..results.report import build_report, render_table, write_plots
+
+    rep = build_report([res.run_dir])
+    plots = write_plots(rep, res.run_dir / "plots")
+    out_data.update(
+        report=rep.rows if hasattr(rep, "rows") else None,
+        plots=[str(p) for p in plots],
+        wall_s=round(time.monotonic() - t_start, 1),
+    )
+    if fmt == Format.table:
+        render_table(rep, None)
+    emit(
+        fmt,
+        out_data,
+        f"\nresults: {res.run_dir}\nplots:   {res.run_dir / 'plots'} "
+        f"({len(plots)} PNG)\ndemo wall time {out_data['wall_s']} s",
+    )
+
+
+def _demo_run(
+    rcp: Recipe,
+    recipe: Path,
+    devices: int,
+    name: str,
+    out: Path,
+    say: Callable[[str], None],
+    fmt: Format,
+    out_data: dict[str, Any],
+) -> session.RunResult:
+    """The demo's steps 1-3 on a fresh local testbed, torn down afterwards whatever happens:
+    up, provision (its time into ``out_data``), run (its result into ``out_data``)."""
+    from ..lab import local as local_tb
+    from ..lab import provision as prov
+    from ..lab.inventory import load_inventory
+
+    local_tb.down(name)  # a previous demo killed halfway
+    try:
+        say(f"1/4 local testbed '{name}' with {devices} devices")
+        up = local_tb.up(name, devices, 1_000_000.0)
+        inv_path = Path(up["inventory"])
+        say("2/4 provisioning agents over SSH")
+        t0 = time.monotonic()
+        from ..lab.modelstore import resolve_split
+
+        reports = prov.provision(load_inventory(inv_path), resolve_split(rcp.model_spec()))
+        out_data["provision_s"] = round(time.monotonic() - t0, 2)
+        bad = [r for r in reports if not r.ok]
+        if bad:
+            from ..errors import TestbedError
+
+            raise TestbedError("; ".join(f"{r.device}: {r.error}" for r in bad))
+        say(f"3/4 running {recipe.name}: {len(rcp.trials())} trials")
+        res = session.run_recipe(rcp, inv_path, out, RichProgress(err_console, fmt == Format.table))
+        out_data["run"] = res.to_dict()
+    finally:
+        say(f"tearing down '{name}'")
+        local_tb.down(name)
+    return res
