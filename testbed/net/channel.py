@@ -286,25 +286,11 @@ def check_channel_params(params: Mapping[str, Any], complete: bool = True) -> li
     return problems
 
 
-class ChannelModel:
-    """Per-device channel gains and rates of one cell, per decision epoch (module doc).
-
-    Parameters
-    ----------
-    devices:
-        Device names, or a count ``n`` (names ``dev0 .. dev{n-1}``).
-    seed:
-        Seed of every random draw.
-    cell_radius_m, min_distance_m, pathloss_db_at_1km, pathloss_slope_db, penetration_loss_db,
-    antenna_gain_db, shadowing_db, fading, rician_k_db, noise_dbm_hz, bs_noise_figure_db,
-    device_noise_figure_db, bs_power_dbm, device_power_dbm, power_split, se_model, cqi_table,
-    snr_gap_db:
-        The model's constants: the table in the module docstring (defaults and sources).
-
-    Raises
-    ------
-    ConfigError
-        One line per bad parameter, naming it (``channel.<key>: ...``).
+class CellGains:
+    """The cell's constants (checked) and each device's channel gain per decision epoch:
+    placement, path loss, penetration loss, shadowing and fading, with a per-epoch cache of what
+    derives from them. :class:`ChannelModel` turns them into SNRs, rates and bandwidth splits
+    (its docstring lists the parameters).
     """
 
     def __init__(
@@ -421,6 +407,28 @@ class ChannelModel:
             ("snr", direction),
             lambda: self.power_w[direction] * self.gains(epoch) / self.noise_w_hz[direction],
         )
+
+
+class ChannelModel(CellGains):
+    """Per-device channel gains and rates of one cell, per decision epoch (module doc).
+
+    Parameters
+    ----------
+    devices:
+        Device names, or a count ``n`` (names ``dev0 .. dev{n-1}``).
+    seed:
+        Seed of every random draw.
+    cell_radius_m, min_distance_m, pathloss_db_at_1km, pathloss_slope_db, penetration_loss_db,
+    antenna_gain_db, shadowing_db, fading, rician_k_db, noise_dbm_hz, bs_noise_figure_db,
+    device_noise_figure_db, bs_power_dbm, device_power_dbm, power_split, se_model, cqi_table,
+    snr_gap_db:
+        The model's constants: the table in the module docstring (defaults and sources).
+
+    Raises
+    ------
+    ConfigError
+        One line per bad parameter, naming it (``channel.<key>: ...``).
+    """
 
     def _se_split(self, epoch: int, total_hz: float) -> np.ndarray:
         """Spectral efficiency of each device on the split downlink of a cell of ``total_hz``
@@ -621,7 +629,7 @@ class ChannelModel:
         channel's rates in ``epoch`` (:meth:`rate_form`; the BS's power spread over
         ``total_hz``). Arrays are per device of the model; devices with no bits get none.
 
-        The latency model's min-max (:func:`testbed.policy.latency_model.min_max_bandwidth`) for
+        The latency model's min-max (:func:`testbed.policy.bandwidth.min_max_bandwidth`) for
         this channel's rates rather than the paper's ``B log2(1 + s/B)``: every rate here is
         concave in ``B``, so each ``t_k`` falls and is convex, and the optimum equalises the
         loaded devices: the least ``T`` with ``sum_k B_k(T) <= total_hz``, ``B_k(T)`` the least

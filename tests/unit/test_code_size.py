@@ -23,7 +23,6 @@ ALLOWED: dict[str, int] = {
     "recipes/coel.py::CoEL": 410,
     "recipes/coel.py::place_inter": 85,
     "recipes/wdmoe.py::_WDMoEBase": 352,
-    "testbed/net/channel.py::ChannelModel": 376,
     "testbed/dataplane/profiling.py::profile_exchanges": 111,
     "testbed/run/twin.py::SimBackend.run_layer": 95,
     "testbed/run/twin.py::Simulator": 335,
