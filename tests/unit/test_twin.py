@@ -1,5 +1,5 @@
-"""The analytic twin's pure parts (testbed.run.twin): calibration from a results folder's rows, the
-virtual clock's links and expert exchange, the recipe's device count."""
+"""The analytic twin's pure parts (testbed.run.twin, testbed.run.calibration): calibration from a
+results folder's rows, the virtual clock's links and expert exchange, the recipe's device count."""
 
 from __future__ import annotations
 
@@ -15,23 +15,25 @@ from testbed.errors import ConfigError
 from testbed.policy import ClusterState
 from testbed.policy.latency_model import DeviceCosts, LayerCostParams, layer_terms, predict_layer_ms
 from testbed.results import schema as R
-from testbed.run.recipe import load_recipe
-from testbed.run.twin import (
+from testbed.run.calibration import (
     DEFAULTS,
     Calibration,
     RatesInForce,
-    SimBackend,
-    SimClock,
-    SimLinkRecorder,
-    _TimedSelect,
     bs_layer_times,
     calibrate_from_run,
     combine_params,
     default_calibration,
-    device_names,
     exchange_samples,
     rate_change_fit,
     step_tail_ms,
+)
+from testbed.run.recipe import load_recipe
+from testbed.run.twin import (
+    SimBackend,
+    SimClock,
+    SimLinkRecorder,
+    TimedSelect,
+    device_names,
     with_devices,
 )
 
@@ -493,7 +495,7 @@ def test_timed_select_charges_the_decision_and_passes_the_rest_through():
             return {"predicted_ms": 1.0}
 
     clock = SimClock()
-    t = _TimedSelect(P(), clock)
+    t = TimedSelect(P(), clock)
     assert t.select(1, 2) == ("decided", 1, 2) and t.name == "p"
     assert t.last_stats() == {"predicted_ms": 1.0}
     assert len(t.decisions_ms) == 1 and clock.now == pytest.approx(t.decisions_ms[0] / 1e3)
