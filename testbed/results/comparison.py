@@ -24,21 +24,22 @@ from typing import Any
 
 import numpy as np
 
-from .report import _f, _point_label
+from .report import point_label
+from .summary import as_float
 
 
 def per_token_ms(requests: Iterable[Mapping[str, Any]]) -> float | None:
     """Mean over requests of ``total_ms / output_tokens`` (requests lacking either skipped)."""
     xs = []
     for r in requests:
-        t, n = _f(r.get("total_ms")), _f(r.get("output_tokens"))
+        t, n = as_float(r.get("total_ms")), as_float(r.get("output_tokens"))
         if t is not None and n:
             xs.append(t / n)
     return float(np.mean(xs)) if xs else None
 
 
 def accuracy(requests: Iterable[Mapping[str, Any]]) -> float | None:
-    xs = [x for x in (_f(r.get("correct")) for r in requests) if x is not None]
+    xs = [x for x in (as_float(r.get("correct")) for r in requests) if x is not None]
     return float(np.mean(xs)) if xs else None
 
 
@@ -51,8 +52,8 @@ def prediction_ratio(
     p90 (default ``predicted_ms / moe_ms``)."""
     xs = []
     for r in layers:
-        p = _f(r.get(predicted))
-        ms = [_f(r.get(k)) for k in measured]
+        p = as_float(r.get(predicted))
+        ms = [as_float(r.get(k)) for k in measured]
         if p is not None and all(m is not None for m in ms) and sum(ms):  # type: ignore[arg-type]
             xs.append(p / sum(ms))  # type: ignore[arg-type]
     if not xs:
@@ -80,7 +81,7 @@ def prediction_rows(groups: Sequence[Any]) -> list[dict[str, Any]]:
             {
                 "run": g.run.run_id,
                 "policy": g.policy,
-                "point": _point_label({"policy": g.policy, "point": g.point}),
+                "point": point_label({"policy": g.policy, "point": g.point}),
                 "exchange": ex,
                 "critical": prediction_ratio(
                     g.layers, "predicted_critical_ms", ("decision_ms", "change_ms", "moe_ms")
@@ -139,7 +140,7 @@ def time_shares(layers: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
     whole, n = 0.0, 0
     for r in layers:
         v = {
-            k: _f(r.get(k))
+            k: as_float(r.get(k))
             for k in (
                 "bs_ms",
                 "moe_ms",
@@ -150,7 +151,7 @@ def time_shares(layers: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
         }
         if any(x is None for x in v.values()):
             continue
-        dec, chg = _f(r.get("decision_ms")) or 0.0, _f(r.get("change_ms")) or 0.0
+        dec, chg = as_float(r.get("decision_ms")) or 0.0, as_float(r.get("change_ms")) or 0.0
         model = v["predicted_air_ms"] + v["predicted_device_ms"] + v["predicted_call_ms"]
         tot["airtime"] += v["predicted_air_ms"]
         tot["device"] += v["predicted_device_ms"]
@@ -176,7 +177,7 @@ def shares_rows(groups: Sequence[Any]) -> list[dict[str, Any]]:
                 {
                     "run": g.run.run_id,
                     "policy": g.policy,
-                    "point": _point_label({"policy": g.policy, "point": g.point}),
+                    "point": point_label({"policy": g.policy, "point": g.point}),
                     **sh,
                 }
             )
@@ -218,7 +219,7 @@ def versus_baseline(groups: Sequence[Any], baseline: str = "topk") -> list[dict[
     predictions)."""
 
     def key(g: Any) -> tuple[str, str]:
-        return g.run.run_id, _point_label({"policy": g.policy, "point": g.point})
+        return g.run.run_id, point_label({"policy": g.policy, "point": g.point})
 
     base = {key(g): g for g in groups if g.policy == baseline}
     out = []

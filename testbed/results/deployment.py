@@ -15,7 +15,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import schema as R
-from .report import Run, _pct, _vals
+from .report import Run
+from .summary import column_values, percentile
 
 MB = 1 << 20
 
@@ -39,7 +40,7 @@ def deployment_rows(run: Run) -> list[dict[str, Any]]:
         )
         before = [r for r in reqs if split is not None and int(r["request"]) < split]
         after = [r for r in reqs if split is not None and int(r["request"]) >= split]
-        acc = _vals(reqs, "correct")
+        acc = column_values(reqs, "correct")
         out.append(
             {
                 "trial": t.get("trial"),
@@ -52,14 +53,14 @@ def deployment_rows(run: Run) -> list[dict[str, Any]]:
                 "quant": {d: v.get("quant") for d, v in sorted(mem.items())},
                 "budget_kb": round(float(budget) * MB / 1024, 1) if budget else None,
                 "bytes_per_token": R.num((summ.get(k) or {}).get("bytes_per_token")),
-                "latency_p50_ms": _num(_pct(_vals(reqs, "total_ms"), 50)),
+                "latency_p50_ms": _num(percentile(column_values(reqs, "total_ms"), 50)),
                 "accuracy": sum(acc) / len(acc) if acc else None,
                 "signalling_bytes": sum(
                     int(v.get("bytes") or 0) for v in (t.get("signalling") or {}).values()
                 ),
                 "split_request": split,
-                "latency_p50_before_ms": _num(_pct(_vals(before, "total_ms"), 50)),
-                "latency_p50_after_ms": _num(_pct(_vals(after, "total_ms"), 50)),
+                "latency_p50_before_ms": _num(percentile(column_values(before, "total_ms"), 50)),
+                "latency_p50_after_ms": _num(percentile(column_values(after, "total_ms"), 50)),
                 "migrations": len(mine),
                 "migration_bytes": sum(int(m.get("bytes") or 0) for m in mine),
                 "migration_s": sum(

@@ -19,7 +19,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import schema as R
-from .report import Run, _mean, _pct, _vals
+from .report import Run
+from .summary import column_values, mean, percentile
 
 _FAILED = ("timeout", "unreachable", "skipped", "error")
 
@@ -69,12 +70,12 @@ def fault_rows(run: Run) -> list[dict[str, Any]]:
                 "detail": f.get("detail", ""),
                 "requests_during": len(during),
                 "requests_after": len(after),
-                "latency_p50_during_ms": _num(_pct(_vals(during, "total_ms"), 50)),
-                "latency_p50_after_ms": _num(_pct(_vals(after, "total_ms"), 50)),
-                "accuracy_during": _num(_mean(_vals(during, "correct"))),
-                "accuracy_after": _num(_mean(_vals(after, "correct"))),
+                "latency_p50_during_ms": _num(percentile(column_values(during, "total_ms"), 50)),
+                "latency_p50_after_ms": _num(percentile(column_values(after, "total_ms"), 50)),
+                "accuracy_during": _num(mean(column_values(during, "correct"))),
+                "accuracy_after": _num(mean(column_values(after, "correct"))),
                 "recovery_requests": first_ok,
-                "accuracy_recovered": _num(_mean(_vals(recovered, "correct"))),
+                "accuracy_recovered": _num(mean(column_values(recovered, "correct"))),
                 "calls_during": len(calls),
                 "calls_failed_during": failed,
                 "calls_rerouted_during": rerouted,

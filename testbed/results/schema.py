@@ -72,7 +72,7 @@ REQUEST_COLUMNS = KEY_COLUMNS + (
     "energy_devices_j",  # sum over devices of each one's meter delta around the request
     "energy_bs_j",  # the BS's own meter delta over the request
     "energy_j",  # energy_devices_j + energy_bs_j ('' if either is unknown)
-    "energy_source",  # measured / estimated / mixed [; missing DEVICES] (testbed.dataplane.energy_attr)
+    "energy_source",  # measured / estimated / mixed [; missing DEVICES] (dataplane.energy_attr)
     "status",  # ok / degraded (some expert failed) / error
     "error",
     "faults",  # ids of the injected faults active during the request (faults.csv)

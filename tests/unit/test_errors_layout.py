@@ -341,15 +341,7 @@ def rank_problems(
 OURS = ("testbed", "models", "device_agent", "recipes")
 
 #: "file: module.name" of private names used across modules today (being removed: issue 17)
-ALLOWED_PRIVATE: set[str] = {
-    "testbed/results/comparison.py: testbed.results.report._f",
-    "testbed/results/comparison.py: testbed.results.report._point_label",
-    "testbed/results/deployment.py: testbed.results.report._pct",
-    "testbed/results/deployment.py: testbed.results.report._vals",
-    "testbed/results/fault_report.py: testbed.results.report._mean",
-    "testbed/results/fault_report.py: testbed.results.report._pct",
-    "testbed/results/fault_report.py: testbed.results.report._vals",
-}
+ALLOWED_PRIVATE: set[str] = set()
 
 
 def _private(name: str) -> bool:

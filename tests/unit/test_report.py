@@ -11,17 +11,9 @@ import pytest
 
 from testbed.errors import ConfigError
 from testbed.results import schema as R
-from testbed.results.report import (
-    METRIC_COLUMNS,
-    PLOT_FILES,
-    build_report,
-    energy_bars,
-    layer_split,
-    load_runs,
-    render_table,
-    summary_row,
-    write_plots,
-)
+from testbed.results.plots import PLOT_FILES, energy_bars, layer_split, write_plots
+from testbed.results.report import build_report, load_runs, render_table
+from testbed.results.summary import METRIC_COLUMNS, summary_row
 from tests.conftest import ROOT, run_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
