@@ -44,8 +44,8 @@ import math
 import secrets
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +157,7 @@ class SimBackend:
         return p
 
     def run_layer(self, work: Any) -> Any:
+        """Run ``work``'s experts here; charge their exchange to the clock (class doc)."""
         res = self.inner.run_layer(work)
         self.buckets.refill(self.pending.get("links_changed") or ())  # tbf_change fills them
         by_dev: dict[str, list[str]] = {}
@@ -165,20 +166,40 @@ class SimBackend:
             by_dev.setdefault(ds[0], []).append(uid)
         names = tuple(sorted(by_dev))
         rows = {u: int(x.shape[0]) for u, x in work.inputs.items()}
+        params = self._params(names)
+        moe_ms, terms = self._exchange(names, by_dev, rows, params)
+        calls = self._call_rows(work, names, by_dev, rows, terms, params)
+        t_enter = self.clock.now
+        self.clock.advance_ms(moe_ms)
+        res.info.update(
+            calls=calls,
+            served_by={u: d for d, us in by_dev.items() for u in us},
+            rerouted={},
+            t_enter=t_enter,
+            t_exit=self.clock.now,
+        )
+        self._note_layer(res.info, moe_ms, terms)
+        self.layers += 1
+        return res
+
+    def _exchange(
+        self,
+        names: tuple[str, ...],
+        by_dev: Mapping[str, Sequence[str]],
+        rows: Mapping[str, int],
+        params: LayerCostParams,
+    ) -> tuple[float, dict[str, Any]]:
+        """The layer's exchange with the devices ``names`` from now on: its time (ms) and the
+        latency model's per-device terms; each link's bucket left as its message leaves it."""
+        if not names:
+            return 0.0, {}
         loads = np.array([sum(rows[u] for u in by_dev[d]) for d in names], dtype=np.float64)
         ex = np.array([len(by_dev[d]) for d in names], dtype=np.float64)
         c = self.cluster
         down = np.array([c.rate_down_kbit.get(d, 0.0) for d in names], dtype=np.float64)
         up = np.array([c.rate_up_kbit.get(d, 0.0) for d in names], dtype=np.float64)
-        params = self._params(names)
         now = self.clock.now
-        if names:
-            terms, tok_d, tok_u = self.buckets.exchange_terms(
-                names, loads, ex, down, up, params, now
-            )
-            moe_ms = layer_ms_of(terms, params)
-        else:
-            moe_ms, terms = 0.0, {}
+        terms, tok_d, tok_u = self.buckets.exchange_terms(names, loads, ex, down, up, params, now)
         for k, d in enumerate(names):  # where each link's bucket stands after its message
             self.buckets.sent(
                 d,
@@ -189,6 +210,19 @@ class SimBackend:
                 (now + terms["air_down"][k] / 1e3, now + terms["total"][k] / 1e3),
                 params,
             )
+        return layer_ms_of(terms, params), terms
+
+    def _call_rows(
+        self,
+        work: Any,
+        names: tuple[str, ...],
+        by_dev: Mapping[str, Sequence[str]],
+        rows: Mapping[str, int],
+        terms: Mapping[str, Any],
+        params: LayerCostParams,
+    ) -> list[dict[str, Any]]:
+        """The call rows the remote backend would give: per device one call (``req_id``), its
+        experts' rows with the exchange's round trip and device time."""
         calls = []
         for k, d in enumerate(names):
             dc = params.device(k)
@@ -219,35 +253,29 @@ class SimBackend:
                         "energy_source": None,
                     }
                 )
-        t_enter = self.clock.now
-        self.clock.advance_ms(moe_ms)
-        res.info.update(
-            calls=calls,
-            served_by={u: d for d, us in by_dev.items() for u in us},
-            rerouted={},
-            t_enter=t_enter,
-            t_exit=self.clock.now,
-        )
+        return calls
+
+    def _note_layer(self, info: dict[str, Any], moe_ms: float, terms: Mapping[str, Any]) -> None:
+        """The layer's record besides its exchange: the hook's ``pending`` notes, the decision
+        and rate change as charged to the clock, the calibrated model's prediction."""
         pend, self.pending = self.pending, {}
         start = bool(pend.pop("epoch_start", False))
         pend.pop("links_changed", None)
-        res.info.update(pend)
+        info.update(pend)
         # the layer's decision and rate change as charged to the clock (the hook's own wall
         # times would be the twin's bookkeeping)
         if self.decision is not None:
-            res.info["decision_ms"] = self.decision.take()
+            info["decision_ms"] = self.decision.take()
         if self.change is not None:
-            res.info["change_ms"] = self.change.take()
+            info["change_ms"] = self.change.take()
         if "policy_predicted_ms" in R.LAYER_COLUMNS:  # predicted_ms: the calibrated model's
-            res.info["predicted_ms"] = moe_ms
-            res.info["predicted_critical_ms"] = (
+            info["predicted_ms"] = moe_ms
+            info["predicted_critical_ms"] = (
                 moe_ms
-                + float(res.info.get("decision_ms") or 0)
-                + (float(res.info.get("change_ms") or 0) if start else 0.0)
+                + float(info.get("decision_ms") or 0)
+                + (float(info.get("change_ms") or 0) if start else 0.0)
             )
-            res.info.update(critical_terms(terms))
-        self.layers += 1
-        return res
+            info.update(critical_terms(terms))
 
 
 class TimedSelect:
@@ -286,6 +314,151 @@ def device_names(n: int) -> list[str]:
     return [f"dev{i}" for i in range(1, n + 1)]
 
 
+def not_simulated(trials: Sequence[Trial]) -> list[str]:
+    """The recipe keys ``trials`` ask for that the twin does not simulate (sorted; the
+    manifest's ``twin.not_simulated``)."""
+    out = set()
+    for t in trials:
+        c = t.config
+        if c["faults"]["events"]:
+            out.add("faults.events")
+        if c["run"].get("events"):
+            out.add("run.events")
+        if c["run"].get("update_every"):
+            out.add("run.update_every")
+        if c["devices"].get("power_mode") is not None:
+            out.add("devices.power_mode")
+    return sorted(out)
+
+
+def open_tables(
+    run_dir: Path, sweep: Iterable[str], stack: contextlib.ExitStack
+) -> dict[str, R.CsvTable]:
+    """The run's CSV tables in ``run_dir`` (name -> open table, closed with ``stack``), with a
+    ``sweep.KEY`` column per swept key where the runner has them."""
+    extra = [f"sweep.{k}" for k in sweep]
+    return {
+        name: stack.enter_context(R.CsvTable(run_dir / fname, cols, x))
+        for name, fname, cols, x in (
+            ("requests", R.REQUESTS, R.REQUEST_COLUMNS, extra),
+            ("layers", R.LAYERS, R.LAYER_COLUMNS, extra),
+            ("calls", R.CALLS, R.CALL_COLUMNS, extra),
+            ("devices", R.DEVICES, R.DEVICE_COLUMNS, ()),
+            ("summary", R.SUMMARY, R.SUMMARY_COLUMNS, extra),
+            ("profile", R.PROFILE, R.PROFILE_COLUMNS, ()),
+            ("links", R.LINKS, R.LINK_COLUMNS, extra),
+            ("faults", R.FAULTS, R.FAULT_COLUMNS, extra),
+            ("migrations", R.MIGRATIONS, R.MIGRATION_COLUMNS, extra),
+        )
+    }
+
+
+@dataclass
+class WiredTrial:
+    """One trial's repeat as :meth:`Simulator._wire` hooked it into the BS model: the recipe's
+    policy (``inner``) seen through :class:`TimedSelect`, the devices, the experts' placement,
+    the links' starting rates and epochs."""
+
+    inner: Any
+    policy: TimedSelect
+    names: list[str]
+    placement: dict[str, Any]
+    rates: list[dict[str, Any]]
+    plan: EpochLinks
+
+
+class SimModel:
+    """The BS model of a twin run, its experts computed here (:meth:`load`), and its requests
+    run on the twin's clock (:meth:`request`): the step's tail charged after each step, the
+    rows summed as the runner sums them."""
+
+    def __init__(self, split: Path, mf: Any, bsm: Any, wire: Any, bytes_per_token: int) -> None:
+        self.split, self.mf, self.bsm = split, mf, bsm
+        self.local = bsm.backend
+        self.wire = wire
+        self.bytes_per_token = bytes_per_token
+        self.moe_pos = {lay: i for i, lay in enumerate(sorted(mf.moe_layers))}
+        self.reference_model: Any = None
+
+    @classmethod
+    def load(cls, recipe: Recipe, trials: Sequence[Trial]) -> SimModel:
+        """The recipe's model (checked with its trials' policies) as the BS runs it."""
+        import torch
+
+        from models.manifest import load_manifest
+        from models.runtime import BaseStationModel
+
+        from ..dataplane.profiling import bytes_per_token
+
+        split = check_model_and_policies(recipe, trials)
+        m = load_manifest(split)
+        X.quiet_transformers()
+        if recipe.config["run"].get("bs_threads"):
+            torch.set_num_threads(int(recipe.config["run"]["bs_threads"]))
+        bsm = BaseStationModel.from_split_dir(split, wire_dtype=recipe.wire_dtype)
+        wire = bsm.controller.wire_dtype or next(bsm.model.parameters()).dtype
+        return cls(split, m, bsm, wire, bytes_per_token(m.hidden_size, wire.itemsize))
+
+    def manifest_entry(self) -> dict[str, Any]:
+        """The manifest's ``model``: the runner's, with the dtype on the wire."""
+        return {
+            **model_entry(self.split, self.mf),
+            "wire_dtype": str(self.wire).removeprefix("torch."),
+        }
+
+    def reference(self, q: Request) -> tuple[int, ...]:
+        """``q``'s output from the unsplit model (greedy), loaded on first use."""
+        from models.runtime import BaseStationModel
+
+        if self.reference_model is None:
+            self.reference_model = BaseStationModel.from_split_dir(self.split)
+        g = self.reference_model.generate_greedy(
+            [list(q.prompt)], q.max_new_tokens, q.eos_token_id, q.pad_token_id
+        )
+        return tuple(g.tokens[0])
+
+    def request(
+        self,
+        q: Request,
+        key: Mapping[str, Any],
+        placement: Mapping[str, Sequence[str]],
+        clock: SimClock,
+        tail_ms: float,
+    ) -> tuple[dict, list[dict], list[dict]]:
+        """Run request ``q`` on ``clock``: its ``requests.csv`` row, layer rows and call rows."""
+        bsm = self.bsm
+        step_end: dict[int, float] = {}
+        bsm.start_recording()
+        bsm.pop_records()
+        t0 = clock.now
+
+        def on_step(s: int) -> None:
+            clock.advance_ms(tail_ms)
+            step_end[s] = clock.now
+
+        try:
+            gen = bsm.generate_greedy(
+                [list(q.prompt)], q.max_new_tokens, q.eos_token_id, q.pad_token_id, on_step=on_step
+            )
+            out = tuple(gen.tokens[0])
+        finally:
+            t_end = clock.now
+            records = bsm.pop_records()
+            bsm.stop_recording()
+        step_start = {0: t0, **{s + 1: v for s, v in step_end.items()}}
+        rkey = {**key, "request": q.index}
+        lrows, crows, tot = rows_for_request(records, rkey, step_start, placement)
+        ref = q.reference if q.reference is not None else self.reference(q)
+        energy = {
+            "energy_devices_j": None,
+            "energy_bs_j": None,
+            "energy_j": None,
+            "energy_source": "simulated: not modelled",
+        }
+        row = request_row(q, rkey, out, ref, tot, t0, step_end.get(0, t_end), t_end, energy)
+        return row, lrows, crows
+
+
 class Simulator:
     """One twin run of a recipe (module doc). Use :func:`simulate_recipe`."""
 
@@ -315,18 +488,41 @@ class Simulator:
         R.write_json_atomic(self.run_dir / R.MANIFEST, self.manifest)
 
     def run(self) -> X.RunResult:
+        """Simulate every trial and repeat into a new run folder; its status like the runner's."""
         trials = self.recipe.trials()
-        cal = (
+        self.cal = (
             calibrate_from_run(self.calibrate)
             if self.calibrate is not None
             else default_calibration()
         )
-        self.cal = cal
         try:
             self.run_dir.mkdir(parents=True, exist_ok=False)
         except OSError as e:
             raise ConfigError(f"--out: {self.out}: cannot create the run folder: {e}") from None
-        self.manifest = {
+        self.manifest = self._new_manifest(trials)
+        self._save()
+        status, err = "failed", None
+        t_wall = time.perf_counter()
+        try:
+            with contextlib.ExitStack() as stack:
+                self._run(trials, stack)
+            status = "completed"
+        except KeyboardInterrupt:
+            status, err = "interrupted", "interrupted (Ctrl-C or SIGTERM)"
+            raise
+        except BaseException as e:
+            err = one_line(e)
+            raise RunFailed(self.run_dir, e) from e
+        finally:
+            self.progress.close()
+            self._finish(status, err, t_wall)
+        return X.RunResult(
+            self.run_dir, self.run_id, status, len(trials), self.requests_done, err, self.summaries
+        )
+
+    def _new_manifest(self, trials: Sequence[Trial]) -> dict[str, Any]:
+        """The manifest as the run starts (``"mode": "simulated"``, the twin's calibration)."""
+        return {
             "run_id": self.run_id,
             "mode": "simulated",
             "status": "running",
@@ -343,83 +539,45 @@ class Simulator:
             "model": None,
             "twin": {
                 "devices": self.devices,
-                "calibration": cal.to_dict(),
-                "not_simulated": self._not_simulated(trials),
+                "calibration": self.cal.to_dict(),
+                "not_simulated": not_simulated(trials),
             },
         }
-        self._save()
-        status, err = "failed", None
-        t_wall = time.perf_counter()
-        try:
-            with contextlib.ExitStack() as stack:
-                self._run(trials, stack)
-            status = "completed"
-        except KeyboardInterrupt:
-            status, err = "interrupted", "interrupted (Ctrl-C or SIGTERM)"
-            raise
-        except BaseException as e:
-            err = one_line(e)
-            raise RunFailed(self.run_dir, e) from e
-        finally:
-            self.progress.close()
-            self.manifest["twin"].update(
-                wall_s=time.perf_counter() - t_wall,
-                decision_ms={
-                    p: {"n": len(v), "median": statistics.median(v), "max": max(v)}
-                    for p, v in self.decisions.items()
-                    if v
-                },
-            )
-            self.manifest.update(
-                status=status,
-                error=err,
-                ended=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                requests_done=self.requests_done,
-            )
-            self._save()
-        return X.RunResult(
-            self.run_dir, self.run_id, status, len(trials), self.requests_done, err, self.summaries
-        )
 
-    def _not_simulated(self, trials: Sequence[Trial]) -> list[str]:
-        out = set()
-        for t in trials:
-            c = t.config
-            if c["faults"]["events"]:
-                out.add("faults.events")
-            if c["run"].get("events"):
-                out.add("run.events")
-            if c["run"].get("update_every"):
-                out.add("run.update_every")
-            if c["devices"].get("power_mode") is not None:
-                out.add("devices.power_mode")
-        return sorted(out)
+    def _finish(self, status: str, err: str | None, t_wall: float) -> None:
+        """The manifest as the run ends: its status, the twin's wall time and decisions."""
+        self.manifest["twin"].update(
+            wall_s=time.perf_counter() - t_wall,
+            decision_ms={
+                p: {"n": len(v), "median": statistics.median(v), "max": max(v)}
+                for p, v in self.decisions.items()
+                if v
+            },
+        )
+        self.manifest.update(
+            status=status,
+            error=err,
+            ended=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            requests_done=self.requests_done,
+        )
+        self._save()
 
     def _run(self, trials: list[Trial], stack: contextlib.ExitStack) -> None:
-        import torch
-
-        from models.manifest import load_manifest
-        from models.runtime import BaseStationModel
-
-        from ..dataplane.profiling import bytes_per_token
-
         rec = self.recipe
-        split = check_model_and_policies(rec, trials)
-        m = load_manifest(split)
-        self.split, self.mf = split, m
-        X.quiet_transformers()
-        if rec.config["run"].get("bs_threads"):
-            torch.set_num_threads(int(rec.config["run"]["bs_threads"]))
-        bsm = BaseStationModel.from_split_dir(split, wire_dtype=rec.wire_dtype)
-        self.bsm = bsm
-        self.local = bsm.backend
-        wire = bsm.controller.wire_dtype or next(bsm.model.parameters()).dtype
-        self.bytes_per_token = bytes_per_token(m.hidden_size, wire.itemsize)
-        self.manifest["model"] = {
-            **model_entry(split, m),
-            "wire_dtype": str(wire).removeprefix("torch."),
-        }
-        self.moe_pos = {lay: i for i, lay in enumerate(sorted(m.moe_layers))}
+        self._load_model(trials)
+        self._save()
+        self.tables = open_tables(self.run_dir, rec.sweep, stack)
+        self.progress.start(len(trials), int(rec.config["workload"]["requests"]) * rec.repeats)
+        for t in trials:
+            self.progress.trial(t.index, f"{t.policy} {t.label}")
+            for rep in range(rec.repeats):
+                self._trial(t, rep)
+
+    def _load_model(self, trials: list[Trial]) -> None:
+        """The BS model (:class:`SimModel`), and what the manifest says of it, of the links'
+        shaping (simulated) and (filled per trial) of the compute profiles."""
+        self.model = SimModel.load(self.recipe, trials)
+        self.manifest["model"] = self.model.manifest_entry()
         p = self.cal.params
         self.manifest["shaping"] = {
             "mode": p.shaping,
@@ -434,28 +592,6 @@ class Simulator:
             "offloads": "simulated",
         }
         self.manifest["compute_profile"] = {}
-        self._save()
-        extra = [f"sweep.{k}" for k in rec.sweep]
-        self.tables = {
-            name: stack.enter_context(R.CsvTable(self.run_dir / fname, cols, x))
-            for name, fname, cols, x in (
-                ("requests", R.REQUESTS, R.REQUEST_COLUMNS, extra),
-                ("layers", R.LAYERS, R.LAYER_COLUMNS, extra),
-                ("calls", R.CALLS, R.CALL_COLUMNS, extra),
-                ("devices", R.DEVICES, R.DEVICE_COLUMNS, ()),
-                ("summary", R.SUMMARY, R.SUMMARY_COLUMNS, extra),
-                ("profile", R.PROFILE, R.PROFILE_COLUMNS, ()),
-                ("links", R.LINKS, R.LINK_COLUMNS, extra),
-                ("faults", R.FAULTS, R.FAULT_COLUMNS, extra),
-                ("migrations", R.MIGRATIONS, R.MIGRATION_COLUMNS, extra),
-            )
-        }
-        self.progress.start(len(trials), int(rec.config["workload"]["requests"]) * rec.repeats)
-        self.reference_model: Any = None
-        for t in trials:
-            self.progress.trial(t.index, f"{t.policy} {t.label}")
-            for rep in range(rec.repeats):
-                self._trial(t, rep)
 
     def _n_devices(self, t: Trial) -> int:
         if self.devices is not None:
@@ -466,11 +602,10 @@ class Simulator:
     def _trial(self, t: Trial, rep: int) -> None:
         from ..results.report import summary_row
 
-        rec, cal = self.recipe, self.cal
+        rec = self.recipe
         inner = load_policy(
             rec.policy_spec(t.policy), t.config["policy"]["params"], f"{rec.path}: policy.params"
         )
-        policy = TimedSelect(inner, self.clock)
         self.decisions.setdefault(inner.name, [])
         point = dict(t.point)
         key = {
@@ -481,10 +616,40 @@ class Simulator:
             "repeat": rep,
             **{f"sweep.{k}": v for k, v in point.items()},
         }
+        w = self._wire(t, rep, inner, key)
+        self.manifest["trials"].append(
+            {
+                "trial": t.index,
+                "repeat": rep,
+                "point": point,
+                "policy": inner.describe(),
+                "devices": len(w.names),
+                "devices_used": len({ds[0] for ds in w.placement.values()}),
+                "links_enforced": w.rates[:64],
+                "placement": {u: list(ds) for u, ds in w.placement.items()},
+            }
+        )
+        t_req, t_layer, t_calls = self._run_workload(t, rep, key, w.placement)
+        self.decisions[inner.name].extend(w.policy.decisions_ms)
+        self.manifest["trials"][-1].update(
+            link_epochs=w.plan.close(), policy_final=inner.describe(), simulated_s=self.clock.now
+        )
+        summ = {**key, **summary_row(t_req, t_layer, t_calls)}
+        self.tables["summary"].write(summ)
+        self.summaries.append(summ)
+        self.manifest["completed"].append([t.index, rep])
+        self._save()
+
+    def _wire(self, t: Trial, rep: int, inner: Any, key: Mapping[str, Any]) -> WiredTrial:
+        """Hook the policy ``inner`` into the BS model for trial ``t``'s repeat ``rep`` as the
+        runner does (placement, cluster, link epochs, the policy hook), its time charged to
+        the clock: the BS's per layer, the decision's, the rate changes', the exchange's."""
+        rec, cal, model = self.recipe, self.cal, self.model
+        policy = TimedSelect(inner, self.clock)
         names = device_names(self._n_devices(t))
         budget = float(rec.config["run"].get("memory_budget_mb") or 1e6)
         infos = [DeviceInfo(n, budget, "netns") for n in names]
-        placement = place_experts(inner, self.mf, infos, str(self.split), self.bytes_per_token)
+        placement = place_experts(inner, model.mf, infos, str(model.split), model.bytes_per_token)
         profiles = cal.profiles(names)
         for n in names:
             if n not in self.manifest["compute_profile"]:
@@ -492,11 +657,11 @@ class Simulator:
                 self.manifest["compute_profile"][n] = {"a_ms": a, "b_ms": b, "simulated": True}
         down, up = t.link_kbit()
         rates = [{"device": n, "down_kbit": down, "up_kbit": up} for n in names]
-        sim = SimBackend(self.local, self.clock, cal, self.bytes_per_token)
+        sim = SimBackend(model.local, self.clock, cal, model.bytes_per_token)
         sim.placement = placement
-        self.bsm.backend = inner.wrap_backend(sim)
+        model.bsm.backend = inner.wrap_backend(sim)
         cluster = trial_cluster(
-            t, rec.seed + rep, placement, rates, names, profiles, self.bytes_per_token
+            t, rec.seed + rep, placement, rates, names, profiles, model.bytes_per_token
         )
         sim.cluster = cluster
         trace_path = rec.trace_path(t)
@@ -515,33 +680,28 @@ class Simulator:
             else None,
         )
         hook = policy_hook(policy, cluster, plan, sim, lambda: self.request_index, dict)
-        moe_pos, clock = self.moe_pos, self.clock
+        moe_pos, clock = model.moe_pos, self.clock
 
         def timed_hook(ctx: Any) -> Any:
             clock.advance_ms(cal.bs_ms(ctx.step, moe_pos.get(ctx.layer, 0)))
             return hook(ctx)
 
-        self.bsm.policy = timed_hook
-        self.manifest["trials"].append(
-            {
-                "trial": t.index,
-                "repeat": rep,
-                "point": point,
-                "policy": inner.describe(),
-                "devices": len(names),
-                "devices_used": len({ds[0] for ds in placement.values()}),
-                "links_enforced": rates[:64],
-                "placement": {u: list(ds) for u, ds in placement.items()},
-            }
-        )
-        reqs = make_workload(t, self.mf, rec.seed + rep)
+        model.bsm.policy = timed_hook
+        return WiredTrial(inner, policy, names, placement, rates, plan)
+
+    def _run_workload(
+        self, t: Trial, rep: int, key: Mapping[str, Any], placement: Mapping[str, Sequence[str]]
+    ) -> tuple[list[dict], list[dict], list[dict]]:
+        """Run the trial's workload, writing its rows; its requests', layer totals' and
+        calls' rows for the summary."""
+        reqs = make_workload(t, self.model.mf, self.recipe.seed + rep)
         t_req: list[dict] = []
         t_layer: list[dict] = []
         status_rows: dict[str, dict] = {}
         t_calls: list[dict] = []
         for q in reqs:
             self.request_index = q.index
-            row, lrows, crows = self._request(q, key, placement)
+            row, lrows, crows = self.model.request(q, key, placement, self.clock, self.cal.tail_ms)
             self.tables["layers"].write_many(lrows)
             self.tables["calls"].write_many(crows)
             self.tables["requests"].write(row)
@@ -552,60 +712,7 @@ class Simulator:
             )
             self.requests_done += 1
             self.progress.request()
-        self.decisions[inner.name].extend(policy.decisions_ms)
-        self.manifest["trials"][-1].update(
-            link_epochs=plan.close(), policy_final=inner.describe(), simulated_s=self.clock.now
-        )
-        summ = {**key, **summary_row(t_req, t_layer, t_calls)}
-        self.tables["summary"].write(summ)
-        self.summaries.append(summ)
-        self.manifest["completed"].append([t.index, rep])
-        self._save()
-
-    def _reference(self, q: Request) -> tuple[int, ...]:
-        from models.runtime import BaseStationModel
-
-        if self.reference_model is None:
-            self.reference_model = BaseStationModel.from_split_dir(self.split)
-        g = self.reference_model.generate_greedy(
-            [list(q.prompt)], q.max_new_tokens, q.eos_token_id, q.pad_token_id
-        )
-        return tuple(g.tokens[0])
-
-    def _request(
-        self, q: Request, key: Mapping[str, Any], placement: Mapping[str, Sequence[str]]
-    ) -> tuple[dict, list[dict], list[dict]]:
-        bsm, clock, cal = self.bsm, self.clock, self.cal
-        step_end: dict[int, float] = {}
-        bsm.start_recording()
-        bsm.pop_records()
-        t0 = clock.now
-
-        def on_step(s: int) -> None:
-            clock.advance_ms(cal.tail_ms)
-            step_end[s] = clock.now
-
-        try:
-            gen = bsm.generate_greedy(
-                [list(q.prompt)], q.max_new_tokens, q.eos_token_id, q.pad_token_id, on_step=on_step
-            )
-            out = tuple(gen.tokens[0])
-        finally:
-            t_end = clock.now
-            records = bsm.pop_records()
-            bsm.stop_recording()
-        step_start = {0: t0, **{s + 1: v for s, v in step_end.items()}}
-        rkey = {**key, "request": q.index}
-        lrows, crows, tot = rows_for_request(records, rkey, step_start, placement)
-        ref = q.reference if q.reference is not None else self._reference(q)
-        energy = {
-            "energy_devices_j": None,
-            "energy_bs_j": None,
-            "energy_j": None,
-            "energy_source": "simulated: not modelled",
-        }
-        row = request_row(q, rkey, out, ref, tot, t0, step_end.get(0, t_end), t_end, energy)
-        return row, lrows, crows
+        return t_req, t_layer, t_calls
 
 
 def simulate_recipe(
@@ -617,7 +724,7 @@ def simulate_recipe(
 ) -> X.RunResult:
     """Run ``recipe`` through the analytic twin (module doc) over ``devices`` devices (default:
     each trial's ``run.devices``, else 3), calibrated from the measured run ``calibrate``
-    (default: :data:`DEFAULTS`); returns the results folder and status like
+    (default: :data:`testbed.run.calibration.DEFAULTS`); returns the results folder and status like
     :func:`testbed.run.session.run_recipe`.
 
     Raises

@@ -24,9 +24,6 @@ ALLOWED: dict[str, int] = {
     "recipes/coel.py::place_inter": 85,
     "recipes/wdmoe.py::_WDMoEBase": 352,
     "testbed/dataplane/profiling.py::profile_exchanges": 111,
-    "testbed/run/twin.py::SimBackend.run_layer": 95,
-    "testbed/run/twin.py::Simulator": 335,
-    "testbed/run/twin.py::Simulator._trial": 98,
 }
 
 
