@@ -1,4 +1,4 @@
-"""The analytic twin's pure parts (testbed.run.twin, testbed.run.calibration): calibration from a
+"""The analytic twin's pure parts (testbed.run.twin, twin_clock, calibration): calibration from a
 results folder's rows, the virtual clock's links and expert exchange, the recipe's device count."""
 
 from __future__ import annotations
@@ -28,14 +28,8 @@ from testbed.run.calibration import (
     step_tail_ms,
 )
 from testbed.run.recipe import load_recipe
-from testbed.run.twin import (
-    SimBackend,
-    SimClock,
-    SimLinkRecorder,
-    TimedSelect,
-    device_names,
-    with_devices,
-)
+from testbed.run.twin import device_names, with_devices
+from testbed.run.twin_clock import SimBackend, SimClock, SimLinkRecorder, TimedSelect
 
 KEY = {"run_id": "r", "trial": "0", "point": "p", "policy": "topk", "repeat": "0"}
 
