@@ -106,17 +106,21 @@ class Calibration:
     fit: dict[str, Any] = field(default_factory=dict)
 
     def profiles(self, names: Iterable[str]) -> dict[str, tuple[float, float]]:
+        """Each device of ``names`` -> its compute profile ``(a_ms, b_ms)``."""
         return {n: self.compute_profile.get(n, self.default_profile) for n in names}
 
     def bs_ms(self, step: int, layer_pos: int) -> float:
+        """The BS's time at MoE layer position ``layer_pos`` of step ``step`` (0: prefill)."""
         xs = self.bs_layer_ms["prefill" if step == 0 else "decode"]
         return float(xs[min(layer_pos, len(xs) - 1)]) if xs else 0.0
 
     def change_ms(self, source: str, devices: int) -> float:
+        """An epoch's rate change from ``source`` over ``devices`` devices."""
         a, b = self.rate_change.get(source) or self.rate_change.get("") or (0.0, 0.0)
         return float(a + b * devices)
 
     def to_dict(self) -> dict[str, Any]:
+        """The manifest's record (``twin.calibration``)."""
         return {
             "source": self.source,
             "latency_model": self.params.to_dict(),
@@ -375,40 +379,7 @@ def calibrate_from_run(run_dir: str | Path) -> Calibration:
     if not calls or not layers:
         raise ConfigError(f"--calibrate: {p}: no calls or layers to calibrate from")
     d = default_calibration()
-    sh = man.get("shaping") or {}
-    mode = sh.get("mode") if sh.get("mode") in ("tbf", "netem", "htb", "none") else "tbf"
-    # bytes per token of the run (payload per row): what the fit's airtime is computed with
-    per_row = [
-        float(c["bytes_down"]) / float(c["tokens"])
-        for c in calls
-        if c.get("status") == "ok" and _f(c.get("tokens")) and _f(c.get("bytes_down"))
-    ]
-    base = replace(
-        d.params,
-        bytes_per_token=statistics.median(per_row) if per_row else 0.0,
-        shaping=mode,
-        bucket_bytes=float(sh.get("bucket_bytes") or 1514.0),
-        bucket_slack_us=float(sh.get("bucket_slack_us") or 50.0),
-    )
-    fit: dict[str, Any] = {}
-    fitted = [
-        LayerCostParams.from_dict(t["latency_model"]["params"])
-        for t in man.get("trials") or []
-        if isinstance((t.get("latency_model") or {}).get("params"), Mapping)
-    ]
-    if not fitted and isinstance(man.get("latency_model"), Mapping):
-        fitted = [LayerCostParams.from_dict(man["latency_model"])]
-    if fitted:  # the runner's own fit (profiling exchanges): each trial's, combined
-        params = combine_params(fitted)
-        fit["latency_model"] = f"the run's profiling fit ({len(fitted)} trials)"
-    else:
-        samples = exchange_samples(calls, layers, RatesInForce(links, man.get("trials") or []))
-        if not samples:
-            raise ConfigError(f"--calibrate: {p}: no complete expert exchange to fit")
-        params, resid = fit_layer_costs(samples, base)
-        fit.update(latency_model=f"fit_layer_costs on {len(samples)} calls", residuals=resid)
-    if params.devices:  # devices the run did not have: the median of those it had
-        params = replace(params, default_device=median_costs(params.devices))
+    params, fit = exchange_params(p, man, calls, layers, links, d.params)
     prof = {
         str(k): (float(v["a_ms"]), float(v["b_ms"]))
         for k, v in (man.get("compute_profile") or {}).items()
@@ -430,6 +401,61 @@ def calibrate_from_run(run_dir: str | Path) -> Calibration:
     return Calibration(
         params, prof, default_prof, bs, d.tail_ms if tail is None else tail, change, str(p), fit
     )
+
+
+def exchange_params(
+    run_dir: Path,
+    man: Mapping[str, Any],
+    calls: Sequence[Mapping[str, Any]],
+    layers: Sequence[Mapping[str, Any]],
+    links: Sequence[Mapping[str, Any]],
+    defaults: LayerCostParams,
+) -> tuple[LayerCostParams, dict[str, Any]]:
+    """The exchange model of a measured run (its manifest ``man`` and rows) and the fit's
+    record: the runner's own fits where the manifest has them (each trial's, combined), else
+    :func:`~testbed.policy.latency_model.fit_layer_costs` on its calls from ``defaults`` with
+    the run's shaping; devices the run did not have get the median of those it had.
+
+    Raises
+    ------
+    ConfigError
+        When there is neither a fit nor a complete expert exchange to fit.
+    """
+    sh = man.get("shaping") or {}
+    mode = sh.get("mode") if sh.get("mode") in ("tbf", "netem", "htb", "none") else "tbf"
+    # bytes per token of the run (payload per row): what the fit's airtime is computed with
+    per_row = [
+        float(c["bytes_down"]) / float(c["tokens"])
+        for c in calls
+        if c.get("status") == "ok" and _f(c.get("tokens")) and _f(c.get("bytes_down"))
+    ]
+    base = replace(
+        defaults,
+        bytes_per_token=statistics.median(per_row) if per_row else 0.0,
+        shaping=mode,
+        bucket_bytes=float(sh.get("bucket_bytes") or 1514.0),
+        bucket_slack_us=float(sh.get("bucket_slack_us") or 50.0),
+    )
+    fit: dict[str, Any] = {}
+    fitted = [
+        LayerCostParams.from_dict(t["latency_model"]["params"])
+        for t in man.get("trials") or []
+        if isinstance((t.get("latency_model") or {}).get("params"), Mapping)
+    ]
+    if not fitted and isinstance(man.get("latency_model"), Mapping):
+        fitted = [LayerCostParams.from_dict(man["latency_model"])]
+    if fitted:  # the runner's own fit (profiling exchanges): each trial's, combined
+        params = combine_params(fitted)
+        fit["latency_model"] = f"the run's profiling fit ({len(fitted)} trials)"
+    else:
+        samples = exchange_samples(calls, layers, RatesInForce(links, man.get("trials") or []))
+        if not samples:
+            raise ConfigError(f"--calibrate: {run_dir}: no complete expert exchange to fit")
+        params, resid = fit_layer_costs(samples, base)
+        fit.update(latency_model=f"fit_layer_costs on {len(samples)} calls", residuals=resid)
+    if params.devices:  # devices the run did not have: the median of those it had
+        params = replace(params, default_device=median_costs(params.devices))
+    return params, fit
 
 
 def median_costs(costs: Sequence[DeviceCosts]) -> DeviceCosts:
