@@ -20,8 +20,6 @@ ALLOWED: dict[str, int] = {
     "models/runtime.py::BaseStationModel.from_split_dir": 133,
     "models/split.py::plan_experts": 88,
     "models/split.py::split_checkpoint": 114,
-    "recipes/coel.py::CoEL": 410,
-    "recipes/coel.py::place_inter": 85,
     "recipes/wdmoe.py::_WDMoEBase": 352,
     "testbed/dataplane/profiling.py::profile_exchanges": 111,
 }

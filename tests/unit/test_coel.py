@@ -1,4 +1,4 @@
-"""CoEL (recipes/coel.py): placement, bit allocation, pruning, fusion, migration, hello gate."""
+"""CoEL (recipes/coel/): placement, bit allocation, pruning, fusion, migration, hello gate."""
 
 from __future__ import annotations
 
@@ -452,7 +452,7 @@ def test_calibration_on_the_tiny_model(tiny: str) -> None:
 
 
 def test_accuracy_vs_bits_pruning_fusion(tiny: str) -> None:
-    """Measured on 32 held-out examples (the figures are in the module doc of recipes/coel.py):
+    """Measured on 32 held-out examples (the figures are in the package doc of recipes/coel/):
     weight-only int8/int4 and float16 keep the tiny model's answers; pruning with a large tau
     and fusion with a low sigma cost accuracy, the defaults do not."""
     from models.manifest import load_manifest
