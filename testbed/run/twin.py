@@ -116,10 +116,9 @@ def open_tables(
 @dataclass
 class WiredTrial:
     """One trial's repeat as :meth:`Simulator._wire` hooked it into the BS model: the recipe's
-    policy (``inner``) seen through :class:`TimedSelect`, the devices, the experts' placement,
-    the links' starting rates and epochs."""
+    policy seen through :class:`TimedSelect`, the devices, the experts' placement, the links'
+    starting rates and epochs."""
 
-    inner: Any
     policy: TimedSelect
     names: list[str]
     placement: dict[str, Any]
@@ -167,7 +166,7 @@ class SimModel:
         }
 
     def reference(self, q: Request) -> tuple[int, ...]:
-        """``q``'s output from the unsplit model (greedy), loaded on first use."""
+        """``q``'s reference output: greedy, the model without the wire's dtype (loaded once)."""
         from models.runtime import BaseStationModel
 
         if self.reference_model is None:
@@ -360,6 +359,8 @@ class Simulator:
         return int(n) if n else 3
 
     def _trial(self, t: Trial, rep: int) -> None:
+        """Simulate repeat ``rep`` of trial ``t``: its policy wired in, its workload run, its
+        summary and manifest entries written."""
         from ..results.report import summary_row
 
         rec = self.recipe
@@ -447,7 +448,7 @@ class Simulator:
             return hook(ctx)
 
         model.bsm.policy = timed_hook
-        return WiredTrial(inner, policy, names, placement, rates, plan)
+        return WiredTrial(policy, names, placement, rates, plan)
 
     def _run_workload(
         self, t: Trial, rep: int, key: Mapping[str, Any], placement: Mapping[str, Sequence[str]]
