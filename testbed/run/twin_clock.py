@@ -26,6 +26,7 @@ class SimClock:
         self.now = 0.0
 
     def advance_ms(self, ms: float) -> None:
+        """Move the clock on by ``ms`` (never back)."""
         self.now += max(0.0, float(ms)) / 1e3
 
 
@@ -52,6 +53,8 @@ class SimLinkRecorder(LinkRecorder):
         key: Mapping[str, Any],
         where: Mapping[str, Any],
     ) -> dict[str, tuple[float, float]]:
+        """Take ``rates`` as asked (at least ``MIN_KBIT``), charge the change to the clock and
+        start the epoch's ``links.csv`` rows; the rates now in force."""
         asked = {d: (max(MIN_KBIT, dn), max(MIN_KBIT, up)) for d, (dn, up) in rates.items()}
         start = self.clock.now
         ms = self.cost(str(where.get("source", "")), len(asked))
