@@ -3,8 +3,8 @@
 Before a device serves its first trial, the runner times forward requests of one of its loaded
 experts at several token counts (:data:`TOKENS`, :data:`REPEATS` times each, after one warm-up
 request) and fits the line through the agent's own ``compute_ms`` by non-negative least squares
-(:func:`testbed.policy.latency_model.fit_compute_profile`). The samples go to ``profile.csv``, the fit
-to the manifest's ``compute_profile`` and to ``ClusterState.compute_profile``.
+(:func:`testbed.policy.bandwidth.fit_compute_profile`). The samples go to ``profile.csv``,
+the fit to the manifest's ``compute_profile`` and to ``ClusterState.compute_profile``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..errors import TestbedError
-from ..policy.latency_model import fit_compute_profile
+from ..policy.bandwidth import fit_compute_profile
 
 TOKENS = (1, 2, 4, 8, 16, 32)
 REPEATS = 3
@@ -155,7 +155,8 @@ def profile_exchanges(
     For each token count and repeat (one warm-up exchange first): each device alone with
     ``e`` of its experts for every ``e`` in ``experts`` (as many as it holds), and with
     ``together`` (at the ``together_tokens`` counts) neighbouring devices two at a time (with
-    more than two devices) and every device at once, one expert each. ``backend.placement`` must map the uids to their devices.
+    more than two devices) and every device at once, one expert each (:func:`exchange_plans`).
+    ``backend.placement`` must map the uids to their devices.
     ``gap_s``: a pause before each exchange, as a run's layers have between them (the BS's own
     work): the agents and the BS wait idle for the next call, which costs more than calls back
     to back (measured here: 0.15-0.3 ms per call after 3-10 ms idle), and a shaped link's
@@ -170,23 +171,8 @@ def profile_exchanges(
     """
     import torch
 
-    from models.backend import LayerWork
-
     gen = torch.Generator().manual_seed(seed)
-    plans: list[dict[str, list[str]]] = []
-    shared: list[dict[str, list[str]]] = []  # the plans with several devices
-    for e in experts:
-        for d, uids in experts_by_device.items():
-            if len(uids) >= e:
-                plans.append({d: list(uids[:e])})
-    if together and len(experts_by_device) > 1:
-        devs = [d for d, uids in experts_by_device.items() if uids]
-        if len(devs) > 2:  # neighbours two at a time: the usual decode step's exchange
-            shared += [
-                {d: list(experts_by_device[d][:1]) for d in devs[i : i + 2]}
-                for i in range(len(devs) - 1)
-            ]
-        shared.append({d: list(experts_by_device[d][:1]) for d in devs})
+    plans, shared = exchange_plans(experts_by_device, experts, together)
     out: list[dict[str, Any]] = []
     lost: set[str] = set()  # devices left out: their exchanges failed RETRIES + 1 times
     lid = start_id
@@ -201,47 +187,96 @@ def profile_exchanges(
             }
             if gap_s:
                 time.sleep(gap_s)
-            for attempt in range(RETRIES + 1):
-                t0 = time.perf_counter()
-                res = backend.run_layer(LayerWork(-1, lid, inputs))
-                layer_ms = (time.perf_counter() - t0) * 1e3
-                if not res.failed:
-                    break
-                if attempt == RETRIES:
-                    lost.update(d for d, uids in plan.items() if any(u in res.failed for u in uids))
-                    break
-                # a connection renewed after the last trial's slow links, or a device in its
-                # back-off: wait until every device of the plan is up again, then retry
-                _wait_up(backend, plan, RETRY_WAIT_S)
+            res, layer_ms = timed_exchange(backend, lid, inputs, plan, lost)
             lid += 1
             if rep < 0 or res.failed:
                 continue  # warm-up, or a device lost
-            calls: dict[Any, dict[str, Any]] = {}
-            for c in res.info["calls"]:
-                k = c.get("req_id")
-                row = calls.setdefault(
-                    k,
-                    {
-                        "device": c["device"],
-                        "expert": [],
-                        "experts": 0,
-                        "tokens": n,
-                        "rows": 0,
-                        "repeat": rep,
-                        "layer": lid - 1,
-                        "devices": len(plan),
-                        "compute_ms": 0.0,
-                        "device_ms": c.get("device_ms"),
-                        "rtt_ms": c.get("rtt_ms"),
-                        "serialize_ms": c.get("serialize_ms"),
-                        "layer_ms": layer_ms,
-                    },
-                )
-                row["expert"].append(c["uid"])
-                row["experts"] += 1
-                row["rows"] += int(c["tokens"])
-                row["compute_ms"] += float(c.get("compute_ms") or 0.0)
-            for row in calls.values():
-                row["expert"] = " ".join(row["expert"])
-                out.append(row)
+            out += exchange_samples(
+                res.info["calls"],
+                {"tokens": n, "repeat": rep, "layer": lid - 1, "devices": len(plan)},
+                layer_ms,
+            )
     return out
+
+
+def exchange_plans(
+    experts_by_device: Mapping[str, Sequence[str]], experts: Sequence[int], together: bool
+) -> tuple[list[dict[str, list[str]]], list[dict[str, list[str]]]]:
+    """The exchanges :func:`profile_exchanges` times, as device -> uids: each device alone with
+    ``e`` of its experts for every ``e`` in ``experts`` (as many as it holds); and, with
+    ``together``, the plans with several devices (neighbours two at a time with more than two
+    devices, then every device at once; one expert each)."""
+    plans: list[dict[str, list[str]]] = []
+    shared: list[dict[str, list[str]]] = []  # the plans with several devices
+    for e in experts:
+        for d, uids in experts_by_device.items():
+            if len(uids) >= e:
+                plans.append({d: list(uids[:e])})
+    if together and len(experts_by_device) > 1:
+        devs = [d for d, uids in experts_by_device.items() if uids]
+        if len(devs) > 2:  # neighbours two at a time: the usual decode step's exchange
+            shared += [
+                {d: list(experts_by_device[d][:1]) for d in devs[i : i + 2]}
+                for i in range(len(devs) - 1)
+            ]
+        shared.append({d: list(experts_by_device[d][:1]) for d in devs})
+    return plans, shared
+
+
+def timed_exchange(
+    backend: Any, lid: int, inputs: dict[str, Any], plan: Mapping[str, Any], lost: set[str]
+) -> tuple[Any, float]:
+    """One exchange through ``backend.run_layer`` and its wall time in ms, tried again up to
+    :data:`RETRIES` times after its devices are up again; the devices still failing after
+    that are added to ``lost``."""
+    from models.backend import LayerWork
+
+    for attempt in range(RETRIES + 1):
+        t0 = time.perf_counter()
+        res = backend.run_layer(LayerWork(-1, lid, inputs))
+        layer_ms = (time.perf_counter() - t0) * 1e3
+        if not res.failed:
+            break
+        if attempt == RETRIES:
+            lost.update(d for d, uids in plan.items() if any(u in res.failed for u in uids))
+            break
+        # a connection renewed after the last trial's slow links, or a device in its
+        # back-off: wait until every device of the plan is up again, then retry
+        _wait_up(backend, plan, RETRY_WAIT_S)
+    return res, layer_ms
+
+
+def exchange_samples(
+    calls: Iterable[Mapping[str, Any]], exchange: Mapping[str, Any], layer_ms: float
+) -> list[dict[str, Any]]:
+    """One sample per request of an exchange from its call rows (``LayerResult.info["calls"]``):
+    ``exchange``'s ``tokens``, ``repeat``, ``layer`` and ``devices``, the request's experts
+    and rows, the agent's compute summed over them, the request's timings, ``layer_ms``."""
+    rows: dict[Any, dict[str, Any]] = {}
+    for c in calls:
+        k = c.get("req_id")
+        row = rows.setdefault(
+            k,
+            {
+                "device": c["device"],
+                "expert": [],
+                "experts": 0,
+                "tokens": exchange["tokens"],
+                "rows": 0,
+                "repeat": exchange["repeat"],
+                "layer": exchange["layer"],
+                "devices": exchange["devices"],
+                "compute_ms": 0.0,
+                "device_ms": c.get("device_ms"),
+                "rtt_ms": c.get("rtt_ms"),
+                "serialize_ms": c.get("serialize_ms"),
+                "layer_ms": layer_ms,
+            },
+        )
+        row["expert"].append(c["uid"])
+        row["experts"] += 1
+        row["rows"] += int(c["tokens"])
+        row["compute_ms"] += float(c.get("compute_ms") or 0.0)
+    for row in rows.values():
+        row["expert"] = " ".join(row["expert"])
+    return list(rows.values())

@@ -21,7 +21,6 @@ ALLOWED: dict[str, int] = {
     "models/split.py::plan_experts": 88,
     "models/split.py::split_checkpoint": 114,
     "recipes/wdmoe.py::_WDMoEBase": 352,
-    "testbed/dataplane/profiling.py::profile_exchanges": 111,
 }
 
 
