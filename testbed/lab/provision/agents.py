@@ -173,11 +173,13 @@ def start_agent(
 
 
 def agent_view(runner: Runner, device: Device) -> tuple[Layout, DeviceFacts]:
+    """The device's workdir layout and facts (one device check)."""
     facts = read_facts(runner, device)
     return Layout(facts.workdir), facts
 
 
 def agent_running(facts: DeviceFacts, lay: Layout) -> bool:
+    """True if the device's pid file names a process that is our agent."""
     return facts.pid is not None and agent_is_ours(facts.cmdline, lay)
 
 

@@ -49,6 +49,7 @@ class DeviceFacts:
 
 
 def json_or_none(text: Any) -> Any:
+    """The JSON object in ``text`` (a file read on the device), or None. Pure."""
     if not isinstance(text, str) or not text.strip():
         return None
     try:
@@ -126,6 +127,7 @@ def import_name(dist: str) -> str:
 
 
 def read_facts(runner: Runner, device: Device) -> DeviceFacts:
+    """Run the device check with the device's python; raises ProvisionError if it cannot."""
     spec = {"reuse": [[p, import_name(p)] for p in device.reuse_packages]}
     res = runner.run(
         [device.python, "-c", FACTS_PY, device.workdir, json.dumps(spec)], timeout_s=60, check=False

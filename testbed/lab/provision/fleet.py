@@ -40,6 +40,7 @@ class DeviceReport:
 
 
 def failed_report(device: str, exc: BaseException, t0: float) -> DeviceReport:
+    """The report row of a device whose work raised ``exc`` (a one-line error, its exit code)."""
     if isinstance(exc, HostUnreachable):
         msg = exc.reason
     elif isinstance(exc, CommandFailed):

@@ -82,14 +82,15 @@ def install_key(
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-# -- controller-side wheels ---------------------------------------------------------------
 def cache_dir() -> Path:
+    """Where the controller keeps the wheels it built or downloaded."""
     from ..modelstore import cache_root
 
     return cache_root() / "wheels"
 
 
 def sha256_file(path: Path) -> str:
+    """sha256 of a local file (hex)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -238,6 +239,7 @@ class DepWheels:
         self.got: dict[str, list[Path]] = {}
 
     def get(self, facts: DeviceFacts, packages: Sequence[str]) -> list[Path]:
+        """The wheels of ``packages`` for the device's platform and Python."""
         if not packages:
             return []
         if self.wheelhouse is not None:
