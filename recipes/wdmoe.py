@@ -97,7 +97,9 @@ _CHANNEL_KEYS = tuple(
 class _Step:
     """Everything one decision needs (built once per :meth:`_WDMoEBase.select`): the tokens'
     arrays in numpy, the devices' values as lists (a handful of devices: plain floats cost
-    less than numpy's calls), and what is computed more than once (the equal split's rates)."""
+    less than numpy's calls), and what is computed more than once (the equal split's rates);
+    with the latency model on them: device loads, ``t_k`` at given rates, bandwidth splits,
+    WLR and the rates a decision enforces."""
 
     probs: np.ndarray  # [N, E] router probabilities (float64)
     valid: np.ndarray  # [N] bool
@@ -115,6 +117,89 @@ class _Step:
     idle_share: bool = False  # the allocation covers a whole epoch of several layers
     cell: CellEpoch | None = None  # the devices' channel in this epoch (None: links fixed)
     equal_bps: tuple[list[float], list[float]] | None = None  # rates at B_total / D, once made
+
+    def loads(self, keep: np.ndarray) -> list[int]:
+        """Token-rows per device of the kept slots."""
+        return np.bincount(self.slot_dev[keep], minlength=len(self.devices)).tolist()
+
+    def min_max(self, want: list[float] | list[int]) -> list[float]:
+        """Min–max bandwidth for the token-rows ``want`` at the channel's rates
+        (:meth:`testbed.net.channel.ChannelModel.min_max_bandwidth`, through
+        :meth:`testbed.net.channel.CellEpoch.min_max`)."""
+        assert self.cell is not None
+        bits = [8.0 * self.bytes_per_token * w for w in want]
+        fixed = [a + b * w for a, b, w in zip(self.a_ms, self.b_ms, want)]
+        return self.cell.min_max(bits, bits, fixed)
+
+    def equal_rates(self) -> tuple[list[float], list[float]]:
+        """The channel's (down, up) rates (bit/s) of the equal split ``B_total / D``, in the
+        cell of ``self.total_hz`` (made once per decision)."""
+        if self.equal_bps is None:
+            assert self.cell is not None
+            self.equal_bps = self.cell.rates(
+                [self.total_hz / len(self.devices)] * len(self.devices)
+            )
+        return self.equal_bps
+
+    def fixed_ms(self, loads: list[int]) -> list[float]:
+        """``t_k`` at the enforced rates ``self.fixed_bps``."""
+        assert self.fixed_bps is not None
+        return self.ms_at(loads, *self.fixed_bps)
+
+    def ms_at(self, loads: list[int], down: list[float], up: list[float]) -> list[float]:
+        """``t_k`` (ms) at the rates ``down``, ``up`` (bit/s): the latency model at given
+        rates (``inf`` where tokens meet no rate, 0 where there are no tokens)."""
+        s8 = 8.0 * self.bytes_per_token
+        out = []
+        for n, r_d, r_u, a, b in zip(loads, down, up, self.a_ms, self.b_ms):
+            if n > 0:
+                bits = s8 * n
+                out.append(
+                    1e3
+                    * (
+                        (bits / r_d if r_d != 0 else math.inf)
+                        + (bits / r_u if r_u != 0 else math.inf)
+                    )
+                    + a
+                    + b * n
+                )
+            else:
+                out.append(0.0)
+        return out
+
+    def unit_ms(self, alloc: _Alloc) -> list[float]:
+        """Latency of one token on each device under ``alloc`` (an equal share where it has
+        no bandwidth; the enforced rates when the links are fixed)."""
+        ones = [1] * len(self.devices)
+        if self.fixed_bps is not None:
+            return self.fixed_ms(ones)
+        # a device's rates depend on its own bandwidth alone: those of the allocation where it
+        # gives some, of the equal split elsewhere
+        assert alloc.down_bps is not None and alloc.up_bps is not None
+        eq_down, eq_up = self.equal_rates()
+        on = [b > 0 for b in alloc.bandwidth_hz]
+        down = [r if o else e for o, r, e in zip(on, alloc.down_bps, eq_down)]
+        up = [r if o else e for o, r, e in zip(on, alloc.up_bps, eq_up)]
+        return self.ms_at(ones, down, up)
+
+    def wlr(self, keep: np.ndarray, layer_ms: float) -> float:
+        """Mean kept gate mass per valid token, per ms of predicted layer time [R]."""
+        if self.n_valid == 0 or layer_ms <= 0:
+            return 0.0
+        return float((self.gate * keep).sum()) / self.n_valid / layer_ms
+
+    def link_rates(self, alloc: _Alloc) -> dict[str, tuple[float, float, float]]:
+        """Per device with bandwidth: (harmonic-mean kbit/s, down kbit/s, up kbit/s) (the
+        harmonic mean: the one rate both ways giving the same down + up time)."""
+        if alloc.down_bps is None or alloc.up_bps is None:
+            return {}
+        out = {}
+        for d, b, r_d, r_u in zip(self.devices, alloc.bandwidth_hz, alloc.down_bps, alloc.up_bps):
+            if b > 0:
+                down, up = r_d / 1e3, r_u / 1e3
+                both = 2.0 / (1.0 / down + 1.0 / up) if down > 0 and up > 0 else 0.0
+                out[d] = (both, down, up)
+        return out
 
 
 @dataclass(frozen=True)
@@ -219,7 +304,7 @@ class _WDMoEBase(Policy):
         st = self._prepare(ctx, cluster)
         keep, alloc, extra = self._decide(st)
         sel = self._selection(ctx, st, keep)
-        rates = self._rates(st, alloc)
+        rates = st.link_rates(alloc)
         self._record(ctx, st, keep, alloc, rates, extra)
         self.epoch += 1
         return Decision(
@@ -330,13 +415,9 @@ class _WDMoEBase(Policy):
             self._channel_model = ChannelModel(devices, self.seed, **self.channel)
         return self._channel_model
 
-    @staticmethod
-    def _loads(st: _Step, keep: np.ndarray) -> list[int]:
-        return np.bincount(st.slot_dev[keep], minlength=len(st.devices)).tolist()
-
     def _allocate(self, st: _Step, loads: list[int], how: str | None = None) -> _Alloc:
         """Bandwidth for fixed loads: ``"equal"`` (B_total / D to every device) or
-        ``"min-max"`` (:meth:`_min_max`).
+        ``"min-max"`` (:meth:`_Step.min_max`).
 
         When the links are fixed (mid-epoch) nothing is allocated: the device latencies are
         those at the enforced rates. When the allocation covers an epoch of several layers, it
@@ -344,7 +425,7 @@ class _WDMoEBase(Policy):
         placement spreads the experts [R]: the later layers of the epoch are not known yet,
         and a device idle now must keep a share of the budget for them."""
         if st.fixed_bps is not None:
-            dev = self._fixed_ms(st, loads)
+            dev = st.fixed_ms(loads)
             return _Alloc(loads, [0.0] * len(st.devices), dev, self.bs_ms + _max(dev))
         assert st.cell is not None
         if (how or self.allocation) == "min-max":
@@ -353,82 +434,13 @@ class _WDMoEBase(Policy):
                 held = np.bincount(st.expert_dev, minlength=len(st.devices)).tolist()
                 rows, n_exp = st.n_valid * st.ids.shape[1], len(st.expert_dev)
                 want = [n + rows * h / n_exp for n, h in zip(loads, held)]
-            bw = self._min_max(st, want)
+            bw = st.min_max(want)
             down, up = st.cell.rates(bw)
         else:
             bw = [st.total_hz / len(st.devices)] * len(st.devices)
-            down, up = self._equal_bps(st)
-        dev = self._ms_at(st, loads, down, up)
+            down, up = st.equal_rates()
+        dev = st.ms_at(loads, down, up)
         return _Alloc(loads, bw, dev, self.bs_ms + _max(dev), down, up)
-
-    @staticmethod
-    def _min_max(st: _Step, want: list[float] | list[int]) -> list[float]:
-        """Min–max bandwidth for the token-rows ``want`` at the channel's rates
-        (:meth:`testbed.net.channel.ChannelModel.min_max_bandwidth`, through
-        :meth:`testbed.net.channel.CellEpoch.min_max`)."""
-        assert st.cell is not None
-        bits = [8.0 * st.bytes_per_token * w for w in want]
-        fixed = [a + b * w for a, b, w in zip(st.a_ms, st.b_ms, want)]
-        return st.cell.min_max(bits, bits, fixed)
-
-    @staticmethod
-    def _equal_bps(st: _Step) -> tuple[list[float], list[float]]:
-        """The channel's (down, up) rates (bit/s) of the equal split ``B_total / D``, in the
-        cell of ``st.total_hz`` (made once per decision)."""
-        if st.equal_bps is None:
-            assert st.cell is not None
-            st.equal_bps = st.cell.rates([st.total_hz / len(st.devices)] * len(st.devices))
-        return st.equal_bps
-
-    @classmethod
-    def _fixed_ms(cls, st: _Step, loads: list[int]) -> list[float]:
-        """``t_k`` at the enforced rates ``st.fixed_bps``."""
-        assert st.fixed_bps is not None
-        return cls._ms_at(st, loads, *st.fixed_bps)
-
-    @staticmethod
-    def _ms_at(st: _Step, loads: list[int], down: list[float], up: list[float]) -> list[float]:
-        """``t_k`` (ms) at the rates ``down``, ``up`` (bit/s): the latency model at given
-        rates (``inf`` where tokens meet no rate, 0 where there are no tokens)."""
-        s8 = 8.0 * st.bytes_per_token
-        out = []
-        for n, r_d, r_u, a, b in zip(loads, down, up, st.a_ms, st.b_ms):
-            if n > 0:
-                bits = s8 * n
-                out.append(
-                    1e3
-                    * (
-                        (bits / r_d if r_d != 0 else math.inf)
-                        + (bits / r_u if r_u != 0 else math.inf)
-                    )
-                    + a
-                    + b * n
-                )
-            else:
-                out.append(0.0)
-        return out
-
-    def _unit_ms(self, st: _Step, alloc: _Alloc) -> list[float]:
-        """Latency of one token on each device under ``alloc`` (an equal share where it has
-        no bandwidth; the enforced rates when the links are fixed)."""
-        ones = [1] * len(st.devices)
-        if st.fixed_bps is not None:
-            return self._fixed_ms(st, ones)
-        # a device's rates depend on its own bandwidth alone: those of the allocation where it
-        # gives some, of the equal split elsewhere
-        assert alloc.down_bps is not None and alloc.up_bps is not None
-        eq_down, eq_up = self._equal_bps(st)
-        on = [b > 0 for b in alloc.bandwidth_hz]
-        down = [r if o else e for o, r, e in zip(on, alloc.down_bps, eq_down)]
-        up = [r if o else e for o, r, e in zip(on, alloc.up_bps, eq_up)]
-        return self._ms_at(st, ones, down, up)
-
-    @staticmethod
-    def _wlr(st: _Step, keep: np.ndarray, layer_ms: float) -> float:
-        """Mean kept gate mass per valid token, per ms of predicted layer time [R]."""
-        if st.n_valid == 0 or layer_ms <= 0:
-            return 0.0
-        return float((st.gate * keep).sum()) / st.n_valid / layer_ms
 
     def _selection(self, ctx: RoutingContext, st: _Step, keep: np.ndarray) -> Selection:
         ids = np.where(keep, st.ids, -1)
@@ -442,20 +454,6 @@ class _WDMoEBase(Policy):
         return Selection(
             torch.from_numpy(ids).to(dev), torch.from_numpy(w.astype(np.float32)).to(dev)
         )
-
-    @staticmethod
-    def _rates(st: _Step, alloc: _Alloc) -> dict[str, tuple[float, float, float]]:
-        """Per device with bandwidth: (harmonic-mean kbit/s, down kbit/s, up kbit/s) (the
-        harmonic mean: the one rate both ways giving the same down + up time)."""
-        if alloc.down_bps is None or alloc.up_bps is None:
-            return {}
-        out = {}
-        for d, b, r_d, r_u in zip(st.devices, alloc.bandwidth_hz, alloc.down_bps, alloc.up_bps):
-            if b > 0:
-                down, up = r_d / 1e3, r_u / 1e3
-                both = 2.0 / (1.0 / down + 1.0 / up) if down > 0 and up > 0 else 0.0
-                out[d] = (both, down, up)
-        return out
 
     def _record(
         self,
@@ -545,14 +543,14 @@ class WDMoE(_WDMoEBase):
         cache: dict[tuple[int, ...], _Alloc] = {}
 
         def alloc_for(kp: np.ndarray) -> _Alloc:
-            loads = self._loads(st, kp)
+            loads = st.loads(kp)
             key = tuple(loads)
             if key not in cache:
                 cache[key] = self._allocate(st, loads)
             return cache[key]
 
         alloc = alloc_for(keep)
-        wlr = wlr0 = self._wlr(st, keep, alloc.layer_ms)
+        wlr = wlr0 = st.wlr(keep, alloc.layer_ms)
         t0 = alloc.layer_ms
         rounds, thetas = 0, []
         if self.prune and n and st.n_valid:
@@ -565,7 +563,7 @@ class WDMoE(_WDMoEBase):
                 if not can.any():
                     break
                 # per-expert latency of one token at the device's current bandwidth
-                t_exp = np.array(self._unit_ms(st, alloc))[st.expert_dev]
+                t_exp = np.array(st.unit_ms(alloc))[st.expert_dev]
                 norm_t = math.sqrt(float(t_exp.dot(t_exp)))  # np.linalg.norm's
                 cos = (st.probs @ t_exp) / (norm_p * norm_t + 1e-300)
                 # the thresholds grow, so a token is pruned from the first one its cosine
@@ -579,7 +577,7 @@ class WDMoE(_WDMoEBase):
                     kp = keep.copy()
                     kp[rows[prune], count[prune] - 1] = False
                     al = alloc_for(kp)
-                    w = self._wlr(st, kp, al.layer_ms)
+                    w = st.wlr(kp, al.layer_ms)
                     if w >= self.gamma * wlr:
                         accepted = (kp, al, w, float(theta))
                         break
@@ -646,7 +644,7 @@ class WDMoE(_WDMoEBase):
                 can = [c > 1 for c in count]
                 if not any(can):
                     break
-                t_exp = np.array(self._unit_ms(st, alloc))[st.expert_dev]
+                t_exp = np.array(st.unit_ms(alloc))[st.expert_dev]
                 norm_t = math.sqrt(float(t_exp.dot(t_exp)))
                 cos = ((st.probs @ t_exp) / (norm_p * norm_t + 1e-300)).tolist()
                 # np.searchsorted(bounds, cos, "left"), where nan sorts last
@@ -734,22 +732,22 @@ class WDMoEConference(_WDMoEBase):
     def _decide(self, st: _Step) -> tuple[np.ndarray, _Alloc, dict[str, Any]]:
         n, k = st.ids.shape
         keep = np.repeat(st.valid[:, None], k, axis=1)
-        alloc0 = self._allocate(st, self._loads(st, keep))
-        wlr0 = self._wlr(st, keep, alloc0.layer_ms)
+        alloc0 = self._allocate(st, st.loads(keep))
+        wlr0 = st.wlr(keep, alloc0.layer_ms)
         if k > 1 and n:
             with np.errstate(divide="ignore", invalid="ignore"):  # padding rows: 0/0
                 w = st.gate / np.array(alloc0.device_ms)[st.slot_dev]
                 w1, wj = w[:, :1], w[:, 1:]
                 score = wj / w1 if self.variant == "ratio" else wj / (w1 + wj)
             keep[:, 1:] &= ~(score < self.theta)
-            alloc = self._allocate(st, self._loads(st, keep))
+            alloc = self._allocate(st, st.loads(keep))
         else:
             alloc = alloc0
         return (
             keep,
             alloc,
             {
-                "wlr": self._wlr(st, keep, alloc.layer_ms),
+                "wlr": st.wlr(keep, alloc.layer_ms),
                 "wlr_topk": wlr0,
                 "predicted_topk_ms": alloc0.layer_ms,
             },
