@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.table import Table
 
 from ..errors import HostUnreachable
 from ..lab.inventory import load_inventory
-from .output import Format, FormatOpt, InvArg, console, emit, err_console
+from .output import Format, FormatOpt, InvArg, console, emit, err_console, table
 
 # paramiko logs a failed handshake's traceback from its transport thread; the reason is
 # already in the per-device error line
@@ -74,26 +73,12 @@ def provision_cmd(
     )
     rows = [r.to_dict() for r in reports]
     wall = time.monotonic() - t0
-    t = Table(
-        title=f"provision {inventory}: {sum(r['ok'] for r in rows)}/{len(rows)} "
-        f"devices ok in {wall:.1f} s"
+    t = table(
+        f"provision {inventory}: {sum(r['ok'] for r in rows)}/{len(rows)} "
+        f"devices ok in {wall:.1f} s",
+        ("device", "status", "what changed / why it failed", "agent", "s"),
+        map(_provision_cells, rows),
     )
-    for c in ("device", "status", "what changed / why it failed", "agent", "s"):
-        t.add_column(c)
-    for r in rows:
-        if not r["ok"]:
-            status, what = "[red]failed[/red]", r["error"]
-        elif r["changed"]:
-            status, what = "[yellow]changed[/yellow]", "; ".join(r["changed"])
-        else:
-            status, what = "[green]ok[/green]", "nothing changed"
-        t.add_row(
-            r["device"],
-            status,
-            what,
-            f"pid {r['pid']} {r['endpoint']}" if r["ok"] else "-",
-            f"{r['seconds']:.1f}",
-        )
     emit(
         fmt,
         {
@@ -107,6 +92,18 @@ def provision_cmd(
     _fail(rows)
 
 
+def _provision_cells(r: dict[str, Any]) -> tuple[str, ...]:
+    """One device's row of the provision table."""
+    if not r["ok"]:
+        status, what = "[red]failed[/red]", r["error"]
+    elif r["changed"]:
+        status, what = "[yellow]changed[/yellow]", "; ".join(r["changed"])
+    else:
+        status, what = "[green]ok[/green]", "nothing changed"
+    agent = f"pid {r['pid']} {r['endpoint']}" if r["ok"] else "-"
+    return (r["device"], status, what, agent, f"{r['seconds']:.1f}")
+
+
 @agents_app.command("status")
 def agents_status_cmd(
     inventory: Path = InvArg,
@@ -118,23 +115,25 @@ def agents_status_cmd(
 
     inv = load_inventory(inventory)
     rows = agents_status(inv, connect_timeout_s=timeout)
-    t = Table(title=f"agents of {inventory}")
-    for c in ("device", "state", "pid", "endpoint", "ping ms", "experts", "installed"):
-        t.add_column(c)
-    colour = {"running": "green", "stopped": "yellow"}
-    for r in rows:
-        st = r["state"]
-        t.add_row(
-            r["device"],
-            f"[{colour.get(st, 'red')}]{st}[/]" + (f" ({r['error']})" if r.get("error") else ""),
-            str(r["pid"] or "-"),
-            r["endpoint"] or "-",
-            "-" if r["rtt_ms"] is None else f"{r['rtt_ms']:.2f}",
-            "-" if r["experts"] is None else str(r["experts"]),
-            r["installed"] or "-",
-        )
+    columns = ("device", "state", "pid", "endpoint", "ping ms", "experts", "installed")
+    t = table(f"agents of {inventory}", columns, map(_status_cells, rows))
     emit(fmt, rows, t)
     _fail(rows)
+
+
+def _status_cells(r: dict[str, Any]) -> tuple[str, ...]:
+    """One device's row of the agents status table."""
+    st = r["state"]
+    colour = {"running": "green", "stopped": "yellow"}.get(st, "red")
+    return (
+        r["device"],
+        f"[{colour}]{st}[/]" + (f" ({r['error']})" if r.get("error") else ""),
+        str(r["pid"] or "-"),
+        r["endpoint"] or "-",
+        "-" if r["rtt_ms"] is None else f"{r['rtt_ms']:.2f}",
+        "-" if r["experts"] is None else str(r["experts"]),
+        r["installed"] or "-",
+    )
 
 
 @agents_app.command("stop")
@@ -149,16 +148,15 @@ def agents_stop_cmd(
 
     inv = load_inventory(inventory)
     rows = agents_stop(inv, connect_timeout_s=timeout, grace_s=grace)
-    t = Table(title=f"agents of {inventory} stopped")
-    for c in ("device", "result", "pid"):
-        t.add_column(c)
-    for r in rows:
-        t.add_row(
+    cells = (
+        (
             r["device"],
             r["result"] if r["ok"] else f"[red]failed[/red] ({r['error']})",
             str(r["pid"] or "-"),
         )
-    emit(fmt, rows, t)
+        for r in rows
+    )
+    emit(fmt, rows, table(f"agents of {inventory} stopped", ("device", "result", "pid"), cells))
     _fail(rows)
 
 

@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.table import Table
 
 from ..errors import HostUnreachable, TestbedError
 from ..lab.inventory import Inventory, bs_runner_for, load_inventory, ssh_runner_for
-from .output import Format, FormatOpt, InvArg, emit, err_console
+from .output import Format, FormatOpt, InvArg, emit, err_console, table
 
 inventory_app = typer.Typer(
     help="Validate inventories and probe their hosts.", no_args_is_help=True
@@ -65,17 +64,21 @@ def inventory_check(
     """Validate an inventory, then probe every host over SSH in parallel."""
     inv = load_inventory(inventory)
     rows = [] if no_probe else probe_hosts(inv, timeout)
-    t = Table(title=f"{inventory}: {len(inv.devices)} devices, file ok")
-    for c in ("host", "address", "status", "detail", "s"):
-        t.add_column(c)
-    for r in rows:
-        t.add_row(
+    cells = (
+        (
             r["name"],
             r["host"],
             "[green]ok[/green]" if r["ok"] else "[red]failed[/red]",
             r["detail"],
             f"{r['seconds']:.2f}",
         )
+        for r in rows
+    )
+    t = table(
+        f"{inventory}: {len(inv.devices)} devices, file ok",
+        ("host", "address", "status", "detail", "s"),
+        cells,
+    )
     emit(fmt, {"inventory": inv.to_dict(), "hosts": rows, "ok": all(r["ok"] for r in rows)}, t)
     failed = [r for r in rows if not r["ok"]]
     if failed:

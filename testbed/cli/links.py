@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -11,7 +12,7 @@ from rich.table import Table
 from ..errors import ConfigError
 from ..lab.inventory import Inventory, bs_runner_for, load_inventory
 from ..units import parse_percent, parse_rate_kbit, parse_time_ms
-from .output import Format, FormatOpt, InvArg, emit, err_console
+from .output import Format, FormatOpt, InvArg, emit, err_console, table
 
 links_app = typer.Typer(
     help="Shape, show, clear and verify the BS⇄device links (tc).", no_args_is_help=True
@@ -89,21 +90,22 @@ def links_set(
     )
 
 
+LINK_COLUMNS = (
+    "device",
+    "address",
+    "down kbit/s",
+    "down leaf",
+    "up kbit/s",
+    "up leaf",
+    "down sent B",
+    "up sent B",
+)
+
+
 def _links_table(states: list, title: str) -> Table:
-    t = Table(title=title)
-    for c in (
-        "device",
-        "address",
-        "down kbit/s",
-        "down leaf",
-        "up kbit/s",
-        "up leaf",
-        "down sent B",
-        "up sent B",
-    ):
-        t.add_column(c)
-    for s in states:
-        t.add_row(
+    """What tc enforces: one row per device."""
+    cells = (
+        (
             s.device,
             s.address,
             _n(s.down_kbit),
@@ -113,7 +115,9 @@ def _links_table(states: list, title: str) -> Table:
             str(s.down_sent_bytes),
             str(s.up_sent_bytes),
         )
-    return t
+        for s in states
+    )
+    return table(title, LINK_COLUMNS, cells)
 
 
 def _n(x: float | None) -> str:
@@ -231,40 +235,52 @@ def links_verify(
             raise ConfigError("--repeats must be >= 1 and --idle >= 0")
         info, msgs = verify_airtime(inv, repeats=repeats, idle_s=idle, devices=device)
         summary = summarize_airtime(msgs)
-        t = Table(
-            title=f"lone messages after {idle:g} s idle: (delivery - 1-byte RTT) / "
-            f"airtime; shaping {info['mode']} (bucket {info['bucket_bytes']} B"
-            + (
-                f" + {info['bucket_slack_us']} us of the rate"
-                if info.get("bucket_slack_us")
-                else ""
-            )
-            + f", offloads {info['offloads_summary']})"
-        )
-        for c in ("device", "direction", "kbit/s", "bytes", "ratio per repeat", "median", "RTT ms"):
-            t.add_column(c)
-        for r in summary:
-            t.add_row(
-                str(r["device"]),
-                str(r["direction"]),
-                _n(r["configured_kbit"]),
-                str(r["bytes"]),
-                " ".join(f"{x:.2f}" for x in r["ratios"]),
-                "-" if r["ratio_median"] is None else f"{r['ratio_median']:.2f}",
-                f"{r['rtt_ms_median']:.3f}",
-            )
+        t = _airtime_table(idle, info, summary)
         emit(fmt, {"shaping": info, "summary": summary, "messages": [m.to_dict() for m in msgs]}, t)
         return
     rows = verify(inv, seconds, device)
-    t = Table(title=f"receiver-measured goodput ({seconds:g} s per direction)")
-    for c in ("device", "direction", "configured kbit/s", "measured kbit/s", "ratio"):
-        t.add_column(c)
-    for g in rows:
-        t.add_row(
+    emit(fmt, [g.to_dict() for g in rows], _goodput_table(seconds, rows))
+
+
+def _airtime_table(idle: float, info: dict[str, Any], summary: list[dict[str, Any]]) -> Table:
+    """``links verify --airtime``: per device, direction and size, the share of its airtime a
+    lone message was charged."""
+    title = (
+        f"lone messages after {idle:g} s idle: (delivery - 1-byte RTT) / "
+        f"airtime; shaping {info['mode']} (bucket {info['bucket_bytes']} B"
+        + (f" + {info['bucket_slack_us']} us of the rate" if info.get("bucket_slack_us") else "")
+        + f", offloads {info['offloads_summary']})"
+    )
+    cells = (
+        (
+            str(r["device"]),
+            str(r["direction"]),
+            _n(r["configured_kbit"]),
+            str(r["bytes"]),
+            " ".join(f"{x:.2f}" for x in r["ratios"]),
+            "-" if r["ratio_median"] is None else f"{r['ratio_median']:.2f}",
+            f"{r['rtt_ms_median']:.3f}",
+        )
+        for r in summary
+    )
+    columns = ("device", "direction", "kbit/s", "bytes", "ratio per repeat", "median", "RTT ms")
+    return table(title, columns, cells)
+
+
+def _goodput_table(seconds: float, rows: list) -> Table:
+    """``links verify``: the receiver-measured goodput per device and direction."""
+    cells = (
+        (
             g.device,
             g.direction,
             _n(g.configured_kbit),
             f"{g.measured_kbit:.0f}",
             "-" if g.ratio is None else f"{g.ratio:.1%}",
         )
-    emit(fmt, [g.to_dict() for g in rows], t)
+        for g in rows
+    )
+    return table(
+        f"receiver-measured goodput ({seconds:g} s per direction)",
+        ("device", "direction", "configured kbit/s", "measured kbit/s", "ratio"),
+        cells,
+    )

@@ -6,12 +6,11 @@ import time
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
 from ..errors import ConfigError
 from ..lab import local as local_tb
 from ..units import parse_rate_kbit
-from .output import Format, FormatOpt, NameOpt, emit, err_console
+from .output import Format, FormatOpt, NameOpt, emit, err_console, table
 
 local_app = typer.Typer(
     help="The local testbed: devices as network namespaces with sshd.", no_args_is_help=True
@@ -46,13 +45,11 @@ def local_up(
     rate_kbit = _rate("--rate", rate)
     say = (lambda m: err_console.print(f"[dim]{m}[/dim]")) if fmt == Format.table else None
     res = local_tb.up(name, devices, rate_kbit, inventory_out, memory_budget_mb, say)
-    t = Table(
-        title=f"local testbed {name} up in {res['elapsed_s']:.2f} s (inventory: {res['inventory']})"
+    t = table(
+        f"local testbed {name} up in {res['elapsed_s']:.2f} s (inventory: {res['inventory']})",
+        ("device", "address", "netns", "rate each way"),
+        ((d["name"], d["host"], d["netns"], rate) for d in res["devices"]),
     )
-    for c in ("device", "address", "netns", "rate each way"):
-        t.add_column(c)
-    for d in res["devices"]:
-        t.add_row(d["name"], d["host"], d["netns"], rate)
     emit(fmt, res, t)
 
 
@@ -78,11 +75,8 @@ def local_down(name: str = NameOpt, fmt: Format = FormatOpt) -> None:
 def local_status(name: str = NameOpt, fmt: Format = FormatOpt) -> None:
     """Show a local testbed's devices, sshds and link rates."""
     res = local_tb.status(name)
-    t = Table(title=f"local testbed {name}: {res['status']} ({res['subnet']})")
-    for c in ("device", "address", "netns", "sshd pid", "down kbit/s", "up kbit/s"):
-        t.add_column(c)
-    for d in res["devices"]:
-        t.add_row(
+    cells = (
+        (
             d["name"],
             d["address"],
             d["netns"] + ("" if d["netns_present"] else " (missing)"),
@@ -90,4 +84,11 @@ def local_status(name: str = NameOpt, fmt: Format = FormatOpt) -> None:
             str(d.get("down_kbit") or "-"),
             str(d.get("up_kbit") or "-"),
         )
+        for d in res["devices"]
+    )
+    t = table(
+        f"local testbed {name}: {res['status']} ({res['subnet']})",
+        ("device", "address", "netns", "sshd pid", "down kbit/s", "up kbit/s"),
+        cells,
+    )
     emit(fmt, res, t)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from enum import Enum
 from typing import Any
 
@@ -70,12 +70,17 @@ def cell(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def records_table(title: str, rows: list[dict[str, Any]]) -> Table:
-    """A table of ``rows`` (dicts), one column per key of the first row."""
+def table(title: str, columns: Iterable[str], rows: Iterable[Sequence[str]]) -> Table:
+    """A rich table: ``title``, one column per name, one row per sequence of cells."""
     t = Table(title=title)
-    cols = list(rows[0]) if rows else ["key", "value"]
-    for c in cols:
+    for c in columns:
         t.add_column(c)
     for r in rows:
-        t.add_row(*[cell(r.get(c)) for c in cols])
+        t.add_row(*r)
     return t
+
+
+def records_table(title: str, rows: list[dict[str, Any]]) -> Table:
+    """A table of ``rows`` (dicts), one column per key of the first row."""
+    cols = list(rows[0]) if rows else ["key", "value"]
+    return table(title, cols, ([cell(r.get(c)) for c in cols] for r in rows))

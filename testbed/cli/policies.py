@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import typer
-from rich.table import Table
 
-from .output import Format, FormatOpt, emit
+from .output import Format, FormatOpt, emit, table
 
 policies_app = typer.Typer(help="Policies: built-in and plug-in.", no_args_is_help=True)
 
@@ -16,12 +15,10 @@ def policies_list(fmt: Format = FormatOpt) -> None:
     from ..policy.loading import ENTRY_POINT_GROUP, available_policies
 
     rows = available_policies()
-    t = Table(
-        title=f"policies (entry-point group {ENTRY_POINT_GROUP}; also "
-        "package.module:Class or path/file.py:Class)"
+    t = table(
+        f"policies (entry-point group {ENTRY_POINT_GROUP}; also "
+        "package.module:Class or path/file.py:Class)",
+        ("name", "class", "what it does"),
+        ((r["name"], r["target"], r["doc"]) for r in rows),
     )
-    for c in ("name", "class", "what it does"):
-        t.add_column(c)
-    for r in rows:
-        t.add_row(r["name"], r["target"], r["doc"])
     emit(fmt, rows, t)

@@ -22,7 +22,7 @@ from rich.table import Table
 from .. import ROOT
 from ..run import session
 from ..run.recipe import Recipe, load_recipe
-from .output import Format, FormatOpt, emit, err_console
+from .output import Format, FormatOpt, emit, err_console, table
 
 PACKAGED_RECIPES = ROOT / "recipes"
 
@@ -78,40 +78,46 @@ class RichProgress(session.Progress):
             self.bar = None
 
 
+SUMMARY_TABLE_COLUMNS = (
+    "trial",
+    "policy",
+    "point",
+    "p50 ms",
+    "p95 ms",
+    "tpot ms",
+    "accuracy",
+    "net share",
+    "failed calls",
+)
+
+
 def _summary_table(res: session.RunResult, mode: str = "") -> Table:
-    t = Table(
-        title=f"{mode + ' ' if mode else ''}run {res.run_id}: {res.status}, "
-        f"{res.requests} requests ({res.run_dir})"
+    """A run's summary: one row per trial."""
+    return table(
+        f"{mode + ' ' if mode else ''}run {res.run_id}: {res.status}, "
+        f"{res.requests} requests ({res.run_dir})",
+        SUMMARY_TABLE_COLUMNS,
+        map(_summary_cells, res.summary),
     )
-    for c in (
-        "trial",
-        "policy",
-        "point",
-        "p50 ms",
-        "p95 ms",
-        "tpot ms",
-        "accuracy",
-        "net share",
-        "failed calls",
-    ):
-        t.add_column(c)
+
+
+def _summary_cells(s: dict[str, Any]) -> tuple[str, ...]:
+    """One trial's row of the summary table."""
 
     def f(v: Any, spec: str) -> str:
         return "-" if v in (None, "") else format(float(v), spec)
 
-    for s in res.summary:
-        t.add_row(
-            str(s["trial"]),
-            s["policy"],
-            s["point"],
-            f(s.get("latency_p50_ms"), ".1f"),
-            f(s.get("latency_p95_ms"), ".1f"),
-            f(s.get("tpot_p50_ms"), ".2f"),
-            f(s.get("accuracy"), ".3f"),
-            f(s.get("network_share"), ".0%"),
-            str(s.get("calls_failed", "")),
-        )
-    return t
+    return (
+        str(s["trial"]),
+        s["policy"],
+        s["point"],
+        f(s.get("latency_p50_ms"), ".1f"),
+        f(s.get("latency_p95_ms"), ".1f"),
+        f(s.get("tpot_p50_ms"), ".2f"),
+        f(s.get("accuracy"), ".3f"),
+        f(s.get("network_share"), ".0%"),
+        str(s.get("calls_failed", "")),
+    )
 
 
 def run_cmd(
