@@ -39,7 +39,8 @@ def report_cmd(
     prediction and time_shares (see testbed.results.comparison), faults and plots (PNG paths).
     """
     from ..results import comparison, deployment, fault_report
-    from ..results.report import build_report, render_table, write_plots
+    from ..results.plots import write_plots
+    from ..results.report import build_report, render_table
 
     rep = build_report(run_dirs)
     versus = comparison.versus_baseline(rep.groups)

@@ -219,7 +219,8 @@ def demo_cmd(
     out_data: dict[str, Any] = {}
     res = _demo_run(rcp, recipe, devices, name, out, say, fmt, out_data)
     say("4/4 report")
-    from ..results.report import build_report, render_table, write_plots
+    from ..results.plots import write_plots
+    from ..results.report import build_report, render_table
 
     rep = build_report([res.run_dir])
     plots = write_plots(rep, res.run_dir / "plots")
