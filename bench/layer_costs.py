@@ -34,7 +34,7 @@ from testbed.lab import local
 from testbed.lab import provision as prov
 from testbed.lab.inventory import bs_runner_for, load_inventory
 from testbed.lab.keys import client_keys
-from testbed.net.links import LinkSpec, parse_htb_classes
+from testbed.net.tc import LinkSpec, parse_htb_classes
 from testbed.net.verify import shaper_for
 from testbed.policy import latency_model as LM
 

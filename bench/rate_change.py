@@ -1,7 +1,7 @@
 """Rate-change benchmark (issue 15, item 2): one decision epoch's rate change, ``tc`` CLI vs
 rtnetlink.
 
-A scratch network namespace gets the testbed's BS tree, built by ``testbed.net.links`` itself in
+A scratch network namespace gets the testbed's BS tree, built by ``testbed.net.tc`` itself in
 ``tbf`` mode: a veth (downlink) and an ifb (uplink, fed by an ingress mirred redirect), each
 with HTB class ``1:(100+i)`` per device and a one-frame TBF leaf ``(100+i):``. Every epoch
 gives all devices new random (down, up) rates; per epoch it times:
@@ -48,11 +48,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from testbed.lab.runner import LocalRunner
-from testbed.net import links
 from testbed.net import netlink as N
+from testbed.net import tc
+from testbed.net.rates import of_root, under_root
+from testbed.net.shaper import TcShaper
 
 TARGET_MS = 0.5
-BUCKET = links.DEFAULT_BUCKET_BYTES
+BUCKET = tc.DEFAULT_BUCKET_BYTES
 IFACE, IFB = "v0", "ifb0"
 
 
@@ -73,47 +75,41 @@ def make_namespace(ns: str, n: int) -> None:
     _run(["ip", "link", "add", IFACE, "type", "veth", "peer", "name", "v1"], ns)
     for dev in (IFACE, "v1", "lo"):
         _run(["ip", "link", "set", dev, "up"], ns)
-    specs = [links.LinkSpec(20000)] * n
-    for argv in links.build_setup_commands(
+    specs = [tc.LinkSpec(20000)] * n
+    for argv in tc.build_setup_commands(
         IFACE, IFB, [_addr(i) for i in range(n)], specs, specs, None, "tbf", BUCKET
     ):
         _run(argv, ns)
 
 
 # -- the methods ------------------------------------------------------------------------------
-def cli_old_set_rates(shaper: links.TcShaper, rates: dict[str, tuple[float, float]]) -> None:
+def cli_old_set_rates(shaper: TcShaper, rates: dict[str, tuple[float, float]]) -> None:
     """TcShaper.set_rates before TBF leaves and netlink: HTB changes + class listings, one
     ``sh -c 'tc -batch -'``, parsed."""
     lines = []
     for dev, (down, up) in rates.items():
         i = shaper.index(dev)
         for d, kbit in ((IFACE, down), (IFB, up)):
-            lines.append(
-                shlex.join(links.build_class_change_command(d, i, links.LinkSpec(kbit))[1:])
-            )
+            lines.append(shlex.join(tc.build_class_change_command(d, i, tc.LinkSpec(kbit))[1:]))
     lines += [f"class show dev {IFACE}", f"qdisc show dev {IFB} root", f"class show dev {IFB}"]
     script = "tc -batch - <<'EOF'\n" + "\n".join(lines) + "\nEOF\n"
     res = shaper.runner.run(["sh", "-c", script], timeout_s=15)
     parts = re.split(r"(?m)^qdisc .*$", res.stdout, maxsplit=1) + [""]
-    got = [{c.classid: c.rate_kbit for c in links.parse_htb_classes(t)} for t in parts[:2]]
+    got = [{c.classid: c.rate_kbit for c in tc.parse_htb_classes(t)} for t in parts[:2]]
     for dev in rates:
-        cid = f"1:{links.class_minor(shaper.index(dev)):x}"
+        cid = f"1:{tc.class_minor(shaper.index(dev)):x}"
         assert cid in got[0] and cid in got[1], f"{cid} missing from tc's listing"
 
 
 def _leaf_argv(dev: str, i: int, kbit: float) -> list[str]:
-    return links.leaf_command(
-        "change", dev, links.class_minor(i), "tbf", links.LinkSpec(kbit), BUCKET, True
-    )
+    return tc.leaf_command("change", dev, tc.class_minor(i), "tbf", tc.LinkSpec(kbit), BUCKET, True)
 
 
 def cli_htb_tbf(rates: dict[int, tuple[float, float]]) -> None:
     lines = []
     for i, (down, up) in rates.items():
         for d, kbit in ((IFACE, down), (IFB, up)):
-            lines.append(
-                shlex.join(links.build_class_change_command(d, i, links.LinkSpec(kbit))[1:])
-            )
+            lines.append(shlex.join(tc.build_class_change_command(d, i, tc.LinkSpec(kbit))[1:]))
             lines.append(shlex.join(_leaf_argv(d, i, kbit)[1:]))
     subprocess.run(
         ["tc", "-batch", "-"],
@@ -125,15 +121,15 @@ def cli_htb_tbf(rates: dict[int, tuple[float, float]]) -> None:
 
 
 def netlink_changes(rates: dict[int, tuple[float, float]]) -> list[N.Change]:
-    """The epoch as netlink changes, straight from the rates (links' class parameters, the
+    """The epoch as netlink changes, straight from the rates (tc.py's class parameters, the
     tree's TBF bucket and limit)."""
     out: list[N.Change] = []
-    limit = links.tbf_limit_bytes(BUCKET)
+    limit = tc.tbf_limit_bytes(BUCKET)
     for i, (down, up) in rates.items():
-        m = links.class_minor(i)
+        m = tc.class_minor(i)
         for dev, kbit in ((IFACE, down), (IFB, up)):
-            r, b = N.rate_bytes(kbit), links.burst_bytes(kbit)
-            out.append(N.HtbClass(dev, 0x10000 | m, 0x10001, r, r, b, b, links.QUANTUM_BYTES))
+            r, b = N.rate_bytes(kbit), tc.burst_bytes(kbit)
+            out.append(N.HtbClass(dev, 0x10000 | m, 0x10001, r, r, b, b, tc.QUANTUM_BYTES))
             out.append(N.TbfQdisc(dev, m << 16, 0x10000 | m, r, BUCKET, limit))
     return out
 
@@ -142,22 +138,22 @@ def netlink_readback(nl: N.TcNetlink, n: int) -> dict[int, tuple[float, float]]:
     """Class dumps of both interfaces and one qdisc dump (all interfaces): every class and
     its TBF leaf must agree."""
     got: list[dict[int, float]] = []
-    qdiscs = nl.qdiscs_of([IFACE, IFB], stats=False, where=links._under_root)
+    qdiscs = nl.qdiscs_of([IFACE, IFB], stats=False, where=under_root)
     for dev in (IFACE, IFB):
         rates = {
             c.handle & 0xFFFF: c.rate_kbit
-            for c in nl.classes(dev, stats=False, where=links._of_root)
+            for c in nl.classes(dev, stats=False, where=of_root)
             if c.kind == "htb"
         }
         leaves = {q.parent & 0xFFFF: q.rate_kbit for q in qdiscs[dev] if q.kind == "tbf"}
         for i in range(n):
-            m = links.class_minor(i)
+            m = tc.class_minor(i)
             if rates.get(m) != leaves.get(m):
                 raise AssertionError(
                     f"{dev} 1:{m:x}: class {rates.get(m)} vs leaf {leaves.get(m)} kbit/s"
                 )
         got.append(rates)
-    return {i: (got[0][links.class_minor(i)], got[1][links.class_minor(i)]) for i in range(n)}
+    return {i: (got[0][tc.class_minor(i)], got[1][tc.class_minor(i)]) for i in range(n)}
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -188,8 +184,8 @@ def bench(ns: str, n: int, epochs: int, seed: int) -> dict[str, dict[str, float]
     times: dict[str, list[float]] = {}
     with N.in_netns(ns):  # this thread (and the processes it starts) work in the namespace
 
-        def shaper(netlink: bool) -> links.TcShaper:
-            s = links.TcShaper(LocalRunner(host="bs"), IFACE, IFB, addrs, names, shaping="tbf")
+        def shaper(netlink: bool) -> TcShaper:
+            s = TcShaper(LocalRunner(host="bs"), IFACE, IFB, addrs, names, shaping="tbf")
             s.netlink = netlink
             return s
 
@@ -209,7 +205,7 @@ def bench(ns: str, n: int, epochs: int, seed: int) -> dict[str, dict[str, float]
             nl.change(netlink_changes(r))
             assert netlink_readback(nl, n) == r
 
-        def via_shaper(s: links.TcShaper, r) -> None:
+        def via_shaper(s: TcShaper, r) -> None:
             assert s.set_rates(by_name(r)) == by_name(r)
 
         methods: dict[str, Callable[[dict[int, tuple[float, float]]], object]] = {

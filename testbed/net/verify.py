@@ -19,7 +19,7 @@ from pathlib import Path
 from ..errors import TestbedError
 from ..lab.inventory import Device, Inventory, bs_runner_for, ssh_runner_for
 from ..lab.runner import Result, Runner
-from .links import TcShaper
+from .shaper import TcShaper
 
 PROBE_SRC = Path(__file__).with_name("netprobe.py")
 
@@ -122,8 +122,8 @@ def shaper_for(inv: Inventory, bs: Runner) -> TcShaper:
     )
 
 
-def _bs_probe(inv: Inventory, bs: Runner) -> tuple[str, str]:
-    """(python, probe path) on the BS."""
+def put_bs_probe(inv: Inventory, bs: Runner) -> tuple[str, str]:
+    """The probe on the BS (copied there unless the BS is this machine): (python, its path)."""
     if inv.bs.local:
         return sys.executable, str(PROBE_SRC)
     path = "/tmp/moe-edge-testbed-netprobe.py"
@@ -284,7 +284,7 @@ def _probes(
     connection per device, open while its directions are measured."""
     targets = [inv.device(n) for n in devices] if devices else list(inv.devices)
     configured = {s.device: s for s in shaper.show()}
-    bs_probe = _bs_probe(inv, bs)
+    bs_probe = put_bs_probe(inv, bs)
     for dev in targets:
         with ssh_runner_for(inv, dev) as remote:
             dev_probe = f"{dev.workdir}/.testbed/netprobe.py"

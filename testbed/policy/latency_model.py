@@ -50,9 +50,9 @@ import numpy as np
 TCPIP_BYTES = 52
 #: Ethernet header: tc charges the frame from the destination MAC on (no FCS, no preamble)
 ETH_BYTES = 14
-#: leaves the model knows (``links.shaping_info()["mode"]``); ``none``: no shaping (airtime 0)
+#: leaves the model knows (``TcShaper.shaping_info()["mode"]``); ``none``: no shaping (airtime 0)
 SHAPING_MODES = ("tbf", "netem", "htb", "none")
-#: HTB class bucket: 2 ms of the rate, at least this (``links.burst_bytes``)
+#: HTB class bucket: 2 ms of the rate, at least this (``testbed.net.tc.burst_bytes``)
 HTB_MIN_BUCKET = 3200
 HTB_BUCKET_MS = 2.0
 
@@ -95,7 +95,7 @@ def free_bytes(
 ) -> float:
     """Bytes a leaf lets through at once after an idle spell (its bucket when full).
 
-    * ``tbf``: ``bucket_bytes + ceil(rate * bucket_slack_us)`` (as ``links.tbf_burst_bytes``
+    * ``tbf``: ``bucket_bytes + ceil(rate * bucket_slack_us)`` (as ``tc.tbf_burst_bytes``
       sets ``burst``: one frame plus the timer slack);
     * ``netem``: 0 (every frame, the first too, waits for its transmission time);
     * ``htb``: the HTB class's bucket, ``max(3200, 2 ms of the rate)`` unless ``bucket_bytes``
@@ -194,7 +194,7 @@ class LayerCostParams:
         :func:`predict_layer_ms` (``device_names`` names them; :meth:`for_devices` reorders).
         Devices beyond the tuple get ``default_device``.
     shaping, bucket_bytes, bucket_slack_us, mtu:
-        The leaf that charges frames (``links.shaping_info()``: ``mode``, ``bucket_bytes``,
+        The leaf that charges frames (``TcShaper.shaping_info()``: ``mode``, ``bucket_bytes``,
         ``bucket_slack_us``) and the interface MTU.
     header_down_bytes, header_down_per_expert_bytes, header_up_bytes,
     header_up_per_expert_bytes:

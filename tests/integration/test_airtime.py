@@ -13,7 +13,7 @@ import pytest
 from testbed.lab.inventory import load_inventory
 from testbed.lab.local import Names
 from testbed.lab.runner import LocalRunner
-from testbed.net.links import LinkSpec, parse_offloads
+from testbed.net.tc import LinkSpec, parse_offloads
 from testbed.net.verify import shaper_for, verify, verify_airtime
 from tests.conftest import needs_testbed, run_cli
 

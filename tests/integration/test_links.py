@@ -10,8 +10,8 @@ import pytest
 from testbed.errors import Unsupported
 from testbed.lab.inventory import bs_runner_for, load_inventory, ssh_runner_for
 from testbed.lab.runner import LocalRunner
-from testbed.net.links import LinkSpec, parse_htb_classes
-from testbed.net.verify import PROBE_SRC, _bs_probe, measure, shaper_for, verify
+from testbed.net.tc import LinkSpec, parse_htb_classes
+from testbed.net.verify import PROBE_SRC, measure, put_bs_probe, shaper_for, verify
 from tests.conftest import needs_testbed
 
 pytestmark = needs_testbed
@@ -102,7 +102,7 @@ def _together(inv, direction: str, seconds: float) -> dict:
     errors: list[BaseException] = []
     with ExitStack() as stack:
         bs = stack.enter_context(bs_runner_for(inv))
-        bs_probe = _bs_probe(inv, bs)
+        bs_probe = put_bs_probe(inv, bs)
         remotes = {}
         for dev in inv.devices:
             remotes[dev.name] = stack.enter_context(ssh_runner_for(inv, dev))

@@ -22,8 +22,10 @@ import pytest
 
 from testbed.errors import CommandFailed
 from testbed.lab.runner import LocalRunner
-from testbed.net import links
 from testbed.net import netlink as N
+from testbed.net import tc
+from testbed.net.shaper import TcShaper
+from testbed.units import format_rate
 from tests.conftest import needs_testbed, unique_name
 
 pytestmark = needs_testbed
@@ -48,7 +50,7 @@ def sh(*argv: str, ns: str | None = None, check: bool = True) -> subprocess.Comp
 
 
 def tree_commands(dev: str, n: int, kbit: float, match: str) -> list[list[str]]:
-    """The testbed's per-device tree: HTB class 1:(100+i) with links' parameters and a TBF
+    """The testbed's per-device tree: HTB class 1:(100+i) with tc.py's parameters and a TBF
     leaf (100+i): holding one MTU, selected by a u32 filter on the device's address."""
     cmds = [
         [
@@ -76,11 +78,11 @@ def tree_commands(dev: str, n: int, kbit: float, match: str) -> list[list[str]]:
             "1:",
             "classid",
             "1:1",
-            *links._htb_params(links.UNLIMITED_KBIT),
+            *tc.htb_params(tc.UNLIMITED_KBIT),
         ],
     ]
     for i in range(n):
-        m = links.class_minor(i)
+        m = tc.class_minor(i)
         cmds += [
             [
                 "tc",
@@ -92,7 +94,7 @@ def tree_commands(dev: str, n: int, kbit: float, match: str) -> list[list[str]]:
                 "1:1",
                 "classid",
                 f"1:{m:x}",
-                *links._htb_params(kbit),
+                *tc.htb_params(kbit),
             ],
             [
                 "tc",
@@ -106,7 +108,7 @@ def tree_commands(dev: str, n: int, kbit: float, match: str) -> list[list[str]]:
                 f"{m:x}:",
                 "tbf",
                 "rate",
-                links.format_rate(kbit),
+                format_rate(kbit),
                 "burst",
                 str(TBF_BURST),
                 "latency",
@@ -192,14 +194,14 @@ def scratch():
 
 
 def epoch(n: int, rates: dict[int, tuple[float, float]]) -> list[N.Change]:
-    """One epoch's messages: HTB class (links' rate/ceil/burst/cburst/quantum) and TBF leaf
+    """One epoch's messages: HTB class (tc.py's rate/ceil/burst/cburst/quantum) and TBF leaf
     of every device, both directions."""
     out: list[N.Change] = []
     for i, (down, up) in rates.items():
-        m = links.class_minor(i)
+        m = tc.class_minor(i)
         for dev, kbit in (("v0", down), ("ifb0", up)):
-            r, b = N.rate_bytes(kbit), links.burst_bytes(kbit)
-            out.append(N.HtbClass(dev, 0x10000 | m, 0x10001, r, r, b, b, links.QUANTUM_BYTES))
+            r, b = N.rate_bytes(kbit), tc.burst_bytes(kbit)
+            out.append(N.HtbClass(dev, 0x10000 | m, 0x10001, r, r, b, b, tc.QUANTUM_BYTES))
             out.append(
                 N.TbfQdisc(
                     dev,
@@ -218,9 +220,9 @@ def tc_qdiscs(ns: str, dev: str) -> list[dict]:
     return json.loads(sh("tc", "-s", "-j", "qdisc", "show", "dev", dev, ns=ns).stdout)
 
 
-def tc_classes(ns: str, dev: str) -> dict[str, links.TcClass]:
+def tc_classes(ns: str, dev: str) -> dict[str, tc.TcClass]:
     text = sh("tc", "-s", "class", "show", "dev", dev, ns=ns).stdout
-    return {c.classid: c for c in links.parse_htb_classes(text) if c.classid.startswith("1:")}
+    return {c.classid: c for c in tc.parse_htb_classes(text) if c.classid.startswith("1:")}
 
 
 def tc_burst_bytes(ns: str, dev: str) -> dict[str, tuple[int, int]]:
@@ -344,13 +346,13 @@ def test_epoch_changes_rates_in_place(scratch):
     assert all(after_class[k] >= v for k, v in before_class.items())
 
     for i, (down, up) in rates.items():
-        m = links.class_minor(i)
+        m = tc.class_minor(i)
         for dev, kbit in (("v0", down), ("ifb0", up)):
             cls = tc_classes(bs, dev)[f"1:{m:x}"]
             assert (cls.rate_kbit, cls.ceil_kbit) == (kbit, kbit), (dev, i)
             assert cls.leaf == f"{m:x}:"
             burst, cburst = tc_burst_bytes(bs, dev)[f"1:{m:x}"]
-            want = links.burst_bytes(kbit)
+            want = tc.burst_bytes(kbit)
             assert want - 2 <= burst <= want and want - 2 <= cburst <= want, (dev, i, burst)
             leaf = next(q for q in tc_qdiscs(bs, dev) if q["handle"] == f"{m:x}:")
             assert leaf["kind"] == "tbf" and leaf["parent"] == f"1:{m:x}"
@@ -362,7 +364,7 @@ def test_epoch_changes_rates_in_place(scratch):
             assert (ours.rate_kbit, ours.ceil_kbit, ours.quantum) == (
                 kbit,
                 kbit,
-                links.QUANTUM_BYTES,
+                tc.QUANTUM_BYTES,
             )
             assert ours_qdiscs[dev][m << 16].rate == N.rate_bytes(kbit)
             assert ours_qdiscs[dev][m << 16].limit == N.tbf_limit(
@@ -400,14 +402,14 @@ def test_bad_handle_is_a_clear_error_and_the_rest_applies(scratch):
     assert "v0 class htb 1:1ff -> ENOENT" in msg
     assert "ifb0 qdisc tbf 1ff: -> ENOENT" in msg
     assert [f[1] for f in ei.value.failures] == [errno.ENOENT, errno.ENOENT]
-    m = f"1:{links.class_minor(1):x}"
+    m = f"1:{tc.class_minor(1):x}"
     assert tc_classes(bs, "v0")[m].rate_kbit == 4000 and tc_classes(bs, "ifb0")[m].rate_kbit == 4000
     # refused in the middle, the last one applied (only it asks for an ack)
     with N.TcNetlink(bs) as nl, pytest.raises(N.TcNetlinkError) as ei:
         nl.change([*epoch(n, {0: (111.0, 111.0)}), bad[1], *epoch(n, {2: (222.0, 222.0)})])
     assert [f[0] for f in ei.value.failures] == ["ifb0 qdisc tbf 1ff:"]
     for i, kbit in ((0, 111), (2, 222)):
-        assert tc_classes(bs, "ifb0")[f"1:{links.class_minor(i):x}"].rate_kbit == kbit
+        assert tc_classes(bs, "ifb0")[f"1:{tc.class_minor(i):x}"].rate_kbit == kbit
     # a kind that is not the qdisc's: refused, not replaced
     with N.TcNetlink(bs) as nl, pytest.raises(N.TcNetlinkError, match="EINVAL"):
         nl.change([N.TbfQdisc("v0", 0x10000, N.TC_H_ROOT, r, TBF_BURST, 9999)])
@@ -434,7 +436,7 @@ def test_messages_equal_what_tc_sends_and_tableless_ones_act_the_same(scratch):
             "1:1",
             "classid",
             "1:101",
-            *links._htb_params(kbit),
+            *tc.htb_params(kbit),
         ],
         [
             "tc",
@@ -448,15 +450,15 @@ def test_messages_equal_what_tc_sends_and_tableless_ones_act_the_same(scratch):
             "1:102",
             "htb",
             "rate",
-            links.format_rate(share),
+            format_rate(share),
             "ceil",
-            links.format_rate(kbit),
+            format_rate(kbit),
             "burst",
-            str(links.burst_bytes(share)),
+            str(tc.burst_bytes(share)),
             "cburst",
-            str(links.burst_bytes(kbit)),
+            str(tc.burst_bytes(kbit)),
             "quantum",
-            str(links.QUANTUM_BYTES),
+            str(tc.QUANTUM_BYTES),
         ],
         [
             "tc",
@@ -470,7 +472,7 @@ def test_messages_equal_what_tc_sends_and_tableless_ones_act_the_same(scratch):
             "101:",
             "tbf",
             "rate",
-            links.format_rate(kbit),
+            format_rate(kbit),
             "burst",
             str(TBF_BURST),
             "latency",
@@ -488,7 +490,7 @@ def test_messages_equal_what_tc_sends_and_tableless_ones_act_the_same(scratch):
             "102:",
             "tbf",
             "rate",
-            links.format_rate(kbit),
+            format_rate(kbit),
             "burst",
             str(TBF_BURST),
             "limit",
@@ -576,13 +578,13 @@ def shaped():
         sh("ip", "link", "set", "v0", "up", ns=bs)
         names, addrs = ["dev1", "dev2", "dev3"], [_addr(i) for i in range(3)]
 
-        def shaper(netlink: bool) -> links.TcShaper:
-            s = links.TcShaper(CountingRunner(bs), "v0", "ifb0", addrs, names, shaping="tbf")
+        def shaper(netlink: bool) -> TcShaper:
+            s = TcShaper(CountingRunner(bs), "v0", "ifb0", addrs, names, shaping="tbf")
             s.netlink = netlink
             return s
 
         first = shaper(True)
-        first.setup([links.LinkSpec(8000)] * 3, [links.LinkSpec(8000)] * 3)
+        first.setup([tc.LinkSpec(8000)] * 3, [tc.LinkSpec(8000)] * 3)
         yield bs, shaper(True), shaper(False)
     finally:
         for ns in (bs, peer):
@@ -641,18 +643,18 @@ def test_set_rates_netlink_refusal_and_rebuilt_ifb(shaped):
     nl_shaper.addrs.pop()
     nl_shaper.names.pop()
     # the ifb deleted and made again (a new set-up) gets a new index: still found
-    nl_shaper.setup([links.LinkSpec(4000)] * 3, [links.LinkSpec(4000)] * 3)
+    nl_shaper.setup([tc.LinkSpec(4000)] * 3, [tc.LinkSpec(4000)] * 3)
     assert nl_shaper.set_rates({"dev2": (3000.0, 2000.0)}) == {"dev2": (3000.0, 2000.0)}
 
 
 def test_set_rates_keeps_the_cli_for_what_netlink_does_not_do(shaped):
     _, nl_shaper, cli_shaper = shaped
-    netem = links.leaf_command("change", "v0", 0x100, "netem", links.LinkSpec(1000), 1514, True)
-    tbf = links.leaf_command("change", "v0", 0x100, "tbf", links.LinkSpec(1000), 1514, True)
+    netem = tc.leaf_command("change", "v0", 0x100, "netem", tc.LinkSpec(1000), 1514, True)
+    tbf = tc.leaf_command("change", "v0", 0x100, "tbf", tc.LinkSpec(1000), 1514, True)
     assert nl_shaper._netlink_changes([tbf]) == [N.change_from_tc_argv(tbf)]
     assert nl_shaper._netlink_changes([tbf, netem]) is None
     assert cli_shaper._netlink_changes([tbf]) is None
     from testbed.lab.runner import SshRunner
 
-    remote = links.TcShaper(SshRunner("192.0.2.1"), "eth0", "ifb0", [], [], shaping="tbf")
+    remote = TcShaper(SshRunner("192.0.2.1"), "eth0", "ifb0", [], [], shaping="tbf")
     assert remote._netlink_client() is None and remote.netlink is False

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from testbed.net import links
+from testbed.net import tc
 from testbed.policy.latency_model import (
     DeviceCosts,
     LayerCostParams,
@@ -43,7 +43,7 @@ def test_wire_frames_counts_tcp_ip_and_ethernet_per_segment():
 def test_tbf_lets_one_frame_plus_slack_through_free_netem_charges_every_frame():
     # the TBF's burst, as links sets it: one frame + 50 us of the rate
     for kbit in (2000, 10_000, 50_000, 333_333):
-        assert free_bytes(kbit, "tbf", 1514, 50) == links.tbf_burst_bytes(1514, kbit)
+        assert free_bytes(kbit, "tbf", 1514, 50) == tc.tbf_burst_bytes(1514, kbit)
     # a lone frame passes free under TBF, costs its transmission time under netem
     assert airtime_ms(1448, 2000, "tbf") == 0.0
     assert airtime_ms(1448, 2000, "netem") == pytest.approx(1514 * 8 / 2000)

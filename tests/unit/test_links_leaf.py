@@ -11,12 +11,12 @@ import pytest
 
 from testbed.errors import CommandFailed, ConfigError, Unsupported
 from testbed.lab.runner import Result
-from testbed.net.links import (
+from testbed.net.shaper import TcShaper
+from testbed.net.tc import (
     OFFLOADS,
     Leaf,
     LinkSpec,
     Offload,
-    TcShaper,
     build_leaf_change_command,
     build_netem_probe_commands,
     build_offload_command,
@@ -134,7 +134,7 @@ def test_setup_in_tbf_mode_puts_a_tbf_under_every_device_class():
         "tc qdisc replace dev ifb0 parent 1:101 handle 101: tbf rate 1000kbit burst 1521 limit 1514000",
     ]
     # the HTB class over each leaf only classifies (and shares a cell): it is never the
-    # bottleneck, so a cut link leaves it no debt (links.class_ceil_kbit)
+    # bottleneck, so a cut link leaves it no debt (tc.class_ceil_kbit)
     assert any("classid 1:101 htb rate 10000000kbit ceil 10000000kbit" in c for c in cmds), cmds
     assert not any("htb rate 2000kbit" in c or "ceil 2000kbit" in c for c in cmds)
     cell = [

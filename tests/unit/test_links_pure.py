@@ -2,7 +2,7 @@
 
 import pytest
 
-from testbed.net.links import (
+from testbed.net.tc import (
     LinkSpec,
     build_class_change_command,
     build_clear_commands,
@@ -181,7 +181,7 @@ def _class_change(dev: str, rate: str) -> str:
 
 
 def _shaper(runner, cell_rate_kbit=None):
-    from testbed.net.links import TcShaper
+    from testbed.net.shaper import TcShaper
 
     return TcShaper(
         runner, "br0", "ifb0", ["10.0.0.11", "10.0.0.12"], ["dev1", "dev2"], cell_rate_kbit
