@@ -365,30 +365,31 @@ class LayerCall:
                 continue
             outputs[u] = y
             served_by[u] = name
+            # positional, in field order: keywords cost ~1.4 us more per record
             append(
                 CallRecord(
-                    layer=layer,
-                    step=step,
-                    uid=u,
-                    device=name,
-                    attempt=attempt,
-                    tokens=y.shape[0],
-                    bytes_out=bytes_out.get(u, 0),
-                    bytes_in=bytes_in[u],
-                    status="ok",
-                    reason="",
-                    req_id=rid,
-                    serialize_ms=ser_ms,
-                    rtt_ms=rtt_ms,
-                    network_ms=network_ms,
-                    queue_ms=queue_ms,
-                    compute_ms=uid_ms.get(u),
-                    device_ms=device_ms,
-                    up_ms=up_ms,
-                    down_ms=down_ms,
-                    deserialize_ms=de_ms,
-                    energy_j=e_uid.get(u),
-                    energy_source=e_src,
+                    layer,
+                    step,
+                    u,
+                    name,
+                    attempt,
+                    y.shape[0],
+                    bytes_out.get(u, 0),
+                    bytes_in[u],
+                    "ok",
+                    "",
+                    rid,
+                    ser_ms,
+                    rtt_ms,
+                    network_ms,
+                    queue_ms,
+                    uid_ms.get(u),
+                    device_ms,
+                    up_ms,
+                    down_ms,
+                    de_ms,
+                    e_uid.get(u),
+                    e_src,
                 )
             )
         return retry
