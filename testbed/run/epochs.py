@@ -30,6 +30,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..net.channel import ChannelModel, TraceRow
+from . import cluster as C
 
 #: tc cannot shape at 0: rates below this (a trace's outage) are asked at this rate
 MIN_KBIT = 8.0
@@ -251,8 +252,7 @@ class EpochLinks:
         """Before a decision: True when it starts an epoch (the trace or channel, if any, is
         then applied; the policy's bandwidth may follow through :meth:`apply_policy`)."""
         start = self.epochs.advance(request, step, layer)
-        c = self.cluster
-        c.epoch, c.links_fixed = self.epochs.index, not start
+        C.record_epoch(self.cluster, self.epochs.index, not start)
         if start:
             self._where = {
                 "epoch": self.epochs.index,
@@ -294,8 +294,7 @@ class EpochLinks:
         enforced = self.recorder.apply(rates, self.key, {**self._where, "source": source})
         self.changes += 1
         self.last_changed = tuple(sorted(rates))
-        for d, (down, up) in enforced.items():
-            self.cluster.rate_down_kbit[d], self.cluster.rate_up_kbit[d] = down, up
+        C.record_enforced(self.cluster, enforced)
 
     def close(self) -> dict[str, Any]:
         """End the last epoch; the manifest's summary of the trial's link changes."""

@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import ConfigError
 from ..units import parse_rate_kbit
 
 ACTIONS = ("kill", "stop", "link", "restart")
@@ -307,3 +308,69 @@ class FaultInjector:
             self._clear(f)
         self._ends_at_request.clear()
         return restarted
+
+
+class TrialFaults:
+    """One trial's ``[faults]``: its injector, started at the trial's first request
+    (:meth:`before_request`), the ids a request carries (:meth:`mark`), and the end
+    (:meth:`finish`: every fault still active is cleared).
+
+    Parameters
+    ----------
+    events:
+        The trial's ``faults.events`` (none: nothing is done).
+    devices, where:
+        The trial's device names, and the recipe's path for errors.
+    effects:
+        What the faults do to the testbed.
+    record:
+        Called with each ``faults.csv`` row (without the run/trial key columns).
+    """
+
+    def __init__(
+        self,
+        events: Sequence[Mapping[str, Any]],
+        devices: Sequence[str],
+        where: str,
+        effects: Effects,
+        record: Callable[[Mapping[str, Any]], None],
+    ) -> None:
+        self.events, self.devices, self.where = events, list(devices), where
+        self.effects, self.record = effects, record
+        self.injector: FaultInjector | None = None
+
+    def before_request(self, index: int) -> set[str]:
+        """Start the injector at the first request; fire what is due; the ids active as the
+        request starts.
+
+        Raises
+        ------
+        ConfigError
+            When a fault names a device the trial does not have.
+        """
+        if not self.events:
+            return set()
+        if self.injector is None:
+            faults = parse_faults(self.events)
+            bad = check_devices(faults, self.devices, self.where)
+            if bad:
+                raise ConfigError(bad)
+            self.injector = FaultInjector(faults, self.effects, self.record)
+            self.injector.start()
+        self.injector.before_request(index)
+        return set(self.injector.active().split())
+
+    def mark(self, at_start: set[str], row: dict[str, Any], calls: list[dict]) -> None:
+        """A request (and its calls) carries every fault active at its start or its end."""
+        if self.injector is None:
+            return
+        ids = " ".join(sorted(at_start | set(self.injector.active().split())))
+        row["faults"] = ids
+        for c in calls:
+            c["faults"] = ids
+
+    def finish(self) -> None:
+        """Clear every fault still active (once; later calls do nothing)."""
+        inj, self.injector = self.injector, None
+        if inj is not None:
+            inj.finish()

@@ -1,7 +1,6 @@
 """Runner hooks between requests: link events and policy updates (re-deployment, migrations).
 
-Generic (any policy): the runner calls :func:`between_requests` before each request of a
-trial. It
+Generic (any policy): before each request of a trial the run (:mod:`testbed.run.trial`)
 
 1. applies the recipe's link events due at this request (``[[run.events]]``: ``at_request``,
    ``device``, ``rate``, ``direction``) with an in-place ``tc class change`` and refreshes the
@@ -9,8 +8,9 @@ trial. It
 2. every ``run.update_every`` requests (not before the first), calls ``policy.update(cluster,
    stats)`` with the window's statistics (``requests``, ``expert_tokens`` uid -> rows sent,
    ``layer_tokens`` valid tokens summed over the layer rows, ``request``); a returned placement
-   is checked like ``place()``'s, applied through the runner's ``_apply_placement`` (shards
-   pushed by sha256, experts loaded/unloaded, the policy's ``load_options()`` honoured) and
+   is checked like ``place()``'s, applied through the placement-applying callable it is given
+   (:meth:`testbed.run.loading.ExpertLoader.apply`: shards pushed by sha256, experts
+   loaded/unloaded, the policy's ``load_options()`` honoured) and
    every migration — an expert gaining a device — is written to ``migrations.csv``: expert,
    from, to, bytes pushed, and the seconds the whole re-deployment took.
 """
@@ -18,12 +18,13 @@ trial. It
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..errors import ConfigError, PolicyFailed, one_line
-from ..net.links import LinkSpec
+from ..net.tc import LinkSpec
 from ..units import parse_rate_kbit
+from . import cluster as C
 
 
 def due_events(events: Sequence[Mapping[str, Any]], request: int) -> list[Mapping[str, Any]]:
@@ -32,17 +33,22 @@ def due_events(events: Sequence[Mapping[str, Any]], request: int) -> list[Mappin
 
 
 def apply_events(
-    runner: Any,
+    shaper: Any,
     trial: Any,
     request: int,
     cluster: Any,
     rates: dict[str, dict[str, Any]],
     where: str,
+    devices: Sequence[str],
+    t0: float,
 ) -> list[dict[str, Any]]:
-    """Apply the events due at ``request``; returns what tc enforced after each one."""
+    """Apply ``trial``'s link events due at ``request`` through ``shaper`` (the inventory's
+    ``devices``; ``where``: the recipe for errors); ``rates`` (device -> tc's row) and
+    ``cluster`` follow what tc enforced after each one, which is returned (``time_s`` from
+    ``t0`` on ``time.monotonic()``)."""
     out: list[dict[str, Any]] = []
     events = trial.config["run"].get("events") or []
-    names = {d.name for d in runner.inv.devices}
+    names = set(devices)
     delay, loss = trial.link_delay_loss()
     for i, ev in enumerate(events):
         if int(ev["at_request"]) != request:
@@ -55,16 +61,12 @@ def apply_events(
             )
         kbit = parse_rate_kbit(str(ev["rate"]))
         direction = str(ev.get("direction", "both"))
-        t0 = time.perf_counter()
-        runner.shaper.change(dev, LinkSpec(kbit, delay, loss), direction)
-        change_ms = (time.perf_counter() - t0) * 1e3
-        state = {s.device: s.to_dict() for s in runner.shaper.show()}
-        for r in state.values():
-            rates[r["device"]] = r
-            if r.get("down_kbit"):
-                cluster.rate_down_kbit[r["device"]] = r["down_kbit"]
-            if r.get("up_kbit"):
-                cluster.rate_up_kbit[r["device"]] = r["up_kbit"]
+        t_change = time.perf_counter()
+        shaper.change(dev, LinkSpec(kbit, delay, loss), direction)
+        change_ms = (time.perf_counter() - t_change) * 1e3
+        state = {s.device: s.to_dict() for s in shaper.show()}
+        rates.update(state)
+        C.record_rate_rows(cluster, state.values())
         out.append(
             {
                 "request": request,
@@ -73,7 +75,7 @@ def apply_events(
                 "direction": direction,
                 "change_ms": change_ms,
                 "enforced": state.get(dev),
-                "time_s": time.monotonic() - runner.t0,
+                "time_s": time.monotonic() - t0,
             }
         )
     return out
@@ -113,15 +115,27 @@ def migrations(
 
 
 def run_update(
-    runner: Any,
     policy: Any,
     cluster: Any,
     placement: Mapping[str, Sequence[str]],
     stats: Mapping[str, Any],
     key: Mapping[str, Any],
     request: int,
+    *,
+    model: Any,
+    apply_placement: Callable[[Mapping[str, Sequence[str]], Any], None],
+    pushed: Mapping[str, Any],
+    table: Any,
+    t0: float,
 ) -> dict[str, tuple[str, ...]] | None:
-    """Call ``policy.update``; apply and record a new placement. Returns it (or None)."""
+    """Call ``policy.update``; apply and record a new placement. Returns it (or None).
+
+    ``model`` is the :class:`models.manifest.Manifest` (every expert must be placed; its shard
+    bytes); ``apply_placement(placement, load_options)`` brings the agents to it; ``pushed``
+    (device -> the shards there, before) tells a migration that moved bytes from one that did
+    not; each migration is a row of ``table`` (``migrations.csv``; ``time_s`` from ``t0`` on
+    ``time.monotonic()``).
+    """
     try:
         new = policy.update(cluster, stats)
     except Exception as e:
@@ -129,7 +143,7 @@ def run_update(
     if not new:
         return None
     names = set(cluster.rate_down_kbit) | {d for ds in placement.values() for d in ds}
-    for u in runner.mf.uids():
+    for u in model.uids():
         ds = new.get(u)
         if not ds or any(d not in names for d in ds):
             raise PolicyFailed(
@@ -137,10 +151,10 @@ def run_update(
                 f"{list(ds) if ds else 'no device'}"
             )
     new = {u: tuple(ds) for u, ds in new.items()}
-    pushed_before = {d: set(v) for d, v in runner.pushed.items()}
-    t0 = time.perf_counter()
-    runner._apply_placement(new, policy.load_options())
-    seconds = time.perf_counter() - t0
+    pushed_before = {d: set(v) for d, v in pushed.items()}
+    t_apply = time.perf_counter()
+    apply_placement(new, policy.load_options())
+    seconds = time.perf_counter() - t_apply
     rows = []
     for u, src, dst in migrations(placement, new):
         was_there = u in pushed_before.get(dst, set())
@@ -151,23 +165,23 @@ def run_update(
                 "expert": u,
                 "from_device": src,
                 "to_device": dst,
-                "bytes": 0 if was_there else int(runner.mf.experts[u].bytes),
+                "bytes": 0 if was_there else int(model.experts[u].bytes),
                 "seconds": seconds,
-                "time_s": time.monotonic() - runner.t0,
+                "time_s": time.monotonic() - t0,
             }
         )
-    runner.tables["migrations"].write_many(rows)
-    cluster.placement = dict(new)
+    table.write_many(rows)
+    C.record_placement(cluster, new)
     return new
 
 
-def memory_report(runner: Any, devices: Sequence[str]) -> dict[str, dict[str, Any]]:
+def memory_report(backend: Any, devices: Sequence[str]) -> dict[str, dict[str, Any]]:
     """device -> experts loaded, their weight bytes (the agent's own count) and quantizations,
-    from one ``status`` request each."""
+    from one ``status`` request each to ``backend``."""
     out: dict[str, dict[str, Any]] = {}
     for d in devices:
         try:
-            st = runner.backend.status(d, timeout_s=5.0)
+            st = backend.status(d, timeout_s=5.0)
         except Exception as e:  # noqa: BLE001 — recorded, not fatal
             out[d] = {"error": _short(e)}
             continue
@@ -182,6 +196,42 @@ def memory_report(runner: Any, devices: Sequence[str]) -> dict[str, dict[str, An
             "quant": kinds,
         }
     return out
+
+
+class UpdateWindow:
+    """The requests since the last ``policy.update`` (every ``every`` requests; 0: never):
+    their call and layer rows, from which :func:`window_stats` is made."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self.requests = 0
+        self.calls: list[dict] = []
+        self.layers: list[dict] = []
+
+    def due(self, request: int) -> bool:
+        """Whether ``policy.update`` is called before ``request`` (not before the first)."""
+        return bool(self.every and request and request % self.every == 0)
+
+    def take_stats(self, request: int) -> dict[str, Any]:
+        """The window's :func:`window_stats` before ``request``; the window starts again."""
+        lo = request - self.requests  # the requests since the last update
+        stats = window_stats(
+            [c for c in self.calls if c["request"] >= lo],
+            [r for r in self.layers if r["request"] >= lo],
+            self.requests,
+            request,
+        )
+        self.calls.clear()
+        self.layers.clear()
+        self.requests = 0
+        return stats
+
+    def add(self, layer_rows: Sequence[dict], call_rows: Sequence[dict]) -> None:
+        """A request's rows (kept only when updates are due at all)."""
+        if self.every:
+            self.layers.extend(layer_rows)
+            self.calls.extend(call_rows)
+            self.requests += 1
 
 
 def _short(e: BaseException) -> str:

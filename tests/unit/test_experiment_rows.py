@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from models.moe_block import MoELayerRecord
-from testbed.run.session import rows_for_request
+from testbed.results.rows import rows_for_request
 
 
 def _rec(step, layer, ids, valid, calls, failed=None, t=(0.0, 0.0), rerouted=None):

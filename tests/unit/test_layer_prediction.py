@@ -22,9 +22,10 @@ from testbed.policy.latency_model import (
 )
 from testbed.results.comparison import SHARES, prediction_rows, shares_rows, time_shares
 from testbed.results.report import Group, Run
+from testbed.results.rows import TERM_COLUMNS, critical_terms
 from testbed.results.schema import LAYER_COLUMNS
 from testbed.run.epochs import EpochLinks, Epochs, LinkRecorder
-from testbed.run.session import TERM_COLUMNS, ExchangePredictor, TimedBackend, critical_terms
+from testbed.run.prediction import ExchangePredictor, TimedBackend
 
 
 class FakeShaper:

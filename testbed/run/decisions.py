@@ -1,0 +1,130 @@
+"""How a run (and the analytic twin) asks its policy: the placement of every expert, checked,
+and the BS runtime's selection hook that asks for each layer's selection and enforces the
+rates the policy asks for."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import PolicyFailed, one_line
+from ..lab.modelstore import resolve_split
+from ..policy.api import ClusterState, DeviceInfo, ExpertInfo, Policy
+from ..policy.loading import load_policy
+from . import cluster as C
+from .recipe import Recipe, Trial
+
+
+def check_model_and_policies(rec: Recipe, trials: Sequence[Trial]) -> Path:
+    """What a run (or the twin) checks before touching anything: the recipe's model resolves
+    to a split folder (returned) and every trial's policy loads with its parameters."""
+    split = resolve_split(rec.model_spec(), where=f"{rec.path}: model.path")
+    for t in trials:
+        load_policy(
+            rec.policy_spec(t.policy),
+            t.config["policy"]["params"],
+            f"{rec.path}: policy.params",
+        )
+    return split
+
+
+def place_experts(
+    policy: Policy,
+    manifest: Any,
+    devices: Sequence[DeviceInfo],
+    model_path: str,
+    bytes_per_token: int,
+) -> dict[str, tuple[str, ...]]:
+    """Ask ``policy`` to place every expert of ``manifest`` (a :class:`models.manifest.Manifest`)
+    on ``devices``; checked: every expert on at least one of them.
+
+    Raises
+    ------
+    PolicyFailed
+        When ``place`` raises or leaves an expert unplaced or on an unknown device.
+    """
+    from models.uids import parse_uid
+
+    experts = []
+    for u in manifest.uids():
+        layer, e = parse_uid(u)
+        experts.append(ExpertInfo(u, layer, e, int(manifest.experts[u].bytes)))
+    policy.model_path = model_path
+    policy.bytes_per_token = bytes_per_token
+    try:
+        placement = policy.place(experts, devices)
+    except Exception as e:
+        raise PolicyFailed(f"policy {policy.name}: place raised {one_line(e)}") from e
+    names = {d.name for d in devices}
+    for u in manifest.uids():
+        ds = placement.get(u)
+        if not ds or any(d not in names for d in ds):
+            raise PolicyFailed(
+                f"policy {policy.name}: place: expert {u} placed on "
+                f"{list(ds) if ds else 'no device'} (devices: {', '.join(sorted(names))})"
+            )
+    return {u: tuple(ds) for u, ds in placement.items()}
+
+
+def policy_hook(
+    policy: Policy,
+    cluster: ClusterState,
+    links: Any,
+    timed: Any,
+    request_index: Callable[[], int],
+    devices_view: Callable[[], dict[str, dict[str, Any]]],
+) -> Callable[[Any], Any]:
+    """The BS runtime's selection hook for ``policy``: per MoE layer and step, start the link
+    epoch (``links``: an :class:`~testbed.run.epochs.EpochLinks`), ask the policy, check its
+    selection, and enforce the rates it asks for at an epoch's start (down and up each its
+    own: ``Decision.rate_down_kbit``/``rate_up_kbit``, else ``bandwidth_kbit`` both ways).
+    Notes in ``timed.pending`` (the timing backend's, e.g.
+    :class:`~testbed.run.prediction.TimedBackend`, which merges it into the layer's record):
+    the policy's own ``policy_predicted_ms``, ``decision_ms`` (the policy's ``select`` and the
+    selection's check), ``change_ms`` (the epoch's rate changes: the trace's or channel's at
+    its start, then the policy's; 0 mid-epoch) and ``epoch_start`` and ``links_changed`` (the
+    devices whose rates were changed). ``request_index()`` and ``devices_view()`` give the
+    request being run and the devices' status view."""
+    from models.errors import ModelError
+    from models.routing import validate_selection
+
+    def hook(ctx: Any) -> Any:
+        C.record_devices(cluster, devices_view())
+        C.record_step(cluster, ctx.step)
+        t0 = time.perf_counter()
+        n0 = getattr(links, "changes", 0)
+        start = links.begin(request_index(), ctx.step, ctx.layer)
+        t1 = time.perf_counter()
+        try:
+            d = policy.select(ctx, cluster)
+            sel = d.selection
+        except Exception as e:
+            raise PolicyFailed(f"policy {policy.name}: select raised {one_line(e)}") from e
+        try:
+            sel = validate_selection(sel, ctx.num_tokens, ctx.num_experts)
+        except (ModelError, AttributeError) as e:
+            raise PolicyFailed(
+                f"policy {policy.name}: select returned a bad selection at layer {ctx.layer}: {e}"
+            ) from e
+        t2 = time.perf_counter()
+        predicted = (policy.last_stats() or {}).get("predicted_ms")
+        if predicted is not None:
+            timed.pending["policy_predicted_ms"] = float(predicted)
+        bw = getattr(d, "bandwidth_kbit", None)
+        down, up = getattr(d, "rate_down_kbit", None), getattr(d, "rate_up_kbit", None)
+        if (bw or down or up) and start:  # mid-epoch decisions keep the links
+            links.apply_policy(bw or {}, down, up)
+        t3 = time.perf_counter()
+        timed.pending.update(
+            decision_ms=(t2 - t1) * 1e3,
+            change_ms=((t1 - t0) + (t3 - t2)) * 1e3 if start else 0.0,
+            epoch_start=bool(start),
+            links_changed=tuple(getattr(links, "last_changed", ()))
+            if getattr(links, "changes", 0) > n0
+            else (),
+        )
+        return sel
+
+    return hook
