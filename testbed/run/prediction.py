@@ -5,10 +5,25 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..policy.api import ClusterState
 from ..results.rows import critical_terms
+
+
+@dataclass
+class LayerPrediction:
+    """One exchange's prediction (:meth:`ExchangePredictor.predict`): its ``layers.csv``
+    columns (``predicted_ms``, ``predicted_critical_ms`` and the slowest device's terms,
+    :func:`~testbed.results.rows.critical_terms`), and the exchange's terms, tokens left in
+    each link's bucket (down, up) and rates (down, up) that :meth:`ExchangePredictor.observe`
+    follows the buckets with."""
+
+    columns: dict[str, Any]
+    terms: Mapping[str, Any]
+    tokens: tuple[Any, Any]
+    rates: tuple[Any, Any]
 
 
 class TimedBackend:
@@ -17,7 +32,8 @@ class TimedBackend:
     hook noted for this layer: the policy's own ``policy_predicted_ms``, ``decision_ms``,
     ``change_ms``, ``epoch_start``) merged in and cleared. With a ``predictor`` (an
     :class:`ExchangePredictor`), the exchange is first predicted from the rows actually handed
-    over (``predicted_ms``, ``predicted_critical_ms``), before its clock starts."""
+    over (a :class:`LayerPrediction`: ``predicted_ms``, ``predicted_critical_ms``...), before
+    its clock starts; its columns go into ``info`` and the predictor observes the result."""
 
     def __init__(self, inner: Any):
         self.inner = inner
@@ -25,15 +41,14 @@ class TimedBackend:
         self.predictor: ExchangePredictor | None = None
 
     def run_layer(self, work: Any) -> Any:
-        pred = self.predictor(work, self.pending) if self.predictor is not None else None
+        predictor = self.predictor
+        pred = predictor.predict(work, self.pending) if predictor is not None else None
         t0 = time.perf_counter()
         res = self.inner.run_layer(work)
         res.info["t_enter"], res.info["t_exit"] = t0, time.perf_counter()
-        if pred:
-            res.info.update(pred)
-            observe = getattr(self.predictor, "observe", None)
-            if observe is not None:
-                observe(res)
+        if predictor is not None and pred is not None:
+            res.info.update(pred.columns)
+            predictor.observe(pred, res)
         if self.pending:
             self.pending.pop("epoch_start", None)
             self.pending.pop("links_changed", None)
@@ -77,7 +92,6 @@ class ExchangePredictor:
 
         #: each link's bucket, on the perf_counter clock
         self.buckets = LinkBuckets()
-        self._last: dict[str, Any] | None = None
 
     def loads(self, work: Any) -> tuple[Any, Any]:
         """(token-rows, experts) per device of an exchange's ``work``."""
@@ -93,7 +107,9 @@ class ExchangePredictor:
                 experts[k] += 1
         return rows, experts
 
-    def __call__(self, work: Any, pending: Mapping[str, Any]) -> dict[str, Any]:
+    def predict(self, work: Any, pending: Mapping[str, Any]) -> LayerPrediction:
+        """The prediction of the exchange of ``work`` now, with the selection hook's notes
+        ``pending`` (``links_changed``, ``epoch_start``, ``decision_ms``, ``change_ms``)."""
         import numpy as np
 
         from ..policy.latency_model import layer_ms_of
@@ -108,7 +124,6 @@ class ExchangePredictor:
             self.names, rows, experts, down, up, self.params, now
         )
         layer_ms = layer_ms_of(terms, self.params)
-        self._last = {"down": down, "up": up, "tok_d": tok_d, "tok_u": tok_u, "terms": terms}
         start = bool(pending.get("epoch_start"))
         crit = (
             layer_ms
@@ -120,15 +135,20 @@ class ExchangePredictor:
             self.decisions.append(float(dec))
         if start and chg:
             self.changes.append(float(chg))
-        return {"predicted_ms": layer_ms, "predicted_critical_ms": crit, **critical_terms(terms)}
+        return LayerPrediction(
+            {"predicted_ms": layer_ms, "predicted_critical_ms": crit, **critical_terms(terms)},
+            terms,
+            (tok_d, tok_u),
+            (down, up),
+        )
 
-    def observe(self, res: Any) -> None:
-        """After the exchange: where each called device's buckets stand (the request left its
-        leaf its airtime after the send; the reply, when it arrived)."""
-        last, self._last = self._last, None
+    def observe(self, pred: LayerPrediction, res: Any) -> None:
+        """After the exchange predicted as ``pred``: where each called device's buckets stand
+        (the request left its leaf its airtime after the send; the reply, when it arrived)."""
         t_enter = res.info.get("t_enter")
-        if last is None or t_enter is None:
+        if t_enter is None:
             return
+        terms, (down, up) = pred.terms, pred.rates
         seen: set[str] = set()
         for call in res.info.get("calls", ()):
             dev = call.get("device")
@@ -140,9 +160,9 @@ class ExchangePredictor:
             self.buckets.sent(
                 dev,
                 k,
-                last["terms"],
-                (last["tok_d"], last["tok_u"]),
-                (last["down"][k], last["up"][k]),
-                (sent + last["terms"]["air_down"][k] / 1e3, sent + float(call["rtt_ms"]) / 1e3),
+                terms,
+                pred.tokens,
+                (down[k], up[k]),
+                (sent + terms["air_down"][k] / 1e3, sent + float(call["rtt_ms"]) / 1e3),
                 self.params,
             )

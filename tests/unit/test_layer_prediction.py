@@ -25,7 +25,7 @@ from testbed.results.report import Group, Run
 from testbed.results.rows import TERM_COLUMNS, critical_terms
 from testbed.results.schema import LAYER_COLUMNS
 from testbed.run.epochs import EpochLinks, Epochs, LinkRecorder
-from testbed.run.prediction import ExchangePredictor, TimedBackend
+from testbed.run.prediction import ExchangePredictor, LayerPrediction, TimedBackend
 
 
 class FakeShaper:
@@ -114,17 +114,17 @@ def test_predictor_uses_the_rows_handed_over_the_placement_and_each_directions_r
     )
     rows, experts = pr.loads(work)
     assert rows.tolist() == [1, 5] and experts.tolist() == [1, 2]  # d2, d1
-    got = pr(work, {"decision_ms": 2.0, "change_ms": 1.0, "epoch_start": True})
+    got = pr.predict(work, {"decision_ms": 2.0, "change_ms": 1.0, "epoch_start": True}).columns
     want, _ = predict_layer_ms([5, 1], [20_000, 50_000], [4000, 30_000], _params(), experts=[2, 1])
     assert got["predicted_ms"] == pytest.approx(want)
     assert got["predicted_critical_ms"] == pytest.approx(want)  # nothing seen yet
-    got = pr(work, {"decision_ms": 4.0, "change_ms": 0.0, "epoch_start": False})
+    got = pr.predict(work, {"decision_ms": 4.0, "change_ms": 0.0, "epoch_start": False}).columns
     assert got["predicted_critical_ms"] == pytest.approx(want + 2.0)  # + median decision
-    got = pr(work, {"decision_ms": 4.0, "change_ms": 3.0, "epoch_start": True})
+    got = pr.predict(work, {"decision_ms": 4.0, "change_ms": 3.0, "epoch_start": True}).columns
     assert got["predicted_critical_ms"] == pytest.approx(want + 3.0 + 1.0)
     # the up rate matters on its own: a slower uplink, a longer prediction
     cl.rate_up_kbit["d1"] = 2000.0
-    assert pr(work, {})["predicted_ms"] > want
+    assert pr.predict(work, {}).columns["predicted_ms"] > want
 
 
 def test_timed_backend_predicts_before_the_clock_and_merges_the_hooks_notes():
@@ -135,8 +135,18 @@ def test_timed_backend_predicts_before_the_clock_and_merges_the_hooks_notes():
             seen["t"] = True
             return SimpleNamespace(info={})
 
+    class Predictor:  # as ExchangePredictor: predict before the exchange, observe after
+        observed = None
+
+        def predict(self, work, pending):
+            cols = {"predicted_ms": 7.0, "predicted_critical_ms": 9.0}
+            return LayerPrediction(cols, {}, (None, None), (None, None))
+
+        def observe(self, pred, res):
+            self.observed = (pred, res)
+
     tb = TimedBackend(Inner())
-    tb.predictor = lambda work, pending: {"predicted_ms": 7.0, "predicted_critical_ms": 9.0}
+    tb.predictor = pr = Predictor()
     tb.pending = {
         "policy_predicted_ms": 3.0,
         "decision_ms": 1.5,
@@ -147,6 +157,7 @@ def test_timed_backend_predicts_before_the_clock_and_merges_the_hooks_notes():
     assert info["predicted_ms"] == 7.0 and info["policy_predicted_ms"] == 3.0
     assert info["decision_ms"] == 1.5 and "epoch_start" not in info and tb.pending == {}
     assert info["t_exit"] >= info["t_enter"]
+    assert pr.observed[0].columns["predicted_ms"] == 7.0 and pr.observed[1].info is info
 
 
 def test_prediction_rows_for_every_policy_the_baseline_too():
@@ -190,37 +201,44 @@ def test_predictor_follows_each_links_bucket_from_message_to_message():
     cl = ClusterState(rate_down_kbit={"d1": 300.0}, rate_up_kbit={"d1": 200.0})
     pr = ExchangePredictor(p, ["d1"], lambda: {"L0.E0": ("d1",)}, cl)
     work = SimpleNamespace(inputs={"L0.E0": torch.zeros(2, 64)})  # 512 B + headers: 1 frame
-    full = pr(work, {})["predicted_ms"]
+    pred = pr.predict(work, {})
+    full = pred.columns["predicted_ms"]
     assert full == pytest.approx(predict_layer_ms([2], 300, 200, p)[0])
     import time as _t
 
     t0 = _t.perf_counter()
     pr.observe(
+        pred,
         SimpleNamespace(
             info={
                 "t_enter": t0,
                 "calls": [{"device": "d1", "status": "ok", "rtt_ms": 1.0, "serialize_ms": 0.0}],
             }
-        )
+        ),
     )
     # the request (665 + 66 B) and the reply (754 + 66 B) passed free, spending that much of
     # their 1516 B buckets, which refill at 37.5 / 25 B per ms: the next request still passes
     # free, the next reply waits for ~124 B (less what the request's time refilled)
-    soon = pr(work, {})["predicted_ms"]
+    pred = pr.predict(work, {})
+    soon = pred.columns["predicted_ms"]
     assert soon == pytest.approx(full + (820 - 696) * 8 / 200, abs=0.3)
     seen = pr.buckets.seen
     seen.update({k: (t - 1.0, tok) for k, (t, tok) in seen.items() if k[0] == "d1"})  # 1 s ago
-    assert pr(work, {})["predicted_ms"] == pytest.approx(full)
+    pred = pr.predict(work, {})
+    assert pred.columns["predicted_ms"] == pytest.approx(full)
     # a rate change refills the bucket (tbf_change): right after a message, yet full
     pr.observe(
+        pred,
         SimpleNamespace(
             info={
                 "t_enter": _t.perf_counter(),
                 "calls": [{"device": "d1", "status": "ok", "rtt_ms": 1.0, "serialize_ms": 0.0}],
             }
-        )
+        ),
     )
-    assert pr(work, {"links_changed": ("d1",)})["predicted_ms"] == pytest.approx(full)
+    assert pr.predict(work, {"links_changed": ("d1",)}).columns["predicted_ms"] == pytest.approx(
+        full
+    )
 
 
 def test_the_predicted_slowest_devices_terms_go_with_the_prediction():
@@ -236,9 +254,9 @@ def test_the_predicted_slowest_devices_terms_go_with_the_prediction():
         rate_down_kbit={"d1": 5000.0, "d2": 400.0}, rate_up_kbit={"d1": 5000.0, "d2": 300.0}
     )
     pr = ExchangePredictor(p, ["d1", "d2"], lambda: {"L0.E0": ("d1",), "L0.E1": ("d2",)}, cl)
-    out = pr(
+    out = pr.predict(
         SimpleNamespace(inputs={"L0.E0": torch.zeros(8, 128), "L0.E1": torch.zeros(4, 128)}), {}
-    )
+    ).columns
     t = layer_terms([8, 4], [5000, 400], [5000, 300], p, experts=[1, 1])
     assert t["total"][1] > t["total"][0]  # the slow link, though it has fewer rows
     assert out["predicted_air_ms"] == pytest.approx(t["air_down"][1] + t["air_up"][1])
