@@ -10,7 +10,7 @@ from typing import Any
 
 from ..dataplane.energy_attr import request_energy
 from ..net.tc import LinkSpec
-from ..policy.api import DeviceInfo, Policy
+from ..policy.api import ClusterState, DeviceInfo, Policy
 from ..policy.loading import load_policy
 from ..results.rows import layer_total, request_row, rows_for_request
 from . import updates
@@ -78,6 +78,13 @@ class TrialRun:
         self.devices = list(s.inv.devices[: int(n)] if n else s.inv.devices)
         self.names = [d.name for d in self.devices]
         self.link_shaping: dict[str, Any] = {}
+        #: the placement in force (the policy's, then each update's)
+        self.placement: dict[str, tuple[str, ...]] = {}
+        self.cluster: ClusterState  # set up by _set_up
+        #: the link events applied, the rows the summary needs, the feed's counters at the start
+        self.events: list[dict] = []
+        self.totals = TrialTotals()
+        self.feed0: tuple[dict[str, int], dict[str, int]] = ({}, {})
 
     def run(self) -> None:
         """Set the trial up, run its requests, write its summary; marked completed."""
@@ -210,10 +217,8 @@ class TrialRun:
     def _run_requests(self, plan: EpochLinks, rates: dict[str, dict[str, Any]]) -> None:
         """Every request of the trial, its rows written as each ends."""
         s, t = self.s, self.t
-        self.totals = TrialTotals()
         window = updates.UpdateWindow(int(t.config["run"].get("update_every") or 0))
         self.feed0 = dict(s.feed.bytes_received), dict(s.feed.messages)
-        self.events: list[dict] = []
         s.faults = faults = TrialFaults(
             t.config["faults"]["events"],
             self.names,
