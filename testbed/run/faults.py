@@ -16,7 +16,7 @@ request); every trial (and repeat) replays the list. ``stop`` is resumed after `
 seconds (default 1) or at ``until_request``; ``link`` drops both directions of the device's
 link to ``rate`` (default ``8kbit``, a near-zero rate) for ``for_requests`` requests or
 ``for_s`` seconds, then restores the trial's rate; ``kill`` lasts until a later ``restart``
-(or the trial's end, when the runner restarts it for the next trial).
+(or the trial's end, when the run restarts it for the next trial).
 
 Each injection and each clearing is a row of ``faults.csv`` (:data:`testbed.results.FAULT_COLUMNS`)
 with the time, the device, what was done and whether it worked; while a fault is active its id
@@ -25,8 +25,10 @@ latency and accuracy into before / during / after, and the calls show how the po
 (``timeout`` + drop-and-renormalise, ``rerouted`` to a replica, ``unreachable``).
 
 The parsing is pure (:func:`parse_faults`, used by the recipe checker); :class:`FaultInjector`
-does the effects through callbacks the runner gives it (signal an agent by PID over SSH, change
-a tc class, restart an agent), so it knows nothing of SSH or tc itself.
+does the effects through callbacks the run gives it (signal an agent by PID over SSH, change a
+tc class, restart an agent: :class:`testbed.run.fault_effects.AgentEffects`), so it knows
+nothing of SSH or tc itself; :class:`TrialFaults` is one trial's injector from its first
+request to its end.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ For each sweep point (trial) and repeat the run (:class:`testbed.run.trial.Trial
    summary row.
 
 Energy of a request (:func:`testbed.dataplane.energy_attr.request_energy`): just before the request and
-just after it, the runner pings every agent that is up; each ping reply carries that agent's
+just after it, the run pings every agent that is up; each ping reply carries that agent's
 cumulative meter reading, so ``energy_devices_j`` is the sum of the devices' counter deltas
 over windows that enclose the request (idle power and network handling included, the two
 pings' own cost too: a few dozen bytes each). ``energy_bs_j`` is the BS's own meter (the
@@ -114,7 +114,7 @@ class RunResult:
 
 
 class Progress:
-    """What the runner reports while it works (the CLI draws a rich progress bar from it)."""
+    """What a run reports while it works (the CLI draws a rich progress bar from it)."""
 
     def start(self, trials: int, requests_per_trial: int) -> None: ...
     def trial(self, index: int, label: str) -> None: ...
