@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from .summary import critical_sums
+
 #: layers.csv's columns with the predicted slowest device's terms (:func:`critical_terms`)
 TERM_COLUMNS = ("predicted_air_ms", "predicted_device_ms", "predicted_call_ms")
 
@@ -197,10 +199,8 @@ def rows_for_request(
 
 
 def layer_total(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
-    """One request's layer rows as one row that :func:`testbed.results.report.summary_row` sums the
-    same (the critical path and its network part, over the layers that have both)."""
-    from .report import critical_sums
-
+    """One request's layer rows as one row that :func:`testbed.results.summary.summary_row` sums
+    the same (the critical path and its network part, over the layers that have both)."""
     path, net, seen = critical_sums(rows)
     return {
         "critical_path_ms": path if seen else None,

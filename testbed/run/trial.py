@@ -13,6 +13,7 @@ from ..net.tc import LinkSpec
 from ..policy.api import ClusterState, DeviceInfo, Policy
 from ..policy.loading import load_policy
 from ..results.rows import layer_total, request_row, rows_for_request
+from ..results.summary import summary_row
 from . import updates
 from .cluster import record_devices, trial_cluster
 from .decisions import place_experts, policy_hook
@@ -44,9 +45,7 @@ class TrialTotals:
         )
 
     def summary(self) -> dict[str, Any]:
-        """The summary columns (:func:`testbed.results.report.summary_row`)."""
-        from ..results.report import summary_row
-
+        """The summary columns (:func:`testbed.results.summary.summary_row`)."""
         return summary_row(self.requests, self.layers, self.calls)
 
 
