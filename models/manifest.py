@@ -175,40 +175,12 @@ def load_manifest(split_dir: str | os.PathLike[str], *, check_files: bool = True
         Naming the manifest, the key or the shard file at fault.
     """
     root = Path(split_dir)
-    mpath = root / MANIFEST_NAME
-    where = str(mpath)
-    try:
-        raw = json.loads(mpath.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(
-            where, "missing: not a split directory (run `testbed model split` first)"
-        ) from None
-    except json.JSONDecodeError as e:
-        raise ModelError(where, f"invalid JSON: {e}") from None
-    if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT:
-        raise ModelError(
-            f"{where}: format",
-            f"expected {MANIFEST_FORMAT!r}, got {raw.get('format') if isinstance(raw, dict) else raw!r}",
-        )
-    experts_raw = _req(raw, "experts", dict, where)
-    experts: dict[str, ShardEntry] = {}
-    for uid, d in experts_raw.items():
-        if not is_uid(uid):
-            raise ModelError(f"{where}: experts", f"bad expert uid {uid!r}")
-        experts[uid] = _entry(d, f"{where}: experts.{uid}")
+    where = str(root / MANIFEST_NAME)
+    raw = _read_raw(root / MANIFEST_NAME)
+    experts = _parse_experts(raw, where)
     bs_raw = _req(raw, "bs", dict, where)
     lift_raw = raw.get("lift")
-    lift = None
-    if lift_raw is not None:
-        if not isinstance(lift_raw, dict):
-            raise ModelError(f"{where}: lift", "expected an object")
-        lift = _entry(lift_raw, f"{where}: lift")
-        for k in ("model_hidden_size", "hidden_size"):
-            _req(lift_raw, k, int, f"{where}: lift")
-        if int(lift_raw["hidden_size"]) != int(raw.get("dims", {}).get("hidden_size", -1)):
-            raise ModelError(
-                f"{where}: lift.hidden_size", f"{lift_raw['hidden_size']} != dims.hidden_size"
-            )
+    lift = None if lift_raw is None else _parse_lift(lift_raw, raw, where)
     m = Manifest(
         root=root,
         family=_req(raw, "family", str, where),
@@ -228,23 +200,85 @@ def load_manifest(split_dir: str | os.PathLike[str], *, check_files: bool = True
         lift=lift,
         lift_info=lift_raw,
     )
+    _check_complete(m, where)
+    if check_files:
+        _check_files(m)
+    return m
+
+
+def _read_raw(mpath: Path) -> dict[str, Any]:
+    """The manifest's JSON object, of our format."""
+    where = str(mpath)
+    try:
+        raw = json.loads(mpath.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(
+            where, "missing: not a split directory (run `testbed model split` first)"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise ModelError(where, f"invalid JSON: {e}") from None
+    if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT:
+        raise ModelError(
+            f"{where}: format",
+            f"expected {MANIFEST_FORMAT!r}, got {raw.get('format') if isinstance(raw, dict) else raw!r}",
+        )
+    return raw
+
+
+def _parse_experts(raw: Mapping[str, Any], where: str) -> dict[str, ShardEntry]:
+    """uid -> shard entry of the manifest's ``experts``."""
+    experts: dict[str, ShardEntry] = {}
+    for uid, d in _req(raw, "experts", dict, where).items():
+        if not is_uid(uid):
+            raise ModelError(f"{where}: experts", f"bad expert uid {uid!r}")
+        experts[uid] = _entry(d, f"{where}: experts.{uid}")
+    return experts
+
+
+def _parse_lift(lift_raw: Any, raw: Mapping[str, Any], where: str) -> ShardEntry:
+    """The ``lift`` entry of a widened split, its widths checked against ``dims``."""
+    if not isinstance(lift_raw, dict):
+        raise ModelError(f"{where}: lift", "expected an object")
+    lift = _entry(lift_raw, f"{where}: lift")
+    for k in ("model_hidden_size", "hidden_size"):
+        _req(lift_raw, k, int, f"{where}: lift")
+    if int(lift_raw["hidden_size"]) != int(raw.get("dims", {}).get("hidden_size", -1)):
+        raise ModelError(
+            f"{where}: lift.hidden_size", f"{lift_raw['hidden_size']} != dims.hidden_size"
+        )
+    return lift
+
+
+def _check_complete(m: Manifest, where: str) -> None:
+    """Every expert of every MoE layer has an entry."""
     for layer in m.moe_layers:
         for e in range(m.experts_per_layer.get(layer, 0)):
-            if format_uid(layer, e) not in experts:
+            if format_uid(layer, e) not in m.experts:
                 raise ModelError(
                     f"{where}: experts", f"missing entry for expert {format_uid(layer, e)}"
                 )
-    if check_files:
-        for entry in [m.bs, *experts.values(), *([lift] if lift is not None else [])]:
-            p = root / entry.path
-            if not p.is_file():
-                raise ModelError(str(p), "missing shard file listed in manifest.json")
-            size = p.stat().st_size
-            if size != entry.bytes:
-                raise ModelError(str(p), f"size {size} bytes != {entry.bytes} in manifest.json")
-        if not (root / m.bs_config).is_file():
-            raise ModelError(str(root / m.bs_config), "missing (listed in manifest.json)")
-    return m
+
+
+def _check_files(m: Manifest) -> None:
+    """Every listed file exists with the listed size, and the BS config exists."""
+    entries = [m.bs, *m.experts.values(), *([m.lift] if m.lift is not None else [])]
+    for entry in entries:
+        p = m.root / entry.path
+        if not p.is_file():
+            raise ModelError(str(p), "missing shard file listed in manifest.json")
+        size = p.stat().st_size
+        if size != entry.bytes:
+            raise ModelError(str(p), f"size {size} bytes != {entry.bytes} in manifest.json")
+    if not (m.root / m.bs_config).is_file():
+        raise ModelError(str(m.root / m.bs_config), "missing (listed in manifest.json)")
+
+
+def write_manifest(split_dir: str | os.PathLike[str], manifest: Mapping[str, Any]) -> None:
+    """Write ``split_dir/manifest.json`` atomically (a split is complete once it is there)."""
+    out = Path(split_dir)
+    tmp = out / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, out / MANIFEST_NAME)
 
 
 def verify_split(split_dir: str | os.PathLike[str]) -> Manifest:

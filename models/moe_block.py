@@ -21,6 +21,7 @@ Two controller settings change what crosses the MoE boundary, not the model:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,62 +188,18 @@ class SplitMoEBlock(nn.Module):
             c.policy(ctx), n, self.num_experts, where=f"policy at layer {self.layer}"
         )
         ids, w = sel.expert_ids, sel.weights
-
-        lift = c.lift
-        xe = x if lift is None else F.linear(x, lift.to(device=x.device, dtype=x.dtype))
-        if c.wire_dtype is not None:
-            xe = xe.to(c.wire_dtype)
-        width = int(xe.shape[1])
-        inputs: dict[str, torch.Tensor] = {}
-        rows: dict[
-            str, tuple[torch.Tensor, torch.Tensor]
-        ] = {}  # uid -> (token idx, weight per row)
-        for e in torch.unique(ids[ids >= 0]).tolist():
-            hit = ids == e
-            tok = hit.any(dim=-1).nonzero().squeeze(1)
-            uid = format_uid(self.layer, int(e))
-            inputs[uid] = xe.index_select(0, tok)
-            rows[uid] = (tok, (w * hit).sum(dim=-1).index_select(0, tok))
-
+        xe = self._wire_rows(x)
+        inputs, rows = self._gather(xe, ids, w)
         result = c.backend.run_layer(LayerWork(self.layer, c.step, inputs))
         failed = {u: r for u, r in result.failed.items() if u in inputs}
         for uid in inputs:
             if uid not in result.outputs and uid not in failed:
                 failed[uid] = "no output"
-
         dropped = 0
         if failed:
             c.failures_total += len(failed)
-            bad = torch.zeros_like(ids, dtype=torch.bool)
-            for uid in failed:
-                bad |= ids == parse_uid(uid).expert
-            total = w.sum(dim=-1)
-            remain = (w * ~bad).sum(dim=-1)
-            scale = torch.where(
-                remain > 0, total / remain.clamp(min=1e-30), torch.zeros_like(total)
-            )
-            had = (ids >= 0).any(dim=-1)
-            still = ((ids >= 0) & ~bad).any(dim=-1)
-            dropped = int((had & ~still).sum())
-            rows = {
-                u: (tok, wt * scale.index_select(0, tok))
-                for u, (tok, wt) in rows.items()
-                if u not in failed
-            }
-
-        out = x.new_zeros((n, width))
-        for uid, (tok, wt) in rows.items():
-            y = result.outputs[uid]
-            if tuple(y.shape) != (tok.shape[0], width):
-                raise ModelError(
-                    uid,
-                    f"backend returned shape {list(y.shape)} for {tok.shape[0]} rows at layer {self.layer}",
-                )
-            y = y.to(device=x.device, dtype=x.dtype)
-            out.index_add_(0, tok, (y * wt.unsqueeze(1)).to(x.dtype))
-        if lift is not None:  # back to the model's basis: rows y -> y Q
-            out = out @ lift.to(device=x.device, dtype=x.dtype)
-
+            rows, dropped = self._without_failed(ids, w, rows, failed)
+        out = self._combine(x, rows, result.outputs, int(xe.shape[1]))
         if getattr(self, "shared_expert", None) is not None:
             shared = self.shared_expert(x)
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * shared
@@ -260,6 +217,78 @@ class SplitMoEBlock(nn.Module):
                 valid,
             )
         return out.reshape(shape)
+
+    def _wire_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows as sent to the experts: lifted (``x Qᵀ``) in a widened split, in the wire
+        dtype when one is set."""
+        c = self._controller
+        xe = x if c.lift is None else F.linear(x, c.lift.to(device=x.device, dtype=x.dtype))
+        if c.wire_dtype is not None:
+            xe = xe.to(c.wire_dtype)
+        return xe
+
+    def _gather(
+        self, xe: torch.Tensor, ids: torch.Tensor, w: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """Per selected expert: its input rows, and (token index, weight) per row."""
+        inputs: dict[str, torch.Tensor] = {}
+        rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for e in torch.unique(ids[ids >= 0]).tolist():
+            hit = ids == e
+            tok = hit.any(dim=-1).nonzero().squeeze(1)
+            uid = format_uid(self.layer, int(e))
+            inputs[uid] = xe.index_select(0, tok)
+            rows[uid] = (tok, (w * hit).sum(dim=-1).index_select(0, tok))
+        return inputs, rows
+
+    @staticmethod
+    def _without_failed(
+        ids: torch.Tensor,
+        w: torch.Tensor,
+        rows: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        failed: dict[str, str],
+    ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
+        """The rows of the experts that answered, each token's weights rescaled to the total
+        it had; and the number of tokens left with no expert at all."""
+        bad = torch.zeros_like(ids, dtype=torch.bool)
+        for uid in failed:
+            bad |= ids == parse_uid(uid).expert
+        total = w.sum(dim=-1)
+        remain = (w * ~bad).sum(dim=-1)
+        scale = torch.where(remain > 0, total / remain.clamp(min=1e-30), torch.zeros_like(total))
+        had = (ids >= 0).any(dim=-1)
+        still = ((ids >= 0) & ~bad).any(dim=-1)
+        dropped = int((had & ~still).sum())
+        kept = {
+            u: (tok, wt * scale.index_select(0, tok))
+            for u, (tok, wt) in rows.items()
+            if u not in failed
+        }
+        return kept, dropped
+
+    def _combine(
+        self,
+        x: torch.Tensor,
+        rows: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        outputs: Mapping[str, torch.Tensor],
+        width: int,
+    ) -> torch.Tensor:
+        """The weighted sum of the experts' outputs per token, back in the model's basis
+        (rows ``y Q``) in a widened split."""
+        out = x.new_zeros((x.shape[0], width))
+        for uid, (tok, wt) in rows.items():
+            y = outputs[uid]
+            if tuple(y.shape) != (tok.shape[0], width):
+                raise ModelError(
+                    uid,
+                    f"backend returned shape {list(y.shape)} for {tok.shape[0]} rows at layer {self.layer}",
+                )
+            y = y.to(device=x.device, dtype=x.dtype)
+            out.index_add_(0, tok, (y * wt.unsqueeze(1)).to(x.dtype))
+        lift = self._controller.lift
+        if lift is not None:
+            out = out @ lift.to(device=x.device, dtype=x.dtype)
+        return out
 
     def _record(
         self,

@@ -82,6 +82,105 @@ def _fix_meta_buffers(model: nn.Module) -> None:
             )
 
 
+def _meta_model(m: Manifest, fam: Any, attn_implementation: str) -> nn.Module:
+    """The family's causal LM for the split's BS config, built on the meta device."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(m.bs_config_path.parent))
+    config._attn_implementation = attn_implementation
+    cls_ = getattr(transformers, fam.causal_lm_class)
+    with torch.device("meta"):
+        return cls_(config)
+
+
+def _install_moe_blocks(model: nn.Module, m: Manifest, controller: MoEController) -> dict[int, str]:
+    """Replace every MoE layer's sparse-MoE block by a :class:`SplitMoEBlock` (keeping its
+    shared expert): layer -> the attribute that held it."""
+    layers = model.model.layers
+    moe_attr_by_layer: dict[int, str] = {}
+    for li in m.moe_layers:
+        attr = _find_moe_attr(layers[li])
+        if attr is None:
+            raise ModelError(
+                f"{m.bs_config_path}",
+                f"layer {li} of {type(model).__name__} has no sparse-MoE block",
+            )
+        orig = getattr(layers[li], attr)
+        block = SplitMoEBlock(
+            li,
+            m.model_hidden_size,
+            m.experts_per_layer[li],
+            m.top_k,
+            m.norm_topk_prob,
+            controller,
+            shared_expert=getattr(orig, "shared_expert", None),
+            shared_expert_gate=getattr(orig, "shared_expert_gate", None),
+        )
+        setattr(layers[li], attr, block)
+        moe_attr_by_layer[li] = attr
+    return moe_attr_by_layer
+
+
+def _load_bs_weights(
+    model: nn.Module, m: Manifest, fam: Any, moe_attrs: dict[int, str]
+) -> torch.dtype:
+    """Load ``bs/model.safetensors`` into ``model`` (block keys renamed to the attributes of
+    ``moe_attrs``; every tensor checked against the model's; tied embeddings); the stored
+    dtype of its first tensor."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(m.bs_path))
+    renamed: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        parts = k.split(".")
+        if (
+            len(parts) > 3
+            and parts[0] == "model"
+            and parts[1] == "layers"
+            and parts[3] == fam.block_prefix
+        ):
+            attr = moe_attrs.get(int(parts[2]))
+            if attr is not None:
+                k = ".".join([*parts[:3], attr, *parts[4:]])
+        renamed[k] = v
+    expected = dict(model.state_dict(keep_vars=True))
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    for k, v in renamed.items():
+        if k not in expected:
+            raise ModelError(f"{m.bs_path}: {k}", f"unexpected tensor for {type(model).__name__}")
+        if tuple(expected[k].shape) != tuple(v.shape):
+            raise ModelError(
+                f"{m.bs_path}: {k}",
+                f"shape {list(v.shape)} != model's {list(expected[k].shape)}",
+            )
+    missing = [k for k in expected if k not in renamed and not (tied and k == "lm_head.weight")]
+    if missing:
+        raise ModelError(
+            f"{m.bs_path}: {missing[0]}",
+            f"missing from the BS part ({len(missing)} tensors missing)",
+        )
+    model.load_state_dict(renamed, strict=False, assign=True)
+    if tied and "lm_head.weight" not in renamed:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    _fix_meta_buffers(model)
+    return next(iter(state.values())).dtype
+
+
+def _load_lift(m: Manifest) -> torch.Tensor:
+    """The lift Q [hidden, model hidden] of a widened split."""
+    from safetensors.torch import load_file
+
+    assert m.lift_path is not None
+    lift = load_file(str(m.lift_path)).get(str((m.lift_info or {}).get("tensor", "lift")))
+    want = (m.hidden_size, m.model_hidden_size)
+    if lift is None or tuple(lift.shape) != want:
+        raise ModelError(
+            str(m.lift_path),
+            f"lift tensor missing or not of shape {list(want)} (hidden, model hidden)",
+        )
+    return lift
+
+
 class BaseStationModel:
     """A family's causal LM whose routed experts run through an expert backend.
 
@@ -136,91 +235,22 @@ class BaseStationModel:
         A widened split (a ``lift`` entry in the manifest, :mod:`models.widen`) loads its lift
         Q into the controller: the MoE blocks send ``x Qᵀ`` and map the replies back with Q.
         """
-        import transformers
-        from safetensors.torch import load_file
-
         m = load_manifest(split_dir)
         fam = FAMILIES.get(m.family)
         if fam is None:
             raise ModelError(f"{m.root / 'manifest.json'}: family", f"unknown family {m.family!r}")
-        config = transformers.AutoConfig.from_pretrained(str(m.bs_config_path.parent))
-        config._attn_implementation = attn_implementation
-        cls_ = getattr(transformers, fam.causal_lm_class)
-        with torch.device("meta"):
-            model = cls_(config)
+        model = _meta_model(m, fam, attn_implementation)
         controller = MoEController(backend=backend or LocalExpertBackend({}), policy=policy)
-        layers = model.model.layers
-        moe_attr_by_layer: dict[int, str] = {}
-        for li in m.moe_layers:
-            attr = _find_moe_attr(layers[li])
-            if attr is None:
-                raise ModelError(
-                    f"{m.bs_config_path}", f"layer {li} of {cls_.__name__} has no sparse-MoE block"
-                )
-            orig = getattr(layers[li], attr)
-            block = SplitMoEBlock(
-                li,
-                m.model_hidden_size,
-                m.experts_per_layer[li],
-                m.top_k,
-                m.norm_topk_prob,
-                controller,
-                shared_expert=getattr(orig, "shared_expert", None),
-                shared_expert_gate=getattr(orig, "shared_expert_gate", None),
-            )
-            setattr(layers[li], attr, block)
-            moe_attr_by_layer[li] = attr
-
-        state = load_file(str(m.bs_path))
-        renamed: dict[str, torch.Tensor] = {}
-        for k, v in state.items():
-            parts = k.split(".")
-            if (
-                len(parts) > 3
-                and parts[0] == "model"
-                and parts[1] == "layers"
-                and parts[3] == fam.block_prefix
-            ):
-                attr = moe_attr_by_layer.get(int(parts[2]))
-                if attr is not None:
-                    k = ".".join([*parts[:3], attr, *parts[4:]])
-            renamed[k] = v
-        expected = dict(model.state_dict(keep_vars=True))
-        tied = bool(getattr(config, "tie_word_embeddings", False))
-        for k, v in renamed.items():
-            if k not in expected:
-                raise ModelError(f"{m.bs_path}: {k}", f"unexpected tensor for {cls_.__name__}")
-            if tuple(expected[k].shape) != tuple(v.shape):
-                raise ModelError(
-                    f"{m.bs_path}: {k}",
-                    f"shape {list(v.shape)} != model's {list(expected[k].shape)}",
-                )
-        missing = [k for k in expected if k not in renamed and not (tied and k == "lm_head.weight")]
-        if missing:
-            raise ModelError(
-                f"{m.bs_path}: {missing[0]}",
-                f"missing from the BS part ({len(missing)} tensors missing)",
-            )
-        model.load_state_dict(renamed, strict=False, assign=True)
-        if tied and "lm_head.weight" not in renamed:
-            model.lm_head.weight = model.model.embed_tokens.weight
-        _fix_meta_buffers(model)
+        moe_attrs = _install_moe_blocks(model, m, controller)
+        stored = _load_bs_weights(model, m, fam, moe_attrs)
         tdtype = torch_dtype(dtype)
         if tdtype is None and torch.device(device).type == "cpu":
-            stored = next(iter(state.values())).dtype
             tdtype = torch.float32 if stored in (torch.float16, torch.bfloat16) else None
         model.to(device=device, dtype=tdtype) if tdtype is not None else model.to(device=device)
         model.eval()
         model.requires_grad_(False)
         if m.lift_path is not None:
-            lift = load_file(str(m.lift_path)).get(str((m.lift_info or {}).get("tensor", "lift")))
-            want = (m.hidden_size, m.model_hidden_size)
-            if lift is None or tuple(lift.shape) != want:
-                raise ModelError(
-                    str(m.lift_path),
-                    f"lift tensor missing or not of shape {list(want)} (hidden, model hidden)",
-                )
-            controller.lift = lift.to(device=device, dtype=next(model.parameters()).dtype)
+            controller.lift = _load_lift(m).to(device=device, dtype=next(model.parameters()).dtype)
         controller.wire_dtype = torch_dtype(wire_dtype)
         if backend is None:
             controller.backend = LocalExpertBackend.from_split_dir(

@@ -19,8 +19,15 @@ from typing import Any
 
 from models.errors import ModelError
 from models.families import NEUTRAL_PROJS, FamilyAdapter, family_for_config
-from models.manifest import EXPERT_SHARD_FORMAT, MANIFEST_FORMAT, MANIFEST_NAME
-from models.safetensors_io import DTYPE_BYTES, OutTensor, TensorInfo, read_header, write_safetensors
+from models.manifest import EXPERT_SHARD_FORMAT, MANIFEST_FORMAT, MANIFEST_NAME, write_manifest
+from models.safetensors_io import (
+    DTYPE_BYTES,
+    OutTensor,
+    TensorInfo,
+    WrittenFile,
+    read_header,
+    write_safetensors,
+)
 from models.uids import format_uid
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -122,6 +129,30 @@ def plan_experts(
         No expert tensors at all, a missing or unexpected expert tensor, a wrong shape or dtype.
     """
     H, I, E = dims["hidden_size"], dims["expert_intermediate_size"], dims["num_experts"]
+    per_key, fused, used = _find_expert_tensors(fam, E, moe_layers, tensors)
+    out: dict[str, ExpertSource] = {}
+    for layer in moe_layers:
+        gu, dn = fused.get((layer, "gate_up_proj")), fused.get((layer, "down_proj"))
+        for e in range(E):
+            uid = format_uid(layer, e)
+            if gu is not None or dn is not None:
+                parts = _fused_parts(layer, e, gu, dn, H, I, E)
+            else:
+                parts = _per_key_parts(fam, per_key, layer, e, H, I)
+            dtypes = {p.dtype for p in parts.values()}
+            if len(dtypes) != 1:
+                raise ModelError(
+                    fam.expert_key(layer, e, "w1"), f"expert {uid} mixes dtypes {sorted(dtypes)}"
+                )
+            out[uid] = ExpertSource(layer, e, parts)
+    return out, used
+
+
+def _find_expert_tensors(
+    fam: FamilyAdapter, E: int, moe_layers: list[int], tensors: Mapping[str, TensorInfo]
+) -> tuple[dict[tuple[int, int, str], TensorInfo], dict[tuple[int, str], TensorInfo], set[str]]:
+    """The checkpoint's expert tensors: per expert and projection ((layer, e, proj) -> info),
+    fused per layer ((layer, "gate_up_proj" | "down_proj") -> info), and their keys."""
     moe = set(moe_layers)
     per_key: dict[tuple[int, int, str], TensorInfo] = {}
     fused: dict[tuple[int, str], TensorInfo] = {}
@@ -152,50 +183,58 @@ def plan_experts(
             f"no routed-expert tensors found (expected keys like {fam.expert_key(moe_layers[0] if moe_layers else 0, 0, 'w1')}); "
             "dense checkpoint or wrong family?",
         )
-    out: dict[str, ExpertSource] = {}
-    for layer in moe_layers:
-        gu, dn = fused.get((layer, "gate_up_proj")), fused.get((layer, "down_proj"))
-        for e in range(E):
-            uid = format_uid(layer, e)
-            parts: dict[str, OutTensor] = {}
-            if gu is not None or dn is not None:
-                if gu is None or dn is None:
-                    missing = "gate_up_proj" if gu is None else "down_proj"
-                    raise ModelError(
-                        f"model.layers.{layer}.mlp.experts.{missing}", "missing from checkpoint"
-                    )
-                _check_shape(gu, (E, 2 * I, H), "experts, 2*intermediate, hidden")
-                _check_shape(dn, (E, H, I), "experts, hidden, intermediate")
-                esz = DTYPE_BYTES[gu.dtype]
-                parts["w1"] = OutTensor("w1", gu.dtype, (I, H), gu, offset=(e * 2 * I * H) * esz)
-                parts["w3"] = OutTensor(
-                    "w3", gu.dtype, (I, H), gu, offset=(e * 2 * I * H + I * H) * esz
-                )
-                parts["w2"] = OutTensor(
-                    "w2", dn.dtype, (H, I), dn, offset=(e * H * I) * DTYPE_BYTES[dn.dtype]
-                )
-            else:
-                for proj in NEUTRAL_PROJS:
-                    info = per_key.get((layer, e, proj))
-                    if info is None:
-                        raise ModelError(
-                            fam.expert_key(layer, e, proj),
-                            f"missing from checkpoint (expert {uid})",
-                        )
-                    want = (H, I) if proj == "w2" else (I, H)
-                    _check_shape(
-                        info,
-                        want,
-                        "hidden, intermediate" if proj == "w2" else "intermediate, hidden",
-                    )
-                    parts[proj] = OutTensor(proj, info.dtype, want, info)
-            dtypes = {p.dtype for p in parts.values()}
-            if len(dtypes) != 1:
-                raise ModelError(
-                    fam.expert_key(layer, e, "w1"), f"expert {uid} mixes dtypes {sorted(dtypes)}"
-                )
-            out[uid] = ExpertSource(layer, e, parts)
-    return out, used
+    return per_key, fused, used
+
+
+def _fused_parts(
+    layer: int,
+    e: int,
+    gu: TensorInfo | None,
+    dn: TensorInfo | None,
+    H: int,
+    I: int,
+    E: int,
+) -> dict[str, OutTensor]:
+    """Expert ``e``'s w1/w3/w2 as slices of its layer's fused ``gate_up_proj`` [E, 2I, H] and
+    ``down_proj`` [E, H, I]."""
+    if gu is None or dn is None:
+        missing = "gate_up_proj" if gu is None else "down_proj"
+        raise ModelError(f"model.layers.{layer}.mlp.experts.{missing}", "missing from checkpoint")
+    _check_shape(gu, (E, 2 * I, H), "experts, 2*intermediate, hidden")
+    _check_shape(dn, (E, H, I), "experts, hidden, intermediate")
+    esz = DTYPE_BYTES[gu.dtype]
+    return {
+        "w1": OutTensor("w1", gu.dtype, (I, H), gu, offset=(e * 2 * I * H) * esz),
+        "w3": OutTensor("w3", gu.dtype, (I, H), gu, offset=(e * 2 * I * H + I * H) * esz),
+        "w2": OutTensor("w2", dn.dtype, (H, I), dn, offset=(e * H * I) * DTYPE_BYTES[dn.dtype]),
+    }
+
+
+def _per_key_parts(
+    fam: FamilyAdapter,
+    per_key: Mapping[tuple[int, int, str], TensorInfo],
+    layer: int,
+    e: int,
+    H: int,
+    I: int,
+) -> dict[str, OutTensor]:
+    """Expert ``e``'s w1/w2/w3 from their own checkpoint tensors."""
+    parts: dict[str, OutTensor] = {}
+    for proj in NEUTRAL_PROJS:
+        info = per_key.get((layer, e, proj))
+        if info is None:
+            raise ModelError(
+                fam.expert_key(layer, e, proj),
+                f"missing from checkpoint (expert {format_uid(layer, e)})",
+            )
+        want = (H, I) if proj == "w2" else (I, H)
+        _check_shape(
+            info,
+            want,
+            "hidden, intermediate" if proj == "w2" else "intermediate, hidden",
+        )
+        parts[proj] = OutTensor(proj, info.dtype, want, info)
+    return parts
 
 
 def _check_bs_tensors(
@@ -269,43 +308,10 @@ def split_checkpoint(
     _check_bs_tensors(fam, dims, moe_layers, bs)
     _prepare_out_dir(out)
 
-    bs_dtypes = sorted({t.dtype for t in bs.values()})
-    bs_file = write_safetensors(
-        out / BS_DIR / "model.safetensors",
-        [OutTensor(k, v.dtype, v.shape, v) for k, v in bs.items()],
-        metadata={"format": "pt", "family": fam.name},
-    )
-    extra: list[str] = []
-    for p in sorted(src.iterdir()):
-        if p.is_file() and p.suffix in _COPY_SUFFIXES and p.name != INDEX_NAME:
-            shutil.copyfile(p, out / BS_DIR / p.name)
-            extra.append(p.name)
-
-    expert_entries: dict[str, Any] = {}
-    for uid, es in experts.items():
-        rel = f"{EXPERTS_DIR}/{uid}.safetensors"
-        w = write_safetensors(
-            out / rel,
-            list(es.parts.values()),
-            metadata={
-                "format": EXPERT_SHARD_FORMAT,
-                "uid": uid,
-                "family": fam.name,
-                "activation": "silu",
-            },
-        )
-        dtype = next(iter(es.parts.values())).dtype
-        expert_entries[uid] = {
-            "path": rel,
-            "layer": es.layer,
-            "expert": es.expert,
-            "bytes": w.nbytes,
-            "sha256": w.sha256,
-            "dtype": dtype,
-            "shapes": {p: list(t.shape) for p, t in sorted(es.parts.items())},
-        }
-
+    bs_file, extra = _write_bs_part(src, out, bs, fam.name)
+    expert_entries = _write_experts(out, experts, fam.name)
     expert_dtypes = sorted({e["dtype"] for e in expert_entries.values()})
+    bs_dtypes = sorted({t.dtype for t in bs.values()})
     largest = max(
         max(t.nbytes for t in tensors.values()),
         max(p.nbytes for es in experts.values() for p in es.parts.values()),
@@ -340,7 +346,52 @@ def split_checkpoint(
             "bytes": sum(t.nbytes for t in tensors.values()),
         },
     }
-    tmp = out / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, out / MANIFEST_NAME)
+    write_manifest(out, manifest)
     return manifest
+
+
+def _write_bs_part(
+    src: Path, out: Path, bs: Mapping[str, TensorInfo], family: str
+) -> tuple[WrittenFile, list[str]]:
+    """Write the BS tensors to ``bs/model.safetensors`` and copy the tokenizer/config files
+    beside them: (what :func:`write_safetensors` returned, the names of the files copied)."""
+    bs_file = write_safetensors(
+        out / BS_DIR / "model.safetensors",
+        [OutTensor(k, v.dtype, v.shape, v) for k, v in bs.items()],
+        metadata={"format": "pt", "family": family},
+    )
+    extra: list[str] = []
+    for p in sorted(src.iterdir()):
+        if p.is_file() and p.suffix in _COPY_SUFFIXES and p.name != INDEX_NAME:
+            shutil.copyfile(p, out / BS_DIR / p.name)
+            extra.append(p.name)
+    return bs_file, extra
+
+
+def _write_experts(
+    out: Path, experts: Mapping[str, ExpertSource], family: str
+) -> dict[str, dict[str, Any]]:
+    """Write one shard per expert: uid -> its manifest entry."""
+    entries: dict[str, dict[str, Any]] = {}
+    for uid, es in experts.items():
+        rel = f"{EXPERTS_DIR}/{uid}.safetensors"
+        w = write_safetensors(
+            out / rel,
+            list(es.parts.values()),
+            metadata={
+                "format": EXPERT_SHARD_FORMAT,
+                "uid": uid,
+                "family": family,
+                "activation": "silu",
+            },
+        )
+        entries[uid] = {
+            "path": rel,
+            "layer": es.layer,
+            "expert": es.expert,
+            "bytes": w.nbytes,
+            "sha256": w.sha256,
+            "dtype": next(iter(es.parts.values())).dtype,
+            "shapes": {p: list(t.shape) for p, t in sorted(es.parts.items())},
+        }
+    return entries

@@ -28,7 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import ModelError
-from models.manifest import EXPERT_SHARD_FORMAT, MANIFEST_NAME, Manifest, load_manifest
+from models.manifest import (
+    EXPERT_SHARD_FORMAT,
+    MANIFEST_NAME,
+    Manifest,
+    load_manifest,
+    write_manifest,
+)
 from models.safetensors_io import sha256_file
 
 LIFT_PATH = "bs/lift.safetensors"
@@ -117,9 +123,7 @@ def widen_split(
         experts[uid], size = _widen_expert(src, uid, out, q, I1, dtype, seed)
         largest = max(largest, size)
     manifest = _widened_manifest(src, out, experts, largest, hidden=int(hidden), seed=seed, I1=I1)
-    tmp = out / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, out / MANIFEST_NAME)
+    write_manifest(out, manifest)
     return manifest
 
 
