@@ -15,7 +15,7 @@ Requests (``op``) and their extra header fields:
 ``ping``
     (none). Reply: ``t1_ns``/``t2_ns`` (device wall clock at receipt / at reply).
 ``status``
-    (none). Reply: ``status`` (see :meth:`device_agent.server.AgentServer.status`).
+    (none). Reply: ``status`` (see :meth:`device_agent.status.StatusReport.build`).
 ``load``
     ``experts``: list of maps ``{uid, path, runtime?, quant?, dtype?, io_dtype?}`` (``path``
     relative to the agent's workdir) or ``{uid, builtin: "identity", hidden, io_dtype?}``.

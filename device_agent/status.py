@@ -135,8 +135,11 @@ class StatusReport:
         return {"energy_j": r.energy_j, "power_w": p, "energy_source": self.meter.energy_source}
 
     def build(self, experts: dict[str, Any], counters: Counters, queue_len: int) -> dict[str, Any]:
-        """The status: ``agent``, ``experts`` (as given), ``memory``, ``load``, ``energy_j``,
-        ``power_w``, ``energy_source``, ``energy_meter``, ``clock_ns``, in that order."""
+        """The status, in this order: ``agent`` (pid, hostname, endpoint, protocol, device,
+        threads, started_ns, uptime_s, max_message_bytes), ``experts`` (as given: see
+        :meth:`device_agent.experts.ExpertStore.describe`), ``memory`` (:func:`memory_section`),
+        ``load`` (:func:`load_section`), ``energy_j``, ``power_w``, ``energy_source``
+        (:meth:`energy`), ``energy_meter`` (the meter's description), ``clock_ns``."""
         memory = memory_section(self.device)
         return {
             "agent": {
