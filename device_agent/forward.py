@@ -21,17 +21,6 @@ from device_agent.status import Counters
 _perf = time.perf_counter
 
 
-def check_timeout(timeout_ms: Any) -> None:
-    """``BAD_HEADER`` unless ``timeout_ms`` is absent (``None``) or a number (a bool, or a NaN
-    that would never expire, is not)."""
-    if timeout_ms is not None and (
-        isinstance(timeout_ms, bool)
-        or not isinstance(timeout_ms, (int, float))
-        or (isinstance(timeout_ms, float) and math.isnan(timeout_ms))
-    ):
-        raise ProtocolError(ErrorCode.BAD_HEADER, "forward: timeout_ms must be a number")
-
-
 class ForwardOp:
     """Runs ``forward`` requests on the agent's experts (the dict it is given, shared with the
     :class:`~device_agent.experts.ExpertStore`); counts rows, calls and per-tensor errors.
@@ -54,9 +43,10 @@ class ForwardOp:
         self.max_rows = int(max_rows)
         self.max_tensors = int(max_tensors)
 
-    def check_request(self, h: dict[str, Any], n_frames: int) -> list[Any]:
+    def check_request(self, h: dict[str, Any], n_frames: int) -> tuple[list[Any], Any]:
         """The request's tensor descriptors ``t``, checked against the frames that came with it
-        and the limits; its ``timeout_ms`` checked too."""
+        and the limits, and its ``timeout_ms`` (``None`` or a number: a bool, or a NaN that
+        would never expire, gets ``BAD_HEADER``)."""
         descs = h.get("t")
         if not isinstance(descs, list):
             raise ProtocolError(ErrorCode.BAD_HEADER, "forward: 't' must be a list")
@@ -69,8 +59,14 @@ class ForwardOp:
             raise ProtocolError(
                 ErrorCode.BAD_FRAMES, f"{n} tensors declared, {n_frames} frames sent"
             )
-        check_timeout(h.get("timeout_ms"))
-        return descs
+        timeout_ms = h.get("timeout_ms")
+        if timeout_ms is not None and (
+            isinstance(timeout_ms, bool)
+            or not isinstance(timeout_ms, (int, float))
+            or (isinstance(timeout_ms, float) and math.isnan(timeout_ms))
+        ):
+            raise ProtocolError(ErrorCode.BAD_HEADER, "forward: timeout_ms must be a number")
+        return descs, timeout_ms
 
     def expert_for(self, uid: str, dt: str, shape: tuple[int, int]) -> LoadedExpert:
         """The loaded expert ``uid``, if it takes a tensor of this dtype and shape."""
@@ -130,11 +126,10 @@ class ForwardOp:
     ) -> tuple[dict[str, Any], list[Any]]:
         """Run the experts of one request; ``body`` is [header, tensor frames...], ``recv_perf``
         its receipt (``perf_counter``). Returns the reply's fields and frames."""
-        descs = self.check_request(h, len(body) - 1)
+        descs, timeout_ms = self.check_request(h, len(body) - 1)
         start = _perf()
         e_start = self.now_j()
         queue_ms = (start - recv_perf) * 1e3
-        timeout_ms = h.get("timeout_ms")
         if timeout_ms is not None and queue_ms > timeout_ms:
             raise ProtocolError(
                 ErrorCode.EXPIRED,
@@ -145,6 +140,7 @@ class ForwardOp:
         out_bufs: list[Any] = []
         uid_ms: dict[str, float] = {}
         seen: set[str] = set()
+        expert_for, run_one = self.expert_for, self.run_one
         for i in range(len(descs)):
             desc = descs[i]
             key = f"#{i}"
@@ -154,9 +150,7 @@ class ForwardOp:
                 if uid in seen:
                     raise ProtocolError(ErrorCode.BAD_HEADER, f"uid {uid} sent twice")
                 seen.add(uid)
-                buf, uid_ms[uid] = self.run_one(
-                    self.expert_for(uid, dt, shape), body[i + 1], dt, shape
-                )
+                buf, uid_ms[uid] = run_one(expert_for(uid, dt, shape), body[i + 1], dt, shape)
                 out_desc.append(desc)  # == [uid, dt, [rows, cols]] (checked above)
                 out_bufs.append(buf)
             except ProtocolError as err:
