@@ -3,7 +3,7 @@
 
 A call notices that its agent's connection dropped (the socket monitor, fed by ZeroMQ's I/O
 thread, reports the disconnect) and renews it (:meth:`RemoteExpertBackend.reconnect`). When that
-call runs inside a loop over ``backend.agents`` (the runner's per-request energy pings, the
+call runs inside a loop over ``backend.agents`` (the run's per-request energy pings, the
 backend's own ``fetch_energy_sources`` / ``estimate_clock_offsets`` / ``connect``), the renewal
 used to pop the device and add it back, so the loop failed whenever an agent had just been
 killed. Here two in-process fake agents on loopback answer ``ping`` and ``status``; one drops
@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 import zmq
 
 from device_agent import protocol as P
 from testbed.dataplane.backend import RemoteExpertBackend
-from testbed.run.session import Runner
+from testbed.run.telemetry import energy_counters
 
 
 class FakeAgent(threading.Thread):
@@ -119,8 +118,8 @@ def test_loops_over_the_devices_survive_a_renewal_inside(backend, device):
     assert all(be.agents[n].clock is clocks[n] for n in order)
 
     _drop(be, agents[device], device)
-    runner = SimpleNamespace(backend=be)  # the per-request energy pings of a run
-    assert Runner._energy_counters(runner) == dict.fromkeys(order, 1.5)  # type: ignore[arg-type]
+    # the per-request energy pings of a run
+    assert energy_counters(be) == dict.fromkeys(order, 1.5)
     renewals += 1
     assert be.reconnects == {device: renewals}
 
