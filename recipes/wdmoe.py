@@ -8,7 +8,7 @@ What is from the papers and what is a reconstruction (POLICIES.md tags):
 * [V] the architecture, the goal (low latency at kept accuracy), joint selection + bandwidth;
 * [S] the weight-to-latency ratio (WLR) of an expert = its gate weight / latency of its device,
   a training-free threshold that turns top-2 into a dynamic top-k;
-* [R] everything numeric below: the latency model (:mod:`testbed.policy.latency_model`), the channel
+* [R] everything numeric below: the latency model (:mod:`testbed.policy.bandwidth`), the channel
   (:mod:`testbed.net.channel`), the journal's alternating procedure, the cosine pruning schedule,
   the WLR of a whole selection, and every default.
 
@@ -39,7 +39,7 @@ seeded by ``seed``):
   (:meth:`~testbed.net.channel.ChannelModel.rates_bps`: the BS's power shared in proportion to
   bandwidth on the downlink, the device's own power on the uplink, the spectral-efficiency
   cap), in a cell of the whole budget;
-* min–max bandwidth is :func:`testbed.policy.latency_model.min_max_bandwidth`'s problem solved at
+* min–max bandwidth is :func:`testbed.policy.bandwidth.min_max_bandwidth`'s problem solved at
   those rates (:meth:`~testbed.net.channel.ChannelModel.min_max_bandwidth`): the latency model's
   solver assumes the paper's ``B log2(1 + s/B)`` with a fixed power per device, while the
   split downlink's rate is linear in ``B`` and capped;

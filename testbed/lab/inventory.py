@@ -108,7 +108,7 @@ class BaseStation:
     ssh_port: int = 22
     ssh_user: str | None = None
     ssh_key: str | None = None
-    #: ``bs.shaping``: the leaf under each device's HTB class (see :mod:`testbed.net.links`)
+    #: ``bs.shaping``: the leaf under each device's HTB class (see :mod:`testbed.net.tc`)
     shaping: str = "auto"
 
 
@@ -156,7 +156,7 @@ _TESTBED_KEYS = {"name", "known_hosts", "security", "keys_dir"}
 SECURITY = ("curve", "none")
 _BS_REQUIRED = {"name", "host", "interface"}
 _BS_OPTIONAL = {"ifb", "local", "sudo", "cell_rate", "ssh_port", "ssh_user", "ssh_key", "shaping"}
-#: ``bs.shaping`` values (testbed.net.links.SHAPING_MODES)
+#: ``bs.shaping`` values (testbed.net.tc.SHAPING_MODES)
 SHAPING = ("auto", "tbf", "netem", "htb")
 _DEV_REQUIRED = {"name", "host", "ssh_user", "workdir", "python", "hw_class", "memory_budget_mb"}
 _DEV_OPTIONAL = {"ssh_port", "ssh_key", "interface", "reuse_packages", "agent_port"}

@@ -327,7 +327,7 @@ def rate_change_fit(
     links: Sequence[Mapping[str, Any]], layers: Sequence[Mapping[str, Any]] = ()
 ) -> dict[str, tuple[float, float]]:
     """Source -> ``(a, b)`` of ``change_ms = a + b * devices changed`` (non-negative least
-    squares, :func:`~testbed.policy.latency_model.fit_compute_profile`), and ``""`` over all (pure).
+    squares, :func:`~testbed.policy.bandwidth.fit_compute_profile`), and ``""`` over all (pure).
 
     An epoch's time is the ``change_ms`` of the layer that started it where ``layers.csv``
     records it (the whole in-line change: tc, read-back, the last epoch's rows written), else

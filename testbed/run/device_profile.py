@@ -26,7 +26,7 @@ class DeviceProfiler:
     Parameters
     ----------
     shaper:
-        The BS's :class:`testbed.net.links.TcShaper`.
+        The BS's :class:`testbed.net.shaper.TcShaper`.
     all_devices:
         How many devices the inventory has (the tc tree is set up for all of them).
     backend:

@@ -13,7 +13,7 @@ layer of every forward step), ``step`` (default: one forward step, all its layer
 
 A policy's bandwidth overrides the trace or channel: once a policy has asked for bandwidth, the
 trace/channel is no longer applied in that trial. Every epoch's change is one ``tc -batch``
-(:meth:`testbed.net.links.TcShaper.set_rates`), timed, its rates read back from tc; one
+(:meth:`testbed.net.shaper.TcShaper.set_rates`), timed, its rates read back from tc; one
 ``links.csv`` row per device, written when the epoch ends (so that it carries how long the
 rates stayed: ``epoch_ms``; a crash loses the rows of the epoch in flight), with the epoch's
 scope in force (``epoch_scope``). The change runs
@@ -105,7 +105,7 @@ class LinkRecorder:
     Parameters
     ----------
     shaper:
-        A :class:`testbed.net.links.TcShaper` whose tree is installed.
+        A :class:`testbed.net.shaper.TcShaper` whose tree is installed.
     table:
         The ``links.csv`` :class:`testbed.results.CsvTable`.
     t0:

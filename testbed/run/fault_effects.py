@@ -23,7 +23,7 @@ class AgentEffects:
     runners:
         device name -> its SSH runner.
     shaper:
-        The BS's :class:`testbed.net.links.TcShaper`.
+        The BS's :class:`testbed.net.shaper.TcShaper`.
     backend:
         The expert backend (a restarted agent is reconnected).
     loader:
