@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, NeedsRoot, TestbedError
-from ..net.links import LinkSpec, TcShaper, turn_offloads_off
+from ..net.offloads import turn_offloads_off
+from ..net.shaper import TcShaper
+from ..net.tc import LinkSpec
 from .inventory import BaseStation, Device, render_inventory
 from .provision import AGENT_PACKAGES
 from .runner import LocalRunner

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from testbed.lab.inventory import load_inventory
-from testbed.net.links import class_minor, enforced_kbit, leaves_by_class, parse_htb_classes
+from testbed.net.tc import class_minor, enforced_kbit, leaves_by_class, parse_htb_classes
 from testbed.results import schema as R
 from tests.conftest import needs_testbed, run_cli
 

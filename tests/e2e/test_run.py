@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from testbed.lab.runner import LocalRunner
-from testbed.net.links import TcShaper
+from testbed.net.shaper import TcShaper
 from testbed.results import schema as R
 from testbed.results.report import PLOT_FILES
 from tests.conftest import leftovers, needs_testbed, run_cli, unique_name

@@ -36,7 +36,7 @@ from testbed.dataplane.backend import ClockEstimate, RemoteExpertBackend
 from testbed.lab.agents import AgentProcess, start_agent, stop_agent
 from testbed.lab.inventory import bs_runner_for, load_inventory, ssh_runner_for
 from testbed.lab.runner import LocalRunner
-from testbed.net.links import LinkSpec, class_minor
+from testbed.net.tc import LinkSpec, class_minor
 from testbed.net.verify import shaper_for
 from tests.conftest import needs_testbed
 

@@ -15,7 +15,8 @@ def place_experts(
     """uid -> device names, with one of :data:`testbed.policy.PLACEMENTS`."""
     from models.uids import parse_uid
 
-    from ...policy.api import PLACEMENTS, DeviceInfo, ExpertInfo
+    from ...policy.api import DeviceInfo, ExpertInfo
+    from ...policy.placement import PLACEMENTS
 
     if placement not in PLACEMENTS:
         raise ConfigError(
