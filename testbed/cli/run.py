@@ -179,7 +179,7 @@ def simulate_cmd(
         None,
         "--calibrate",
         help="A measured run's results folder to calibrate the latency "
-        "model from (default: the documented defaults, testbed.run.twin.DEFAULTS).",
+        "model from (default: the documented defaults, testbed.run.calibration.DEFAULTS).",
         metavar="RUN_DIR",
     ),
     out: Path = typer.Option(Path("results"), "--out", help="Parent folder of the run folder."),
