@@ -109,7 +109,8 @@ def min_server(bind: str, ready_file: str) -> None:
                 continue
             h = msgpack.unpackb(hf.bytes)
             rows, cols = h["t"][0][2]
-            # the "expert" is the identity: the view is made, and the received frame goes back as it is
+            # the "expert" is the identity: the view is made, and the received frame goes back as
+            # it is
             torch.from_numpy(np.frombuffer(df.buffer, dtype=f16).reshape(rows, cols))
             s.send_multipart(
                 [env, msgpack.packb({"v": 1, "id": h["id"], "t": h["t"]}), df], copy=False
@@ -410,18 +411,21 @@ def _table(path_rows: list[dict[str, Any]], fan_rows: list[dict[str, Any]]) -> s
     host = f"Host: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}."
     out = [
         (
-            "raw = pyzmq REQ->REP echo of one frame of the same bytes (the REP sends the received frame back); "
-            "minimal = the least any Python data plane with a header and a tensor frame does (DEALER->ROUTER, "
-            "msgpack header with a request id both ways, a torch view of the frame at both ends, no checks, no "
-            "timing); framework = RemoteExpertBackend.run_layer on one expert that the agent serves with the "
-            "identity expert (nothing subtracted; the agent's own time in the call, receipt to reply, is the "
-            "last column). All three servers run at the agent's address (same path) with the same malloc "
-            f"settings; medians of all calls, taken in alternating blocks of the same run. {host}"
+            "raw = pyzmq REQ->REP echo of one frame of the same bytes (the REP sends the received "
+            "frame back); minimal = the least any Python data plane with a header and a tensor "
+            "frame does (DEALER->ROUTER, msgpack header with a request id both ways, a torch view "
+            "of the frame at both ends, no checks, no timing); framework = "
+            "RemoteExpertBackend.run_layer on one expert that the agent serves with the identity "
+            "expert (nothing subtracted; the agent's own time in the call, receipt to reply, is "
+            "the last column). All three servers run at the agent's address (same path) with the "
+            "same malloc settings; medians of all calls, taken in alternating blocks of the same "
+            f"run. {host}"
         ),
         "",
         (
             "| path | tokens x 4096 fp16 | bytes | raw echo (ms) | minimal (ms) | framework (ms) | "
-            "framework / raw | target | minimal / raw | framework / minimal | agent time in call (ms) |"
+            "framework / raw | target | minimal / raw | framework / minimal | "
+            "agent time in call (ms) |"
         ),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -429,7 +433,8 @@ def _table(path_rows: list[dict[str, Any]], fan_rows: list[dict[str, Any]]) -> s
         tgt = f"<= {r['target']:.2f}" if r["target"] else "-"
         ok = "" if not r["target"] else (" ok" if r["ratio"] <= r["target"] else " MISS")
         out.append(
-            f"| {r['path']} | {r['tokens']} | {r['bytes']} | {r['raw_ms']:.3f} | {r['min_ms']:.3f} | "
+            f"| {r['path']} | {r['tokens']} | {r['bytes']} | {r['raw_ms']:.3f} | "
+            f"{r['min_ms']:.3f} | "
             f"{r['framework_ms']:.3f} | {r['ratio']:.2f} | {tgt}{ok} | {r['min_ratio']:.2f} | "
             f"{r['fw_over_min']:.2f} | {r['device_ms']:.3f} |"
         )
@@ -437,15 +442,17 @@ def _table(path_rows: list[dict[str, Any]], fan_rows: list[dict[str, Any]]) -> s
     out += [
         "",
         (
-            f"fan-out = one run_layer over k agents (one {FANOUT_TOKENS}-token identity expert each) against the "
-            "slowest of the k single-agent run_layer calls; raw = the same with k raw echo servers (all k "
-            "requests sent, then a poller) against the slowest single raw echo: the host's own floor. "
-            f"Alternating blocks, same run; the k agents and this process share the host's {os.cpu_count()} "
-            f"CPUs; the BS side (framework and raw) has {bs_io} ZeroMQ I/O thread(s)."
+            f"fan-out = one run_layer over k agents (one {FANOUT_TOKENS}-token identity expert "
+            "each) against the slowest of the k single-agent run_layer calls; raw = the same with "
+            "k raw echo servers (all k requests sent, then a poller) against the slowest single "
+            "raw echo: the host's own floor. Alternating blocks, same run; the k agents and this "
+            f"process share the host's {os.cpu_count()} CPUs; the BS side (framework and raw) has "
+            f"{bs_io} ZeroMQ I/O thread(s)."
         ),
         "",
         (
-            f"| path | agents | fan-out, {FANOUT_TOKENS} tokens each (ms) | slowest single call (ms) | ratio | "
+            f"| path | agents | fan-out, {FANOUT_TOKENS} tokens each (ms) | "
+            "slowest single call (ms) | ratio | "
             "target | raw fan-out / slowest raw |"
         ),
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -453,7 +460,8 @@ def _table(path_rows: list[dict[str, Any]], fan_rows: list[dict[str, Any]]) -> s
     for r in fan_rows:
         ok = " ok" if r["ratio"] <= r["target"] else " MISS"
         out.append(
-            f"| {r['path']} | {r['agents']} | {r['fanout_ms']:.3f} | {r['slowest_single_ms']:.3f} | "
+            f"| {r['path']} | {r['agents']} | {r['fanout_ms']:.3f} | "
+            f"{r['slowest_single_ms']:.3f} | "
             f"{r['ratio']:.2f} | <= {r['target']:.1f}{ok} | {r['raw_ratio']:.2f} |"
         )
     return "\n".join(out)
@@ -468,8 +476,12 @@ def _servers(specs: list[tuple[str, Any, str, str]], kind: str) -> Iterator[list
 
 
 @contextlib.contextmanager
-def _testbed(tmp: str, devices: int, rate_kbit: float) -> Iterator[list[tuple[str, Any, str, str]]]:
-    """A local namespace testbed of ``devices`` at ``rate_kbit``; yields agent specs (SSH runners)."""
+def _testbed(
+    tmp: str,
+    devices: int,
+    rate_kbit: float,
+) -> Iterator[list[tuple[str, Any, str, str]]]:
+    """Local namespace testbed of ``devices`` at ``rate_kbit``; yields agent specs (SSH runners)."""
     from testbed.lab import local
     from testbed.lab.inventory import load_inventory, ssh_runner_for
 
