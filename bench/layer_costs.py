@@ -6,9 +6,10 @@ On a local testbed (created here, or ``--inventory``) with agents serving ``--mo
 
 * ``bytes``: per call shape (experts x rows), the bytes and frames tc's device classes counted
   each way (ACKs of the other direction included), against the model's messages on the wire;
-* ``timing``: exchanges through ``run_layer`` (:func:`testbed.dataplane.profiling.profile_exchanges`) at
-  each ``--rates`` (down/up kbit/s), with the model fitted at the first rate predicting the
-  others: measured vs predicted layer time and round trips.
+* ``timing``: exchanges through ``run_layer``
+  (:func:`testbed.dataplane.profiling.profile_exchanges`) at each ``--rates`` (down/up kbit/s),
+  with the model fitted at the first rate predicting the others: measured vs predicted layer
+  time and round trips.
 
 Run (root): ``.venv/bin/python bench/layer_costs.py [--devices 4] [--json out.json]``.
 """

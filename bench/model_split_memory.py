@@ -25,7 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def child_peak_rss_bytes(code: str) -> tuple[int, float, int, str]:
-    """Run ``python -c code`` in a child; return (peak RSS bytes, wall seconds, exit status, stdout)."""
+    """Run ``python -c code`` in a child.
+
+    Returns (peak RSS bytes, wall seconds, exit status, stdout).
+    """
     t0 = time.perf_counter()
     p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert p.stdout is not None
@@ -76,8 +79,10 @@ def main() -> None:
     ckpt_bytes = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
     base_rss, _, _, _ = child_peak_rss_bytes("import models.split")
     code = (
-        f"from models.split import split_checkpoint; split_checkpoint({str(ckpt)!r}, {str(out)!r}); "
-        "import re; print('VmHWM_kB', re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))"
+        "from models.split import split_checkpoint; "
+        f"split_checkpoint({str(ckpt)!r}, {str(out)!r}); "
+        "import re; print('VmHWM_kB', "
+        "re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))"
     )
     peak, wall_s, rc, child_out = child_peak_rss_bytes(code)
     hwm = (
@@ -107,8 +112,8 @@ def main() -> None:
     else:
         mib = 1024 * 1024
         print(
-            f"checkpoint            {ckpt_bytes / mib:9.1f} MiB in {res['checkpoint_files']} files, "
-            f"{res['experts']} experts"
+            f"checkpoint            {ckpt_bytes / mib:9.1f} MiB in "
+            f"{res['checkpoint_files']} files, {res['experts']} experts"
         )
         print(f"BS part               {bs_bytes / mib:9.1f} MiB")
         print(f"largest tensor        {largest / mib:9.1f} MiB")

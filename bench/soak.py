@@ -284,14 +284,16 @@ def main(argv: list[str] | None = None) -> int:
     accounted = len(reqs) == a.requests and set(by_status) <= {"ok", "degraded"}
     print(
         f"soak: {a.requests} requests of the tiny task across 4 agents (CURVE, {a.rate} links), "
-        f"fuzzer at {a.fuzz_rate:g} msg/s per agent beside them; {wall:.0f} s wall, run {res.status}"
+        f"fuzzer at {a.fuzz_rate:g} msg/s per agent beside them; {wall:.0f} s wall, "
+        f"run {res.status}"
     )
     print(f"requests: {len(reqs)} rows, by status {dict(by_status)}; accounted for: {accounted}")
     print(
         f"expert calls: {len(calls)}, not ok: {sum(fails.values())} {dict(fails) if fails else ''}"
     )
     print(
-        f"fuzzer: {fuzz.get('sent')} messages sent, replies by error code {fuzz.get('replies_by_code')}"
+        f"fuzzer: {fuzz.get('sent')} messages sent, "
+        f"replies by error code {fuzz.get('replies_by_code')}"
     )
     print(
         f"RSS bound: growth after the first {a.warmup} requests <= {a.bound_mb:g} MiB per process"
@@ -300,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|---:|---|")
     for r in rows:
         print(
-            f"| {r['process']} | {r['rss_after_warmup_mb']} | {r['rss_end_mb']} | {r['rss_peak_mb']} | "
-            f"{r['growth_mb']} | {'yes' if r['ok'] else 'NO'} |"
+            f"| {r['process']} | {r['rss_after_warmup_mb']} | {r['rss_end_mb']} | "
+            f"{r['rss_peak_mb']} | {r['growth_mb']} | {'yes' if r['ok'] else 'NO'} |"
         )
     if a.json:
         Path(a.json).write_text(
