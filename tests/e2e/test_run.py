@@ -316,7 +316,8 @@ def test_bad_input_and_faults(state_dir, tmp_path):
 
         assert _cli(env, "provision", str(inv), "--model", "tiny").returncode == 0
         before = _tc_rates(inv)
-        # a policy that raises mid-run: one line naming it, non-zero, rows so far kept, links restored
+        # a policy that raises mid-run: one line naming it, non-zero, rows so far kept, links
+        # restored
         (tmp_path / "boom.py").write_text(BOOM)
         res = _cli(
             env,

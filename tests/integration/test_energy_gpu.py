@@ -6,9 +6,10 @@ The second test does the same through the agent: a real ``python -m device_agent
 process on CUDA with ``--meter nvml``, forward calls from a client, the agent's cumulative
 ``energy_j`` read by ``status`` at the window's ends.
 
-Window: 3 s idle, 10 s of load (bf16 matrix products / forward calls), 3 s idle. The idle tail is there because
-power.draw is a 1-second average on Ampere and newer GPUs: the whole load bump lies inside the
-window for both figures, so the average's lag cannot move joules across its ends.
+Window: 3 s idle, 10 s of load (bf16 matrix products / forward calls), 3 s idle. The idle tail
+is there because power.draw is a 1-second average on Ampere and newer GPUs: the whole load bump
+lies inside the window for both figures, so the average's lag cannot move joules across its
+ends.
 """
 
 from __future__ import annotations

@@ -137,7 +137,10 @@ def _child_vmhwm_bytes(code: str) -> int:
     import subprocess
     import sys
 
-    probe = "; import re as _r; print('HWM', _r.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))"
+    probe = (
+        "; import re as _r; print('HWM', "
+        "_r.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code + probe],
         capture_output=True,
