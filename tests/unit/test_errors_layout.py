@@ -124,7 +124,7 @@ def import_graph(package_dir: Path) -> dict[str, dict[str, int]]:
     return graph
 
 
-# ---- cycles ------------------------------------------------------------------------------------------
+# ---- cycles -------------------------------------------------------------------------------------
 def import_cycles(graph: Mapping[str, Mapping[str, object]]) -> list[frozenset[str]]:
     """The graph's cycles as strongly connected components (Tarjan) of more than one module."""
     index: dict[str, int] = {}
@@ -199,7 +199,7 @@ def cycle_problems(
     ]
 
 
-# ---- exception classes -----------------------------------------------------------------------------
+# ---- exception classes --------------------------------------------------------------------------
 def _dotted(expr: ast.expr) -> str | None:
     if isinstance(expr, ast.Name):
         return expr.id
@@ -293,7 +293,7 @@ def _outside_is_exception(dotted: str) -> bool:
     return isinstance(obj, type) and issubclass(obj, BaseException)
 
 
-# ---- the rules ---------------------------------------------------------------------------------------
+# ---- the rules ----------------------------------------------------------------------------------
 def test_every_exception_class_lives_in_errors_py():
     home = PACKAGE / "errors.py"
     found = exception_classes(PACKAGE)
@@ -432,7 +432,7 @@ def test_rank_rule_on_a_small_graph():
     assert rank_of("testbed.lab.local.x", ranks) == 5 and rank_of("testbed.errors", ranks) == 0
 
 
-# ---- the checks themselves, on synthetic code --------------------------------------------------------
+# ---- the checks themselves, on synthetic code ---------------------------------------------------
 def _write(root: Path, files: Mapping[str, str]) -> Path:
     for rel, text in files.items():
         p = root / rel

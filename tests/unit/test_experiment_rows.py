@@ -106,6 +106,7 @@ def test_rows_critical_path_bs_time_and_totals():
     assert all(c["request"] == 3 and c["policy"] == "topk" for c in calls)
     assert calls[3]["detail"] == "no reply"
     assert tot["calls"] == 6 and tot["calls_failed"] == 2 and tot["calls_rerouted"] == 1
-    # experts per (token, layer) after failures: layer0 4 of 2 tokens, layer1 3 (E2 failed twice -> 2 used)
+    # experts per (token, layer) after failures: layer0 4 of 2 tokens, layer1 3 (E2 failed twice ->
+    # 2 used)
     assert tot["expert_slots"] == 4 + 2 + 1 and tot["token_layers"] == 5
     assert tot["bytes_down"] == 6 * 256 and tot["bytes_up"] == 4 * 256

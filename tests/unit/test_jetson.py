@@ -26,18 +26,22 @@ Q_NANO_WARN = (
     "NV Power Mode: 7W\n1\n"
 )
 
-P_AGX = """NVPM VERB: Config file: /etc/nvpmodel.conf
-NVPM VERB: parsing done for /etc/nvpmodel.conf
-NVPM VERB: POWER_MODEL: ID=0 NAME=MAXN
-NVPM VERB: PARAM CPU_ONLINE: ARG CORE_0: PATH /sys/devices/system/cpu/cpu0/online: REAL_VAL: 1 CONF_VAL: 1
-NVPM VERB: PARAM GPU: ARG MAX_FREQ: PATH /sys/devices/gpu.0/devfreq/17000000.ga10b/max_freq: REAL_VAL: 1300500000 CONF_VAL: 2147483647
-NVPM VERB: POWER_MODEL: ID=1 NAME=MODE_15W
-NVPM VERB: PARAM CPU_ONLINE: ARG CORE_4: PATH /sys/devices/system/cpu/cpu4/online: REAL_VAL: 1 CONF_VAL: 0
-NVPM VERB: POWER_MODEL: ID=2 NAME=MODE_30W
-NVPM VERB: POWER_MODEL: ID=3 NAME=MODE_50W
-NVPM VERB: Current mode: NV Power Mode: MODE_30W
-2
-"""
+P_AGX = (
+    "NVPM VERB: Config file: /etc/nvpmodel.conf\n"
+    "NVPM VERB: parsing done for /etc/nvpmodel.conf\n"
+    "NVPM VERB: POWER_MODEL: ID=0 NAME=MAXN\n"
+    "NVPM VERB: PARAM CPU_ONLINE: ARG CORE_0: PATH /sys/devices/system/cpu/cpu0/online: "
+    "REAL_VAL: 1 CONF_VAL: 1\n"
+    "NVPM VERB: PARAM GPU: ARG MAX_FREQ: PATH /sys/devices/gpu.0/devfreq/17000000.ga10b/max_freq: "
+    "REAL_VAL: 1300500000 CONF_VAL: 2147483647\n"
+    "NVPM VERB: POWER_MODEL: ID=1 NAME=MODE_15W\n"
+    "NVPM VERB: PARAM CPU_ONLINE: ARG CORE_4: PATH /sys/devices/system/cpu/cpu4/online: "
+    "REAL_VAL: 1 CONF_VAL: 0\n"
+    "NVPM VERB: POWER_MODEL: ID=2 NAME=MODE_30W\n"
+    "NVPM VERB: POWER_MODEL: ID=3 NAME=MODE_50W\n"
+    "NVPM VERB: Current mode: NV Power Mode: MODE_30W\n"
+    "2\n"
+)
 
 P_NANO = """NVPM VERB: Config file: /etc/nvpmodel.conf
 NVPM VERB: POWER_MODEL: ID=0 NAME=15W
@@ -46,24 +50,30 @@ NVPM VERB: Current mode: NV Power Mode: 15W
 0
 """
 
-CLOCKS_OFF = """SOC family:tegra234  Machine:NVIDIA Jetson AGX Orin Developer Kit
-Online CPUs: 0-11
-cpu0: Online=1 Governor=schedutil MinFreq=729600 MaxFreq=2201600 CurrentFreq=1420800 IdleStates: WFI=1 c7=1
-cpu1: Online=1 Governor=schedutil MinFreq=729600 MaxFreq=2201600 CurrentFreq=729600 IdleStates: WFI=1 c7=1
-GPU MinFreq=306000000 MaxFreq=1300500000 CurrentFreq=306000000
-EMC MinFreq=204000000 MaxFreq=3199000000 CurrentFreq=2133000000 FreqOverride=0
-FAN Dynamic Speed control=active hwmon4_pwm1=35
-NV Power Mode: MAXN
-"""
+CLOCKS_OFF = (
+    "SOC family:tegra234  Machine:NVIDIA Jetson AGX Orin Developer Kit\n"
+    "Online CPUs: 0-11\n"
+    "cpu0: Online=1 Governor=schedutil MinFreq=729600 MaxFreq=2201600 CurrentFreq=1420800 "
+    "IdleStates: WFI=1 c7=1\n"
+    "cpu1: Online=1 Governor=schedutil MinFreq=729600 MaxFreq=2201600 CurrentFreq=729600 "
+    "IdleStates: WFI=1 c7=1\n"
+    "GPU MinFreq=306000000 MaxFreq=1300500000 CurrentFreq=306000000\n"
+    "EMC MinFreq=204000000 MaxFreq=3199000000 CurrentFreq=2133000000 FreqOverride=0\n"
+    "FAN Dynamic Speed control=active hwmon4_pwm1=35\n"
+    "NV Power Mode: MAXN\n"
+)
 
-CLOCKS_ON = """SOC family:tegra234  Machine:NVIDIA Jetson AGX Orin Developer Kit
-Online CPUs: 0-11
-cpu0: Online=1 Governor=schedutil MinFreq=2201600 MaxFreq=2201600 CurrentFreq=2201600 IdleStates: WFI=0 c7=0
-cpu1: Online=1 Governor=schedutil MinFreq=2201600 MaxFreq=2201600 CurrentFreq=2201600 IdleStates: WFI=0 c7=0
-GPU MinFreq=1300500000 MaxFreq=1300500000 CurrentFreq=1300500000
-EMC MinFreq=204000000 MaxFreq=3199000000 CurrentFreq=3199000000 FreqOverride=1
-NV Power Mode: MAXN
-"""
+CLOCKS_ON = (
+    "SOC family:tegra234  Machine:NVIDIA Jetson AGX Orin Developer Kit\n"
+    "Online CPUs: 0-11\n"
+    "cpu0: Online=1 Governor=schedutil MinFreq=2201600 MaxFreq=2201600 CurrentFreq=2201600 "
+    "IdleStates: WFI=0 c7=0\n"
+    "cpu1: Online=1 Governor=schedutil MinFreq=2201600 MaxFreq=2201600 CurrentFreq=2201600 "
+    "IdleStates: WFI=0 c7=0\n"
+    "GPU MinFreq=1300500000 MaxFreq=1300500000 CurrentFreq=1300500000\n"
+    "EMC MinFreq=204000000 MaxFreq=3199000000 CurrentFreq=3199000000 FreqOverride=1\n"
+    "NV Power Mode: MAXN\n"
+)
 
 
 def test_query_current_mode():
