@@ -38,6 +38,7 @@ class RichProgress(session.Progress):
         self.t_trials = self.t_reqs = None
 
     def start(self, trials: int, requests_per_trial: int) -> None:
+        """Open the two bars (trials, and requests over all trials); a no-op when disabled."""
         if not self.enabled:
             return
         self.bar = Progress(
@@ -56,6 +57,7 @@ class RichProgress(session.Progress):
         self._first = True
 
     def trial(self, index: int, label: str) -> None:
+        """Count the previous trial as done and show ``label`` for trial ``index``."""
         if self.bar is None:
             return
         if not self._first:
@@ -64,14 +66,17 @@ class RichProgress(session.Progress):
         self.bar.update(self.t_trials, description=f"trial {index}: {label}")
 
     def request(self) -> None:
+        """Advance the requests bar by one."""
         if self.bar is not None:
             self.bar.advance(self.t_reqs)
 
     def message(self, text: str) -> None:
+        """Print ``text`` dimmed above the bars (nothing when the bars are off)."""
         if self.enabled:
             self.console.print(f"[dim]{text}[/dim]")
 
     def close(self) -> None:
+        """Fill the trials bar and stop; safe to call twice."""
         if self.bar is not None:
             self.bar.update(self.t_trials, completed=self.bar.tasks[0].total)
             self.bar.stop()

@@ -300,9 +300,10 @@ def min_max_bandwidth(
 
     * ``"bisection"``: literally that — bisection on ``T``, each ``B_k(T)`` by an inner
       bisection (the reference reading of POLICIES.md);
-    * ``"newton"`` (default; ~90x faster in bench/policies.py): the same fixed point by monotone Newton steps —
-      on ``T`` from the feasible equal split downwards (``sum_k B_k(T)`` is convex, decreasing),
-      and for each ``B_k(T)`` on the concave ``1/f_k`` from the left, warm-started.
+    * ``"newton"`` (default; ~90x faster in bench/policies.py): the same fixed point by
+      monotone Newton steps — on ``T`` from the feasible equal split downwards
+      (``sum_k B_k(T)`` is convex, decreasing), and for each ``B_k(T)`` on the concave
+      ``1/f_k`` from the left, warm-started.
 
     Idle devices (``loads == 0``) get no bandwidth. ``rtol`` is the relative tolerance on ``T``
     and on the bandwidth sum.

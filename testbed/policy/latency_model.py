@@ -78,7 +78,8 @@ def wire_frames(
 ) -> tuple[int, float]:
     """(frames, bytes on the wire) of one message over TCP: ``ceil(m / mss) + extra_segments``
     segments (at most ``mss = mtu - 52`` payload bytes each; :data:`EXTRA_SEGMENTS` short ones
-    where zmq's writes end, for messages over one :data:`ZMQ_BATCH_BYTES` write), each with :data:`TCPIP_BYTES` + :data:`ETH_BYTES`."""
+    where zmq's writes end, for messages over one :data:`ZMQ_BATCH_BYTES` write), each with
+    :data:`TCPIP_BYTES` + :data:`ETH_BYTES`."""
     m = max(0.0, float(message_bytes))
     if m == 0:
         return 0, 0.0
@@ -237,6 +238,7 @@ class LayerCostParams:
             )
 
     def device(self, k: int) -> DeviceCosts:
+        """Costs of device ``k`` in ``devices`` order; ``default_device`` past the end."""
         return self.devices[k] if k < len(self.devices) else self.default_device
 
     def for_devices(self, names: Sequence[str]) -> LayerCostParams:
@@ -274,6 +276,8 @@ class LayerCostParams:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LayerCostParams:
+        """Inverse of :meth:`to_dict`; ``devices`` may be a name -> costs mapping or a list, and
+        unknown keys are dropped."""
         d = dict(d)
         devs = d.pop("devices", ())
         names: tuple[str, ...] = ()

@@ -39,6 +39,7 @@ def per_token_ms(requests: Iterable[Mapping[str, Any]]) -> float | None:
 
 
 def accuracy(requests: Iterable[Mapping[str, Any]]) -> float | None:
+    """Mean ``correct`` (0..1) over the request rows that have it; ``None`` when none does."""
     xs = [x for x in (as_float(r.get("correct")) for r in requests) if x is not None]
     return float(np.mean(xs)) if xs else None
 
@@ -168,7 +169,8 @@ def time_shares(layers: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
 
 
 def shares_rows(groups: Sequence[Any]) -> list[dict[str, Any]]:
-    """:func:`time_shares` per group (a :class:`testbed.results.report.Group`) that has the terms."""
+    """:func:`time_shares` per group (a :class:`testbed.results.report.Group`) that has the
+    terms."""
     out = []
     for g in groups:
         sh = time_shares(g.layers)

@@ -76,6 +76,7 @@ def _num(v: Any) -> float | None:
 
 
 def deployment_summary(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """:func:`deployment_rows` of every run, concatenated in the order given."""
     return [r for run in runs for r in deployment_rows(run)]
 
 

@@ -70,6 +70,7 @@ class Run:
 
     @property
     def failed(self) -> bool:
+        """The manifest says ``failed`` (an interrupted or unknown run is not)."""
         return self.status == "failed"
 
     @property
@@ -79,6 +80,7 @@ class Run:
         return str(self.manifest.get("mode") or "measured")
 
     def describe(self) -> dict[str, Any]:
+        """JSON-ready identity, status and row counts (``testbed report``'s ``runs``)."""
         return {
             "run": self.run_id,
             "path": str(self.path),
@@ -148,12 +150,15 @@ class Group:
 
 @dataclass
 class Report:
+    """The runs read, their groups, and one summary row per group (same order)."""
+
     runs: list[Run]
     groups: list[Group]
     rows: list[dict[str, Any]]  # one per group, JSON-ready
 
     @property
     def many_runs(self) -> bool:
+        """More than one run was read (group labels then carry the run id)."""
         return len(self.runs) > 1
 
 
@@ -178,6 +183,8 @@ def _json_value(v: Any) -> Any:
 
 
 def report_row(g: Group) -> dict[str, Any]:
+    """The group's keys, its trial numbers and :func:`summary_row` (``''`` cells as
+    ``None``, floats to 6 decimals)."""
     trials = sorted({int(x) for x in column_values(g.requests or g.layers or g.calls, "trial")})
     row: dict[str, Any] = {
         "run": g.run.run_id,

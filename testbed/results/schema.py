@@ -138,7 +138,7 @@ DEVICE_COLUMNS = (
     "device",
     "power_w",
     "energy_j",  # cumulative since the agent started, as the device's meter reports it
-    "energy_source",  # the meter's label: measured:ina3221-hwmon:VDD_IN, estimated:cpu-time(5 W/core)
+    "energy_source",  # meter label: measured:ina3221-hwmon:VDD_IN, estimated:cpu-time(5 W/core)
     "memory_used_mb",
     "memory_free_mb",
     "utilisation",  # load as the agent reports it (0..1 per core, or GPU busy)
@@ -275,6 +275,7 @@ class CsvTable:
         return out
 
     def write(self, row: Mapping[str, Any]) -> None:
+        """Append one row and flush it to disk (fsync)."""
         self._w.writerow(self._cells(row))
         self._flush()
 
@@ -300,6 +301,7 @@ class CsvTable:
         self._flush()
 
     def close(self) -> None:
+        """Close the file; safe to call twice."""
         if not self._f.closed:
             self._f.close()
 

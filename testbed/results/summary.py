@@ -94,7 +94,8 @@ def summary_row(requests: list[dict], layers: list[dict], calls: list[dict]) -> 
     * ``accuracy`` = mean ``correct``; ``score`` = mean ``score``.
     * ``energy_per_token_j`` = sum ``energy_j`` / sum ``output_tokens``, both over the requests
       whose ``energy_j`` is known (``''`` when none is); ``energy_j`` is the request's devices'
-      plus BS's joules (``energy_devices_j + energy_bs_j``, see :mod:`testbed.dataplane.energy_attr`).
+      plus BS's joules (``energy_devices_j + energy_bs_j``, see
+      :mod:`testbed.dataplane.energy_attr`).
     * ``bytes_per_token`` = sum (``bytes_down`` + ``bytes_up``) / sum ``output_tokens``.
     * ``network_share`` = sum ``critical_network_ms`` / sum ``critical_path_ms`` over the layer
       rows that have both.
