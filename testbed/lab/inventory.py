@@ -114,6 +114,8 @@ class BaseStation:
 
 @dataclass(frozen=True)
 class Inventory:
+    """One testbed as loaded from its TOML file: the BS, the devices, the security settings."""
+
     path: Path
     bs: BaseStation
     devices: tuple[Device, ...]
@@ -130,6 +132,7 @@ class Inventory:
         return Path(self.keys_dir) if self.keys_dir else self.path.parent / f"{self.path.stem}.keys"
 
     def device(self, name: str) -> Device:
+        """The device called ``name``; ConfigError (listing the names there are) if none is."""
         for d in self.devices:
             if d.name == name:
                 return d

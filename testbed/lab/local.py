@@ -56,22 +56,28 @@ class Names:
 
     @property
     def bridge(self) -> str:
+        """The bridge on this host that carries the BS address and every device's veth."""
         return f"tb-{self.name}"
 
     @property
     def ifb(self) -> str:
+        """The ifb device that the uplink (device -> BS) is redirected to for shaping."""
         return f"tbi-{self.name}"
 
     def netns(self, i: int) -> str:
+        """The network namespace of device ``i``."""
         return f"tb-{self.name}-d{i}"
 
     def veth(self, i: int) -> str:
+        """The host end (on the bridge) of device ``i``'s veth pair."""
         return f"tb-{self.name}-{i}"
 
     def is_our_netns(self, ns: str) -> bool:
+        """Whether namespace ``ns`` matches this testbed's pattern (what ``down`` may delete)."""
         return re.fullmatch(rf"tb-{re.escape(self.name)}-d\d+", ns) is not None
 
     def is_our_link(self, link: str) -> bool:
+        """Whether link ``link`` is this testbed's bridge, ifb or a device veth."""
         return (
             link in (self.bridge, self.ifb)
             or re.fullmatch(rf"tb-{re.escape(self.name)}-\d+", link) is not None
@@ -79,6 +85,7 @@ class Names:
 
 
 def check_name(name: str) -> None:
+    """Refuse a testbed name that cannot become part of an interface name (ConfigError)."""
     if not NAME_RE.fullmatch(name):
         raise ConfigError(
             f"--name: {name!r} must be 1-8 lowercase letters/digits, starting "
@@ -87,6 +94,7 @@ def check_name(name: str) -> None:
 
 
 def require_root(command: str) -> None:
+    """Raise NeedsRoot, naming ``testbed {command}``, unless running as root."""
     if os.geteuid() != 0:
         raise NeedsRoot(
             f"`testbed {command}` needs root to create network namespaces, "
@@ -104,9 +112,11 @@ class State:
         self.data: dict[str, Any] = {}
 
     def exists(self) -> bool:
+        """Whether the state file is there (the testbed was brought up, maybe halfway)."""
         return self.path.exists()
 
     def load(self) -> dict[str, Any]:
+        """Read the state file into :attr:`data` (``{}`` if missing or unreadable)."""
         try:
             self.data = json.loads(self.path.read_text())
         except (OSError, ValueError):
@@ -114,6 +124,7 @@ class State:
         return self.data
 
     def save(self) -> None:
+        """Write :attr:`data` atomically (a temporary file, then rename)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=2))
@@ -597,5 +608,6 @@ def status(name: str) -> dict[str, Any]:
 
 
 def list_testbeds() -> list[str]:
+    """Names of the testbeds with a state file under :func:`state_root`, sorted."""
     root = state_root()
     return sorted(p.parent.name for p in root.glob("*/state.json")) if root.is_dir() else []

@@ -25,6 +25,8 @@ TINY = ROOT / "models" / "tiny"
 
 
 def cache_root() -> Path:
+    """The controller's cache folder (``$MOE_TESTBED_CACHE``, else
+    ``~/.cache/moe-edge-testbed``); splits go under ``splits/``, wheels under ``wheels/``."""
     env = os.environ.get("MOE_TESTBED_CACHE")
     base = Path(env) if env else Path.home() / ".cache" / "moe-edge-testbed"
     return base

@@ -43,6 +43,7 @@ class Result:
 
     @property
     def ok(self) -> bool:
+        """Whether the command exited 0."""
         return self.returncode == 0
 
 
@@ -82,7 +83,9 @@ class Runner(Protocol):
         also written to ``pid_path``."""
         ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release what the runner holds (an SSH connection); safe to call twice."""
+        ...
 
 
 def _check(result: Result, check: bool) -> Result:
@@ -124,6 +127,8 @@ class LocalRunner:
         check: bool = True,
         sudo: bool = False,
     ) -> Result:
+        """Run ``argv`` here (in :attr:`netns` if set) in its own process group, killed whole
+        at ``timeout_s``; raise CommandFailed/CommandTimeout (if ``check``)."""
         full = self._wrap(argv, sudo)
         start = time.monotonic()
         try:
@@ -156,6 +161,8 @@ class LocalRunner:
     def put(
         self, local_path: str | os.PathLike[str], remote_path: str, *, mode: int = 0o644
     ) -> None:
+        """Copy ``local_path`` to ``remote_path`` on this machine (a ``.part`` file, then
+        rename, so a reader never sees half a file)."""
         dest = Path(remote_path)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.part")
@@ -174,6 +181,8 @@ class LocalRunner:
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
     ) -> int:
+        """Start ``argv`` in its own session, appending its output to ``log_path``; return
+        its PID, also written to ``pid_path``."""
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         Path(pid_path).parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
@@ -190,7 +199,7 @@ class LocalRunner:
         return proc.pid
 
     def close(self) -> None:
-        pass
+        """Nothing to release."""
 
     def __enter__(self) -> LocalRunner:
         return self
@@ -337,6 +346,7 @@ class SshRunner:
         self._connection()
 
     def close(self) -> None:
+        """Close the SSH connection; the next command opens a new one."""
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -356,6 +366,8 @@ class SshRunner:
         check: bool = True,
         sudo: bool = False,
     ) -> Result:
+        """Run ``argv`` on the host under the remote ``timeout`` (:func:`remote_command`);
+        raise CommandFailed/CommandTimeout (if ``check``)."""
         return self._run_line(remote_command(argv, timeout_s, sudo), argv, timeout_s, check)
 
     def _run_line(self, line: str, argv: Sequence[str], timeout_s: float, check: bool) -> Result:
@@ -382,6 +394,8 @@ class SshRunner:
     def put(
         self, local_path: str | os.PathLike[str], remote_path: str, *, mode: int = 0o644
     ) -> None:
+        """Copy ``local_path`` to ``remote_path`` over SFTP (parents created; a ``.part``
+        file, then rename)."""
         conn = self._connection()
         parent = os.path.dirname(remote_path)
         if parent:
@@ -401,6 +415,7 @@ class SshRunner:
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
     ) -> int:
+        """Start ``argv`` detached on the host (:func:`spawn_script`); return its PID."""
         line = spawn_script(argv, log_path, pid_path, cwd, env)
         res = self._run_line(
             f"timeout -k {_KILL_AFTER_S} 30 sh -c {shlex.quote(line)}", argv, 30, True

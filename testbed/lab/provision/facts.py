@@ -45,6 +45,7 @@ class DeviceFacts:
 
     @property
     def python_tag(self) -> str:
+        """The device python's ``major.minor``, e.g. ``"3.10"``."""
         return f"{self.python[0]}.{self.python[1]}"
 
 

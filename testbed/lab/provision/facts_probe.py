@@ -53,6 +53,7 @@ if __name__ == "__main__":
     out["reuse"] = reuse
 
     def read(name):
+        """The text of ``name`` in the workdir, or None if it cannot be read."""
         try:
             with open(os.path.join(wd, name)) as f:
                 return f.read()

@@ -57,6 +57,8 @@ def push_files(
 
 
 def remote_workdir(runner: Runner, device: Device) -> str:
+    """``device.workdir`` as an absolute path: a leading ``~`` is expanded by the device's
+    python (one SSH round trip); any other path is returned as written."""
     if not device.workdir.startswith("~"):
         return device.workdir
     res = runner.run(

@@ -36,6 +36,7 @@ class DeviceReport:
     power: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data for the JSON report (every field)."""
         return asdict(self)
 
 
