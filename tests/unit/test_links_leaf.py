@@ -128,10 +128,22 @@ def test_setup_in_tbf_mode_puts_a_tbf_under_every_device_class():
     assert cmds[:2] == ["ip link add ifb0 type ifb", "ip link set ifb0 up"]
     leaves = [c for c in cmds if c.startswith("tc qdisc replace") and "parent 1:1" in c]
     assert leaves == [
-        "tc qdisc replace dev br0 parent 1:100 handle 100: tbf rate 8000kbit burst 1564 limit 1514000",
-        "tc qdisc replace dev br0 parent 1:101 handle 101: tbf rate 2000kbit burst 1527 limit 1514000",
-        "tc qdisc replace dev ifb0 parent 1:100 handle 100: tbf rate 4000kbit burst 1539 limit 1514000",
-        "tc qdisc replace dev ifb0 parent 1:101 handle 101: tbf rate 1000kbit burst 1521 limit 1514000",
+        (
+            "tc qdisc replace dev br0 parent 1:100 handle 100: "
+            "tbf rate 8000kbit burst 1564 limit 1514000"
+        ),
+        (
+            "tc qdisc replace dev br0 parent 1:101 handle 101: "
+            "tbf rate 2000kbit burst 1527 limit 1514000"
+        ),
+        (
+            "tc qdisc replace dev ifb0 parent 1:100 handle 100: "
+            "tbf rate 4000kbit burst 1539 limit 1514000"
+        ),
+        (
+            "tc qdisc replace dev ifb0 parent 1:101 handle 101: "
+            "tbf rate 1000kbit burst 1521 limit 1514000"
+        ),
     ]
     # the HTB class over each leaf only classifies (and shares a cell): it is never the
     # bottleneck, so a cut link leaves it no debt (tc.class_ceil_kbit)
@@ -277,11 +289,12 @@ def test_record_round_trip():
         render_record({"iface": "a b"})
 
 
-IP_LINK_SHOW = """\
-50: tbi-x: <BROADCAST,NOARP,UP,LOWER_UP> mtu 1500 qdisc htb state UNKNOWN mode DEFAULT group default qlen 32
-    link/ether 1e:29:1f:b9:d2:0f brd ff:ff:ff:ff:ff:ff
-    alias moe-edge-testbed shaping=tbf bucket=1514
-"""
+IP_LINK_SHOW = (
+    "50: tbi-x: <BROADCAST,NOARP,UP,LOWER_UP> mtu 1500 qdisc htb state UNKNOWN mode DEFAULT "
+    "group default qlen 32\n"
+    "    link/ether 1e:29:1f:b9:d2:0f brd ff:ff:ff:ff:ff:ff\n"
+    "    alias moe-edge-testbed shaping=tbf bucket=1514\n"
+)
 
 
 def test_parse_link_show():

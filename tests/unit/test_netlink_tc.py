@@ -15,7 +15,8 @@ from testbed.net import netlink as N
 # Captured from iproute2 6.1 (`tc` under `strace -e trace=sendmsg -e write=3`) on a veth of
 # ifindex 3 whose HTB tree had class 1:100 and TBF leaf 100:, sequence number zeroed. Both
 # carry tc's rate tables; the builders with tables=True must give the same bytes.
-# tc class change dev v0 parent 1:1 classid 1:100 htb rate 1234kbit ceil 1234kbit burst 3200 cburst 3200 quantum 3028
+# tc class change dev v0 parent 1:1 classid 1:100 htb rate 1234kbit ceil 1234kbit burst 3200 \
+#   cburst 3200 quantum 3028
 TC61_HTB_1234KBIT = bytes.fromhex("""
 68080000280005000000000000000000000000000300000000010100010001000000000008000100687462003c080200
 3000010003010000ffff00008a5a020003010000ffff00008a5a02002cf204002cf20400d40b00000000000000000000
@@ -550,7 +551,10 @@ def test_tbf_qdisc_change_from_tc_argv():
         "tc class change dev v0 parent 1:1 classid 1:100 htb rate 1kbit ceil 2kbit",
         "tc class change dev v0 parent 1:1 classid 1:100 htb rate 1kbit burst 9 cburst 9 mtu 9",
         "tc qdisc change dev v0 parent 1:100 handle 100: tbf rate 1kbit burst 1514",
-        "tc qdisc change dev v0 parent 1:100 handle 100: tbf rate 1kbit burst 1514 limit 9 latency 1",
+        (
+            "tc qdisc change dev v0 parent 1:100 handle 100: "
+            "tbf rate 1kbit burst 1514 limit 9 latency 1"
+        ),
         "tc qdisc change dev v0 parent 1:100 handle 100: tbf burst 1514 limit 9",
         "tc class change dev v0 parent 1:1 classid 1:100 htb rate 1kbit burst 9 cburst 9 quantum x",
         "tc class change parent 1:1 classid 1:100 htb rate 1kbit burst 9 cburst 9",

@@ -74,8 +74,8 @@ def test_sweep_and_set_per_key(tmp_path: Path) -> None:
             '[sweep]\n"links.channel.cell_radius_m" = [200.0, 30.0]\n',
             [],
             (
-                "links.channel.min_distance_m: must be <= cell_radius_m (30), not 35.0 (sweep point "
-                "links.channel.cell_radius_m=30.0)"
+                "links.channel.min_distance_m: must be <= cell_radius_m (30), not 35.0 "
+                "(sweep point links.channel.cell_radius_m=30.0)"
             ),
         ),
         (
