@@ -197,6 +197,7 @@ class HtbClass(NamedTuple):
     prio: int = 0
 
     def describe(self) -> str:
+        """How an error names it: ``dev class htb 1:10``."""
         return f"{self.dev} class htb {format_handle(self.classid)}"
 
 
@@ -212,6 +213,7 @@ class TbfQdisc(NamedTuple):
     limit: int
 
     def describe(self) -> str:
+        """How an error names it: ``dev qdisc tbf 10:``."""
         return f"{self.dev} qdisc tbf {format_handle(self.handle)}"
 
 
@@ -285,6 +287,7 @@ def tc_size_bytes(text: str) -> int:
 
 @lru_cache(maxsize=4096)
 def tc_time_us(text: str) -> int:
+    """tc's time words ("50ms", "200us", "1s"; a bare number is µs) → whole microseconds."""
     value, unit = _split_number(text)
     if unit not in _TIME_SCALE_US:
         raise NotExpressible(f"time unit not handled: {text!r}")
@@ -520,6 +523,7 @@ def encode_tbf_qdisc(
 def encode_change(
     c: Change, ifindex: int, seq: int = 0, *, tables: bool = False, flags: int = ACK
 ) -> bytes:
+    """The message for change ``c`` (:func:`encode_htb_class` or :func:`encode_tbf_qdisc`)."""
     enc = _ENCODERS.get(type(c))
     if enc is None:
         raise TypeError(f"not a tc change: {c!r}")
@@ -537,6 +541,8 @@ def encode_dump(msg_type: int, ifindex: int, seq: int = 0) -> bytes:
 # -- decoding ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class NlMsg:
+    """One netlink message: its header's fields and the payload after the 16-byte header."""
+
     type: int
     flags: int
     seq: int
@@ -573,6 +579,7 @@ def parse_attrs(buf: bytes, want: frozenset[int] | None = None) -> dict[int, byt
 
 
 def parse_ratespec(b: bytes) -> dict[str, int]:
+    """The fields of one ``struct tc_ratespec`` (12 bytes; ``rate`` in bytes/s, 32 bits)."""
     cell_log, linklayer, overhead, cell_align, mpu, rate = _RATESPEC.unpack(b[:12])
     return {
         "cell_log": cell_log,
@@ -618,10 +625,12 @@ class TcObject:
 
     @property
     def rate_kbit(self) -> float | None:
+        """``rate`` in kbit/s (1000 bit), or None."""
         return None if self.rate is None else self.rate * 8 / 1000
 
     @property
     def ceil_kbit(self) -> float | None:
+        """``ceil`` in kbit/s (1000 bit), or None."""
         return None if self.ceil is None else self.ceil * 8 / 1000
 
     @property
@@ -634,6 +643,7 @@ class TcObject:
 
     @property
     def cburst(self) -> float | None:
+        """HTB's ceil bucket in bytes, computed as :attr:`burst` is."""
         if self.ceil is None or self.cbuffer is None:
             return None
         return self.ceil * int(self.cbuffer / TICK_IN_USEC) / 1e6
@@ -792,6 +802,7 @@ class TcNetlink:
         self._buf = bytearray(1 << 16)
 
     def close(self) -> None:
+        """Close the netlink socket."""
         self.sock.close()
 
     def __enter__(self):
@@ -801,6 +812,8 @@ class TcNetlink:
         self.close()
 
     def ifindex(self, dev: str) -> int:
+        """The interface index of ``dev`` in this socket's namespace (cached; see
+        :meth:`forget_interfaces`); TcNetlinkError (ENODEV) if there is no such interface."""
         idx = self._ifindex.get(dev)
         if idx is None:
             try:
@@ -952,11 +965,13 @@ class TcNetlink:
     def qdiscs(
         self, dev: str, *, stats: bool = True, where: Callable[[int, int], bool] | None = None
     ) -> list[TcObject]:
+        """The qdiscs of ``dev`` (``where(handle, parent)`` filters; counters if ``stats``)."""
         return self.dump(RTM_GETQDISC, dev, stats=stats, where=where)
 
     def classes(
         self, dev: str, *, stats: bool = True, where: Callable[[int, int], bool] | None = None
     ) -> list[TcObject]:
+        """The classes of ``dev`` (``where(handle, parent)`` filters; counters if ``stats``)."""
         return self.dump(RTM_GETTCLASS, dev, stats=stats, where=where)
 
     def qdiscs_of(

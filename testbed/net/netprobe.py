@@ -19,9 +19,9 @@ the scheduler delayed must not shorten the message's charge), waits ``--settle``
 link's bucket refills what the pings took: 5 frames of 67 bytes, under 3 ms at 1 Mbit/s),
 then sends the message in one write; the receiver answers one byte once the whole message has
 arrived. (Pinging before the idle gap instead would compare a warm round trip with a message
-sent after a second's sleep: ~0.2 ms more on this host, which reads as link time.) Delivery time = send -> that
-answer; minus the round trip, it is what the link charged the message. The sender prints one
-JSON line with every message.
+sent after a second's sleep: ~0.2 ms more on this host, which reads as link time.) Delivery
+time = send -> that answer; minus the round trip, it is what the link charged the message. The
+sender prints one JSON line with every message.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ CHUNK = 64 * 1024
 
 
 def receive(bind: str, port: int, accept_timeout_s: float, warmup_s: float) -> dict:
+    """``recv``: accept one connection, read it to the end; goodput (kbit/s) over the window
+    from ``warmup_s`` after the first byte to the last byte."""
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind((bind, port))
@@ -79,6 +81,8 @@ def receive(bind: str, port: int, accept_timeout_s: float, warmup_s: float) -> d
 
 
 def send(to: str, port: int, seconds: float, connect_timeout_s: float) -> dict:
+    """``send``: connect (retrying up to ``connect_timeout_s``), write zeros for ``seconds``,
+    then wait until the receiver has closed (all bytes arrived)."""
     deadline = time.monotonic() + connect_timeout_s
     while True:
         try:
@@ -217,6 +221,7 @@ def airtime(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line (see the module docstring); prints one JSON line, returns 0."""
     ap = argparse.ArgumentParser(prog="netprobe")
     sub = ap.add_subparsers(dest="mode", required=True)
     r = sub.add_parser("recv")

@@ -30,8 +30,8 @@ turned off are recorded in the ifb's alias (``ip link set ifb alias``), so any l
 (``links set``, ``links clear``, a run) reads them back from the kernel.
 
 Changing a rate is in place: ``tc qdisc change`` of a rate-carrying leaf, or ``tc class
-change`` of the class in htb mode (no qdisc re-created, no loss burst, counters keep running). A decision
-epoch's changes (:meth:`TcShaper.set_rates`) go straight to the kernel over rtnetlink
+change`` of the class in htb mode (no qdisc re-created, no loss burst, counters keep running). A
+decision epoch's changes (:meth:`TcShaper.set_rates`) go straight to the kernel over rtnetlink
 (:mod:`testbed.net.netlink`) where the BS is this machine and we are root; elsewhere (a lab BS
 over SSH), and for netem leaves, through one ``tc -batch`` process.
 
@@ -288,14 +288,14 @@ class TcShaper(TcReader):
 
         ``rates`` maps a device to its (down, up) kbit/s. Every in-place ``tc qdisc change``
         of the rate-carrying leaves (TBF, netem with a rate: its delay/loss kept), or in htb
-        mode every ``tc class change``, goes out at once, then classes and qdiscs of both interfaces are read
-        back; pfifo leaves and htb mode's netem are not touched. Where the BS is this machine
-        and we are root, the changes are rtnetlink messages in one send (tens to hundreds of
-        microseconds, :mod:`testbed.net.netlink`) and the read-back is the kernel's dumps;
-        otherwise (a BS over SSH or sudo, a netem leaf to change, ``self.netlink`` off) one
-        ``tc -j -batch`` process does both (milliseconds). The tree must be installed
-        (:meth:`is_installed`). Returns device -> (down, up) kbit/s as the kernel reports them
-        (the class's rate, or the leaf's where lower).
+        mode every ``tc class change``, goes out at once, then classes and qdiscs of both
+        interfaces are read back; pfifo leaves and htb mode's netem are not touched. Where the
+        BS is this machine and we are root, the changes are rtnetlink messages in one send (tens
+        to hundreds of microseconds, :mod:`testbed.net.netlink`) and the read-back is the
+        kernel's dumps; otherwise (a BS over SSH or sudo, a netem leaf to change,
+        ``self.netlink`` off) one ``tc -j -batch`` process does both (milliseconds). The tree
+        must be installed (:meth:`is_installed`). Returns device -> (down, up) kbit/s as the
+        kernel reports them (the class's rate, or the leaf's where lower).
         """
         commands = self._rate_commands(rates)
         minors = {dev: class_minor(self.index(dev)) for dev in rates}

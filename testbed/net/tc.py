@@ -64,6 +64,7 @@ class LinkSpec:
 
     @property
     def needs_netem(self) -> bool:
+        """Whether delay or loss is asked for (only a netem leaf does those)."""
         return self.delay_ms > 0 or self.loss_pct > 0
 
 
@@ -429,6 +430,8 @@ def parse_tc_rate_kbit(text: str) -> float:
 
 @dataclass
 class TcClass:
+    """One HTB class as ``tc -s class show`` prints it; rates in kbit/s, ``burst`` as printed."""
+
     classid: str
     parent: str | None
     leaf: str | None
@@ -551,6 +554,8 @@ def enforced_kbit(class_kbit: float, leaf: Leaf | None) -> float:
 
 @dataclass(frozen=True)
 class Offload:
+    """One offload's state from ``ethtool -k``: ``fixed`` ones cannot be changed."""
+
     on: bool
     fixed: bool = False
 
@@ -645,6 +650,7 @@ class LinkState:
     handles: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
+        """Plain data for JSON (every field)."""
         return asdict(self)
 
 

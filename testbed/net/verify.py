@@ -26,6 +26,9 @@ PROBE_SRC = Path(__file__).with_name("netprobe.py")
 
 @dataclass
 class Goodput:
+    """One device and direction's goodput as the receiver counted it, against its configured
+    rate (kbit/s)."""
+
     device: str
     direction: str
     configured_kbit: float | None
@@ -35,9 +38,11 @@ class Goodput:
 
     @property
     def ratio(self) -> float | None:
+        """Measured over configured goodput (None where no rate is configured)."""
         return self.measured_kbit / self.configured_kbit if self.configured_kbit else None
 
     def to_dict(self) -> dict[str, object]:
+        """Plain data for JSON, with :attr:`ratio` (4 decimals)."""
         d = asdict(self)
         d["ratio"] = None if self.ratio is None else round(self.ratio, 4)
         return d
@@ -60,18 +65,22 @@ class Airtime:
 
     @property
     def charged_ms(self) -> float:
+        """What the link charged the message: delivery time minus the round trip, in ms."""
         return self.delivery_ms - self.rtt_ms
 
     @property
     def airtime_ms(self) -> float | None:
+        """The message's time at the configured rate, ``bytes * 8 / kbit`` ms (None: no rate)."""
         return self.bytes * 8 / self.configured_kbit if self.configured_kbit else None
 
     @property
     def ratio(self) -> float | None:
+        """Charged time over airtime (1.0: the link charged exactly the configured rate)."""
         a = self.airtime_ms
         return self.charged_ms / a if a else None
 
     def to_dict(self) -> dict[str, object]:
+        """Plain data for JSON, with the derived times and :attr:`ratio` (4 decimals)."""
         d = asdict(self)
         d["charged_ms"] = round(self.charged_ms, 4)
         d["airtime_ms"] = None if self.airtime_ms is None else round(self.airtime_ms, 4)
@@ -110,6 +119,7 @@ def summarize_airtime(rows: list[Airtime]) -> list[dict[str, object]]:
 
 
 def shaper_for(inv: Inventory, bs: Runner) -> TcShaper:
+    """The :class:`TcShaper` of the inventory's BS (its interfaces, devices, cell rate, mode)."""
     return TcShaper(
         bs,
         inv.bs.interface,
