@@ -40,8 +40,9 @@ readings of the same meter for a window's joules. :meth:`Meter.read` asks the so
 read, an NVML call); :meth:`Meter.now_j` does not (the latest sample's joules, extended at its
 power; the CPU-time estimate reads the process clock), which is what the agent stamps on every
 forward reply. :attr:`Meter.energy_source` is the label results carry
-(``measured:nvml:gpu0``, ``estimated:cpu-time(5 W/core)``). ``python -m device_agent.energy --seconds 2``
-prints the chosen meter and its readings as JSON lines.
+(``measured:nvml:gpu0``, ``estimated:cpu-time(5 W/core)``).
+``python -m device_agent.energy --seconds 2`` prints the chosen meter and its readings as JSON
+lines.
 
 This module uses the standard library only and never imports ``testbed``.
 """
@@ -457,6 +458,7 @@ class PowerSampler:
 
     @property
     def running(self) -> bool:
+        """Whether the background thread is alive."""
         return self._thread is not None and self._thread.is_alive()
 
 
@@ -503,6 +505,7 @@ class Meter:
         self.skipped: dict[str, str] = {}
 
     def read(self) -> Reading:
+        """Cumulative joules since the meter was opened, asked of the source now (per meter)."""
         raise NotImplementedError
 
     def latest(self) -> Reading:
@@ -571,15 +574,19 @@ class SampledMeter(Meter):
         self.sampler = PowerSampler(read_power_w, period_s).start()
 
     def read(self) -> Reading:
+        """Take a sample now and return the reading it gives."""
         return self.sampler.sample()
 
     def latest(self) -> Reading:
+        """The background thread's latest sample, at most ``period_s`` old."""
         return self.sampler.latest
 
     def now_j(self) -> float:
+        """The latest sample's joules extended at its power (:func:`extrapolate_j`)."""
         return extrapolate_j(self.sampler.latest, time.monotonic_ns())
 
     def close(self) -> None:
+        """Stop the sampler thread."""
         self.sampler.stop()
 
 
@@ -649,15 +656,19 @@ class TegrastatsMeter(Meter):
             self.sampler.add(t_ns, sum(v for v in inst if v is not None) / 1e3)
 
     def read(self) -> Reading:
+        """The last parsed line's reading; tegrastats cannot be asked for a fresh one."""
         return self.sampler.reading()
 
     def latest(self) -> Reading:
+        """The last parsed line's reading."""
         return self.sampler.latest
 
     def now_j(self) -> float:
+        """The last line's joules extended at its power (:func:`extrapolate_j`)."""
         return extrapolate_j(self.sampler.latest, time.monotonic_ns())
 
     def close(self) -> None:
+        """Terminate tegrastats (kill it after 2 s) and join the reader thread."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -732,6 +743,11 @@ class NvmlMeter(Meter):
                 self.read()
 
     def read(self) -> Reading:
+        """Read the energy counters now (or take a power sample without them).
+
+        With the counters it also reads the power, best effort (``power_w`` None on failure), and
+        keeps the newest reading for :meth:`latest`.
+        """
         if self.sampler is not None:
             return self.sampler.sample()
         assert self._e0_mj is not None
@@ -747,12 +763,15 @@ class NvmlMeter(Meter):
         return r
 
     def latest(self) -> Reading:
+        """The poll thread's or sampler's latest reading, at most ``period_s`` old."""
         return self.sampler.latest if self.sampler is not None else self._latest
 
     def now_j(self) -> float:
+        """The latest reading's joules extended at its power (:func:`extrapolate_j`)."""
         return extrapolate_j(self.latest(), time.monotonic_ns())
 
     def close(self) -> None:
+        """Stop the poll or sampler thread and shut NVML down (idempotent)."""
         self._poll_stop.set()
         if self._poll is not None:
             self._poll.join(2.0)
@@ -797,6 +816,10 @@ class RaplMeter(Meter):
                 pass
 
     def read(self) -> Reading:
+        """Read every zone's counter, add the unwrapped deltas and return the total.
+
+        ``power_w`` is the average since the previous read (None on the first).
+        """
         with self._lock:
             cur = [self._raw(z) for z in self.zones]
             t_ns = time.monotonic_ns()
@@ -812,12 +835,15 @@ class RaplMeter(Meter):
             return r
 
     def latest(self) -> Reading:
+        """The last read's reading (the poll thread's, at most ``poll_s`` old)."""
         return self._latest
 
     def now_j(self) -> float:
+        """The last read's joules extended at its power (:func:`extrapolate_j`)."""
         return extrapolate_j(self._latest, time.monotonic_ns())
 
     def close(self) -> None:
+        """Stop the poll thread."""
         self._stop.set()
         self._thread.join(2.0)
 
@@ -842,6 +868,7 @@ class CpuTimeEstimate(Meter):
         self._last: tuple[int, float] | None = None
 
     def read(self) -> Reading:
+        """CPU seconds since opening × ``core_w``; ``power_w`` averaged since the previous read."""
         with self._lock:
             t_ns = time.monotonic_ns()
             e = (self._cpu() - self._c0) * self.core_w
@@ -852,13 +879,16 @@ class CpuTimeEstimate(Meter):
             return Reading(t_ns, e, p)
 
     def now_j(self) -> float:
+        """CPU seconds since opening × ``core_w``, without updating the power average."""
         return (self._cpu() - self._c0) * self.core_w
 
     @property
     def energy_source(self) -> str:
+        """``estimated:cpu-time(<core_w> W/core)``."""
         return f"{self.source}({self.core_w:g} W/core)"
 
     def describe(self) -> dict[str, Any]:
+        """The base description plus ``cpu_core_w``."""
         d = super().describe()
         d["cpu_core_w"] = self.core_w
         return d

@@ -169,7 +169,7 @@ def unpack(data: bytes | memoryview) -> dict[str, Any]:
 
 
 def is_int(x: Any) -> bool:
-    """True for an integer that is not a bool (msgpack decodes ``true`` as a bool, an int subclass)."""
+    """True for an int that is not a bool (msgpack decodes ``true`` as a bool, an int subclass)."""
     return isinstance(x, int) and not isinstance(x, bool)
 
 

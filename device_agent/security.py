@@ -93,6 +93,9 @@ class ServerKeys:
 
     @classmethod
     def from_dir(cls, curve_dir: str | os.PathLike[str]) -> ServerKeys:
+        """Load ``agent.key_secret`` and check that ``authorized/`` holds at least one readable
+        public key; raises :class:`CurveKeyError` naming the file otherwise.
+        """
         d = Path(curve_dir)
         public, secret = load_secret(d / AGENT_SECRET)
         auth = d / AUTHORIZED
@@ -113,11 +116,13 @@ class CurveServer:
         self.auth.configure_curve(domain="*", location=str(keys.authorized_dir))
 
     def secure(self, sock: zmq.Socket) -> None:
+        """Make ``sock`` a CURVE server with the agent's keypair (before bind)."""
         sock.curve_secretkey = self.keys.secret
         sock.curve_publickey = self.keys.public
         sock.curve_server = True
 
     def stop(self) -> None:
+        """Stop the ZAP authenticator thread."""
         self.auth.stop()
 
 

@@ -339,7 +339,8 @@ class AgentServer:
     def close(self) -> None:
         """Close the sockets, the CURVE authenticator, the context and the meter; remove the
         ready file."""
-        # a short linger: the last replies (the shutdown's own) still leave; LINGER 0 could drop them
+        # a short linger: the last replies (the shutdown's own) still leave;
+        # LINGER 0 could drop them
         self.sock.close(linger=1000)
         if self.pub_sock is not None:
             self.pub_sock.close(0)

@@ -6,7 +6,8 @@ any machine. Modules:
 * :mod:`models.uids` -- expert uids ``L{layer}.E{expert}`` (``format_uid``, ``parse_uid``).
 * :mod:`models.families` -- family adapters (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
 * :mod:`models.split` -- ``split_checkpoint``: HF checkpoint -> BS part + per-expert shards.
-* :mod:`models.manifest` -- the split's ``manifest.json`` contract (``load_manifest``, ``verify_split``).
+* :mod:`models.manifest` -- the split's ``manifest.json`` contract (``load_manifest``,
+  ``verify_split``).
 * :mod:`models.widen` -- ``widen_split``: the same trained model with W-wide experts and payloads
   (an orthonormal lift at the MoE boundary; ``testbed model widen``, the ``tiny-4096`` model).
 * :mod:`models.safetensors_io` -- streaming safetensors reader/writer (no mmap, no torch).

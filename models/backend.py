@@ -75,7 +75,8 @@ class LayerResult:
 class ExpertBackend(Protocol):
     """Runs all routed experts of one MoE layer for one forward step."""
 
-    def run_layer(self, work: LayerWork) -> LayerResult: ...
+    def run_layer(self, work: LayerWork) -> LayerResult:
+        """Each input's expert outputs, and a reason for each expert that gave none."""
 
 
 class LocalExpertBackend:
@@ -138,6 +139,7 @@ class LocalExpertBackend:
 
     @property
     def uids(self) -> set[str]:
+        """The uids this backend serves (with a loader, those it was given, loaded or not)."""
         return set(self._known) if self._known is not None else set(self._kernels)
 
     def kernel(self, uid: str) -> ExpertKernel:
@@ -150,6 +152,11 @@ class LocalExpertBackend:
         return k
 
     def run_layer(self, work: LayerWork) -> LayerResult:
+        """Run each input on its kernel in turn; unknown uids are failed (``"unknown expert"``).
+
+        ``info`` has ``wall_s``, the loop's wall time. Raises :class:`ModelError` for a uid of
+        another layer.
+        """
         t0 = time.perf_counter()
         out: dict[str, torch.Tensor] = {}
         failed: dict[str, str] = {}
@@ -193,6 +200,9 @@ class FaultInjectingBackend:
         self.reason = reason
 
     def run_layer(self, work: LayerWork) -> LayerResult:
+        """Drop the inputs of the chosen experts, run the rest on ``inner`` and report the
+        dropped ones failed with ``reason``.
+        """
         keep = {u: x for u, x in work.inputs.items() if not self._pred(u, work.layer, work.step)}
         res = self.inner.run_layer(LayerWork(work.layer, work.step, keep))
         failed = dict(res.failed)

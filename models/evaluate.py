@@ -136,7 +136,8 @@ def load_mc_jsonl(
             ):
                 raise ModelError(
                     where,
-                    "context_ids must be a list and choices_ids a non-empty list of non-empty lists",
+                    "context_ids must be a list and choices_ids a non-empty list "
+                    "of non-empty lists",
                 )
             ctx_ids, ch_ids = [int(x) for x in ctx], [[int(x) for x in c] for c in choices]
         elif "context" in d:

@@ -83,10 +83,12 @@ class FamilyAdapter:
             self,
             "_expert_re",
             re.compile(
-                rf"model\.layers\.(\d+)\.{re.escape(self.block_prefix)}\.experts\.(\d+)\.({projs})\.weight"
+                rf"model\.layers\.(\d+)\.{re.escape(self.block_prefix)}\.experts\.(\d+)\."
+                rf"({projs})\.weight"
             ),
         )
-        # transformers>=5 in-memory layout (3D tensors), accepted too: experts.gate_up_proj/down_proj
+        # transformers>=5 in-memory layout (3D tensors), accepted too:
+        # experts.gate_up_proj/down_proj
         object.__setattr__(
             self,
             "_fused_re",
@@ -173,6 +175,7 @@ class FamilyAdapter:
 
     @property
     def has_shared_expert(self) -> bool:
+        """Whether the family has a shared expert beside the routed ones (Qwen2-MoE)."""
         return self.shared_expert_key is not None
 
 

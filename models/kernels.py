@@ -63,9 +63,11 @@ class ExpertKernel(Protocol):
     hidden_size: int
     intermediate_size: int
 
-    def forward(self, x: Any) -> Any: ...
+    def forward(self, x: Any) -> Any:
+        """Rows ``x`` [n, hidden_size] (numpy array or torch tensor) -> the expert's output rows."""
 
-    def __call__(self, x: Any) -> Any: ...
+    def __call__(self, x: Any) -> Any:
+        """Same as :meth:`forward`."""
 
 
 class _KernelBase:
@@ -156,6 +158,7 @@ class TorchExpert(_KernelBase):
 
     @property
     def weight_bytes(self) -> int:
+        """Bytes of the loaded weights (``w13`` and ``w2``) in their dtype."""
         return self.w13.numel() * self.w13.element_size() + self.w2.numel() * self.w2.element_size()
 
 
@@ -190,6 +193,7 @@ class QuantizedWeight:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of ``qweight`` plus the float32 ``scales``."""
         return self.qweight.numel() * self.qweight.element_size() + self.scales.numel() * 4
 
 
@@ -294,6 +298,7 @@ class QuantizedTorchExpert(_KernelBase):
 
     @property
     def weight_bytes(self) -> int:
+        """Bytes of the three quantized matrices with their scales."""
         return self.w1.nbytes + self.w2.nbytes + self.w3.nbytes
 
 
@@ -387,6 +392,9 @@ class OnnxExpert(_KernelBase):
         self.uid = uid
 
     def forward(self, x: Any) -> Any:
+        """Run the ONNX session on rows ``x`` ([n, H] numpy array or torch tensor); same kind,
+        dtype and device out. Raises :class:`ModelError` for another shape.
+        """
         as_numpy = isinstance(x, np.ndarray)
         arr = x if as_numpy else x.detach().cpu().numpy()
         if arr.ndim != 2 or arr.shape[1] != self.hidden_size:
@@ -531,7 +539,8 @@ def reference_expert(
 
 
 def output_error(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
-    """Error of ``candidate`` vs ``reference``: ``max_abs`` and ``rel_rms`` (||d||_2 / ||ref||_2)."""
+    """Error of ``candidate`` vs ``reference``: ``max_abs`` and ``rel_rms``
+    (||d||_2 / ||ref||_2)."""
     ref = reference.to(torch.float64)
     d = candidate.to(torch.float64) - ref
     return {

@@ -114,6 +114,7 @@ class Manifest:
 
     @property
     def num_experts(self) -> int:
+        """E, the experts per MoE layer (``dims["num_experts"]``)."""
         return int(self.dims["num_experts"])
 
     def uids(self, layer: int | None = None) -> list[str]:
@@ -129,10 +130,12 @@ class Manifest:
 
     @property
     def bs_path(self) -> Path:
+        """Absolute path of the BS part's safetensors file."""
         return self.root / self.bs.path
 
     @property
     def bs_config_path(self) -> Path:
+        """Absolute path of the BS part's model config (the HF ``config.json``)."""
         return self.root / self.bs_config
 
 
@@ -220,7 +223,8 @@ def _read_raw(mpath: Path) -> dict[str, Any]:
     if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT:
         raise ModelError(
             f"{where}: format",
-            f"expected {MANIFEST_FORMAT!r}, got {raw.get('format') if isinstance(raw, dict) else raw!r}",
+            f"expected {MANIFEST_FORMAT!r}, "
+            f"got {raw.get('format') if isinstance(raw, dict) else raw!r}",
         )
     return raw
 

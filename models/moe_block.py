@@ -174,6 +174,13 @@ class SplitMoEBlock(nn.Module):
         self._controller = controller  # plain attribute: not a submodule, not in the state dict
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The MoE layer through the controller: gate, ``policy`` selection, one ``run_layer`` on
+        the ``backend`` with every selected expert's rows, weighted combination (plus the shared
+        expert, if any); ``hidden_states`` [..., H] -> the same shape.
+
+        Experts the backend reports failed (or that return nothing) lose their slots and the token's
+        remaining weights are rescaled to its total; a record is kept when recording.
+        """
         c = self._controller
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
@@ -281,7 +288,8 @@ class SplitMoEBlock(nn.Module):
             if tuple(y.shape) != (tok.shape[0], width):
                 raise ModelError(
                     uid,
-                    f"backend returned shape {list(y.shape)} for {tok.shape[0]} rows at layer {self.layer}",
+                    f"backend returned shape {list(y.shape)} for {tok.shape[0]} rows "
+                    f"at layer {self.layer}",
                 )
             y = y.to(device=x.device, dtype=x.dtype)
             out.index_add_(0, tok, (y * wt.unsqueeze(1)).to(x.dtype))

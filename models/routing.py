@@ -5,8 +5,9 @@ A selection hook is any callable ``hook(ctx: RoutingContext) -> Selection``. The
 router output for the N tokens of that step (prefill: every prompt token of the batch; decode:
 one per sequence). The returned :class:`Selection` is a padded [N, K] index tensor (``-1`` = no
 expert in that slot, so tokens may use different numbers of experts, including none) with
-combine weights [N, K]; the MoE output of token i is ``sum_j weights[i, j] * expert_{ids[i, j]}(x_i)``
-(plus the family's shared expert, which always runs at the BS).
+combine weights [N, K]; the MoE output of token i is
+``sum_j weights[i, j] * expert_{ids[i, j]}(x_i)`` (plus the family's shared expert, which always
+runs at the BS).
 
 Built-in policies (:func:`make_policy` names):
 
@@ -62,16 +63,19 @@ class RoutingContext:
 
     @property
     def num_tokens(self) -> int:
+        """N, the tokens in this call."""
         return int(self.router_logits.shape[0])
 
     @property
     def num_experts(self) -> int:
+        """E, the experts of this layer."""
         return int(self.router_logits.shape[1])
 
 
 @dataclass(frozen=True)
 class Selection:
-    """Per-token expert choice: ``expert_ids`` int64 [N, K] (-1 = empty slot), ``weights`` [N, K]."""
+    """Per-token expert choice: ``expert_ids`` int64 [N, K] (-1 = empty slot), ``weights``
+    [N, K]."""
 
     expert_ids: torch.Tensor
     weights: torch.Tensor
@@ -98,7 +102,8 @@ def validate_selection(
     if ids.ndim != 2 or ids.shape[0] != num_tokens or w.shape != ids.shape:
         raise ModelError(
             where,
-            f"expert_ids {list(ids.shape)} / weights {list(w.shape)} must both be [{num_tokens}, K]",
+            f"expert_ids {list(ids.shape)} / weights {list(w.shape)} "
+            f"must both be [{num_tokens}, K]",
         )
     ids = ids.to(torch.int64)
     if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= num_experts):
@@ -128,6 +133,9 @@ class TopKSelection:
         self.renormalize = renormalize
 
     def __call__(self, ctx: RoutingContext) -> Selection:
+        """The top ``k`` (default: the model's top-k) experts by router probability, weights
+        renormalised to sum 1 when asked (default: as the model does).
+        """
         k = min(self.k or ctx.top_k, ctx.num_experts)
         top_w, top_i = torch.topk(ctx.router_probs, k, dim=-1)
         renorm = ctx.norm_topk_prob if self.renormalize is None else self.renormalize
@@ -154,6 +162,9 @@ class RandomSelection:
         self._gen = torch.Generator().manual_seed(seed)
 
     def __call__(self, ctx: RoutingContext) -> Selection:
+        """``n`` distinct random experts per token, weighted by their router probabilities
+        renormalised to sum 1.
+        """
         n = min(self.n, ctx.num_experts)
         scores = torch.rand((ctx.num_tokens, ctx.num_experts), generator=self._gen)
         ids = scores.topk(n, dim=-1).indices.to(ctx.router_probs.device)

@@ -265,6 +265,7 @@ class BaseStationModel:
     # ---- policy / backend / records ------------------------------------------------------------
     @property
     def policy(self) -> SelectionHook:
+        """The selection hook every MoE layer calls; settable between forwards."""
         return self.controller.policy
 
     @policy.setter
@@ -273,6 +274,7 @@ class BaseStationModel:
 
     @property
     def backend(self) -> ExpertBackend:
+        """The expert backend every MoE layer runs on; settable between forwards."""
         return self.controller.backend
 
     @backend.setter
@@ -284,6 +286,7 @@ class BaseStationModel:
         self.controller.recording = True
 
     def stop_recording(self) -> None:
+        """Stop collecting records (those collected stay until :meth:`pop_records`)."""
         self.controller.recording = False
 
     def pop_records(self) -> list[MoELayerRecord]:

@@ -55,6 +55,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
+        """Number of elements (1 for a scalar)."""
         n = 1
         for s in self.shape:
             n *= s
@@ -148,6 +149,7 @@ class OutTensor:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the tensor's data (elements × dtype size)."""
         n = DTYPE_BYTES[self.dtype]
         for s in self.shape:
             n *= s

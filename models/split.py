@@ -180,7 +180,8 @@ def _find_expert_tensors(
     if not per_key and not fused:
         raise ModelError(
             f"config.json: model_type={fam.name}",
-            f"no routed-expert tensors found (expected keys like {fam.expert_key(moe_layers[0] if moe_layers else 0, 0, 'w1')}); "
+            "no routed-expert tensors found (expected keys like "
+            f"{fam.expert_key(moe_layers[0] if moe_layers else 0, 0, 'w1')}); "
             "dense checkpoint or wrong family?",
         )
     return per_key, fused, used

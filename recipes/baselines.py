@@ -17,6 +17,7 @@ class TopK(Policy):
         self._select = TopKSelection()
 
     def select(self, ctx: RoutingContext, cluster: ClusterState | None = None) -> Decision:
+        """The model's own top-k selection, unchanged."""
         return Decision(self._select(ctx))
 
 
@@ -30,4 +31,5 @@ class Top1(Policy):
         self._select = TopKSelection(k=1)
 
     def select(self, ctx: RoutingContext, cluster: ClusterState | None = None) -> Decision:
+        """Each token's single most probable expert (weight renormalised as the model does)."""
         return Decision(self._select(ctx))

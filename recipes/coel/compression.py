@@ -196,6 +196,9 @@ class FusionBackend:
         return getattr(self.inner, name)
 
     def run_layer(self, work: Any) -> Any:
+        """Fuse each expert's rows, run the merged rows on ``inner`` and give every original row
+        its group's output; ``info`` gains ``fusion_rows_in`` / ``fusion_rows_sent``.
+        """
         from models.backend import LayerResult, LayerWork
 
         merged: dict[str, torch.Tensor] = {}

@@ -241,12 +241,13 @@ def place_inter(
     size, decreasing popularity per byte), each expert to the feasible device whose layer time
     after the assignment minus ``coact_weight`` x its co-activation with the experts already
     there is smallest (ties: more free memory, then name); ``start`` (e.g. the current
-    placement) and round-robin, when feasible. From each, local search (:class:`~recipes.coel.search.LocalSearch`): single moves to
-    another device and pairwise swaps of two experts on different devices (any layers: under
-    tight memory budgets an expert only fits where another one leaves) that lower the
-    objective (critical path - ``coact_weight`` x co-located co-activation), up to
-    ``max_rounds`` passes. The best result wins (ties: the earlier start, popularity-greedy
-    first) — so it is never worse than a feasible round-robin. Cost per pass:
+    placement) and round-robin, when feasible. From each, local search
+    (:class:`~recipes.coel.search.LocalSearch`): single moves to another device and pairwise
+    swaps of two experts on different devices (any layers: under tight memory budgets an expert
+    only fits where another one leaves) that lower the objective (critical path -
+    ``coact_weight`` x co-located co-activation), up to ``max_rounds`` passes. The best result
+    wins (ties: the earlier start, popularity-greedy first) — so it is never worse than a
+    feasible round-robin. Cost per pass:
     O(n x devices + n^2) incremental evaluations of O(devices) each (n experts).
 
     Raises

@@ -60,9 +60,8 @@ class CoEL(Policy):
     intra_min_bits
         Intra-device deployment when every expert at this bit-width fits one device.
     tau
-        Pruning threshold on the gate margin (0: no pruning). The defaults of ``tau`` and
-        ``sigma`` are the largest values of the sweep in ``tests/unit/test_coel.py`` that kept
-        the tiny model's held-out accuracy at 1.0.
+        Gate-margin pruning threshold (0: off). ``tau`` and ``sigma`` default to the largest
+        values of the ``tests/unit/test_coel.py`` sweep that kept held-out accuracy at 1.0.
     renormalize_pruned
         Renormalise a token's remaining weights after pruning.
     sigma
@@ -74,12 +73,10 @@ class CoEL(Policy):
     calib_requests, calib_seed
         Calibration prompts (tiny task's ``calibration`` split).
     plan_tokens, plan_rate_kbit, plan_a_ms, plan_b_ms
-        Cost-model defaults where the cluster state says nothing (before the first update:
-        ``place()`` sees no rates or compute profile).
+        Cost-model defaults while the cluster state has none (``place()`` sees no rates or profile).
     bytes_per_row
-        Bytes of one token row per direction in the transfer model; default: what the run
-        sends (:attr:`Policy.bytes_per_token`, e.g. 8192 for a 4096-wide model in bf16),
-        256 outside a run.
+        Bytes of one token row per direction in the transfer model; default: what the run sends
+        (:attr:`Policy.bytes_per_token`, 8192 for a 4096-wide bf16 model), 256 outside a run.
     delta
         Relative change of a link rate that triggers re-deployment.
     drift
@@ -165,8 +162,7 @@ class CoEL(Policy):
 
     # sizes ------------------------------------------------------------------------------------
     def size_at(self, uid: str, bits: int) -> float:
-        """Bytes of expert ``uid`` at ``bits`` (model dims when known, else from the float32
-        shard size)."""
+        """Bytes of ``uid`` at ``bits`` (from model dims when known, else the float32 shard)."""
         if self.dims is not None:
             return float(quantized_bytes(self.dims[0], self.dims[1], bits))
         e = next(x for x in self.experts if x.uid == uid)
@@ -221,6 +217,7 @@ class CoEL(Policy):
         devices: Sequence[DeviceInfo],
         profile: Mapping[str, Any] | None = None,
     ) -> Placement:
+        """Calibrate on the tiny task, then deploy (mode, placement, bits) for that popularity."""
         self.experts, self.devices = list(experts), list(devices)
         self.calibration, dims = calibrate_experts(
             experts, getattr(self, "model_path", None), self.calib_requests, self.calib_seed
@@ -243,6 +240,7 @@ class CoEL(Policy):
         return dict(placement)
 
     def bits_histogram(self) -> dict[int, int]:
+        """bits -> number of (expert, device) copies at that bit-width, in bit order."""
         out: dict[int, int] = {}
         for b in self.bits_of.values():
             out[b] = out.get(b, 0) + 1
@@ -270,6 +268,7 @@ class CoEL(Policy):
 
     # selection --------------------------------------------------------------------------------
     def select(self, ctx: RoutingContext, cluster: ClusterState | None = None) -> Decision:
+        """The model's top-k, pruned (:func:`prune_selection`) in inter mode when ``tau`` > 0."""
         sel = self._select(ctx)
         if self.tau > 0 and self.mode == "inter":
             placement = (
@@ -334,9 +333,11 @@ class CoEL(Policy):
         return dict(result)
 
     def last_stats(self) -> Mapping[str, Any]:
+        """Nothing: CoEL predicts no per-layer latency."""
         return {}
 
     def describe(self) -> dict[str, Any]:
+        """The base description plus mode, bit-width histogram, planned bytes per device and log."""
         d = super().describe()
         d.update(
             mode=self.mode,
