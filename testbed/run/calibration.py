@@ -69,7 +69,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-# -- from a measured run --------------------------------------------------------------------------------
+# -- from a measured run -------------------------------------------------------------------
 @dataclass
 class Calibration:
     """Everything the twin charges time with (module doc).
@@ -204,6 +204,8 @@ class RatesInForce:
                 self.after[t].append(acc)
 
     def at(self, row: Mapping[str, Any], device: str) -> tuple[float, float] | None:
+        """(down, up) kbit/s of ``device``'s link at ``row``'s (trial, repeat, request, step,
+        layer); ``None`` when no epoch nor the manifest gives it."""
         t = _tk(row)
         keys = self.keys.get(t)
         i = bisect.bisect_right(keys, _pos(row)) if keys else 0

@@ -108,9 +108,9 @@ class DeviceProfiler:
         progress: Any,
     ) -> tuple[Any, dict[str, Any]]:
         """Profile the trial's devices ``names`` through the BS's exchange, links at
-        :data:`PROFILE_KBIT` both ways (:func:`testbed.dataplane.profiling.profile_exchanges`: calls of
-        1..32 tokens, of one and two of each device's experts, each device alone and all at
-        once); the samples go to ``profile.csv``. Fits each device's compute profile (its
+        :data:`PROFILE_KBIT` both ways (:func:`testbed.dataplane.profiling.profile_exchanges`:
+        calls of 1..32 tokens, of one and two of each device's experts, each device alone and
+        all at once); the samples go to ``profile.csv``. Fits each device's compute profile (its
         alone, one-expert calls; the first trial's is the manifest's ``compute_profile``) and
         the calibrated latency model (:func:`testbed.policy.latency_model.fit_layer_costs`): returns
         its parameters and the fit that the trial's manifest entry records (with the

@@ -95,6 +95,7 @@ class TraceReplay:
         self.blocks = [blocks[t] for t in sorted(blocks)]
 
     def rates(self, epoch: int) -> dict[str, tuple[float, float]]:
+        """device -> (down, up) kbit/s of block ``epoch``; the trace repeats past its end."""
         return self.blocks[epoch % len(self.blocks)]
 
 

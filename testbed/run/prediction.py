@@ -41,6 +41,7 @@ class TimedBackend:
         self.predictor: ExchangePredictor | None = None
 
     def run_layer(self, work: Any) -> Any:
+        """``inner.run_layer(work)``, its result's ``info`` stamped (class doc)."""
         predictor = self.predictor
         pred = predictor.predict(work, self.pending) if predictor is not None else None
         t0 = time.perf_counter()
@@ -59,8 +60,8 @@ class TimedBackend:
 
 class ExchangePredictor:
     """The calibrated latency model's prediction of one layer's exchange, for every policy
-    (:func:`testbed.policy.latency_model.predict_layer_ms`): from the rows the BS hands to the backend
-    (after any wrapper such as CoEL's fusion) grouped by the device holding each expert
+    (:func:`testbed.policy.latency_model.predict_layer_ms`): from the rows the BS hands to the
+    backend (after any wrapper such as CoEL's fusion) grouped by the device holding each expert
     (``placement()``, the backend's), the rates in force in ``cluster`` (down and up, as tc
     read them back) and the trial's fitted ``params``.
 
@@ -70,9 +71,9 @@ class ExchangePredictor:
     after the request's airtime and the device's time) -- a slow link is still refilling when
     the next layer's message comes. A rate change fills the bucket of every link it changed
     (the kernel's ``tbf_change`` sets the tokens to the full bucket): at an epoch's start the
-    links changed (``pending["links_changed"]``) start full. ``predicted_critical_ms`` adds the decision's and, at an
-    epoch's start, the rate change's predicted time: the medians of this trial's earlier ones
-    (the first: 0)."""
+    links changed (``pending["links_changed"]``) start full. ``predicted_critical_ms`` adds the
+    decision's and, at an epoch's start, the rate change's predicted time: the medians of this
+    trial's earlier ones (the first: 0)."""
 
     def __init__(
         self,

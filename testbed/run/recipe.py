@@ -297,8 +297,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "faults": {"events": (parse_faults, [])},
 }
 """table -> key -> (validator, default). Validators raise ValueError with the message.
-``links.channel`` (a table of :class:`testbed.net.channel.ChannelModel` parameters) is checked key by
-key in :func:`_check_value`, and its keys against each other at every sweep point."""
+``links.channel`` (a table of :class:`testbed.net.channel.ChannelModel` parameters) is checked
+key by key in :func:`_check_value`, and its keys against each other at every sweep point."""
 
 
 @dataclass(frozen=True)
@@ -311,10 +311,12 @@ class Trial:
 
     @property
     def label(self) -> str:
+        """The swept values as ``key=value`` words (``-`` when nothing is swept)."""
         return " ".join(f"{k}={v}" for k, v in self.point.items()) or "-"
 
     @property
     def policy(self) -> str:
+        """``policy.name`` at this point, as written (a built-in or ``path/file.py:Class``)."""
         return str(self.config["policy"]["name"])
 
     def link_kbit(self) -> tuple[float, float]:
@@ -326,6 +328,7 @@ class Trial:
         return down, up
 
     def link_delay_loss(self) -> tuple[float, float]:
+        """(``links.delay`` in ms, ``links.loss`` in percent 0..100)."""
         ln = self.config["links"]
         return _time(ln["delay"]), _pct(ln["loss"])
 
@@ -341,14 +344,18 @@ class Recipe:
 
     @property
     def name(self) -> str:
+        """``recipe.name``."""
         return str(self.config["recipe"]["name"])
 
     @property
     def seed(self) -> int:
+        """``recipe.seed``, from which the run's random choices (workload, placement, channel) are
+        seeded."""
         return int(self.config["recipe"]["seed"])
 
     @property
     def repeats(self) -> int:
+        """``recipe.repeats``: how many times each trial runs."""
         return int(self.config["recipe"]["repeats"])
 
     def trace_path(self, trial: Trial) -> Path | None:
@@ -387,6 +394,8 @@ class Recipe:
         return name
 
     def trials(self) -> list[Trial]:
+        """One :class:`Trial` per point of the sweep's cross product (the last sweep key varies
+        fastest; one trial when nothing is swept), channel defaults filled in."""
         keys = list(self.sweep)
         out = []
         for i, values in enumerate(itertools.product(*(self.sweep[k] for k in keys))):
@@ -398,6 +407,7 @@ class Recipe:
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        """The manifest's ``recipe``: the path, every table as resolved, and the sweep."""
         return {"path": str(self.path), **copy.deepcopy(self.config), "sweep": dict(self.sweep)}
 
 
@@ -485,6 +495,8 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
 
 
 def recipe_from_dict(raw: Mapping[str, Any], path: Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Check ``raw`` (a parsed recipe; ``path`` names it in the messages and resolves its
+    relative paths) and the ``--set`` ``overrides``, as :func:`load_recipe` does."""
     where = str(path)
     problems: list[str] = []
     config: dict[str, dict[str, Any]] = {

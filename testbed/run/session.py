@@ -12,8 +12,8 @@ For each sweep point (trial) and repeat the run (:class:`testbed.run.trial.Trial
    from the agents' status feed — each row flushed as it is produced — then the trial's
    summary row.
 
-Energy of a request (:func:`testbed.dataplane.energy_attr.request_energy`): just before the request and
-just after it, the run pings every agent that is up; each ping reply carries that agent's
+Energy of a request (:func:`testbed.dataplane.energy_attr.request_energy`): just before the request
+and just after it, the run pings every agent that is up; each ping reply carries that agent's
 cumulative meter reading, so ``energy_devices_j`` is the sum of the devices' counter deltas
 over windows that enclose the request (idle power and network handling included, the two
 pings' own cost too: a few dozen bytes each). ``energy_bs_j`` is the BS's own meter (the
@@ -102,6 +102,7 @@ class RunResult:
     summary: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (what ``testbed run --format json`` prints)."""
         return {
             "run_dir": str(self.run_dir),
             "run_id": self.run_id,
@@ -116,11 +117,21 @@ class RunResult:
 class Progress:
     """What a run reports while it works (the CLI draws a rich progress bar from it)."""
 
-    def start(self, trials: int, requests_per_trial: int) -> None: ...
-    def trial(self, index: int, label: str) -> None: ...
-    def request(self) -> None: ...
-    def message(self, text: str) -> None: ...
-    def close(self) -> None: ...
+    def start(self, trials: int, requests_per_trial: int) -> None:
+        """The run begins: ``trials`` sweep points, ``requests_per_trial`` requests each (all its
+        repeats together)."""
+
+    def trial(self, index: int, label: str) -> None:
+        """Trial ``index`` begins; ``label`` is its policy and sweep point."""
+
+    def request(self) -> None:
+        """One request finished."""
+
+    def message(self, text: str) -> None:
+        """A status line for the user (provisioning, profiling a device...)."""
+
+    def close(self) -> None:
+        """The run ended, however it ended."""
 
 
 def restore_links(

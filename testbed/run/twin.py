@@ -512,8 +512,8 @@ def with_devices(recipe: Recipe, devices: int) -> Recipe:
 
 def per_policy_token_ms(run_dir: str | Path) -> dict[tuple[str, str], float]:
     """(policy, point) -> mean per-token latency (``total_ms / output_tokens`` over requests,
-    :func:`testbed.results.comparison.per_token_ms`) of a results folder: what the twin is checked on
-    against a measured run."""
+    :func:`testbed.results.comparison.per_token_ms`) of a results folder: what the twin is
+    checked on against a measured run."""
     from ..results.comparison import per_token_ms
 
     by: dict[tuple[str, str], list[dict]] = {}

@@ -247,6 +247,7 @@ class TimedSelect:
         return ms
 
     def select(self, ctx: Any, cluster: Any = None) -> Any:
+        """The policy's ``select``; its wall time (ms) advances the clock and is kept."""
         t0 = time.perf_counter()
         d = self._policy.select(ctx, cluster)
         ms = (time.perf_counter() - t0) * 1e3

@@ -67,6 +67,7 @@ class AnswerKey:
         self.model: Any = None
 
     def __call__(self, req: Request) -> tuple[int, ...]:
+        """The token ids ``req``'s output must equal to count as correct."""
         if req.reference is not None:
             return req.reference
         from models.runtime import BaseStationModel
