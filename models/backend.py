@@ -139,7 +139,7 @@ class LocalExpertBackend:
 
     @property
     def uids(self) -> set[str]:
-        """The uids this backend serves (with a loader, those it was given, loaded or not)."""
+        """Uids served: those of the given kernels, or a loader's ``uids`` (else those loaded)."""
         return set(self._known) if self._known is not None else set(self._kernels)
 
     def kernel(self, uid: str) -> ExpertKernel:
