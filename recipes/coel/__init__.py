@@ -9,8 +9,9 @@ rule is the simplest one that matches the description.
    live view (:class:`testbed.dataplane.backend.StatusFeed`, which counts the signalling bytes) and
    the enforced link rates (``ClusterState.rate_*_kbit``). :func:`rates_moved` is the BS-side
    "moved by more than delta" test on link quality.
-2. **Deployment** [V/R]. :func:`calibrate` runs the model in-process on the tiny task's
-   ``calibration`` split (disjoint from the held-out test examples) and measures each expert's
+2. **Deployment** [V/R]. :func:`calibrate` runs the model in-process on calibration prompts
+   (:class:`Prompts`; by default :func:`tiny_prompts`, the tiny task's ``calibration`` split,
+   disjoint from the held-out test examples) and measures each expert's
    popularity (activations per token), importance (mean gate probability) and the same-layer
    co-activation of expert pairs. If the model, compressed to ``intra_min_bits``, fits one
    device's memory budget, every expert goes to the best device (*intra-device*
@@ -59,9 +60,11 @@ device, replicas) with :mod:`~recipes.coel.search` (its local search),
 
 from recipes.coel.calibration import (
     Calibration,
+    Prompts,
     calibrate,
     calibrate_experts,
     calibration_from_selections,
+    tiny_prompts,
 )
 from recipes.coel.compression import (
     BITS,
@@ -115,6 +118,7 @@ __all__ = [
     "FusionBackend",
     "LocalSearch",
     "Move",
+    "Prompts",
     "add_replicas",
     "allocate_bits",
     "allocate_placement",
@@ -145,5 +149,6 @@ __all__ = [
     "rates_moved",
     "redeploy_triggers",
     "round_robin",
+    "tiny_prompts",
     "verify_budgets",
 ]

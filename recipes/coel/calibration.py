@@ -1,5 +1,6 @@
 """CoEL's calibration: the experts' popularity, importance and co-activation, measured by running
-the model in-process on the tiny task's ``calibration`` split (or uniform without a model)."""
+the model in-process on calibration prompts (:class:`Prompts`; by default the tiny task's
+``calibration`` split, :func:`tiny_prompts`), or uniform without a model."""
 
 from __future__ import annotations
 
@@ -82,18 +83,44 @@ def calibration_from_selections(
     return cal
 
 
+@dataclass(frozen=True)
+class Prompts:
+    """Calibration prompts: token ids, how many tokens to generate after each, and the ids that
+    end (``eos_id``) and pad (``pad_id``) a sequence for the model's greedy generation."""
+
+    prompts: Sequence[Sequence[int]]
+    new_tokens: Sequence[int]
+    eos_id: int
+    pad_id: int
+
+
+def tiny_prompts(requests: int, seed: int) -> Prompts:
+    """``requests`` prompts of the tiny task's ``calibration`` split (disjoint from its held-out
+    test examples), each generating its target's length."""
+    from models import tinytask as tt
+
+    exs = tt.generate("calibration", requests, seed=seed)
+    return Prompts(
+        [list(e.prompt) for e in exs], [len(e.target) for e in exs], tt.EOS_ID, tt.PAD_ID
+    )
+
+
 def calibrate(
-    model_path: str | Path, requests: int = 64, seed: int = 0, batch: int = 16
+    model_path: str | Path,
+    requests: int | Prompts = 64,
+    seed: int = 0,
+    batch: int = 16,
 ) -> Calibration:
-    """Run the model in-process (local experts, the model's top-k) on ``requests`` prompts of
-    the tiny task's ``calibration`` split and measure the expert statistics.
+    """Run the model in-process (local experts, the model's top-k) on calibration prompts and
+    measure the expert statistics. ``requests`` is the :class:`Prompts` to run, or a number of
+    :func:`tiny_prompts` (drawn with ``seed``).
 
     Routing records (:meth:`models.runtime.BaseStationModel.start_recording`) give the
     selections; a selection hook around the top-k keeps the router probabilities.
     """
-    from models import tinytask as tt
     from models.runtime import BaseStationModel
 
+    prompts = requests if isinstance(requests, Prompts) else tiny_prompts(requests, seed)
     bsm = BaseStationModel.from_split_dir(model_path)
     topk = TopKSelection()
     probs: dict[int, list[list[float]]] = {}
@@ -106,18 +133,16 @@ def calibrate(
         return topk(ctx)
 
     bsm.policy = hook
-    exs = tt.generate("calibration", requests, seed=seed)
     ids: dict[int, list[list[int]]] = {}
     bsm.start_recording()
     try:
-        for i in range(0, len(exs), batch):
-            chunk = exs[i : i + batch]
+        for i in range(0, len(prompts.prompts), batch):
             bsm.pop_records()
             bsm.generate_greedy(
-                [list(e.prompt) for e in chunk],
-                max(len(e.target) for e in chunk),
-                tt.EOS_ID,
-                tt.PAD_ID,
+                [list(q) for q in prompts.prompts[i : i + batch]],
+                max(prompts.new_tokens[i : i + batch]),
+                prompts.eos_id,
+                prompts.pad_id,
             )
             for r in bsm.pop_records():
                 valid = r.token_valid.astype(bool)

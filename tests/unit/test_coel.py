@@ -430,6 +430,23 @@ def tiny() -> str:
     return str(resolve_split("tiny"))
 
 
+def test_calibration_takes_its_prompts_as_input(tiny: str) -> None:
+    from models import tinytask as tt
+    from recipes.coel import Prompts, calibrate, tiny_prompts
+
+    given = tiny_prompts(8, seed=1)
+    assert len(given.prompts) == 8 and given.eos_id == tt.EOS_ID
+    by_count = calibrate(tiny, requests=8, seed=1)
+    by_prompts = calibrate(tiny, given)
+    assert by_prompts.popularity == by_count.popularity
+    assert by_prompts.coactivation == by_count.coactivation
+    # other prompts, other statistics: the prompts are what is measured
+    one_task = [q for q in tiny_prompts(64, seed=2).prompts if q[1] == given.prompts[0][1]][:8]
+    other = calibrate(tiny, Prompts(one_task, [4] * len(one_task), tt.EOS_ID, tt.PAD_ID))
+    assert other.popularity != by_count.popularity
+    assert other.tokens != by_count.tokens
+
+
 def test_calibration_on_the_tiny_model(tiny: str) -> None:
     from models import tinytask as tt
     from recipes.coel import calibrate
