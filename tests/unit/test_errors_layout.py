@@ -98,14 +98,15 @@ def _absolute(module: str, path: Path, node: ast.ImportFrom) -> str:
     return ".".join([*base, *([node.module] if node.module else [])])
 
 
-def import_graph(package_dir: Path) -> dict[str, dict[str, int]]:
-    """module -> {imported module of the same package -> line of the first such import}.
+def import_graph(*package_dirs: Path) -> dict[str, dict[str, int]]:
+    """module -> {imported module of the given packages -> line of the first such import}.
 
     ``from P import a`` counts as an import of ``P.a`` when that is a module, else of ``P``.
     Self-imports are dropped.
     """
-    files = module_files(package_dir)
-    top = package_dir.name
+    files: dict[str, Path] = {}
+    for package_dir in package_dirs:
+        files.update(module_files(package_dir))
     graph: dict[str, dict[str, int]] = {m: {} for m in files}
     for module, path in files.items():
         edges = graph[module]
@@ -119,7 +120,7 @@ def import_graph(package_dir: Path) -> dict[str, dict[str, int]]:
                     sub = f"{base}.{a.name}"
                     targets.append(sub if sub in files else base)
             for t in targets:
-                if t in files and t != module and (t == top or t.startswith(top + ".")):
+                if t in files and t != module:
                     edges.setdefault(t, node.lineno)
     return graph
 
@@ -402,6 +403,55 @@ def test_private_use_finder(tmp_path):
         },
     )
     assert private_uses(tmp_path, ("testbed",)) == {"testbed/b.py: testbed.a._x"}
+
+
+#: what each top-level package may import of the others (``recipes`` only the names a policy
+#: uses: ``testbed.policy``, ``testbed.errors``, ``testbed.units`` and the channel model)
+PACKAGE_IMPORTS: dict[str, tuple[str, ...]] = {
+    "models": (),
+    "device_agent": ("models",),
+    "testbed": ("models", "device_agent"),
+    "recipes": (
+        "models",
+        "testbed.policy",
+        "testbed.errors",
+        "testbed.units",
+        "testbed.net.channel",
+    ),
+}
+
+
+def package_problems(graph: Mapping[str, Mapping[str, int]]) -> list[str]:
+    """Imports from one top-level package into another that ``PACKAGE_IMPORTS`` does not allow."""
+    out = []
+    for module, deps in sorted(graph.items()):
+        top = module.split(".")[0]
+        for dep, line in sorted(deps.items()):
+            if dep.split(".")[0] == top:
+                continue
+            if not any(dep == a or dep.startswith(a + ".") for a in PACKAGE_IMPORTS[top]):
+                out.append(f"{module} imports {dep} at line {line}")
+    return out
+
+
+def test_no_import_cycle_anywhere_and_packages_import_one_way():
+    graph = import_graph(*(ROOT / p for p in PACKAGE_IMPORTS))
+    assert graph["recipes.wdmoe"] and graph["device_agent.server"]  # the walk sees them
+    assert "testbed.policy" in graph["recipes.baselines"]  # and edges between packages
+    problems = cycle_problems(graph) + package_problems(graph)
+    assert not problems, "\n".join(problems)
+
+
+def test_package_rule_on_a_small_graph():
+    graph = {
+        "models.a": {"testbed.errors": 3},
+        "recipes.r": {"testbed.policy.api": 1, "testbed.run.session": 2, "models.a": 4},
+        "device_agent.s": {"models.a": 5},
+    }
+    assert package_problems(graph) == [
+        "models.a imports testbed.errors at line 3",
+        "recipes.r imports testbed.run.session at line 2",
+    ]
 
 
 def test_top_of_testbed_is_errors_and_units_and_the_subpackages():
