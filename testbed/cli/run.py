@@ -22,9 +22,15 @@ from rich.table import Table
 from .. import ROOT
 from ..run import session
 from ..run.recipe import Recipe, load_recipe
-from .output import Format, FormatOpt, emit, err_console, table
+from .output import Format, FormatOpt, console, emit, err_console, table
 
 PACKAGED_RECIPES = ROOT / "recipes"
+
+
+def _summary_width() -> int:
+    """The run table's console width: the terminal's, else wide enough that a pipe or a log file
+    gets every column rather than rich's 80 (0: the default console)."""
+    return 0 if console.is_terminal else 240
 
 
 class RichProgress(session.Progress):
@@ -167,7 +173,7 @@ def run_cmd(
         rcp = load_recipe(recipe, sets)
     prog = RichProgress(err_console, fmt == Format.table)
     res = session.run_recipe(rcp, inventory, out, prog, resume=resume)
-    emit(fmt, res.to_dict(), _summary_table(res))
+    emit(fmt, res.to_dict(), _summary_table(res), width=_summary_width())
 
 
 def simulate_cmd(
@@ -199,7 +205,12 @@ def simulate_cmd(
     rcp = load_recipe(recipe, sets)
     prog = RichProgress(err_console, fmt == Format.table)
     res = simulate_recipe(rcp, devices, calibrate, out, prog)
-    emit(fmt, {**res.to_dict(), "mode": "simulated"}, _summary_table(res, "simulated"))
+    emit(
+        fmt,
+        {**res.to_dict(), "mode": "simulated"},
+        _summary_table(res, "simulated"),
+        width=_summary_width(),
+    )
 
 
 def demo_cmd(

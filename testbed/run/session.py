@@ -191,7 +191,7 @@ class Session:
         #: the faults of the trial being run (cleared at its end, or on the way out)
         self.faults: TrialFaults | None = None
         # set up by the stages of __enter__
-        self.split: Path
+        self.split: Path | None = None
         self.traces: dict[int, Any] = {}
         self.inv: Any = None
         self.mf: Any = None
@@ -235,7 +235,8 @@ class Session:
     # set-up and teardown -------------------------------------------------------------------------
     def __enter__(self) -> Session:
         try:
-            self._check_inputs()
+            if self.split is None:
+                self.check_inputs()
             self._open_inventory()
             self._open_power()
             self._open_links()
@@ -255,9 +256,9 @@ class Session:
     ) -> bool:
         return bool(self.stack.__exit__(exc_type, exc, tb))
 
-    def _check_inputs(self) -> None:
+    def check_inputs(self) -> None:
         """What can be checked before touching anything: the model, every trial's policy, and
-        the traces."""
+        the traces (a new run does it before its folder exists: a refused recipe leaves none)."""
         rec = self.recipe
         self.split = check_model_and_policies(rec, self.trials)
         for t in self.trials:
@@ -455,6 +456,7 @@ def run_recipe(
         )
         session.run_id = str(rec.manifest["run_id"])
     else:
+        session.check_inputs()
         rec.create(session.run_id, recipe, inventory is None)
     rec.save()
     status, err = "failed", None

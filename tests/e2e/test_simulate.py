@@ -125,6 +125,18 @@ BAND = 0.15
 
 @needs_testbed
 @pytest.mark.root
+def test_the_run_table_keeps_every_column_when_piped(tmp_path: Path) -> None:
+    recipe = tmp_path / "tw.toml"
+    recipe.write_text(SMALL.replace('"run.devices" = [2, 4]', '"run.devices" = [2]'))
+    res = run_cli("simulate", str(recipe), "--out", str(tmp_path / "out"))
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    header = next(line for line in lines if "trial" in line and "policy" in line)
+    # rich cut this table at 80 columns when stdout was not a terminal
+    assert "failed calls" in header and "net share" in header, header
+    assert max(len(line) for line in lines) > 80
+
+
 def test_twin_per_token_latency_within_15_percent_of_the_measured_run(
     state_dir, tmp_path: Path
 ) -> None:

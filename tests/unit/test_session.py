@@ -1,6 +1,6 @@
-"""The run session's parts that need no lab: a run that fails at its first set-up stage still
-leaves a manifest saying so (keys in their order), the recorder's tables and manifest, and a
-resume that keeps only the completed trial repeats' rows."""
+"""The run session's parts that need no lab: a recipe refused by its checks leaves no run folder;
+a run that fails at a later set-up stage leaves a manifest saying so (keys in their order); the
+recorder's tables and manifest, and a resume that keeps only the completed trial repeats' rows."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.errors import RunFailed
+from testbed.errors import ConfigError, RunFailed
 from testbed.results import schema as R
 from testbed.run.recipe import load_recipe
 from testbed.run.recorder import Recorder
@@ -56,6 +56,15 @@ def _recipe(tmp_path: Path):
     p = tmp_path / "r.toml"
     p.write_text(RECIPE)
     return load_recipe(p)
+
+
+def test_a_recipe_refused_by_its_checks_leaves_no_run_folder(tmp_path):
+    p = tmp_path / "r.toml"
+    p.write_text(RECIPE.replace('["topk", "top1"]', '["topk", "nosuch"]'))
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="unknown policy 'nosuch'"):
+        run_recipe(load_recipe(p), tmp_path / "missing.toml", out)
+    assert not out.exists()
 
 
 def test_a_run_failing_in_set_up_records_failed_with_its_error(tmp_path):
