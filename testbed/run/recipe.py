@@ -22,8 +22,12 @@ and a sweep grid over any of these.
                                 # or a trace) change once per forward "step", per "layer" (every
                                 # MoE layer of every step) or per "request"; the decisions
                                 # inside an epoch see ClusterState.links_fixed = True
-    [policy.params]             # the policy's constructor parameters
+    [policy.params]             # the policy's constructor parameters, for every policy swept
     placement = "round-robin"
+    [policy.params.wdmoe]       # optional: only for trials whose policy.name is "wdmoe" (as
+    alpha = 0.7                 # written, quoted for a path: [policy.params."x/p.py:Cls"]); its
+                                # keys win over the plain ones; a table for a policy no trial
+                                # runs is an error; swept as "policy.params.wdmoe.alpha"
 
     [links]                     # applied to every device's link (both directions unless split)
     rate = "20mbit"             # or rate_down / rate_up
@@ -106,7 +110,7 @@ from __future__ import annotations
 import copy
 import itertools
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -393,22 +397,79 @@ class Recipe:
                 return f"{cand}:{cls}"
         return name
 
+    def policy_names(self) -> list[str]:
+        """Every trial's ``policy.name`` as written: the ``policy.name`` sweep, else the one."""
+        return [str(v) for v in self.sweep.get("policy.name", [self.config["policy"]["name"]])]
+
     def trials(self) -> list[Trial]:
         """One :class:`Trial` per point of the sweep's cross product (the last sweep key varies
         fastest; one trial when nothing is swept), channel defaults filled in."""
         keys = list(self.sweep)
+        policies = self.policy_names()
         out = []
         for i, values in enumerate(itertools.product(*(self.sweep[k] for k in keys))):
             cfg = copy.deepcopy(self.config)
             for k, v in zip(keys, values):
                 _set_path(cfg, k, v)
             _with_channel_defaults(cfg["links"])
+            pol = cfg["policy"]
+            pol["params"] = resolve_policy_params(pol["params"], str(pol["name"]), policies)
             out.append(Trial(i, dict(zip(keys, values)), cfg))
         return out
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest's ``recipe``: the path, every table as resolved, and the sweep."""
         return {"path": str(self.path), **copy.deepcopy(self.config), "sweep": dict(self.sweep)}
+
+
+def resolve_policy_params(
+    params: Mapping[str, Any], policy: str, policies: Iterable[str]
+) -> dict[str, Any]:
+    """The parameters ``policy`` (``policy.name`` as written) gets from a ``[policy.params]``
+    table whose per-policy sub-tables are keyed by ``policies`` (every trial's ``policy.name``):
+    the other keys (a table-valued one, such as WDMoE's ``channel``, included), then the keys of
+    its own sub-table ``[policy.params.<policy>]``, which win over those of the same name."""
+    names = set(policies)
+    common = {k: v for k, v in params.items() if not (k in names and isinstance(v, dict))}
+    own = params.get(policy)
+    return {**common, **own} if isinstance(own, dict) else common
+
+
+def _names_a_policy(key: str) -> bool:
+    """``key`` is a policy spec: ``module:Class``, ``path/file.py:Class`` or a registered name."""
+    from importlib.metadata import entry_points
+
+    from ..policy.loading import ENTRY_POINT_GROUP
+
+    return ":" in key or any(ep.name == key for ep in entry_points(group=ENTRY_POINT_GROUP))
+
+
+def _toml_key(name: str) -> str:
+    bare = name.replace("-", "").replace("_", "").isalnum()
+    return name if bare else '"' + name.replace('"', '\\"') + '"'
+
+
+def _policy_table_problems(recipe: Recipe, where: str) -> list[str]:
+    """A ``[policy.params.<name>]`` sub-table (written or swept) keyed by a policy spec that is
+    the ``policy.name`` of no trial."""
+    names = set(recipe.policy_names())
+    tables: list[Any] = [recipe.config["policy"]["params"]]
+    tables += recipe.sweep.get("policy.params", [])
+    named = {
+        k for tab in tables if isinstance(tab, dict) for k, v in tab.items() if isinstance(v, dict)
+    }
+    for key, values in recipe.sweep.items():
+        parts = key.split(".")
+        per_policy = len(parts) >= 4 or any(isinstance(v, dict) for v in values)
+        if parts[:2] == ["policy", "params"] and len(parts) >= 3 and per_policy:
+            named.add(parts[2])
+    valid = ", ".join(sorted(names))
+    return [
+        f"{where}: policy.params.{_toml_key(n)}: a table for a policy that no trial runs "
+        f"(policy.name and its sweep: {valid})"
+        for n in sorted(named - names)
+        if _names_a_policy(n)
+    ]
 
 
 def _set_path(cfg: dict[str, Any], dotted: str, value: Any) -> None:
@@ -550,6 +611,7 @@ def recipe_from_dict(raw: Mapping[str, Any], path: Path, overrides: Sequence[str
     _with_channel_defaults(config["links"])
     recipe = Recipe(path, config, sweep)
     if not problems:  # the channel's keys against each other, at every sweep point
+        problems.extend(_policy_table_problems(recipe, where))
         for trial in recipe.trials():
             for key, msg in check_channel_params(trial.config["links"]["channel"]):
                 at = f" (sweep point {trial.label})" if trial.point else ""
