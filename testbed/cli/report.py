@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .output import Format, FormatOpt, console, emit
+from .output import Format, FormatOpt, console, emit, err_console
 
 
 def report_cmd(
@@ -35,6 +35,8 @@ def report_cmd(
     airtime, device compute, fixed call cost, the rest of the exchange, decision, rate
     change and the BS's own model, as shares (testbed.results.comparison.time_shares).
 
+    A point with other policies but no topk is named on stderr (one warning line each).
+
     JSON: an object with runs, rows (one per run x policy x point), versus_topk,
     prediction and time_shares (see testbed.results.comparison), faults and plots (PNG paths).
     """
@@ -44,6 +46,8 @@ def report_cmd(
 
     rep = build_report(run_dirs)
     versus = comparison.versus_baseline(rep.groups)
+    for line in comparison.missing_baseline(rep.groups):
+        err_console.print(line, highlight=False, markup=False, soft_wrap=True)
     prediction = comparison.prediction_rows(rep.groups)
     shares = comparison.shares_rows(rep.groups)
     faults = fault_report.fault_summary(rep.runs)

@@ -2,7 +2,9 @@
 latency model predicted the layers it decided (pure; from the report's groups).
 
 * Equal link budget = the same run and sweep point but for ``policy.name``: the same link rate,
-  or the same cell bandwidth under the same channel (``links.bandwidth_mhz``).
+  or the same cell bandwidth under the same channel (``links.bandwidth_mhz``). The point is
+  matched by its sweep values other than ``policy.name``, however the policy is spelled
+  (:func:`baseline_key`); :func:`missing_baseline` names the points that have no baseline.
 * Per-token latency of a request = ``total_ms / output_tokens``; a group's figure is the mean
   over its requests. ``latency_change_pct`` = 100 x (policy - baseline) / baseline (negative:
   faster); ``accuracy_change`` = policy accuracy - baseline accuracy.
@@ -24,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .report import point_label
+from .report import POLICY_KEY, point_label, short_policy
 from .summary import as_float
 
 
@@ -214,21 +216,48 @@ def shares_table(rows: Sequence[Mapping[str, Any]]) -> Any:
     return t
 
 
+def baseline_key(g: Any) -> tuple[str, tuple[str, ...]]:
+    """What a group (a :class:`testbed.results.report.Group`) shares with its baseline: its run
+    and its sweep values but the policy's, however the policy was spelled (entry-point name,
+    ``pkg.mod:Class``, ``path/file.py:Class``). The values come from the rows' ``sweep.<key>``
+    columns; rows without them (older folders) give the ``point`` words. Repeats are in one
+    group either way, for the policy as for the baseline."""
+    row = next(iter(g.requests or g.layers or g.calls), None) or {}
+    sweep = [f"{k[6:]}={v}" for k, v in row.items() if k.startswith("sweep.") and v is not None]
+    words = sweep or str(g.point).split()
+    return g.run.run_id, tuple(w for w in words if not w.startswith(f"{POLICY_KEY}="))
+
+
+def missing_baseline(groups: Sequence[Any], baseline: str = "topk") -> list[str]:
+    """One line per (run, point) whose policies have no ``baseline`` group to compare with
+    (their "vs baseline" cells stay empty), naming the run, the point and the policies."""
+    have = {baseline_key(g) for g in groups if g.policy == baseline}
+    lacking: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+    for g in groups:
+        k = baseline_key(g)
+        if g.policy != baseline and k not in have:
+            tag = f"{POLICY_KEY}="
+            spec = [w[len(tag) :] for w in g.point.split() if w.startswith(tag)]
+            lacking.setdefault(k, []).append(short_policy(spec[0]) if spec else g.policy)
+    return [
+        f"warning: report: run {run}: no {baseline} at point {' '.join(words) or '-'} to compare "
+        f"{', '.join(dict.fromkeys(pols))} with: its 'vs {baseline}' cells are empty"
+        for (run, words), pols in lacking.items()
+    ]
+
+
 def versus_baseline(groups: Sequence[Any], baseline: str = "topk") -> list[dict[str, Any]]:
     """One row per group (a :class:`testbed.results.report.Group`) that is not the baseline: its
-    latency and accuracy against the baseline's group of the same run and point (``None``
-    where the run has no such group), and its prediction ratio (``None`` without
-    predictions)."""
+    latency and accuracy against the baseline's group of the same run and point
+    (:func:`baseline_key`; ``None`` where the run has no such group), and its prediction ratio
+    (``None`` without predictions). ``point`` is :func:`~testbed.results.report.point_label`'s."""
 
-    def key(g: Any) -> tuple[str, str]:
-        return g.run.run_id, point_label({"policy": g.policy, "point": g.point})
-
-    base = {key(g): g for g in groups if g.policy == baseline}
+    base = {baseline_key(g): g for g in groups if g.policy == baseline}
     out = []
     for g in groups:
         if g.policy == baseline:
             continue
-        b = base.get(key(g))
+        b = base.get(baseline_key(g))
         lat, acc = per_token_ms(g.requests), accuracy(g.requests)
         b_lat = per_token_ms(b.requests) if b else None
         b_acc = accuracy(b.requests) if b else None
@@ -236,7 +265,7 @@ def versus_baseline(groups: Sequence[Any], baseline: str = "topk") -> list[dict[
             {
                 "run": g.run.run_id,
                 "policy": g.policy,
-                "point": key(g)[1],
+                "point": point_label({"policy": g.policy, "point": g.point}),
                 "per_token_ms": lat,
                 "baseline_per_token_ms": b_lat,
                 "latency_change_pct": 100.0 * (lat - b_lat) / b_lat

@@ -48,6 +48,7 @@ __all__ = [
     "point_label",
     "render_table",
     "report_row",
+    "short_policy",
     "summary_row",
     "table",
     "write_plots",
@@ -211,9 +212,31 @@ def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None or v == "" else format(v, spec)
 
 
+POLICY_KEY = "policy.name"
+"""The sweep key that names the policy (its ``point`` word is ``policy.name=<spec>``)."""
+
+
+def short_policy(spec: str) -> str:
+    """A policy spec as a short label: an entry-point name as it is; ``pkg.mod:Class`` and
+    ``path/to/file.py:Class`` as ``Class``."""
+    return spec.rpartition(":")[2] if ":" in spec else spec
+
+
 def point_label(row: Mapping[str, Any]) -> str:
-    """The point without its ``policy.name=<policy>`` part (the policy column says it)."""
-    parts = [x for x in str(row["point"]).split() if x != f"policy.name={row['policy']}"]
+    """The point without its ``policy.name=<spec>`` part when the policy column says it (the
+    spec is the policy's name, or a ``pkg.mod:Class`` / ``file.py:Class`` whose class name is
+    that name, case aside); otherwise that part with the spec shortened to its class name
+    (:func:`short_policy`), never a long file path."""
+    policy = str(row["policy"])
+    parts = []
+    for x in str(row["point"]).split():
+        if x.startswith(f"{POLICY_KEY}="):
+            spec = x[len(POLICY_KEY) + 1 :]
+            short = short_policy(spec)
+            if spec == policy or (short != spec and short.lower() == policy.lower()):
+                continue
+            x = f"{POLICY_KEY}={short}"
+        parts.append(x)
     return " ".join(parts) or "-"
 
 
