@@ -99,6 +99,9 @@ and a sweep grid over any of these.
     [sweep]                     # cartesian grid; keys are dotted paths of the tables above
     "links.rate" = ["2mbit", "20mbit"]
     "policy.name" = ["topk", "top1"]
+    [sweep.zip]                 # optional: keys that vary together, one axis of the grid
+    "workload.requests" = [8, 16]   # (equal-length lists; i-th values together), crossed
+    "run.timeout_s" = [2.0, 4.0]    # with the keys above
 
 Every problem (unknown table or key, wrong type, bad unit, empty sweep list) is collected and
 raised as one :class:`~testbed.errors.ConfigError`, each naming the file and the key.
@@ -345,6 +348,9 @@ class Recipe:
     path: Path
     config: dict[str, dict[str, Any]]
     sweep: dict[str, list[Any]] = field(default_factory=dict)
+    zipped: tuple[str, ...] = ()
+    """The keys of ``sweep`` from ``[sweep.zip]``: one axis of the grid, their i-th values
+    together."""
 
     @property
     def name(self) -> str:
@@ -402,24 +408,43 @@ class Recipe:
         return [str(v) for v in self.sweep.get("policy.name", [self.config["policy"]["name"]])]
 
     def trials(self) -> list[Trial]:
-        """One :class:`Trial` per point of the sweep's cross product (the last sweep key varies
-        fastest; one trial when nothing is swept), channel defaults filled in."""
-        keys = list(self.sweep)
+        """One :class:`Trial` per point of the sweep's cross product, ``[sweep.zip]`` one axis
+        of it (the last axis varies fastest; one trial when nothing is swept), channel defaults
+        filled in and ``policy.params`` resolved for the trial's policy."""
         policies = self.policy_names()
         out = []
-        for i, values in enumerate(itertools.product(*(self.sweep[k] for k in keys))):
+        for i, combo in enumerate(itertools.product(*self._axes())):
+            point = dict(kv for group in combo for kv in group)
             cfg = copy.deepcopy(self.config)
-            for k, v in zip(keys, values):
+            for k, v in point.items():
                 _set_path(cfg, k, v)
             _with_channel_defaults(cfg["links"])
             pol = cfg["policy"]
             pol["params"] = resolve_policy_params(pol["params"], str(pol["name"]), policies)
-            out.append(Trial(i, dict(zip(keys, values)), cfg))
+            out.append(Trial(i, point, cfg))
         return out
+
+    def _axes(self) -> list[list[list[tuple[str, Any]]]]:
+        """The grid's axes in sweep order, each a list of its points' (key, value) pairs: one
+        per plain sweep key, one for all of ``zipped`` (where its first key is)."""
+        axes: list[list[list[tuple[str, Any]]]] = []
+        for k in self.sweep:
+            if k not in self.zipped:
+                axes.append([[(k, v)] for v in self.sweep[k]])
+            elif k == self.zipped[0]:
+                n = min(len(self.sweep[z]) for z in self.zipped)
+                axes.append([[(z, self.sweep[z][j]) for z in self.zipped] for j in range(n)])
+        return axes
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest's ``recipe``: the path, every table as resolved, and the sweep."""
-        return {"path": str(self.path), **copy.deepcopy(self.config), "sweep": dict(self.sweep)}
+        sweep: dict[str, Any] = {}
+        for k, v in self.sweep.items():
+            if k not in self.zipped:
+                sweep[k] = v
+            elif k == self.zipped[0]:
+                sweep["zip"] = {z: self.sweep[z] for z in self.zipped}
+        return {"path": str(self.path), **copy.deepcopy(self.config), "sweep": sweep}
 
 
 def resolve_policy_params(
@@ -555,6 +580,49 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     return recipe_from_dict(raw, p, overrides)
 
 
+def _parse_sweep(
+    where: str, body: Any, sweep: dict[str, list[Any]], problems: list[str]
+) -> list[str]:
+    """Check ``[sweep]`` into ``sweep`` (every key, the zipped ones included); returns the keys
+    of ``[sweep.zip]``, whose lists must all be as long as each other."""
+    if not isinstance(body, dict):
+        problems.append(f"{where}: sweep: must be a table of key = [values]")
+        return []
+    zipped: list[str] = []
+    for key, values in body.items():
+        if key == "zip" and isinstance(values, dict):
+            lengths = {len(v) for v in values.values() if isinstance(v, list)}
+            if len(lengths) > 1:
+                problems.append(
+                    f"{where}: sweep.zip: its lists must be equally long (got "
+                    + ", ".join(f"{k}: {len(v)}" for k, v in values.items() if isinstance(v, list))
+                    + ")"
+                )
+            for zk, zv in values.items():
+                if zk in body:
+                    problems.append(f"{where}: sweep.zip.{zk}: also swept outside [sweep.zip]")
+                elif _sweep_key(where, f"zip.{zk}", zk, zv, problems):
+                    sweep[zk] = zv
+                    zipped.append(zk)
+        elif _sweep_key(where, key, key, values, problems):
+            sweep[key] = values
+    return zipped
+
+
+def _sweep_key(where: str, shown: str, key: str, values: Any, problems: list[str]) -> bool:
+    """Check one swept ``key`` (named ``sweep.<shown>`` in messages); True when it is good."""
+    if not isinstance(values, list) or not values:
+        problems.append(f"{where}: sweep.{shown}: must be a non-empty list of values")
+        return False
+    if key.startswith("sweep"):
+        problems.append(f"{where}: sweep.{shown}: cannot sweep the sweep")
+        return False
+    before = len(problems)
+    for v in values:
+        _check_value(f"{where}: sweep", key, v, problems)
+    return len(problems) == before
+
+
 def recipe_from_dict(raw: Mapping[str, Any], path: Path, overrides: Sequence[str] = ()) -> Recipe:
     """Check ``raw`` (a parsed recipe; ``path`` names it in the messages and resolves its
     relative paths) and the ``--set`` ``overrides``, as :func:`load_recipe` does."""
@@ -564,21 +632,10 @@ def recipe_from_dict(raw: Mapping[str, Any], path: Path, overrides: Sequence[str
         t: {k: copy.deepcopy(d) for k, (_, d) in keys.items()} for t, keys in SCHEMA.items()
     }
     sweep: dict[str, list[Any]] = {}
+    zipped: list[str] = []
     for table, body in raw.items():
         if table == "sweep":
-            if not isinstance(body, dict):
-                problems.append(f"{where}: sweep: must be a table of key = [values]")
-                continue
-            for key, values in body.items():
-                if not isinstance(values, list) or not values:
-                    problems.append(f"{where}: sweep.{key}: must be a non-empty list of values")
-                    continue
-                if key.startswith("sweep"):
-                    problems.append(f"{where}: sweep.{key}: cannot sweep the sweep")
-                    continue
-                for v in values:
-                    _check_value(f"{where}: sweep", key, v, problems)
-                sweep[key] = values
+            zipped = _parse_sweep(where, body, sweep, problems)
             continue
         if table not in SCHEMA:
             problems.append(f"{where}: {table}: unknown table (valid: {', '.join(SCHEMA)}, sweep)")
@@ -602,14 +659,16 @@ def recipe_from_dict(raw: Mapping[str, Any], path: Path, overrides: Sequence[str
             for v in vals:
                 _check_value("--set", sk, v, problems)
             sweep[sk] = vals
+            zipped = [k for k in zipped if k != sk]  # crossed, no longer zipped
             continue
         before = len(problems)
         _check_value("--set", key, value, problems)
         if len(problems) == before:
             _set_path(config, key, value)
             sweep.pop(key, None)  # a fixed value replaces a sweep over the same key
+            zipped = [k for k in zipped if k != key]
     _with_channel_defaults(config["links"])
-    recipe = Recipe(path, config, sweep)
+    recipe = Recipe(path, config, sweep, tuple(zipped))
     if not problems:  # the channel's keys against each other, at every sweep point
         problems.extend(_policy_table_problems(recipe, where))
         for trial in recipe.trials():

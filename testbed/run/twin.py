@@ -507,6 +507,7 @@ def with_devices(recipe: Recipe, devices: int) -> Recipe:
         recipe.path,
         {**recipe.config, "run": {**recipe.config["run"], "devices": int(devices)}},
         {k: v for k, v in recipe.sweep.items() if k != "run.devices"},
+        tuple(k for k in recipe.zipped if k != "run.devices"),
     )
 
 

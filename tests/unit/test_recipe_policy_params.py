@@ -9,7 +9,8 @@ import pytest
 from testbed.errors import ConfigError
 from testbed.policy.loading import load_policy
 from testbed.run.decisions import check_model_and_policies
-from testbed.run.recipe import load_recipe
+from testbed.run.recipe import load_recipe, recipe_from_dict
+from testbed.run.twin import with_devices
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -105,3 +106,70 @@ def test_table_valued_parameter_not_named_after_a_policy_stays_common(tmp_path):
     text = '[policy]\nname = "wdmoe"\n[policy.params.channel]\nbs_power_dbm = 40.0\n'
     t = load_recipe(_write(tmp_path, text)).trials()[0]
     assert t.config["policy"]["params"] == {"channel": {"bs_power_dbm": 40.0}}
+
+
+ZIP = """
+[policy]
+name = "topk"
+[sweep]
+"links.rate" = ["2mbit", "20mbit"]
+[sweep.zip]
+"policy.name" = ["topk", "wdmoe-sel"]
+"workload.requests" = [4, 8]
+[policy.params.wdmoe-sel]
+alpha = 0.6
+"""
+
+
+def test_zipped_sweep_is_one_axis_crossed_with_the_others(tmp_path):
+    rec = load_recipe(_write(tmp_path, ZIP))
+    ts = rec.trials()
+    assert [t.label for t in ts] == [
+        "links.rate=2mbit policy.name=topk workload.requests=4",
+        "links.rate=2mbit policy.name=wdmoe-sel workload.requests=8",
+        "links.rate=20mbit policy.name=topk workload.requests=4",
+        "links.rate=20mbit policy.name=wdmoe-sel workload.requests=8",
+    ]
+    assert [t.config["workload"]["requests"] for t in ts] == [4, 8, 4, 8]
+    assert [t.config["policy"]["params"] for t in ts[:2]] == [{}, {"alpha": 0.6}]
+    assert list(rec.sweep) == ["links.rate", "policy.name", "workload.requests"]  # CSV columns
+    # the manifest's recipe writes it back as written, and reads back to the same trials
+    back = rec.to_dict()["sweep"]
+    assert back == {
+        "links.rate": ["2mbit", "20mbit"],
+        "zip": {"policy.name": ["topk", "wdmoe-sel"], "workload.requests": [4, 8]},
+    }
+    again = recipe_from_dict({"sweep": back, "policy": {"params": {"wdmoe-sel": {}}}}, tmp_path)
+    assert [t.label for t in again.trials()] == [t.label for t in ts]
+    # --set sweep.K of a zipped key crosses it; a fixed --set drops it from the zip
+    crossed = load_recipe(tmp_path / "r.toml", ["sweep.workload.requests=[1, 2]"]).trials()
+    assert len(crossed) == 8
+    fixed = load_recipe(tmp_path / "r.toml", ["workload.requests=3"]).trials()
+    assert [t.label for t in fixed][:2] == [
+        "links.rate=2mbit policy.name=topk",
+        "links.rate=2mbit policy.name=wdmoe-sel",
+    ]
+
+
+def test_zipped_sweep_errors(tmp_path):
+    text = ZIP.replace("[4, 8]", "[4, 8, 16]")
+    with pytest.raises(ConfigError) as e:
+        load_recipe(_write(tmp_path, text))
+    line = (
+        f"{tmp_path / 'r.toml'}: sweep.zip: its lists must be equally long "
+        "(got policy.name: 2, workload.requests: 3)"
+    )
+    assert str(e.value).splitlines() == [line]
+    text = ZIP.replace('"workload.requests" = [4, 8]', '"links.rate" = ["1mbit", "2mbit"]')
+    with pytest.raises(ConfigError, match=r"sweep\.zip\.links\.rate: also swept outside"):
+        load_recipe(_write(tmp_path, text))
+    text = ZIP.replace("[4, 8]", '[4, "x"]')
+    with pytest.raises(ConfigError, match=r"r\.toml: sweep: workload\.requests: "):
+        load_recipe(_write(tmp_path, text))
+
+
+def test_simulate_devices_override_keeps_the_zip(tmp_path):
+    rec = with_devices(load_recipe(_write(tmp_path, ZIP)), 4)
+    ts = rec.trials()
+    assert [t.config["workload"]["requests"] for t in ts] == [4, 8, 4, 8]
+    assert {t.config["run"]["devices"] for t in ts} == {4}
