@@ -20,7 +20,7 @@ from recipes.coel.costmodel import (
     layer_of,
     memory_used,
 )
-from recipes.coel.search import LocalSearch
+from recipes.coel.search import LocalSearch, Problem
 from testbed.errors import ConfigError
 from testbed.policy import ClusterState, DeviceInfo
 
@@ -177,30 +177,22 @@ def _objective(
     return cost
 
 
-def _greedy(
-    order: Sequence[str],
-    size: Mapping[str, float],
-    popularity: Mapping[str, float],
-    devices: Sequence[DeviceModel],
-    tokens: float,
-    bytes_per_row: int,
-    nbr: Mapping[str, Sequence[tuple[str, float]]],
-    coact_weight: float,
-) -> tuple[dict[str, str], str | None]:
+def _greedy(order: Sequence[str], p: Problem) -> tuple[dict[str, str], str | None]:
     """Experts in ``order``, each to the feasible device whose layer time after the assignment
     (minus ``coact_weight`` x co-activation with the experts already there) is smallest; ties:
     more free memory, then name. ``(assignment, None)``, or ``(partial, error)`` naming the
     first expert that fits no device."""
-    free = {d.name: float(d.budget_bytes) for d in devices}
+    size, popularity, nbr, coact_weight = p.size, p.popularity, p.nbr, p.coact_weight
+    free = {d.name: float(d.budget_bytes) for d in p.devices}
     rows: dict[tuple[int, str], float] = {}
     assign: dict[str, str] = {}
     for u in order:
-        layer, r = layer_of(u), tokens * popularity.get(u, 0.0)
+        layer, r = layer_of(u), p.tokens * popularity.get(u, 0.0)
         best: tuple[Any, ...] | None = None
-        for d in devices:
+        for d in p.devices:
             if free[d.name] + 1e-9 < size[u]:
                 continue
-            t = d.layer_ms(rows.get((layer, d.name), 0.0) + r, bytes_per_row)
+            t = d.layer_ms(rows.get((layer, d.name), 0.0) + r, p.bytes_per_row)
             aff = (
                 sum(c for v, c in nbr.get(u, ()) if assign.get(v) == d.name)
                 if coact_weight
@@ -257,16 +249,15 @@ def place_inter(
     """
     coact = dict(coact or {})
     nbr = _neighbours(coact) if coact_weight else {}
-    starts = _starting_assignments(
-        uids, size, popularity, devices, tokens, bytes_per_row, nbr, coact_weight, start
-    )
+    problem = Problem(size, popularity, devices, tokens, bytes_per_row, nbr, coact_weight)
+    starts = _starting_assignments(uids, problem, start)
     best: tuple[float, dict[str, str]] | None = None
     seen: list[dict[str, str]] = []
     for a in starts:
         if a in seen:
             continue
         seen.append(a)
-        search = LocalSearch(a, size, popularity, devices, tokens, bytes_per_row, nbr, coact_weight)
+        search = LocalSearch(a, problem)
         search.run(max_rounds)
         v = _objective(
             search.assign, popularity, devices, tokens, bytes_per_row, coact, coact_weight
@@ -278,19 +269,12 @@ def place_inter(
 
 
 def _starting_assignments(
-    uids: Sequence[str],
-    size: Mapping[str, float],
-    popularity: Mapping[str, float],
-    devices: Sequence[DeviceModel],
-    tokens: float,
-    bytes_per_row: int,
-    nbr: Mapping[str, Sequence[tuple[str, float]]],
-    coact_weight: float,
-    start: Mapping[str, str] | None,
+    uids: Sequence[str], p: Problem, start: Mapping[str, str] | None
 ) -> list[dict[str, str]]:
     """:func:`place_inter`'s starts: the feasible greedy assignments (by popularity, by size,
     by popularity per byte), then ``start`` and round-robin when feasible; ``ConfigError``
     when there is none."""
+    size, popularity, devices = p.size, p.popularity, p.devices
     by_name = {d.name: d for d in devices}
 
     def pop(u: str) -> float:
@@ -304,7 +288,7 @@ def _starting_assignments(
     starts: list[dict[str, str]] = []
     error: str | None = None
     for order in orders:
-        a, err = _greedy(order, size, popularity, devices, tokens, bytes_per_row, nbr, coact_weight)
+        a, err = _greedy(order, p)
         if err is None:
             starts.append(a)
         elif error is None:

@@ -5,8 +5,24 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from recipes.coel.costmodel import DeviceModel, layer_of
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One inter-device placement problem as the greedy starts and the local search see it:
+    expert sizes (bytes) and popularity, the devices, token-rows per step, bytes per row, and
+    the co-activation bonus (each expert's neighbours and its weight ``coact_weight``)."""
+
+    size: Mapping[str, float]
+    popularity: Mapping[str, float]
+    devices: Sequence[DeviceModel]
+    tokens: float
+    bytes_per_row: int
+    nbr: Mapping[str, Sequence[tuple[str, float]]]
+    coact_weight: float
 
 
 class LocalSearch:
@@ -18,17 +34,9 @@ class LocalSearch:
     O(1) (O(devices) when it touches a layer's slowest device) instead of recomputing the
     whole critical path."""
 
-    def __init__(
-        self,
-        assign: Mapping[str, str],
-        size: Mapping[str, float],
-        popularity: Mapping[str, float],
-        devices: Sequence[DeviceModel],
-        tokens: float,
-        bytes_per_row: int,
-        nbr: Mapping[str, Sequence[tuple[str, float]]],
-        coact_weight: float,
-    ) -> None:
+    def __init__(self, assign: Mapping[str, str], problem: Problem) -> None:
+        size, popularity, devices = problem.size, problem.popularity, problem.devices
+        tokens, bytes_per_row, nbr = problem.tokens, problem.bytes_per_row, problem.nbr
         self.assign = dict(assign)
         self.size = size
         self.dev = {d.name: d for d in devices}
@@ -51,7 +59,7 @@ class LocalSearch:
         for ly in {k[0] for k in self.cell}:
             self._refresh_layer(ly)
         # co-activation: uid -> [(other, c)], device -> sum of c over its experts, pair -> c
-        self.w = coact_weight
+        self.w = problem.coact_weight
         self.nbr = {u: [(v, c) for v, c in nbr.get(u, ()) if v in self.assign] for u in self.assign}
         self.aff: dict[str, dict[str, float]] = {u: {} for u in self.assign}
         self.pair: dict[tuple[str, str], float] = {}
