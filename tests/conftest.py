@@ -164,6 +164,18 @@ def run_cli(
     )
 
 
+def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run the real ``testbed`` CLI's ``main`` in this process: (exit code, stdout, stderr)."""
+    from testbed.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["testbed", *args])
+    with pytest.raises(SystemExit) as exc:
+        main()
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
 def leftovers(name: str) -> dict[str, list[str]]:
     """Kernel objects and processes of testbed ``name`` that still exist."""
     from testbed.lab.local import Names

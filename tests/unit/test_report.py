@@ -14,7 +14,7 @@ from testbed.results import schema as R
 from testbed.results.plots import PLOT_FILES, energy_bars, layer_split, write_plots
 from testbed.results.report import build_report, load_runs, render_table
 from testbed.results.summary import METRIC_COLUMNS, summary_row
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, run_main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -398,20 +398,9 @@ def test_report_never_imports_torch():
 
 
 # -- the CLI --------------------------------------------------------------------------
-def _main(monkeypatch, capsys, *args):
-    from testbed.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["testbed", *args])
-    with pytest.raises(SystemExit) as exc:
-        main()
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
-
-
 def test_cli_json(run_dir, tmp_path, monkeypatch, capsys):
     out_dir = tmp_path / "plots_here"
-    rc, out, err = _main(
+    rc, out, err = run_main(
         monkeypatch, capsys, "report", str(run_dir), "--out", str(out_dir), "--format", "json"
     )
     assert rc == 0, err
@@ -423,7 +412,7 @@ def test_cli_json(run_dir, tmp_path, monkeypatch, capsys):
 
 
 def test_cli_text(run_dir, monkeypatch, capsys):
-    rc, out, err = _main(monkeypatch, capsys, "report", str(run_dir))
+    rc, out, err = run_main(monkeypatch, capsys, "report", str(run_dir))
     assert rc == 0, err
     assert "top1" in out and "p50 ms" in out
     assert f"plots: {run_dir / 'plots'}/" in out and "latency_cdf.png" in out

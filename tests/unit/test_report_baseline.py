@@ -5,13 +5,13 @@ for a point without topk. On synthetic results folders written as a run writes t
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
 from testbed.results import schema as R
 from testbed.results.comparison import missing_baseline, versus_baseline
 from testbed.results.report import build_report, point_label, render_table, short_policy
+from tests.conftest import run_main
 
 SPEC = "policies/researcher/slowlink.py:SlowLink500"  # as written in the recipe's sweep
 SWEEP = ["sweep.links.rate", "sweep.policy.name"]
@@ -109,19 +109,8 @@ def test_policy_spelling_forms():
     assert point_label(row) == "policy.name=SlowLink"
 
 
-def _main(monkeypatch, capsys, *args):
-    from testbed.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["testbed", *args])
-    with pytest.raises(SystemExit) as exc:
-        main()
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
-
-
 def test_cli_json_filled_and_no_warning(mixed, tmp_path, monkeypatch, capsys):
-    rc, out, err = _main(
+    rc, out, err = run_main(
         monkeypatch, capsys, "report", str(mixed), "--out", str(tmp_path / "p"), "--format", "json"
     )
     assert rc == 0, err
@@ -132,7 +121,7 @@ def test_cli_json_filled_and_no_warning(mixed, tmp_path, monkeypatch, capsys):
 
 def test_cli_warns_once_per_point_without_topk(tmp_path, monkeypatch, capsys):
     d = _write(tmp_path / "r-alone", {SPEC: "slowlink"})
-    rc, out, err = _main(monkeypatch, capsys, "report", str(d), "--out", str(tmp_path / "p"))
+    rc, out, err = run_main(monkeypatch, capsys, "report", str(d), "--out", str(tmp_path / "p"))
     assert rc == 0, err
     warnings = [ln for ln in err.splitlines() if ln.startswith("warning:")]
     assert warnings == [
