@@ -62,10 +62,12 @@ class AgentEffects:
         return f"SIG{sig} to agent pid {facts.pid}"
 
     def set_rate(self, t: Trial, device: str, kbit: float | None) -> str:
-        """``device``'s link at ``kbit`` both ways (None: the trial's rates)."""
-        down, up = t.link_kbit() if kbit is None else (kbit, kbit)
-        self.shaper.change(device, LinkSpec(down), "down")
-        self.shaper.change(device, LinkSpec(up), "up")
+        """``device``'s link at ``kbit`` both ways (None: the device's own rates in trial ``t``,
+        its ``links.device`` over the cell's), at its own delay and loss in ``t``."""
+        own = t.link_for(device, [d.name for d in self.inv.devices].index(device))
+        down, up = (own.down_kbit, own.up_kbit) if kbit is None else (kbit, kbit)
+        self.shaper.change(device, LinkSpec(down, own.delay_ms, own.loss_pct), "down")
+        self.shaper.change(device, LinkSpec(up, own.delay_ms, own.loss_pct), "up")
         return f"link {down:g}/{up:g} kbit/s down/up" + (
             " (the trial's rate)" if kbit is None else ""
         )

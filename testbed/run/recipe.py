@@ -33,6 +33,19 @@ and a sweep grid over any of these.
     rate = "20mbit"             # or rate_down / rate_up
     delay = "0ms"               # needs netem on the BS kernel (refused with the kernel's message)
     loss = "0%"
+    [links.device.dev2]         # optional: one device's own link, by inventory name ...
+    rate_down = "2mbit"         # keys: rate, rate_down, rate_up, delay, loss (units as above);
+    [links.device.0]            # ... or by index, counted from 0 over the inventory's order (a
+    rate = "500kbit"            # trial's devices are its first run.devices: same indices); a
+    delay = "5ms"               # key of digits only is an index. Down (up) is the device's
+                                # rate_down (rate_up), else its rate, else the cell's rate_down
+                                # (rate_up), else the cell's rate; delay and loss: the device's,
+                                # else the cell's. A name not in the inventory, an index out of
+                                # range, or a device named both ways is an error before the run
+                                # starts; swept and --set as "links.device.<name or index>.<key>".
+                                # With bandwidth_mhz or trace these rates are the starting rates
+                                # only (the channel's or trace's replace them at every epoch);
+                                # the device's delay and loss stay
     bandwidth_mhz = 20.0        # optional: the cell's total bandwidth under the channel model
                                 # (testbed.net.channel, seeded by recipe.seed, devices by name;
                                 # wireless papers use 10-100 MHz): each epoch a policy that
@@ -125,6 +138,7 @@ else:  # pragma: no cover
 
 from ..errors import ConfigError
 from ..net.channel import CHANNEL_DEFAULTS, check_channel_params
+from ..net.tc import LinkSpec
 from ..units import parse_percent, parse_rate_kbit, parse_time_ms
 from .faults import parse_faults
 
@@ -257,6 +271,97 @@ def _params(v: Any) -> dict[str, Any]:
     return v
 
 
+#: the keys a ``[links.device.<name or index>]`` table may set
+DEVICE_LINK_KEYS = ("rate", "rate_down", "rate_up", "delay", "loss")
+
+
+def _device_ref(key: str) -> int | str:
+    """A ``links.device`` key: an index (digits only, from 0 in the inventory's order) or a
+    device name."""
+    return int(key) if key.isascii() and key.isdigit() else key
+
+
+def _device_link_problems(parts: Sequence[str], value: Any) -> list[tuple[str, str]]:
+    """(dotted key, message) for every problem of ``links.device[.<dev>[.<key>]] = value``
+    (``parts``: the dotted key's parts). The devices themselves are checked against the run's
+    in :func:`device_links_problems`."""
+    if len(parts) == 2:
+        if not isinstance(value, dict):
+            return [("links.device", "must be a table of [links.device.<name or index>] tables")]
+        return [p for dev, tab in value.items() for p in _device_link_problems([*parts, dev], tab)]
+    shown = f"links.device.{_toml_key(parts[2])}"
+    if not parts[2]:
+        return [(shown, "a device name or index must not be empty")]
+    if len(parts) == 3:
+        if not isinstance(value, dict):
+            return [(shown, f"must be a table of link keys ({', '.join(DEVICE_LINK_KEYS)})")]
+        return [p for k, v in value.items() for p in _device_link_problems([*parts, k], v)]
+    key = ".".join(parts[3:])
+    if len(parts) > 4 or key not in DEVICE_LINK_KEYS:
+        return [
+            (f"{shown}.{key}", f"unknown key (valid per device: {', '.join(DEVICE_LINK_KEYS)})")
+        ]
+    try:
+        SCHEMA["links"][key][0](value)
+    except (ValueError, ConfigError) as e:
+        return [(f"{shown}.{key}", str(e))]
+    return []
+
+
+def _listed(names: Sequence[str], most: int = 8) -> str:
+    """``names`` joined by commas, the middle elided past ``most``."""
+    if len(names) <= most:
+        return ", ".join(names)
+    return f"{', '.join(names[: most - 1])}, ..., {names[-1]} ({len(names)} devices)"
+
+
+def device_links_problems(table: Mapping[str, Any], names: Sequence[str], where: str) -> list[str]:
+    """Every key of a ``links.device`` ``table`` that names no device of ``names`` (the run's
+    devices in the inventory's order; an index counts from 0 over them), or names a device
+    another key names too; each message names ``where`` (the recipe) and the key."""
+    out: list[str] = []
+    seen: dict[str, str] = {}  # device -> the key that named it
+    for key in table:
+        ref, shown = _device_ref(key), f"links.device.{_toml_key(key)}"
+        if isinstance(ref, int) and ref >= len(names):
+            out.append(
+                f"{where}: {shown}: no device at index {ref} (indices count from 0: "
+                f"0..{len(names) - 1} = {_listed(names)})"
+            )
+            continue
+        if isinstance(ref, str) and ref not in names:
+            out.append(f"{where}: {shown}: no device {ref!r} (devices: {_listed(names)})")
+            continue
+        name = names[ref] if isinstance(ref, int) else ref
+        if name in seen:
+            out.append(
+                f"{where}: {seen[name]} and {shown}: both name device {name} (index "
+                f"{list(names).index(name)}); keep one"
+            )
+        seen[name] = shown
+    return out
+
+
+def check_device_links(
+    trials: Iterable[Trial], names_of: Callable[[Trial], Sequence[str]], where: str
+) -> None:
+    """Every trial's ``links.device`` against its run's devices ``names_of(trial)``.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``where`` and every bad key (once, however many trials have it).
+    """
+    problems: list[str] = []
+    for t in trials:
+        table = t.config["links"].get("device") or {}
+        for line in device_links_problems(table, names_of(t), where) if table else []:
+            if line not in problems:
+                problems.append(line)
+    if problems:
+        raise ConfigError(problems)
+
+
 def _with_channel_defaults(links: dict[str, Any]) -> None:
     """Fill ``links.channel``'s missing keys with the model's defaults (so that the manifest
     records the whole channel)."""
@@ -283,6 +388,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "bandwidth_mhz": (_float(0), None),
         "trace": (_str, None),
         "channel": (_params, dict(CHANNEL_DEFAULTS)),
+        "device": (_params, {}),
     },
     "workload": {
         "task": (_task, "tiny"),
@@ -305,7 +411,24 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
 }
 """table -> key -> (validator, default). Validators raise ValueError with the message.
 ``links.channel`` (a table of :class:`testbed.net.channel.ChannelModel` parameters) is checked
-key by key in :func:`_check_value`, and its keys against each other at every sweep point."""
+key by key in :func:`_check_value`, and its keys against each other at every sweep point;
+``links.device`` (a table of per-device tables) key by key there too, and its devices against
+the run's by :func:`check_device_links`."""
+
+
+@dataclass(frozen=True)
+class LinkSettings:
+    """One device's link as a trial sets it: kbit/s each way, delay in ms, loss in percent."""
+
+    down_kbit: float
+    up_kbit: float
+    delay_ms: float
+    loss_pct: float
+
+    def spec(self, direction: str) -> LinkSpec:
+        """The tc spec of direction ``down`` or ``up``."""
+        rate = self.down_kbit if direction == "down" else self.up_kbit
+        return LinkSpec(rate, self.delay_ms, self.loss_pct)
 
 
 @dataclass(frozen=True)
@@ -327,17 +450,50 @@ class Trial:
         return str(self.config["policy"]["name"])
 
     def link_kbit(self) -> tuple[float, float]:
-        """(down, up) rate in kbit/s."""
-        ln = self.config["links"]
-        base = _rate(ln["rate"])
-        down = _rate(ln["rate_down"]) if ln.get("rate_down") else base
-        up = _rate(ln["rate_up"]) if ln.get("rate_up") else base
-        return down, up
+        """The cell-wide (down, up) rate in kbit/s (no ``links.device`` override: a device's
+        own is :meth:`link_for`'s)."""
+        cell = self.link_for("", -1)
+        return cell.down_kbit, cell.up_kbit
 
     def link_delay_loss(self) -> tuple[float, float]:
-        """(``links.delay`` in ms, ``links.loss`` in percent 0..100)."""
+        """The cell-wide (``links.delay`` in ms, ``links.loss`` in percent 0..100)."""
+        cell = self.link_for("", -1)
+        return cell.delay_ms, cell.loss_pct
+
+    def link_for(self, name: str, index: int) -> LinkSettings:
+        """Device ``name``'s link (``index``: its place in the inventory, from 0): its
+        ``[links.device.<name or index>]`` keys over the cell's. Down: the device's
+        ``rate_down``, its ``rate``, the cell's ``rate_down``, the cell's ``rate`` (the first
+        set); up likewise with ``rate_up``; delay and loss: the device's, else the cell's.
+
+        Raises
+        ------
+        ConfigError
+            When two keys name the device (by name and by index).
+        """
         ln = self.config["links"]
-        return _time(ln["delay"]), _pct(ln["loss"])
+        own = [
+            (k, v) for k, v in (ln.get("device") or {}).items() if _device_ref(k) in (name, index)
+        ]
+        if len(own) > 1:
+            keys = " and ".join(f"links.device.{_toml_key(k)}" for k, _ in own)
+            raise ConfigError(f"{keys}: both name device {name} (index {index}); keep one")
+        dev: Mapping[str, Any] = own[0][1] if own else {}
+
+        def rate(way: str) -> float:
+            asked = (dev.get(way), dev.get("rate"), ln.get(way), ln["rate"])
+            return _rate(next(v for v in asked if v))
+
+        return LinkSettings(
+            rate("rate_down"),
+            rate("rate_up"),
+            _time(dev.get("delay", ln["delay"])),
+            _pct(dev.get("loss", ln["loss"])),
+        )
+
+    def device_links(self, names: Sequence[str]) -> dict[str, LinkSettings]:
+        """:meth:`link_for` of every device of ``names`` (the inventory's order), by name."""
+        return {n: self.link_for(n, i) for i, n in enumerate(names)}
 
 
 @dataclass
@@ -515,6 +671,10 @@ def _check_value(where: str, dotted: str, value: Any, problems: list[str]) -> No
         return
     if len(parts) >= 3 and parts[0] == "policy" and parts[1] == "params":
         return  # checked by the policy itself (unknown parameters are named there)
+    if len(parts) >= 2 and parts[:2] == ["links", "device"]:
+        found = _device_link_problems(parts, value)
+        problems.extend(f"{where}: {k}: {m}" for k, m in found)
+        return
     if len(parts) >= 2 and parts[:2] == ["links", "channel"]:
         if len(parts) == 2 and isinstance(value, dict):  # a table: every bad key named
             found = check_channel_params(value, complete=False)

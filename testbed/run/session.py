@@ -66,7 +66,7 @@ from .faults import TrialFaults
 from .loading import ExpertLoader
 from .prediction import TimedBackend
 from .provenance import model_entry
-from .recipe import Recipe
+from .recipe import Recipe, check_device_links
 from .recorder import Recorder
 from .resume import prepare_resume, resume_plan
 from .telemetry import DeviceSampler, open_bs_meter
@@ -257,13 +257,27 @@ class Session:
         return bool(self.stack.__exit__(exc_type, exc, tb))
 
     def check_inputs(self) -> None:
-        """What can be checked before touching anything: the model, every trial's policy, and
-        the traces (a new run does it before its folder exists: a refused recipe leaves none)."""
+        """What can be checked before touching anything: the model, every trial's policy, the
+        traces, and the devices ``links.device`` names (against the inventory's, or the local
+        testbed's ``dev1..devN`` the run will create) (a new run does it before its folder
+        exists: a refused recipe leaves none)."""
         rec = self.recipe
         self.split = check_model_and_policies(rec, self.trials)
         for t in self.trials:
             path = rec.trace_path(t)
             self.traces[t.index] = read_trace(path) if path is not None else None
+        if any(t.config["links"].get("device") for t in self.trials):
+            if self.inventory_path is not None:
+                names = [d.name for d in load_inventory(self.inventory_path).devices]
+            else:  # testbed.lab.local names its devices dev1..devN
+                names = [f"dev{i}" for i in range(1, self._local_devices() + 1)]
+            check_device_links(self.trials, lambda t: names, str(rec.path))
+
+    def _local_devices(self) -> int:
+        """How many devices the local testbed made for the run has: the largest
+        ``run.devices`` of its trials (default 3)."""
+        wanted = [t.config["run"]["devices"] for t in self.trials]
+        return max((int(n) for n in wanted if n), default=3)
 
     def _open_inventory(self) -> None:
         """The inventory (else a local testbed, removed on the way out) and the model's
@@ -274,9 +288,12 @@ class Session:
         inv_path = self.inventory_path
         wanted = [t.config["run"]["devices"] for t in self.trials]
         if inv_path is None:
-            inv_path = self._local_testbed(max((int(n) for n in wanted if n), default=3))
+            inv_path = self._local_testbed(self._local_devices())
         inv = load_inventory(inv_path)
         self.inv = inv
+        # again against the devices there are, before any link is set
+        names = [d.name for d in inv.devices]
+        check_device_links(self.trials, lambda t: names, str(rec.path))
         too_many = sorted({int(n) for n in wanted if n and int(n) > len(inv.devices)})
         if too_many:
             raise ConfigError(

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..dataplane.energy_attr import request_energy
-from ..net.tc import LinkSpec
 from ..policy.api import ClusterState, DeviceInfo, Policy
 from ..policy.loading import load_policy
 from ..results.rows import layer_total, request_row, rows_for_request
@@ -100,17 +99,18 @@ class TrialRun:
         return place_experts(self.policy, s.mf, infos, str(s.split), s.bytes_per_token)
 
     def _enforce_links(self) -> list[dict[str, Any]]:
-        """Every link at the trial's rates, delay and loss; what tc reports."""
-        t, sh = self.t, self.s.shaper
-        down, up = t.link_kbit()
-        delay, loss = t.link_delay_loss()
+        """Every device's link at its rates, delay and loss in this trial (``links.device``
+        over the cell's :meth:`~testbed.run.recipe.Trial.link_for`); what tc reports."""
+        sh = self.s.shaper
+        links = self.t.device_links([d.name for d in self.s.inv.devices])
         if not sh.is_installed():
-            n = len(self.s.inv.devices)
-            sh.setup([LinkSpec(down, delay, loss)] * n, [LinkSpec(up, delay, loss)] * n)
+            sh.setup(
+                [x.spec("down") for x in links.values()], [x.spec("up") for x in links.values()]
+            )
         else:
-            for d in self.s.inv.devices:
-                sh.change(d.name, LinkSpec(down, delay, loss), "down")
-                sh.change(d.name, LinkSpec(up, delay, loss), "up")
+            for name, x in links.items():
+                sh.change(name, x.spec("down"), "down")
+                sh.change(name, x.spec("up"), "up")
         # how the links charge messages (mode, free bucket, offloads): manifest and links.csv
         info = sh.shaping_info()
         self.manifest["shaping"] = info

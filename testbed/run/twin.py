@@ -62,7 +62,7 @@ from .cluster import trial_cluster
 from .decisions import check_model_and_policies, place_experts, policy_hook
 from .epochs import EpochLinks, Epochs, TraceReplay
 from .provenance import git_commit, model_entry, package_versions
-from .recipe import Recipe, Trial
+from .recipe import Recipe, Trial, check_device_links
 from .twin_clock import SimBackend, SimClock, SimLinkRecorder, TimedSelect
 from .workload import Request, make_workload
 
@@ -249,6 +249,9 @@ class Simulator:
     def run(self) -> X.RunResult:
         """Simulate every trial and repeat into a new run folder; its status like the runner's."""
         trials = self.recipe.trials()
+        check_device_links(
+            trials, lambda t: device_names(self._n_devices(t)), str(self.recipe.path)
+        )
         self.cal = (
             calibrate_from_run(self.calibrate)
             if self.calibrate is not None
@@ -416,8 +419,10 @@ class Simulator:
             if n not in self.manifest["compute_profile"]:
                 a, b = profiles[n]
                 self.manifest["compute_profile"][n] = {"a_ms": a, "b_ms": b, "simulated": True}
-        down, up = t.link_kbit()
-        rates = [{"device": n, "down_kbit": down, "up_kbit": up} for n in names]
+        rates = [
+            {"device": n, "down_kbit": x.down_kbit, "up_kbit": x.up_kbit}
+            for n, x in t.device_links(names).items()
+        ]
         sim = SimBackend(model.local, self.clock, cal, model.bytes_per_token)
         sim.placement = placement
         model.bsm.backend = inner.wrap_backend(sim)

@@ -48,8 +48,7 @@ def apply_events(
     ``t0`` on ``time.monotonic()``)."""
     out: list[dict[str, Any]] = []
     events = trial.config["run"].get("events") or []
-    names = set(devices)
-    delay, loss = trial.link_delay_loss()
+    names = list(devices)
     for i, ev in enumerate(events):
         if int(ev["at_request"]) != request:
             continue
@@ -61,8 +60,9 @@ def apply_events(
             )
         kbit = parse_rate_kbit(str(ev["rate"]))
         direction = str(ev.get("direction", "both"))
+        own = trial.link_for(dev, names.index(dev))  # the device's own delay and loss stay
         t_change = time.perf_counter()
-        shaper.change(dev, LinkSpec(kbit, delay, loss), direction)
+        shaper.change(dev, LinkSpec(kbit, own.delay_ms, own.loss_pct), direction)
         change_ms = (time.perf_counter() - t_change) * 1e3
         state = {s.device: s.to_dict() for s in shaper.show()}
         rates.update(state)
