@@ -1,6 +1,12 @@
 """The numbers of one trial: :func:`summary_row` (the metric columns of ``summary.csv``) and
 the helpers every summary of rows uses (:func:`as_float`, :func:`column_values`,
-:func:`percentile`, :func:`mean`, :func:`ratio`).
+:func:`percentile`, :func:`mean`, :func:`ratio`), and the spread over repeats
+(:func:`t_quantile`, :func:`mean_ci`, :func:`difference_ci`).
+
+Confidence intervals are 95%, Student t on the repeat values (n - 1 degrees of freedom):
+``mean ± t(0.975, n-1) · s / sqrt(n)`` with ``s`` the sample standard deviation (ddof 1). The
+t quantile is scipy's where scipy is installed, else :data:`T_975` (df 1..30, 1.96 beyond; a
+fractional df is rounded down, which widens the interval a little). One value: no interval.
 
 Conventions: percentiles are numpy's default (linear interpolation between the closest ranks,
 ``numpy.percentile(..., method="linear")``); empty cells and non-numbers are "not known" and
@@ -65,6 +71,64 @@ def mean(xs: Sequence[float]) -> float | str:
 def ratio(num: float, den: float) -> float | str:
     """``num / den``; ``''`` unless ``den > 0``."""
     return num / den if den > 0 else ""
+
+
+T_975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+"""Student t's 0.975 quantile for 1..30 degrees of freedom (``T_975[df - 1]``)."""
+
+
+def t_quantile(df: float) -> float:
+    """Student t's 0.975 quantile for ``df`` degrees of freedom (two-sided 95%): scipy's when
+    it is installed, else :data:`T_975` at ``floor(df)`` and 1.96 past 30."""
+    try:
+        from scipy.stats import t as student_t  # optional; not a dependency
+    except ImportError:
+        k = max(1, int(df))
+        return T_975[k - 1] if k <= len(T_975) else 1.96
+    return float(student_t.ppf(0.975, df))
+
+
+def mean_ci(xs: Sequence[float]) -> tuple[float | None, float | None, float | None]:
+    """(mean, low, high) of ``xs``: the 95% Student-t interval of the mean (see the module);
+    low and high are None with fewer than two values, all three with none."""
+    if not xs:
+        return None, None, None
+    m = math.fsum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, None, None
+    half = t_quantile(len(xs) - 1) * float(np.std(xs, ddof=1)) / math.sqrt(len(xs))
+    return m, m - half, m + half
+
+
+def difference_ci(
+    xs: Sequence[float], ys: Sequence[float], relative: bool = False
+) -> tuple[float | None, float | None, float | None]:
+    """Unpaired (mean, low, high) of ``mean(xs) - mean(ys)`` (Welch: the variances apart,
+    Welch-Satterthwaite's degrees of freedom), or with ``relative`` of
+    ``100 * (mean(xs) - mean(ys)) / mean(ys)`` in percent (delta method: the relative
+    variance of the ratio of the means). No interval unless both have two values or more; nothing
+    without values (or, relative, with a zero ``mean(ys)``)."""
+    if not xs or not ys:
+        return None, None, None
+    mx, my = math.fsum(xs) / len(xs), math.fsum(ys) / len(ys)
+    if relative and my == 0:
+        return None, None, None
+    center = 100.0 * (mx - my) / my if relative else mx - my
+    if len(xs) < 2 or len(ys) < 2:
+        return center, None, None
+    vx = float(np.var(xs, ddof=1)) / len(xs)
+    vy = float(np.var(ys, ddof=1)) / len(ys)
+    if relative:  # var(mx / my) ~ vx / my² + mx² vy / my⁴, in percent
+        vx, vy = 1e4 * vx / my**2, 1e4 * mx**2 * vy / my**4
+    if vx + vy == 0:
+        return center, center, center
+    df = (vx + vy) ** 2 / (vx**2 / (len(xs) - 1) + vy**2 / (len(ys) - 1))
+    half = t_quantile(df) * math.sqrt(vx + vy)
+    return center, center - half, center + half
 
 
 def critical_sums(layers: Iterable[Mapping[str, Any]]) -> tuple[float, float, bool]:
