@@ -2,11 +2,37 @@
 
 from __future__ import annotations
 
+import csv
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import typer
+from rich.console import Console
 
+from ..errors import ConfigError
 from .output import Format, FormatOpt, console, emit, err_console
+
+PIPE_WIDTH = 240
+"""The tables' width on a pipe or a file (rich's default there is 80): wide enough that every
+column is there; a wider table is printed whole anyway (testbed.results.report.print_table)."""
+
+
+def _out_console() -> Console:
+    """stdout's console: the terminal's, else one :data:`PIPE_WIDTH` wide."""
+    return console if console.is_terminal else Console(width=PIPE_WIDTH)
+
+
+def _per_run(summary: Callable[[Sequence[Any]], list], runs: Sequence[Any]) -> list:
+    """``summary`` of each run in turn; a CSV of a run that cannot be read is a ConfigError
+    naming the run's folder (one error line, not a traceback)."""
+    out = []
+    for run in runs:
+        try:
+            out += summary([run])
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise ConfigError(f"{run.path}: cannot read the results: {exc}") from None
+    return out
 
 
 def report_cmd(
@@ -37,12 +63,17 @@ def report_cmd(
 
     A point with other policies but no topk is named on stderr (one warning line each).
 
+    Repeats: each metric is the mean over the repeats with its 95% confidence interval,
+    shown as "mean ±half-width" (Student t, n-1 df; none with one repeat); the changes
+    against topk are paired by repeat (same seed) where both ran the same repeats. Tables
+    wrap rather than cut; on a narrow terminal a wide table comes in column groups.
+
     JSON: an object with runs, rows (one per run x policy x point), versus_topk,
     prediction and time_shares (see testbed.results.comparison), faults and plots (PNG paths).
     """
     from ..results import comparison, deployment, fault_report
     from ..results.plots import write_plots
-    from ..results.report import build_report, render_table
+    from ..results.report import build_report, print_table, render_table
 
     rep = build_report(run_dirs)
     versus = comparison.versus_baseline(rep.groups)
@@ -50,20 +81,20 @@ def report_cmd(
         err_console.print(line, highlight=False, markup=False, soft_wrap=True)
     prediction = comparison.prediction_rows(rep.groups)
     shares = comparison.shares_rows(rep.groups)
-    faults = fault_report.fault_summary(rep.runs)
-    deployments = deployment.deployment_summary(rep.runs)
+    faults = _per_run(fault_report.fault_summary, rep.runs)
+    deployments = _per_run(deployment.deployment_summary, rep.runs)
     if fmt == Format.table:
-        render_table(rep, console)
-        if versus:
-            console.print(comparison.table(versus), crop=False)
-        if prediction:
-            console.print(comparison.prediction_table(prediction), crop=False)
-        if shares:
-            console.print(comparison.shares_table(shares), crop=False)
-        if faults:
-            console.print(fault_report.table(faults), crop=False)
-        if deployments:
-            console.print(deployment.table(deployments), crop=False)
+        out_con = _out_console()
+        render_table(rep, out_con)
+        for rows, draw, keys in (
+            (versus, comparison.table, 2),
+            (prediction, comparison.prediction_table, 2),
+            (shares, comparison.shares_table, 2),
+            (faults, fault_report.table, 2),
+            (deployments, deployment.table, 2),
+        ):
+            if rows:
+                print_table(out_con, draw(rows), keys)
     plots = write_plots(rep, out)
     if fmt == Format.json:
         emit(

@@ -17,6 +17,13 @@ latency model predicted the layers it decided (pure; from the report's groups).
   ``predicted_critical_ms`` with ``decision_ms + change_ms + moe_ms`` (the layer's critical
   path from the decision on), and a policy's own model (``policy_predicted_ms``, e.g.
   WDMoE's paper formula) with ``moe_ms``.
+* Repeats (``recipe.repeats``): ``per_token_ms`` and ``accuracy`` are means over the repeats of
+  each repeat's figure, with 95% Student-t intervals (``*_ci_low``/``*_ci_high``; ``None`` with
+  one repeat). The changes against the baseline are **paired** by repeat index (same seed:
+  the same channel and workload draws) when the policy and the baseline ran the same repeats,
+  two or more: the mean over repeats of each repeat's change, and the t interval of those
+  changes. Otherwise they are **unpaired**: the change of the means, its interval by Welch
+  (relative change: by the delta method). ``ci_method`` says which (``None``: no interval).
 """
 
 from __future__ import annotations
@@ -26,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from .report import POLICY_KEY, point_label, short_policy
-from .summary import as_float
+from .report import CI_NOTE, POLICY_KEY, ci_cell, point_label, repeat_groups, short_policy
+from .summary import as_float, difference_ci, mean_ci
 
 
 def per_token_ms(requests: Iterable[Mapping[str, Any]]) -> float | None:
@@ -246,47 +253,83 @@ def missing_baseline(groups: Sequence[Any], baseline: str = "topk") -> list[str]
     ]
 
 
+def _per_repeat(g: Any, fn: Any) -> dict[str, float]:
+    """``fn(requests)`` of each repeat of group ``g`` that has a value, by repeat."""
+    out = {}
+    for k, sub in repeat_groups(g).items():
+        v = fn(sub.requests)
+        if v is not None:
+            out[k] = v
+    return out
+
+
+def change_ci(
+    xs: Mapping[str, float], ys: Mapping[str, float], relative: bool
+) -> tuple[float | None, float | None, float | None, str | None]:
+    """(change, low, high, method) of the policy's per-repeat values ``xs`` against the
+    baseline's ``ys`` (by repeat): ``100 (x - y) / y`` with ``relative``, else ``x - y``.
+    ``paired`` when both have the same two or more repeats (mean and t interval of the
+    per-repeat changes), else ``unpaired`` (:func:`~testbed.results.summary.difference_ci`);
+    the method is ``None`` when there is no interval."""
+    if len(xs) >= 2 and xs.keys() == ys.keys() and (not relative or all(ys.values())):
+        d = [100.0 * (xs[k] - ys[k]) / ys[k] if relative else xs[k] - ys[k] for k in xs]
+        mu, lo, hi = mean_ci(d)
+        return mu, lo, hi, "paired"
+    mu, lo, hi = difference_ci(list(xs.values()), list(ys.values()), relative)
+    return mu, lo, hi, None if lo is None else "unpaired"
+
+
+def _versus_row(g: Any, b: Any) -> dict[str, Any]:
+    lat, acc = _per_repeat(g, per_token_ms), _per_repeat(g, accuracy)
+    b_lat = _per_repeat(b, per_token_ms) if b else {}
+    b_acc = _per_repeat(b, accuracy) if b else {}
+    m_lat, m_blat, m_acc, m_bacc = (mean_ci(list(v.values())) for v in (lat, b_lat, acc, b_acc))
+    d_lat = change_ci(lat, b_lat, True) if lat and b_lat else (None,) * 4
+    d_acc = change_ci(acc, b_acc, False) if acc and b_acc else (None,) * 4
+    return {
+        "run": g.run.run_id,
+        "policy": g.policy,
+        "point": point_label({"policy": g.policy, "point": g.point}),
+        "per_token_ms": m_lat[0],
+        "baseline_per_token_ms": m_blat[0],
+        "latency_change_pct": d_lat[0],
+        "accuracy": m_acc[0],
+        "baseline_accuracy": m_bacc[0],
+        "accuracy_change": d_acc[0],
+        "prediction_ratio": prediction_ratio(g.layers),
+        "n_repeats": len(repeat_groups(g)),
+        "baseline_n_repeats": len(repeat_groups(b)) if b else 0,
+        "per_token_ms_ci_low": m_lat[1],
+        "per_token_ms_ci_high": m_lat[2],
+        "baseline_per_token_ms_ci_low": m_blat[1],
+        "baseline_per_token_ms_ci_high": m_blat[2],
+        "latency_change_pct_ci_low": d_lat[1],
+        "latency_change_pct_ci_high": d_lat[2],
+        "accuracy_ci_low": m_acc[1],
+        "accuracy_ci_high": m_acc[2],
+        "accuracy_change_ci_low": d_acc[1],
+        "accuracy_change_ci_high": d_acc[2],
+        "ci_method": d_lat[3] or d_acc[3],
+    }
+
+
 def versus_baseline(groups: Sequence[Any], baseline: str = "topk") -> list[dict[str, Any]]:
     """One row per group (a :class:`testbed.results.report.Group`) that is not the baseline: its
     latency and accuracy against the baseline's group of the same run and point
     (:func:`baseline_key`; ``None`` where the run has no such group), and its prediction ratio
-    (``None`` without predictions). ``point`` is :func:`~testbed.results.report.point_label`'s."""
-
+    (``None`` without predictions). ``point`` is :func:`~testbed.results.report.point_label`'s.
+    Means over repeats with 95% intervals, the changes paired by repeat where they can be (see
+    the module; :func:`change_ci`); ``n_repeats``, ``baseline_n_repeats``, ``ci_method``."""
     base = {baseline_key(g): g for g in groups if g.policy == baseline}
-    out = []
-    for g in groups:
-        if g.policy == baseline:
-            continue
-        b = base.get(baseline_key(g))
-        lat, acc = per_token_ms(g.requests), accuracy(g.requests)
-        b_lat = per_token_ms(b.requests) if b else None
-        b_acc = accuracy(b.requests) if b else None
-        out.append(
-            {
-                "run": g.run.run_id,
-                "policy": g.policy,
-                "point": point_label({"policy": g.policy, "point": g.point}),
-                "per_token_ms": lat,
-                "baseline_per_token_ms": b_lat,
-                "latency_change_pct": 100.0 * (lat - b_lat) / b_lat
-                if lat is not None and b_lat
-                else None,
-                "accuracy": acc,
-                "baseline_accuracy": b_acc,
-                "accuracy_change": acc - b_acc if acc is not None and b_acc is not None else None,
-                "prediction_ratio": prediction_ratio(g.layers),
-            }
-        )
-    return out
+    return [_versus_row(g, base.get(baseline_key(g))) for g in groups if g.policy != baseline]
 
 
 def table(rows: Sequence[Mapping[str, Any]], baseline: str = "topk") -> Any:
-    """The rows as a rich Table."""
+    """The rows as a rich Table: ``mean ±half-width`` of the 95% CI (:func:`ci_cell`), the
+    repeats as ``n`` (``n/m`` when the baseline ran ``m``), and a footer that says how the
+    changes' intervals were computed."""
     from rich import box
     from rich.table import Table
-
-    def f(v: Any, spec: str) -> str:
-        return "-" if v is None else format(v, spec)
 
     t = Table(
         title=f"each policy against {baseline} at equal link budget (same run and point)",
@@ -295,21 +338,33 @@ def table(rows: Sequence[Mapping[str, Any]], baseline: str = "topk") -> Any:
     for h in (
         "policy",
         "point",
+        "n",
         f"ms/token\n(vs {baseline})",
         "latency\nchange",
         "accuracy\nchange",
         "predicted/measured\nmedian [p10-p90]",
     ):
         t.add_column(h, justify="left" if h in ("policy", "point") else "right")
+
+    def c(r: Mapping[str, Any], k: str, spec: str, unit: str = "") -> str:
+        return ci_cell(r[k], r.get(f"{k}_ci_low"), r.get(f"{k}_ci_high"), spec, unit)
+
     for r in rows:
         pr = r["prediction_ratio"]
+        n, nb = r.get("n_repeats", 1), r.get("baseline_n_repeats", 1)
         t.add_row(
             r["policy"],
             r["point"],
-            f"{f(r['per_token_ms'], '.2f')} ({f(r['baseline_per_token_ms'], '.2f')})",
-            f(r["latency_change_pct"], "+.1f")
-            + ("%" if r["latency_change_pct"] is not None else ""),
-            f(r["accuracy_change"], "+.3f"),
+            str(n) if n == nb else f"{n}/{nb}",
+            f"{c(r, 'per_token_ms', '.2f')} ({c(r, 'baseline_per_token_ms', '.2f')})",
+            c(r, "latency_change_pct", "+.1f", "%"),
+            c(r, "accuracy_change", "+.3f"),
             f"{pr['median']:.2f} [{pr['p10']:.2f}-{pr['p90']:.2f}] n={pr['n']}" if pr else "-",
         )
+    methods = sorted({r["ci_method"] for r in rows if r.get("ci_method")})
+    how = {
+        "paired": "paired by repeat (same seed)",
+        "unpaired": "unpaired (different repeats: Welch)",
+    }
+    t.caption = CI_NOTE + (f"; changes {' / '.join(how[m] for m in methods)}" if methods else "")
     return t

@@ -296,14 +296,15 @@ def point_label(row: Mapping[str, Any]) -> str:
     return " ".join(parts) or "-"
 
 
-def ci_cell(v: Any, low: Any, high: Any, spec: str) -> str:
-    """A value with its 95% CI as ``mean ±half-width`` (e.g. ``41.2 ±3.1``), both formatted with
-    ``spec``; the value alone without an interval (one repeat), ``-`` without a value."""
+def ci_cell(v: Any, low: Any, high: Any, spec: str, unit: str = "") -> str:
+    """A value with its 95% CI as ``mean ±half-width`` (e.g. ``41.2 ±3.1``, ``-12.0% ±4.1%``
+    with ``unit="%"``), both formatted with ``spec`` (the half-width without a sign); the value
+    alone without an interval (one repeat), ``-`` without a value."""
     if v is None or v == "":
         return "-"
     if low is None or high is None:
-        return format(v, spec)
-    return f"{format(v, spec)} ±{format((high - low) / 2, spec)}"
+        return format(v, spec) + unit
+    return f"{format(v, spec)}{unit} ±{format((high - low) / 2, spec.lstrip('+'))}{unit}"
 
 
 CI_NOTE = (
