@@ -80,6 +80,18 @@ class Selection:
     expert_ids: torch.Tensor
     weights: torch.Tensor
 
+    def drop(self, mask: torch.Tensor, renormalize: bool = True) -> Selection:
+        """This selection with the slots where ``mask`` ([N, K] bool) is True emptied (id -1,
+        weight 0). With ``renormalize``, each token's remaining weights are rescaled to the sum
+        its weights had before (a token whose every slot is dropped uses no expert)."""
+        keep = ~mask.to(torch.bool) & (self.expert_ids >= 0)
+        w = torch.where(keep, self.weights, torch.zeros((), dtype=self.weights.dtype))
+        if renormalize:
+            before = torch.where(self.expert_ids >= 0, self.weights, 0.0).sum(-1, keepdim=True)
+            after = w.sum(-1, keepdim=True)
+            w = torch.where(after > 0, w * before / after.clamp_min(1e-30), w)
+        return Selection(torch.where(keep, self.expert_ids, -1), w)
+
 
 SelectionHook = Callable[[RoutingContext], Selection]
 """Signature of a policy: ``hook(ctx) -> Selection``."""
@@ -115,7 +127,8 @@ def validate_selection(
 
 
 class TopKSelection:
-    """The family's top-k routing (default policy).
+    """The family's top-k routing (default policy). Each token's slots are in descending
+    router probability (slot 0: its most probable expert).
 
     Parameters
     ----------

@@ -4,7 +4,7 @@ bandwidth split. Read this file as the smallest example of a policy."""
 from __future__ import annotations
 
 from models.routing import RoutingContext, TopKSelection
-from testbed.policy import ClusterState, Decision, Policy
+from testbed.policy import ClusterView, Decision, Policy
 
 
 class TopK(Policy):
@@ -16,7 +16,7 @@ class TopK(Policy):
         super().__init__(placement, seed)
         self._select = TopKSelection()
 
-    def select(self, ctx: RoutingContext, cluster: ClusterState | None = None) -> Decision:
+    def select(self, ctx: RoutingContext, cluster: ClusterView) -> Decision:
         """The model's own top-k selection, unchanged."""
         return Decision(self._select(ctx))
 
@@ -30,6 +30,6 @@ class Top1(Policy):
         super().__init__(placement, seed)
         self._select = TopKSelection(k=1)
 
-    def select(self, ctx: RoutingContext, cluster: ClusterState | None = None) -> Decision:
+    def select(self, ctx: RoutingContext, cluster: ClusterView) -> Decision:
         """Each token's single most probable expert (weight renormalised as the model does)."""
         return Decision(self._select(ctx))

@@ -83,7 +83,7 @@ import torch
 from models.routing import RoutingContext, Selection
 from testbed.errors import ConfigError
 from testbed.net.channel import CellEpoch, ChannelModel
-from testbed.policy import ClusterState, Decision, Policy
+from testbed.policy import ClusterView, Decision, Policy
 
 _NO_PLACEMENT: dict[str, tuple[str, ...]] = {}
 _CHANNEL_KEYS = tuple(
@@ -300,17 +300,20 @@ class _WDMoEBase(Policy):
         self._index: list[int] = []
 
     # -- hooks -----------------------------------------------------------------------------
-    def select(self, ctx: RoutingContext, cluster: ClusterState | None = None) -> Decision:
+    def select(self, ctx: RoutingContext, cluster: ClusterView | None = None) -> Decision:
         st = self._prepare(ctx, cluster)
         keep, alloc, extra = self._decide(st)
         sel = self._selection(ctx, st, keep)
         rates = st.link_rates(alloc)
         self._record(ctx, st, keep, alloc, rates, extra)
         self.epoch += 1
+        rec = self.stats[-1]
         return Decision(
             sel,
             rate_down_kbit={d: r[1] for d, r in rates.items()},
             rate_up_kbit={d: r[2] for d, r in rates.items()},
+            predicted_ms=float(alloc.layer_ms),
+            stats={k: rec[k] for k in ("experts_dropped", "tokens_pruned", "wlr") if k in rec},
         )
 
     def last_stats(self) -> dict[str, Any]:
@@ -325,7 +328,7 @@ class _WDMoEBase(Policy):
         raise NotImplementedError
 
     # -- building blocks (usable by subclasses) --------------------------------------------
-    def _prepare(self, ctx: RoutingContext, cluster: ClusterState | None) -> _Step:
+    def _prepare(self, ctx: RoutingContext, cluster: ClusterView | None) -> _Step:
         rp = ctx.router_probs.detach()
         if rp.dtype == torch.float32 and rp.device.type == "cpu":
             probs = rp.numpy().astype(np.float64)  # exact, as torch's own conversion
@@ -389,7 +392,7 @@ class _WDMoEBase(Policy):
         return self._index
 
     def _expert_devices(
-        self, cluster: ClusterState | None, layer: int, n_experts: int
+        self, cluster: ClusterView | None, layer: int, n_experts: int
     ) -> tuple[tuple[str, ...], np.ndarray]:
         placement = cluster.placement if cluster is not None else _NO_PLACEMENT
         if self._map_key is not placement:

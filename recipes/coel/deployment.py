@@ -22,12 +22,12 @@ from recipes.coel.costmodel import (
 )
 from recipes.coel.search import LocalSearch, Problem
 from testbed.errors import ConfigError
-from testbed.policy import ClusterState, DeviceInfo
+from testbed.policy import ClusterView, DeviceInfo
 
 
 def device_models(
     devices: Sequence[DeviceInfo],
-    cluster: ClusterState | None,
+    cluster: ClusterView | None,
     rate_kbit: float,
     a_ms: float,
     b_ms: float,

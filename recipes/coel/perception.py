@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from testbed.policy import ClusterState
+from testbed.policy import ClusterView
 
 
-def link_rates(cluster: ClusterState) -> dict[str, float]:
+def link_rates(cluster: ClusterView) -> dict[str, float]:
     """``"<device>:down"`` / ``"<device>:up"`` -> the enforced rate (kbit/s)."""
     return {
         **{f"{d}:down": v for d, v in cluster.rate_down_kbit.items()},

@@ -21,7 +21,16 @@ from recipes.coel.deployment import allocate_placement, deploy, device_models
 from recipes.coel.perception import link_rates
 from recipes.coel.updating import Move, migrate, observed_popularity, redeploy_triggers
 from testbed.errors import ConfigError
-from testbed.policy import ClusterState, Decision, DeviceInfo, ExpertInfo, Placement, Policy
+from testbed.policy import (
+    NO_PROFILE,
+    ClusterView,
+    Decision,
+    DeviceInfo,
+    ExpertInfo,
+    Placement,
+    PlacementProfile,
+    Policy,
+)
 
 
 def _check_params(
@@ -76,7 +85,8 @@ class CoEL(Policy):
         Cost-model defaults while the cluster state has none (``place()`` sees no rates or profile).
     bytes_per_row
         Bytes of one token row per direction in the transfer model; default: what the run sends
-        (:attr:`Policy.bytes_per_token`, 8192 for a 4096-wide bf16 model), 256 outside a run.
+        (``PlacementProfile.bytes_per_token`` at :meth:`place`: 8192 for a 4096-wide bf16
+        model), 256 outside a run.
     delta
         Relative change of a link rate that triggers re-deployment.
     drift
@@ -138,6 +148,7 @@ class CoEL(Policy):
         self.plan_tokens, self.plan_rate_kbit = float(plan_tokens), float(plan_rate_kbit)
         self.plan_a_ms, self.plan_b_ms = float(plan_a_ms), float(plan_b_ms)
         self._bytes_per_row = None if bytes_per_row is None else int(bytes_per_row)
+        self.run_bytes = 0  # the run's bytes per token, from place()'s profile
         self.delta, self.drift = float(delta), float(drift)
         self.redeploy_every, self.horizon_steps = int(redeploy_every), float(horizon_steps)
         self._select = TopKSelection()
@@ -158,7 +169,7 @@ class CoEL(Policy):
     @property
     def bytes_per_row(self) -> int:
         """The transfer model's bytes per token row: the parameter, else the run's."""
-        return self._bytes_per_row or self.bytes_per_token or 256
+        return self._bytes_per_row or self.run_bytes or 256
 
     # sizes ------------------------------------------------------------------------------------
     def size_at(self, uid: str, bits: int) -> float:
@@ -168,7 +179,7 @@ class CoEL(Policy):
         e = next(x for x in self.experts if x.uid == uid)
         return e.bytes * bits / 32.0
 
-    def _device_models(self, cluster: ClusterState | None) -> list[DeviceModel]:
+    def _device_models(self, cluster: ClusterView | None) -> list[DeviceModel]:
         return device_models(
             self.devices, cluster, self.plan_rate_kbit, self.plan_a_ms, self.plan_b_ms
         )
@@ -215,12 +226,14 @@ class CoEL(Policy):
         self,
         experts: Sequence[ExpertInfo],
         devices: Sequence[DeviceInfo],
-        profile: Mapping[str, Any] | None = None,
+        profile: PlacementProfile = NO_PROFILE,
     ) -> Placement:
-        """Calibrate on the tiny task, then deploy (mode, placement, bits) for that popularity."""
+        """Calibrate on the tiny task, then deploy (mode, placement, bits) for that popularity
+        (the cost model at the ``plan_*`` rates and compute profile)."""
         self.experts, self.devices = list(experts), list(devices)
+        self.run_bytes = profile.bytes_per_token
         self.calibration, dims = calibrate_experts(
-            experts, getattr(self, "model_path", None), self.calib_requests, self.calib_seed
+            experts, profile.model_path, self.calib_requests, self.calib_seed
         )
         if dims is not None:
             self.dims = dims
@@ -267,22 +280,22 @@ class CoEL(Policy):
         return FusionBackend(backend, self.sigma) if self.sigma < 1.0 else backend
 
     # selection --------------------------------------------------------------------------------
-    def select(self, ctx: RoutingContext, cluster: ClusterState | None = None) -> Decision:
-        """The model's top-k, pruned (:func:`prune_selection`) in inter mode when ``tau`` > 0."""
+    def select(self, ctx: RoutingContext, cluster: ClusterView) -> Decision:
+        """The model's top-k, pruned (:func:`prune_selection`) in inter mode when ``tau`` > 0;
+        ``stats``: the (token, expert) slots pruned in this layer."""
         sel = self._select(ctx)
         if self.tau > 0 and self.mode == "inter":
-            placement = (
-                cluster.placement if cluster is not None and cluster.placement else self.current
-            )
+            placement = cluster.placement or self.current
             dev = {
                 e: (placement.get(f"L{ctx.layer}.E{e}") or ("",))[0] for e in range(ctx.num_experts)
             }
             sel, n = prune_selection(sel, ctx.router_probs, dev, self.tau, self.renormalize_pruned)
             self.pruned_slots += n
+            return Decision(sel, stats={"slots_pruned": n})
         return Decision(sel)
 
     # updating ---------------------------------------------------------------------------------
-    def update(self, cluster: ClusterState, stats: Mapping[str, Any]) -> Placement | None:
+    def update(self, cluster: ClusterView, stats: Mapping[str, Any]) -> Placement | None:
         """Re-deploy on a trigger (link rate moved > ``delta``, popularity drift > ``drift``,
         every ``redeploy_every`` calls) and return the placement after the moves that pay for
         their transfer; None when nothing moves. ``stats["expert_tokens"]`` (uid -> rows since
@@ -331,10 +344,6 @@ class CoEL(Policy):
         self.mode = mode if all(tuple(result[u]) == tuple(target[u]) for u in result) else "inter"
         self.current, self.bits_of = result, new_bits
         return dict(result)
-
-    def last_stats(self) -> Mapping[str, Any]:
-        """Nothing: CoEL predicts no per-layer latency."""
-        return {}
 
     def describe(self) -> dict[str, Any]:
         """The base description plus mode, bit-width histogram, planned bytes per device and log."""

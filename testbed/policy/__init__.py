@@ -4,18 +4,31 @@ loaded); :mod:`.bandwidth` (the bandwidth helpers every bandwidth policy needs) 
 :mod:`.latency_model` (the layer cost model). ``testbed.policy`` is the import path policies use.
 """
 
-from .api import ClusterState, Decision, DeviceInfo, ExpertInfo, Placement, Policy
+from .api import (
+    NO_PROFILE,
+    ClusterState,
+    ClusterView,
+    Decision,
+    DeviceInfo,
+    ExpertInfo,
+    Placement,
+    PlacementProfile,
+    Policy,
+)
 from .loading import ENTRY_POINT_GROUP, available_policies, load_policy, load_policy_class
 from .placement import PLACEMENTS, random_placement, round_robin_placement
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "NO_PROFILE",
     "PLACEMENTS",
     "ClusterState",
+    "ClusterView",
     "Decision",
     "DeviceInfo",
     "ExpertInfo",
     "Placement",
+    "PlacementProfile",
     "Policy",
     "available_policies",
     "load_policy",

@@ -1,24 +1,44 @@
-"""The policy plug-in interface: placement, per-step expert selection (+ bandwidth), updates.
+"""The policy plug-in interface: placement, per-layer expert selection (+ bandwidth), updates.
 
 A policy is a subclass of :class:`Policy`. The framework owns the loop (trials, requests,
-recording, teardown); a policy fills three hooks:
+recording, teardown); a policy fills up to three hooks, each with typed records in and out:
 
-* :meth:`Policy.place` — which device(s) hold each expert (replicas allowed, memory budgets
-  respected). The default places experts round-robin (or seeded-random) over the devices.
-* :meth:`Policy.select` — per MoE layer and forward step, which experts each token uses and
-  with which weights, seeing the router's scores and the live cluster state; it may also
-  return a bandwidth split over the devices. Abstract: every policy says how it selects.
-* :meth:`Policy.update` — periodic re-deployment; ``None`` (the default) keeps the placement.
+* :meth:`Policy.select` (required) — per MoE layer and forward step: which experts each token
+  uses and with which weights. In: the router's output (:class:`models.routing.RoutingContext`)
+  and a read-only :class:`ClusterView` (never ``None``). Out: a :class:`Decision` (the
+  :class:`models.routing.Selection`, optionally link rates per device, the policy's own latency
+  prediction and a free ``stats`` dict that lands in ``layers.csv`` as ``policy.<key>``
+  columns).
+* :meth:`Policy.place` — which device(s) hold each expert. In: the experts with their sizes,
+  the devices with their memory budgets and a :class:`PlacementProfile` (the trial's planned
+  link rates, compute profiles where measured, bytes per token, the model's folder). Out: a
+  :data:`Placement`. Default: round-robin (or seeded-random) over the devices.
+* :meth:`Policy.update` — periodic re-deployment every ``run.update_every`` requests; ``None``
+  (the default) keeps the placement.
 
-Parameters are constructor keyword arguments with defaults; a recipe's ``[policy.params]``
-are passed through :meth:`Policy.from_params`, which rejects unknown keys by name.
+Parameters are typed constructor keyword arguments with defaults; a recipe's
+``[policy.params]`` (and ``[policy.params.<name>]``, for one policy of a sweep) pass through
+:meth:`Policy.from_params`, which rejects unknown keys and values of the wrong type by name.
+
+Conventions a policy can rely on:
+
+* **Expert uids** are ``L{layer}.E{expert}``; :meth:`ClusterView.device_of` maps
+  ``(layer, expert)`` to the device serving it, so a policy need not parse uids.
+* **Selections** are ``[N, K]`` tensors, ``-1`` marking an empty slot; the built-in
+  :class:`models.routing.TopKSelection` fills each token's slots in descending router
+  probability (slot 0 = the most probable expert); :meth:`models.routing.Selection.drop`
+  empties slots. The framework does not depend on the order of slots.
+* **Rates** seen in :meth:`select` are those in force on the links at that moment: a trace's
+  or channel's rates for the epoch are applied before the epoch's first decision; the rates a
+  policy itself asks for are applied right after that decision and seen by the next one.
+* **Requests** are numbered from 0 (``at_request = k`` acts just before request k).
 
 A policy is named in a recipe or on the command line by
 
 * an entry-point name in the group ``moe_edge_testbed.policies`` (the built-ins ``topk``,
-  ``top1`` are registered so; a researcher's package can add its own),
+  ``top1``, ``wdmoe``, ``coel``; a researcher's package can add its own),
 * ``package.module:Class``, or
-* ``path/to/file.py:Class``
+* ``path/to/file.py:Class`` (relative: to the recipe's folder, then the working directory)
 
 (:mod:`.loading` finds and loads them; :mod:`.placement` has the default placements).
 """
@@ -26,13 +46,18 @@ A policy is named in a recipe or on the command line by
 from __future__ import annotations
 
 import inspect
+import types
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import ConfigError
 from .placement import PLACEMENTS
+
+if TYPE_CHECKING:  # torch is imported only by the model code that builds these
+    from models.routing import RoutingContext, Selection
 
 Placement = dict[str, tuple[str, ...]]
 """Expert uid -> the devices holding it (first = primary, others = replicas)."""
@@ -50,7 +75,8 @@ class DeviceInfo:
 
 @dataclass(frozen=True)
 class ExpertInfo:
-    """An expert as a policy sees it (``uid`` is ``L{layer}.E{expert}``)."""
+    """An expert as a policy sees it (``uid`` is ``L{layer}.E{expert}``, ``bytes`` its shard's
+    size as stored)."""
 
     uid: str
     layer: int
@@ -58,14 +84,46 @@ class ExpertInfo:
     bytes: int
 
 
+@dataclass(frozen=True)
+class PlacementProfile:
+    """What :meth:`Policy.place` knows besides the experts and devices.
+
+    Attributes
+    ----------
+    rate_down_kbit, rate_up_kbit:
+        The trial's planned link rates per device (the recipe's ``[links]``, per device where
+        it says so); empty outside a run unless given.
+    compute_profile:
+        Per-device expert compute model ``(a_ms, b_ms)`` (``c(N) = a + b N`` for N rows)
+        where an earlier trial of the run profiled it; empty otherwise.
+    bytes_per_token:
+        Payload bytes of one token's hidden state per direction (0: unknown).
+    model_path:
+        The split model's folder (e.g. for a calibration run in-process); ``None`` offline.
+    """
+
+    rate_down_kbit: Mapping[str, float] = field(default_factory=dict)
+    rate_up_kbit: Mapping[str, float] = field(default_factory=dict)
+    compute_profile: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    bytes_per_token: int = 0
+    model_path: str | None = None
+
+
+NO_PROFILE = PlacementProfile()
+"""The profile of a placement that knows nothing (a test's or an offline call's default)."""
+
+
 @dataclass
 class ClusterState:
-    """The live view a policy decides on.
+    """The live record behind a trial's :class:`ClusterView`, written only by the framework
+    (:mod:`testbed.run.cluster`); a policy reads it through the view.
 
     Attributes
     ----------
     placement:
         Current placement.
+    names:
+        The trial's devices, in inventory order.
     rate_down_kbit, rate_up_kbit:
         Enforced link rates per device (from tc).
     devices:
@@ -77,12 +135,14 @@ class ClusterState:
         Payload bytes per token per direction (hidden size x bytes per element).
     step:
         Forward-step index of the current decision (0 = prefill).
+    request:
+        Index of the request being run within the trial's repeat (from 0; -1: none).
     epoch, epoch_scope:
         Index of the current decision epoch within the trial (-1: unknown) and what one epoch
         spans (recipe ``policy.epoch``: ``layer``, ``step`` or ``request``). Link rates change
         only at an epoch's first decision.
     links_fixed:
-        True when this decision's ``bandwidth_kbit`` will not be enforced (not the epoch's first
+        True when this decision's rates will not be enforced (not the epoch's first
         decision): the links stay at ``rate_down_kbit``/``rate_up_kbit``.
     channel, bandwidth_hz:
         The runner's :class:`testbed.net.channel.ChannelModel` over the trial's devices and the
@@ -101,19 +161,155 @@ class ClusterState:
     links_fixed: bool = False
     channel: Any = None
     bandwidth_hz: float = 0.0
+    names: tuple[str, ...] = ()
+    request: int = -1
+
+
+class ClusterView:
+    """The cluster as a policy sees it: read-only, current at each call, never ``None``.
+
+    In a run it follows the trial's :class:`ClusterState`; tests and offline evaluation build a
+    static one with :meth:`static`. Mappings are read-only views (``types.MappingProxyType``).
+    Every :class:`ClusterState` attribute reads the same here, and :meth:`device_of` /
+    :meth:`devices_of` / :meth:`layer_devices` give the expert -> device map.
+    """
+
+    __slots__ = ("_s",)
+
+    def __init__(self, state: ClusterState):
+        self._s = state
+
+    @classmethod
+    def static(
+        cls,
+        names: Sequence[str],
+        placement: Mapping[str, Sequence[str]] | None = None,
+        rate_kbit: float | Mapping[str, float] = 20_000.0,
+        rate_up_kbit: float | Mapping[str, float] | None = None,
+        **state: Any,
+    ) -> ClusterView:
+        """A view that does not change: devices ``names``, ``placement`` (uid -> devices), the
+        downlink rate (one for all or per device), the uplink (default: as down), and any other
+        :class:`ClusterState` field by keyword (e.g. ``compute_profile``, ``bytes_per_token``)."""
+
+        def per_device(r: float | Mapping[str, float]) -> dict[str, float]:
+            return {n: float(r if isinstance(r, (int, float)) else r[n]) for n in names}
+
+        down = per_device(rate_kbit)
+        up = down if rate_up_kbit is None else per_device(rate_up_kbit)
+        return cls(
+            ClusterState(
+                placement={u: tuple(ds) for u, ds in (placement or {}).items()},
+                rate_down_kbit=down,
+                rate_up_kbit=dict(up),
+                names=tuple(names),
+                **state,
+            )
+        )
+
+    # the expert -> device map -----------------------------------------------------------
+    def devices_of(self, uid: str) -> tuple[str, ...]:
+        """Every device holding expert ``uid`` (primary first); ``()`` when none."""
+        return tuple(self._s.placement.get(uid, ()))
+
+    def device_of(self, layer: int, expert: int) -> str | None:
+        """The device serving expert ``expert`` of MoE layer ``layer`` (its primary)."""
+        ds = self._s.placement.get(f"L{layer}.E{expert}")
+        return ds[0] if ds else None
+
+    def layer_devices(self, layer: int, num_experts: int) -> list[str | None]:
+        """``[device_of(layer, e) for e in range(num_experts)]``."""
+        return [self.device_of(layer, e) for e in range(num_experts)]
+
+    # the record's fields, read-only -------------------------------------------------------
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The trial's devices, in inventory order (index 0 first)."""
+        return self._s.names or tuple(self._s.rate_down_kbit)
+
+    @property
+    def placement(self) -> Mapping[str, tuple[str, ...]]:
+        """Expert uid -> devices holding it (primary first)."""
+        return types.MappingProxyType(self._s.placement)
+
+    @property
+    def rate_down_kbit(self) -> Mapping[str, float]:
+        """Device -> BS-to-device rate in force now (kbit/s, as tc enforces it)."""
+        return types.MappingProxyType(self._s.rate_down_kbit)
+
+    @property
+    def rate_up_kbit(self) -> Mapping[str, float]:
+        """Device -> device-to-BS rate in force now (kbit/s)."""
+        return types.MappingProxyType(self._s.rate_up_kbit)
+
+    @property
+    def devices(self) -> Mapping[str, Mapping[str, Any]]:
+        """Device -> its latest status from the agents' feed (free-form; empty offline)."""
+        return types.MappingProxyType(self._s.devices)
+
+    @property
+    def compute_profile(self) -> Mapping[str, tuple[float, float]]:
+        """Device -> ``(a_ms, b_ms)`` of its expert compute time ``a + b N``."""
+        return types.MappingProxyType(self._s.compute_profile)
+
+    def __getattr__(self, name: str) -> Any:
+        # the scalar fields (bytes_per_token, step, request, epoch, epoch_scope, links_fixed,
+        # channel, bandwidth_hz) read through; anything else is an AttributeError
+        if name in _SCALARS:
+            return getattr(self._s, name)
+        raise AttributeError(f"ClusterView has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "_s":
+            object.__setattr__(self, name, value)
+            return
+        raise AttributeError(f"ClusterView is read-only (setting {name!r})")
+
+    def __repr__(self) -> str:
+        return f"ClusterView({self._s!r})"
+
+
+_SCALARS = frozenset(
+    (
+        "bytes_per_token",
+        "step",
+        "request",
+        "epoch",
+        "epoch_scope",
+        "links_fixed",
+        "channel",
+        "bandwidth_hz",
+    )
+)
 
 
 @dataclass(frozen=True)
 class Decision:
-    """What :meth:`Policy.select` returns: a :class:`models.routing.Selection` and, when the
-    policy allocates bandwidth, the link rates per device in kbit/s: ``rate_down_kbit`` and
-    ``rate_up_kbit`` each way, or ``bandwidth_kbit`` for both directions at one rate (a
-    direction given its own rate takes that one)."""
+    """What :meth:`Policy.select` returns.
 
-    selection: Any
+    Attributes
+    ----------
+    selection:
+        The experts and weights per token (:class:`models.routing.Selection`).
+    bandwidth_kbit, rate_down_kbit, rate_up_kbit:
+        Optional link rates per device (kbit/s), enforced at a decision epoch's start:
+        ``rate_down_kbit``/``rate_up_kbit`` each way, or ``bandwidth_kbit`` for both (a
+        direction given its own rate takes that one).
+    predicted_ms:
+        The policy's own prediction of this layer's expert exchange (``layers.csv``
+        ``policy_predicted_ms``); ``None``: no prediction.
+    stats:
+        Anything the policy wants logged per layer (numbers or short strings): key ``k``
+        becomes the column ``policy.k`` of ``layers.csv`` (added when first seen, empty in the
+        rows of policies that do not give it).
+    """
+
+    selection: Selection
     bandwidth_kbit: Mapping[str, float] | None = None
     rate_down_kbit: Mapping[str, float] | None = None
     rate_up_kbit: Mapping[str, float] | None = None
+    predicted_ms: float | None = None
+    stats: Mapping[str, float | int | str] = field(default_factory=dict)
 
 
 class Policy(ABC):
@@ -128,12 +324,6 @@ class Policy(ABC):
     """
 
     name: ClassVar[str] = ""
-    #: the split model directory, set by the runner before :meth:`place` (e.g. for a
-    #: calibration run of the model in-process); None outside a run
-    model_path: str | None = None
-    #: bytes of one token's hidden state on the wire, per direction (expert width × wire
-    #: dtype), set by the runner with :attr:`model_path`; None outside a run
-    bytes_per_token: int | None = None
 
     def __init__(self, placement: str = "round-robin", seed: int = 0):
         if placement not in PLACEMENTS:
@@ -145,17 +335,28 @@ class Policy(ABC):
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], where: str = "policy.params") -> Policy:
-        """Instantiate with a recipe's parameters; unknown keys are errors naming the key."""
+        """Instantiate with a recipe's parameters; unknown keys and values whose type does not
+        match the constructor's annotation are errors naming the key."""
         allowed = _init_params(cls)
+        label = cls.name or cls.__name__
         unknown = sorted(set(params) - set(allowed))
         if unknown:
             raise ConfigError(
                 [
-                    f"{where}.{k}: unknown parameter of policy {cls.name or cls.__name__} "
+                    f"{where}.{k}: unknown parameter of policy {label} "
                     f"(allowed: {', '.join(allowed) or 'none'})"
                     for k in unknown
                 ]
             )
+        hints = _init_hints(cls)
+        bad = [
+            f"{where}.{k}: expected {_type_name(hints[k])}, got {type(v).__name__} {v!r} "
+            f"(policy {label})"
+            for k, v in params.items()
+            if k in hints and not _matches(v, hints[k])
+        ]
+        if bad:
+            raise ConfigError(bad)
         try:
             return cls(**params)
         except TypeError as exc:
@@ -165,19 +366,20 @@ class Policy(ABC):
         self,
         experts: Sequence[ExpertInfo],
         devices: Sequence[DeviceInfo],
-        profile: Mapping[str, Any] | None = None,
+        profile: PlacementProfile = NO_PROFILE,
     ) -> Placement:
-        """Map every expert to a device. Default: :data:`PLACEMENTS` ``[self.placement]``."""
+        """Map every expert to a device (a run always gives ``profile``). Default:
+        :data:`PLACEMENTS` ``[self.placement]``."""
         return PLACEMENTS[self.placement](experts, devices, self.seed)
 
     @abstractmethod
-    def select(self, ctx: Any, cluster: ClusterState | None = None) -> Decision:
+    def select(self, ctx: RoutingContext, cluster: ClusterView) -> Decision:
         """Choose experts (and weights) per token for one MoE layer and step.
 
         ``ctx`` is a :class:`models.routing.RoutingContext` (router logits/probabilities
-        [N, E], the model's top-k, layer, step)."""
+        [N, E], the model's top-k, layer, step); ``cluster`` the :class:`ClusterView`."""
 
-    def update(self, cluster: ClusterState, stats: Mapping[str, Any]) -> Placement | None:
+    def update(self, cluster: ClusterView, stats: Mapping[str, Any]) -> Placement | None:
         """Return a new placement to migrate to, or ``None`` to keep the current one.
 
         The runner calls it every ``run.update_every`` requests (recipe; 0 = never) with the
@@ -194,11 +396,6 @@ class Policy(ABC):
         """The expert backend the BS runtime uses for this policy's trial: ``backend`` itself
         (default) or a wrapper around it (e.g. :class:`recipes.coel.FusionBackend`)."""
         return backend
-
-    def last_stats(self) -> Mapping[str, Any]:
-        """What the policy says about its last decision; the runner writes ``predicted_ms``
-        (the layer latency the policy's model predicts) into ``layers.csv``. Default: nothing."""
-        return {}
 
     def describe(self) -> dict[str, Any]:
         """Name and parameters, as recorded in a run's manifest."""
@@ -222,3 +419,51 @@ def _init_params(cls: type) -> list[str]:
             ):
                 names.append(p.name)
     return names
+
+
+def _init_hints(cls: type) -> dict[str, Any]:
+    """Parameter -> annotation over the constructors of ``cls``'s MRO (the subclass's wins);
+    an annotation that does not resolve is skipped (unchecked)."""
+    out: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is object:
+            continue
+        try:
+            hints = typing.get_type_hints(init)
+        except Exception:  # noqa: BLE001, S112 - an unresolvable annotation: unchecked
+            continue
+        out.update({k: v for k, v in hints.items() if k != "return"})
+    return out
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a recipe value fits ``hint`` (TOML's types: bool, int, float, str, list,
+    dict); an int passes as a float; annotations this does not understand pass."""
+    if hint is Any or hint is inspect.Parameter.empty:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in (bool, str):
+        return isinstance(value, hint)
+    base = origin or hint
+    if base in (list, tuple, Sequence, typing.Sequence):
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        ok = isinstance(value, (list, tuple))
+        return ok and (len(args) != 1 or all(_matches(v, args[0]) for v in value))
+    if base in (dict, Mapping, typing.Mapping):
+        return isinstance(value, Mapping)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

@@ -148,6 +148,7 @@ def layer_row(
         "bytes_up": bytes_down_up[1],
         "failed_experts": " ".join(sorted(failed)),
         "rerouted_experts": " ".join(sorted(info.get("rerouted", {}))),
+        **{f"policy.{k}": v for k, v in (info.get("policy_stats") or {}).items()},
     }
 
 

@@ -25,6 +25,10 @@ Besides the fixed columns below, ``requests.csv``, ``layers.csv``, ``calls.csv``
 ``sweep.links.rate``), in the order of the recipe's sweep table; ``point`` repeats them as
 one label (``links.rate=2mbit policy.name=top1``).
 
+``layers.csv`` also carries a policy's own statistics (``Decision.stats``) as ``policy.<key>``
+columns (:data:`POLICY_PREFIX`), added after the others when a key is first seen; a row of a
+policy that did not give a key has an empty cell there.
+
 Empty cells mean "not known" (e.g. ``energy_j`` of a request during which a device could not be
 read; ``energy_source`` then says which). Energy is always marked ``measured`` or
 ``estimated`` (the CPU-time estimate where no meter exists).
@@ -49,6 +53,9 @@ PROFILE = "profile.csv"
 LINKS = "links.csv"
 MIGRATIONS = "migrations.csv"
 FAULTS = "faults.csv"
+
+POLICY_PREFIX = "policy."
+"""Prefix of the ``layers.csv`` columns a policy adds with ``Decision.stats``."""
 
 KEY_COLUMNS = ("run_id", "trial", "point", "policy", "repeat")
 """Columns that identify the trial a row belongs to (all CSVs but devices.csv start so)."""
@@ -235,23 +242,67 @@ class CsvTable:
 
     ``extra`` columns (the ``sweep.*`` ones) are appended after the fixed ``columns``. Missing
     keys are written as empty cells; unknown keys raise ``ValueError`` (a typo in a column
-    name must not silently drop data).
+    name must not silently drop data), except keys starting with ``open_prefix`` (e.g.
+    ``policy.`` for a policy's own statistics): the first row that has a new one adds it as a
+    column at the end, the file rewritten with the wider header (earlier rows: empty cells).
+    An existing file's own columns of that prefix are kept when it is opened again (resume).
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], columns: Sequence[str], extra: Sequence[str] = ()
+        self,
+        path: str | os.PathLike[str],
+        columns: Sequence[str],
+        extra: Sequence[str] = (),
+        open_prefix: str | None = None,
     ) -> None:
         self.path = Path(path)
         self.columns = list(columns) + [c for c in extra if c not in columns]
-        self._known = frozenset(self.columns)
-        self._pos = {c: i for i, c in enumerate(self.columns)}
+        self.open_prefix = open_prefix
         new = not self.path.exists() or self.path.stat().st_size == 0
+        if not new and open_prefix:
+            with open(self.path, newline="", encoding="utf-8") as f:
+                header = next(csv.reader(f), [])
+            self.columns += [c for c in header if c.startswith(open_prefix)]
+        self._index()
         # held open across writes, closed by close() / the with block
         self._f = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115
         self._w = csv.writer(self._f)
         if new:
             self._w.writerow(self.columns)
             self._flush()
+
+    def _index(self) -> None:
+        self._known = frozenset(self.columns)
+        self._pos = {c: i for i, c in enumerate(self.columns)}
+
+    def _grow(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Add the ``open_prefix`` columns first seen in ``rows``: the file is rewritten (a
+        temporary file renamed over it) with them at the end of the header."""
+        new = [
+            k
+            for r in rows
+            for k in r
+            if k not in self._known and k.startswith(str(self.open_prefix))
+        ]
+        if not new:
+            return
+        new = list(dict.fromkeys(new))
+        self._f.close()
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with (
+            open(self.path, newline="", encoding="utf-8") as src,
+            open(tmp, "w", newline="", encoding="utf-8") as dst,
+        ):
+            w = csv.writer(dst)
+            for i, line in enumerate(csv.reader(src)):
+                w.writerow(line + (new if i == 0 else [""] * len(new)))
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, self.path)
+        self.columns += new
+        self._index()
+        self._f = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115
+        self._w = csv.writer(self._f)
 
     def _flush(self) -> None:
         self._f.flush()
@@ -276,6 +327,8 @@ class CsvTable:
 
     def write(self, row: Mapping[str, Any]) -> None:
         """Append one row and flush it to disk (fsync)."""
+        if self.open_prefix:
+            self._grow((row,))
         self._w.writerow(self._cells(row))
         self._flush()
 
@@ -285,6 +338,8 @@ class CsvTable:
         """Write ``rows`` (each as :meth:`write` would) and flush once; with ``common``, each
         row is ``{**common, **row}`` (the shared cells formatted once: a link epoch's rows
         differ only in the device and its rates)."""
+        if self.open_prefix:
+            self._grow(rows)
         if common is None:
             lines = [self._cells(r) for r in rows]
         else:

@@ -25,7 +25,7 @@ def trial_cluster(
     (rows with ``device``, ``down_kbit``, ``up_kbit``), the devices' compute profiles, bytes per
     token, the decision epoch's scope, and under ``links.bandwidth_mhz`` the channel of the
     trial's devices ``names`` seeded by ``seed`` (the recipe's seed + the repeat)."""
-    st = ClusterState(placement=dict(placement))
+    st = ClusterState(placement=dict(placement), names=tuple(names))
     record_rate_rows(st, rates)
     st.compute_profile = {n: profiles[n] for n in names}
     st.bytes_per_token = bytes_per_token
@@ -68,6 +68,8 @@ def record_devices(cluster: ClusterState, devices: dict[str, dict[str, Any]]) ->
     cluster.devices = devices
 
 
-def record_step(cluster: ClusterState, step: int) -> None:
-    """The generation step being decided."""
+def record_step(cluster: ClusterState, step: int, request: int | None = None) -> None:
+    """The generation step being decided (and the request it belongs to, when given)."""
     cluster.step = step
+    if request is not None:
+        cluster.request = request

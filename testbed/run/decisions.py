@@ -11,7 +11,14 @@ from typing import Any
 
 from ..errors import PolicyFailed, one_line
 from ..lab.modelstore import resolve_split
-from ..policy.api import ClusterState, DeviceInfo, ExpertInfo, Policy
+from ..policy.api import (
+    ClusterState,
+    ClusterView,
+    DeviceInfo,
+    ExpertInfo,
+    PlacementProfile,
+    Policy,
+)
 from ..policy.loading import load_policy
 from . import cluster as C
 from .recipe import Recipe, Trial
@@ -34,11 +41,10 @@ def place_experts(
     policy: Policy,
     manifest: Any,
     devices: Sequence[DeviceInfo],
-    model_path: str,
-    bytes_per_token: int,
+    profile: PlacementProfile,
 ) -> dict[str, tuple[str, ...]]:
     """Ask ``policy`` to place every expert of ``manifest`` (a :class:`models.manifest.Manifest`)
-    on ``devices``; checked: every expert on at least one of them.
+    on ``devices``, knowing ``profile``; checked: every expert on at least one of them.
 
     Raises
     ------
@@ -51,10 +57,8 @@ def place_experts(
     for u in manifest.uids():
         layer, e = parse_uid(u)
         experts.append(ExpertInfo(u, layer, e, int(manifest.experts[u].bytes)))
-    policy.model_path = model_path
-    policy.bytes_per_token = bytes_per_token
     try:
-        placement = policy.place(experts, devices)
+        placement = policy.place(experts, devices, profile)
     except Exception as e:
         raise PolicyFailed(f"policy {policy.name}: place raised {one_line(e)}") from e
     names = {d.name for d in devices}
@@ -82,7 +86,8 @@ def policy_hook(
     own: ``Decision.rate_down_kbit``/``rate_up_kbit``, else ``bandwidth_kbit`` both ways).
     Notes in ``timed.pending`` (the timing backend's, e.g.
     :class:`~testbed.run.prediction.TimedBackend`, which merges it into the layer's record):
-    the policy's own ``policy_predicted_ms``, ``decision_ms`` (the policy's ``select`` and the
+    the policy's own ``policy_predicted_ms`` and ``policy_stats`` (:func:`decision_notes`),
+    ``decision_ms`` (the policy's ``select`` and the
     selection's check), ``change_ms`` (the epoch's rate changes: the trace's or channel's at
     its start, then the policy's; 0 mid-epoch) and ``epoch_start`` and ``links_changed`` (the
     devices whose rates were changed). ``request_index()`` and ``devices_view()`` give the
@@ -90,15 +95,17 @@ def policy_hook(
     from models.errors import ModelError
     from models.routing import validate_selection
 
+    view = ClusterView(cluster)
+
     def hook(ctx: Any) -> Any:
         C.record_devices(cluster, devices_view())
-        C.record_step(cluster, ctx.step)
+        C.record_step(cluster, ctx.step, request_index())
         t0 = time.perf_counter()
         n0 = getattr(links, "changes", 0)
         start = links.begin(request_index(), ctx.step, ctx.layer)
         t1 = time.perf_counter()
         try:
-            d = policy.select(ctx, cluster)
+            d = policy.select(ctx, view)
             sel = d.selection
         except Exception as e:
             raise PolicyFailed(f"policy {policy.name}: select raised {one_line(e)}") from e
@@ -109,9 +116,7 @@ def policy_hook(
                 f"policy {policy.name}: select returned a bad selection at layer {ctx.layer}: {e}"
             ) from e
         t2 = time.perf_counter()
-        predicted = (policy.last_stats() or {}).get("predicted_ms")
-        if predicted is not None:
-            timed.pending["policy_predicted_ms"] = float(predicted)
+        timed.pending.update(decision_notes(policy, d))
         bw = getattr(d, "bandwidth_kbit", None)
         down, up = getattr(d, "rate_down_kbit", None), getattr(d, "rate_up_kbit", None)
         if (bw or down or up) and start:  # mid-epoch decisions keep the links
@@ -128,3 +133,32 @@ def policy_hook(
         return sel
 
     return hook
+
+
+def decision_notes(policy: Policy, d: Any) -> dict[str, Any]:
+    """What a :class:`~testbed.policy.Decision` adds to its layer's record: the policy's
+    ``predicted_ms`` (as ``policy_predicted_ms``) and its ``stats`` (as ``policy_stats``, the
+    ``policy.<key>`` columns of ``layers.csv``).
+
+    Raises
+    ------
+    PolicyFailed
+        When a stats key is not a non-empty string of letters, digits, ``_`` and ``.``, or a
+        value is not a number, a string, a bool or None.
+    """
+    out: dict[str, Any] = {}
+    predicted = getattr(d, "predicted_ms", None)
+    if predicted is not None:
+        out["policy_predicted_ms"] = float(predicted)
+    stats = getattr(d, "stats", None)
+    if stats:
+        for k, v in stats.items():
+            if not (isinstance(k, str) and k and k.replace("_", "a").replace(".", "a").isalnum()):
+                raise PolicyFailed(f"policy {policy.name}: Decision.stats: bad key {k!r}")
+            if v is not None and not isinstance(v, (int, float, str)):
+                raise PolicyFailed(
+                    f"policy {policy.name}: Decision.stats[{k!r}]: {type(v).__name__} is not "
+                    "a number or a string"
+                )
+        out["policy_stats"] = dict(stats)
+    return out

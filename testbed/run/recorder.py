@@ -76,7 +76,7 @@ class Recorder:
             self.tables[name] = stack.enter_context(R.CsvTable(d / path, columns, *more))
 
         table("requests", R.REQUESTS, R.REQUEST_COLUMNS, extra)
-        table("layers", R.LAYERS, R.LAYER_COLUMNS, extra)
+        table("layers", R.LAYERS, R.LAYER_COLUMNS, extra, R.POLICY_PREFIX)
         table("calls", R.CALLS, R.CALL_COLUMNS, extra)
         table("devices", R.DEVICES, R.DEVICE_COLUMNS)
         table("summary", R.SUMMARY, R.SUMMARY_COLUMNS, extra)

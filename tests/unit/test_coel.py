@@ -539,11 +539,11 @@ def test_transfer_model_uses_the_runs_bytes_per_token():
     8192 B), not a fixed 256 B; an explicit parameter still wins."""
     c = CoEL()
     assert c.bytes_per_row == 256  # outside a run
-    c.bytes_per_token = 8192  # set by the runner with model_path
+    c.run_bytes = 8192  # what place() takes from the run's PlacementProfile
     assert c.bytes_per_row == 8192
     dev = DeviceModel("d", 1e9, 10_000.0, 10_000.0, 0.5, 0.02)
     # 4 rows x 2 directions x (8192 - 256) B more at 10 Mbit/s: 50.8 ms more per layer call
     assert dev.layer_ms(4, c.bytes_per_row) - dev.layer_ms(4, 256) == pytest.approx(50.7904)
     pinned = CoEL(bytes_per_row=512)
-    pinned.bytes_per_token = 8192
+    pinned.run_bytes = 8192
     assert pinned.bytes_per_row == 512

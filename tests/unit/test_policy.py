@@ -11,6 +11,7 @@ from models.routing import RoutingContext
 from recipes.baselines import Top1, TopK
 from testbed.errors import ConfigError
 from testbed.policy import (
+    ClusterView,
     DeviceInfo,
     ExpertInfo,
     Policy,
@@ -23,6 +24,7 @@ from tests.conftest import run_cli
 
 EXPERTS = [ExpertInfo(f"L{layer}.E{e}", layer, e, 1000) for layer in range(2) for e in range(8)]
 DEVICES = [DeviceInfo(f"dev{i}", 1024) for i in range(1, 4)]
+VIEW = ClusterView.static([d.name for d in DEVICES])
 
 
 def _ctx(n=5, e=8, k=2, seed=0):
@@ -52,7 +54,7 @@ def test_by_module_path_and_file_path(tmp_path):
     )
     pol = load_policy(f"{f}:Greedy", {"k": 4, "seed": 3})
     assert pol.k == 4 and pol.seed == 3
-    sel = pol.select(_ctx()).selection
+    sel = pol.select(_ctx(), VIEW).selection
     assert sel.expert_ids.shape == (5, 4)
 
 
@@ -91,11 +93,11 @@ def test_unknown_parameter_named():
 
 def test_topk_and_top1_select():
     ctx = _ctx()
-    sel = TopK().select(ctx).selection
+    sel = TopK().select(ctx, VIEW).selection
     top = torch.topk(ctx.router_probs, 2, dim=-1)
     assert torch.equal(sel.expert_ids, top.indices)
     assert torch.allclose(sel.weights.sum(-1), torch.ones(5))
-    one = Top1().select(ctx).selection
+    one = Top1().select(ctx, VIEW).selection
     assert torch.equal(one.expert_ids[:, 0], top.indices[:, 0])
     assert torch.allclose(one.weights, torch.ones(5, 1))
 
