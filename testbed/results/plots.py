@@ -1,6 +1,9 @@
 """The report's PNG plots (matplotlib, imported only when a plot is drawn; Agg canvas: no
 display needed): :func:`write_plots` writes :data:`PLOT_FILES` — the latency CDF, accuracy vs
-latency, the per-layer critical path (network vs compute) and energy per token."""
+latency, the per-layer critical path (network vs compute) and energy per token. Where a point
+ran two repeats or more, accuracy vs latency and energy per token show the 95% confidence
+intervals of the report's rows (``<metric>_ci_low``/``_ci_high``) as error bars
+(:func:`ci_errors`)."""
 
 from __future__ import annotations
 
@@ -73,7 +76,22 @@ def _plot_cdf(rep: Report, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def ci_errors(row: Mapping[str, Any], metric: str) -> list[list[float]] | None:
+    """``[[below], [above]]`` of ``row[metric]`` to its 95% CI (matplotlib's ``xerr``/``yerr``
+    of one point), or None without an interval (one repeat)."""
+    v, lo, hi = row.get(metric), row.get(f"{metric}_ci_low"), row.get(f"{metric}_ci_high")
+    if v is None or lo is None or hi is None:
+        return None
+    return [[max(0.0, v - lo)], [max(0.0, hi - v)]]
+
+
 def _plot_acc_lat(rep: Report, path: Path) -> None:
+    accuracy_latency_figure(rep).savefig(path, dpi=110)
+
+
+def accuracy_latency_figure(rep: Report) -> Any:
+    """The accuracy-vs-latency figure (one marker per group; error bars of the 95% CIs over
+    the repeats where there are two or more)."""
     fig = _figure(figsize=(8, 5), layout="constrained")
     ax = fig.add_subplot()
     markers = "osD^v<>PX*"
@@ -85,7 +103,12 @@ def _plot_acc_lat(rep: Report, path: Path) -> None:
         # a short number next to the marker, the full label in the legend (long labels of
         # nearby points would overlap)
         lab = f"{i + 1}: {g.label(rep.many_runs)}" + (" (failed run)" if g.run.failed else "")
-        ax.scatter([x], [y], marker=markers[i % len(markers)], s=60, label=lab, zorder=3)
+        sc = ax.scatter([x], [y], marker=markers[i % len(markers)], s=60, label=lab, zorder=3)
+        xerr, yerr = ci_errors(row, "latency_p50_ms"), ci_errors(row, "accuracy")
+        if xerr or yerr:
+            ax.errorbar(
+                [x], [y], xerr=xerr, yerr=yerr, fmt="none", capsize=3, ecolor=sc.get_facecolor()
+            )
         ax.annotate(str(i + 1), (x, y), textcoords="offset points", xytext=(5, 5), fontsize="small")
         n += 1
     if n:
@@ -99,10 +122,15 @@ def _plot_acc_lat(rep: Report, path: Path) -> None:
     else:
         _no_data(ax, "no requests with total_ms and correct")
     fig.suptitle("Accuracy vs latency (one marker per policy × sweep point)")
-    ax.set_xlabel("p50 request latency (ms)")
+    ax.set_xlabel("p50 request latency (ms)" + _ci_label(rep))
     ax.set_ylabel("accuracy (fraction of requests correct)")
     ax.grid(True, alpha=0.3)
-    fig.savefig(path, dpi=110)
+    return fig
+
+
+def _ci_label(rep: Report) -> str:
+    many = any((r.get("n_repeats") or 1) > 1 for r in rep.rows)
+    return "; mean over repeats, bars: 95% CI" if many else ""
 
 
 def layer_split(layers: Sequence[Mapping[str, Any]]) -> list[tuple[int, float, float]]:
@@ -181,6 +209,8 @@ class EnergyBar:
     devices_per_token_j: float | None  # the same for energy_devices_j (None: column absent)
     bs_per_token_j: float | None
     source: str  # measured / estimated / mixed / unavailable (of the requests)
+    ci_low: float | None = None  # 95% CI of per_token_j over the repeats (None: one repeat)
+    ci_high: float | None = None
 
 
 def energy_bars(rep: Report) -> list[EnergyBar]:
@@ -215,12 +245,20 @@ def energy_bars(rep: Report) -> list[EnergyBar]:
                 e_dev / tokens if both else None,
                 e_bs / tokens if both else None,
                 src,
+                row.get("energy_per_token_j_ci_low"),
+                row.get("energy_per_token_j_ci_high"),
             )
         )
     return out
 
 
 def _plot_energy(rep: Report, path: Path) -> None:
+    energy_figure(rep).savefig(path, dpi=110)
+
+
+def energy_figure(rep: Report) -> Any:
+    """The energy-per-token figure (:func:`energy_bars`; error bars of the 95% CIs over the
+    repeats where there are two or more)."""
     bars = energy_bars(rep)
     fig = _figure(figsize=(max(8.0, 1.1 * len(bars) + 4.5), 5.2), layout="constrained")
     ax = fig.add_subplot()
@@ -246,6 +284,7 @@ def _plot_energy(rep: Report, path: Path) -> None:
             edgecolor="black",
             linewidth=0.6,
         )
+        _energy_errors(ax, xs, shown)
         for x, b in zip(xs, shown):
             ax.annotate(
                 f"{b.per_token_j:.3g} J\n{b.source}",
@@ -274,9 +313,21 @@ def _plot_energy(rep: Report, path: Path) -> None:
     else:
         _no_data(ax, "no requests with energy_j")
     ax.set_title("Energy per output token by policy × sweep point (devices + BS)")
-    ax.set_ylabel("joules per output token")
+    ax.set_ylabel("joules per output token" + _ci_label(rep).replace("; ", "\n"))
     ax.grid(True, axis="y", alpha=0.3)
-    fig.savefig(path, dpi=110)
+    return fig
+
+
+def _energy_errors(ax: Any, xs: Any, shown: Sequence[EnergyBar]) -> None:
+    """Error bars (95% CI) on the bars that have an interval."""
+    pts = [
+        (x, b.per_token_j, b.per_token_j - b.ci_low, b.ci_high - b.per_token_j)
+        for x, b in zip(xs, shown)
+        if b.per_token_j is not None and b.ci_low is not None and b.ci_high is not None
+    ]
+    if pts:
+        x, y, lo, hi = (list(c) for c in zip(*pts))
+        ax.errorbar(x, y, yerr=[lo, hi], fmt="none", ecolor="black", capsize=4, zorder=4)
 
 
 def write_plots(rep: Report, out_dir: str | Path | None = None) -> list[Path]:
