@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..dataplane.energy_attr import request_energy
-from ..policy.api import ClusterState, DeviceInfo, Policy
+from ..policy.api import ClusterState, DeviceInfo, PlacementProfile, Policy
 from ..policy.loading import load_policy
 from ..results.rows import layer_total, request_row, rows_for_request
 from ..results.summary import summary_row
@@ -96,7 +96,15 @@ class TrialRun:
         s = self.s
         budget = self.recipe.config["run"].get("memory_budget_mb")
         infos = [DeviceInfo(d.name, budget or d.memory_budget_mb, d.hw_class) for d in self.devices]
-        return place_experts(self.policy, s.mf, infos, str(s.split), s.bytes_per_token)
+        links = self.t.device_links(self.names)
+        profile = PlacementProfile(
+            {n: x.down_kbit for n, x in links.items()},
+            {n: x.up_kbit for n, x in links.items()},
+            {n: ab for n, ab in s.profiler.profiles.items() if n in links},
+            s.bytes_per_token,
+            str(s.split),
+        )
+        return place_experts(self.policy, s.mf, infos, profile)
 
     def _enforce_links(self) -> list[dict[str, Any]]:
         """Every device's link at its rates, delay and loss in this trial (``links.device``

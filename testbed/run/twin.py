@@ -52,7 +52,7 @@ from typing import Any
 
 from ..errors import ConfigError, RunFailed, one_line
 from ..net.channel import read_trace
-from ..policy.api import DeviceInfo
+from ..policy.api import DeviceInfo, PlacementProfile
 from ..policy.loading import load_policy
 from ..results import schema as R
 from ..results.rows import layer_total, request_row, rows_for_request
@@ -98,10 +98,10 @@ def open_tables(
     ``sweep.KEY`` column per swept key where the runner has them."""
     extra = [f"sweep.{k}" for k in sweep]
     return {
-        name: stack.enter_context(R.CsvTable(run_dir / fname, cols, x))
-        for name, fname, cols, x in (
+        name: stack.enter_context(R.CsvTable(run_dir / fname, cols, x, *grow))
+        for name, fname, cols, x, *grow in (
             ("requests", R.REQUESTS, R.REQUEST_COLUMNS, extra),
-            ("layers", R.LAYERS, R.LAYER_COLUMNS, extra),
+            ("layers", R.LAYERS, R.LAYER_COLUMNS, extra, R.POLICY_PREFIX),
             ("calls", R.CALLS, R.CALL_COLUMNS, extra),
             ("devices", R.DEVICES, R.DEVICE_COLUMNS, ()),
             ("summary", R.SUMMARY, R.SUMMARY_COLUMNS, extra),
@@ -413,15 +413,26 @@ class Simulator:
         names = device_names(self._n_devices(t))
         budget = float(rec.config["run"].get("memory_budget_mb") or 1e6)
         infos = [DeviceInfo(n, budget, "netns") for n in names]
-        placement = place_experts(inner, model.mf, infos, str(model.split), model.bytes_per_token)
+        links = t.device_links(names)
         profiles = cal.profiles(names)
+        placement = place_experts(
+            inner,
+            model.mf,
+            infos,
+            PlacementProfile(
+                {n: x.down_kbit for n, x in links.items()},
+                {n: x.up_kbit for n, x in links.items()},
+                profiles,
+                model.bytes_per_token,
+                str(model.split),
+            ),
+        )
         for n in names:
             if n not in self.manifest["compute_profile"]:
                 a, b = profiles[n]
                 self.manifest["compute_profile"][n] = {"a_ms": a, "b_ms": b, "simulated": True}
         rates = [
-            {"device": n, "down_kbit": x.down_kbit, "up_kbit": x.up_kbit}
-            for n, x in t.device_links(names).items()
+            {"device": n, "down_kbit": x.down_kbit, "up_kbit": x.up_kbit} for n, x in links.items()
         ]
         sim = SimBackend(model.local, self.clock, cal, model.bytes_per_token)
         sim.placement = placement

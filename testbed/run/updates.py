@@ -23,6 +23,7 @@ from typing import Any
 
 from ..errors import ConfigError, PolicyFailed, one_line
 from ..net.tc import LinkSpec
+from ..policy.api import ClusterView
 from ..units import parse_rate_kbit
 from . import cluster as C
 
@@ -137,7 +138,7 @@ def run_update(
     ``time.monotonic()``).
     """
     try:
-        new = policy.update(cluster, stats)
+        new = policy.update(ClusterView(cluster), stats)
     except Exception as e:
         raise PolicyFailed(f"policy {policy.name}: update raised {one_line(e)}") from e
     if not new:
