@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from models.routing import RoutingContext, Selection
+from testbed import ROOT
 from testbed.errors import ConfigError, PolicyFailed
 from testbed.policy import ClusterState, ClusterView, Decision, Policy
 from testbed.results import schema as R
@@ -159,3 +160,22 @@ def test_csv_table_grows_policy_columns_and_keeps_them_on_resume(tmp_path):
     ]
     with R.CsvTable(tmp_path / "plain.csv", ("a",)) as t, pytest.raises(ValueError):
         t.write({"policy.x": 1})  # without the prefix nothing grows
+
+
+def test_example_policy_drops_only_extra_experts_behind_a_slow_link():
+    from recipes.examples.slowlink import SlowLink
+    from testbed.policy import load_policy
+
+    pol = load_policy(str(ROOT / "recipes/examples/slowlink.py") + ":SlowLink", {"min_kbit": 500})
+    assert isinstance(pol, Policy) and pol.min_kbit == 500
+    placement = {f"L0.E{e}": (f"d{e % 2}",) for e in range(4)}  # d0: experts 0, 2
+    view = ClusterView.static(["d0", "d1"], placement, {"d0": 100.0, "d1": 10_000.0})
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 3.0, 2.0], [0.0, 3.0, 2.0, 1.0]])
+    ctx = RoutingContext(0, 0, logits, torch.softmax(logits, -1), 2, True)
+    d = SlowLink(min_kbit=500).select(ctx, view)
+    # top-2: [0, 1], [2, 3], [1, 2]: only token 2's second expert (2, on slow d0) goes
+    assert d.selection.expert_ids.tolist() == [[0, 1], [2, 3], [1, -1]]
+    assert d.stats == {"dropped": 1}
+    assert d.selection.weights[2].tolist() == pytest.approx([1.0, 0.0])
+    fast = SlowLink(min_kbit=50).select(ctx, view)
+    assert fast.stats == {"dropped": 0} and (fast.selection.expert_ids >= 0).all()

@@ -1,0 +1,1 @@
+"""Small example policies with their recipes (run in CI): start from ``slowlink.py``."""
