@@ -21,7 +21,7 @@ and a sweep grid over any of these.
     epoch = "step"              # decision epoch: link rates (a policy's bandwidth, a channel
                                 # or a trace) change once per forward "step", per "layer" (every
                                 # MoE layer of every step) or per "request"; the decisions
-                                # inside an epoch see ClusterState.links_fixed = True
+                                # inside an epoch see ClusterView.links_fixed = True
     [policy.params]             # the policy's constructor parameters, for every policy swept
     placement = "round-robin"
     [policy.params.wdmoe]       # optional: only for trials whose policy.name is "wdmoe" (as
@@ -49,7 +49,7 @@ and a sweep grid over any of these.
     bandwidth_mhz = 20.0        # optional: the cell's total bandwidth under the channel model
                                 # (testbed.net.channel, seeded by recipe.seed, devices by name;
                                 # wireless papers use 10-100 MHz): each epoch a policy that
-                                # allocates bandwidth splits it (ClusterState.channel/
+                                # allocates bandwidth splits it (ClusterView.channel/
                                 # bandwidth_hz), any other policy gets the equal split's rates
                                 # each way (same fading) - equal link budget
     trace = "trace.csv"         # optional: a channel trace (testbed links trace; relative to
