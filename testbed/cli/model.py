@@ -6,9 +6,15 @@ Commands (each takes ``--format json|table``; json prints one JSON object on std
 * ``build-tiny OUT_DIR``: train the tiny built-in Mixtral (HF format) deterministically.
 * ``widen MODEL OUT_DIR --hidden 4096``: the same trained model with W-wide experts and payloads
   (an orthonormal lift at the MoE boundary, :mod:`models.widen`).
-* ``eval MODEL_DIR [--policy NAME[,NAME..]] [--mc FILE.jsonl] [--wire-dtype bf16]``: tiny-task
-  held-out accuracy and/or multiple-choice accuracy; MODEL_DIR is a split dir, an HF checkpoint
-  (split to a temporary directory first) or a built-in name (``tiny``, ``tiny-4096``).
+* ``eval MODEL_DIR [--policy NAME_OR_SPEC[,..]] [--param [NAME.]KEY=VALUE ..] [--cluster FILE]
+  [--mc FILE.jsonl] [--wire-dtype bf16]``: tiny-task held-out accuracy and/or multiple-choice
+  accuracy, and bytes per token each way, per policy; MODEL_DIR is a split dir, an HF checkpoint
+  (split to a temporary directory first) or a built-in name (``tiny``, ``tiny-4096``). A policy
+  is a routing name (``topk``, ``top<n>``, ``random<n>``; these win over the entry points of the
+  same name) or any testbed policy spec (entry-point name such as ``wdmoe``/``coel``,
+  ``package.module:Class``, ``path/to/file.py:Class``), placed and asked per layer offline on a
+  static cluster (:mod:`testbed.run.offline_eval`), its ``Decision.stats`` means as
+  ``policy.<key>`` columns.
 
 Bad input exits 2 with one line ``error: <file or key>: <problem>`` on stderr. Heavy imports
 (torch, transformers) happen inside the commands so mounting this app costs nothing.
@@ -20,12 +26,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
 
-from .output import Format, FormatOpt, emit, print_error, records_table
+from .output import Format, FormatOpt, cell, emit, print_error, records_table, table
 
 app = typer.Typer(
     help="Split, build and evaluate MoE models.",
@@ -52,8 +59,10 @@ def _show(
 
 
 def _run(fn: Callable[[], Any]) -> Any:
-    """``fn()``, its bad input (ModelError, OSError) turned into one error line and exit 2."""
+    """``fn()``, its bad input (ModelError, OSError) turned into one error line and exit 2; a
+    TestbedError (ConfigError, PolicyFailed) into its lines and its exit code."""
     from models.errors import ModelError
+    from testbed.errors import ConfigError, TestbedError
 
     try:
         return fn()
@@ -61,6 +70,11 @@ def _run(fn: Callable[[], Any]) -> Any:
         _fail(str(e))
     except OSError as e:
         _fail(f"{e.filename or 'I/O'}: {e.strerror or e}")
+    except TestbedError as e:
+        print_error(
+            type(e).__name__, e.problems if isinstance(e, ConfigError) else [str(e)], e.exit_code
+        )
+        raise typer.Exit(e.exit_code) from None
 
 
 @app.command()
@@ -180,14 +194,32 @@ def widen(
     _show(fmt, res, "model widen")
 
 
+POLICY_HELP = (
+    "Policies, comma list: a routing name (topk, top<n>, random<n>; these names win over the "
+    "entry points topk/top1) or a testbed policy: entry-point name (wdmoe, coel, ...), "
+    "package.module:Class or path/to/file.py:Class (relative to the working directory)."
+)
+PARAM_HELP = (
+    "A policy parameter KEY=VALUE (VALUE a TOML value; a bare word is a string), repeatable: "
+    "given to every non-routing policy of --policy (a key one of them does not take is an "
+    "error); NAME.KEY=VALUE gives it to the policy written NAME in --policy only."
+)
+CLUSTER_HELP = (
+    "Static cluster (TOML, or .json) the policies place experts on and decide over: devices "
+    "(names or a count), rate_down_kbit, rate_up_kbit (one number or a table by device), "
+    "memory_budget_mb, bytes_per_token (default: the model's), compute_profile (device -> "
+    "[a_ms, b_ms]). Default: 3 devices dev1..dev3 at 20000 kbit/s both ways."
+)
+
+
 @app.command("eval")
 def eval_cmd(
     model_dir: Path = typer.Argument(
         ..., help="Split dir (manifest.json), HF checkpoint dir or built-in name (tiny, tiny-4096)."
     ),
-    policy: str = typer.Option(
-        "topk", "--policy", help="Selection policy or comma list: topk, top<n>, random<n>."
-    ),
+    policy: str = typer.Option("topk", "--policy", help=POLICY_HELP),
+    param: list[str] | None = typer.Option(None, "--param", help=PARAM_HELP),
+    cluster: Path | None = typer.Option(None, "--cluster", help=CLUSTER_HELP),
     mc: Path | None = typer.Option(
         None, "--mc", help="Multiple-choice JSONL file (see models.evaluate)."
     ),
@@ -207,13 +239,21 @@ def eval_cmd(
     ),
     fmt: Format = FormatOpt,
 ) -> None:
-    """Accuracy on the tiny task's held-out split and/or a multiple-choice JSONL file."""
+    """Accuracy on the tiny task's held-out split and/or a multiple-choice JSONL file, and bytes
+    per token each way, per policy. A testbed policy is driven as a run drives it, offline:
+    place() on the static cluster, select() per MoE layer on a static ClusterView, its
+    wrap_backend() around the expert backend; the rates it asks for and its load_options()
+    (e.g. CoEL's quantization) are not applied. Its Decision.stats means are policy.<key>
+    columns, its mean prediction policy_predicted_ms."""
 
     def go() -> dict[str, Any]:
         import torch
 
+        from testbed.run.offline_eval import default_cluster, load_cluster
+
         torch.set_num_threads(threads)
-        policies = _eval_policies(policy, seed)
+        policies = _eval_policies(policy, param or [], seed)
+        where = load_cluster(cluster) if cluster is not None else default_cluster()
         _check_eval_options(quant, expert_runtime, wire_dtype)
         builtin = _builtin_or_dir(model_dir)
         with tempfile.TemporaryDirectory(prefix="moe-split-") as tmp:
@@ -223,27 +263,101 @@ def eval_cmd(
             bs = BaseStationModel.from_split_dir(
                 split_dir, expert_runtime=expert_runtime, quant=quant, wire_dtype=wire_dtype
             )
-            results = _evaluate(bs, model_dir, policies, mc, n, batch_size, seed)
+            setup = _EvalSetup(bs, model_dir, split_dir, where, policies)
+            results = _evaluate(setup, mc, n, batch_size, seed)
         return _eval_summary(bs, model_dir, expert_runtime, quant, results)
 
     res = _run(go)
-    _show(
-        fmt,
-        res,
-        f"model eval {res['model_dir']} ({res['family']}, top-k {res['top_k']})",
-        res["results"],
-    )
+    title = f"model eval {res['model_dir']} ({res['family']}, top-k {res['top_k']})"
+    _show_eval(fmt, res, title)
 
 
-def _eval_policies(policy: str, seed: int) -> dict[str, Any]:
-    """``--policy``'s comma list as name -> routing policy."""
+def _show_eval(fmt: Format, res: dict[str, Any], title: str) -> None:
+    """``model eval``'s result as JSON, or its table plus, when a policy gave a prediction or
+    stats, a second table of their means (``policy_predicted_ms``, ``policy.<key>``)."""
+    rows = res["results"]
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    extra = [k for k in keys if k == "policy_predicted_ms" or k.startswith("policy.")]
+    main = [k for k in keys if k not in extra and k != "wall_s"] + ["wall_s"]
+
+    def tab(name: str, cols: list[str]) -> Any:
+        return table(name, cols, ([cell(r.get(c)) for c in cols] for r in rows))
+
+    emit(fmt, res, tab(title, main), width=WIDTH)
+    if extra and fmt != Format.json:
+        emit(
+            fmt,
+            res,
+            tab("policy decisions: mean per MoE layer call", ["policy", *extra]),
+            width=WIDTH,
+        )
+
+
+def _eval_policies(policy: str, params: list[str], seed: int) -> dict[str, Any]:
+    """``--policy``'s comma list as name -> routing hook (a name :func:`make_policy` knows) or
+    loaded :class:`testbed.policy.Policy` (with its ``--param`` values)."""
     from models.errors import ModelError
     from models.routing import make_policy
+    from testbed.errors import ConfigError
+    from testbed.policy import load_policy
 
     names = [p.strip() for p in policy.split(",") if p.strip()]
     if not names:
         raise ModelError("--policy", "empty policy list")
-    return {name: make_policy(name, seed=seed) for name in names}
+    routing: dict[str, Any] = {}
+    for name in names:
+        try:
+            routing[name] = make_policy(name, seed=seed)
+        except ModelError:
+            pass
+    per = _policy_params(params, names, set(routing))
+    out: dict[str, Any] = {}
+    for name in names:
+        if name in routing:
+            out[name] = routing[name]
+            continue
+        try:
+            out[name] = load_policy(name, per[name], "--param")
+        except ConfigError as e:
+            if ":" in name or not e.problems[0].startswith("policy: unknown policy"):
+                raise
+            raise ConfigError(
+                f"--policy: {name!r} is not a routing name (topk, top<n>, random<n>); "
+                + e.problems[0]
+            ) from None
+    return out
+
+
+def _policy_params(
+    items: list[str], names: list[str], routing: set[str]
+) -> dict[str, dict[str, Any]]:
+    """``--param`` values per non-routing policy name: ``KEY=VALUE`` for each, ``NAME.KEY=VALUE``
+    for the policy written ``NAME`` only (ConfigError for a NAME not in ``names`` or a routing
+    name, or a plain KEY with no policy to take it)."""
+    from testbed.errors import ConfigError
+    from testbed.run.offline_eval import parse_param
+
+    plugins = [n for n in names if n not in routing]
+    out: dict[str, dict[str, Any]] = {n: {} for n in plugins}
+    for item in items:
+        key, value = parse_param(item)
+        target, dot, leaf = key.rpartition(".")
+        if not dot:
+            if not plugins:
+                raise ConfigError(
+                    f"--param {key}: no policy takes parameters (routing names take none)"
+                )
+            for n in plugins:
+                out[n][key] = value
+        elif target in routing:
+            raise ConfigError(f"--param {key}: {target} is a routing name and takes no parameters")
+        elif target in out:
+            out[target][leaf] = value
+        else:
+            raise ConfigError(
+                f"--param {key}: {target!r} is not one of --policy ({', '.join(names)})"
+            )
+    return out
 
 
 def _check_eval_options(quant: str | None, expert_runtime: str, wire_dtype: str | None) -> None:
@@ -292,17 +406,23 @@ def _eval_split_dir(model_dir: Path, builtin: bool, tmp: Path) -> Path:
     return model_dir
 
 
+@dataclass
+class _EvalSetup:
+    """What ``model eval`` evaluates: the model, where it came from, the static cluster and
+    the policies (name -> routing hook or loaded Policy)."""
+
+    bs: Any
+    model_dir: Path
+    split_dir: Path
+    cluster: Any
+    policies: dict[str, Any]
+
+
 def _evaluate(
-    bs: Any,
-    model_dir: Path,
-    policies: dict[str, Any],
-    mc: Path | None,
-    n: int,
-    batch_size: int,
-    seed: int,
+    setup: _EvalSetup, mc: Path | None, n: int, batch_size: int, seed: int
 ) -> list[dict[str, Any]]:
     """One row per policy: tiny-task accuracy (the tiny model) and/or multiple-choice accuracy
-    (``mc``), with its wall time."""
+    (``mc``), bytes per token each way, the policy's stats means, with its wall time."""
     from models.errors import ModelError
     from models.evaluate import (
         eval_multiple_choice,
@@ -311,28 +431,40 @@ def _evaluate(
         load_mc_jsonl,
         load_tokenizer,
     )
+    from testbed.policy import Policy
+    from testbed.run import offline_eval as oe
 
+    bs = setup.bs
     tiny = is_tiny_split(bs)
     if not tiny and mc is None:
         raise ModelError(
-            str(model_dir), "not the tiny model (no tiny_task.json): pass --mc FILE.jsonl"
+            str(setup.model_dir), "not the tiny model (no tiny_task.json): pass --mc FILE.jsonl"
         )
     items = None
     if mc is not None:
         items = load_mc_jsonl(mc, tokenizer=load_tokenizer(bs), limit=n)
     pad = bs.config.pad_token_id if bs.config.pad_token_id is not None else 0
+    bpt = setup.cluster.bytes_per_token or oe.model_bytes_per_token(bs)
     results = []
-    for name, hook in policies.items():
-        bs.policy = hook
+    for name, entry in setup.policies.items():
+        if isinstance(entry, Policy):
+            if oe.skips_load_options(entry):
+                sys.stderr.write(
+                    f"note: {name}: load_options() (e.g. quantization) is not applied offline; "
+                    "the experts run as stored\n"
+                )
+            entry = oe.offline_policy(entry, bs.manifest, setup.cluster, bpt, str(setup.split_dir))
         row: dict[str, Any] = {"policy": name}
         t0 = time.perf_counter()
-        if tiny:
-            row.update(eval_tiny(bs, n_examples=n, batch_size=batch_size, seed=seed))
-        if items is not None:
-            r = eval_multiple_choice(
-                bs, items, batch_size=max(1, batch_size // 4), pad_token_id=pad
-            )
-            row.update({"mc_acc": r["acc"], "mc_acc_norm": r["acc_norm"], "mc_n": r["n"]})
+        with oe.evaluating(bs, entry) as tally:
+            if tiny:
+                row.update(eval_tiny(bs, n_examples=n, batch_size=batch_size, seed=seed))
+            if items is not None:
+                r = eval_multiple_choice(
+                    bs, items, batch_size=max(1, batch_size // 4), pad_token_id=pad
+                )
+                row.update({"mc_acc": r["acc"], "mc_acc_norm": r["acc_norm"], "mc_n": r["n"]})
+        row.update(oe.tally_columns(tally, bpt))
         row["wall_s"] = round(time.perf_counter() - t0, 2)
         results.append(row)
     return results
