@@ -142,7 +142,7 @@ def test_bad_param_or_cluster_is_one_error_line(
     if cluster is not None:
         (policies / "cluster.toml").write_text(cluster)
         extra += ["--cluster", "cluster.toml"]
-    rc, out, err = run_main(
+    rc, _, err = run_main(
         monkeypatch, capsys, "model", "eval", "tiny", "--policy", "pol.py:KPolicy,topk", *extra
     )
     assert rc == 2
