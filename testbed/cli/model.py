@@ -208,7 +208,7 @@ CLUSTER_HELP = (
     "Static cluster (TOML, or .json) the policies place experts on and decide over: devices "
     "(names or a count), rate_down_kbit, rate_up_kbit (one number or a table by device), "
     "memory_budget_mb, bytes_per_token (default: the model's), compute_profile (device -> "
-    "[a_ms, b_ms]). Default: 3 devices dev1..dev3 at 20000 kbit/s both ways."
+    "two numbers a_ms, b_ms). Default: 3 devices dev1..dev3 at 20000 kbit/s both ways."
 )
 
 
@@ -240,7 +240,8 @@ def eval_cmd(
     fmt: Format = FormatOpt,
 ) -> None:
     """Accuracy on the tiny task's held-out split and/or a multiple-choice JSONL file, and bytes
-    per token each way, per policy. A testbed policy is driven as a run drives it, offline:
+    per token each way (rows sent to / returned by the experts x bytes_per_token, per token
+    through the model), per policy. A testbed policy is driven as a run drives it, offline:
     place() on the static cluster, select() per MoE layer on a static ClusterView, its
     wrap_backend() around the expert backend; the rates it asks for and its load_options()
     (e.g. CoEL's quantization) are not applied. Its Decision.stats means are policy.<key>
@@ -280,8 +281,15 @@ def _show_eval(fmt: Format, res: dict[str, Any], title: str) -> None:
     extra = [k for k in keys if k == "policy_predicted_ms" or k.startswith("policy.")]
     main = [k for k in keys if k not in extra and k != "wall_s"] + ["wall_s"]
 
+    def show(c: str, v: Any) -> str:
+        return f"{v:.1f}" if c.startswith("bytes_") and isinstance(v, float) else cell(v)
+
     def tab(name: str, cols: list[str]) -> Any:
-        return table(name, cols, ([cell(r.get(c)) for c in cols] for r in rows))
+        heads = [c.replace("_per_token", "/tok").replace("bytes_", "bytes ") for c in cols]
+        t = table(name, heads, ([show(c, r.get(c)) for c in cols] for r in rows))
+        for c in t.columns:  # a long policy spec folds, never ends in '…'
+            c.overflow = "fold"
+        return t
 
     emit(fmt, res, tab(title, main), width=WIDTH)
     if extra and fmt != Format.json:
