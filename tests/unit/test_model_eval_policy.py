@@ -173,3 +173,29 @@ def test_routing_names_unchanged(monkeypatch, capsys) -> None:
         assert {a: got[a] for a in want} == want
         assert got["bytes_down_per_token"] == got["bytes_up_per_token"] == k * layers * hidden * 4
         assert set(got) == {*want, "policy", "bytes_down_per_token", "bytes_up_per_token", "wall_s"}
+
+
+def test_the_example_policy_offline(monkeypatch, capsys, tmp_path: Path):
+    """``recipes/examples/slowlink.py`` as the README's walk-through checks it: dev1 slow."""
+    from testbed import ROOT
+
+    cluster = tmp_path / "slow.toml"
+    cluster.write_text(
+        'devices = ["dev1", "dev2", "dev3"]\n'
+        "[rate_down_kbit]\ndev1 = 2000\ndev2 = 20000\ndev3 = 20000\n"
+    )
+    spec = f"{ROOT / 'recipes/examples/slowlink.py'}:SlowLink"
+    got = _eval(
+        monkeypatch,
+        capsys,
+        "--policy",
+        f"topk,{spec}",
+        "--param",
+        "min_kbit=5000",
+        "--cluster",
+        str(cluster),
+    )
+    topk, slow = got["topk"], got[spec]
+    assert slow["policy.dropped"] > 0
+    assert slow["bytes_down_per_token"] < topk["bytes_down_per_token"]
+    assert slow["exact_match"] <= topk["exact_match"]
