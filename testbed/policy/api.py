@@ -46,6 +46,7 @@ A policy is named in a recipe or on the command line by
 from __future__ import annotations
 
 import inspect
+import sys
 import types
 import typing
 from abc import ABC, abstractmethod
@@ -174,10 +175,11 @@ class ClusterView:
     :meth:`devices_of` / :meth:`layer_devices` give the expert -> device map.
     """
 
-    __slots__ = ("_s",)
+    __slots__ = ("_placement", "_s")
 
     def __init__(self, state: ClusterState):
-        self._s = state
+        object.__setattr__(self, "_s", state)
+        object.__setattr__(self, "_placement", None)
 
     @classmethod
     def static(
@@ -229,8 +231,13 @@ class ClusterView:
 
     @property
     def placement(self) -> Mapping[str, tuple[str, ...]]:
-        """Expert uid -> devices holding it (primary first)."""
-        return types.MappingProxyType(self._s.placement)
+        """Expert uid -> devices holding it (primary first); the same object until the
+        placement changes (a policy may cache what it derives from it by identity)."""
+        d, cached = self._s.placement, self._placement
+        if cached is None or cached[0] is not d:
+            cached = (d, types.MappingProxyType(d))
+            object.__setattr__(self, "_placement", cached)
+        return cached[1]
 
     @property
     def rate_down_kbit(self) -> Mapping[str, float]:
@@ -245,7 +252,9 @@ class ClusterView:
     @property
     def devices(self) -> Mapping[str, Mapping[str, Any]]:
         """Device -> its latest status from the agents' feed (free-form; empty offline)."""
-        return types.MappingProxyType(self._s.devices)
+        return types.MappingProxyType(
+            {d: types.MappingProxyType(v) for d, v in self._s.devices.items()}
+        )
 
     @property
     def compute_profile(self) -> Mapping[str, tuple[float, float]]:
@@ -260,9 +269,6 @@ class ClusterView:
         raise AttributeError(f"ClusterView has no attribute {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == "_s":
-            object.__setattr__(self, name, value)
-            return
         raise AttributeError(f"ClusterView is read-only (setting {name!r})")
 
     def __repr__(self) -> str:
@@ -422,18 +428,26 @@ def _init_params(cls: type) -> list[str]:
 
 
 def _init_hints(cls: type) -> dict[str, Any]:
-    """Parameter -> annotation over the constructors of ``cls``'s MRO (the subclass's wins);
-    an annotation that does not resolve is skipped (unchecked)."""
+    """Parameter -> annotation over the constructors of ``cls``'s MRO (the subclass's wins,
+    also over a parent's when its own does not resolve: then the parameter is unchecked)."""
     out: dict[str, Any] = {}
     for klass in reversed(cls.__mro__):
         init = klass.__dict__.get("__init__")
         if init is None or klass is object:
             continue
-        try:
-            hints = typing.get_type_hints(init)
-        except Exception:  # noqa: BLE001, S112 - an unresolvable annotation: unchecked
-            continue
-        out.update({k: v for k, v in hints.items() if k != "return"})
+        module = sys.modules.get(klass.__module__)
+        ns = {**vars(module)} if module is not None else {}
+        for name, p in inspect.signature(init).parameters.items():
+            if name == "self" or p.annotation is inspect.Parameter.empty:
+                continue
+            out.pop(name, None)
+            ann = p.annotation
+            if isinstance(ann, str):
+                try:
+                    ann = eval(ann, ns)  # as typing.get_type_hints does
+                except Exception:  # noqa: BLE001, S112 - e.g. a TYPE_CHECKING-only name
+                    continue
+            out[name] = ann
     return out
 
 

@@ -289,20 +289,24 @@ class CsvTable:
         new = list(dict.fromkeys(new))
         self._f.close()
         tmp = self.path.with_name(self.path.name + ".tmp")
-        with (
-            open(self.path, newline="", encoding="utf-8") as src,
-            open(tmp, "w", newline="", encoding="utf-8") as dst,
-        ):
-            w = csv.writer(dst)
-            for i, line in enumerate(csv.reader(src)):
-                w.writerow(line + (new if i == 0 else [""] * len(new)))
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, self.path)
-        self.columns += new
-        self._index()
-        self._f = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115
-        self._w = csv.writer(self._f)
+        try:
+            with (
+                open(self.path, newline="", encoding="utf-8") as src,
+                open(tmp, "w", newline="", encoding="utf-8") as dst,
+            ):
+                w = csv.writer(dst)
+                for i, line in enumerate(csv.reader(src)):
+                    w.writerow(line + (new if i == 0 else [""] * len(new)))
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp, self.path)
+            _fsync_dir(self.path.parent)  # the rename survives a power cut
+            self.columns += new
+            self._index()
+        finally:  # on a failed rewrite: the old file as it was, still open for appending
+            tmp.unlink(missing_ok=True)
+            self._f = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115
+            self._w = csv.writer(self._f)
 
     def _flush(self) -> None:
         self._f.flush()
@@ -339,7 +343,7 @@ class CsvTable:
         row is ``{**common, **row}`` (the shared cells formatted once: a link epoch's rows
         differ only in the device and its rates)."""
         if self.open_prefix:
-            self._grow(rows)
+            self._grow([*rows, common] if common else rows)
         if common is None:
             lines = [self._cells(r) for r in rows]
         else:
@@ -365,6 +369,14 @@ class CsvTable:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _cell(v: Any) -> Any:

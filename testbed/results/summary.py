@@ -5,8 +5,9 @@ the helpers every summary of rows uses (:func:`as_float`, :func:`column_values`,
 
 Confidence intervals are 95%, Student t on the repeat values (n - 1 degrees of freedom):
 ``mean ± t(0.975, n-1) · s / sqrt(n)`` with ``s`` the sample standard deviation (ddof 1). The
-t quantile is scipy's where scipy is installed, else :data:`T_975` (df 1..30, 1.96 beyond; a
-fractional df is rounded down, which widens the interval a little). One value: no interval.
+t quantile is :data:`T_975` for df 1..30 and the Cornish-Fisher expansion beyond (a
+fractional df, e.g. Welch's, is rounded down, which widens the interval a little). One value:
+no interval.
 
 Conventions: percentiles are numpy's default (linear interpolation between the closest ranks,
 ``numpy.percentile(..., method="linear")``); empty cells and non-numbers are "not known" and
@@ -82,14 +83,19 @@ T_975 = (
 
 
 def t_quantile(df: float) -> float:
-    """Student t's 0.975 quantile for ``df`` degrees of freedom (two-sided 95%): scipy's when
-    it is installed, else :data:`T_975` at ``floor(df)`` and 1.96 past 30."""
-    try:
-        from scipy.stats import t as student_t  # optional; not a dependency
-    except ImportError:
-        k = max(1, int(df))
-        return T_975[k - 1] if k <= len(T_975) else 1.96
-    return float(student_t.ppf(0.975, df))
+    """Student t's 0.975 quantile for ``df`` degrees of freedom (two-sided 95%) at
+    ``floor(df)`` (never narrower): :data:`T_975` up to 30, past it the Cornish-Fisher
+    expansion around the normal's 1.96 (within 1e-4 of the exact value there)."""
+    k = max(1, int(df))
+    if k <= len(T_975):
+        return T_975[k - 1]
+    z = 1.959963984540054
+    return (
+        z
+        + (z**3 + z) / (4 * k)
+        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * k**2)
+        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * k**3)
+    )
 
 
 def mean_ci(xs: Sequence[float]) -> tuple[float | None, float | None, float | None]:

@@ -144,7 +144,7 @@ def decision_notes(policy: Policy, d: Any) -> dict[str, Any]:
     ------
     PolicyFailed
         When a stats key is not a non-empty string of letters, digits, ``_`` and ``.``, or a
-        value is not a number, a string, a bool or None.
+        value is not a number (numpy and torch scalars are taken), a string, a bool or None.
     """
     out: dict[str, Any] = {}
     predicted = getattr(d, "predicted_ms", None)
@@ -152,13 +152,16 @@ def decision_notes(policy: Policy, d: Any) -> dict[str, Any]:
         out["policy_predicted_ms"] = float(predicted)
     stats = getattr(d, "stats", None)
     if stats:
+        out["policy_stats"] = clean = {}
         for k, v in stats.items():
             if not (isinstance(k, str) and k and k.replace("_", "a").replace(".", "a").isalnum()):
                 raise PolicyFailed(f"policy {policy.name}: Decision.stats: bad key {k!r}")
+            if getattr(v, "ndim", None) == 0 and hasattr(v, "item"):
+                v = v.item()  # a numpy or torch scalar (e.g. mask.sum())
             if v is not None and not isinstance(v, (int, float, str)):
                 raise PolicyFailed(
                     f"policy {policy.name}: Decision.stats[{k!r}]: {type(v).__name__} is not "
                     "a number or a string"
                 )
-        out["policy_stats"] = dict(stats)
+            clean[k] = v
     return out

@@ -249,9 +249,10 @@ class Simulator:
     def run(self) -> X.RunResult:
         """Simulate every trial and repeat into a new run folder; its status like the runner's."""
         trials = self.recipe.trials()
-        check_device_links(
-            trials, lambda t: device_names(self._n_devices(t)), str(self.recipe.path)
-        )
+        # as a run checks them: against every device the run has (a trial using fewer
+        # devices leaves the others' settings unused)
+        most = device_names(max(self._n_devices(t) for t in trials))
+        check_device_links(trials, lambda t: most, str(self.recipe.path))
         self.cal = (
             calibrate_from_run(self.calibrate)
             if self.calibrate is not None

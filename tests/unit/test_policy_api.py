@@ -179,3 +179,45 @@ def test_example_policy_drops_only_extra_experts_behind_a_slow_link():
     assert d.selection.weights[2].tolist() == pytest.approx([1.0, 0.0])
     fast = SlowLink(min_kbit=50).select(ctx, view)
     assert fast.stats == {"dropped": 0} and (fast.selection.expert_ids >= 0).all()
+
+
+def test_review_fixes_view_hints_scalars_and_common_cells(tmp_path):
+    # a subclass annotation that does not resolve (a TYPE_CHECKING-only name) leaves only that
+    # parameter unchecked; the subclass's own `seed: float` wins over Policy's int
+    from testbed.policy import load_policy_class
+
+    (tmp_path / "b.py").write_text(
+        "from __future__ import annotations\n"
+        "from typing import TYPE_CHECKING\n"
+        "from testbed.policy import Policy\n"
+        "if TYPE_CHECKING:\n    from pathlib import Path\n"
+        "class B(Policy):\n"
+        "    def __init__(self, seed: float = 0.5, p: Path | None = None, k: int = 1):\n"
+        "        super().__init__(seed=0)\n"
+        "        self.k = k\n"
+        "    def select(self, ctx, cluster):\n        raise AssertionError\n"
+    )
+    ns = {"B": load_policy_class(f"{tmp_path / 'b.py'}:B")}
+    assert ns["B"].from_params({"seed": 0.25, "p": "x"}).k == 1
+    with pytest.raises(ConfigError, match="k: expected int"):
+        ns["B"].from_params({"k": "two"})
+    # the status view is read-only all the way down; the placement proxy is stable
+    st = ClusterState(placement={"L0.E0": ("a",)}, devices={"a": {"mem": 1}})
+    view = ClusterView(st)
+    with pytest.raises(TypeError):
+        view.devices["a"]["mem"] = 99
+    assert view.placement is view.placement
+    first = view.placement
+    st.placement = {"L0.E0": ("b",)}  # an update's new placement: a new proxy
+    assert view.placement is not first and view.device_of(0, 0) == "b"
+    # numpy and torch scalars are taken as numbers
+    from recipes.baselines import TopK
+
+    sel = Selection(torch.tensor([[0]]), torch.tensor([[1.0]]))
+    notes = decision_notes(TopK(), Decision(sel, stats={"n": np.int64(3), "t": torch.tensor(2)}))
+    assert notes["policy_stats"] == {"n": 3, "t": 2}
+    assert type(notes["policy_stats"]["t"]) is int
+    # a new policy.* key among write_many's common cells grows the table too
+    with R.CsvTable(tmp_path / "l.csv", ("a",), (), R.POLICY_PREFIX) as t:
+        t.write_many([{"a": 1}], common={"policy.z": 5})
+    assert (tmp_path / "l.csv").read_text().splitlines() == ["a,policy.z", "1,5"]

@@ -238,3 +238,10 @@ def test_errors_one_line_once(three, tmp_path, monkeypatch, capsys):
     rc, _, err = run_main(monkeypatch, capsys, "report", str(three), "--out", str(tmp_path))
     assert rc == 2
     assert len(err.splitlines()) == 1 and err.startswith(f"error: {three}: cannot read")
+
+
+def test_t_quantiles_past_the_table():
+    """Past df 30 (Welch's df often is): the expansion, not the normal's 1.96."""
+    for df, want in ((31, 2.0395), (40, 2.0211), (60, 2.0003), (120, 1.9799)):
+        assert t_quantile(df) == pytest.approx(want, abs=2e-4)
+    assert t_quantile(30) > t_quantile(31) > t_quantile(1000) > 1.96
