@@ -67,7 +67,11 @@ def test_simulate_1000_devices_writes_a_run_marked_simulated(tmp_path: Path) -> 
         (R.DEVICES, R.DEVICE_COLUMNS, []),
         (R.PROFILE, R.PROFILE_COLUMNS, []),
     ):
-        assert _header(run / name) == list(cols) + x, name  # a real run's columns
+        head = _header(run / name)
+        if name == R.LAYERS:  # then the policy's own Decision.stats, as a run adds them
+            policy_cols, head = head[len(cols) + len(x) :], head[: len(cols) + len(x)]
+            assert policy_cols == ["policy.experts_dropped", "policy.tokens_pruned", "policy.wlr"]
+        assert head == list(cols) + x, name  # a real run's columns
     man = json.loads((run / R.MANIFEST).read_text())
     assert man["mode"] == "simulated" and man["twin"]["devices"] == 1000
     assert (
