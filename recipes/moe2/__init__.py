@@ -2,6 +2,8 @@
 
 :mod:`recipes.moe2.solver` is the offline part: the exact choice of the expert subset under an
 energy budget and per-category delay budgets (branch and bound on a monotone objective).
+:mod:`recipes.moe2.selection` scores subsets by what the BS does with them (the gate's top-k
+inside the subset, answers combined by renormalised gate weights) and has the baselines.
 """
 
 from recipes.moe2.solver import (
