@@ -14,6 +14,10 @@ from .api import (
     Placement,
     PlacementProfile,
     Policy,
+    RequestContext,
+    RequestDecision,
+    RequestPolicy,
+    RequestProfile,
 )
 from .loading import ENTRY_POINT_GROUP, available_policies, load_policy, load_policy_class
 from .placement import PLACEMENTS, random_placement, round_robin_placement
@@ -30,6 +34,10 @@ __all__ = [
     "Placement",
     "PlacementProfile",
     "Policy",
+    "RequestContext",
+    "RequestDecision",
+    "RequestPolicy",
+    "RequestProfile",
     "available_policies",
     "load_policy",
     "load_policy_class",

@@ -411,6 +411,99 @@ class Policy(ABC):
         }
 
 
+@dataclass(frozen=True)
+class RequestContext:
+    """One request as a request-level policy (:class:`RequestPolicy`) sees it.
+
+    Attributes
+    ----------
+    index:
+        The request's index within the trial's repeat (from 0).
+    prompt:
+        Its token ids.
+    category:
+        Its task category (index into :attr:`RequestProfile.categories`; -1: unknown).
+    gate:
+        The BS gate's weights over the whole-model experts (sum 1), in the order of
+        :attr:`RequestProfile.experts`.
+    """
+
+    index: int
+    prompt: tuple[int, ...]
+    category: int
+    gate: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class RequestDecision:
+    """What :meth:`RequestPolicy.select_request` returns: the experts that serve the request
+    (indices into :attr:`RequestProfile.experts`; empty: the request is refused), their
+    combination weights (default: the gate's, renormalised over them) and free ``stats``
+    (``requests.csv`` ``policy.<key>`` columns)."""
+
+    experts: tuple[int, ...]
+    weights: tuple[float, ...] | None = None
+    stats: Mapping[str, float | int | str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RequestProfile:
+    """What :meth:`RequestPolicy.plan` knows, measured on the testbed before the requests.
+
+    Attributes
+    ----------
+    experts:
+        The whole-model experts' ids; ``devices[k]`` is the device serving expert ``k``.
+    energy_j:
+        Per-request energy of each expert on its device (J; measured, or estimated where the
+        device has no meter: see the run's manifest).
+    delay_ms:
+        ``[K][C]``: each expert's delay on a prompt of each category (inference + transmission,
+        as the BS measures the round trip).
+    aggregation_ms:
+        The BS's time to combine the answers.
+    categories:
+        The category names.
+    gate, option_probs, answer, category:
+        A validation set: the gate's weights ``[N, K]``, each expert's probabilities over each
+        prompt's answer options ``[K, N, O]``, the right option ``[N]``, the category ``[N]``
+        (numpy arrays).
+    """
+
+    experts: tuple[str, ...]
+    devices: tuple[str, ...]
+    energy_j: tuple[float, ...]
+    delay_ms: tuple[tuple[float, ...], ...]
+    aggregation_ms: float
+    categories: tuple[str, ...]
+    gate: Any = None
+    option_probs: Any = None
+    answer: Any = None
+    category: Any = None
+
+
+class RequestPolicy(Policy):
+    """A policy that decides once per request instead of per token and layer (MoE²: whole
+    models as experts). :meth:`plan` is called once per trial with the measured
+    :class:`RequestProfile`, :meth:`select_request` for every request. Placement
+    (:meth:`place`) gets one :class:`ExpertInfo` per whole model (``uid`` its id, ``layer``
+    -1, ``expert`` its index, ``bytes`` its size)."""
+
+    def plan(self, profile: RequestProfile) -> None:
+        """Prepare the trial's decisions from the profile (default: nothing)."""
+
+    @abstractmethod
+    def select_request(self, req: RequestContext, cluster: ClusterView) -> RequestDecision:
+        """The experts (and weights) that serve request ``req``."""
+
+    def select(self, ctx: RoutingContext, cluster: ClusterView) -> Decision:
+        """Not used: a request-level policy runs only with whole-model experts."""
+        raise ConfigError(
+            f"policy {self.name or type(self).__name__}: decides per request (whole-model "
+            "experts); it cannot route a MoE model's layers"
+        )
+
+
 def _init_params(cls: type) -> list[str]:
     names: list[str] = []
     for klass in cls.__mro__:

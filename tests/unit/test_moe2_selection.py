@@ -128,3 +128,45 @@ def test_greedy_and_random_baselines():
     assert len(plan_random(v, costs, 2, 5).subset) == 2
     assert plan_greedy_per_joule(v, costs, 2, 0.0, 1e9).subset is None
     assert plan_all(v, costs, 2).subset == frozenset(range(5))
+
+
+def test_the_policies_plan_and_serve_requests():
+    from recipes.moe2.policy import AllExperts, BestSingle, MoE2, budgets_met
+    from testbed.errors import ConfigError
+    from testbed.policy import ClusterView, RequestContext, RequestProfile, load_policy
+
+    v, costs = _instance(random.Random(5), 4)
+    profile = RequestProfile(
+        ("a", "b", "c", "d"),
+        ("dev1", "dev2", "dev3", "dev4"),
+        tuple(costs.energy_j),
+        tuple(map(tuple, costs.delay_ms)),
+        costs.aggregation_ms,
+        ("x", "y", "z"),
+        v.gate,
+        v.option_probs,
+        v.answer,
+        v.category,
+    )
+    view = ClusterView.static(profile.devices)
+    pol = load_policy("moe2", {"energy_budget_j": 2.0, "delay_budget_ms": 80, "top_k": 2})
+    assert isinstance(pol, MoE2)
+    pol.plan(profile)
+    want = plan_moe2(v, costs, 2, 2.0, 80)
+    assert pol.plan_result == want and pol.describe()["plan"]["subset"] == sorted(want.subset)
+    req = RequestContext(0, (1, 2), 1, tuple(v.gate[0]))
+    d = pol.select_request(req, view)
+    assert list(d.experts) == top_k_in(v.gate[0], want.subset, 2)
+    assert set(d.experts) <= want.subset and d.stats == {"subset_size": len(want.subset)}
+    everyone = AllExperts(top_k=2)
+    everyone.plan(profile)
+    assert everyone.plan_result.subset == frozenset(range(4))
+    none = MoE2(energy_budget_j=0.0)
+    none.plan(profile)
+    assert none.select_request(req, view).experts == ()  # nothing fits: refused
+    with pytest.raises(ConfigError, match="decides per request"):
+        BestSingle().select(None, view)
+    with pytest.raises(ConfigError, match="energy_budget_j: expected float"):
+        load_policy("moe2", {"energy_budget_j": "lots"})
+    assert budgets_met(1.0, 50.0, 2, 1.0, [10, 20, 50]) == (True, True)
+    assert budgets_met(1.1, 51.0, 0, 1.0, 60) == (False, True)
