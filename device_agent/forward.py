@@ -21,6 +21,54 @@ from device_agent.status import Counters
 _perf = time.perf_counter
 
 
+def request_timeout_ms(h: dict[str, Any], op: str) -> Any:
+    """A request's optional ``timeout_ms``: ``None`` or a number (a bool, or a NaN that would
+    never expire, gets ``BAD_HEADER`` naming ``op``)."""
+    timeout_ms = h.get("timeout_ms")
+    if timeout_ms is not None and (
+        isinstance(timeout_ms, bool)
+        or not isinstance(timeout_ms, (int, float))
+        or (isinstance(timeout_ms, float) and math.isnan(timeout_ms))
+    ):
+        raise ProtocolError(ErrorCode.BAD_HEADER, f"{op}: timeout_ms must be a number")
+    return timeout_ms
+
+
+def start_compute(
+    recv_perf: float, timeout_ms: Any, now_j: Callable[[], float]
+) -> tuple[float, float, float]:
+    """Open a request's compute window: (start ``perf_counter``, the meter's joules then, ms
+    the request waited in the queue since its receipt ``recv_perf``).
+
+    Raises
+    ------
+    ProtocolError
+        ``EXPIRED`` when it waited longer than ``timeout_ms`` (``None``: no limit).
+    """
+    start = _perf()
+    e_start = now_j()
+    queue_ms = (start - recv_perf) * 1e3
+    if timeout_ms is not None and queue_ms > timeout_ms:
+        raise ProtocolError(
+            ErrorCode.EXPIRED,
+            f"waited {queue_ms:.1f} ms in the queue > timeout {timeout_ms} ms",
+        )
+    return start, e_start, queue_ms
+
+
+def end_compute(
+    start: float, e_start: float, queue_ms: float, now_j: Callable[[], float]
+) -> dict[str, Any]:
+    """Close a compute window opened by :func:`start_compute`: the reply's ``queue_ms``,
+    ``compute_ms`` and ``energy_j = [at start, at end]`` (the end never below the start)."""
+    e_end = now_j()
+    return {
+        "queue_ms": queue_ms,
+        "compute_ms": (_perf() - start) * 1e3,
+        "energy_j": [e_start, max(e_start, e_end)],
+    }
+
+
 class ForwardOp:
     """Runs ``forward`` requests on the agent's experts (the dict it is given, shared with the
     :class:`~device_agent.experts.ExpertStore`); counts rows, calls and per-tensor errors.
@@ -59,14 +107,7 @@ class ForwardOp:
             raise ProtocolError(
                 ErrorCode.BAD_FRAMES, f"{n} tensors declared, {n_frames} frames sent"
             )
-        timeout_ms = h.get("timeout_ms")
-        if timeout_ms is not None and (
-            isinstance(timeout_ms, bool)
-            or not isinstance(timeout_ms, (int, float))
-            or (isinstance(timeout_ms, float) and math.isnan(timeout_ms))
-        ):
-            raise ProtocolError(ErrorCode.BAD_HEADER, "forward: timeout_ms must be a number")
-        return descs, timeout_ms
+        return descs, request_timeout_ms(h, "forward")
 
     def expert_for(self, uid: str, dt: str, shape: tuple[int, int]) -> LoadedExpert:
         """The loaded expert ``uid``, if it takes a tensor of this dtype and shape."""
@@ -127,14 +168,7 @@ class ForwardOp:
         """Run the experts of one request; ``body`` is [header, tensor frames...], ``recv_perf``
         its receipt (``perf_counter``). Returns the reply's fields and frames."""
         descs, timeout_ms = self.check_request(h, len(body) - 1)
-        start = _perf()
-        e_start = self.now_j()
-        queue_ms = (start - recv_perf) * 1e3
-        if timeout_ms is not None and queue_ms > timeout_ms:
-            raise ProtocolError(
-                ErrorCode.EXPIRED,
-                f"waited {queue_ms:.1f} ms in the queue > timeout {timeout_ms} ms",
-            )
+        start, e_start, queue_ms = start_compute(recv_perf, timeout_ms, self.now_j)
         errors: dict[str, list[Any]] = {}
         out_desc: list[list[Any]] = []
         out_bufs: list[Any] = []
@@ -157,16 +191,12 @@ class ForwardOp:
                 errors[key[:64]] = [int(err.code), err.message]
                 self.counters.count_error(err.code)
         self.counters.forward_calls += 1
-        e_end = self.now_j()
-        compute_ms = (_perf() - start) * 1e3
         return (
             {
                 "t": out_desc,
                 "errors": errors,
-                "queue_ms": queue_ms,
-                "compute_ms": compute_ms,
+                **end_compute(start, e_start, queue_ms, self.now_j),
                 "uid_ms": uid_ms,
-                "energy_j": [e_start, max(e_start, e_end)],
             },
             out_bufs,
         )

@@ -31,6 +31,31 @@ Requests (``op``) and their extra header fields:
 ``shutdown``
     (none). The agent replies, then exits cleanly.
 
+Whole-model experts (MoE²: each expert is a whole small causal LM, a folder written by
+``models.dense_lm.save_dense_lm``; :mod:`device_agent.lm`):
+
+``load_model``
+    ``model`` (an id: 1-64 letters, digits, ``.``, ``_``, ``-``), ``path`` (the model's folder,
+    relative to the workdir; checked as a ``load`` path). Reply: ``model``, ``vocab_size``,
+    ``max_seq_len``, ``params``. An id already held is replaced. The status lists the held
+    models under ``models``.
+``unload_model``
+    ``models``: list of ids. Reply: ``unloaded``, ``errors`` (id -> [code, message]).
+``lm``
+    ``model``, ``mode`` (``next`` | ``score`` | ``generate``), ``prompt`` (a non-empty list of
+    token ids < the model's vocabulary, at most its ``max_seq_len`` long), optional
+    ``timeout_ms`` (as ``forward``); ``score`` also takes ``options`` (a non-empty list of
+    token-id lists, each appended to the prompt within ``max_seq_len``), ``generate``
+    ``max_new_tokens`` (0..max_seq_len) and ``eos_id`` (-1 = none .. vocab-1). No data frames.
+    Reply: ``model``, ``mode``, ``result`` and the timing of a ``forward`` reply
+    (``queue_ms``, ``compute_ms``, ``energy_j = [start, end]``, ``t1_ns``/``t2_ns``).
+    ``next``: ``result`` is ``None`` and the full log-probabilities of the next token travel
+    as one float32 frame ``[1, V]`` (``t = [[model, "float32", [1, V]]]``); ``score``:
+    ``result`` = per option ``sum log p(option | prompt)`` (floats); ``generate``: ``result`` =
+    the greedy new tokens (ints, ending with ``eos_id`` if it came). An unknown model gets
+    ``UNKNOWN_EXPERT``, a bad field ``BAD_HEADER`` (``TOO_LARGE`` for a prompt or option too
+    long), a model that raises ``INTERNAL``.
+
 Every field is type-checked before use: a field of the wrong type (a list where a string
 belongs, a bool where an integer does...) gets :attr:`ErrorCode.BAD_HEADER` (``BAD_PATH`` for a
 load ``path``, ``SHAPE_MISMATCH`` for a tensor shape), for the request or, inside ``experts``,
@@ -55,7 +80,17 @@ import torch
 PROTOCOL_VERSION = 1
 
 #: op names a version-1 agent understands
-OPS = ("ping", "status", "load", "unload", "forward", "shutdown")
+OPS = (
+    "ping",
+    "status",
+    "load",
+    "unload",
+    "forward",
+    "shutdown",
+    "load_model",
+    "unload_model",
+    "lm",
+)
 
 # Frames we decode are read-only ZeroMQ buffers; we never write to them, so torch's warning
 # about non-writable buffers is noise here (and costs time on every call).

@@ -7,7 +7,8 @@ socket (optional) publishes the agent's status every ``status_period_s``.
 
 The server keeps the sockets, the queue, the loop and the dispatch of ops; its collaborators:
 :mod:`device_agent.transport` (the sockets' frame-level I/O), :mod:`device_agent.experts` (the
-loaded experts, ``load``/``unload``), :mod:`device_agent.forward` (the ``forward`` op) and
+loaded experts, ``load``/``unload``), :mod:`device_agent.forward` (the ``forward`` op),
+:mod:`device_agent.lm` (whole models, ``load_model``/``unload_model``/``lm``) and
 :mod:`device_agent.status` (counters, the status report).
 
 See :mod:`device_agent.protocol` for the messages and error codes. This module must not
@@ -36,6 +37,7 @@ from device_agent.experts import (
     resolve_in_workdir,  # noqa: F401 - still imported from here by tests/unit/test_agent_protocol.py
 )
 from device_agent.forward import ForwardOp
+from device_agent.lm import LM_OPS, LMOp
 from device_agent.protocol import ErrorCode, ProtocolError
 from device_agent.security import CurveServer, ServerKeys
 from device_agent.status import Counters, StatusReport
@@ -140,6 +142,7 @@ class AgentServer:
             self.forward = ForwardOp(
                 self.experts, self.counters, self.meter.now_j, max_rows, max_tensors
             )
+            self.lm = LMOp(self.workdir, self.device, self.counters, self.meter.now_j)
             if threads:
                 torch.set_num_threads(int(threads))
             self.started_ns = time.time_ns()
@@ -152,6 +155,7 @@ class AgentServer:
                 device=self.device,
                 started_ns=self.started_ns,
                 max_message_bytes=self.max_message_bytes,
+                models=self.lm.store.describe,
             )
             self.ready_file = Path(ready_file) if ready_file else None
             self._announce()
@@ -265,6 +269,8 @@ class AgentServer:
             return self.store.load(h), []
         if op == "unload":
             return self.store.unload(h), []
+        if op in LM_OPS:
+            return self.lm.dispatch(op, h, item.recv_perf)
         self._stop = True  # shutdown
         return {}, []
 
@@ -339,8 +345,7 @@ class AgentServer:
     def close(self) -> None:
         """Close the sockets, the CURVE authenticator, the context and the meter; remove the
         ready file."""
-        # a short linger: the last replies (the shutdown's own) still leave;
-        # LINGER 0 could drop them
+        # a short linger: the last replies (the shutdown's own) still leave; LINGER 0 drops them
         self.sock.close(linger=1000)
         if self.pub_sock is not None:
             self.pub_sock.close(0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ class Counters:
     errors: int = 0
     forward_calls: int = 0
     rows: int = 0
+    lm_calls: int = 0  #: ``lm`` requests served (whole models)
     by_code: dict[int, int] = field(default_factory=dict)
 
     def count_error(self, code: ErrorCode) -> None:
@@ -85,6 +87,7 @@ def load_section(counters: Counters, queue_len: int) -> dict[str, Any]:
         "errors": c.errors,
         "forward_calls": c.forward_calls,
         "rows": c.rows,
+        "lm_calls": c.lm_calls,
         "errors_by_code": {str(k): v for k, v in c.by_code.items()},
     }
 
@@ -106,6 +109,7 @@ class StatusReport:
         device: str,
         started_ns: int,
         max_message_bytes: int,
+        models: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.meter = meter
         self.status_period_s = status_period_s
@@ -113,6 +117,8 @@ class StatusReport:
         self.device = device
         self.started_ns = started_ns
         self.max_message_bytes = max_message_bytes
+        #: the whole models' description (:meth:`device_agent.lm.ModelStore.describe`)
+        self.models = models
         #: (t_ns, energy_j) the status's average power is taken from (see :meth:`energy`)
         self._power_ref = (first.t_ns, first.energy_j)
 
@@ -137,7 +143,9 @@ class StatusReport:
     def build(self, experts: dict[str, Any], counters: Counters, queue_len: int) -> dict[str, Any]:
         """The status, in this order: ``agent`` (pid, hostname, endpoint, protocol, device,
         threads, started_ns, uptime_s, max_message_bytes), ``experts`` (as given: see
-        :meth:`device_agent.experts.ExpertStore.describe`), ``memory`` (:func:`memory_section`),
+        :meth:`device_agent.experts.ExpertStore.describe`), ``models`` (the whole models: the
+        ``models`` callable given, see :meth:`device_agent.lm.ModelStore.describe`), ``memory``
+        (:func:`memory_section`),
         ``load`` (:func:`load_section`), ``energy_j``, ``power_w``, ``energy_source``
         (:meth:`energy`), ``energy_meter`` (the meter's description), ``clock_ns``."""
         memory = memory_section(self.device)
@@ -154,6 +162,7 @@ class StatusReport:
                 "max_message_bytes": self.max_message_bytes,
             },
             "experts": experts,
+            "models": self.models() if self.models is not None else {},
             "memory": memory,
             "load": load_section(counters, queue_len),
             **self.energy(),

@@ -16,6 +16,7 @@ What lives in the device's ``workdir``::
     wheels/               the wheelhouse pushed by the controller (+ .sha256.json cache)
     installed.json        what is installed: key = hash(project sources, wheels, reuse, python)
     experts/              expert shards (+ .sha256.json: name -> size, mtime, sha256)
+    models/<id>/          whole-model folders (MoE²), pushed by agents_push_models (+ .sha256.json)
     agent.pid agent.log   the detached agent (``setsid``), its output
     agent.ready.json      written by the agent once bound: endpoint, pub_endpoint, pid
     agent.json            how the running agent was started (argv, install key)
@@ -65,6 +66,7 @@ from .agents import (
     agent_running,
     agent_view,
     agents_logs,
+    agents_push_models,
     agents_status,
     agents_stop,
     bind_address,
@@ -84,7 +86,15 @@ from .facts import (
     parse_facts,
     read_facts,
 )
-from .files import HASH_CACHE, HASH_PY, push_files, remote_hashes, remote_workdir, sync_shards
+from .files import (
+    HASH_CACHE,
+    HASH_PY,
+    push_files,
+    remote_hashes,
+    remote_workdir,
+    sync_models,
+    sync_shards,
+)
 from .fleet import DeviceReport
 from .layout import Layout
 from .placement import place_experts, shards_per_device
@@ -127,6 +137,7 @@ __all__ = [
     "agent_source_key",
     "agent_view",
     "agents_logs",
+    "agents_push_models",
     "agents_status",
     "agents_stop",
     "bind_address",
@@ -149,5 +160,6 @@ __all__ = [
     "source_files",
     "start_agent",
     "stop_pid",
+    "sync_models",
     "sync_shards",
 ]

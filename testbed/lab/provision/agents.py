@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from device_agent.security import CurveClient
@@ -15,7 +16,7 @@ from ..inventory import Device, Inventory
 from ..keys import client_keys
 from ..runner import Runner
 from .facts import DeviceFacts, json_or_none, read_facts
-from .files import remote_workdir
+from .files import remote_workdir, sync_models
 from .fleet import DeviceReport, each_device, failed_report
 from .layout import Layout
 
@@ -348,6 +349,50 @@ def agents_logs(
             "ok": False,
             "lines": [],
             "log": None,
+            "error": r.error,
+            "exit_code": r.exit_code,
+        }
+        for r in rows
+    ]
+
+
+def agents_push_models(
+    inv: Inventory,
+    models: Mapping[str, Mapping[str, str | Path]],
+    connect_timeout_s: float = 10.0,
+) -> list[dict[str, Any]]:
+    """Push whole-model folders (MoE²) to the devices: ``{device: {model id: local folder}}``
+    into each device's ``{workdir}/models/<id>/`` (:func:`.files.sync_models`: only the files
+    whose sha256 differs are copied). Devices not named are not touched.
+
+    Returns one row per device named, in inventory order: ``device``, ``ok``, ``models`` (id ->
+    folder relative to the workdir, what the agent's ``load_model`` takes, e.g. through
+    :func:`testbed.dataplane.lm_call.load_model`), ``pushed`` (files copied), ``error`` (and
+    ``exit_code`` when it failed; one device failing never stops the others).
+
+    Raises
+    ------
+    ConfigError
+        A device name the inventory does not have (before any device is touched).
+    """
+    unknown = sorted(set(models) - {d.name for d in inv.devices})
+    if unknown:
+        raise ConfigError(f"models for unknown devices: {', '.join(unknown)}")
+
+    def one(r: Runner, d: Device) -> dict[str, Any]:
+        folders = {mid: Path(p) for mid, p in models[d.name].items()}
+        rel, n = sync_models(r, d, folders)
+        return {"device": d.name, "ok": True, "models": rel, "pushed": n, "error": None}
+
+    rows = each_device(inv, one, connect_timeout_s, list(models))
+    return [
+        r
+        if isinstance(r, dict)
+        else {
+            "device": r.device,
+            "ok": False,
+            "models": {},
+            "pushed": 0,
             "error": r.error,
             "exit_code": r.exit_code,
         }

@@ -1,9 +1,10 @@
 """Files on a device, pushed only where the device's copy differs (sha256, cached on the
-device by size and mtime); expert shards."""
+device by size and mtime); expert shards; whole-model folders (MoE²)."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,10 @@ from ...errors import ProvisionError
 from ..inventory import Device
 from ..runner import Runner
 from .layout import Layout
+from .wheels import sha256_file
+
+#: a model id as the agent's ``load_model`` takes it (see :mod:`device_agent.lm`)
+_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 #: the hash cache in each folder :func:`push_files` writes to (name -> size, mtime, sha256)
 HASH_CACHE = ".sha256.json"
@@ -110,3 +115,61 @@ def sync_shards(
         rel[u] = f"experts/{src.name}"
     pushed = push_files(runner, device.python, lay.experts, files)
     return rel, len(pushed)
+
+
+def model_files(model_id: str, folder: Path) -> dict[str, tuple[Path, str]]:
+    """The files of one model folder: ``name -> (local path, sha256)``.
+
+    Raises
+    ------
+    ProvisionError
+        For a bad model id, a folder that is missing, empty or holds a sub-folder (a model
+        folder is flat: ``config.json`` + ``model.safetensors``).
+    """
+    if not _MODEL_ID.fullmatch(model_id):
+        raise ProvisionError(f"model id {model_id!r}: use 1-64 letters, digits, '.', '_', '-'")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ProvisionError(f"model {model_id}: {folder} is not a folder")
+    files: dict[str, tuple[Path, str]] = {}
+    for p in sorted(folder.iterdir()):
+        if p.name == HASH_CACHE:
+            continue
+        if not p.is_file():
+            raise ProvisionError(f"model {model_id}: {p} is not a plain file (folders are flat)")
+        files[p.name] = (p, sha256_file(p))
+    if not files:
+        raise ProvisionError(f"model {model_id}: {folder} is empty")
+    return files
+
+
+def sync_models(
+    runner: Runner,
+    device: Device,
+    models: Mapping[str, Path],
+    *,
+    workdir: str | None = None,
+) -> tuple[dict[str, str], int]:
+    """Make each model folder (``model id -> local folder``, as
+    :func:`models.dense_lm.save_dense_lm` writes it) present in the device's
+    ``{workdir}/models/<id>/``.
+
+    As :func:`sync_shards`: a file whose sha256 on the device (cached by size and mtime in
+    ``models/<id>/.sha256.json``) matches the local one is left alone; the pushed ones are
+    verified on the device.
+
+    Returns
+    -------
+    (model id -> folder relative to the workdir, what the agent's ``load_model`` takes;
+    number of files pushed)
+    """
+    wanted = {mid: model_files(mid, Path(folder)) for mid, folder in models.items()}
+    lay = Layout(workdir or remote_workdir(runner, device))
+    rel: dict[str, str] = {}
+    pushed = 0
+    for mid, files in wanted.items():
+        rel[mid] = f"models/{mid}"
+        pushed += len(
+            push_files(runner, device.python, f"{lay.workdir.rstrip('/')}/models/{mid}", files)
+        )
+    return rel, pushed
