@@ -83,6 +83,11 @@ REQUEST_COLUMNS = KEY_COLUMNS + (
     "status",  # ok / degraded (some expert failed) / error
     "error",
     "faults",  # ids of the injected faults active during the request (faults.csv)
+    # runs with whole-model experts (MoE²): the request-level policy's budgets and whether the
+    # request's measured energy or delay went over them (or it was refused: 1)
+    "energy_budget_j",
+    "delay_budget_ms",  # its category's
+    "over_budget",
 )
 
 LAYER_COLUMNS = KEY_COLUMNS + (
@@ -169,6 +174,11 @@ SUMMARY_COLUMNS = KEY_COLUMNS + (
     "calls",
     "calls_failed",
     "calls_rerouted",
+    # runs with whole-model experts (MoE²)
+    "energy_per_request_j",  # mean of requests.energy_devices_j
+    "energy_budget_j",  # the policy's budgets (one delay budget for every category)
+    "delay_budget_ms",
+    "budget_violations",  # requests over a budget or refused
 )
 
 

@@ -538,7 +538,7 @@ class Recipe:
         from ..lab.modelstore import is_short_name
 
         p = str(self.config["model"]["path"])
-        if is_short_name(p):
+        if is_short_name(p) or p == "edge":  # "edge": whole-model experts (run.edge_trial)
             return p
         q = Path(p).expanduser()
         return str(q if q.is_absolute() else (self.path.parent / q).resolve())

@@ -75,7 +75,7 @@ class Recorder:
         def table(name: str, path: str, columns: Any, *more: Any) -> None:
             self.tables[name] = stack.enter_context(R.CsvTable(d / path, columns, *more))
 
-        table("requests", R.REQUESTS, R.REQUEST_COLUMNS, extra)
+        table("requests", R.REQUESTS, R.REQUEST_COLUMNS, extra, R.POLICY_PREFIX)
         table("layers", R.LAYERS, R.LAYER_COLUMNS, extra, R.POLICY_PREFIX)
         table("calls", R.CALLS, R.CALL_COLUMNS, extra)
         table("devices", R.DEVICES, R.DEVICE_COLUMNS)

@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -61,6 +62,16 @@ from ..net.tc import LinkSpec
 from ..net.verify import shaper_for
 from .decisions import check_model_and_policies
 from .device_profile import DeviceProfiler
+from .edge_trial import (
+    PROFILE_PER_CATEGORY,
+    VALIDATION_ITEMS,
+    VALIDATION_SEED,
+    EdgeModels,
+    EdgeTrialRun,
+    edge_dir,
+    mc_items,
+    softmax,
+)
 from .fault_effects import AgentEffects
 from .faults import TrialFaults
 from .loading import ExpertLoader
@@ -191,6 +202,7 @@ class Session:
         #: the faults of the trial being run (cleared at its end, or on the way out)
         self.faults: TrialFaults | None = None
         # set up by the stages of __enter__
+        self.checked = False  # check_inputs done (before the run folder, or by __enter__)
         self.split: Path | None = None
         self.traces: dict[int, Any] = {}
         self.inv: Any = None
@@ -235,7 +247,7 @@ class Session:
     # set-up and teardown -------------------------------------------------------------------------
     def __enter__(self) -> Session:
         try:
-            if self.split is None:
+            if not self.checked:
                 self.check_inputs()
             self._open_inventory()
             self._open_power()
@@ -263,6 +275,7 @@ class Session:
         exists: a refused recipe leaves none)."""
         rec = self.recipe
         self.split = check_model_and_policies(rec, self.trials)
+        self.checked = True
         for t in self.trials:
             path = rec.trace_path(t)
             self.traces[t.index] = read_trace(path) if path is not None else None
@@ -282,8 +295,6 @@ class Session:
     def _open_inventory(self) -> None:
         """The inventory (else a local testbed, removed on the way out) and the model's
         manifest; both in the run's manifest."""
-        from models.manifest import load_manifest
-
         rec = self.recipe
         inv_path = self.inventory_path
         wanted = [t.config["run"]["devices"] for t in self.trials]
@@ -301,9 +312,15 @@ class Session:
                 f"devices of {inv_path}"
             )
         self.manifest["inventory"] = {"path": str(inv_path), **inv.to_dict()}
+        self._record_model()
+        self.recorder.save()
+
+    def _record_model(self) -> None:
+        """The model's manifest, and its entry in the run's manifest."""
+        from models.manifest import load_manifest
+
         self.mf = load_manifest(self.split)
         self.manifest["model"] = model_entry(self.split, self.mf)
-        self.recorder.save()
 
     def _local_testbed(self, devices: int) -> Path:
         """A local testbed of ``devices`` namespaces for the run; its inventory."""
@@ -448,6 +465,149 @@ class Session:
             self.faults.finish()
 
 
+class EdgeSession(Session):
+    """A run whose experts are whole models on the devices (``model.path = "edge"``; see
+    :mod:`testbed.run.edge_trial`): the same stages, but the models are pushed and loaded per
+    trial where its policy places them, the BS holds the gate, and each trial is an
+    :class:`~testbed.run.edge_trial.EdgeTrialRun`."""
+
+    def check_inputs(self) -> None:
+        """The expert set, every trial's (request-level) policy and the devices the recipe's
+        ``links.device`` names; nothing is touched."""
+        from ..policy.api import RequestPolicy
+        from ..policy.loading import load_policy_class
+
+        rec = self.recipe
+        folder = edge_dir(rec.model_spec())
+        if folder is None or not folder.is_dir():
+            raise ConfigError(f"{rec.path}: model.path: no whole-model expert set there")
+        self.edge_folder = folder
+        for t in self.trials:
+            cls = load_policy_class(rec.policy_spec(t.policy))
+            cls.from_params(t.config["policy"]["params"], f"{rec.path}: policy.params")
+            if not issubclass(cls, RequestPolicy):
+                raise ConfigError(
+                    f"{rec.path}: policy.name: {t.policy} decides per layer; whole-model "
+                    "experts need a request-level policy (moe2, moe2-all, ...)"
+                )
+            if t.config["faults"]["events"] or t.config["run"].get("events"):
+                raise ConfigError(
+                    f"{rec.path}: faults.events, run.events: not supported with whole-model "
+                    "experts yet"
+                )
+        if any(t.config["links"].get("device") for t in self.trials):
+            names = (
+                [d.name for d in load_inventory(self.inventory_path).devices]
+                if self.inventory_path is not None
+                else [f"dev{i}" for i in range(1, self._local_devices() + 1)]
+            )
+            check_device_links(self.trials, lambda t: names, str(rec.path))
+        self.checked = True
+
+    def _record_model(self) -> None:
+        from models.edge_llms import read_report
+
+        report = read_report(self.edge_folder)
+        self.manifest["model"] = {
+            "kind": "whole-model experts",
+            "path": str(self.edge_folder),
+            "experts": [e["name"] for e in report["experts"]],
+            "categories": report["categories"],
+        }
+
+    def _open_model(self) -> None:
+        """The expert set at the BS, its validation set and profiling items, the BS's
+        aggregation time (gate and combination, median of 20)."""
+        rec = self.recipe
+        if rec.config["run"].get("bs_threads"):
+            import torch
+
+            torch.set_num_threads(int(rec.config["run"]["bs_threads"]))
+        self.progress.message("scoring the validation set at the BS")
+        self.edge = EdgeModels(self.edge_folder)
+        val = mc_items(VALIDATION_ITEMS, rec.seed + VALIDATION_SEED)
+        self.validation = self.edge.validation(val)
+        self.validation_prompts = [it["context_ids"] for it in val]
+        self.profile_items = mc_items(
+            8 * PROFILE_PER_CATEGORY * 3, rec.seed + VALIDATION_SEED + 1, self.validation_prompts
+        )
+        self.aggregation_ms = aggregation_time_ms(self.edge, val[:20])
+        self.manifest["aggregation_ms"] = self.aggregation_ms
+        self.loaded: dict[str, dict[str, str]] = {}
+
+    def _open_tables(self) -> None:
+        rec = self.recorder
+        rec.open_tables(self.stack, self.recipe.sweep)
+        self.sampler = DeviceSampler(
+            self.feed,
+            rec.tables["devices"],
+            self.run_id,
+            self.t0,
+            float(self.recipe.config["run"]["telemetry_period_s"]),
+        )
+
+    def load_models(self, where: dict[str, str]) -> None:
+        """Each model (id -> device) pushed where it is not yet (sha256 reuse) and loaded."""
+        from ..dataplane.lm_call import load_model
+        from ..lab import provision as prov
+
+        todo: dict[str, dict[str, Any]] = {}
+        for mid, dev in where.items():
+            if mid not in self.loaded.get(dev, {}):
+                todo.setdefault(dev, {})[mid] = self.edge.folders[self.edge.names.index(mid)]
+        if not todo:
+            return
+        self.progress.message(f"pushing {sum(map(len, todo.values()))} models")
+        for row in prov.agents_push_models(self.inv, todo):
+            if not row["ok"]:
+                raise TestbedError(f"{row['device']}: pushing models failed: {row['error']}")
+            for mid, path in row["models"].items():
+                load_model(self.backend, row["device"], mid, path)
+                self.loaded.setdefault(row["device"], {})[mid] = path
+
+    def score(self, device: str, model: str, item: dict[str, Any]) -> Any:
+        """One ``score`` call of ``model`` on ``device`` for a multiple-choice ``item``."""
+        from ..dataplane.lm_call import lm_request
+
+        return lm_request(
+            self.backend,
+            device,
+            model,
+            "score",
+            item["context_ids"],
+            options=item["choices_ids"],
+        )
+
+    def run_trials(self) -> None:
+        """Every trial and repeat not completed yet."""
+        rec = self.recipe
+        self.progress.start(len(self.trials), int(rec.config["workload"]["requests"]) * rec.repeats)
+        for t in self.trials:
+            self.progress.trial(t.index, f"{t.policy} {t.label}")
+            for rep in range(rec.repeats):
+                if (t.index, rep) not in self.completed:
+                    EdgeTrialRun(self, t, rep).run()
+
+
+def aggregation_time_ms(edge: EdgeModels, items: Sequence[dict[str, Any]]) -> float:
+    """The BS's own time per request: the gate's weights for one prompt and the combination of
+    two experts' answers (median over ``items``)."""
+    times = []
+    for it in items:
+        t0 = time.perf_counter()
+        w = edge.gate_weights([it["context_ids"]])[0]
+        probs = [softmax([0.0] * len(it["choices_ids"])) for _ in range(2)]
+        mix = [w[0] * p0 + w[1] * p1 for p0, p1 in zip(*probs)]
+        max(range(len(mix)), key=mix.__getitem__)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times) if times else 0.0
+
+
+def session_for(recipe: Recipe) -> type[Session]:
+    """The session class for ``recipe``: :class:`EdgeSession` for whole-model experts."""
+    return EdgeSession if edge_dir(recipe.model_spec()) is not None else Session
+
+
 def run_recipe(
     recipe: Recipe,
     inventory: Path | None = None,
@@ -465,7 +625,7 @@ def run_recipe(
     KeyboardInterrupt
         Re-raised after the manifest says ``interrupted`` and links are restored.
     """
-    session = Session(recipe, inventory, out, progress, local_name, resume)
+    session = session_for(recipe)(recipe, inventory, out, progress, local_name, resume)
     rec = session.recorder
     if resume is not None:
         session.completed, session.requests_done, session.summaries = prepare_resume(

@@ -107,20 +107,9 @@ class TrialRun:
         return place_experts(self.policy, s.mf, infos, profile)
 
     def _enforce_links(self) -> list[dict[str, Any]]:
-        """Every device's link at its rates, delay and loss in this trial (``links.device``
-        over the cell's :meth:`~testbed.run.recipe.Trial.link_for`); what tc reports."""
-        sh = self.s.shaper
-        links = self.t.device_links([d.name for d in self.s.inv.devices])
-        if not sh.is_installed():
-            sh.setup(
-                [x.spec("down") for x in links.values()], [x.spec("up") for x in links.values()]
-            )
-        else:
-            for name, x in links.items():
-                sh.change(name, x.spec("down"), "down")
-                sh.change(name, x.spec("up"), "up")
-        # how the links charge messages (mode, free bucket, offloads): manifest and links.csv
-        info = sh.shaping_info()
+        """Every device's link at its rates, delay and loss in this trial; what tc reports (the
+        shaping info to the manifest and the links rows' cells)."""
+        rows, info = enforce_links(self.s.shaper, self.t, [d.name for d in self.s.inv.devices])
         self.manifest["shaping"] = info
         self.link_shaping = {
             "shaping": info["mode"],
@@ -128,7 +117,7 @@ class TrialRun:
             "bucket_slack_us": info["bucket_slack_us"],
             "offloads": info["offloads_summary"],
         }
-        return [s.to_dict() for s in sh.show()]
+        return rows
 
     def _set_up(self) -> tuple[EpochLinks, dict[str, dict[str, Any]]]:
         """Placement, profiling, links, the trial's manifest entry, its cluster state, link
@@ -315,3 +304,20 @@ class TrialRun:
         s.completed.add((self.t.index, self.rep))
         self.manifest.setdefault("completed", []).append([self.t.index, self.rep])
         s.recorder.save()
+
+
+def enforce_links(shaper: Any, t: Trial, names: Sequence[str]) -> tuple[list[dict], dict]:
+    """Every link of ``names`` (the inventory's devices, in order) at its rates, delay and loss
+    in trial ``t`` (``links.device`` over the cell's, :meth:`~testbed.run.recipe.Trial.link_for`);
+    (what tc reports, one row per device; how the links charge messages: mode, free bucket,
+    offloads)."""
+    links = t.device_links(list(names))
+    if not shaper.is_installed():
+        shaper.setup(
+            [x.spec("down") for x in links.values()], [x.spec("up") for x in links.values()]
+        )
+    else:
+        for name, x in links.items():
+            shaper.change(name, x.spec("down"), "down")
+            shaper.change(name, x.spec("up"), "up")
+    return [r.to_dict() for r in shaper.show()], shaper.shaping_info()
