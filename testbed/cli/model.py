@@ -4,6 +4,8 @@ Commands (each takes ``--format json|table``; json prints one JSON object on std
 
 * ``split CHECKPOINT_DIR OUT_DIR``: BS part + one shard per expert + manifest.json.
 * ``build-tiny OUT_DIR``: train the tiny built-in Mixtral (HF format) deterministically.
+* ``train-edge-llms OUT_DIR [--k 5] [--seed 0]``: MoE²'s K whole-model experts (dense LMs of
+  different sizes and training mixtures) and their gate, with a per-category accuracy table.
 * ``widen MODEL OUT_DIR --hidden 4096``: the same trained model with W-wide experts and payloads
   (an orthonormal lift at the MoE boundary, :mod:`models.widen`).
 * ``eval MODEL_DIR [--policy NAME_OR_SPEC[,..]] [--param [NAME.]KEY=VALUE ..] [--cluster FILE]
@@ -135,6 +137,29 @@ def build_tiny(
 
     res = _run(go)
     _show(fmt, res, "model build-tiny")
+
+
+@app.command("train-edge-llms")
+def train_edge_llms_cmd(
+    out_dir: Path = typer.Argument(..., help="Output folder: one folder per expert, the gate."),
+    k: int = typer.Option(5, "--k", min=4, max=6, help="Number of whole-model experts (4..6)."),
+    seed: int = typer.Option(0, "--seed", help="Seed (weights are a function of it)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress lines on stderr."),
+    fmt: Format = FormatOpt,
+) -> None:
+    """Train MoE²'s K heterogeneous whole-model experts (dense LMs) and the gate on the tiny task;
+    print per-category accuracy (the committed set is models/edge/, models.edge_llms)."""
+
+    def go() -> dict[str, Any]:
+        from models.edge_llms import train_edge_llms
+
+        log = None if quiet else (lambda s: sys.stderr.write(s + "\n"))
+        return train_edge_llms(out_dir, k=k, seed=seed, log=log)
+
+    res = _run(go)
+    from models.edge_llms import format_table
+
+    emit(fmt, res, format_table(res), width=WIDTH)
 
 
 @app.command()
