@@ -350,4 +350,85 @@ def write_plots(rep: Report, out_dir: str | Path | None = None) -> list[Path]:
     paths = [out / name for name in PLOT_FILES]
     for draw, p in zip((_plot_cdf, _plot_acc_lat, _plot_layers, _plot_energy), paths):
         draw(rep, p)
+    points = budget_points(rep)
+    if points:  # whole-model experts (MoE²) with budgets: accuracy against each budget
+        budget_figure(points).savefig(out / BUDGET_PLOT, dpi=110)
+        paths.append(out / BUDGET_PLOT)
     return paths
+
+
+BUDGET_PLOT = "accuracy_vs_budget.png"
+
+
+@dataclass(frozen=True)
+class BudgetPoint:
+    """One group of a run with budgets (MoE²): its policy, budgets, accuracy and whether any
+    request went over a budget."""
+
+    policy: str
+    energy_budget_j: float
+    delay_budget_ms: float
+    accuracy: float
+    violations: int
+
+
+def budget_points(rep: Report) -> list[BudgetPoint]:
+    """The report's groups whose requests carry ``energy_budget_j`` and ``delay_budget_ms``."""
+    out = []
+    for g in rep.groups:
+        rows = [r for r in g.requests if as_float(r.get("energy_budget_j")) is not None]
+        if not rows or len(rows) != len(g.requests):
+            continue
+        e = as_float(rows[0]["energy_budget_j"])
+        d = max(as_float(r.get("delay_budget_ms")) or 0.0 for r in rows)
+        acc = column_values(rows, "correct")
+        out.append(
+            BudgetPoint(
+                g.policy,
+                float(e or 0.0),
+                d,
+                sum(acc) / len(acc) if acc else 0.0,
+                sum(int(as_float(r.get("over_budget")) or 0) for r in rows),
+            )
+        )
+    return out
+
+
+def budget_figure(points: Sequence[BudgetPoint]) -> Any:
+    """Accuracy against the energy budget (at the loosest delay budget) and against the delay
+    budget (at the loosest energy budget), one line per policy; a hollow marker where some
+    request of that point went over a budget."""
+    fig = _figure(figsize=(11, 4.5), layout="constrained")
+    loosest_d = max(p.delay_budget_ms for p in points)
+    loosest_e = max(p.energy_budget_j for p in points)
+    panels = (
+        ("energy_budget_j", "energy budget per request (J)", "delay_budget_ms", loosest_d),
+        ("delay_budget_ms", "delay budget per request (ms)", "energy_budget_j", loosest_e),
+    )
+    for i, (axis, xlabel, fixed, at) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for pol in sorted({p.policy for p in points}):
+            mine = sorted(
+                (p for p in points if p.policy == pol and getattr(p, fixed) == at),
+                key=lambda p: getattr(p, axis),
+            )
+            if not mine:
+                continue
+            xs = [getattr(p, axis) for p in mine]
+            (line,) = ax.plot(xs, [p.accuracy for p in mine], label=pol, marker="o")
+            over = [p for p in mine if p.violations]
+            ax.scatter(
+                [getattr(p, axis) for p in over],
+                [p.accuracy for p in over],
+                s=90,
+                facecolors="white",
+                edgecolors=line.get_color(),
+                zorder=3,
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel + (f" (at {fixed} = {at:g})"))
+        ax.set_ylabel("accuracy (fraction of requests correct)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle("Accuracy against the budgets (hollow: some request went over a budget)")
+    return fig

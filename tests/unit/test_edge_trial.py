@@ -1,0 +1,69 @@
+"""The pure parts of runs with whole-model experts (testbed.run.edge_trial): the combination of
+the experts' answers, the items, the budget checks, the budget plot's points."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from testbed.dataplane.lm_call import LMReply
+from testbed.run.edge_trial import (
+    Call,
+    budgets_of,
+    call_row,
+    combine_answers,
+    edge_dir,
+    mc_items,
+    softmax,
+    within_budget,
+)
+
+
+def _call(expert: int, scores, status="ok") -> Call:
+    r = LMReply(f"dev{expert}", f"m{expert}", "score", status=status, result=scores)
+    r.rtt_ms, r.bytes_down, r.bytes_up = 5.0, 100, 40
+    return Call(expert, f"dev{expert}", r)
+
+
+def test_combination_weights_renormalised_over_the_answers():
+    a = _call(0, [math.log(0.7), math.log(0.1), math.log(0.1), math.log(0.1)])
+    b = _call(1, [math.log(0.1), math.log(0.8), math.log(0.05), math.log(0.05)])
+    # 0.6/0.4: 0.6*0.7+0.4*0.1 = 0.46 for option 0 against 0.6*0.1+0.4*0.8 = 0.38
+    assert combine_answers([a, b], {0: 0.3, 1: 0.2}) == 0
+    assert combine_answers([a, b], {0: 0.2, 1: 0.3}) == 1
+    # a failed call is left out and the others' weights renormalised
+    assert combine_answers([a, _call(1, None, status="timeout")], {0: 0.01, 1: 0.99}) == 0
+    assert combine_answers([_call(1, None, status="timeout")], {1: 1.0}) is None
+    assert combine_answers([], {}) is None
+    assert combine_answers([a, b], {0: 0.0, 1: 0.0}) == 1  # no weight: equal shares (.4 < .45)
+
+
+def test_softmax_and_budgets():
+    assert softmax([0.0, math.log(3.0)]) == pytest.approx([0.25, 0.75])
+    assert softmax([-1000.0, -1000.0]) == pytest.approx([0.5, 0.5])
+    assert within_budget(1.0, 1.0) and not within_budget(1.01, 1.0)
+    assert within_budget(None, 1.0) and within_budget(5.0, None)
+
+    class P:
+        energy_budget_j, delay_budget_ms = 0.5, [10.0, 20.0]
+
+    assert budgets_of(P()) == (0.5, [10.0, 20.0]) and budgets_of(object()) == (None, None)
+
+
+def test_items_have_categories_and_skip_excluded_prompts():
+    items = mc_items(20, seed=3)
+    assert len(items) == 20 and all(len(it["choices_ids"]) == 4 for it in items)
+    assert all(it["category"] == it["context_ids"][1] - 4 for it in items)
+    rest = mc_items(20, seed=3, exclude=[items[0]["context_ids"], items[5]["context_ids"]])
+    prompts = {tuple(it["context_ids"]) for it in rest}
+    assert len(rest) == 20 and tuple(items[0]["context_ids"]) not in prompts
+
+
+def test_call_row_and_edge_dir(tmp_path):
+    row = call_row({"run_id": "r", "request": 3}, _call(2, [0.0]), "m2", 9)
+    assert (row["layer"], row["expert"], row["device"], row["tokens"]) == (-1, "m2", "dev2", 9)
+    assert row["rtt_ms"] == 5.0 and row["status"] == "ok"
+    assert edge_dir(str(tmp_path)) is None  # no edge_llms.json there
+    (tmp_path / "edge_llms.json").write_text("{}")
+    assert edge_dir(str(tmp_path)) == tmp_path
