@@ -9,9 +9,11 @@ four answers, one right. One repeat of a trial (:class:`EdgeTrialRun`):
 1. the policy places the experts (one :class:`~testbed.policy.ExpertInfo` per model, ``layer``
    -1); each is pushed to its device (sha256 reuse) and loaded there;
 2. the links are set as the recipe says (per device where it says so);
-3. **profile**: for every expert and category, :data:`PROFILE_PER_CATEGORY` items scored on its
-   device: the median round trip is its delay there, the mean of the device meter's joules its
-   energy per request; the BS's own time (gate and combination) is ``aggregation_ms``;
+3. **profile**: for every expert, a few untimed warm-up calls, then :data:`PROFILE_PER_CATEGORY`
+   items of each category scored on its device, the categories in turn: the 90th percentile of
+   a category's round trips is its delay there, that of all its calls' device joules its
+   energy per request (a conservative profile: the plan's budgets hold for most requests, not
+   only for the average one); the BS's own time (gate and combination) is ``aggregation_ms``;
 4. the policy plans (:meth:`~testbed.policy.RequestPolicy.plan`) from that profile and a
    validation set the BS scores in-process (the gate's weights and every expert's answer
    probabilities on :data:`VALIDATION_ITEMS` items; the same for every trial);
@@ -52,7 +54,9 @@ from .trial import enforce_links
 #: ``model.path`` of the project's whole-model expert set
 EDGE_MODEL = "edge"
 #: items per (expert, category) the profile scores on the devices
-PROFILE_PER_CATEGORY = 3
+PROFILE_PER_CATEGORY = 4
+#: untimed calls per expert before its profile (one item of each of the first categories)
+PROFILE_WARMUP = 4
 #: items of the validation set a policy plans on (scored in-process at the BS)
 VALIDATION_ITEMS = 160
 VALIDATION_SEED = 101
@@ -85,6 +89,17 @@ def mc_items(count: int, seed: int, exclude: Sequence[Sequence[int]] = ()) -> li
         if len(out) == count:
             break
     return out
+
+
+def p90(xs: Sequence[float]) -> float:
+    """The 90th percentile of ``xs`` (linear interpolation; 0 for none): the profile's
+    conservative figure, so that most requests of a plan meet the budgets it was made for."""
+    if not xs:
+        return 0.0
+    v = sorted(xs)
+    pos = 0.9 * (len(v) - 1)
+    lo = int(pos)
+    return v[lo] + (v[min(lo + 1, len(v) - 1)] - v[lo]) * (pos - lo)
 
 
 def softmax(xs: Sequence[float]) -> list[float]:
@@ -266,24 +281,27 @@ class EdgeTrialRun:
         for it in s.profile_items:
             if len(per_cat[it["category"]]) < PROFILE_PER_CATEGORY:
                 per_cat[it["category"]].append(it)
-        delay = [[0.0] * cats for _ in edge.names]
+        rtts: list[list[list[float]]] = [[[] for _ in range(cats)] for _ in edge.names]
         energy = []
         for k, name in enumerate(edge.names):
             joules = []
-            for c in range(cats):
-                rtts = []
-                for it in per_cat[c]:
+            # warm-up calls first (untimed): a link's burst allowance (its bucket) and a cold
+            # model must not make the first category look cheap; then the categories in turn
+            warm = [(c, per_cat[c][0]) for c in range(min(cats, PROFILE_WARMUP)) if per_cat[c]]
+            for r in range(-1, PROFILE_PER_CATEGORY):
+                for c, it in warm if r < 0 else self._round(per_cat, r):
                     rep = s.score(self.device_of[k], name, it)
                     if not rep.ok:
                         raise TestbedError(
                             f"{self.device_of[k]}: profiling {name} failed: {rep.status} "
                             f"{rep.detail}"
                         )
-                    rtts.append(float(rep.rtt_ms))
-                    if rep.energy_j is not None:
-                        joules.append(float(rep.energy_j))
-                delay[k][c] = statistics.median(rtts) if rtts else 0.0
-            energy.append(statistics.fmean(joules) if joules else 0.0)
+                    if r >= 0:
+                        rtts[k][c].append(float(rep.rtt_ms))
+                        if rep.energy_j is not None:
+                            joules.append(float(rep.energy_j))
+            energy.append(p90(joules))
+        delay = [[p90(x) for x in row] for row in rtts]
         v = s.validation
         return RequestProfile(
             tuple(edge.names),
@@ -297,6 +315,11 @@ class EdgeTrialRun:
             v["answer"],
             v["category"],
         )
+
+    @staticmethod
+    def _round(per_cat: Mapping[int, list[dict]], r: int) -> list[tuple[int, dict]]:
+        """Round ``r`` of the profile: the ``r``-th item of every category that has one."""
+        return [(c, items[r]) for c, items in per_cat.items() if r < len(items)]
 
     def _manifest_entry(self, profile: RequestProfile, links: list[dict]) -> dict[str, Any]:
         return {
@@ -320,7 +343,7 @@ class EdgeTrialRun:
     # requests ------------------------------------------------------------------------------
     def _request(self, i: int, it: Mapping[str, Any], view: ClusterView, pool: Any) -> None:
         """One request: gate, decision, the chosen experts' calls in parallel, combination."""
-        s, edge = self.s, self.s.edge
+        edge = self.s.edge
         t0 = time.perf_counter()
         gate = edge.gate_weights([it["context_ids"]])[0]
         req = RequestContext(i, tuple(it["context_ids"]), int(it["category"]), tuple(gate))
@@ -332,12 +355,27 @@ class EdgeTrialRun:
         chosen = [int(k) for k in d.experts]
         if any(not 0 <= k < len(edge.names) for k in chosen):
             raise PolicyFailed(f"policy {self.policy.name}: no expert {chosen} of {edge.names}")
-        futs = [(k, pool.submit(s.score, self.device_of[k], edge.names[k], it)) for k in chosen]
-        calls = [Call(k, self.device_of[k], f.result()) for k, f in futs]
+        calls = self._calls(chosen, it, pool)
         w = list(d.weights) if d.weights is not None else [gate[k] for k in chosen]
         answer = combine_answers(calls, dict(zip(chosen, w)))
         t1 = time.perf_counter()
         self._record(i, it, d, calls, answer, (t1 - t0) * 1e3)
+
+    def _calls(self, chosen: Sequence[int], it: Mapping[str, Any], pool: Any) -> list[Call]:
+        """The chosen experts' ``score`` calls: the devices in parallel, one thread each, the
+        experts of one device one after the other (its connection is one socket, and its
+        agent serves one call at a time anyway); in ``chosen``'s order."""
+        s, names = self.s, self.s.edge.names
+        by_dev: dict[str, list[int]] = {}
+        for k in chosen:
+            by_dev.setdefault(self.device_of[k], []).append(k)
+
+        def on(dev: str, ks: list[int]) -> list[Call]:
+            return [Call(k, dev, s.score(dev, names[k], it)) for k in ks]
+
+        futs = [pool.submit(on, dev, ks) for dev, ks in by_dev.items()]
+        done = {c.expert: c for f in futs for c in f.result()}
+        return [done[k] for k in chosen]
 
     def _record(
         self,

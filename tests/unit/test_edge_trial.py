@@ -67,3 +67,11 @@ def test_call_row_and_edge_dir(tmp_path):
     assert edge_dir(str(tmp_path)) is None  # no edge_llms.json there
     (tmp_path / "edge_llms.json").write_text("{}")
     assert edge_dir(str(tmp_path)) == tmp_path
+
+
+def test_p90():
+    from testbed.run.edge_trial import p90
+
+    assert p90([]) == 0.0 and p90([3.0]) == 3.0
+    assert p90(list(range(11))) == pytest.approx(9.0)
+    assert p90([1.0, 2.0]) == pytest.approx(1.9)
