@@ -61,7 +61,8 @@ def report_cmd(
     airtime, device compute, fixed call cost, the rest of the exchange, decision, rate
     change and the BS's own model, as shares (testbed.results.comparison.time_shares).
 
-    A point with other policies but no topk is named on stderr (one warning line each).
+    A point with other policies but no topk is named on stderr (one warning line each); runs
+    with budgets (MoE²) get a table of accuracy, energy and delay against them instead.
 
     Repeats: each metric is the mean over the repeats with its 95% confidence interval,
     shown as "mean ±half-width" (Student t, n-1 df; none with one repeat); the changes
@@ -71,7 +72,7 @@ def report_cmd(
     JSON: an object with runs, rows (one per run x policy x point), versus_topk,
     prediction and time_shares (see testbed.results.comparison), faults and plots (PNG paths).
     """
-    from ..results import comparison, deployment, fault_report
+    from ..results import budgets, comparison, deployment, fault_report
     from ..results.plots import write_plots
     from ..results.report import build_report, print_table, render_table
 
@@ -83,6 +84,7 @@ def report_cmd(
     shares = comparison.shares_rows(rep.groups)
     faults = _per_run(fault_report.fault_summary, rep.runs)
     deployments = _per_run(deployment.deployment_summary, rep.runs)
+    budget, plots = budgets.budget_rows(rep.groups), write_plots(rep, out)
     if fmt == Format.table:
         out_con = _out_console()
         render_table(rep, out_con)
@@ -92,25 +94,27 @@ def report_cmd(
             (shares, comparison.shares_table, 2),
             (faults, fault_report.table, 2),
             (deployments, deployment.table, 2),
+            (budget, budgets.table, 1),
         ):
             if rows:
                 print_table(out_con, draw(rows), keys)
-    plots = write_plots(rep, out)
     if fmt == Format.json:
-        emit(
-            fmt,
-            {
-                "runs": [r.describe() for r in rep.runs],
-                "rows": rep.rows,
-                "versus_topk": versus,
-                "prediction": prediction,
-                "time_shares": shares,
-                "faults": faults,
-                "deployment": deployments,
-                "plots": [str(p) for p in plots],
-            },
-        )
+        emit(fmt, _json(rep, versus, prediction, shares, faults, deployments, budget, plots))
     else:  # one unwrapped line per path, so that they can be copied
         console.print(f"plots: {plots[0].parent}/", soft_wrap=True, highlight=False, markup=False)
         for p in plots:
             console.print(f"  {p.name}", soft_wrap=True, highlight=False, markup=False)
+
+
+def _json(rep: Any, *parts: Any) -> dict[str, Any]:
+    """The report as JSON: runs, rows, then ``parts`` in :data:`JSON_PARTS`' order."""
+    *tables, plots = parts
+    return {
+        "runs": [r.describe() for r in rep.runs],
+        "rows": rep.rows,
+        **dict(zip(JSON_PARTS, tables)),
+        "plots": [str(p) for p in plots],
+    }
+
+
+JSON_PARTS = ("versus_topk", "prediction", "time_shares", "faults", "deployment", "budgets")

@@ -237,12 +237,14 @@ def baseline_key(g: Any) -> tuple[str, tuple[str, ...]]:
 
 def missing_baseline(groups: Sequence[Any], baseline: str = "topk") -> list[str]:
     """One line per (run, point) whose policies have no ``baseline`` group to compare with
-    (their "vs baseline" cells stay empty), naming the run, the point and the policies."""
+    (their "vs baseline" cells stay empty), naming the run, the point and the policies; not
+    for groups with budgets (MoE² runs compare against their own baselines)."""
     have = {baseline_key(g) for g in groups if g.policy == baseline}
     lacking: dict[tuple[str, tuple[str, ...]], list[str]] = {}
     for g in groups:
         k = baseline_key(g)
-        if g.policy != baseline and k not in have:
+        budgeted = any(r.get("energy_budget_j") not in (None, "") for r in g.requests[:1])
+        if g.policy != baseline and k not in have and not budgeted:
             tag = f"{POLICY_KEY}="
             spec = [w[len(tag) :] for w in g.point.split() if w.startswith(tag)]
             lacking.setdefault(k, []).append(short_policy(spec[0]) if spec else g.policy)

@@ -159,27 +159,34 @@ DEVICE_COLUMNS = (
     "rate_up_kbit",
 )
 
-SUMMARY_COLUMNS = KEY_COLUMNS + (
-    "requests",
-    "requests_ok",
-    "latency_p50_ms",
-    "latency_p95_ms",
-    "ttft_p50_ms",
-    "tpot_p50_ms",
-    "accuracy",  # mean of requests.correct
-    "score",  # mean of requests.score
-    "energy_per_token_j",
-    "bytes_per_token",
-    "network_share",  # sum of critical_network_ms / sum of (critical_path_ms) over layers
-    "calls",
-    "calls_failed",
-    "calls_rerouted",
-    # runs with whole-model experts (MoE²)
-    "energy_per_request_j",  # mean of requests.energy_devices_j
-    "energy_budget_j",  # the policy's budgets (one delay budget for every category)
-    "delay_budget_ms",
-    "budget_violations",  # requests over a budget or refused
+SUMMARY_COLUMNS = (
+    KEY_COLUMNS
+    + (
+        "requests",
+        "requests_ok",
+        "latency_p50_ms",
+        "latency_p95_ms",
+        "ttft_p50_ms",
+        "tpot_p50_ms",
+        "accuracy",  # mean of requests.correct
+        "score",  # mean of requests.score
+        "energy_per_token_j",
+        "bytes_per_token",
+        "network_share",  # sum of critical_network_ms / sum of (critical_path_ms) over layers
+        "calls",
+        "calls_failed",
+        "calls_rerouted",
+    )
+    + (
+        # runs with whole-model experts (MoE²; empty otherwise): SUMMARY_BUDGET_COLUMNS
+        "energy_per_request_j",  # mean of requests.energy_devices_j
+        "energy_budget_j",  # the policy's budgets (one delay budget for every category)
+        "delay_budget_ms",
+        "budget_violations",  # requests over a budget or refused
+    )
 )
+SUMMARY_BUDGET_COLUMNS = SUMMARY_COLUMNS[-4:]
+"""The summary columns only runs with whole-model experts fill."""
 
 
 PROFILE_COLUMNS = (

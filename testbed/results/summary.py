@@ -25,8 +25,10 @@ import numpy as np
 
 from . import schema as R
 
-METRIC_COLUMNS = R.SUMMARY_COLUMNS[len(R.KEY_COLUMNS) :]
-"""The columns :func:`summary_row` fills: everything in ``SUMMARY_COLUMNS`` after the keys."""
+METRIC_COLUMNS = R.SUMMARY_COLUMNS[len(R.KEY_COLUMNS) : -len(R.SUMMARY_BUDGET_COLUMNS)]
+"""The columns :func:`summary_row` fills: ``SUMMARY_COLUMNS`` after the keys, but the budget
+columns of runs with whole-model experts (:data:`~testbed.results.schema.SUMMARY_BUDGET_COLUMNS`,
+filled by :class:`testbed.run.edge_trial.EdgeTrialRun`)."""
 
 CALL_OK = ("ok", "rerouted")
 """Call statuses that are not failures; every other status (timeout, error, unreachable,

@@ -10,10 +10,12 @@ four answers, one right. One repeat of a trial (:class:`EdgeTrialRun`):
    -1); each is pushed to its device (sha256 reuse) and loaded there;
 2. the links are set as the recipe says (per device where it says so);
 3. **profile**: for every expert, a few untimed warm-up calls, then :data:`PROFILE_PER_CATEGORY`
-   items of each category scored on its device, the categories in turn: the 90th percentile of
-   a category's round trips is its delay there, that of all its calls' device joules its
-   energy per request (a conservative profile: the plan's budgets hold for most requests, not
-   only for the average one); the BS's own time (gate and combination) is ``aggregation_ms``;
+   items of each category scored on its device, the categories in turn, each while a partner
+   expert on another device serves the same item (as a top-2 request runs): the 90th
+   percentile of a category's round trips is its delay there, that of all its calls' device
+   joules its energy per request (a conservative profile: the plan's budgets hold for most
+   requests, not only for the average one); the BS's own time (gate and combination) is
+   ``aggregation_ms``;
 4. the policy plans (:meth:`~testbed.policy.RequestPolicy.plan`) from that profile and a
    validation set the BS scores in-process (the gate's weights and every expert's answer
    probabilities on :data:`VALIDATION_ITEMS` items; the same for every trial);
@@ -217,7 +219,12 @@ class EdgeTrialRun:
 
     def run(self) -> None:
         """Set the trial up, run its requests, write its summary; marked completed."""
-        profile, links = self._set_up()
+        with ThreadPoolExecutor(max_workers=max(1, len(self.names))) as pool:
+            self._run(pool)
+        self._finish()
+
+    def _run(self, pool: Any) -> None:
+        profile, links = self._set_up(pool)
         self.policy.plan(profile)
         entry = self._manifest_entry(profile, links)
         self.s.manifest["trials"].append(entry)
@@ -234,15 +241,13 @@ class EdgeTrialRun:
             self.recipe.seed + REQUEST_SEED,
             self.s.validation_prompts,
         )
-        with ThreadPoolExecutor(max_workers=max(1, len(self.names))) as pool:
-            for i, it in enumerate(items):
-                self._request(i, it, view, pool)
-                self.s.requests_done += 1
-                self.s.progress.request()
-        self._finish()
+        for i, it in enumerate(items):
+            self._request(i, it, view, pool)
+            self.s.requests_done += 1
+            self.s.progress.request()
 
     # set-up --------------------------------------------------------------------------------
-    def _set_up(self) -> tuple[RequestProfile, list[dict[str, Any]]]:
+    def _set_up(self, pool: Any) -> tuple[RequestProfile, list[dict[str, Any]]]:
         """Placement, models pushed and loaded, links, profile."""
         s, edge = self.s, self.s.edge
         budget = self.recipe.config["run"].get("memory_budget_mb")
@@ -270,11 +275,13 @@ class EdgeTrialRun:
         s.load_models(dict(zip(edge.names, self.device_of)))
         rows, info = enforce_links(s.shaper, self.t, [d.name for d in s.inv.devices])
         s.manifest["shaping"] = info
-        return self._profile(), rows
+        return self._profile(pool), rows
 
-    def _profile(self) -> RequestProfile:
-        """Per expert and category: the median round trip and mean energy of
-        :data:`PROFILE_PER_CATEGORY` scored items on its device; the BS's aggregation time."""
+    def _profile(self, pool: Any) -> RequestProfile:
+        """Per expert and category: the 90th percentiles of the round trips and device joules
+        of :data:`PROFILE_PER_CATEGORY` scored items on its device, each timed call made
+        while a partner expert on another device serves the same item (as a top-2 request
+        runs them: the devices share the host's cores); the BS's aggregation time."""
         s, edge = self.s, self.s.edge
         cats = len(edge.categories)
         per_cat: dict[int, list[dict]] = {c: [] for c in range(cats)}
@@ -284,17 +291,30 @@ class EdgeTrialRun:
         rtts: list[list[list[float]]] = [[[] for _ in range(cats)] for _ in edge.names]
         energy = []
         for k, name in enumerate(edge.names):
-            joules = []
+            joules: list[float] = []
+            dev = self.device_of[k]
+            partner = next(
+                (
+                    j
+                    for j in range(1, len(edge.names))
+                    if self.device_of[(k + j) % len(edge.names)] != dev
+                ),
+                None,
+            )
             # warm-up calls first (untimed): a link's burst allowance (its bucket) and a cold
             # model must not make the first category look cheap; then the categories in turn
             warm = [(c, per_cat[c][0]) for c in range(min(cats, PROFILE_WARMUP)) if per_cat[c]]
             for r in range(-1, PROFILE_PER_CATEGORY):
                 for c, it in warm if r < 0 else self._round(per_cat, r):
-                    rep = s.score(self.device_of[k], name, it)
+                    if partner is not None:
+                        p = (k + partner) % len(edge.names)
+                        busy = pool.submit(s.score, self.device_of[p], edge.names[p], it)
+                    rep = s.score(dev, name, it)
+                    if partner is not None:
+                        busy.result()
                     if not rep.ok:
                         raise TestbedError(
-                            f"{self.device_of[k]}: profiling {name} failed: {rep.status} "
-                            f"{rep.detail}"
+                            f"{dev}: profiling {name} failed: {rep.status} {rep.detail}"
                         )
                     if r >= 0:
                         rtts[k][c].append(float(rep.rtt_ms))

@@ -75,3 +75,38 @@ def test_p90():
     assert p90([]) == 0.0 and p90([3.0]) == 3.0
     assert p90(list(range(11))) == pytest.approx(9.0)
     assert p90([1.0, 2.0]) == pytest.approx(1.9)
+
+
+def test_budget_rows_and_plot_points():
+    from types import SimpleNamespace
+
+    from testbed.results.budgets import budget_rows, table
+    from testbed.results.plots import budget_figure, budget_points
+
+    def req(correct, joules, ms, over, cat_budget=6.0):
+        return {
+            "correct": str(correct),
+            "energy_devices_j": str(joules),
+            "total_ms": str(ms),
+            "over_budget": str(over),
+            "energy_budget_j": "0.02",
+            "delay_budget_ms": str(cat_budget),
+        }
+
+    run = SimpleNamespace(run_id="r1")
+    g = SimpleNamespace(
+        run=run,
+        policy="moe2",
+        point="p",
+        requests=[req(1, 0.01, 4.0, 0), req(0, 0.03, 5.0, 1), req(1, 0.01, 9.0, 1, 10.0)],
+    )
+    plain = SimpleNamespace(run=run, policy="topk", point="p", requests=[{"correct": "1"}])
+    (row,) = budget_rows([g, plain])
+    assert row["accuracy"] == pytest.approx(2 / 3) and row["over_budget"] == 2
+    assert row["energy_per_request_j"] == pytest.approx(0.05 / 3)
+    assert row["delay_budget_ms"] == 10.0 and row["requests"] == 3
+    assert table([row]).row_count == 1
+    rep = SimpleNamespace(groups=[g, plain])
+    (pt,) = budget_points(rep)
+    assert (pt.policy, pt.energy_budget_j, pt.violations) == ("moe2", 0.02, 2)
+    assert len(budget_figure([pt]).axes) == 2
