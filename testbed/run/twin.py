@@ -60,6 +60,7 @@ from . import session as X
 from .calibration import calibrate_from_run, default_calibration
 from .cluster import trial_cluster
 from .decisions import check_model_and_policies, place_experts, policy_hook
+from .edge_trial import edge_dir
 from .epochs import EpochLinks, Epochs, TraceReplay
 from .provenance import git_commit, model_entry, package_versions
 from .recipe import Recipe, Trial, check_device_links
@@ -249,6 +250,11 @@ class Simulator:
     def run(self) -> X.RunResult:
         """Simulate every trial and repeat into a new run folder; its status like the runner's."""
         trials = self.recipe.trials()
+        if edge_dir(self.recipe.model_spec()) is not None:
+            raise ConfigError(
+                f"{self.recipe.path}: model.path: whole-model experts (MoE²) run on the testbed "
+                "(testbed run); the twin simulates MoE models only"
+            )
         # as a run checks them: against every device the run has (a trial using fewer
         # devices leaves the others' settings unused)
         most = device_names(max(self._n_devices(t) for t in trials))

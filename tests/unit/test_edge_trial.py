@@ -110,3 +110,14 @@ def test_budget_rows_and_plot_points():
     (pt,) = budget_points(rep)
     assert (pt.policy, pt.energy_budget_j, pt.violations) == ("moe2", 0.02, 2)
     assert len(budget_figure([pt]).axes) == 2
+
+
+def test_the_twin_refuses_whole_model_experts(monkeypatch, capsys, tmp_path):
+    from testbed import ROOT
+    from tests.conftest import run_main
+
+    rc, _, err = run_main(
+        monkeypatch, capsys, "simulate", str(ROOT / "recipes/moe2.toml"), "--out", str(tmp_path)
+    )
+    assert rc == 2 and "whole-model experts (MoE²) run on the testbed" in err
+    assert err.count("error:") == 1 and not list(tmp_path.iterdir())  # no run folder
