@@ -84,7 +84,7 @@ class MoE2(RequestPolicy):
             np.asarray(profile.answer),
             np.asarray(profile.category),
         )
-        costs = Costs(profile.energy_j, profile.delay_ms, profile.aggregation_ms)
+        costs = Costs(profile.energy_j, profile.delay_ms, profile.aggregation_ms, profile.devices)
         self.plan_result = self.choose(v, costs)
 
     def choose(self, v: Validation, costs: Costs) -> Plan:
@@ -156,14 +156,3 @@ class GreedyPerJoule(MoE2):
         return plan_greedy_per_joule(
             v, costs, self.top_k, self.energy_budget_j, self.delay_budget_ms
         )
-
-
-def budgets_met(
-    energy_j: float, delay_ms: float, category: int, energy_budget_j: float, delay_budget_ms: Any
-) -> tuple[bool, bool]:
-    """(energy within budget, delay within the category's budget) for one measured request."""
-    if isinstance(delay_budget_ms, (int, float)):
-        d = float(delay_budget_ms)
-    else:
-        d = float(list(delay_budget_ms)[category])
-    return energy_j <= energy_budget_j + 1e-12, delay_ms <= d + 1e-9

@@ -26,6 +26,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -62,11 +63,27 @@ class Validation:
 @dataclass(frozen=True)
 class Costs:
     """Profiled costs: ``energy_j[k]`` per request of expert ``k``, ``delay_ms[k][c]`` on a
-    prompt of category ``c`` (inference + transmission), ``aggregation_ms`` at the BS."""
+    prompt of category ``c`` (inference + transmission), ``aggregation_ms`` at the BS, and
+    ``device_of[k]`` (experts on one device run one after another; None: all in parallel)."""
 
     energy_j: Sequence[float]
     delay_ms: Sequence[Sequence[float]]
     aggregation_ms: float = 0.0
+    device_of: Sequence[str] | None = None
+
+    def problem(self, value: Any, k: int, energy_budget_j: float, delay_budget_ms: Any) -> Any:
+        """The :func:`~recipes.moe2.solver.moe2_problem` of these costs."""
+        cats = len(self.delay_ms[0]) if self.delay_ms else 0
+        return moe2_problem(
+            value,
+            self.energy_j,
+            self.delay_ms,
+            k,
+            energy_budget_j,
+            delay_budgets(delay_budget_ms, cats),
+            self.aggregation_ms,
+            self.device_of,
+        )
 
 
 def top_k_in(weights: Sequence[float], subset: Iterable[int], k: int) -> list[int]:
@@ -131,7 +148,6 @@ def plan_moe2(
 ) -> Plan:
     """MoE²'s offline subset: the most accurate ``S`` whose worst-case request energy is within
     ``energy_budget_j`` and whose worst-case delay per category is within its budget."""
-    cats = len(costs.delay_ms[0]) if costs.delay_ms else 0
     memo: dict[frozenset[int], float] = {}
 
     def value(s: frozenset[int]) -> float:
@@ -139,15 +155,7 @@ def plan_moe2(
             memo[s] = accuracy(v, s, k)
         return memo[s]
 
-    problem = moe2_problem(
-        value,
-        costs.energy_j,
-        costs.delay_ms,
-        k,
-        energy_budget_j,
-        delay_budgets(delay_budget_ms, cats),
-        costs.aggregation_ms,
-    )
+    problem = costs.problem(value, k, energy_budget_j, delay_budget_ms)
     exact = solve_exact(problem)
     agree = None
     if v.experts <= brute_force_max:
@@ -166,9 +174,7 @@ def _plan(r: SubsetResult, method: str, agree: bool | None, evals: int) -> Plan:
 
 def _fixed(v: Validation, costs: Costs, k: int, subset: Iterable[int], method: str) -> Plan:
     s = frozenset(subset)
-    cost = moe2_problem(
-        lambda _s: 0.0, costs.energy_j, costs.delay_ms, k, 0.0, [0.0] * len(costs.delay_ms[0])
-    ).cost(s)
+    cost = costs.problem(lambda _s: 0.0, k, 0.0, 0.0).cost(s)
     return Plan(s, accuracy(v, s, k), cost, method)
 
 
@@ -198,16 +204,7 @@ def plan_greedy_per_joule(
 ) -> Plan:
     """Experts in decreasing single-expert accuracy per joule, each added while the subset stays
     within the budgets (None when not even one fits)."""
-    cats = len(costs.delay_ms[0]) if costs.delay_ms else 0
-    problem = moe2_problem(
-        lambda s: accuracy(v, s, k),
-        costs.energy_j,
-        costs.delay_ms,
-        k,
-        energy_budget_j,
-        delay_budgets(delay_budget_ms, cats),
-        costs.aggregation_ms,
-    )
+    problem = costs.problem(lambda s: accuracy(v, s, k), k, energy_budget_j, delay_budget_ms)
     order = sorted(
         range(v.experts),
         key=lambda i: (-accuracy(v, [i], 1) / max(float(costs.energy_j[i]), 1e-12), i),

@@ -100,13 +100,23 @@ def worst_delay_ms(
     subset: frozenset[int],
     category: int,
     aggregation_ms: float = 0.0,
+    device_of: Sequence[str] | None = None,
+    k: int | None = None,
 ) -> float:
     """Worst-case delay of a prompt of ``category``: the slowest expert of ``subset``
-    (``delays_ms[i][category]``; the experts run in parallel) plus ``aggregation_ms``; 0 for
-    the empty subset (nothing runs)."""
+    (``delays_ms[i][category]``; experts on different devices run in parallel) plus
+    ``aggregation_ms``; 0 for the empty subset (nothing runs). With ``device_of`` (expert ->
+    device) and ``k``, experts that share a device run one after another: a device's time is
+    the sum of the ``k`` largest delays of its experts in ``subset`` (the worst top-``k``
+    choice), the delay the slowest device's (monotone under inclusion too)."""
     if not subset:
         return 0.0
-    return max(delays_ms[i][category] for i in subset) + aggregation_ms
+    if device_of is None or k is None:
+        return max(delays_ms[i][category] for i in subset) + aggregation_ms
+    per_dev: dict[str, list[float]] = {}
+    for i in subset:
+        per_dev.setdefault(device_of[i], []).append(delays_ms[i][category])
+    return max(sum(sorted(v, reverse=True)[:k]) for v in per_dev.values()) + aggregation_ms
 
 
 def moe2_cost(
@@ -114,12 +124,14 @@ def moe2_cost(
     delays_ms: Sequence[Sequence[float]],
     k: int,
     aggregation_ms: float = 0.0,
+    device_of: Sequence[str] | None = None,
 ) -> Callable[[frozenset[int]], tuple[float, ...]]:
     """MoE²'s cost vector of a subset, ``(energy, delay_cat0, delay_cat1, ...)``, as a function.
 
     ``energies[i]``: energy (J) of expert ``i`` for one request; ``delays_ms[i][c]``: its delay
     on a prompt of category ``c``. Worst case over the gate's top-``k`` choices inside the
-    subset (see the module docstring). Energies, delays and ``aggregation_ms`` must be
+    subset (see the module docstring); with ``device_of``, experts sharing a device count one
+    after another (:func:`worst_delay_ms`). Energies, delays and ``aggregation_ms`` must be
     non-negative for the costs to be monotone.
     """
     if any(e < 0 for e in energies) or aggregation_ms < 0:
@@ -133,7 +145,9 @@ def moe2_cost(
         raise ValueError(f"k must be >= 1, got {k}")
 
     def cost(subset: frozenset[int]) -> tuple[float, ...]:
-        delays = tuple(worst_delay_ms(delays_ms, subset, c, aggregation_ms) for c in range(cats))
+        delays = tuple(
+            worst_delay_ms(delays_ms, subset, c, aggregation_ms, device_of, k) for c in range(cats)
+        )
         return (topk_energy(energies, subset, k), *delays)
 
     return cost
@@ -147,6 +161,7 @@ def moe2_problem(
     energy_budget_j: float,
     delay_budget_ms: Sequence[float],
     aggregation_ms: float = 0.0,
+    device_of: Sequence[str] | None = None,
 ) -> SubsetProblem:
     """The MoE² problem from profiled numbers: :func:`moe2_cost` against the limits
     ``(energy_budget_j, delay_budget_ms[0], ...)``, one delay budget per category."""
@@ -156,7 +171,7 @@ def moe2_problem(
     return SubsetProblem(
         n=len(energies),
         value=value,
-        cost=moe2_cost(energies, delays_ms, k, aggregation_ms),
+        cost=moe2_cost(energies, delays_ms, k, aggregation_ms, device_of),
         limits=(float(energy_budget_j), *map(float, delay_budget_ms)),
     )
 

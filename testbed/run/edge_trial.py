@@ -11,11 +11,11 @@ four answers, one right. One repeat of a trial (:class:`EdgeTrialRun`):
 2. the links are set as the recipe says (per device where it says so);
 3. **profile**: for every expert, a few untimed warm-up calls, then :data:`PROFILE_PER_CATEGORY`
    items of each category scored on its device, the categories in turn, each while a partner
-   expert on another device serves the same item (as a top-2 request runs): the 90th
-   percentile of a category's round trips is its delay there, that of all its calls' device
-   joules its energy per request (a conservative profile: the plan's budgets hold for most
-   requests, not only for the average one); the BS's own time (gate and combination) is
-   ``aggregation_ms``;
+   expert on another device (where there is one) serves the same item (as a top-2 request
+   runs): the 90th percentile of a category's round trips is its delay there, that of all its
+   calls' device joules (over every category) its energy per request (a conservative profile:
+   the plan's budgets hold for most requests, not only for the average one); the BS's own
+   time (gate and combination) is ``aggregation_ms``;
 4. the policy plans (:meth:`~testbed.policy.RequestPolicy.plan`) from that profile and a
    validation set the BS scores in-process (the gate's weights and every expert's answer
    probabilities on :data:`VALIDATION_ITEMS` items; the same for every trial);
@@ -225,8 +225,11 @@ class EdgeTrialRun:
 
     def _run(self, pool: Any) -> None:
         profile, links = self._set_up(pool)
-        self.policy.plan(profile)
-        entry = self._manifest_entry(profile, links)
+        try:
+            self.policy.plan(profile)
+        except Exception as e:
+            raise PolicyFailed(f"policy {self.policy.name}: plan raised {one_line(e)}") from e
+        entry = manifest_entry(self.t, self.rep, self.policy, self.names, profile, links)
         self.s.manifest["trials"].append(entry)
         self.s.recorder.save()
         rates = {r["device"]: r for r in links if r["device"] in self.names}
@@ -238,10 +241,12 @@ class EdgeTrialRun:
         )
         items = mc_items(
             int(self.t.config["workload"]["requests"]),
-            self.recipe.seed + REQUEST_SEED,
+            self.recipe.seed + REQUEST_SEED + self.rep,
             self.s.validation_prompts,
         )
+        sample = {r["device"]: r for r in links}
         for i, it in enumerate(items):
+            self.s.sampler.sample(self.t.index, sample)
             self._request(i, it, view, pool)
             self.s.requests_done += 1
             self.s.progress.request()
@@ -278,10 +283,11 @@ class EdgeTrialRun:
         return self._profile(pool), rows
 
     def _profile(self, pool: Any) -> RequestProfile:
-        """Per expert and category: the 90th percentiles of the round trips and device joules
-        of :data:`PROFILE_PER_CATEGORY` scored items on its device, each timed call made
-        while a partner expert on another device serves the same item (as a top-2 request
-        runs them: the devices share the host's cores); the BS's aggregation time."""
+        """Per expert: the 90th percentile of its round trips per category and of its device
+        joules over all its calls (:data:`PROFILE_PER_CATEGORY` scored items per category), each
+        timed call made while a partner expert on another device, where there is one, serves
+        the same item (as a top-2 request runs them: the devices share the host's cores); the
+        BS's aggregation time."""
         s, edge = self.s, self.s.edge
         cats = len(edge.categories)
         per_cat: dict[int, list[dict]] = {c: [] for c in range(cats)}
@@ -305,21 +311,26 @@ class EdgeTrialRun:
             # model must not make the first category look cheap; then the categories in turn
             warm = [(c, per_cat[c][0]) for c in range(min(cats, PROFILE_WARMUP)) if per_cat[c]]
             for r in range(-1, PROFILE_PER_CATEGORY):
-                for c, it in warm if r < 0 else self._round(per_cat, r):
+                for c, it in warm if r < 0 else profile_round(per_cat, r):
                     if partner is not None:
                         p = (k + partner) % len(edge.names)
                         busy = pool.submit(s.score, self.device_of[p], edge.names[p], it)
                     rep = s.score(dev, name, it)
-                    if partner is not None:
-                        busy.result()
-                    if not rep.ok:
-                        raise TestbedError(
-                            f"{dev}: profiling {name} failed: {rep.status} {rep.detail}"
-                        )
+                    other = busy.result() if partner is not None else rep
+                    for r in (rep, other):
+                        if not r.ok:
+                            raise TestbedError(
+                                f"{r.device}: profiling {r.model} failed: {r.status} {r.detail}"
+                            )
                     if r >= 0:
                         rtts[k][c].append(float(rep.rtt_ms))
                         if rep.energy_j is not None:
                             joules.append(float(rep.energy_j))
+            if not joules:
+                raise TestbedError(
+                    f"{dev}: no energy readings from {name}'s calls: the energy budgets need "
+                    "the agent's meter (or its CPU-time estimate)"
+                )
             energy.append(p90(joules))
         delay = [[p90(x) for x in row] for row in rtts]
         v = s.validation
@@ -336,30 +347,6 @@ class EdgeTrialRun:
             v["category"],
         )
 
-    @staticmethod
-    def _round(per_cat: Mapping[int, list[dict]], r: int) -> list[tuple[int, dict]]:
-        """Round ``r`` of the profile: the ``r``-th item of every category that has one."""
-        return [(c, items[r]) for c, items in per_cat.items() if r < len(items)]
-
-    def _manifest_entry(self, profile: RequestProfile, links: list[dict]) -> dict[str, Any]:
-        return {
-            "trial": self.t.index,
-            "repeat": self.rep,
-            "point": self.t.point,
-            "policy": self.policy.describe(),
-            "devices": self.names,
-            "links_enforced": links,
-            "placement": {n: [d] for n, d in zip(profile.experts, profile.devices)},
-            "edge_profile": {
-                "energy_j": dict(zip(profile.experts, profile.energy_j)),
-                "delay_ms": {
-                    n: dict(zip(profile.categories, row))
-                    for n, row in zip(profile.experts, profile.delay_ms)
-                },
-                "aggregation_ms": profile.aggregation_ms,
-            },
-        }
-
     # requests ------------------------------------------------------------------------------
     def _request(self, i: int, it: Mapping[str, Any], view: ClusterView, pool: Any) -> None:
         """One request: gate, decision, the chosen experts' calls in parallel, combination."""
@@ -373,8 +360,17 @@ class EdgeTrialRun:
             name = self.policy.name
             raise PolicyFailed(f"policy {name}: select_request raised {one_line(e)}") from e
         chosen = [int(k) for k in d.experts]
-        if any(not 0 <= k < len(edge.names) for k in chosen):
-            raise PolicyFailed(f"policy {self.policy.name}: no expert {chosen} of {edge.names}")
+        bad_w = d.weights is not None and len(d.weights) != len(chosen)
+        if any(not 0 <= k < len(edge.names) for k in chosen) or len(set(chosen)) < len(chosen):
+            raise PolicyFailed(
+                f"policy {self.policy.name}: select_request chose {chosen}: each of "
+                f"0..{len(edge.names) - 1} at most once"
+            )
+        if bad_w:
+            raise PolicyFailed(
+                f"policy {self.policy.name}: select_request gave {len(d.weights)} weights "
+                f"for {len(chosen)} experts"
+            )
         calls = self._calls(chosen, it, pool)
         w = list(d.weights) if d.weights is not None else [gate[k] for k in chosen]
         answer = combine_answers(calls, dict(zip(chosen, w)))
@@ -408,8 +404,10 @@ class EdgeTrialRun:
     ) -> None:
         """The request's row, its calls' rows (written now) and its budget check."""
         rkey = {**self.key, "request": i}
-        joules = [c.reply.energy_j for c in calls if c.reply.ok]
-        energy = sum(joules) if joules and None not in joules else (0.0 if not calls else None)
+        # a failed call's joules are unknown, so is then the request's: not known to be within
+        # its energy budget, it counts as over it; a refused request used none and is over too
+        joules = [c.reply.energy_j for c in calls]
+        energy = sum(joules) if calls and None not in joules else None
         e_budget, d_budget = budgets_of(self.policy)
         cat = int(it["category"])
         per_cat = (
@@ -418,7 +416,9 @@ class EdgeTrialRun:
             else list(d_budget)[cat]
         )
         failed = sum(1 for c in calls if not c.reply.ok)
-        status = "refused" if not calls else ("degraded" if failed else "ok")
+        status = "refused" if not calls else ("ok" if not failed else "degraded")
+        if calls and failed == len(calls):
+            status = "error"
         row = {
             **rkey,
             "task": self.s.edge.categories[cat],
@@ -435,7 +435,7 @@ class EdgeTrialRun:
             "calls_failed": failed,
             "calls_rerouted": 0,
             "energy_devices_j": energy,
-            "energy_source": ",".join(sorted({str(c.reply.energy_source) for c in calls})),
+            "energy_source": ",".join(sorted({str(c.reply.energy_source or "") for c in calls})),
             "status": status,
             "error": "; ".join(f"{c.device}: {c.reply.status}" for c in calls if not c.reply.ok),
             "faults": "",
@@ -443,6 +443,7 @@ class EdgeTrialRun:
             "delay_budget_ms": per_cat,
             "over_budget": int(
                 not calls
+                or (e_budget is not None and energy is None)
                 or not within_budget(energy, e_budget)
                 or not within_budget(ms, None if per_cat is None else float(per_cat))
             ),
@@ -470,6 +471,7 @@ class EdgeTrialRun:
         )
         self.tables["summary"].write(row)
         s.summaries.append(row)
+        s.completed.add((self.t.index, self.rep))
         s.manifest["completed"].append([self.t.index, self.rep])
         s.recorder.save()
 
@@ -511,4 +513,38 @@ def call_row(rkey: Mapping[str, Any], c: Call, name: str, tokens: int) -> dict[s
         "energy_j": r.energy_j,
         "energy_source": r.energy_source,
         "faults": "",
+    }
+
+
+def profile_round(per_cat: Mapping[int, list[dict]], r: int) -> list[tuple[int, dict]]:
+    """Round ``r`` of the profile: the ``r``-th item of every category that has one."""
+    return [(c, items[r]) for c, items in per_cat.items() if r < len(items)]
+
+
+def manifest_entry(
+    t: Trial,
+    rep: int,
+    policy: Any,
+    names: Sequence[str],
+    profile: RequestProfile,
+    links: list[dict],
+) -> dict[str, Any]:
+    """The manifest's ``trials[]`` entry of a repeat with whole-model experts: the policy (and
+    its plan), devices, links as tc enforced them, placement and the profile measured."""
+    return {
+        "trial": t.index,
+        "repeat": rep,
+        "point": t.point,
+        "policy": policy.describe(),
+        "devices": list(names),
+        "links_enforced": links,
+        "placement": {n: [d] for n, d in zip(profile.experts, profile.devices)},
+        "edge_profile": {
+            "energy_j": dict(zip(profile.experts, profile.energy_j)),
+            "delay_ms": {
+                n: dict(zip(profile.categories, row))
+                for n, row in zip(profile.experts, profile.delay_ms)
+            },
+            "aggregation_ms": profile.aggregation_ms,
+        },
     }

@@ -534,6 +534,7 @@ class EdgeSession(Session):
         self.aggregation_ms = aggregation_time_ms(self.edge, val[:20])
         self.manifest["aggregation_ms"] = self.aggregation_ms
         self.loaded: dict[str, dict[str, str]] = {}
+        self.stack.callback(self._unload_all)  # before the backend closes (a later callback)
 
     def _open_tables(self) -> None:
         rec = self.recorder
@@ -547,10 +548,17 @@ class EdgeSession(Session):
         )
 
     def load_models(self, where: dict[str, str]) -> None:
-        """Each model (id -> device) pushed where it is not yet (sha256 reuse) and loaded."""
-        from ..dataplane.lm_call import load_model
+        """Each model (id -> device) pushed where it is not yet (sha256 reuse) and loaded; a
+        model loaded on another device before (an earlier trial's placement) is unloaded."""
+        from ..dataplane.lm_call import load_model, unload_model
         from ..lab import provision as prov
 
+        for dev, held in self.loaded.items():  # moved elsewhere: unloaded here
+            gone = [m for m in held if where.get(m) != dev]
+            if gone:
+                unload_model(self.backend, dev, gone)
+                for m in gone:
+                    del held[m]
         todo: dict[str, dict[str, Any]] = {}
         for mid, dev in where.items():
             if mid not in self.loaded.get(dev, {}):
@@ -564,6 +572,19 @@ class EdgeSession(Session):
             for mid, path in row["models"].items():
                 load_model(self.backend, row["device"], mid, path)
                 self.loaded.setdefault(row["device"], {})[mid] = path
+
+    def _unload_all(self) -> None:
+        """Every model the run loaded, unloaded from its agent (agents outlive a run); a device
+        that does not answer any more is left as it is."""
+        from ..dataplane.lm_call import unload_model
+
+        for dev, held in self.loaded.items():
+            if held:
+                try:
+                    unload_model(self.backend, dev, list(held))
+                except TestbedError:
+                    pass  # its agent is gone or stuck: nothing of the run is left to free there
+        self.loaded = {}
 
     def score(self, device: str, model: str, item: dict[str, Any]) -> Any:
         """One ``score`` call of ``model`` on ``device`` for a multiple-choice ``item``."""

@@ -121,3 +121,60 @@ def test_the_twin_refuses_whole_model_experts(monkeypatch, capsys, tmp_path):
     )
     assert rc == 2 and "whole-model experts (MoE²) run on the testbed" in err
     assert err.count("error:") == 1 and not list(tmp_path.iterdir())  # no run folder
+
+
+class _Table:
+    def __init__(self):
+        self.rows = []
+
+    def write(self, row):
+        self.rows.append(row)
+
+    def write_many(self, rows):
+        self.rows.extend(rows)
+
+
+def _trial_run(energy_budget=0.02, delay_budget=(6.0, 60.0)):
+    """An EdgeTrialRun whose session is only what _record reads."""
+    from types import SimpleNamespace
+
+    from recipes.moe2.policy import MoE2
+    from testbed.run.edge_trial import EdgeTrialRun
+
+    tr = EdgeTrialRun.__new__(EdgeTrialRun)
+    tr.s = SimpleNamespace(edge=SimpleNamespace(names=["m0", "m1", "m2"], categories=["a", "b"]))
+    tr.policy = MoE2(energy_budget_j=energy_budget, delay_budget_ms=list(delay_budget))
+    tr.key, tr.rows, tr.calls = {"run_id": "r"}, [], []
+    tr.tables = {"calls": _Table(), "requests": _Table()}
+    return tr
+
+
+def _decision():
+    from testbed.policy import RequestDecision
+
+    return RequestDecision((0, 1), stats={"subset_size": 2})
+
+
+def test_request_rows_count_what_is_not_known_to_be_within_budget():
+    item = {"context_ids": [1, 4, 12, 3], "label": 1, "category": 1}
+    tr = _trial_run()
+    ok = [_call(0, [0.0, 1.0]), _call(1, [0.0, 1.0])]
+    for c, j in zip(ok, (0.004, 0.005)):
+        c.reply.energy_j, c.reply.energy_source = j, "estimated:cpu-time"
+    tr._record(0, item, _decision(), ok, 1, 50.0)  # category 1: 60 ms budget
+    row = tr.rows[-1]
+    assert (row["status"], row["over_budget"], row["correct"]) == ("ok", 0, 1)
+    assert row["energy_devices_j"] == pytest.approx(0.009) and row["delay_budget_ms"] == 60.0
+    assert row["policy.subset_size"] == 2 and len(tr.tables["calls"].rows) == 2
+    tr._record(1, {**item, "category": 0}, _decision(), ok, 1, 50.0)  # 6 ms budget: over
+    assert tr.rows[-1]["over_budget"] == 1
+    half = [ok[0], _call(1, None, status="timeout")]
+    tr._record(2, item, _decision(), half, 1, 50.0)  # a failed call's joules are unknown
+    assert tr.rows[-1]["status"] == "degraded" and tr.rows[-1]["energy_devices_j"] is None
+    assert tr.rows[-1]["over_budget"] == 1
+    dead = [_call(0, None, status="timeout"), _call(1, None, status="error:8")]
+    tr._record(3, item, _decision(), dead, None, 50.0)
+    assert (tr.rows[-1]["status"], tr.rows[-1]["correct"]) == ("error", 0)
+    tr._record(4, item, _decision(), [], None, 1.0)  # refused: nothing served, over budget
+    assert (tr.rows[-1]["status"], tr.rows[-1]["over_budget"]) == ("refused", 1)
+    assert tr.rows[-1]["energy_devices_j"] is None

@@ -78,7 +78,7 @@ def _meets(plan, energy, delay):
 
 def test_moe2_meets_its_budgets_and_beats_every_baseline_that_does():
     rng = random.Random(7)
-    checked = 0
+    checked = agree = feasible = 0
     for _ in range(60):
         k_experts = rng.randint(2, 6)
         v, costs = _instance(rng, k_experts)
@@ -93,13 +93,17 @@ def test_moe2_meets_its_budgets_and_beats_every_baseline_that_does():
         if plan.subset is None:  # nothing fits: no baseline may fit either
             assert not any(_meets(b, energy, delay) for b in baselines)
             continue
+        feasible += 1
         assert _meets(plan, energy, delay) and plan.exact_equals_brute is not None
+        exact = plan_moe2(v, costs, 2, energy, delay, brute_force_max=0)  # the search alone
+        agree += exact.accuracy == plan.accuracy
         assert plan.accuracy == pytest.approx(accuracy(v, plan.subset, 2))
         for b in baselines:
             if _meets(b, energy, delay):
                 assert plan.accuracy >= b.accuracy - 1e-12, (b.method, plan, b)
                 checked += 1
     assert checked > 50
+    assert agree >= feasible - 3  # the exact search alone: the optimum but where not monotone
 
 
 def test_accuracy_never_falls_as_the_energy_budget_grows():
@@ -131,7 +135,7 @@ def test_greedy_and_random_baselines():
 
 
 def test_the_policies_plan_and_serve_requests():
-    from recipes.moe2.policy import AllExperts, BestSingle, MoE2, budgets_met
+    from recipes.moe2.policy import AllExperts, BestSingle, MoE2
     from testbed.errors import ConfigError
     from testbed.policy import ClusterView, RequestContext, RequestProfile, load_policy
 
@@ -168,5 +172,15 @@ def test_the_policies_plan_and_serve_requests():
         BestSingle().select(None, view)
     with pytest.raises(ConfigError, match="energy_budget_j: expected float"):
         load_policy("moe2", {"energy_budget_j": "lots"})
-    assert budgets_met(1.0, 50.0, 2, 1.0, [10, 20, 50]) == (True, True)
-    assert budgets_met(1.1, 51.0, 0, 1.0, 60) == (False, True)
+
+
+def test_experts_sharing_a_device_add_up():
+    from recipes.moe2.solver import worst_delay_ms
+
+    d = [[10.0], [20.0], [5.0]]
+    s = frozenset({0, 1, 2})
+    assert worst_delay_ms(d, s, 0, 1.0) == 21.0  # all in parallel
+    assert worst_delay_ms(d, s, 0, 1.0, ["a", "a", "b"], 2) == 31.0  # 10 + 20 on a
+    assert worst_delay_ms(d, s, 0, 0.0, ["a", "a", "a"], 2) == 30.0  # the top-2 only
+    costs = Costs([1.0, 1.0, 1.0], d, 0.0, ["a", "a", "b"])
+    assert costs.problem(lambda _s: 0.0, 2, 5.0, 25.0).cost(s) == (2.0, 30.0)
