@@ -9,7 +9,8 @@ four answers, one right. One repeat of a trial (:class:`EdgeTrialRun`):
 1. the policy places the experts (one :class:`~testbed.policy.ExpertInfo` per model, ``layer``
    -1); each is pushed to its device (sha256 reuse) and loaded there;
 2. the links are set as the recipe says (per device where it says so);
-3. **profile**: for every expert, a few untimed warm-up calls, then :data:`PROFILE_PER_CATEGORY`
+3. **profile** (once per placement and link settings, shared by the trials that have them):
+   for every expert, a few untimed warm-up calls, then :data:`PROFILE_PER_CATEGORY`
    items of each category scored on its device, the categories in turn, each while a partner
    expert on another device (where there is one) serves the same item (as a top-2 request
    runs): the 90th percentile of a category's round trips is its delay there, that of all its
@@ -280,7 +281,15 @@ class EdgeTrialRun:
         s.load_models(dict(zip(edge.names, self.device_of)))
         rows, info = enforce_links(s.shaper, self.t, [d.name for d in s.inv.devices])
         s.manifest["shaping"] = info
-        return self._profile(pool), rows
+        # one profile per placement and link settings, shared by the trials that have them: the
+        # policies and budgets of a sweep are then planned on the same measured numbers
+        key = (
+            tuple(self.device_of),
+            tuple((n, x.down_kbit, x.up_kbit, x.delay_ms, x.loss_pct) for n, x in links.items()),
+        )
+        if key not in s.profiles:
+            s.profiles[key] = self._profile(pool)
+        return s.profiles[key], rows
 
     def _profile(self, pool: Any) -> RequestProfile:
         """Per expert: the 90th percentile of its round trips per category and of its device
@@ -317,10 +326,10 @@ class EdgeTrialRun:
                         busy = pool.submit(s.score, self.device_of[p], edge.names[p], it)
                     rep = s.score(dev, name, it)
                     other = busy.result() if partner is not None else rep
-                    for r in (rep, other):
-                        if not r.ok:
+                    for x in (rep, other):
+                        if not x.ok:
                             raise TestbedError(
-                                f"{r.device}: profiling {r.model} failed: {r.status} {r.detail}"
+                                f"{x.device}: profiling {x.model} failed: {x.status} {x.detail}"
                             )
                     if r >= 0:
                         rtts[k][c].append(float(rep.rtt_ms))

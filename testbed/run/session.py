@@ -534,6 +534,7 @@ class EdgeSession(Session):
         self.aggregation_ms = aggregation_time_ms(self.edge, val[:20])
         self.manifest["aggregation_ms"] = self.aggregation_ms
         self.loaded: dict[str, dict[str, str]] = {}
+        self.profiles: dict[Any, Any] = {}  # (placement, links) -> the trial's RequestProfile
         self.stack.callback(self._unload_all)  # before the backend closes (a later callback)
 
     def _open_tables(self) -> None:
