@@ -92,8 +92,6 @@ def policy_hook(
     its start, then the policy's; 0 mid-epoch) and ``epoch_start`` and ``links_changed`` (the
     devices whose rates were changed). ``request_index()`` and ``devices_view()`` give the
     request being run and the devices' status view."""
-    from models.errors import ModelError
-    from models.routing import validate_selection
 
     view = ClusterView(cluster)
 
@@ -104,17 +102,7 @@ def policy_hook(
         n0 = getattr(links, "changes", 0)
         start = links.begin(request_index(), ctx.step, ctx.layer)
         t1 = time.perf_counter()
-        try:
-            d = policy.select(ctx, view)
-            sel = d.selection
-        except Exception as e:
-            raise PolicyFailed(f"policy {policy.name}: select raised {one_line(e)}") from e
-        try:
-            sel = validate_selection(sel, ctx.num_tokens, ctx.num_experts)
-        except (ModelError, AttributeError) as e:
-            raise PolicyFailed(
-                f"policy {policy.name}: select returned a bad selection at layer {ctx.layer}: {e}"
-            ) from e
+        d, sel = ask_select(policy, ctx, view)
         t2 = time.perf_counter()
         timed.pending.update(decision_notes(policy, d))
         bw = getattr(d, "bandwidth_kbit", None)
@@ -165,3 +153,30 @@ def decision_notes(policy: Policy, d: Any) -> dict[str, Any]:
                 )
             clean[k] = v
     return out
+
+
+def ask_select(policy: Policy, ctx: Any, view: ClusterView) -> tuple[Any, Any]:
+    """``policy.select(ctx, view)`` and its selection, checked (ids in range, shapes);
+    (the :class:`~testbed.policy.Decision`, the checked selection).
+
+    Raises
+    ------
+    PolicyFailed
+        When ``select`` raises or returns a bad selection.
+    """
+    from models.errors import ModelError
+    from models.routing import validate_selection
+
+    name = policy.name or type(policy).__name__
+    try:
+        d = policy.select(ctx, view)
+        sel = d.selection
+    except Exception as e:
+        raise PolicyFailed(f"policy {name}: select raised {one_line(e)}") from e
+    try:
+        sel = validate_selection(sel, ctx.num_tokens, ctx.num_experts)
+    except (ModelError, AttributeError) as e:
+        raise PolicyFailed(
+            f"policy {name}: select returned a bad selection at layer {ctx.layer}: {e}"
+        ) from e
+    return d, sel

@@ -44,9 +44,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from ..dataplane.profiling import bytes_per_token
-from ..errors import ConfigError, PolicyFailed, one_line
+from ..errors import ConfigError
 from ..policy.api import ClusterState, ClusterView, DeviceInfo, PlacementProfile, Policy
-from .decisions import decision_notes, place_experts
+from .decisions import ask_select, decision_notes, place_experts
 
 DEFAULT_DEVICES = 3
 DEFAULT_RATE_KBIT = 20_000.0
@@ -255,22 +255,8 @@ class OfflinePolicy:
         PolicyFailed
             When ``select`` raises or returns a bad selection or stats.
         """
-        from models.errors import ModelError
-        from models.routing import validate_selection
-
-        name = self.policy.name or type(self.policy).__name__
         self.state.step = ctx.step
-        try:
-            d = self.policy.select(ctx, self.view)
-            sel = d.selection
-        except Exception as e:
-            raise PolicyFailed(f"policy {name}: select raised {one_line(e)}") from e
-        try:
-            sel = validate_selection(sel, ctx.num_tokens, ctx.num_experts)
-        except (ModelError, AttributeError) as e:
-            raise PolicyFailed(
-                f"policy {name}: select returned a bad selection at layer {ctx.layer}: {e}"
-            ) from e
+        d, sel = ask_select(self.policy, ctx, self.view)
         notes = decision_notes(self.policy, d)
         t = self.tally
         t.decisions += 1
