@@ -6,6 +6,7 @@ and `local down`."""
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 
 import pytest
@@ -19,8 +20,12 @@ from tests.conftest import needs_testbed, run_cli
 
 pytestmark = needs_testbed
 
-#: (delivery - RTT) / airtime that each lone message must pay, every repeat, by size
+#: (delivery - RTT) / airtime by size: every repeat pays at least the low end (the fidelity
+#: claim: no lone message at line rate); the median of the repeats stays under the high end.
+#: A single repeat may overshoot by SLACK: a 2-core CI host delays one delivery by a few ms
+#: now and then (seen: 1.101, 57.8 ms against 52.4 ms of airtime), never below the airtime.
 BANDS = {8192: (0.80, None), 65536: (0.95, 1.10)}
+SLACK = 0.15
 GOODPUT_BAND = (0.85, 1.02)
 
 
@@ -36,15 +41,21 @@ def test_lone_messages_pay_their_airtime(make_testbed, rate_kbit):
     assert info["mode"] in ("tbf", "netem") and info["offloads_summary"] == "off", info
     assert len(rows) == 2 * len(BANDS) * 3
     bad = []
+    groups: dict[tuple[str, int], list[float]] = {}
     for r in rows:
         assert r.configured_kbit == pytest.approx(rate_kbit) and r.shaping == info["mode"]
+        groups.setdefault((r.direction, r.bytes), []).append(r.ratio)
         lo, hi = BANDS[r.bytes]
-        if not (r.ratio >= lo and (hi is None or r.ratio <= hi)):
+        if not (r.ratio >= lo and (hi is None or r.ratio <= hi + SLACK)):
             bad.append(
                 f"{r.direction} {r.bytes} B repeat {r.repeat}: ratio {r.ratio:.3f} "
                 f"(delivery {r.delivery_ms:.2f} ms, RTT {r.rtt_ms:.3f} ms, airtime "
                 f"{r.airtime_ms:.2f} ms)"
             )
+    for (direction, size), ratios in groups.items():
+        hi = BANDS[size][1]
+        if hi is not None and statistics.median(ratios) > hi:
+            bad.append(f"{direction} {size} B: median ratio {statistics.median(ratios):.3f}")
     assert not bad, {
         "testbed": name,
         "rate_kbit": rate_kbit,
