@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-APT_PACKAGES=(openssh-server openssh-client iproute2 ethtool python3-venv)
+# sudo: the non-root test (issue 20); qemu-user-static, debootstrap: the arm64 namespace device
+APT_PACKAGES=(openssh-server openssh-client iproute2 ethtool python3-venv sudo qemu-user-static debootstrap)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
