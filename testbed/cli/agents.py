@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 
 from ..errors import HostUnreachable
 from ..lab.inventory import load_inventory
@@ -16,6 +17,14 @@ from .output import Format, FormatOpt, InvArg, console, emit, err_console, table
 # paramiko logs a failed handshake's traceback from its transport thread; the reason is
 # already in the per-device error line
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
+
+#: ``--allow-cpu`` of ``provision``, ``run`` and ``demo``
+AllowCpuOpt = typer.Option(
+    False,
+    "--allow-cpu",
+    help="Provision a Jetson (L4T found) whose torch has no CUDA all the same: its experts "
+    "run on the CPU (default: refused, naming the fix).",
+)
 
 agents_app = typer.Typer(
     help="Device agents started by `testbed provision`: status, stop, logs.",
@@ -58,6 +67,7 @@ def provision_cmd(
     timeout: float = typer.Option(
         10.0, "--timeout", help="Per-device SSH connect timeout, seconds."
     ),
+    allow_cpu: bool = AllowCpuOpt,
     fmt: Format = FormatOpt,
 ) -> None:
     """Check every device, install the agent in a venv, push shards, start the agent.
@@ -69,7 +79,13 @@ def provision_cmd(
     inv = load_inventory(inventory)
     t0 = time.monotonic()
     reports = provision(
-        inv, model, placement, seed=seed, wheelhouse=wheelhouse, connect_timeout_s=timeout
+        inv,
+        model,
+        placement,
+        seed=seed,
+        wheelhouse=wheelhouse,
+        connect_timeout_s=timeout,
+        allow_cpu=allow_cpu,
     )
     rows = [r.to_dict() for r in reports]
     wall = time.monotonic() - t0
@@ -100,6 +116,8 @@ def _provision_cells(r: dict[str, Any]) -> tuple[str, ...]:
         status, what = "[yellow]changed[/yellow]", "; ".join(r["changed"])
     else:
         status, what = "[green]ok[/green]", "nothing changed"
+    if r["ok"] and r.get("warnings"):
+        what += "".join(f"; [yellow]{w}[/yellow]" for w in r["warnings"])
     agent = f"pid {r['pid']} {r['endpoint']}" if r["ok"] else "-"
     return (r["device"], status, what, agent, f"{r['seconds']:.1f}")
 
@@ -115,7 +133,19 @@ def agents_status_cmd(
 
     inv = load_inventory(inventory)
     rows = agents_status(inv, connect_timeout_s=timeout)
-    columns = ("device", "state", "pid", "endpoint", "ping ms", "experts", "installed")
+    columns = (
+        "device",
+        "state",
+        "pid",
+        "endpoint",
+        "ping ms",
+        "experts",
+        "installed",
+        "python",
+        "torch",
+        "cuda",
+        "l4t",
+    )
     t = table(f"agents of {inventory}", columns, map(_status_cells, rows))
     emit(fmt, rows, t)
     _fail(rows)
@@ -133,7 +163,30 @@ def _status_cells(r: dict[str, Any]) -> tuple[str, ...]:
         "-" if r["rtt_ms"] is None else f"{r['rtt_ms']:.2f}",
         "-" if r["experts"] is None else str(r["experts"]),
         r["installed"] or "-",
+        r["python"] or "-",
+        *_preflight_cells(r),
     )
+
+
+def _preflight_cells(r: dict[str, Any]) -> tuple[str, str, str]:
+    """A device's torch, cuda and l4t cells: ``2.1.0`` / ``Orin`` (or ``no: CPU-only build``,
+    ``no (CUDA 11.4 build)``) / ``R35.4.1 (JetPack 5.1.2)``; interop failures in red."""
+    t = r["torch"]
+    torch = t["version"] or ("[red]does not import[/red]" if t["error"] else "-")
+    if r["interop_ok"] is False:
+        torch += f" [red]numpy {r['numpy']}: {escape(str(r['interop_error']))}[/red]"
+    if t["version"] is None:
+        cuda = "-"
+    elif t["cuda_available"]:
+        cuda = escape(t["device_name"] or "yes")
+    elif t["cuda_build"] is None:
+        cuda = "no: CPU-only build"
+    else:
+        cuda = f"no (CUDA {t['cuda_build']} build)"
+    l4t = r["l4t"] or "-"
+    if r["jetpack"]:
+        l4t += f" (JetPack {r['jetpack']})"
+    return torch, cuda, l4t
 
 
 @agents_app.command("stop")

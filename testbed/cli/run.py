@@ -22,6 +22,7 @@ from rich.table import Table
 from .. import ROOT
 from ..run import session
 from ..run.recipe import Recipe, load_recipe
+from .agents import AllowCpuOpt
 from .output import Format, FormatOpt, console, emit, err_console, table
 
 PACKAGED_RECIPES = ROOT / "recipes"
@@ -157,10 +158,12 @@ def run_cmd(
         "unfinished trial are dropped first, so nothing is duplicated.",
         metavar="RUN_DIR",
     ),
+    allow_cpu: bool = AllowCpuOpt,
     fmt: Format = FormatOpt,
 ) -> None:
     """Run every trial of RECIPE; write results/<run-id>/ (manifest + CSVs)."""
     from ..errors import ConfigError
+    from ..lab.provision import allowing_cpu
 
     if resume is not None:
         if recipe is not None or sets:
@@ -172,7 +175,8 @@ def run_cmd(
     else:
         rcp = load_recipe(recipe, sets)
     prog = RichProgress(err_console, fmt == Format.table)
-    res = session.run_recipe(rcp, inventory, out, prog, resume=resume)
+    with allowing_cpu(allow_cpu):  # the session's provisioning
+        res = session.run_recipe(rcp, inventory, out, prog, resume=resume)
     emit(fmt, res.to_dict(), _summary_table(res), width=_summary_width())
 
 

@@ -14,7 +14,9 @@ What lives in the device's ``workdir``::
 
     venv/                 the agent's virtual environment (python -m venv --without-pip)
     wheels/               the wheelhouse pushed by the controller (+ .sha256.json cache)
-    installed.json        what is installed: key = hash(project sources, wheels, reuse, python)
+    installed.json        what is installed: key = hash(project sources, wheels, reuse, python),
+                          and the preflight run in the venv after the install
+    nv_tegra_release      (tests only) read by the preflight before /etc/nv_tegra_release
     experts/              expert shards (+ .sha256.json: name -> size, mtime, sha256)
     models/<id>/          whole-model folders (MoE²), pushed by agents_push_models (+ .sha256.json)
     agent.pid agent.log   the detached agent (``setsid``), its output
@@ -41,6 +43,17 @@ user install (``~/.local``) or itself a virtual environment (the local testbed's
 controller's venv interpreter), and names exactly which directories are added. The added
 directories come *after* the venv's own site-packages, so the installed project wins over any
 other copy there; ``.pth`` files inside them are not processed.
+
+Preflight. After each install the venv's python runs :mod:`device_agent.preflight` in the
+workdir (as the agent runs): the L4T release and JetPack version where the device is a
+Jetson, python, torch (version, CUDA build, CUDA available, device name), numpy and a
+``torch.from_numpy`` round trip; recorded in ``installed.json`` and in each
+:class:`DeviceReport` (``preflight``; a run copies it into its manifest), shown by ``testbed
+agents status``. A Jetson whose torch has no CUDA is refused in one line naming the fix
+(``reuse_packages = ["torch", "numpy"]`` with JetPack's torch) unless ``allow_cpu``
+(``--allow-cpu``); torch and numpy that cannot exchange arrays (a torch built against NumPy 1
+next to NumPy 2) are refused always. A recorded preflight that refuses is run again on the next
+provision (a driver or package fixed since); one that passes serves until the next install.
 
 Agents are started detached (``runner.spawn``: ``setsid``, log and pid file) with the venv's
 python and the workdir as current directory, bind the device's address (``agent_port``, 0 = any
@@ -74,17 +87,26 @@ from .agents import (
     start_agent,
     stop_pid,
 )
-from .device import HEADROOM_BYTES, REUSE_PTH, provision, provision_device
+from .device import HEADROOM_BYTES, REUSE_PTH, allowing_cpu, provision, provision_device
 from .facts import (
     ARCHITECTURES,
+    CUDA_FIX,
     FACTS_PY,
     IMPORT_NAMES,
+    INTEROP_FIX,
+    JETPACK_OF_L4T,
     MIN_PYTHON,
     DeviceFacts,
     check_facts,
     import_name,
+    jetpack_version,
     parse_facts,
+    parse_nv_tegra_release,
+    preflight_argv,
+    preflight_refusal,
+    preflight_summary,
     read_facts,
+    read_preflight,
 )
 from .files import (
     HASH_CACHE,
@@ -115,6 +137,7 @@ __all__ = [
     "AGENT_PACKAGES",
     "AGENT_SOURCES",
     "ARCHITECTURES",
+    "CUDA_FIX",
     "FACTS_PY",
     "HASH_CACHE",
     "HASH_PY",
@@ -122,6 +145,8 @@ __all__ = [
     "HELLO_DELTA",
     "HELLO_KEEPALIVE_S",
     "IMPORT_NAMES",
+    "INTEROP_FIX",
+    "JETPACK_OF_L4T",
     "MIN_PYTHON",
     "PROJECT_DIST",
     "PROJECT_PACKAGES",
@@ -140,20 +165,27 @@ __all__ = [
     "agents_push_models",
     "agents_status",
     "agents_stop",
+    "allowing_cpu",
     "bind_address",
     "check_facts",
     "connect_endpoint",
     "import_name",
     "install_key",
+    "jetpack_version",
     "parse_facts",
+    "parse_nv_tegra_release",
     "pip_download_argv",
     "pip_platforms",
     "place_experts",
+    "preflight_argv",
+    "preflight_refusal",
+    "preflight_summary",
     "project_wheel",
     "provision",
     "provision_device",
     "push_files",
     "read_facts",
+    "read_preflight",
     "remote_hashes",
     "remote_workdir",
     "shards_per_device",

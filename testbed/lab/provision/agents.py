@@ -15,7 +15,7 @@ from ...errors import ConfigError, ProvisionError, TestbedError
 from ..inventory import Device, Inventory
 from ..keys import client_keys
 from ..runner import Runner
-from .facts import DeviceFacts, json_or_none, read_facts
+from .facts import DeviceFacts, json_or_none, preflight_summary, read_facts
 from .files import remote_workdir, sync_models
 from .fleet import DeviceReport, each_device, failed_report
 from .layout import Layout
@@ -223,7 +223,10 @@ def agents_status(
     inv: Inventory, connect_timeout_s: float = 10.0, ping_timeout_s: float = 2.0
 ) -> list[dict[str, Any]]:
     """Per device: ``state`` (running / not answering / stopped / unreachable), pid, endpoint,
-    ping RTT, loaded experts, installed project wheel."""
+    ping RTT, loaded experts, installed project wheel, and what the agent's venv computes with
+    (the install's preflight, :func:`.facts.preflight_summary`: ``python``, ``l4t``,
+    ``jetpack``, ``torch`` {version, cuda_build, cuda_available, device_name, ...}, ``numpy``,
+    ``interop_ok``; None where no install recorded one)."""
     try:
         curve = client_keys(inv)
     except ConfigError:  # never provisioned: no agent can be answering
@@ -242,7 +245,9 @@ def agents_status(
             "experts": None,
             "installed": (facts.installed or {}).get("project"),
             "error": None,
+            **preflight_summary((facts.installed or {}).get("preflight")),
         }
+        row["python"] = row["python"] or ".".join(map(str, facts.python))
         if agent_running(facts, lay):
             row["pid"] = facts.pid
             row["endpoint"] = connect_endpoint(ready.get("endpoint"), d.host)
@@ -276,6 +281,7 @@ def agents_status(
             "installed": None,
             "error": r.error,
             "exit_code": r.exit_code,
+            **preflight_summary(None),
         }
         for r in rows
     ]

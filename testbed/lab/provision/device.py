@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,14 @@ from ..jetson import query_power
 from ..keys import BS_NAME, client_keys, ensure_keys
 from ..runner import Runner
 from .agents import agent_argv, agent_is_ours, connect_endpoint, ping, start_agent, stop_pid
-from .facts import DeviceFacts, check_facts, read_facts
+from .facts import (
+    DeviceFacts,
+    check_facts,
+    preflight_refusal,
+    preflight_summary,
+    read_facts,
+    read_preflight,
+)
 from .files import push_files, sync_shards
 from .fleet import DeviceReport, each_device
 from .layout import Layout
@@ -38,15 +47,36 @@ from .wheels import (
 #: free space kept on top of what is pushed
 HEADROOM_BYTES = 64 << 20
 REUSE_PTH = "moe_testbed_reuse.pth"
+#: ``--allow-cpu`` for the provision calls that do not say (see :func:`allowing_cpu`)
+_ALLOW_CPU: ContextVar[bool] = ContextVar("allow_cpu", default=False)
+
+
+@contextlib.contextmanager
+def allowing_cpu(allow: bool = True) -> Iterator[None]:
+    """Within it, :func:`provision` calls that do not pass ``allow_cpu`` take ``allow``: how
+    ``testbed run --allow-cpu`` reaches the provisioning its session does."""
+    token = _ALLOW_CPU.set(allow)
+    try:
+        yield
+    finally:
+        _ALLOW_CPU.reset(token)
 
 
 class _Plan:
     """Controller-side inputs shared by every device of one provision call."""
 
     def __init__(
-        self, inv: Inventory, split: Path | None, placement: str, seed: int, wheelhouse: Path | None
+        self,
+        inv: Inventory,
+        split: Path | None,
+        placement: str,
+        seed: int,
+        wheelhouse: Path | None,
+        allow_cpu: bool = False,
     ):
         self.wheelhouse = wheelhouse
+        #: a Jetson whose torch has no CUDA is provisioned all the same (``--allow-cpu``)
+        self.allow_cpu = allow_cpu
         self.manifest: Any = None
         self.shards: dict[str, list[str]] = {d.name: [] for d in inv.devices}
         if split is not None:
@@ -100,7 +130,9 @@ def _install(
     key: str,
     reuse_dirs: Sequence[str],
     changed: list[str],
-) -> None:
+) -> dict[str, Any]:
+    """Install the agent in the venv (wheels, ``.pth`` of the reused packages, pip), run the
+    preflight in it; write and return ``installed.json``'s state (with the preflight)."""
     project, source_hash = plan.project()
     pushed = push_files(runner, device.python, lay.wheels, wheels)
     if pushed:
@@ -144,11 +176,13 @@ def _install(
         "wheels": sorted(wheels),
         "reuse": dict(zip(device.reuse_packages, reuse_dirs)),
         "installed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "preflight": read_preflight(runner, device, lay.workdir, lay.venv_python),
     }
     _put_text(runner, lay.installed, json.dumps(state, indent=1))
     changed.append(
         f"installed {project.name}" + (f" + {len(dep_names)} packages" if dep_names else "")
     )
+    return state
 
 
 def _push_keys(runner: Runner, device: Device, lay: Layout, plan: _Plan) -> bool:
@@ -233,6 +267,33 @@ def _wanted(device: Device, facts: DeviceFacts, plan: _Plan) -> _Wanted:
     return want
 
 
+def _preflight(
+    runner: Runner,
+    device: Device,
+    lay: Layout,
+    installed: dict[str, Any],
+    fresh: bool,
+    allow_cpu: bool,
+) -> dict[str, Any]:
+    """The install's preflight summary (:func:`.facts.preflight_summary`). The one recorded in
+    ``installed.json`` serves while it passes; one that refuses (or none, or not ``fresh`` from
+    this install) is run again first (a driver or package fixed since) and recorded. Raises
+    ProvisionError with the refusal's one line (nothing else changed: no agent started)."""
+    raw = installed.get("preflight")
+    summary = preflight_summary(raw) if raw else None
+    if not fresh and (summary is None or preflight_refusal(summary, device.host, allow_cpu)):
+        again = read_preflight(runner, device, lay.workdir, lay.venv_python)
+        if again != raw:
+            installed["preflight"] = again
+            _put_text(runner, lay.installed, json.dumps(installed, indent=1))
+        summary = preflight_summary(again)
+    assert summary is not None  # a fresh install always records one
+    why = preflight_refusal(summary, device.host, allow_cpu)
+    if why:
+        raise ProvisionError(why)
+    return summary
+
+
 def _ensure_agent(
     runner: Runner,
     device: Device,
@@ -290,8 +351,9 @@ def provision_device(runner: Runner, device: Device, plan: _Plan) -> DeviceRepor
     lay, changed = want.lay, rep.changed
     rep.power = query_power(runner)
     step("check")
+    installed = dict(facts.installed or {})
     if want.install:
-        _install(
+        installed = _install(
             runner,
             device,
             facts,
@@ -304,6 +366,10 @@ def provision_device(runner: Runner, device: Device, plan: _Plan) -> DeviceRepor
             changed,
         )
         step("install")
+    rep.preflight = _preflight(runner, device, lay, installed, want.install, plan.allow_cpu)
+    cpu = preflight_refusal(rep.preflight, device.host, allow_cpu=False)
+    if cpu:
+        rep.warnings.append(f"allowed by --allow-cpu: {cpu.split('; ')[0]}")
     if plan.manifest is not None and plan.shards[device.name]:
         _, n = sync_shards(
             runner, device, plan.manifest, plan.shards[device.name], workdir=lay.workdir
@@ -332,6 +398,7 @@ def provision(
     wheelhouse: str | os.PathLike[str] | None = None,
     connect_timeout_s: float = 10.0,
     devices: Sequence[str] | None = None,
+    allow_cpu: bool | None = None,
 ) -> list[DeviceReport]:
     """Install and start the agent on every device and push the placed expert shards.
 
@@ -351,11 +418,16 @@ def provision(
         SSH connect budget per device.
     devices
         Only these devices (default: all); the others are not touched.
+    allow_cpu
+        Provision a Jetson (L4T detected by the preflight) whose torch has no CUDA all the
+        same; default: what :func:`allowing_cpu` says (False outside it). Without it such a
+        device fails with one line naming the fix. Torch and numpy that cannot exchange arrays
+        fail whatever this says.
 
     Returns
     -------
     One :class:`DeviceReport` per device, in inventory order; ``changed`` is empty when nothing
-    had to be done.
+    had to be done; ``preflight`` says what the agent's venv computes with.
 
     Raises
     ------
@@ -376,5 +448,6 @@ def provision(
     wh = Path(wheelhouse).expanduser() if wheelhouse is not None else None
     if wh is not None and not wh.is_dir():
         raise ConfigError(f"--wheelhouse: {wh}: no such directory")
-    plan = _Plan(inv, split, placement, seed, wh)
+    cpu = _ALLOW_CPU.get() if allow_cpu is None else allow_cpu
+    plan = _Plan(inv, split, placement, seed, wh, cpu)
     return each_device(inv, lambda r, d: provision_device(r, d, plan), connect_timeout_s, devices)

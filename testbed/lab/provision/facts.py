@@ -1,8 +1,12 @@
-"""What a device has: one remote Python check (:data:`FACTS_PY`), a pure parser, pure checks."""
+"""What a device has: one remote Python check (:data:`FACTS_PY`), a pure parser, pure checks;
+and what its agent's venv can compute with (the preflight, :mod:`device_agent.preflight`, run
+after each install): :func:`read_preflight`, its summary and the refusal of a Jetson whose torch
+has no CUDA, or whose torch and numpy cannot exchange arrays."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +16,8 @@ from ...errors import ProvisionError
 from ..inventory import Device
 from ..runner import Runner
 
-MIN_PYTHON = (3, 10)
+#: the device side runs on JetPack 5's python3 (3.8) and JetPack 6's (3.10)
+MIN_PYTHON = (3, 8)
 ARCHITECTURES = ("x86_64", "aarch64")
 #: distribution name -> import name, where they differ
 IMPORT_NAMES = {"pyzmq": "zmq", "pyyaml": "yaml", "pillow": "PIL", "onnxruntime-gpu": "onnxruntime"}
@@ -107,7 +112,8 @@ def check_facts(facts: DeviceFacts, device: Device, need_bytes: int = 0) -> list
     if facts.python[:2] < MIN_PYTHON:
         problems.append(
             f"python {device.python} is {'.'.join(map(str, facts.python))}, "
-            f"need >= {'.'.join(map(str, MIN_PYTHON))}"
+            f"need >= {'.'.join(map(str, MIN_PYTHON))} (JetPack 5's python3 is 3.8, "
+            "JetPack 6's 3.10)"
         )
     if not facts.writable:
         problems.append(f"workdir {facts.workdir} is not writable by {device.ssh_user}")
@@ -142,3 +148,126 @@ def read_facts(runner: Runner, device: Device) -> DeviceFacts:
         return parse_facts(res.stdout)
     except ValueError as exc:
         raise ProvisionError(f"device check with {device.python}: {exc}") from None
+
+
+# ---- the preflight: what the agent's venv computes with ------------------------------------------
+#: L4T major release -> JetPack major (when dpkg does not know ``nvidia-jetpack``)
+JETPACK_OF_L4T = {32: "4", 34: "5", 35: "5", 36: "6"}
+#: the fix named when a Jetson's torch has no CUDA
+CUDA_FIX = (
+    'install JetPack\'s torch and set reuse_packages = ["torch", "numpy"] for this device '
+    "in the inventory, or pass --allow-cpu"
+)
+#: the fix named when torch and numpy cannot exchange arrays
+INTEROP_FIX = (
+    'use the numpy that torch was built against: set reuse_packages = ["torch", "numpy"] '
+    "for this device in the inventory (JetPack's torch with its numpy 1.x), or install "
+    '"numpy<2" for that python and reuse it'
+)
+_L4T_RE = re.compile(r"#\s*R(\d+)\s*\(release\),\s*REVISION:\s*(\d+(?:\.\d+)*)")
+
+
+def parse_nv_tegra_release(text: str) -> str | None:
+    """``R35.4.1`` from ``/etc/nv_tegra_release``'s first line (``# R35 (release), REVISION:
+    4.1, GCID: ...``), or None if it does not say. Pure."""
+    m = _L4T_RE.search(text or "")
+    return f"R{m.group(1)}.{m.group(2)}" if m else None
+
+
+def jetpack_version(l4t: str | None, deb_version: str | None) -> str | None:
+    """The JetPack release: the ``nvidia-jetpack`` package's (``5.1.2-b104`` -> ``5.1.2``,
+    ``6.0+b106`` -> ``6.0``), else the major from the L4T release (R35 -> ``5``). Pure."""
+    m = re.match(r"(?:\d+:)?(\d+(?:\.\d+)*)", deb_version or "")
+    if m:
+        return m.group(1)
+    m = re.match(r"R(\d+)", l4t or "")
+    return JETPACK_OF_L4T.get(int(m.group(1))) if m else None
+
+
+def preflight_summary(raw: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The preflight's JSON (:mod:`device_agent.preflight`) as recorded per device (the
+    provision report, the run's manifest, ``agents status``); every key present, None where
+    unknown (``raw`` None: no preflight recorded). Pure."""
+    raw = raw or {}
+    t = raw.get("torch") or {}
+    n = raw.get("numpy") or {}
+    link = raw.get("interop") or {}
+    l4t = raw.get("l4t") or {}
+    py = raw.get("python")
+    release = None
+    if l4t:
+        release = parse_nv_tegra_release(str(l4t.get("text") or "")) or "unknown release"
+    return {
+        "python": ".".join(map(str, py)) if py else None,
+        "l4t": release,
+        "jetpack": jetpack_version(release, l4t.get("jetpack_deb")) if l4t else None,
+        "l4t_source": l4t.get("source") if l4t else None,
+        "torch": {
+            "version": t.get("version"),
+            "cuda_build": t.get("cuda_build"),
+            "cuda_available": t.get("cuda_available") if t else None,
+            "device_name": t.get("device_name"),
+            "git_version": t.get("git_version"),
+            "error": t.get("error"),
+        },
+        "numpy": n.get("version"),
+        "interop_ok": link.get("ok"),
+        "interop_error": link.get("error"),
+        "interop_notes": list(link.get("notes") or []),
+    }
+
+
+def preflight_refusal(summary: Mapping[str, Any], host: str, allow_cpu: bool) -> str | None:
+    """Why a device cannot take the agent (one line naming ``host`` and the fix), or None.
+
+    Refused: torch and numpy that cannot exchange arrays (always), and a Jetson (L4T detected)
+    whose torch has no CUDA (unless ``allow_cpu``). Pure."""
+    t = summary["torch"]
+    if summary["interop_ok"] is False:
+        why = summary["interop_error"] or "failed"
+        if summary["interop_notes"]:
+            why += "; torch was built against another NumPy major"
+        return (
+            f"torch {t['version']} and numpy {summary['numpy']} on {host} cannot exchange arrays "
+            f"(torch.from_numpy: {why}); {INTEROP_FIX}"
+        )
+    if summary["l4t"] is None or allow_cpu:
+        return None
+    jp = f" (JetPack {summary['jetpack']})" if summary["jetpack"] else ""
+    where = f"L4T {summary['l4t']}{jp} on {host}"
+    if t["version"] is None:
+        return f"{where} but torch does not import in the agent's venv ({t['error']}); {CUDA_FIX}"
+    if t["cuda_build"] is None:
+        return f"{where} but torch {t['version']} has no CUDA (a CPU-only build); {CUDA_FIX}"
+    if not t["cuda_available"]:
+        return (
+            f"{where} but torch {t['version']} (built for CUDA {t['cuda_build']}) finds no CUDA "
+            f"device{': ' + t['error'] if t['error'] else ''}; check that the ssh user is in the "
+            f"video group and that torch matches this JetPack, or pass --allow-cpu"
+        )
+    return None
+
+
+def preflight_argv(venv_python: str, workdir: str) -> list[str]:
+    """How the preflight is run: the venv's python in the workdir, as the agent is. Pure."""
+    script = 'cd "$1" && exec "$2" -m device_agent.preflight "$1"'
+    return ["sh", "-c", script, "preflight", workdir, venv_python]
+
+
+def read_preflight(runner: Runner, device: Device, workdir: str, venv_python: str) -> dict:
+    """Run the preflight in the agent's venv; its JSON. Raises ProvisionError if it cannot."""
+    res = runner.run(preflight_argv(venv_python, workdir), timeout_s=300, check=False)
+    lines = [ln for ln in res.stdout.strip().splitlines() if ln.startswith("{")]
+    if not res.ok or not lines:
+        tail = (res.stderr.strip() or res.stdout.strip()).splitlines()[-1:] or [""]
+        raise ProvisionError(
+            f"preflight with {venv_python} on {device.host} failed "
+            f"(exit {res.returncode}): {tail[0]}"
+        )
+    try:
+        out = json.loads(lines[-1])
+    except ValueError as exc:
+        raise ProvisionError(f"preflight on {device.host}: bad JSON: {exc}") from None
+    if not isinstance(out, dict):
+        raise ProvisionError(f"preflight on {device.host}: not a JSON object")
+    return out

@@ -34,6 +34,11 @@ class DeviceReport:
     #: Jetson power state (:func:`testbed.lab.jetson.query_power`): nvpmodel mode and modes,
     #: jetson_clocks; tools the device lacks are ``{"available": false}``
     power: dict[str, Any] = field(default_factory=dict)
+    #: what the agent's venv computes with (:func:`.facts.preflight_summary`): python, L4T and
+    #: JetPack, torch (version, CUDA build, CUDA available, device), numpy, the interop check
+    preflight: dict[str, Any] = field(default_factory=dict)
+    #: what the device was provisioned in spite of (a Jetson on its CPU under ``--allow-cpu``)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for the JSON report (every field)."""
