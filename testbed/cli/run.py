@@ -226,9 +226,12 @@ def demo_cmd(
     ),
     out: Path = typer.Option(Path("results"), "--out", help="Where results and plots go."),
     name: str = typer.Option("demo", "--name", help="Local testbed name."),
+    allow_cpu: bool = AllowCpuOpt,
     fmt: Format = FormatOpt,
 ) -> None:
     """Local testbed → provision → run the comparison recipe → report → tear down."""
+    from ..lab.provision import allowing_cpu
+
     rcp = load_recipe(recipe)
     say = (
         (lambda m: err_console.print(f"[bold]{m}[/bold]"))
@@ -237,7 +240,8 @@ def demo_cmd(
     )
     t_start = time.monotonic()
     out_data: dict[str, Any] = {}
-    res = _demo_run(rcp, recipe, devices, name, out, say, fmt, out_data)
+    with allowing_cpu(allow_cpu):  # both provisionings: the demo's and its run's
+        res = _demo_run(rcp, recipe, devices, name, out, say, fmt, out_data)
     say("4/4 report")
     from ..results.plots import write_plots
     from ..results.report import build_report, render_table
