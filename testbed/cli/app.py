@@ -15,6 +15,7 @@ import typer
 
 from ..errors import ConfigError, TestbedError
 from .agents import agents_app, provision_cmd
+from .init import init_cmd
 from .inventory import inventory_app
 from .links import links_app
 from .local import local_app
@@ -31,6 +32,7 @@ app = typer.Typer(
     add_completion=False,
 )
 # the commands, then the groups: `testbed --help` lists them in this order
+app.command("init")(init_cmd)
 app.command("provision")(provision_cmd)
 app.command("run")(run_cmd)
 app.command("simulate")(simulate_cmd)

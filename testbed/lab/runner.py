@@ -13,6 +13,7 @@ side* too, not just abandoned by the controller.
 
 from __future__ import annotations
 
+import io
 import os
 import shlex
 import signal
@@ -60,8 +61,11 @@ class Runner(Protocol):
         timeout_s: float = 60.0,
         check: bool = True,
         sudo: bool = False,
+        input: str | None = None,
     ) -> Result:
-        """Run ``argv`` to completion; raise CommandFailed/CommandTimeout (if ``check``)."""
+        """Run ``argv`` to completion (``input``: its standard input, else none); raise
+        CommandFailed/CommandTimeout (if ``check``). ``sudo``: as root through ``sudo -n``
+        where we are not root (``argv`` itself, no shell, so a sudoers line can name it)."""
         ...
 
     def put(
@@ -126,9 +130,11 @@ class LocalRunner:
         timeout_s: float = 60.0,
         check: bool = True,
         sudo: bool = False,
+        input: str | None = None,
     ) -> Result:
         """Run ``argv`` here (in :attr:`netns` if set) in its own process group, killed whole
-        at ``timeout_s``; raise CommandFailed/CommandTimeout (if ``check``)."""
+        at ``timeout_s``, ``input`` on its standard input; raise CommandFailed/CommandTimeout
+        (if ``check``)."""
         full = self._wrap(argv, sudo)
         start = time.monotonic()
         try:
@@ -136,14 +142,14 @@ class LocalRunner:
                 full,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL if input is None else subprocess.PIPE,
                 text=True,
                 start_new_session=True,
             )
         except FileNotFoundError as exc:
             raise CommandFailed(self.host, argv, 127, "", str(exc)) from None
         try:
-            out, err = proc.communicate(timeout=timeout_s)
+            out, err = proc.communicate(input, timeout=timeout_s)
         except subprocess.TimeoutExpired:
             # the whole process group: a shell's children go too
             _kill_group(proc.pid)
@@ -220,11 +226,59 @@ def remote_command(argv: Sequence[str], timeout_s: float, sudo: bool = False) ->
 
     The remote ``timeout`` utility stops the command (its whole process group, SIGTERM then
     SIGKILL) when ``timeout_s`` passes, so nothing keeps running on the device after the
-    controller gave up on it.
+    controller gave up on it. With ``sudo`` it wraps ``sudo -n ARGV`` (sudo passes the
+    signal on), so root runs ``argv`` itself and a sudoers line naming that command allows
+    it (``sudo timeout ...`` would need root for anything at all).
     """
     prefix = ["sudo", "-n"] if sudo else []
-    wrapped = [*prefix, "timeout", "-k", str(_KILL_AFTER_S), f"{timeout_s:g}", *argv]
+    wrapped = ["timeout", "-k", str(_KILL_AFTER_S), f"{timeout_s:g}", *prefix, *argv]
     return shlex.join(wrapped)
+
+
+#: ``ip link`` subcommands that change the kernel (the rest only read)
+IP_LINK_CHANGES = ("add", "set", "del", "delete")
+
+
+def needs_root(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` changes the kernel's network state: a tc command other than ``show``
+    (``list``/``ls``), an ``ip link`` add/set/del, ``ethtool -K``. Reads of tc, ip and ethtool
+    work as any user. Pure."""
+    if not argv:
+        return False
+    words = [w for w in argv[1:] if not w.startswith("-")]
+    if argv[0] == "tc":
+        return len(words) < 2 or words[1] not in ("show", "list", "ls")
+    if argv[0] == "ip":
+        return words[:1] != ["link"] or len(words) < 2 or words[1] in IP_LINK_CHANGES
+    if argv[0] == "ethtool":
+        return "-k" not in argv[1:2]
+    return True
+
+
+def run_bs(
+    runner: Runner, argv: Sequence[str], sudo: bool, check: bool = True, timeout_s: float = 15
+) -> Result:
+    """Run ``argv`` (tc, ip, ethtool) on the BS, as root through ``sudo -n`` where ``sudo``
+    and the command changes something (:func:`needs_root`), so that root runs only what the
+    sudoers lines of ``testbed init`` allow: reads (``tc ... show``, ``ip link show``,
+    ``ethtool -k``) as the user; a tc change as ``tc -batch -`` with the line on standard input
+    (no shell); ``ip link add|set|del`` and ``ethtool -K`` themselves. The result (and a
+    CommandFailed) names ``argv`` itself."""
+    if not (sudo and needs_root(argv)):
+        return runner.run(argv, timeout_s=timeout_s, check=check)
+    if argv[0] != "tc":
+        return runner.run(argv, timeout_s=timeout_s, check=check, sudo=True)
+    res = runner.run(
+        ["tc", "-batch", "-"],
+        timeout_s=timeout_s,
+        check=False,
+        sudo=True,
+        input=shlex.join(argv[1:]) + "\n",
+    )
+    res = Result(res.host, tuple(argv), res.returncode, res.stdout, res.stderr, res.elapsed_s)
+    if check and not res.ok:
+        raise CommandFailed(res.host, argv, res.returncode, res.stdout, res.stderr)
+    return res
 
 
 def spawn_script(
@@ -365,19 +419,31 @@ class SshRunner:
         timeout_s: float = 60.0,
         check: bool = True,
         sudo: bool = False,
+        input: str | None = None,
     ) -> Result:
-        """Run ``argv`` on the host under the remote ``timeout`` (:func:`remote_command`);
-        raise CommandFailed/CommandTimeout (if ``check``)."""
-        return self._run_line(remote_command(argv, timeout_s, sudo), argv, timeout_s, check)
+        """Run ``argv`` on the host under the remote ``timeout`` (:func:`remote_command`),
+        ``input`` on its standard input; raise CommandFailed/CommandTimeout (if ``check``)."""
+        return self._run_line(remote_command(argv, timeout_s, sudo), argv, timeout_s, check, input)
 
-    def _run_line(self, line: str, argv: Sequence[str], timeout_s: float, check: bool) -> Result:
+    def _run_line(
+        self,
+        line: str,
+        argv: Sequence[str],
+        timeout_s: float,
+        check: bool,
+        input: str | None = None,
+    ) -> Result:
         from invoke.exceptions import CommandTimedOut
 
         conn = self._connection()
         start = time.monotonic()
         try:
             res = conn.run(
-                line, hide=True, warn=True, in_stream=False, timeout=timeout_s + _KILL_AFTER_S + 5
+                line,
+                hide=True,
+                warn=True,
+                in_stream=False if input is None else io.StringIO(input),
+                timeout=timeout_s + _KILL_AFTER_S + 5,
             )
         except CommandTimedOut as exc:
             raise CommandTimeout(

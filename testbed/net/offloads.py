@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import CommandFailed
-from ..lab.runner import Runner
+from ..lab.runner import Runner, run_bs
 from .tc import (
     Offload,
     ShapingConfig,
@@ -28,7 +28,7 @@ from .tc import (
 def offload_state(runner: Runner, dev: str, sudo: bool = False) -> dict[str, Offload] | None:
     """``ethtool -k DEV``; None where ethtool is missing or refuses."""
     try:
-        res = runner.run(["ethtool", "-k", dev], timeout_s=15, check=False, sudo=sudo)
+        res = run_bs(runner, ["ethtool", "-k", dev], sudo, check=False)
     except CommandFailed:  # no ethtool at all
         return None
     return parse_offloads(res.stdout) if res.returncode == 0 else None
@@ -37,7 +37,7 @@ def offload_state(runner: Runner, dev: str, sudo: bool = False) -> dict[str, Off
 def set_offloads(runner: Runner, dev: str, names: Sequence[str], on: bool, sudo: bool) -> bool:
     """``ethtool -K`` the named offloads on or off; False where ethtool is missing."""
     try:
-        runner.run(build_offload_command(dev, names, on), timeout_s=15, check=False, sudo=sudo)
+        run_bs(runner, build_offload_command(dev, names, on), sudo, check=False)
     except CommandFailed:
         return False
     return True
@@ -52,7 +52,7 @@ def turn_offloads_off(runner: Runner, dev: str, sudo: bool = False) -> dict[str,
         return {"error": f"ethtool -k {dev} failed (is ethtool installed?)"}
     names = offloads_to_disable(before)
     if names:
-        runner.run(build_offload_command(dev, names, False), timeout_s=15, check=False, sudo=sudo)
+        run_bs(runner, build_offload_command(dev, names, False), sudo, check=False)
     after = offload_state(runner, dev, sudo) or {}
     return {
         "turned_off": [n for n in names if n in after and not after[n].on],
@@ -75,7 +75,7 @@ def record_and_turn_off(
         tuple(offloads_to_disable(state)) if state else (),
     )
     record = render_shaping_record(cfg, iface)
-    runner.run(["ip", "link", "set", "dev", ifb, "alias", record], timeout_s=15, sudo=sudo)
+    run_bs(runner, ["ip", "link", "set", "dev", ifb, "alias", record], sudo)
     for dev in (iface, ifb):
         names = (
             list(cfg.restore)

@@ -5,8 +5,10 @@ them one of two ways, each followed by a read-back of both interfaces' classes a
 
 * over rtnetlink (:func:`apply_netlink`), where the BS is this machine and we are root: one
   send, the acks, the kernel's dumps (tens to hundreds of microseconds);
-* through one ``tc -j -batch`` process (:func:`batch_script`, read by :func:`read_batch`)
-  elsewhere — a BS over SSH or sudo, or a netem leaf to change (milliseconds).
+* through one ``tc -j -batch -`` process, its lines on standard input (:func:`batch_input`,
+  read by :func:`read_batch`; with ``bs.sudo``, ``sudo -n tc -j -batch -``: no shell, so a
+  sudoers line naming that command allows it) elsewhere — a BS over SSH or sudo, or a netem
+  leaf to change (milliseconds).
 
 Both return device -> (down, up) kbit/s as the kernel reports them (:func:`~testbed.net.tc.
 enforced_kbit`) and the leaves they saw, for the next epoch's plan.
@@ -61,10 +63,14 @@ def netlink_changes(commands: Sequence[Sequence[str]]) -> list[netlink.Change] |
 
 
 # -- through tc -batch ----------------------------------------------------------------------------
-def batch_script(commands: Sequence[Sequence[str]], iface: str, ifb: str) -> str:
-    """One ``sh -c`` script: the changes, then the listings of both interfaces, in one
-    ``tc -j -batch`` (under ``-j`` the class listings stay text and each qdisc listing is one
-    JSON line)."""
+#: the argv that reads :func:`batch_input` on its standard input
+BATCH_ARGV = ("tc", "-j", "-batch", "-")
+
+
+def batch_input(commands: Sequence[Sequence[str]], iface: str, ifb: str) -> str:
+    """The standard input of one ``tc -j -batch -`` (:data:`BATCH_ARGV`): the changes, then the
+    listings of both interfaces (under ``-j`` the class listings stay text and each qdisc
+    listing is one JSON line)."""
     lines = [shlex.join(argv[1:]) for argv in commands]
     lines += [
         f"class show dev {iface}",
@@ -72,19 +78,19 @@ def batch_script(commands: Sequence[Sequence[str]], iface: str, ifb: str) -> str
         f"class show dev {ifb}",
         f"qdisc show dev {ifb}",
     ]
-    return "tc -j -batch - <<'EOF'\n" + "\n".join(lines) + "\nEOF\n"
+    return "\n".join(lines) + "\n"
 
 
 def read_batch(
     res: Result, host: str, iface: str, ifb: str, minors: Mapping[str, int]
 ) -> tuple[Enforced, LeafCache]:
-    """What :func:`batch_script`'s run says is enforced for each device of ``minors`` (device
+    """What :func:`batch_input`'s run says is enforced for each device of ``minors`` (device
     -> class minor), and the leaves it listed."""
     parts = split_batch_listing(res.stdout)
     if len(parts) != 2:
         raise CommandFailed(
             host,
-            ["tc", "-j", "-batch", "-"],
+            BATCH_ARGV,
             res.returncode,
             res.stdout,
             "tc's listings of both interfaces not found",
@@ -103,7 +109,7 @@ def read_batch(
             if cid not in classes:
                 raise CommandFailed(
                     host,
-                    ["tc", "-j", "-batch", "-"],
+                    BATCH_ARGV,
                     res.returncode,
                     res.stdout,
                     f"class {cid} of {dev} missing from tc's listing",

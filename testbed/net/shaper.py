@@ -50,7 +50,7 @@ from collections.abc import Mapping, Sequence
 from ..errors import CommandFailed, ConfigError, Unsupported
 from ..lab.runner import LocalRunner, Runner
 from . import netlink, offloads
-from .rates import apply_netlink, batch_script, netlink_changes, read_batch
+from .rates import BATCH_ARGV, apply_netlink, batch_input, netlink_changes, read_batch
 from .tc import (
     DEFAULT_MTU,
     DIRECTIONS,
@@ -93,7 +93,8 @@ class TcShaper(TcReader):
     names:
         Device names (for messages and :meth:`show`).
     sudo:
-        Prefix with ``sudo -n`` (a lab BS).
+        Changes through ``sudo -n`` (a lab BS's user with ``testbed init``'s sudoers lines;
+        :func:`~testbed.lab.runner.run_bs`).
     shaping:
         One of :data:`.tc.SHAPING_MODES` (the inventory's ``bs.shaping``); used by
         :meth:`setup`. A tree already installed keeps the mode it was built in.
@@ -306,7 +307,12 @@ class TcShaper(TcReader):
                 self._nl, self.runner.host, (self.iface, self.ifb), changes, minors
             )
         else:
-            res = self._run(["sh", "-c", batch_script(commands, self.iface, self.ifb)])
+            res = self.runner.run(
+                BATCH_ARGV,
+                timeout_s=15,
+                sudo=self.sudo,
+                input=batch_input(commands, self.iface, self.ifb),
+            )
             out, cache = read_batch(res, self.runner.host, self.iface, self.ifb, minors)
         self._leaf_cache = cache
         return out

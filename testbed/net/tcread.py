@@ -1,6 +1,11 @@
 """The BS's shaping as its kernel reports it, read through a runner: the tree's qdiscs, classes and
 leaves, the interfaces' offloads and our record on the ifb (:class:`TcReader`, the base of
-:class:`~testbed.net.shaper.TcShaper`, which changes what this reads)."""
+:class:`~testbed.net.shaper.TcShaper`, which changes what this reads).
+
+Where the BS needs ``sudo`` (``bs.sudo``), each command goes through
+:func:`~testbed.lab.runner.run_bs`, so that root runs only what the sudoers lines of ``testbed
+init`` allow (:func:`testbed.lab.init.sudoers_lines`); reads run as the user.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import ConfigError
-from ..lab.runner import Runner
+from ..lab.runner import Result, Runner, run_bs
 from .offloads import offload_state
 from .tc import (
     DEFAULT_MTU,
@@ -68,8 +73,9 @@ class TcReader:
         self._cfg: ShapingConfig | None = None
         self._leaf_cache: dict[tuple[str, int], Leaf] | None = None
 
-    def _run(self, argv: list[str], check: bool = True):
-        return self.runner.run(argv, timeout_s=15, check=check, sudo=self.sudo)
+    def _run(self, argv: list[str], check: bool = True) -> Result:
+        """:func:`run_bs` of ``argv`` with this BS's ``sudo``."""
+        return run_bs(self.runner, argv, self.sudo, check)
 
     def index(self, device: str) -> int:
         """The device's place in the inventory (its class is ``1:100+index``)."""

@@ -620,7 +620,7 @@ def test_set_rates_over_netlink_equals_the_cli_path(shaped):
     # the CLI path (one tc -batch) reports the same and leaves the kernel in the same state
     cli_shaper.runner.calls.clear()
     assert cli_shaper.set_rates(rates) == got
-    assert sum(c[:2] == ["sh", "-c"] for c in cli_shaper.runner.calls) == 1
+    assert sum(c == ["tc", "-j", "-batch", "-"] for c in cli_shaper.runner.calls) == 1
     assert cli_shaper._nl is None
     nl_shaper.set_rates(rates)  # what each path keeps of the leaves, as tc -j reads them
     assert nl_shaper._leaf_cache == cli_shaper._leaf_cache

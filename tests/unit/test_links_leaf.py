@@ -493,10 +493,10 @@ class FakeBS:
         for k in [k for k in self.rates if k[0] == dev]:
             del self.rates[k]
 
-    def run(self, argv, *, timeout_s=60.0, check=True, sudo=False):
+    def run(self, argv, *, timeout_s=60.0, check=True, sudo=False, input=None):
         argv = list(argv)
-        if argv[:2] == ["sh", "-c"]:
-            return self._batch(argv, check)
+        if argv == ["tc", "-j", "-batch", "-"]:
+            return self._batch(argv, input, check)
         try:
             out, rc, err = self.apply(argv), 0, ""
         except _Refused as exc:
@@ -505,13 +505,10 @@ class FakeBS:
             raise CommandFailed("bs", argv, rc, out, err)
         return Result("bs", tuple(argv), rc, out, err, 0.0)
 
-    def _batch(self, argv: list[str], check: bool) -> Result:
-        script = argv[2]
-        assert script.startswith("tc -j -batch - <<'EOF'\n"), script
+    def _batch(self, argv: list[str], script: str, check: bool) -> Result:
+        assert script.endswith("\n"), script
         out = []
-        for line in script.split("\n")[1:]:
-            if line == "EOF":
-                break
+        for line in script.splitlines():
             words = ["tc", *shlex.split(line)]
             if words[1:3] == ["qdisc", "show"]:
                 out.append(self.qdisc_json(words[-1]))

@@ -159,7 +159,7 @@ class CannedTc:
         self.qdiscs, self.classes = qdiscs, classes
         self.changes: list[list[str]] = []
 
-    def run(self, argv, *, timeout_s=60.0, check=True, sudo=False):
+    def run(self, argv, *, timeout_s=60.0, check=True, sudo=False, input=None):
         from testbed.lab.runner import Result
 
         argv = list(argv)
@@ -285,7 +285,7 @@ class KernelTc:
         lines.append("class htb 1:1 root rate 10Gbit ceil 10Gbit burst 2500000b cburst 2500000b ")
         return "\n".join(lines) + "\n"
 
-    def run(self, argv, *, timeout_s=60.0, check=True, sudo=False):
+    def run(self, argv, *, timeout_s=60.0, check=True, sudo=False, input=None):
         from testbed.errors import CommandFailed
         from testbed.lab.runner import Result
         from testbed.units import parse_rate_kbit
