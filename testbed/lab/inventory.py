@@ -7,6 +7,7 @@
     known_hosts = "lab.known_hosts"   # relative paths resolve against this file's folder
     security = "curve"                # data plane: CURVE, only the BS's key accepted ("none": off)
     keys_dir = "lab.keys"             # the controller's CURVE keys (default <inventory stem>.keys)
+    wheelhouse = "wheels"             # optional: install the agents' wheels from here (offline)
 
     [bs]                      # the base station: runs the gating side, shapes every link
     name = "bs"
@@ -18,10 +19,11 @@
     cell_rate = "100mbit"     # optional: total bandwidth shared by all links
     shaping = "auto"          # what charges each packet: auto (netem if the kernel has it,
                               # else tbf), tbf, netem, or htb (the class alone; see links.py)
+    probe_port = 5557         # `links verify`: the BS end listens here (uplink)
 
     [[devices]]
     name = "orin1"
-    host = "192.168.50.11"
+    host = "192.168.50.11"    # an IPv4 address, or a name resolving to exactly one
     ssh_port = 22
     ssh_user = "nvidia"
     ssh_key = "~/.ssh/id_ed25519"    # a path (or leave out to use ssh-agent); never the key
@@ -31,13 +33,30 @@
     hw_class = "orin-agx"
     memory_budget_mb = 24000
     reuse_packages = ["torch"]       # optional: use the device python's own copies (JetPack torch)
-    agent_port = 0                   # optional: the agent's ZeroMQ port (0 = any free port)
+    agent_port = 5555                # optional: the agent's ZeroMQ ROUTER port (0 = any free port)
+    status_port = 5556               # optional: the agent's status PUB port (0 = any free port)
+    probe_port = 5557                # optional: `links verify`: the device end listens here
 
 ``reuse_packages`` names distributions (``torch``, ``numpy``, ``pyzmq``, ``msgpack``,
 ``safetensors``, ...) that ``testbed provision`` does not install: the agent's virtual
 environment sees the copies the device's ``python`` already imports (see
-:mod:`testbed.lab.provision`). ``agent_port`` fixes the port the agent binds on the device's
-address; with 0 the agent picks one and reports it in its ready file.
+:mod:`testbed.lab.provision`).
+
+Ports are fixed so that a firewall can let them through: ``agent_port`` (the agent's ZeroMQ
+ROUTER, default :data:`AGENT_PORT`) and ``status_port`` (its status PUB, default
+:data:`STATUS_PORT`) are bound on the device's address, 0 = any free port (the agent reports
+the one it got in its ready file); ``probe_port`` (default :data:`PROBE_PORT`) is where
+``testbed links verify`` listens: on the device for the downlink, on the BS (``bs.probe_port``)
+for the uplink, 0 = a random port.
+
+A device's ``host`` may be a name: it stays the name for SSH and ZeroMQ, and is resolved
+(IPv4, when the inventory is loaded) into :attr:`Device.ipv4`, the address the BS's tc filters
+match and the link probes use. A name that does not resolve to exactly one IPv4 address, an
+IPv6 address, and two devices at one address are refused.
+
+``wheelhouse`` (a folder beside the inventory, or absolute) makes every command that provisions
+install the agents' dependencies from there, never downloading (``testbed wheelhouse build``
+fills it; a command's ``--wheelhouse`` wins over it).
 
 Loading collects *every* problem, each naming the file and the field, and raises one
 :class:`~testbed.errors.ConfigError` with all of them.
@@ -48,6 +67,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -74,6 +94,10 @@ HW_CLASSES = (
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 _HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 _IFNAME_RE = re.compile(r"[A-Za-z0-9_.@-]{1,15}")
+#: default ports (inventory ``agent_port``, ``status_port``, ``probe_port``; see the docstring)
+AGENT_PORT = 5555
+STATUS_PORT = 5556
+PROBE_PORT = 5557
 
 
 @dataclass(frozen=True)
@@ -91,7 +115,19 @@ class Device:
     ssh_key: str | None = None
     interface: str = "eth0"
     reuse_packages: tuple[str, ...] = ()
-    agent_port: int = 0
+    #: the agent's ZeroMQ ROUTER port (0 = any free port)
+    agent_port: int = AGENT_PORT
+    #: the agent's status PUB port (0 = any free port)
+    status_port: int = STATUS_PORT
+    #: where ``links verify`` listens on the device (downlink; 0 = a random port)
+    probe_port: int = PROBE_PORT
+    #: ``host`` resolved to IPv4 when the inventory was loaded (None: ``host`` is the address)
+    ipv4: str | None = None
+
+    @property
+    def address(self) -> str:
+        """The device's IPv4 address: what the BS's tc filters match and the probes use."""
+        return self.ipv4 or self.host
 
 
 @dataclass(frozen=True)
@@ -110,6 +146,8 @@ class BaseStation:
     ssh_key: str | None = None
     #: ``bs.shaping``: the leaf under each device's HTB class (see :mod:`testbed.net.tc`)
     shaping: str = "auto"
+    #: where ``links verify`` listens on the BS (uplink; 0 = a random port)
+    probe_port: int = PROBE_PORT
 
 
 @dataclass(frozen=True)
@@ -126,6 +164,8 @@ class Inventory:
     security: str = "curve"
     #: where the controller keeps the CURVE keys (default: ``<inventory stem>.keys`` beside it)
     keys_dir: str | None = None
+    #: ``testbed.wheelhouse``: the folder the agents' wheels are installed from (absolute)
+    wheelhouse: str | None = None
 
     def curve_dir(self) -> Path:
         """The controller's CURVE key folder for this testbed."""
@@ -149,20 +189,41 @@ class Inventory:
             "known_hosts": self.known_hosts,
             "security": self.security,
             "keys_dir": str(self.curve_dir()),
+            "wheelhouse": self.wheelhouse,
             "bs": asdict(self.bs),
             "devices": [asdict(d) for d in self.devices],
         }
 
 
 _TOP_KEYS = {"testbed", "bs", "devices"}
-_TESTBED_KEYS = {"name", "known_hosts", "security", "keys_dir"}
+_TESTBED_KEYS = {"name", "known_hosts", "security", "keys_dir", "wheelhouse"}
 SECURITY = ("curve", "none")
 _BS_REQUIRED = {"name", "host", "interface"}
-_BS_OPTIONAL = {"ifb", "local", "sudo", "cell_rate", "ssh_port", "ssh_user", "ssh_key", "shaping"}
+_BS_OPTIONAL = {
+    "ifb",
+    "local",
+    "sudo",
+    "cell_rate",
+    "ssh_port",
+    "ssh_user",
+    "ssh_key",
+    "shaping",
+    "probe_port",
+}
 #: ``bs.shaping`` values (testbed.net.tc.SHAPING_MODES)
 SHAPING = ("auto", "tbf", "netem", "htb")
 _DEV_REQUIRED = {"name", "host", "ssh_user", "workdir", "python", "hw_class", "memory_budget_mb"}
-_DEV_OPTIONAL = {"ssh_port", "ssh_key", "interface", "reuse_packages", "agent_port"}
+_DEV_OPTIONAL = {
+    "ssh_port",
+    "ssh_key",
+    "interface",
+    "reuse_packages",
+    "agent_port",
+    "status_port",
+    "probe_port",
+}
+#: a device's listening ports (0 = any)
+_DEV_PORTS = ("agent_port", "status_port", "probe_port")
 _PKG_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,98}[A-Za-z0-9])?")
 
 
@@ -202,6 +263,45 @@ class _Checker:
             return None
         return value
 
+    def port_or_any(self, where: str, value: Any) -> int | None:
+        """A port 1..65535, or 0 (any)."""
+        if value == 0 and not isinstance(value, bool):
+            return 0
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+            self.bad(where, f"must be an integer port 1..65535 (or 0: any), got {value!r}")
+            return None
+        return value
+
+    def ipv4(self, where: str, host: str) -> str | None:
+        """The IPv4 address ``host`` is (or resolves to); a problem if none, or IPv6."""
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            if ip.version == 4:
+                return host
+            self.bad(where, f"{host!r} is an IPv6 address: the BS's tc filters match IPv4 only")
+            return None
+        try:
+            return resolve_ipv4(host)
+        except ValueError as exc:
+            self.bad(where, str(exc))
+            return None
+
+    def directory(self, where: str, value: Any) -> str | None:
+        """An existing folder (relative to the inventory's folder); its absolute path."""
+        s = self.string(where, value)
+        if s is None:
+            return None
+        p = Path(os.path.expanduser(s))
+        if not p.is_absolute():
+            p = self.path.parent / p
+        if not p.is_dir():
+            self.bad(where, f"{p}: no such directory")
+            return None
+        return str(p.resolve())
+
     def host(self, where: str, value: Any) -> str | None:
         s = self.string(where, value)
         if s is None:
@@ -238,6 +338,31 @@ class _Checker:
         return value
 
 
+def resolve_ipv4(host: str) -> str:
+    """The one IPv4 address ``host`` resolves to (``getaddrinfo``, AF_INET).
+
+    Raises
+    ------
+    ValueError
+        One line naming ``host``: it does not resolve to an IPv4 address (IPv6 only, unknown,
+        no DNS), or it resolves to several (which one the device uses is not known).
+    """
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise ValueError(f"{host!r} does not resolve to an IPv4 address ({why})") from None
+    addrs = sorted({str(info[4][0]) for info in infos})
+    if not addrs:
+        raise ValueError(f"{host!r} does not resolve to an IPv4 address (no A record)")
+    if len(addrs) > 1:
+        raise ValueError(
+            f"{host!r} resolves to {len(addrs)} IPv4 addresses ({', '.join(addrs)}): "
+            "give the device's own address"
+        )
+    return addrs[0]
+
+
 def load_inventory(path: str | os.PathLike[str]) -> Inventory:
     """Read and validate an inventory file; raise ConfigError listing every problem."""
     p = Path(path)
@@ -261,7 +386,7 @@ def parse_inventory(data: dict[str, Any], path: Path) -> Inventory:
 
     tb = data.get("testbed", {})
     name, known_hosts = "testbed", None
-    security, keys_dir = "curve", None
+    security, keys_dir, wheelhouse = "curve", None, None
     if not isinstance(tb, dict):
         c.bad("testbed", "must be a table")
     else:
@@ -279,6 +404,8 @@ def parse_inventory(data: dict[str, Any], path: Path) -> Inventory:
         if "keys_dir" in tb and c.string("testbed.keys_dir", tb["keys_dir"]) is not None:
             kd = Path(os.path.expanduser(tb["keys_dir"]))
             keys_dir = str(kd if kd.is_absolute() else path.parent / kd)
+        if "wheelhouse" in tb:
+            wheelhouse = c.directory("testbed.wheelhouse", tb["wheelhouse"])
 
     bs = _parse_bs(c, data.get("bs"))
     devices = _parse_devices(c, data.get("devices"))
@@ -293,6 +420,7 @@ def parse_inventory(data: dict[str, Any], path: Path) -> Inventory:
         known_hosts=known_hosts,
         security=security,
         keys_dir=keys_dir,
+        wheelhouse=wheelhouse,
     )
 
 
@@ -328,6 +456,8 @@ def _parse_bs(c: _Checker, bs: Any) -> BaseStation | None:
         v["shaping"] = bs["shaping"]
     if "ssh_port" in bs:
         v["ssh_port"] = c.port("bs.ssh_port", bs["ssh_port"])
+    if "probe_port" in bs:
+        v["probe_port"] = c.port_or_any("bs.probe_port", bs["probe_port"])
     if "ssh_user" in bs:
         v["ssh_user"] = c.string("bs.ssh_user", bs["ssh_user"])
     if "ssh_key" in bs:
@@ -350,64 +480,85 @@ def _parse_devices(c: _Checker, devs: Any) -> list[Device]:
         return []
     out: list[Device] = []
     seen: dict[str, int] = {}
+    at: dict[str, int] = {}
     for i, d in enumerate(devs):
         w = f"devices[{i}]"
         if not isinstance(d, dict):
             c.bad(w, "must be a table")
             continue
         before = len(c.problems)
-        c.keys(w, d, _DEV_REQUIRED, _DEV_OPTIONAL)
-        v: dict[str, Any] = {}
-        if "name" in d:
-            v["name"] = c.string(f"{w}.name", d["name"], _NAME_RE, "device name")
-            if v["name"] is not None:
-                if v["name"] in seen:
-                    c.bad(
-                        f"{w}.name",
-                        f"duplicate device name {v['name']!r} (also devices[{seen[v['name']]}])",
-                    )
-                seen.setdefault(v["name"], i)
-        if "host" in d:
-            v["host"] = c.host(f"{w}.host", d["host"])
-        for k in ("ssh_user", "workdir", "python"):
-            if k in d:
-                v[k] = c.string(f"{w}.{k}", d[k])
-        for k in ("workdir", "python"):
-            if isinstance(v.get(k), str) and not v[k].startswith(("/", "~")):
-                c.bad(f"{w}.{k}", f"must be an absolute path on the device, got {v[k]!r}")
-        if "hw_class" in d:
-            hw = c.string(f"{w}.hw_class", d["hw_class"])
-            if hw is not None and hw not in HW_CLASSES:
-                c.bad(
-                    f"{w}.hw_class",
-                    f"unknown hardware class {hw!r} (one of: {', '.join(HW_CLASSES)})",
-                )
-            v["hw_class"] = hw
-        if "memory_budget_mb" in d:
-            m = d["memory_budget_mb"]
-            if isinstance(m, bool) or not isinstance(m, int) or m <= 0:
-                c.bad(f"{w}.memory_budget_mb", f"must be a positive integer (MB), got {m!r}")
-            v["memory_budget_mb"] = m
-        if "ssh_port" in d:
-            v["ssh_port"] = c.port(f"{w}.ssh_port", d["ssh_port"])
-        if "ssh_key" in d:
-            v["ssh_key"] = c.readable_file(f"{w}.ssh_key", d["ssh_key"])
-        if "interface" in d:
-            v["interface"] = c.string(
-                f"{w}.interface", d["interface"], _IFNAME_RE, "interface name (<= 15 chars)"
-            )
-        if "reuse_packages" in d:
-            v["reuse_packages"] = _packages(c, f"{w}.reuse_packages", d["reuse_packages"])
-        if "agent_port" in d:
-            port = d["agent_port"]
-            v["agent_port"] = (
-                port
-                if port == 0 and not isinstance(port, bool)
-                else c.port(f"{w}.agent_port", port)
-            )
+        v = _parse_device(c, w, d)
+        name = v.get("name")
+        if name is not None:
+            if name in seen:
+                c.bad(f"{w}.name", f"duplicate device name {name!r} (also devices[{seen[name]}])")
+            seen.setdefault(name, i)
+        if v.get("host") is not None:
+            v["ipv4"] = c.ipv4(f"{w}.host", v["host"])
+            ip = v["ipv4"]
+            if ip is not None and ip in at:
+                c.bad(f"{w}.host", f"{v['host']!r} is {ip}, as is devices[{at[ip]}].host")
+            if ip is not None:
+                at.setdefault(ip, i)
+            if ip == v["host"]:
+                v["ipv4"] = None  # the host is the address
         if len(c.problems) == before:
             out.append(Device(**v))
     return out
+
+
+def _parse_device(c: _Checker, w: str, d: dict[str, Any]) -> dict[str, Any]:
+    """One ``[[devices]]`` table's fields (problems go to ``c``)."""
+    c.keys(w, d, _DEV_REQUIRED, _DEV_OPTIONAL)
+    v: dict[str, Any] = {}
+    if "name" in d:
+        v["name"] = c.string(f"{w}.name", d["name"], _NAME_RE, "device name")
+    if "host" in d:
+        v["host"] = c.host(f"{w}.host", d["host"])
+    for k in ("ssh_user", "workdir", "python"):
+        if k in d:
+            v[k] = c.string(f"{w}.{k}", d[k])
+    for k in ("workdir", "python"):
+        if isinstance(v.get(k), str) and not v[k].startswith(("/", "~")):
+            c.bad(f"{w}.{k}", f"must be an absolute path on the device, got {v[k]!r}")
+    if "hw_class" in d:
+        hw = c.string(f"{w}.hw_class", d["hw_class"])
+        if hw is not None and hw not in HW_CLASSES:
+            c.bad(
+                f"{w}.hw_class",
+                f"unknown hardware class {hw!r} (one of: {', '.join(HW_CLASSES)})",
+            )
+        v["hw_class"] = hw
+    if "memory_budget_mb" in d:
+        m = d["memory_budget_mb"]
+        if isinstance(m, bool) or not isinstance(m, int) or m <= 0:
+            c.bad(f"{w}.memory_budget_mb", f"must be a positive integer (MB), got {m!r}")
+        v["memory_budget_mb"] = m
+    if "ssh_port" in d:
+        v["ssh_port"] = c.port(f"{w}.ssh_port", d["ssh_port"])
+    if "ssh_key" in d:
+        v["ssh_key"] = c.readable_file(f"{w}.ssh_key", d["ssh_key"])
+    if "interface" in d:
+        v["interface"] = c.string(
+            f"{w}.interface", d["interface"], _IFNAME_RE, "interface name (<= 15 chars)"
+        )
+    if "reuse_packages" in d:
+        v["reuse_packages"] = _packages(c, f"{w}.reuse_packages", d["reuse_packages"])
+    _device_ports(c, w, d, v)
+    return v
+
+
+def _device_ports(c: _Checker, w: str, d: dict[str, Any], v: dict[str, Any]) -> None:
+    """A device's listening ports into ``v``: each 0 (any) or 1..65535, no two the same."""
+    taken: dict[int, str] = {}
+    for k in _DEV_PORTS:
+        if k in d:
+            v[k] = c.port_or_any(f"{w}.{k}", d[k])
+        port = v.get(k, getattr(Device, k))
+        if port in taken:
+            c.bad(f"{w}.{k}", f"{port} is also {w}.{taken[port]} (one process per port)")
+        elif port:
+            taken[port] = k
 
 
 def _packages(c: _Checker, where: str, value: Any) -> tuple[str, ...] | None:
@@ -458,6 +609,8 @@ def render_inventory(
         lines.append(f'cell_rate = "{int(bs.cell_rate_kbit)}kbit"')
     if bs.shaping != "auto":
         lines.append(f"shaping = {q(bs.shaping)}")
+    if bs.probe_port != PROBE_PORT:
+        lines.append(f"probe_port = {bs.probe_port}")
     for d in devices:
         lines += [
             "",
@@ -478,8 +631,9 @@ def render_inventory(
         ]
         if d.reuse_packages:
             lines.append(f"reuse_packages = [{', '.join(q(p) for p in d.reuse_packages)}]")
-        if d.agent_port:
-            lines.append(f"agent_port = {d.agent_port}")
+        for k in _DEV_PORTS:
+            if getattr(d, k) != getattr(Device, k):
+                lines.append(f"{k} = {getattr(d, k)}")
     return "\n".join(lines) + "\n"
 
 

@@ -4,6 +4,9 @@ with ``--airtime``, what the link charges lone messages.
 The probe (:mod:`testbed.net.netprobe`, standard library only) is pushed to the device's
 workdir over SSH and run with the device's own Python; the BS end runs through the BS
 runner. Devices are measured one at a time so a cell-wide limit does not skew the figures.
+The receiving end listens on a fixed port (:func:`probe_port`: the device's ``probe_port`` for
+the downlink, ``bs.probe_port`` for the uplink, 5557 by default) at the device's IPv4 address
+(:attr:`~testbed.lab.inventory.Device.address`, the name resolved when the inventory loaded).
 """
 
 from __future__ import annotations
@@ -124,12 +127,20 @@ def shaper_for(inv: Inventory, bs: Runner) -> TcShaper:
         bs,
         inv.bs.interface,
         inv.bs.ifb,
-        [d.host for d in inv.devices],
+        [d.address for d in inv.devices],
         [d.name for d in inv.devices],
         inv.bs.cell_rate_kbit,
         inv.bs.sudo,
         inv.bs.shaping,
     )
+
+
+def probe_port(inv: Inventory, dev: Device, direction: str) -> int:
+    """The port the probe's receiving end listens on: the device's ``probe_port`` for the
+    downlink, the BS's for the uplink; a random one in 20000-59999 where that is 0. Pure but
+    for the random port."""
+    port = dev.probe_port if direction == "down" else inv.bs.probe_port
+    return port or random.randint(20000, 59999)
 
 
 def put_bs_probe(inv: Inventory, bs: Runner) -> tuple[str, str]:
@@ -179,10 +190,10 @@ def measure(
     configured_kbit: float | None,
 ) -> Goodput:
     """One transfer of ``seconds`` in ``direction``; goodput as the receiver counted it."""
-    port = random.randint(20000, 59999)
+    port = probe_port(inv, dev, direction)
     if direction == "down":
-        rx_runner, rx = remote, [dev.python, dev_probe, "recv", "--bind", dev.host]
-        tx_runner, tx = bs, [*bs_probe, "send", "--to", dev.host]
+        rx_runner, rx = remote, [dev.python, dev_probe, "recv", "--bind", dev.address]
+        tx_runner, tx = bs, [*bs_probe, "send", "--to", dev.address]
     else:
         rx_runner, rx = bs, [*bs_probe, "recv", "--bind", inv.bs.host]
         tx_runner, tx = remote, [dev.python, dev_probe, "send", "--to", inv.bs.host]
@@ -221,10 +232,10 @@ def measure_airtime(
     shaping: str | None = None,
 ) -> list[Airtime]:
     """Lone messages in ``direction``, timed by their sender (the BS for ``down``)."""
-    port = random.randint(20000, 59999)
+    port = probe_port(inv, dev, direction)
     if direction == "down":
-        srv_runner, srv = remote, [dev.python, dev_probe, "echo", "--bind", dev.host]
-        tx_runner, tx = bs, [*bs_probe, "airtime", "--to", dev.host]
+        srv_runner, srv = remote, [dev.python, dev_probe, "echo", "--bind", dev.address]
+        tx_runner, tx = bs, [*bs_probe, "airtime", "--to", dev.address]
     else:
         srv_runner, srv = bs, [*bs_probe, "echo", "--bind", inv.bs.host]
         tx_runner, tx = remote, [dev.python, dev_probe, "airtime", "--to", inv.bs.host]

@@ -27,7 +27,7 @@ hw_class = "orin-agx"
 memory_budget_mb = 24000
 [[devices]]
 name = "orin2"
-host = "orin2.lab"
+host = "localhost"
 ssh_port = 2222
 ssh_user = "nvidia"
 workdir = "/home/nvidia/tb"
@@ -121,7 +121,7 @@ def test_cli_bad_inventory_exit_2_one_line_each(tmp_path, key):
             lambda s: s.replace('hw_class = "orin-nx"', 'hw_class = "toaster"'),
             "devices[1].hw_class",
         ),
-        (lambda s: s.replace('host = "orin2.lab"', 'host = "not a host!"'), "devices[1].host"),
+        (lambda s: s.replace('host = "localhost"', 'host = "not a host!"'), "devices[1].host"),
         (
             lambda s: s.replace(
                 'workdir = "/home/nvidia/tb"\npython = "/usr/bin/python3"\nhw_class = "orin-nx"',

@@ -267,7 +267,7 @@ def test_pip_download_for_the_device_platform_and_python():
 
 def test_agent_argv_binds_the_device_address_and_is_recognised_as_ours():
     lay = Layout("/w")
-    argv = agent_argv(DEV, lay)
+    argv = agent_argv(replace(DEV, agent_port=0), lay)
     assert argv[:4] == ["/w/venv/bin/python", "-m", "device_agent", "serve"]
     assert argv[argv.index("--bind") + 1] == "tcp://192.168.50.11:*"
     assert argv[argv.index("--ready-file") + 1] == "/w/agent.ready.json"
@@ -285,7 +285,7 @@ def test_agent_argv_binds_the_device_address_and_is_recognised_as_ours():
     ns = agent_argv(replace(DEV, hw_class="netns", agent_port=5555), lay)
     assert ns[ns.index("--bind") + 1] == "tcp://192.168.50.11:5555"
     assert ns[ns.index("--threads") + 1] == "1" and ns[ns.index("--meter") + 1] == "estimated"
-    named = agent_argv(replace(DEV, host="orin1.lab"), lay)
+    named = agent_argv(replace(DEV, host="orin1.lab", agent_port=0), lay)
     assert named[named.index("--bind") + 1] == "tcp://0.0.0.0:*"
     assert connect_endpoint("tcp://0.0.0.0:4000", "orin1.lab") == "tcp://orin1.lab:4000"
     assert connect_endpoint("tcp://10.0.0.2:4000", "x") == "tcp://10.0.0.2:4000"
@@ -346,7 +346,9 @@ def test_inventory_reuse_packages_and_agent_port_round_trip(tmp_path):
     assert load_inventory(again).devices == inv.devices
     p.write_text(INV.format(extra=""))
     assert load_inventory(p).devices[0].reuse_packages == ()
-    assert load_inventory(p).devices[0].agent_port == 0
+    assert load_inventory(p).devices[0].agent_port == 5555  # fixed by default (firewalls)
+    p.write_text(INV.format(extra="agent_port = 0"))
+    assert load_inventory(p).devices[0].agent_port == 0  # any free port
 
 
 @pytest.mark.parametrize(
