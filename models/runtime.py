@@ -12,10 +12,24 @@ every sparse-MoE module by a :class:`~models.moe_block.SplitMoEBlock`, and offer
   (:meth:`~BaseStationModel.start_recording`, :meth:`~BaseStationModel.pop_records`).
 
 The expert backend and the selection hook are attributes that may be swapped between calls.
+
+Device and dtype (``device``/``dtype`` of :meth:`~BaseStationModel.from_split_dir`; a run's
+``run.bs_device``/``run.bs_dtype``): the weights and the compute of the BS part (embeddings,
+attention, norms, LM head) go there. In a half-precision BS (bfloat16/float16) every MoE block
+still runs in float32 (its input cast up, its output cast back; the router weight, the lift
+and a shared expert kept in float32): router logits, probabilities and top-k are float32, so
+bfloat16 moves routing only through the hidden states. The rotary frequencies stay float32.
+What crosses to the experts keeps its own dtype (``wire_dtype``). With ``host_boundary`` (a run
+whose experts are on other hosts) an accelerator BS hands the selection hook and the expert
+backend host (CPU) tensors, after ``torch.cuda.synchronize``: ZeroMQ sends host memory, the
+testbed's policies read numpy, and a clock read after the hand-over counts the BS's queued GPU
+work as BS time, not as the exchange's.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,15 +39,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.backend import ExpertBackend, LocalExpertBackend
+from models.backend import ExpertBackend, LayerResult, LayerWork, LocalExpertBackend
 from models.errors import ModelError
 from models.families import FAMILIES
 from models.kernels import torch_dtype
 from models.manifest import Manifest, load_manifest
 from models.moe_block import MoEController, MoELayerRecord, SplitMoEBlock
-from models.routing import SelectionHook
+from models.routing import RoutingContext, Selection, SelectionHook
 
 _BLOCK_ATTRS = ("block_sparse_moe", "mlp")
+_HALF = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -181,19 +196,141 @@ def _load_lift(m: Manifest) -> torch.Tensor:
     return lift
 
 
+def device_problem(device: str, dtype: torch.dtype | None = None) -> tuple[str, str] | None:
+    """Why this host cannot run a BS part on ``device`` in ``dtype``: ``("device" or "dtype",
+    message)``, or None when it can (a CUDA device exists, its index is in range, and it
+    computes in bfloat16 when that is asked)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        why = f"{device!r} but torch.cuda.is_available() is False on this BS"
+        return ("device", f"{why} (torch {torch.__version__})")
+    n = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= n:
+        return ("device", f"{device!r} but this BS has {n} CUDA device(s): cuda:0..cuda:{n - 1}")
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        name = torch.cuda.get_device_name(dev)
+        return ("dtype", f"'bfloat16' but {name} ({device}) does not compute in bfloat16")
+    return None
+
+
+def _float32_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Forward pre-hook of a MoE block in a half-precision BS: its input in float32."""
+    return (args[0].float(), *args[1:])
+
+
+def _output_as(dtype: torch.dtype, module: nn.Module, args: Any, out: torch.Tensor) -> Any:
+    """Forward hook of a MoE block in a half-precision BS: its output back in the BS dtype."""
+    return out.to(dtype)
+
+
+def _place(model: nn.Module, device: str, dtype: torch.dtype | None) -> torch.dtype:
+    """Move ``model`` to ``device`` in ``dtype`` (None: as stored); its dtype after.
+
+    A half-precision model keeps in float32 what routing and the rotary positions need: every
+    :class:`SplitMoEBlock` (router weight, shared expert; its input cast up and its output cast
+    back by hooks) and the float32 buffers outside the state dict (rotary ``inv_freq``)."""
+    persistent = set(model.state_dict())
+    keep = {
+        n: b for n, b in model.named_buffers() if n not in persistent and b.dtype == torch.float32
+    }
+    model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
+    got = model.get_input_embeddings().weight.dtype
+    if got not in _HALF:
+        return got
+    for name, b in keep.items():
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, b.to(device))
+    for mod in model.modules():
+        if isinstance(mod, SplitMoEBlock):
+            mod.float()
+            mod.register_forward_pre_hook(_float32_input)
+            mod.register_forward_hook(functools.partial(_output_as, got))
+    return got
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a CUDA device; nothing to wait for elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class HostBackend:
+    """The expert backend of an accelerator BS at the host boundary: the device's queued work
+    is waited for, then each expert's rows (already in the wire dtype) are copied to host
+    memory and handed to ``inner`` (a ZeroMQ backend sends host memory; a timing wrapper's
+    clock then starts after the BS's own GPU work). The replies stay where ``inner`` made them
+    (the MoE block moves them to the model's device)."""
+
+    def __init__(self, inner: ExpertBackend, device: torch.device) -> None:
+        self.inner = inner
+        self.device = device
+
+    def run_layer(self, work: LayerWork) -> LayerResult:
+        """``inner.run_layer`` on host copies of ``work``'s rows."""
+        _synchronize(self.device)
+        rows = {u: x.to("cpu") for u, x in work.inputs.items()}
+        return self.inner.run_layer(LayerWork(work.layer, work.step, rows))
+
+
+class HostPolicy:
+    """The selection hook of an accelerator BS at the host boundary: it sees host copies of the
+    router's logits and float32 probabilities (the testbed's policies read numpy), after the
+    device's queued work (so a decision's own clock does not count it); its selection goes
+    back to the model's device."""
+
+    def __init__(self, inner: SelectionHook, device: torch.device) -> None:
+        self.inner = inner
+        self.device = device
+
+    def __call__(self, ctx: RoutingContext) -> Selection:
+        """``inner(ctx)`` on host tensors; the selection's tensors moved to the device."""
+        _synchronize(self.device)
+        valid = ctx.token_valid.cpu() if ctx.token_valid is not None else None
+        host = dataclasses.replace(
+            ctx,
+            router_logits=ctx.router_logits.cpu(),
+            router_probs=ctx.router_probs.cpu(),
+            token_valid=valid,
+        )
+        sel = self.inner(host)
+        ids, w = getattr(sel, "expert_ids", None), getattr(sel, "weights", None)
+        if isinstance(ids, torch.Tensor) and isinstance(w, torch.Tensor):
+            return Selection(ids.to(self.device), w.to(self.device))
+        return sel  # validate_selection names what is wrong with it
+
+
 class BaseStationModel:
     """A family's causal LM whose routed experts run through an expert backend.
 
     Build it with :meth:`from_split_dir`. Attributes ``policy`` and ``backend`` may be replaced
-    at any time; ``model`` is the underlying ``transformers`` model (eval mode, no grad).
+    at any time; ``model`` is the underlying ``transformers`` model (eval mode, no grad). With
+    ``host_boundary`` on a non-CPU device, the policy and backend set are wrapped in
+    :class:`HostPolicy` / :class:`HostBackend` (the getters return them unwrapped).
     """
 
-    def __init__(self, model: nn.Module, manifest: Manifest, controller: MoEController) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        manifest: Manifest,
+        controller: MoEController,
+        host_boundary: bool = False,
+    ) -> None:
         self.model = model
         self.manifest = manifest
         self.controller = controller
         self.config = model.config
         self.device = next(model.parameters()).device
+        self.host_boundary = host_boundary and self.device.type != "cpu"
+        if self.host_boundary:  # wrap what the controller holds
+            self.backend, self.policy = controller.backend, controller.policy
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The BS part's compute dtype (its embeddings'; MoE blocks of a half-precision BS
+        compute in float32)."""
+        return self.model.get_input_embeddings().weight.dtype
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -209,6 +346,7 @@ class BaseStationModel:
         expert_runtime: str = "torch",
         quant: str | None = None,
         wire_dtype: str | torch.dtype | None = None,
+        host_boundary: bool = False,
     ) -> BaseStationModel:
         """Load the BS part of ``split_dir``.
 
@@ -218,12 +356,14 @@ class BaseStationModel:
             Output of ``testbed model split``.
         backend
             Expert backend; default: :class:`LocalExpertBackend` over the split's experts
-            (``expert_runtime``/``quant`` select the kernels).
+            (``expert_runtime``/``quant`` select the kernels; they compute as a device would:
+            in float32 on the CPU, the stored dtype on CUDA, whatever a half ``dtype``).
         policy
             Selection hook; default: the family's top-k routing.
         device, dtype
-            Where/in which dtype the BS part runs (default: stored dtype; float32 on CPU for
-            half-precision checkpoints).
+            Where/in which dtype the BS part runs (``"cpu"``, ``"cuda"``, ``"cuda:N"``; default
+            dtype: stored; float32 on CPU for half-precision checkpoints). A half dtype keeps
+            the MoE blocks (router, lift, shared expert) in float32 (module docstring).
         attn_implementation
             ``"sdpa"`` or ``"eager"``.
         wire_dtype
@@ -231,54 +371,74 @@ class BaseStationModel:
             ``bfloat16``/``bf16``, ``float16``/``fp16``); default: the BS model's dtype. The
             default local backend's experts then take and return rows in that dtype (computing
             in their own dtype), as a device agent with ``io_dtype`` does.
+        host_boundary
+            The backend's experts are on other hosts: on an accelerator, the policy and the
+            backend see host tensors after a synchronize (:class:`HostPolicy`,
+            :class:`HostBackend`). No effect on the CPU.
 
         A widened split (a ``lift`` entry in the manifest, :mod:`models.widen`) loads its lift
         Q into the controller: the MoE blocks send ``x Qᵀ`` and map the replies back with Q.
+
+        Raises
+        ------
+        ModelError
+            An unknown family or dtype, a BS part that does not fit the model, or a device this
+            host lacks (:func:`device_problem`).
         """
         m = load_manifest(split_dir)
         fam = FAMILIES.get(m.family)
         if fam is None:
             raise ModelError(f"{m.root / 'manifest.json'}: family", f"unknown family {m.family!r}")
+        tdtype = torch_dtype(dtype)
+        problem = device_problem(device, tdtype)
+        if problem is not None:
+            raise ModelError(*problem)
         model = _meta_model(m, fam, attn_implementation)
         controller = MoEController(backend=backend or LocalExpertBackend({}), policy=policy)
         moe_attrs = _install_moe_blocks(model, m, controller)
         stored = _load_bs_weights(model, m, fam, moe_attrs)
-        tdtype = torch_dtype(dtype)
         if tdtype is None and torch.device(device).type == "cpu":
-            tdtype = torch.float32 if stored in (torch.float16, torch.bfloat16) else None
-        model.to(device=device, dtype=tdtype) if tdtype is not None else model.to(device=device)
+            tdtype = torch.float32 if stored in _HALF else None
+        got = _place(model, device, tdtype)
         model.eval()
         model.requires_grad_(False)
         if m.lift_path is not None:
-            controller.lift = _load_lift(m).to(device=device, dtype=next(model.parameters()).dtype)
-        controller.wire_dtype = torch_dtype(wire_dtype)
+            lift_dtype = torch.float32 if got in _HALF else got
+            controller.lift = _load_lift(m).to(device=device, dtype=lift_dtype)
+        controller.wire_dtype = torch_dtype(wire_dtype) or got
         if backend is None:
             controller.backend = LocalExpertBackend.from_split_dir(
                 m,
                 runtime=expert_runtime,
                 quant=quant,
                 device=device,
-                dtype=tdtype if tdtype is not None else None,
+                dtype=None if tdtype in _HALF else tdtype,
             )
-        return cls(model, m, controller)
+        return cls(model, m, controller, host_boundary=host_boundary)
 
     # ---- policy / backend / records ------------------------------------------------------------
     @property
     def policy(self) -> SelectionHook:
         """The selection hook every MoE layer calls; settable between forwards."""
-        return self.controller.policy
+        p = self.controller.policy
+        return p.inner if isinstance(p, HostPolicy) else p
 
     @policy.setter
     def policy(self, hook: SelectionHook) -> None:
+        if self.host_boundary and not isinstance(hook, HostPolicy):
+            hook = HostPolicy(hook, self.device)
         self.controller.policy = hook
 
     @property
     def backend(self) -> ExpertBackend:
         """The expert backend every MoE layer runs on; settable between forwards."""
-        return self.controller.backend
+        b = self.controller.backend
+        return b.inner if isinstance(b, HostBackend) else b
 
     @backend.setter
     def backend(self, backend: ExpertBackend) -> None:
+        if self.host_boundary and not isinstance(backend, HostBackend):
+            backend = HostBackend(backend, self.device)
         self.controller.backend = backend
 
     def start_recording(self) -> None:
@@ -429,6 +589,7 @@ class BaseStationModel:
             ]
             ids, mask = self.left_pad(seqs, pad_token_id)
             logp = torch.log_softmax(self.logits(ids, mask), dim=-1)
+            ids = ids.to(logp.device)
             T = ids.shape[1]
             for j, cont in enumerate(continuations[b0 : b0 + batch_size]):
                 n = len(cont)
