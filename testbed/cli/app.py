@@ -23,6 +23,7 @@ from .output import print_error
 from .policies import policies_app
 from .report import report_cmd
 from .run import demo_cmd, run_cmd, simulate_cmd
+from .wheelhouse import wheelhouse_app
 
 app = typer.Typer(
     help="moe-edge-testbed: distributed MoE inference on a wireless edge "
@@ -42,6 +43,7 @@ app.add_typer(local_app, name="local")
 app.add_typer(inventory_app, name="inventory")
 app.add_typer(links_app, name="links")
 app.add_typer(policies_app, name="policies")
+app.add_typer(wheelhouse_app, name="wheelhouse")
 
 
 def _mount_model_cli() -> None:

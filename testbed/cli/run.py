@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,13 @@ from .agents import AllowCpuOpt
 from .output import Format, FormatOpt, console, emit, err_console, table
 
 PACKAGED_RECIPES = ROOT / "recipes"
+#: ``--wheelhouse`` of ``run`` and ``demo`` (``provision`` has its own)
+WheelhouseOpt = typer.Option(
+    None,
+    "--wheelhouse",
+    help="Install the agents' wheels from this folder, never downloading (offline labs; "
+    "`testbed wheelhouse build` fills it). Default: the inventory's testbed.wheelhouse.",
+)
 
 
 def _summary_width() -> int:
@@ -159,6 +167,7 @@ def run_cmd(
         metavar="RUN_DIR",
     ),
     allow_cpu: bool = AllowCpuOpt,
+    wheelhouse: Path | None = WheelhouseOpt,
     fmt: Format = FormatOpt,
 ) -> None:
     """Run every trial of RECIPE; write results/<run-id>/ (manifest + CSVs)."""
@@ -175,7 +184,7 @@ def run_cmd(
     else:
         rcp = load_recipe(recipe, sets)
     prog = RichProgress(err_console, fmt == Format.table)
-    with allowing_cpu(allow_cpu):  # the session's provisioning
+    with allowing_cpu(allow_cpu), run_wheelhouse(wheelhouse, inventory):
         res = session.run_recipe(rcp, inventory, out, prog, resume=resume)
     emit(fmt, res.to_dict(), _summary_table(res), width=_summary_width())
 
@@ -227,6 +236,7 @@ def demo_cmd(
     out: Path = typer.Option(Path("results"), "--out", help="Where results and plots go."),
     name: str = typer.Option("demo", "--name", help="Local testbed name."),
     allow_cpu: bool = AllowCpuOpt,
+    wheelhouse: Path | None = WheelhouseOpt,
     fmt: Format = FormatOpt,
 ) -> None:
     """Local testbed → provision → run the comparison recipe → report → tear down."""
@@ -240,7 +250,7 @@ def demo_cmd(
     )
     t_start = time.monotonic()
     out_data: dict[str, Any] = {}
-    with allowing_cpu(allow_cpu):  # both provisionings: the demo's and its run's
+    with allowing_cpu(allow_cpu), run_wheelhouse(wheelhouse, None):
         res = _demo_run(rcp, recipe, devices, name, out, say, fmt, out_data)
     say("4/4 report")
     from ..results.plots import write_plots
@@ -261,6 +271,27 @@ def demo_cmd(
         f"\nresults: {res.run_dir}\nplots:   {res.run_dir / 'plots'} "
         f"({len(plots)} PNG)\ndemo wall time {out_data['wall_s']} s",
     )
+
+
+def run_wheelhouse(wheelhouse: Path | None, inventory: Path | None) -> AbstractContextManager[None]:
+    """The wheelhouse every provisioning of a run or demo takes (the session's own, restarted
+    agents): ``--wheelhouse``, else the inventory's ``testbed.wheelhouse``; none: downloads.
+
+    Raises
+    ------
+    ConfigError
+        ``--wheelhouse`` is not a folder, or the inventory is bad.
+    """
+    from ..errors import ConfigError
+    from ..lab.inventory import load_inventory
+    from ..lab.provision.wheels import using_wheelhouse
+
+    if wheelhouse is not None and not wheelhouse.is_dir():
+        raise ConfigError(f"--wheelhouse: {wheelhouse}: no such directory")
+    if wheelhouse is None and inventory is not None:
+        found = load_inventory(inventory).wheelhouse
+        wheelhouse = Path(found) if found else None
+    return using_wheelhouse(wheelhouse)
 
 
 def _demo_run(
