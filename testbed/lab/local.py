@@ -33,6 +33,7 @@ from ..errors import ConfigError, NeedsRoot, TestbedError
 from ..net.offloads import turn_offloads_off
 from ..net.shaper import TcShaper
 from ..net.tc import LinkSpec
+from . import arm64 as a64
 from .inventory import BaseStation, Device, render_inventory
 from .provision import AGENT_PACKAGES
 from .runner import LocalRunner
@@ -204,13 +205,30 @@ def _wait_port(addr: str, port: int, timeout_s: float) -> bool:
     return False
 
 
-def _preflight(name: str, devices: int) -> str:
+def check_arm64(devices: int, arm64: int, l4t: str | None) -> None:
+    """Refuse an arm64 count outside 0..devices, or ``--l4t`` without arm64 devices or not
+    like ``R35.4.1`` (ConfigError naming the option). Pure."""
+    if not 0 <= arm64 <= devices:
+        raise ConfigError(f"--arm64: must be 0..{devices} (of --devices {devices}), got {arm64}")
+    if l4t is not None:
+        if arm64 == 0:
+            raise ConfigError("--l4t: only arm64 devices carry an L4T release; add --arm64 N")
+        a64.l4t_release_text(l4t)
+
+
+def _preflight(name: str, devices: int, arm64: int = 0, l4t: str | None = None) -> str:
     """Refuse to start (bad name or count, not root, missing tools, testbed exists); returns the
     sshd to run."""
     check_name(name)
     require_root("local up")
     if not 1 <= devices <= MAX_DEVICES:
         raise ConfigError(f"--devices: must be 1..{MAX_DEVICES}, got {devices}")
+    check_arm64(devices, arm64, l4t)
+    if arm64:
+        a64.qemu_interpreter()
+        for tool in ("debootstrap", "unshare", "chroot"):
+            if shutil.which(tool) is None:
+                raise TestbedError(f"`{tool}` not found: --arm64 needs debootstrap and util-linux")
     for tool in ("ip", "tc", "ssh-keygen"):
         if shutil.which(tool) is None:
             raise TestbedError(f"`{tool}` not found: install iproute2 and openssh-client")
@@ -276,17 +294,27 @@ def _add_netns(st: State, names: Names, i: int, addr: str, prefixlen: int) -> No
     st.save()
 
 
-def _start_sshd(st: State, ns: str, d: Path, addr: str, sshd: str, client_pub: str) -> str:
+def _start_sshd(
+    st: State,
+    ns: str,
+    d: Path,
+    addr: str,
+    sshd: str,
+    client_pub: str,
+    launch: Callable[[list[str]], list[str]] | None = None,
+) -> str:
     """The device's own sshd in its namespace (own host key, our client key only), its PID
-    journaled; returns its known_hosts line."""
+    journaled; returns its known_hosts line. ``launch`` turns sshd's arguments into the argv
+    that starts it (an arm64 device: mounts and chroot, :func:`.arm64.sshd_argv`)."""
     (d / "work").mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o700)
     _ssh_keygen(d / "ssh_host_ed25519_key", f"{ns}-host")
     (d / "authorized_keys").write_text(client_pub)
     os.chmod(d / "authorized_keys", 0o600)
     (d / "sshd_config").write_text(_sshd_config(d, addr))
+    args = ["-D", "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")]
     pid = LocalRunner(netns=ns).spawn(
-        [sshd, "-D", "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")],
+        launch(args) if launch else [sshd, *args],
         log_path=str(d / "sshd.out"),
         pid_path=str(d / "sshd.spawn.pid"),
     )
@@ -297,15 +325,41 @@ def _start_sshd(st: State, ns: str, d: Path, addr: str, sshd: str, client_pub: s
 
 
 def _wait_sshds(st: State, devs: list[Device]) -> None:
-    """Wait until every device's sshd answers; raises naming the first that does not."""
+    """Wait until every device's sshd answers (an emulated arm64 one gets longer); raises
+    naming the first that does not."""
     for dv in devs:
-        if not _wait_port(dv.host, 22, 10):
+        if not _wait_port(dv.host, 22, 60 if dv.python == a64.PYTHON else 10):
             log = st.dir / "devices" / dv.name / "sshd.log"
             tail = log.read_text().strip().splitlines()[-1:] if log.exists() else []
             raise TestbedError(
                 f"{dv.name}: sshd did not come up on {dv.host}:22 "
                 f"{'(' + tail[0] + ')' if tail else ''}".strip()
             )
+
+
+@dataclass(frozen=True)
+class Arm64Spec:
+    """Which devices of a testbed are arm64 (the last ``count``), from which root, with which
+    ``/etc/nv_tegra_release`` (``l4t``, e.g. ``R35.4.1``; None: none)."""
+
+    count: int = 0
+    root: Path | None = None
+    l4t: str | None = None
+
+    def is_arm64(self, i: int, devices: int) -> bool:
+        """Whether device ``i`` (1-based) of ``devices`` is an arm64 one. Pure."""
+        return i > devices - self.count
+
+
+def _arm64_launch(
+    st: State, d: Path, name: str, arm: Arm64Spec
+) -> Callable[[list[str]], list[str]]:
+    """Prepare device ``name``'s overlay (journaled); returns how its sshd is started."""
+    assert arm.root is not None
+    dirs = a64.prepare_device_root(st.dir, name, d, arm.l4t)
+    st.data["devices"][-1]["root"] = {k: str(v) for k, v in dirs.items()}
+    st.save()
+    return lambda args: a64.sshd_argv(arm.root, dirs, d, args)  # type: ignore[arg-type]
 
 
 def _add_devices(
@@ -316,9 +370,11 @@ def _add_devices(
     memory_budget_mb: int,
     count: int,
     say: Callable[[str], None],
+    arm: Arm64Spec | None = None,
 ) -> tuple[list[Device], list[str]]:
-    """Every device: journal entry, namespace, sshd; returns the devices and their
-    known_hosts lines."""
+    """Every device: journal entry, namespace, sshd (arm64 ones from their root, under qemu);
+    returns the devices and their known_hosts lines."""
+    arm = arm or Arm64Spec()
     hosts = list(subnet.hosts())
     key = st.dir / "id_ed25519"
     pub = (st.dir / "id_ed25519.pub").read_text()
@@ -328,13 +384,22 @@ def _add_devices(
         ns, veth = names.netns(i), names.veth(i)
         addr = str(hosts[DEVICE_HOST_OFFSET + i - 1])
         d = st.dir / "devices" / f"dev{i}"
+        is_arm = arm.is_arm64(i, count)
         st.data["devices"].append(
-            {"name": f"dev{i}", "netns": ns, "veth": veth, "address": addr, "dir": str(d)}
+            {
+                "name": f"dev{i}",
+                "netns": ns,
+                "veth": veth,
+                "address": addr,
+                "dir": str(d),
+                "arch": "arm64" if is_arm else "host",
+            }
         )
         st.save()
-        say(f"dev{i}: netns {ns}, {addr}, sshd")
+        say(f"dev{i}: netns {ns}, {addr}, sshd" + (" (arm64, qemu)" if is_arm else ""))
         _add_netns(st, names, i, addr, subnet.prefixlen)
-        known.append(_start_sshd(st, ns, d, addr, sshd, pub))
+        launch = _arm64_launch(st, d, f"dev{i}", arm) if is_arm else None
+        known.append(_start_sshd(st, ns, d, addr, sshd, pub, launch))
         devs.append(
             Device(
                 name=f"dev{i}",
@@ -342,11 +407,11 @@ def _add_devices(
                 ssh_user="root",
                 ssh_key=str(key),
                 workdir=str(d / "work"),
-                python=_device_python(),
+                python=a64.PYTHON if is_arm else _device_python(),
                 hw_class="netns",
                 memory_budget_mb=memory_budget_mb,
                 interface="eth0",
-                reuse_packages=AGENT_PACKAGES,
+                reuse_packages=a64.REUSE if is_arm else AGENT_PACKAGES,
             )
         )
     return devs, known
@@ -389,25 +454,34 @@ def up(
     inventory_out: Path | None = None,
     memory_budget_mb: int = 2048,
     progress: Callable[[str], None] | None = None,
+    arm64: int = 0,
+    l4t: str | None = None,
 ) -> dict[str, Any]:
-    """Create testbed ``name`` with ``devices`` namespaces; return its description.
+    """Create testbed ``name`` with ``devices`` namespaces, the last ``arm64`` of them running
+    an arm64 userland under qemu (:mod:`.arm64`; ``l4t``: their ``/etc/nv_tegra_release``);
+    return its description.
 
     On any error (or Ctrl-C) everything created so far is removed before re-raising.
     """
-    sshd = _preflight(name, devices)
+    sshd = _preflight(name, devices, arm64, l4t)
     st = State(name)
     say = progress or (lambda _m: None)
     names = Names(name)
     inv_path = (inventory_out or Path(f"{name}.inventory.toml")).resolve()
     t0 = time.monotonic()
+    # the cached root first (built once, minutes): nothing of the testbed exists yet
+    arm = Arm64Spec(arm64, Path(a64.ensure_root(say=say)["path"]), l4t) if arm64 else None
     try:
         subnet = _open_state(st, inv_path)
+        if arm is not None:
+            st.data["binfmt"] = a64.ensure_binfmt()
+            st.save()
         bs_addr = str(next(subnet.hosts()))
         _ssh_keygen(st.dir / "id_ed25519", f"testbed-{name}")
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
         say(f"bridge {names.bridge} {bs_addr}/{subnet.prefixlen}")
         _add_bridge(names, bs_addr, subnet.prefixlen)
-        devs, known = _add_devices(st, names, subnet, sshd, memory_budget_mb, devices, say)
+        devs, known = _add_devices(st, names, subnet, sshd, memory_budget_mb, devices, say, arm)
         _wait_sshds(st, devs)
         say(f"shaping {devices} links at {rate_kbit:g} kbit/s each way")
         _shape_and_write_inventory(st, names, bs_addr, devs, known, rate_kbit, inv_path)
@@ -420,7 +494,12 @@ def up(
         "subnet": str(subnet),
         "bs": bs_addr,
         "devices": [
-            {"name": d.name, "host": d.host, "netns": names.netns(k + 1)}
+            {
+                "name": d.name,
+                "host": d.host,
+                "netns": names.netns(k + 1),
+                "arch": st.data["devices"][k]["arch"],
+            }
             for k, d in enumerate(devs)
         ],
         "rate_kbit": rate_kbit,
@@ -501,6 +580,7 @@ def down(name: str) -> dict[str, Any]:
         "links": [],
         "files": [],
         "offloads_restored": [],
+        "binfmt": [],
     }
     namespaces = [ns for ns in _netns_list() if names.is_our_netns(ns)]
     # 1. processes: everything inside our namespaces, plus recorded PIDs still ours
@@ -522,6 +602,8 @@ def down(name: str) -> dict[str, Any]:
     pids.discard(os.getpid())
     _stop_pids(sorted(pids))
     removed["processes"] = sorted(pids)
+    # (an arm64 device's mounts lived in its sshd's own mount namespace: gone with it)
+    removed["binfmt"] = a64.release_binfmt(data.get("binfmt"))
     # 2. shaping (the bridge's offloads first, from the record on the ifb), links, namespaces
     removed["offloads_restored"] = TcShaper(
         LocalRunner(host="bs"), names.bridge, names.ifb, [], []
@@ -554,6 +636,7 @@ def down(name: str) -> dict[str, Any]:
         except OSError:
             pass
     if st.dir.exists():
+        a64.remove_tree(st.dir / "roots")  # never descend into a mount, should one be left
         shutil.rmtree(st.dir, ignore_errors=True)
         removed["files"].append(str(st.dir))
     return {"name": name, "removed": removed, "was_present": bool(data) or any(removed.values())}
@@ -583,6 +666,7 @@ def status(name: str) -> dict[str, Any]:
                 "address": dv["address"],
                 "netns": dv["netns"],
                 "netns_present": dv["netns"] in present_ns,
+                "arch": dv.get("arch", "host"),
                 "sshd_pid": sshd_pid,
             }
         )
