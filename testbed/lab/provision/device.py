@@ -347,6 +347,12 @@ def provision_device(runner: Runner, device: Device, plan: _Plan) -> DeviceRepor
 
     t_start = t0
     facts = read_facts(runner, device)
+    rep.facts = {
+        "system": facts.system,
+        "machine": facts.machine,
+        "python": ".".join(map(str, facts.python)),
+        "libc": " ".join(facts.libc),
+    }
     want = _wanted(device, facts, plan)
     lay, changed = want.lay, rep.changed
     rep.power = query_power(runner)

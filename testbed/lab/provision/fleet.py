@@ -39,6 +39,8 @@ class DeviceReport:
     preflight: dict[str, Any] = field(default_factory=dict)
     #: what the device was provisioned in spite of (a Jetson on its CPU under ``--allow-cpu``)
     warnings: list[str] = field(default_factory=list)
+    #: the device check's platform: system, machine (``aarch64`` on a Jetson), python, libc
+    facts: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for the JSON report (every field)."""
