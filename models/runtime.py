@@ -328,8 +328,7 @@ class BaseStationModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The BS part's compute dtype (its embeddings'; MoE blocks of a half-precision BS
-        compute in float32)."""
+        """The BS part's dtype (its embeddings'; a half-precision BS's MoE blocks: float32)."""
         return self.model.get_input_embeddings().weight.dtype
 
     # ---- construction ----------------------------------------------------------------------
@@ -378,12 +377,8 @@ class BaseStationModel:
 
         A widened split (a ``lift`` entry in the manifest, :mod:`models.widen`) loads its lift
         Q into the controller: the MoE blocks send ``x Qᵀ`` and map the replies back with Q.
-
-        Raises
-        ------
-        ModelError
-            An unknown family or dtype, a BS part that does not fit the model, or a device this
-            host lacks (:func:`device_problem`).
+        Raises :class:`ModelError` (an unknown family or dtype, a BS part that does not fit the
+        model, a device this host lacks: :func:`device_problem`).
         """
         m = load_manifest(split_dir)
         fam = FAMILIES.get(m.family)
@@ -526,7 +521,8 @@ class BaseStationModel:
         """Batched greedy decoding with a KV cache at the BS.
 
         ``on_step(step)`` is called right after each forward step's next tokens are known
-        (step 0 = prefill), e.g. to time the first token and each decoded one.
+        (step 0 = prefill; on CUDA after a synchronize), e.g. to time the first token and each
+        decoded one.
 
         One prefill step over the left-padded prompts (step 0) then one step per new token;
         sequences that produced ``eos_token_id`` are fed masked padding (their output stops at
@@ -548,6 +544,7 @@ class BaseStationModel:
         done = torch.zeros(B, dtype=torch.bool)
         next_tok = logits[:, -1].argmax(-1).cpu()
         if on_step is not None:
+            _synchronize(self.device)  # the step's GPU work done before the caller's clock
             on_step(0)
         steps = 1
         for t in range(max_new_tokens):
@@ -566,6 +563,7 @@ class BaseStationModel:
             )
             next_tok = logits[:, -1].argmax(-1).cpu()
             if on_step is not None:
+                _synchronize(self.device)
                 on_step(steps)
             steps += 1
         return GenerationResult(out, steps)

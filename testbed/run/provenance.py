@@ -1,5 +1,5 @@
 """What a run's manifest records of where it ran: the git commit, package versions, the host,
-and the model (its split folder, its manifest's sha256)."""
+the model (its split folder, its manifest's sha256) and where the BS part computed."""
 
 from __future__ import annotations
 
@@ -101,3 +101,30 @@ def model_entry(split: Path, m: Any) -> dict[str, Any]:
         "expert_hidden_size": m.hidden_size,
         "lift": dict(m.lift_info) if m.lift_info else None,
     }
+
+
+def bs_compute(bsm: Any) -> dict[str, Any]:
+    """The manifest's ``bs_compute``: where and in which dtype the BS part of ``bsm`` (a
+    :class:`models.runtime.BaseStationModel`) ran, the dtype of its router (float32 in a
+    half-precision BS) and torch's threads; on CUDA also the GPU's name, compute capability
+    and torch's CUDA version."""
+    import torch
+
+    dev, dtype = bsm.device, bsm.dtype
+    half = dtype in (torch.float16, torch.bfloat16)
+    out: dict[str, Any] = {
+        "device": str(dev),
+        "dtype": str(dtype).replace("torch.", ""),
+        "router_dtype": "float32" if half else str(dtype).replace("torch.", ""),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        out.update(
+            device=f"cuda:{index}",
+            gpu=torch.cuda.get_device_name(index),
+            capability=f"{major}.{minor}",
+            torch_cuda=torch.version.cuda,
+        )
+    return out

@@ -14,7 +14,7 @@ and a sweep grid over any of these.
                                 # payloads of Mixtral-8x7B's width, the tiny model's accuracy),
                                 # a split directory or an HF checkpoint (relative to this file)
     wire_dtype = "bf16"         # optional: hidden states on the wire (and the agents' io dtype)
-                                # fp32, bf16 or fp16; default: the BS model's dtype
+                                # fp32, bf16 or fp16; default: fp32 (whatever run.bs_dtype)
 
     [policy]
     name = "topk"               # entry-point name, package.module:Class or path/file.py:Class
@@ -82,6 +82,12 @@ and a sweep grid over any of these.
     bs_threads = 1              # optional: torch threads of the BS runtime (default: torch's);
                                 # 1 where the agents share the BS's few cores (local testbed):
                                 # idle worker threads spinning against the agents cost ms per op
+    bs_device = "cpu"           # where the BS part (embeddings, attention, norms, router) runs:
+                                # "cpu", "cuda" or "cuda:N" (refused before anything is touched
+                                # when this host has no such CUDA device); set, not swept
+    bs_dtype = "float32"        # its weights and compute: float32, bfloat16 or float16 (router
+                                # and MoE combine stay float32; the wire keeps model.wire_dtype);
+                                # set, not swept; both recorded in the manifest's "bs_compute"
     memory_budget_mb = 0.09     # optional: every device's memory budget for the policy (MB,
                                 # fractions allowed), instead of the inventory's
     update_every = 5            # optional: call policy.update() every N requests (0: never);
@@ -208,6 +214,30 @@ WIRE_DTYPES = {
 def _wire_dtype(v: Any) -> str:
     if v not in WIRE_DTYPES:
         raise ValueError(f"must be one of fp32, bf16, fp16, not {v!r}")
+    return v
+
+
+BS_DTYPES = dict(WIRE_DTYPES)
+"""``run.bs_dtype`` values -> torch's names (the same names as the wire's)."""
+
+#: keys read once per run (the BS model is loaded once): set, never swept
+RUN_WIDE_KEYS = ("run.bs_device", "run.bs_dtype")
+
+
+def _bs_device(v: Any) -> str:
+    ok = isinstance(v, str) and (
+        v in ("cpu", "cuda") or (v.startswith("cuda:") and v[5:].isascii() and v[5:].isdigit())
+    )
+    if not ok:
+        raise ValueError(f'must be "cpu", "cuda" or "cuda:N", not {v!r}')
+    return v
+
+
+def _bs_dtype(v: Any) -> str:
+    if v not in BS_DTYPES:
+        raise ValueError(
+            f"must be one of float32, bfloat16, float16 (or fp32, bf16, fp16), not {v!r}"
+        )
     return v
 
 
@@ -405,6 +435,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "update_every": (_int(0), 0),
         "events": (_events, []),
         "down_backoff_s": (_float(0), 30.0),
+        "bs_device": (_bs_device, "cpu"),
+        "bs_dtype": (_bs_dtype, "float32"),
     },
     "devices": {"power_mode": (_power_mode, None)},
     "faults": {"events": (parse_faults, [])},
@@ -546,9 +578,19 @@ class Recipe:
     @property
     def wire_dtype(self) -> str | None:
         """The agents' name of ``model.wire_dtype`` (``float32``/``bfloat16``/``float16``) or
-        ``None`` (the BS model's dtype)."""
+        ``None`` (not set: a run sends float32, whatever ``run.bs_dtype``)."""
         v = self.config["model"].get("wire_dtype")
         return WIRE_DTYPES[v] if v is not None else None
+
+    @property
+    def bs_device(self) -> str:
+        """``run.bs_device``: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``."""
+        return str(self.config["run"]["bs_device"])
+
+    @property
+    def bs_dtype(self) -> str:
+        """torch's name of ``run.bs_dtype`` (``float32``/``bfloat16``/``float16``)."""
+        return BS_DTYPES[self.config["run"]["bs_dtype"]]
 
     def policy_spec(self, name: str) -> str:
         """A ``path/file.py:Class`` policy is resolved against the recipe's folder."""
@@ -601,6 +643,29 @@ class Recipe:
             elif k == self.zipped[0]:
                 sweep["zip"] = {z: self.sweep[z] for z in self.zipped}
         return {"path": str(self.path), **copy.deepcopy(self.config), "sweep": sweep}
+
+
+def check_bs_compute(recipe: Recipe) -> None:
+    """``run.bs_device``/``run.bs_dtype`` against this host (the BS): a CUDA device that torch
+    sees, an index in range, bfloat16 where the GPU computes in it (torch is imported only for
+    a device other than the CPU).
+
+    Raises
+    ------
+    ConfigError
+        Naming the recipe and the key, e.g. ``run.bs_device: 'cuda' but
+        torch.cuda.is_available() is False on this BS``.
+    """
+    if recipe.bs_device == "cpu":
+        return
+    import torch
+
+    from models.runtime import device_problem
+
+    problem = device_problem(recipe.bs_device, getattr(torch, recipe.bs_dtype))
+    if problem is not None:
+        key, msg = problem
+        raise ConfigError(f"{recipe.path}: run.bs_{key}: {msg}")
 
 
 def resolve_policy_params(
@@ -769,6 +834,9 @@ def _parse_sweep(
     return zipped
 
 
+_RUN_WIDE = "the BS model is loaded once per run: set it, do not sweep it"
+
+
 def _sweep_key(where: str, shown: str, key: str, values: Any, problems: list[str]) -> bool:
     """Check one swept ``key`` (named ``sweep.<shown>`` in messages); True when it is good."""
     if not isinstance(values, list) or not values:
@@ -776,6 +844,9 @@ def _sweep_key(where: str, shown: str, key: str, values: Any, problems: list[str
         return False
     if key.startswith("sweep"):
         problems.append(f"{where}: sweep.{shown}: cannot sweep the sweep")
+        return False
+    if key in RUN_WIDE_KEYS:
+        problems.append(f"{where}: sweep.{shown}: {_RUN_WIDE}")
         return False
     before = len(problems)
     for v in values:
@@ -816,6 +887,9 @@ def recipe_from_dict(raw: Mapping[str, Any], path: Path, overrides: Sequence[str
         if key.startswith("sweep."):
             sk = key[len("sweep.") :]
             vals = value if isinstance(value, list) else [value]
+            if sk in RUN_WIDE_KEYS:
+                problems.append(f"--set: {key}: {_RUN_WIDE}")
+                continue
             for v in vals:
                 _check_value("--set", sk, v, problems)
             sweep[sk] = vals

@@ -76,8 +76,8 @@ from .fault_effects import AgentEffects
 from .faults import TrialFaults
 from .loading import ExpertLoader
 from .prediction import TimedBackend
-from .provenance import model_entry
-from .recipe import Recipe, check_device_links
+from .provenance import bs_compute, model_entry
+from .recipe import Recipe, check_bs_compute, check_device_links
 from .recorder import Recorder
 from .resume import prepare_resume, resume_plan
 from .telemetry import DeviceSampler, open_bs_meter
@@ -275,6 +275,7 @@ class Session:
         exists: a refused recipe leaves none)."""
         rec = self.recipe
         self.split = check_model_and_policies(rec, self.trials)
+        check_bs_compute(rec)
         self.checked = True
         for t in self.trials:
             path = rec.trace_path(t)
@@ -410,8 +411,6 @@ class Session:
     def _open_model(self) -> None:
         """The BS model (its expert backend timed), the wire dtype, the profiler, the loader
         and the answer key."""
-        from models.runtime import BaseStationModel
-
         rec = self.recipe
         quiet_transformers()
         if rec.config["run"].get("bs_threads"):
@@ -419,12 +418,10 @@ class Session:
 
             torch.set_num_threads(int(rec.config["run"]["bs_threads"]))
         self.timed = TimedBackend(self.backend)
-        self.bsm = BaseStationModel.from_split_dir(
-            self.split, backend=self.timed, wire_dtype=rec.wire_dtype
-        )
-        # the dtype of the rows on the wire (model.wire_dtype, default the BS model's): the
-        # agents load experts with it as io dtype, profiling and bytes_per_token use it
-        self.wire_dtype = self.bsm.controller.wire_dtype or next(self.bsm.model.parameters()).dtype
+        self.bsm = open_bs_model(self.split, rec, self.timed)
+        self.manifest["bs_compute"] = bs_compute(self.bsm)
+        # the agents load experts with the wire dtype as io dtype; profiling, bytes_per_token
+        self.wire_dtype = self.bsm.controller.wire_dtype
         io_dtype = str(self.wire_dtype).removeprefix("torch.")
         self.manifest["model"]["wire_dtype"] = io_dtype
         self.manifest["compute_profile"] = {}
@@ -433,7 +430,7 @@ class Session:
         self.fault_effects = AgentEffects(
             self.inv, self.runners, self.shaper, self.backend, self.loader
         )
-        self.answer_key = AnswerKey(self.split)
+        self.answer_key = AnswerKey(self.split, rec.bs_device, rec.bs_dtype)
 
     def _open_tables(self) -> None:
         """The run's tables (closed on the way out), the profiler and the device sampler that
@@ -495,6 +492,11 @@ class EdgeSession(Session):
                     f"{rec.path}: faults.events, run.events: not supported with whole-model "
                     "experts yet"
                 )
+        if (rec.bs_device, rec.bs_dtype) != ("cpu", "float32"):
+            raise ConfigError(
+                f"{rec.path}: run.bs_device, run.bs_dtype: not supported with whole-model "
+                "experts (the gate runs on the CPU in float32)"
+            )
         if any(t.config["links"].get("device") for t in self.trials):
             names = (
                 [d.name for d in load_inventory(self.inventory_path).devices]
@@ -623,6 +625,23 @@ def aggregation_time_ms(edge: EdgeModels, items: Sequence[dict[str, Any]]) -> fl
         max(range(len(mix)), key=mix.__getitem__)
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times) if times else 0.0
+
+
+def open_bs_model(split: Path, rec: Recipe, backend: Any) -> Any:
+    """The run's :class:`models.runtime.BaseStationModel` on ``run.bs_device`` in
+    ``run.bs_dtype``, its policy and ``backend`` at the host boundary (host tensors, after a
+    synchronize: bs_ms stays honest on a GPU), ``model.wire_dtype`` on the wire (float32 when
+    unset, whatever the BS dtype)."""
+    from models.runtime import BaseStationModel
+
+    return BaseStationModel.from_split_dir(
+        split,
+        backend=backend,
+        wire_dtype=rec.wire_dtype or "float32",
+        device=rec.bs_device,
+        dtype=rec.bs_dtype,
+        host_boundary=True,
+    )
 
 
 def session_for(recipe: Recipe) -> type[Session]:

@@ -60,10 +60,15 @@ def make_workload(trial: Trial, manifest: Any, seed: int) -> list[Request]:
 
 class AnswerKey:
     """The expected output of a request: its own reference, else the single-process top-k
-    output of the same model (the split folder ``split``, loaded at the first such request)."""
+    output of the same model (the split folder ``split``, loaded at the first such request) with
+    its BS part on the run's ``device`` in its ``dtype`` (``run.bs_device``/``run.bs_dtype``;
+    its experts in-process compute as a device would), so that a synthetic request scores what
+    distribution changed, not the BS's precision."""
 
-    def __init__(self, split: Path):
+    def __init__(self, split: Path, device: str = "cpu", dtype: str | None = None):
         self.split = split
+        self.device = device
+        self.dtype = dtype
         self.model: Any = None
 
     def __call__(self, req: Request) -> tuple[int, ...]:
@@ -73,7 +78,9 @@ class AnswerKey:
         from models.runtime import BaseStationModel
 
         if self.model is None:
-            self.model = BaseStationModel.from_split_dir(self.split)
+            self.model = BaseStationModel.from_split_dir(
+                self.split, device=self.device, dtype=self.dtype
+            )
         g = self.model.generate_greedy(
             [list(req.prompt)], req.max_new_tokens, req.eos_token_id, req.pad_token_id
         )
