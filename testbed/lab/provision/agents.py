@@ -136,11 +136,13 @@ def start_agent(
     device: Device,
     lay: Layout,
     argv: Sequence[str],
-    ready_timeout_s: float = 60.0,
+    ready_timeout_s: float = 180.0,
     curve: CurveClient | None = None,
 ) -> dict[str, Any]:
     """Spawn the agent detached, wait for its ready file (with its PID) and a ping answer.
-    Returns the ready file's content (endpoint made connectable)."""
+    Returns the ready file's content (endpoint made connectable). ``ready_timeout_s`` is long
+    because importing torch is slow on a small device (an arm64 device of the local testbed,
+    emulated by qemu-user, takes 35-45 s); an agent that exits is reported at once."""
     runner.run(["rm", "-f", lay.ready], timeout_s=30)
     pid = runner.spawn(list(argv), log_path=lay.log, pid_path=lay.pid, cwd=lay.workdir)
     deadline = time.monotonic() + ready_timeout_s
