@@ -96,6 +96,7 @@ def local_status(name: str = NameOpt, fmt: Format = FormatOpt) -> None:
             d["name"],
             d["address"],
             d["netns"] + ("" if d["netns_present"] else " (missing)"),
+            d["arch"],
             str(d["sshd_pid"] or "-"),
             str(d.get("down_kbit") or "-"),
             str(d.get("up_kbit") or "-"),
@@ -104,7 +105,7 @@ def local_status(name: str = NameOpt, fmt: Format = FormatOpt) -> None:
     )
     t = table(
         f"local testbed {name}: {res['status']} ({res['subnet']})",
-        ("device", "address", "netns", "sshd pid", "down kbit/s", "up kbit/s"),
+        ("device", "address", "netns", "arch", "sshd pid", "down kbit/s", "up kbit/s"),
         cells,
     )
     emit(fmt, res, t)

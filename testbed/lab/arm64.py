@@ -42,6 +42,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -172,24 +173,35 @@ def root_info(path: Path) -> dict[str, Any] | None:
     return info if isinstance(info, dict) else None
 
 
-def _run(argv: list[str], what: str, timeout_s: float, env: dict[str, str] | None = None) -> None:
-    """Run a build step; TestbedError naming ``what`` with the output's last line on failure."""
+def _run(argv: list[str], what: str, timeout_s: float) -> None:
+    """Run a build step in its own process group (killed whole on timeout, error or Ctrl-C:
+    no dpkg left writing into a folder being removed); TestbedError naming ``what`` with the
+    output's last line on failure."""
     try:
-        res = subprocess.run(
+        proc = subprocess.Popen(
             argv,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
             text=True,
-            timeout=timeout_s,
-            check=False,
-            env=None if env is None else {**os.environ, **env},
+            start_new_session=True,
         )
     except FileNotFoundError:
         raise TestbedError(f"{what}: {argv[0]} not found (apt-get install {argv[0]})") from None
-    except subprocess.TimeoutExpired:
-        raise TestbedError(f"{what}: no result after {timeout_s:g} s") from None
-    if res.returncode != 0:
-        tail = (res.stderr.strip() or res.stdout.strip()).splitlines()[-1:] or [""]
-        raise TestbedError(f"{what} failed (exit {res.returncode}): {tail[0]}")
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except BaseException as exc:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        if isinstance(exc, subprocess.TimeoutExpired):
+            raise TestbedError(f"{what}: no result after {timeout_s:g} s") from None
+        raise
+    if proc.returncode != 0:
+        tail = (err.strip() or out.strip()).splitlines()[-1:] or [""]
+        raise TestbedError(f"{what} failed (exit {proc.returncode}): {tail[0]}")
 
 
 def _mounts_under(path: Path) -> list[str]:
