@@ -3,6 +3,10 @@
 :class:`StatusFeed` keeps each device's last published ``status`` map, when it came, and the
 signalling it cost (messages and bytes per device). The data plane's requests go through
 :class:`testbed.dataplane.backend.RemoteExpertBackend`; this is the other, one-way channel.
+
+The BS connects out to each agent's PUB socket: the ``pub_endpoint`` of the agent's ready file,
+bound by provisioning at the device's ``status_port`` (inventory; 5556 by default, 0 = a port
+the agent picks), so a device's firewall lets it in like the agent's own ``agent_port``.
 """
 
 from __future__ import annotations
