@@ -3,6 +3,12 @@
 ``python -m device_agent serve --bind tcp://HOST:PORT --workdir DIR``; the wire protocol and
 error codes are in :mod:`device_agent.protocol`, the BS-side client is
 ``testbed.dataplane.backend``. This package never imports ``testbed``.
+
+Python 3.8+: the device side (this package, the ``models`` modules it imports, the probes the
+controller runs on a device) targets JetPack 5's Python 3.8, while the controller needs 3.10.
+``tests/unit/test_device_side_py38.py`` checks it with vermin (``-t=3.8-``): no
+``itertools.pairwise``, ``str.removeprefix``, ``match``, ``list[int]`` or ``X | Y`` outside
+annotations, and ``from __future__ import annotations`` wherever annotations use them.
 """
 
 from typing import Any

@@ -63,7 +63,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import pairwise
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -136,7 +135,7 @@ def trapezoid(
     lie within the samples' span). Fewer than two samples give 0.
     """
     pts = list(samples)
-    for (ta, _), (tb, _) in pairwise(pts):
+    for (ta, _), (tb, _) in zip(pts, pts[1:]):  # itertools.pairwise needs Python 3.10
         if tb < ta:
             raise ValueError(f"samples out of time order: {tb} after {ta}")
     if t0_ns is not None or t1_ns is not None:
@@ -152,13 +151,13 @@ def trapezoid(
         inner = [(t, p) for t, p in pts if lo < t < hi]
         pts = [(lo, _interpolate(pts, lo)), *inner, (hi, _interpolate(pts, hi))]
     total = 0.0
-    for (ta, pa), (tb, pb) in pairwise(pts):
+    for (ta, pa), (tb, pb) in zip(pts, pts[1:]):
         total += (pa + pb) * 0.5 * (tb - ta) / 1e9
     return total
 
 
 def _interpolate(pts: Sequence[tuple[int, float]], t: int) -> float:
-    for (ta, pa), (tb, pb) in pairwise(pts):
+    for (ta, pa), (tb, pb) in zip(pts, pts[1:]):
         if ta <= t <= tb:
             return pa if tb == ta else pa + (pb - pa) * (t - ta) / (tb - ta)
     raise ValueError(f"t={t} ns is outside the samples")
