@@ -232,94 +232,8 @@ def run_init(a: Answers, yes: bool, interactive: bool, fmt: Format) -> dict[str,
     }
 
 
-def init_cmd(
-    out: Path = typer.Argument(..., help="The inventory file to write.", show_default=False),
-    name: str = typer.Option("lab", "--name", help="The testbed's name."),
-    bs_interface: str | None = typer.Option(
-        None, "--bs-interface", help="BS interface toward the devices (shaped)."
-    ),
-    bs_host: str | None = typer.Option(
-        None, "--bs-host", help="BS address the devices reach it at."
-    ),
-    bs_ifb: str = typer.Option("ifb-tb0", "--bs-ifb", help="ifb device for uplink shaping."),
-    bs_ssh_user: str | None = typer.Option(
-        None,
-        "--bs-ssh-user",
-        help="Reach the BS over SSH as this user (default: the controller runs on the BS).",
-    ),
-    bs_ssh_key: str | None = typer.Option(None, "--bs-ssh-key", help="Key for --bs-ssh-user."),
-    bs_ssh_port: int = typer.Option(22, "--bs-ssh-port"),
-    bs_user: str | None = typer.Option(
-        None, "--bs-user", help="BS user for the sudoers line (default: --bs-ssh-user, else you)."
-    ),
-    device: list[str] = typer.Option(
-        [], "--device", help="Device HOST or NAME=HOST (repeat, or a comma list)."
-    ),
-    user: str | None = typer.Option(None, "--user", help="SSH user on the devices."),
-    key: str | None = typer.Option(
-        None, "--key", help="SSH private key for the devices (default: ssh-agent)."
-    ),
-    ssh_port: int = typer.Option(22, "--ssh-port", help="Devices' SSH port."),
-    workdir: str = typer.Option(
-        "~/moe-testbed", "--workdir", help="Device workdir ({name}: the device's name)."
-    ),
-    python: str = typer.Option("/usr/bin/python3", "--python", help="Device Python."),
-    hw_class: str = typer.Option("orin-agx", "--hw-class", help=f"One of {', '.join(HW_CLASSES)}."),
-    memory_mb: int = typer.Option(8000, "--memory-mb", help="Device memory budget, MB."),
-    reuse: list[str] = typer.Option(
-        [], "--reuse", help="reuse_packages, e.g. torch,numpy (JetPack's torch)."
-    ),
-    known_hosts: Path | None = typer.Option(
-        None,
-        "--known-hosts",
-        help="known_hosts to add the keys to (default: OUT's stem + .known_hosts).",
-    ),
-    sudoers_out: Path | None = typer.Option(
-        None, "--sudoers-out", help="Also write the sudoers lines here (never /etc)."
-    ),
-    sudo: bool = typer.Option(
-        True, "--sudo/--no-sudo", help="bs.sudo: tc/ip/ethtool changes through sudo -n."
-    ),
-    path: list[str] = typer.Option(
-        [],
-        "--path",
-        help="TOOL=/abs/path for a sudoers line (tc, ip, ethtool, nvpmodel, jetson_clocks).",
-    ),
-    yes: bool = typer.Option(
-        False, "--yes", "-y", help="Ask nothing: flags only, accept the keys shown."
-    ),
-    fmt: Format = FormatOpt,
-) -> None:
-    """Write a lab inventory, add its hosts' keys to known_hosts, print the sudoers lines."""
-    a = Answers(
-        out.expanduser().resolve(),
-        name,
-        bs_interface,
-        bs_host,
-        bs_ifb,
-        bs_ssh_user,
-        bs_ssh_key,
-        bs_ssh_port,
-        bs_user,
-        list(device),
-        user,
-        key,
-        ssh_port,
-        workdir,
-        python,
-        hw_class,
-        memory_mb,
-        list(reuse),
-        known_hosts,
-        sudoers_out,
-        sudo,
-        _paths(list(path)),
-    )
-    interactive = not yes and sys.stdin.isatty()
-    res = run_init(a, yes, interactive, fmt)
-    if fmt == Format.json:
-        emit(fmt, res)
-        return
+def _show(res: dict[str, Any]) -> None:
+    """:func:`run_init`'s result for a human: what was written, the sudoers lines, what next."""
     console.print(
         f"wrote {res['inventory']} ({len(res['devices'])} devices); "
         f"{sum(k['added'] for k in res['keys'])} key(s) added to {res['known_hosts']}",
@@ -333,3 +247,67 @@ def init_cmd(
     if res["sudoers_out"]:
         console.print(f"(also written to {res['sudoers_out']})", highlight=False)
     console.print(f"next: testbed inventory check {res['inventory']}", highlight=False)
+
+
+_O = typer.Option
+_BS_SSH_USER = _O(
+    None,
+    "--bs-ssh-user",
+    help="Reach the BS over SSH as this user (default: the controller runs on the BS).",
+)
+_BS_USER = _O(
+    None, "--bs-user", help="BS user for the sudoers line (default: --bs-ssh-user, else you)."
+)
+_KNOWN = _O(
+    None,
+    "--known-hosts",
+    help="known_hosts to add the keys to (default: OUT's stem + .known_hosts).",
+)
+_PATH = _O(
+    [],
+    "--path",
+    help="TOOL=/abs/path for a sudoers line (tc, ip, ethtool, nvpmodel, jetson_clocks).",
+)
+
+_DEVICE = _O([], "--device", help="HOST or NAME=HOST (repeat, or a comma list).")
+_REUSE = _O([], "--reuse", help="reuse_packages, e.g. torch,numpy (JetPack's).")
+_SUDOERS_OUT = _O(None, "--sudoers-out", help="Also write the sudoers lines here (not /etc).")
+
+
+def init_cmd(
+    out: Path = typer.Argument(..., help="The inventory file to write.", show_default=False),
+    name: str = _O("lab", "--name", help="The testbed's name."),
+    bs_interface: str | None = _O(None, "--bs-interface", help="BS interface toward devices."),
+    bs_host: str | None = _O(None, "--bs-host", help="BS address the devices reach it at."),
+    bs_ifb: str = _O("ifb-tb0", "--bs-ifb", help="ifb device for uplink shaping."),
+    bs_ssh_user: str | None = _BS_SSH_USER,
+    bs_ssh_key: str | None = _O(None, "--bs-ssh-key", help="Key for --bs-ssh-user."),
+    bs_ssh_port: int = _O(22, "--bs-ssh-port"),
+    bs_user: str | None = _BS_USER,
+    device: list[str] = _DEVICE,
+    user: str | None = _O(None, "--user", help="SSH user on the devices."),
+    key: str | None = _O(None, "--key", help="Devices' SSH private key (default: ssh-agent)."),
+    ssh_port: int = _O(22, "--ssh-port", help="Devices' SSH port."),
+    workdir: str = _O("~/moe-testbed", "--workdir", help="Device workdir ({name}: its name)."),
+    python: str = _O("/usr/bin/python3", "--python", help="Device Python."),
+    hw_class: str = _O("orin-agx", "--hw-class", help=f"One of {', '.join(HW_CLASSES)}."),
+    memory_mb: int = _O(8000, "--memory-mb", help="Device memory budget, MB."),
+    reuse: list[str] = _REUSE,
+    known_hosts: Path | None = _KNOWN,
+    sudoers_out: Path | None = _SUDOERS_OUT,
+    sudo: bool = _O(True, "--sudo/--no-sudo", help="bs.sudo: changes through sudo -n."),
+    path: list[str] = _PATH,
+    yes: bool = _O(False, "--yes", "-y", help="Ask nothing: flags only, accept the keys shown."),
+    fmt: Format = FormatOpt,
+) -> None:
+    """Write a lab inventory, add its hosts' keys to known_hosts, print the sudoers lines."""
+    a = Answers(
+        out.expanduser().resolve(), name, bs_interface, bs_host, bs_ifb, bs_ssh_user, bs_ssh_key,
+        bs_ssh_port, bs_user, list(device), user, key, ssh_port, workdir, python, hw_class,
+        memory_mb, list(reuse), known_hosts, sudoers_out, sudo, _paths(list(path)),
+    )  # fmt: skip
+    res = run_init(a, yes, not yes and sys.stdin.isatty(), fmt)
+    if fmt == Format.json:
+        emit(fmt, res)
+    else:
+        _show(res)
