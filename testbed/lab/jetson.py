@@ -20,6 +20,10 @@ Pure parsers (tested on fixture text written from the documented formats):
 as not available, never an error), :func:`query_power` parses its output.
 :func:`resolve_power_mode` maps what a recipe asks for to a device's mode id;
 :func:`set_power_mode` runs ``sudo -n nvpmodel -m ID``.
+
+Root runs only the tools themselves (``sudo -n nvpmodel -q``, ``-p --verbose``, ``-m ID``,
+``sudo -n jetson_clocks --show``; the shell around them runs as the SSH user), which is what the
+device sudoers line of ``testbed init`` allows (:data:`testbed.lab.init.DEVICE_COMMANDS`).
 """
 
 from __future__ import annotations
