@@ -23,7 +23,7 @@ from ..errors import ConfigError, HostUnreachable
 from ..lab import init as I
 from ..lab.inventory import HW_CLASSES, BaseStation, Device, load_inventory
 from ..lab.runner import LocalRunner
-from .output import Format, FormatOpt, console, emit, err_console, table
+from .output import Format, FormatOpt, console, emit
 
 
 @dataclass
@@ -145,12 +145,15 @@ def _accept(
     """Show the fingerprints, ask (unless ``yes``), return the known_hosts lines to add
     (ConfigError on a conflicting key or a refusal)."""
     existing = kh.read_text() if kh.exists() else ""
-    add, conflicts = I.merge_known_hosts(existing, [k.line for k in keys])
+    add, conflicts = I.merge_known_hosts(existing, [k.line for k in keys], str(kh))
     if conflicts:
         raise ConfigError([f"{kh}: {c}" for c in conflicts])
-    rows = [(k.host, k.line.split()[0], f"{k.key_type} {k.bits}", k.fingerprint) for k in keys]
-    shown = table(f"host keys ({len(add)} new for {kh})", ("host", "as", "type", "SHA256"), rows)
-    (err_console if fmt == Format.json else console).print(shown)
+    shown = [f"host keys ({len(add)} new for {kh}):"] + [
+        f"  {k.host}  {k.line.split()[0]}  {k.key_type} {k.bits}  {k.fingerprint}"
+        + ("" if k.line in add else "  (known)")
+        for k in keys
+    ]
+    (sys.stderr if fmt == Format.json else sys.stdout).write("\n".join(shown) + "\n")
     if add and not yes:
         if not interactive:
             raise ConfigError(
@@ -238,6 +241,7 @@ def _show(res: dict[str, Any]) -> None:
         f"wrote {res['inventory']} ({len(res['devices'])} devices); "
         f"{sum(k['added'] for k in res['keys'])} key(s) added to {res['known_hosts']}",
         highlight=False,
+        soft_wrap=True,
     )
     console.print(
         "sudoers lines (install as root: visudo -cf FILE, then /etc/sudoers.d/, 0440):",

@@ -103,6 +103,8 @@ def sudoers_text(
     if users:
         out.append("# the devices: Jetson power modes (nvpmodel, jetson_clocks --show)")
         out += [sudoers_line(u, DEVICE_COMMANDS, device_paths) for u in users]
+    if len(out) == 2:
+        out.append("# none needed: every user here is root")
     return "\n".join(out) + "\n"
 
 
@@ -155,9 +157,12 @@ def with_fingerprints(host: str, lines: Sequence[str], listing: str) -> list[Hos
     return [HostKey(host, ln, fp, kt, bits) for ln, (bits, fp, _c, kt) in zip(lines, fps)]
 
 
-def merge_known_hosts(existing: str, lines: Sequence[str]) -> tuple[list[str], list[str]]:
+def merge_known_hosts(
+    existing: str, lines: Sequence[str], file: str = "FILE"
+) -> tuple[list[str], list[str]]:
     """(lines to append, conflicts): a key already there for its host and type is skipped; a
-    different key of the same type for the same host is a conflict (one line naming the host).
+    different key of the same type for the same host is a conflict (one line naming the host
+    and the command that removes the old key from ``file``).
     Hashed entries (``|1|``) are not compared. Pure."""
     have: dict[tuple[str, str], str] = {}
     for ln in existing.splitlines():
@@ -175,7 +180,7 @@ def merge_known_hosts(existing: str, lines: Sequence[str]) -> tuple[list[str], l
         elif old != key:
             conflicts.append(
                 f"{host}: known_hosts has a different {kind} key (the host was re-installed, "
-                f"or this is not it): remove it with `ssh-keygen -R {host} -f FILE` to accept"
+                f"or this is not it): remove it with `ssh-keygen -R '{host}' -f {file}` to accept"
             )
     return add, conflicts
 

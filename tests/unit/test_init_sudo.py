@@ -103,7 +103,7 @@ def test_known_hosts_merge_skips_known_and_refuses_a_changed_key():
     )
     assert add == ["10.0.0.2 ssh-ed25519 AAAA2"] and bad == []
     add, bad = I.merge_known_hosts(existing, ["10.0.0.1 ssh-ed25519 OTHER"])
-    assert add == [] and len(bad) == 1 and "ssh-keygen -R 10.0.0.1" in bad[0]
+    assert add == [] and len(bad) == 1 and "ssh-keygen -R '10.0.0.1' -f FILE" in bad[0]
     assert I.known_hosts_name("h", 22) == "h" and I.known_hosts_name("h", 2222) == "[h]:2222"
 
 
