@@ -246,6 +246,7 @@ class ExpertStore:
                 "source": e.source,
                 "runtime": e.runtime,
                 "quant": e.quant,
+                "kernel": getattr(e.kernel, "kernel", e.runtime),
                 "weight_bytes": e.weight_bytes,
                 "calls": e.calls,
                 "rows": e.rows,
