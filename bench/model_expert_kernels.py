@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.kernels import load_expert, output_error, reference_expert
+from models.kernels import UNAVAILABLE, load_expert, output_error, reference_expert
 
 
 def variants(threads: int, cpu: bool) -> list[tuple[str, dict[str, Any]]]:
@@ -136,6 +136,7 @@ def run(a: argparse.Namespace, rows_list: list[int]) -> dict[str, Any]:
         for n, t in ms.items():
             table[n]["ms"][r] = t
     res["results"] = table
+    res["unavailable"] = {d: dict(w) for d, w in UNAVAILABLE.items() if w}
     if torch.cuda.is_available():
         bw = a.bandwidth_gbs or copy_bandwidth_gbs()
         bf16_bytes = 3 * a.hidden * a.inter * 2
@@ -174,6 +175,9 @@ def print_table(res: dict[str, Any], rows_list: list[int]) -> None:
             bf = ratio(t, n, f"{dev} bf16", r)
             line += f" | {v['ms'][r]:11.3f} {ratio(t, n, f'{dev} fp32', r):>6} {bf:>6}"
         print(line)
+    for d, why in res["unavailable"].items():
+        for n, w in why.items():
+            print(f"{d}: kernel {n} left out (fallback used): {w}")
     gpu = res.get("gpu")
     if gpu:
         bound = gpu["bf16_weight_read_ms"]

@@ -266,19 +266,22 @@ KERNELS = {
     "int8-linear": "int8 matrix cast to the compute dtype, F.linear, per-row scale on the output",
     "int4-dequant": "int4 matrix dequantized to the compute dtype per call, F.linear",
     "int8-pack-mm": "torch.ops.aten._weight_int8pack_mm (per-row bf16 scales), bf16 activations",
+    "int8-triton": "a Triton kernel (models.kernels_triton): int8 tiles cast to bf16 in registers"
+    " and tl.dot, bf16 activations and per-row scales (CUDA)",
     "int4-pack-mm-cpu": "aten._convert_weight_to_int4pack_for_cpu + _weight_int4pack_mm_for_cpu"
     " (group 32, bf16 scales, zero 0), bf16 activations",
     "int4-tinygemm": "aten._convert_weight_to_int4pack + _weight_int4pack_mm (CUDA sm80+, group "
     "32) up to INT4_TINYGEMM_MAX_ROWS rows, int4-dequant in bf16 above",
 }
 #: rows up to which ``int4-tinygemm`` runs the packed op; it grows slow with rows (on an H200,
-#: 4096x14336: 0.060 ms at 1 row, 0.131 ms at 8, 1.59 ms at 128), so more rows dequantize
-INT4_TINYGEMM_MAX_ROWS = 16
+#: 4096x14336 expert: 0.074 ms at 1 row, 0.14 ms at 8, 1.6 ms at 128; three bf16 matmuls
+#: 0.11-0.14 ms), so more rows dequantize
+INT4_TINYGEMM_MAX_ROWS = 4
 _FALLBACK = {8: "int8-linear", 4: "int4-dequant"}
 _PREFERRED = {
     ("cpu", 8): "int8-pack-mm",
     ("cpu", 4): "int4-pack-mm-cpu",
-    ("cuda", 8): "int8-pack-mm",
+    ("cuda", 8): "int8-triton",
     ("cuda", 4): "int4-tinygemm",
 }
 
@@ -289,7 +292,7 @@ def pick_kernel(
     """The kernel a ``bits``-bit expert on ``device_type`` (``"cpu"``/``"cuda"``) runs on.
 
     The preferred kernel of the device (CPU: ``int8-pack-mm``, ``int4-pack-mm-cpu``; CUDA:
-    ``int8-pack-mm``, ``int4-tinygemm``) where it is among ``available`` (see
+    ``int8-triton``, ``int4-tinygemm``) where it is among ``available`` (see
     :func:`available_kernels`) and the compute ``dtype`` is unset or bf16; else the fallback
     (``int8-linear``, ``int4-dequant``), which computes in the given dtype. Pure.
     """
@@ -302,33 +305,36 @@ def pick_kernel(
 
 
 _AVAILABLE: dict[str, frozenset[str]] = {}
+#: device -> kernel -> why :func:`available_kernels` left it out
+UNAVAILABLE: dict[str, dict[str, str]] = {}
+
+
+def _probe(name: str, dev: torch.device) -> str | None:
+    """Why ``name`` does not run on ``dev`` (``None``: it does, within 2 % of float on a
+    64x64 matrix)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 64, generator=g)
+    x = torch.randn(2, 64, generator=g).to(torch.bfloat16)
+    q = quantize_weight(w, 8 if name.startswith("int8") else 4)
+    want = F.linear(x.float(), q.dequantize())
+    try:
+        got = _make_linear(name, q, dev, torch.bfloat16)(x.to(dev)).float().cpu()
+    except Exception as e:  # noqa: BLE001 - any failure (no op, no triton, old GPU): not there
+        return f"{type(e).__name__}: {e}"[:300]
+    err = float((got - want).norm() / want.norm())
+    return None if err < 0.02 else f"wrong numbers: relative error {err:.3g}"
 
 
 def available_kernels(device: str | torch.device) -> frozenset[str]:
     """The packed kernels that run on ``device``: each one's ops exist in this torch and give
-    the right numbers on a small matrix (64x64; probed once per device, then cached). Where
-    an op is missing or fails (an older torch, a GPU before sm80), its kernel is left out."""
+    the right numbers on a small matrix (probed once per device, then cached; why one is left
+    out, an older torch or a GPU before sm80, say, is in :data:`UNAVAILABLE`)."""
     dev = torch.device(device)
     key = str(dev)
     if key not in _AVAILABLE:
-        g = torch.Generator().manual_seed(0)
-        w = torch.randn(64, 64, generator=g)
-        x = torch.randn(2, 64, generator=g).to(torch.bfloat16)
-        ok = set()
-        for name in ("int8-pack-mm", "int4-pack-mm-cpu", "int4-tinygemm"):
-            bits = 8 if name.startswith("int8") else 4
-            if _PREFERRED.get((dev.type, bits)) != name:
-                continue
-            q = quantize_weight(w, bits)
-            want = F.linear(x.float(), q.dequantize())
-            try:
-                lin = _make_linear(name, q, dev, torch.bfloat16)
-                got = lin(x.to(dev)).float().cpu()
-            except (RuntimeError, AttributeError, NotImplementedError):
-                continue
-            if float((got - want).norm() / want.norm()) < 0.02:
-                ok.add(name)
-        _AVAILABLE[key] = frozenset(ok)
+        why = {n: _probe(n, dev) for (t, _), n in sorted(_PREFERRED.items()) if t == dev.type}
+        _AVAILABLE[key] = frozenset(n for n, w in why.items() if w is None)
+        UNAVAILABLE[key] = {n: w for n, w in why.items() if w is not None}
     return _AVAILABLE[key]
 
 
@@ -402,8 +408,9 @@ class _Int4PackLinear:
             self.mm = torch.ops.aten._weight_int4pack_mm_for_cpu
             self.dq: _DequantLinear | None = None
         else:  # CUDA: uint8 pairs, the even column in the high nibble
-            pairs = (nib[:, 0::2] << 4 | nib[:, 1::2]).to(torch.uint8)
-            self.w = torch.ops.aten._convert_weight_to_int4pack(pairs.to(device).contiguous(), 8)
+            pairs = (nib[:, 0::2] << 4 | nib[:, 1::2]).to(torch.uint8).to(device).contiguous()
+            tiles = 8 if self.kp % 128 == 0 else 4 if self.kp % 64 == 0 else 2  # K % (16 tiles)
+            self.w = torch.ops.aten._convert_weight_to_int4pack(pairs, tiles)
             self.mm = torch.ops.aten._weight_int4pack_mm
             self.dq = _DequantLinear(q, device, torch.bfloat16)
         self.nbytes = self.w.numel() * self.w.element_size() + 2 * self.sz.numel()
@@ -418,7 +425,24 @@ class _Int4PackLinear:
         return y[:, : self.n] if y.shape[1] != self.n else y
 
 
-_Linear = Union[_DequantLinear, _Int8PackLinear, _Int4PackLinear]
+class _Int8TritonLinear:
+    """``int8-triton``: :func:`models.kernels_triton.w8a16_linear` (CUDA, ``triton``)."""
+
+    kernel = "int8-triton"
+
+    def __init__(self, q: QuantizedWeight, device: torch.device) -> None:
+        from models.kernels_triton import w8a16_linear
+
+        self.mm = w8a16_linear
+        self.w = q.qweight.to(device).contiguous()
+        self.s = q.scales.reshape(-1).to(device=device, dtype=torch.bfloat16).contiguous()
+        self.nbytes = self.w.numel() + 2 * self.s.numel()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mm(x, self.w, self.s)
+
+
+_Linear = Union[_DequantLinear, _Int8PackLinear, _Int4PackLinear, _Int8TritonLinear]
 
 
 def _make_linear(
@@ -429,6 +453,8 @@ def _make_linear(
         return _DequantLinear(q, device, dtype)
     if kernel == "int8-pack-mm" and q.bits == 8:
         return _Int8PackLinear(q, device)
+    if kernel == "int8-triton" and q.bits == 8:
+        return _Int8TritonLinear(q, device)
     if kernel in ("int4-pack-mm-cpu", "int4-tinygemm") and q.bits == 4:
         return _Int4PackLinear(q, device, kernel)
     raise ModelError("kernel", f"kernel {kernel!r} does not run int{q.bits}; see KERNELS")

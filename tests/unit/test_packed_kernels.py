@@ -16,6 +16,7 @@ from models.errors import ModelError
 from models.kernels import (
     INT4_TINYGEMM_MAX_ROWS,
     KERNELS,
+    UNAVAILABLE,
     QuantizedTorchExpert,
     available_kernels,
     load_expert,
@@ -48,11 +49,11 @@ def test_pick_kernel_documented_table() -> None:
     everything = frozenset(KERNELS)
     assert pick_kernel("cpu", 8, None, everything) == "int8-pack-mm"
     assert pick_kernel("cpu", 4, None, everything) == "int4-pack-mm-cpu"
-    assert pick_kernel("cuda", 8, torch.bfloat16, everything) == "int8-pack-mm"
+    assert pick_kernel("cuda", 8, torch.bfloat16, everything) == "int8-triton"
     assert pick_kernel("cuda", 4, None, everything) == "int4-tinygemm"
     # an op missing (older torch, pre-sm80 GPU): the original kernels
     assert pick_kernel("cpu", 8, None, frozenset()) == "int8-linear"
-    assert pick_kernel("cuda", 4, None, frozenset({"int8-pack-mm"})) == "int4-dequant"
+    assert pick_kernel("cuda", 4, None, frozenset({"int8-triton"})) == "int4-dequant"
     # another compute dtype asked for: the fallback, in that dtype
     assert pick_kernel("cpu", 8, torch.float32, everything) == "int8-linear"
     assert pick_kernel("mps", 4, None, everything) == "int4-dequant"
@@ -146,7 +147,7 @@ def test_int4_group_padding_and_odd_rows() -> None:
 
 
 def test_int4_tinygemm_rows_threshold_is_documented() -> None:
-    assert INT4_TINYGEMM_MAX_ROWS == 16 and "INT4_TINYGEMM_MAX_ROWS" in KERNELS["int4-tinygemm"]
+    assert INT4_TINYGEMM_MAX_ROWS == 4 and "INT4_TINYGEMM_MAX_ROWS" in KERNELS["int4-tinygemm"]
 
 
 def test_agent_status_names_the_kernel(tmp_path: Path, weights: dict[str, torch.Tensor]) -> None:
@@ -178,7 +179,10 @@ def test_cuda_packed_kernels(
         x = torch.randn(rows, H, generator=torch.Generator().manual_seed(rows))
         ref = reference_expert(weights["w1"], weights["w2"], weights["w3"], x)
         k = load_expert(shard, quant=quant, device="cuda")  # type: ignore[arg-type]
-        assert k.kernel in KERNELS
+        bits = 8 if quant == "int8" else 4
+        assert k.kernel == pick_kernel("cuda", bits, None, available_kernels("cuda"))
+        if torch.cuda.get_device_capability() >= (8, 0):  # tinygemm's GPUs
+            assert "int4-tinygemm" in available_kernels("cuda"), UNAVAILABLE
         y = k(x.cuda())
         assert y.is_cuda and y.dtype == torch.float32
         assert 0 < output_error(ref, y.cpu())["rel_rms"] < bound
