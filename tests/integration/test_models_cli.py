@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -12,7 +11,6 @@ from models.testing import make_random_checkpoint
 from models.tinytask import make_mc_items
 from testbed.cli.model import app
 
-torch.set_num_threads(2)
 runner = CliRunner()
 
 
@@ -143,7 +141,19 @@ def test_eval_mc_on_random_checkpoint(tmp_path: Path, sharded: Path) -> None:
         + "\n"
     )
     r = runner.invoke(
-        app, ["eval", str(sharded), "--mc", str(f), "--policy", "topk,top1", "--format", "json"]
+        app,
+        [
+            "eval",
+            str(sharded),
+            "--mc",
+            str(f),
+            "--policy",
+            "topk,top1",
+            "--threads",
+            "1",
+            "--format",
+            "json",
+        ],
     )
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)["results"]

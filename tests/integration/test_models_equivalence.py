@@ -11,8 +11,6 @@ from models.runtime import BaseStationModel, records_to_rows
 from models.split import split_checkpoint
 from models.testing import make_random_checkpoint
 
-torch.set_num_threads(2)
-
 CONFIGS = {
     "mixtral-small": ("mixtral", {}),
     "mixtral-larger": (

@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from models import tinytask as tt
@@ -15,7 +14,6 @@ from models.split import split_checkpoint
 from models.tinytrain import TINY_DIR
 from testbed.cli.model import app
 
-torch.set_num_threads(2)
 runner = CliRunner()
 
 
@@ -37,6 +35,8 @@ def test_accuracy_table_from_cli(tiny_split: Path) -> None:
             "topk,top1,random1",
             "--n",
             "256",
+            "--threads",
+            "1",
             "--format",
             "json",
         ],
@@ -52,7 +52,9 @@ def test_accuracy_table_from_cli(tiny_split: Path) -> None:
 
 
 def test_eval_accepts_hf_checkpoint_dir_directly() -> None:
-    r = runner.invoke(app, ["eval", str(TINY_DIR), "--n", "32", "--format", "json"])
+    r = runner.invoke(
+        app, ["eval", str(TINY_DIR), "--n", "32", "--threads", "1", "--format", "json"]
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["results"][0]["exact_match"] >= 0.9
 

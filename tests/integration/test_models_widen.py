@@ -14,7 +14,6 @@ from models.split import split_checkpoint
 from models.tinytrain import TINY_DIR
 from testbed.cli.model import app
 
-torch.set_num_threads(2)
 runner = CliRunner()
 WIDTH = 4096
 
@@ -68,7 +67,19 @@ def test_logits_within_1e4_of_the_original(splits: tuple[Path, Path]) -> None:
 def _eval(model: str, *extra: str) -> list[dict]:
     r = runner.invoke(
         app,
-        ["eval", model, "--policy", "topk,top1,random1", "--n", "96", "--format", "json", *extra],
+        [
+            "eval",
+            model,
+            "--policy",
+            "topk,top1,random1",
+            "--n",
+            "96",
+            "--threads",
+            "1",
+            "--format",
+            "json",
+            *extra,
+        ],
     )
     assert r.exit_code == 0, r.output
     return [

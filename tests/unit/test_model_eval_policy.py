@@ -71,7 +71,18 @@ def policies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def _eval(monkeypatch, capsys, *args: str) -> dict[str, dict]:
     rc, out, err = run_main(
-        monkeypatch, capsys, "model", "eval", "tiny", "--n", N, "--format", "json", *args
+        monkeypatch,
+        capsys,
+        "model",
+        "eval",
+        "tiny",
+        "--n",
+        N,
+        "--threads",
+        "1",  # as the reference evals in this process (tests/conftest.py)
+        "--format",
+        "json",
+        *args,
     )
     assert rc == 0, err
     return {r["policy"]: r for r in json.loads(out)["results"]}

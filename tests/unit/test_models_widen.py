@@ -16,7 +16,6 @@ from models.split import split_checkpoint
 from models.testing import make_random_checkpoint
 from models.widen import lift_matrix, widen_split
 
-torch.set_num_threads(2)
 W = 256
 
 
