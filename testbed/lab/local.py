@@ -327,10 +327,15 @@ def _start_sshd(
 def _wait_sshds(st: State, devs: list[Device]) -> None:
     """Wait until every device's sshd answers (an emulated arm64 one gets longer); raises
     naming the first that does not."""
+    arm = {x["name"] for x in st.data["devices"] if x.get("arch") == "arm64"}
     for dv in devs:
-        if not _wait_port(dv.host, 22, 60 if dv.python == a64.PYTHON else 10):
-            log = st.dir / "devices" / dv.name / "sshd.log"
-            tail = log.read_text().strip().splitlines()[-1:] if log.exists() else []
+        if not _wait_port(dv.host, 22, 60 if dv.name in arm else 10):
+            d = st.dir / "devices" / dv.name
+            tail: list[str] = []
+            # sshd's own log, else what ran before it (an arm64 device's mounts and chroot)
+            for log in (d / "sshd.log", d / "sshd.out"):
+                if not tail and log.exists():
+                    tail = log.read_text().strip().splitlines()[-1:]
             raise TestbedError(
                 f"{dv.name}: sshd did not come up on {dv.host}:22 "
                 f"{'(' + tail[0] + ')' if tail else ''}".strip()
