@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.lab.inventory import load_inventory
+from testbed.lab.inventory import load_inventory, ssh_runner_for
 from testbed.results import schema as R
 from tests.conftest import ROOT, leftovers, needs_testbed, run_cli, unique_name
 
@@ -128,6 +128,16 @@ def _sudo_refused(user: str, home: Path, ns: str) -> None:
     assert ok.returncode == 0 and "qdisc" in ok.stdout, ok.stderr
 
 
+def _stdin_over_ssh(inv_root: Path) -> None:
+    """Over SSH, a command's standard input arrives whole and ends (fabric's in_stream), also
+    under ``timeout ... sudo -n``."""
+    inv = load_inventory(inv_root)
+    with ssh_runner_for(inv, inv.devices[0]) as r:
+        assert r.run(["cat"], input="a\nb\n").stdout == "a\nb\n"
+        res = r.run(["tc", "-batch", "-"], sudo=True, input="qdisc show dev eth0\n")
+        assert "qdisc" in res.stdout and res.argv == ("tc", "-batch", "-")
+
+
 def test_run_as_user_with_init_sudoers_lines(state_dir, tmp_path):
     env = {"TESTBED_STATE_DIR": str(state_dir)}
     name, user = unique_name("s"), unique_name("tbu")
@@ -138,6 +148,7 @@ def test_run_as_user_with_init_sudoers_lines(state_dir, tmp_path):
                  "--inventory-out", str(inv_root), env=env)  # fmt: skip
     assert up.returncode == 0, up.stderr
     try:
+        _stdin_over_ssh(inv_root)
         home = _add_user(user, udir)
         res, lab = _init(user, home, udir, inv_root)
         assert res.returncode == 0, res.stderr
