@@ -298,10 +298,17 @@ def _build(path: Path, say: Callable[[str], None]) -> dict[str, Any]:
 
 
 def ensure_root(rebuild: bool = False, say: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """The cached arm64 root (built if missing or ``rebuild``); its marker plus ``path``,
-    ``built`` (whether this call built it) and ``size_bytes`` when just built."""
+    """The cached arm64 root (built if missing or ``rebuild``); its marker plus ``path`` and
+    ``built`` (whether this call built it). A rebuild is refused while anything runs under
+    qemu-aarch64: a testbed's arm64 devices have the root mounted below their overlays."""
     say = say or (lambda _m: None)
     path = root_path()
+    busy = qemu_pids() if rebuild else []
+    if busy:
+        raise TestbedError(
+            f"--rebuild: {len(busy)} processes run under qemu-aarch64 (pid {busy[0]}; a "
+            "testbed with arm64 devices is up?): take it down first (testbed local down)"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / ".arm64.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
