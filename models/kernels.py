@@ -271,12 +271,9 @@ KERNELS = {
     "int4-pack-mm-cpu": "aten._convert_weight_to_int4pack_for_cpu + _weight_int4pack_mm_for_cpu"
     " (group 32, bf16 scales, zero 0), bf16 activations",
     "int4-tinygemm": "aten._convert_weight_to_int4pack + _weight_int4pack_mm (CUDA sm80+, group "
-    "32) up to INT4_TINYGEMM_MAX_ROWS rows, int4-dequant in bf16 above",
+    "32), bf16 activations; slow for many rows (on an H200, 4096x14336 expert: 0.074 ms at 1 "
+    "row, 0.14 ms at 8, 1.6 ms at 128), but dequantizing per call was slower still (1.8 ms)",
 }
-#: rows up to which ``int4-tinygemm`` runs the packed op; it grows slow with rows (on an H200,
-#: 4096x14336 expert: 0.074 ms at 1 row, 0.14 ms at 8, 1.6 ms at 128; three bf16 matmuls
-#: 0.11-0.14 ms), so more rows dequantize
-INT4_TINYGEMM_MAX_ROWS = 4
 _FALLBACK = {8: "int8-linear", 4: "int4-dequant"}
 _PREFERRED = {
     ("cpu", 8): "int8-pack-mm",
@@ -388,9 +385,7 @@ class _Int8PackLinear:
 class _Int4PackLinear:
     """``int4-pack-mm-cpu`` / ``int4-tinygemm``: the tinygemm layout of the int4 weights
     (nibbles ``q + 8``, scale and zero 0 per row and group: ``w = (q - 8) * scale``). Output
-    rows are padded to a multiple of 16 (the CPU op needs it), the input to the group size.
-    On CUDA, beyond :data:`INT4_TINYGEMM_MAX_ROWS` rows the weights are dequantized to bf16
-    instead (so the nibble pairs are held too)."""
+    rows are padded to a multiple of 16 (the CPU op needs it), the input to the group size."""
 
     def __init__(self, q: QuantizedWeight, device: torch.device, kernel: str) -> None:
         self.kernel = kernel
@@ -406,19 +401,14 @@ class _Int4PackLinear:
         if kernel == "int4-pack-mm-cpu":
             self.w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nib.contiguous(), 8)
             self.mm = torch.ops.aten._weight_int4pack_mm_for_cpu
-            self.dq: _DequantLinear | None = None
         else:  # CUDA: uint8 pairs, the even column in the high nibble
             pairs = (nib[:, 0::2] << 4 | nib[:, 1::2]).to(torch.uint8).to(device).contiguous()
             tiles = 8 if self.kp % 128 == 0 else 4 if self.kp % 64 == 0 else 2  # K % (16 tiles)
             self.w = torch.ops.aten._convert_weight_to_int4pack(pairs, tiles)
             self.mm = torch.ops.aten._weight_int4pack_mm
-            self.dq = _DequantLinear(q, device, torch.bfloat16)
         self.nbytes = self.w.numel() * self.w.element_size() + 2 * self.sz.numel()
-        self.nbytes += self.dq.nbytes if self.dq is not None else 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dq is not None and x.shape[0] > INT4_TINYGEMM_MAX_ROWS:
-            return self.dq(x)
         if self.kp != self.k:
             x = F.pad(x, (0, self.kp - self.k))
         y = self.mm(x.contiguous(), self.w, self.g, self.sz)
@@ -466,8 +456,8 @@ class QuantizedTorchExpert(_KernelBase):
     The gate and up projections run as one matrix (``w13``, :func:`concat_rows`). ``kernel``
     (see :data:`KERNELS`) says how each matrix is multiplied; by default the fallback
     (``int8-linear`` / ``int4-dequant``: float activations in ``dtype``); :func:`load_expert`
-    picks the device's packed kernel (:func:`pick_kernel`), which computes in bf16 (the SiLU
-    and product in float32). ``weight_bytes`` counts the tensors the kernel holds.
+    picks the device's packed kernel (:func:`pick_kernel`), which computes in bf16.
+    ``weight_bytes`` counts the tensors the kernel holds.
     """
 
     def __init__(
@@ -505,11 +495,7 @@ class QuantizedTorchExpert(_KernelBase):
     def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
         h = self.w13(x.to(device=self.device, dtype=self.dtype))
         g, u = h.split(self.intermediate_size, dim=-1)
-        if self.dtype == torch.bfloat16:
-            a = (F.silu(g.float()) * u.float()).to(torch.bfloat16)
-        else:
-            a = F.silu(g) * u
-        return self.w2(a).to(device=x.device, dtype=x.dtype)
+        return self.w2(F.silu(g) * u).to(device=x.device, dtype=x.dtype)
 
     @property
     def weight_bytes(self) -> int:
