@@ -9,10 +9,12 @@ happens.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -44,23 +46,40 @@ rate = "300kbit"
 """
 
 
+def _hidden_parent(path: str) -> tuple[Path, Path] | None:
+    """(the first folder on the way to ``path``'s real file that others cannot enter, its child
+    on that way), or None where others reach it (a pyenv Python under /root is not)."""
+    real = Path(os.path.realpath(path))
+    way = [*reversed(real.parents), real]
+    for d, child in itertools.pairwise(way):
+        if not os.stat(d).st_mode & stat.S_IXOTH:
+            return d, child
+    return None
+
+
 def _as(user: str, home: Path, argv: list[str], timeout: float = 60, **kw):
     """``argv`` run as ``user`` (runuser), with a plain user's PATH (no sbin) and its own HOME
-    and cache."""
+    and cache. Where this Python sits in a folder others cannot enter, the command runs in a
+    private mount namespace (gone with it) that shows just that Python's folder to the user."""
     env = [
         f"HOME={home}",
         "PATH=/usr/local/bin:/usr/bin:/bin",
         f"MOE_TESTBED_CACHE={home / 'cache'}",
         "PYTHONDONTWRITEBYTECODE=1",
     ]
+    cmd = ["runuser", "-u", user, "--", "env", "-i", *env, *argv]
+    hidden = _hidden_parent(sys.executable)
+    if hidden is not None:
+        mnt = home.parent / "python-mnt"
+        mnt.mkdir(exist_ok=True)
+        script = (
+            'mount --bind "$1" "$2" && mount -t tmpfs -o mode=0755 tmpfs "$3" && mkdir "$1" '
+            '&& mount --bind "$2" "$1" && shift 3 && exec "$@"'
+        )
+        cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh",
+               str(hidden[1]), str(mnt), str(hidden[0]), *cmd]  # fmt: skip
     return subprocess.run(
-        ["runuser", "-u", user, "--", "env", "-i", *env, *argv],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        check=False,
-        **kw,
+        cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False, **kw
     )
 
 
