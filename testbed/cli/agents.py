@@ -33,13 +33,16 @@ agents_app = typer.Typer(
 
 
 def _fail(rows: list[dict[str, Any]]) -> None:
-    """One line per failed device on stderr, then exit non-zero: 5 (HostUnreachable) when
-    any host could not be reached, else the exit code of the first failure."""
+    """One line per failed device on stderr (never wrapped), then exit non-zero: 5
+    (HostUnreachable) when any host could not be reached, else the exit code of the first
+    failure."""
     failed = [r for r in rows if not r["ok"]]
     if not failed:
         return
     for r in failed:
-        err_console.print(f"error: {r['device']}: {r['error']}", highlight=False, markup=False)
+        err_console.print(
+            f"error: {r['device']}: {r['error']}", highlight=False, markup=False, soft_wrap=True
+        )
     codes = [int(r.get("exit_code") or 1) for r in failed]
     raise typer.Exit(HostUnreachable.exit_code if HostUnreachable.exit_code in codes else codes[0])
 
