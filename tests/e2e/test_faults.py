@@ -38,6 +38,7 @@ task = "tiny"
 requests = 30
 [run]
 timeout_s = 1.0
+bs_threads = 1
 down_backoff_s = 0.2
 [faults]
 events = [

@@ -28,6 +28,8 @@ path = "tiny"
 [workload]
 task = "tiny"
 requests = 6
+[run]
+bs_threads = 1
 [sweep]
 "links.rate" = ["5mbit", "50mbit"]
 """

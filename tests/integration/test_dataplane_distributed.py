@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from models.runtime import BaseStationModel
 from testbed.dataplane.backend import RemoteExpertBackend, round_robin_placement
 from testbed.lab.agents import AgentProcess, kill_agent, push_experts, start_agent, stop_agent
 from testbed.lab.inventory import load_inventory, ssh_runner_for
-from tests.conftest import needs_testbed
+from tests.conftest import leftovers, needs_testbed, unique_name
 
 pytestmark = [needs_testbed, pytest.mark.root]
 
@@ -32,6 +33,25 @@ PROMPTS = [
     [1, 5, 22, 23],
     [1, 6, 15, 16, 17, 18, 19, 3],
 ]  # < 28: valid for the tiny model too
+
+
+@pytest.fixture(scope="module")
+def testbed3(tmp_path_factory) -> Iterator[Path]:
+    """One 3-device local testbed at FAST_KBIT for this module's tests, which each start and
+    stop their own agents on it: its inventory path. Taken down at the module's end, whatever
+    happened, leaving nothing behind."""
+    from testbed.lab import local
+
+    tmp = tmp_path_factory.mktemp("dist")
+    (tmp / "state").mkdir()
+    name = unique_name()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TESTBED_STATE_DIR", str(tmp / "state"))
+        try:
+            yield Path(local.up(name, 3, FAST_KBIT, tmp / f"{name}.inventory.toml")["inventory"])
+        finally:
+            local.down(name)
+    assert leftovers(name) == {"netns": [], "links": [], "processes": []}
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +155,8 @@ def _check_equal(split: Path, backend: RemoteExpertBackend) -> None:
     assert g_ref.tokens == g_dist.tokens
 
 
-def test_distributed_logits_and_generation_equal_reference(make_testbed, mixtral_split, tmp_path):
-    _, inv_path = make_testbed(devices=3, rate_kbit=FAST_KBIT)
+def test_distributed_logits_and_generation_equal_reference(testbed3, mixtral_split, tmp_path):
+    inv_path = testbed3
     splits = [mixtral_split]
     tiny = _tiny_split(tmp_path)
     if tiny is not None:
@@ -176,8 +196,8 @@ def _calls(recs) -> list[dict]:
     return [dict(c, call_index=i) for i, r in enumerate(recs) for c in r.info["calls"]]
 
 
-def test_agent_killed_mid_generation(make_testbed, mixtral_split):
-    _, inv_path = make_testbed(devices=3, rate_kbit=FAST_KBIT)
+def test_agent_killed_mid_generation(testbed3, mixtral_split):
+    inv_path = testbed3
     ref = BaseStationModel.from_split_dir(mixtral_split)
     want = ref.generate_greedy(PROMPTS, 8).tokens
     with cluster(inv_path, mixtral_split, replicas=2, timeout_s=1.0) as (backend, agents):
