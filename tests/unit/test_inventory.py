@@ -7,7 +7,7 @@ import pytest
 
 from testbed.errors import ConfigError
 from testbed.lab.inventory import load_inventory, parse_inventory, render_inventory
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_main
 
 GOOD = """
 [testbed]
@@ -99,15 +99,15 @@ def test_all_problems_reported_with_file_and_field(tmp_path, key):
     assert len(problems) == len(expect), problems
 
 
-def test_cli_bad_inventory_exit_2_one_line_each(tmp_path, key):
+def test_cli_bad_inventory_exit_2_one_line_each(tmp_path, key, monkeypatch, capsys):
     p = write(tmp_path, BAD, key)
-    res = run_cli("inventory", "check", str(p))
+    res = run_cli("inventory", "check", str(p))  # the real entry point, in a subprocess
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 5 and all(ln.startswith(f"error: {p}: ") for ln in lines), lines
-    js = run_cli("inventory", "check", str(p), "--format", "json")
-    assert js.returncode == 2
-    assert len(json.loads(js.stdout)["error"]["messages"]) == 5
+    rc, out, _ = run_main(monkeypatch, capsys, "inventory", "check", str(p), "--format", "json")
+    assert rc == 2
+    assert len(json.loads(out)["error"]["messages"]) == 5
 
 
 @pytest.mark.parametrize(
@@ -142,11 +142,11 @@ def test_single_problems(tmp_path, key, mutate, field):
     assert [x for x in ei.value.problems if x.startswith(f"{p}: {field}: ")], ei.value.problems
 
 
-def test_toml_syntax_error_names_file(tmp_path):
+def test_toml_syntax_error_names_file(tmp_path, monkeypatch, capsys):
     p = tmp_path / "broken.toml"
     p.write_text("[bs\nname=")
-    res = run_cli("inventory", "check", str(p))
-    assert res.returncode == 2 and f"error: {p}: TOML syntax" in res.stderr
+    rc, _, err = run_main(monkeypatch, capsys, "inventory", "check", str(p))
+    assert rc == 2 and f"error: {p}: TOML syntax" in err
 
 
 def test_no_devices(tmp_path):

@@ -20,7 +20,7 @@ from testbed.policy import (
     random_placement,
     round_robin_placement,
 )
-from tests.conftest import run_cli
+from tests.conftest import run_main
 
 EXPERTS = [ExpertInfo(f"L{layer}.E{e}", layer, e, 1000) for layer in range(2) for e in range(8)]
 DEVICES = [DeviceInfo(f"dev{i}", 1024) for i in range(1, 4)]
@@ -118,9 +118,9 @@ def test_random_placement_is_seeded():
     assert Policy.place(TopK(placement="random", seed=7), EXPERTS, DEVICES) == a
 
 
-def test_cli_policies_list_json():
-    res = run_cli("policies", "list", "--format", "json")
-    assert res.returncode == 0, res.stderr
-    rows = {r["name"]: r for r in json.loads(res.stdout)}
+def test_cli_policies_list_json(monkeypatch, capsys):
+    rc, out, err = run_main(monkeypatch, capsys, "policies", "list", "--format", "json")
+    assert rc == 0, err
+    rows = {r["name"]: r for r in json.loads(out)}
     assert rows["topk"]["target"] == "recipes.baselines:TopK"
     assert rows["top1"]["doc"].startswith("Always top-1")
