@@ -235,6 +235,8 @@ def remote_command(argv: Sequence[str], timeout_s: float, sudo: bool = False) ->
     return shlex.join(wrapped)
 
 
+#: runs its arguments with the sbin folders on PATH (a shell as the user, never as root)
+_SBIN_SH = ("sh", "-c", 'PATH="$PATH:/usr/sbin:/sbin"; exec "$0" "$@"')
 #: ``ip link`` subcommands that change the kernel (the rest only read)
 IP_LINK_CHANGES = ("add", "set", "del", "delete")
 
@@ -261,11 +263,14 @@ def run_bs(
     """Run ``argv`` (tc, ip, ethtool) on the BS, as root through ``sudo -n`` where ``sudo``
     and the command changes something (:func:`needs_root`), so that root runs only what the
     sudoers lines of ``testbed init`` allow: reads (``tc ... show``, ``ip link show``,
-    ``ethtool -k``) as the user; a tc change as ``tc -batch -`` with the line on standard input
-    (no shell); ``ip link add|set|del`` and ``ethtool -K`` themselves. The result (and a
-    CommandFailed) names ``argv`` itself."""
-    if not (sudo and needs_root(argv)):
+    ``ethtool -k``) as the user, the sbin folders added to its PATH; a tc change as ``tc
+    -batch -`` with the line on standard input (no shell); ``ip link add|set|del`` and
+    ``ethtool -K`` themselves. The result (and a CommandFailed) names ``argv`` itself."""
+    if not sudo:
         return runner.run(argv, timeout_s=timeout_s, check=check)
+    if not needs_root(argv):  # a user's PATH may lack the sbin folders (Debian's does)
+        res = runner.run([*_SBIN_SH, *argv], timeout_s=timeout_s, check=False)
+        return _named(res, argv, check)
     if argv[0] != "tc":
         return runner.run(argv, timeout_s=timeout_s, check=check, sudo=True)
     res = runner.run(
@@ -275,6 +280,12 @@ def run_bs(
         sudo=True,
         input=shlex.join(argv[1:]) + "\n",
     )
+    return _named(res, argv, check)
+
+
+def _named(res: Result, argv: Sequence[str], check: bool) -> Result:
+    """``res`` as the result of ``argv`` (what the caller asked to run); CommandFailed if
+    ``check`` and it failed."""
     res = Result(res.host, tuple(argv), res.returncode, res.stdout, res.stderr, res.elapsed_s)
     if check and not res.ok:
         raise CommandFailed(res.host, argv, res.returncode, res.stdout, res.stderr)
