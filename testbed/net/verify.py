@@ -140,7 +140,11 @@ def probe_port(inv: Inventory, dev: Device, direction: str) -> int:
     downlink, the BS's for the uplink; a random one in 20000-59999 where that is 0. Pure but
     for the random port."""
     port = dev.probe_port if direction == "down" else inv.bs.probe_port
-    return port or random.randint(20000, 59999)
+    return port or _random_port()
+
+
+def _random_port() -> int:
+    return random.randint(20000, 59999)
 
 
 def put_bs_probe(inv: Inventory, bs: Runner) -> tuple[str, str]:
@@ -188,9 +192,12 @@ def measure(
     bs_probe: tuple[str, str],
     dev_probe: str,
     configured_kbit: float | None,
+    port: int | None = None,
 ) -> Goodput:
-    """One transfer of ``seconds`` in ``direction``; goodput as the receiver counted it."""
-    port = probe_port(inv, dev, direction)
+    """One transfer of ``seconds`` in ``direction``; goodput as the receiver counted it. The
+    receiver listens on ``port``: default :func:`probe_port` (the inventory's, one transfer at a
+    time), 0 = a random one (transfers measured at the same time, each needs its own)."""
+    port = probe_port(inv, dev, direction) if port is None else port or _random_port()
     if direction == "down":
         rx_runner, rx = remote, [dev.python, dev_probe, "recv", "--bind", dev.address]
         tx_runner, tx = bs, [*bs_probe, "send", "--to", dev.address]

@@ -120,6 +120,7 @@ def _together(inv, direction: str, seconds: float) -> dict:
                     bs_probe,
                     f"{dev.workdir}/.testbed/netprobe.py",
                     None,
+                    port=0,  # at the same time: a port of its own (the BS end listens for each)
                 )
             except BaseException as exc:  # noqa: BLE001 - re-raised below
                 errors.append(exc)
