@@ -181,3 +181,12 @@ def test_cuda_packed_kernels(
         y = k(x.cuda())
         assert y.is_cuda and y.dtype == torch.float32
         assert 0 < output_error(ref, y.cpu())["rel_rms"] < bound
+
+
+def test_probe_reports_a_kernel_that_cannot_run() -> None:
+    # tinygemm's CUDA op given CPU tensors fails as a missing op would: a reason, not a crash
+    from models.kernels import _probe
+
+    why = _probe("int4-tinygemm", torch.device("cpu"))
+    assert why is not None and why.split(":")[0] in ("RuntimeError", "NotImplementedError")
+    assert _probe("int8-pack-mm", torch.device("cpu")) is None
