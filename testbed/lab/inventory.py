@@ -51,8 +51,8 @@ for the uplink, 0 = a random port.
 
 A device's ``host`` may be a name: it stays the name for SSH and ZeroMQ, and is resolved
 (IPv4, when the inventory is loaded) into :attr:`Device.ipv4`, the address the BS's tc filters
-match and the link probes use. A name that does not resolve to exactly one IPv4 address, an
-IPv6 address, and two devices at one address are refused.
+match and the link probes use. A name that does not resolve to exactly one IPv4 address, and
+an IPv6 address, are refused.
 
 ``wheelhouse`` (a folder beside the inventory, or absolute) makes every command that provisions
 install the agents' dependencies from there, never downloading (``testbed wheelhouse build``
@@ -480,7 +480,6 @@ def _parse_devices(c: _Checker, devs: Any) -> list[Device]:
         return []
     out: list[Device] = []
     seen: dict[str, int] = {}
-    at: dict[str, int] = {}
     for i, d in enumerate(devs):
         w = f"devices[{i}]"
         if not isinstance(d, dict):
@@ -495,12 +494,7 @@ def _parse_devices(c: _Checker, devs: Any) -> list[Device]:
             seen.setdefault(name, i)
         if v.get("host") is not None:
             v["ipv4"] = c.ipv4(f"{w}.host", v["host"])
-            ip = v["ipv4"]
-            if ip is not None and ip in at:
-                c.bad(f"{w}.host", f"{v['host']!r} is {ip}, as is devices[{at[ip]}].host")
-            if ip is not None:
-                at.setdefault(ip, i)
-            if ip == v["host"]:
+            if v["ipv4"] == v["host"]:
                 v["ipv4"] = None  # the host is the address
         if len(c.problems) == before:
             out.append(Device(**v))
