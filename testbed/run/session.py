@@ -381,7 +381,15 @@ class Session:
         bad = [r for r in reports if not r.ok]
         if bad:
             raise TestbedError("; ".join(f"{r.device}: {r.error}" for r in bad))
-        man["devices"] = {r.device: {"power": r.power, "facts": r.facts} for r in reports}
+        man["devices"] = {
+            r.device: {
+                "power": r.power,
+                "facts": r.facts,
+                "preflight": r.preflight,
+                "warnings": r.warnings,
+            }
+            for r in reports
+        }
         eps = prov.agent_endpoints(inv)
         curve = client_keys(inv)  # None when the inventory says security = "none"
         man["security"] = inv.security

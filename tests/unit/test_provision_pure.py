@@ -187,7 +187,8 @@ def test_project_wheel_sources_cover_every_package():
         ({"machine": "arm64"}, 0, []),
         ({"system": "Darwin"}, 0, ["OS Darwin is not supported"]),
         ({"machine": "armv7l"}, 0, ["architecture armv7l is not supported"]),
-        ({"python": (3, 8, 10)}, 0, ["python /usr/bin/python3 is 3.8.10, need >= 3.10"]),
+        ({"python": (3, 7, 3)}, 0, ["python /usr/bin/python3 is 3.7.3, need >= 3.8"]),
+        ({"python": (3, 8, 10)}, 0, []),
         ({"implementation": "PyPy"}, 0, ["is PyPy, need CPython"]),
         ({"writable": False}, 0, ["workdir /home/nvidia/tb is not writable by nvidia"]),
         (
