@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -22,6 +23,8 @@ from testbed.results import schema as R
 from tests.conftest import leftovers, needs_testbed, run_cli, unique_name
 
 pytestmark = [needs_testbed, pytest.mark.root]
+#: the L4T release the arm64 device presents (JetPack 5), with the root's CPU-only torch
+L4T = "R35.4.1"
 
 RECIPE = """
 [recipe]
@@ -107,6 +110,7 @@ def _up(env: dict, name: str, inv_path: Path) -> None:
     up = _cli(
         env,
         *("local", "up", "--devices", "2", "--arm64", "1", "--name", name, "--rate", "1gbit"),
+        *("--l4t", L4T),
         *("--inventory-out", str(inv_path), "--format", "json"),
         timeout=3600,
     )
@@ -115,11 +119,26 @@ def _up(env: dict, name: str, inv_path: Path) -> None:
 
 def _provision(env: dict, inv_path: Path) -> None:
     """Provisioned like a Jetson: facts say aarch64, the agent's wheels resolved for aarch64
-    and the device's python 3.11, torch and numpy reused from the root's system packages."""
-    prov = _cli(env, "provision", str(inv_path), "--model", "tiny", "--format", "json")
-    rows = json.loads(prov.stdout)
+    and the device's python 3.11, torch and numpy reused from the root's system packages. The
+    device presents itself as L4T (``/etc/nv_tegra_release`` in its root) and its torch is a
+    CPU build: refused in one line naming the fix, then provisioned with ``--allow-cpu``."""
+    argv = ("provision", str(inv_path), "--model", "tiny", "--format", "json")
+    refused = run_cli(*argv, env=env, timeout=600)
+    arm = load_inventory(inv_path).devices[1]
+    line = re.escape(f"error: dev2: L4T {L4T} (JetPack 5) on {arm.host} but torch ") + (
+        r"\S+ has no CUDA \(a CPU-only build\); install JetPack's torch and set "
+        + re.escape('reuse_packages = ["torch", "numpy"] for this device in the inventory, ')
+        + "or pass --allow-cpu"
+    )
+    lines = refused.stderr.splitlines()
+    assert refused.returncode != 0 and len(lines) == 1, refused.stderr
+    assert re.fullmatch(line, lines[0]), lines[0]
+    rows = json.loads(_cli(env, *argv, "--allow-cpu").stdout)
     rows = rows.get("devices", rows) if isinstance(rows, dict) else rows
     assert all(r["ok"] for r in rows), rows
+    pre = {r["device"]: r["preflight"] for r in rows}
+    assert pre["dev2"]["l4t"] == L4T and pre["dev2"]["torch"]["cuda_available"] is False
+    assert pre["dev1"]["l4t"] is None, pre["dev1"]
     facts = {r["device"]: r["facts"] for r in rows}
     assert facts["dev2"]["machine"] == "aarch64" and facts["dev1"]["machine"] == "x86_64"
     arm = load_inventory(inv_path).devices[1]
@@ -137,12 +156,14 @@ def _run(env: dict, inv_path: Path, tmp_path: Path) -> None:
     recipe.write_text(RECIPE)
     out = tmp_path / "results"
     run = _cli(env, "run", str(recipe), "--inventory", str(inv_path), "--out", str(out),
-               "--format", "json")  # fmt: skip
+               "--allow-cpu", "--format", "json")  # fmt: skip
     run_dir = Path(json.loads(run.stdout)["run_dir"])
     man = json.loads((run_dir / R.MANIFEST).read_text())
     assert man["status"] == "completed", man.get("error")
     assert man["devices"]["dev2"]["facts"]["machine"] == "aarch64", man["devices"]
     assert man["devices"]["dev1"]["facts"]["machine"] == "x86_64", man["devices"]
+    assert man["devices"]["dev2"]["preflight"]["jetpack"] == "5", man["devices"]["dev2"]
+    assert man["devices"]["dev2"]["warnings"][0].startswith("allowed by --allow-cpu: L4T")
     reqs = R.read_csv(run_dir / R.REQUESTS)
     calls = R.read_csv(run_dir / R.CALLS)
     # the answers of x86 devices (tests/e2e/test_run.py): top-k gets every request of the
