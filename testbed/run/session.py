@@ -381,15 +381,8 @@ class Session:
         bad = [r for r in reports if not r.ok]
         if bad:
             raise TestbedError("; ".join(f"{r.device}: {r.error}" for r in bad))
-        man["devices"] = {
-            r.device: {
-                "power": r.power,
-                "facts": r.facts,
-                "preflight": r.preflight,
-                "warnings": r.warnings,
-            }
-            for r in reports
-        }
+        keys = ("power", "facts", "preflight", "warnings")
+        man["devices"] = {r.device: {k: getattr(r, k) for k in keys} for r in reports}
         eps = prov.agent_endpoints(inv)
         curve = client_keys(inv)  # None when the inventory says security = "none"
         man["security"] = inv.security

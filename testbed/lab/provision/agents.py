@@ -68,7 +68,7 @@ def agent_argv(device: Device, lay: Layout, curve: bool = True) -> list[str]:
         "--ready-file",
         lay.ready,
         "--pub",
-        f"tcp://{addr}:*",
+        f"tcp://{addr}:{device.status_port or '*'}",
         "--hello-s",
         f"{STATUS_PERIOD_S:g}",
         "--hello-delta",

@@ -41,6 +41,7 @@ from .wheels import (
     install_key,
     pip_wheel,
     project_wheel,
+    resolve_wheelhouse,
     sha256_file,
 )
 
@@ -451,9 +452,7 @@ def provision(
         from ..modelstore import resolve_split
 
         split = resolve_split(model_dir, where="--model")
-    wh = Path(wheelhouse).expanduser() if wheelhouse is not None else None
-    if wh is not None and not wh.is_dir():
-        raise ConfigError(f"--wheelhouse: {wh}: no such directory")
+    wh = resolve_wheelhouse(wheelhouse, inv)
     cpu = _ALLOW_CPU.get() if allow_cpu is None else allow_cpu
     plan = _Plan(inv, split, placement, seed, wh, cpu)
     return each_device(inv, lambda r, d: provision_device(r, d, plan), connect_timeout_s, devices)
