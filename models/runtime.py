@@ -209,7 +209,8 @@ def device_problem(device: str, dtype: torch.dtype | None = None) -> tuple[str, 
     n = torch.cuda.device_count()
     if dev.index is not None and dev.index >= n:
         return ("device", f"{device!r} but this BS has {n} CUDA device(s): cuda:0..cuda:{n - 1}")
-    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+    if dtype == torch.bfloat16 and torch.cuda.get_device_capability(dev) < (8, 0):
+        # bf16 compute from sm80 (Ampere, Orin's sm87); asked of *this* device, not the current
         name = torch.cuda.get_device_name(dev)
         return ("dtype", f"'bfloat16' but {name} ({device}) does not compute in bfloat16")
     return None

@@ -363,6 +363,28 @@ def binfmt_flags(entry_text: str) -> str:
     return ""
 
 
+#: what the testbed did to binfmt_misc on this host, whichever testbed or build did it: the
+#: last ``local down`` (or build) with nothing left under qemu undoes it, even when the testbed
+#: that registered it went down first while another still ran arm64 devices
+BINFMT_RECORD = Path(os.environ.get("TESTBED_BINFMT_RECORD", "/run/moe-edge-testbed/binfmt.json"))
+
+
+def _binfmt_record() -> dict[str, bool]:
+    try:
+        data = json.loads(BINFMT_RECORD.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: bool(data.get(k)) for k in ("mounted", "registered")}
+
+
+def _write_binfmt_record(rec: dict[str, bool]) -> None:
+    if any(rec.values()):
+        BINFMT_RECORD.parent.mkdir(parents=True, exist_ok=True)
+        BINFMT_RECORD.write_text(json.dumps(rec))
+    else:
+        BINFMT_RECORD.unlink(missing_ok=True)
+
+
 def ensure_binfmt() -> dict[str, bool]:
     """binfmt_misc mounted and qemu-aarch64 registered with the F flag; does only what is
     absent and returns what it did (``mounted``, ``registered``) for :func:`release_binfmt`."""
@@ -389,6 +411,9 @@ def ensure_binfmt() -> dict[str, bool]:
             release_binfmt(did)
             raise TestbedError(f"registering {ENTRY} in {BINFMT}: {exc}") from None
         did["registered"] = True
+    if any(did.values()):
+        rec = _binfmt_record()
+        _write_binfmt_record({k: v or rec.get(k, False) for k, v in did.items()})
     text = entry.read_text()
     if not text.startswith("enabled") or "F" not in binfmt_flags(text):
         release_binfmt(did)
@@ -418,23 +443,29 @@ def qemu_pids() -> list[int]:
 
 
 def release_binfmt(did: dict[str, Any] | None) -> list[str]:
-    """Undo what :func:`ensure_binfmt` did, once nothing runs under qemu-aarch64 any more;
-    returns what was undone."""
+    """Undo what :func:`ensure_binfmt` did (``did``) or any testbed recorded in
+    :data:`BINFMT_RECORD`, once nothing runs under qemu-aarch64 any more; returns what was
+    undone."""
     undone: list[str] = []
-    if not did or not (did.get("registered") or did.get("mounted")) or qemu_pids():
+    rec = _binfmt_record()
+    want = {k: bool((did or {}).get(k)) or rec.get(k, False) for k in ("mounted", "registered")}
+    if not any(want.values()) or qemu_pids():
         return undone
     entry = BINFMT / ENTRY
-    if did.get("registered") and entry.exists():
+    if want["registered"] and entry.exists():
         try:
             entry.write_text("-1\n")
             undone.append(f"unregistered {ENTRY}")
         except OSError:
             pass
+    left = {"registered": want["registered"] and entry.exists(), "mounted": False}
     others = [p for p in BINFMT.glob("*") if p.name not in ("register", "status")]
-    if did.get("mounted") and not others:
+    if want["mounted"] and not others:
         res = subprocess.run(["umount", str(BINFMT)], capture_output=True, check=False)
         if res.returncode == 0:
             undone.append(f"unmounted {BINFMT}")
+    left["mounted"] = want["mounted"] and (BINFMT / "register").exists()
+    _write_binfmt_record(left)
     return undone
 
 

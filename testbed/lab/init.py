@@ -57,7 +57,9 @@ BS_COMMANDS: tuple[tuple[str, str], ...] = (
 DEVICE_COMMANDS: tuple[tuple[str, str], ...] = (
     ("nvpmodel", "-q"),
     ("nvpmodel", "-p --verbose"),
-    ("nvpmodel", "-m [0-9]*"),
+    # one or two digits, no `*`: sudoers' `*` matches spaces too (`-m 0 -f FILE` would pass)
+    ("nvpmodel", "-m [0-9]"),
+    ("nvpmodel", "-m [0-9][0-9]"),
     ("jetson_clocks", "--show"),
 )
 _USER_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}\$?")
@@ -73,11 +75,17 @@ def tool_path(tool: str, local: bool, overrides: Mapping[str, str] | None = None
     return found or DEFAULT_PATHS[tool]
 
 
-def sudoers_line(user: str, commands: Sequence[tuple[str, str]], paths: Mapping[str, str]) -> str:
-    """One sudoers line: ``user`` may run exactly ``commands`` (tool, arguments) as root,
-    without a password, each by its absolute path from ``paths``. Pure."""
+def sudoers_line(
+    user: str,
+    commands: Sequence[tuple[str, str]],
+    paths: Mapping[str, str],
+    where: str = "--user",
+) -> str:
+    """One sudoers line: ``user`` (given by the flag ``where``) may run exactly ``commands``
+    (tool, arguments) as root, without a password, each by its absolute path from ``paths``.
+    Pure."""
     if not _USER_RE.fullmatch(user):
-        raise ConfigError(f"sudoers: not a user name: {user!r}")
+        raise ConfigError(f"{where}: not a user name for sudoers: {user!r}")
     cmds = ", ".join(f"{paths[tool]} {args}" for tool, args in commands)
     return f"{user} ALL=(root) NOPASSWD: {cmds}"
 
@@ -97,7 +105,7 @@ def sudoers_text(
     if bs_user and bs_user != "root":
         out += [
             "# the BS: tc changes (batch on stdin), ip link, ethtool -K",
-            sudoers_line(bs_user, BS_COMMANDS, bs_paths),
+            sudoers_line(bs_user, BS_COMMANDS, bs_paths, "--bs-user"),
         ]
     users = [u for u in dict.fromkeys(device_users) if u != "root"]
     if users:
@@ -218,6 +226,8 @@ def device_workdir(template: str, name: str) -> str:
 
 
 def _q(s: str) -> str:
+    if any(ord(c) < 32 or ord(c) == 127 for c in s):
+        raise ConfigError(f"inventory value {s!r}: control characters (a newline?) not allowed")
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 

@@ -226,9 +226,13 @@ def remote_command(argv: Sequence[str], timeout_s: float, sudo: bool = False) ->
 
     The remote ``timeout`` utility stops the command (its whole process group, SIGTERM then
     SIGKILL) when ``timeout_s`` passes, so nothing keeps running on the device after the
-    controller gave up on it. With ``sudo`` it wraps ``sudo -n ARGV`` (sudo passes the
-    signal on), so root runs ``argv`` itself and a sudoers line naming that command allows
-    it (``sudo timeout ...`` would need root for anything at all).
+    controller gave up on it. With ``sudo`` it wraps ``sudo -n ARGV``, so root runs ``argv``
+    itself and a sudoers line naming that command allows it (``sudo timeout ...`` would need
+    root for anything at all). The price: a user's ``timeout`` cannot signal a root process,
+    and sudo ignores a signal sent from its own process group (it expects the command to get
+    it too), so a root command that hangs outlives its timeout (sudo itself is killed at
+    ``-k``). The root commands are tc batches on standard input (which end when it closes),
+    ``ip link``, ``ethtool -K`` and ``nvpmodel``: short, and they do not wait on the network.
     """
     prefix = ["sudo", "-n"] if sudo else []
     wrapped = ["timeout", "-k", str(_KILL_AFTER_S), f"{timeout_s:g}", *prefix, *argv]

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import TestbedError
+from ..errors import ConfigError, TestbedError
 from ..lab.inventory import Device, Inventory, bs_runner_for, ssh_runner_for
 from ..lab.runner import Result, Runner
 from .shaper import TcShaper
@@ -122,7 +122,22 @@ def summarize_airtime(rows: list[Airtime]) -> list[dict[str, object]]:
 
 
 def shaper_for(inv: Inventory, bs: Runner) -> TcShaper:
-    """The :class:`TcShaper` of the inventory's BS (its interfaces, devices, cell rate, mode)."""
+    """The :class:`TcShaper` of the inventory's BS (its interfaces, devices, cell rate, mode).
+
+    Raises
+    ------
+    ConfigError
+        Two devices at one address: the tc filters tell devices apart by address, so the
+        second one's class would see no traffic while its rate read back as enforced.
+    """
+    seen: dict[str, str] = {}
+    for d in inv.devices:
+        if d.address in seen:
+            raise ConfigError(
+                f"{inv.path}: devices {seen[d.address]!r} and {d.name!r} share the address "
+                f"{d.address}: the BS's tc filters tell devices apart by address"
+            )
+        seen[d.address] = d.name
     return TcShaper(
         bs,
         inv.bs.interface,

@@ -178,6 +178,7 @@ def test_arm64_device_provisions_serves_and_matches_x86(state_dir, tmp_path):
     env = {"TESTBED_STATE_DIR": str(state_dir)}
     name = unique_name("a")
     inv_path = tmp_path / f"{name}.inventory.toml"
+    registered_before = (a64.BINFMT / a64.ENTRY).exists()
     t = [time.monotonic()]
     try:
         _up(env, name, inv_path)
@@ -201,6 +202,9 @@ def test_arm64_device_provisions_serves_and_matches_x86(state_dir, tmp_path):
     assert leftovers(name) == {"netns": [], "links": [], "processes": []}
     # the device's mounts lived in its own mount namespace: nothing of them on this host
     assert _mounts_under(state_dir) == [] and not (state_dir / name).exists()
+    # qemu-aarch64 in binfmt_misc: as it was before (what `up` registered, `down` undid)
+    assert (a64.BINFMT / a64.ENTRY).exists() == registered_before
+    assert registered_before or not a64.BINFMT_RECORD.exists()
 
 
 @pytest.mark.skipif(_why_no_arm64() is not None, reason=_why_no_arm64() or "")

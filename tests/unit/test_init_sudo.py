@@ -3,6 +3,7 @@ the narrowed sudo: which commands need root, and the command line sent over SSH.
 
 from __future__ import annotations
 
+import fnmatch
 import subprocess
 
 import pytest
@@ -56,13 +57,32 @@ def test_sudoers_lines_name_each_command_and_skip_root():
         line,
         (
             "nvidia ALL=(root) NOPASSWD: /usr/sbin/nvpmodel -q, /usr/sbin/nvpmodel -p --verbose, "
-            "/usr/sbin/nvpmodel -m [0-9]*, /usr/bin/jetson_clocks --show"
+            "/usr/sbin/nvpmodel -m [0-9], /usr/sbin/nvpmodel -m [0-9][0-9], "
+            "/usr/bin/jetson_clocks --show"
         ),
     ]
     assert [ln for ln in I.sudoers_text("root", ["root"], PATHS, dev_paths).splitlines()
             if not ln.startswith("#")] == []  # fmt: skip
-    with pytest.raises(ConfigError, match="not a user name"):
+    with pytest.raises(ConfigError, match="^--user: not a user name"):
         I.sudoers_line("bad user", I.BS_COMMANDS, PATHS)
+    with pytest.raises(ConfigError, match="^--bs-user: not a user name"):
+        I.sudoers_text("bad user", [], PATHS, dev_paths)
+
+
+def test_power_mode_rule_admits_a_mode_number_only():
+    """sudoers' ``*`` matches spaces too: ``-m [0-9]*`` would let ``-m 0 -f FILE`` (a config
+    that writes any path as root) through; the rules take one or two digits only."""
+    rules = [args for tool, args in I.DEVICE_COMMANDS if tool == "nvpmodel"]
+    for ok in ("-m 0", "-m 7", "-m 15", "-q", "-p --verbose"):
+        assert any(fnmatch.fnmatchcase(ok, r) for r in rules), ok
+    for bad in ("-m 0 -f /tmp/evil.conf", "-m 100", "-m x", "-m 1 --force"):
+        assert not any(fnmatch.fnmatchcase(bad, r) for r in rules), bad
+
+
+def test_inventory_values_with_control_characters_refused():
+    with pytest.raises(ConfigError, match="control characters"):
+        I._q("/home/nvidia\n[bs]")
+    assert I._q('a"b') == '"a\\"b"'
 
 
 def test_tool_path_prefers_overrides_then_secure_path():

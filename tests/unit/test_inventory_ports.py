@@ -76,6 +76,19 @@ def test_a_device_name_is_resolved_for_the_tc_filters_and_stays_the_ssh_host(tmp
     assert shaper_for(inv, LocalRunner()).addrs == ["127.0.0.1", "10.9.0.12"]
 
 
+def test_two_devices_at_one_address_cannot_be_shaped(tmp_path):
+    """Loading allows it (provisioning tests put two devices on one host), shaping does not:
+    the second device's class would see no traffic while its rate read back as enforced."""
+    path = write(tmp_path, host0="10.9.0.12")
+    inv = load_inventory(path)
+    with pytest.raises(ConfigError) as ei:
+        shaper_for(inv, LocalRunner())
+    assert str(ei.value) == (
+        f"{path}: devices 'd0' and 'd1' share the address 10.9.0.12: the BS's tc filters "
+        "tell devices apart by address"
+    )
+
+
 @pytest.mark.parametrize(
     "host0, msg",
     [

@@ -17,6 +17,8 @@ from testbed.lab.provision.wheels import (
     active_wheelhouse,
     compatible_platforms,
     newest,
+    pip_admits,
+    pip_wheel,
     resolve_wheelhouse,
     select_wheels,
     using_wheelhouse,
@@ -162,3 +164,27 @@ def test_wheelhouse_build_refuses_bad_flags_before_writing(
     assert code == 2 and err.startswith(f"error: {msg}"), err
     assert len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def _pip(folder: Path, version: str, requires: str | None) -> Path:
+    p = folder / f"pip-{version}-py3-none-any.whl"
+    meta = f"Metadata-Version: 2.1\nName: pip\nVersion: {version}\n"
+    meta += f"Requires-Python: {requires}\n" if requires else ""
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr(f"pip-{version}.dist-info/METADATA", meta)
+    return p
+
+
+def test_the_pip_for_a_device_is_the_newest_that_runs_on_its_python(tmp_path):
+    """pip 25.1 and later need Python 3.9: JetPack 5's 3.8 gets the newest pip that admits it;
+    with a wheelhouse nothing is downloaded, so a wheelhouse without one for 3.8 is refused."""
+    old = _pip(tmp_path, "25.0.1", ">=3.8")
+    new = _pip(tmp_path, "25.3", ">=3.9")
+    assert pip_admits(old, (3, 8)) and not pip_admits(new, (3, 8)) and pip_admits(new, (3, 11))
+    assert pip_wheel(tmp_path, (3, 8)) == old
+    assert pip_wheel(tmp_path, (3, 11)) == new
+    only_new = tmp_path / "only-new"
+    only_new.mkdir()
+    _pip(only_new, "25.3", ">=3.9")
+    _pip(only_new, "1.0", None)  # no Requires-Python: admitted
+    assert pip_wheel(only_new, (3, 8)).name == "pip-1.0-py3-none-any.whl"

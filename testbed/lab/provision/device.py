@@ -100,10 +100,20 @@ class _Plan:
             self.keys = ensure_keys(inv)
             self.curve = client_keys(inv)
         self._project: tuple[Path, str] | None = None
-        self.pip = pip_wheel(wheelhouse)
+        self._wheelhouse = wheelhouse
+        self._pips: dict[tuple[int, int], Path] = {}
         self.deps = DepWheels(wheelhouse)
         self._sha: dict[Path, str] = {}
         self._lock = threading.Lock()
+
+    def pip(self, facts: DeviceFacts) -> Path:
+        """The pip wheel for the device's Python (the newest whose Requires-Python admits it:
+        pip 25.1 and later no longer run on JetPack 5's 3.8), found once per Python."""
+        py = (facts.python[0], facts.python[1])
+        with self._lock:
+            if py not in self._pips:
+                self._pips[py] = pip_wheel(self._wheelhouse, py)
+            return self._pips[py]
 
     def project(self) -> tuple[Path, str]:
         """The project wheel and its source hash, built (or found in the cache) on first use:
@@ -154,7 +164,7 @@ def _install(
         os.unlink(f.name)
     pip = [
         lay.venv_python,
-        f"{lay.wheels}/{plan.pip.name}/pip",
+        f"{lay.wheels}/{plan.pip(facts).name}/pip",
         "install",
         "--no-index",
         "--disable-pip-version-check",
@@ -250,7 +260,7 @@ def _wanted(device: Device, facts: DeviceFacts, plan: _Plan) -> _Wanted:
     deps = plan.deps.get(facts, dep_names)
     key = install_key(
         plan.agent_key,
-        sorted(p.name for p in [plan.pip, *deps]),
+        sorted(p.name for p in [plan.pip(facts), *deps]),
         dict(zip(device.reuse_packages, (facts.reuse[p] for p in device.reuse_packages))),
         facts.executable,
     )
@@ -258,7 +268,8 @@ def _wanted(device: Device, facts: DeviceFacts, plan: _Plan) -> _Wanted:
     want = _Wanted(Layout(facts.workdir), reuse_dirs, dep_names, key, install)
     need = HEADROOM_BYTES
     if install:
-        want.wheels = {p.name: (p, plan.sha(p)) for p in [plan.project()[0], plan.pip, *deps]}
+        wheels = [plan.project()[0], plan.pip(facts), *deps]
+        want.wheels = {p.name: (p, plan.sha(p)) for p in wheels}
         need += sum(p.stat().st_size for p, _ in want.wheels.values())
     if plan.manifest is not None:
         need += sum(plan.manifest.experts[u].bytes for u in plan.shards[device.name])

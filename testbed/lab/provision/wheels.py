@@ -33,10 +33,12 @@ from typing import TYPE_CHECKING, Any
 
 try:
     from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
     from packaging.tags import Tag, compatible_tags, cpython_tags
     from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 except ImportError:  # pragma: no cover - pip's copy (pip is needed on the controller anyway)
     from pip._vendor.packaging.requirements import InvalidRequirement, Requirement
+    from pip._vendor.packaging.specifiers import InvalidSpecifier, SpecifierSet
     from pip._vendor.packaging.tags import Tag, compatible_tags, cpython_tags
     from pip._vendor.packaging.utils import (
         InvalidWheelFilename,
@@ -232,9 +234,25 @@ def project_wheel(root: Path | None = None, cache: Path | None = None) -> tuple[
     return max(out.glob(f"{PROJECT_DIST}-*.whl")), key
 
 
-def pip_wheel(wheelhouse: Path | None = None) -> Path:
+def pip_admits(wheel: Path, python: tuple[int, int] | None) -> bool:
+    """Whether the pip ``wheel``'s ``Requires-Python`` admits ``python`` (None: any; a wheel
+    without the field or with an unreadable one: yes)."""
+    if python is None:
+        return True
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+            text = z.read(meta).decode("utf-8", "replace")
+        spec = HeaderParser().parsestr(text).get("Requires-Python")
+        return spec is None or SpecifierSet(spec).contains(f"{python[0]}.{python[1]}.0")
+    except (OSError, StopIteration, zipfile.BadZipFile, InvalidSpecifier):
+        return True
+
+
+def pip_wheel(wheelhouse: Path | None = None, python: tuple[int, int] | None = None) -> Path:
     """A pip wheel to run pip on the device from (wheelhouse, cache, ensurepip, download; never
-    downloaded when there is a wheelhouse, :func:`active_wheelhouse` included)."""
+    downloaded when there is a wheelhouse, :func:`active_wheelhouse` included): the newest one
+    that runs on the device's ``python`` (``(3, 8)``: JetPack 5; pip 25.1+ needs 3.9)."""
     wheelhouse = wheelhouse if wheelhouse is not None else active_wheelhouse()
     places = [wheelhouse] if wheelhouse else []
     places.append(cache_dir() / "pip")
@@ -246,7 +264,7 @@ def pip_wheel(wheelhouse: Path | None = None) -> Path:
         pass
     places.append(Path("/usr/share/python-wheels"))
     for d in places:
-        found = newest(d.glob("pip-*-py3-none-any.whl")) if d.is_dir() else None
+        found = newest(_fitting_pips(d, python)) if d.is_dir() else None
         if found:
             return found
     if wheelhouse is not None:
@@ -267,6 +285,7 @@ def pip_wheel(wheelhouse: Path | None = None) -> Path:
             "-q",
             "-d",
             str(dest),
+            *(["--python-version", f"{python[0]}.{python[1]}"] if python else []),
             "pip",
         ],
         check=False,
@@ -274,12 +293,16 @@ def pip_wheel(wheelhouse: Path | None = None) -> Path:
         text=True,
         timeout=300,
     )
-    found = newest(dest.glob("pip-*-py3-none-any.whl"))
+    found = newest(_fitting_pips(dest, python))
     if res.returncode != 0 or not found:
         raise ProvisionError(
             "no pip wheel to install with: put pip-*.whl in --wheelhouse (pip download pip)"
         )
     return found
+
+
+def _fitting_pips(folder: Path, python: tuple[int, int] | None) -> list[Path]:
+    return [p for p in folder.glob("pip-*-py3-none-any.whl") if pip_admits(p, python)]
 
 
 def newest(wheels: Iterable[Path]) -> Path | None:
