@@ -79,9 +79,10 @@ and a sweep grid over any of these.
                                 # creates the local testbed (sized for the largest N swept);
                                 # up to 100000 (`testbed simulate` runs 1000+ devices)
     telemetry_period_s = 0.5    # agent status feed period (devices.csv)
-    bs_threads = 1              # optional: torch threads of the BS runtime (default: torch's);
-                                # 1 where the agents share the BS's few cores (local testbed):
-                                # idle worker threads spinning against the agents cost ms per op
+    bs_threads = 1              # optional: torch threads of the BS runtime (default: 1 on the
+                                # local namespace testbed, whose agents share the BS's cores:
+                                # idle worker threads spinning against them cost ms per op;
+                                # torch's own default in a lab)
     bs_device = "cpu"           # where the BS part (embeddings, attention, norms, router) runs:
                                 # "cpu", "cuda" or "cuda:N" (refused before anything is touched
                                 # when this host has no such CUDA device); set, not swept

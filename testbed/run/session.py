@@ -167,6 +167,20 @@ def restore_links(
         }
 
 
+def bs_threads(config: dict[str, Any], inv: Any) -> int | None:
+    """The BS runtime's torch threads: ``run.bs_threads``, else 1 on a local namespace testbed
+    (the BS shares this host's cores with every device's agent and sshd: a second thread waits
+    at each of the model's small ops for a core they hold; on a loaded 2-core host the tiny
+    model's ops took 0.21 s with one thread and did not finish in 230 s with two), else None
+    (torch's default)."""
+    if config["run"].get("bs_threads"):
+        return int(config["run"]["bs_threads"])
+    devices = getattr(inv, "devices", ())
+    if devices and all(d.hw_class == "netns" for d in devices):
+        return 1
+    return None
+
+
 class Session:
     """One run of a recipe (see the module docstring): a context manager whose ``with`` sets
     up, stage by stage, what the trials need (inputs checked, inventory or local testbed, power
@@ -414,10 +428,10 @@ class Session:
         and the answer key."""
         rec = self.recipe
         quiet_transformers()
-        if rec.config["run"].get("bs_threads"):
+        if (threads := bs_threads(rec.config, self.inv)) is not None:
             import torch
 
-            torch.set_num_threads(int(rec.config["run"]["bs_threads"]))
+            torch.set_num_threads(threads)
         self.timed = TimedBackend(self.backend)
         self.bsm = open_bs_model(self.split, rec, self.timed)
         self.manifest["bs_compute"] = bs_compute(self.bsm)
@@ -522,10 +536,10 @@ class EdgeSession(Session):
         """The expert set at the BS, its validation set and profiling items, the BS's
         aggregation time (gate and combination, median of 20)."""
         rec = self.recipe
-        if rec.config["run"].get("bs_threads"):
+        if (threads := bs_threads(rec.config, self.inv)) is not None:
             import torch
 
-            torch.set_num_threads(int(rec.config["run"]["bs_threads"]))
+            torch.set_num_threads(threads)
         self.progress.message("scoring the validation set at the BS")
         self.edge = EdgeModels(self.edge_folder)
         val = mc_items(VALIDATION_ITEMS, rec.seed + VALIDATION_SEED)

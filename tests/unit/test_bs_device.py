@@ -165,3 +165,19 @@ def test_host_boundary_is_a_no_op_on_the_cpu_and_its_wrappers_hand_over_host_ten
     ctx = RoutingContext(0, 0, probs.log(), probs, 2, True, None)
     sel = HostPolicy(spy, torch.device("cpu"))(ctx)
     assert sel.expert_ids.shape == (3, 2) and spy.logit_dtypes == {torch.float32}
+
+
+def test_bs_threads_default_to_one_on_the_local_testbed_only():
+    """``run.bs_threads`` wins; else 1 where every device is a namespace of this host (their
+    agents share its cores), else torch's default (None)."""
+    from types import SimpleNamespace as NS
+
+    from testbed.run.session import bs_threads
+
+    local = NS(devices=[NS(hw_class="netns"), NS(hw_class="netns")])
+    lab = NS(devices=[NS(hw_class="orin-agx"), NS(hw_class="netns")])
+    assert bs_threads({"run": {}}, local) == 1
+    assert bs_threads({"run": {"bs_threads": 4}}, local) == 4
+    assert bs_threads({"run": {}}, lab) is None
+    assert bs_threads({"run": {"bs_threads": 2}}, lab) == 2
+    assert bs_threads({"run": {}}, None) is None
