@@ -37,6 +37,13 @@ bs_threads = 1
 """
 
 
+#: ``python -c`` that runs ``python -m testbed`` with SIGINT raising KeyboardInterrupt
+_WITH_SIGINT = (
+    "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "runpy.run_module('testbed', run_name='__main__', alter_sys=True)"
+)
+
+
 def _recipe(
     tmp_path: Path,
     requests: int = 5,
@@ -409,11 +416,13 @@ def test_bad_input_and_faults(testbed3, tmp_path):
     # long enough that the signal lands mid-run: 12 requests of a 1-thread BS can all finish
     # between two looks at requests.csv (exit 0, as it did once in CI)
     long = _recipe(tmp_path, requests=200, timeout=1.0, policies='["topk"]', name="int.toml")
+    # SIGINT as a terminal's Ctrl-C finds it: a suite started as a background job of a
+    # non-interactive shell (`cmd &`) inherits SIGINT ignored, and so would this run
     p = subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "testbed",
+            "-c",
+            _WITH_SIGINT,
             "run",
             str(long),
             "--inventory",
