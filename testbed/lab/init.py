@@ -32,7 +32,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from ..errors import ConfigError
-from .inventory import BaseStation, Device, parse_inventory
+from .inventory import BaseStation, Device, device_toml, parse_inventory, toml_str
 
 #: where ``sudo`` looks commands up (Debian's and Ubuntu's ``secure_path``)
 SECURE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -225,10 +225,7 @@ def device_workdir(template: str, name: str) -> str:
     return template.replace("{name}", name)
 
 
-def _q(s: str) -> str:
-    if any(ord(c) < 32 or ord(c) == 127 for c in s):
-        raise ConfigError(f"inventory value {s!r}: control characters (a newline?) not allowed")
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+_q = toml_str
 
 
 def render_lab_inventory(
@@ -257,25 +254,7 @@ def render_lab_inventory(
     if bs.cell_rate_kbit:
         lines.append(f'cell_rate = "{int(bs.cell_rate_kbit)}kbit"')
     for d in devices:
-        lines += [
-            "",
-            "[[devices]]",
-            f"name = {_q(d.name)}",
-            f"host = {_q(d.host)}",
-            f"ssh_port = {d.ssh_port}",
-            f"ssh_user = {_q(d.ssh_user)}",
-        ]
-        if d.ssh_key:
-            lines.append(f"ssh_key = {_q(d.ssh_key)}")
-        lines += [
-            f"interface = {_q(d.interface)}",
-            f"workdir = {_q(d.workdir)}",
-            f"python = {_q(d.python)}",
-            f"hw_class = {_q(d.hw_class)}",
-            f"memory_budget_mb = {d.memory_budget_mb}",
-        ]
-        if d.reuse_packages:
-            lines.append(f"reuse_packages = [{', '.join(_q(p) for p in d.reuse_packages)}]")
+        lines += device_toml(d)
     return "\n".join(lines) + "\n"
 
 

@@ -581,8 +581,7 @@ def render_inventory(
 ) -> str:
     """Write an inventory back as TOML (used by ``testbed local up``)."""
 
-    def q(s: str) -> str:
-        return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    q = toml_str
 
     lines = [
         "# written by `testbed local up`",
@@ -606,29 +605,37 @@ def render_inventory(
     if bs.probe_port != PROBE_PORT:
         lines.append(f"probe_port = {bs.probe_port}")
     for d in devices:
-        lines += [
-            "",
-            "[[devices]]",
-            f"name = {q(d.name)}",
-            f"host = {q(d.host)}",
-            f"ssh_port = {d.ssh_port}",
-            f"ssh_user = {q(d.ssh_user)}",
-        ]
-        if d.ssh_key:
-            lines.append(f"ssh_key = {q(d.ssh_key)}")
-        lines += [
-            f"interface = {q(d.interface)}",
-            f"workdir = {q(d.workdir)}",
-            f"python = {q(d.python)}",
-            f"hw_class = {q(d.hw_class)}",
-            f"memory_budget_mb = {d.memory_budget_mb}",
-        ]
-        if d.reuse_packages:
-            lines.append(f"reuse_packages = [{', '.join(q(p) for p in d.reuse_packages)}]")
-        for k in _DEV_PORTS:
-            if getattr(d, k) != getattr(Device, k):
-                lines.append(f"{k} = {getattr(d, k)}")
+        lines += device_toml(d)
     return "\n".join(lines) + "\n"
+
+
+def toml_str(s: str) -> str:
+    """``s`` as a TOML basic string; control characters (a newline in a flag's value) refused.
+    Pure."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in s):
+        raise ConfigError(f"inventory value {s!r}: control characters (a newline?) not allowed")
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def device_toml(d: Device) -> list[str]:
+    """The lines of one ``[[devices]]`` table (a blank line first; ports only where they differ
+    from the defaults), as ``testbed local up`` and ``testbed init`` write them. Pure."""
+    q = toml_str
+    lines = ["", "[[devices]]", f"name = {q(d.name)}", f"host = {q(d.host)}"]
+    lines += [f"ssh_port = {d.ssh_port}", f"ssh_user = {q(d.ssh_user)}"]
+    if d.ssh_key:
+        lines.append(f"ssh_key = {q(d.ssh_key)}")
+    lines += [
+        f"interface = {q(d.interface)}",
+        f"workdir = {q(d.workdir)}",
+        f"python = {q(d.python)}",
+        f"hw_class = {q(d.hw_class)}",
+        f"memory_budget_mb = {d.memory_budget_mb}",
+    ]
+    if d.reuse_packages:
+        lines.append(f"reuse_packages = [{', '.join(q(p) for p in d.reuse_packages)}]")
+    lines += [f"{k} = {getattr(d, k)}" for k in _DEV_PORTS if getattr(d, k) != getattr(Device, k)]
+    return lines
 
 
 def ssh_runner_for(inv: Inventory, dev: Device, connect_timeout_s: float = 10.0):
