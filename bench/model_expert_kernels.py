@@ -6,10 +6,11 @@ int4 and the original ones they replace, onnxruntime fp32 where it is installed;
 also torch fp32, bf16 and the CUDA int8/int4 kernels) and prints, per variant, the relative
 RMS error of the output against float64 (at the largest row count), the weight bytes held and,
 per row count, the median latency and its ratio to the fp32 variant of the same device (on
-CUDA also to bf16). The variants are timed in turns within each repetition, so that a busy
-host slows them alike. On CUDA it also prints the time that reading the bf16 expert's weights
-takes at the GPU's memory bandwidth (``--bandwidth-gbs``, else measured by a device-to-device
-copy) and bf16's ratio to it.
+CUDA also to bf16). On CUDA the variants replay a CUDA graph per call of up to 128 rows, as
+the agent does (``launch``); the ``eager`` ones launch each op. The variants are timed in
+turns within each repetition, so that a busy host slows them alike. On CUDA it also prints
+the time that reading the bf16 expert's weights takes at the GPU's memory bandwidth
+(``--bandwidth-gbs``, else measured by a device-to-device copy) and bf16's ratio to it.
 
 Needs torch and safetensors only (onnxruntime optional); runs from a copy of the repository:
 
@@ -59,6 +60,9 @@ def variants(threads: int, cpu: bool) -> list[tuple[str, dict[str, Any]]]:
             ("cuda int8", {"device": "cuda", "quant": "int8"}),
             ("cuda int4", {"device": "cuda", "quant": "int4"}),
             ("cuda int8 (old)", {"device": "cuda", "quant": "int8", "kernel": "int8-linear"}),
+            ("cuda bf16 eager", {"device": "cuda", "dtype": "bfloat16", "cuda_graphs": False}),
+            ("cuda int8 eager", {"device": "cuda", "quant": "int8", "cuda_graphs": False}),
+            ("cuda int4 eager", {"device": "cuda", "quant": "int4", "cuda_graphs": False}),
         ]
     return out
 
@@ -131,6 +135,7 @@ def run(a: argparse.Namespace, rows_list: list[int]) -> dict[str, Any]:
         y = k(xs[max(rows_list)].to(dev[n]))
         table[n] = {
             "kernel": getattr(k, "kernel", None),
+            "launch": getattr(k, "launch", None),
             "rel_rms_error": output_error(ref, y.cpu())["rel_rms"],
             "weight_bytes": getattr(k, "weight_bytes", None),
             "ms": {},
@@ -167,14 +172,14 @@ def print_table(res: dict[str, Any], rows_list: list[int]) -> None:
         f"expert {res['hidden']}x{res['inter']}, {res['threads']} CPU threads, torch "
         f"{torch.__version__}; ms = {res['stat']} per call; ratios to fp32 (and bf16) of the device"
     )
-    head = f"{'variant':16} {'kernel':17} {'rel_rms':>8} {'MiB':>8}"
+    head = f"{'variant':16} {'kernel':17} {'launch':10} {'rel_rms':>8} {'MiB':>8}"
     for r in rows_list:
         head += f" | {f'{r} row ms':>11} {'/fp32':>6} {'/bf16':>6}"
     print(head)
     for n, v in t.items():
         dev = n.split()[0]
         wb = "-" if v["weight_bytes"] is None else f"{v['weight_bytes'] / 2**20:.2f}"
-        line = f"{n:16} {v['kernel']!s:17} {v['rel_rms_error']:8.2e} {wb:>8}"
+        line = f"{n:16} {v['kernel']!s:17} {v.get('launch')!s:10} {v['rel_rms_error']:8.2e} {wb:>8}"
         for r in rows_list:
             bf = ratio(t, n, f"{dev} bf16", r)
             line += f" | {v['ms'][r]:11.3f} {ratio(t, n, f'{dev} fp32', r):>6} {bf:>6}"

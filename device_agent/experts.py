@@ -247,6 +247,7 @@ class ExpertStore:
                 "runtime": e.runtime,
                 "quant": e.quant,
                 "kernel": getattr(e.kernel, "kernel", e.runtime),
+                "launch": getattr(e.kernel, "launch", "eager"),
                 "weight_bytes": e.weight_bytes,
                 "calls": e.calls,
                 "rows": e.rows,

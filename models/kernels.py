@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.cuda_graphs import GraphedForward
 from models.errors import ModelError
 from models.safetensors_io import read_header
 
@@ -74,9 +75,29 @@ class _KernelBase:
     hidden_size: int
     intermediate_size: int
     uid: str | None = None
+    device: torch.device
+    dtype: torch.dtype
+    #: replays the forward from CUDA graphs (:meth:`use_cuda_graphs`); ``None``: eager
+    graphed: GraphedForward | None = None
 
     def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def use_cuda_graphs(self, enable: bool = True) -> None:
+        """On a CUDA device, run calls of up to :data:`models.cuda_graphs.MAX_ROWS` rows as
+        one CUDA graph launch each (:class:`~models.cuda_graphs.GraphedForward`); on a CPU,
+        or with ``enable=False``, launch each op (eager)."""
+        self.graphed = None
+        if enable and self.device.type == "cuda":
+            self.graphed = GraphedForward(
+                self._forward_torch, self.hidden_size, self.device, self.dtype
+            )
+
+    @property
+    def launch(self) -> str:
+        """How a call's kernels are launched: ``cuda-graph`` or ``eager`` (the agent's status
+        reports it beside ``kernel``)."""
+        return self.graphed.launch if self.graphed is not None else "eager"
 
     def forward(self, x: Any) -> Any:
         """Run the expert on rows ``x`` ([n, H] numpy array or torch tensor); same kind out."""
@@ -87,7 +108,7 @@ class _KernelBase:
                 f"expert {self.uid or ''} input".strip(),
                 f"shape {list(t.shape)} != [n, {self.hidden_size}]",
             )
-        y = self._forward_torch(t)
+        y = self.graphed(t) if self.graphed is not None else self._forward_torch(t)
         return y.numpy() if as_numpy else y
 
     __call__ = forward
@@ -698,6 +719,7 @@ def load_expert(
     threads: int | None = None,
     uid: str | None = None,
     kernel: str | None = None,
+    cuda_graphs: bool = True,
 ) -> ExpertKernel:
     """Load one expert shard as a kernel (the device-side entry point).
 
@@ -720,6 +742,10 @@ def load_expert(
         dtype runs the fallback kernel in it.
     kernel
         int8/int4 only: one of :data:`KERNELS`; default the device's, :func:`pick_kernel`.
+    cuda_graphs
+        Torch runtime on CUDA: replay calls of a few rows from CUDA graphs
+        (:meth:`_KernelBase.use_cuda_graphs`; ``launch`` says which serves). ``False``:
+        launch each op.
 
     Raises
     ------
@@ -748,12 +774,16 @@ def load_expert(
         return OnnxExpert(blob, providers=providers, threads=threads, uid=uid)
     if runtime != "torch":
         raise ModelError("runtime", f"unknown expert runtime {runtime!r}; use torch or onnx")
+    k: QuantizedTorchExpert | TorchExpert
     if meta.get("quant") or quant is not None:
-        return _load_quantized_expert(t, meta, p, quant, device, tdtype, kernel, uid)
-    check_fp_shapes(t, str(p))
-    if tdtype is None and torch.device(device).type == "cpu":
-        tdtype = torch.float32
-    return TorchExpert(t["w1"], t["w2"], t["w3"], device=device, dtype=tdtype, uid=uid)
+        k = _load_quantized_expert(t, meta, p, quant, device, tdtype, kernel, uid)
+    else:
+        check_fp_shapes(t, str(p))
+        if tdtype is None and torch.device(device).type == "cpu":
+            tdtype = torch.float32
+        k = TorchExpert(t["w1"], t["w2"], t["w3"], device=device, dtype=tdtype, uid=uid)
+    k.use_cuda_graphs(cuda_graphs)
+    return k
 
 
 def reference_expert(

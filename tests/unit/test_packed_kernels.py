@@ -14,6 +14,7 @@ from device_agent.experts import ExpertStore
 from device_agent.status import Counters
 from models.errors import ModelError
 from models.kernels import (
+    _FALLBACK,
     KERNELS,
     UNAVAILABLE,
     QuantizedTorchExpert,
@@ -166,7 +167,7 @@ def test_agent_status_names_the_kernel(tmp_path: Path, weights: dict[str, torch.
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("quant,bound", [("int8", 0.02), ("int4", 0.15)])
+@pytest.mark.parametrize("quant,bound", [("int8", 0.02), ("int4", 0.16)])
 def test_cuda_packed_kernels(
     shard: Path, weights: dict[str, torch.Tensor], quant: str, bound: float
 ) -> None:
@@ -180,7 +181,12 @@ def test_cuda_packed_kernels(
             assert "int4-tinygemm" in available_kernels("cuda"), UNAVAILABLE
         y = k(x.cuda())
         assert y.is_cuda and y.dtype == torch.float32
-        assert 0 < output_error(ref, y.cpu())["rel_rms"] < bound
+        err = output_error(ref, y.cpu())["rel_rms"]
+        assert 0 < err < bound
+        # the error is the quantization's (as large as the fallback's, in float32), not the
+        # kernel's: on the H200 int4's came out at 0.1501 on this 64x160 expert
+        old = load_expert(shard, quant=quant, kernel=_FALLBACK[bits])  # type: ignore[arg-type]
+        assert err == pytest.approx(output_error(ref, old(x))["rel_rms"], abs=0.01)
 
 
 def test_probe_reports_a_kernel_that_cannot_run() -> None:
