@@ -23,7 +23,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ..errors import CommandFailed, CommandTimeout, HostUnreachable
 
@@ -478,11 +478,11 @@ class SshRunner:
         """Copy ``local_path`` to ``remote_path`` over SFTP (parents created; a ``.part``
         file, then rename)."""
         conn = self._connection()
+        sftp = conn.sftp()
         parent = os.path.dirname(remote_path)
         if parent:
-            self.run(["mkdir", "-p", parent], timeout_s=30)
+            _sftp_makedirs(sftp, parent)
         tmp = f"{remote_path}.part"
-        sftp = conn.sftp()
         sftp.put(os.fspath(local_path), tmp)
         sftp.chmod(tmp, mode)
         sftp.posix_rename(tmp, remote_path)
@@ -502,6 +502,28 @@ class SshRunner:
             f"timeout -k {_KILL_AFTER_S} 30 sh -c {shlex.quote(line)}", argv, 30, True
         )
         return int(res.stdout.strip().splitlines()[-1])
+
+
+def _sftp_makedirs(sftp: Any, path: str) -> None:
+    """``mkdir -p path`` over an open SFTP session (no remote shell started for it): the
+    missing folders from the top down; one that another writer made meanwhile is fine."""
+    missing: list[str] = []
+    p = path.rstrip("/") or "/"
+    while p not in ("", "/", "."):
+        try:
+            sftp.stat(p)
+            break
+        except OSError:
+            missing.append(p)
+            p = os.path.dirname(p)
+    for d in reversed(missing):
+        try:
+            sftp.mkdir(d)
+        except OSError as exc:
+            try:
+                sftp.stat(d)  # made by another writer in between: fine
+            except OSError:
+                raise OSError(f"cannot create folder {d}: {exc}") from None
 
 
 def _describe_ssh_error(exc: Exception, r: SshRunner) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 
 from device_agent.security import CurveClient
 
-from ...errors import ConfigError, ProvisionError, TestbedError
+from ...errors import CommandTimeout, ConfigError, ProvisionError, TestbedError
 from ..inventory import Device, Inventory
 from ..keys import client_keys
 from ..runner import Runner
@@ -131,6 +131,20 @@ def stop_pid(runner: Runner, lay: Layout, pid: int, grace_s: float = 5.0) -> str
     return "terminated"
 
 
+#: run on the device by :func:`start_agent` as ``sh -c _WAIT_READY wait-ready READY PID SECONDS``:
+#: print the ready file once it is there (the agent writes it whole, then renames it), exit 3
+#: as soon as the process is gone, 4 after SECONDS
+_WAIT_READY = (
+    "end=$(( $(date +%s) + ${3%.*} + 1 )); "
+    "while :; do "
+    'if [ -s "$1" ]; then cat "$1"; exit 0; fi; '
+    'kill -0 "$2" 2>/dev/null || { [ -s "$1" ] && cat "$1" && exit 0; exit 3; }; '
+    '[ "$(date +%s)" -ge "$end" ] && exit 4; '
+    "sleep 0.1; "
+    "done"
+)
+
+
 def start_agent(
     runner: Runner,
     device: Device,
@@ -146,10 +160,18 @@ def start_agent(
     runner.run(["rm", "-f", lay.ready], timeout_s=30)
     pid = runner.spawn(list(argv), log_path=lay.log, pid_path=lay.pid, cwd=lay.workdir)
     deadline = time.monotonic() + ready_timeout_s
-    delay_s = 0.1
     while True:
-        res = runner.run(["cat", lay.ready], timeout_s=30, check=False)
-        info = json_or_none(res.stdout) if res.ok else None
+        # one command waits on the device (not one SSH round trip per look)
+        wait_s = max(1.0, min(30.0, deadline - time.monotonic()))
+        try:
+            res = runner.run(
+                ["sh", "-c", _WAIT_READY, "wait-ready", lay.ready, str(pid), f"{wait_s:.1f}"],
+                timeout_s=wait_s + 10,
+                check=False,
+            )
+        except CommandTimeout:
+            res = None
+        info = json_or_none(res.stdout) if res is not None and res.ok else None
         if info and int(info.get("pid", -1)) == pid:
             break
         alive = agent_is_ours(_cmdline(runner, pid), lay)
@@ -162,8 +184,7 @@ def start_agent(
                 f"agent (pid {pid}) {'exited' if not alive else 'not ready'} "
                 f"before writing {lay.ready}: {last}"
             )
-        time.sleep(delay_s)
-        delay_s = min(0.5, delay_s * 1.5)
+        time.sleep(0.1)
     info["endpoint"] = connect_endpoint(info.get("endpoint"), device.host)
     info["pub_endpoint"] = connect_endpoint(info.get("pub_endpoint"), device.host)
     if (

@@ -171,6 +171,7 @@ def _install(
         "--no-input",
         "-q",
         "--no-warn-script-location",
+        "--no-compile",  # the agent compiles what it imports, once; pip would compile all
     ]
     if dep_names:
         runner.run([*pip, "--find-links", lay.wheels, *dep_names], timeout_s=1800)
