@@ -160,6 +160,39 @@ def make_testbed(state_dir, tmp_path):
         local.down(name)
 
 
+@pytest.fixture(scope="session")
+def shared_testbed(tmp_path_factory):
+    """One 3-device local testbed (1 Gbit/s links) shared by the end-to-end tests whose recipes
+    set their own links and that need nothing else of a fresh one: (env, inventory path). The
+    first run provisions its agents; a later run finds them installed and running, as a lab's
+    second run does. Taken down after the session, which must leave nothing behind."""
+    from testbed.lab import local
+
+    d = tmp_path_factory.mktemp("shared")
+    state = d / "state"
+    state.mkdir()
+    env = {"TESTBED_STATE_DIR": str(state)}
+    name = unique_name("s")
+
+    def with_state(fn, *args):
+        old = os.environ.get("TESTBED_STATE_DIR")
+        os.environ["TESTBED_STATE_DIR"] = str(state)
+        try:
+            return fn(*args)
+        finally:
+            if old is None:
+                os.environ.pop("TESTBED_STATE_DIR", None)
+            else:
+                os.environ["TESTBED_STATE_DIR"] = old
+
+    try:
+        res = with_state(local.up, name, 3, 1_000_000.0, d / f"{name}.inventory.toml")
+        yield env, Path(res["inventory"])
+    finally:
+        with_state(local.down, name)
+    assert leftovers(name) == {"netns": [], "links": [], "processes": []}
+
+
 def run_cli(
     *args: str, timeout: float = 120, env: dict | None = None, **kw
 ) -> subprocess.CompletedProcess:

@@ -21,9 +21,8 @@ pytestmark = [needs_testbed, pytest.mark.root]
 RECIPE = ROOT / "recipes" / "examples" / "slowlink.toml"
 
 
-def test_example_policy_against_topk(make_testbed, state_dir, tmp_path: Path):
-    _, inv = make_testbed(devices=3, rate_kbit=1_000_000)
-    env = {"TESTBED_STATE_DIR": str(state_dir)}
+def test_example_policy_against_topk(shared_testbed, tmp_path: Path):
+    env, inv = shared_testbed
     res = run_cli(
         "run",
         str(RECIPE),

@@ -4,7 +4,8 @@ was done and undone; the requests and calls during each fault carry its id and s
 fallback (failed calls, degraded requests); within two requests of each fault's end every
 request is served again by every device and answers the tiny task exactly, as before the
 faults (a restarted agent that reloaded a wrong shard would not); the cut rate is read back
-from tc while it lasts, and the trial's rate after it; nothing is left behind."""
+from tc while it lasts, and the trial's rate after it; the agents serve again after the run
+(the next test on the shared testbed uses them)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ events = [
   { at_request = 15, device = "dev3", action = "link", rate = "24kbit", for_requests = 3 },
 ]
 """
-TRIAL_KBIT = 50000.0  # the recipe's rate (`local up` shapes at 20 Mbit/s: a different one)
+TRIAL_KBIT = 50000.0  # the recipe's rate (the shared testbed is shaped at 1 Gbit/s)
 CUT_KBIT = 24.0
 #: (fault, device, first request during it, first request after it, next fault's first request)
 WINDOWS = [
@@ -124,8 +125,8 @@ class TcSampler(threading.Thread):
                 )
 
 
-def test_faults_are_survived_and_recorded(cli_testbed, tmp_path):
-    env, _, inv = cli_testbed(3, "f")
+def test_faults_are_survived_and_recorded(shared_testbed, tmp_path):
+    env, inv = shared_testbed
     recipe = tmp_path / "faults.toml"
     recipe.write_text(RECIPE)
     out = tmp_path / "results"
@@ -252,12 +253,19 @@ def test_faults_are_survived_and_recorded(cli_testbed, tmp_path):
         )
         back = [c for r in window for c in on(dev, r)]
         assert back and all(c["status"] == "ok" for c in back), (fid, back)
-    # links back to the testbed's rate after the run, as tc reports it
+    # links back to the testbed's rates after the run (not the trial's), as tc reports them
     rates = [
         {(s["device"], s["down_kbit"], s["up_kbit"]) for s in man[k]["links"]}
         for k in ("links_before", "links_after")
     ]
-    assert rates[0] == rates[1] == {(d, 20000.0, 20000.0) for d in ("dev1", "dev2", "dev3")}
+    assert rates[0] == rates[1] and {d for d, _, _ in rates[1]} == {"dev1", "dev2", "dev3"}
+    assert all(down != TRIAL_KBIT for _, down, _ in rates[1]), rates
+    # and every agent serves again: the restarted one, the one stopped and continued
+    st = run_cli("agents", "status", str(inv), "--format", "json", env=env, timeout=120)
+    assert st.returncode == 0, st.stderr
+    rows = json.loads(st.stdout)
+    rows = rows.get("devices", rows) if isinstance(rows, dict) else rows
+    assert [r["state"] for r in rows] == ["running"] * 3, rows
 
     rep = run_cli("report", str(run_dir), "--format", "json", env=env, timeout=120)
     assert rep.returncode == 0, rep.stderr

@@ -48,12 +48,9 @@ timeout_s = 5.0
 BAND = (0.75, 1.33)
 
 
-def test_latency_model_predicts_every_policys_layers(
-    make_testbed, state_dir, tmp_path: Path
-) -> None:
-    _, inv_path = make_testbed(devices=3, rate_kbit=100_000)
+def test_latency_model_predicts_every_policys_layers(shared_testbed, tmp_path: Path) -> None:
+    env, inv_path = shared_testbed
     (tmp_path / "lm.toml").write_text(RECIPE)
-    env = {"TESTBED_STATE_DIR": str(state_dir)}
     res = run_cli(
         "run",
         str(tmp_path / "lm.toml"),

@@ -1,7 +1,8 @@
-"""Per-device link settings on a real run (issue 18, item 2): a 2-device local testbed, a recipe
-whose cell rate is 20 Mbit/s and whose ``[links.device.1]`` (the second device, index from 0)
-asks 2 Mbit/s; tc's read-back in the manifest's ``links_enforced`` shows each device at its own
-rate, both ways, and a key naming no device is refused before the run touches anything."""
+"""Per-device link settings on a real run (issue 18, item 2): 2 devices of the shared local
+testbed, a recipe whose cell rate is 20 Mbit/s and whose ``[links.device.1]`` (the second
+device, index from 0) asks 2 Mbit/s; tc's read-back in the manifest's ``links_enforced``
+shows each device at its own rate, both ways, and a key naming no device is refused before
+the run touches anything."""
 
 from __future__ import annotations
 
@@ -49,15 +50,14 @@ def _run(env: dict, recipe: Path, inv: Path, out: Path):
     )
 
 
-def test_each_device_is_enforced_at_its_own_rate(make_testbed, state_dir, tmp_path: Path):
-    _, inv = make_testbed(devices=2, rate_kbit=1_000_000)
-    env = {"TESTBED_STATE_DIR": str(state_dir)}
+def test_each_device_is_enforced_at_its_own_rate(shared_testbed, tmp_path: Path):
+    env, inv = shared_testbed
     recipe = tmp_path / "pd.toml"
 
     recipe.write_text(RECIPE.format(device="dev9"))
     bad = _run(env, recipe, inv, tmp_path / "bad")
     assert bad.returncode != 0
-    assert "links.device.dev9: no device 'dev9' (devices: dev1, dev2)" in bad.stderr
+    assert "links.device.dev9: no device 'dev9' (devices: dev1, dev2, dev3)" in bad.stderr
     assert not (tmp_path / "bad").exists()  # refused before the run folder (and any tc change)
 
     recipe.write_text(RECIPE.format(device="1"))
@@ -68,7 +68,9 @@ def test_each_device_is_enforced_at_its_own_rate(make_testbed, state_dir, tmp_pa
     (trial,) = man["trials"]
     enforced = {r["device"]: (r["down_kbit"], r["up_kbit"]) for r in trial["links_enforced"]}
     print("links_enforced (kbit/s down, up):", enforced)
-    assert set(enforced) == {"dev1", "dev2"}
+    # the run's two devices, and the testbed's others (here dev3) at the cell rate
+    assert {"dev1", "dev2"} <= set(enforced) <= {"dev1", "dev2", "dev3"}
+    assert enforced.get("dev3", (20_000, 20_000)) == pytest.approx((20_000, 20_000), rel=0.02)
     for way in (0, 1):
         assert enforced["dev1"][way] == pytest.approx(20_000, rel=0.02), enforced
         assert enforced["dev2"][way] == pytest.approx(2_000, rel=0.02), enforced

@@ -27,9 +27,8 @@ def _rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_moe2_recipe_reduced(make_testbed, state_dir, tmp_path: Path):
-    _, inv = make_testbed(devices=3, rate_kbit=1_000_000)
-    env = {"TESTBED_STATE_DIR": str(state_dir)}
+def test_moe2_recipe_reduced(shared_testbed, tmp_path: Path):
+    env, inv = shared_testbed
     res = run_cli(
         "run",
         str(RECIPE),

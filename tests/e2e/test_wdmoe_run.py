@@ -88,10 +88,11 @@ def _check_profile_fit(profile: dict, samples: list[dict]) -> None:
         assert p["rmse_ms"] <= best + 1e-5, (dev, p, cands)
 
 
-def test_wdmoe_run_enforces_and_records(make_testbed, state_dir, tmp_path: Path) -> None:
-    _, inv_path = make_testbed(devices=3, rate_kbit=20000)
+def test_wdmoe_run_enforces_and_records(shared_testbed, tmp_path: Path) -> None:
+    env, inv_path = shared_testbed
     inv = load_inventory(inv_path)
     shaper = shaper_for(inv, LocalRunner())
+    shaper.set_rates({d: (20000.0, 20000.0) for d in ("dev1", "dev2", "dev3")})
 
     # one batch: both directions of two devices changed in place, read back as tc shows them
     handles = shaper.qdisc_handles()
@@ -103,7 +104,6 @@ def test_wdmoe_run_enforces_and_records(make_testbed, state_dir, tmp_path: Path)
     shaper.set_rates({"dev1": (20000.0, 20000.0), "dev2": (20000.0, 20000.0)})
     before = {s.device: (s.down_kbit, s.up_kbit) for s in shaper.show()}
 
-    env = {"TESTBED_STATE_DIR": str(state_dir)}
     tr = run_cli(
         "links",
         "trace",

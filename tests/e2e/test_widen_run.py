@@ -34,11 +34,8 @@ bs_threads = 1
 """
 
 
-def test_widened_run_moves_8_kib_per_token_each_way(
-    make_testbed, state_dir, tmp_path: Path
-) -> None:
-    _, inv_path = make_testbed(devices=2, rate_kbit=100000)
-    env = {"TESTBED_STATE_DIR": str(state_dir)}
+def test_widened_run_moves_8_kib_per_token_each_way(shared_testbed, tmp_path: Path) -> None:
+    env, inv_path = shared_testbed
     (tmp_path / "w.toml").write_text(RECIPE.format(wire="bf16"))
     res = run_cli(
         "run",
