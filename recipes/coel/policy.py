@@ -95,6 +95,10 @@ class CoEL(Policy):
         Re-deploy on every n-th ``update`` call regardless (0: only on a trigger).
     horizon_steps
         Forward steps a migration's saving is counted over (vs its transfer time).
+    compress
+        Load each expert at its chosen bit-width (int8/int4 through the device's packed
+        kernels, 16: float16). ``False``: the same placement and bit allocation, but every
+        expert loaded at the run's full precision, to compare the kernels' latency alone.
     """
 
     name = "coel"
@@ -123,8 +127,10 @@ class CoEL(Policy):
         horizon_steps: float = 200.0,
         placement: str = "round-robin",
         seed: int = 0,
+        compress: bool = True,
     ):
         super().__init__(placement, seed)
+        self.compress = bool(compress)
         _check_params(
             lam,
             bits,
@@ -268,8 +274,11 @@ class CoEL(Policy):
         return out
 
     def load_options(self) -> dict[str, dict[str, dict[str, str]]]:
-        """device -> uid -> the agent's load fields for the chosen bit-width."""
+        """device -> uid -> the agent's load fields for the chosen bit-width (none with
+        ``compress=False``: full precision)."""
         out: dict[str, dict[str, dict[str, str]]] = {}
+        if not self.compress:
+            return out
         for (u, d), b in self.bits_of.items():
             if d in self.current.get(u, ()):
                 out.setdefault(d, {})[u] = load_spec(b)

@@ -41,8 +41,9 @@ def _checkpoint_key(ckpt: Path) -> str:
     return h.hexdigest()[:16]
 
 
-#: ``tiny-<W>``: the tiny model widened to W (64 .. 16384)
-_WIDE_TINY = re.compile(r"^tiny-([0-9]+)$")
+#: ``tiny-<W>``: the tiny model widened to W (64 .. 16384); ``tiny-<W>x<I>``: and its experts'
+#: intermediate size zero-padded to I (an expert computes as much as an I-wide one)
+_WIDE_TINY = re.compile(r"^tiny-([0-9]+)(?:x([0-9]+))?$")
 MAX_SHORT_WIDTH = 16384
 
 
@@ -74,23 +75,32 @@ def _build_once(out: Path, build: Callable[[Path], object], where: str) -> Path:
     return out
 
 
-def _wide_tiny(width: int, where: str) -> Path:
+def _wide_tiny(width: int, inter: int | None, where: str) -> Path:
+    name = f"tiny-{width}" + (f"x{inter}" if inter is not None else "")
     if not 64 <= width <= MAX_SHORT_WIDTH:
-        raise ConfigError(f"{where}: tiny-{width}: width must be 64 .. {MAX_SHORT_WIDTH}")
+        raise ConfigError(f"{where}: {name}: width must be 64 .. {MAX_SHORT_WIDTH}")
+    if inter is not None and not 1 <= inter <= 4 * MAX_SHORT_WIDTH:
+        raise ConfigError(f"{where}: {name}: intermediate size must be 1 .. {4 * MAX_SHORT_WIDTH}")
     from models.widen import WIDEN_VERSION, manifest_sha256, widen_split
 
     base = resolve_split("tiny", where)
     key = manifest_sha256(base)[:16]
-    out = cache_root() / "splits" / f"tiny-w{width}-s0-v{WIDEN_VERSION}-{key}"
-    return _build_once(out, lambda tmp: widen_split(base, tmp, hidden=width, seed=0), where)
+    i = f"-i{inter}" if inter is not None else ""
+    out = cache_root() / "splits" / f"tiny-w{width}{i}-s0-v{WIDEN_VERSION}-{key}"
+    return _build_once(
+        out,
+        lambda tmp: widen_split(base, tmp, hidden=width, seed=0, intermediate=inter),
+        where,
+    )
 
 
 def resolve_split(spec: str | os.PathLike[str], where: str = "model") -> Path:
     """Return a split directory (one with ``manifest.json``) for ``spec``.
 
     ``spec`` is ``"tiny"``, ``"tiny-<W>"`` (the tiny model widened to W, built into the cache on
-    first use), a split directory, or a Hugging Face MoE checkpoint directory (``config.json`` +
-    ``*.safetensors``), which is split into the cache on first use.
+    first use; ``"tiny-<W>x<I>"``: with I-wide experts), a split directory, or a Hugging Face
+    MoE checkpoint directory (``config.json`` + ``*.safetensors``), which is split into the
+    cache on first use.
 
     Raises
     ------
@@ -99,7 +109,8 @@ def resolve_split(spec: str | os.PathLike[str], where: str = "model") -> Path:
     """
     wide = _WIDE_TINY.match(str(spec))
     if wide is not None:
-        return _wide_tiny(int(wide.group(1)), where)
+        inter = wide.group(2)
+        return _wide_tiny(int(wide.group(1)), None if inter is None else int(inter), where)
     path = TINY if str(spec) == "tiny" else Path(spec).expanduser()
     if not path.is_dir():
         raise ConfigError(f"{where}: {spec}: no such model directory")

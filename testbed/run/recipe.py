@@ -12,6 +12,8 @@ and a sweep grid over any of these.
     [model]
     path = "tiny"               # "tiny", "tiny-4096" (the tiny model widened to 4096: experts and
                                 # payloads of Mixtral-8x7B's width, the tiny model's accuracy),
+                                # "tiny-1024x3584" (also its experts' intermediate size, zero-
+                                # padded: they compute as much as 1024x3584 experts do),
                                 # a split directory or an HF checkpoint (relative to this file)
     wire_dtype = "bf16"         # optional: hidden states on the wire (and the agents' io dtype)
                                 # fp32, bf16 or fp16; default: fp32 (whatever run.bs_dtype)

@@ -380,6 +380,15 @@ def test_policy_intra_device_when_the_model_fits() -> None:
     assert all(v == {"dtype": "float16"} for v in pol.load_options()["big"].values())
 
 
+def test_compress_off_keeps_the_placement_and_loads_full_precision() -> None:
+    experts = [ExpertInfo(f"L0.E{e}", 0, e, 24576) for e in range(8)]
+    devices = [DeviceInfo("small", 0.01), DeviceInfo("big", 1.0)]
+    on, off = CoEL(), CoEL(compress=False)
+    assert on.place(experts, devices) == off.place(experts, devices)
+    assert on.bits_of == off.bits_of and on.load_options()  # the same bits planned ...
+    assert off.load_options() == {}  # ... but none asked of the agents: full precision
+
+
 def test_policy_params_checked_and_registered() -> None:
     with pytest.raises(ConfigError, match="bits"):
         CoEL(bits=[16, 3])

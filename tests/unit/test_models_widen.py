@@ -166,6 +166,13 @@ def test_short_name_built_once_and_reused(tmp_path: Path, monkeypatch: pytest.Mo
     assert not list(p.parent.glob("*.tmp*"))
     with pytest.raises(ConfigError, match="width must be"):
         resolve_split("tiny-32")
+    # tiny-<W>x<I>: the experts' intermediate size zero-padded to I (its own cache entry)
+    assert is_short_name("tiny-128x96") and not is_short_name("tiny-128x")
+    q = resolve_split("tiny-128x96")
+    mq = load_manifest(q)
+    assert q != p and mq.hidden_size == 128 and mq.dims["expert_intermediate_size"] == 96
+    with pytest.raises(ConfigError, match="< the trained intermediate size"):
+        resolve_split("tiny-128x16")
 
 
 def test_recipe_wire_dtype_and_short_name(tmp_path: Path) -> None:
