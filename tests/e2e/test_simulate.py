@@ -119,7 +119,7 @@ requests = 2
 timeout_s = 10.0
 bs_threads = 1
 [sweep]
-"run.devices" = [2, 4]
+"run.devices" = [2, 3]
 "policy.name" = ["topk", "top1", "wdmoe"]
 """
 
@@ -141,15 +141,19 @@ def test_the_run_table_keeps_every_column_when_piped(tmp_path: Path) -> None:
     assert max(len(line) for line in lines) > 80
 
 
+@needs_testbed
+@pytest.mark.root
 def test_twin_per_token_latency_within_15_percent_of_the_measured_run(
-    state_dir, tmp_path: Path
+    shared_testbed, tmp_path: Path
 ) -> None:
+    env, inv = shared_testbed
     recipe = tmp_path / "twincal.toml"
     recipe.write_text(MEASURED)
-    env = {"TESTBED_STATE_DIR": str(state_dir)}
     res = run_cli(
         "run",
         str(recipe),
+        "--inventory",
+        str(inv),
         "--out",
         str(tmp_path / "measured"),
         "--format",
