@@ -27,7 +27,9 @@ def trial_cluster(
     trial's devices ``names`` seeded by ``seed`` (the recipe's seed + the repeat)."""
     st = ClusterState(placement=dict(placement), names=tuple(names))
     record_rate_rows(st, rates)
-    st.compute_profile = {n: profiles[n] for n in names}
+    # a device that holds no expert (a policy may leave one empty) has no profile of its own
+    # unless an earlier trial made one; policies fall back to their defaults for it
+    st.compute_profile = {n: profiles[n] for n in names if n in profiles}
     st.bytes_per_token = bytes_per_token
     st.epoch_scope = str(t.config["policy"]["epoch"])
     mhz = t.config["links"].get("bandwidth_mhz")
