@@ -360,6 +360,15 @@ def _pad_to(n: int, m: int) -> int:
     return n + (-n) % m
 
 
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    """``x`` contiguous at a 64-byte aligned address (a copy if it is not). A tensor viewed on
+    a received frame (the agent's ``frame_tensor``) can start anywhere; the CPU's
+    ``_weight_int8pack_mm`` given bf16 rows at an address 2 bytes off alignment took the agent
+    down with a general protection fault."""
+    x = x.contiguous()
+    return x if x.data_ptr() % 64 == 0 else x.clone()
+
+
 class _DequantLinear:
     """The fallback kernels ``int8-linear`` / ``int4-dequant`` (the original ones)."""
 
@@ -399,7 +408,7 @@ class _Int8PackLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kp != self.k:
             x = F.pad(x, (0, self.kp - self.k))
-        y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.w, self.s)
+        y = torch.ops.aten._weight_int8pack_mm(_aligned(x), self.w, self.s)
         return y[:, : self.n] if y.shape[1] != self.n else y
 
 
@@ -432,7 +441,7 @@ class _Int4PackLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kp != self.k:
             x = F.pad(x, (0, self.kp - self.k))
-        y = self.mm(x.contiguous(), self.w, self.g, self.sz)
+        y = self.mm(_aligned(x), self.w, self.g, self.sz)
         return y[:, : self.n] if y.shape[1] != self.n else y
 
 

@@ -196,3 +196,40 @@ def test_probe_reports_a_kernel_that_cannot_run() -> None:
     why = _probe("int4-tinygemm", torch.device("cpu"))
     assert why is not None and why.split(":")[0] in ("RuntimeError", "NotImplementedError")
     assert _probe("int8-pack-mm", torch.device("cpu")) is None
+
+
+_UNALIGNED = """
+import sys, torch
+from safetensors.torch import load_file
+from models.kernels import QuantizedTorchExpert
+t = load_file(sys.argv[1])
+for bits, kernel in ((8, "int8-pack-mm"), (4, "int4-pack-mm-cpu")):
+    k = QuantizedTorchExpert.from_float(t["w1"], t["w2"], t["w3"], bits, kernel=kernel)
+    for rows in (1, 2, 8):
+        src = torch.randn(rows, t["w1"].shape[1]).to(torch.bfloat16)
+        buf = bytearray(2 + 2 * src.numel())
+        buf[2:] = src.view(torch.uint8).numpy().tobytes()
+        x = torch.frombuffer(memoryview(buf)[2:], dtype=torch.bfloat16).view(src.shape)
+        assert x.data_ptr() % 64 != 0
+        assert torch.equal(k(x), k(src.clone())), (kernel, rows)
+print("ok")
+"""
+
+
+def test_rows_at_an_unaligned_address(shard: Path) -> None:
+    # the agent views a received bf16 frame in place: its rows can start 2 bytes off a 64-byte
+    # boundary, where _weight_int8pack_mm took the agent down (a general protection fault);
+    # run in a child so that a crash fails this test instead of ending the suite
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run(
+        [sys.executable, "-c", _UNALIGNED, str(shard)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=root,
+        check=False,
+    )
+    assert res.returncode == 0 and res.stdout.strip() == "ok", (res.returncode, res.stderr[-800:])
