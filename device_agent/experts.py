@@ -6,6 +6,7 @@ Python 3.8 (the device side); no ``testbed``.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -228,12 +229,16 @@ class ExpertStore:
             if not isinstance(u, str):
                 errors[P.brief(u, 64)] = [int(ErrorCode.BAD_HEADER), "uid must be a string"]
                 self.counters.count_error(ErrorCode.BAD_HEADER)
-            elif self.experts.pop(u, None) is not None:
+            elif (e := self.experts.pop(u, None)) is not None:
+                release = getattr(e.kernel, "release", None)
+                if release is not None:
+                    release()  # its CUDA graphs hold a reference back to it
                 done.append(u)
             else:
                 errors[u[:64]] = [int(ErrorCode.UNKNOWN_EXPERT), "not loaded"]
                 self.counters.count_error(ErrorCode.UNKNOWN_EXPERT)
         if done and self.device.startswith("cuda"):
+            gc.collect()
             torch.cuda.empty_cache()
         return {"unloaded": done, "errors": errors}
 
@@ -248,6 +253,7 @@ class ExpertStore:
                 "quant": e.quant,
                 "kernel": getattr(e.kernel, "kernel", e.runtime),
                 "launch": getattr(e.kernel, "launch", "eager"),
+                "launch_error": getattr(getattr(e.kernel, "graphed", None), "error", None),
                 "weight_bytes": e.weight_bytes,
                 "calls": e.calls,
                 "rows": e.rows,

@@ -4,9 +4,11 @@ A decode step sends an expert a few rows; on a GPU its matrices are then read in
 microseconds, and launching its half-dozen kernels one by one from Python takes about as long
 as running them (on the lent H200 a bf16 4096x14336 expert took 0.18 ms a call eagerly, where
 reading its weights takes 0.09 ms). :class:`GraphedForward` captures the expert's forward once
-per row bucket (1, 2, 4, ... :data:`MAX_ROWS`, the rows padded up to the bucket) and replays
-it: one launch per call. Rows are independent in an expert (each output row depends on its own
-input row only), so the padding rows' contents never reach a returned row.
+per row bucket (1, 2, 4, ... :data:`MAX_ROWS`, the rows padded up to the bucket; all of them
+when the expert is loaded, :meth:`GraphedForward.capture_all`) and replays it: one launch per
+call. The graphs of one expert share a memory pool (its intermediate tensors, counted in no
+``weight_bytes``). Rows are independent in an expert (each output row depends on its own input
+row only), so the padding rows' contents never reach a returned row.
 
 Only for CUDA; a forward that cannot be captured (an op that synchronises, say) is run eagerly
 from then on and the reason kept in ``GraphedForward.error``.
@@ -92,8 +94,20 @@ class GraphedForward:
                 g = self.graphs[b] = self._capture(b)
             except Exception as e:  # noqa: BLE001 - any capture failure: run eagerly
                 self.error = f"{type(e).__name__}: {e}"[:300]
+                self.graphs.clear()  # never replayed again: free them and their pool
+                self._pool = None
                 torch.cuda.synchronize(self.device)
         return g
+
+    def capture_all(self) -> None:
+        """Capture every bucket now (1, 2, 4, ... ``max_rows``), so that no timed call pays for
+        a capture: the agent calls it when it loads the expert. Stops at a failed capture (then
+        every call runs eagerly, ``error`` says why)."""
+        with self._lock:
+            rows = 1
+            while rows <= self.max_rows and self.error is None:
+                self._graph(rows)
+                rows *= 2
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,5 +127,6 @@ class GraphedForward:
 
     @property
     def launch(self) -> str:
-        """``cuda-graph`` while graphs serve, ``eager`` after a failed capture."""
+        """``cuda-graph`` while graphs serve (or are still to be captured), ``eager`` after a
+        failed capture."""
         return "eager" if self.error is not None else "cuda-graph"

@@ -160,8 +160,12 @@ def make_testbed(state_dir, tmp_path):
         local.down(name)
 
 
+#: the shared testbed's link rate, both ways, set again before each test that uses it
+SHARED_KBIT = 1_000_000.0
+
+
 @pytest.fixture(scope="session")
-def shared_testbed(tmp_path_factory):
+def shared_testbed_session(tmp_path_factory):
     """One 3-device local testbed (1 Gbit/s links) shared by the end-to-end tests whose recipes
     set their own links and that need nothing else of a fresh one: (env, inventory path). The
     first run provisions its agents; a later run finds them installed and running, as a lab's
@@ -186,11 +190,28 @@ def shared_testbed(tmp_path_factory):
                 os.environ["TESTBED_STATE_DIR"] = old
 
     try:
-        res = with_state(local.up, name, 3, 1_000_000.0, d / f"{name}.inventory.toml")
+        res = with_state(local.up, name, 3, SHARED_KBIT, d / f"{name}.inventory.toml")
         yield env, Path(res["inventory"])
     finally:
         with_state(local.down, name)
     assert leftovers(name) == {"netns": [], "links": [], "processes": []}
+
+
+@pytest.fixture
+def shared_testbed(shared_testbed_session):
+    """The shared testbed (:func:`shared_testbed_session`) with every link back at
+    :data:`SHARED_KBIT` both ways: what an earlier test set (a run restores the rates it found)
+    does not slow this one's shard pushes or change its starting point."""
+    from testbed.lab.inventory import load_inventory
+    from testbed.lab.runner import LocalRunner
+    from testbed.net.verify import shaper_for
+
+    env, inv = shared_testbed_session
+    lab = load_inventory(inv)
+    shaper_for(lab, LocalRunner()).set_rates(
+        {d.name: (SHARED_KBIT, SHARED_KBIT) for d in lab.devices}
+    )
+    return env, inv
 
 
 def run_cli(

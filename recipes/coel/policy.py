@@ -55,6 +55,18 @@ def _check_params(
         raise ConfigError("calib_requests, max_replicas: must be >= 1")
 
 
+def compressed_loads(
+    bits_of: Mapping[tuple[str, str], int], current: Mapping[str, Sequence[str]]
+) -> dict[str, dict[str, dict[str, str]]]:
+    """device -> uid -> the agent's load fields for the bit-width chosen for each expert copy
+    that is deployed (``current``: uid -> its devices)."""
+    out: dict[str, dict[str, dict[str, str]]] = {}
+    for (u, d), b in bits_of.items():
+        if d in current.get(u, ()):
+            out.setdefault(d, {})[u] = load_spec(b)
+    return out
+
+
 class CoEL(Policy):
     """CoEL: calibrated popularity-aware placement, mixed-precision experts, token pruning and
     fusion, re-deployment when links or popularity change (see the package doc; [R] parts are
@@ -98,7 +110,8 @@ class CoEL(Policy):
     compress
         Load each expert at its chosen bit-width (int8/int4 through the device's packed
         kernels, 16: float16). ``False``: the same placement and bit allocation, but every
-        expert loaded at the run's full precision, to compare the kernels' latency alone.
+        expert loaded at the run's full precision, to compare the kernels' latency alone
+        (the devices then hold more than ``memory_budget_mb``: 4x as much for int8 experts).
     """
 
     name = "coel"
@@ -142,11 +155,8 @@ class CoEL(Policy):
             calib_requests,
             max_replicas,
         )
-        self.lam, self.bits, self.intra_min_bits = (
-            float(lam),
-            [int(b) for b in bits],
-            int(intra_min_bits),
-        )
+        self.lam, self.intra_min_bits = float(lam), int(intra_min_bits)
+        self.bits = [int(b) for b in bits]
         self.tau, self.renormalize_pruned = float(tau), bool(renormalize_pruned)
         self.sigma, self.coact_weight = float(sigma), float(coact_weight)
         self.replicate, self.max_replicas = bool(replicate), int(max_replicas)
@@ -274,15 +284,8 @@ class CoEL(Policy):
         return out
 
     def load_options(self) -> dict[str, dict[str, dict[str, str]]]:
-        """device -> uid -> the agent's load fields for the chosen bit-width (none with
-        ``compress=False``: full precision)."""
-        out: dict[str, dict[str, dict[str, str]]] = {}
-        if not self.compress:
-            return out
-        for (u, d), b in self.bits_of.items():
-            if d in self.current.get(u, ()):
-                out.setdefault(d, {})[u] = load_spec(b)
-        return out
+        """:func:`compressed_loads` of the deployment (none with ``compress=False``)."""
+        return compressed_loads(self.bits_of, self.current) if self.compress else {}
 
     def wrap_backend(self, backend: Any) -> Any:
         """Token fusion around the runner's backend when ``sigma < 1``."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import posixpath
 import shlex
 import signal
 import socket
@@ -479,7 +480,7 @@ class SshRunner:
         file, then rename)."""
         conn = self._connection()
         sftp = conn.sftp()
-        parent = os.path.dirname(remote_path)
+        parent = posixpath.dirname(remote_path)
         if parent:
             _sftp_makedirs(sftp, parent)
         tmp = f"{remote_path}.part"
@@ -515,7 +516,7 @@ def _sftp_makedirs(sftp: Any, path: str) -> None:
             break
         except OSError:
             missing.append(p)
-            p = os.path.dirname(p)
+            p = posixpath.dirname(p)
     for d in reversed(missing):
         try:
             sftp.mkdir(d)

@@ -133,14 +133,18 @@ def stop_pid(runner: Runner, lay: Layout, pid: int, grace_s: float = 5.0) -> str
 
 #: run on the device by :func:`start_agent` as ``sh -c _WAIT_READY wait-ready READY PID SECONDS``:
 #: print the ready file once it is there (the agent writes it whole, then renames it), exit 3
-#: as soon as the process is gone, 4 after SECONDS
+#: as soon as the process is gone (a zombie, whose ``/proc/PID/cmdline`` is empty, counts as
+#: gone: a container's init may never reap the detached agent), 4 after SECONDS. A ``sleep``
+#: without fractions (some busybox builds) sleeps a whole second instead.
 _WAIT_READY = (
     "end=$(( $(date +%s) + ${3%.*} + 1 )); "
+    'alive() { kill -0 "$1" 2>/dev/null && '
+    '[ -n "$(tr -d "\\000" < "/proc/$1/cmdline" 2>/dev/null)" ]; }; '
     "while :; do "
     'if [ -s "$1" ]; then cat "$1"; exit 0; fi; '
-    'kill -0 "$2" 2>/dev/null || { [ -s "$1" ] && cat "$1" && exit 0; exit 3; }; '
+    'alive "$2" || { [ -s "$1" ] && cat "$1" && exit 0; exit 3; }; '
     '[ "$(date +%s)" -ge "$end" ] && exit 4; '
-    "sleep 0.1; "
+    "sleep 0.1 2>/dev/null || sleep 1; "
     "done"
 )
 
