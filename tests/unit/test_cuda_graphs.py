@@ -110,3 +110,35 @@ def test_int8_triton_split_k_equals_unsplit() -> None:
             assert ((y - ref).norm() / ref.norm()) < 0.01, (m, n, k)
         assert 1 <= split_k(m, n, k, x.device) <= 8
     assert split_k(64, 256, 4096, torch.device("cuda")) == 1  # many rows: never split
+
+
+@needs_cuda
+def test_a_released_expert_frees_its_gpu_memory(tmp_path: Path) -> None:
+    import gc
+
+    g = torch.Generator().manual_seed(3)
+    big = {n: torch.randn(*shape, generator=g) for n, shape in
+           (("w1", (4096, 1024)), ("w2", (1024, 4096)), ("w3", (4096, 1024)))}  # fmt: skip
+    p = tmp_path / "L0.E1.safetensors"
+    save_file(big, str(p))
+    held = 3 * 4096 * 1024 * 2  # its bf16 weights: 24 MiB
+
+    def cycle() -> int:
+        """Load, call, release and drop one expert with the collector off; the bytes that
+        stay allocated."""
+        gc.collect()
+        gc.disable()  # the memory must come back without a garbage collection
+        try:
+            before = torch.cuda.memory_allocated()
+            k = load_expert(p, device="cuda", dtype="bfloat16")
+            k(torch.randn(3, 1024))
+            assert torch.cuda.memory_allocated() - before >= held
+            k.release()  # what the agent's unload does
+            del k
+            torch.cuda.empty_cache()
+            return torch.cuda.memory_allocated() - before
+        finally:
+            gc.enable()
+
+    cycle()  # the first may leave cuBLAS workspaces behind, for good
+    assert cycle() < held // 8
