@@ -199,18 +199,19 @@ def shared_testbed_session(tmp_path_factory):
 
 @pytest.fixture
 def shared_testbed(shared_testbed_session):
-    """The shared testbed (:func:`shared_testbed_session`) with every link back at
-    :data:`SHARED_KBIT` both ways: what an earlier test set (a run restores the rates it found)
-    does not slow this one's shard pushes or change its starting point."""
+    """The shared testbed (:func:`shared_testbed_session`) with every link shaped afresh at
+    :data:`SHARED_KBIT` both ways: what an earlier test set or cleared (a run restores the
+    rates it found; `links clear` removes the shaping) does not slow this one's shard pushes
+    or change its starting point."""
     from testbed.lab.inventory import load_inventory
     from testbed.lab.runner import LocalRunner
+    from testbed.net.tc import LinkSpec
     from testbed.net.verify import shaper_for
 
     env, inv = shared_testbed_session
     lab = load_inventory(inv)
-    shaper_for(lab, LocalRunner()).set_rates(
-        {d.name: (SHARED_KBIT, SHARED_KBIT) for d in lab.devices}
-    )
+    links = [LinkSpec(SHARED_KBIT) for _ in lab.devices]
+    shaper_for(lab, LocalRunner()).setup(links, links)
     return env, inv
 
 

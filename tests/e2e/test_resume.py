@@ -1,6 +1,7 @@
 """A controller killed mid-run (SIGKILL: no cleanup of its own) and `testbed run --resume`: the
-run continues after its last complete trial, no row is duplicated or lost, `links clear` and
-`local down` leave a clean state."""
+run continues after its last complete trial, no row is duplicated or lost; `links clear` after
+the kill clears the links it left shaped (on the tests' shared testbed, which the next test
+shapes afresh)."""
 
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ bs_threads = 1
 """
 
 
-def test_controller_killed_then_resumed(cli_testbed, tmp_path):
-    env, _, inv = cli_testbed(3, "rs")
+def test_controller_killed_then_resumed(shared_testbed, tmp_path):
+    env, inv = shared_testbed
     env = {**os.environ, **env}
     recipe = tmp_path / "resume.toml"
     recipe.write_text(RECIPE)
