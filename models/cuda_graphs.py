@@ -125,17 +125,17 @@ class GraphedForward:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The forward of rows ``x`` (any device and dtype), on ``x``'s device in its dtype."""
         n = int(x.shape[0])
-        if n == 0 or n > self.max_rows or self.error is not None:
-            return self.fn(x.to(device=self.device, dtype=self.dtype)).to(x.device, x.dtype)
-        with self._lock:
-            g = self._graph(n)
-            if g is None:
-                return self.fn(x.to(device=self.device, dtype=self.dtype)).to(x.device, x.dtype)
-            g.inp[:n].copy_(x)
-            g.graph.replay()
-            y = g.out[:n]
-            out = y.to(device=x.device, dtype=x.dtype)
-            return out.clone() if out.data_ptr() == y.data_ptr() else out
+        if 0 < n <= self.max_rows and self.error is None:
+            with self._lock:
+                g = self._graph(n)
+                if g is not None:
+                    g.inp[:n].copy_(x)
+                    g.graph.replay()
+                    y = g.out[:n]
+                    out = y.to(device=x.device, dtype=x.dtype)
+                    return out.clone() if out.data_ptr() == y.data_ptr() else out
+        # eager: no rows, too many, or no graph (a capture failed)
+        return self.fn(x.to(device=self.device, dtype=self.dtype)).to(x.device, x.dtype)
 
     @property
     def launch(self) -> str:
